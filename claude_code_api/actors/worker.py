@@ -1,0 +1,98 @@
+"""Worker actor: one pre-warmed Claude Code process for one-shot jobs.
+
+A worker loops: warm an agent (CLI started, ``initialize`` answered, no model
+call), tell the dispatcher it is ready, run the one job it is given, then retire
+that process while a fresh one warms — so no conversation leaks from one
+request to the next.
+
+Channels: it sends on a clone of the dispatcher's inbox (and closes that clone
+when it ends); it owns the receive end of the one-job inbox it offers in each
+:class:`WorkerReady`; while running a job it owns ``job.reply`` and closes it.
+
+Error handling: a warm-up that fails or times out raises :class:`AgentStartError`
+after telling the dispatcher — the worker supervisor restarts the worker and
+counts it toward its restart intensity. A job whose agent dies or misbehaves is
+that job's failure (502), not the worker's: the broken process is retired and a
+new one warms, so a prompt that crashes the CLI cannot put the pool into crash-loop
+backoff for everyone.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import uuid
+from pathlib import Path
+
+import trio
+
+from ..agent import Agent, AgentError, agent_options
+from ..config import Settings
+from ..messages import (
+    Job,
+    WorkerFailed,
+    WorkerFinished,
+    WorkerReady,
+    WorkerStarting,
+)
+from .turn import run_turn_for_job
+
+log = logging.getLogger(__name__)
+
+
+async def serve_worker(
+    worker_id: str,
+    settings: Settings,
+    dispatcher: trio.MemorySendChannel,
+    workspaces: Path,
+    *,
+    task_status=trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run worker ``worker_id`` until cancelled; see the module docstring.
+
+    Each agent runs in a fresh directory under ``workspaces``, removed when the
+    agent retires, so files one job wrote are not seen by the next.
+    """
+    task_status.started()
+    async with dispatcher, trio.open_nursery() as retiring:
+        while True:
+            await dispatcher.send(WorkerStarting(worker_id))
+            workspace = workspaces / uuid.uuid4().hex[:12]
+            workspace.mkdir(parents=True)
+            agent = Agent(agent_options(settings, cwd=workspace))
+            try:
+                await agent.start(settings.warmup_timeout_s)
+            except AgentError as exc:
+                log.warning("%s: warm-up failed: %s", worker_id, exc)
+                await _remove_tree(workspace)
+                await dispatcher.send(WorkerFailed(worker_id, str(exc)))
+                raise
+            try:
+                job = await _offer(worker_id, dispatcher)
+                outcome = await run_turn_for_job(agent, job, worker_id, settings)
+                await dispatcher.send(WorkerFinished(worker_id, job.id, outcome.ok))
+            except BaseException:
+                await agent.close(grace=0)
+                await _remove_tree(workspace)
+                raise
+            # Retire the used process in the background so the next one warms meanwhile.
+            retiring.start_soon(_retire, agent, workspace)
+
+
+async def _retire(agent: Agent, workspace: Path) -> None:
+    await agent.close()
+    await _remove_tree(workspace)
+
+
+async def _remove_tree(path: Path) -> None:
+    with trio.CancelScope(shield=True):
+        await trio.to_thread.run_sync(shutil.rmtree, path, True)
+
+
+async def _offer(worker_id: str, dispatcher: trio.MemorySendChannel) -> Job:
+    """Tell the dispatcher this worker is ready and wait for its one job."""
+    # Buffer 1: the dispatcher hands over exactly one job without waiting.
+    job_send, job_receive = trio.open_memory_channel[Job](1)
+    async with job_receive:
+        await dispatcher.send(WorkerReady(worker_id, job_send))
+        return await job_receive.receive()
