@@ -1,0 +1,185 @@
+"""The Quart-Trio application: routes, auth and JSON errors.
+
+The app holds no state of its own: it holds a send channel to the dispatcher
+and asks it for everything (jobs, status). Every error a client can cause is
+answered as JSON ``{"error": ...}`` with a 4xx status; anything unexpected is
+logged and answered 500 JSON without a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import trio
+from quart import Response, g, jsonify, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from ..config import Settings
+from ..messages import JobFailed, PoolSnapshot, RunResult
+from .auth import Unauthorized, authenticate
+from .jobs import pool_snapshot, run_job
+from .requests import BadRequest, check_content_type, parse_run_request
+
+log = logging.getLogger(__name__)
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    response = jsonify({"error": message})
+    response.status_code = status
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def health_body(snapshot: PoolSnapshot, uptime_ms: int) -> tuple[dict[str, Any], int]:
+    counts = {"total": len(snapshot.workers), "ready": 0, "busy": 0, "starting": 0, "error": 0}
+    for worker in snapshot.workers:
+        counts[worker.state] = counts.get(worker.state, 0) + 1
+    if snapshot.draining:
+        status, code = "stopping", 503
+    elif snapshot.degraded_reason is not None:
+        status, code = "degraded", 503
+    elif counts["ready"] or counts["busy"] or snapshot.ever_ready:
+        # A worker being replaced after a job is not "down".
+        status, code = "ok", 200
+    else:
+        status, code = "starting", 200
+    body: dict[str, Any] = {
+        "status": status,
+        "workers": counts,
+        "queue": {"length": snapshot.queue_length, "maxSize": snapshot.queue_max},
+        "uptime": uptime_ms,
+    }
+    if snapshot.degraded_reason is not None:
+        body["reason"] = snapshot.degraded_reason
+    return body, code
+
+
+def status_body(snapshot: PoolSnapshot) -> dict[str, Any]:
+    workers = []
+    for worker in snapshot.workers:
+        view: dict[str, Any] = {"id": worker.id, "state": worker.state, "jobs": worker.jobs}
+        if worker.busy_since is not None:
+            view["busySince"] = round(worker.busy_since * 1000)
+        if worker.last_error is not None:
+            view["lastError"] = worker.last_error
+        workers.append(view)
+    return {
+        "workers": workers,
+        "queueLength": snapshot.queue_length,
+        "maxQueueSize": snapshot.queue_max,
+        "totalProcessed": snapshot.processed,
+        "totalErrors": snapshot.failed,
+        "sessions": [],
+    }
+
+
+def run_reply(outcome: RunResult | JobFailed) -> Response:
+    if isinstance(outcome, JobFailed):
+        headers = {}
+        if outcome.retry_after_s is not None:
+            headers["Retry-After"] = str(outcome.retry_after_s)
+        return error(outcome.status, outcome.error, headers)
+    body: dict[str, Any] = {
+        "success": outcome.success,
+        "output": outcome.output,
+        "durationMs": outcome.duration_ms,
+        "timedOut": outcome.timed_out,
+    }
+    if outcome.timed_out:
+        body["timeoutType"] = "hard"  # as the original reports it
+    if outcome.output_truncated:
+        body["outputTruncated"] = True
+    return jsonify(body)
+
+
+def create_app(settings: Settings, dispatcher: trio.MemorySendChannel) -> QuartTrio:
+    """Build the app; ``dispatcher`` is a send channel to the dispatcher's inbox."""
+    app = QuartTrio("claude_code_api")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    # Quart cuts responses at 60 s by default; jobs have their own deadlines.
+    app.config["RESPONSE_TIMEOUT"] = None
+    started_at = time.monotonic()
+
+    def caller() -> str:
+        return authenticate(request.headers, settings)
+
+    async def json_body() -> bytes:
+        check_content_type(request.headers.get("content-type"))
+        body = await request.get_data(cache=False)
+        g.body_read = True
+        return body
+
+    @app.after_request
+    async def close_if_body_unread(response: Response) -> Response:
+        # An error answered before the request body was read (401, 413, 415...)
+        # leaves that body on a kept-alive connection and wedges the next request.
+        has_body = request.content_length or "chunked" in request.headers.get(
+            "transfer-encoding", ""
+        )
+        if response.status_code >= 400 and has_body and not g.get("body_read"):
+            response.headers["Connection"] = "close"
+        return response
+
+    @app.get("/health")
+    async def health() -> Response:
+        uptime_ms = round((time.monotonic() - started_at) * 1000)
+        body, code = health_body(await pool_snapshot(dispatcher), uptime_ms)
+        response = jsonify(body)
+        response.status_code = code
+        return response
+
+    @app.get("/status")
+    async def status() -> Response:
+        caller()
+        return jsonify(status_body(await pool_snapshot(dispatcher)))
+
+    @app.post("/run")
+    async def run() -> Response:
+        user_id = caller()
+        body = await json_body()
+        run_request = parse_run_request(
+            body,
+            max_prompt_chars=settings.max_prompt_chars,
+            max_timeout_ms=settings.max_timeout_ms,
+        )
+        if run_request.session_id is not None:
+            return error(501, "sessions (sessionId) are not available yet in this version")
+        timeout_ms = run_request.timeout_ms or settings.default_timeout_ms
+        outcome = await run_job(
+            dispatcher, user_id=user_id, prompt=run_request.prompt, timeout_s=timeout_ms / 1000
+        )
+        return run_reply(outcome)
+
+    @app.delete("/session")
+    async def close_session() -> Response:
+        caller()
+        return error(501, "sessions are not available yet in this version")
+
+    @app.errorhandler(Unauthorized)
+    async def unauthorized(exc: Unauthorized) -> Response:
+        return error(401, exc.message)
+
+    @app.errorhandler(BadRequest)
+    async def bad_request(exc: BadRequest) -> Response:
+        return error(exc.status, exc.message)
+
+    @app.errorhandler(HTTPException)
+    async def http_exception(exc: HTTPException) -> Response:
+        messages = {
+            404: "Not found",
+            405: "Method not allowed",
+            413: f"Request body exceeds {settings.max_body_bytes} bytes",
+        }
+        code = exc.code or 500
+        return error(code, messages.get(code, exc.description or exc.name))
+
+    @app.errorhandler(Exception)
+    async def unexpected(exc: Exception) -> Response:
+        log.exception("unexpected error handling %s %s", request.method, request.path)
+        return error(500, "internal error")
+
+    return app

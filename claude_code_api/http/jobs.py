@@ -1,0 +1,81 @@
+"""The HTTP side of a job: submit it to the dispatcher and follow its reply.
+
+:func:`open_job` owns the receive end of the job's reply channel for the life of
+one HTTP request. If the request ends before the job's terminal event (the
+client disconnected, or the backstop fired), it withdraws the job from the
+queue; a running job's worker notices the closed channel and interrupts its agent.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+
+from ..messages import (
+    TERMINAL_EVENTS,
+    Job,
+    JobFailed,
+    PoolSnapshot,
+    ReplyEvent,
+    RunResult,
+    StatusRequest,
+    Submit,
+    Withdraw,
+)
+
+# Events a slow reader may fall behind by before the agent waits for it.
+REPLY_BUFFER = 64
+# How long past its deadline a request waits for the job's own timeout reply.
+BACKSTOP_S = 30.0
+
+
+@asynccontextmanager
+async def open_job(
+    dispatcher: trio.MemorySendChannel,
+    *,
+    user_id: str,
+    prompt: str,
+    timeout_s: float,
+    session_id: str | None = None,
+) -> AsyncIterator[tuple[Job, trio.MemoryReceiveChannel]]:
+    """Submit a job; yield it and the channel its :data:`ReplyEvent` s arrive on."""
+    reply_send, reply_receive = trio.open_memory_channel[ReplyEvent](REPLY_BUFFER)
+    now = trio.current_time()
+    job = Job(
+        id=uuid.uuid4().hex,
+        user_id=user_id,
+        prompt=prompt,
+        submitted_at=now,
+        deadline=now + timeout_s,
+        reply=reply_send,
+        session_id=session_id,
+    )
+    async with reply_receive:
+        try:
+            await dispatcher.send(Submit(job))
+            yield job, reply_receive
+        finally:
+            # Idempotent for the dispatcher; needed when the client left mid-queue.
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await dispatcher.send(Withdraw(job.id))
+
+
+async def run_job(dispatcher: trio.MemorySendChannel, **job_fields) -> RunResult | JobFailed:
+    """Submit a job and wait for its terminal event."""
+    async with open_job(dispatcher, **job_fields) as (job, events):
+        with trio.move_on_at(job.deadline + BACKSTOP_S):
+            async for event in events:
+                if isinstance(event, TERMINAL_EVENTS):
+                    return event
+            return JobFailed(502, "the agent stopped without answering")
+        return JobFailed(504, "the job outlived its deadline without an answer")
+
+
+async def pool_snapshot(dispatcher: trio.MemorySendChannel) -> PoolSnapshot:
+    reply_send, reply_receive = trio.open_memory_channel[PoolSnapshot](1)
+    async with reply_receive:
+        await dispatcher.send(StatusRequest(reply_send))
+        return await reply_receive.receive()

@@ -1,0 +1,135 @@
+"""Parsing and validating request bodies: pure functions, no I/O.
+
+Every way a body can be wrong becomes :class:`BadRequest` with the HTTP status
+and a message naming the field, so no input a client can send reaches the
+actors malformed or turns into a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import attrs
+
+SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+SESSION_ID_RULE = "1 to 128 characters of A-Z a-z 0-9 . _ : -"
+
+
+class BadRequest(Exception):
+    """A client error: answered as ``{"error": message}`` with ``status``."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+@attrs.frozen
+class RunRequest:
+    prompt: str
+    session_id: str | None
+    timeout_ms: int | None
+
+
+# Defaults of common clients that send JSON without saying so (curl -d, fetch with a
+# string body). The original service accepts any type; we accept these and JSON.
+LENIENT_MEDIA_TYPES = frozenset(
+    {"application/json", "text/plain", "application/x-www-form-urlencoded"}
+)
+
+
+def check_content_type(content_type: str | None) -> None:
+    """Refuse, with 415, a body that says it is something other than JSON."""
+    if not content_type:
+        return
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type not in LENIENT_MEDIA_TYPES and not media_type.endswith("+json"):
+        raise BadRequest(f"Content-Type must be application/json, got {media_type!r}", 415)
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise BadRequest(f"Invalid JSON: duplicate key {key!r}")
+        obj[key] = value
+    return obj
+
+
+def _reject_constant(name: str) -> Any:
+    raise BadRequest(f"Invalid JSON: {name} is not a JSON number")
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """Decode a UTF-8 JSON object strictly: no duplicate keys, NaN or Infinity."""
+    if not body.strip():
+        raise BadRequest("Request body is empty: expected a JSON object")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("Request body is not valid UTF-8") from None
+    try:
+        value = json.loads(
+            text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
+        )
+    except BadRequest:
+        raise
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError and integers too long to convert.
+        raise BadRequest(f"Invalid JSON: {str(exc).splitlines()[0][:200]}") from None
+    if not isinstance(value, dict):
+        raise BadRequest(f"Request body must be a JSON object, got {_json_type(value)}")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def session_id_field(obj: dict[str, Any], *, required: bool) -> str | None:
+    value = obj.get("sessionId")
+    if value is None:
+        if required:
+            raise BadRequest("sessionId: required, a string of " + SESSION_ID_RULE)
+        return None
+    if not isinstance(value, str) or not SESSION_ID_PATTERN.fullmatch(value):
+        raise BadRequest(f"sessionId: expected {SESSION_ID_RULE}")
+    return value
+
+
+def parse_run_request(body: bytes, *, max_prompt_chars: int, max_timeout_ms: int) -> RunRequest:
+    """Validate a ``POST /run`` body: ``{"prompt", "sessionId"?, "timeoutMs"?}``."""
+    obj = parse_json_object(body)
+    prompt = obj.get("prompt")
+    if prompt is None:
+        raise BadRequest("prompt: required, a non-empty string")
+    if not isinstance(prompt, str):
+        raise BadRequest(f"prompt: expected a string, got {_json_type(prompt)}")
+    if not prompt.strip():
+        raise BadRequest("prompt: must not be empty")
+    if len(prompt) > max_prompt_chars:
+        raise BadRequest(f"prompt: exceeds {max_prompt_chars} characters")
+    timeout_ms = obj.get("timeoutMs")
+    if timeout_ms is not None and (
+        isinstance(timeout_ms, bool)
+        or not isinstance(timeout_ms, int)
+        or not 1 <= timeout_ms <= max_timeout_ms
+    ):
+        raise BadRequest(f"timeoutMs: expected an integer from 1 to {max_timeout_ms}")
+    return RunRequest(
+        prompt=prompt,
+        session_id=session_id_field(obj, required=False),
+        timeout_ms=timeout_ms,
+    )
