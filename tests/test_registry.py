@@ -1,0 +1,642 @@
+"""The session registry: the sqlite store (contract), its actor (collaboration) and workspaces.
+
+Store tests use a real database file under ``tmp_path``. Refusal tests check two
+things besides the exception type: the message names the path in one line,
+and the refused file (and its directory) are left exactly as they were.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from claude_code_api.actors.registry import (
+    DB_FILENAME,
+    SCHEMA_VERSION,
+    DeleteSession,
+    ListSessions,
+    LoadSession,
+    RegistryClient,
+    RegistryError,
+    SaveSession,
+    SessionKey,
+    SessionRecord,
+    SessionStore,
+    new_session_record,
+    open_store,
+    serve_registry,
+    user_workspace,
+)
+
+TIMEOUT = 10
+
+
+def record(user="alice", session="s1", *, last=100.0, turns=0, cost=0.0, started=False):
+    return SessionRecord(
+        user_id=user,
+        session_id=session,
+        claude_session_id=f"cid-{user}-{session}",
+        created_at=50.0,
+        last_activity=last,
+        turns=turns,
+        total_cost_usd=cost,
+        transcript_started=started,
+    )
+
+
+# --- the store: contract ----------------------------------------------------
+
+
+async def test_save_load_delete_list_round_trip(tmp_path):
+    with trio.fail_after(TIMEOUT):
+        store = open_store(tmp_path)
+        try:
+            a1 = record("alice", "s1", last=10.0, turns=3, cost=0.25, started=True)
+            a2 = record("alice", "s2", last=30.0)
+            a3 = record("alice", "s3", last=20.0)
+            b1 = record("bob", "s1", last=40.0)
+            for r in (a1, a2, a3, b1):
+                store.save(r)
+
+            assert store.load(a1.key) == a1
+            assert store.load(b1.key) == b1
+            assert store.load(SessionKey("alice", "nope")) is None
+            assert store.load(SessionKey("carol", "s1")) is None
+            assert store.list_for_user("alice") == [a2, a3, a1]  # latest activity first
+            assert store.list_for_user("carol") == []
+            assert store.count() == 4
+
+            assert store.delete(a2.key) is True
+            assert store.delete(a2.key) is False
+            assert store.load(a2.key) is None
+            assert store.load(b1.key) == b1  # same session id, other user: untouched
+            assert store.list_for_user("alice") == [a3, a1]
+            assert store.count() == 3
+        finally:
+            store.close()
+        assert (tmp_path / DB_FILENAME).is_file()
+
+
+async def test_save_is_an_upsert(tmp_path):
+    with trio.fail_after(TIMEOUT):
+        store = open_store(tmp_path)
+        try:
+            first = record(turns=0, last=1.0)
+            store.save(first)
+            later = SessionRecord(
+                user_id=first.user_id,
+                session_id=first.session_id,
+                claude_session_id=first.claude_session_id,
+                created_at=first.created_at,
+                last_activity=99.5,
+                turns=4,
+                total_cost_usd=1.5,
+                transcript_started=True,
+            )
+            store.save(later)
+            assert store.load(first.key) == later
+            assert store.count() == 1
+            assert store.list_for_user(first.user_id) == [later]
+        finally:
+            store.close()
+
+
+async def test_records_survive_a_restart(tmp_path):
+    with trio.fail_after(TIMEOUT):
+        data_dir = tmp_path / "nested" / "data"  # parents are created
+        records = [record("u", f"s{i}", last=float(i), turns=i) for i in range(5)]
+        store = open_store(data_dir)
+        for r in records:
+            store.save(r)
+        store.delete(records[0].key)
+        store.close()
+        store.close()  # idempotent
+        # Closing checkpointed the WAL into the database file.
+        assert not (data_dir / f"{DB_FILENAME}-wal").exists()
+
+        store = open_store(data_dir)  # the "restarted service"
+        try:
+            assert store.count() == 4
+            assert store.load(records[3].key) == records[3]
+            assert store.load(records[0].key) is None
+            assert store.list_for_user("u") == records[:0:-1]
+        finally:
+            store.close()
+
+        raw = sqlite3.connect(data_dir / DB_FILENAME)
+        try:
+            assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+            assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        finally:
+            raw.close()
+
+
+async def test_unicode_and_odd_keys_round_trip(tmp_path):
+    with trio.fail_after(TIMEOUT):
+        store = open_store(tmp_path)
+        try:
+            odd = record("ünï'\"; DROP TABLE sessions; --", "../\x00\U0001f600", last=1.0)
+            store.save(odd)
+            assert store.load(odd.key) == odd
+            assert store.count() == 1
+        finally:
+            store.close()
+
+
+async def test_new_session_record():
+    with trio.fail_after(TIMEOUT):
+        key = SessionKey("alice", "s1")
+        a, b = new_session_record(key, 123.0), new_session_record(key, 123.0)
+        assert a.key == key
+        assert (a.created_at, a.last_activity, a.turns, a.total_cost_usd) == (123.0, 123.0, 0, 0.0)
+        assert a.transcript_started is False
+        assert re.fullmatch(
+            r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}",
+            a.claude_session_id,
+        )
+        assert a.claude_session_id != b.claude_session_id
+
+
+async def test_a_closed_store_raises_registry_error(tmp_path):
+    with trio.fail_after(TIMEOUT):
+        store = open_store(tmp_path)
+        store.close()
+        with pytest.raises(RegistryError, match="closed"):
+            store.load(SessionKey("a", "b"))
+        with pytest.raises(RegistryError):
+            store.save(record())
+
+
+# --- the store: refusing a file it must not touch ---------------------------
+
+
+def _real_database(path: Path, rows: int) -> None:
+    store = SessionStore(path)
+    for i in range(rows):
+        store.save(record(f"user-{i % 7}", f"session-{i:05d}-" + "x" * 400, last=float(i)))
+    store.close()
+
+
+def garbage(path: Path) -> None:
+    path.write_bytes(random.Random(1).randbytes(10_000))
+
+
+def corrupted_in_the_middle(path: Path) -> None:
+    _real_database(path, 300)
+    size = path.stat().st_size
+    assert size > 20 * 4096  # many pages, so the middle is a b-tree page
+    with path.open("r+b") as f:
+        f.seek(size // 2)
+        f.write(random.Random(2).randbytes(600))
+
+
+def truncated(path: Path) -> None:
+    _real_database(path, 300)
+    with path.open("r+b") as f:
+        f.truncate(path.stat().st_size // 2 + 100)
+
+
+def directory(path: Path) -> None:
+    path.mkdir()
+    (path / "keep-me").write_text("precious")
+
+
+def newer_schema(path: Path) -> None:
+    _real_database(path, 3)
+    raw = sqlite3.connect(path)
+    raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    raw.commit()
+    raw.close()
+
+
+def someone_elses_database(path: Path) -> None:
+    raw = sqlite3.connect(path)
+    raw.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, amount REAL)")
+    raw.execute("INSERT INTO invoices (amount) VALUES (12.5)")
+    raw.commit()
+    raw.close()
+
+
+def _snapshot(directory: Path) -> dict[str, bytes | None]:
+    """Every entry under ``directory``: file contents, or None for a directory."""
+    return {
+        str(p.relative_to(directory)): None if p.is_dir() else p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [garbage, corrupted_in_the_middle, truncated, directory, newer_schema, someone_elses_database],
+)
+async def test_refuses_a_bad_file_and_leaves_it_alone(tmp_path, spoil):
+    with trio.fail_after(TIMEOUT):
+        path = tmp_path / DB_FILENAME
+        spoil(path)
+        before = _snapshot(tmp_path)
+
+        with pytest.raises(RegistryError) as caught:  # and no other exception type
+            open_store(tmp_path)
+
+        message = str(caught.value)
+        assert str(path) in message
+        assert "\n" not in message
+        assert _snapshot(tmp_path) == before  # byte for byte, and no new files
+
+
+async def test_refusal_messages_say_why(tmp_path):
+    with trio.fail_after(TIMEOUT):
+        cases = {
+            garbage: "not a database",
+            directory: "not a regular file",
+            newer_schema: f"schema version {SCHEMA_VERSION + 1}",
+            someone_elses_database: "not a session store",
+        }
+        for spoil, expected in cases.items():
+            data_dir = tmp_path / spoil.__name__
+            data_dir.mkdir()
+            spoil(data_dir / DB_FILENAME)
+            with pytest.raises(RegistryError, match=expected):
+                open_store(data_dir)
+
+
+async def test_a_parent_that_is_a_file_is_a_registry_error(tmp_path):
+    with trio.fail_after(TIMEOUT):
+        (tmp_path / "data").write_text("not a directory")
+        with pytest.raises(RegistryError, match="data"):
+            open_store(tmp_path / "data")
+
+
+# --- the actor: collaboration -----------------------------------------------
+
+
+class RecordingStore(SessionStore):
+    """A real store that logs every call with the thread it ran on."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.calls: list[tuple[str, object]] = []
+        self.threads: set[int] = set()
+        self.closed = False
+
+    def _note(self, name, arg):
+        self.calls.append((name, arg))
+        self.threads.add(threading.get_ident())
+
+    def load(self, key):
+        self._note("load", key)
+        return super().load(key)
+
+    def save(self, record):
+        self._note("save", record.key)
+        return super().save(record)
+
+    def delete(self, key):
+        self._note("delete", key)
+        return super().delete(key)
+
+    def list_for_user(self, user_id):
+        self._note("list", user_id)
+        return super().list_for_user(user_id)
+
+    def close(self):
+        self._note("close", None)
+        self.closed = True
+        super().close()
+
+
+def _reply():
+    return trio.open_memory_channel(1)
+
+
+async def test_requests_are_answered_in_order(tmp_path, nursery):
+    with trio.fail_after(TIMEOUT):
+        store = RecordingStore(tmp_path / DB_FILENAME)
+        send, inbox = trio.open_memory_channel(32)
+        await nursery.start(serve_registry, store, inbox)
+
+        a, b = record("u", "a", last=1.0), record("u", "b", last=2.0)
+        replies = [_reply() for _ in range(6)]
+        messages = [
+            LoadSession(a.key, replies[0][0]),  # before the save: None
+            SaveSession(a),
+            SaveSession(b),
+            LoadSession(a.key, replies[1][0]),  # after it: a
+            ListSessions("u", replies[2][0]),
+            DeleteSession(a.key, replies[3][0]),
+            DeleteSession(a.key, replies[4][0]),
+            ListSessions("u", replies[5][0]),
+        ]
+        async with send:
+            for m in messages:  # all queued before the first is handled
+                send.send_nowait(m)
+
+            answers = []
+            for _, receive in replies:
+                async with receive:
+                    answers.append(await receive.receive())
+                    with pytest.raises(trio.EndOfChannel):  # the registry closed it
+                        await receive.receive()
+
+        assert answers == [None, a, [b, a], True, False, [b]]
+        assert [name for name, _ in store.calls][:8] == [
+            "load", "save", "save", "load", "list", "delete", "delete", "list",
+        ]  # fmt: skip
+
+
+async def test_client_round_trip(tmp_path, nursery):
+    with trio.fail_after(TIMEOUT):
+        send, inbox = trio.open_memory_channel(0)
+        await nursery.start(serve_registry, open_store(tmp_path), inbox)
+        async with send:
+            client = RegistryClient(send)
+            r = record(turns=2)
+            assert await client.load(r.key) is None
+            await client.save(r)
+            assert await client.load(r.key) == r
+            assert await client.list_for_user(r.user_id) == [r]
+            assert await client.delete(r.key) is True
+            assert await client.delete(r.key) is False
+            assert await client.list_for_user(r.user_id) == []
+
+
+async def test_a_requester_that_went_away_does_not_kill_the_actor(tmp_path, nursery):
+    with trio.fail_after(TIMEOUT):
+        send, inbox = trio.open_memory_channel(0)
+        await nursery.start(serve_registry, open_store(tmp_path), inbox)
+        async with send:
+            gone_send, gone_receive = _reply()
+            gone_receive.close()  # the requester gave up before the answer
+            await send.send(LoadSession(SessionKey("u", "s"), gone_send))
+
+            full_send, _full_receive = trio.open_memory_channel(0)  # nobody receiving
+            await send.send(ListSessions("u", full_send))
+
+            closed_send, _closed_receive = _reply()
+            closed_send.close()
+            await send.send(DeleteSession(SessionKey("u", "s"), closed_send))
+
+            await send.send(object())  # not a registry message at all
+
+            client = RegistryClient(send)
+            await client.save(record("u", "s"))
+            assert await client.load(SessionKey("u", "s")) == record("u", "s")
+
+
+async def test_a_cancelled_requester_does_not_kill_the_actor(tmp_path, nursery):
+    with trio.fail_after(TIMEOUT):
+        store = BlockingStore(tmp_path / DB_FILENAME)
+        send, inbox = trio.open_memory_channel(0)
+        await nursery.start(serve_registry, store, inbox)
+        async with send:
+            client = RegistryClient(send)
+            with trio.move_on_after(0.05):
+                await client.load(SessionKey("u", "slow"))  # blocks in the worker thread
+            store.release.set()
+            assert await client.list_for_user("u") == []
+
+
+class FailingStore(SessionStore):
+    """Fails for the user ``broken``: RegistryError, or ValueError (a bug) for ``buggy``."""
+
+    def _fail(self, user_id):
+        if user_id == "broken":
+            raise RegistryError(f"session store {self.path}: disk on fire")
+        if user_id == "buggy":
+            raise ValueError("oops")
+
+    def load(self, key):
+        self._fail(key.user_id)
+        return super().load(key)
+
+    def save(self, record):
+        self._fail(record.user_id)
+        return super().save(record)
+
+    def delete(self, key):
+        self._fail(key.user_id)
+        return super().delete(key)
+
+    def list_for_user(self, user_id):
+        self._fail(user_id)
+        return super().list_for_user(user_id)
+
+
+async def test_store_errors_are_answered_and_the_actor_carries_on(tmp_path, nursery, caplog):
+    caplog.set_level(logging.ERROR, logger="claude_code_api.actors.registry")
+    with trio.fail_after(TIMEOUT):
+        send, inbox = trio.open_memory_channel(0)
+        await nursery.start(serve_registry, FailingStore(tmp_path / DB_FILENAME), inbox)
+        async with send:
+            client = RegistryClient(send)
+            broken = SessionKey("broken", "s")
+            with pytest.raises(RegistryError, match="disk on fire"):
+                await client.load(broken)
+            with pytest.raises(RegistryError, match="disk on fire"):
+                await client.delete(broken)
+            with pytest.raises(RegistryError, match="disk on fire"):
+                await client.list_for_user("broken")
+            with pytest.raises(RegistryError, match="ValueError: oops"):
+                await client.load(SessionKey("buggy", "s"))
+            await client.save(record("broken", "s"))  # logged only
+            await client.save(record("buggy", "s"))
+
+            ok = record("fine", "s")
+            await client.save(ok)
+            assert await client.load(ok.key) == ok
+
+    logged = caplog.text
+    assert "disk on fire" in logged and "save" in logged and "oops" in logged
+
+
+async def test_the_store_is_closed_and_flushed_when_the_inbox_closes(tmp_path):
+    with trio.fail_after(TIMEOUT):
+        store = RecordingStore(tmp_path / DB_FILENAME)
+        send, inbox = trio.open_memory_channel(8)
+        records = [record("u", f"s{i}", last=float(i)) for i in range(5)]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_registry, store, inbox)
+            async with send:
+                client = RegistryClient(send)
+                for r in records:
+                    await client.save(r)  # fire and forget: still queued when we close
+        # serve_registry returned on its own: the nursery exited.
+        assert store.closed and store.calls[-1] == ("close", None)
+        assert [name for name, _ in store.calls] == ["save"] * 5 + ["close"]
+        assert not (tmp_path / f"{DB_FILENAME}-wal").exists()
+
+        reopened = open_store(tmp_path)
+        try:
+            assert reopened.list_for_user("u") == records[::-1]
+        finally:
+            reopened.close()
+
+
+async def test_the_store_is_closed_when_the_actor_is_cancelled(tmp_path):
+    with trio.fail_after(TIMEOUT):
+        store = RecordingStore(tmp_path / DB_FILENAME)
+        send, inbox = trio.open_memory_channel(0)
+        async with send:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve_registry, store, inbox)
+                await RegistryClient(send).save(record())
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.cancel_scope.cancel()
+            assert store.closed
+            assert [name for name, _ in store.calls] == ["save", "close"]
+            # The inbox belongs to the supervision tree: once its owner closes the
+            # receive end, requests fail fast instead of hanging.
+            inbox.close()
+            with pytest.raises(trio.BrokenResourceError):
+                send.send_nowait(SaveSession(record()))
+            with pytest.raises(RegistryError, match="not running"):
+                await RegistryClient(send).load(SessionKey("a", "b"))
+
+
+class BlockingStore(RecordingStore):
+    """``load`` of session ``slow`` blocks its thread until ``release`` is set (max 5 s)."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.released_in_time: bool | None = None
+
+    def load(self, key):
+        if key.session_id == "slow":
+            self.entered.set()
+            self.released_in_time = self.release.wait(timeout=5)
+            self.calls.append(("load finished", key))
+        return super().load(key)
+
+
+async def _until(event: threading.Event) -> None:
+    while not event.is_set():
+        await trio.sleep(0.001)
+
+
+async def test_store_calls_run_in_a_worker_thread_and_the_loop_stays_free(tmp_path, nursery):
+    with trio.fail_after(TIMEOUT):
+        store = BlockingStore(tmp_path / DB_FILENAME)
+        send, inbox = trio.open_memory_channel(0)
+        await nursery.start(serve_registry, store, inbox)
+        async with send:
+            client = RegistryClient(send)
+            answers = []
+
+            async def slow_load():
+                answers.append(await client.load(SessionKey("u", "slow")))
+
+            nursery.start_soon(slow_load)
+            # While the store is stuck inside load, the trio loop keeps running
+            # this task: if load ran on the trio thread we could not get here,
+            # and the wait in load would time out (released_in_time False).
+            await _until(store.entered)
+            ticks = 0
+            with trio.move_on_after(0.05):
+                while True:
+                    await trio.sleep(0)
+                    ticks += 1
+            assert ticks > 10
+            store.release.set()
+            await client.save(record("u", "fast"))
+            assert await client.list_for_user("u") == [record("u", "fast")]
+
+        assert answers == [None]
+        assert store.released_in_time is True
+        assert threading.get_ident() not in store.threads
+
+
+async def test_cancelling_the_actor_waits_for_the_running_call_before_closing(tmp_path):
+    with trio.fail_after(TIMEOUT):
+        store = BlockingStore(tmp_path / DB_FILENAME)
+        send, inbox = trio.open_memory_channel(0)
+        async with send, trio.open_nursery() as nursery:
+            await nursery.start(serve_registry, store, inbox)
+            reply, answers = _reply()
+            await send.send(LoadSession(SessionKey("u", "slow"), reply))
+            await _until(store.entered)
+            nursery.cancel_scope.cancel()  # while the worker thread is inside load
+            with trio.CancelScope(shield=True):
+                await trio.testing.wait_all_tasks_blocked()  # the cancel reached the actor
+                assert not store.closed
+                store.release.set()
+        # Never two threads in the store: close came after load finished.
+        assert [name for name, _ in store.calls][-3:] == ["load finished", "load", "close"]
+        assert store.released_in_time is True
+        async with answers:  # the reply was still closed, answered or not
+            async for _ in answers:
+                pass
+
+
+# --- per-user workspaces ----------------------------------------------------
+
+DATA = Path("/srv/data")
+USERS = DATA / "users"
+SAFE_NAME = re.compile(r"[a-z0-9_][a-z0-9_-]*")
+any_text = st.text(alphabet=st.characters(exclude_categories=()))  # lone surrogates too
+
+
+def _check_workspace(user_id: str) -> Path:
+    path = user_workspace(DATA, user_id)
+    name = path.name
+    assert path.parent == USERS  # strictly inside data_dir/users, one level down
+    assert path == USERS / name and len(path.relative_to(USERS).parts) == 1
+    assert os.path.normpath(path) == str(path)  # nothing for the OS to reinterpret
+    assert SAFE_NAME.fullmatch(name), name  # so no "/", NUL, ".", "..", "", or "-x"
+    assert 32 <= len(name) <= 65
+    assert user_workspace(DATA, user_id) == path  # deterministic
+    return path
+
+
+@pytest.mark.parametrize(
+    "user_id",
+    ["", ".", "..", "../", "../../etc", "/etc/passwd", "a/b", "a\x00b", "-rf", "x" * 100_000,
+     "Ünïcødé 用户", "\ud800", "alice", "Alice", "ALICE", "  ", "\n"],
+)  # fmt: skip
+async def test_user_workspace_examples(user_id, tmp_path):
+    with trio.fail_after(TIMEOUT):
+        _check_workspace(user_id)
+        path = user_workspace(tmp_path, user_id)
+        assert not path.exists() and not (tmp_path / "users").exists()  # not created
+
+
+async def test_user_workspace_is_readable_and_case_sensitive():
+    with trio.fail_after(TIMEOUT):
+        names = {u: user_workspace(DATA, u).name for u in ["Alice", "alice", "al ice", "al_ice"]}
+        assert names["Alice"].startswith("alice-") and names["alice"].startswith("alice-")
+        assert names["al ice"].startswith("al_ice-")
+        assert len(set(names.values())) == 4
+
+
+@settings(max_examples=300, deadline=None)
+@given(user_id=any_text)
+@example(user_id="../" * 50)
+async def test_user_workspace_stays_inside_users(user_id):
+    with trio.fail_after(TIMEOUT):
+        _check_workspace(user_id)
+
+
+@settings(max_examples=300, deadline=None)
+@given(user_ids=st.lists(any_text, unique=True, min_size=2))
+@example(user_ids=["Alice", "alice", "ALICE", "al ice", "al_ice", "al/ice", "al\x00ice"])
+@example(user_ids=["", ".", "..", "_", "-", "--"])
+@example(user_ids=["a" * 40, "a" * 41, "a" * 32 + "b"])
+@example(user_ids=["\ud83d\ude00", "\U0001f600"])  # surrogate pair vs the real character
+async def test_distinct_users_get_distinct_workspaces(user_ids):
+    with trio.fail_after(TIMEOUT):
+        paths = [user_workspace(DATA, u) for u in user_ids]
+        assert len(set(paths)) == len(user_ids)
+        # Also distinct where the filesystem ignores case.
+        assert len({str(p).casefold() for p in paths}) == len(user_ids)
