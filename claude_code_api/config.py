@@ -54,6 +54,12 @@ class Settings:
     max_output_chars: int = 1_000_000
     # On SIGTERM/SIGINT: seconds in-flight jobs get to finish before they are stopped.
     shutdown_grace_s: float = 30.0
+    # Session agent processes running at once; beyond that the LRU idle one hibernates.
+    max_live_sessions: int = 8
+    # An idle session's process is closed (hibernated) after this many seconds.
+    session_idle_s: float = 30 * 60.0
+    # Turns of one session that may wait behind its running turn.
+    session_queue_max: int = 10
 
     def user_for_key(self, presented: str) -> str | None:
         """The user id for an API key, or None. Compares every key in constant time."""
@@ -138,4 +144,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         interrupt_grace_s=_int(env, "INTERRUPT_GRACE_MS", 2_000, 0, 600_000) / 1000,
         shutdown_grace_s=_int(env, "SHUTDOWN_GRACE_S", 30, 0, 3600),
         max_output_chars=_int(env, "MAX_OUTPUT_CHARS", 1_000_000, 1, 100_000_000),
+        max_live_sessions=_int(env, "MAX_LIVE_SESSIONS", 8, 1, 10_000),
+        session_idle_s=_int(env, "SESSION_IDLE_MS", 30 * 60_000, 1, 30 * 24 * 3_600_000) / 1000,
+        session_queue_max=_int(env, "SESSION_QUEUE_MAX", 10, 0, 10_000),
     )

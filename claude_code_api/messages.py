@@ -10,6 +10,13 @@ channels themselves, and who owns them:
   :class:`WorkerReady`, :class:`WorkerFinished`, :class:`WorkerFailed`).
 * ``dispatcher -> worker``: each worker's own job inbox; the worker owns the
   receive end, the dispatcher holds the send end it was given in :class:`WorkerReady`.
+* ``dispatcher -> session supervisor``: :class:`StartSession` on the supervisor's
+  inbox (the dispatcher owns the send end).
+* ``dispatcher -> session actor``: the actor's inbox, offered in
+  :class:`SessionStarted`; the actor owns the receive end. It carries :class:`Job`,
+  :class:`Hibernate` and :class:`CloseSessionNow`; jobs only while the actor is idle.
+* ``session actor -> dispatcher``: :class:`SessionStarted`, :class:`SessionIdle`;
+  its supervisor sends :class:`SessionStopped` when it ends.
 * ``whoever holds the job -> HTTP handler``: ``Job.reply``, a stream of
   :data:`ReplyEvent` ending in exactly one terminal event (:class:`RunResult` or
   :class:`JobFailed`). The HTTP handler owns the receive end. The send end belongs
@@ -27,6 +34,14 @@ import trio
 # --- jobs and their replies -------------------------------------------------
 
 
+@attrs.frozen
+class SessionKey:
+    """A conversation: ``session_id`` is only unique within the caller's ``user_id``."""
+
+    user_id: str
+    session_id: str
+
+
 @attrs.frozen(eq=False)
 class Job:
     """One prompt to run. ``deadline`` (trio time) covers queue wait and run."""
@@ -38,6 +53,10 @@ class Job:
     deadline: float
     reply: trio.MemorySendChannel = attrs.field(repr=False)
     session_id: str | None = None
+
+    @property
+    def session_key(self) -> SessionKey | None:
+        return None if self.session_id is None else SessionKey(self.user_id, self.session_id)
 
 
 @attrs.frozen
@@ -149,6 +168,12 @@ class WorkerView:
 
 
 @attrs.frozen
+class SessionView:
+    key: SessionKey
+    state: str  # "waiting" (for a live slot) | "starting" | "live" | "busy" | "stopping"
+
+
+@attrs.frozen
 class PoolSnapshot:
     """What ``/health`` and ``/status`` show, as the dispatcher sees it."""
 
@@ -160,6 +185,7 @@ class PoolSnapshot:
     degraded_reason: str | None
     draining: bool
     ever_ready: bool  # some worker has been warm at least once
+    sessions: tuple[SessionView, ...] = ()
 
 
 @attrs.frozen
@@ -179,6 +205,64 @@ class Drain:
     done: trio.MemorySendChannel = attrs.field(repr=False)
 
 
+# --- sessions ---------------------------------------------------------------
+
+
+@attrs.frozen
+class StartSession:
+    """Dispatcher -> session supervisor: start an actor for ``key``."""
+
+    key: SessionKey
+
+
+@attrs.frozen
+class SessionStarted:
+    """A session actor is up; send it jobs and commands on ``inbox``."""
+
+    key: SessionKey
+    inbox: trio.MemorySendChannel = attrs.field(repr=False)
+
+
+@attrs.frozen
+class SessionIdle:
+    """A session's agent is warm and idle. ``finished_ok``: the turn just ended (None: none)."""
+
+    key: SessionKey
+    finished_ok: bool | None = None
+
+
+@attrs.frozen
+class SessionStopped:
+    """A session actor ended: hibernated or closed (``reason`` None) or failed."""
+
+    key: SessionKey
+    reason: str | None = None
+
+
+@attrs.frozen
+class Hibernate:
+    """Dispatcher -> idle session actor: close the process, keep the record, end."""
+
+
+@attrs.frozen
+class CloseSessionNow:
+    """Dispatcher -> session actor: interrupt any running turn and end."""
+
+
+@attrs.frozen
+class CloseSession:
+    """HTTP -> dispatcher: DELETE /session.
+
+    ``ack`` gets True if the dispatcher knew the session (live or waiting). Once no
+    actor runs for it any more, the dispatcher asks the registry to delete the
+    record, and the registry answers on ``deleted``.
+    """
+
+    key: SessionKey
+    ack: trio.MemorySendChannel = attrs.field(repr=False)
+    deleted: trio.MemorySendChannel = attrs.field(repr=False)
+
+
 DispatcherMessage = (
     Submit
     | Withdraw
@@ -188,4 +272,8 @@ DispatcherMessage = (
     | WorkerFailed
     | StatusRequest
     | Drain
+    | SessionStarted
+    | SessionIdle
+    | SessionStopped
+    | CloseSession
 )

@@ -1,17 +1,25 @@
 """The supervision tree of the service, in one screen.
 
     root                 one_for_one, escalates (the service exits 1)
-    ├── dispatcher       permanent  owns the job queue; the inbox every actor writes to
+    ├── registry         permanent  owns the SQLite session records (opened first: a bad
+    │                               database stops start-up with a clear error)
+    ├── dispatcher       permanent  owns the job queue and session scheduling
+    ├── sessions         permanent  starts session actors on demand
+    │   └── (user, id)   temporary  one live conversation: one Claude Code process
     ├── workers          permanent  one_for_one; backs off exponentially in a crash loop
     │   ├── worker-0     permanent  one pre-warmed Claude Code process
     │   └── worker-N-1
-    └── http             permanent  hypercorn + Quart-Trio; talks only to the dispatcher
+    └── http             permanent  hypercorn + Quart-Trio
 
-Children start in that order and stop in reverse. Channel ownership: this module
-owns the dispatcher inbox's send end (``inbox``); the HTTP app shares it; each
-worker start gets its own clone and closes it. Shutdown (:meth:`Service.shutdown`):
-the dispatcher refuses new jobs, running ones get ``SHUTDOWN_GRACE_S`` to finish,
-then the tree stops in reverse: HTTP, workers (killing their agents), dispatcher.
+Children start in that order and stop in reverse. Channels: both ends of the
+three singleton inboxes are owned here, so a restarted actor reads the same
+inbox: ``inbox`` (the dispatcher's; the HTTP app shares the send end, every
+actor start gets a clone), ``registry_inbox`` (the registry's; HTTP and the
+dispatcher share it, session actors use it through a :class:`RegistryClient`),
+``session_starts`` (dispatcher -> session supervisor). Shutdown (:meth:`Service.shutdown`): the
+dispatcher refuses new jobs, running ones get ``SHUTDOWN_GRACE_S`` to finish, then
+the tree stops in reverse: HTTP, workers and sessions (closing their agents),
+dispatcher, and last the registry, which closes the database.
 """
 
 from __future__ import annotations
@@ -20,7 +28,10 @@ import logging
 
 import trio
 
-from .actors.dispatcher import Dispatcher
+from .actors.dispatcher import Dispatcher, SessionLimits
+from .actors.registry import RegistryClient, open_store, serve_registry
+from .actors.session import serve_session
+from .actors.session_supervisor import serve_session_supervisor
 from .actors.worker import serve_worker
 from .config import Settings
 from .http.app import create_app
@@ -32,6 +43,8 @@ log = logging.getLogger(__name__)
 
 # OTP-style restart intensity: more than 3 restarts in 5 s is a crash loop.
 INTENSITY, PERIOD_S = 3, 5.0
+# Requests to the registry that may wait while it writes; the dispatcher never waits.
+REGISTRY_INBOX_SIZE = 1024
 CRASH_LOOP_BACKOFF = Backoff(initial=1.0, factor=2.0, cap=30.0)
 
 
@@ -41,9 +54,45 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.inbox, inbox_receive = trio.open_memory_channel(0)
-        dispatcher = Dispatcher(
-            inbox_receive, pool_size=settings.pool_size, queue_max=settings.queue_max
+        self.registry_inbox, registry_receive = trio.open_memory_channel(REGISTRY_INBOX_SIZE)
+        self.session_starts, session_starts_receive = trio.open_memory_channel(
+            settings.max_live_sessions
         )
+        self._channels = (
+            self.inbox,
+            inbox_receive,
+            self.registry_inbox,
+            registry_receive,
+            self.session_starts,
+            session_starts_receive,
+        )
+        dispatcher = Dispatcher(
+            inbox_receive,
+            pool_size=settings.pool_size,
+            queue_max=settings.queue_max,
+            session_starter=self.session_starts,
+            registry=self.registry_inbox,
+            session_limits=SessionLimits(
+                max_live=settings.max_live_sessions,
+                per_session_max=settings.session_queue_max,
+                idle_s=settings.session_idle_s,
+            ),
+        )
+        registry = RegistryClient(self.registry_inbox)
+
+        async def run_session(key, dispatcher_clone) -> None:
+            await serve_session(key, settings, dispatcher_clone, registry)
+
+        async def start_registry(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
+            # Opened in a thread: a slow disk must not block the loop, even at start-up.
+            store = await trio.to_thread.run_sync(open_store, settings.data_dir)
+            await serve_registry(store, registry_receive, task_status=task_status)
+
+        async def start_sessions(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
+            await serve_session_supervisor(
+                session_starts_receive, self.inbox.clone(), run_session, task_status=task_status
+            )
+
         self.workers = Supervisor(
             "workers",
             [self._worker_spec(f"worker-{n}") for n in range(settings.pool_size)],
@@ -52,12 +101,18 @@ class Service:
             backoff=CRASH_LOOP_BACKOFF,
         )
         self.http = HttpServer(
-            create_app(settings, self.inbox), settings.host, settings.port, graceful_timeout=5.0
+            create_app(settings, self.inbox, registry),
+            settings.host,
+            settings.port,
+            graceful_timeout=5.0,
         )
         self.root = Supervisor(
             "root",
             [
+                # Stopped last, by closing its inbox: it writes what is queued, then ends.
+                ChildSpec("registry", start_registry, request_stop=self.registry_inbox.close),
                 ChildSpec("dispatcher", dispatcher.serve),
+                ChildSpec("sessions", start_sessions),
                 ChildSpec("workers", self.workers.run, request_stop=self.workers.request_stop),
                 ChildSpec("http", self.http.serve, request_stop=self.http.request_stop),
             ],
@@ -77,8 +132,11 @@ class Service:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run the tree until it is stopped (returns) or escalates (raises)."""
-        async with self.inbox:
+        try:
             await self.root.run(task_status=task_status)
+        finally:
+            for channel in self._channels:
+                channel.close()
 
     async def shutdown(self, grace: float) -> None:
         """Refuse new work, give running jobs ``grace`` seconds, then stop the tree."""

@@ -6,7 +6,6 @@ import json
 import signal
 
 import httpx
-import pytest
 import trio
 
 from .harness import API_KEY, AUTH, run_service, wait_healthy, wait_no_live_fakes, wait_until
@@ -370,15 +369,3 @@ async def test_sigterm_lets_the_running_job_finish_then_exits_0(tmp_path):
                 assert result[0].json()["output"].count("piece") == 5
         # run_service checked the exit status was 0
         await wait_no_live_fakes(service, timeout=2)
-
-
-@pytest.mark.parametrize("sessions", [None])
-async def test_session_id_is_501_until_sessions_land(tmp_path, sessions):
-    with trio.fail_after(60):
-        async with run_service(tmp_path) as service:
-            async with service.client() as client:
-                reply = await client.post(
-                    "/run", headers=JSON, json={"prompt": "x", "sessionId": "s-1"}
-                )
-                assert reply.status_code == 501
-                assert "session" in reply.json()["error"]

@@ -26,12 +26,18 @@ import attrs
 import trio
 
 from ..messages import (
+    CloseSession,
     DispatcherMessage,
     Drain,
     Job,
     JobFailed,
     PoolSnapshot,
     RunResult,
+    SessionIdle,
+    SessionKey,
+    SessionStarted,
+    SessionStopped,
+    StartSession,
     StatusRequest,
     Submit,
     Withdraw,
@@ -42,6 +48,8 @@ from ..messages import (
     WorkerView,
 )
 from .job_queue import JobQueue
+from .registry import DeleteSession
+from .session_scheduler import SessionScheduler
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +68,41 @@ class _WorkerRecord:
     inbox: trio.MemorySendChannel | None = None
 
 
-class Dispatcher:
-    """See the module docstring. ``inbox`` is the receive end of its channel."""
+@attrs.frozen
+class SessionLimits:
+    max_live: int = 8
+    per_session_max: int = 10
+    idle_s: float = 30 * 60.0
 
-    def __init__(self, inbox: trio.MemoryReceiveChannel, *, pool_size: int, queue_max: int):
+
+class Dispatcher:
+    """See the module docstring. ``inbox`` is the receive end of its channel.
+
+    ``session_starter`` (send end, room for ``max_live`` messages) reaches the
+    session supervisor; ``registry`` (send end with spare room) the registry.
+    """
+
+    def __init__(
+        self,
+        inbox: trio.MemoryReceiveChannel,
+        *,
+        pool_size: int,
+        queue_max: int,
+        session_starter: trio.MemorySendChannel | None = None,
+        registry: trio.MemorySendChannel | None = None,
+        session_limits: SessionLimits = SessionLimits(),
+    ):
         self.inbox = inbox
+        self.registry = registry
+        self.session_starter = session_starter
+        self.sessions = SessionScheduler(
+            max_live=session_limits.max_live,
+            per_session_max=session_limits.per_session_max,
+            idle_s=session_limits.idle_s,
+            start_session=self._start_session,
+            delete_record=self._delete_record,
+            answer=_answer,
+        )
         self.queue = JobQueue(queue_max)
         self.workers: dict[str, _WorkerRecord] = {}
         self.expected_workers = pool_size
@@ -76,20 +114,27 @@ class Dispatcher:
         self.ever_ready = False
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Handle messages until cancelled or the inbox closes."""
+        """Handle messages until cancelled or the inbox closes.
+
+        The inbox belongs to the supervision tree, not to this actor, so a restarted
+        dispatcher reads the same inbox.
+        """
         task_status.started()
-        async with self.inbox:
-            while True:
-                with trio.move_on_at(self.queue.next_deadline()):
-                    try:
-                        message = await self.inbox.receive()
-                    except trio.EndOfChannel:
-                        return
-                    self.handle(message)
-                self._expire_queued(trio.current_time())
-                self._dispatch()
-                if self.draining:
-                    self._notify_if_drained()
+        while True:
+            wake_at = min(self.queue.next_deadline(), self.sessions.next_deadline())
+            with trio.move_on_at(wake_at):
+                try:
+                    message = await self.inbox.receive()
+                except trio.EndOfChannel:
+                    return
+                self.handle(message)
+            now = trio.current_time()
+            self._expire_queued(now)
+            self.sessions.hibernate_idle(now)
+            self._dispatch()
+            self.sessions.schedule()
+            if self.draining:
+                self._notify_if_drained()
 
     # --- messages ---------------------------------------------------------
 
@@ -98,7 +143,7 @@ class Dispatcher:
             case Submit(job):
                 self._submit(job)
             case Withdraw(job_id):
-                job = self.queue.remove(job_id)
+                job = self.queue.remove(job_id) or self.sessions.withdraw(job_id)
                 if job is not None:
                     job.reply.close()
             case WorkerStarting(worker_id):
@@ -132,12 +177,28 @@ class Dispatcher:
                 self.draining = True
                 self.drained_waiters.append(done)
                 self._fail_queued(JobFailed(503, "service is shutting down"))
+                self.sessions.fail_all_waiting(JobFailed(503, "service is shutting down"))
+            case SessionStarted(key, inbox):
+                self.sessions.started(key, inbox)
+            case SessionIdle(key, finished_ok):
+                if finished_ok is not None:
+                    self.processed += 1
+                    self.failed += 0 if finished_ok else 1
+                self.sessions.idle(key, trio.current_time())
+            case SessionStopped(key, reason):
+                self.sessions.stopped(key, reason)
+            case CloseSession(key, ack, deleted):
+                self.sessions.close(key, ack, deleted)
             case _:
                 log.error("dispatcher: unknown message %r", message)
 
     def _submit(self, job: Job) -> None:
         if self.draining:
             _answer(job, JobFailed(503, "service is shutting down"))
+        elif job.session_id is not None:
+            refusal = self.sessions.submit(job)
+            if refusal is not None:
+                _answer(job, refusal)
         elif self.degraded_reason() is not None:
             _answer(job, self._unavailable())
         elif self.queue.full and not self.idle:
@@ -165,15 +226,26 @@ class Dispatcher:
             record.state, record.busy_since = "busy", time.time()
             record.jobs += 1
 
+    def _start_session(self, message: StartSession) -> None:
+        # Room for max_live messages is reserved: at most that many starts are in flight.
+        self.session_starter.send_nowait(message)
+
+    def _delete_record(self, key: SessionKey, deleted: trio.MemorySendChannel) -> None:
+        try:
+            self.registry.send_nowait(DeleteSession(key, deleted))
+        except trio.WouldBlock:
+            deleted.send_nowait(JobFailed(503, "session registry is overloaded, try again"))
+            deleted.close()
+
     def _expire_queued(self, now: float) -> None:
-        for job in self.queue.pop_expired(now):
+        for job in self.queue.pop_expired(now) + self.sessions.expire(now):
             waited_ms = round((now - job.submitted_at) * 1000)
             self.processed += 1
             self.failed += 1
             _answer(job, RunResult(success=False, output="", duration_ms=waited_ms, timed_out=True))
 
     def _notify_if_drained(self) -> None:
-        if any(r.state == "busy" for r in self.workers.values()):
+        if any(r.state == "busy" for r in self.workers.values()) or self.sessions.busy_count():
             return
         for done in self.drained_waiters:
             try:
@@ -213,6 +285,7 @@ class Dispatcher:
             degraded_reason=self.degraded_reason(),
             draining=self.draining,
             ever_ready=self.ever_ready,
+            sessions=self.sessions.views(),
         )
 
     def _record(self, worker_id: str) -> _WorkerRecord:

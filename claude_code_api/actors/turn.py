@@ -26,6 +26,7 @@ REPLY_SEND_TIMEOUT_S = 10.0
 class TurnOutcome:
     ok: bool  # the client got a successful result
     agent_usable: bool  # the agent is idle and may take another turn
+    cost_usd: float | None = None
 
 
 class _ClientGone(Exception):
@@ -70,9 +71,21 @@ def result_output(result: ResultMessage) -> str:
 
 
 async def run_turn_for_job(
-    agent: Agent, job: Job, worker_id: str, settings: Settings
+    agent: Agent,
+    job: Job,
+    worker_id: str,
+    settings: Settings,
+    *,
+    turn_scope: trio.CancelScope | None = None,
 ) -> TurnOutcome:
-    """Run ``job`` on ``agent`` and answer it on ``job.reply``; see the module docstring."""
+    """Run ``job`` on ``agent`` and answer it on ``job.reply``; see the module docstring.
+
+    ``turn_scope`` lets the caller stop the turn early (a closed session): cancel it
+    and the turn is interrupted like a timeout, answered ``success: false``
+    without ``timedOut``. Its deadline is set to the job's.
+    """
+    turn_scope = turn_scope or trio.CancelScope()
+    turn_scope.deadline = job.deadline
     collected = OutputCollector(settings.max_output_chars)
 
     def elapsed_ms() -> int:
@@ -97,11 +110,12 @@ async def run_turn_for_job(
         try:
             await send(JobStarted(worker_id))
             result = None
-            with trio.move_on_at(job.deadline):
+            with turn_scope:
                 turn_running = True
                 result = await agent.run_turn(job.prompt, relay)
                 turn_running = False
-            if result is None:  # the deadline passed mid-turn
+            if result is None:  # the deadline passed mid-turn, or the caller stopped it
+                timed_out = trio.current_time() >= job.deadline
                 usable = await _stop_turn(agent, settings)
                 turn_running = False
                 await send(
@@ -109,7 +123,7 @@ async def run_turn_for_job(
                         success=False,
                         output=collected.text,
                         duration_ms=elapsed_ms(),
-                        timed_out=True,
+                        timed_out=timed_out,
                         output_truncated=collected.truncated,
                     )
                 )
@@ -127,7 +141,9 @@ async def run_turn_for_job(
                     claude_session_id=result.session_id,
                 )
             )
-            return TurnOutcome(ok=not result.is_error, agent_usable=True)
+            return TurnOutcome(
+                ok=not result.is_error, agent_usable=True, cost_usd=result.total_cost_usd
+            )
         except AgentError as exc:
             await agent.close(grace=0)
             try:

@@ -17,11 +17,18 @@ from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from ..actors.registry import RegistryClient, SessionRecord
 from ..config import Settings
-from ..messages import JobFailed, PoolSnapshot, RunResult
+from ..messages import JobFailed, PoolSnapshot, RunResult, SessionKey
 from .auth import Unauthorized, authenticate
-from .jobs import pool_snapshot, run_job
-from .requests import BadRequest, check_content_type, parse_run_request
+from .jobs import SessionStoreUnavailable, close_session, pool_snapshot, run_job
+from .requests import (
+    BadRequest,
+    check_content_type,
+    parse_json_object,
+    parse_run_request,
+    session_id_field,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +65,28 @@ def health_body(snapshot: PoolSnapshot, uptime_ms: int) -> tuple[dict[str, Any],
     return body, code
 
 
+def session_views(
+    snapshot: PoolSnapshot, records: list[SessionRecord], user_id: str
+) -> list[dict[str, Any]]:
+    """The caller's own sessions: registry records, with live states from the dispatcher."""
+    live = {v.key.session_id: v.state for v in snapshot.sessions if v.key.user_id == user_id}
+    views = []
+    for record in records:
+        state = live.pop(record.session_id, "hibernated")
+        views.append(
+            {
+                "id": record.session_id,
+                "state": state,
+                "processing": state == "busy",
+                "lastActivity": round(record.last_activity * 1000),
+                "turns": record.turns,
+            }
+        )
+    for session_id, state in live.items():  # waiting for its first turn: no record yet
+        views.append({"id": session_id, "state": state, "processing": False, "turns": 0})
+    return views
+
+
 def status_body(snapshot: PoolSnapshot) -> dict[str, Any]:
     workers = []
     for worker in snapshot.workers:
@@ -73,7 +102,6 @@ def status_body(snapshot: PoolSnapshot) -> dict[str, Any]:
         "maxQueueSize": snapshot.queue_max,
         "totalProcessed": snapshot.processed,
         "totalErrors": snapshot.failed,
-        "sessions": [],
     }
 
 
@@ -96,7 +124,9 @@ def run_reply(outcome: RunResult | JobFailed) -> Response:
     return jsonify(body)
 
 
-def create_app(settings: Settings, dispatcher: trio.MemorySendChannel) -> QuartTrio:
+def create_app(
+    settings: Settings, dispatcher: trio.MemorySendChannel, registry: RegistryClient
+) -> QuartTrio:
     """Build the app; ``dispatcher`` is a send channel to the dispatcher's inbox."""
     app = QuartTrio("claude_code_api")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -134,8 +164,12 @@ def create_app(settings: Settings, dispatcher: trio.MemorySendChannel) -> QuartT
 
     @app.get("/status")
     async def status() -> Response:
-        caller()
-        return jsonify(status_body(await pool_snapshot(dispatcher)))
+        user_id = caller()
+        snapshot = await pool_snapshot(dispatcher)
+        body = status_body(snapshot)
+        records = await registry.list_for_user(user_id)
+        body["sessions"] = session_views(snapshot, records, user_id)
+        return jsonify(body)
 
     @app.post("/run")
     async def run() -> Response:
@@ -146,18 +180,27 @@ def create_app(settings: Settings, dispatcher: trio.MemorySendChannel) -> QuartT
             max_prompt_chars=settings.max_prompt_chars,
             max_timeout_ms=settings.max_timeout_ms,
         )
-        if run_request.session_id is not None:
-            return error(501, "sessions (sessionId) are not available yet in this version")
         timeout_ms = run_request.timeout_ms or settings.default_timeout_ms
         outcome = await run_job(
-            dispatcher, user_id=user_id, prompt=run_request.prompt, timeout_s=timeout_ms / 1000
+            dispatcher,
+            user_id=user_id,
+            prompt=run_request.prompt,
+            timeout_s=timeout_ms / 1000,
+            session_id=run_request.session_id,
         )
         return run_reply(outcome)
 
     @app.delete("/session")
-    async def close_session() -> Response:
-        caller()
-        return error(501, "sessions are not available yet in this version")
+    async def delete_session() -> Response:
+        user_id = caller()
+        session_id = session_id_field(parse_json_object(await json_body()), required=True)
+        try:
+            existed = await close_session(dispatcher, SessionKey(user_id, session_id))
+        except SessionStoreUnavailable as exc:
+            return error(503, f"session store unavailable: {exc}")
+        if not existed:
+            return error(404, f"Session {session_id!r} not found")
+        return jsonify({"closed": True})
 
     @app.errorhandler(Unauthorized)
     async def unauthorized(exc: Unauthorized) -> Response:

@@ -16,11 +16,13 @@ import trio
 
 from ..messages import (
     TERMINAL_EVENTS,
+    CloseSession,
     Job,
     JobFailed,
     PoolSnapshot,
     ReplyEvent,
     RunResult,
+    SessionKey,
     StatusRequest,
     Submit,
     Withdraw,
@@ -79,3 +81,24 @@ async def pool_snapshot(dispatcher: trio.MemorySendChannel) -> PoolSnapshot:
     async with reply_receive:
         await dispatcher.send(StatusRequest(reply_send))
         return await reply_receive.receive()
+
+
+class SessionStoreUnavailable(Exception):
+    pass
+
+
+async def close_session(dispatcher: trio.MemorySendChannel, key: SessionKey) -> bool:
+    """End a session's actor (interrupting a running turn) and delete its record.
+
+    Returns False if no such session existed. Raises :class:`SessionStoreUnavailable`
+    if the registry could not delete it.
+    """
+    ack_send, ack_receive = trio.open_memory_channel[bool](1)
+    deleted_send, deleted_receive = trio.open_memory_channel[object](1)
+    async with ack_receive, deleted_receive:
+        await dispatcher.send(CloseSession(key, ack_send, deleted_send))
+        known = await ack_receive.receive()
+        deleted = await deleted_receive.receive()
+    if not isinstance(deleted, bool):
+        raise SessionStoreUnavailable(str(getattr(deleted, "error", deleted)))
+    return known or deleted

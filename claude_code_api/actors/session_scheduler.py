@@ -1,0 +1,260 @@
+"""Which session runs where: the dispatcher's bookkeeping for multi-turn sessions.
+
+Owned by the dispatcher and, like it, it never awaits: every send is
+``send_nowait`` on a channel with room reserved by protocol.
+
+* A session is *live* while an actor (and so a Claude Code process) runs for
+  it: ``starting``, ``idle``, ``busy`` or ``stopping``. At most ``max_live`` are.
+  A hibernated session has no entry here at all — only its registry record —
+  so thousands of them cost no memory.
+* Each session's turns wait in their own :class:`JobQueue` (bounded; over the
+  bound → 429), in order, under their deadlines. The actor gets one job at a
+  time, only when idle.
+* A session needing a live slot when none is free waits (``waiting``) while the
+  least-recently-used idle session is hibernated for it; if every live session is
+  busy it waits until one finishes. An idle session hibernates after ``idle_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Callable
+
+import attrs
+import trio
+
+from ..messages import (
+    CloseSessionNow,
+    Hibernate,
+    Job,
+    JobFailed,
+    RunResult,
+    SessionKey,
+    SessionView,
+    StartSession,
+)
+from .job_queue import JobQueue
+
+log = logging.getLogger(__name__)
+
+LIVE_STATES = ("starting", "idle", "busy", "stopping")
+
+Answer = Callable[[Job, RunResult | JobFailed], None]
+
+
+@attrs.define(eq=False)
+class SessionEntry:
+    key: SessionKey
+    waiting: JobQueue
+    state: str = "waiting"  # waiting (for a slot) | starting | idle | busy | stopping
+    inbox: trio.MemorySendChannel | None = None
+    last_used: float = 0.0
+    # DELETE requests waiting for this session's actor to end: (ack, deleted) channels.
+    closing: list[tuple[trio.MemorySendChannel, trio.MemorySendChannel]] = attrs.Factory(list)
+
+
+class SessionScheduler:
+    """See the module docstring.
+
+    ``per_session_max``: turns that may wait behind a session's running turn.
+    ``start_session`` sends a :class:`StartSession` to the session supervisor;
+    ``delete_record(key, reply)`` asks the registry to delete a record.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_live: int,
+        per_session_max: int,
+        idle_s: float,
+        start_session: Callable[[StartSession], None],
+        delete_record: Callable[[SessionKey, trio.MemorySendChannel], None],
+        answer: Answer,
+    ) -> None:
+        self.max_live = max_live
+        self.per_session_max = per_session_max
+        self.idle_s = idle_s
+        self._start_session = start_session
+        self._delete_record = delete_record
+        self._answer = answer
+        self.entries: dict[SessionKey, SessionEntry] = {}
+        self.waiting_for_slot: deque[SessionKey] = deque()
+
+    # --- from the dispatcher's messages ------------------------------------
+
+    def submit(self, job: Job) -> JobFailed | None:
+        """Queue a session turn; returns the refusal, or None when accepted."""
+        key = job.session_key
+        entry = self.entries.get(key)
+        if entry is None:
+            entry = self.entries[key] = SessionEntry(key, JobQueue(self.per_session_max))
+            self.waiting_for_slot.append(key)
+        turns_ahead = len(entry.waiting) + (entry.state == "busy")
+        if turns_ahead > self.per_session_max:
+            return JobFailed(
+                429,
+                f"Too many turns waiting for session {key.session_id!r}, try again later",
+                retry_after_s=1,
+            )
+        entry.waiting.push(job)
+        return None
+
+    def withdraw(self, job_id: str) -> Job | None:
+        for entry in self.entries.values():
+            job = entry.waiting.remove(job_id)
+            if job is not None:
+                self._forget_if_unused(entry)
+                return job
+        return None
+
+    def started(self, key: SessionKey, inbox: trio.MemorySendChannel) -> None:
+        entry = self.entries.get(key)
+        if entry is None:  # closed while starting and already forgotten
+            inbox.send_nowait(CloseSessionNow())
+            return
+        entry.inbox = inbox
+        if entry.closing:
+            self._send(entry, CloseSessionNow())
+            entry.state = "stopping"
+
+    def idle(self, key: SessionKey, now: float) -> None:
+        entry = self.entries.get(key)
+        if entry is not None and entry.state != "stopping":
+            entry.state, entry.last_used = "idle", now
+
+    def stopped(self, key: SessionKey, reason: str | None) -> None:
+        entry = self.entries.get(key)
+        if entry is None:
+            return
+        was_starting = entry.state == "starting"
+        entry.inbox = None
+        if entry.closing:
+            for ack, deleted in entry.closing:
+                self._delete_record(key, deleted)
+                _reply(ack, True)
+            entry.closing.clear()
+        if reason is not None and was_starting:
+            # The agent could not start (e.g. its transcript is unreadable): fail
+            # the turns waiting for it rather than retrying forever.
+            for job in entry.waiting.pop_all():
+                self._answer(job, JobFailed(502, f"session agent failed to start: {reason}"))
+        if len(entry.waiting):
+            entry.state = "waiting"
+            self.waiting_for_slot.appendleft(key)  # it had a slot: first in line
+        else:
+            del self.entries[key]
+
+    def close(
+        self, key: SessionKey, ack: trio.MemorySendChannel, deleted: trio.MemorySendChannel
+    ) -> None:
+        """DELETE /session: end the actor if any, then delete the record."""
+        entry = self.entries.get(key)
+        if entry is None:
+            self._delete_record(key, deleted)
+            _reply(ack, False)
+            return
+        for job in entry.waiting.pop_all():
+            self._answer(job, RunResult(success=False, output="session closed", duration_ms=0))
+        if entry.state == "waiting":
+            self.waiting_for_slot.remove(key)
+            del self.entries[key]
+            self._delete_record(key, deleted)
+            _reply(ack, True)
+            return
+        # Starting without an inbox yet: `started` sends the close when it arrives.
+        entry.closing.append((ack, deleted))
+        if entry.inbox is not None and entry.state != "stopping":
+            if self._send(entry, CloseSessionNow()):
+                entry.state = "stopping"
+
+    # --- time ---------------------------------------------------------------
+
+    def expire(self, now: float) -> list[Job]:
+        expired = []
+        for entry in list(self.entries.values()):
+            expired += entry.waiting.pop_expired(now)
+            self._forget_if_unused(entry)
+        return expired
+
+    def hibernate_idle(self, now: float) -> None:
+        for entry in self.entries.values():
+            if entry.state == "idle" and now - entry.last_used >= self.idle_s:
+                log.info("session %s idle for %gs: hibernating", entry.key, self.idle_s)
+                self._hibernate(entry)
+
+    def next_deadline(self) -> float:
+        deadlines = [e.waiting.next_deadline() for e in self.entries.values()]
+        deadlines += [e.last_used + self.idle_s for e in self.entries.values() if e.state == "idle"]
+        return min(deadlines, default=math.inf)
+
+    # --- scheduling ---------------------------------------------------------
+
+    def schedule(self) -> None:
+        """Hand idle sessions their next turn, grant free slots, and free slots by hibernating."""
+        for entry in self.entries.values():
+            if entry.state == "idle" and len(entry.waiting):
+                job = entry.waiting.pop_next()
+                if self._send(entry, job):
+                    entry.state = "busy"
+                else:
+                    entry.waiting.push_front(job)
+        live = self.live_count()
+        while self.waiting_for_slot and live < self.max_live:
+            entry = self.entries[self.waiting_for_slot.popleft()]
+            entry.state = "starting"
+            self._start_session(StartSession(entry.key))
+            live += 1
+        freeing = sum(1 for e in self.entries.values() if e.state == "stopping")
+        short = len(self.waiting_for_slot) - freeing
+        if short > 0:
+            idle = [e for e in self.entries.values() if e.state == "idle" and not len(e.waiting)]
+            for entry in sorted(idle, key=lambda e: e.last_used)[:short]:
+                self._hibernate(entry)
+
+    def live_count(self) -> int:
+        return sum(1 for e in self.entries.values() if e.state in LIVE_STATES)
+
+    def busy_count(self) -> int:
+        return sum(1 for e in self.entries.values() if e.state == "busy")
+
+    def queued_count(self) -> int:
+        return sum(len(e.waiting) for e in self.entries.values())
+
+    def views(self) -> tuple[SessionView, ...]:
+        names = {"idle": "live"}
+        return tuple(SessionView(e.key, names.get(e.state, e.state)) for e in self.entries.values())
+
+    def fail_all_waiting(self, failure: JobFailed) -> None:
+        for entry in list(self.entries.values()):
+            for job in entry.waiting.pop_all():
+                self._answer(job, failure)
+            self._forget_if_unused(entry)
+
+    # --- helpers ------------------------------------------------------------
+
+    def _hibernate(self, entry: SessionEntry) -> None:
+        if self._send(entry, Hibernate()):
+            entry.state = "stopping"
+
+    def _send(self, entry: SessionEntry, message: object) -> bool:
+        try:
+            entry.inbox.send_nowait(message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+            # The actor is ending; its supervisor reports SessionStopped shortly.
+            return False
+        return True
+
+    def _forget_if_unused(self, entry: SessionEntry) -> None:
+        if entry.state == "waiting" and not len(entry.waiting):
+            self.waiting_for_slot.remove(entry.key)
+            del self.entries[entry.key]
+
+
+def _reply(channel: trio.MemorySendChannel, value: object) -> None:
+    try:
+        channel.send_nowait(value)
+    except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    channel.close()
