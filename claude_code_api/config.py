@@ -60,6 +60,8 @@ class Settings:
     session_idle_s: float = 30 * 60.0
     # Turns of one session that may wait behind its running turn.
     session_queue_max: int = 10
+    # Longest delay between restarts of a worker whose agent keeps failing to start.
+    restart_backoff_max_s: float = 30.0
 
     def user_for_key(self, presented: str) -> str | None:
         """The user id for an API key, or None. Compares every key in constant time."""
@@ -122,7 +124,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             f"DEFAULT_TIMEOUT_MS={default_timeout_ms}: must not exceed MAX_TIMEOUT_MS={max_timeout_ms}"
         )
     executable = env.get("CLAUDE_EXECUTABLE", "").strip() or None
-    if executable is not None and not os.access(executable, os.X_OK):
+    if executable is not None and not (
+        os.path.isfile(executable) and os.access(executable, os.X_OK)
+    ):
         raise ConfigError(
             f"CLAUDE_EXECUTABLE={executable!r}: expected the path of an executable file"
         )
@@ -147,4 +151,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_live_sessions=_int(env, "MAX_LIVE_SESSIONS", 8, 1, 10_000),
         session_idle_s=_int(env, "SESSION_IDLE_MS", 30 * 60_000, 1, 30 * 24 * 3_600_000) / 1000,
         session_queue_max=_int(env, "SESSION_QUEUE_MAX", 10, 0, 10_000),
+        restart_backoff_max_s=_int(env, "RESTART_BACKOFF_MAX_MS", 30_000, 1, 3_600_000) / 1000,
     )

@@ -8,6 +8,7 @@ actors malformed or turns into a 500.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -62,6 +63,13 @@ def _reject_constant(name: str) -> Any:
     raise BadRequest(f"Invalid JSON: {name} is not a JSON number")
 
 
+def _finite_float(literal: str) -> float:
+    value = float(literal)
+    if math.isinf(value):  # e.g. 1e400: too large for a float
+        raise BadRequest(f"Invalid JSON: number {literal[:40]} is out of range")
+    return value
+
+
 def parse_json_object(body: bytes) -> dict[str, Any]:
     """Decode a UTF-8 JSON object strictly: no duplicate keys, NaN or Infinity."""
     if not body.strip():
@@ -72,7 +80,10 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise BadRequest("Request body is not valid UTF-8") from None
     try:
         value = json.loads(
-            text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
+            text,
+            object_pairs_hook=_reject_duplicates,
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
         )
     except BadRequest:
         raise

@@ -1,0 +1,606 @@
+"""Unit tests of what the service accepts from outside: request bodies, Content-Type,
+API keys, and configuration from the environment.
+
+Pure functions, no I/O, except one test that starts ``python -m claude_code_api``
+with a bad variable and checks it exits 2 with one line naming it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import string
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from werkzeug.datastructures import Headers
+
+from claude_code_api.config import ApiKey, ConfigError, Settings, load_settings, parse_api_keys
+from claude_code_api.http.auth import Unauthorized, authenticate
+from claude_code_api.http.requests import (
+    BadRequest,
+    RunRequest,
+    check_content_type,
+    parse_json_object,
+    parse_run_request,
+)
+
+MAX_PROMPT = 50
+MAX_TIMEOUT = 10_000
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parse(body: bytes | str) -> RunRequest:
+    if isinstance(body, str):
+        body = body.encode()
+    return parse_run_request(body, max_prompt_chars=MAX_PROMPT, max_timeout_ms=MAX_TIMEOUT)
+
+
+def rejection(body: bytes | str) -> BadRequest:
+    with pytest.raises(BadRequest) as caught:
+        parse(body)
+    return caught.value
+
+
+# --- request bodies ------------------------------------------------------------------
+
+
+def test_minimal_body():
+    assert parse('{"prompt": "hello"}') == RunRequest("hello", None, None)
+
+
+def test_full_body():
+    body = {"prompt": "hi", "sessionId": "a.B_9:-", "timeoutMs": MAX_TIMEOUT, "extra": [1]}
+    assert parse(json.dumps(body)) == RunRequest("hi", "a.B_9:-", MAX_TIMEOUT)
+
+
+def test_nulls_mean_absent():
+    assert parse('{"prompt": "hi", "sessionId": null, "timeoutMs": null}') == RunRequest(
+        "hi", None, None
+    )
+
+
+def test_bounds_are_inclusive():
+    body = {"prompt": "x" * MAX_PROMPT, "sessionId": "s" * 128, "timeoutMs": 1}
+    assert parse(json.dumps(body)) == RunRequest("x" * MAX_PROMPT, "s" * 128, 1)
+
+
+def test_prompt_with_non_ascii_text():
+    assert parse('{"prompt": "h\\u00e9llo \\ud83d\\ude00"}').prompt == "héllo 😀"
+    assert parse(json.dumps({"prompt": "héllo 😀"}, ensure_ascii=False)).prompt == "héllo 😀"
+
+
+BAD_BODIES = [
+    # (id, body, message fragment)
+    ("empty", b"", "Request body is empty"),
+    ("whitespace", b" \r\n\t ", "Request body is empty"),
+    ("invalid-utf8", b'{"prompt": "\xff\xfe"}', "not valid UTF-8"),
+    ("truncated-utf8", b'{"prompt": "\xe2\x82"}', "not valid UTF-8"),
+    ("invalid-json", b'{"prompt": "hi",}', "Invalid JSON"),
+    ("not-json", b"prompt=hello", "Invalid JSON"),
+    ("unterminated", b'{"prompt": "hi"', "Invalid JSON"),
+    ("trailing-garbage", b'{"prompt": "hi"} x', "Invalid JSON"),
+    ("two-objects", b'{"prompt": "a"}{"prompt": "b"}', "Invalid JSON"),
+    ("single-quotes", b"{'prompt': 'hi'}", "Invalid JSON"),
+    ("array", b'[{"prompt": "hi"}]', "must be a JSON object, got array"),
+    ("string", b'"hi"', "must be a JSON object, got string"),
+    ("number", b"42", "must be a JSON object, got number"),
+    ("float", b"4.2", "must be a JSON object, got number"),
+    ("null", b"null", "must be a JSON object, got null"),
+    ("true", b"true", "must be a JSON object, got boolean"),
+    ("duplicate-key", b'{"prompt": "a", "prompt": "b"}', "duplicate key 'prompt'"),
+    ("duplicate-nested", b'{"prompt": "a", "x": {"k": 1, "k": 2}}', "duplicate key 'k'"),
+    ("NaN", b'{"prompt": "a", "timeoutMs": NaN}', "NaN is not a JSON number"),
+    ("Infinity", b'{"prompt": "a", "timeoutMs": Infinity}', "Infinity is not a JSON number"),
+    ("-Infinity", b'{"prompt": "a", "x": [-Infinity]}', "-Infinity is not a JSON number"),
+    ("huge-int", b'{"prompt": "a", "timeoutMs": 1' + b"0" * 5000 + b"}", "Invalid JSON"),
+    ("deep-nesting", b'{"prompt": "a", "x": ' + b"[" * 100_000, "Invalid JSON"),
+    ("prompt-missing", b'{"sessionId": "s"}', "prompt: required"),
+    ("prompt-null", b'{"prompt": null}', "prompt: required"),
+    ("prompt-number", b'{"prompt": 1}', "prompt: expected a string, got number"),
+    ("prompt-bool", b'{"prompt": true}', "prompt: expected a string, got boolean"),
+    ("prompt-array", b'{"prompt": ["hi"]}', "prompt: expected a string, got array"),
+    ("prompt-object", b'{"prompt": {"text": "hi"}}', "prompt: expected a string, got object"),
+    ("prompt-empty", b'{"prompt": ""}', "prompt: must not be empty"),
+    ("prompt-blank", b'{"prompt": " \\n\\t "}', "prompt: must not be empty"),
+    ("prompt-too-long", b'{"prompt": "' + b"x" * (MAX_PROMPT + 1) + b'"}', "prompt: exceeds 50"),
+    ("timeout-true", b'{"prompt": "a", "timeoutMs": true}', "timeoutMs: expected an integer"),
+    ("timeout-false", b'{"prompt": "a", "timeoutMs": false}', "timeoutMs: expected an integer"),
+    ("timeout-float", b'{"prompt": "a", "timeoutMs": 1000.0}', "timeoutMs: expected an integer"),
+    ("timeout-fraction", b'{"prompt": "a", "timeoutMs": 1.5}', "timeoutMs: expected an integer"),
+    ("timeout-negative", b'{"prompt": "a", "timeoutMs": -1}', "timeoutMs: expected an integer"),
+    ("timeout-zero", b'{"prompt": "a", "timeoutMs": 0}', "timeoutMs: expected an integer"),
+    ("timeout-too-big", b'{"prompt": "a", "timeoutMs": 10001}', "timeoutMs: expected an integer"),
+    ("timeout-huge", b'{"prompt": "a", "timeoutMs": 1' + b"0" * 4000 + b"}", "timeoutMs:"),
+    ("timeout-string", b'{"prompt": "a", "timeoutMs": "1000"}', "timeoutMs: expected an integer"),
+    ("timeout-array", b'{"prompt": "a", "timeoutMs": [1000]}', "timeoutMs: expected an integer"),
+    ("session-empty", b'{"prompt": "a", "sessionId": ""}', "sessionId: expected"),
+    ("session-space", b'{"prompt": "a", "sessionId": "a b"}', "sessionId: expected"),
+    ("session-slash", b'{"prompt": "a", "sessionId": "../etc"}', "sessionId: expected"),
+    ("session-unicode", b'{"prompt": "a", "sessionId": "caf\\u00e9"}', "sessionId: expected"),
+    ("session-newline", b'{"prompt": "a", "sessionId": "abc\\n"}', "sessionId: expected"),
+    ("session-nul", b'{"prompt": "a", "sessionId": "a\\u0000b"}', "sessionId: expected"),
+    ("session-escape", b'{"prompt": "a", "sessionId": "a\\u001bb"}', "sessionId: expected"),
+    ("session-too-long", b'{"prompt": "a", "sessionId": "' + b"s" * 129 + b'"}', "sessionId:"),
+    ("session-number", b'{"prompt": "a", "sessionId": 12}', "sessionId: expected"),
+    ("session-object", b'{"prompt": "a", "sessionId": {}}', "sessionId: expected"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"), [b[1:] for b in BAD_BODIES], ids=[b[0] for b in BAD_BODIES]
+)
+def test_bad_body_is_a_400_naming_what_is_wrong(body, fragment):
+    error = rejection(body)
+    assert error.status == 400
+    assert fragment in error.message
+    assert str(error) == error.message
+    assert len(error.message) <= 300  # never echoes a whole huge body
+
+
+def test_json_errors_do_not_reach_the_field_checks():
+    # A body with both a JSON error and a bad field reports the JSON error.
+    assert rejection(b'{"prompt": 1, "prompt": 2}').message.startswith("Invalid JSON")
+
+
+def test_overflowing_number_is_not_decoded_as_infinity():
+    with pytest.raises(BadRequest):
+        parse_json_object(b'{"prompt": "a", "x": 1e400}')
+
+
+# --- Content-Type ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        None,
+        "",
+        "application/json",
+        "application/json; charset=utf-8",
+        "Application/JSON",
+        " application/json ;charset=UTF-8",
+        "text/plain",
+        "text/plain;charset=UTF-8",
+        "application/x-www-form-urlencoded",
+        "application/vnd.api+json",
+        "application/problem+json; charset=utf-8",
+    ],
+)
+def test_content_types_accepted(content_type):
+    check_content_type(content_type)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "media_type"),
+    [
+        ("multipart/form-data; boundary=----x", "multipart/form-data"),
+        ("application/xml", "application/xml"),
+        ("text/xml; charset=utf-8", "text/xml"),
+        ("text/html", "text/html"),
+        ("application/octet-stream", "application/octet-stream"),
+        ("Application/XML", "application/xml"),
+    ],
+)
+def test_content_types_refused_with_415(content_type, media_type):
+    with pytest.raises(BadRequest) as caught:
+        check_content_type(content_type)
+    assert caught.value.status == 415
+    assert "Content-Type must be application/json" in caught.value.message
+    assert repr(media_type) in caught.value.message
+
+
+# --- properties --------------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+# Field values near the edges of what /run accepts, valid or just not.
+prompts = (
+    st.text(max_size=MAX_PROMPT + 5)
+    | st.text(alphabet=" \t\n\r\x0b\x0c\u3000", min_size=1, max_size=4)  # blank
+    | st.integers(MAX_PROMPT - 1, MAX_PROMPT + 1).map(lambda n: "p" * n)
+    | json_values
+)
+session_ids = (
+    st.from_regex(r"[A-Za-z0-9._:-]{0,130}", fullmatch=True)
+    # Valid but for one character.
+    | st.tuples(st.text(alphabet="aZ09._:-", max_size=127), st.sampled_from("/ \n\x00é+")).map(
+        "".join
+    )
+    | json_values
+)
+timeouts = st.integers(-2, MAX_TIMEOUT + 2) | json_values
+# Objects shaped like /run bodies, so that the field checks are reached often.
+run_like_bodies = st.fixed_dictionaries(
+    {},
+    optional={
+        "prompt": prompts,
+        "sessionId": session_ids,
+        "timeoutMs": timeouts,
+        "userId": json_values,
+    },
+)
+any_json = run_like_bodies | json_values
+
+
+SESSION_ID_CHARS = frozenset(string.ascii_letters + string.digits + "._:-")
+
+
+def valid_session_id(value) -> bool:
+    """The documented rule, written without the module's regex so that it checks it."""
+    return isinstance(value, str) and 1 <= len(value) <= 128 and set(value) <= SESSION_ID_CHARS
+
+
+def check_invariants(result: RunRequest) -> None:
+    assert isinstance(result.prompt, str)
+    assert result.prompt.strip()
+    assert len(result.prompt) <= MAX_PROMPT
+    assert result.session_id is None or valid_session_id(result.session_id)
+    assert result.timeout_ms is None or (
+        type(result.timeout_ms) is int and 1 <= result.timeout_ms <= MAX_TIMEOUT
+    )
+
+
+def parse_or_reject(body: bytes) -> RunRequest | None:
+    """Either a valid RunRequest or BadRequest (400/415); any other exception fails the test."""
+    try:
+        result = parse(body)
+    except BadRequest as error:
+        assert error.status in (400, 415)
+        assert isinstance(error.message, str) and error.message
+        return None
+    check_invariants(result)
+    return result
+
+
+def has_non_finite(value) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, list):
+        return any(has_non_finite(v) for v in value)
+    if isinstance(value, dict):
+        return any(has_non_finite(v) for v in value.values())
+    return False
+
+
+def acceptable(value) -> bool:
+    """The specification of a valid /run body, written independently of the parser."""
+    if not isinstance(value, dict) or has_non_finite(value):
+        return False
+    prompt, session, timeout = value.get("prompt"), value.get("sessionId"), value.get("timeoutMs")
+    return bool(
+        isinstance(prompt, str)
+        and prompt.strip() != ""
+        and len(prompt) <= MAX_PROMPT
+        and (session is None or valid_session_id(session))
+        and (timeout is None or (type(timeout) is int and 1 <= timeout <= MAX_TIMEOUT))
+    )
+
+
+PROPERTY_SETTINGS = settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+@PROPERTY_SETTINGS
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_are_parsed_or_rejected(body):
+    parse_or_reject(body)
+
+
+@PROPERTY_SETTINGS
+@given(any_json, st.integers(0, 10_000), st.binary(max_size=4))
+def test_corrupted_json_is_parsed_or_rejected(value, at, noise):
+    body = json.dumps(value).encode()
+    at %= len(body) + 1
+    parse_or_reject(body[:at] + noise + body[at:])
+
+
+@PROPERTY_SETTINGS
+@given(any_json, st.booleans())
+def test_json_values_are_accepted_exactly_when_valid(value, ensure_ascii):
+    text = json.dumps(value, ensure_ascii=ensure_ascii)
+    try:
+        body = text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate written raw is not UTF-8: the body must be refused.
+        assert parse_or_reject(text.encode("utf-8", "surrogatepass")) is None
+        return
+    result = parse_or_reject(body)
+    assert (result is not None) == acceptable(value)
+    if result is not None:
+        assert result == RunRequest(value["prompt"], value.get("sessionId"), value.get("timeoutMs"))
+
+
+@PROPERTY_SETTINGS
+@given(prompts, st.none() | session_ids, st.none() | timeouts)
+def test_run_fields_are_accepted_exactly_when_valid(prompt, session_id, timeout_ms):
+    value = {"prompt": prompt, "sessionId": session_id, "timeoutMs": timeout_ms}
+    result = parse_or_reject(json.dumps(value).encode())
+    assert (result is not None) == acceptable(value)
+    if result is not None:
+        assert result == RunRequest(prompt, session_id, timeout_ms)
+
+
+# --- authentication ------------------------------------------------------------------------
+
+KEYS = Settings(api_keys=parse_api_keys("sk-plain, alice:sk-alice,bob:sk-bob"))
+
+
+@pytest.mark.parametrize(
+    ("headers", "user_id"),
+    [
+        ({"x-api-key": "sk-plain"}, "api"),
+        ({"x-api-key": "sk-alice"}, "alice"),
+        ({"x-api-key": "sk-bob"}, "bob"),
+        ({"authorization": "Bearer sk-alice"}, "alice"),
+        ({"authorization": "bearer sk-bob"}, "bob"),
+        ({"authorization": "BEARER   sk-plain  "}, "api"),
+        # An empty x-api-key is as good as none: the bearer token decides.
+        ({"x-api-key": "", "authorization": "Bearer sk-bob"}, "bob"),
+        # The user id comes from the key, never from anything the caller claims.
+        ({"x-api-key": "sk-bob", "x-user-id": "alice", "userid": "alice"}, "bob"),
+    ],
+)
+def test_valid_keys_authenticate_as_their_user(headers, user_id):
+    assert authenticate(headers, KEYS) == user_id
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ({}, "Missing authorization token"),
+        ({"x-api-key": "sk-wrong"}, "Invalid API key"),
+        ({"x-api-key": "alice:sk-alice"}, "Invalid API key"),
+        ({"x-api-key": "sk-alic"}, "Invalid API key"),
+        ({"x-api-key": "sk-alice "}, "Invalid API key"),
+        # x-api-key is checked first; a valid bearer token does not rescue a wrong key.
+        ({"x-api-key": "sk-wrong", "authorization": "Bearer sk-alice"}, "Invalid API key"),
+        ({"authorization": "Bearer sk-wrong"}, "Invalid or expired token"),
+        ({"authorization": "Bearer "}, "Missing authorization token"),
+        ({"authorization": "Bearer"}, "Missing authorization token"),
+        ({"authorization": "sk-alice"}, "Missing authorization token"),
+        ({"authorization": "Basic c2stYWxpY2U6"}, "Missing authorization token"),
+        ({"authorization": "Token sk-alice"}, "Missing authorization token"),
+        ({"x-user-id": "alice"}, "Missing authorization token"),
+    ],
+)
+def test_bad_credentials_are_unauthorized(headers, message):
+    with pytest.raises(Unauthorized) as caught:
+        authenticate(headers, KEYS)
+    assert caught.value.message == message
+
+
+def test_header_names_are_case_insensitive_as_the_server_gives_them():
+    assert authenticate(Headers({"X-API-Key": "sk-alice"}), KEYS) == "alice"
+    assert authenticate(Headers({"Authorization": "Bearer sk-bob"}), KEYS) == "bob"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"x-api-key": "sk-alice"},
+        {"x-api-key": ""},
+        {"authorization": "Bearer "},
+        {"authorization": "Bearer sk-alice"},
+        {"authorization": "Bearer anything"},
+    ],
+)
+def test_without_api_keys_everyone_is_unauthorized(headers):
+    with pytest.raises(Unauthorized):
+        authenticate(headers, Settings())
+
+
+def test_authenticate_sees_only_headers_and_settings():
+    # The body (and a userId in it) cannot influence who the caller is.
+    assert list(inspect.signature(authenticate).parameters) == ["headers", "settings"]
+
+
+def test_user_for_key():
+    assert KEYS.user_for_key("sk-alice") == "alice"
+    assert KEYS.user_for_key("") is None
+    assert KEYS.user_for_key("sk-ALICE") is None
+    assert KEYS.user_for_key("ünïcode") is None
+
+
+# --- configuration --------------------------------------------------------------------------
+
+
+def test_defaults():
+    settings_ = load_settings({})
+    assert settings_ == Settings()
+    assert (settings_.host, settings_.port, settings_.pool_size) == ("0.0.0.0", 8080, 1)
+    assert (settings_.queue_max, settings_.default_timeout_ms, settings_.max_timeout_ms) == (
+        20,
+        120_000,
+        3_600_000,
+    )
+    assert settings_.api_keys == ()
+    assert settings_.use_claude_api_key is False
+    assert settings_.claude_executable is None
+    assert settings_.data_dir == Path("data")
+
+
+def test_values_are_read():
+    settings_ = load_settings(
+        {
+            "HOST": "127.0.0.1",
+            "PORT": " 9000 ",
+            "POOL_SIZE": "4",
+            "QUEUE_MAX": "0",
+            "CLAUDE_MODEL": "claude-opus-4",
+            "DEFAULT_TIMEOUT_MS": "5000",
+            "MAX_TIMEOUT_MS": "5000",
+            "DATA_DIR": "/tmp/data",
+            "WARMUP_TIMEOUT_MS": "1500",
+            "INTERRUPT_GRACE_MS": "0",
+            "SHUTDOWN_GRACE_S": "7",
+            "MAX_OUTPUT_CHARS": "10",
+        }
+    )
+    assert (settings_.host, settings_.port, settings_.pool_size, settings_.queue_max) == (
+        "127.0.0.1",
+        9000,
+        4,
+        0,
+    )
+    assert settings_.model == "claude-opus-4"
+    assert (settings_.default_timeout_ms, settings_.max_timeout_ms) == (5000, 5000)
+    assert settings_.data_dir == Path("/tmp/data")
+    assert (settings_.warmup_timeout_s, settings_.interrupt_grace_s) == (1.5, 0)
+    assert (settings_.shutdown_grace_s, settings_.max_output_chars) == (7, 10)
+
+
+def test_blank_values_mean_defaults():
+    assert load_settings({"PORT": "  ", "POOL_SIZE": "", "HOST": " ", "CLAUDE_MODEL": ""}) == (
+        Settings()
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("POOL_SIZE", "abc"),
+        ("POOL_SIZE", "0"),
+        ("POOL_SIZE", "257"),
+        ("POOL_SIZE", "1.5"),
+        ("POOL_SIZE", "0x10"),
+        ("PORT", "70000"),
+        ("PORT", "-1"),
+        ("QUEUE_MAX", "-1"),
+        ("MAX_TIMEOUT_MS", "0"),
+        ("DEFAULT_TIMEOUT_MS", "ten"),
+        ("WARMUP_TIMEOUT_MS", "50"),
+        ("SHUTDOWN_GRACE_S", "3601"),
+        ("MAX_OUTPUT_CHARS", "0"),
+        ("USE_CLAUDE_API_KEY", "maybe"),
+        ("USE_CLAUDE_API_KEY", "2"),
+    ],
+)
+def test_bad_value_is_a_config_error_naming_the_variable(name, value):
+    with pytest.raises(ConfigError) as caught:
+        load_settings({name: value})
+    message = str(caught.value)
+    assert message.startswith(f"{name}=")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("1", True),
+        ("true", True),
+        (" YES ", True),
+        ("On", True),
+        ("0", False),
+        ("false", False),
+        ("No", False),
+        ("off", False),
+        ("", False),
+    ],
+)
+def test_flags(raw, expected):
+    assert load_settings({"USE_CLAUDE_API_KEY": raw}).use_claude_api_key is expected
+
+
+def test_default_timeout_above_max_timeout():
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"DEFAULT_TIMEOUT_MS": "5001", "MAX_TIMEOUT_MS": "5000"})
+    assert "DEFAULT_TIMEOUT_MS=5001" in str(caught.value)
+    assert "MAX_TIMEOUT_MS=5000" in str(caught.value)
+    # The default bound applies too.
+    with pytest.raises(ConfigError, match="DEFAULT_TIMEOUT_MS"):
+        load_settings({"DEFAULT_TIMEOUT_MS": "3600001"})
+
+
+def test_claude_executable(tmp_path):
+    program = tmp_path / "claude"
+    program.write_text("#!/bin/sh\n")
+    with pytest.raises(ConfigError, match=r"^CLAUDE_EXECUTABLE="):
+        load_settings({"CLAUDE_EXECUTABLE": str(program)})  # not executable
+    with pytest.raises(ConfigError, match=r"^CLAUDE_EXECUTABLE="):
+        load_settings({"CLAUDE_EXECUTABLE": str(tmp_path / "missing")})
+    program.chmod(0o755)
+    assert load_settings({"CLAUDE_EXECUTABLE": f" {program} "}).claude_executable == str(program)
+
+
+def test_claude_executable_that_is_a_directory(tmp_path):
+    with pytest.raises(ConfigError, match=r"^CLAUDE_EXECUTABLE="):
+        load_settings({"CLAUDE_EXECUTABLE": str(tmp_path)})
+
+
+def test_api_keys_parsing():
+    assert parse_api_keys("") == ()
+    assert parse_api_keys(" , ,") == ()
+    assert parse_api_keys("k1") == (ApiKey("k1", "api"),)
+    # No user id is ever empty: a leading colon is part of a plain key.
+    assert parse_api_keys(":k1") == (ApiKey(":k1", "api"),)
+    assert parse_api_keys("alice:k2, k3 ,,bob:k:4") == (
+        ApiKey("k2", "alice"),
+        ApiKey("k3", "api"),
+        ApiKey("k:4", "bob"),  # only the first colon separates the user
+    )
+    assert load_settings({"API_KEYS": "alice:k2"}).api_keys == (ApiKey("k2", "alice"),)
+    with pytest.raises(ConfigError, match="^API_KEYS entry 'alice:' has an empty key"):
+        load_settings({"API_KEYS": "k1,alice:"})
+
+
+def test_api_keys_are_not_shown_in_repr():
+    settings_ = load_settings({"API_KEYS": "alice:sk-secret-value"})
+    assert "sk-secret-value" not in repr(settings_)
+    assert "alice" in repr(settings_)
+
+
+CONFIG_VARIABLES = {
+    "HOST",
+    "PORT",
+    "POOL_SIZE",
+    "CLAUDE_MODEL",
+    "API_KEYS",
+    "USE_CLAUDE_API_KEY",
+    "CLAUDE_EXECUTABLE",
+    "QUEUE_MAX",
+    "DEFAULT_TIMEOUT_MS",
+    "MAX_TIMEOUT_MS",
+    "DATA_DIR",
+    "WARMUP_TIMEOUT_MS",
+    "INTERRUPT_GRACE_MS",
+    "SHUTDOWN_GRACE_S",
+    "MAX_OUTPUT_CHARS",
+    "MAX_LIVE_SESSIONS",
+    "SESSION_IDLE_MS",
+    "SESSION_QUEUE_MAX",
+}
+
+
+def test_bad_configuration_exits_2_with_one_line():
+    env = {k: v for k, v in os.environ.items() if k not in CONFIG_VARIABLES}
+    env["POOL_SIZE"] = "abc"
+    done = subprocess.run(
+        [sys.executable, "-m", "claude_code_api"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "POOL_SIZE" in lines[0] and "'abc'" in lines[0]
+    assert done.stdout == ""
