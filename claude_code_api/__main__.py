@@ -1,7 +1,8 @@
 """``claude-code-api`` / ``python -m claude_code_api``: configure, serve, exit cleanly.
 
 Exit status: 0 after a shutdown by SIGTERM/SIGINT, 2 for bad configuration
-(one line naming the variable, no traceback), 1 if the service gave up.
+(one line naming the variable, no traceback), 1 if the service cannot start
+(port taken, unreadable session database: one line) or gave up.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 
 import trio
 
+from .actors.registry import RegistryError
 from .config import ConfigError, Settings, load_settings
 from .supervision import TooManyRestarts
 from .supervisor import Service
@@ -53,6 +55,9 @@ def main() -> None:
         log.warning("API_KEYS is not set: every authenticated route will answer 401")
     try:
         trio.run(serve, settings)
+    except* RegistryError as group:
+        print(f"claude-code-api: session registry: {group.exceptions[0]}", file=sys.stderr)
+        sys.exit(1)
     except* TooManyRestarts as group:
         log.error("giving up: %s", group.exceptions[0])
         sys.exit(1)

@@ -150,6 +150,9 @@ class Agent:
         except Exception as exc:
             await self.close(grace=0)
             raise AgentStartError(describe_failure(exc, self.stderr_tail())) from exc
+        except BaseException:  # cancelled mid-start: leave no process behind
+            await self.close(grace=0)
+            raise
 
     async def run_turn(self, prompt: str, on_event: OnEvent) -> ResultMessage:
         """Send ``prompt`` and relay the turn's text and tool calls to ``on_event``.

@@ -58,6 +58,18 @@ class Job:
     def session_key(self) -> SessionKey | None:
         return None if self.session_id is None else SessionKey(self.user_id, self.session_id)
 
+    def answer(self, event: RunResult | JobFailed) -> None:
+        """Send the terminal event and close ``reply``; only its current holder may.
+
+        Never blocks: the reply channel has room, and nothing was sent on it yet.
+        A client that is gone is simply not answered.
+        """
+        try:
+            self.reply.send_nowait(event)
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        self.reply.close()
+
 
 @attrs.frozen
 class JobStarted:

@@ -101,7 +101,6 @@ class Dispatcher:
             idle_s=session_limits.idle_s,
             start_session=self._start_session,
             delete_record=self._delete_record,
-            answer=_answer,
         )
         self.queue = JobQueue(queue_max)
         self.workers: dict[str, _WorkerRecord] = {}
@@ -109,6 +108,7 @@ class Dispatcher:
         self.idle: list[str] = []  # ready worker ids, longest idle first
         self.processed = 0
         self.failed = 0
+        self.last_failure: str | None = None  # the newest warm-up failure of any worker
         self.draining = False
         self.drained_waiters: list[trio.MemorySendChannel] = []
         self.ever_ready = False
@@ -164,6 +164,7 @@ class Dispatcher:
             case WorkerFailed(worker_id, reason):
                 record = self._record(worker_id)
                 record.state, record.failing, record.last_error = "error", True, reason
+                self.last_failure = reason
                 record.busy_since, record.inbox = None, None
                 self._forget_idle(worker_id)
                 if self.degraded_reason() is not None:
@@ -194,15 +195,15 @@ class Dispatcher:
 
     def _submit(self, job: Job) -> None:
         if self.draining:
-            _answer(job, JobFailed(503, "service is shutting down"))
+            job.answer(JobFailed(503, "service is shutting down"))
         elif job.session_id is not None:
             refusal = self.sessions.submit(job)
             if refusal is not None:
-                _answer(job, refusal)
+                job.answer(refusal)
         elif self.degraded_reason() is not None:
-            _answer(job, self._unavailable())
+            job.answer(self._unavailable())
         elif self.queue.full and not self.idle:
-            _answer(job, JobFailed(429, QUEUE_FULL_ERROR, retry_after_s=RETRY_AFTER_S))
+            job.answer(JobFailed(429, QUEUE_FULL_ERROR, retry_after_s=RETRY_AFTER_S))
         else:
             self.queue.push(job)
 
@@ -242,7 +243,7 @@ class Dispatcher:
             waited_ms = round((now - job.submitted_at) * 1000)
             self.processed += 1
             self.failed += 1
-            _answer(job, RunResult(success=False, output="", duration_ms=waited_ms, timed_out=True))
+            job.answer(RunResult(success=False, output="", duration_ms=waited_ms, timed_out=True))
 
     def _notify_if_drained(self) -> None:
         if any(r.state == "busy" for r in self.workers.values()) or self.sessions.busy_count():
@@ -257,7 +258,7 @@ class Dispatcher:
 
     def _fail_queued(self, failure: JobFailed) -> None:
         for job in self.queue.pop_all():
-            _answer(job, failure)
+            job.answer(failure)
 
     # --- state ------------------------------------------------------------
 
@@ -266,7 +267,7 @@ class Dispatcher:
         records = list(self.workers.values())
         if len(records) < self.expected_workers or not all(r.failing for r in records):
             return None
-        return records[-1].last_error or "agent workers failed to start"
+        return self.last_failure or "agent workers failed to start"
 
     def _unavailable(self) -> JobFailed:
         return JobFailed(503, f"no agent workers available: {self.degraded_reason()}")
@@ -295,11 +296,3 @@ class Dispatcher:
         if worker_id in self.idle:
             self.idle.remove(worker_id)
 
-
-def _answer(job: Job, event: RunResult | JobFailed) -> None:
-    """Send a queued job's terminal event and close its reply channel (the dispatcher owns it)."""
-    try:
-        job.reply.send_nowait(event)
-    except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-        pass  # the client is gone
-    job.reply.close()

@@ -37,6 +37,7 @@ from ..messages import (
     SessionStarted,
 )
 from .registry import RegistryClient, SessionRecord, new_session_record, user_workspace
+from .stopping import StopSignal
 from .turn import TurnOutcome, run_turn_for_job
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,13 @@ async def serve_session(
     settings: Settings,
     dispatcher: trio.MemorySendChannel,
     registry: RegistryClient,
+    stop: StopSignal,
 ) -> None:
-    """Run the session ``key`` until hibernated or closed; see the module docstring."""
+    """Run the session ``key`` until hibernated, closed or stopped; see the module docstring.
+
+    A stop request (service shutdown) interrupts a running turn, which is still
+    answered, and keeps the record: the conversation resumes after the restart.
+    """
     record = await registry.load(key)
     if record is None:
         record = new_session_record(key, time.time())
@@ -66,18 +72,23 @@ async def serve_session(
     async with dispatcher, inbox:
         await dispatcher.send(SessionStarted(key, inbox_send))
         try:
-            while True:
+            while not stop.requested:
                 if agent is None:
-                    agent = await _start_agent(record, settings, workspace)
+                    with stop.guard():
+                        agent = await _start_agent(record, settings, workspace)
+                    if agent is None:
+                        return
                 await dispatcher.send(SessionIdle(key, finished_ok))
-                message = await inbox.receive()
-                if isinstance(message, Hibernate | CloseSessionNow):
+                message = None
+                with stop.guard():
+                    message = await inbox.receive()
+                if message is None or isinstance(message, Hibernate | CloseSessionNow):
                     return
                 if not record.transcript_started:
                     # From now on the CLI may have a transcript: later starts must resume.
                     record = attrs.evolve(record, transcript_started=True)
                     await registry.save(record)
-                outcome, closed = await _run_turn(agent, message, inbox, key, settings)
+                outcome, closed = await _run_turn(agent, message, inbox, key, settings, stop)
                 record = attrs.evolve(
                     record,
                     turns=record.turns + 1,
@@ -98,7 +109,12 @@ async def serve_session(
 
 
 async def _run_turn(
-    agent: Agent, job: Job, inbox: trio.MemoryReceiveChannel, key: SessionKey, settings: Settings
+    agent: Agent,
+    job: Job,
+    inbox: trio.MemoryReceiveChannel,
+    key: SessionKey,
+    settings: Settings,
+    stop: StopSignal,
 ) -> tuple[TurnOutcome, bool]:
     """Run one turn while listening for a close; returns the outcome and whether closed."""
     turn_scope = trio.CancelScope()
@@ -115,9 +131,10 @@ async def _run_turn(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(stop_on_close)
-        outcome = await run_turn_for_job(
-            agent, job, f"session:{key.session_id}", settings, turn_scope=turn_scope
-        )
+        with stop.guard(turn_scope):
+            outcome = await run_turn_for_job(
+                agent, job, f"session:{key.session_id}", settings, turn_scope=turn_scope
+            )
         nursery.cancel_scope.cancel()
     return outcome, closed
 

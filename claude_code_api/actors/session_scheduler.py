@@ -41,8 +41,6 @@ log = logging.getLogger(__name__)
 
 LIVE_STATES = ("starting", "idle", "busy", "stopping")
 
-Answer = Callable[[Job, RunResult | JobFailed], None]
-
 
 @attrs.define(eq=False)
 class SessionEntry:
@@ -71,14 +69,12 @@ class SessionScheduler:
         idle_s: float,
         start_session: Callable[[StartSession], None],
         delete_record: Callable[[SessionKey, trio.MemorySendChannel], None],
-        answer: Answer,
     ) -> None:
         self.max_live = max_live
         self.per_session_max = per_session_max
         self.idle_s = idle_s
         self._start_session = start_session
         self._delete_record = delete_record
-        self._answer = answer
         self.entries: dict[SessionKey, SessionEntry] = {}
         self.waiting_for_slot: deque[SessionKey] = deque()
 
@@ -139,7 +135,7 @@ class SessionScheduler:
             # The agent could not start (e.g. its transcript is unreadable): fail
             # the turns waiting for it rather than retrying forever.
             for job in entry.waiting.pop_all():
-                self._answer(job, JobFailed(502, f"session agent failed to start: {reason}"))
+                job.answer(JobFailed(502, f"session agent failed to start: {reason}"))
         if len(entry.waiting):
             entry.state = "waiting"
             self.waiting_for_slot.appendleft(key)  # it had a slot: first in line
@@ -156,7 +152,7 @@ class SessionScheduler:
             _reply(ack, False)
             return
         for job in entry.waiting.pop_all():
-            self._answer(job, RunResult(success=False, output="session closed", duration_ms=0))
+            job.answer(RunResult(success=False, output="session closed", duration_ms=0))
         if entry.state == "waiting":
             self.waiting_for_slot.remove(key)
             del self.entries[key]
@@ -229,7 +225,7 @@ class SessionScheduler:
     def fail_all_waiting(self, failure: JobFailed) -> None:
         for entry in list(self.entries.values()):
             for job in entry.waiting.pop_all():
-                self._answer(job, failure)
+                job.answer(failure)
             self._forget_if_unused(entry)
 
     # --- helpers ------------------------------------------------------------

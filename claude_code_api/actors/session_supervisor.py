@@ -22,34 +22,55 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from ..messages import SessionKey, SessionStopped, StartSession
+from .stopping import StopSignal
 
 log = logging.getLogger(__name__)
 
-RunSession = Callable[[SessionKey, trio.MemorySendChannel], Awaitable[None]]
+RunSession = Callable[[SessionKey, trio.MemorySendChannel, StopSignal], Awaitable[None]]
 
 
-async def serve_session_supervisor(
-    inbox: trio.MemoryReceiveChannel,
-    dispatcher: trio.MemorySendChannel,
-    run_session: RunSession,
-    *,
-    task_status=trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Start ``run_session(key, dispatcher_clone)`` for each StartSession, until cancelled."""
+class SessionSupervisor:
+    """Starts ``run_session(key, dispatcher_clone, stop)`` for each StartSession."""
 
-    async def supervise(key: SessionKey) -> None:
-        reason = None
-        try:
-            await run_session(key, dispatcher.clone())
-        except Exception as exc:
-            log.exception("session %s failed", key)
-            reason = str(exc) or type(exc).__name__
-        await dispatcher.send(SessionStopped(key, reason))
+    def __init__(
+        self,
+        inbox: trio.MemoryReceiveChannel,
+        dispatcher: trio.MemorySendChannel,
+        run_session: RunSession,
+    ) -> None:
+        self.inbox = inbox
+        self.dispatcher = dispatcher
+        self.run_session = run_session
+        self._stops: set[StopSignal] = set()
+        self._stop = StopSignal()
 
-    async with dispatcher, trio.open_nursery() as nursery:
-        task_status.started()
-        async for message in inbox:
-            if isinstance(message, StartSession):
-                nursery.start_soon(supervise, message.key)
-            else:
-                log.error("session supervisor: unknown message %r", message)
+    def request_stop(self) -> None:
+        """Stop taking new sessions and ask every session actor to stop gracefully."""
+        self._stop.request_stop()
+        for stop in self._stops:
+            stop.request_stop()
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled, or until stopped and every session actor has ended."""
+        async with self.dispatcher.clone() as dispatcher, trio.open_nursery() as nursery:
+
+            async def supervise(key: SessionKey) -> None:
+                stop = StopSignal()
+                self._stops.add(stop)
+                reason = None
+                try:
+                    await self.run_session(key, dispatcher.clone(), stop)
+                except Exception as exc:
+                    log.exception("session %s failed", key)
+                    reason = str(exc) or type(exc).__name__
+                finally:
+                    self._stops.discard(stop)
+                await dispatcher.send(SessionStopped(key, reason))
+
+            task_status.started()
+            with self._stop.guard():
+                async for message in self.inbox:
+                    if isinstance(message, StartSession):
+                        nursery.start_soon(supervise, message.key)
+                    else:
+                        log.error("session supervisor: unknown message %r", message)

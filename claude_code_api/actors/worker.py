@@ -30,11 +30,13 @@ from ..agent import Agent, AgentError, agent_options
 from ..config import Settings
 from ..messages import (
     Job,
+    JobFailed,
     WorkerFailed,
     WorkerFinished,
     WorkerReady,
     WorkerStarting,
 )
+from .stopping import StopSignal
 from .turn import run_turn_for_job
 
 log = logging.getLogger(__name__)
@@ -45,32 +47,45 @@ async def serve_worker(
     settings: Settings,
     dispatcher: trio.MemorySendChannel,
     workspaces: Path,
+    stop: StopSignal,
     *,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run worker ``worker_id`` until cancelled; see the module docstring.
+    """Run worker ``worker_id`` until cancelled or ``stop`` is requested.
 
     Each agent runs in a fresh directory under ``workspaces``, removed when the
-    agent retires, so files one job wrote are not seen by the next.
+    agent retires, so files one job wrote are not seen by the next. A stop
+    request interrupts a running job (it is still answered) or ends the wait
+    for one.
     """
     task_status.started()
     async with dispatcher, trio.open_nursery() as retiring:
-        while True:
+        while not stop.requested:
             await dispatcher.send(WorkerStarting(worker_id))
             workspace = workspaces / uuid.uuid4().hex[:12]
             workspace.mkdir(parents=True)
             agent = Agent(agent_options(settings, cwd=workspace))
             try:
-                await agent.start(settings.warmup_timeout_s)
+                with stop.guard():
+                    await agent.start(settings.warmup_timeout_s)
             except AgentError as exc:
                 log.warning("%s: warm-up failed: %s", worker_id, exc)
                 await _remove_tree(workspace)
                 await dispatcher.send(WorkerFailed(worker_id, str(exc)))
                 raise
+            if stop.requested:  # stopped while warming up
+                await agent.close(grace=0)
+                await _remove_tree(workspace)
+                return
             try:
-                job = await _offer(worker_id, dispatcher)
-                outcome = await run_turn_for_job(agent, job, worker_id, settings)
-                await dispatcher.send(WorkerFinished(worker_id, job.id, outcome.ok))
+                job = await _offer(worker_id, dispatcher, stop)
+                if job is not None:
+                    turn_scope = trio.CancelScope()
+                    with stop.guard(turn_scope):
+                        outcome = await run_turn_for_job(
+                            agent, job, worker_id, settings, turn_scope=turn_scope
+                        )
+                    await dispatcher.send(WorkerFinished(worker_id, job.id, outcome.ok))
             except BaseException:
                 await agent.close(grace=0)
                 await _remove_tree(workspace)
@@ -89,10 +104,20 @@ async def _remove_tree(path: Path) -> None:
         await trio.to_thread.run_sync(shutil.rmtree, path, True)
 
 
-async def _offer(worker_id: str, dispatcher: trio.MemorySendChannel) -> Job:
-    """Tell the dispatcher this worker is ready and wait for its one job."""
+async def _offer(
+    worker_id: str, dispatcher: trio.MemorySendChannel, stop: StopSignal
+) -> Job | None:
+    """Tell the dispatcher this worker is ready and wait for its one job (None: stopped)."""
     # Buffer 1: the dispatcher hands over exactly one job without waiting.
     job_send, job_receive = trio.open_memory_channel[Job](1)
     async with job_receive:
         await dispatcher.send(WorkerReady(worker_id, job_send))
-        return await job_receive.receive()
+        with stop.guard():
+            return await job_receive.receive()
+        # Stopped; a job handed over at that very moment must still be answered.
+        try:
+            job = job_receive.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return None
+        job.answer(JobFailed(503, "service is shutting down"))
+        return None
