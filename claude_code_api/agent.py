@@ -134,6 +134,17 @@ class Agent:
         process = self._process()
         return None if process is None else process.pid
 
+    @property
+    def exited(self) -> bool:
+        process = self._process()
+        return process is None or process.returncode is not None
+
+    async def wait_exited(self) -> None:
+        """Return when the process has exited (at once if there is none)."""
+        process = self._process()
+        if process is not None:
+            await process.wait()
+
     def stderr_tail(self, lines: int = 2) -> str:
         return " | ".join(list(self._stderr_tail)[-lines:])
 

@@ -248,3 +248,24 @@ def test_an_unreadable_session_database_stops_start_up_clearly(tmp_path):
     errors = [line for line in result.stderr.splitlines() if "claude-code-api:" in line]
     assert len(errors) == 1 and "sessions.sqlite3" in errors[0], result.stderr
     assert database.read_bytes() == before
+
+
+async def test_an_idle_agent_that_dies_is_replaced_before_the_next_job(tmp_path):
+    with trio.fail_after(60):
+        async with run_service(tmp_path) as service:
+            await wait_healthy(service, ready=1)
+            [idle_pid] = service.live_fake_pids()
+            os.kill(idle_pid, signal.SIGKILL)  # e.g. the OOM killer
+
+            async def replaced() -> bool:
+                live = service.live_fake_pids()
+                return bool(live) and idle_pid not in live
+
+            await wait_until(replaced)
+            await wait_healthy(service, ready=1)
+            async with service.client() as client:
+                reply = await client.post("/run", headers=JSON, json={"prompt": "after"})
+                assert reply.status_code == 200, reply.text
+                assert reply.json()["output"] == "echo: after"
+                stats = (await client.get("/status", headers=AUTH)).json()
+                assert stats["totalErrors"] == 0

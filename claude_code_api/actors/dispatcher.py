@@ -98,6 +98,7 @@ class Dispatcher:
         self.sessions = SessionScheduler(
             max_live=session_limits.max_live,
             per_session_max=session_limits.per_session_max,
+            max_waiting_sessions=queue_max,
             idle_s=session_limits.idle_s,
             start_session=self._start_session,
             delete_record=self._delete_record,
@@ -295,4 +296,3 @@ class Dispatcher:
     def _forget_idle(self, worker_id: str) -> None:
         if worker_id in self.idle:
             self.idle.remove(worker_id)
-

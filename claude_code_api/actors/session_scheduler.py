@@ -57,6 +57,7 @@ class SessionScheduler:
     """See the module docstring.
 
     ``per_session_max``: turns that may wait behind a session's running turn.
+    ``max_waiting_sessions``: sessions that may wait for a live slot (then 429).
     ``start_session`` sends a :class:`StartSession` to the session supervisor;
     ``delete_record(key, reply)`` asks the registry to delete a record.
     """
@@ -66,12 +67,14 @@ class SessionScheduler:
         *,
         max_live: int,
         per_session_max: int,
+        max_waiting_sessions: int,
         idle_s: float,
         start_session: Callable[[StartSession], None],
         delete_record: Callable[[SessionKey, trio.MemorySendChannel], None],
     ) -> None:
         self.max_live = max_live
         self.per_session_max = per_session_max
+        self.max_waiting_sessions = max_waiting_sessions
         self.idle_s = idle_s
         self._start_session = start_session
         self._delete_record = delete_record
@@ -85,6 +88,9 @@ class SessionScheduler:
         key = job.session_key
         entry = self.entries.get(key)
         if entry is None:
+            if len(self.waiting_for_slot) >= self.max_waiting_sessions:
+                # Sessions waiting for a live slot hold requests open: bound them like the queue.
+                return JobFailed(429, "Queue is full, try again later", retry_after_s=1)
             entry = self.entries[key] = SessionEntry(key, JobQueue(self.per_session_max))
             self.waiting_for_slot.append(key)
         turns_ahead = len(entry.waiting) + (entry.state == "busy")

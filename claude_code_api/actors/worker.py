@@ -59,6 +59,8 @@ async def serve_worker(
     for one.
     """
     task_status.started()
+    # A job handed over just as the previous agent died while idle: run it on the next.
+    carried: Job | None = None
     async with dispatcher, trio.open_nursery() as retiring:
         while not stop.requested:
             await dispatcher.send(WorkerStarting(worker_id))
@@ -72,14 +74,21 @@ async def serve_worker(
                 log.warning("%s: warm-up failed: %s", worker_id, exc)
                 await _remove_tree(workspace)
                 await dispatcher.send(WorkerFailed(worker_id, str(exc)))
+                if carried is not None:
+                    carried.answer(JobFailed(502, str(exc)))
                 raise
             if stop.requested:  # stopped while warming up
                 await agent.close(grace=0)
                 await _remove_tree(workspace)
-                return
+                break
             try:
-                job = await _offer(worker_id, dispatcher, stop)
-                if job is not None:
+                job, carried = carried, None
+                if job is None:
+                    job = await _offer(worker_id, dispatcher, stop, agent)
+                if job is not None and agent.exited:
+                    log.warning("%s: agent exited while idle; starting another", worker_id)
+                    carried = job
+                elif job is not None:
                     turn_scope = trio.CancelScope()
                     with stop.guard(turn_scope):
                         outcome = await run_turn_for_job(
@@ -92,6 +101,8 @@ async def serve_worker(
                 raise
             # Retire the used process in the background so the next one warms meanwhile.
             retiring.start_soon(_retire, agent, workspace)
+        if carried is not None:
+            carried.answer(JobFailed(503, "service is shutting down"))
 
 
 async def _retire(agent: Agent, workspace: Path) -> None:
@@ -105,19 +116,36 @@ async def _remove_tree(path: Path) -> None:
 
 
 async def _offer(
-    worker_id: str, dispatcher: trio.MemorySendChannel, stop: StopSignal
+    worker_id: str, dispatcher: trio.MemorySendChannel, stop: StopSignal, agent: Agent
 ) -> Job | None:
-    """Tell the dispatcher this worker is ready and wait for its one job (None: stopped)."""
+    """Tell the dispatcher this worker is ready and wait for its one job.
+
+    Returns None when stopped, or when the idle agent's process exited and no
+    job had been handed over; the caller checks ``agent.exited``.
+    """
     # Buffer 1: the dispatcher hands over exactly one job without waiting.
     job_send, job_receive = trio.open_memory_channel[Job](1)
     async with job_receive:
         await dispatcher.send(WorkerReady(worker_id, job_send))
-        with stop.guard():
-            return await job_receive.receive()
-        # Stopped; a job handed over at that very moment must still be answered.
+        job = None
+        async with trio.open_nursery() as nursery:
+
+            async def end_wait_if_agent_exits() -> None:
+                await agent.wait_exited()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(end_wait_if_agent_exits)
+            with stop.guard():
+                job = await job_receive.receive()
+            nursery.cancel_scope.cancel()
+        if job is not None:
+            return job
+        # A job handed over at the very moment the wait ended must not be lost.
         try:
             job = job_receive.receive_nowait()
         except (trio.WouldBlock, trio.EndOfChannel):
             return None
-        job.answer(JobFailed(503, "service is shutting down"))
-        return None
+        if stop.requested:
+            job.answer(JobFailed(503, "service is shutting down"))
+            return None
+        return job

@@ -124,6 +124,14 @@ def run_reply(outcome: RunResult | JobFailed) -> Response:
     return jsonify(body)
 
 
+def _outcome_word(outcome: RunResult | JobFailed) -> str:
+    if isinstance(outcome, JobFailed):
+        return f"{outcome.status} {outcome.error}"
+    if outcome.timed_out:
+        return "timed out"
+    return "ok" if outcome.success else "agent error"
+
+
 def create_app(
     settings: Settings, dispatcher: trio.MemorySendChannel, registry: RegistryClient
 ) -> QuartTrio:
@@ -181,12 +189,21 @@ def create_app(
             max_timeout_ms=settings.max_timeout_ms,
         )
         timeout_ms = run_request.timeout_ms or settings.default_timeout_ms
+        started = time.monotonic()
         outcome = await run_job(
             dispatcher,
             user_id=user_id,
             prompt=run_request.prompt,
             timeout_s=timeout_ms / 1000,
             session_id=run_request.session_id,
+        )
+        log.info(
+            "run user=%s session=%s prompt_chars=%d -> %s in %.0f ms",
+            user_id,
+            run_request.session_id or "-",
+            len(run_request.prompt),
+            _outcome_word(outcome),
+            (time.monotonic() - started) * 1000,
         )
         return run_reply(outcome)
 
