@@ -13,7 +13,7 @@ It is owned by the actor's spec and only ever touched from the trio thread.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import trio
 
@@ -35,20 +35,13 @@ class StopSignal:
         A scope passed in is not entered here (its owner enters it); it is only
         cancelled on a stop.
         """
-        if scope is not None:
-            self._guarded.add(scope)
-            if self.requested:
-                scope.cancel()
-            try:
+        owned = scope is None
+        scope = trio.CancelScope() if owned else scope
+        self._guarded.add(scope)
+        if self.requested:
+            scope.cancel()
+        try:
+            with scope if owned else nullcontext():
                 yield scope
-            finally:
-                self._guarded.discard(scope)
-            return
-        with trio.CancelScope() as own:
-            self._guarded.add(own)
-            if self.requested:
-                own.cancel()
-            try:
-                yield own
-            finally:
-                self._guarded.discard(own)
+        finally:
+            self._guarded.discard(scope)
