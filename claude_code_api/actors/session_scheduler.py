@@ -182,7 +182,10 @@ class SessionScheduler:
 
     def hibernate_idle(self, now: float) -> None:
         for entry in self.entries.values():
-            if entry.state == "idle" and now - entry.last_used >= self.idle_s:
+            # The same sum as next_deadline(): `now - last_used >= idle_s` can be an ulp
+            # short at the very time the dispatcher woke for it, and it would spin.
+            idle_until = entry.last_used + self.idle_s
+            if entry.state == "idle" and not len(entry.waiting) and now >= idle_until:
                 log.info("session %s idle for %gs: hibernating", entry.key, self.idle_s)
                 self._hibernate(entry)
 
