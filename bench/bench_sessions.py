@@ -1,0 +1,797 @@
+#!/usr/bin/env python3
+"""Benchmark of multi-turn sessions: memory per hibernated session, wake-up time, one session's rate.
+
+Prints figures; it is not a test. Everything runs on 127.0.0.1 against the fake
+CLI ``tests/fake_claude.py``; no network, no Claude credentials. The service is
+the real one (``python -m claude_code_api``, PORT=0) with MAX_LIVE_SESSIONS=4.
+
+    .venv/bin/python bench/bench_sessions.py           # defaults: about 1.5-2.5 minutes
+    .venv/bin/python bench/bench_sessions.py --help
+
+Phases, all in one run:
+
+0. agent warm-up, directly (``claude_code_api.agent.Agent`` with the service's own
+   options): ``start()`` of a new conversation (``--session-id``), one turn, close;
+   then ``start()`` resuming it (``--resume``, what a wake does), one turn, close.
+1. memory of hibernated sessions, in the service's RSS (VmRSS of its pid; the
+   agent processes are separate and not counted):
+   a. control: a service on an EMPTY database, started and settled, vs the service
+      on a database pre-populated with --records records (user ``bulk``, written
+      with ``SessionStore.save(new_session_record(...))`` before start-up): what a
+      record costs while it sits hibernated in SQLite;
+   b. --rounds rounds of --http-sessions real sessions (user ``api``), one turn each,
+      --concurrency at once: each starts a Claude Code process; with 4 live slots
+      the scheduler hibernates the least-recently-used, and SESSION_IDLE_MS the
+      rest. RSS after start-up + warm-up (baseline), then after each round once
+      every session is hibernated; growth / sessions = bytes per hibernated session;
+   c. ``GET /status`` for ``bulk`` (lists all --records records): RSS before/after.
+   Every RSS is "settled": the service is poked with cheap requests (so its GC
+   generations run), then sampled until three readings agree.
+2. wake: --wake-samples sessions (user ``wake``) each had one turn and were
+   hibernated; the next turn is timed (wake), then one more right after (live).
+   a. with a free live slot (every other session hibernated first), each wake
+      preceded by the same done directly (Agent resume start + turn), so both
+      are timed under the same machine load;
+   b. with all 4 slots held by idle sessions (the wake first hibernates the LRU one).
+3. one live session: sequential turns on one sessionId for --duration seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import math
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import trio  # noqa: E402
+
+from claude_code_api.actors.registry import new_session_record, open_store  # noqa: E402
+from claude_code_api.agent import Agent, agent_options  # noqa: E402
+from claude_code_api.config import load_settings  # noqa: E402
+from claude_code_api.messages import SessionKey  # noqa: E402
+
+FAKE_CLAUDE = ROOT / "tests" / "fake_claude.py"
+KEYS = {"api": "sk-bench-api", "bulk": "sk-bench-bulk", "wake": "sk-bench-wake"}
+AUTH = {user: {"x-api-key": key} for user, key in KEYS.items()}
+API_KEYS = ",".join(f"{user}:{key}" for user, key in KEYS.items())
+PROMPT = "What is 2+2?"
+LIVE_STATES = {"live", "busy", "starting", "stopping", "waiting"}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+# Bounds on every wait, so the script always stops by itself.
+SERVICE_START_TIMEOUT_S = 30.0
+READY_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 30.0
+HTTP_TIMEOUT_S = 30.0
+HIBERNATE_TIMEOUT_S = 60.0
+RETRIES_429 = 200
+
+
+# --- small helpers ----------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile, q in [0, 100]."""
+    data = sorted(values)
+    if not data:
+        return math.nan
+    pos = (len(data) - 1) * q / 100
+    low, high = math.floor(pos), math.ceil(pos)
+    return data[low] + (data[high] - data[low]) * (pos - low)
+
+
+def dist(values_s: list[float]) -> dict[str, float]:
+    ms = [v * 1000 for v in values_s] or [math.nan]
+    return {
+        "n": len(values_s),
+        "min": min(ms),
+        "p50": percentile(ms, 50),
+        "p90": percentile(ms, 90),
+        "p99": percentile(ms, 99),
+        "max": max(ms),
+        "mean": statistics.fmean(ms),
+    }
+
+
+def fmt_dist(name: str, d: dict[str, float]) -> str:
+    return (
+        f"  {name:<40} n={d['n']:<5} min={d['min']:7.2f}  p50={d['p50']:7.2f}  "
+        f"p90={d['p90']:7.2f}  p99={d['p99']:7.2f}  max={d['max']:7.2f} ms"
+    )
+
+
+def section(title: str) -> None:
+    print(f"\n== {title} " + "=" * max(0, 76 - len(title)), flush=True)
+
+
+def mem_kib(pid: int) -> dict[str, int]:
+    """VmRSS, RssAnon, RssFile, VmHWM of ``pid`` in KiB, from /proc/<pid>/status."""
+    wanted = {"VmRSS", "RssAnon", "RssFile", "VmHWM"}
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name in wanted:
+            values[name] = int(rest.split()[0])
+    return values
+
+
+def fmt_mem(m: dict[str, int]) -> str:
+    return (
+        f"VmRSS {m['VmRSS'] / 1024:8.2f} MiB (anon {m['RssAnon'] / 1024:7.2f}, "
+        f"file {m['RssFile'] / 1024:6.2f}; HWM {m['VmHWM'] / 1024:7.2f})"
+    )
+
+
+def proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / CLK_TCK
+
+
+def machine_busy_s() -> float:
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def own_cpu_s() -> float:
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class CpuMeter:
+    """Which share of the machine's CPU processes outside this benchmark used.
+
+    The service, its agents and this script compete for the CPUs with whatever
+    else runs (a test suite...); a busy machine inflates every latency here.
+    """
+
+    def __init__(self, service_pid: int | None = None) -> None:
+        self.service_pid = service_pid
+        self.start = self._sample()
+
+    def _sample(self) -> tuple[float, float, float]:
+        ours = own_cpu_s()
+        if self.service_pid is not None:
+            try:
+                ours += proc_cpu_s(self.service_pid)
+            except OSError:
+                pass
+        return time.perf_counter(), machine_busy_s(), ours
+
+    def report(self) -> tuple[str, float]:
+        t0, busy0, ours0 = self.start
+        t1, busy1, ours1 = self._sample()
+        wall = max(t1 - t0, 1e-9)
+        others = max(0.0, (busy1 - busy0) - (ours1 - ours0))
+        ncpu = os.cpu_count() or 1
+        share = 100 * others / wall / ncpu
+        warn = "  <-- the machine was not quiet: figures are distorted" if share > 5 else ""
+        return (
+            f"  other processes used {others:.1f} CPU-s in {wall:.1f} s "
+            f"({share:.0f} % of {ncpu} CPUs){warn}",
+            share,
+        )
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+# --- 0. direct agent warm-up ------------------------------------------------------
+
+
+async def measure_agent(settings, workdir: Path, runs: int) -> dict[str, list[float]]:
+    """Agent.start() new / resumed, and the turn after each, as a session actor does them."""
+    out: dict[str, list[float]] = {"new": [], "first_turn": [], "resume": [], "resumed_turn": []}
+    for i in range(runs):
+        cwd = workdir / f"agent-{i}"
+        cwd.mkdir(parents=True)
+        claude_id = str(uuid.uuid4())
+        for kind, options in (
+            ("new", agent_options(settings, cwd=cwd, session_id=claude_id)),
+            ("resume", agent_options(settings, cwd=cwd, resume=claude_id)),
+        ):
+            start_s, turn_s = await start_and_turn(settings, options)
+            out[kind].append(start_s)
+            out["first_turn" if kind == "new" else "resumed_turn"].append(turn_s)
+    return out
+
+
+async def start_and_turn(settings, options) -> tuple[float, float]:
+    """Agent.start(), one turn, close: (start seconds, turn seconds)."""
+
+    async def ignore(_event) -> None:
+        pass
+
+    agent = Agent(options)
+    try:
+        started = time.perf_counter()
+        await agent.start(settings.warmup_timeout_s)
+        start_s = time.perf_counter() - started
+        started = time.perf_counter()
+        with trio.fail_after(HTTP_TIMEOUT_S):
+            result = await agent.run_turn(PROMPT, ignore)
+        if result.is_error:
+            raise RuntimeError(f"direct turn failed: {result}")
+        return start_s, time.perf_counter() - started
+    finally:
+        await agent.close()
+
+
+# --- the service --------------------------------------------------------------------
+
+
+class Service:
+    def __init__(self, process: trio.Process, url: str, log: collections.deque[str]) -> None:
+        self.process = process
+        self.url = url
+        self.log = log
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def client(self, connections: int = 4) -> httpx.AsyncClient:
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        return httpx.AsyncClient(base_url=self.url, timeout=HTTP_TIMEOUT_S, limits=limits)
+
+
+async def start_service(env: dict[str, str], nursery: trio.Nursery) -> Service:
+    log: collections.deque[str] = collections.deque(maxlen=200)
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "claude_code_api"],
+        env=env,
+        cwd=str(ROOT),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    found: list[str] = []
+    url_found = trio.Event()
+
+    async def read_log() -> None:
+        buffer = b""
+        async for chunk in process.stderr:
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for raw in lines:
+                line = raw.decode(errors="replace")
+                log.append(line)
+                if not found and "listening on http://" in line:
+                    found.append(line.split("listening on ", 1)[1].split()[0])
+                    url_found.set()
+
+    nursery.start_soon(read_log)
+    with trio.move_on_after(SERVICE_START_TIMEOUT_S):
+        while not url_found.is_set() and process.poll() is None:
+            with trio.move_on_after(0.05):
+                await url_found.wait()
+    if not found:
+        if process.poll() is None:
+            process.kill()
+        await process.wait()
+        raise RuntimeError("service did not start:\n" + "\n".join(log))
+    service = Service(process, found[0], log)
+    async with service.client() as client:
+        await wait_ready(client)
+    return service
+
+
+async def stop_service(service: Service) -> int:
+    process = service.process
+    if process.poll() is None:
+        process.terminate()  # SIGTERM: graceful shutdown
+    with trio.move_on_after(STOP_TIMEOUT_S):
+        return await process.wait()
+    process.kill()
+    return await process.wait()
+
+
+async def wait_ready(client: httpx.AsyncClient) -> None:
+    with trio.fail_after(READY_TIMEOUT_S):
+        while True:
+            workers = (await client.get("/health")).json()["workers"]
+            if workers["total"] > 0 and workers["ready"] == workers["total"]:
+                return
+            await trio.sleep(0.02)
+
+
+async def settled_mem(
+    client: httpx.AsyncClient, pid: int, *, tolerance_kib: int = 16, max_samples: int = 12
+) -> tuple[dict[str, int], list[int]]:
+    """RSS once it stops moving: poke the service (allocations make its GC run), then sample.
+
+    Returns the last reading and every VmRSS read (KiB); settled = the last three
+    within ``tolerance_kib``, or ``max_samples`` readings.
+    """
+    readings: list[dict[str, int]] = []
+    for _ in range(max_samples):
+        for _ in range(40):
+            await client.get("/health")
+        await trio.sleep(0.25)
+        readings.append(mem_kib(pid))
+        last = [r["VmRSS"] for r in readings[-3:]]
+        if len(last) == 3 and max(last) - min(last) <= tolerance_kib:
+            break
+    return readings[-1], [r["VmRSS"] for r in readings]
+
+
+async def sessions_of(client: httpx.AsyncClient, user: str) -> list[dict]:
+    response = await client.get("/status", headers=AUTH[user])
+    response.raise_for_status()
+    return response.json()["sessions"]
+
+
+async def wait_all_hibernated(
+    client: httpx.AsyncClient, user: str, expected: int | None = None
+) -> float:
+    """Poll /status until none of ``user``'s sessions is live; returns the time waited."""
+    started = time.perf_counter()
+    with trio.fail_after(HIBERNATE_TIMEOUT_S):
+        while True:
+            sessions = await sessions_of(client, user)
+            live = [s for s in sessions if s["state"] in LIVE_STATES]
+            if not live and (expected is None or len(sessions) >= expected):
+                return time.perf_counter() - started
+            await trio.sleep(0.1)
+
+
+async def live_count(client: httpx.AsyncClient, user: str) -> int:
+    return sum(1 for s in await sessions_of(client, user) if s["state"] in LIVE_STATES)
+
+
+async def session_turn(
+    client: httpx.AsyncClient, user: str, session_id: str, prompt: str = PROMPT
+) -> tuple[float, int]:
+    """One turn; returns (seconds, 429s retried). Raises on anything but success."""
+    retried = 0
+    while True:
+        started = time.perf_counter()
+        response = await client.post(
+            "/run", json={"prompt": prompt, "sessionId": session_id}, headers=AUTH[user]
+        )
+        elapsed = time.perf_counter() - started
+        if response.status_code == 429 and retried < RETRIES_429:
+            retried += 1
+            await trio.sleep(0.02)
+            continue
+        body = response.json()
+        if response.status_code != 200 or body.get("success") is not True:
+            raise RuntimeError(f"turn {user}/{session_id}: {response.status_code} {body}")
+        return elapsed, retried
+
+
+async def drive_sessions(
+    client: httpx.AsyncClient, user: str, ids: list[str], concurrency: int
+) -> dict:
+    """One turn on each session id, ``concurrency`` at once."""
+    latencies: list[float] = []
+    retried = 0
+    send, receive = trio.open_memory_channel[str](len(ids))
+    for session_id in ids:
+        send.send_nowait(session_id)
+    send.close()
+
+    async def runner() -> None:
+        nonlocal retried
+        async for session_id in receive:
+            elapsed, r = await session_turn(client, user, session_id, f"My name is {session_id}.")
+            latencies.append(elapsed)
+            retried += r
+
+    started = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(concurrency):
+            nursery.start_soon(runner)
+    return {"latencies": latencies, "retried": retried, "wall": time.perf_counter() - started}
+
+
+# --- main -------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--records",
+        type=int,
+        default=10_000,
+        help="hibernated records pre-populated in SQLite (default 10000)",
+    )
+    parser.add_argument(
+        "--http-sessions",
+        type=int,
+        default=200,
+        help="real sessions per round, one turn each (default 200)",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of those (default 2)")
+    parser.add_argument(
+        "--concurrency", type=int, default=8, help="concurrent clients driving sessions (default 8)"
+    )
+    parser.add_argument(
+        "--wake-samples",
+        type=int,
+        default=20,
+        help="sessions woken in each wake phase (default 20)",
+    )
+    parser.add_argument(
+        "--warmups", type=int, default=20, help="direct agent warm-ups timed (default 20)"
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=10.0,
+        help="seconds of sequential turns on one live session (default 10)",
+    )
+    parser.add_argument("--max-live", type=int, default=4, help="MAX_LIVE_SESSIONS (default 4)")
+    parser.add_argument(
+        "--idle-ms",
+        type=int,
+        default=1500,
+        help="SESSION_IDLE_MS: how soon an idle session hibernates (default 1500)",
+    )
+    return parser.parse_args()
+
+
+async def main(args: argparse.Namespace) -> None:
+    run_started = time.perf_counter()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-sessions-"))
+    try:
+        await run(args, workdir, run_started)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def service_env(args: argparse.Namespace, data_dir: Path, fake_home: Path) -> dict[str, str]:
+    config = {
+        "CLAUDE_EXECUTABLE": str(FAKE_CLAUDE),
+        "API_KEYS": API_KEYS,
+        "HOST": "127.0.0.1",
+        "PORT": "0",
+        "POOL_SIZE": "1",
+        "MAX_LIVE_SESSIONS": str(args.max_live),
+        "SESSION_IDLE_MS": str(args.idle_ms),
+        # Room for every client's session to wait for a live slot without a 429.
+        "QUEUE_MAX": str(max(20, 2 * args.concurrency)),
+        "DATA_DIR": str(data_dir),
+        "FAKE_CLAUDE_HOME": str(fake_home),
+    }
+    return {**os.environ, **config, "PYTHONUNBUFFERED": "1"}
+
+
+async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> None:
+    fake_home = workdir / "fake-home"
+    fake_home.mkdir()
+    os.environ["FAKE_CLAUDE_HOME"] = str(fake_home)  # the SDK merges os.environ under the agent's
+    for name in ("FAKE_CLAUDE_MODE", "FAKE_CLAUDE_MODE_FILE", "FAKE_CLAUDE_PIDDIR"):
+        os.environ.pop(name, None)
+    data_dir = workdir / "data"
+    env = service_env(args, data_dir, fake_home)
+    quiet: list[float] = []
+
+    section("machine")
+    print(f"  date:            {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
+    print(f"  nproc:           {os.cpu_count()} (affinity {len(os.sched_getaffinity(0))})")
+    print(f"  cpu:             {_cpu_model()}")
+    print(f"  load average:    {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
+    print(f"  python:          {platform.python_version()} ({sys.executable})")
+    print(
+        f"  fake CLI:        {FAKE_CLAUDE.relative_to(ROOT)} via {shutil.which('python3') or '?'}"
+    )
+    print(
+        f"  service:         MAX_LIVE_SESSIONS={args.max_live} SESSION_IDLE_MS={args.idle_ms} "
+        f"POOL_SIZE=1 QUEUE_MAX={env['QUEUE_MAX']}"
+    )
+    print(
+        f"  arguments:       records={args.records} http_sessions={args.http_sessions} "
+        f"rounds={args.rounds} concurrency={args.concurrency} wake_samples={args.wake_samples} "
+        f"warmups={args.warmups} duration={args.duration:g}s"
+    )
+
+    # --- 0 ---------------------------------------------------------------------------
+    section("0. agent warm-up, direct (Agent.start() = ClaudeSDKClient.connect(), service options)")
+    meter = CpuMeter()
+    agent = await measure_agent(load_settings(env), workdir / "direct", args.warmups)
+    warm_new, warm_resume = dist(agent["new"]), dist(agent["resume"])
+    print(fmt_dist("start(), new (--session-id)", warm_new))
+    print(fmt_dist("first turn of it", dist(agent["first_turn"])))
+    print(fmt_dist("start(), resume (--resume), as a wake", warm_resume))
+    print(fmt_dist("first turn after resume", dist(agent["resumed_turn"])))
+    line, share = meter.report()
+    quiet.append(share)
+    print(line)
+
+    # --- 1a ------------------------------------------------------------------------------
+    section(f"1a. {args.records} pre-populated hibernated records: service start-up RSS")
+    control_dir = workdir / "control-data"
+    async with trio.open_nursery() as nursery:
+        control = await start_service(service_env(args, control_dir, fake_home), nursery)
+        try:
+            async with control.client() as client:
+                empty_mem, empty_reads = await settled_mem(client, control.pid)
+        finally:
+            await stop_service(control)
+            nursery.cancel_scope.cancel()
+    print(f"  empty database:          {fmt_mem(empty_mem)}  reads KiB {empty_reads}")
+
+    started = time.perf_counter()
+    store = await trio.to_thread.run_sync(open_store, data_dir)
+    try:
+
+        def populate() -> int:
+            now = time.time()
+            for i in range(args.records):
+                store.save(new_session_record(SessionKey("bulk", f"bulk-{i:06d}"), now - i))
+            return store.count()
+
+        count = await trio.to_thread.run_sync(populate)
+    finally:
+        store.close()
+    db_bytes = sum(p.stat().st_size for p in data_dir.glob("sessions.sqlite3*"))
+    print(
+        f"  populated {count} records for user 'bulk' in {time.perf_counter() - started:.1f} s "
+        f"(transcript_started=False); database {db_bytes / 1024:.0f} KiB"
+    )
+
+    async with trio.open_nursery() as nursery:
+        service = await start_service(env, nursery)
+        code = None
+        try:
+            print(f"  service pid {service.pid} at {service.url}")
+            async with service.client(args.concurrency + 2) as client:
+                start_mem, start_reads = await settled_mem(client, service.pid)
+                print(
+                    f"  {args.records} records:        {fmt_mem(start_mem)}  "
+                    f"reads KiB {start_reads}"
+                )
+                records_delta = (start_mem["VmRSS"] - empty_mem["VmRSS"]) * 1024
+                per_record = records_delta / max(1, args.records)
+                print(
+                    f"  difference: {records_delta / 1024:+.0f} KiB = {per_record:+.1f} "
+                    f"bytes/record (two processes: noise of a few hundred KiB either way)"
+                )
+
+                # --- 1b --------------------------------------------------------------------
+                section(
+                    f"1b. {args.rounds} x {args.http_sessions} real sessions through HTTP "
+                    f"({args.concurrency} at once), all hibernated after"
+                )
+                meter = CpuMeter(service.pid)
+                for _ in range(20):
+                    response = await client.post(
+                        "/run", json={"prompt": PROMPT}, headers=AUTH["api"]
+                    )
+                    response.raise_for_status()
+                    await wait_ready(client)
+                warm_ids = [f"warmup-{i}" for i in range(2 * args.concurrency)]
+                await drive_sessions(client, "api", warm_ids, args.concurrency)
+                await drive_sessions(client, "api", warm_ids, args.concurrency)  # wake them
+                await wait_all_hibernated(client, "api", len(warm_ids))
+                base_mem, base_reads = await settled_mem(client, service.pid)
+                print(f"  baseline (after 20 one-shot runs, {len(warm_ids)} sessions x 2 turns):")
+                print(f"    {fmt_mem(base_mem)}  reads KiB {base_reads}")
+                rounds = []
+                prev = base_mem
+                for r in range(args.rounds):
+                    ids = [f"r{r}-s{i:05d}" for i in range(args.http_sessions)]
+                    driven = await drive_sessions(client, "api", ids, args.concurrency)
+                    waited = await wait_all_hibernated(
+                        client, "api", len(warm_ids) + (r + 1) * args.http_sessions
+                    )
+                    after, reads = await settled_mem(client, service.pid)
+                    d = dist(driven["latencies"])
+                    grew = (after["VmRSS"] - prev["VmRSS"]) * 1024
+                    grew_anon = (after["RssAnon"] - prev["RssAnon"]) * 1024
+                    rounds.append((after, grew, grew_anon))
+                    print(
+                        f"  round {r + 1}: {args.http_sessions} sessions in {driven['wall']:.1f} s "
+                        f"({args.http_sessions / driven['wall']:.1f} sessions/s, "
+                        f"{driven['retried']} 429s retried); all hibernated {waited:.1f} s later"
+                    )
+                    print(fmt_dist("    first turn of a new session", d))
+                    print(f"    {fmt_mem(after)}  reads KiB {reads}")
+                    print(
+                        f"    this round: VmRSS {grew / 1024:+.0f} KiB = "
+                        f"{grew / args.http_sessions:+.0f} bytes/session; RssAnon "
+                        f"{grew_anon / 1024:+.0f} KiB = {grew_anon / args.http_sessions:+.0f} "
+                        f"bytes/session"
+                    )
+                    prev = after
+                sessions = await sessions_of(client, "api")
+                states = collections.Counter(s["state"] for s in sessions)
+                total_hib = args.rounds * args.http_sessions
+                growth = (prev["VmRSS"] - base_mem["VmRSS"]) * 1024
+                growth_anon = (prev["RssAnon"] - base_mem["RssAnon"]) * 1024
+                per_session = growth / total_hib
+                print(f"  /status for 'api' lists {len(sessions)} sessions: {dict(states)}")
+                print(
+                    f"  total: VmRSS {growth / 1024:+.0f} KiB over {total_hib} sessions = "
+                    f"{per_session:+.0f} bytes/session ({per_session / 1024:+.2f} KiB); "
+                    f"RssAnon {growth_anon / total_hib:+.0f} bytes/session"
+                )
+                print(f"  VmHWM (peak RSS while sessions ran) {prev['VmHWM'] / 1024:.1f} MiB")
+                line, share = meter.report()
+                quiet.append(share)
+                print(line)
+
+                # --- 1c --------------------------------------------------------------------
+                section(f"1c. GET /status for the user with {args.records} hibernated records")
+                before = prev
+                status_mem = []
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    response = await client.get("/status", headers=AUTH["bulk"])
+                    elapsed = time.perf_counter() - t0
+                    right_after = mem_kib(service.pid)
+                    listed = len(response.json()["sessions"])
+                    status_mem.append(right_after)
+                    print(
+                        f"  /status: {listed} sessions, {len(response.content) / 1024:.0f} KiB "
+                        f"of JSON in {elapsed * 1000:.0f} ms; right after: {fmt_mem(right_after)}"
+                    )
+                after_status, reads = await settled_mem(client, service.pid)
+                print(f"  settled after: {fmt_mem(after_status)}  reads KiB {reads}")
+                status_delta = (after_status["VmRSS"] - before["VmRSS"]) * 1024
+                print(f"  before the calls: {fmt_mem(before)}")
+                growth_2_3 = (status_mem[2]["VmRSS"] - status_mem[0]["VmRSS"]) * 1024
+                print(
+                    f"  retained after 3 calls: {status_delta / 1024:+.0f} KiB "
+                    f"(= {status_delta / max(1, args.records):+.1f} bytes/record); calls 2-3 "
+                    f"added {growth_2_3 / 1024:+.0f} KiB: the allocator keeps the high-water "
+                    f"mark of one listing (records + JSON), nothing stays per record"
+                )
+
+                # --- 2 ---------------------------------------------------------------------
+                section(f"2. wake a hibernated session ({args.wake_samples} sessions, user 'wake')")
+                meter = CpuMeter(service.pid)
+                ids = [f"wake-{i:03d}" for i in range(args.wake_samples)]
+                first = []
+                for session_id in ids:
+                    first.append((await session_turn(client, "wake", session_id))[0])
+                await wait_all_hibernated(client, "wake", len(ids))
+                # The same wake done directly (resume + turn), right before each, so that
+                # both see the same machine load.
+                settings = load_settings(env)
+                direct_cwd = workdir / "direct-wake"
+                direct_cwd.mkdir()
+                direct_id = str(uuid.uuid4())
+                await start_and_turn(
+                    settings, agent_options(settings, cwd=direct_cwd, session_id=direct_id)
+                )
+                resume_options = agent_options(settings, cwd=direct_cwd, resume=direct_id)
+                wake_free, live_free, direct_start, direct_turn = [], [], [], []
+                for session_id in ids:
+                    await wait_all_hibernated(client, "wake")
+                    start_s, turn_s = await start_and_turn(settings, resume_options)
+                    direct_start.append(start_s)
+                    direct_turn.append(turn_s)
+                    wake_free.append((await session_turn(client, "wake", session_id))[0])
+                    live_free.append((await session_turn(client, "wake", session_id))[0])
+                await wait_all_hibernated(client, "wake")
+                fillers = [f"filler-{i}" for i in range(args.max_live)]
+                for session_id in fillers:
+                    await session_turn(client, "wake", session_id)
+                wake_full, live_full, not_full = [], [], 0
+                for session_id in ids:
+                    full = await live_count(client, "wake") >= args.max_live
+                    wake_s = (await session_turn(client, "wake", session_id))[0]
+                    live_s = (await session_turn(client, "wake", session_id))[0]
+                    if full:
+                        wake_full.append(wake_s)
+                        live_full.append(live_s)
+                    else:
+                        not_full += 1
+                wf, lf = dist(wake_free), dist(live_free)
+                print(fmt_dist("first turn of a new session (reference)", dist(first)))
+                print("  a. a free live slot:")
+                print(fmt_dist("wake turn (hibernated -> answer)", wf))
+                print(fmt_dist("live turn (the next one)", lf))
+                ds, dt = dist(direct_start), dist(direct_turn)
+                both = dist([a + b for a, b in zip(direct_start, direct_turn, strict=True)])
+                print("     the same, directly, interleaved with those (same machine load):")
+                print(fmt_dist("direct Agent.start(), resume", ds))
+                print(fmt_dist("direct turn after it", dt))
+                print(fmt_dist("direct resume start + turn", both))
+                print(
+                    f"  b. all {args.max_live} slots held by idle sessions (LRU hibernated first):"
+                )
+                print(fmt_dist("wake turn", dist(wake_full)))
+                print(fmt_dist("live turn", dist(live_full)))
+                if not_full:
+                    print(f"     ({not_full} samples left out: a slot had freed by idle timeout)")
+                print(
+                    f"  wake p50 {wf['p50']:.1f} ms vs direct resume start + turn p50 "
+                    f"{both['p50']:.1f} ms: the service adds {wf['p50'] - both['p50']:+.1f} ms "
+                    f"to a wake (phase 0, quieter: warm-up p50 {warm_resume['p50']:.1f} ms)"
+                )
+                line, share = meter.report()
+                quiet.append(share)
+                print(line)
+
+                # --- 3 ---------------------------------------------------------------------
+                section(f"3. one live session: sequential turns for {args.duration:g} s")
+                meter = CpuMeter(service.pid)
+                for _ in range(5):  # start it and warm the path
+                    await session_turn(client, "wake", "one-live")
+                latencies: list[float] = []
+                t0 = time.perf_counter()
+                end = t0 + args.duration
+                while time.perf_counter() < end:
+                    latencies.append((await session_turn(client, "wake", "one-live"))[0])
+                wall = time.perf_counter() - t0
+                one = dist(latencies)
+                rate = len(latencies) / wall
+                print(f"  {len(latencies)} turns in {wall:.2f} s = {rate:.1f} turns/s")
+                print(fmt_dist("turn round trip", one))
+                turns = next(
+                    s["turns"] for s in await sessions_of(client, "wake") if s["id"] == "one-live"
+                )
+                print(f"  /status says the session has {turns} turns")
+                line, share = meter.report()
+                quiet.append(share)
+                print(line)
+                final_mem = mem_kib(service.pid)
+        finally:
+            code = await stop_service(service)
+            nursery.cancel_scope.cancel()
+    print(
+        f"\n  service RSS at the end {final_mem['VmRSS'] / 1024:.1f} MiB; "
+        f"exit code after SIGTERM: {code}"
+    )
+
+    section("summary")
+    verdict = "met" if per_session <= 5 * 1024 else "MISSED"
+    print(
+        f"sessions: hibernated RSS growth = {per_session:.0f} bytes/session "
+        f"({per_session / 1024:.2f} KiB; target ≤ 5 KiB) [{verdict}] over {total_hib} "
+        f"sessions (driven through HTTP; per round: "
+        + ", ".join(f"{g / args.http_sessions:+.0f}" for _, g, _ in rounds)
+        + " bytes)"
+    )
+    if total_hib < 200:
+        print(
+            f"  (only {total_hib} sessions: fixed first-use costs — allocator arenas, SQLite "
+            f"pages — dominate; use 200 or more for the per-session figure)"
+        )
+    print(
+        f"records: {args.records} pre-populated hibernated records: start-up RSS "
+        f"{per_record:+.1f} bytes/record vs an empty database; {status_delta / 1024:+.0f} KiB "
+        f"retained after /status listed them all"
+    )
+    print(
+        f"wake: median {wf['p50']:.1f} ms (p90 {wf['p90']:.1f}) vs live turn median "
+        f"{lf['p50']:.1f} ms; agent warm-up median {warm_new['p50']:.1f} ms "
+        f"(resume {warm_resume['p50']:.1f} ms; resume + turn interleaved with the wakes "
+        f"{both['p50']:.1f} ms); all slots full: wake median {dist(wake_full)['p50']:.1f} ms"
+    )
+    print(f"one live session: {rate:.1f} turns/s, p50 {one['p50']:.2f} ms, p99 {one['p99']:.2f} ms")
+    worst = max(quiet)
+    print(
+        f"quiet machine: {'yes' if worst <= 5 else 'NO'} (other processes used up to "
+        f"{worst:.0f} % of the CPUs during a phase); nproc={os.cpu_count()}; "
+        f"run took {time.perf_counter() - run_started:.0f} s"
+    )
+
+
+if __name__ == "__main__":
+    trio.run(main, parse_args())
