@@ -1,17 +1,37 @@
-"""Service configuration: read from the environment once, validated, frozen.
+"""Service configuration: declared once, read from the environment once, validated, frozen.
 
-Every setting the service uses lives on :class:`Settings`. :func:`load_settings`
-is the only place that reads ``os.environ`` for configuration, so a bad value is
-reported once, at start-up, naming the variable and what it accepts
-(:class:`ConfigError`); ``__main__`` turns that into exit status 2.
+Each setting is declared exactly once, as a field of :class:`Settings` made by
+:func:`setting`: the environment variable's name, what it accepts (a *kind*:
+type, unit, bounds), its default as one would write it in the environment, and
+a one-line doc. Everything else is derived from those declarations:
+
+* :func:`load_settings` parses and validates the environment, field by field;
+* ``Settings()`` holds the defaults, each parsed from its declared text by the
+  same kind, so a default obeys the same bounds as a value from the environment;
+* :func:`markdown_table` renders README's configuration table, which a test
+  keeps equal to the declarations (``python -m claude_code_api.config README.md``
+  rewrites it).
+
+Units: the environment keeps the names and units of exitxio/claude-code-api
+(``DEFAULT_TIMEOUT_MS`` in milliseconds, ``SHUTDOWN_GRACE_S`` in seconds); on
+:class:`Settings` every duration is a float number of seconds named ``*_s``.
+
+Error handling: :func:`load_settings` is the only place that reads
+``os.environ`` for configuration, so a bad value is reported once, at start-up,
+as a one-line :class:`ConfigError` naming the variable and what it accepts;
+``__main__`` turns that into exit status 2. The message quotes the value,
+except for ``API_KEYS``, which is secret.
 """
 
 from __future__ import annotations
 
 import hmac
 import os
+import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, Protocol
 
 import attrs
 
@@ -28,128 +48,524 @@ class ApiKey:
     user_id: str
 
 
+# --- kinds: what one variable accepts ----------------------------------------------------------
+
+
+class Kind(Protocol):
+    """What one variable accepts.
+
+    ``parse`` gets the variable's text, stripped and not blank (a blank variable
+    takes the default; only a declared default may be ``""``), and returns the
+    value :class:`Settings` holds; it raises ``ValueError("expected ...")`` for
+    text it refuses. ``accepts`` says what it accepts, for README's table.
+    """
+
+    def parse(self, raw: str) -> Any: ...
+
+    def accepts(self) -> str: ...
+
+
+def _whole_number(raw: str, low: int, high: int) -> int | None:
+    """``raw`` as a decimal integer within ``[low, high]``, or None."""
+    try:
+        value = int(raw, 10)
+    except ValueError:
+        return None
+    return value if low <= value <= high else None
+
+
+@attrs.frozen
+class Whole:
+    """A whole number from ``low`` to ``high``."""
+
+    low: int
+    high: int
+
+    def parse(self, raw: str) -> int:
+        value = _whole_number(raw, self.low, self.high)
+        if value is None:
+            raise ValueError(f"expected a whole number from {self.low} to {self.high}")
+        return value
+
+    def accepts(self) -> str:
+        return f"{self.low}–{self.high}"
+
+
+_SECONDS_PER = {"ms": 1000, "s": 1}
+_UNIT_WORDS = {"ms": "milliseconds", "s": "seconds"}
+
+
+@attrs.frozen
+class Duration:
+    """A whole number of ``unit`` (``"ms"`` or ``"s"``) in the environment, float seconds
+    on :class:`Settings`. With ``zero_is_never``, 0 means "never" and becomes None."""
+
+    unit: str
+    low: int
+    high: int
+    zero_is_never: bool = False
+
+    def parse(self, raw: str) -> float | None:
+        count = _whole_number(raw, self.low, self.high)
+        if count is None:
+            never = " (0: never)" if self.zero_is_never else ""
+            raise ValueError(
+                f"expected a whole number of {_UNIT_WORDS[self.unit]} "
+                f"from {self.low} to {self.high}{never}"
+            )
+        if count == 0 and self.zero_is_never:
+            return None
+        return count / _SECONDS_PER[self.unit]
+
+    def accepts(self) -> str:
+        never = " (0: never)" if self.zero_is_never else ""
+        return f"{self.unit}, {self.low}–{self.high}{never}"
+
+
+@attrs.frozen
+class Flag:
+    """On or off."""
+
+    def parse(self, raw: str) -> bool:
+        word = raw.lower()
+        if word in ("1", "true", "yes", "on"):
+            return True
+        if word in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("expected 1/true/yes/on or 0/false/no/off")
+
+    def accepts(self) -> str:
+        return "`1`/`true`/`yes`/`on` or `0`/`false`/`no`/`off`"
+
+
+@attrs.frozen
+class Choice:
+    """One of ``options``, in any letter case; held as written in ``options``."""
+
+    options: tuple[str, ...]
+
+    def parse(self, raw: str) -> str:
+        for option in self.options:
+            if raw.lower() == option.lower():
+                return option
+        raise ValueError(f"expected one of {', '.join(self.options)}")
+
+    def accepts(self) -> str:
+        return ", ".join(f"`{option}`" for option in self.options)
+
+
+@attrs.frozen
+class Text:
+    """Printable text: no control characters, and no undecodable bytes (which
+    ``os.environ`` holds as surrogate escapes and which fail later, far from here)."""
+
+    what: str
+
+    def parse(self, raw: str) -> str:
+        if not raw.isprintable():
+            raise ValueError(f"expected {self.what} in printable characters")
+        return raw
+
+    def accepts(self) -> str:
+        return self.what
+
+
+@attrs.frozen
+class Directory:
+    """A directory path."""
+
+    def parse(self, raw: str) -> Path:
+        return Path(raw)
+
+    def accepts(self) -> str:
+        return "a directory path"
+
+
+@attrs.frozen
+class Executable:
+    """The path of an executable file. Only a blank value (the default) gives None."""
+
+    def parse(self, raw: str) -> str | None:
+        if not raw:
+            return None
+        if not (os.path.isfile(raw) and os.access(raw, os.X_OK)):
+            raise ValueError("expected the path of an executable file")
+        return raw
+
+    def accepts(self) -> str:
+        return "the path of an executable file"
+
+
+# A key or user id travels in an HTTP header, so it is visible ASCII (no space, no control
+# character, nothing outside ASCII, no undecodable byte: os.environ holds those as surrogate
+# escapes); ',' separates entries and the first ':' separates the user id from the key.
+_KEY_TEXT = re.compile(r"[\x21-\x2b\x2d-\x7e]+")
+_USER_TEXT = re.compile(r"[\x21-\x2b\x2d-\x39\x3b-\x7e]+")
+
+
+@attrs.frozen
+class ApiKeys:
+    """``API_KEYS``: comma-separated ``key`` (user id ``api``) or ``user:key`` entries.
+
+    Refuses (naming the entry by position, never quoting a key): an empty user id
+    or key, a character outside visible ASCII or a ',' in a key (':' too in a user
+    id), and one key given to two different users. Blank entries are skipped; a key
+    listed twice for the same user is kept once.
+    """
+
+    def parse(self, raw: str) -> tuple[ApiKey, ...]:
+        keys: dict[str, ApiKey] = {}
+        where: dict[str, int] = {}
+        for number, entry in enumerate((part.strip() for part in raw.split(",")), 1):
+            if not entry:
+                continue
+            user_id, sep, key = entry.partition(":")
+            if not sep:
+                user_id, key = "api", entry
+            elif not user_id:
+                raise ValueError(f"entry {number}: the user id before ':' is empty")
+            elif not _USER_TEXT.fullmatch(user_id):
+                raise ValueError(
+                    f"entry {number}: a user id may only hold visible ASCII characters"
+                    " other than ',' and ':'"
+                )
+            who = f"entry {number} (user {user_id!r})"
+            if not key:
+                raise ValueError(f"{who}: the key after ':' is empty")
+            if not _KEY_TEXT.fullmatch(key):
+                raise ValueError(
+                    f"{who}: a key may only hold visible ASCII characters other than ','"
+                )
+            earlier = keys.get(key)
+            if earlier is not None and earlier.user_id != user_id:
+                raise ValueError(
+                    f"entries {where[key]} and {number} give one key to two users"
+                    f" ({earlier.user_id!r} and {user_id!r})"
+                )
+            if earlier is None:
+                keys[key] = ApiKey(key=key, user_id=user_id)
+                where[key] = number
+        return tuple(keys.values())
+
+    def accepts(self) -> str:
+        return "comma-separated `key` or `user:key` (see Auth)"
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@attrs.frozen
+class EnvNames:
+    """Comma-separated environment variable names; blank entries skipped, repeats kept once.
+    ``API_KEYS`` is refused: handing it on would show every user's key to every agent."""
+
+    def parse(self, raw: str) -> tuple[str, ...]:
+        names: list[str] = []
+        for entry in (part.strip() for part in raw.split(",")):
+            if not entry:
+                continue
+            if not _ENV_NAME.fullmatch(entry):
+                raise ValueError(f"{entry!r} is not a variable name (letters, digits, '_')")
+            if entry == "API_KEYS":
+                raise ValueError("API_KEYS is the service's secret, never an agent's")
+            if entry not in names:
+                names.append(entry)
+        return tuple(names)
+
+    def accepts(self) -> str:
+        return "comma-separated variable names"
+
+
+# --- the declarations ----------------------------------------------------------------------------
+
+
+@attrs.frozen
+class EnvVar:
+    """One setting's declaration: where it comes from and what it means."""
+
+    name: str
+    kind: Kind
+    # The default as written in the environment ("" for none).
+    default: str
+    doc: str
+    # README's Default column when the text alone says too little.
+    shown_default: str | None = None
+    # Never quote the value in an error message.
+    secret: bool = False
+
+
+_DECLARATION = "claude_code_api.env_var"
+
+
+def setting(
+    name: str,
+    kind: Kind,
+    default: str,
+    doc: str,
+    *,
+    shown_default: str | None = None,
+    secret: bool = False,
+) -> Any:
+    """Declare a :class:`Settings` field read from the environment variable ``name``."""
+    declaration = EnvVar(name, kind, default, doc, shown_default, secret)
+    return attrs.field(default=kind.parse(default), metadata={_DECLARATION: declaration})
+
+
+DAY_MS = 24 * 3_600_000
+
+
 @attrs.frozen
 class Settings:
-    host: str = "0.0.0.0"
-    port: int = 8080
-    pool_size: int = 1
-    model: str = "claude-sonnet-4-6"
-    api_keys: tuple[ApiKey, ...] = ()
-    use_claude_api_key: bool = False
-    # None: the SDK's bundled CLI.
-    claude_executable: str | None = None
-    queue_max: int = 20
-    default_timeout_ms: int = 120_000
-    max_timeout_ms: int = 3_600_000
-    data_dir: Path = Path("data")
-    # Seconds a CLI gets to start and answer `initialize` (the SDK alone waits 60 s).
-    warmup_timeout_s: float = 30.0
-    # Seconds between interrupting a timed-out turn and killing its process.
-    interrupt_grace_s: float = 2.0
-    # Largest request body accepted, in bytes.
-    max_body_bytes: int = 1024 * 1024
-    # Longest prompt accepted, in characters (the original's bound).
-    max_prompt_chars: int = 200_000
-    # Most characters of agent output kept for one reply; the rest is dropped and said so.
-    max_output_chars: int = 1_000_000
-    # On SIGTERM/SIGINT: seconds in-flight jobs get to finish before they are stopped.
-    shutdown_grace_s: float = 30.0
-    # Session agent processes running at once; beyond that the LRU idle one hibernates.
-    max_live_sessions: int = 8
-    # An idle session's process is closed (hibernated) after this many seconds.
-    session_idle_s: float = 30 * 60.0
-    # Turns of one session that may wait behind its running turn.
-    session_queue_max: int = 10
-    # Longest delay between restarts of a worker whose agent keeps failing to start.
-    restart_backoff_max_s: float = 30.0
+    """Every setting the service uses. Build it with :func:`load_settings`;
+    ``Settings()`` is the defaults (what ``load_settings({})`` returns)."""
+
+    port: int = setting("PORT", Whole(0, 65535), "8080", "port to listen on; `0`: any free port")
+    host: str = setting("HOST", Text("an address"), "0.0.0.0", "address to listen on")
+    api_keys: tuple[ApiKey, ...] = setting(
+        "API_KEYS", ApiKeys(), "", "API keys and the user each one authenticates as", secret=True
+    )
+    pool_size: int = setting(
+        "POOL_SIZE", Whole(1, 256), "1", "pre-warmed agent processes for one-shot requests"
+    )
+    model: str = setting(
+        "CLAUDE_MODEL", Text("a model name"), "claude-sonnet-4-6", "model the agents use"
+    )
+    use_claude_api_key: bool = setting(
+        "USE_CLAUDE_API_KEY",
+        Flag(),
+        "off",
+        "on: passes `ANTHROPIC_API_KEY` to the agent; off: it is withheld so the CLI uses"
+        " its OAuth login",
+    )
+    claude_executable: str | None = setting(
+        "CLAUDE_EXECUTABLE",
+        Executable(),
+        "",
+        "the `claude` the agents run",
+        shown_default="the SDK's bundled CLI",
+    )
+    queue_max: int = setting(
+        "QUEUE_MAX", Whole(0, 100_000), "20", "jobs that may wait for a worker"
+    )
+    default_timeout_s: float = setting(
+        "DEFAULT_TIMEOUT_MS",
+        Duration("ms", 1, 7 * DAY_MS),
+        "120000",
+        "a request's `timeoutMs` when it gives none; at most `MAX_TIMEOUT_MS`",
+    )
+    max_timeout_s: float = setting(
+        "MAX_TIMEOUT_MS",
+        Duration("ms", 1, 7 * DAY_MS),
+        "3600000",
+        "largest `timeoutMs` accepted",
+    )
+    data_dir: Path = setting(
+        "DATA_DIR",
+        Directory(),
+        "data",
+        "workspaces, user directories and the session database",
+    )
+    max_live_sessions: int = setting(
+        "MAX_LIVE_SESSIONS", Whole(1, 10_000), "8", "session processes running at once"
+    )
+    session_idle_s: float = setting(
+        "SESSION_IDLE_MS",
+        Duration("ms", 1, 30 * DAY_MS),
+        "1800000",
+        "an idle session hibernates (its process closes) after this",
+    )
+    session_queue_max: int = setting(
+        "SESSION_QUEUE_MAX",
+        Whole(0, 10_000),
+        "10",
+        "turns that may wait behind a session's running turn",
+    )
+    max_sessions_per_user: int = setting(
+        "MAX_SESSIONS_PER_USER",
+        Whole(1, 1_000_000),
+        "100",
+        "sessions one user may hold, live or hibernated; past it a new session answers 429",
+    )
+    # None: sessions never expire.
+    session_ttl_s: float | None = setting(
+        "SESSION_TTL_MS",
+        Duration("ms", 0, 3650 * DAY_MS, zero_is_never=True),
+        "2592000000",
+        "a session not used for this long is deleted with its transcripts",
+    )
+    restart_backoff_max_s: float = setting(
+        "RESTART_BACKOFF_MAX_MS",
+        Duration("ms", 1, 3_600_000),
+        "30000",
+        "cap of the exponential backoff between restarts in a crash loop",
+    )
+    warmup_timeout_s: float = setting(
+        "WARMUP_TIMEOUT_MS",
+        Duration("ms", 100, 600_000),
+        "30000",
+        "an agent that has not started and answered `initialize` by then is killed and"
+        " counted as a failure",
+    )
+    interrupt_grace_s: float = setting(
+        "INTERRUPT_GRACE_MS",
+        Duration("ms", 0, 600_000),
+        "2000",
+        "a timed-out or abandoned turn's time to stop after an interrupt, before its"
+        " process is killed",
+    )
+    shutdown_grace_s: float = setting(
+        "SHUTDOWN_GRACE_S",
+        Duration("s", 0, 3600),
+        "30",
+        "on SIGTERM/SIGINT, time for running turns to finish; a second signal skips it",
+    )
+    max_output_chars: int = setting(
+        "MAX_OUTPUT_CHARS",
+        Whole(1, 100_000_000),
+        "1000000",
+        "characters of agent output kept for one reply; the rest is dropped and said so",
+    )
+    agent_env: tuple[str, ...] = setting(
+        "AGENT_ENV",
+        EnvNames(),
+        "",
+        "extra environment variables passed on to agent processes",
+    )
+    agent_sandbox: str = setting(
+        "AGENT_SANDBOX",
+        Choice(("auto", "on", "off")),
+        "auto",
+        "run each agent in an OS sandbox (bubblewrap) that hides other users' data and the"
+        " service's secrets; `on` fails start-up when it cannot be had, `auto` uses it when"
+        " it can",
+    )
+    log_level: str = setting(
+        "LOG_LEVEL",
+        Choice(("DEBUG", "INFO", "WARNING", "ERROR")),
+        "INFO",
+        "least severe log messages written",
+    )
+
+    # Fixed, not read from the environment.
+    max_body_bytes: int = 1024 * 1024  # largest request body accepted
+    max_prompt_chars: int = 200_000  # longest prompt accepted (the original's bound)
+
+    @property
+    def default_timeout_ms(self) -> int:
+        """``default_timeout_s`` in the unit of the API's ``timeoutMs``."""
+        return round(self.default_timeout_s * 1000)
+
+    @property
+    def max_timeout_ms(self) -> int:
+        """``max_timeout_s`` in the unit of the API's ``timeoutMs``."""
+        return round(self.max_timeout_s * 1000)
 
     def user_for_key(self, presented: str) -> str | None:
-        """The user id for an API key, or None. Compares every key in constant time."""
+        """The user id for an API key, or None. Compares every key in constant time.
+
+        Never raises: a presented key that is not valid UTF-8 text matches no key."""
         found = None
-        candidate = presented.encode()
+        candidate = presented.encode("utf-8", "surrogatepass")
         for api_key in self.api_keys:
             if hmac.compare_digest(candidate, api_key.key.encode()):
                 found = api_key.user_id
         return found
 
 
-def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw, 10)
-    except ValueError:
-        value = None
-    if value is None or not low <= value <= high:
-        raise ConfigError(f"{name}={raw!r}: expected a whole number from {low} to {high}")
-    return value
-
-
-def _flag(env: Mapping[str, str], name: str) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
-        return False
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    raise ConfigError(f"{name}={raw!r}: expected 1/true/yes/on or 0/false/no/off")
+def declarations() -> list[tuple[str, EnvVar]]:
+    """``(Settings attribute, declaration)`` for every setting read from the environment,
+    in declaration order."""
+    return [
+        (field.name, field.metadata[_DECLARATION])
+        for field in attrs.fields(Settings)
+        if _DECLARATION in field.metadata
+    ]
 
 
 def parse_api_keys(raw: str) -> tuple[ApiKey, ...]:
-    """Parse ``API_KEYS``: comma-separated ``key`` (user "api") or ``prefix:key`` (user = prefix)."""
-    keys = []
-    for entry in (part.strip() for part in raw.split(",")):
-        if not entry:
-            continue
-        prefix, sep, key = entry.partition(":")
-        if sep and prefix and key:
-            keys.append(ApiKey(key=key, user_id=prefix))
-        elif sep and not key:
-            raise ConfigError(f"API_KEYS entry {prefix + ':'!r} has an empty key")
-        else:
-            keys.append(ApiKey(key=entry, user_id="api"))
-    return tuple(keys)
+    """Parse an ``API_KEYS`` value (see :class:`ApiKeys`); :class:`ConfigError` if bad."""
+    try:
+        return ApiKeys().parse(raw.strip())
+    except ValueError as exc:
+        raise ConfigError(f"API_KEYS: {exc}") from None
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read and validate every setting from ``env`` (default ``os.environ``).
 
-    Raises :class:`ConfigError` naming the first bad variable.
+    A variable that is unset or blank takes its default. Raises :class:`ConfigError`
+    naming the first bad variable.
     """
     env = os.environ if env is None else env
-    max_timeout_ms = _int(env, "MAX_TIMEOUT_MS", 3_600_000, 1, 7 * 24 * 3_600_000)
-    default_timeout_ms = _int(env, "DEFAULT_TIMEOUT_MS", 120_000, 1, 7 * 24 * 3_600_000)
-    if default_timeout_ms > max_timeout_ms:
+    values: dict[str, Any] = {}
+    for attribute, declared in declarations():
+        raw = env.get(declared.name, "").strip()
+        if not raw:
+            continue
+        try:
+            values[attribute] = declared.kind.parse(raw)
+        except ValueError as exc:
+            shown = "" if declared.secret else f"={raw!r}"
+            raise ConfigError(f"{declared.name}{shown}: {exc}") from None
+    settings = Settings(**values)
+    if settings.default_timeout_s > settings.max_timeout_s:
         raise ConfigError(
-            f"DEFAULT_TIMEOUT_MS={default_timeout_ms}: must not exceed MAX_TIMEOUT_MS={max_timeout_ms}"
+            f"DEFAULT_TIMEOUT_MS={settings.default_timeout_ms}: must not exceed"
+            f" MAX_TIMEOUT_MS={settings.max_timeout_ms}"
         )
-    executable = env.get("CLAUDE_EXECUTABLE", "").strip() or None
-    if executable is not None and not (
-        os.path.isfile(executable) and os.access(executable, os.X_OK)
-    ):
-        raise ConfigError(
-            f"CLAUDE_EXECUTABLE={executable!r}: expected the path of an executable file"
+    return settings
+
+
+# --- README's configuration table -----------------------------------------------------------------
+
+TABLE_START = "<!-- configuration table: generated from claude_code_api/config.py -->"
+TABLE_END = "<!-- end of configuration table -->"
+
+
+def _readable_duration(seconds: float) -> str:
+    for unit, size in (("days", 86_400), ("h", 3_600), ("min", 60), ("s", 1)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g} {unit}"
+    return f"{seconds * 1000:g} ms"
+
+
+def _shown_default(declared: EnvVar) -> str:
+    if declared.shown_default is not None:
+        return declared.shown_default
+    if not declared.default:
+        return "—"
+    shown = f"`{declared.default}`"
+    if isinstance(declared.kind, Duration):
+        seconds = declared.kind.parse(declared.default)
+        if seconds is not None and seconds >= 60:
+            shown += f" ({_readable_duration(seconds)})"
+    return shown
+
+
+def markdown_table() -> str:
+    """README's configuration table, one row per declared setting."""
+    rows = [
+        "| Variable | Default | Accepts | |",
+        "|---|---|---|---|",
+    ]
+    for _attribute, declared in declarations():
+        rows.append(
+            f"| `{declared.name}` | {_shown_default(declared)} | {declared.kind.accepts()}"
+            f" | {declared.doc} |"
         )
-    host = env.get("HOST", "").strip() or "0.0.0.0"
-    model = env.get("CLAUDE_MODEL", "").strip() or "claude-sonnet-4-6"
-    return Settings(
-        host=host,
-        port=_int(env, "PORT", 8080, 0, 65535),
-        pool_size=_int(env, "POOL_SIZE", 1, 1, 256),
-        model=model,
-        api_keys=parse_api_keys(env.get("API_KEYS", "")),
-        use_claude_api_key=_flag(env, "USE_CLAUDE_API_KEY"),
-        claude_executable=executable,
-        queue_max=_int(env, "QUEUE_MAX", 20, 0, 100_000),
-        default_timeout_ms=default_timeout_ms,
-        max_timeout_ms=max_timeout_ms,
-        data_dir=Path(env.get("DATA_DIR", "").strip() or "data"),
-        warmup_timeout_s=_int(env, "WARMUP_TIMEOUT_MS", 30_000, 100, 600_000) / 1000,
-        interrupt_grace_s=_int(env, "INTERRUPT_GRACE_MS", 2_000, 0, 600_000) / 1000,
-        shutdown_grace_s=_int(env, "SHUTDOWN_GRACE_S", 30, 0, 3600),
-        max_output_chars=_int(env, "MAX_OUTPUT_CHARS", 1_000_000, 1, 100_000_000),
-        max_live_sessions=_int(env, "MAX_LIVE_SESSIONS", 8, 1, 10_000),
-        session_idle_s=_int(env, "SESSION_IDLE_MS", 30 * 60_000, 1, 30 * 24 * 3_600_000) / 1000,
-        session_queue_max=_int(env, "SESSION_QUEUE_MAX", 10, 0, 10_000),
-        restart_backoff_max_s=_int(env, "RESTART_BACKOFF_MAX_MS", 30_000, 1, 3_600_000) / 1000,
-    )
+    return "\n".join(rows) + "\n"
+
+
+def with_table(readme: str) -> str:
+    """``readme`` with the text between the table markers replaced by :func:`markdown_table`."""
+    head, start, rest = readme.partition(TABLE_START + "\n")
+    _old, end, tail = rest.partition(TABLE_END)
+    if not (start and end):
+        raise ValueError(f"README lacks the markers {TABLE_START!r} and {TABLE_END!r}")
+    return head + start + markdown_table() + end + tail
+
+
+if __name__ == "__main__":
+    # python -m claude_code_api.config README.md: rewrite README's table from the declarations.
+    readme_path = Path(sys.argv[1])
+    readme_path.write_text(with_table(readme_path.read_text()))

@@ -1,8 +1,5 @@
-"""Unit tests of what the service accepts from outside: request bodies, Content-Type,
-API keys, and configuration from the environment.
-
-Pure functions, no I/O, except one test that starts ``python -m claude_code_api``
-with a bad variable and checks it exits 2 with one line naming it.
+"""Unit tests of what the service accepts from outside: request bodies, Content-Type
+and API keys. Pure functions, no I/O. Configuration is tested in ``test_config.py``.
 """
 
 from __future__ import annotations
@@ -10,18 +7,14 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import os
 import string
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from werkzeug.datastructures import Headers
 
-from claude_code_api.config import ApiKey, ConfigError, Settings, load_settings, parse_api_keys
+from claude_code_api.config import Settings, parse_api_keys
 from claude_code_api.http.auth import Unauthorized, authenticate
 from claude_code_api.http.requests import (
     BadRequest,
@@ -33,7 +26,6 @@ from claude_code_api.http.requests import (
 
 MAX_PROMPT = 50
 MAX_TIMEOUT = 10_000
-REPO = Path(__file__).resolve().parent.parent
 
 
 def parse(body: bytes | str) -> RunRequest:
@@ -415,192 +407,3 @@ def test_user_for_key():
     assert KEYS.user_for_key("") is None
     assert KEYS.user_for_key("sk-ALICE") is None
     assert KEYS.user_for_key("ünïcode") is None
-
-
-# --- configuration --------------------------------------------------------------------------
-
-
-def test_defaults():
-    settings_ = load_settings({})
-    assert settings_ == Settings()
-    assert (settings_.host, settings_.port, settings_.pool_size) == ("0.0.0.0", 8080, 1)
-    assert (settings_.queue_max, settings_.default_timeout_ms, settings_.max_timeout_ms) == (
-        20,
-        120_000,
-        3_600_000,
-    )
-    assert settings_.api_keys == ()
-    assert settings_.use_claude_api_key is False
-    assert settings_.claude_executable is None
-    assert settings_.data_dir == Path("data")
-
-
-def test_values_are_read():
-    settings_ = load_settings(
-        {
-            "HOST": "127.0.0.1",
-            "PORT": " 9000 ",
-            "POOL_SIZE": "4",
-            "QUEUE_MAX": "0",
-            "CLAUDE_MODEL": "claude-opus-4",
-            "DEFAULT_TIMEOUT_MS": "5000",
-            "MAX_TIMEOUT_MS": "5000",
-            "DATA_DIR": "/tmp/data",
-            "WARMUP_TIMEOUT_MS": "1500",
-            "INTERRUPT_GRACE_MS": "0",
-            "SHUTDOWN_GRACE_S": "7",
-            "MAX_OUTPUT_CHARS": "10",
-        }
-    )
-    assert (settings_.host, settings_.port, settings_.pool_size, settings_.queue_max) == (
-        "127.0.0.1",
-        9000,
-        4,
-        0,
-    )
-    assert settings_.model == "claude-opus-4"
-    assert (settings_.default_timeout_ms, settings_.max_timeout_ms) == (5000, 5000)
-    assert settings_.data_dir == Path("/tmp/data")
-    assert (settings_.warmup_timeout_s, settings_.interrupt_grace_s) == (1.5, 0)
-    assert (settings_.shutdown_grace_s, settings_.max_output_chars) == (7, 10)
-
-
-def test_blank_values_mean_defaults():
-    assert load_settings({"PORT": "  ", "POOL_SIZE": "", "HOST": " ", "CLAUDE_MODEL": ""}) == (
-        Settings()
-    )
-
-
-@pytest.mark.parametrize(
-    ("name", "value"),
-    [
-        ("POOL_SIZE", "abc"),
-        ("POOL_SIZE", "0"),
-        ("POOL_SIZE", "257"),
-        ("POOL_SIZE", "1.5"),
-        ("POOL_SIZE", "0x10"),
-        ("PORT", "70000"),
-        ("PORT", "-1"),
-        ("QUEUE_MAX", "-1"),
-        ("MAX_TIMEOUT_MS", "0"),
-        ("DEFAULT_TIMEOUT_MS", "ten"),
-        ("WARMUP_TIMEOUT_MS", "50"),
-        ("SHUTDOWN_GRACE_S", "3601"),
-        ("MAX_OUTPUT_CHARS", "0"),
-        ("USE_CLAUDE_API_KEY", "maybe"),
-        ("USE_CLAUDE_API_KEY", "2"),
-    ],
-)
-def test_bad_value_is_a_config_error_naming_the_variable(name, value):
-    with pytest.raises(ConfigError) as caught:
-        load_settings({name: value})
-    message = str(caught.value)
-    assert message.startswith(f"{name}=")
-    assert "\n" not in message
-
-
-@pytest.mark.parametrize(
-    ("raw", "expected"),
-    [
-        ("1", True),
-        ("true", True),
-        (" YES ", True),
-        ("On", True),
-        ("0", False),
-        ("false", False),
-        ("No", False),
-        ("off", False),
-        ("", False),
-    ],
-)
-def test_flags(raw, expected):
-    assert load_settings({"USE_CLAUDE_API_KEY": raw}).use_claude_api_key is expected
-
-
-def test_default_timeout_above_max_timeout():
-    with pytest.raises(ConfigError) as caught:
-        load_settings({"DEFAULT_TIMEOUT_MS": "5001", "MAX_TIMEOUT_MS": "5000"})
-    assert "DEFAULT_TIMEOUT_MS=5001" in str(caught.value)
-    assert "MAX_TIMEOUT_MS=5000" in str(caught.value)
-    # The default bound applies too.
-    with pytest.raises(ConfigError, match="DEFAULT_TIMEOUT_MS"):
-        load_settings({"DEFAULT_TIMEOUT_MS": "3600001"})
-
-
-def test_claude_executable(tmp_path):
-    program = tmp_path / "claude"
-    program.write_text("#!/bin/sh\n")
-    with pytest.raises(ConfigError, match=r"^CLAUDE_EXECUTABLE="):
-        load_settings({"CLAUDE_EXECUTABLE": str(program)})  # not executable
-    with pytest.raises(ConfigError, match=r"^CLAUDE_EXECUTABLE="):
-        load_settings({"CLAUDE_EXECUTABLE": str(tmp_path / "missing")})
-    program.chmod(0o755)
-    assert load_settings({"CLAUDE_EXECUTABLE": f" {program} "}).claude_executable == str(program)
-
-
-def test_claude_executable_that_is_a_directory(tmp_path):
-    with pytest.raises(ConfigError, match=r"^CLAUDE_EXECUTABLE="):
-        load_settings({"CLAUDE_EXECUTABLE": str(tmp_path)})
-
-
-def test_api_keys_parsing():
-    assert parse_api_keys("") == ()
-    assert parse_api_keys(" , ,") == ()
-    assert parse_api_keys("k1") == (ApiKey("k1", "api"),)
-    # No user id is ever empty: a leading colon is part of a plain key.
-    assert parse_api_keys(":k1") == (ApiKey(":k1", "api"),)
-    assert parse_api_keys("alice:k2, k3 ,,bob:k:4") == (
-        ApiKey("k2", "alice"),
-        ApiKey("k3", "api"),
-        ApiKey("k:4", "bob"),  # only the first colon separates the user
-    )
-    assert load_settings({"API_KEYS": "alice:k2"}).api_keys == (ApiKey("k2", "alice"),)
-    with pytest.raises(ConfigError, match="^API_KEYS entry 'alice:' has an empty key"):
-        load_settings({"API_KEYS": "k1,alice:"})
-
-
-def test_api_keys_are_not_shown_in_repr():
-    settings_ = load_settings({"API_KEYS": "alice:sk-secret-value"})
-    assert "sk-secret-value" not in repr(settings_)
-    assert "alice" in repr(settings_)
-
-
-CONFIG_VARIABLES = {
-    "HOST",
-    "PORT",
-    "POOL_SIZE",
-    "CLAUDE_MODEL",
-    "API_KEYS",
-    "USE_CLAUDE_API_KEY",
-    "CLAUDE_EXECUTABLE",
-    "QUEUE_MAX",
-    "DEFAULT_TIMEOUT_MS",
-    "MAX_TIMEOUT_MS",
-    "DATA_DIR",
-    "WARMUP_TIMEOUT_MS",
-    "INTERRUPT_GRACE_MS",
-    "SHUTDOWN_GRACE_S",
-    "MAX_OUTPUT_CHARS",
-    "MAX_LIVE_SESSIONS",
-    "SESSION_IDLE_MS",
-    "SESSION_QUEUE_MAX",
-}
-
-
-def test_bad_configuration_exits_2_with_one_line():
-    env = {k: v for k, v in os.environ.items() if k not in CONFIG_VARIABLES}
-    env["POOL_SIZE"] = "abc"
-    done = subprocess.run(
-        [sys.executable, "-m", "claude_code_api"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert done.returncode == 2, done.stderr
-    assert "Traceback" not in done.stderr
-    lines = done.stderr.splitlines()
-    assert len(lines) == 1, done.stderr
-    assert "POOL_SIZE" in lines[0] and "'abc'" in lines[0]
-    assert done.stdout == ""
