@@ -14,9 +14,12 @@ from claude_code_api.supervision import (
     ChildExit,
     ChildSpec,
     Restart,
+    Strategy,
     Supervisor,
     TooManyRestarts,
 )
+
+REST_FOR_ONE, ONE_FOR_ALL = Strategy.REST_FOR_ONE, Strategy.ONE_FOR_ALL
 
 
 class Crash(Exception):
@@ -46,6 +49,7 @@ class Fake:
         self.starts: list[float] = []  # trio time of every start attempt
         self.running = False
         self.cancelled = False
+        self.ended: list[float] = []  # trio time each incarnation ended
         self._finish = trio.Event()
         self._error: Exception | None = None
         self._stopping = False
@@ -74,6 +78,7 @@ class Fake:
             raise
         finally:
             self.running = False
+            self.ended.append(trio.current_time())
             self.events.append(f"stop {self.name}")
 
     def crash(self, error: Exception | None = None) -> Exception:
@@ -383,3 +388,346 @@ async def test_nested_supervisor_stops_within_grace(autojump_clock, grace):
     # The inner supervisor waits for its child, unless its own grace runs out first.
     assert trio.current_time() == min(1, grace)
     assert slow.cancelled == (grace < 1)
+
+
+# --- strategies ------------------------------------------------------------
+
+
+def graceful(fake: Fake, **kwargs) -> ChildSpec:
+    return fake.spec(request_stop=fake.request_stop, **kwargs)
+
+
+async def test_rest_for_one_restarts_the_dead_child_and_those_after_it(autojump_clock):
+    events: list[str] = []
+    a, b, c, d = (Fake(n, events, stop_takes=1) for n in "abcd")
+    sup = Supervisor(
+        "top", [graceful(f, shutdown_grace=5) for f in (a, b, c, d)], strategy=REST_FOR_ONE
+    )
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await trio.sleep(1)
+            del events[:]
+            error = b.crash()
+            await trio.sleep(5)
+            # Those after b stop as at shutdown: reverse order, hook, each takes 1 s.
+            # Then b, c, d start again in order; a, before b, is not touched.
+            assert events == [
+                "stop b",
+                "asked d",
+                "stop d",
+                "asked c",
+                "stop c",
+                "start b",
+                "start c",
+                "start d",
+            ]
+            assert a.starts == [0] and not a.cancelled
+            assert b.starts == c.starts == d.starts == [0, 3]
+            assert all(f.running for f in (a, b, c, d))
+            assert sup.last_failure == ChildExit("b", error)
+            sup.request_stop()
+
+
+async def test_rest_for_one_last_child_restarts_alone(autojump_clock):
+    events: list[str] = []
+    a, b = Fake("a", events), Fake("b", events)
+    sup = Supervisor("top", [a.spec(), b.spec()], strategy=REST_FOR_ONE)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            b.crash()
+            await settle()
+            assert events == ["start a", "start b", "stop b", "start b"]
+            sup.request_stop()
+
+
+async def test_one_for_all_restarts_every_child(autojump_clock):
+    events: list[str] = []
+    a, b, c = (Fake(n, events, stop_takes=1) for n in "abc")
+    sup = Supervisor(
+        "top", [graceful(f, shutdown_grace=5) for f in (a, b, c)], strategy=ONE_FOR_ALL
+    )
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            del events[:]
+            b.crash()
+            await trio.sleep(5)
+            assert events == [
+                "stop b",
+                "asked c",
+                "stop c",
+                "asked a",
+                "stop a",
+                "start a",
+                "start b",
+                "start c",
+            ]
+            assert a.starts == b.starts == c.starts == [0, 2]
+            sup.request_stop()
+
+
+@pytest.mark.parametrize("strategy", [REST_FOR_ONE, ONE_FOR_ALL])
+async def test_one_restart_per_event_however_many_children_it_starts(autojump_clock, strategy):
+    a, b, c = Fake("a", []), Fake("b", [], lifetimes=[1, 1]), Fake("c", [])
+    # One restart allowed per 5 s: b's first crash restarts a (for one_for_all), b and c
+    # once -- a single restart; its second crash is the second restart, one too many.
+    sup = Supervisor("top", [f.spec() for f in (a, b, c)], strategy=strategy, intensity=1)
+    with trio.fail_after(10), pytest.raises(TooManyRestarts, match="'b'"):
+        await sup.run()
+    assert b.starts == c.starts == [0, 1]
+    assert a.starts == ([0, 1] if strategy is ONE_FOR_ALL else [0])
+    assert trio.current_time() == 2
+
+
+@pytest.mark.parametrize("strategy", [REST_FOR_ONE, ONE_FOR_ALL])
+async def test_a_child_that_is_not_restarted_disturbs_nobody(autojump_clock, strategy):
+    events: list[str] = []
+    a, temporary, transient, d = (Fake(n, events) for n in ("a", "temporary", "transient", "d"))
+    sup = Supervisor(
+        "top",
+        [
+            a.spec(),
+            temporary.spec(restart=Restart.TEMPORARY),
+            transient.spec(restart=Restart.TRANSIENT),
+            d.spec(),
+        ],
+        strategy=strategy,
+    )
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            del events[:]
+            temporary.crash()  # never restarted: as OTP, only restarted children count
+            transient.exit()  # a normal exit: not restarted either
+            await settle()
+            assert sorted(events) == ["stop temporary", "stop transient"]
+            assert a.starts == d.starts == [0] and a.running and d.running
+            sup.request_stop()
+
+
+async def test_rest_for_one_leaves_temporary_siblings_stopped(autojump_clock):
+    # As OTP: a restart takes temporary siblings down and does not bring them back,
+    # and it starts every other sibling again, even a transient one that had finished.
+    events: list[str] = []
+    a, temporary, finished, d = (Fake(n, events) for n in ("a", "temporary", "finished", "d"))
+    sup = Supervisor(
+        "top",
+        [
+            a.spec(),
+            temporary.spec(restart=Restart.TEMPORARY),
+            finished.spec(restart=Restart.TRANSIENT),
+            d.spec(),
+        ],
+        strategy=REST_FOR_ONE,
+    )
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            finished.exit()
+            await settle()
+            del events[:]
+            a.crash()
+            await settle()
+            assert events == [
+                "stop a",
+                "stop d",
+                "stop temporary",
+                "start a",
+                "start finished",
+                "start d",
+            ]
+            assert temporary.starts == [0] and not temporary.running
+            assert finished.starts == [0, 0] and finished.running
+            sup.request_stop()
+
+
+async def test_exit_of_a_sibling_stopped_for_a_restart_is_not_reported(autojump_clock):
+    events: list[str] = []
+    a = Fake("a", events)
+    b = Fake("b", events, lifetimes=[1])  # crashes at 1
+    c = Fake("c", events, lifetimes=[1.5])  # crashes at 1.5, while d is still stopping
+    d = Fake("d", events, stop_takes=2)
+    sup = Supervisor(
+        "top",
+        [a.spec(), b.spec(), c.spec(), graceful(d, shutdown_grace=5)],
+        strategy=REST_FOR_ONE,
+        intensity=1,
+    )
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await trio.sleep(5)
+            # b's restart took c down: c's own crash, not yet reported when its
+            # restart started it again, is dropped -- neither restarts c a second
+            # time nor counts against intensity (1 would have been exceeded).
+            assert b.starts == c.starts == d.starts == [0, 3]
+            assert all(f.running for f in (a, b, c, d))
+            assert sup.last_failure.name == "b"
+            sup.request_stop()
+
+
+async def test_stop_requested_while_a_restart_stops_siblings(autojump_clock):
+    events: list[str] = []
+    a, b = Fake("a", events), Fake("b", events, lifetimes=[1])
+    hung = Fake("hung", events, ignore_stop=True)
+    sup = Supervisor(
+        "top", [a.spec(), b.spec(), graceful(hung, shutdown_grace=4)], strategy=REST_FOR_ONE
+    )
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await trio.sleep(2)  # b crashed at 1; hung was asked to stop then
+            sup.request_stop()
+    # The shutdown keeps the deadline the restart set (1 + 4), asks nobody twice,
+    # and restarts nobody.
+    assert trio.current_time() == 5
+    assert events.count("asked hung") == 1 and hung.cancelled
+    assert b.starts == [0] and hung.starts == [0]
+    assert events[-1] == "stop a"
+
+
+async def test_rest_for_one_backoff_restarts_the_group_when_due(autojump_clock):
+    a, b, c = Fake("a", [], lifetimes=[1.5]), Fake("b", [], lifetimes=[1]), Fake("c", [])
+    sup = Supervisor(
+        "top",
+        [f.spec() for f in (a, b, c)],
+        strategy=REST_FOR_ONE,
+        intensity=0,  # every restart is delayed
+        backoff=Backoff(initial=1, factor=2, cap=8),
+    )
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await trio.sleep(1.2)
+            # b died at 1: c depends on it, so it stops now, not when b restarts.
+            assert sup.backing_off_until == 2 and not b.running and not c.running
+            await trio.sleep_until(2.2)
+            # a died at 1.5: its restart (due 2.5) brings b and c back too, so
+            # b's own restart, due at 2, was dropped.
+            assert b.starts == c.starts == [0] and sup.backing_off_until == 2.5
+            await trio.sleep_until(3)
+            assert a.starts == b.starts == c.starts == [0, 2.5]
+            assert all(f.running for f in (a, b, c))
+            sup.request_stop()
+
+
+@pytest.mark.parametrize("strategy", [REST_FOR_ONE, ONE_FOR_ALL])
+async def test_failed_restart_in_a_group_is_an_exit_of_that_child(autojump_clock, strategy):
+    events: list[str] = []
+    a = Fake("a", events, lifetimes=[1])
+    b = Fake("b", events, fail_starts={1})  # its first restart fails
+    c = Fake("c", events)
+    sup = Supervisor("top", [f.spec() for f in (a, b, c)], strategy=strategy)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await trio.sleep(2)
+            # As OTP: the failure is one more restart event, of b -- which takes a
+            # down again only under one_for_all.
+            assert a.starts == ([0, 1, 1] if strategy is ONE_FOR_ALL else [0, 1])
+            assert b.starts == [0, 1, 1] and c.starts == [0, 1]
+            assert all(f.running for f in (a, b, c))
+            assert sup.last_failure.name == "b"
+            assert isinstance(sup.last_failure.reason, StartFailed)
+            sup.request_stop()
+
+
+# --- fresh state for every incarnation -----------------------------------------
+
+
+class Tally:
+    """An actor with state of its own: it counts the jobs it did, and can be made to crash."""
+
+    def __init__(self, made: list[Tally]) -> None:
+        self.jobs = 0
+        self.asked_to_stop = False
+        self._wake = trio.Event()
+        made.append(self)
+
+    def work(self) -> None:
+        self.jobs += 1
+
+    def crash(self) -> None:
+        self._wake.set()
+
+    def request_stop(self) -> None:
+        self.asked_to_stop = True
+        self._wake.set()
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await self._wake.wait()
+        if not self.asked_to_stop:
+            raise Crash(f"with {self.jobs} jobs done")
+
+
+async def test_start_function_builds_fresh_state_for_each_incarnation(autojump_clock):
+    made: list[Tally] = []
+
+    async def start(*, task_status: trio.TaskStatus[None]) -> None:
+        await Tally(made).serve(task_status=task_status)  # state created here, per incarnation
+
+    sup = Supervisor("top", [ChildSpec("tally", start)])
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            made[0].work()
+            made[0].crash()
+            await settle()
+            assert len(made) == 2 and made[1].jobs == 0  # the restart did not inherit the job
+            sup.request_stop()
+
+
+async def test_actor_factory_makes_a_new_actor_and_stops_the_current_one(autojump_clock):
+    made: list[Tally] = []
+    sup = Supervisor(
+        "top", [ChildSpec("tally", actor=lambda: Tally(made), shutdown_grace=math.inf)]
+    )
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            made[0].work()
+            made[0].crash()
+            await settle()
+            assert len(made) == 2 and made[1].jobs == 0
+            sup.request_stop()
+    # The stop hook reached the incarnation that was running, not the one that crashed,
+    # and it finished on its own (no grace: it would have hung otherwise).
+    assert not made[0].asked_to_stop and made[1].asked_to_stop
+    assert trio.current_time() == 0
+
+
+async def test_supervisor_as_an_actor_comes_back_new(autojump_clock):
+    events: list[str] = []
+    w1, w2 = Fake("w1", events), Fake("w2", events)
+    pools: list[Supervisor] = []
+
+    def new_pool() -> Supervisor:
+        pools.append(Supervisor("pool", [w1.spec(), w2.spec()], intensity=0))
+        return pools[-1]
+
+    top = Supervisor("top", [ChildSpec("pool", actor=new_pool)])
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(top.run)
+            w2.crash()  # the pool gives up at once; top starts a new one
+            await settle()
+            assert len(pools) == 2 and w1.starts == w2.starts == [0, 0]
+            assert isinstance(top.last_failure.reason, TooManyRestarts)
+            del events[:]
+            top.request_stop()
+    assert events == ["stop w2", "stop w1"]
+
+
+def test_child_spec_takes_start_or_actor():
+    async def start(*, task_status: trio.TaskStatus[None]) -> None:
+        pass
+
+    with pytest.raises(ValueError, match="exactly one"):
+        ChildSpec("neither")
+    with pytest.raises(ValueError, match="exactly one"):
+        ChildSpec("both", start, actor=lambda: Tally([]))
+    with pytest.raises(ValueError, match="its own request_stop"):
+        ChildSpec("hook", actor=lambda: Tally([]), request_stop=lambda: None)
