@@ -18,8 +18,10 @@ ends, as OTP does:
   and raises `TooManyRestarts` -- or, with a `Backoff`, delays each further
   restart, longer each time, until a quiet ``period`` has passed. A restart
   that fails to start counts as one more event.
-- **Stopping**: one at a time in reverse start order, each child given its
-  own grace.
+- **Stopping** (`StopOrder`): one at a time in reverse start order, each child
+  given its own grace (what a tree with dependencies needs), or all asked at
+  once and each cancelled at its own grace counted from that same moment, so
+  the whole stop takes the largest grace, not their sum (a pool of peers).
 
 Each incarnation of a child is a new call of ``ChildSpec.start`` (or a new
 object from ``ChildSpec.actor``), so a restarted child starts from fresh
@@ -57,6 +59,13 @@ class Restart(enum.Enum):
     PERMANENT = "permanent"  # always
     TRANSIENT = "transient"  # only after an abnormal exit (an exception)
     TEMPORARY = "temporary"  # never; its exit is only logged
+
+
+class StopOrder(enum.Enum):
+    """How a supervisor stops several children: at shutdown, or for a restart."""
+
+    REVERSE = "reverse"  # one at a time, last started first, each after the one before ended
+    TOGETHER = "together"  # all asked at once, each cancelled at its own grace from that moment
 
 
 class StartChild(Protocol):
@@ -205,6 +214,7 @@ class Supervisor:
         intensity: int = 3,
         period: float = 5.0,
         backoff: Backoff | None = None,
+        stop_order: StopOrder = StopOrder.REVERSE,
     ) -> None:
         names = [spec.name for spec in children]
         if len(set(names)) != len(names):
@@ -215,6 +225,7 @@ class Supervisor:
         self._intensity = intensity
         self._period = period
         self._backoff = backoff
+        self._stop_order = stop_order
         self._stop_requested = False
         self._stop_scope: trio.CancelScope | None = None
         self._running = False
@@ -238,7 +249,7 @@ class Supervisor:
         return self._last_failure
 
     def request_stop(self) -> None:
-        """Ask `run` to stop all children (reverse order, with grace) and return."""
+        """Ask `run` to stop all children (in the supervisor's `StopOrder`) and return."""
         self._stop_requested = True
         if self._stop_scope is not None:
             self._stop_scope.cancel()
@@ -410,11 +421,17 @@ class Supervisor:
         return None
 
     async def _stop(self, children: Sequence[_Child]) -> None:
-        """Stop those of ``children`` (in start order) that are up, one at a time in reverse."""
+        """Stop those of ``children`` (in start order) that are up, as the `StopOrder` says."""
         up = [(c.spec, running) for c in children if (running := c.running) is not None]
-        for spec, incarnation in reversed(up):
-            self._ask_to_stop(spec, incarnation)
-            await incarnation.done.wait()
+        if self._stop_order is StopOrder.TOGETHER:
+            for spec, incarnation in reversed(up):
+                self._ask_to_stop(spec, incarnation)
+            for _, incarnation in up:
+                await incarnation.done.wait()
+        else:
+            for spec, incarnation in reversed(up):
+                self._ask_to_stop(spec, incarnation)
+                await incarnation.done.wait()
 
     def _ask_to_stop(self, spec: ChildSpec, incarnation: _Incarnation) -> None:
         """Call the child's stop hook and set its kill deadline; or cancel it at once."""

@@ -14,6 +14,7 @@ from claude_code_api.supervision import (
     ChildExit,
     ChildSpec,
     Restart,
+    StopOrder,
     Strategy,
     Supervisor,
     TooManyRestarts,
@@ -731,3 +732,68 @@ def test_child_spec_takes_start_or_actor():
         ChildSpec("both", start, actor=lambda: Tally([]))
     with pytest.raises(ValueError, match="its own request_stop"):
         ChildSpec("hook", actor=lambda: Tally([]), request_stop=lambda: None)
+
+
+# --- stopping side by side -------------------------------------------------------
+
+
+@pytest.mark.parametrize(("order", "took"), [(StopOrder.REVERSE, 8), (StopOrder.TOGETHER, 2)])
+async def test_hung_children_stop_within_one_grace_together(autojump_clock, order, took):
+    events: list[str] = []
+    hung = [Fake(f"w{n}", events, ignore_stop=True) for n in range(4)]
+    sup = Supervisor("pool", [graceful(f, shutdown_grace=2) for f in hung], stop_order=order)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await trio.sleep(1)
+            sup.request_stop()
+    assert trio.current_time() == 1 + took
+    assert all(f.cancelled for f in hung)
+    if order is StopOrder.TOGETHER:  # every hook is called at once, still last started first
+        assert events[4:8] == ["asked w3", "asked w2", "asked w1", "asked w0"]
+        assert all(f.ended == [3] for f in hung)
+
+
+async def test_together_each_child_keeps_its_own_grace(autojump_clock):
+    quick = Fake("quick", [], stop_takes=0.5)
+    hung_short = Fake("hung_short", [], ignore_stop=True)
+    hung_long = Fake("hung_long", [], ignore_stop=True)
+    no_hook = Fake("no_hook", [])
+    sup = Supervisor(
+        "pool",
+        [
+            graceful(quick, shutdown_grace=3),
+            graceful(hung_short, shutdown_grace=1),
+            graceful(hung_long, shutdown_grace=3),
+            no_hook.spec(),
+        ],
+        stop_order=StopOrder.TOGETHER,
+    )
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            sup.request_stop()
+    ended = {f.name: f.ended for f in (quick, hung_short, hung_long, no_hook)}
+    # All from the same moment: whoever finishes early ends early; hung ones are
+    # cancelled at their own grace; the whole stop takes the largest grace.
+    assert ended == {"no_hook": [0], "quick": [0.5], "hung_short": [1], "hung_long": [3]}
+    assert not quick.cancelled and hung_short.cancelled and hung_long.cancelled
+    assert trio.current_time() == 3
+
+
+async def test_together_also_applies_to_siblings_stopped_for_a_restart(autojump_clock):
+    hung = [Fake(f"w{n}", [], ignore_stop=True) for n in range(3)]
+    crasher = Fake("crasher", [], lifetimes=[1])
+    sup = Supervisor(
+        "pool",
+        [crasher.spec()] + [graceful(f, shutdown_grace=2) for f in hung],
+        strategy=ONE_FOR_ALL,
+        stop_order=StopOrder.TOGETHER,
+    )
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await trio.sleep(4)
+            assert crasher.starts == [0, 3]  # the siblings took one grace, not three
+            assert all(f.starts == [0, 3] and f.running for f in hung)
+            sup.request_stop()
