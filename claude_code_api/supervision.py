@@ -37,7 +37,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import attrs
 import trio
@@ -66,6 +66,16 @@ class StopOrder(enum.Enum):
 
     REVERSE = "reverse"  # one at a time, last started first, each after the one before ended
     TOGETHER = "together"  # all asked at once, each cancelled at its own grace from that moment
+
+
+class ExpectedFailure(Exception):
+    """An operational failure a supervisor expects to see, such as an agent that cannot start.
+
+    A child that ends with one (or with an exception group holding only these)
+    is logged in one line without a traceback: a crash loop then says what is
+    wrong once per attempt instead of burying it. Any other exception is
+    logged with its traceback.
+    """
 
 
 class StartChild(Protocol):
@@ -142,8 +152,12 @@ class Backoff:
     cap: float = 30.0
 
 
-class TooManyRestarts(Exception):
-    """Children died faster than the supervisor's intensity allows; carries the last exit."""
+class TooManyRestarts(ExpectedFailure):
+    """Children died faster than the supervisor's intensity allows; carries the last exit.
+
+    Expected by a parent supervisor: the crashes behind it were already logged
+    by the supervisor that gave up.
+    """
 
     def __init__(self, supervisor: str, last_exit: ChildExit) -> None:
         super().__init__(
@@ -189,6 +203,14 @@ class _WatchedStatus:
     def started(self, value: object = None) -> None:
         self.called = True
         self.inner.started(value)
+
+
+def _is_expected(reason: BaseException) -> bool:
+    """An `ExpectedFailure`, or a group of nothing else (a nursery inside the child)."""
+    if isinstance(reason, BaseExceptionGroup):
+        group = cast("BaseExceptionGroup[BaseException]", reason)  # isinstance forgets the type
+        return all(_is_expected(inner) for inner in group.exceptions)
+    return isinstance(reason, ExpectedFailure)
 
 
 class Supervisor:
@@ -369,9 +391,16 @@ class Supervisor:
             log.info("%s: child %r exited normally", self.name, exit_.name)
             return
         self._last_failure = exit_
-        log.warning(
-            "%s: child %r crashed: %r", self.name, exit_.name, exit_.reason, exc_info=exit_.reason
-        )
+        if _is_expected(exit_.reason):
+            log.warning("%s: child %r failed: %r", self.name, exit_.name, exit_.reason)
+        else:
+            log.warning(
+                "%s: child %r crashed: %r",
+                self.name,
+                exit_.name,
+                exit_.reason,
+                exc_info=exit_.reason,
+            )
 
     def _group(self, dead: _Child) -> list[_Child]:
         """The children that the restart of ``dead`` takes down and brings back, in start order."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from claude_code_api.supervision import (
     Backoff,
     ChildExit,
     ChildSpec,
+    ExpectedFailure,
     Restart,
     StopOrder,
     Strategy,
@@ -797,3 +799,66 @@ async def test_together_also_applies_to_siblings_stopped_for_a_restart(autojump_
             assert crasher.starts == [0, 3]  # the siblings took one grace, not three
             assert all(f.starts == [0, 3] and f.running for f in hung)
             sup.request_stop()
+
+
+# --- logging ----------------------------------------------------------------------
+
+
+class AgentCannotStart(ExpectedFailure):
+    pass
+
+
+def crash_records(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "child 'w'" in r.getMessage()]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        AgentCannotStart("claude refuses to run as root\n(see its stderr)"),
+        ExceptionGroup("from a nursery", [AgentCannotStart("no"), AgentCannotStart("no")]),
+    ],
+)
+async def test_expected_failure_is_logged_in_one_line(autojump_clock, caplog, error):
+    child = Fake("w", [])
+    sup = Supervisor("top", [child.spec()])
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            child.crash(error)
+            await settle()
+            sup.request_stop()
+    [record] = crash_records(caplog)
+    assert record.exc_info is None and record.levelno == logging.WARNING
+    assert "\n" not in record.getMessage() and "AgentCannotStart" in record.getMessage()
+    assert "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "error", [Crash("a bug"), ExceptionGroup("mixed", [AgentCannotStart("no"), Crash("a bug")])]
+)
+async def test_unexpected_crash_is_logged_with_its_traceback(autojump_clock, caplog, error):
+    child = Fake("w", [])
+    sup = Supervisor("top", [child.spec()])
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            child.crash(error)
+            await settle()
+            sup.request_stop()
+    [record] = crash_records(caplog)
+    assert record.exc_info is not None and record.exc_info[1] is error
+    assert "Traceback" in caplog.text
+
+
+async def test_a_sub_supervisor_giving_up_is_one_line_in_its_parent(autojump_clock, caplog):
+    w = Fake("w", [], lifetimes=[1])
+    pool = Supervisor("pool", [w.spec()], intensity=0)
+    top = Supervisor("top", [ChildSpec("pool", pool.run, request_stop=pool.request_stop)])
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(top.run)
+            await trio.sleep(1.5)
+            top.request_stop()
+    [record] = [r for r in caplog.records if r.getMessage().startswith("top: child 'pool'")]
+    assert record.exc_info is None and "TooManyRestarts" in record.getMessage()
