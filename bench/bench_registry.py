@@ -23,7 +23,9 @@ its inbox in order, so that is when the save was committed.
 
 ``--dir`` chooses where the database lives (default: a temporary directory);
 its filesystem decides what an fsync costs, so the figures are only comparable
-on the same one. The script prints it.
+on the same one. The script prints it, and the load average (figures from a
+busy machine are not comparable either). ``--synchronous FULL`` overrides the
+store's setting, to separate what group commit buys from what the sync level buys.
 """
 
 from __future__ import annotations
@@ -120,6 +122,8 @@ async def run(args: argparse.Namespace, directory: Path) -> None:
     print(f"registry: {'acknowledged saves' if ACKNOWLEDGED else 'fire-and-forget saves'}")
     prefill(path, args.records)
     store = await trio.to_thread.run_sync(reg.SessionStore, path)
+    if args.synchronous:  # to tell what batching buys from what the sync level buys
+        store._db.execute(f"PRAGMA synchronous = {args.synchronous}")
     (sync,) = store._db.execute("PRAGMA synchronous").fetchone()
     print(f"synchronous = {['OFF', 'NORMAL', 'FULL', 'EXTRA'][sync]}, {args.records} records")
     send, inbox = trio.open_memory_channel(INBOX_SIZE)
@@ -138,4 +142,9 @@ if __name__ == "__main__":
     parser.add_argument("--savers", type=int, default=20, help="concurrent savers (20)")
     parser.add_argument("--records", type=int, default=2000, help="records beforehand (2000)")
     parser.add_argument("--dir", help="an empty directory for the database (default: a temp dir)")
+    parser.add_argument(
+        "--synchronous",
+        choices=["NORMAL", "FULL"],
+        help="override the store's PRAGMA synchronous (default: the store's own)",
+    )
     trio.run(main, parser.parse_args())
