@@ -13,8 +13,10 @@ import random
 import re
 import sqlite3
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -23,6 +25,7 @@ from hypothesis import strategies as st
 
 from claude_code_api.actors.registry import (
     DB_FILENAME,
+    MIGRATIONS,
     SCHEMA_VERSION,
     DeleteSession,
     ListSessions,
@@ -30,9 +33,12 @@ from claude_code_api.actors.registry import (
     RegistryClient,
     RegistryError,
     SaveSession,
+    SessionExists,
     SessionKey,
+    SessionPage,
     SessionRecord,
     SessionStore,
+    TooManySessions,
     new_session_record,
     open_store,
     serve_registry,
@@ -55,6 +61,10 @@ def record(user="alice", session="s1", *, last=100.0, turns=0, cost=0.0, started
     )
 
 
+def listed(store: SessionStore, user_id: str) -> list[SessionRecord]:
+    return list(store.list_for_user(user_id, 1000).records)
+
+
 # --- the store: contract ----------------------------------------------------
 
 
@@ -73,15 +83,15 @@ async def test_save_load_delete_list_round_trip(tmp_path):
             assert store.load(b1.key) == b1
             assert store.load(SessionKey("alice", "nope")) is None
             assert store.load(SessionKey("carol", "s1")) is None
-            assert store.list_for_user("alice") == [a2, a3, a1]  # latest activity first
-            assert store.list_for_user("carol") == []
+            assert listed(store, "alice") == [a2, a3, a1]  # latest activity first
+            assert listed(store, "carol") == []
             assert store.count() == 4
 
-            assert store.delete(a2.key) is True
-            assert store.delete(a2.key) is False
+            assert store.delete(a2.key) == a2  # the record it had
+            assert store.delete(a2.key) is None
             assert store.load(a2.key) is None
             assert store.load(b1.key) == b1  # same session id, other user: untouched
-            assert store.list_for_user("alice") == [a3, a1]
+            assert listed(store, "alice") == [a3, a1]
             assert store.count() == 3
         finally:
             store.close()
@@ -107,7 +117,7 @@ async def test_save_is_an_upsert(tmp_path):
             store.save(later)
             assert store.load(first.key) == later
             assert store.count() == 1
-            assert store.list_for_user(first.user_id) == [later]
+            assert listed(store, first.user_id) == [later]
         finally:
             store.close()
 
@@ -130,7 +140,7 @@ async def test_records_survive_a_restart(tmp_path):
             assert store.count() == 4
             assert store.load(records[3].key) == records[3]
             assert store.load(records[0].key) is None
-            assert store.list_for_user("u") == records[:0:-1]
+            assert listed(store, "u") == records[:0:-1]
         finally:
             store.close()
 
@@ -176,6 +186,283 @@ async def test_a_closed_store_raises_registry_error(tmp_path):
             store.load(SessionKey("a", "b"))
         with pytest.raises(RegistryError):
             store.save(record())
+
+
+async def test_save_many_is_one_transaction(tmp_path):
+    with trio.fail_after(TIMEOUT):
+        store = open_store(tmp_path)
+        try:
+            a, b = record("u", "a"), record("u", "b")
+            store.save_many([a, b])
+            assert listed(store, "u") == [a, b]
+            # A batch that cannot be written whole is not written at all.
+            full = record("u", "c", last=200.0)
+            store.save(full)
+            with _full(store):
+                with pytest.raises(RegistryError, match="disk is full"):
+                    store.save_many([attrs.evolve(a, turns=9), _huge("u", "d")])
+            assert store.load(a.key) == a
+            assert store.load(SessionKey("u", "d")) is None
+        finally:
+            store.close()
+
+
+async def test_previous_claude_session_ids_round_trip(tmp_path):
+    with trio.fail_after(TIMEOUT):
+        store = open_store(tmp_path)
+        try:
+            r = attrs.evolve(record(), previous_claude_session_ids=["old-1", "old-2"])
+            assert r.previous_claude_session_ids == ("old-1", "old-2")  # a tuple
+            assert r.all_claude_session_ids == (r.claude_session_id, "old-1", "old-2")
+            store.save(r)
+            assert store.load(r.key) == r
+            assert record().previous_claude_session_ids == ()
+        finally:
+            store.close()
+
+
+async def test_list_for_user_pages_latest_first(tmp_path):
+    with trio.fail_after(TIMEOUT):
+        store = open_store(tmp_path)
+        try:
+            mine = [record("u", f"s{i:02d}", last=float(i % 7)) for i in range(30)]
+            store.save_many([*mine, record("other", "s00", last=99.0)])
+            expected = sorted(mine, key=lambda r: (-r.last_activity, r.session_id))
+            pages = [store.list_for_user("u", 8, offset) for offset in range(0, 40, 8)]
+            assert [p.total for p in pages] == [30] * 5
+            assert [len(p.records) for p in pages] == [8, 8, 8, 6, 0]
+            assert [r for p in pages for r in p.records] == expected
+            assert store.list_for_user("u", 0, 0) == SessionPage((), 30)
+            assert store.list_for_user("nobody", 10, 0) == SessionPage((), 0)
+        finally:
+            store.close()
+
+
+async def test_paging_and_expiry_use_indexes(tmp_path):
+    with trio.fail_after(TIMEOUT):
+        store = open_store(tmp_path)
+        try:
+            store.save_many([record(f"u{i % 5}", f"s{i}", last=float(i)) for i in range(500)])
+            raw = sqlite3.connect(tmp_path / DB_FILENAME)
+            raw.execute("ANALYZE")
+
+            def plan(sql, *params):
+                return " | ".join(r[-1] for r in raw.execute(f"EXPLAIN QUERY PLAN {sql}", params))
+
+            page = plan(
+                "SELECT * FROM sessions WHERE user_id = ? ORDER BY last_activity DESC, session_id"
+                " LIMIT 10 OFFSET 20",
+                "u1",
+            )
+            assert "sessions_by_activity" in page and "TEMP B-TREE" not in page, page
+            count = plan("SELECT count(*) FROM sessions WHERE user_id = ?", "u1")
+            assert "USING COVERING INDEX" in count, count
+            expiry = plan(
+                "SELECT * FROM sessions WHERE last_activity < ? ORDER BY last_activity LIMIT 5",
+                10.0,
+            )
+            assert "sessions_by_last_activity" in expiry and "TEMP B-TREE" not in expiry, expiry
+            raw.close()
+        finally:
+            store.close()
+
+
+async def test_create_bounds_sessions_per_user(tmp_path):
+    with trio.fail_after(TIMEOUT):
+        store = open_store(tmp_path)
+        try:
+            store.create(record("u", "a"), 2)
+            store.create(record("other", "a"), 2)  # counted per user
+            with pytest.raises(SessionExists):
+                store.create(attrs.evolve(record("u", "a"), turns=5), 2)
+            assert store.load(SessionKey("u", "a")) == record("u", "a")  # unchanged
+            store.create(record("u", "b"), 2)
+            with pytest.raises(TooManySessions, match="already has 2 sessions") as caught:
+                store.create(record("u", "c"), 2)
+            assert (caught.value.user_id, caught.value.limit) == ("u", 2)
+            assert not isinstance(caught.value, RegistryError)  # a refusal: 429, not 503
+            assert store.load(SessionKey("u", "c")) is None
+            store.delete(SessionKey("u", "a"))
+            store.create(record("u", "c"), 2)  # room again
+            # Saving an existing session never counts against the bound.
+            store.save(attrs.evolve(record("u", "b"), turns=1))
+            assert store.count() == 3
+        finally:
+            store.close()
+
+
+async def test_delete_inactive_takes_the_oldest_first(tmp_path):
+    with trio.fail_after(TIMEOUT):
+        store = open_store(tmp_path)
+        try:
+            records = [record(f"u{i % 3}", f"s{i}", last=float(i)) for i in range(10)]
+            store.save_many(records)
+            assert store.delete_inactive(5.0, 3) == records[:3]
+            assert store.delete_inactive(5.0, 3) == records[3:5]  # 5.0 itself is not before
+            assert store.delete_inactive(5.0, 3) == []
+            assert store.count() == 5
+        finally:
+            store.close()
+
+
+async def test_store_runs_wal_with_synchronous_normal(tmp_path):
+    with trio.fail_after(TIMEOUT):
+        store = open_store(tmp_path)
+        try:
+            assert store._db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+            assert store._db.execute("PRAGMA synchronous").fetchone() == (1,)  # NORMAL
+        finally:
+            store.close()
+
+
+def _version_1_database(path: Path) -> None:
+    """A database exactly as the service wrote it at schema version 1, with two records."""
+    raw = sqlite3.connect(path, isolation_level=None)
+    raw.execute("PRAGMA journal_mode = WAL")
+    for statement in MIGRATIONS[0]:
+        raw.execute(statement)
+    raw.execute("PRAGMA user_version = 1")
+    raw.executemany(
+        "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            ("alice", "s1", "cid-1", 50.0, 100.0, 3, 0.25, 1),
+            ("bob", "s2", "cid-2", 60.0, 70.0, 0, 0.0, 0),
+        ],
+    )
+    raw.close()
+
+
+async def test_a_version_1_database_is_migrated(tmp_path):
+    with trio.fail_after(TIMEOUT):
+        path = tmp_path / DB_FILENAME
+        _version_1_database(path)
+        store = open_store(tmp_path)
+        try:
+            assert store.load(SessionKey("alice", "s1")) == SessionRecord(
+                "alice", "s1", "cid-1", 50.0, 100.0, 3, 0.25, True, ()
+            )
+            assert listed(store, "bob")[0].previous_claude_session_ids == ()
+            later = attrs.evolve(
+                store.load(SessionKey("bob", "s2")), previous_claude_session_ids=("cid-0",)
+            )
+            store.save(later)
+            assert store.load(later.key) == later
+        finally:
+            store.close()
+        raw = sqlite3.connect(path)
+        try:
+            assert raw.execute("PRAGMA user_version").fetchone() == (2,) == (SCHEMA_VERSION,)
+            indexes = {r[1] for r in raw.execute("PRAGMA index_list(sessions)")}
+            assert {"sessions_by_activity", "sessions_by_last_activity"} <= indexes
+        finally:
+            raw.close()
+        open_store(tmp_path).close()  # opening a migrated file again changes nothing
+
+
+# --- the store: storage failures --------------------------------------------
+
+
+def _huge(user: str, session: str) -> SessionRecord:
+    return attrs.evolve(record(user, session), claude_session_id="x" * 200_000)
+
+
+@contextmanager
+def _full(store: SessionStore):
+    """Make the database "full": no page may be added (real SQLITE_FULL), then undo it."""
+    (pages,) = store._db.execute("PRAGMA page_count").fetchone()
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+    try:
+        yield
+    finally:
+        store._db.execute("PRAGMA max_page_count = 1073741823")
+
+
+async def test_a_full_disk_fails_the_write_and_says_so(tmp_path):
+    with trio.fail_after(TIMEOUT):
+        store = open_store(tmp_path)
+        try:
+            with _full(store):
+                with pytest.raises(RegistryError) as caught:
+                    store.save(_huge("u", "s"))
+                with pytest.raises(RegistryError, match="disk is full"):
+                    store.create(_huge("u", "t"), 10)
+            message = str(caught.value)
+            assert str(tmp_path / DB_FILENAME) in message and "\n" not in message
+            assert "disk is full" in message and "free" in message
+            assert store.count() == 0
+            store.save(_huge("u", "s"))  # space again: writes work again
+            assert store.count() == 1
+        finally:
+            store.close()
+
+
+async def test_a_deleted_database_file_fails_writes(tmp_path):
+    with trio.fail_after(TIMEOUT):
+        store = open_store(tmp_path)
+        try:
+            kept = record("u", "kept")
+            store.save(kept)
+            (tmp_path / DB_FILENAME).unlink()
+            for write in (
+                lambda: store.save(record("u", "lost")),
+                lambda: store.save_many([record("u", "lost")]),
+                lambda: store.create(record("u", "lost"), 10),
+                lambda: store.delete(kept.key),
+                lambda: store.delete_inactive(1e12, 10),
+            ):
+                with pytest.raises(RegistryError, match="deleted") as caught:
+                    write()
+                assert "restart the service" in str(caught.value)
+            assert store.load(kept.key) == kept  # reads still see what it had
+        finally:
+            store.close()
+        assert not (tmp_path / DB_FILENAME).exists()  # and it did not recreate it
+
+
+async def test_a_replaced_database_file_fails_writes(tmp_path):
+    with trio.fail_after(TIMEOUT):
+        store = open_store(tmp_path)
+        other = tmp_path / "other"
+        other.mkdir()
+        try:
+            store.save(record("u", "a"))
+            open_store(other).close()  # a valid store, moved over ours
+            os.replace(other / DB_FILENAME, tmp_path / DB_FILENAME)
+            with pytest.raises(RegistryError, match="replaced.*restart the service"):
+                store.save(record("u", "lost"))
+        finally:
+            store.close()
+        # SQLite would replay the old file's WAL onto the new one: closing removed it.
+        assert not (tmp_path / f"{DB_FILENAME}-wal").exists()
+        restarted = open_store(tmp_path)
+        try:
+            assert restarted.count() == 0  # the new file, as it was
+        finally:
+            restarted.close()
+
+
+async def test_restart_after_the_file_was_deleted_starts_empty(tmp_path):
+    with trio.fail_after(TIMEOUT):
+        store = open_store(tmp_path)
+        store.save(record("u", "a"))
+        (tmp_path / DB_FILENAME).unlink()
+        store.close()
+        assert sorted(p.name for p in tmp_path.iterdir()) == []  # no stale -wal, -shm
+        restarted = open_store(tmp_path)
+        try:
+            assert restarted.count() == 0
+        finally:
+            restarted.close()
+
+
+async def test_a_wal_without_its_database_is_refused_and_left_alone(tmp_path):
+    with trio.fail_after(TIMEOUT):
+        # What a service that crashed after its file was deleted leaves behind.
+        (tmp_path / f"{DB_FILENAME}-wal").write_bytes(b"frames of a deleted database")
+        before = _snapshot(tmp_path)
+        with pytest.raises(RegistryError, match="-wal exists without the database"):
+            open_store(tmp_path)
+        assert _snapshot(tmp_path) == before
 
 
 # --- the store: refusing a file it must not touch ---------------------------
@@ -298,22 +585,34 @@ class RecordingStore(SessionStore):
         self._note("load", key)
         return super().load(key)
 
-    def save(self, record):
-        self._note("save", record.key)
-        return super().save(record)
+    def save_many(self, records):
+        self._note("save", [r.key.session_id for r in records])
+        return super().save_many(records)
+
+    def create(self, record, max_per_user):
+        self._note("create", record.key)
+        return super().create(record, max_per_user)
 
     def delete(self, key):
         self._note("delete", key)
         return super().delete(key)
 
-    def list_for_user(self, user_id):
+    def delete_inactive(self, before, limit):
+        deleted = super().delete_inactive(before, limit)
+        self._note("expire", len(deleted))
+        return deleted
+
+    def list_for_user(self, user_id, limit, offset=0):
         self._note("list", user_id)
-        return super().list_for_user(user_id)
+        return super().list_for_user(user_id, limit, offset)
 
     def close(self):
         self._note("close", None)
         self.closed = True
         super().close()
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
 
 
 def _reply():
@@ -327,16 +626,16 @@ async def test_requests_are_answered_in_order(tmp_path, nursery):
         await nursery.start(serve_registry, store, inbox)
 
         a, b = record("u", "a", last=1.0), record("u", "b", last=2.0)
-        replies = [_reply() for _ in range(6)]
+        replies = [_reply() for _ in range(8)]
         messages = [
             LoadSession(a.key, replies[0][0]),  # before the save: None
-            SaveSession(a),
-            SaveSession(b),
-            LoadSession(a.key, replies[1][0]),  # after it: a
-            ListSessions("u", replies[2][0]),
-            DeleteSession(a.key, replies[3][0]),
-            DeleteSession(a.key, replies[4][0]),
-            ListSessions("u", replies[5][0]),
+            SaveSession(a, replies[1][0]),
+            SaveSession(b, replies[2][0]),
+            LoadSession(a.key, replies[3][0]),  # after it: a
+            ListSessions("u", 10, 0, replies[4][0]),
+            DeleteSession(a.key, replies[5][0]),
+            DeleteSession(a.key, replies[6][0]),
+            ListSessions("u", 10, 0, replies[7][0]),
         ]
         async with send:
             for m in messages:  # all queued before the first is handled
@@ -349,9 +648,13 @@ async def test_requests_are_answered_in_order(tmp_path, nursery):
                     with pytest.raises(trio.EndOfChannel):  # the registry closed it
                         await receive.receive()
 
-        assert answers == [None, a, [b, a], True, False, [b]]
-        assert [name for name, _ in store.calls][:8] == [
-            "load", "save", "save", "load", "list", "delete", "delete", "list",
+        assert answers == [
+            None, None, None, a, SessionPage((b, a), 2), True, False, SessionPage((b,), 1)
+        ]  # fmt: skip
+        # The two saves queued together were committed together.
+        assert store.calls[:7] == [
+            ("load", a.key), ("save", ["a", "b"]), ("load", a.key), ("list", "u"),
+            ("delete", a.key), ("delete", a.key), ("list", "u"),
         ]  # fmt: skip
 
 
@@ -365,10 +668,14 @@ async def test_client_round_trip(tmp_path, nursery):
             assert await client.load(r.key) is None
             await client.save(r)
             assert await client.load(r.key) == r
-            assert await client.list_for_user(r.user_id) == [r]
+            assert await client.list_for_user(r.user_id, 10) == SessionPage((r,), 1)
             assert await client.delete(r.key) is True
             assert await client.delete(r.key) is False
-            assert await client.list_for_user(r.user_id) == []
+            assert await client.list_for_user(r.user_id, 10) == SessionPage((), 0)
+            with pytest.raises(ValueError):
+                await client.list_for_user(r.user_id, -1)
+            with pytest.raises(ValueError):
+                await client.create(r, -1)
 
 
 async def test_a_requester_that_went_away_does_not_kill_the_actor(tmp_path, nursery):
@@ -381,17 +688,23 @@ async def test_a_requester_that_went_away_does_not_kill_the_actor(tmp_path, nurs
             await send.send(LoadSession(SessionKey("u", "s"), gone_send))
 
             full_send, _full_receive = trio.open_memory_channel(0)  # nobody receiving
-            await send.send(ListSessions("u", full_send))
+            await send.send(ListSessions("u", 10, 0, full_send))
 
             closed_send, _closed_receive = _reply()
             closed_send.close()
             await send.send(DeleteSession(SessionKey("u", "s"), closed_send))
+
+            gone_save, gone_save_receive = _reply()
+            gone_save_receive.close()
+            await send.send(SaveSession(record("u", "gone"), gone_save))
 
             await send.send(object())  # not a registry message at all
 
             client = RegistryClient(send)
             await client.save(record("u", "s"))
             assert await client.load(SessionKey("u", "s")) == record("u", "s")
+            # A save whose requester left is still written.
+            assert await client.load(SessionKey("u", "gone")) == record("u", "gone")
 
 
 async def test_a_cancelled_requester_does_not_kill_the_actor(tmp_path, nursery):
@@ -404,7 +717,7 @@ async def test_a_cancelled_requester_does_not_kill_the_actor(tmp_path, nursery):
             with trio.move_on_after(0.05):
                 await client.load(SessionKey("u", "slow"))  # blocks in the worker thread
             store.release.set()
-            assert await client.list_for_user("u") == []
+            assert await client.list_for_user("u", 10) == SessionPage((), 0)
 
 
 class FailingStore(SessionStore):
@@ -420,17 +733,22 @@ class FailingStore(SessionStore):
         self._fail(key.user_id)
         return super().load(key)
 
-    def save(self, record):
+    def save_many(self, records):
+        for r in records:
+            self._fail(r.user_id)
+        return super().save_many(records)
+
+    def create(self, record, max_per_user):
         self._fail(record.user_id)
-        return super().save(record)
+        return super().create(record, max_per_user)
 
     def delete(self, key):
         self._fail(key.user_id)
         return super().delete(key)
 
-    def list_for_user(self, user_id):
+    def list_for_user(self, user_id, limit, offset=0):
         self._fail(user_id)
-        return super().list_for_user(user_id)
+        return super().list_for_user(user_id, limit, offset)
 
 
 async def test_store_errors_are_answered_and_the_actor_carries_on(tmp_path, nursery, caplog):
@@ -446,11 +764,16 @@ async def test_store_errors_are_answered_and_the_actor_carries_on(tmp_path, nurs
             with pytest.raises(RegistryError, match="disk on fire"):
                 await client.delete(broken)
             with pytest.raises(RegistryError, match="disk on fire"):
-                await client.list_for_user("broken")
+                await client.list_for_user("broken", 10)
             with pytest.raises(RegistryError, match="ValueError: oops"):
                 await client.load(SessionKey("buggy", "s"))
-            await client.save(record("broken", "s"))  # logged only
-            await client.save(record("buggy", "s"))
+            # Saves are acknowledged: a failed write fails the request that needed it.
+            with pytest.raises(RegistryError, match="disk on fire"):
+                await client.save(record("broken", "s"))
+            with pytest.raises(RegistryError, match="ValueError: oops"):
+                await client.save(record("buggy", "s"))
+            with pytest.raises(RegistryError, match="disk on fire"):
+                await client.create(record("broken", "s"), 10)
 
             ok = record("fine", "s")
             await client.save(ok)
@@ -460,25 +783,27 @@ async def test_store_errors_are_answered_and_the_actor_carries_on(tmp_path, nurs
     assert "disk on fire" in logged and "save" in logged and "oops" in logged
 
 
-async def test_the_store_is_closed_and_flushed_when_the_inbox_closes(tmp_path):
+async def test_queued_requests_are_answered_when_the_inbox_closes(tmp_path):
     with trio.fail_after(TIMEOUT):
         store = RecordingStore(tmp_path / DB_FILENAME)
         send, inbox = trio.open_memory_channel(8)
         records = [record("u", f"s{i}", last=float(i)) for i in range(5)]
+        replies = [_reply() for _ in records]
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_registry, store, inbox)
             async with send:
-                client = RegistryClient(send)
-                for r in records:
-                    await client.save(r)  # fire and forget: still queued when we close
+                for r, (reply, _) in zip(records, replies, strict=True):
+                    send.send_nowait(SaveSession(r, reply))  # still queued when we close
         # serve_registry returned on its own: the nursery exited.
+        for _, answers in replies:
+            assert answers.receive_nowait() is None  # each was acknowledged
         assert store.closed and store.calls[-1] == ("close", None)
-        assert [name for name, _ in store.calls] == ["save"] * 5 + ["close"]
+        assert store.names() == ["save", "close"]  # one transaction for the five
         assert not (tmp_path / f"{DB_FILENAME}-wal").exists()
 
         reopened = open_store(tmp_path)
         try:
-            assert reopened.list_for_user("u") == records[::-1]
+            assert listed(reopened, "u") == records[::-1]
         finally:
             reopened.close()
 
@@ -494,14 +819,16 @@ async def test_the_store_is_closed_when_the_actor_is_cancelled(tmp_path):
                 await trio.testing.wait_all_tasks_blocked()
                 nursery.cancel_scope.cancel()
             assert store.closed
-            assert [name for name, _ in store.calls] == ["save", "close"]
+            assert store.names() == ["save", "close"]
             # The inbox belongs to the supervision tree: once its owner closes the
             # receive end, requests fail fast instead of hanging.
             inbox.close()
             with pytest.raises(trio.BrokenResourceError):
-                send.send_nowait(SaveSession(record()))
+                send.send_nowait(SaveSession(record(), _reply()[0]))
             with pytest.raises(RegistryError, match="not running"):
                 await RegistryClient(send).load(SessionKey("a", "b"))
+            with pytest.raises(RegistryError, match="not running"):
+                await RegistryClient(send).save(record())
 
 
 class BlockingStore(RecordingStore):
@@ -551,7 +878,8 @@ async def test_store_calls_run_in_a_worker_thread_and_the_loop_stays_free(tmp_pa
             assert ticks > 10
             store.release.set()
             await client.save(record("u", "fast"))
-            assert await client.list_for_user("u") == [record("u", "fast")]
+            page = await client.list_for_user("u", 10)
+            assert page.records == (record("u", "fast"),)
 
         assert answers == [None]
         assert store.released_in_time is True
@@ -561,23 +889,28 @@ async def test_store_calls_run_in_a_worker_thread_and_the_loop_stays_free(tmp_pa
 async def test_cancelling_the_actor_waits_for_the_running_call_before_closing(tmp_path):
     with trio.fail_after(TIMEOUT):
         store = BlockingStore(tmp_path / DB_FILENAME)
-        send, inbox = trio.open_memory_channel(0)
+        send, inbox = trio.open_memory_channel(4)
         async with send, trio.open_nursery() as nursery:
             await nursery.start(serve_registry, store, inbox)
             reply, answers = _reply()
             await send.send(LoadSession(SessionKey("u", "slow"), reply))
             await _until(store.entered)
+            # Queued behind the running call; never handled.
+            queued_reply, queued_answers = _reply()
+            await send.send(SaveSession(record("u", "queued"), queued_reply))
             nursery.cancel_scope.cancel()  # while the worker thread is inside load
             with trio.CancelScope(shield=True):
                 await trio.testing.wait_all_tasks_blocked()  # the cancel reached the actor
                 assert not store.closed
                 store.release.set()
         # Never two threads in the store: close came after load finished.
-        assert [name for name, _ in store.calls][-3:] == ["load finished", "load", "close"]
+        assert store.names()[-3:] == ["load finished", "load", "close"]
         assert store.released_in_time is True
-        async with answers:  # the reply was still closed, answered or not
-            async for _ in answers:
-                pass
+        # The running call finished, so it was answered; the queued one was refused.
+        assert answers.receive_nowait() is None
+        with pytest.raises(trio.EndOfChannel):
+            queued_answers.receive_nowait()
+        assert "save" not in store.names()
 
 
 # --- per-user workspaces ----------------------------------------------------

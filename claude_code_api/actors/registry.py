@@ -2,9 +2,11 @@
 
 A session is addressed by ``(user_id, session_id)`` (:class:`SessionKey`) and
 remembers the Claude CLI session it maps to (``claude_session_id``, which we
-choose and pass as ``--session-id`` on the first turn and ``--resume`` after),
-when it was used and what it cost. Records live in one SQLite file,
-``<data_dir>/sessions.sqlite3``, so they survive service restarts.
+choose and pass as ``--session-id`` on the first turn and ``--resume`` after;
+the ids the conversation had before a ``/clear`` are kept in
+``previous_claude_session_ids``), when it was used and what it cost. Records
+live in one SQLite file, ``<data_dir>/sessions.sqlite3``, so they survive
+service restarts.
 
 Three layers, each owning one thing:
 
@@ -12,41 +14,59 @@ Three layers, each owning one thing:
   registry actor calls it, from a worker thread, one call at a time.
 * :func:`serve_registry` is the actor. It owns the store and the receive end of
   its inbox, and runs every store call in ``trio.to_thread.run_sync`` so sqlite
-  never blocks the trio loop. Messages are handled strictly in arrival order.
+  never blocks the trio loop. Messages are handled strictly in arrival order;
+  saves that are queued together are committed together (group commit). It also
+  removes the Claude transcripts of deleted sessions and, given a TTL, expires
+  sessions nobody has used for that long.
 * :class:`RegistryClient` is the requester's side: request/reply helpers over a
   send channel to the inbox, which its caller owns.
 
-The inbox carries :class:`LoadSession`, :class:`SaveSession`,
-:class:`DeleteSession` and :class:`ListSessions`. The requests with a ``reply``
-hand the registry the send end of a fresh channel (buffer 1); the registry
-sends exactly one value on it (the answer, or the :class:`RegistryError`) and
-closes it. The requester owns the receive end.
+Every request carries the send end of a fresh reply channel (buffer 1); the
+registry sends exactly one value on it (the answer, or the exception to raise)
+and closes it. The requester owns the receive end. A save is answered once it is
+durable (see :class:`SessionStore` for what durable means here).
 
-Error handling: anything wrong with the database file (not a database, corrupt,
-unreadable, a directory, written by a newer version of this service) fails
-:class:`SessionStore` construction with :class:`RegistryError`, so the service
-refuses to start rather than run without its sessions. The file is never
-replaced, repaired or deleted: that is an operator's decision. Once running, a
-failed store call is logged and answered with the :class:`RegistryError`; it
-never ends the actor.
+Error handling: anything wrong with the database file at start-up (not a
+database, corrupt, unreadable, a directory, written by a newer version of this
+service) fails :class:`SessionStore` construction with :class:`RegistryError`,
+so the service refuses to start rather than run without its sessions. The database
+file is never replaced, repaired or deleted: that is an operator's decision. Once
+running, a failed store call is logged and answered with the
+:class:`RegistryError`, which names the cause and the fix; it never ends the
+actor. Writes that fail because of the storage itself (the database file was
+deleted or replaced under the running service, the disk is full, I/O errors)
+are also reported through ``on_health`` so ``/health`` can show them.
+:class:`TooManySessions` and :class:`SessionExists` are refusals, not storage
+failures: they are not :class:`RegistryError` subclasses, so a caller that maps
+RegistryError to 503 cannot swallow a 429 by accident.
 
 Resource handling: the actor closes the store when it ends, whether its inbox
 was closed or it was cancelled, inside a shielded scope, so the WAL is
-checkpointed into the database file on shutdown. Saves still waiting in the
-inbox when the actor is *cancelled* are lost; close the inbox instead to let it
-finish them first.
+checkpointed into the database file on shutdown. To stop gracefully close the
+inbox's send end: what is queued is handled, then the actor returns. When the
+actor is *cancelled*, the request in progress is still answered truthfully
+(its thread is never abandoned, so a committed save is acknowledged), and every
+request still queued in the inbox has its reply closed unanswered, so its
+requester fails at once with a :class:`RegistryError` instead of waiting.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import logging
+import math
+import os
 import re
+import shutil
 import sqlite3
+import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import attrs
 import trio
@@ -57,7 +77,7 @@ log = logging.getLogger(__name__)
 
 DB_FILENAME = "sessions.sqlite3"
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """What ``PRAGMA user_version`` says once the database is fully migrated."""
 
 # MIGRATIONS[n] takes a database from version n to n + 1. Version 0 is an empty
@@ -79,6 +99,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         "CREATE INDEX sessions_by_activity ON sessions (user_id, last_activity DESC)",
     ),
+    (
+        # A JSON array of strings, oldest first.
+        "ALTER TABLE sessions ADD COLUMN previous_claude_session_ids TEXT NOT NULL DEFAULT '[]'",
+        # For the expiry sweep, which looks across all users.
+        "CREATE INDEX sessions_by_last_activity ON sessions (last_activity)",
+    ),
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
@@ -91,17 +117,26 @@ _COLUMNS = (
     "turns",
     "total_cost_usd",
     "transcript_started",
+    "previous_claude_session_ids",
 )
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM sessions"
-_UPSERT = (
-    f"INSERT INTO sessions ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
-    " ON CONFLICT (user_id, session_id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[2:])
+_INSERT = f"INSERT INTO sessions ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+_UPSERT = f"{_INSERT} ON CONFLICT (user_id, session_id) DO UPDATE SET " + ", ".join(
+    f"{c} = excluded.{c}" for c in _COLUMNS[2:]
 )
+_WHERE_KEY = "WHERE user_id = ? AND session_id = ?"
 
 # How long a write waits for another connection's lock (e.g. a second service
 # instance pointed at the same data dir) before failing with "database is locked".
 BUSY_TIMEOUT_S = 5.0
+# Saves committed in one transaction at most: bounds the wait of the first one.
+MAX_SAVE_BATCH = 256
+# Expired sessions deleted per store call: a long sweep takes turns with requests.
+EXPIRE_CHUNK = 200
+# The expiry sweep runs every ttl / 10, but at least this often.
+MAX_SWEEP_INTERVAL_S = 3600.0
+
+_SQLITE_FULL = 13  # sqlite3.SQLITE_FULL, spelled out for Pythons whose module lacks it
 
 
 # --- records ----------------------------------------------------------------
@@ -113,16 +148,24 @@ class SessionRecord:
 
     user_id: str
     session_id: str
-    claude_session_id: str  # the UUID we chose; the CLI's --session-id / --resume
+    claude_session_id: str  # the UUID of the CLI conversation now: --session-id / --resume
     created_at: float  # unix seconds
     last_activity: float  # unix seconds
     turns: int = 0
     total_cost_usd: float = 0.0
     transcript_started: bool = False  # a turn was sent to the CLI, so its transcript may exist
+    # The CLI moves a conversation to a new session id on /clear; the ids it had
+    # before, oldest first. Kept so their transcripts are removed with the session.
+    previous_claude_session_ids: tuple[str, ...] = attrs.field(default=(), converter=tuple)
 
     @property
     def key(self) -> SessionKey:
         return SessionKey(self.user_id, self.session_id)
+
+    @property
+    def all_claude_session_ids(self) -> tuple[str, ...]:
+        """The current CLI session id and every previous one."""
+        return (self.claude_session_id, *self.previous_claude_session_ids)
 
 
 def new_session_record(key: SessionKey, now: float) -> SessionRecord:
@@ -136,11 +179,47 @@ def new_session_record(key: SessionKey, now: float) -> SessionRecord:
     )
 
 
+@attrs.frozen
+class SessionPage:
+    """One page of a user's sessions (most recently active first) and how many they have."""
+
+    records: tuple[SessionRecord, ...]
+    total: int
+
+
 class RegistryError(Exception):
     """The session database cannot be opened, read or written.
 
-    The message is one line naming the database path and the cause.
+    The message is one line naming the database path and the cause (and, where
+    there is one, the fix). The service answers it as 503.
     """
+
+
+class TooManySessions(Exception):
+    """:meth:`RegistryClient.create` refused: the user already has ``limit`` sessions.
+
+    A refusal, not a storage failure (the service answers it as 429), so it is
+    deliberately not a :class:`RegistryError`.
+    """
+
+    def __init__(self, user_id: str, limit: int):
+        super().__init__(f"user {user_id!r} already has {limit} sessions, the most allowed")
+        self.user_id = user_id
+        self.limit = limit
+
+
+class SessionExists(Exception):
+    """:meth:`RegistryClient.create` refused: a record with that key already exists.
+
+    Creating is for new sessions only; the existing record is left unchanged.
+    Seeing this means the caller raced another creator of the same key (one
+    session actor per key should make that impossible), so it is a bug to
+    report, not a condition to handle.
+    """
+
+    def __init__(self, key: SessionKey):
+        super().__init__(f"session {key.session_id!r} of user {key.user_id!r} already exists")
+        self.key = key
 
 
 # --- the store --------------------------------------------------------------
@@ -152,8 +231,34 @@ class SessionStore:
     It owns one ``sqlite3`` connection to ``path`` (opened with
     ``check_same_thread=False``: trio's thread cache may run consecutive calls
     on different threads; the registry actor guarantees they never overlap).
-    The database runs in WAL mode with ``synchronous=FULL``: each :meth:`save`
-    is durable once it returns.
+
+    Durability: the database runs in WAL mode with ``synchronous=NORMAL``. A
+    write method that returns has appended its transaction, commit record
+    included, to the ``-wal`` file with ``write()``; SQLite syncs the WAL to the
+    disk only when it checkpoints it into the database file (every ~1000 pages,
+    and on close), not at every commit. So a committed write survives a crash
+    of the service process itself -- ``kill -9``, the OOM killer, a segfault, a
+    container stop that kills it -- because what ``write()`` handed to the
+    kernel is in the kernel's page cache, which the kernel writes out whatever
+    happens to the process, and the next start reads the WAL back. That is the
+    requirement: a turn acknowledged to a client survives a crash of the
+    service. What it does not survive is a crash of the machine (power loss, a
+    kernel panic, a VM reset) within the few seconds before the kernel writes
+    the page cache back: the last commits may then be lost, but the database is
+    never corrupted (each WAL frame is checksummed and recovery stops at the
+    last whole commit). ``synchronous=FULL`` would fsync the WAL at every
+    commit to cover that too, at the price of a disk flush per commit (a
+    fraction of a millisecond on a local SSD, several milliseconds on network
+    or cloud volumes), paid on every turn; the group commit of
+    :func:`serve_registry` amortizes it but does not remove it.
+
+    Storage checks: every write first checks that ``path`` is still the file
+    the store opened (same device and inode), because SQLite keeps writing to
+    an open file that was deleted or replaced, and those writes would vanish at
+    the next start. A full disk (``SQLITE_FULL``) is reported as such. Closing
+    after such a swap removes the stale ``-wal`` that SQLite would otherwise
+    replay onto the new file; a ``-wal`` found without its database at open
+    (a service that crashed after the swap) is refused.
 
     Opening creates the parent directories and the database if missing, then
     checks the file with reads only (``user_version``, ``PRAGMA quick_check``,
@@ -164,16 +269,28 @@ class SessionStore:
     :class:`RegistryError` naming the path and the cause. The store refuses a
     file that is not a regular file, not an SQLite database, corrupt, written
     by a newer schema version, or an SQLite database that is not ours (version 0
-    yet holding tables). It never replaces or deletes an existing file.
+    yet holding tables), or a ``-wal`` without its database. It never replaces
+    or deletes a database file (only, on close, the stale ``-wal``/``-shm`` it
+    created for a file that is gone). A write that fails is rolled back whole.
     """
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self._conn: sqlite3.Connection | None = None
+        self._identity: tuple[int, int] | None = None
+        self._side_files: dict[Path, tuple[int, int]] = {}  # -wal and -shm: ours to clean up
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self.path.exists() and not self.path.is_file():
                 raise RegistryError(self._message("not a regular file"))
+            if not self.path.exists() and self._wal_path.exists():
+                raise RegistryError(
+                    self._message(
+                        f"{self._wal_path.name} exists without the database (was the database"
+                        " deleted while a service had it open?); restore the database, or"
+                        " delete the -wal and -shm files to start with an empty one"
+                    )
+                )
             self._conn = sqlite3.connect(
                 self.path,
                 timeout=BUSY_TIMEOUT_S,
@@ -184,6 +301,10 @@ class SessionStore:
             self._configure()
             self._migrate()
             self._check_columns()
+            self._identity = _identity(self.path)
+            for side in (self._wal_path, Path(f"{self.path}-shm")):
+                if (identity := _identity(side)) is not None:
+                    self._side_files[side] = identity
         except BaseException as exc:
             self._close_quietly()
             if isinstance(exc, RegistryError):
@@ -192,37 +313,30 @@ class SessionStore:
                 raise self._error(exc) from exc
             raise
 
-    # --- public -----------------------------------------------------------
+    # --- public: reads ------------------------------------------------------
 
     def load(self, key: SessionKey) -> SessionRecord | None:
         with self._translate():
-            row = self._db.execute(
-                f"{_SELECT} WHERE user_id = ? AND session_id = ?", (key.user_id, key.session_id)
-            ).fetchone()
+            row = self._db.execute(f"{_SELECT} {_WHERE_KEY}", _key(key)).fetchone()
         return None if row is None else _record(row)
 
-    def save(self, record: SessionRecord) -> None:
-        """Insert or replace the record for ``record.key``; committed when this returns."""
-        with self._translate():
-            self._db.execute(_UPSERT, _row(record))
+    def list_for_user(self, user_id: str, limit: int, offset: int = 0) -> SessionPage:
+        """Up to ``limit`` of the user's sessions after the first ``offset``, latest activity first.
 
-    def delete(self, key: SessionKey) -> bool:
-        """Forget a session; True if it existed."""
-        with self._translate():
-            cursor = self._db.execute(
-                "DELETE FROM sessions WHERE user_id = ? AND session_id = ?",
-                (key.user_id, key.session_id),
-            )
-        return cursor.rowcount > 0
-
-    def list_for_user(self, user_id: str) -> list[SessionRecord]:
-        """The user's sessions, most recently active first."""
-        with self._translate():
+        Both queries walk the ``(user_id, last_activity DESC)`` index, whose
+        entries end in the primary key, so the order (ties by session id) needs
+        no sort.
+        """
+        with self._translate(), self._transaction("BEGIN"):  # one snapshot for both
+            (total,) = self._db.execute(
+                "SELECT count(*) FROM sessions WHERE user_id = ?", (user_id,)
+            ).fetchone()
             rows = self._db.execute(
-                f"{_SELECT} WHERE user_id = ? ORDER BY last_activity DESC, session_id",
-                (user_id,),
+                f"{_SELECT} WHERE user_id = ? ORDER BY last_activity DESC, session_id"
+                " LIMIT ? OFFSET ?",
+                (user_id, limit, offset),
             ).fetchall()
-        return [_record(row) for row in rows]
+        return SessionPage(tuple(_record(row) for row in rows), total)
 
     def count(self) -> int:
         """How many sessions, all users together."""
@@ -230,12 +344,81 @@ class SessionStore:
             (n,) = self._db.execute("SELECT count(*) FROM sessions").fetchone()
         return n
 
+    # --- public: writes -----------------------------------------------------
+
+    def save(self, record: SessionRecord) -> None:
+        """Insert or replace the record for ``record.key``; committed when this returns."""
+        self.save_many([record])
+
+    def save_many(self, records: Sequence[SessionRecord]) -> None:
+        """Upsert every record in one transaction: all are committed, or none."""
+        with self._write():
+            self._db.executemany(_UPSERT, [_row(r) for r in records])
+
+    def create(self, record: SessionRecord, max_per_user: int) -> None:
+        """Insert a new record if its user has fewer than ``max_per_user``; one transaction.
+
+        Raises :class:`SessionExists` if the key has a record (left unchanged),
+        :class:`TooManySessions` if the user is at the bound.
+        """
+        with self._write():
+            db = self._db
+            if db.execute(f"SELECT 1 FROM sessions {_WHERE_KEY}", _key(record.key)).fetchone():
+                raise SessionExists(record.key)
+            (n,) = db.execute(
+                "SELECT count(*) FROM sessions WHERE user_id = ?", (record.user_id,)
+            ).fetchone()
+            if n >= max_per_user:
+                raise TooManySessions(record.user_id, max_per_user)
+            db.execute(_INSERT, _row(record))
+
+    def delete(self, key: SessionKey) -> SessionRecord | None:
+        """Forget a session; returns the record it had, or None if there was none."""
+        with self._write():
+            row = self._db.execute(f"{_SELECT} {_WHERE_KEY}", _key(key)).fetchone()
+            if row is not None:
+                self._db.execute(f"DELETE FROM sessions {_WHERE_KEY}", _key(key))
+        return None if row is None else _record(row)
+
+    def delete_inactive(self, before: float, limit: int) -> list[SessionRecord]:
+        """Delete up to ``limit`` sessions last active before ``before``, the oldest first.
+
+        Returns the deleted records. Fewer than ``limit`` means none are left.
+        """
+        with self._write():
+            rows = self._db.execute(
+                f"{_SELECT} WHERE last_activity < ? ORDER BY last_activity LIMIT ?",
+                (before, limit),
+            ).fetchall()
+            records = [_record(row) for row in rows]
+            self._db.executemany(
+                f"DELETE FROM sessions {_WHERE_KEY}", [_key(r.key) for r in records]
+            )
+        return records
+
     def close(self) -> None:
-        """Checkpoint the WAL into the file and close. Idempotent."""
+        """Checkpoint the WAL into the file and close. Idempotent.
+
+        If the database file was deleted or replaced meanwhile, SQLite does not
+        checkpoint and leaves the ``-wal`` (and ``-shm``) behind, and the next
+        open would replay that stale WAL onto the new file, resurrecting or
+        corrupting it; so they are removed, if they are still the ones we had.
+        """
         conn, self._conn = self._conn, None
-        if conn is not None:
-            with self._translate():
-                conn.close()
+        if conn is None:
+            return
+        with self._translate():
+            moved = _identity(self.path) != self._identity
+            conn.close()
+            if moved:
+                for side, identity in self._side_files.items():
+                    if _identity(side) == identity:
+                        side.unlink()
+                log.warning(
+                    "session store %s: the database file was deleted or replaced while open;"
+                    " removed its stale -wal so it cannot be replayed onto another file",
+                    self.path,
+                )
 
     # --- opening ----------------------------------------------------------
 
@@ -265,25 +448,19 @@ class SessionStore:
         (mode,) = self._db.execute("PRAGMA journal_mode = WAL").fetchone()
         if mode.lower() != "wal":
             log.warning("session store %s: journal mode is %s, not wal", self.path, mode)
-        self._db.execute("PRAGMA synchronous = FULL")
+        # Durable against a crash of the service, not of the machine: see the class docstring.
+        self._db.execute("PRAGMA synchronous = NORMAL")
 
     def _migrate(self) -> None:
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            # Read again under the write lock: another process may have migrated.
+        # Read again under the write lock: another process may have migrated.
+        with self._transaction("BEGIN IMMEDIATE"):
             version = self._user_version()
             for step in range(version, SCHEMA_VERSION):
                 for statement in MIGRATIONS[step]:
-                    db.execute(statement)
+                    self._db.execute(statement)
             if version != SCHEMA_VERSION:
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 log.info("session store %s: schema %d -> %d", self.path, version, SCHEMA_VERSION)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
 
     def _check_columns(self) -> None:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(sessions)")}
@@ -300,10 +477,61 @@ class SessionStore:
     # --- helpers ----------------------------------------------------------
 
     @property
+    def _wal_path(self) -> Path:
+        return Path(f"{self.path}-wal")
+
+    @property
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
             raise RegistryError(self._message("the store is closed"))
         return self._conn
+
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        """A write transaction on the file we opened: checked, then committed or rolled back."""
+        with self._translate():
+            self._check_still_ours()
+            with self._transaction("BEGIN IMMEDIATE"):
+                yield
+
+    @contextmanager
+    def _transaction(self, begin: str) -> Iterator[None]:
+        db = self._db
+        db.execute(begin)
+        try:
+            yield
+            db.execute("COMMIT")
+        except BaseException:
+            # SQLite may already have rolled back (e.g. after SQLITE_FULL).
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error as exc:
+                    log.error("session store %s: rollback failed: %s", self.path, exc)
+            raise
+
+    def _check_still_ours(self) -> None:
+        """Refuse to write if ``path`` is no longer the file we opened.
+
+        SQLite keeps writing to an open file after it is deleted or replaced
+        (it does not notice in WAL mode): every such write would "succeed" and
+        be gone at the next start. One ``stat`` per write transaction.
+        """
+        identity = _identity(self.path)
+        if identity is None:
+            raise RegistryError(
+                self._message(
+                    "the database file was deleted while the service was running, so writes"
+                    " would be lost; restart the service (it starts a new, empty database)"
+                )
+            )
+        if identity != self._identity:
+            raise RegistryError(
+                self._message(
+                    "the database file was replaced while the service was running, so writes"
+                    " would go to the old file and be lost; restart the service to use the new one"
+                )
+            )
 
     @contextmanager
     def _translate(self) -> Iterator[None]:
@@ -317,6 +545,17 @@ class SessionStore:
         return " ".join(f"session store {self.path}: {cause}".split())
 
     def _error(self, exc: BaseException) -> RegistryError:
+        full = (
+            isinstance(exc, sqlite3.Error)
+            and (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF == _SQLITE_FULL
+        ) or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC)
+        if full:
+            return RegistryError(
+                self._message(
+                    f"the disk is full ({exc}); writes fail until space is freed"
+                    " on the data directory's filesystem"
+                )
+            )
         return RegistryError(self._message(f"{type(exc).__name__}: {exc}"))
 
     def _close_quietly(self) -> None:
@@ -328,7 +567,20 @@ class SessionStore:
                 pass
 
 
-def _row(record: SessionRecord) -> tuple:
+def _identity(path: Path) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of the file at ``path``, or None if there is none."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (stat.st_dev, stat.st_ino)
+
+
+def _key(key: SessionKey) -> tuple[str, str]:
+    return (key.user_id, key.session_id)
+
+
+def _row(record: SessionRecord) -> tuple[Any, ...]:
     return (
         record.user_id,
         record.session_id,
@@ -338,11 +590,12 @@ def _row(record: SessionRecord) -> tuple:
         int(record.turns),
         float(record.total_cost_usd),
         int(bool(record.transcript_started)),
+        json.dumps(list(record.previous_claude_session_ids)),
     )
 
 
-def _record(row: tuple) -> SessionRecord:
-    user_id, session_id, claude_id, created, last, turns, cost, started = row
+def _record(row: tuple[Any, ...]) -> SessionRecord:
+    user_id, session_id, claude_id, created, last, turns, cost, started, previous = row
     return SessionRecord(
         user_id=user_id,
         session_id=session_id,
@@ -352,6 +605,7 @@ def _record(row: tuple) -> SessionRecord:
         turns=int(turns),
         total_cost_usd=float(cost),
         transcript_started=bool(started),
+        previous_claude_session_ids=tuple(json.loads(previous)),
     )
 
 
@@ -362,39 +616,63 @@ def open_store(data_dir: Path) -> SessionStore:
 
 # --- messages ---------------------------------------------------------------
 
+# Each request's reply carries its answer or the exception the client raises.
+
 
 @attrs.frozen
 class LoadSession:
-    """Answered on ``reply`` with the :class:`SessionRecord`, None, or a :class:`RegistryError`."""
+    """Answered with the :class:`SessionRecord`, None, or a :class:`RegistryError`."""
 
     key: SessionKey
-    reply: trio.MemorySendChannel = attrs.field(repr=False)
+    reply: trio.MemorySendChannel[SessionRecord | None | RegistryError] = attrs.field(repr=False)
 
 
 @attrs.frozen
 class SaveSession:
-    """Upsert ``record``. No answer; a failure is logged by the registry."""
+    """Upsert ``record``; answered with None once it is durable, or a :class:`RegistryError`."""
 
     record: SessionRecord
+    reply: trio.MemorySendChannel[None | RegistryError] = attrs.field(repr=False)
+
+
+@attrs.frozen
+class CreateSession:
+    """Insert a new ``record`` if its user has fewer than ``max_per_user``.
+
+    Answered with None once it is durable, :class:`TooManySessions`,
+    :class:`SessionExists`, or a :class:`RegistryError`.
+    """
+
+    record: SessionRecord
+    max_per_user: int
+    reply: trio.MemorySendChannel[None | TooManySessions | SessionExists | RegistryError] = (
+        attrs.field(repr=False)
+    )
 
 
 @attrs.frozen
 class DeleteSession:
-    """Answered on ``reply`` with True (it existed), False, or a :class:`RegistryError`."""
+    """Answered with True (it existed; it is deleted, then its transcripts), False, or a
+    :class:`RegistryError`."""
 
     key: SessionKey
-    reply: trio.MemorySendChannel = attrs.field(repr=False)
+    reply: trio.MemorySendChannel[bool | RegistryError] = attrs.field(repr=False)
 
 
 @attrs.frozen
 class ListSessions:
-    """Answered on ``reply`` with the user's records (latest first) or a :class:`RegistryError`."""
+    """Answered with a :class:`SessionPage` of the user's sessions or a :class:`RegistryError`."""
 
     user_id: str
-    reply: trio.MemorySendChannel = attrs.field(repr=False)
+    limit: int
+    offset: int
+    reply: trio.MemorySendChannel[SessionPage | RegistryError] = attrs.field(repr=False)
 
 
-RegistryMessage = LoadSession | SaveSession | DeleteSession | ListSessions
+RegistryMessage = LoadSession | SaveSession | CreateSession | DeleteSession | ListSessions
+
+HealthCallback = Callable[[str | None], None]
+TranscriptFiles = Callable[[str, str], Iterable[Path]]
 
 
 # --- the actor --------------------------------------------------------------
@@ -402,31 +680,65 @@ RegistryMessage = LoadSession | SaveSession | DeleteSession | ListSessions
 
 async def serve_registry(
     store: SessionStore,
-    inbox: trio.MemoryReceiveChannel,
+    inbox: trio.MemoryReceiveChannel[RegistryMessage],
     *,
-    task_status=trio.TASK_STATUS_IGNORED,
+    transcript_files: TranscriptFiles | None = None,
+    ttl_s: float | None = None,
+    on_health: HealthCallback | None = None,
+    wall_clock: Callable[[], float] = time.time,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Answer registry messages from ``inbox`` until it is closed or this is cancelled.
 
     Owns ``store`` and closes it on the way out, shielded, so shutdown always
     flushes it. The inbox belongs to the supervision tree: to stop gracefully,
-    close its send end; queued saves are written, then the actor returns.
+    close its send end; queued requests are answered, then the actor returns.
 
     Each store call runs in ``trio.to_thread.run_sync``, one at a time and in
-    arrival order. A call that has begun is never abandoned (cancellation waits
-    for it), so the store is never used by two threads at once, not even by the
-    final close.
+    arrival order. Group commit: when a save is taken from the inbox, the saves
+    queued right behind it (up to ``MAX_SAVE_BATCH``, up to the first message
+    that is not a save) are taken without waiting and committed in the same
+    transaction, in the same thread call; then each is answered. All of them
+    succeed or all fail. Saves queue up exactly while a previous call runs, so
+    the busier the registry, the larger its batches.
 
-    Error handling: a failing call is logged; requesters with a ``reply`` get
-    the :class:`RegistryError` as the answer. An unexpected exception (a bug)
-    is logged with its traceback and answered as a :class:`RegistryError` too.
-    No message ends the actor; only ``Cancelled`` passes through.
+    ``transcript_files(user_id, claude_session_id)`` names the files and
+    directories holding the Claude transcripts of one CLI session. When a
+    record is deleted (a delete request, or expiry) every path for its current
+    and previous CLI session ids is removed, in the worker thread, after the
+    record's deletion is committed. Missing paths are fine; a path that cannot
+    be removed is logged and left (the record is gone either way). None: no
+    transcripts are removed.
+
+    ``ttl_s``: sessions whose ``last_activity`` is more than ``ttl_s`` seconds
+    before ``wall_clock()`` are deleted with their transcripts, by a sweep that
+    runs once at start-up and then every ``min(ttl_s / 10, 1 h)`` (trio time),
+    in chunks of ``EXPIRE_CHUNK`` that take turns with requests. Each sweep that
+    expired something logs one line with the count. None: sessions never expire.
+
+    ``on_health(reason)`` reports the storage's health on the trio thread (it
+    must not block): called with the error message when a write (save, create,
+    delete, sweep) fails on a :class:`RegistryError`, and with None when a write
+    succeeds after that -- only when the state changes, and never before the
+    first failure (a store that opened is healthy). Reads do not change it: a
+    deleted database file still reads.
+
+    Error handling: a failing call is logged and answered with the
+    :class:`RegistryError`. An unexpected exception (a bug) is logged with its
+    traceback and answered as a :class:`RegistryError` too. A transcript that
+    cannot be removed and a failing ``on_health`` are logged. No message ends
+    the actor; only ``Cancelled`` passes through.
     """
-    task_status.started()
+    registry: _Registry | None = None
     try:
-        async for message in inbox:
-            await _handle(store, message)
+        if ttl_s is not None and not ttl_s > 0:
+            raise ValueError(f"ttl_s must be positive or None, not {ttl_s!r}")
+        registry = _Registry(store, inbox, transcript_files, ttl_s, on_health, wall_clock)
+        task_status.started()
+        await registry.run()
     finally:
+        if registry is not None:
+            registry.refuse_queued()
         with trio.CancelScope(shield=True):
             try:
                 await trio.to_thread.run_sync(store.close)
@@ -434,40 +746,253 @@ async def serve_registry(
                 log.exception("session registry: closing the store failed")
 
 
-async def _handle(store: SessionStore, message: RegistryMessage) -> None:
-    match message:
-        case LoadSession(key, reply):
-            await _call_and_reply(reply, store, "load", key)
-        case DeleteSession(key, reply):
-            await _call_and_reply(reply, store, "delete", key)
-        case ListSessions(user_id, reply):
-            await _call_and_reply(reply, store, "list_for_user", user_id)
-        case SaveSession(record):
-            await _call(store, "save", record)
-        case _:
-            log.error("session registry: unknown message %r", message)
+@attrs.define(eq=False)
+class _Outcome:
+    """What a store call came back with: a value, or the exception to answer with."""
+
+    value: Any = None
+    error: Exception | None = None
+
+    @property
+    def answer(self) -> Any:
+        return self.value if self.error is None else self.error
 
 
-async def _call(store: SessionStore, method: str, *args):
-    """Run one store call in a worker thread; a failure comes back as a RegistryError value."""
-    try:
-        return await trio.to_thread.run_sync(getattr(store, method), *args)
-    except RegistryError as exc:
-        log.error("session registry: %s failed: %s", method, exc)
-        return exc
-    except Exception as exc:
-        log.exception("session registry: %s raised unexpectedly", method)
-        cause = " ".join(f"{type(exc).__name__}: {exc}".split())
-        return RegistryError(f"session store {store.path}: {method}: {cause}")
+class _Registry:
+    """The actor's state: the store, the inbox, one message read ahead, health and the sweep."""
 
+    def __init__(
+        self,
+        store: SessionStore,
+        inbox: trio.MemoryReceiveChannel[RegistryMessage],
+        transcript_files: TranscriptFiles | None,
+        ttl_s: float | None,
+        on_health: HealthCallback | None,
+        wall_clock: Callable[[], float],
+    ) -> None:
+        self.store = store
+        self.inbox = inbox
+        self.transcript_files = transcript_files
+        self.ttl_s = ttl_s
+        self.on_health = on_health
+        self.wall_clock = wall_clock
+        self.health: str | None = None
+        # A message taken from the inbox while gathering a batch, not handled yet.
+        self.held: RegistryMessage | None = None
+        self.sweep_interval = math.inf if ttl_s is None else min(ttl_s / 10, MAX_SWEEP_INTERVAL_S)
+        self.next_sweep = math.inf if ttl_s is None else trio.current_time()
+        self.sweep_cutoff: float | None = None  # set while a sweep is under way
+        self.swept = 0
 
-async def _call_and_reply(reply: trio.MemorySendChannel, store: SessionStore, method: str, *args):
-    with reply:  # ours from the moment it arrived: closed even if we are cancelled
-        answer = await _call(store, method, *args)
+    async def run(self) -> None:
+        while True:
+            if trio.current_time() >= self.next_sweep:
+                await self._sweep_chunk()
+            try:
+                message = self._take_queued()
+            except trio.EndOfChannel:
+                return
+            if message is None:
+                if trio.current_time() >= self.next_sweep:
+                    continue  # a sweep is under way: its next chunk
+                with trio.move_on_at(self.next_sweep):
+                    try:
+                        message = await self.inbox.receive()
+                    except trio.EndOfChannel:
+                        return
+                if message is None:
+                    continue  # time to sweep
+            await self._handle(message)
+
+    def _take_queued(self) -> RegistryMessage | None:
+        """The held message, else one already in the inbox, else None. EndOfChannel when done."""
+        if self.held is not None:
+            message, self.held = self.held, None
+            return message
         try:
-            reply.send_nowait(answer)
-        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the requester went away
+            return self.inbox.receive_nowait()
+        except trio.WouldBlock:
+            return None
+
+    def refuse_queued(self) -> None:
+        """Close the reply of every request not handled, so requesters fail now, not never."""
+        pending = [self.held] if self.held is not None else []
+        self.held = None
+        while True:
+            try:
+                pending.append(self.inbox.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+        for message in pending:
+            reply = getattr(message, "reply", None)
+            if isinstance(reply, trio.MemorySendChannel):
+                reply.close()
+
+    # --- requests -----------------------------------------------------------
+
+    async def _handle(self, message: RegistryMessage) -> None:
+        match message:
+            case SaveSession():
+                await self._save(self._gather_saves(message))
+            case LoadSession(key, reply):
+                with reply:
+                    _answer(reply, (await self._call("load", self.store.load, key)).answer)
+            case ListSessions(user_id, limit, offset, reply):
+                with reply:
+                    outcome = await self._call(
+                        "list", self.store.list_for_user, user_id, limit, offset
+                    )
+                    _answer(reply, outcome.answer)
+            case CreateSession(record, max_per_user, reply):
+                with reply:
+                    outcome = await self._write("create", self.store.create, record, max_per_user)
+                    _answer(reply, outcome.answer)
+            case DeleteSession(key, reply):
+                with reply:
+                    outcome = await self._write("delete", self._delete_in_thread, key)
+                    _answer(reply, outcome.answer)
+            case _:
+                log.error("session registry: unknown message %r", message)
+
+    def _gather_saves(self, first: SaveSession) -> list[SaveSession]:
+        """``first`` and the saves queued right behind it, taken without waiting."""
+        batch = [first]
+        while len(batch) < MAX_SAVE_BATCH:
+            try:
+                message = self.inbox.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            if not isinstance(message, SaveSession):
+                self.held = message  # handled next, so the order is kept
+                break
+            batch.append(message)
+        return batch
+
+    async def _save(self, batch: list[SaveSession]) -> None:
+        with ExitStack() as replies:  # every reply is closed, whatever happens
+            for message in batch:
+                replies.enter_context(message.reply)
+            records = [message.record for message in batch]
+            outcome = await self._write("save", self.store.save_many, records)
+            for message in batch:
+                # Each requester raises its own exception object.
+                error = outcome.error
+                _answer(message.reply, None if error is None else RegistryError(str(error)))
+
+    def _delete_in_thread(self, key: SessionKey) -> bool:
+        record = self.store.delete(key)
+        if record is None:
+            return False
+        self._remove_transcripts([record])
+        return True
+
+    # --- expiry -------------------------------------------------------------
+
+    async def _sweep_chunk(self) -> None:
+        assert self.ttl_s is not None
+        if self.sweep_cutoff is None:
+            self.sweep_cutoff, self.swept = self.wall_clock() - self.ttl_s, 0
+        outcome = await self._write("expire", self._expire_in_thread, self.sweep_cutoff)
+        if outcome.error is None:
+            self.swept += outcome.value
+            if outcome.value == EXPIRE_CHUNK:
+                return  # more to do after the requests that are waiting
+        if self.swept:
+            log.info(
+                "session registry: expired %d sessions inactive for over %g s",
+                self.swept,
+                self.ttl_s,
+            )
+        self.sweep_cutoff = None
+        self.next_sweep = trio.current_time() + self.sweep_interval
+
+    def _expire_in_thread(self, before: float) -> int:
+        records = self.store.delete_inactive(before, EXPIRE_CHUNK)
+        self._remove_transcripts(records)
+        return len(records)
+
+    def _remove_transcripts(self, records: Iterable[SessionRecord]) -> None:
+        """In the worker thread: remove every transcript path of ``records``; log what fails."""
+        if self.transcript_files is None:
+            return
+        for record in records:
+            for claude_id in record.all_claude_session_ids:
+                try:
+                    paths = list(self.transcript_files(record.user_id, claude_id))
+                except Exception:
+                    log.exception("session registry: transcript_files(%r) failed", claude_id)
+                    continue
+                for path in paths:
+                    try:
+                        _remove_path(Path(path))
+                    except OSError as exc:
+                        log.error(
+                            "session registry: could not remove transcript %s of %s: %s",
+                            path,
+                            record.key,
+                            exc,
+                        )
+
+    # --- store calls --------------------------------------------------------
+
+    async def _write(self, what: str, function: Callable[..., Any], *args: Any) -> _Outcome:
+        """A store call that writes: its storage failure or success changes the health."""
+        outcome = await self._call(what, function, *args)
+        if isinstance(outcome.error, RegistryError):
+            self._set_health(str(outcome.error))
+        elif outcome.error is None or isinstance(outcome.error, TooManySessions | SessionExists):
+            self._set_health(None)
+        return outcome
+
+    async def _call(self, what: str, function: Callable[..., Any], *args: Any) -> _Outcome:
+        """Run one store call in a worker thread; every failure comes back as an answer.
+
+        A call that has begun is never abandoned: if the actor is cancelled
+        meanwhile, trio waits for the thread and returns its result (Cancelled
+        comes at the next checkpoint), so a committed write is answered as such.
+        """
+        try:
+            return _Outcome(value=await trio.to_thread.run_sync(function, *args))
+        except (RegistryError, TooManySessions, SessionExists) as exc:
+            if isinstance(exc, RegistryError):
+                log.error("session registry: %s failed: %s", what, exc)
+            return _Outcome(error=exc)
+        except Exception as exc:
+            log.exception("session registry: %s raised unexpectedly", what)
+            cause = " ".join(f"{type(exc).__name__}: {exc}".split())
+            return _Outcome(
+                error=RegistryError(f"session store {self.store.path}: {what}: {cause}")
+            )
+
+    def _set_health(self, reason: str | None) -> None:
+        if reason == self.health:
+            return
+        self.health = reason
+        if reason is None:
+            log.info("session registry: writes succeed again")
+        if self.on_health is not None:
+            try:
+                self.on_health(reason)
+            except Exception:
+                log.exception("session registry: on_health failed")
+
+
+def _answer(reply: trio.MemorySendChannel[Any], answer: Any) -> None:
+    try:
+        reply.send_nowait(answer)
+    except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the requester went away
+
+
+def _remove_path(path: Path) -> None:
+    """Remove a file, a symlink (not its target) or a directory tree; missing is fine."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 # --- the requester's side ---------------------------------------------------
@@ -476,46 +1001,70 @@ async def _call_and_reply(reply: trio.MemorySendChannel, store: SessionStore, me
 class RegistryClient:
     """Request/reply helpers over a send channel to the registry's inbox (the caller owns the channel).
 
+    Every method waits for the registry's answer.
+
     Error handling: a :class:`RegistryError` answered by the registry is raised
     here. So is a registry that is gone (its inbox is closed, or it closed the
-    reply without answering); those messages name the registry, not a path.
+    reply without answering: it was stopped before handling the request); those
+    messages name the registry, not a path. A request cancelled here may still
+    be carried out by the registry (a save may still be committed).
     """
 
-    def __init__(self, inbox: trio.MemorySendChannel):
+    def __init__(self, inbox: trio.MemorySendChannel[RegistryMessage]):
         self.inbox = inbox
 
     async def load(self, key: SessionKey) -> SessionRecord | None:
         return await self._request(lambda reply: LoadSession(key, reply))
 
     async def save(self, record: SessionRecord) -> None:
-        """Fire and forget: returns once the registry has the message, not once it is written."""
-        await self._send(SaveSession(record))
+        """Insert or update ``record``; returns once it is durable, raises :class:`RegistryError` if not.
+
+        Never refused for the per-user bound: insert new sessions with :meth:`create`.
+        """
+        await self._request(lambda reply: SaveSession(record, reply))
+
+    async def create(self, record: SessionRecord, max_per_user: int) -> None:
+        """Insert a new session if its user has fewer than ``max_per_user``; returns once durable.
+
+        The check and the insert are one transaction. Raises
+        :class:`TooManySessions` at the bound, :class:`SessionExists` if the
+        key already has a record (left unchanged), :class:`RegistryError` if
+        the write failed.
+        """
+        if max_per_user < 0:
+            raise ValueError(f"max_per_user must be >= 0, not {max_per_user}")
+        await self._request(lambda reply: CreateSession(record, max_per_user, reply))
 
     async def delete(self, key: SessionKey) -> bool:
+        """Delete the record, then its transcripts; False if there was no record."""
         return await self._request(lambda reply: DeleteSession(key, reply))
 
-    async def list_for_user(self, user_id: str) -> list[SessionRecord]:
-        return await self._request(lambda reply: ListSessions(user_id, reply))
+    async def list_for_user(self, user_id: str, limit: int, offset: int = 0) -> SessionPage:
+        """Up to ``limit`` of the user's sessions after the first ``offset``, most recent first,
+        and how many they have in all."""
+        if limit < 0 or offset < 0:
+            raise ValueError(f"limit and offset must be >= 0, not {limit} and {offset}")
+        return await self._request(lambda reply: ListSessions(user_id, limit, offset, reply))
 
-    async def _request(self, make):
-        reply, answers = trio.open_memory_channel(1)
+    async def _request(self, make: Callable[[trio.MemorySendChannel[Any]], RegistryMessage]) -> Any:
+        reply, answers = trio.open_memory_channel[Any](1)
         async with answers:
-            await self._send(make(reply))
+            try:
+                await self.inbox.send(make(reply))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                reply.close()
+                raise RegistryError(
+                    "session registry is not running (its inbox is closed)"
+                ) from exc
             try:
                 answer = await answers.receive()
             except trio.EndOfChannel:
                 raise RegistryError(
                     "session registry closed the request without answering"
                 ) from None
-        if isinstance(answer, RegistryError):
+        if isinstance(answer, Exception):
             raise answer
         return answer
-
-    async def _send(self, message: RegistryMessage) -> None:
-        try:
-            await self.inbox.send(message)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise RegistryError("session registry is not running (its inbox is closed)") from exc
 
 
 # --- per-user workspaces ----------------------------------------------------
