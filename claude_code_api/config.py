@@ -513,6 +513,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             f"DEFAULT_TIMEOUT_MS={settings.default_timeout_ms}: must not exceed"
             f" MAX_TIMEOUT_MS={settings.max_timeout_ms}"
         )
+    ttl = settings.session_ttl_s
+    if ttl is not None and ttl <= settings.session_idle_s + settings.max_timeout_s:
+        # A live session (idle or in its longest turn) must never be expired under it.
+        raise ConfigError(
+            f"SESSION_TTL_MS={round(ttl * 1000)}: must exceed SESSION_IDLE_MS +"
+            f" MAX_TIMEOUT_MS ({round((settings.session_idle_s + settings.max_timeout_s) * 1000)})"
+            " or be 0 (never)"
+        )
     return settings
 
 

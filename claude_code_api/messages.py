@@ -1,31 +1,40 @@
 """Every message that travels on a channel between actors.
 
 Messages are frozen attrs classes and nothing else travels on channels. The
-channels themselves, and who owns them:
+channels, who owns each end, and who closes it:
 
-* ``HTTP handler -> dispatcher``: the dispatcher's inbox (:class:`Submit`,
-  :class:`Withdraw`, :class:`StatusRequest`). Owned by the supervisor tree; each
-  sender holds a clone.
-* ``worker -> dispatcher``: the same inbox (:class:`WorkerStarting`,
-  :class:`WorkerReady`, :class:`WorkerFinished`, :class:`WorkerFailed`).
-* ``dispatcher -> worker``: each worker's own job inbox; the worker owns the
-  receive end, the dispatcher holds the send end it was given in :class:`WorkerReady`.
-* ``dispatcher -> session supervisor``: :class:`StartSession` on the supervisor's
-  inbox (the dispatcher owns the send end).
-* ``dispatcher -> session actor``: the actor's inbox, offered in
-  :class:`SessionStarted`; the actor owns the receive end. It carries :class:`Job`,
-  :class:`Hibernate` and :class:`CloseSessionNow`; jobs only while the actor is idle.
-* ``session actor -> dispatcher``: :class:`SessionStarted`, :class:`SessionIdle`;
-  its supervisor sends :class:`SessionStopped` when it ends.
-* ``whoever holds the job -> HTTP handler``: ``Job.reply``, a stream of
+* **dispatcher inbox** (``MemorySendChannel[DispatcherMessage]``, buffer 0): both
+  ends belong to the supervision tree (``Service``), which closes them when the
+  tree ends, so a restarted dispatcher reads the same inbox. Every other actor
+  sends on its own ``clone()`` and closes that clone when it ends: HTTP handlers
+  (:class:`Submit`, :class:`Withdraw`, :class:`StatusRequest`,
+  :class:`CloseSession`, :class:`Drain`), workers (``Worker*``), the session
+  supervisor (:class:`SessionsReset`, :class:`SessionStopped`) and session actors
+  (:class:`SessionStarted`, :class:`SessionIdle`).
+* **worker job inbox** (``MemorySendChannel[Job]``, buffer 1): made by a worker
+  for each :class:`WorkerReady`; the worker owns and closes the receive end, the
+  dispatcher closes the send end after handing over one job (or when the worker
+  is gone).
+* **session starts** (``MemorySendChannel[StartSession]``): tree-owned like the
+  dispatcher inbox; the dispatcher sends, the session supervisor reads.
+* **session inbox** (``MemorySendChannel[SessionCommand]``): made by a session
+  actor and offered in :class:`SessionStarted`; the actor owns and closes the
+  receive end when it ends; the dispatcher closes the send end when it learns
+  the actor stopped (:class:`SessionStopped`) or forgets it (:class:`SessionsReset`).
+* **a job's reply** (``MemorySendChannel[ReplyEvent]``, ``Job.reply``): a stream of
   :data:`ReplyEvent` ending in exactly one terminal event (:class:`RunResult` or
   :class:`JobFailed`). The HTTP handler owns the receive end. The send end belongs
-  to the dispatcher while the job is queued and to the worker once it runs; the
-  holder sends the terminal event and closes it.
+  to the dispatcher while the job is queued and to the worker or session actor
+  once it runs; that holder sends the terminal event and closes it
+  (:meth:`Job.answer`).
+* **request/reply channels** inside :class:`StatusRequest`, :class:`Drain`,
+  :class:`CloseSession`: made by the requester (who owns the receive end); the
+  one who answers sends once and closes the send end.
 """
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 import attrs
@@ -42,6 +51,28 @@ class SessionKey:
     session_id: str
 
 
+@attrs.define(eq=False)
+class Cancellation:
+    """A one-shot request to stop a job, set by the job's HTTP side.
+
+    The client left before the answer (``reason`` "client gone"), or asked to
+    cancel. Whoever runs the job watches :attr:`event` and interrupts the agent at
+    once, even while the agent is silent (a long model call).
+    """
+
+    event: trio.Event = attrs.Factory(trio.Event)
+    reason: str | None = None
+
+    def cancel(self, reason: str) -> None:
+        if not self.event.is_set():
+            self.reason = reason
+            self.event.set()
+
+    @property
+    def requested(self) -> bool:
+        return self.event.is_set()
+
+
 @attrs.frozen(eq=False)
 class Job:
     """One prompt to run. ``deadline`` (trio time) covers queue wait and run."""
@@ -51,8 +82,9 @@ class Job:
     prompt: str
     submitted_at: float
     deadline: float
-    reply: trio.MemorySendChannel = attrs.field(repr=False)
+    reply: trio.MemorySendChannel[ReplyEvent] = attrs.field(repr=False)
     session_id: str | None = None
+    cancellation: Cancellation = attrs.field(factory=Cancellation, repr=False)
 
     @property
     def session_key(self) -> SessionKey | None:
@@ -61,8 +93,8 @@ class Job:
     def answer(self, event: RunResult | JobFailed) -> None:
         """Send the terminal event and close ``reply``; only its current holder may.
 
-        Never blocks: the reply channel has room, and nothing was sent on it yet.
-        A client that is gone is simply not answered.
+        Never blocks: a client that is gone, or that left its reply buffer full,
+        is simply not answered.
         """
         try:
             self.reply.send_nowait(event)
@@ -94,18 +126,61 @@ class ToolUse:
 
 
 @attrs.frozen
+class ToolResult:
+    """A tool call finished; ``ok`` is False when the tool reported an error."""
+
+    ok: bool
+
+
+@attrs.frozen
+class UpstreamRetry:
+    """The agent's call to the model API failed and the CLI will retry it.
+
+    ``status`` is the HTTP status (None: the API could not be reached).
+    """
+
+    status: int | None
+    message: str
+    attempt: int
+    max_retries: int | None = None
+
+
+@attrs.frozen
+class SessionIdChanged:
+    """The CLI moved the conversation to a new session id (e.g. after ``/clear``)."""
+
+    claude_session_id: str
+
+
+# What an agent reports while it works on a turn.
+AgentEvent = AssistantText | ToolUse | ToolResult | UpstreamRetry | SessionIdChanged
+
+
+@attrs.frozen
+class UpstreamError:
+    """The last upstream API failure of a turn, for the reply (``upstreamError``)."""
+
+    status: int | None
+    message: str
+    retries: int
+
+
+@attrs.frozen
 class RunResult:
-    """Terminal: the agent's turn ended (successfully, with an agent error, or timed out)."""
+    """Terminal: the agent's turn ended (successfully, with an agent error, timed out or stopped)."""
 
     success: bool
     output: str
     duration_ms: int
     timed_out: bool = False
     output_truncated: bool = False
+    cancelled: bool = False
     cost_usd: float | None = None
     num_turns: int | None = None
     usage: dict[str, Any] | None = None
     claude_session_id: str | None = None
+    model: str | None = None
+    upstream_error: UpstreamError | None = None
 
 
 @attrs.frozen
@@ -117,7 +192,8 @@ class JobFailed:
     retry_after_s: int | None = None
 
 
-ReplyEvent = JobStarted | AssistantText | ToolUse | RunResult | JobFailed
+ReplyEvent = JobStarted | AgentEvent | RunResult | JobFailed
+TerminalEvent = RunResult | JobFailed
 TERMINAL_EVENTS = (RunResult, JobFailed)
 
 
@@ -150,7 +226,7 @@ class WorkerReady:
     """A worker's agent is warm. Send it one :class:`Job` on ``inbox``."""
 
     worker_id: str
-    inbox: trio.MemorySendChannel = attrs.field(repr=False)
+    inbox: trio.MemorySendChannel[Job] = attrs.field(repr=False)
 
 
 @attrs.frozen
@@ -160,6 +236,7 @@ class WorkerFinished:
     worker_id: str
     job_id: str
     ok: bool
+    upstream_error: UpstreamError | None = None
 
 
 @attrs.frozen
@@ -170,10 +247,25 @@ class WorkerFailed:
     reason: str
 
 
+class WorkerState(enum.StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    BUSY = "busy"
+    ERROR = "error"
+
+
+class SessionState(enum.StrEnum):
+    WAITING = "waiting"  # for a live slot
+    STARTING = "starting"
+    IDLE = "idle"  # shown to clients as "live"
+    BUSY = "busy"
+    STOPPING = "stopping"
+
+
 @attrs.frozen
 class WorkerView:
     id: str
-    state: str  # "starting" | "ready" | "busy" | "error"
+    state: WorkerState
     busy_since: float | None  # wall-clock seconds
     jobs: int
     last_error: str | None
@@ -182,7 +274,7 @@ class WorkerView:
 @attrs.frozen
 class SessionView:
     key: SessionKey
-    state: str  # "waiting" (for a live slot) | "starting" | "live" | "busy" | "stopping"
+    state: SessionState
 
 
 @attrs.frozen
@@ -198,13 +290,16 @@ class PoolSnapshot:
     draining: bool
     ever_ready: bool  # some worker has been warm at least once
     sessions: tuple[SessionView, ...] = ()
+    # The newest 401/403 from the model API (until a later turn succeeds), with its wall time.
+    upstream_auth_error: UpstreamError | None = None
+    upstream_auth_error_at: float | None = None
 
 
 @attrs.frozen
 class StatusRequest:
     """Ask the dispatcher for a :class:`PoolSnapshot`, answered on ``reply``."""
 
-    reply: trio.MemorySendChannel = attrs.field(repr=False)
+    reply: trio.MemorySendChannel[PoolSnapshot] = attrs.field(repr=False)
 
 
 @attrs.frozen
@@ -214,7 +309,7 @@ class Drain:
     The dispatcher sends ``None`` on ``done`` (and closes it) once no job is running.
     """
 
-    done: trio.MemorySendChannel = attrs.field(repr=False)
+    done: trio.MemorySendChannel[None] = attrs.field(repr=False)
 
 
 # --- sessions ---------------------------------------------------------------
@@ -228,30 +323,6 @@ class StartSession:
 
 
 @attrs.frozen
-class SessionStarted:
-    """A session actor is up; send it jobs and commands on ``inbox``."""
-
-    key: SessionKey
-    inbox: trio.MemorySendChannel = attrs.field(repr=False)
-
-
-@attrs.frozen
-class SessionIdle:
-    """A session's agent is warm and idle. ``finished_ok``: the turn just ended (None: none)."""
-
-    key: SessionKey
-    finished_ok: bool | None = None
-
-
-@attrs.frozen
-class SessionStopped:
-    """A session actor ended: hibernated or closed (``reason`` None) or failed."""
-
-    key: SessionKey
-    reason: str | None = None
-
-
-@attrs.frozen
 class Hibernate:
     """Dispatcher -> idle session actor: close the process, keep the record, end."""
 
@@ -261,18 +332,60 @@ class CloseSessionNow:
     """Dispatcher -> session actor: interrupt any running turn and end."""
 
 
+SessionCommand = Job | Hibernate | CloseSessionNow
+
+
+@attrs.frozen
+class SessionStarted:
+    """A session actor is up; send it jobs and commands on ``inbox``."""
+
+    key: SessionKey
+    inbox: trio.MemorySendChannel[SessionCommand] = attrs.field(repr=False)
+
+
+@attrs.frozen
+class SessionIdle:
+    """A session's agent is warm and idle. ``finished_ok``: the turn just ended (None: none)."""
+
+    key: SessionKey
+    finished_ok: bool | None = None
+    upstream_error: UpstreamError | None = None
+
+
+@attrs.frozen
+class SessionStopped:
+    """A session actor ended: hibernated or closed (``failure`` None) or failed.
+
+    ``failure`` answers the turns still waiting for that session when the actor
+    could not even start (e.g. its user has too many sessions: 429).
+    """
+
+    key: SessionKey
+    failure: JobFailed | None = None
+
+
+@attrs.frozen
+class SessionsReset:
+    """The session supervisor (re)started: no session actor runs now.
+
+    A restarted supervisor's old actors were cancelled without reporting
+    :class:`SessionStopped`; the dispatcher forgets every live session so no
+    live slot leaks.
+    """
+
+
 @attrs.frozen
 class CloseSession:
     """HTTP -> dispatcher: DELETE /session.
 
     ``ack`` gets True if the dispatcher knew the session (live or waiting). Once no
     actor runs for it any more, the dispatcher asks the registry to delete the
-    record, and the registry answers on ``deleted``.
+    record, and the registry answers on ``deleted`` (True/False, or the error).
     """
 
     key: SessionKey
-    ack: trio.MemorySendChannel = attrs.field(repr=False)
-    deleted: trio.MemorySendChannel = attrs.field(repr=False)
+    ack: trio.MemorySendChannel[bool] = attrs.field(repr=False)
+    deleted: trio.MemorySendChannel[Any] = attrs.field(repr=False)
 
 
 DispatcherMessage = (
@@ -287,5 +400,6 @@ DispatcherMessage = (
     | SessionStarted
     | SessionIdle
     | SessionStopped
+    | SessionsReset
     | CloseSession
 )

@@ -1,46 +1,64 @@
 """The supervision tree of the service, in one screen.
 
     root                 one_for_one, escalates (the service exits 1)
-    ├── registry         permanent  owns the SQLite session records (opened first: a bad
-    │                               database stops start-up with a clear error)
-    ├── dispatcher       permanent  owns the job queue and session scheduling
+    ├── reaper           permanent  kills every agent if the service dies (a watchdog process)
+    ├── registry         permanent  owns the SQLite session records
     ├── http             permanent  hypercorn + Quart-Trio
-    ├── sessions         permanent  starts session actors on demand
-    │   └── (user, id)   temporary  one live conversation: one Claude Code process
-    └── workers          permanent  one_for_one; backs off exponentially in a crash loop
-        ├── worker-0     permanent  one pre-warmed Claude Code process
-        └── worker-N-1
+    └── core             permanent  rest_for_one: who starts later depends on who started earlier
+        ├── dispatcher   permanent  the job queue and session scheduling (its view of the rest)
+        ├── sessions     permanent  starts session actors on demand
+        │   └── (user, id)  temporary  one live conversation: one Claude Code process
+        └── workers      permanent  one_for_one; backs off exponentially in a crash loop
+            ├── worker-0 permanent  one pre-warmed Claude Code process
+            └── worker-N-1
 
-Children start in that order and stop in reverse. Channels: both ends of the
-three singleton inboxes are owned here, so a restarted actor reads the same
-inbox: ``inbox`` (the dispatcher's; the HTTP app shares the send end, every
-actor start gets a clone), ``registry_inbox`` (the registry's; HTTP and the
-dispatcher share it, session actors use it through a :class:`RegistryClient`),
-``session_starts`` (dispatcher -> session supervisor). Shutdown (:meth:`Service.shutdown`): the
-dispatcher refuses new jobs, running ones get ``SHUTDOWN_GRACE_S`` to finish, then
-the tree stops in reverse: workers and sessions interrupt what still runs (those
-requests are answered with their partial output) and close their agents; then
-HTTP, the dispatcher, and last the registry, which closes the database.
+Children start in that order and stop in reverse. Every (re)start builds its
+actor afresh: a restarted dispatcher knows nothing of the crashed one, so the
+session supervisor and the workers restart after it (rest_for_one) and tell the
+new one who they are. HTTP, the registry and the reaper hold no state about
+the others, so a crash there restarts only them.
+
+Channels: the tree owns both ends of the singleton inboxes, so a restarted
+actor reads the same inbox: ``inbox`` (the dispatcher's; HTTP and every actor
+send on clones), ``registry_inbox`` (the registry's; HTTP, the dispatcher and
+session actors), ``session_starts`` (dispatcher -> session supervisor),
+``reaper_inbox`` (agents -> reaper). :meth:`Service.run` closes them when the
+tree ends.
+
+Shutdown (:meth:`Service.shutdown`): the dispatcher refuses new jobs, running
+ones get ``SHUTDOWN_GRACE_S`` to finish, then the tree stops in reverse: workers
+(side by side) and sessions interrupt what still runs (those requests are
+answered with their partial output) and close their agents; then the
+dispatcher, HTTP, the registry (which writes what is queued and closes the
+database) and last the reaper.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
 
 import trio
 
 from .actors.dispatcher import Dispatcher, SessionLimits
-from .actors.registry import RegistryClient, open_store, serve_registry
-from .actors.session import serve_session
+from .actors.reaper import REAPER_INBOX_SIZE, ReaperClient, serve_reaper
+from .actors.registry import RegistryClient, open_store, serve_registry, user_workspace
+from .actors.session import SessionConfig, serve_session
 from .actors.session_supervisor import SessionSupervisor
 from .actors.stopping import StopSignal
-from .actors.worker import serve_worker
-from .agent import CLOSE_GRACE_S
+from .actors.turn import TurnLimits
+from .actors.worker import WorkerConfig, serve_worker
+from .agent import CLOSE_GRACE_S, AgentFactory, session_files
 from .config import Settings
-from .http.app import create_app
+from .http.app import StoreStatus, create_app
 from .http.server import HttpServer
-from .messages import Drain
-from .supervision import Backoff, ChildSpec, Restart, Supervisor
+from .messages import DispatcherMessage, Drain, SessionKey
+from .sdk_agent import AgentOptions, SdkAgentFactory
+from .startup import plan_agents
+from .supervision import Backoff, ChildSpec, StopOrder, Strategy, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -54,120 +72,176 @@ REGISTRY_INBOX_SIZE = 1024
 class Service:
     """The whole service: build the tree, run it, shut it down gracefully."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, environ: Mapping[str, str] | None = None) -> None:
         self.settings = settings
-        self.inbox, inbox_receive = trio.open_memory_channel(0)
-        self.registry_inbox, registry_receive = trio.open_memory_channel(REGISTRY_INBOX_SIZE)
-        self.session_starts, session_starts_receive = trio.open_memory_channel(
+        self.environ = os.environ if environ is None else environ
+        self.inbox, self._inbox_receive = trio.open_memory_channel[DispatcherMessage](0)
+        self.registry_inbox, self._registry_receive = trio.open_memory_channel(REGISTRY_INBOX_SIZE)
+        self.session_starts, self._session_starts_receive = trio.open_memory_channel(
             settings.max_live_sessions
         )
+        self.reaper_inbox, self._reaper_receive = trio.open_memory_channel(REAPER_INBOX_SIZE)
         self._channels = (
             self.inbox,
-            inbox_receive,
+            self._inbox_receive,
             self.registry_inbox,
-            registry_receive,
+            self._registry_receive,
             self.session_starts,
-            session_starts_receive,
+            self._session_starts_receive,
+            self.reaper_inbox,
+            self._reaper_receive,
         )
-        dispatcher = Dispatcher(
-            inbox_receive,
-            pool_size=settings.pool_size,
-            queue_max=settings.queue_max,
-            session_starter=self.session_starts,
-            registry=self.registry_inbox,
-            session_limits=SessionLimits(
-                max_live=settings.max_live_sessions,
-                per_session_max=settings.session_queue_max,
-                idle_s=settings.session_idle_s,
-            ),
-        )
-        registry = RegistryClient(self.registry_inbox)
-
-        async def run_session(key, dispatcher_clone, stop) -> None:
-            await serve_session(key, settings, dispatcher_clone, registry, stop)
-
-        async def start_registry(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
-            # Opened in a thread: a slow disk must not block the loop, even at start-up.
-            store = await trio.to_thread.run_sync(open_store, settings.data_dir)
-            await serve_registry(store, registry_receive, task_status=task_status)
-
-        sessions = SessionSupervisor(session_starts_receive, self.inbox, run_session)
-
-        self.workers = Supervisor(
-            "workers",
-            [self._worker_spec(f"worker-{n}") for n in range(settings.pool_size)],
-            intensity=INTENSITY,
-            period=PERIOD_S,
-            backoff=Backoff(
-                initial=min(1.0, settings.restart_backoff_max_s),
-                factor=2.0,
-                cap=settings.restart_backoff_max_s,
-            ),
-        )
+        self.registry = RegistryClient(self.registry_inbox)
+        self.store_status = StoreStatus()
         self.http = HttpServer(
-            create_app(settings, self.inbox, registry),
+            create_app(settings, self.inbox, self.registry, self.store_status),
             settings.host,
             settings.port,
             graceful_timeout=5.0,
         )
-        self.root = Supervisor(
-            "root",
-            [
-                # Stopped last, by closing its inbox: it writes what is queued, then ends.
-                ChildSpec("registry", start_registry, request_stop=self.registry_inbox.close),
-                ChildSpec("dispatcher", dispatcher.serve),
-                ChildSpec("http", self.http.serve, request_stop=self.http.request_stop),
-                # Stopped before HTTP, so the turns they interrupt are answered.
-                ChildSpec(
-                    "sessions",
-                    sessions.serve,
-                    request_stop=sessions.request_stop,
-                    shutdown_grace=self._turn_stop_grace(),
-                ),
-                ChildSpec(
-                    "workers",
-                    self.workers.run,
-                    request_stop=self.workers.request_stop,
-                    shutdown_grace=self._turn_stop_grace() * settings.pool_size,
-                ),
-            ],
-            intensity=INTENSITY,
-            period=PERIOD_S,
-        )
+        self.root: Supervisor | None = None
+        self._stopping = False
 
-    def _turn_stop_grace(self) -> float:
-        """How long an actor may take to interrupt, answer and close its turn."""
-        return self.settings.interrupt_grace_s + CLOSE_GRACE_S + 1.0
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the tree until it is stopped (returns) or escalates (raises).
 
-    def _worker_spec(self, worker_id: str) -> ChildSpec:
-        workspaces = self.settings.data_dir / "workers" / worker_id
-        stop = StopSignal()
-
-        async def start(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
-            await serve_worker(
-                worker_id,
-                self.settings,
-                self.inbox.clone(),
-                workspaces,
-                stop,
-                task_status=task_status,
-            )
-
-        return ChildSpec(
-            worker_id,
-            start,
-            restart=Restart.PERMANENT,
-            request_stop=stop.request_stop,
-            shutdown_grace=self._turn_stop_grace(),
-        )
-
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Run the tree until it is stopped (returns) or escalates (raises)."""
+        Raises :class:`~claude_code_api.startup.StartupError` before starting
+        anything when agents cannot be launched as configured.
+        """
         try:
+            plan = await trio.to_thread.run_sync(plan_agents, self.settings, self.environ)
+            new_agent = SdkAgentFactory(
+                plan.launcher,
+                AgentOptions(self.settings.model, self.settings.max_output_chars),
+                ReaperClient(self.reaper_inbox),
+                plan.refusal,
+            )
+            self.root = self._tree(new_agent)
+            if self._stopping:  # a signal arrived while planning
+                self.root.request_stop()
             await self.root.run(task_status=task_status)
         finally:
             for channel in self._channels:
                 channel.close()
+
+    def _tree(self, new_agent: AgentFactory) -> Supervisor:
+        settings = self.settings
+        turn = TurnLimits(settings.interrupt_grace_s, settings.max_output_chars)
+        turn_stop_grace = settings.interrupt_grace_s + CLOSE_GRACE_S + 1.0
+
+        async def start_reaper(*, task_status: trio.TaskStatus[None]) -> None:
+            await serve_reaper(self._reaper_receive, task_status=task_status)
+
+        async def start_registry(*, task_status: trio.TaskStatus[None]) -> None:
+            # Opened in a thread: a slow disk must not block the loop, even at start-up.
+            store = await trio.to_thread.run_sync(open_store, settings.data_dir)
+            await serve_registry(
+                store,
+                self._registry_receive,
+                transcript_files=transcript_files,
+                ttl_s=settings.session_ttl_s,
+                on_health=self.store_status.update,
+                task_status=task_status,
+            )
+
+        def transcript_files(user_id: str, claude_session_id: str) -> list[Path]:
+            return session_files(user_workspace(settings.data_dir, user_id), claude_session_id)
+
+        async def start_dispatcher(*, task_status: trio.TaskStatus[None]) -> None:
+            dispatcher = Dispatcher(
+                self._inbox_receive,
+                pool_size=settings.pool_size,
+                queue_max=settings.queue_max,
+                session_starter=self.session_starts,
+                registry=self.registry_inbox,
+                session_limits=SessionLimits(
+                    max_live=settings.max_live_sessions,
+                    per_session_max=settings.session_queue_max,
+                    idle_s=settings.session_idle_s,
+                ),
+            )
+            await dispatcher.serve(task_status=task_status)
+
+        session_config = SessionConfig(
+            settings.warmup_timeout_s, turn, settings.max_sessions_per_user
+        )
+
+        async def run_session(
+            key: SessionKey, dispatcher: trio.MemorySendChannel[DispatcherMessage], stop: StopSignal
+        ) -> None:
+            home = user_workspace(settings.data_dir, key.user_id)
+            await serve_session(
+                key, session_config, dispatcher, self.registry, new_agent, home, stop
+            )
+
+        def new_session_supervisor() -> SessionSupervisor:
+            return SessionSupervisor(self._session_starts_receive, self.inbox, run_session)
+
+        worker_config = WorkerConfig(settings.warmup_timeout_s, turn)
+
+        def worker_spec(worker_id: str) -> ChildSpec:
+            homes = settings.data_dir / "workers" / worker_id
+            stop = _CurrentStop()
+
+            async def start(*, task_status: trio.TaskStatus[None]) -> None:
+                await serve_worker(
+                    worker_id,
+                    worker_config,
+                    self.inbox.clone(),
+                    new_agent,
+                    homes,
+                    stop.fresh(),
+                    task_status=task_status,
+                )
+
+            return ChildSpec(
+                worker_id, start, request_stop=stop.request_stop, shutdown_grace=turn_stop_grace
+            )
+
+        def new_worker_pool() -> Supervisor:
+            return Supervisor(
+                "workers",
+                [worker_spec(f"worker-{n}") for n in range(settings.pool_size)],
+                intensity=INTENSITY,
+                period=PERIOD_S,
+                backoff=Backoff(
+                    initial=min(1.0, settings.restart_backoff_max_s),
+                    factor=2.0,
+                    cap=settings.restart_backoff_max_s,
+                ),
+                stop_order=StopOrder.TOGETHER,
+            )
+
+        def new_core() -> Supervisor:
+            return Supervisor(
+                "core",
+                [
+                    ChildSpec("dispatcher", start_dispatcher),
+                    ChildSpec(
+                        "sessions", actor=new_session_supervisor, shutdown_grace=turn_stop_grace
+                    ),
+                    ChildSpec("workers", actor=new_worker_pool, shutdown_grace=turn_stop_grace),
+                ],
+                strategy=Strategy.REST_FOR_ONE,
+                intensity=INTENSITY,
+                period=PERIOD_S,
+            )
+
+        return Supervisor(
+            "root",
+            [
+                ChildSpec("reaper", start_reaper, request_stop=self.reaper_inbox.close),
+                # Stopped after everything that saves, by closing its inbox: it writes
+                # what is queued, then ends.
+                ChildSpec("registry", start_registry, request_stop=self.registry_inbox.close),
+                ChildSpec("http", self.http.serve, request_stop=self.http.request_stop),
+                # Stopped before HTTP, so the turns it interrupts are answered. A
+                # supervisor stops when its children have: their graces bound it.
+                ChildSpec("core", actor=new_core, shutdown_grace=math.inf),
+            ],
+            intensity=INTENSITY,
+            period=PERIOD_S,
+        )
 
     async def shutdown(self, grace: float) -> None:
         """Refuse new work, give running jobs ``grace`` seconds, then stop the tree."""
@@ -180,4 +254,24 @@ class Service:
                     await done_receive.receive()
                 except trio.EndOfChannel:
                     pass
-        self.root.request_stop()
+        self._stopping = True
+        if self.root is not None:
+            self.root.request_stop()
+
+
+class _CurrentStop:
+    """The stop signal of a child's current incarnation: a restart gets a fresh one.
+
+    (A child stopped by its supervisor and then restarted — rest_for_one — must
+    not start out stopped.)
+    """
+
+    def __init__(self) -> None:
+        self.current = StopSignal()
+
+    def fresh(self) -> StopSignal:
+        self.current = StopSignal()
+        return self.current
+
+    def request_stop(self) -> None:
+        self.current.request_stop()

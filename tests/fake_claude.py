@@ -6,8 +6,11 @@ stdout), keeps transcripts like the real CLI so `--session-id` / `--resume`
 are just as strict, and can inject faults on request.
 
 Environment:
-  FAKE_CLAUDE_HOME       transcripts go to $FAKE_CLAUDE_HOME/transcripts/<uuid>.jsonl
-                         (default ~/.fake-claude)
+  FAKE_CLAUDE_HOME       transcripts go to $FAKE_CLAUDE_HOME/transcripts/<uuid>.jsonl;
+                         unset: where the real CLI keeps them,
+                         $CLAUDE_CONFIG_DIR/projects/<cwd slug>/<uuid>.jsonl (default ~/.claude)
+  FAKE_CLAUDE_REFUSE_ROOT  1: refuse bypassPermissions as root unless IS_SANDBOX, as the
+                         real CLI does (same message, exit 1)
   FAKE_CLAUDE_MODE       comma-separated start-up modes (see below)
   FAKE_CLAUDE_MODE_FILE  a file with more modes, re-read at every process start
   FAKE_CLAUDE_PIDDIR     an empty file <pid> is created there at start
@@ -30,6 +33,15 @@ Per-turn directives, written in the prompt as [[fake:NAME]] or [[fake:NAME:ARG..
   stderr:N      N lines of noise on stderr, then a normal reply
   close_stdout  one assistant text, close stdout, exit 0 a little later
   tool          a tool_use assistant message and its tool_result, then a normal reply
+  bash          run the rest of the prompt (after the directive) with /bin/sh as a Bash
+                tool call; reply with its output (stdout and stderr)
+  retry:S:N:D   N `api_retry` system messages for HTTP status S (0: unreachable), D seconds
+                apart (interruptible; N=0: until interrupted), then an error result with
+                api_error_status S, as the real CLI ends a turn whose retries ran out
+
+The prompt "/clear" moves the conversation to a new session id, as the real CLI
+does: that turn's init and result carry the new id, and no model call is made.
+--no-session-persistence keeps no transcript.
 
 The normal ("echo") reply: "My name is X." -> "Nice to meet you, X.";
 "What is my name?" -> "Your name is X." from the transcript (or "I don't know
@@ -42,6 +54,7 @@ import queue
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -64,6 +77,8 @@ TURN_DIRECTIVES = {
     "stderr",
     "close_stdout",
     "tool",
+    "bash",
+    "retry",
 }
 DIRECTIVE_RE = re.compile(r"\[\[fake:([^\]]*)\]\]")
 NAME_RE = re.compile(r"My name is ([^.\n]+)\.")
@@ -220,9 +235,15 @@ def is_uuid(text):
     return True
 
 
+def project_slug(path):
+    """The directory name the real CLI gives a working directory under projects/."""
+    return re.sub(r"[^A-Za-z0-9]", "-", str(path))
+
+
 class Transcripts:
-    def __init__(self, home):
-        self.dir = home / "transcripts"
+    def __init__(self, directory, persist=True):
+        self.dir = directory
+        self.persist = persist
 
     def path(self, session_id):
         return self.dir / f"{session_id}.jsonl"
@@ -232,6 +253,8 @@ class Transcripts:
         return is_uuid(session_id) and self.path(session_id).is_file()
 
     def append(self, session_id, entry):
+        if not self.persist:
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.path(session_id), "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
@@ -364,7 +387,11 @@ class Session:
             return self.cond.wait_for(lambda: self.interrupted_upto >= number, seconds)
 
     def run_turn(self, number, message):
-        Turn(self, number, prompt_text(message)).run()
+        prompt = prompt_text(message)
+        if prompt.strip() == "/clear":
+            # A local command: the conversation moves to a new, empty session.
+            self.session_id = str(uuid.uuid4())
+        Turn(self, number, prompt).run()
 
 
 class Turn:
@@ -428,6 +455,64 @@ class Turn:
         msg.update(extra)
         OUT.emit(msg)
 
+    def run_tool(self, tool_input, command):
+        """A Bash tool call, really run with /bin/sh; returns its output."""
+        tool_id = "toolu_" + uuid.uuid4().hex[:12]
+        self.assistant([{"type": "tool_use", "id": tool_id, "name": "Bash", "input": tool_input}])
+        try:
+            done = subprocess.run(
+                ["/bin/sh", "-c", command],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                stdin=subprocess.DEVNULL,
+            )
+            output, failed = done.stdout + done.stderr, done.returncode != 0
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            output, failed = str(exc), True
+        OUT.emit(
+            {
+                **self.base("user"),
+                "message": {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "tool_result",
+                            "tool_use_id": tool_id,
+                            "content": output,
+                            "is_error": failed,
+                        }
+                    ],
+                },
+                "parent_tool_use_id": None,
+            }
+        )
+        return output
+
+    def retry_then_fail(self, args):
+        status = num(args, 0, 500, int) or None
+        count = num(args, 1, 10, int)
+        delay = num(args, 2, 0.5)
+        attempt = 0
+        while count == 0 or attempt < count:
+            attempt += 1
+            OUT.emit(
+                {
+                    **self.base("system"),
+                    "subtype": "api_retry",
+                    "attempt": attempt,
+                    "max_retries": count or 10,
+                    "retry_delay_ms": int(delay * 1000),
+                    "error_status": status,
+                    "error": "unknown" if status is None else "fake upstream error",
+                }
+            )
+            if self.s.wait_interrupt(self.number, delay):
+                return self.interrupted_result()
+        text = f"API Error: {status or 'Connection error'} fake upstream error"
+        self.say(text)
+        return self.result(result=text, is_error=True, api_error_status=status)
+
     def interrupted_result(self):
         self.result("error_during_execution", True, errors=["[Request interrupted by user]"])
 
@@ -486,6 +571,8 @@ class Turn:
         )
         d = dict(s.turn_defaults)
         d.update(parse_directives(self.prompt))
+        if self.prompt.strip() == "/clear":
+            return self.result(result="")
 
         if self.s.is_interrupted(self.number):
             return self.interrupted_result()
@@ -536,6 +623,13 @@ class Turn:
                 self.say("x" * min(chunk, remaining))
                 remaining -= chunk
             return self.result(result="".join(self.texts))
+        if "retry" in d:
+            return self.retry_then_fail(d["retry"])
+        if "bash" in d:
+            command = DIRECTIVE_RE.sub("", self.prompt).strip()
+            output = self.run_tool({"command": command}, command)
+            self.say(output)
+            return self.result(result=output)
         if "tool" in d:
             tool_use = {
                 "type": "tool_use",
@@ -627,6 +721,23 @@ def handle_line(session, raw, no_init):
     # control_response, keep_alive and anything else: nothing to do.
 
 
+def refuse_root_if_asked(values, flags):
+    bypass = (
+        values.get("--permission-mode") == "bypassPermissions"
+        or "--dangerously-skip-permissions" in flags
+    )
+    if (
+        os.environ.get("FAKE_CLAUDE_REFUSE_ROOT") == "1"
+        and bypass
+        and os.geteuid() == 0
+        and not os.environ.get("IS_SANDBOX")
+    ):
+        die(
+            "--dangerously-skip-permissions cannot be used with root/sudo privileges"
+            " for security reasons"
+        )
+
+
 def main(argv):
     pid = os.getpid()
     piddir = os.environ.get("FAKE_CLAUDE_PIDDIR")
@@ -655,9 +766,14 @@ def main(argv):
         code = num(startup["exit_at_start"], 0, 1, int)
         die(f"fake_claude: exit_at_start (exit code {code})", code)
 
-    home = Path(os.environ.get("FAKE_CLAUDE_HOME") or (Path.home() / ".fake-claude"))
-    transcripts = Transcripts(home)
     values, flags = parse_args(argv)
+    refuse_root_if_asked(values, flags)
+    persist = "--no-session-persistence" not in flags
+    if os.environ.get("FAKE_CLAUDE_HOME"):
+        transcripts = Transcripts(Path(os.environ["FAKE_CLAUDE_HOME"]) / "transcripts", persist)
+    else:
+        config = Path(os.environ.get("CLAUDE_CONFIG_DIR") or (Path.home() / ".claude"))
+        transcripts = Transcripts(config / "projects" / project_slug(os.getcwd()), persist)
     session_id = resolve_session(values, flags, transcripts)
     session = Session(session_id, transcripts, values, turn_defaults)
 

@@ -25,6 +25,10 @@ FAKE_CLAUDE = Path(__file__).with_name("fake_claude.py")
 API_KEY = "sk-test-key"
 AUTH = {"x-api-key": API_KEY}
 LISTENING = re.compile(r"listening on (http://\S+)")
+FAKE_CLAUDE_VARIABLES = (
+    "FAKE_CLAUDE_HOME,FAKE_CLAUDE_PIDDIR,FAKE_CLAUDE_MODE,FAKE_CLAUDE_MODE_FILE,FAKE_CLAUDE_LOG,"
+    "FAKE_CLAUDE_REFUSE_ROOT"
+)
 
 
 @attrs.define
@@ -116,6 +120,11 @@ async def run_service(
         "FAKE_CLAUDE_HOME": str(fake_home),
         "FAKE_CLAUDE_PIDDIR": str(piddir),
         "FAKE_CLAUDE_MODE": fake_mode,
+        # Agents get an allowlisted environment: the fake's own settings are passed by name.
+        "AGENT_ENV": FAKE_CLAUDE_VARIABLES,
+        # The fake writes pid files the tests read from outside: no pid namespace by default
+        # (tests of the sandbox turn it on).
+        "AGENT_SANDBOX": "off",
         "PYTHONUNBUFFERED": "1",
         **(env or {}),
     }

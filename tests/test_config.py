@@ -338,3 +338,9 @@ def test_bad_configuration_exits_2_with_one_line(variables, named, secret):
     if secret is not None:
         assert secret not in done.stderr
     assert done.stdout == b""
+
+
+def test_a_session_ttl_that_could_expire_a_live_session_is_refused():
+    with pytest.raises(ConfigError, match="SESSION_TTL_MS=.*must exceed SESSION_IDLE_MS"):
+        load_settings({"SESSION_TTL_MS": "60000", "SESSION_IDLE_MS": "60000"})
+    assert load_settings({"SESSION_TTL_MS": "0"}).session_ttl_s is None

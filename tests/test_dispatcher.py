@@ -90,7 +90,7 @@ async def terminal_of(reply: trio.MemoryReceiveChannel):
 
 
 def states(snapshot) -> dict[str, str]:
-    return {view.id: view.state for view in snapshot.workers}
+    return {view.id: view.state.value for view in snapshot.workers}
 
 
 # --- dispatch ----------------------------------------------------------------

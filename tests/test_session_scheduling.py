@@ -22,6 +22,7 @@ from trio.testing import wait_all_tasks_blocked
 
 from claude_code_api.actors.dispatcher import Dispatcher, SessionLimits
 from claude_code_api.actors.registry import DeleteSession
+from claude_code_api.http.app import SHOWN_SESSION_STATES
 from claude_code_api.http.jobs import close_session, pool_snapshot, run_job
 from claude_code_api.messages import (
     TERMINAL_EVENTS,
@@ -130,14 +131,15 @@ class FakeSessions:
         self.alive.add(key)
         self.max_alive = max(self.max_alive, len(self.alive))
         self.record("start", key.session_id)
-        reason = None
+        failure = None
         try:
             await self._run_actor(key)
         except _StartFailed as exc:
-            reason = str(exc)
+            # As the real actor reports an agent that cannot start.
+            failure = JobFailed(502, f"session agent failed to start: {exc}")
         self.alive.discard(key)
         self.record("stopped", key.session_id)
-        await self.dispatcher.send(SessionStopped(key, reason))
+        await self.dispatcher.send(SessionStopped(key, failure))
 
     # --- a fake session actor ---
 
@@ -319,7 +321,11 @@ async def no_answer_yet(reply: trio.MemoryReceiveChannel) -> bool:
 async def session_states(inbox: trio.MemorySendChannel) -> dict[str, str]:
     await wait_all_tasks_blocked()
     snapshot = await pool_snapshot(inbox)
-    return {view.key.session_id: view.state for view in snapshot.sessions}
+    # As GET /status shows them.
+    return {
+        view.key.session_id: SHOWN_SESSION_STATES.get(view.state, view.state.value)
+        for view in snapshot.sessions
+    }
 
 
 def answer(prompt: str, duration_ms: int = 0) -> RunResult:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import attrs
 import trio
@@ -35,16 +36,19 @@ from ..messages import (
     RunResult,
     SessionIdle,
     SessionKey,
+    SessionsReset,
     SessionStarted,
     SessionStopped,
     StartSession,
     StatusRequest,
     Submit,
+    UpstreamError,
     Withdraw,
     WorkerFailed,
     WorkerFinished,
     WorkerReady,
     WorkerStarting,
+    WorkerState,
     WorkerView,
 )
 from .job_queue import JobQueue
@@ -55,17 +59,21 @@ log = logging.getLogger(__name__)
 
 QUEUE_FULL_ERROR = "Queue is full, try again later"
 RETRY_AFTER_S = 1
+SHUTTING_DOWN = JobFailed(503, "service is shutting down")
+RESTARTING = JobFailed(503, "the dispatcher restarted; try again")
+# Model API statuses that mean the service's credentials are refused.
+AUTH_STATUSES = (401, 403)
 
 
 @attrs.define
 class _WorkerRecord:
-    state: str = "starting"
+    state: WorkerState = WorkerState.STARTING
     busy_since: float | None = None
     jobs: int = 0
     last_error: str | None = None
     # Its latest warm-up attempt failed and it has not been ready since.
     failing: bool = False
-    inbox: trio.MemorySendChannel | None = None
+    inbox: trio.MemorySendChannel[Job] | None = None
 
 
 @attrs.frozen
@@ -84,12 +92,12 @@ class Dispatcher:
 
     def __init__(
         self,
-        inbox: trio.MemoryReceiveChannel,
+        inbox: trio.MemoryReceiveChannel[DispatcherMessage],
         *,
         pool_size: int,
         queue_max: int,
-        session_starter: trio.MemorySendChannel | None = None,
-        registry: trio.MemorySendChannel | None = None,
+        session_starter: trio.MemorySendChannel[StartSession] | None = None,
+        registry: trio.MemorySendChannel[Any] | None = None,
         session_limits: SessionLimits = SessionLimits(),
     ):
         self.inbox = inbox
@@ -111,31 +119,49 @@ class Dispatcher:
         self.failed = 0
         self.last_failure: str | None = None  # the newest warm-up failure of any worker
         self.draining = False
-        self.drained_waiters: list[trio.MemorySendChannel] = []
+        self.drained_waiters: list[trio.MemorySendChannel[None]] = []
         self.ever_ready = False
+        self.upstream_auth_error: UpstreamError | None = None
+        self.upstream_auth_error_at: float | None = None
 
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Handle messages until cancelled or the inbox closes.
 
-        The inbox belongs to the supervision tree, not to this actor, so a restarted
-        dispatcher reads the same inbox.
+        The inbox belongs to the supervision tree, not to this actor, so a
+        restarted dispatcher (a fresh object) reads the same inbox. If this one
+        crashes, the jobs it holds are answered 503 on the way out.
         """
         task_status.started()
-        while True:
-            wake_at = min(self.queue.next_deadline(), self.sessions.next_deadline())
-            with trio.move_on_at(wake_at):
-                try:
-                    message = await self.inbox.receive()
-                except trio.EndOfChannel:
-                    return
-                self.handle(message)
-            now = trio.current_time()
-            self._expire_queued(now)
-            self.sessions.hibernate_idle(now)
-            self._dispatch()
-            self.sessions.schedule()
-            if self.draining:
-                self._notify_if_drained()
+        try:
+            while True:
+                now = trio.current_time()
+                self.on_time(now)
+                wake_at = self.next_deadline()
+                if wake_at <= now:  # a bug: waking for it again would spin without receiving
+                    log.error("dispatcher: a deadline stayed in the past; waking in 1 s")
+                    wake_at = now + 1.0
+                with trio.move_on_at(wake_at):
+                    try:
+                        message = await self.inbox.receive()
+                    except trio.EndOfChannel:
+                        return
+                    self.handle(message)
+        except BaseException:
+            self._fail_queued(SHUTTING_DOWN if self.draining else RESTARTING)
+            self.sessions.fail_all_waiting(SHUTTING_DOWN if self.draining else RESTARTING)
+            raise
+
+    def on_time(self, now: float) -> None:
+        """Everything due by ``now``, then dispatch: after it, no deadline is in the past."""
+        self._expire_queued(now)
+        self.sessions.hibernate_idle(now)
+        self._dispatch()
+        self.sessions.schedule()
+        if self.draining:
+            self._notify_if_drained()
+
+    def next_deadline(self) -> float:
+        return min(self.queue.next_deadline(), self.sessions.next_deadline())
 
     # --- messages ---------------------------------------------------------
 
@@ -149,24 +175,26 @@ class Dispatcher:
                     job.reply.close()
             case WorkerStarting(worker_id):
                 record = self._record(worker_id)
-                record.state, record.busy_since, record.inbox = "starting", None, None
+                self._drop_offer(record)
+                record.state, record.busy_since = WorkerState.STARTING, None
                 self._forget_idle(worker_id)
             case WorkerReady(worker_id, inbox):
                 record = self._record(worker_id)
-                record.state, record.failing, record.inbox = "ready", False, inbox
+                self._drop_offer(record)
+                record.state, record.failing, record.inbox = WorkerState.READY, False, inbox
                 self.ever_ready = True
                 self._forget_idle(worker_id)
                 self.idle.append(worker_id)
-            case WorkerFinished(worker_id, _job_id, ok):
-                self.processed += 1
-                self.failed += 0 if ok else 1
+            case WorkerFinished(worker_id, _job_id, ok, upstream_error):
+                self._count_turn(ok, upstream_error)
                 record = self._record(worker_id)
-                record.state, record.busy_since = "starting", None
+                record.state, record.busy_since = WorkerState.STARTING, None
             case WorkerFailed(worker_id, reason):
                 record = self._record(worker_id)
-                record.state, record.failing, record.last_error = "error", True, reason
+                self._drop_offer(record)
+                record.state, record.failing, record.last_error = WorkerState.ERROR, True, reason
                 self.last_failure = reason
-                record.busy_since, record.inbox = None, None
+                record.busy_since = None
                 self._forget_idle(worker_id)
                 if self.degraded_reason() is not None:
                     self._fail_queued(self._unavailable())
@@ -178,25 +206,34 @@ class Dispatcher:
             case Drain(done):
                 self.draining = True
                 self.drained_waiters.append(done)
-                self._fail_queued(JobFailed(503, "service is shutting down"))
-                self.sessions.fail_all_waiting(JobFailed(503, "service is shutting down"))
+                self._fail_queued(SHUTTING_DOWN)
+                self.sessions.fail_all_waiting(SHUTTING_DOWN)
             case SessionStarted(key, inbox):
                 self.sessions.started(key, inbox)
-            case SessionIdle(key, finished_ok):
+            case SessionIdle(key, finished_ok, upstream_error):
                 if finished_ok is not None:
-                    self.processed += 1
-                    self.failed += 0 if finished_ok else 1
+                    self._count_turn(finished_ok, upstream_error)
                 self.sessions.idle(key, trio.current_time())
-            case SessionStopped(key, reason):
-                self.sessions.stopped(key, reason)
+            case SessionStopped(key, failure):
+                self.sessions.stopped(key, failure)
+            case SessionsReset():
+                self.sessions.reset()
             case CloseSession(key, ack, deleted):
                 self.sessions.close(key, ack, deleted)
             case _:
                 log.error("dispatcher: unknown message %r", message)
 
+    def _count_turn(self, ok: bool, upstream_error: UpstreamError | None) -> None:
+        self.processed += 1
+        self.failed += 0 if ok else 1
+        if upstream_error is not None and upstream_error.status in AUTH_STATUSES:
+            self.upstream_auth_error, self.upstream_auth_error_at = upstream_error, time.time()
+        elif ok:
+            self.upstream_auth_error = self.upstream_auth_error_at = None
+
     def _submit(self, job: Job) -> None:
         if self.draining:
-            job.answer(JobFailed(503, "service is shutting down"))
+            job.answer(SHUTTING_DOWN)
         elif job.session_id is not None:
             refusal = self.sessions.submit(job)
             if refusal is not None:
@@ -216,26 +253,29 @@ class Dispatcher:
             record = self.workers[worker_id]
             job = self.queue.pop_next()
             inbox, record.inbox = record.inbox, None
+            assert job is not None and inbox is not None
             try:
                 inbox.send_nowait(job)
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
                 # The worker died after offering itself; its supervisor restarts it.
                 self.queue.push_front(job)
-                record.state = "starting"
+                record.state = WorkerState.STARTING
                 continue
             finally:
                 inbox.close()  # one job per offer
-            record.state, record.busy_since = "busy", time.time()
+            record.state, record.busy_since = WorkerState.BUSY, time.time()
             record.jobs += 1
 
     def _start_session(self, message: StartSession) -> None:
         # Room for max_live messages is reserved: at most that many starts are in flight.
+        assert self.session_starter is not None
         self.session_starter.send_nowait(message)
 
-    def _delete_record(self, key: SessionKey, deleted: trio.MemorySendChannel) -> None:
+    def _delete_record(self, key: SessionKey, deleted: trio.MemorySendChannel[Any]) -> None:
         try:
+            assert self.registry is not None
             self.registry.send_nowait(DeleteSession(key, deleted))
-        except trio.WouldBlock:
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
             deleted.send_nowait(JobFailed(503, "session registry is overloaded, try again"))
             deleted.close()
 
@@ -247,7 +287,8 @@ class Dispatcher:
             job.answer(RunResult(success=False, output="", duration_ms=waited_ms, timed_out=True))
 
     def _notify_if_drained(self) -> None:
-        if any(r.state == "busy" for r in self.workers.values()) or self.sessions.busy_count():
+        busy = any(r.state is WorkerState.BUSY for r in self.workers.values())
+        if busy or self.sessions.busy_count():
             return
         for done in self.drained_waiters:
             try:
@@ -288,6 +329,8 @@ class Dispatcher:
             draining=self.draining,
             ever_ready=self.ever_ready,
             sessions=self.sessions.views(),
+            upstream_auth_error=self.upstream_auth_error,
+            upstream_auth_error_at=self.upstream_auth_error_at,
         )
 
     def _record(self, worker_id: str) -> _WorkerRecord:
@@ -296,3 +339,10 @@ class Dispatcher:
     def _forget_idle(self, worker_id: str) -> None:
         if worker_id in self.idle:
             self.idle.remove(worker_id)
+
+    @staticmethod
+    def _drop_offer(record: _WorkerRecord) -> None:
+        """Close the one-job channel of an offer that will not be taken up."""
+        if record.inbox is not None:
+            record.inbox.close()
+            record.inbox = None

@@ -1,44 +1,66 @@
 """Session actor: one live multi-turn conversation.
 
-It owns one :class:`Agent` (a Claude Code process) running in the user's
-workspace with the session's own Claude session UUID: ``--session-id`` while the
-conversation is new, ``--resume`` once its transcript exists — so after a crash,
-a hibernation or a service restart the conversation continues from Claude Code's
-own transcript. It runs one turn at a time, as the dispatcher hands them over,
-and saves the record (turns, cost, last activity) to the registry after each.
+It owns one agent (a Claude Code process) running in its user's HOME with the
+session's Claude session UUID: ``--session-id`` while the conversation is new,
+``--resume`` once its transcript exists — so after a crash, a hibernation or a
+service restart the conversation continues from Claude Code's own transcript.
+It runs one turn at a time, as the dispatcher hands them over. After each turn
+it saves the record (turns, cost, last activity, and the conversation's current
+Claude session id: the CLI moves a conversation to a new id on ``/clear``) and
+answers the client only once the registry has it durably.
 
-Channels: it owns the receive end of its inbox (offered to the dispatcher in
-:class:`SessionStarted`), sends on its own clone of the dispatcher's inbox, and
-owns ``job.reply`` while running a job.
+Channels: it owns the receive end of its inbox (offered in
+:class:`SessionStarted`) and closes it when it ends, answering any job still in
+it; it sends on its own clone of the dispatcher's inbox, closed when it ends;
+it owns ``job.reply`` while running a job.
 
-Error handling: a turn whose agent dies is answered 502 and the process is
-started again (with ``--resume``) before the next turn. A timed-out turn is
-interrupted and drained before the next starts, so the next turn answers its own
-prompt. An agent that cannot start raises: the session supervisor reports it
-and the dispatcher fails the turns that were waiting for it.
+Error handling:
+
+* a turn whose agent dies is answered 502 and the process is started again
+  (resuming) before the next turn; a timed-out, abandoned or cancelled turn is
+  interrupted and drained, so the next turn answers its own prompt;
+* an idle agent that exits (killed from outside) is replaced, resuming the
+  conversation; one that keeps exiting while idle ends the session with a 502
+  for what waits;
+* failures that end the actor carry the answer for the turns waiting on it
+  (:class:`SessionFailed`): too many sessions (429), the session store failing
+  (503), an agent that cannot start (502). A save that fails after a turn
+  answers that turn 503 instead of its result: a reply is never acknowledged
+  unless its record is durable.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import attrs
 import trio
 
-from ..agent import Agent, AgentStartError, agent_options
-from ..config import Settings
+from ..agent import Agent, AgentFactory, AgentSpec, AgentStartError
 from ..messages import (
     CloseSessionNow,
+    DispatcherMessage,
     Hibernate,
     Job,
+    JobFailed,
+    SessionCommand,
     SessionIdle,
     SessionKey,
     SessionStarted,
+    TerminalEvent,
+    UpstreamError,
 )
-from .registry import RegistryClient, SessionRecord, new_session_record, user_workspace
+from .registry import (
+    RegistryClient,
+    RegistryError,
+    SessionRecord,
+    TooManySessions,
+    new_session_record,
+)
 from .stopping import StopSignal
-from .turn import TurnOutcome, run_turn_for_job
+from .turn import TurnLimits, TurnOutcome, run_turn
 
 log = logging.getLogger(__name__)
 
@@ -46,74 +68,204 @@ log = logging.getLogger(__name__)
 SESSION_INBOX_SIZE = 4
 NO_TRANSCRIPT = "No conversation found"
 TRANSCRIPT_EXISTS = "already in use"
+# An idle agent that exits this many times in a row (no turn in between) ends the session.
+MAX_IDLE_EXITS = 3
+SHUTTING_DOWN = JobFailed(503, "service is shutting down")
+
+
+class SessionFailed(Exception):
+    """The session actor cannot go on; ``failure`` answers the turns waiting for it."""
+
+    def __init__(self, failure: JobFailed) -> None:
+        super().__init__(failure.error)
+        self.failure = failure
+
+
+@attrs.frozen
+class SessionConfig:
+    warmup_timeout_s: float
+    turn: TurnLimits
+    max_sessions_per_user: int
+
+
+def store_failure(exc: RegistryError) -> JobFailed:
+    return JobFailed(503, f"session store unavailable: {exc}")
 
 
 async def serve_session(
     key: SessionKey,
-    settings: Settings,
-    dispatcher: trio.MemorySendChannel,
+    config: SessionConfig,
+    dispatcher: trio.MemorySendChannel[DispatcherMessage],
     registry: RegistryClient,
+    new_agent: AgentFactory,
+    home: Path,
     stop: StopSignal,
 ) -> None:
     """Run the session ``key`` until hibernated, closed or stopped; see the module docstring.
 
-    A stop request (service shutdown) interrupts a running turn, which is still
-    answered, and keeps the record: the conversation resumes after the restart.
+    ``home`` is the user's HOME (workspace and Claude config dir). A stop request
+    (service shutdown) interrupts a running turn, which is still answered, and
+    keeps the record: the conversation resumes after the restart.
     """
-    record = await registry.load(key)
-    if record is None:
-        record = new_session_record(key, time.time())
-        await registry.save(record)
-    workspace = user_workspace(settings.data_dir, key.user_id)
-    workspace.mkdir(parents=True, exist_ok=True)
-    inbox_send, inbox = trio.open_memory_channel[object](SESSION_INBOX_SIZE)
+    record = await _load_or_create(key, registry, config.max_sessions_per_user)
+    inbox_send, inbox = trio.open_memory_channel[SessionCommand](SESSION_INBOX_SIZE)
     agent: Agent | None = None
+    idle_exits = 0
     finished_ok: bool | None = None
-    async with dispatcher, inbox:
-        await dispatcher.send(SessionStarted(key, inbox_send))
+    session = _Session(key, record, registry)
+    leftover = SHUTTING_DOWN
+    async with dispatcher:
         try:
+            await dispatcher.send(SessionStarted(key, inbox_send))
             while not stop.requested:
                 if agent is None:
                     with stop.guard():
-                        agent = await _start_agent(record, settings, workspace)
+                        agent = await _start_agent(session.record, config, new_agent, home)
                     if agent is None:
                         return
-                await dispatcher.send(SessionIdle(key, finished_ok))
-                message = None
+                await dispatcher.send(SessionIdle(key, finished_ok, session.upstream_error))
+                command = None
                 with stop.guard():
-                    message = await inbox.receive()
-                if message is None or isinstance(message, Hibernate | CloseSessionNow):
+                    command = await _next_command(inbox, agent)
+                if command is None and agent.exited and not stop.requested:
+                    idle_exits += 1
+                    log.warning("session %s: agent exited while idle; replacing it", key)
+                    await agent.close(grace=0)
+                    agent = None
+                    if idle_exits >= MAX_IDLE_EXITS:
+                        leftover = JobFailed(502, "session agent keeps exiting while idle")
+                        raise SessionFailed(leftover)
+                    continue
+                if command is None or isinstance(command, Hibernate | CloseSessionNow):
                     return
-                if not record.transcript_started:
-                    # From now on the CLI may have a transcript: later starts must resume.
-                    record = attrs.evolve(record, transcript_started=True)
-                    await registry.save(record)
-                outcome, closed = await _run_turn(agent, message, inbox, key, settings, stop)
-                record = attrs.evolve(
-                    record,
-                    turns=record.turns + 1,
-                    last_activity=time.time(),
-                    total_cost_usd=record.total_cost_usd + (outcome.cost_usd or 0.0),
-                )
-                await registry.save(record)
+                idle_exits = 0
+                try:
+                    await session.before_turn()
+                except RegistryError as exc:
+                    command.answer(store_failure(exc))
+                    continue
+                outcome, closed = await _run_turn(agent, command, inbox, key, config, stop)
+                command.answer(await session.after_turn(agent, outcome))
                 if closed:
                     return
                 if not outcome.agent_usable:
-                    await agent.close(grace=0)
-                    agent = None
+                    agent = None  # run_turn closed it
                 finished_ok = outcome.ok
+        except AgentStartError as exc:
+            leftover = JobFailed(502, f"session agent failed to start: {exc}")
+            raise SessionFailed(leftover) from exc
+        except RegistryError as exc:
+            leftover = store_failure(exc)
+            raise SessionFailed(leftover) from exc
         finally:
-            if agent is not None:
-                # EOF first: the CLI flushes its transcript before it exits.
-                await agent.close()
+            with trio.CancelScope(shield=True):
+                if agent is not None:
+                    # EOF first: the CLI flushes its transcript before it exits.
+                    await agent.close()
+            _close_inbox(inbox, leftover)
+
+
+class _Session:
+    """The record of a live session and how a turn updates it."""
+
+    def __init__(self, key: SessionKey, record: SessionRecord, registry: RegistryClient) -> None:
+        self.key = key
+        self.record = record
+        self.registry = registry
+        self.upstream_error: UpstreamError | None = None
+
+    async def before_turn(self) -> None:
+        if not self.record.transcript_started:
+            # From now on the CLI may have a transcript: later starts must resume.
+            await self._save(attrs.evolve(self.record, transcript_started=True))
+
+    async def after_turn(self, agent: Agent, outcome: TurnOutcome) -> TerminalEvent:
+        """Save what the turn changed; the terminal event to answer with (503 if not saved)."""
+        self.upstream_error = outcome.upstream_error
+        record = attrs.evolve(
+            self.record,
+            turns=self.record.turns + 1,
+            last_activity=time.time(),
+            total_cost_usd=self.record.total_cost_usd + (outcome.cost_usd or 0.0),
+        )
+        current = agent.session_id
+        if current is not None and current != record.claude_session_id:
+            log.info(
+                "session %s: the CLI moved the conversation to %s (was %s)",
+                self.key,
+                current,
+                record.claude_session_id,
+            )
+            record = attrs.evolve(
+                record,
+                claude_session_id=current,
+                previous_claude_session_ids=(
+                    *record.previous_claude_session_ids,
+                    record.claude_session_id,
+                ),
+                transcript_started=True,
+            )
+        try:
+            await self._save(record)
+        except RegistryError as exc:
+            log.error("session %s: turn not saved: %s", self.key, exc)
+            return store_failure(exc)
+        return outcome.terminal
+
+    async def _save(self, record: SessionRecord) -> None:
+        await self.registry.save(record)
+        self.record = record
+
+
+async def _load_or_create(
+    key: SessionKey, registry: RegistryClient, max_per_user: int
+) -> SessionRecord:
+    try:
+        record = await registry.load(key)
+        if record is None:
+            record = new_session_record(key, time.time())
+            await registry.create(record, max_per_user)
+    except TooManySessions as exc:
+        raise SessionFailed(JobFailed(429, str(exc), retry_after_s=None)) from exc
+    except RegistryError as exc:
+        raise SessionFailed(store_failure(exc)) from exc
+    return record
+
+
+async def _next_command(
+    inbox: trio.MemoryReceiveChannel[SessionCommand], agent: Agent
+) -> SessionCommand | None:
+    """The dispatcher's next command; None if the idle agent exited first (or on cancel).
+
+    A command handed over at the very moment the agent exited is still returned.
+    """
+    command: SessionCommand | None = None
+    async with trio.open_nursery() as nursery:
+
+        async def end_wait_if_agent_exits() -> None:
+            await agent.wait_exited()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(end_wait_if_agent_exits)
+        try:
+            command = await inbox.receive()
+        except trio.EndOfChannel:
+            command = None
+        nursery.cancel_scope.cancel()
+    if command is None:
+        try:
+            command = inbox.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel):
+            pass
+    return command
 
 
 async def _run_turn(
     agent: Agent,
     job: Job,
-    inbox: trio.MemoryReceiveChannel,
+    inbox: trio.MemoryReceiveChannel[SessionCommand],
     key: SessionKey,
-    settings: Settings,
+    config: SessionConfig,
     stop: StopSignal,
 ) -> tuple[TurnOutcome, bool]:
     """Run one turn while listening for a close; returns the outcome and whether closed."""
@@ -122,24 +274,30 @@ async def _run_turn(
 
     async def stop_on_close() -> None:
         nonlocal closed
-        message = await inbox.receive()
-        if isinstance(message, CloseSessionNow):
+        command = await inbox.receive()
+        if isinstance(command, CloseSessionNow):
             closed = True
             turn_scope.cancel()
         else:
-            log.error("session %s: unexpected %r during a turn", key, message)
+            log.error("session %s: unexpected %r during a turn", key, command)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(stop_on_close)
         with stop.guard(turn_scope):
-            outcome = await run_turn_for_job(
-                agent, job, f"session:{key.session_id}", settings, turn_scope=turn_scope
+            outcome = await run_turn(
+                agent,
+                job,
+                worker_id=f"session:{key.session_id}",
+                limits=config.turn,
+                turn_scope=turn_scope,
             )
         nursery.cancel_scope.cancel()
     return outcome, closed
 
 
-async def _start_agent(record: SessionRecord, settings: Settings, workspace) -> Agent:
+async def _start_agent(
+    record: SessionRecord, config: SessionConfig, new_agent: AgentFactory, home: Path
+) -> Agent:
     """Start the session's agent: resume its transcript if it has one, else begin it.
 
     Our record can be wrong about the transcript (a crash between saving the
@@ -147,17 +305,20 @@ async def _start_agent(record: SessionRecord, settings: Settings, workspace) -> 
     so try the other way once.
     """
     resume = record.transcript_started
+    name = f"session {record.user_id}/{record.session_id}"
     for attempt in range(2):
-        agent = Agent(
-            agent_options(
-                settings,
-                cwd=workspace,
-                session_id=None if resume else record.claude_session_id,
-                resume=record.claude_session_id if resume else None,
+        uuid_ = record.claude_session_id
+        agent = new_agent(
+            AgentSpec(
+                name=name,
+                home=home,
+                ephemeral=False,
+                session_id=None if resume else uuid_,
+                resume=uuid_ if resume else None,
             )
         )
         try:
-            await agent.start(settings.warmup_timeout_s)
+            await agent.start(config.warmup_timeout_s)
             return agent
         except AgentStartError as exc:
             wrong_guess = NO_TRANSCRIPT in str(exc) if resume else TRANSCRIPT_EXISTS in str(exc)
@@ -166,3 +327,15 @@ async def _start_agent(record: SessionRecord, settings: Settings, workspace) -> 
             log.info("session %s: %s; retrying with resume=%s", record.key, exc, not resume)
             resume = not resume
     raise AssertionError("unreachable")
+
+
+def _close_inbox(inbox: trio.MemoryReceiveChannel[SessionCommand], failure: JobFailed) -> None:
+    """Close the inbox; a job the dispatcher handed over that never ran is answered."""
+    while True:
+        try:
+            command = inbox.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            break
+        if isinstance(command, Job):
+            command.answer(failure)
+    inbox.close()

@@ -21,6 +21,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 import trio
@@ -31,7 +32,9 @@ from ..messages import (
     Job,
     JobFailed,
     RunResult,
+    SessionCommand,
     SessionKey,
+    SessionState,
     SessionView,
     StartSession,
 )
@@ -39,18 +42,20 @@ from .job_queue import JobQueue
 
 log = logging.getLogger(__name__)
 
-LIVE_STATES = ("starting", "idle", "busy", "stopping")
+LIVE_STATES = (SessionState.STARTING, SessionState.IDLE, SessionState.BUSY, SessionState.STOPPING)
+DeleteReply = tuple[trio.MemorySendChannel[bool], trio.MemorySendChannel[Any]]
 
 
 @attrs.define(eq=False)
 class SessionEntry:
     key: SessionKey
     waiting: JobQueue
-    state: str = "waiting"  # waiting (for a slot) | starting | idle | busy | stopping
-    inbox: trio.MemorySendChannel | None = None
+    state: SessionState = SessionState.WAITING
+    # The actor's inbox; the scheduler closes it when the actor is gone.
+    inbox: trio.MemorySendChannel[SessionCommand] | None = None
     last_used: float = 0.0
     # DELETE requests waiting for this session's actor to end: (ack, deleted) channels.
-    closing: list[tuple[trio.MemorySendChannel, trio.MemorySendChannel]] = attrs.Factory(list)
+    closing: list[DeleteReply] = attrs.Factory(list)
 
 
 class SessionScheduler:
@@ -70,7 +75,7 @@ class SessionScheduler:
         max_waiting_sessions: int,
         idle_s: float,
         start_session: Callable[[StartSession], None],
-        delete_record: Callable[[SessionKey, trio.MemorySendChannel], None],
+        delete_record: Callable[[SessionKey, trio.MemorySendChannel[Any]], None],
     ) -> None:
         self.max_live = max_live
         self.per_session_max = per_session_max
@@ -93,7 +98,7 @@ class SessionScheduler:
                 return JobFailed(429, "Queue is full, try again later", retry_after_s=1)
             entry = self.entries[key] = SessionEntry(key, JobQueue(self.per_session_max))
             self.waiting_for_slot.append(key)
-        turns_ahead = len(entry.waiting) + (entry.state == "busy")
+        turns_ahead = len(entry.waiting) + (entry.state is SessionState.BUSY)
         if turns_ahead > self.per_session_max:
             return JobFailed(
                 429,
@@ -111,42 +116,54 @@ class SessionScheduler:
                 return job
         return None
 
-    def started(self, key: SessionKey, inbox: trio.MemorySendChannel) -> None:
+    def started(self, key: SessionKey, inbox: trio.MemorySendChannel[SessionCommand]) -> None:
         entry = self.entries.get(key)
-        if entry is None:  # closed while starting and already forgotten
-            inbox.send_nowait(CloseSessionNow())
+        if entry is None or entry.state is not SessionState.STARTING:
+            # Closed while starting and already forgotten (or a stale actor): end it.
+            _send_nowait(inbox, CloseSessionNow())
+            inbox.close()
             return
         entry.inbox = inbox
         if entry.closing:
             self._send(entry, CloseSessionNow())
-            entry.state = "stopping"
+            entry.state = SessionState.STOPPING
 
     def idle(self, key: SessionKey, now: float) -> None:
         entry = self.entries.get(key)
-        if entry is not None and entry.state != "stopping":
-            entry.state, entry.last_used = "idle", now
+        if entry is not None and entry.state is not SessionState.STOPPING:
+            entry.state, entry.last_used = SessionState.IDLE, now
 
-    def stopped(self, key: SessionKey, reason: str | None) -> None:
+    def stopped(self, key: SessionKey, failure: JobFailed | None) -> None:
         entry = self.entries.get(key)
-        if entry is None:
-            return
-        was_starting = entry.state == "starting"
-        entry.inbox = None
+        if entry is None or entry.state is SessionState.WAITING:
+            return  # not ours: an actor of before a reset, or already gone
+        if entry.inbox is not None:
+            entry.inbox.close()
+            entry.inbox = None
         if entry.closing:
             for ack, deleted in entry.closing:
                 self._delete_record(key, deleted)
                 _reply(ack, True)
             entry.closing.clear()
-        if reason is not None and was_starting:
-            # The agent could not start (e.g. its transcript is unreadable): fail
-            # the turns waiting for it rather than retrying forever.
+        if failure is not None:
+            # The actor could not go on (its agent cannot start, too many sessions, the
+            # store fails): answer the turns waiting for it rather than retrying forever.
             for job in entry.waiting.pop_all():
-                job.answer(JobFailed(502, f"session agent failed to start: {reason}"))
+                job.answer(failure)
         if len(entry.waiting):
-            entry.state = "waiting"
+            entry.state = SessionState.WAITING
             self.waiting_for_slot.appendleft(key)  # it had a slot: first in line
         else:
             del self.entries[key]
+
+    def reset(self) -> None:
+        """No session actor runs any more (their supervisor restarted): forget them all.
+
+        Their waiting turns wait for a new actor; DELETEs in progress complete.
+        """
+        for entry in list(self.entries.values()):
+            if entry.state in LIVE_STATES:
+                self.stopped(entry.key, None)
 
     def close(
         self, key: SessionKey, ack: trio.MemorySendChannel, deleted: trio.MemorySendChannel
@@ -159,7 +176,7 @@ class SessionScheduler:
             return
         for job in entry.waiting.pop_all():
             job.answer(RunResult(success=False, output="session closed", duration_ms=0))
-        if entry.state == "waiting":
+        if entry.state is SessionState.WAITING:
             self.waiting_for_slot.remove(key)
             del self.entries[key]
             self._delete_record(key, deleted)
@@ -167,9 +184,9 @@ class SessionScheduler:
             return
         # Starting without an inbox yet: `started` sends the close when it arrives.
         entry.closing.append((ack, deleted))
-        if entry.inbox is not None and entry.state != "stopping":
-            if self._send(entry, CloseSessionNow()):
-                entry.state = "stopping"
+        if entry.inbox is not None and entry.state is not SessionState.STOPPING:
+            self._send(entry, CloseSessionNow())
+            entry.state = SessionState.STOPPING
 
     # --- time ---------------------------------------------------------------
 
@@ -181,17 +198,20 @@ class SessionScheduler:
         return expired
 
     def hibernate_idle(self, now: float) -> None:
+        """Hibernate every session idle for ``idle_s``: none stays due after this."""
         for entry in self.entries.values():
             # The same sum as next_deadline(): `now - last_used >= idle_s` can be an ulp
             # short at the very time the dispatcher woke for it, and it would spin.
             idle_until = entry.last_used + self.idle_s
-            if entry.state == "idle" and not len(entry.waiting) and now >= idle_until:
+            if entry.state is SessionState.IDLE and now >= idle_until:
                 log.info("session %s idle for %gs: hibernating", entry.key, self.idle_s)
                 self._hibernate(entry)
 
     def next_deadline(self) -> float:
         deadlines = [e.waiting.next_deadline() for e in self.entries.values()]
-        deadlines += [e.last_used + self.idle_s for e in self.entries.values() if e.state == "idle"]
+        deadlines += [
+            e.last_used + self.idle_s for e in self.entries.values() if e.state is SessionState.IDLE
+        ]
         return min(deadlines, default=math.inf)
 
     # --- scheduling ---------------------------------------------------------
@@ -199,22 +219,29 @@ class SessionScheduler:
     def schedule(self) -> None:
         """Hand idle sessions their next turn, grant free slots, and free slots by hibernating."""
         for entry in self.entries.values():
-            if entry.state == "idle" and len(entry.waiting):
+            if entry.state is SessionState.IDLE and len(entry.waiting):
                 job = entry.waiting.pop_next()
+                assert job is not None
                 if self._send(entry, job):
-                    entry.state = "busy"
+                    entry.state = SessionState.BUSY
                 else:
+                    # Its actor is ending; SessionStopped brings it back to the line.
                     entry.waiting.push_front(job)
+                    entry.state = SessionState.STOPPING
         live = self.live_count()
         while self.waiting_for_slot and live < self.max_live:
             entry = self.entries[self.waiting_for_slot.popleft()]
-            entry.state = "starting"
+            entry.state = SessionState.STARTING
             self._start_session(StartSession(entry.key))
             live += 1
-        freeing = sum(1 for e in self.entries.values() if e.state == "stopping")
+        freeing = sum(1 for e in self.entries.values() if e.state is SessionState.STOPPING)
         short = len(self.waiting_for_slot) - freeing
         if short > 0:
-            idle = [e for e in self.entries.values() if e.state == "idle" and not len(e.waiting)]
+            idle = [
+                e
+                for e in self.entries.values()
+                if e.state is SessionState.IDLE and not len(e.waiting)
+            ]
             for entry in sorted(idle, key=lambda e: e.last_used)[:short]:
                 self._hibernate(entry)
 
@@ -222,14 +249,13 @@ class SessionScheduler:
         return sum(1 for e in self.entries.values() if e.state in LIVE_STATES)
 
     def busy_count(self) -> int:
-        return sum(1 for e in self.entries.values() if e.state == "busy")
+        return sum(1 for e in self.entries.values() if e.state is SessionState.BUSY)
 
     def queued_count(self) -> int:
         return sum(len(e.waiting) for e in self.entries.values())
 
     def views(self) -> tuple[SessionView, ...]:
-        names = {"idle": "live"}
-        return tuple(SessionView(e.key, names.get(e.state, e.state)) for e in self.entries.values())
+        return tuple(SessionView(e.key, e.state) for e in self.entries.values())
 
     def fail_all_waiting(self, failure: JobFailed) -> None:
         for entry in list(self.entries.values()):
@@ -240,24 +266,37 @@ class SessionScheduler:
     # --- helpers ------------------------------------------------------------
 
     def _hibernate(self, entry: SessionEntry) -> None:
-        if self._send(entry, Hibernate()):
-            entry.state = "stopping"
+        """Ask an idle actor to hibernate; it is then ``stopping`` until it reports.
 
-    def _send(self, entry: SessionEntry, message: object) -> bool:
-        try:
-            entry.inbox.send_nowait(message)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
-            # The actor is ending; its supervisor reports SessionStopped shortly.
+        Either way its idle deadline is gone: the dispatcher must never keep a
+        deadline in the past (it would wake forever without receiving).
+        """
+        # A failed send means the actor is ending already: SessionStopped follows.
+        self._send(entry, Hibernate())
+        entry.state = SessionState.STOPPING
+
+    def _send(self, entry: SessionEntry, message: SessionCommand) -> bool:
+        if entry.inbox is None:
             return False
-        return True
+        return _send_nowait(entry.inbox, message)
 
     def _forget_if_unused(self, entry: SessionEntry) -> None:
-        if entry.state == "waiting" and not len(entry.waiting):
+        if entry.state is SessionState.WAITING and not len(entry.waiting):
             self.waiting_for_slot.remove(entry.key)
             del self.entries[entry.key]
 
 
-def _reply(channel: trio.MemorySendChannel, value: object) -> None:
+def _send_nowait(inbox: trio.MemorySendChannel[SessionCommand], message: SessionCommand) -> bool:
+    try:
+        inbox.send_nowait(message)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+        # The actor is ending (its inbox holds room for every command the
+        # dispatcher can have outstanding); its supervisor reports SessionStopped.
+        return False
+    return True
+
+
+def _reply(channel: trio.MemorySendChannel[Any], value: object) -> None:
     try:
         channel.send_nowait(value)
     except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):

@@ -3,15 +3,18 @@
 Like Elixir's ``Task.Supervisor``: a session actor is never restarted by its
 supervisor — the dispatcher decides whether a session needs an actor again. The
 supervisor only starts one per :class:`StartSession` and reports every end,
-normal or not, to the dispatcher as :class:`SessionStopped`.
+normal or not, to the dispatcher as :class:`SessionStopped`. When it (re)starts
+it first tells the dispatcher :class:`SessionsReset`: actors of a previous
+incarnation were cancelled without reporting, and their live slots must not leak.
 
-Channels: it reads an inbox the supervision tree owns (so a restarted
-supervisor reads the same one; the dispatcher holds the send end), and owns a
-clone of the dispatcher's inbox for its reports; each actor gets its own clone.
+Channels: it reads the session-starts channel, which the supervision tree owns
+(the dispatcher holds the send end); it sends on its own clone of the
+dispatcher's inbox, closed when it ends, and gives each actor a clone of its own.
 
-Error handling: an actor's exception is caught here, logged and reported; it
-never reaches the shared nursery, so one session's crash touches no other
-session and not the worker pool.
+Error handling: an actor's exception is caught here and reported with the
+failure that answers the turns waiting for that session (the actor's own
+:class:`SessionFailed`, else a 502); it never reaches the shared nursery, so one
+session's crash touches no other session and not the worker pool.
 """
 
 from __future__ import annotations
@@ -21,24 +24,37 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from ..messages import SessionKey, SessionStopped, StartSession
+from ..messages import (
+    DispatcherMessage,
+    JobFailed,
+    SessionKey,
+    SessionsReset,
+    SessionStopped,
+    StartSession,
+)
+from .session import SessionFailed
 from .stopping import StopSignal
 
 log = logging.getLogger(__name__)
 
-RunSession = Callable[[SessionKey, trio.MemorySendChannel, StopSignal], Awaitable[None]]
+RunSession = Callable[
+    [SessionKey, trio.MemorySendChannel[DispatcherMessage], StopSignal], Awaitable[None]
+]
 
 
 class SessionSupervisor:
-    """Starts ``run_session(key, dispatcher_clone, stop)`` for each StartSession."""
+    """Starts ``run_session(key, dispatcher_clone, stop)`` for each :class:`StartSession`.
+
+    One object per incarnation: the tree builds a fresh one at every (re)start.
+    """
 
     def __init__(
         self,
-        inbox: trio.MemoryReceiveChannel,
-        dispatcher: trio.MemorySendChannel,
+        starts: trio.MemoryReceiveChannel[StartSession],
+        dispatcher: trio.MemorySendChannel[DispatcherMessage],
         run_session: RunSession,
     ) -> None:
-        self.inbox = inbox
+        self.starts = starts
         self.dispatcher = dispatcher
         self.run_session = run_session
         self._stops: set[StopSignal] = set()
@@ -50,27 +66,28 @@ class SessionSupervisor:
         for stop in self._stops:
             stop.request_stop()
 
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled, or until stopped and every session actor has ended."""
         async with self.dispatcher.clone() as dispatcher, trio.open_nursery() as nursery:
 
             async def supervise(key: SessionKey) -> None:
                 stop = StopSignal()
                 self._stops.add(stop)
-                reason = None
+                failure = None
                 try:
                     await self.run_session(key, dispatcher.clone(), stop)
+                except SessionFailed as exc:
+                    log.warning("session %s ended: %s", key, exc.failure.error)
+                    failure = exc.failure
                 except Exception as exc:
                     log.exception("session %s failed", key)
-                    reason = str(exc) or type(exc).__name__
+                    failure = JobFailed(502, f"session failed: {exc or type(exc).__name__}")
                 finally:
                     self._stops.discard(stop)
-                await dispatcher.send(SessionStopped(key, reason))
+                await dispatcher.send(SessionStopped(key, failure))
 
+            await dispatcher.send(SessionsReset())
             task_status.started()
             with self._stop.guard():
-                async for message in self.inbox:
-                    if isinstance(message, StartSession):
-                        nursery.start_soon(supervise, message.key)
-                    else:
-                        log.error("session supervisor: unknown message %r", message)
+                async for message in self.starts:
+                    nursery.start_soon(supervise, message.key)

@@ -1,36 +1,83 @@
 """Running one job's turn on an agent: the part workers and session actors share.
 
-:func:`run_turn_for_job` owns ``job.reply`` for the whole turn and always ends it
-with exactly one terminal event, then closes it. It enforces the job's deadline
-with a cancel scope: when it passes, the agent is interrupted and given
-``INTERRUPT_GRACE_MS`` to drain the turn, else killed. When the client goes away
-(the reply channel breaks) the agent is interrupted the same way, so work for a
-departed client stops.
+:func:`run_turn` relays the turn's events to ``job.reply`` as they come and
+returns the terminal event *unsent*, so its caller can do its bookkeeping (a
+session saves its record) before it answers with :meth:`Job.answer`.
+
+A turn is cut short — the agent *interrupted* and given ``INTERRUPT_GRACE_MS``
+to drain the turn, and *killed* only if it does not — when:
+
+* the job's deadline passes (``timedOut``);
+* the client leaves or cancels: the job's :class:`Cancellation` is watched the
+  whole time, so a client that leaves during a long, silent model call is
+  noticed at once, not at the agent's next event;
+* the model API answers with a status that retrying cannot fix (400, 401, 403,
+  404): the reply is a 502 naming it. Retryable failures (429, 5xx, 529, no
+  connection) are left to the CLI's own retries within the deadline; each is
+  logged and relayed, and a reply that runs out of time carries the last one;
+* the caller cancels ``turn_scope`` (a service shutdown, a deleted session).
+
+An agent that dies or breaks the protocol mid-turn is killed (it is broken) and
+the reply is a 502. The outcome says whether the agent can take another turn.
 """
 
 from __future__ import annotations
 
+import enum
+import logging
+
 import attrs
 import trio
-from claude_agent_sdk import ResultMessage
 
-from ..agent import Agent, AgentError
-from ..config import Settings
-from ..messages import AssistantText, Job, JobFailed, JobStarted, ReplyEvent, RunResult, ToolUse
+from ..agent import Agent, AgentError, TurnResult
+from ..messages import (
+    AgentEvent,
+    AssistantText,
+    Job,
+    JobFailed,
+    JobStarted,
+    ReplyEvent,
+    RunResult,
+    TerminalEvent,
+    UpstreamError,
+    UpstreamRetry,
+)
 
-# A client that stopped reading must not hold the agent: the reply is dropped after this.
+log = logging.getLogger(__name__)
+
+# A client that stopped reading must not hold the agent: it is treated as gone after this.
 REPLY_SEND_TIMEOUT_S = 10.0
+# Model API statuses that no retry can fix: the turn is interrupted at the first one.
+NON_RETRYABLE_STATUSES = frozenset({400, 401, 403, 404})
+
+
+class CutReason(enum.StrEnum):
+    TIMEOUT = "timeout"
+    CLIENT_GONE = "client gone"
+    CANCELLED = "cancelled"
+    UPSTREAM = "upstream error"
+    STOPPED = "stopped"
 
 
 @attrs.frozen
 class TurnOutcome:
-    ok: bool  # the client got a successful result
+    """How a turn went: the terminal event to answer with, and the agent's state after it."""
+
+    terminal: TerminalEvent
     agent_usable: bool  # the agent is idle and may take another turn
+    cut: CutReason | None = None  # why the turn was cut short, if it was
+    upstream_error: UpstreamError | None = None
     cost_usd: float | None = None
 
+    @property
+    def ok(self) -> bool:
+        return isinstance(self.terminal, RunResult) and self.terminal.success
 
-class _ClientGone(Exception):
-    pass
+
+@attrs.frozen
+class TurnLimits:
+    interrupt_grace_s: float
+    max_output_chars: int
 
 
 class OutputCollector:
@@ -55,110 +102,169 @@ class OutputCollector:
         return "\n\n".join(self.parts)
 
 
-def cap_output(text: str, limit: int) -> tuple[str, bool]:
-    if len(text) > limit:
-        return text[:limit], True
-    return text, False
+class _UpstreamRetries:
+    """The model API failures seen during one turn."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.last: UpstreamRetry | None = None
+
+    def note(self, retry: UpstreamRetry) -> None:
+        self.count += 1
+        self.last = retry
+
+    def error(self) -> UpstreamError | None:
+        if self.last is None:
+            return None
+        return UpstreamError(self.last.status, self.last.message, self.count)
 
 
-def result_output(result: ResultMessage) -> str:
-    """The text a client sees for a finished turn, success or agent error."""
-    if result.result:
-        return result.result
-    if result.errors:
-        return "\n".join(result.errors)
-    return "" if not result.is_error else f"agent error: {result.subtype}"
+def upstream_failure(status: int | None, message: str) -> JobFailed:
+    shown = "unreachable" if status is None else str(status)
+    return JobFailed(502, f"upstream API error {shown}: {message}")
 
 
-async def run_turn_for_job(
+async def run_turn(
     agent: Agent,
     job: Job,
-    worker_id: str,
-    settings: Settings,
     *,
+    worker_id: str,
+    limits: TurnLimits,
     turn_scope: trio.CancelScope | None = None,
 ) -> TurnOutcome:
-    """Run ``job`` on ``agent`` and answer it on ``job.reply``; see the module docstring.
+    """Run ``job`` on ``agent``, relaying events to ``job.reply``; see the module docstring.
 
-    ``turn_scope`` lets the caller stop the turn early (a closed session): cancel it
-    and the turn is interrupted like a timeout, answered ``success: false``
-    without ``timedOut``. Its deadline is set to the job's.
+    The caller owns ``job.reply`` and answers with ``outcome.terminal``. A caller
+    that cancels ``turn_scope`` gets the turn interrupted and a ``success: false``
+    result with the partial output.
     """
-    turn_scope = turn_scope or trio.CancelScope()
-    turn_scope.deadline = job.deadline
-    collected = OutputCollector(settings.max_output_chars)
+    scope = turn_scope if turn_scope is not None else trio.CancelScope()
+    scope.deadline = min(scope.deadline, job.deadline)
+    collected = OutputCollector(limits.max_output_chars)
+    retries = _UpstreamRetries()
+    cut: CutReason | None = None
 
-    def elapsed_ms() -> int:
-        return round((trio.current_time() - job.submitted_at) * 1000)
+    def cut_short(reason: CutReason) -> None:
+        nonlocal cut
+        cut = cut or reason
+        scope.cancel()
 
     async def send(event: ReplyEvent) -> None:
-        with trio.move_on_after(REPLY_SEND_TIMEOUT_S) as scope:
+        if cut is CutReason.CLIENT_GONE:
+            return
+        with trio.move_on_after(REPLY_SEND_TIMEOUT_S) as waited:
             try:
                 await job.reply.send(event)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                raise _ClientGone from None
-        if scope.cancelled_caught:
-            raise _ClientGone
+                cut_short(CutReason.CLIENT_GONE)
+        if waited.cancelled_caught:
+            cut_short(CutReason.CLIENT_GONE)
 
-    async def relay(event: AssistantText | ToolUse) -> None:
+    async def relay(event: AgentEvent) -> None:
         if isinstance(event, AssistantText):
             collected.add(event.text)
+        elif isinstance(event, UpstreamRetry):
+            retries.note(event)
+            log.warning(
+                "%s: upstream API error %s (attempt %d): %s",
+                worker_id,
+                event.status or "unreachable",
+                event.attempt,
+                event.message,
+            )
         await send(event)
+        if isinstance(event, UpstreamRetry) and event.status in NON_RETRYABLE_STATUSES:
+            cut_short(CutReason.UPSTREAM)
 
-    turn_running = False
-    async with job.reply:
-        try:
-            await send(JobStarted(worker_id))
-            result = None
-            with turn_scope:
-                turn_running = True
-                result = await agent.run_turn(job.prompt, relay)
-                turn_running = False
-            if result is None:  # the deadline passed mid-turn, or the caller stopped it
-                timed_out = trio.current_time() >= job.deadline
-                usable = await _stop_turn(agent, settings)
-                turn_running = False
-                await send(
-                    RunResult(
-                        success=False,
-                        output=collected.text,
-                        duration_ms=elapsed_ms(),
-                        timed_out=timed_out,
-                        output_truncated=collected.truncated,
-                    )
-                )
-                return TurnOutcome(ok=False, agent_usable=usable)
-            output, truncated = cap_output(result_output(result), settings.max_output_chars)
-            await send(
-                RunResult(
-                    success=not result.is_error,
-                    output=output,
-                    duration_ms=elapsed_ms(),
-                    output_truncated=truncated,
-                    cost_usd=result.total_cost_usd,
-                    num_turns=result.num_turns,
-                    usage=result.usage,
-                    claude_session_id=result.session_id,
-                )
-            )
-            return TurnOutcome(
-                ok=not result.is_error, agent_usable=True, cost_usd=result.total_cost_usd
-            )
-        except AgentError as exc:
-            await agent.close(grace=0)
-            try:
-                await send(JobFailed(502, str(exc)))
-            except _ClientGone:
-                pass
-            return TurnOutcome(ok=False, agent_usable=False)
-        except _ClientGone:
-            usable = await _stop_turn(agent, settings) if turn_running else True
-            return TurnOutcome(ok=False, agent_usable=usable)
+    def cancelled_by_client() -> None:
+        gone = job.cancellation.reason == CutReason.CLIENT_GONE
+        cut_short(CutReason.CLIENT_GONE if gone else CutReason.CANCELLED)
+
+    async def watch_cancellation() -> None:
+        await job.cancellation.event.wait()
+        cancelled_by_client()
+
+    result: TurnResult | None = None
+    failure: AgentError | None = None
+    began = False  # the prompt may have reached the agent
+    if job.cancellation.requested:  # before the watcher below would notice
+        cancelled_by_client()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_cancellation)
+        await send(JobStarted(worker_id))
+        with scope:
+            if cut is None:
+                began = True
+                try:
+                    result = await agent.run_turn(job.prompt, relay)
+                except AgentError as exc:
+                    failure = exc
+        nursery.cancel_scope.cancel()
+
+    elapsed_ms = round((trio.current_time() - job.submitted_at) * 1000)
+    if failure is not None:
+        await agent.close(grace=0)
+        return TurnOutcome(JobFailed(502, str(failure)), agent_usable=False)
+    if result is not None:
+        return _finished(result, elapsed_ms, retries, limits)
+
+    if cut is None:
+        cut = CutReason.TIMEOUT if trio.current_time() >= job.deadline else CutReason.STOPPED
+    # A turn cut before it began (the client left during the hand-over) has nothing to stop.
+    usable = await _stop_turn(agent, limits.interrupt_grace_s) if began else True
+    upstream = retries.error()
+    terminal: TerminalEvent
+    if cut is CutReason.UPSTREAM and retries.last is not None:
+        terminal = upstream_failure(retries.last.status, retries.last.message)
+    else:
+        terminal = RunResult(
+            success=False,
+            output=collected.text,
+            duration_ms=elapsed_ms,
+            timed_out=cut is CutReason.TIMEOUT,
+            output_truncated=collected.truncated,
+            cancelled=cut in (CutReason.CLIENT_GONE, CutReason.CANCELLED),
+            claude_session_id=agent.session_id,
+            upstream_error=upstream,
+        )
+    log.info("%s: turn cut short (%s); agent %s", worker_id, cut, "idle" if usable else "killed")
+    return TurnOutcome(terminal, agent_usable=usable, cut=cut, upstream_error=upstream)
 
 
-async def _stop_turn(agent: Agent, settings: Settings) -> bool:
+def _finished(
+    result: TurnResult, elapsed_ms: int, retries: _UpstreamRetries, limits: TurnLimits
+) -> TurnOutcome:
+    output = result.text
+    truncated = len(output) > limits.max_output_chars
+    if truncated:
+        output = output[: limits.max_output_chars]
+    upstream = retries.error()
+    status = result.api_error_status
+    if result.is_error and status is not None:
+        upstream = UpstreamError(status, " ".join(result.text.split())[:500], retries.count)
+        if status in NON_RETRYABLE_STATUSES:
+            terminal: TerminalEvent = upstream_failure(status, upstream.message)
+            return TurnOutcome(terminal, agent_usable=True, upstream_error=upstream)
+    terminal = RunResult(
+        success=not result.is_error,
+        output=output,
+        duration_ms=elapsed_ms,
+        output_truncated=truncated,
+        cost_usd=result.cost_usd,
+        num_turns=result.num_turns,
+        usage=result.usage,
+        claude_session_id=result.session_id,
+        model=result.model,
+        upstream_error=upstream if result.is_error else None,
+    )
+    return TurnOutcome(
+        terminal, agent_usable=True, upstream_error=upstream, cost_usd=result.cost_usd
+    )
+
+
+async def _stop_turn(agent: Agent, grace: float) -> bool:
     """Interrupt the running turn; kill the agent if it does not stop within the grace."""
-    if await agent.interrupt(settings.interrupt_grace_s):
+    if await agent.interrupt(grace):
         return True
     await agent.close(grace=0)
     return False

@@ -1,34 +1,39 @@
 """Worker actor: one pre-warmed Claude Code process for one-shot jobs.
 
-A worker loops: warm an agent (CLI started, ``initialize`` answered, no model
-call), tell the dispatcher it is ready, run the one job it is given, then retire
-that process while a fresh one warms — so no conversation leaks from one
-request to the next.
+A worker loops: warm an agent (process started, ``initialize`` answered, no
+model call), tell the dispatcher it is ready, run the one job it is given, then
+retire that process while a fresh one warms — so nothing leaks from one request
+to the next. Each agent is ephemeral: its own HOME under ``homes``, removed
+when it retires, and no transcript kept.
 
-Channels: it sends on a clone of the dispatcher's inbox (and closes that clone
+Channels: it sends on its own clone of the dispatcher's inbox (and closes it
 when it ends); it owns the receive end of the one-job inbox it offers in each
-:class:`WorkerReady`; while running a job it owns ``job.reply`` and closes it.
+:class:`WorkerReady`; while running a job it owns ``job.reply`` and answers it.
 
-Error handling: a warm-up that fails or times out raises :class:`AgentStartError`
-after telling the dispatcher — the worker supervisor restarts the worker and
-counts it toward its restart intensity. A job whose agent dies or misbehaves is
-that job's failure (502), not the worker's: the broken process is retired and a
-new one warms, so a prompt that crashes the CLI cannot put the pool into crash-loop
-backoff for everyone.
+Error handling: a warm-up that fails or times out (including a directory that
+cannot be created) is reported to the dispatcher as :class:`WorkerFailed` — so
+``/health`` says why and ``/run`` answers 503 at once once every worker fails —
+and then raised as :class:`AgentStartError`: the worker supervisor restarts the
+worker, backing off in a crash loop. A job whose agent dies or misbehaves is that
+job's failure (502), not the worker's: the broken process is retired and a new
+one warms, so one bad prompt cannot put the pool into backoff for everyone. An
+idle agent that exits is replaced, and a job handed over at that moment runs on
+the replacement.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import attrs
 import trio
 
-from ..agent import Agent, AgentError, agent_options
-from ..config import Settings
+from ..agent import AgentFactory, AgentSpec, AgentStartError
 from ..messages import (
+    DispatcherMessage,
     Job,
     JobFailed,
     WorkerFailed,
@@ -37,86 +42,102 @@ from ..messages import (
     WorkerStarting,
 )
 from .stopping import StopSignal
-from .turn import run_turn_for_job
+from .turn import TurnLimits, run_turn
 
 log = logging.getLogger(__name__)
+
+SHUTTING_DOWN = JobFailed(503, "service is shutting down")
+
+
+@attrs.frozen
+class WorkerConfig:
+    warmup_timeout_s: float
+    turn: TurnLimits
 
 
 async def serve_worker(
     worker_id: str,
-    settings: Settings,
-    dispatcher: trio.MemorySendChannel,
-    workspaces: Path,
+    config: WorkerConfig,
+    dispatcher: trio.MemorySendChannel[DispatcherMessage],
+    new_agent: AgentFactory,
+    homes: Path,
     stop: StopSignal,
     *,
-    task_status=trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run worker ``worker_id`` until cancelled or ``stop`` is requested.
 
-    Each agent runs in a fresh directory under ``workspaces``, removed when the
-    agent retires, so files one job wrote are not seen by the next. A stop
-    request interrupts a running job (it is still answered) or ends the wait
-    for one.
+    A stop request interrupts a running job (it is still answered) or ends the
+    wait for one. ``dispatcher`` is this worker's own clone: it is closed here.
     """
     task_status.started()
+    async with dispatcher, trio.open_nursery() as retiring:
+        failure = await _work(worker_id, config, dispatcher, new_agent, homes, stop, retiring)
+    if failure is not None:  # raised out here, so not wrapped in the nursery's group
+        raise failure
+
+
+async def _work(
+    worker_id: str,
+    config: WorkerConfig,
+    dispatcher: trio.MemorySendChannel[DispatcherMessage],
+    new_agent: AgentFactory,
+    homes: Path,
+    stop: StopSignal,
+    retiring: trio.Nursery,
+) -> AgentStartError | None:
+    """The worker's loop; returns the warm-up failure that ends it, if one does."""
     # A job handed over just as the previous agent died while idle: run it on the next.
     carried: Job | None = None
-    async with dispatcher, trio.open_nursery() as retiring:
-        while not stop.requested:
-            await dispatcher.send(WorkerStarting(worker_id))
-            workspace = workspaces / uuid.uuid4().hex[:12]
-            workspace.mkdir(parents=True)
-            agent = Agent(agent_options(settings, cwd=workspace))
-            try:
-                with stop.guard():
-                    await agent.start(settings.warmup_timeout_s)
-            except AgentError as exc:
-                log.warning("%s: warm-up failed: %s", worker_id, exc)
-                await _remove_tree(workspace)
-                await dispatcher.send(WorkerFailed(worker_id, str(exc)))
-                if carried is not None:
-                    carried.answer(JobFailed(502, str(exc)))
-                raise
-            if stop.requested:  # stopped while warming up
-                await agent.close(grace=0)
-                await _remove_tree(workspace)
-                break
-            try:
-                job, carried = carried, None
-                if job is None:
-                    job = await _offer(worker_id, dispatcher, stop, agent)
-                if job is not None and agent.exited:
-                    log.warning("%s: agent exited while idle; starting another", worker_id)
-                    carried = job
-                elif job is not None:
-                    turn_scope = trio.CancelScope()
-                    with stop.guard(turn_scope):
-                        outcome = await run_turn_for_job(
-                            agent, job, worker_id, settings, turn_scope=turn_scope
-                        )
-                    await dispatcher.send(WorkerFinished(worker_id, job.id, outcome.ok))
-            except BaseException:
-                await agent.close(grace=0)
-                await _remove_tree(workspace)
-                raise
-            # Retire the used process in the background so the next one warms meanwhile.
-            retiring.start_soon(_retire, agent, workspace)
-        if carried is not None:
-            carried.answer(JobFailed(503, "service is shutting down"))
-
-
-async def _retire(agent: Agent, workspace: Path) -> None:
-    await agent.close()
-    await _remove_tree(workspace)
-
-
-async def _remove_tree(path: Path) -> None:
-    with trio.CancelScope(shield=True):
-        await trio.to_thread.run_sync(shutil.rmtree, path, True)
+    while not stop.requested:
+        await dispatcher.send(WorkerStarting(worker_id))
+        spec = AgentSpec(name=worker_id, home=homes / uuid.uuid4().hex[:12], ephemeral=True)
+        agent = new_agent(spec)
+        try:
+            with stop.guard():
+                await agent.start(config.warmup_timeout_s)
+        except AgentStartError as exc:
+            await dispatcher.send(WorkerFailed(worker_id, str(exc)))
+            if carried is not None:
+                carried.answer(JobFailed(502, str(exc)))
+            return exc
+        if stop.requested:  # stopped while warming up
+            await agent.close(grace=0)
+            break
+        try:
+            job, carried = carried, None
+            if job is None:
+                job = await _offer(worker_id, dispatcher, stop, agent.wait_exited)
+            if job is not None and agent.exited:
+                log.warning("%s: agent exited while idle; starting another", worker_id)
+                carried = job
+            elif job is not None:
+                turn_scope = trio.CancelScope()
+                with stop.guard(turn_scope):
+                    outcome = await run_turn(
+                        agent, job, worker_id=worker_id, limits=config.turn, turn_scope=turn_scope
+                    )
+                job.answer(outcome.terminal)
+                await dispatcher.send(
+                    WorkerFinished(worker_id, job.id, outcome.ok, outcome.upstream_error)
+                )
+        except BaseException:
+            await agent.close(grace=0)
+            if carried is not None:
+                carried.answer(SHUTTING_DOWN)
+            raise
+        # Retire the used process in the background so the next one warms meanwhile.
+        retiring.start_soon(agent.close)
+    if carried is not None:
+        carried.answer(SHUTTING_DOWN)
+    return None
 
 
 async def _offer(
-    worker_id: str, dispatcher: trio.MemorySendChannel, stop: StopSignal, agent: Agent
+    worker_id: str,
+    dispatcher: trio.MemorySendChannel[DispatcherMessage],
+    stop: StopSignal,
+    agent_exited: Callable[[], Awaitable[None]],
 ) -> Job | None:
     """Tell the dispatcher this worker is ready and wait for its one job.
 
@@ -131,7 +152,7 @@ async def _offer(
         async with trio.open_nursery() as nursery:
 
             async def end_wait_if_agent_exits() -> None:
-                await agent.wait_exited()
+                await agent_exited()
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(end_wait_if_agent_exits)
@@ -146,6 +167,6 @@ async def _offer(
         except (trio.WouldBlock, trio.EndOfChannel):
             return None
         if stop.requested:
-            job.answer(JobFailed(503, "service is shutting down"))
+            job.answer(SHUTTING_DOWN)
             return None
         return job

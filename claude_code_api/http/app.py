@@ -9,28 +9,43 @@ logged and answered 500 JSON without a traceback.
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
+import attrs
 import trio
 from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from ..actors.registry import RegistryClient, SessionRecord
+from ..actors.registry import RegistryClient, RegistryError, SessionRecord
 from ..config import Settings
-from ..messages import JobFailed, PoolSnapshot, RunResult, SessionKey
+from ..credentials import Credentials, read_credentials
+from ..messages import (
+    DispatcherMessage,
+    JobFailed,
+    PoolSnapshot,
+    RunResult,
+    SessionKey,
+    SessionState,
+)
 from .auth import Unauthorized, authenticate
 from .jobs import SessionStoreUnavailable, close_session, pool_snapshot, run_job
 from .requests import (
     BadRequest,
     check_content_type,
+    page_arguments,
     parse_json_object,
     parse_run_request,
     session_id_field,
 )
 
 log = logging.getLogger(__name__)
+
+# An idle session is "live" to clients (it has a process, ready for a turn).
+SHOWN_SESSION_STATES = {SessionState.IDLE: "live"}
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
@@ -41,13 +56,33 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> R
     return response
 
 
-def health_body(snapshot: PoolSnapshot, uptime_ms: int) -> tuple[dict[str, Any], int]:
+@attrs.define
+class StoreStatus:
+    """Why the session store's writes fail now (None: they work).
+
+    A published status, written only by the registry (its health callback) and
+    read by ``/health``, so a failing disk shows there without a round trip
+    through the registry, which may be stuck behind the very write that fails.
+    """
+
+    failure: str | None = None
+
+    def update(self, failure: str | None) -> None:
+        self.failure = failure
+
+
+def health_body(
+    snapshot: PoolSnapshot, uptime_ms: int, store_failure: str | None = None
+) -> tuple[dict[str, Any], int]:
     counts = {"total": len(snapshot.workers), "ready": 0, "busy": 0, "starting": 0, "error": 0}
     for worker in snapshot.workers:
-        counts[worker.state] = counts.get(worker.state, 0) + 1
+        counts[worker.state.value] += 1
+    reason = snapshot.degraded_reason
+    if store_failure is not None:
+        reason = f"session store unavailable: {store_failure}"
     if snapshot.draining:
         status, code = "stopping", 503
-    elif snapshot.degraded_reason is not None:
+    elif reason is not None:
         status, code = "degraded", 503
     elif counts["ready"] or counts["busy"] or snapshot.ever_ready:
         # A worker being replaced after a job is not "down".
@@ -60,16 +95,27 @@ def health_body(snapshot: PoolSnapshot, uptime_ms: int) -> tuple[dict[str, Any],
         "queue": {"length": snapshot.queue_length, "maxSize": snapshot.queue_max},
         "uptime": uptime_ms,
     }
-    if snapshot.degraded_reason is not None:
-        body["reason"] = snapshot.degraded_reason
+    if reason is not None:
+        body["reason"] = reason
     return body, code
 
 
 def session_views(
-    snapshot: PoolSnapshot, records: list[SessionRecord], user_id: str
+    snapshot: PoolSnapshot,
+    records: Sequence[SessionRecord],
+    user_id: str,
+    *,
+    first_page: bool = True,
 ) -> list[dict[str, Any]]:
-    """The caller's own sessions: registry records, with live states from the dispatcher."""
-    live = {v.key.session_id: v.state for v in snapshot.sessions if v.key.user_id == user_id}
+    """The caller's own sessions: registry records, with live states from the dispatcher.
+
+    Sessions waiting for their first turn have no record yet: the first page lists them too.
+    """
+    live = {
+        v.key.session_id: SHOWN_SESSION_STATES.get(v.state, v.state.value)
+        for v in snapshot.sessions
+        if v.key.user_id == user_id
+    }
     views = []
     for record in records:
         state = live.pop(record.session_id, "hibernated")
@@ -82,15 +128,16 @@ def session_views(
                 "turns": record.turns,
             }
         )
-    for session_id, state in live.items():  # waiting for its first turn: no record yet
-        views.append({"id": session_id, "state": state, "processing": False, "turns": 0})
+    if first_page:
+        for session_id, state in live.items():  # waiting for its first turn: no record yet
+            views.append({"id": session_id, "state": state, "processing": False, "turns": 0})
     return views
 
 
 def status_body(snapshot: PoolSnapshot) -> dict[str, Any]:
     workers = []
     for worker in snapshot.workers:
-        view: dict[str, Any] = {"id": worker.id, "state": worker.state, "jobs": worker.jobs}
+        view: dict[str, Any] = {"id": worker.id, "state": worker.state.value, "jobs": worker.jobs}
         if worker.busy_since is not None:
             view["busySince"] = round(worker.busy_since * 1000)
         if worker.last_error is not None:
@@ -103,6 +150,24 @@ def status_body(snapshot: PoolSnapshot) -> dict[str, Any]:
         "totalProcessed": snapshot.processed,
         "totalErrors": snapshot.failed,
     }
+
+
+def auth_status_body(credentials: Credentials, snapshot: PoolSnapshot) -> dict[str, Any]:
+    """``GET /auth/status``: the credentials agents use, and the model API's last refusal."""
+    refused = snapshot.upstream_auth_error
+    body: dict[str, Any] = {
+        "authenticated": credentials.method != "none" and refused is None,
+        "method": credentials.method,
+    }
+    if credentials.expires_at_ms is not None:
+        body["expiresAt"] = credentials.expires_at_ms
+    if refused is not None:
+        body["lastUpstreamAuthError"] = {
+            "status": refused.status,
+            "message": refused.message,
+            "at": round((snapshot.upstream_auth_error_at or 0) * 1000),
+        }
+    return body
 
 
 def run_reply(outcome: RunResult | JobFailed) -> Response:
@@ -121,6 +186,14 @@ def run_reply(outcome: RunResult | JobFailed) -> Response:
         body["timeoutType"] = "hard"  # as the original reports it
     if outcome.output_truncated:
         body["outputTruncated"] = True
+    if outcome.cancelled:
+        body["cancelled"] = True
+    if outcome.upstream_error is not None:
+        body["upstreamError"] = {
+            "status": outcome.upstream_error.status,
+            "message": outcome.upstream_error.message,
+            "retries": outcome.upstream_error.retries,
+        }
     return jsonify(body)
 
 
@@ -133,9 +206,13 @@ def _outcome_word(outcome: RunResult | JobFailed) -> str:
 
 
 def create_app(
-    settings: Settings, dispatcher: trio.MemorySendChannel, registry: RegistryClient
+    settings: Settings,
+    dispatcher: trio.MemorySendChannel[DispatcherMessage],
+    registry: RegistryClient,
+    store_status: StoreStatus | None = None,
 ) -> QuartTrio:
     """Build the app; ``dispatcher`` is a send channel to the dispatcher's inbox."""
+    store = store_status or StoreStatus()
     app = QuartTrio("claude_code_api")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     # Quart cuts responses at 60 s by default; jobs have their own deadlines.
@@ -165,7 +242,7 @@ def create_app(
     @app.get("/health")
     async def health() -> Response:
         uptime_ms = round((time.monotonic() - started_at) * 1000)
-        body, code = health_body(await pool_snapshot(dispatcher), uptime_ms)
+        body, code = health_body(await pool_snapshot(dispatcher), uptime_ms, store.failure)
         response = jsonify(body)
         response.status_code = code
         return response
@@ -175,9 +252,20 @@ def create_app(
         user_id = caller()
         snapshot = await pool_snapshot(dispatcher)
         body = status_body(snapshot)
-        records = await registry.list_for_user(user_id)
-        body["sessions"] = session_views(snapshot, records, user_id)
+        limit, offset = page_arguments(request.args)
+        page = await registry.list_for_user(user_id, limit=limit, offset=offset)
+        body["sessions"] = session_views(snapshot, page.records, user_id, first_page=offset == 0)
+        body["sessionsTotal"] = page.total
         return jsonify(body)
+
+    @app.get("/auth/status")
+    async def auth_status() -> Response:
+        caller()
+        credentials = await trio.to_thread.run_sync(
+            read_credentials, os.environ, settings.use_claude_api_key
+        )
+        snapshot = await pool_snapshot(dispatcher)
+        return jsonify(auth_status_body(credentials, snapshot))
 
     @app.post("/run")
     async def run() -> Response:
@@ -222,6 +310,10 @@ def create_app(
     @app.errorhandler(Unauthorized)
     async def unauthorized(exc: Unauthorized) -> Response:
         return error(401, exc.message)
+
+    @app.errorhandler(RegistryError)
+    async def store_unavailable(exc: RegistryError) -> Response:
+        return error(503, f"session store unavailable: {exc}")
 
     @app.errorhandler(BadRequest)
     async def bad_request(exc: BadRequest) -> Response:

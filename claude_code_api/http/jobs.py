@@ -3,7 +3,8 @@
 :func:`open_job` owns the receive end of the job's reply channel for the life of
 one HTTP request. If the request ends before the job's terminal event (the
 client disconnected, or the backstop fired), it withdraws the job from the
-queue; a running job's worker notices the closed channel and interrupts its agent.
+queue and sets the job's cancellation, which a running turn watches: the agent
+is interrupted at once, even in the middle of a silent model call.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from ..messages import (
     Withdraw,
 )
 
+# Cancellation.reason when the request ends before its answer (the client left).
+CLIENT_GONE = "client gone"
 # Events a slow reader may fall behind by before the agent waits for it.
 REPLY_BUFFER = 64
 # How long past its deadline a request waits for the job's own timeout reply.
@@ -60,6 +63,9 @@ async def open_job(
             await dispatcher.send(Submit(job))
             yield job, reply_receive
         finally:
+            # The request is over. If the job is still running, its agent is
+            # interrupted at once (the client left); harmless once it has answered.
+            job.cancellation.cancel(CLIENT_GONE)
             # Idempotent for the dispatcher; needed when the client left mid-queue.
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await dispatcher.send(Withdraw(job.id))

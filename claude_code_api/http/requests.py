@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -118,6 +119,26 @@ def session_id_field(obj: dict[str, Any], *, required: bool) -> str | None:
     if not isinstance(value, str) or not SESSION_ID_PATTERN.fullmatch(value):
         raise BadRequest(f"sessionId: expected {SESSION_ID_RULE}")
     return value
+
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+def page_arguments(args: Mapping[str, str]) -> tuple[int, int]:
+    """``?limit=&offset=`` of a paged list: ``limit`` 1..1000 (default 100), ``offset`` >= 0."""
+    limit = _whole_argument(args, "limit", DEFAULT_PAGE_SIZE, 1, MAX_PAGE_SIZE)
+    offset = _whole_argument(args, "offset", 0, 0, 10**9)
+    return limit, offset
+
+
+def _whole_argument(args: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = args.get(name)
+    if raw is None or raw == "":
+        return default
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
+        raise BadRequest(f"{name}: expected a whole number from {low} to {high}")
+    return int(raw)
 
 
 def parse_run_request(body: bytes, *, max_prompt_chars: int, max_timeout_ms: int) -> RunRequest:

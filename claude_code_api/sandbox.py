@@ -1,0 +1,325 @@
+"""How an agent process is launched: its environment, its sandbox, its launcher script.
+
+Every agent (a Claude Code process) is started through a small generated shell
+script, its *launcher*, which the SDK runs as the CLI (``cli_path``). The
+launcher
+
+* puts the agent in a process group of its own (``setsid``), so that closing
+  the agent can kill the tools it started too, and the reaper can kill it all
+  if the service dies;
+* with the sandbox on, runs it inside bubblewrap: a new pid namespace (the
+  service's processes and their environments are invisible), the whole file
+  system read-only, ``DATA_DIR`` and the service's Claude config dir hidden, and
+  only the agent's own HOME writable (its workspace, its Claude config dir with
+  its transcripts). An agent serving user A can then neither read nor write user
+  B's workspace, transcripts or CLAUDE.md, nor the session database — with Bash
+  or with Claude Code's file tools, because the OS enforces it.
+
+The environment is an allowlist, never the service's: see :func:`agent_environment`.
+The sandbox decision (``AGENT_SANDBOX=auto|on|off``) is made once at start-up by
+:func:`probe_sandbox`. Files are written by :meth:`AgentLauncher.prepare`, which
+does blocking I/O: call it from a worker thread.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+
+import attrs
+
+from .agent import AgentSpec
+
+log = logging.getLogger(__name__)
+
+
+class SandboxMode(enum.StrEnum):
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
+# Passed to agents as they are (when set in the service's environment).
+PASSED_VARIABLES = frozenset(
+    {
+        "PATH",
+        "USER",
+        "LOGNAME",
+        "SHELL",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TERM",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "no_proxy",
+        "all_proxy",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "NODE_EXTRA_CA_CERTS",
+        "IS_SANDBOX",
+        "DISABLE_TELEMETRY",
+        "DISABLE_AUTOUPDATER",
+        "DISABLE_ERROR_REPORTING",
+        "DISABLE_COST_WARNINGS",
+    }
+)
+# Locale settings and Claude Code's own settings (CLAUDE_CODE_OAUTH_TOKEN is its credential).
+PASSED_PREFIXES = ("LC_", "CLAUDE_CODE_")
+# The model API's settings and key: only with USE_CLAUDE_API_KEY.
+API_PREFIX = "ANTHROPIC_"
+# Set by the service for every agent.
+FIXED_VARIABLES = {
+    "CLAUDE_CODE_SKIP_BYPASS_PERMISSIONS_WARNING": "1",
+    "DISABLE_INSTALLATION_CHECKS": "1",
+    "DISABLE_AUTOUPDATER": "1",
+}
+# Set per agent (see agent_environment), never taken from the service.
+PER_AGENT_VARIABLES = frozenset({"HOME", "CLAUDE_CONFIG_DIR", "TMPDIR", "PWD"})
+
+# Sockets that would hand an agent the host (a mounted Docker or Podman socket).
+HIDDEN_SOCKETS = (
+    Path("/var/run/docker.sock"),
+    Path("/run/docker.sock"),
+    Path("/run/podman/podman.sock"),
+)
+CREDENTIALS_FILE = ".credentials.json"
+
+
+def is_passed(name: str, *, use_api_key: bool, extra: frozenset[str]) -> bool:
+    """Whether the service's variable ``name`` reaches agents."""
+    if name in PER_AGENT_VARIABLES:
+        return False
+    if name in extra or name in PASSED_VARIABLES:
+        return True
+    if name.startswith(API_PREFIX):
+        return use_api_key
+    return name.startswith(PASSED_PREFIXES)
+
+
+def agent_environment(
+    environ: Mapping[str, str], *, use_api_key: bool, extra: frozenset[str] = frozenset()
+) -> tuple[dict[str, str], tuple[str, ...]]:
+    """Split the service's environment into what agents get and what they must not see.
+
+    Returns ``(passed, withheld)``: the variables passed on (plus the fixed ones),
+    and the names of every other variable but the per-agent ones (which the
+    launcher sets for each agent). The SDK merges the service's whole
+    environment under the options' ``env``, so the withheld names are set to ""
+    there, and removed altogether inside the sandbox.
+    """
+    passed = {
+        name: value
+        for name, value in environ.items()
+        if is_passed(name, use_api_key=use_api_key, extra=extra)
+    }
+    passed.update(FIXED_VARIABLES)
+    withheld = tuple(
+        sorted(name for name in environ if name not in passed and name not in PER_AGENT_VARIABLES)
+    )
+    return passed, withheld
+
+
+def service_claude_dir(environ: Mapping[str, str]) -> Path:
+    """The service's own Claude config dir: where ``claude login`` put its credentials."""
+    configured = environ.get("CLAUDE_CONFIG_DIR", "").strip()
+    if configured:
+        return Path(configured).expanduser().absolute()
+    return Path(environ.get("HOME") or Path.home()).absolute() / ".claude"
+
+
+def bundled_cli() -> Path | None:
+    """The Claude Code CLI inside the claude-agent-sdk wheel (what the SDK runs by default)."""
+    import claude_agent_sdk
+
+    path = Path(claude_agent_sdk.__file__).parent / "_bundled" / "claude"
+    return path if path.is_file() else None
+
+
+def resolve_cli(executable: str | None) -> Path:
+    """The CLI the launcher execs: ``CLAUDE_EXECUTABLE``, else the bundled one, else PATH."""
+    if executable:
+        return Path(executable).absolute()
+    found = bundled_cli() or (Path(w) if (w := shutil.which("claude")) else None)
+    if found is None:
+        raise FileNotFoundError(
+            "no Claude Code CLI: the claude-agent-sdk wheel bundles none for this platform "
+            "and `claude` is not on PATH; set CLAUDE_EXECUTABLE"
+        )
+    return found
+
+
+# --- the sandbox ------------------------------------------------------------
+
+
+def bwrap_arguments(
+    spec: AgentSpec, *, hidden: list[Path], credentials: Path | None, unset: tuple[str, ...]
+) -> list[str]:
+    """bubblewrap's options for one agent (everything between ``bwrap`` and ``--``)."""
+    home = str(spec.home)
+    args = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    args += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+    for path in hidden:
+        if path.is_dir():
+            args += ["--tmpfs", str(path)]
+        elif path.exists():
+            args += ["--ro-bind", "/dev/null", str(path)]
+    args += ["--bind", home, home]
+    if credentials is not None:
+        args += ["--ro-bind", str(credentials), str(spec.config_dir / CREDENTIALS_FILE)]
+    for name in unset:
+        args += ["--unsetenv", name]
+    args += ["--chdir", str(spec.cwd)]
+    return args
+
+
+def probe_sandbox(bwrap: str | None) -> str | None:
+    """Check that bubblewrap can build the agents' sandbox here; the reason it cannot, or None.
+
+    Blocking (runs bwrap once, ~10 ms): call it at start-up, before the event loop.
+    """
+    if bwrap is None:
+        return "bubblewrap (bwrap) is not installed"
+    command = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    command += ["--tmpfs", "/tmp", "--unshare-pid", "--unshare-ipc", "--", "true"]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"bubblewrap cannot run: {exc}"
+    if done.returncode != 0:
+        detail = " ".join(done.stderr.split())[:300] or f"exit code {done.returncode}"
+        return f"bubblewrap cannot create a sandbox here: {detail}"
+    return None
+
+
+# --- the launcher -----------------------------------------------------------
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+@attrs.frozen
+class AgentLauncher:
+    """Everything the service decided once about launching agents; writes their launchers.
+
+    ``bwrap`` is the bubblewrap executable when agents run sandboxed, else None.
+    ``hidden``: paths agents must not see (with the sandbox). ``credentials``:
+    the service's Claude credentials file, shown read-only to every agent (the
+    CLI needs it to log in) when it exists.
+    """
+
+    cli: Path
+    run_dir: Path
+    env: dict[str, str]
+    withheld: tuple[str, ...]
+    bwrap: str | None
+    hidden: tuple[Path, ...]
+    credentials: Path | None
+    setsid: str | None = attrs.field(factory=lambda: shutil.which("setsid"))
+
+    @property
+    def sandboxed(self) -> bool:
+        return self.bwrap is not None
+
+    def environment(self, spec: AgentSpec) -> dict[str, str]:
+        """The ``env`` option for ``spec``'s process (withheld names blanked)."""
+        env = {name: "" for name in self.withheld}
+        env.update(self.env)
+        env["HOME"] = str(spec.home)
+        env["CLAUDE_CONFIG_DIR"] = str(spec.config_dir)
+        if not self.sandboxed:  # with the sandbox, /tmp is the agent's own already
+            env["TMPDIR"] = str(spec.home / "tmp")
+        return env
+
+    def launcher_path(self, spec: AgentSpec, agent_id: str) -> Path:
+        return self.run_dir / f"{_SAFE_NAME.sub('_', spec.name)}-{agent_id}.sh"
+
+    def prepare(self, spec: AgentSpec, agent_id: str) -> Path:
+        """Create the agent's directories and write its launcher; returns the launcher.
+
+        Blocking: run it in a worker thread. Raises OSError when a directory or
+        the launcher cannot be written (a full disk, a bad ``DATA_DIR``).
+        """
+        for directory in (spec.cwd, spec.config_dir, spec.home / "tmp"):
+            directory.mkdir(parents=True, exist_ok=True)
+        credentials = self.credentials if self.credentials and self.credentials.is_file() else None
+        self._link_credentials(spec, credentials)
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self.launcher_path(spec, agent_id)
+        path.write_text(self.script(spec, credentials))
+        path.chmod(0o700)
+        return path
+
+    def script(self, spec: AgentSpec, credentials: Path | None) -> str:
+        """The launcher's text: a POSIX shell script that execs the CLI with the given argv."""
+        command: list[str] = [self.setsid] if self.setsid else []
+        if self.bwrap is not None:
+            hidden = [*self.hidden, *HIDDEN_SOCKETS]
+            command += [self.bwrap]
+            command += bwrap_arguments(
+                spec, hidden=hidden, credentials=credentials, unset=self.withheld
+            )
+            command += ["--"]
+        command.append(str(self.cli))
+        return (
+            "#!/bin/sh\n"
+            f"# claude-code-api agent launcher for {spec.name}; removed when the agent closes.\n"
+            f'exec {shlex.join(command)} "$@"\n'
+        )
+
+    def _link_credentials(self, spec: AgentSpec, credentials: Path | None) -> None:
+        """Without the sandbox, the agent's config dir gets a symlink to the service's credentials.
+
+        (With it, bubblewrap binds the file read-only in its place.) A symlink,
+        not a copy: a refreshed login reaches every agent.
+        """
+        link = spec.config_dir / CREDENTIALS_FILE
+        if self.sandboxed or credentials is None:
+            return
+        if link.is_symlink() and os.readlink(link) == str(credentials):
+            return
+        if link.is_symlink() or not link.exists():
+            link.unlink(missing_ok=True)
+            link.symlink_to(credentials)
+
+    def cleanup(self, spec: AgentSpec, launcher: Path | None) -> None:
+        """Remove what :meth:`prepare` made that must not outlive the agent. Blocking."""
+        if launcher is not None:
+            launcher.unlink(missing_ok=True)
+        if spec.ephemeral:
+            shutil.rmtree(spec.home, ignore_errors=True)
+
+
+def make_launcher(
+    *,
+    cli: Path,
+    data_dir: Path,
+    environ: Mapping[str, str],
+    use_api_key: bool,
+    extra_env: frozenset[str],
+    bwrap: str | None,
+) -> AgentLauncher:
+    """Build the launcher for this service: the environment split and what to hide."""
+    env, withheld = agent_environment(environ, use_api_key=use_api_key, extra=extra_env)
+    claude_dir = service_claude_dir(environ)
+    home = Path(environ.get("HOME") or Path.home()).absolute()
+    hidden = (data_dir.absolute(), claude_dir, home / ".claude.json")
+    return AgentLauncher(
+        cli=cli,
+        run_dir=data_dir.absolute() / "run",
+        env=env,
+        withheld=withheld,
+        bwrap=bwrap,
+        hidden=hidden,
+        credentials=claude_dir / CREDENTIALS_FILE,
+    )

@@ -1,0 +1,388 @@
+"""The real agent: one Claude Code process driven through claude-agent-sdk.
+
+This is the only module that touches the SDK. :class:`SdkAgent` implements
+:class:`~claude_code_api.agent.Agent`: it owns one ``ClaudeSDKClient`` and so one
+CLI process, started through the launcher :mod:`claude_code_api.sandbox` writes
+for it (own process group, the sandbox, an allowlisted environment).
+
+Error handling: everything the SDK or the process can do wrong surfaces as
+:class:`AgentError` / :class:`AgentStartError` with a one-line reason fit for a
+client to read; the CLI refusing to run as root is recognised and named with
+its fix. ``trio.Cancelled`` is never swallowed.
+
+Resource handling: :meth:`SdkAgent.close` always leaves no process behind — the
+CLI and every tool it started (its process group, or its sandbox's pid
+namespace) are killed if they do not exit on EOF — and removes the launcher
+(and an ephemeral agent's home). It is shielded and bounded.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import uuid
+from typing import Any
+
+import attrs
+import trio
+from claude_agent_sdk import (
+    AssistantMessage,
+    ClaudeAgentOptions,
+    ClaudeSDKClient,
+    CLIConnectionError,
+    CLIJSONDecodeError,
+    ProcessError,
+    ResultMessage,
+    SystemMessage,
+    TextBlock,
+    ToolResultBlock,
+    ToolUseBlock,
+    UserMessage,
+)
+
+from .actors.reaper import ReaperClient
+from .agent import (
+    CLOSE_GRACE_S,
+    ROOT_REFUSAL,
+    ROOT_REFUSAL_MARK,
+    AgentError,
+    AgentSpec,
+    AgentStartError,
+    OnEvent,
+    TurnResult,
+)
+from .messages import AssistantText, ToolResult, ToolUse, UpstreamRetry
+from .sandbox import AgentLauncher
+
+log = logging.getLogger(__name__)
+
+# Claude Code's own system prompt. The SDK's default (None) sends an EMPTY one.
+CLAUDE_CODE_SYSTEM_PROMPT: Any = {"type": "preset", "preset": "claude_code"}
+STDERR_LINES_KEPT = 20
+# The SDK's default stdout line limit is 1 MiB; a reply of MAX_OUTPUT_CHARS characters,
+# JSON-escaped (up to 6 bytes a character), must fit in one line.
+MIN_BUFFER_BYTES = 1024 * 1024
+
+
+def stdout_buffer_bytes(max_output_chars: int) -> int:
+    return max(MIN_BUFFER_BYTES, 6 * max_output_chars + 64 * 1024)
+
+
+def describe_failure(exc: BaseException, stderr_tail: str = "") -> str:
+    """A one-line, client-safe reason for an SDK or process failure."""
+    if ROOT_REFUSAL_MARK in stderr_tail or ROOT_REFUSAL_MARK in str(exc):
+        return ROOT_REFUSAL
+    if isinstance(exc, ProcessError) and exc.exit_code is not None:
+        reason = f"agent process exited with code {exc.exit_code}"
+    elif isinstance(exc, CLIJSONDecodeError):
+        reason = "agent process wrote malformed JSON"
+    elif isinstance(exc, CLIConnectionError):
+        reason = f"agent process connection failed: {str(exc).splitlines()[0]}"
+    else:
+        first_line = (str(exc).splitlines() or [""])[0]
+        reason = f"agent failed: {type(exc).__name__}: {first_line}".rstrip(": ")
+    if stderr_tail:
+        reason += f" ({stderr_tail})"
+    return reason
+
+
+def upstream_retry(data: dict[str, Any]) -> UpstreamRetry:
+    """An ``api_retry`` system message as an event (the CLI will retry the model call)."""
+    status = data.get("error_status")
+    if not isinstance(status, int):
+        status = None
+    error = data.get("error")
+    if isinstance(error, dict):
+        error = error.get("message") or error.get("type")
+    message = " ".join(str(error or "model API call failed").split())[:500]
+    attempt = data.get("attempt")
+    max_retries = data.get("max_retries")
+    return UpstreamRetry(
+        status=status,
+        message=message,
+        attempt=attempt if isinstance(attempt, int) else 0,
+        max_retries=max_retries if isinstance(max_retries, int) else None,
+    )
+
+
+@attrs.frozen
+class AgentOptions:
+    """The settings every agent of this service shares."""
+
+    model: str
+    max_output_chars: int
+
+
+class SdkAgent:
+    """One Claude Code process; see the module docstring and :class:`~claude_code_api.agent.Agent`."""
+
+    def __init__(
+        self,
+        spec: AgentSpec,
+        launcher: AgentLauncher,
+        options: AgentOptions,
+        reaper: ReaperClient | None = None,
+        refusal: str | None = None,
+    ) -> None:
+        self.spec = spec
+        self._launcher = launcher
+        self._options = options
+        self._reaper = reaper
+        self._refusal = refusal  # known before trying: the start fails with it
+        self._id = uuid.uuid4().hex[:12]
+        self._launcher_path: Any = None
+        self._client: ClaudeSDKClient | None = None
+        self._pgid: int | None = None
+        self._session_id: str | None = spec.resume or spec.session_id
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_LINES_KEPT)
+        self._closed = False
+        # A prompt may have been sent and its result not read yet: there is a turn to interrupt.
+        self._turn_open = False
+
+    @property
+    def pid(self) -> int | None:
+        process = self._process()
+        return None if process is None else process.pid
+
+    @property
+    def exited(self) -> bool:
+        process = self._process()
+        return process is None or process.returncode is not None
+
+    @property
+    def session_id(self) -> str | None:
+        return self._session_id
+
+    async def wait_exited(self) -> None:
+        process = self._process()
+        if process is not None:
+            await process.wait()
+
+    def stderr_tail(self, lines: int = 2) -> str:
+        return " | ".join(list(self._stderr_tail)[-lines:])
+
+    def _keep_stderr(self, line: str) -> None:
+        # Always drained (an undrained pipe can block the child), keeping a bounded tail.
+        self._stderr_tail.append(line.rstrip()[:500])
+
+    def _sdk_options(self) -> ClaudeAgentOptions:
+        spec = self.spec
+        extra_args: dict[str, str | None] = {}
+        if spec.ephemeral:  # a one-shot's conversation is never resumed: keep no transcript
+            extra_args["no-session-persistence"] = None
+        return ClaudeAgentOptions(
+            cli_path=self._launcher_path,
+            model=self._options.model,
+            permission_mode="bypassPermissions",
+            system_prompt=CLAUDE_CODE_SYSTEM_PROMPT,
+            cwd=str(spec.cwd),
+            env=self._launcher.environment(spec),
+            session_id=spec.session_id,
+            resume=spec.resume,
+            extra_args=extra_args,
+            max_buffer_size=stdout_buffer_bytes(self._options.max_output_chars),
+            stderr=self._keep_stderr,
+        )
+
+    async def start(self, timeout: float) -> None:
+        if self._refusal is not None:
+            self._closed = True
+            raise AgentStartError(self._refusal)
+        try:
+            with trio.fail_after(timeout):
+                try:
+                    self._launcher_path = await trio.to_thread.run_sync(
+                        self._launcher.prepare, self.spec, self._id
+                    )
+                except OSError as exc:
+                    raise AgentStartError(
+                        f"cannot prepare the agent's directory {self.spec.home}: "
+                        f"{exc.strerror or exc}"
+                    ) from exc
+                self._client = ClaudeSDKClient(self._sdk_options())
+                await self._client.connect()
+        except trio.TooSlowError:
+            await self.close(grace=0)
+            raise AgentStartError(
+                f"agent process did not answer initialize within {timeout:g}s"
+            ) from None
+        except AgentStartError:
+            await self.close(grace=0)
+            raise
+        except Exception as exc:
+            await trio.sleep(0.01)  # let the stderr reader collect the dying words
+            reason = describe_failure(exc, self.stderr_tail())
+            await self.close(grace=0)
+            raise AgentStartError(reason) from exc
+        except BaseException:  # cancelled mid-start: leave no process behind
+            await self.close(grace=0)
+            raise
+        self._track_group()
+
+    def _track_group(self) -> None:
+        """Remember the agent's process group (the launcher made one) and tell the reaper."""
+        pid = self.pid
+        if pid is None:
+            return
+        try:
+            if os.getpgid(pid) != pid:
+                return  # no setsid here: only the process itself can be killed
+        except ProcessLookupError:
+            return
+        self._pgid = pid
+        if self._reaper is not None:
+            self._reaper.track(pid)
+
+    def _note_session_id(self, session_id: object) -> None:
+        if isinstance(session_id, str) and session_id:
+            self._session_id = session_id
+
+    async def run_turn(self, prompt: str, on_event: OnEvent) -> TurnResult:
+        client = self._connected()
+        model: str | None = None
+        try:
+            self._turn_open = True
+            await client.query(prompt)
+            async for message in client.receive_response():
+                if isinstance(message, ResultMessage):
+                    self._turn_open = False
+                    self._note_session_id(message.session_id)
+                    return _turn_result(message, model)
+                if isinstance(message, AssistantMessage):
+                    self._note_session_id(message.session_id)
+                    model = message.model or model
+                    for block in message.content:
+                        if isinstance(block, TextBlock):
+                            await on_event(AssistantText(block.text))
+                        elif isinstance(block, ToolUseBlock):
+                            await on_event(ToolUse(block.name, dict(block.input)))
+                elif isinstance(message, UserMessage) and isinstance(message.content, list):
+                    for block in message.content:
+                        if isinstance(block, ToolResultBlock):
+                            await on_event(ToolResult(ok=not block.is_error))
+                elif isinstance(message, SystemMessage):
+                    self._note_session_id(message.data.get("session_id"))
+                    if message.subtype == "api_retry":
+                        await on_event(upstream_retry(message.data))
+        except Exception as exc:
+            await trio.sleep(0.01)  # let the stderr reader collect the dying words
+            raise AgentError(describe_failure(exc, self.stderr_tail())) from exc
+        raise AgentError("agent process ended the turn without a result")
+
+    async def interrupt(self, grace: float) -> bool:
+        client = self._client
+        if client is None or self._closed:
+            return False
+        if not self._turn_open:
+            return True  # nothing running: the prompt never reached the process
+        with trio.move_on_after(grace):
+            try:
+                await client.interrupt()
+                async for message in client.receive_response():
+                    if isinstance(message, ResultMessage):
+                        self._turn_open = False
+                        self._note_session_id(message.session_id)
+                        return True
+            except Exception as exc:
+                log.info("%s: interrupt failed: %s", self.spec.name, describe_failure(exc))
+                return False
+        return False
+
+    async def close(self, grace: float = CLOSE_GRACE_S) -> None:
+        if self._closed and self._client is None:
+            return
+        self._closed = True
+        client, self._client = self._client, None
+        with trio.CancelScope(shield=True):
+            process = self._process(client)
+            if process is not None and grace > 0 and process.returncode is None:
+                with trio.move_on_after(grace):
+                    # EOF lets a healthy CLI flush its transcript and exit 0.
+                    await self._close_stdin(client)
+                    await process.wait()
+            self._kill(process)
+            if client is not None:
+                with trio.move_on_after(CLOSE_GRACE_S):
+                    try:
+                        await client.disconnect()
+                    except Exception as exc:  # the process is dead; this is tidying up
+                        log.debug("disconnect after close: %r", exc)
+            if process is not None and process.returncode is None:
+                with trio.move_on_after(CLOSE_GRACE_S):
+                    await process.wait()
+            # Tools that outlived the CLI in its group (e.g. `sleep 1000 &` from Bash).
+            self._kill(None)
+            if self._pgid is not None and self._reaper is not None:
+                self._reaper.forget(self._pgid)
+            await trio.to_thread.run_sync(self._launcher.cleanup, self.spec, self._launcher_path)
+
+    def _kill(self, process: Any) -> None:
+        """SIGKILL the agent's process group (or the process, without a group of its own)."""
+        if self._pgid is not None:
+            try:
+                os.killpg(self._pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        elif process is not None and process.returncode is None:
+            try:
+                process.kill()
+            except ProcessLookupError:
+                pass
+
+    def _connected(self) -> ClaudeSDKClient:
+        if self._client is None:
+            raise AgentError("agent process is not running")
+        return self._client
+
+    # The SDK keeps the process on its transport; we reach for it only to kill
+    # quickly (its own close() waits up to 10 s before SIGKILL), to know the pid
+    # and to close stdin. tests/test_sdk_contract.py fails if the SDK changes them.
+    def _process(self, client: ClaudeSDKClient | None = None) -> Any:
+        transport = getattr(client or self._client, "_transport", None)
+        return getattr(transport, "_process", None)
+
+    async def _close_stdin(self, client: ClaudeSDKClient | None) -> None:
+        transport = getattr(client, "_transport", None)
+        end_input = getattr(transport, "end_input", None)
+        if end_input is not None:
+            try:
+                await end_input()
+            except Exception as exc:
+                log.debug("end_input: %r", exc)
+
+
+def _turn_result(message: ResultMessage, model: str | None) -> TurnResult:
+    if message.result:
+        text = message.result
+    elif message.errors:
+        text = "\n".join(message.errors)
+    else:
+        text = "" if not message.is_error else f"agent error: {message.subtype}"
+    if model is None and message.model_usage:
+        model = next(iter(message.model_usage))
+    return TurnResult(
+        is_error=message.is_error,
+        text=text,
+        subtype=message.subtype,
+        session_id=message.session_id,
+        cost_usd=message.total_cost_usd,
+        num_turns=message.num_turns,
+        usage=message.usage,
+        model=model,
+        api_error_status=message.api_error_status,
+    )
+
+
+@attrs.frozen
+class SdkAgentFactory:
+    """Makes the service's agents (an :data:`~claude_code_api.agent.AgentFactory`)."""
+
+    launcher: AgentLauncher
+    options: AgentOptions
+    reaper: ReaperClient | None = None
+    refusal: str | None = None
+
+    def __call__(self, spec: AgentSpec) -> SdkAgent:
+        return SdkAgent(spec, self.launcher, self.options, self.reaper, self.refusal)

@@ -1,0 +1,175 @@
+"""What an agent process sees: its environment, its files, its neighbours.
+
+Unit tests of the environment allowlist and the launcher script, and tests that
+run a generated launcher for real — with ``/bin/sh`` standing in for the CLI —
+inside bubblewrap (skipped where bubblewrap cannot run), checking what the OS
+lets the agent read and write.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from claude_code_api.agent import AgentSpec
+from claude_code_api.sandbox import agent_environment, make_launcher, probe_sandbox
+
+SERVICE_ENV = {
+    "PATH": "/usr/bin:/bin",
+    "HOME": "/home/service",
+    "LANG": "C.UTF-8",
+    "LC_ALL": "C.UTF-8",
+    "API_KEYS": "alice:sk-alice,bob:sk-bob",
+    "NEXTAUTH_SECRET": "s3cret",
+    "AWS_SECRET_ACCESS_KEY": "aws",
+    "ANTHROPIC_API_KEY": "sk-ant",
+    "ANTHROPIC_BASE_URL": "http://127.0.0.1:1",
+    "CLAUDE_CODE_OAUTH_TOKEN": "oauth",
+    "CLAUDE_CONFIG_DIR": "/home/service/.claude",
+    "IS_SANDBOX": "1",
+    "MY_TOOL_TOKEN": "tool",
+    "HTTPS_PROXY": "http://proxy:3128",
+}
+BWRAP = shutil.which("bwrap")
+SANDBOX_REASON = probe_sandbox(BWRAP)
+needs_sandbox = pytest.mark.skipif(SANDBOX_REASON is not None, reason=str(SANDBOX_REASON))
+
+
+def test_the_environment_is_an_allowlist():
+    passed, withheld = agent_environment(SERVICE_ENV, use_api_key=False)
+    assert {"PATH", "LANG", "LC_ALL", "IS_SANDBOX", "HTTPS_PROXY"} <= passed.keys()
+    assert passed["CLAUDE_CODE_OAUTH_TOKEN"] == "oauth"  # Claude Code's own credential
+    for secret in ("API_KEYS", "NEXTAUTH_SECRET", "AWS_SECRET_ACCESS_KEY", "MY_TOOL_TOKEN"):
+        assert secret not in passed and secret in withheld
+    # Set per agent, never inherited from the service.
+    assert "HOME" not in passed and "CLAUDE_CONFIG_DIR" not in passed
+    assert not any(name.startswith("ANTHROPIC_") for name in passed)
+
+
+def test_the_model_api_settings_pass_only_with_use_claude_api_key():
+    passed, withheld = agent_environment(SERVICE_ENV, use_api_key=True)
+    assert passed["ANTHROPIC_API_KEY"] == "sk-ant"
+    assert passed["ANTHROPIC_BASE_URL"] == "http://127.0.0.1:1"
+    assert "ANTHROPIC_API_KEY" not in withheld
+
+
+def test_an_operator_passes_more_variables_by_name():
+    passed, _ = agent_environment(
+        SERVICE_ENV, use_api_key=False, extra=frozenset({"MY_TOOL_TOKEN"})
+    )
+    assert passed["MY_TOOL_TOKEN"] == "tool"
+    assert "API_KEYS" not in passed
+
+
+def launcher_for(tmp_path: Path, *, sandbox: bool, environ: dict[str, str] | None = None):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(exist_ok=True)
+    environ = environ or {
+        **SERVICE_ENV,
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path / "service-home"),
+        "CLAUDE_CONFIG_DIR": str(tmp_path / "service-home" / ".claude"),
+    }
+    return make_launcher(
+        cli=Path("/bin/sh"),
+        data_dir=data_dir,
+        environ=environ,
+        use_api_key=False,
+        extra_env=frozenset(),
+        bwrap=BWRAP if sandbox else None,
+    )
+
+
+def test_the_launcher_script_names_what_it_hides_and_quotes_paths(tmp_path):
+    (tmp_path / "a dir").mkdir()
+    launcher = launcher_for(tmp_path / "a dir", sandbox=True)
+    home = tmp_path / "a dir" / "data/users/alice"
+    spec = AgentSpec(name="session alice/s 1", home=home, ephemeral=False)
+    text = launcher.script(spec, credentials=None)
+    assert text.startswith("#!/bin/sh\n")
+    assert f"--bind '{spec.home}' '{spec.home}'" in text
+    assert f"--tmpfs '{tmp_path / 'a dir' / 'data'}'" in text
+    assert "--unsetenv API_KEYS" in text and "--unsetenv NEXTAUTH_SECRET" in text
+    assert "s3cret" not in text and "sk-alice" not in text  # names only, never values
+    assert text.rstrip().endswith('/bin/sh "$@"')
+
+
+def run_agent_shell(launcher, spec: AgentSpec, command: str) -> subprocess.CompletedProcess:
+    """Run ``command`` as the agent would run: through its launcher, with its environment."""
+    path = launcher.prepare(spec, "test")
+    env = {**SERVICE_ENV, "PATH": os.environ["PATH"], **launcher.environment(spec)}
+    try:
+        return subprocess.run(
+            [str(path), "-c", command],
+            env=env,
+            cwd=spec.cwd,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        launcher.cleanup(spec, path)
+
+
+@needs_sandbox
+def test_in_the_sandbox_an_agent_sees_no_secret_and_no_other_user(tmp_path):
+    launcher = launcher_for(tmp_path, sandbox=True)
+    data = tmp_path / "data"
+    alice = AgentSpec(name="alice", home=data / "users" / "alice", ephemeral=False)
+    bob_file = data / "users" / "bob" / "workspace" / "notes.txt"
+    bob_file.parent.mkdir(parents=True)
+    bob_file.write_text("bob's secret notes")
+    (data / "sessions.sqlite3").write_text("the database")
+    done = run_agent_shell(
+        launcher,
+        alice,
+        f"echo keys=[$API_KEYS] secret=[$NEXTAUTH_SECRET]; env | grep -c API_KEYS; "
+        f"cat {bob_file} 2>&1; cat {data}/sessions.sqlite3 2>&1; ls {data}/users; "
+        f"cat /proc/*/environ 2>/dev/null | tr '\\0' '\\n' | grep -c sk-alice; "
+        f"echo mine > $HOME/workspace/mine.txt && echo wrote-mine; "
+        f"echo x > {data}/users/bob/workspace/evil.txt 2>&1 || echo cannot-write-bob",
+    )
+    out = done.stdout
+    assert "keys=[] secret=[]" in out
+    assert "sk-alice" not in out and "bob's secret notes" not in out and "the database" not in out
+    assert out.splitlines()[1] == "0"  # API_KEYS not even present, empty or not
+    assert "cannot-write-bob" in out
+    assert "wrote-mine" in out and (alice.cwd / "mine.txt").read_text() == "mine\n"
+    assert not (bob_file.parent / "evil.txt").exists()
+    # Only alice's own directory shows under users/ (bob's is hidden with the rest of DATA_DIR).
+    assert "alice\n0\n" in out
+
+
+@needs_sandbox
+def test_in_the_sandbox_the_system_is_read_only(tmp_path):
+    launcher = launcher_for(tmp_path, sandbox=True)
+    alice = AgentSpec(name="alice", home=tmp_path / "data" / "users" / "alice", ephemeral=False)
+    victim = tmp_path / "service-file"
+    victim.write_text("original")
+    done = run_agent_shell(launcher, alice, f"echo changed > {victim} 2>&1; echo done")
+    assert "done" in done.stdout
+    assert victim.read_text() == "original"
+
+
+def test_without_the_sandbox_secrets_are_still_not_in_the_environment(tmp_path):
+    launcher = launcher_for(tmp_path, sandbox=False)
+    alice = AgentSpec(name="alice", home=tmp_path / "data" / "users" / "alice", ephemeral=False)
+    done = run_agent_shell(
+        launcher, alice, "echo keys=[$API_KEYS] secret=[$NEXTAUTH_SECRET] home=$HOME"
+    )
+    assert f"keys=[] secret=[] home={alice.home}" in done.stdout
+
+
+def test_an_ephemeral_home_is_removed_with_its_launcher(tmp_path):
+    launcher = launcher_for(tmp_path, sandbox=False)
+    spec = AgentSpec(
+        name="worker-0", home=tmp_path / "data" / "workers" / "w0" / "a1", ephemeral=True
+    )
+    path = launcher.prepare(spec, "a1")
+    assert path.is_file() and spec.cwd.is_dir() and spec.config_dir.is_dir()
+    launcher.cleanup(spec, path)
+    assert not path.exists() and not spec.home.exists()

@@ -1,0 +1,292 @@
+"""The session actor with a fake agent, a fake registry and a fake dispatcher (autojump clock).
+
+The test plays the dispatcher (it reads ``SessionStarted`` / ``SessionIdle`` and
+hands turns to the actor's inbox) and the registry (an in-memory store answering
+the registry's messages, which can be told to fail), so it can check what is
+saved and when, which agent runs, and whether it was interrupted, killed or
+replaced.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+
+from claude_code_api.actors.registry import (
+    CreateSession,
+    DeleteSession,
+    ListSessions,
+    LoadSession,
+    RegistryClient,
+    RegistryError,
+    SaveSession,
+    SessionRecord,
+    TooManySessions,
+)
+from claude_code_api.actors.session import SessionConfig, SessionFailed, serve_session
+from claude_code_api.actors.stopping import StopSignal
+from claude_code_api.actors.turn import CutReason, TurnLimits
+from claude_code_api.messages import (
+    Hibernate,
+    Job,
+    JobFailed,
+    JobStarted,
+    RunResult,
+    SessionIdle,
+    SessionKey,
+    SessionStarted,
+)
+from tests.fake_agent import FakeAgents, Finish, MoveSession, Say, Wait
+
+LIMIT = 1000
+KEY = SessionKey("alice", "s1")
+CONFIG = SessionConfig(warmup_timeout_s=30, turn=TurnLimits(2.0, 1000), max_sessions_per_user=2)
+
+
+@attrs.define(eq=False)
+class FakeRegistry:
+    """An in-memory registry actor; ``failing`` makes every write fail with that reason."""
+
+    records: dict[SessionKey, SessionRecord] = attrs.Factory(dict)
+    failing: str | None = None
+    saves: list[tuple[float, SessionRecord]] = attrs.Factory(list)
+
+    async def serve(self, inbox: trio.MemoryReceiveChannel) -> None:
+        async for message in inbox:
+            match message:
+                case LoadSession(key, reply):
+                    reply.send_nowait(self.records.get(key))
+                case SaveSession(record, reply):
+                    reply.send_nowait(self._write(record))
+                case CreateSession(record, limit, reply):
+                    mine = [k for k in self.records if k.user_id == record.user_id]
+                    if len(mine) >= limit:
+                        reply.send_nowait(TooManySessions(record.user_id, limit))
+                    else:
+                        reply.send_nowait(self._write(record))
+                case DeleteSession(key, reply):
+                    reply.send_nowait(self.records.pop(key, None) is not None)
+                case ListSessions():
+                    raise AssertionError("not used here")
+
+    def _write(self, record: SessionRecord) -> RegistryError | None:
+        if self.failing is not None:
+            return RegistryError(self.failing)
+        self.records[record.key] = record
+        self.saves.append((trio.current_time(), record))
+        return None
+
+
+@attrs.define(eq=False)
+class Harness:
+    messages: trio.MemoryReceiveChannel
+    agents: FakeAgents
+    registry: FakeRegistry
+    stop: StopSignal
+    failure: list[BaseException]
+    inbox: trio.MemorySendChannel | None = None
+
+    async def idle(self) -> SessionIdle:
+        message = await self.messages.receive()
+        if isinstance(message, SessionStarted):
+            self.inbox = message.inbox
+            message = await self.messages.receive()
+        assert isinstance(message, SessionIdle), message
+        return message
+
+    async def turn(self, prompt: str, timeout_s: float = 60) -> tuple[Job, list]:
+        """Hand a turn over and collect its reply events up to the terminal one."""
+        job = session_job(prompt, timeout_s)
+        assert self.inbox is not None
+        self.inbox.send_nowait(job[0])
+        events = []
+        async for event in job[1]:
+            events.append(event)
+        return job[0], events
+
+
+def session_job(prompt: str, timeout_s: float) -> tuple[Job, trio.MemoryReceiveChannel]:
+    reply_send, reply_receive = trio.open_memory_channel(64)
+    now = trio.current_time()
+    job = Job(
+        id=f"job-{prompt}",
+        user_id=KEY.user_id,
+        prompt=prompt,
+        submitted_at=now,
+        deadline=now + timeout_s,
+        reply=reply_send,
+        session_id=KEY.session_id,
+    )
+    return job, reply_receive
+
+
+async def start_session(
+    nursery: trio.Nursery, agents: FakeAgents, registry: FakeRegistry
+) -> Harness:
+    registry_send, registry_receive = trio.open_memory_channel(16)
+    nursery.start_soon(registry.serve, registry_receive)
+    send, receive = trio.open_memory_channel(0)
+    harness = Harness(receive, agents, registry, StopSignal(), [])
+
+    async def run() -> None:
+        try:
+            await serve_session(
+                KEY,
+                CONFIG,
+                send,
+                RegistryClient(registry_send),
+                agents,
+                Path("/home/alice"),
+                harness.stop,
+            )
+        except SessionFailed as exc:
+            harness.failure.append(exc)
+
+    nursery.start_soon(run)
+    return harness
+
+
+async def test_a_turn_is_answered_only_once_its_record_is_saved(autojump_clock, nursery):
+    with trio.fail_after(LIMIT):
+        agents = FakeAgents(script=lambda p: [Say("hi"), Wait(2), Finish(f"re: {p}")])
+        session = await start_session(nursery, agents, FakeRegistry())
+        await session.idle()
+        job, events = await session.turn("one")
+        assert isinstance(events[-1], RunResult) and events[-1].output == "re: one"
+        saved_at, record = session.registry.saves[-1]
+        assert record.turns == 1 and record.transcript_started
+        assert saved_at <= trio.current_time()
+        # The agent was started for a new conversation with the record's id.
+        (agent,) = agents.made
+        assert agent.spec.session_id == record.claude_session_id and agent.spec.resume is None
+        assert agent.spec.home == Path("/home/alice") and not agent.spec.ephemeral
+
+
+async def test_a_save_that_fails_answers_503_not_the_result(autojump_clock, nursery):
+    with trio.fail_after(LIMIT):
+        registry = FakeRegistry()
+        session = await start_session(nursery, FakeAgents(), registry)
+        await session.idle()
+        registry.failing = "disk full"
+        _, events = await session.turn("one")
+        assert events[-1] == JobFailed(503, "session store unavailable: disk full")
+        registry.failing = None
+        await session.idle()
+        _, events = await session.turn("two")
+        assert isinstance(events[-1], RunResult) and events[-1].output == "echo: two"
+
+
+async def test_an_idle_agent_killed_from_outside_is_replaced_resuming_the_conversation(
+    autojump_clock, nursery
+):
+    with trio.fail_after(LIMIT):
+        agents = FakeAgents()
+        session = await start_session(nursery, agents, FakeRegistry())
+        await session.idle()
+        await session.turn("one")
+        await session.idle()
+        agents.made[0].exit_now()
+        await session.idle()  # a new agent is warm
+        first, second = agents.made
+        assert second.spec.resume == first.spec.session_id
+        _, events = await session.turn("two")
+        assert isinstance(events[-1], RunResult) and events[-1].output == "echo: two"
+
+
+async def test_an_agent_that_keeps_exiting_while_idle_ends_the_session(autojump_clock, nursery):
+    with trio.fail_after(LIMIT):
+        agents = FakeAgents()
+        session = await start_session(nursery, agents, FakeRegistry())
+        for _ in range(3):
+            await session.idle()
+            agents.made[-1].exit_now()
+        await trio.testing.wait_all_tasks_blocked()
+        (failure,) = session.failure
+        assert isinstance(failure, SessionFailed) and failure.failure.status == 502
+
+
+async def test_clear_moves_the_record_to_the_new_conversation(autojump_clock, nursery):
+    with trio.fail_after(LIMIT):
+        agents = FakeAgents(
+            script=lambda p: (
+                [MoveSession("cleared-id"), Finish("")] if p == "/clear" else [Finish("ok")]
+            )
+        )
+        registry = FakeRegistry()
+        session = await start_session(nursery, agents, registry)
+        await session.idle()
+        await session.turn("hello")
+        old = registry.records[KEY].claude_session_id
+        await session.idle()
+        await session.turn("/clear")
+        record = registry.records[KEY]
+        assert record.claude_session_id == "cleared-id"
+        assert record.previous_claude_session_ids == (old,)
+        # After a hibernation, the next agent resumes the cleared conversation.
+        await session.idle()
+        session.inbox.send_nowait(Hibernate())
+        await trio.testing.wait_all_tasks_blocked()
+        session2 = await start_session(nursery, agents, registry)
+        await session2.idle()
+        assert agents.made[-1].spec.resume == "cleared-id"
+
+
+async def test_a_departed_client_interrupts_the_turn_and_the_session_goes_on(
+    autojump_clock, nursery
+):
+    with trio.fail_after(LIMIT):
+        agents = FakeAgents(
+            script=lambda p: [Wait(100), Finish("late")] if p == "slow" else [Finish("ok")]
+        )
+        session = await start_session(nursery, agents, FakeRegistry())
+        await session.idle()
+        job, reply = session_job("slow", 600)
+        session.inbox.send_nowait(job)
+        assert await reply.receive() == JobStarted("session:s1")
+        reply.close()
+        job.cancellation.cancel(CutReason.CLIENT_GONE)
+        idle = await session.idle()
+        assert idle.finished_ok is False
+        (agent,) = agents.made
+        assert agent.events[-1] == "interrupted"
+        _, events = await session.turn("next")
+        assert isinstance(events[-1], RunResult) and events[-1].output == "ok"
+        assert len(agents.made) == 1  # the same process: interrupted, not killed
+
+
+async def test_a_user_over_the_session_limit_is_refused_with_429(autojump_clock, nursery):
+    with trio.fail_after(LIMIT):
+        registry = FakeRegistry()
+        for n in range(CONFIG.max_sessions_per_user):
+            other = SessionRecord("alice", f"other-{n}", f"id-{n}", 0.0, 0.0)
+            registry.records[other.key] = other
+        session = await start_session(nursery, FakeAgents(), registry)
+        await trio.testing.wait_all_tasks_blocked()
+        (failure,) = session.failure
+        assert failure.failure.status == 429
+        assert KEY not in registry.records
+
+
+@pytest.mark.parametrize("when", ["idle", "turn"])
+async def test_a_stop_keeps_the_record_and_answers_a_running_turn(autojump_clock, nursery, when):
+    with trio.fail_after(LIMIT):
+        agents = FakeAgents(script=lambda p: [Say("so far"), Wait(100)])
+        registry = FakeRegistry()
+        session = await start_session(nursery, agents, registry)
+        await session.idle()
+        if when == "idle":
+            session.stop.request_stop()
+            await trio.sleep(1)  # the graceful close
+            assert agents.made[0].events[-1] == "closed"
+        else:
+            job, reply = session_job("long", 600)
+            session.inbox.send_nowait(job)
+            await reply.receive()
+            await reply.receive()
+            session.stop.request_stop()
+            terminal = await reply.receive()
+            assert isinstance(terminal, RunResult) and terminal.output == "so far"
+        assert KEY in registry.records
