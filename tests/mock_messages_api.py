@@ -250,6 +250,12 @@ class MockMessagesApi:
         """The ``POST /v1/messages`` requests, in arrival order."""
         return [r for r in self.requests if r.path == "/v1/messages"]
 
+    async def wait_for_requests(self, count: int) -> list[RecordedRequest]:
+        """Return once at least ``count`` requests (of any kind) have arrived."""
+        while len(self.requests) < count:
+            await self._changed.park()
+        return self.requests
+
     async def wait_for_model_calls(self, count: int) -> list[RecordedRequest]:
         """Return once at least ``count`` model calls have arrived."""
         while len(self.model_calls) < count:

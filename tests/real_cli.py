@@ -55,17 +55,23 @@ DISCONNECT_TIMEOUT_S = 10.0
 
 @attrs.frozen
 class CliDirs:
-    """The directories one CLI may write to: its config dir, its HOME and its cwd."""
+    """The directories one CLI may write to: config dir, HOME, cwd and temp dir.
+
+    ``tmp_dir`` is ``CLAUDE_CODE_TMPDIR`` (the CLI's ``claude-<uid>/`` scratch
+    tree, otherwise under /tmp). The CLI's messaging socket still goes to
+    ``$XDG_RUNTIME_DIR/cc-socks`` or /tmp/cc-socks (its path must stay short).
+    """
 
     config_dir: Path
     home: Path
     workspace: Path
+    tmp_dir: Path
 
     @classmethod
     def create(cls, root: Path) -> CliDirs:
-        dirs = cls(root / "claude-config", root / "home", root / "workspace")
-        for path in (dirs.config_dir, dirs.home, dirs.workspace):
-            path.mkdir(parents=True, exist_ok=True)
+        dirs = cls(root / "claude-config", root / "home", root / "workspace", root / "tmp")
+        for path in (dirs.config_dir, dirs.home, dirs.workspace, dirs.tmp_dir):
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
         return dirs
 
     def transcripts(self) -> list[Path]:
@@ -92,6 +98,7 @@ def cli_env(api_url: str, dirs: CliDirs, *, is_sandbox: bool | None = None) -> d
         "DISABLE_ERROR_REPORTING": "1",
         "IS_SANDBOX": "1" if is_sandbox else "",
         "CLAUDE_CONFIG_DIR": str(dirs.config_dir),
+        "CLAUDE_CODE_TMPDIR": str(dirs.tmp_dir),
         "HOME": str(dirs.home),
         "XDG_CONFIG_HOME": str(dirs.home / ".config"),
         "XDG_CACHE_HOME": str(dirs.home / ".cache"),

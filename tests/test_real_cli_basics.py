@@ -14,6 +14,7 @@ from claude_agent_sdk import (
     AssistantMessage,
     ClaudeSDKError,
     ConversationResetMessage,
+    ProcessError,
     ResultMessage,
     SystemMessage,
     TextBlock,
@@ -291,16 +292,72 @@ async def test_stdout_line_over_one_mebibyte(mock_api, cli_dirs, max_buffer_size
                 assert result_of(messages).result == big
 
 
+@pytest.mark.parametrize(
+    ("setting_sources", "loaded"),
+    [(None, {"project", "user"}), (["project"], {"project"}), ([], set())],
+    ids=["sdk-default", "project", "none"],
+)
+async def test_which_claude_md_files_reach_the_model(mock_api, cli_dirs, setting_sources, loaded):
+    (cli_dirs.workspace / "CLAUDE.md").write_text("PROJECT-MARKER-7431\n")
+    (cli_dirs.config_dir / "CLAUDE.md").write_text("USER-MARKER-9920\n")
+    options = real_cli_options(mock_api, cli_dirs, setting_sources=setting_sources)
+    with trio.fail_after(TURN_BUDGET_S):
+        async with open_real_cli(options) as client:
+            await run_turn(client, "hello")
+
+    (call,) = mock_api.model_calls
+    markers = {"project": "PROJECT-MARKER-7431", "user": "USER-MARKER-9920"}
+    assert {name for name, marker in markers.items() if marker in call.all_text()} == loaded
+    # Not in the system prompt: the CLI sends CLAUDE.md inside the first user message.
+    assert not any(marker in call.system_text() for marker in markers.values())
+
+
 @pytest.mark.skipif(not RUNNING_AS_ROOT, reason="the CLI's root check only applies to root")
 async def test_root_without_is_sandbox_refuses_bypass_permissions(mock_api, cli_dirs):
     stderr: list[str] = []
-    options = real_cli_options(mock_api, cli_dirs, env={"IS_SANDBOX": ""}, stderr=stderr.append)
-    with trio.fail_after(TURN_BUDGET_S), pytest.raises(ClaudeSDKError) as caught:
+    # Only IS_SANDBOX=1 lets root through; "", "0", "yes" and "true" do not.
+    options = real_cli_options(mock_api, cli_dirs, env={"IS_SANDBOX": "yes"}, stderr=stderr.append)
+    with trio.fail_after(TURN_BUDGET_S), pytest.raises(ProcessError) as caught:
         async with open_real_cli(options):
             pass
     assert stderr == [
         "--dangerously-skip-permissions cannot be used with root/sudo privileges"
         " for security reasons"
     ]
-    assert "exit code 1" in str(caught.value) or "exit code: 1" in str(caught.value)
+    assert caught.value.exit_code == 1
     assert mock_api.requests == []
+
+
+async def test_another_cli_of_the_same_os_user_can_start_a_turn_in_an_idle_session(
+    mock_api, tmp_path
+):
+    """A hazard, pinned: Claude Code's peer messaging crosses config dirs.
+
+    Every CLI listens on ``$XDG_RUNTIME_DIR/cc-socks/<pid>.sock`` (else
+    ``/tmp/cc-socks``); another CLI of the same OS user can ``SendMessage`` to
+    it by path, even with a different ``CLAUDE_CONFIG_DIR``, and the idle
+    receiver runs a whole unsolicited turn on it. Only OS isolation (a private
+    /tmp and runtime dir per agent, or another uid) keeps agents apart.
+    """
+    victim_dirs = CliDirs.create(tmp_path / "victim")
+    sender_dirs = CliDirs.create(tmp_path / "sender")
+    with trio.fail_after(2 * TURN_BUDGET_S):
+        async with open_real_cli(real_cli_options(mock_api, victim_dirs)) as victim:
+            (init,) = system_messages(await run_turn(victim, "I am the victim"), "init")
+            socket_path = init.data["messaging_socket_path"]
+            async with open_real_cli(real_cli_options(mock_api, sender_dirs)) as sender:
+                mock_api.enqueue(
+                    ToolUseReply("SendMessage", {"to": f"uds:{socket_path}", "message": "PEER-7"})
+                )
+                await run_turn(sender, "send it")
+            # The victim, idle and never queried, runs a turn on the message.
+            unsolicited = []
+            async for message in victim.receive_messages():
+                unsolicited.append(message)
+                if isinstance(message, ResultMessage):
+                    break
+
+    injected = [c for c in mock_api.model_calls if "PEER-7" in c.last_user_text()]
+    assert [c.headers["x-claude-code-session-id"] for c in injected] == [init.data["session_id"]]
+    assert "<cross-session-message" in injected[0].last_user_text()
+    assert isinstance(unsolicited[-1], ResultMessage)
