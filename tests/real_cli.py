@@ -57,9 +57,10 @@ DISCONNECT_TIMEOUT_S = 10.0
 class CliDirs:
     """The directories one CLI may write to: config dir, HOME, cwd and temp dir.
 
-    ``tmp_dir`` is ``CLAUDE_CODE_TMPDIR`` (the CLI's ``claude-<uid>/`` scratch
-    tree, otherwise under /tmp). The CLI's messaging socket still goes to
-    ``$XDG_RUNTIME_DIR/cc-socks`` or /tmp/cc-socks (its path must stay short).
+    ``tmp_dir`` is ``CLAUDE_CODE_TMPDIR``: the CLI's ``claude-<uid>/`` scratch
+    tree and, when ``XDG_RUNTIME_DIR`` is unset, its messaging socket
+    ``cc-socks/<pid>.sock`` go there instead of /tmp (a socket path over 103
+    bytes falls back to ``/tmp/cc-socks-<uid>/``).
     """
 
     config_dir: Path

@@ -333,11 +333,13 @@ async def test_another_cli_of_the_same_os_user_can_start_a_turn_in_an_idle_sessi
 ):
     """A hazard, pinned: Claude Code's peer messaging crosses config dirs.
 
-    Every CLI listens on ``$XDG_RUNTIME_DIR/cc-socks/<pid>.sock`` (else
-    ``/tmp/cc-socks``); another CLI of the same OS user can ``SendMessage`` to
-    it by path, even with a different ``CLAUDE_CONFIG_DIR``, and the idle
-    receiver runs a whole unsolicited turn on it. Only OS isolation (a private
-    /tmp and runtime dir per agent, or another uid) keeps agents apart.
+    Every CLI listens on ``cc-socks/<pid>.sock`` under ``$XDG_RUNTIME_DIR``,
+    ``$CLAUDE_CODE_TMPDIR`` or /tmp (the init message's
+    ``messaging_socket_path``); another CLI of the same OS user can
+    ``SendMessage`` to it by path, even with a different ``CLAUDE_CONFIG_DIR``
+    and temp dir, and the idle receiver runs a whole unsolicited turn on it.
+    Only OS isolation (mount namespaces that hide other agents' sockets, or
+    another uid) keeps agents apart.
     """
     victim_dirs = CliDirs.create(tmp_path / "victim")
     sender_dirs = CliDirs.create(tmp_path / "sender")
