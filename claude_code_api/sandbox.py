@@ -73,6 +73,15 @@ PASSED_VARIABLES = frozenset(
         "DISABLE_AUTOUPDATER",
         "DISABLE_ERROR_REPORTING",
         "DISABLE_COST_WARNINGS",
+        # Claude Code's own tuning knobs (no secrets): timeouts and output bounds.
+        "API_TIMEOUT_MS",
+        "BASH_DEFAULT_TIMEOUT_MS",
+        "BASH_MAX_TIMEOUT_MS",
+        "BASH_MAX_OUTPUT_LENGTH",
+        "MAX_THINKING_TOKENS",
+        "MAX_MCP_OUTPUT_TOKENS",
+        "MCP_TIMEOUT",
+        "MCP_TOOL_TIMEOUT",
     }
 )
 # Locale settings and Claude Code's own settings (CLAUDE_CODE_OAUTH_TOKEN is its credential).
@@ -86,7 +95,9 @@ FIXED_VARIABLES = {
     "DISABLE_AUTOUPDATER": "1",
 }
 # Set per agent (see agent_environment), never taken from the service.
-PER_AGENT_VARIABLES = frozenset({"HOME", "CLAUDE_CONFIG_DIR", "TMPDIR", "PWD"})
+PER_AGENT_VARIABLES = frozenset(
+    {"HOME", "CLAUDE_CONFIG_DIR", "CLAUDE_CODE_TMPDIR", "TMPDIR", "PWD"}
+)
 
 # Sockets that would hand an agent the host (a mounted Docker or Podman socket).
 HIDDEN_SOCKETS = (
@@ -237,6 +248,9 @@ class AgentLauncher:
         env.update(self.env)
         env["HOME"] = str(spec.home)
         env["CLAUDE_CONFIG_DIR"] = str(spec.config_dir)
+        # The CLI's scratch files and its messaging socket (through which another CLI
+        # of the same OS user could start a turn in this one) stay in the agent's home.
+        env["CLAUDE_CODE_TMPDIR"] = str(spec.home / "tmp")
         if not self.sandboxed:  # with the sandbox, /tmp is the agent's own already
             env["TMPDIR"] = str(spec.home / "tmp")
         return env

@@ -66,6 +66,18 @@ STDERR_LINES_KEPT = 20
 MIN_BUFFER_BYTES = 1024 * 1024
 
 
+# Tools that let an agent reach other agents or start turns nobody asked for: a
+# service reads the next result as the answer to its next prompt.
+DISALLOWED_TOOLS = [
+    "SendMessage",
+    "ListAgents",
+    "ScheduleWakeup",
+    "CronCreate",
+    "CronDelete",
+    "CronList",
+]
+
+
 def stdout_buffer_bytes(max_output_chars: int) -> int:
     return max(MIN_BUFFER_BYTES, 6 * max_output_chars + 64 * 1024)
 
@@ -181,6 +193,7 @@ class SdkAgent:
             env=self._launcher.environment(spec),
             session_id=spec.session_id,
             resume=spec.resume,
+            disallowed_tools=list(DISALLOWED_TOOLS),
             extra_args=extra_args,
             max_buffer_size=stdout_buffer_bytes(self._options.max_output_chars),
             stderr=self._keep_stderr,

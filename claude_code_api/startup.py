@@ -55,7 +55,8 @@ def plan_agents(settings: Settings, environ: Mapping[str, str]) -> AgentPlan:
         raise StartupError(str(exc)) from None
     bwrap = _decide_sandbox(SandboxMode(settings.agent_sandbox))
     refusal = None
-    if _is_root() and not environ.get("IS_SANDBOX") and settings.claude_executable is None:
+    # The CLI accepts exactly "1" (this very machine exports IS_SANDBOX=yes, which it refuses).
+    if _is_root() and environ.get("IS_SANDBOX") != "1" and settings.claude_executable is None:
         # Foreseen: the bundled CLI refuses bypassPermissions as root (a custom
         # CLAUDE_EXECUTABLE may accept it, and is tried).
         refusal = ROOT_REFUSAL

@@ -730,7 +730,7 @@ def refuse_root_if_asked(values, flags):
         os.environ.get("FAKE_CLAUDE_REFUSE_ROOT") == "1"
         and bypass
         and os.geteuid() == 0
-        and not os.environ.get("IS_SANDBOX")
+        and os.environ.get("IS_SANDBOX") != "1"
     ):
         die(
             "--dangerously-skip-permissions cannot be used with root/sudo privileges"

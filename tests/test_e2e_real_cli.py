@@ -1,0 +1,205 @@
+"""The real service with the real bundled Claude Code CLI, against the mock Messages API.
+
+Nothing is faked but the model: the service runs as ``python -m claude_code_api``
+with the bundled CLI (``CLAUDE_EXECUTABLE`` unset) and ``ANTHROPIC_BASE_URL``
+pointing at :mod:`tests.mock_messages_api` in this test's trio loop. The mock
+scripts the model's answers — text, a Bash or Read tool call, HTTP errors,
+silence — and records what the CLI sends back (so a test reads what a tool call
+printed from the next request). As root, ``IS_SANDBOX=1``, as the CLI demands.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from claude_code_api.sandbox import probe_sandbox
+from tests.harness import run_service, wait_healthy, wait_until
+from tests.mock_messages_api import ApiError, TextReply, ToolUseReply, open_mock_api
+from tests.real_cli import MOCK_API_KEY, requires_real_cli
+
+pytestmark = requires_real_cli
+
+SANDBOX_REASON = probe_sandbox(__import__("shutil").which("bwrap"))
+AS_ALICE = {"x-api-key": "sk-alice-key"}
+AS_BOB = {"x-api-key": "sk-bob-key"}
+# A real CLI warms in ~1 s on a quiet machine; several per test on a loaded one.
+BUDGET_S = 120
+
+
+def real_cli_env(api, tmp_path: Path, **extra: str) -> dict[str, str]:
+    service_home = tmp_path / "service-home"
+    service_home.mkdir(exist_ok=True)
+    return {
+        "CLAUDE_EXECUTABLE": "",  # the SDK's bundled CLI
+        "API_KEYS": "alice:sk-alice-key,bob:sk-bob-key",
+        "NEXTAUTH_SECRET": "the-nextauth-secret",
+        "USE_CLAUDE_API_KEY": "1",
+        "ANTHROPIC_API_KEY": MOCK_API_KEY,
+        "ANTHROPIC_BASE_URL": api.url,
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        "DISABLE_TELEMETRY": "1",
+        "DISABLE_AUTOUPDATER": "1",
+        "IS_SANDBOX": "1",
+        "HOME": str(service_home),
+        "CLAUDE_CONFIG_DIR": str(service_home / ".claude"),
+        "AGENT_SANDBOX": "auto",
+        "WARMUP_TIMEOUT_MS": "60000",
+        **extra,
+    }
+
+
+async def run(client, prompt: str, headers=AS_ALICE, **fields) -> dict:
+    response = await client.post("/run", json={"prompt": prompt, **fields}, headers=headers)
+    return {"status": response.status_code, **response.json()}
+
+
+async def test_one_shots_and_a_session_with_the_real_cli(tmp_path):
+    with trio.fail_after(BUDGET_S):
+        async with open_mock_api() as api:
+            async with run_service(tmp_path, env=real_cli_env(api, tmp_path)) as service:
+                await wait_healthy(service, ready=1, timeout=60)
+                assert api.model_calls == []  # warm-up makes no model call
+                async with service.client() as client:
+                    api.enqueue(TextReply("Four."))
+                    one_shot = await run(client, "What is 2+2?")
+                    assert len(api.model_calls) == 1  # one model call per one-shot
+                    first = await run(client, "My name is Alice.", sessionId="s1")
+                    second = await run(client, "What is my name?", sessionId="s1")
+            transcripts = list((service.data_dir / "users").rglob("*.jsonl"))
+            leftovers = list((service.data_dir / "workers").rglob("*.jsonl"))
+    assert one_shot["status"] == 200 and one_shot["output"] == "Four.", one_shot
+    assert first["output"] == "echo: My name is Alice."
+    assert second["output"] == "echo: What is my name?"
+    # The session's second model call carries the first turn: one conversation.
+    assert "My name is Alice." in api.model_calls[-1].all_text()
+    assert len(transcripts) == 1 and leftovers == []
+
+
+@pytest.mark.skipif(SANDBOX_REASON is not None, reason=str(SANDBOX_REASON))
+async def test_the_agents_tools_see_no_secret_and_no_other_user(tmp_path):
+    with trio.fail_after(BUDGET_S):
+        async with open_mock_api() as api:
+            env = real_cli_env(api, tmp_path, AGENT_SANDBOX="on")
+            async with run_service(tmp_path, env=env) as service:
+                await wait_healthy(service, ready=1, timeout=60)
+                data = service.data_dir
+                async with service.client() as client:
+                    api.enqueue(TextReply("noted"))
+                    bob = await run(client, "remember my secret", headers=AS_BOB, sessionId="b")
+                    assert bob["status"] == 200, bob
+                    command = (
+                        "echo keys=[$API_KEYS] secret=[$NEXTAUTH_SECRET]; "
+                        f"ls {data}/users | wc -l; cat {data}/sessions.sqlite3 | head -c 15; "
+                        "cat /proc/*/environ 2>/dev/null | tr '\\0' '\\n' | grep -c sk-bob; "
+                        f"grep -rl 'remember my secre[t]' {data} 2>/dev/null | wc -l"
+                    )
+                    api.enqueue(
+                        ToolUseReply("Bash", {"command": command}),
+                        TextReply("looked"),
+                        ToolUseReply("Read", {"file_path": f"{data}/sessions.sqlite3"}),
+                        TextReply("read"),
+                    )
+                    looked = await run(client, "look around", sessionId="a")
+                    read = await run(client, "read the database")
+    assert looked["status"] == 200 and read["status"] == 200, (looked, read)
+    bash_result = api.model_calls[-3].tool_results()[0]
+    # (The CLI appends a <system-reminder> to what the tool printed.)
+    output = str(bash_result["content"]).split("<system-reminder>")[0]
+    assert "keys=[] secret=[]" in output
+    lines = output.strip().splitlines()
+    assert lines[1].strip() == "1"  # only alice's own directory under users/
+    assert "SQLite format" not in output
+    assert lines[-2:] == ["0", "0"]  # no key in any visible environ; bob's words nowhere
+    read_result = api.model_calls[-1].tool_results()[0]
+    assert read_result.get("is_error") is True or "SQLite" not in str(read_result["content"])
+
+
+async def test_a_refused_api_key_fails_fast(tmp_path):
+    with trio.fail_after(BUDGET_S):
+        async with open_mock_api() as api:
+            async with run_service(tmp_path, env=real_cli_env(api, tmp_path)) as service:
+                await wait_healthy(service, ready=1, timeout=60)
+                api.enqueue(ApiError(401, "invalid x-api-key", times=None))
+                async with service.client() as client:
+                    started = trio.current_time()
+                    reply = await run(client, "hello", timeoutMs=120_000)
+                    took = trio.current_time() - started
+                    auth = (await client.get("/auth/status", headers=AS_ALICE)).json()
+    assert reply["status"] == 502, reply
+    assert reply["error"].startswith("upstream API error 401")
+    assert took < 15  # not the 120 s timeout, nor the CLI's 3 minutes of retries
+    assert auth["lastUpstreamAuthError"]["status"] == 401 and auth["authenticated"] is False
+
+
+async def test_a_retryable_error_is_reported_when_time_runs_out(tmp_path):
+    with trio.fail_after(BUDGET_S):
+        async with open_mock_api() as api:
+            async with run_service(tmp_path, env=real_cli_env(api, tmp_path)) as service:
+                await wait_healthy(service, ready=1, timeout=60)
+                api.enqueue(ApiError(529, times=None))
+                async with service.client() as client:
+                    reply = await run(client, "hello", timeoutMs=4000)
+    assert reply["status"] == 200 and reply["timedOut"] is True, reply
+    assert reply["upstreamError"]["status"] == 529 and reply["upstreamError"]["retries"] >= 1
+
+
+async def test_clear_survives_a_restart(tmp_path):
+    with trio.fail_after(2 * BUDGET_S):
+        async with open_mock_api() as api:
+            env = real_cli_env(api, tmp_path)
+            async with run_service(tmp_path, env=env) as service:
+                await wait_healthy(service, ready=1, timeout=60)
+                async with service.client() as client:
+                    await run(client, "My name is Alice.", sessionId="s1")
+                    cleared = await run(client, "/clear", sessionId="s1")
+                    assert cleared["status"] == 200, cleared
+            async with run_service(tmp_path, env=env) as service:
+                await wait_healthy(service, ready=1, timeout=60)
+                async with service.client() as client:
+                    after = await run(client, "What is my name?", sessionId="s1")
+    assert after["status"] == 200, after
+    assert "Alice" not in api.model_calls[-1].all_text()
+
+
+async def test_a_client_that_leaves_during_a_model_call_is_noticed_at_once(tmp_path):
+    with trio.fail_after(BUDGET_S):
+        async with open_mock_api() as api:
+            async with run_service(tmp_path, env=real_cli_env(api, tmp_path)) as service:
+                await wait_healthy(service, ready=1, timeout=60)
+                async with service.client() as client:
+                    await run(client, "hello", sessionId="s1")
+                    api.enqueue(TextReply("very late", first_byte_delay=60))
+                    with trio.move_on_after(2):
+                        await run(client, "think for a minute", sessionId="s1")
+                    left_at = trio.current_time()
+
+                    async def call_aborted() -> bool:
+                        return api.model_calls[-1].disconnected
+
+                    await wait_until(call_aborted, timeout=10)
+                    assert trio.current_time() - left_at < 3
+                    nxt = await run(client, "still there?", sessionId="s1")
+    assert nxt["status"] == 200 and nxt["output"] == "echo: still there?", nxt
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the CLI's root check only applies to root")
+async def test_as_root_without_is_sandbox_the_cause_is_named(tmp_path):
+    with trio.fail_after(BUDGET_S):
+        async with open_mock_api() as api:
+            env = real_cli_env(api, tmp_path, IS_SANDBOX="")
+            async with run_service(tmp_path, env=env) as service:
+
+                async def degraded() -> bool:
+                    async with service.client() as client:
+                        return (await client.get("/health")).json()["status"] == "degraded"
+
+                await wait_until(degraded, timeout=30)
+                async with service.client() as client:
+                    health = (await client.get("/health")).json()
+    assert "IS_SANDBOX=1" in health["reason"]
+    assert "Traceback" not in service.log_text()
+    assert service.log_text().count("refuses to run with bypassPermissions as root") >= 1
