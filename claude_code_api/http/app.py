@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 # An idle session is "live" to clients (it has a process, ready for a turn).
 SHOWN_SESSION_STATES = {SessionState.IDLE: "live"}
+NEW_SESSION_STATES = (SessionState.WAITING.value, SessionState.STARTING.value)
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
@@ -109,7 +110,8 @@ def session_views(
 ) -> list[dict[str, Any]]:
     """The caller's own sessions: registry records, with live states from the dispatcher.
 
-    Sessions waiting for their first turn have no record yet: the first page lists them too.
+    Sessions waiting for their first actor may have no record yet: the first page lists
+    them too.
     """
     live = {
         v.key.session_id: SHOWN_SESSION_STATES.get(v.state, v.state.value)
@@ -129,8 +131,11 @@ def session_views(
             }
         )
     if first_page:
-        for session_id, state in live.items():  # waiting for its first turn: no record yet
-            views.append({"id": session_id, "state": state, "processing": False, "turns": 0})
+        # A session waiting for a slot or starting its first actor may have no record
+        # yet (the actor creates it); one with a live process always has.
+        for session_id, state in live.items():
+            if state in NEW_SESSION_STATES:
+                views.append({"id": session_id, "state": state, "processing": False, "turns": 0})
     return views
 
 
