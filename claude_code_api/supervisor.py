@@ -6,17 +6,22 @@
     ├── http             permanent  hypercorn + Quart-Trio
     └── core             permanent  rest_for_one: who starts later depends on who started earlier
         ├── dispatcher   permanent  the job queue and session scheduling (its view of the rest)
-        ├── sessions     permanent  starts session actors on demand
-        │   └── (user, id)  temporary  one live conversation: one Claude Code process
-        └── workers      permanent  one_for_one; backs off exponentially in a crash loop
-            ├── worker-0 permanent  one pre-warmed Claude Code process
-            └── worker-N-1
+        └── agents       permanent  one_for_one; first decides how agents launch (imports the SDK)
+            ├── sessions permanent  starts session actors on demand
+            │   └── (user, id)  temporary  one live conversation: one Claude Code process
+            └── workers  permanent  one_for_one, stopped side by side; backs off in a crash loop
+                ├── worker-0  permanent  one pre-warmed Claude Code process
+                └── worker-N-1
 
-Children start in that order and stop in reverse. Every (re)start builds its
-actor afresh: a restarted dispatcher knows nothing of the crashed one, so the
-session supervisor and the workers restart after it (rest_for_one) and tell the
-new one who they are. HTTP, the registry and the reaper hold no state about
-the others, so a crash there restarts only them.
+Children start in that order and stop in reverse. HTTP answers (``/health``:
+``starting``) before the SDK is even imported: the ``agents`` supervisor decides
+how agents are launched (sandbox probe, root and credential checks, the SDK's
+~1 s import) in a thread, then starts the session supervisor and the workers;
+a configuration that cannot work (``AGENT_SANDBOX=on`` without a sandbox) fails
+start-up from there. Every (re)start builds its actor afresh: a restarted
+dispatcher knows nothing of the crashed one, so everything agent-side restarts
+after it (rest_for_one) and tells the new one who they are. HTTP, the registry
+and the reaper hold no state about the others, so a crash there restarts only them.
 
 Channels: the tree owns both ends of the singleton inboxes, so a restarted
 actor reads the same inbox: ``inbox`` (the dispatcher's; HTTP and every actor
@@ -38,7 +43,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import trio
@@ -56,7 +61,6 @@ from .config import Settings
 from .http.app import StoreStatus, create_app
 from .http.server import HttpServer
 from .messages import DispatcherMessage, Drain, SessionKey
-from .sdk_agent import AgentOptions, SdkAgentFactory
 from .startup import plan_agents
 from .supervision import Backoff, ChildSpec, StopOrder, Strategy, Supervisor
 
@@ -105,26 +109,31 @@ class Service:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the tree until it is stopped (returns) or escalates (raises).
 
-        Raises :class:`~claude_code_api.startup.StartupError` before starting
-        anything when agents cannot be launched as configured.
+        Raises :class:`~claude_code_api.startup.StartupError` during start-up
+        when agents cannot be launched as configured.
         """
         try:
-            plan = await trio.to_thread.run_sync(plan_agents, self.settings, self.environ)
-            new_agent = SdkAgentFactory(
-                plan.launcher,
-                AgentOptions(self.settings.model, self.settings.max_output_chars),
-                ReaperClient(self.reaper_inbox),
-                plan.refusal,
-            )
-            self.root = self._tree(new_agent)
-            if self._stopping:  # a signal arrived while planning
+            self.root = self._tree()
+            if self._stopping:  # a signal arrived before the tree existed
                 self.root.request_stop()
             await self.root.run(task_status=task_status)
         finally:
             for channel in self._channels:
                 channel.close()
 
-    def _tree(self, new_agent: AgentFactory) -> Supervisor:
+    def _agent_factory(self) -> AgentFactory:
+        """Decide how agents launch, and make them. Blocking (imports the SDK): run in a thread."""
+        plan = plan_agents(self.settings, self.environ)
+        from .sdk_agent import AgentOptions, SdkAgentFactory  # the SDK's import takes ~1 s
+
+        return SdkAgentFactory(
+            plan.launcher,
+            AgentOptions(self.settings.model, self.settings.max_output_chars),
+            ReaperClient(self.reaper_inbox),
+            plan.refusal,
+        )
+
+    def _tree(self) -> Supervisor:
         settings = self.settings
         turn = TurnLimits(settings.interrupt_grace_s, settings.max_output_chars)
         turn_stop_grace = settings.interrupt_grace_s + CLOSE_GRACE_S + 1.0
@@ -165,62 +174,71 @@ class Service:
         session_config = SessionConfig(
             settings.warmup_timeout_s, turn, settings.max_sessions_per_user
         )
-
-        async def run_session(
-            key: SessionKey, dispatcher: trio.MemorySendChannel[DispatcherMessage], stop: StopSignal
-        ) -> None:
-            home = user_workspace(settings.data_dir, key.user_id)
-            await serve_session(
-                key, session_config, dispatcher, self.registry, new_agent, home, stop
-            )
-
-        def new_session_supervisor() -> SessionSupervisor:
-            return SessionSupervisor(self._session_starts_receive, self.inbox, run_session)
-
         worker_config = WorkerConfig(settings.warmup_timeout_s, turn)
 
-        def worker_spec(worker_id: str) -> ChildSpec:
-            homes = settings.data_dir / "workers" / worker_id
-            stop = _CurrentStop()
+        def agent_side(new_agent: AgentFactory) -> list[ChildSpec]:
+            """The session supervisor and the worker pool, once agents can be made."""
 
-            async def start(*, task_status: trio.TaskStatus[None]) -> None:
-                await serve_worker(
-                    worker_id,
-                    worker_config,
-                    self.inbox.clone(),
-                    new_agent,
-                    homes,
-                    stop.fresh(),
-                    task_status=task_status,
+            async def run_session(
+                key: SessionKey,
+                dispatcher: trio.MemorySendChannel[DispatcherMessage],
+                stop: StopSignal,
+            ) -> None:
+                home = user_workspace(settings.data_dir, key.user_id)
+                await serve_session(
+                    key, session_config, dispatcher, self.registry, new_agent, home, stop
                 )
 
-            return ChildSpec(
-                worker_id, start, request_stop=stop.request_stop, shutdown_grace=turn_stop_grace
-            )
+            def new_session_supervisor() -> SessionSupervisor:
+                return SessionSupervisor(self._session_starts_receive, self.inbox, run_session)
 
-        def new_worker_pool() -> Supervisor:
-            return Supervisor(
-                "workers",
-                [worker_spec(f"worker-{n}") for n in range(settings.pool_size)],
-                intensity=INTENSITY,
-                period=PERIOD_S,
-                backoff=Backoff(
-                    initial=min(1.0, settings.restart_backoff_max_s),
-                    factor=2.0,
-                    cap=settings.restart_backoff_max_s,
-                ),
-                stop_order=StopOrder.TOGETHER,
-            )
+            def worker_spec(worker_id: str) -> ChildSpec:
+                homes = settings.data_dir / "workers" / worker_id
+                stop = _CurrentStop()
+
+                async def start(*, task_status: trio.TaskStatus[None]) -> None:
+                    await serve_worker(
+                        worker_id,
+                        worker_config,
+                        self.inbox.clone(),
+                        new_agent,
+                        homes,
+                        stop.fresh(),
+                        task_status=task_status,
+                    )
+
+                return ChildSpec(
+                    worker_id, start, request_stop=stop.request_stop, shutdown_grace=turn_stop_grace
+                )
+
+            def new_worker_pool() -> Supervisor:
+                return Supervisor(
+                    "workers",
+                    [worker_spec(f"worker-{n}") for n in range(settings.pool_size)],
+                    intensity=INTENSITY,
+                    period=PERIOD_S,
+                    backoff=Backoff(
+                        initial=min(1.0, settings.restart_backoff_max_s),
+                        factor=2.0,
+                        cap=settings.restart_backoff_max_s,
+                    ),
+                    stop_order=StopOrder.TOGETHER,
+                )
+
+            return [
+                ChildSpec("sessions", actor=new_session_supervisor, shutdown_grace=turn_stop_grace),
+                ChildSpec("workers", actor=new_worker_pool, shutdown_grace=turn_stop_grace),
+            ]
+
+        def new_agents() -> _AgentSide:
+            return _AgentSide(self._agent_factory, agent_side)
 
         def new_core() -> Supervisor:
             return Supervisor(
                 "core",
                 [
                     ChildSpec("dispatcher", start_dispatcher),
-                    ChildSpec(
-                        "sessions", actor=new_session_supervisor, shutdown_grace=turn_stop_grace
-                    ),
-                    ChildSpec("workers", actor=new_worker_pool, shutdown_grace=turn_stop_grace),
+                    ChildSpec("agents", actor=new_agents, shutdown_grace=math.inf),
                 ],
                 strategy=Strategy.REST_FOR_ONE,
                 intensity=INTENSITY,
@@ -275,3 +293,37 @@ class _CurrentStop:
 
     def request_stop(self) -> None:
         self.current.request_stop()
+
+
+class _AgentSide:
+    """The ``agents`` supervisor: decides how agents launch, then runs what makes them.
+
+    The decision (sandbox probe, start-up checks, the SDK's slow import) runs in
+    a thread before anything agent-side starts, so HTTP and the dispatcher are
+    already answering meanwhile. A :class:`~claude_code_api.startup.StartupError`
+    raised there fails the service's start.
+    """
+
+    def __init__(
+        self,
+        decide: Callable[[], AgentFactory],
+        children: Callable[[AgentFactory], list[ChildSpec]],
+    ) -> None:
+        self._decide = decide
+        self._children = children
+        self._supervisor: Supervisor | None = None
+        self._stop_requested = False
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        new_agent = await trio.to_thread.run_sync(self._decide)
+        self._supervisor = Supervisor(
+            "agents", self._children(new_agent), intensity=INTENSITY, period=PERIOD_S
+        )
+        if self._stop_requested:
+            self._supervisor.request_stop()
+        await self._supervisor.run(task_status=task_status)
+
+    def request_stop(self) -> None:
+        self._stop_requested = True
+        if self._supervisor is not None:
+            self._supervisor.request_stop()
