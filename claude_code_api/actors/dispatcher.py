@@ -170,9 +170,9 @@ class Dispatcher:
             case Submit(job):
                 self._submit(job)
             case Withdraw(job_id):
-                job = self.queue.remove(job_id) or self.sessions.withdraw(job_id)
-                if job is not None:
-                    job.reply.close()
+                withdrawn = self.queue.remove(job_id) or self.sessions.withdraw(job_id)
+                if withdrawn is not None:
+                    withdrawn.reply.close()
             case WorkerStarting(worker_id):
                 record = self._record(worker_id)
                 self._drop_offer(record)

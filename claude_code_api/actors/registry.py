@@ -142,6 +142,10 @@ _SQLITE_FULL = 13  # sqlite3.SQLITE_FULL, spelled out for Pythons whose module l
 # --- records ----------------------------------------------------------------
 
 
+def _id_tuple(ids: Iterable[str]) -> tuple[str, ...]:
+    return tuple(ids)
+
+
 @attrs.frozen
 class SessionRecord:
     """Everything the service remembers about one session between turns."""
@@ -156,7 +160,7 @@ class SessionRecord:
     transcript_started: bool = False  # a turn was sent to the CLI, so its transcript may exist
     # The CLI moves a conversation to a new session id on /clear; the ids it had
     # before, oldest first. Kept so their transcripts are removed with the session.
-    previous_claude_session_ids: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    previous_claude_session_ids: tuple[str, ...] = attrs.field(default=(), converter=_id_tuple)
 
     @property
     def key(self) -> SessionKey:
@@ -342,7 +346,7 @@ class SessionStore:
         """How many sessions, all users together."""
         with self._translate():
             (n,) = self._db.execute("SELECT count(*) FROM sessions").fetchone()
-        return n
+        return int(n)
 
     # --- public: writes -----------------------------------------------------
 
@@ -472,7 +476,7 @@ class SessionStore:
 
     def _user_version(self) -> int:
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
-        return version
+        return int(version)
 
     # --- helpers ----------------------------------------------------------
 
@@ -1014,7 +1018,8 @@ class RegistryClient:
         self.inbox = inbox
 
     async def load(self, key: SessionKey) -> SessionRecord | None:
-        return await self._request(lambda reply: LoadSession(key, reply))
+        record: SessionRecord | None = await self._request(lambda reply: LoadSession(key, reply))
+        return record
 
     async def save(self, record: SessionRecord) -> None:
         """Insert or update ``record``; returns once it is durable, raises :class:`RegistryError` if not.
@@ -1037,14 +1042,18 @@ class RegistryClient:
 
     async def delete(self, key: SessionKey) -> bool:
         """Delete the record, then its transcripts; False if there was no record."""
-        return await self._request(lambda reply: DeleteSession(key, reply))
+        existed: bool = await self._request(lambda reply: DeleteSession(key, reply))
+        return existed
 
     async def list_for_user(self, user_id: str, limit: int, offset: int = 0) -> SessionPage:
         """Up to ``limit`` of the user's sessions after the first ``offset``, most recent first,
         and how many they have in all."""
         if limit < 0 or offset < 0:
             raise ValueError(f"limit and offset must be >= 0, not {limit} and {offset}")
-        return await self._request(lambda reply: ListSessions(user_id, limit, offset, reply))
+        page: SessionPage = await self._request(
+            lambda reply: ListSessions(user_id, limit, offset, reply)
+        )
+        return page
 
     async def _request(self, make: Callable[[trio.MemorySendChannel[Any]], RegistryMessage]) -> Any:
         reply, answers = trio.open_memory_channel[Any](1)

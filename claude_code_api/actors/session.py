@@ -199,10 +199,8 @@ class _Session:
             record = attrs.evolve(
                 record,
                 claude_session_id=current,
-                previous_claude_session_ids=(
-                    *record.previous_claude_session_ids,
-                    record.claude_session_id,
-                ),
+                previous_claude_session_ids=record.previous_claude_session_ids
+                + (record.claude_session_id,),
                 transcript_started=True,
             )
         try:

@@ -91,6 +91,7 @@ class SessionScheduler:
     def submit(self, job: Job) -> JobFailed | None:
         """Queue a session turn; returns the refusal, or None when accepted."""
         key = job.session_key
+        assert key is not None, "a session turn names its session"
         entry = self.entries.get(key)
         if entry is None:
             if len(self.waiting_for_slot) >= self.max_waiting_sessions:
@@ -166,7 +167,10 @@ class SessionScheduler:
                 self.stopped(entry.key, None)
 
     def close(
-        self, key: SessionKey, ack: trio.MemorySendChannel, deleted: trio.MemorySendChannel
+        self,
+        key: SessionKey,
+        ack: trio.MemorySendChannel[bool],
+        deleted: trio.MemorySendChannel[Any],
     ) -> None:
         """DELETE /session: end the actor if any, then delete the record."""
         entry = self.entries.get(key)

@@ -36,12 +36,12 @@ class StopSignal:
         cancelled on a stop.
         """
         owned = scope is None
-        scope = trio.CancelScope() if owned else scope
-        self._guarded.add(scope)
+        guarded = trio.CancelScope() if scope is None else scope
+        self._guarded.add(guarded)
         if self.requested:
-            scope.cancel()
+            guarded.cancel()
         try:
-            with scope if owned else nullcontext():
-                yield scope
+            with guarded if owned else nullcontext():
+                yield guarded
         finally:
-            self._guarded.discard(scope)
+            self._guarded.discard(guarded)
