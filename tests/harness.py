@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -102,8 +103,12 @@ async def run_service(
     fake_mode: str = "",
     stop_signal: int | None = signal.SIGTERM,
     expect_exit: int | None = 0,
+    open_files_limit: int | None = None,
 ) -> AsyncIterator[RunningService]:
-    """Start the service, wait until it listens, yield it; stop it and check it exited."""
+    """Start the service, wait until it listens, yield it; stop it and check it exited.
+
+    ``open_files_limit`` lowers the service's ``RLIMIT_NOFILE`` (soft and hard).
+    """
     piddir = tmp_path / "pids"
     data_dir = tmp_path / "data"
     fake_home = tmp_path / "fake-home"
@@ -129,11 +134,16 @@ async def run_service(
         **(env or {}),
     }
     log: list[str] = []
+
+    def limit_open_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (open_files_limit, open_files_limit))
+
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "claude_code_api"],
         env=full_env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        preexec_fn=None if open_files_limit is None else limit_open_files,
     )
     url_found = trio.Event()
     found: list[str] = []
