@@ -59,6 +59,7 @@ from .actors.worker import WorkerConfig, serve_worker
 from .agent import CLOSE_GRACE_S, AgentFactory, session_files
 from .config import Settings
 from .http.app import StoreStatus, create_app
+from .http.connections import connection_limit
 from .http.server import HttpServer
 from .messages import DispatcherMessage, Drain, SessionKey
 from .startup import plan_agents
@@ -102,6 +103,7 @@ class Service:
             settings.host,
             settings.port,
             graceful_timeout=5.0,
+            max_connections=connection_limit(settings.pool_size + settings.max_live_sessions),
         )
         self.root: Supervisor | None = None
         self._stopping = False
@@ -264,6 +266,8 @@ class Service:
     async def shutdown(self, grace: float) -> None:
         """Refuse new work, give running jobs ``grace`` seconds, then stop the tree."""
         log.info("shutting down: running jobs get %gs to finish", grace)
+        # Answered by HTTP itself from now on: the actors behind it are about to stop.
+        self.http.refuse_new_requests()
         done_send, done_receive = trio.open_memory_channel[None](1)
         with trio.move_on_after(grace):
             async with done_receive:

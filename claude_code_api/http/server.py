@@ -1,39 +1,195 @@
-"""Hypercorn serving the app, as a supervised child in the service's trio run."""
+"""Hypercorn serving the app, as a supervised child in the service's trio run.
+
+:class:`HttpServer` runs hypercorn's per-connection protocol
+(:class:`~.connections.HttpConnection`) under its own accept loop instead of
+``hypercorn.trio.serve``, so that it can bound open connections
+(:mod:`.connections`). In front of the app sits a small ASGI layer that answers,
+without the app, what the app must not see: a request whose framing is
+ambiguous, and any request once shutdown has begun.
+"""
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
+from typing import Any
 
 import trio
 from hypercorn.config import Config
-from hypercorn.trio import serve
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import repr_socket_addr, wrap_app
 from quart_trio import QuartTrio
+
+from .connections import ConnectionTable, HttpConnection
 
 log = logging.getLogger(__name__)
 
+SHUTTING_DOWN = "service is shutting down"
+AMBIGUOUS_LENGTH = "Content-Length and Transfer-Encoding must not both be sent"
+# accept() failing for want of descriptors or memory: wait and retry, as trio's serve_listeners.
+ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+ACCEPT_RETRY_S = 0.1
+# How long a refused request's body may take to arrive; it is read (and dropped)
+# so that closing the connection does not reset it before the client reads the answer.
+DISCARD_BODY_S = 1.0
+
 
 class HttpServer:
-    """Owns the listening socket; ``request_stop`` closes it and lets open requests finish."""
+    """Owns the listening sockets and every open connection.
 
-    def __init__(self, app: QuartTrio, host: str, port: int, graceful_timeout: float) -> None:
+    ``request_stop`` closes the listeners, closes idle connections, lets requests
+    in progress finish for ``graceful_timeout`` seconds, then cancels them.
+    ``refuse_new_requests`` (called when the service starts shutting down) makes
+    every later request get 503 JSON with ``Connection: close``, answered here
+    without touching the app or the actors behind it, which may already have stopped.
+
+    Error handling: a failure to bind raises from ``serve`` before ``started``;
+    ``accept`` failing for want of descriptors is logged and retried.
+    """
+
+    def __init__(
+        self,
+        app: QuartTrio,
+        host: str,
+        port: int,
+        graceful_timeout: float,
+        max_connections: int,
+    ) -> None:
         self.app = app
+        self.host = host
+        self.port = port
         self.config = Config()
-        self.config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
         self.config.accesslog = None
         self.config.graceful_timeout = graceful_timeout
+        self.connections = ConnectionTable(max_connections)
+        self.refusing = False
         self._stop = trio.Event()
 
+    def refuse_new_requests(self) -> None:
+        """From now on, answer every request 503 ``service is shutting down`` and close."""
+        self.refusing = True
+
     def request_stop(self) -> None:
+        self.refusing = True
         self._stop.set()
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until ``request_stop``; ``started`` with the bound addresses."""
-        async with trio.open_nursery() as nursery:
-            binds = await nursery.start(
-                lambda task_status: serve(
-                    self.app, self.config, shutdown_trigger=self._stop.wait, task_status=task_status
-                )
+        app = wrap_app(self._front_door, self.config.wsgi_max_body_size, "asgi")
+        context = WorkerContext(None)
+        state: dict[str, Any] = {}
+        lifespan = Lifespan(app, self.config, state)
+        async with trio.open_nursery() as lifespan_nursery:
+            await lifespan_nursery.start(lifespan.handle_lifespan)
+            await lifespan.wait_for_startup()
+            # A short backlog (hypercorn's 100): when the table is full and a crowd
+            # keeps connecting, the kernel drops the crowd's SYNs (they retry after
+            # 1 s, 3 s...) instead of queueing thousands ahead of everyone else.
+            listeners = await trio.open_tcp_listeners(
+                self.port, host=self.host, backlog=self.config.backlog
             )
+            binds = [
+                f"http://{repr_socket_addr(each.socket.family, each.socket.getsockname())}"
+                for each in listeners
+            ]
+            log.info("%d connections at most", self.connections.limit)
             for bind in binds:
                 log.info("listening on %s", bind)
-            task_status.started(binds)
+
+            async def serve_connection(stream: trio.SocketStream) -> None:
+                try:
+                    connection = HttpConnection(
+                        self.connections,
+                        app,
+                        self.config,
+                        context,
+                        ConnectionState(state.copy()),
+                        stream,
+                    )
+                    await connection.serve()
+                finally:
+                    self.connections.release()
+
+            async with trio.open_nursery() as connections:
+                try:
+                    async with trio.open_nursery() as accepting:
+                        for listener in listeners:
+                            accepting.start_soon(
+                                self._accept, listener, connections, serve_connection
+                            )
+                        task_status.started(binds)
+                        await self._stop.wait()
+                        accepting.cancel_scope.cancel()
+                finally:
+                    for listener in listeners:
+                        await listener.aclose()
+                # Idle connections close now; busy ones after their response.
+                await context.terminated.set()
+                connections.cancel_scope.deadline = (
+                    trio.current_time() + self.config.graceful_timeout
+                )
+            await lifespan.wait_for_shutdown()
+            lifespan_nursery.cancel_scope.cancel()
+
+    async def _accept(
+        self, listener: trio.SocketListener, connections: trio.Nursery, handler
+    ) -> None:
+        """Accept connections while the table has room (it makes room from idle ones)."""
+        while True:
+            if not self.connections.try_reserve():
+                # Full: wait for a client before making room, so that an idle
+                # connection is closed only for someone who is actually waiting.
+                await trio.lowlevel.wait_readable(listener.socket)
+                await self.connections.reserve()
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                self.connections.release()
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.error("accept failed (%s); retrying in %gs", exc, ACCEPT_RETRY_S)
+                await trio.sleep(ACCEPT_RETRY_S)
+                continue
+            connections.start_soon(handler, stream)
+
+    async def _front_door(self, scope, receive, send) -> None:
+        """ASGI: refuse what the app must not see, pass everything else to it."""
+        if scope["type"] == "http":
+            if self.refusing:
+                body = {"error": SHUTTING_DOWN}
+                if scope["path"] == "/health":
+                    body["status"] = "stopping"  # what /health says while the service stops
+                await _refuse(receive, send, 503, body)
+                return
+            names = {name.lower() for name, _value in scope["headers"]}
+            if b"content-length" in names and b"transfer-encoding" in names:
+                # RFC 9112 §6.1: the length is ambiguous (a smuggling vector); the
+                # connection must be closed after responding.
+                await _refuse(receive, send, 400, {"error": AMBIGUOUS_LENGTH})
+                return
+        await self.app(scope, receive, send)
+
+
+async def _refuse(receive, send, status: int, body: dict[str, str]) -> None:
+    """Answer ``status`` with a JSON body and ``Connection: close``, dropping the request body."""
+    with trio.move_on_after(DISCARD_BODY_S):
+        while True:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+    payload = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload, "more_body": False})

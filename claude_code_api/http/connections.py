@@ -1,0 +1,160 @@
+"""Open HTTP connections: how many there may be, and which are idle.
+
+Hypercorn serves each connection with a :class:`~hypercorn.trio.tcp_server.TCPServer`;
+:class:`HttpConnection` is that server with two adaptations, and
+:class:`ConnectionTable` bounds how many are open at once.
+
+Why hypercorn's bookkeeping needs a shield: hypercorn does the work that
+follows a response from inside the application's final ``send()``, i.e. in
+quart-trio's request task: it restarts the idle timer that closes a kept-alive
+connection ``keep_alive_timeout`` seconds later (``Updated(idle=True)``), or
+closes the connection when the response said ``Connection: close`` or the
+server is stopping (``Closed()``). While that ``send()`` runs, hypercorn also
+tells the app the request is over (``http.disconnect``), on which quart-trio
+cancels the request's nursery; the bookkeeping then meets that cancellation at
+its first checkpoint and is abandoned. So an idle connection never times out,
+and a connection that should close stays open, both forever. The bookkeeping
+only takes a lock held for an instant, starts or cancels a task, or closes the
+socket, so it is shielded here. (``tests/test_http_server.py::test_upstream_*``
+reproduce it on plain hypercorn and fail once upstream no longer needs this.)
+
+Why a bound: every connection is a file descriptor, and the service needs
+descriptors for its agents' pipes and its database. When the table is full and
+a new connection is waiting, the longest-idle connection is closed to make
+room (as HTTP lets a server do at any time; clients retry); a connection with
+a request in progress is never closed for this. When none is idle, new
+connections wait in the listen backlog until one ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+
+import trio
+from hypercorn.events import Closed, Event, Updated
+from hypercorn.trio.tcp_server import TCPServer
+
+log = logging.getLogger(__name__)
+
+# Descriptors the service uses besides connections and agents: the listening
+# sockets, the event loop's, the session database and its journal, logging, threads.
+RESERVED_FDS = 64
+# A running agent holds its stdin/stdout/stderr pipes and a process handle (4);
+# twice that covers one being replaced while its successor starts.
+FDS_PER_AGENT = 8
+# Even without a descriptor limit, more idle connections only cost memory.
+MAX_CONNECTIONS = 4096
+# Below this the service could hardly be reached; run it with a higher `ulimit -n`.
+MIN_CONNECTIONS = 16
+
+
+def connection_limit(agent_processes: int) -> int:
+    """How many connections may be open at once under this process's ``RLIMIT_NOFILE``.
+
+    ``agent_processes`` is how many agent processes may run at once
+    (``POOL_SIZE + MAX_LIVE_SESSIONS``); descriptors for them are kept free.
+    """
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    room = soft - RESERVED_FDS - FDS_PER_AGENT * agent_processes
+    if room < MIN_CONNECTIONS:
+        log.warning(
+            "open-file limit %d leaves little room for %d agents; allowing %d connections",
+            soft,
+            agent_processes,
+            MIN_CONNECTIONS,
+        )
+    return max(MIN_CONNECTIONS, min(MAX_CONNECTIONS, room))
+
+
+class ConnectionTable:
+    """Counts open connections (at most ``limit``) and knows which are idle.
+
+    The accept loop calls :meth:`reserve` before it accepts and the connection's
+    task calls :meth:`release` when it ends. Connections report themselves idle or
+    not; the idle ones are kept longest-idle first.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._slots = trio.Semaphore(limit)
+        self._idle: dict[HttpConnection, None] = {}  # insertion order: idle since
+        self._warned_at = -float("inf")
+
+    @property
+    def open(self) -> int:
+        return self.limit - self._slots.value
+
+    def try_reserve(self) -> bool:
+        """Take room for one more connection if there is any, without waiting."""
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            return False
+        return True
+
+    async def reserve(self) -> None:
+        """Wait for room for one more connection, closing the longest-idle one if full."""
+        if self._slots.value == 0 and self._idle:
+            oldest = next(iter(self._idle))
+            del self._idle[oldest]
+            oldest.evict()
+            now = trio.current_time()
+            if now - self._warned_at > 60:
+                self._warned_at = now
+                log.warning(
+                    "%d connections open (the limit): closing idle ones to make room", self.limit
+                )
+        await self._slots.acquire()
+
+    def release(self) -> None:
+        self._slots.release()
+
+    def idle(self, connection: HttpConnection) -> None:
+        self._idle.pop(connection, None)
+        self._idle[connection] = None
+
+    def not_idle(self, connection: HttpConnection) -> None:
+        """Busy with a request, or gone: never to be evicted."""
+        self._idle.pop(connection, None)
+
+
+class HttpConnection(TCPServer):
+    """Hypercorn's server for one connection, registered in a :class:`ConnectionTable`.
+
+    Resource handling: :meth:`serve` always closes the socket, also when the
+    connection is evicted (cancelled) in the middle of hypercorn's own closing.
+    """
+
+    def __init__(self, table: ConnectionTable, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._table = table
+        self._scope = trio.CancelScope()
+
+    async def serve(self) -> None:
+        self._table.idle(self)  # until its first request arrives
+        try:
+            with self._scope:
+                await self.run()
+        finally:
+            self._table.not_idle(self)
+            self.stream.socket.close()
+
+    def evict(self) -> None:
+        """Close this connection now (it is idle: no request is in progress)."""
+        self._scope.cancel()
+
+    async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, Updated):
+            if event.idle:
+                self._table.idle(self)
+            else:
+                self._table.not_idle(self)
+        if isinstance(event, Updated | Closed):
+            # Possibly called from the app's task, already cancelled (module docstring).
+            with trio.CancelScope(shield=True):
+                await super().protocol_send(event)
+        else:
+            await super().protocol_send(event)

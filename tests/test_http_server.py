@@ -1,0 +1,287 @@
+"""The HTTP server in-process: keep-alive, the connection bound, refusals.
+
+A real :class:`HttpServer` on 127.0.0.1 with a tiny Quart-Trio app and short
+timeouts, talked to over raw sockets (:mod:`tests.raw_http`). The real
+clock: hypercorn's timers and the kernel's sockets run on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+from quart_trio import QuartTrio
+
+from claude_code_api.http.server import HttpServer
+
+from .raw_http import RawConnection
+
+KEEP_ALIVE_S = 0.3
+
+
+class Gate:
+    """Holds ``/slow`` requests until opened; counts what reached the app."""
+
+    def __init__(self) -> None:
+        self.open = trio.Event()
+        self.requests = 0
+        self.waiting = 0
+
+
+def make_app(gate: Gate) -> QuartTrio:
+    app = QuartTrio("test")
+
+    @app.route("/", methods=["GET", "POST"])
+    async def index() -> str:
+        gate.requests += 1
+        return "hi"
+
+    @app.get("/slow")
+    async def slow() -> str:
+        gate.requests += 1
+        gate.waiting += 1
+        await gate.open.wait()
+        return "slow"
+
+    @app.get("/close")
+    async def close() -> tuple[str, dict[str, str]]:
+        gate.requests += 1
+        return "bye", {"Connection": "close"}
+
+    return app
+
+
+@asynccontextmanager
+async def serving(
+    *, max_connections: int = 64, graceful_timeout: float = 2.0
+) -> AsyncIterator[tuple[HttpServer, str, Gate]]:
+    gate = Gate()
+    server = HttpServer(
+        make_app(gate),
+        "127.0.0.1",
+        0,
+        graceful_timeout=graceful_timeout,
+        max_connections=max_connections,
+    )
+    server.config.keep_alive_timeout = KEEP_ALIVE_S
+    async with trio.open_nursery() as nursery:
+        (url,) = await nursery.start(server.serve)
+        yield server, url, gate
+        server.request_stop()
+
+
+async def get(url: str, path: str = "/") -> tuple[RawConnection, int]:
+    """Open a connection, make one request on it, return it kept alive."""
+    connection = await RawConnection.open(url)
+    await connection.request("GET", path)
+    response = await connection.response()
+    assert response is not None and not response.closes
+    return connection, response.status
+
+
+async def wait_for(predicate, timeout: float = 5.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+@pytest.mark.parametrize("path", ["/", "/close"])
+async def test_upstream_hypercorn_with_quart_trio_leaves_connections_open(path):
+    """Plain hypercorn + Quart-Trio: after a response the connection never closes,
+    neither when idle past the keep-alive timeout nor when the response said
+    ``Connection: close`` (see http/connections.py).
+
+    When this fails, upstream fixed it and HttpConnection's shield can go.
+    """
+    with trio.fail_after(10):
+        config = Config()
+        config.bind = ["127.0.0.1:0"]
+        config.accesslog = None
+        config.keep_alive_timeout = KEEP_ALIVE_S
+        async with trio.open_nursery() as nursery:
+            (url,) = await nursery.start(
+                lambda task_status: serve(make_app(Gate()), config, task_status=task_status)
+            )
+            connection = await RawConnection.open(url)
+            await connection.request("GET", path)
+            assert (await connection.response()).status == 200
+            with trio.move_on_after(KEEP_ALIVE_S * 5) as waited:
+                await connection.wait_closed()
+            assert waited.cancelled_caught, "upstream now closes the connection"
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_idle_keep_alive_connection_closes_after_the_timeout():
+    with trio.fail_after(10):
+        async with serving() as (_server, url, _gate):
+            connection, status = await get(url)
+            assert status == 200
+            started = trio.current_time()
+            await connection.wait_closed()
+            assert KEEP_ALIVE_S <= trio.current_time() - started < KEEP_ALIVE_S + 1
+
+            silent = await RawConnection.open(url)  # never sends a request
+            started = trio.current_time()
+            await silent.wait_closed()
+            assert KEEP_ALIVE_S <= trio.current_time() - started < KEEP_ALIVE_S + 1
+
+
+async def test_a_response_with_connection_close_closes_the_connection():
+    with trio.fail_after(10):
+        async with serving() as (server, url, _gate):
+            server.config.keep_alive_timeout = 60
+            connection = await RawConnection.open(url)
+            await connection.request("GET", "/close")
+            response = await connection.response()
+            assert response.body == b"bye" and response.closes
+            await connection.wait_closed()
+
+
+async def test_a_full_table_closes_the_longest_idle_connection_for_a_newcomer():
+    with trio.fail_after(10):
+        async with serving(max_connections=4) as (server, url, gate):
+            server.config.keep_alive_timeout = 60  # only the bound closes anything here
+            busy = await RawConnection.open(url)
+            await busy.request("GET", "/slow")
+            await wait_for(lambda: gate.waiting == 1)
+            idle = [(await get(url))[0] for _ in range(3)]
+            assert server.connections.open == 4
+
+            newcomer, status = await get(url)
+            assert status == 200
+            await idle[0].wait_closed()  # the longest idle made room
+            assert server.connections.open == 4
+
+            newest, status = await get(url)
+            assert status == 200
+            await idle[1].wait_closed()
+
+            gate.open.set()  # the busy connection was never touched
+            response = await busy.response()
+            assert response is not None and response.body == b"slow"
+
+
+async def test_a_full_table_of_busy_connections_makes_newcomers_wait():
+    with trio.fail_after(10):
+        async with serving(max_connections=2) as (server, url, gate):
+            busy = []
+            for _ in range(2):
+                connection = await RawConnection.open(url)
+                await connection.request("GET", "/slow")
+                busy.append(connection)
+            await wait_for(lambda: gate.waiting == 2)
+
+            waiting = await RawConnection.open(url)  # the kernel's backlog holds it
+            await waiting.request("GET", "/")
+            await trio.sleep(0.3)
+            assert gate.requests == 2 and server.connections.open == 2
+
+            gate.open.set()
+            for connection in busy:
+                assert (await connection.response()).body == b"slow"
+                await connection.aclose()
+            response = await waiting.response()
+            assert response is not None and response.body == b"hi"
+
+
+async def test_idle_sockets_beyond_the_bound_do_not_stop_another_client():
+    with trio.fail_after(30):
+        async with serving(max_connections=50) as (server, url, _gate):
+            server.config.keep_alive_timeout = 60
+            idle: list[RawConnection] = []
+
+            async def open_idle(count: int) -> None:
+                for _ in range(count):
+                    idle.append(await RawConnection.open(url))
+                    assert server.connections.open <= 50
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(10):
+                    nursery.start_soon(open_idle, 30)
+            connection, status = await get(url)
+            assert status == 200
+            for connection in idle:
+                await connection.aclose()
+
+
+async def test_after_refuse_every_request_is_answered_503_and_closed():
+    with trio.fail_after(10):
+        async with serving() as (server, url, gate):
+            kept = [(await get(url))[0] for _ in range(3)]
+            slow = await RawConnection.open(url)
+            await slow.request("GET", "/slow")
+            await wait_for(lambda: gate.waiting == 1)
+
+            server.refuse_new_requests()
+            for connection, (method, path) in zip(
+                kept, [("GET", "/"), ("POST", "/"), ("GET", "/health")], strict=True
+            ):
+                body = b'{"prompt": "x"}' if method == "POST" else b""
+                await connection.request(method, path, body=body)
+                response = await connection.response()
+                assert response is not None
+                assert response.status == 503 and response.closes
+                assert response.json()["error"] == "service is shutting down"
+                await connection.wait_closed()
+            assert gate.requests == 4  # none of them reached the app
+            fresh = await RawConnection.open(url)
+            await fresh.request("GET", "/")
+            assert (await fresh.response()).status == 503
+
+            gate.open.set()  # what was in progress is still answered
+            assert (await slow.response()).body == b"slow"
+
+
+async def test_health_while_refusing_still_says_stopping():
+    with trio.fail_after(10):
+        async with serving() as (server, url, _gate):
+            server.refuse_new_requests()
+            connection = await RawConnection.open(url)
+            await connection.request("GET", "/health")
+            response = await connection.response()
+            assert response.status == 503
+            assert response.json() == {"status": "stopping", "error": "service is shutting down"}
+
+
+async def test_stop_closes_idle_connections_at_once_and_lets_busy_ones_finish():
+    with trio.fail_after(10):
+        async with serving(graceful_timeout=5) as (server, url, gate):
+            server.config.keep_alive_timeout = 60
+            idle = [(await get(url))[0] for _ in range(3)]
+            busy = await RawConnection.open(url)
+            await busy.request("GET", "/slow")
+            await wait_for(lambda: gate.waiting == 1)
+            stopped_at = trio.current_time()
+            server.request_stop()
+            for connection in idle:
+                await connection.wait_closed()
+            assert trio.current_time() - stopped_at < 1
+            gate.open.set()
+            response = await busy.response()
+            assert response.body == b"slow"
+            await busy.wait_closed()
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"Transfer-Encoding: chunked\r\nContent-Length: 40\r\n\r\n0\r\n\r\n",
+    ],
+)
+async def test_content_length_with_transfer_encoding_is_400_and_closes(framing):
+    with trio.fail_after(10):
+        async with serving() as (_server, url, gate):
+            connection = await RawConnection.open(url)
+            smuggled = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
+            await connection.send(b"POST / HTTP/1.1\r\nHost: test\r\n" + framing + smuggled)
+            response = await connection.response()
+            assert response is not None
+            assert response.status == 400 and response.closes
+            assert "Transfer-Encoding" in response.json()["error"]
+            await connection.wait_closed()
+            assert gate.requests == 0  # neither the request nor what followed reached the app
