@@ -7,6 +7,7 @@ clock: hypercorn's timers and the kernel's sockets run on it.
 
 from __future__ import annotations
 
+import resource
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -16,6 +17,8 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 from quart_trio import QuartTrio
 
+from claude_code_api.http import connections
+from claude_code_api.http.connections import connection_limit
 from claude_code_api.http.server import HttpServer
 
 from .raw_http import RawConnection
@@ -285,3 +288,21 @@ async def test_content_length_with_transfer_encoding_is_400_and_closes(framing):
             assert "Transfer-Encoding" in response.json()["error"]
             await connection.wait_closed()
             assert gate.requests == 0  # neither the request nor what followed reached the app
+
+
+@pytest.mark.parametrize(
+    ("soft_limit", "agents", "expected"),
+    [
+        (1024, 9, 1024 - 64 - 8 * 9),  # the usual `ulimit -n`, POOL_SIZE 1 + 8 sessions
+        (resource.RLIM_INFINITY, 9, 4096),
+        (1_048_576, 9, 4096),
+        (100, 9, 16),  # too low to leave room: the floor, and a warning
+    ],
+)
+def test_the_connection_bound_leaves_descriptors_for_agents(
+    monkeypatch, soft_limit, agents, expected
+):
+    monkeypatch.setattr(
+        connections.resource, "getrlimit", lambda _which: (soft_limit, resource.RLIM_INFINITY)
+    )
+    assert connection_limit(agents) == expected

@@ -13,13 +13,14 @@ from __future__ import annotations
 import errno
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 from hypercorn.config import Config
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import ConnectionState
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ConnectionState, Scope
 from hypercorn.utils import repr_socket_addr, wrap_app
 from quart_trio import QuartTrio
 
@@ -125,7 +126,7 @@ class HttpServer:
                         accepting.cancel_scope.cancel()
                 finally:
                     for listener in listeners:
-                        await listener.aclose()
+                        listener.socket.close()
                 # Idle connections close now; busy ones after their response.
                 await context.terminated.set()
                 connections.cancel_scope.deadline = (
@@ -135,7 +136,10 @@ class HttpServer:
             lifespan_nursery.cancel_scope.cancel()
 
     async def _accept(
-        self, listener: trio.SocketListener, connections: trio.Nursery, handler
+        self,
+        listener: trio.SocketListener,
+        connections: trio.Nursery,
+        handler: Callable[[trio.SocketStream], Awaitable[None]],
     ) -> None:
         """Accept connections while the table has room (it makes room from idle ones)."""
         while True:
@@ -155,7 +159,9 @@ class HttpServer:
                 continue
             connections.start_soon(handler, stream)
 
-    async def _front_door(self, scope, receive, send) -> None:
+    async def _front_door(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
         """ASGI: refuse what the app must not see, pass everything else to it."""
         if scope["type"] == "http":
             if self.refusing:
@@ -173,7 +179,9 @@ class HttpServer:
         await self.app(scope, receive, send)
 
 
-async def _refuse(receive, send, status: int, body: dict[str, str]) -> None:
+async def _refuse(
+    receive: ASGIReceiveCallable, send: ASGISendCallable, status: int, body: dict[str, str]
+) -> None:
     """Answer ``status`` with a JSON body and ``Connection: close``, dropping the request body."""
     with trio.move_on_after(DISCARD_BODY_S):
         while True:
