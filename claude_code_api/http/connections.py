@@ -32,8 +32,11 @@ import logging
 import resource
 
 import trio
+from hypercorn.config import Config
 from hypercorn.events import Closed, Event, Updated
 from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import AppWrapper, ConnectionState
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +131,18 @@ class HttpConnection(TCPServer):
     connection is evicted (cancelled) in the middle of hypercorn's own closing.
     """
 
-    def __init__(self, table: ConnectionTable, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        table: ConnectionTable,
+        app: AppWrapper,
+        config: Config,
+        context: WorkerContext,
+        state: ConnectionState,
+        stream: trio.SocketStream,
+    ) -> None:
+        # (TCPServer's annotation says SSLStream; it serves plain sockets as well.)
+        super().__init__(app, config, context, state, stream)  # type: ignore[arg-type]
+        self._socket = stream.socket
         self._table = table
         self._scope = trio.CancelScope()
 
@@ -140,7 +153,7 @@ class HttpConnection(TCPServer):
                 await self.run()
         finally:
             self._table.not_idle(self)
-            self.stream.socket.close()
+            self._socket.close()
 
     def evict(self) -> None:
         """Close this connection now (it is idle: no request is in progress)."""

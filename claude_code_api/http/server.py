@@ -77,7 +77,9 @@ class HttpServer:
         self.refusing = True
         self._stop.set()
 
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Serve until ``request_stop``; ``started`` with the bound addresses."""
         app = wrap_app(self._front_door, self.config.wsgi_max_body_size, "asgi")
         context = WorkerContext(None)
