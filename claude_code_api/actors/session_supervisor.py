@@ -6,6 +6,9 @@ supervisor only starts one per :class:`StartSession` and reports every end,
 normal or not, to the dispatcher as :class:`SessionStopped`. When it (re)starts
 it first tells the dispatcher :class:`SessionsReset`: actors of a previous
 incarnation were cancelled without reporting, and their live slots must not leak.
+The dispatcher then asks again for the sessions it was starting, so a start
+already waiting in the channel may come twice: a session that has an actor
+gets no second one.
 
 Channels: it reads the session-starts channel, which the supervision tree owns
 (the dispatcher holds the send end); it sends on its own clone of the
@@ -58,6 +61,7 @@ class SessionSupervisor:
         self.dispatcher = dispatcher
         self.run_session = run_session
         self._stops: set[StopSignal] = set()
+        self._running: set[SessionKey] = set()
         self._stop = StopSignal()
 
     def request_stop(self) -> None:
@@ -84,10 +88,16 @@ class SessionSupervisor:
                     failure = JobFailed(502, f"session failed: {exc or type(exc).__name__}")
                 finally:
                     self._stops.discard(stop)
+                    self._running.discard(key)
                 await dispatcher.send(SessionStopped(key, failure))
 
             await dispatcher.send(SessionsReset())
             task_status.started()
             with self._stop.guard():
                 async for message in self.starts:
+                    if message.key in self._running:
+                        # A start sent before the dispatcher saw our SessionsReset, and sent
+                        # again after it: one actor per session.
+                        continue
+                    self._running.add(message.key)
                     nursery.start_soon(supervise, message.key)

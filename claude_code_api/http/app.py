@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import trio
@@ -229,7 +229,8 @@ def create_app(
 
     async def json_body() -> bytes:
         check_content_type(request.headers.get("content-type"))
-        body = await request.get_data(cache=False)
+        # as_text=False: bytes (Quart's overloads leave it str | bytes to a type checker).
+        body = cast(bytes, await request.get_data(cache=False, as_text=False))
         g.body_read = True
         return body
 
@@ -304,6 +305,7 @@ def create_app(
     async def delete_session() -> Response:
         user_id = caller()
         session_id = session_id_field(parse_json_object(await json_body()), required=True)
+        assert session_id is not None  # required=True
         try:
             existed = await close_session(dispatcher, SessionKey(user_id, session_id))
         except SessionStoreUnavailable as exc:

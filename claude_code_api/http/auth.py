@@ -7,9 +7,15 @@ claude-code-web's HMAC bearer tokens will slot in here as a second method.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from typing import Protocol
 
 from ..config import Settings
+
+
+class HeaderLookup(Protocol):
+    """Request headers (werkzeug's ``Headers``, or a plain dict in tests)."""
+
+    def get(self, key: str, /) -> str | None: ...
 
 
 class Unauthorized(Exception):
@@ -18,7 +24,7 @@ class Unauthorized(Exception):
         self.message = message
 
 
-def authenticate(headers: Mapping[str, str], settings: Settings) -> str:
+def authenticate(headers: HeaderLookup, settings: Settings) -> str:
     """Return the caller's user id or raise :class:`Unauthorized`."""
     api_key = headers.get("x-api-key")
     if api_key:
@@ -26,7 +32,7 @@ def authenticate(headers: Mapping[str, str], settings: Settings) -> str:
         if user_id is None:
             raise Unauthorized("Invalid API key")
         return user_id
-    authorization = headers.get("authorization", "")
+    authorization = headers.get("authorization") or ""
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("Missing authorization token")

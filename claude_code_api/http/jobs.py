@@ -18,6 +18,7 @@ import trio
 from ..messages import (
     TERMINAL_EVENTS,
     CloseSession,
+    DispatcherMessage,
     Job,
     JobFailed,
     PoolSnapshot,
@@ -39,13 +40,13 @@ BACKSTOP_S = 30.0
 
 @asynccontextmanager
 async def open_job(
-    dispatcher: trio.MemorySendChannel,
+    dispatcher: trio.MemorySendChannel[DispatcherMessage],
     *,
     user_id: str,
     prompt: str,
     timeout_s: float,
     session_id: str | None = None,
-) -> AsyncIterator[tuple[Job, trio.MemoryReceiveChannel]]:
+) -> AsyncIterator[tuple[Job, trio.MemoryReceiveChannel[ReplyEvent]]]:
     """Submit a job; yield it and the channel its :data:`ReplyEvent` s arrive on."""
     reply_send, reply_receive = trio.open_memory_channel[ReplyEvent](REPLY_BUFFER)
     now = trio.current_time()
@@ -71,9 +72,18 @@ async def open_job(
                 await dispatcher.send(Withdraw(job.id))
 
 
-async def run_job(dispatcher: trio.MemorySendChannel, **job_fields) -> RunResult | JobFailed:
+async def run_job(
+    dispatcher: trio.MemorySendChannel[DispatcherMessage],
+    *,
+    user_id: str,
+    prompt: str,
+    timeout_s: float,
+    session_id: str | None = None,
+) -> RunResult | JobFailed:
     """Submit a job and wait for its terminal event."""
-    async with open_job(dispatcher, **job_fields) as (job, events):
+    async with open_job(
+        dispatcher, user_id=user_id, prompt=prompt, timeout_s=timeout_s, session_id=session_id
+    ) as (job, events):
         with trio.move_on_at(job.deadline + BACKSTOP_S):
             async for event in events:
                 if isinstance(event, TERMINAL_EVENTS):
@@ -82,7 +92,7 @@ async def run_job(dispatcher: trio.MemorySendChannel, **job_fields) -> RunResult
         return JobFailed(504, "the job outlived its deadline without an answer")
 
 
-async def pool_snapshot(dispatcher: trio.MemorySendChannel) -> PoolSnapshot:
+async def pool_snapshot(dispatcher: trio.MemorySendChannel[DispatcherMessage]) -> PoolSnapshot:
     reply_send, reply_receive = trio.open_memory_channel[PoolSnapshot](1)
     async with reply_receive:
         await dispatcher.send(StatusRequest(reply_send))
@@ -93,7 +103,9 @@ class SessionStoreUnavailable(Exception):
     pass
 
 
-async def close_session(dispatcher: trio.MemorySendChannel, key: SessionKey) -> bool:
+async def close_session(
+    dispatcher: trio.MemorySendChannel[DispatcherMessage], key: SessionKey
+) -> bool:
     """End a session's actor (interrupting a running turn) and delete its record.
 
     Returns False if no such session existed. Raises :class:`SessionStoreUnavailable`
