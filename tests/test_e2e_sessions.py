@@ -8,6 +8,7 @@ reuses a UUID it should not, shows up here.
 from __future__ import annotations
 
 import httpx
+import pytest
 import trio
 
 from .harness import AUTH, run_service, wait_no_live_fakes, wait_until
@@ -109,6 +110,7 @@ async def test_two_users_with_one_session_id_are_isolated(tmp_path):
         assert len(workspaces) == 2
 
 
+@pytest.mark.slow  # ~60 agent starts: 8-20 s on a 2-CPU machine
 async def test_thirty_sessions_with_four_live_processes(tmp_path):
     with trio.fail_after(120):
         env = {"MAX_LIVE_SESSIONS": "4", "POOL_SIZE": "1", "QUEUE_MAX": "100"}
