@@ -11,7 +11,7 @@ import httpx
 import pytest
 import trio
 
-from .harness import AUTH, run_service, wait_no_live_fakes, wait_until
+from .harness import AUTH, run_service, wait_healthy, wait_no_live_fakes, wait_until
 
 JSON = {**AUTH, "Content-Type": "application/json"}
 
@@ -237,9 +237,12 @@ async def test_a_session_waiting_line_is_bounded(tmp_path):
 async def test_an_idle_session_hibernates_and_wakes_with_its_memory(tmp_path):
     with trio.fail_after(60):
         async with run_service(tmp_path, env={"SESSION_IDLE_MS": "500"}) as service:
+            # The one-shot worker's agent may start after the session's: tell them apart.
+            await wait_healthy(service, ready=1)
+            worker_pids = set(service.fake_pids())
             async with service.client() as client:
                 await say(client, "s", "My name is Alice.")
-                session_pid = service.fake_pids()[-1]
+                [session_pid] = set(service.fake_pids()) - worker_pids
 
                 async def hibernated() -> bool:
                     status = (await client.get("/status", headers=AUTH)).json()
