@@ -10,12 +10,14 @@ CLI ``tests/fake_claude.py``; no network, no Claude credentials. See
 
 Phases, all in one run:
 
-1. warm-up of one agent, directly through the SDK with the service's own options
-   (``agent_options(load_settings(env), cwd=...)``): ``ClaudeSDKClient(...)`` to
-   ``connect()`` returning, one at a time, then POOL_SIZE at once;
-2. direct SDK turns, same prompt as the service gets: on one already-warm client
-   (N turns back to back; then N turns each after an idle pause), and the first
-   turn of a fresh warm client (N clients);
+1. warm-up of one agent, directly, made as the service makes them (its launcher,
+   options and agent class: ``tests.harness.service_agents``): ``SdkAgent.start()``
+   (``ClaudeSDKClient(...)`` to ``connect()`` returning), one at a time, then
+   POOL_SIZE at once;
+2. direct turns (``SdkAgent.run_turn``: ``query()`` and ``receive_response()`` to
+   the result), same prompt as the service gets: on one already-warm agent (N
+   turns back to back; then N turns each after an idle pause), and the first turn
+   of a fresh warm agent (N agents);
 3. the service (``python -m claude_code_api``, PORT=0) with POOL_SIZE workers:
    ``POST /run`` one at a time on a kept-alive connection, each sent only once
    ``/health`` reports every worker ready, so no warm-up is timed;
@@ -42,8 +44,8 @@ if str(ROOT) not in sys.path:
 
 import httpx  # noqa: E402
 import trio  # noqa: E402
-from claude_agent_sdk import ClaudeSDKClient, ResultMessage  # noqa: E402
 
+import claude_code_api  # noqa: E402
 from bench.stats import (  # noqa: E402
     QuietMeter,
     children_cpu_s,
@@ -54,12 +56,12 @@ from bench.stats import (  # noqa: E402
     section,
     self_cpu_s,
 )
-from claude_code_api.agent import agent_options  # noqa: E402
-from claude_code_api.config import load_settings  # noqa: E402
+from claude_code_api.agent import Agent, AgentSpec  # noqa: E402
 from tests.harness import (  # noqa: E402
     FAKE_CLAUDE,
     RunningService,
     launch_service,
+    service_agents,
     service_env,
     wait_pool_ready,
 )
@@ -74,46 +76,46 @@ STOP_TIMEOUT_S = 30.0
 HTTP_TIMEOUT_S = 30.0
 
 
-# --- direct SDK ----------------------------------------------------------------------
+# --- direct: the service's own agent, without the service ------------------------------
 
 
 class Direct:
-    """The SDK with the service's own options, against the fake CLI."""
+    """Agents made as the service makes them, against the fake CLI."""
 
     def __init__(self, env: dict[str, str], workdir: Path) -> None:
-        self.settings = load_settings(env)
+        self.settings, self.make_agent = service_agents(env)
         self.workdir = workdir
         self.count = 0
 
-    def client(self) -> ClaudeSDKClient:
+    def agent(self) -> Agent:
         self.count += 1
-        cwd = self.workdir / f"direct-{self.count}"
-        cwd.mkdir(parents=True)
-        return ClaudeSDKClient(agent_options(self.settings, cwd=cwd, stderr=lambda _line: None))
+        # Ephemeral, as a one-shot worker's agent: its home goes when it closes.
+        home = self.workdir / f"direct-{self.count}"
+        return self.make_agent(AgentSpec(name=home.name, home=home, ephemeral=True))
 
-    async def warm_one(self) -> tuple[float, ClaudeSDKClient]:
+    async def warm_one(self) -> tuple[float, Agent]:
         started = time.perf_counter()
-        client = self.client()
-        with trio.fail_after(READY_TIMEOUT_S):
-            await client.connect()
-        return time.perf_counter() - started, client
+        agent = self.agent()
+        await agent.start(READY_TIMEOUT_S)
+        return time.perf_counter() - started, agent
 
 
-async def turn(client: ClaudeSDKClient, prompt: str) -> float:
+async def _ignore(_event: object) -> None:
+    pass
+
+
+async def turn(agent: Agent, prompt: str) -> float:
     started = time.perf_counter()
     with trio.fail_after(HTTP_TIMEOUT_S):
-        await client.query(prompt)
-        async for message in client.receive_response():
-            if isinstance(message, ResultMessage):
-                if message.is_error:
-                    raise RuntimeError(f"direct turn failed: {message}")
-                break
+        result = await agent.run_turn(prompt, _ignore)
+    if result.is_error:
+        raise RuntimeError(f"direct turn failed: {result}")
     return time.perf_counter() - started
 
 
-async def close(client: ClaudeSDKClient) -> None:
+async def close(agent: Agent) -> None:
     with trio.move_on_after(10):
-        await client.disconnect()
+        await agent.close()
 
 
 async def measure_warmup(direct: Direct, runs: int, pool_size: int) -> dict:
@@ -121,55 +123,55 @@ async def measure_warmup(direct: Direct, runs: int, pool_size: int) -> dict:
     times = []
     cpu_before = children_cpu_s()
     for _ in range(runs):
-        elapsed, client = await direct.warm_one()
+        elapsed, agent = await direct.warm_one()
         times.append(elapsed)
-        await close(client)
+        await close(agent)
     # The children are reaped: their CPU (start, initialize, exit on EOF) is counted.
     cpu_per_agent = (children_cpu_s() - cpu_before) / runs
 
     concurrent: list[float] = []
     for _ in range(max(1, runs // pool_size)):
-        clients: list[ClaudeSDKClient] = []
+        agents: list[Agent] = []
         async with trio.open_nursery() as nursery:
             for _ in range(pool_size):
-                nursery.start_soon(_warm_into, direct, concurrent, clients)
-        for client in clients:
-            await close(client)
+                nursery.start_soon(_warm_into, direct, concurrent, agents)
+        for agent in agents:
+            await close(agent)
     return {"seq": times, "concurrent": concurrent, "cpu_per_agent_s": cpu_per_agent}
 
 
-async def _warm_into(direct: Direct, times: list[float], clients: list[ClaudeSDKClient]) -> None:
-    """One warm-up among several at once: its time to ``times``, its client to ``clients``."""
-    elapsed, client = await direct.warm_one()
+async def _warm_into(direct: Direct, times: list[float], agents: list[Agent]) -> None:
+    """One warm-up among several at once: its time to ``times``, its agent to ``agents``."""
+    elapsed, agent = await direct.warm_one()
     times.append(elapsed)
-    clients.append(client)
+    agents.append(agent)
 
 
 async def measure_direct(direct: Direct, samples: int, warmup_turns: int, pause_s: float) -> dict:
-    # (a) one warm client, `samples` turns back to back: the headline baseline.
-    # (b) the same client, idle for `pause_s` before each turn, as the service's
+    # (a) one warm agent, `samples` turns back to back: the headline baseline.
+    # (b) the same agent, idle for `pause_s` before each turn, as the service's
     #     agent is idle between its warm-up and its job.
-    _, client = await direct.warm_one()
+    _, agent = await direct.warm_one()
     try:
         for _ in range(warmup_turns):
-            await turn(client, PROMPT)
-        reused = [await turn(client, PROMPT) for _ in range(samples)]
+            await turn(agent, PROMPT)
+        reused = [await turn(agent, PROMPT) for _ in range(samples)]
         paused = []
         if pause_s > 0:
             for _ in range(samples):
                 await trio.sleep(pause_s)
-                paused.append(await turn(client, PROMPT))
+                paused.append(await turn(agent, PROMPT))
     finally:
-        await close(client)
-    # (b) first turn of a freshly warmed client: the service's one-shot path minus the service.
+        await close(agent)
+    # (c) first turn of a freshly warmed agent: the service's one-shot path minus the service.
     fresh = []
     for _ in range(samples):
-        _, client = await direct.warm_one()
+        _, agent = await direct.warm_one()
         try:
             await trio.sleep(0.01)  # let the new process settle, as the service's would
-            fresh.append(await turn(client, PROMPT))
+            fresh.append(await turn(agent, PROMPT))
         finally:
-            await close(client)
+            await close(agent)
     return {"reused": reused, "paused": paused, "fresh": fresh}
 
 
@@ -358,7 +360,7 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
     section("machine")
     fake_python = shutil.which("python3") or "?"
     print("\n".join(machine_lines()))
-    print(f"  service code:    {Path(agent_options.__code__.co_filename).parent}")
+    print(f"  service code:    {Path(claude_code_api.__file__).parent}")
     print(
         f"  fake CLI:        {FAKE_CLAUDE.relative_to(ROOT)} via `#!/usr/bin/env python3` -> "
         f"{fake_python}"
@@ -372,7 +374,7 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
 
     direct = Direct(env, workdir / "direct")
 
-    section("1. agent warm-up (ClaudeSDKClient(...) -> connect() returned; service options)")
+    section("1. agent warm-up (SdkAgent.start(): the service's launcher and options)")
     meter = QuietMeter()
     warm = await measure_warmup(direct, args.warmups, args.pool_size)
     seq, conc = dist(warm["seq"]), dist(warm["concurrent"])
@@ -396,15 +398,15 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
     quiet = [meter.report()]
     print(quiet[-1][0])
 
-    section("2. direct SDK turn (query() + drain receive_response() to the ResultMessage)")
+    section("2. direct agent turn (SdkAgent.run_turn(): query(), receive_response() to the result)")
     meter = QuietMeter()
     direct_runs = await measure_direct(direct, args.samples, warmup_turns=10, pause_s=args.pause)
     reused, fresh = dist(direct_runs["reused"]), dist(direct_runs["fresh"])
     paused = dist(direct_runs["paused"]) if direct_runs["paused"] else None
-    print(fmt_dist("one warm client, back to back", reused))
+    print(fmt_dist("one warm agent, back to back", reused))
     if paused:
         print(fmt_dist(f"same, idle {args.pause * 1000:g} ms before each", paused))
-    print(fmt_dist("first turn of a fresh warm client", fresh))
+    print(fmt_dist("first turn of a fresh warm agent", fresh))
     quiet.append(meter.report())
     print(quiet[-1][0])
 

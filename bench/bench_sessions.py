@@ -10,8 +10,8 @@ the real one (``python -m claude_code_api``, PORT=0) with MAX_LIVE_SESSIONS=4.
 
 Phases, all in one run:
 
-0. agent warm-up, directly (``claude_code_api.agent.Agent`` with the service's own
-   options): ``start()`` of a new conversation (``--session-id``), one turn, close;
+0. agent warm-up, directly (an agent made as the service makes them:
+   ``tests.harness.service_agents``): ``start()`` of a new conversation (``--session-id``), one turn, close;
    then ``start()`` resuming it (``--resume``, what a wake does), one turn, close.
 1. memory of hibernated sessions, in the service's RSS (VmRSS of its pid; the
    agent processes are separate and not counted):
@@ -64,14 +64,14 @@ from bench.stats import (  # noqa: E402
     section,
 )
 from claude_code_api.actors.registry import new_session_record, open_store  # noqa: E402
-from claude_code_api.agent import Agent, agent_options  # noqa: E402
-from claude_code_api.config import load_settings  # noqa: E402
+from claude_code_api.agent import AgentSpec  # noqa: E402
 from claude_code_api.messages import SessionKey  # noqa: E402
 from tests.harness import (  # noqa: E402
     FAKE_CLAUDE,
     RunningService,
     launch_service,
     proc_memory_kib,
+    service_agents,
     wait_pool_ready,
 )
 from tests.harness import service_env as harness_env  # noqa: E402
@@ -104,42 +104,52 @@ def fmt_mem(m: dict[str, int]) -> str:
 # --- 0. direct agent warm-up ------------------------------------------------------
 
 
-async def measure_agent(settings, workdir: Path, runs: int) -> dict[str, list[float]]:
+class Direct:
+    """Session agents made as the service makes them (tests.harness.service_agents)."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.settings, self.make_agent = service_agents(env)
+
+    def spec(self, home: Path, *, session_id: str | None = None, resume: str | None = None):
+        return AgentSpec(
+            name=home.name, home=home, ephemeral=False, session_id=session_id, resume=resume
+        )
+
+    async def start_and_turn(self, spec: AgentSpec) -> tuple[float, float]:
+        """Agent.start(), one turn, close: (start seconds, turn seconds)."""
+
+        async def ignore(_event) -> None:
+            pass
+
+        agent = self.make_agent(spec)
+        try:
+            started = time.perf_counter()
+            await agent.start(self.settings.warmup_timeout_s)
+            start_s = time.perf_counter() - started
+            started = time.perf_counter()
+            with trio.fail_after(HTTP_TIMEOUT_S):
+                result = await agent.run_turn(PROMPT, ignore)
+            if result.is_error:
+                raise RuntimeError(f"direct turn failed: {result}")
+            return start_s, time.perf_counter() - started
+        finally:
+            await agent.close()
+
+
+async def measure_agent(direct: Direct, workdir: Path, runs: int) -> dict[str, list[float]]:
     """Agent.start() new / resumed, and the turn after each, as a session actor does them."""
     out: dict[str, list[float]] = {"new": [], "first_turn": [], "resume": [], "resumed_turn": []}
     for i in range(runs):
-        cwd = workdir / f"agent-{i}"
-        cwd.mkdir(parents=True)
+        home = workdir / f"agent-{i}"
         claude_id = str(uuid.uuid4())
-        for kind, options in (
-            ("new", agent_options(settings, cwd=cwd, session_id=claude_id)),
-            ("resume", agent_options(settings, cwd=cwd, resume=claude_id)),
+        for kind, spec in (
+            ("new", direct.spec(home, session_id=claude_id)),
+            ("resume", direct.spec(home, resume=claude_id)),
         ):
-            start_s, turn_s = await start_and_turn(settings, options)
+            start_s, turn_s = await direct.start_and_turn(spec)
             out[kind].append(start_s)
             out["first_turn" if kind == "new" else "resumed_turn"].append(turn_s)
     return out
-
-
-async def start_and_turn(settings, options) -> tuple[float, float]:
-    """Agent.start(), one turn, close: (start seconds, turn seconds)."""
-
-    async def ignore(_event) -> None:
-        pass
-
-    agent = Agent(options)
-    try:
-        started = time.perf_counter()
-        await agent.start(settings.warmup_timeout_s)
-        start_s = time.perf_counter() - started
-        started = time.perf_counter()
-        with trio.fail_after(HTTP_TIMEOUT_S):
-            result = await agent.run_turn(PROMPT, ignore)
-        if result.is_error:
-            raise RuntimeError(f"direct turn failed: {result}")
-        return start_s, time.perf_counter() - started
-    finally:
-        await agent.close()
 
 
 # --- the service --------------------------------------------------------------------
@@ -336,9 +346,10 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
     )
 
     # --- 0 ---------------------------------------------------------------------------
-    section("0. agent warm-up, direct (Agent.start() = ClaudeSDKClient.connect(), service options)")
+    section("0. agent warm-up, direct (SdkAgent.start(): the service's launcher and options)")
     meter = QuietMeter()
-    agent = await measure_agent(load_settings(env), workdir / "direct", args.warmups)
+    direct = Direct(env)
+    agent = await measure_agent(direct, workdir / "direct", args.warmups)
     warm_new, warm_resume = dist(agent["new"]), dist(agent["resume"])
     print(fmt_table("start(), new (--session-id)", warm_new))
     print(fmt_table("first turn of it", dist(agent["first_turn"])))
@@ -498,18 +509,14 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
                 await wait_all_hibernated(client, "wake", len(ids))
                 # The same wake done directly (resume + turn), right before each, so that
                 # both see the same machine load.
-                settings = load_settings(env)
-                direct_cwd = workdir / "direct-wake"
-                direct_cwd.mkdir()
+                direct_home = workdir / "direct-wake"
                 direct_id = str(uuid.uuid4())
-                await start_and_turn(
-                    settings, agent_options(settings, cwd=direct_cwd, session_id=direct_id)
-                )
-                resume_options = agent_options(settings, cwd=direct_cwd, resume=direct_id)
+                await direct.start_and_turn(direct.spec(direct_home, session_id=direct_id))
+                resume_spec = direct.spec(direct_home, resume=direct_id)
                 wake_free, live_free, direct_start, direct_turn = [], [], [], []
                 for session_id in ids:
                     await wait_all_hibernated(client, "wake")
-                    start_s, turn_s = await start_and_turn(settings, resume_options)
+                    start_s, turn_s = await direct.start_and_turn(resume_spec)
                     direct_start.append(start_s)
                     direct_turn.append(turn_s)
                     wake_free.append((await session_turn(client, "wake", session_id))[0])

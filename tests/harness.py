@@ -27,7 +27,8 @@ import attrs
 import httpx
 import trio
 
-from claude_code_api.config import declarations
+from claude_code_api.agent import AgentFactory
+from claude_code_api.config import Settings, declarations
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_CLAUDE = ROOT / "tests" / "fake_claude.py"
@@ -167,6 +168,23 @@ def service_env(
     )
     env.update(overrides or {})
     return env
+
+
+def service_agents(env: Mapping[str, str]) -> tuple[Settings, AgentFactory]:
+    """The settings and the agent factory a service started with ``env`` would use.
+
+    Same launcher, sandbox decision, options and agent class as the service, for
+    benchmarks that time an agent directly, without the service. Imports the SDK
+    (about a second). Agents made by it are closed by their caller.
+    """
+    from claude_code_api.config import load_settings
+    from claude_code_api.sdk_agent import AgentOptions, SdkAgentFactory
+    from claude_code_api.startup import plan_agents
+
+    settings = load_settings(env)
+    plan = plan_agents(settings, env)
+    options = AgentOptions(settings.model, settings.max_output_chars)
+    return settings, SdkAgentFactory(plan.launcher, options, refusal=plan.refusal)
 
 
 @asynccontextmanager
