@@ -2,7 +2,8 @@
 
 Exit status: 0 after a shutdown by SIGTERM/SIGINT, 2 for bad configuration
 (one line naming the variable, no traceback), 1 if the service cannot start
-(port taken, unreadable session database: one line) or gave up.
+(port taken, unreadable session database, ``AGENT_SANDBOX=on`` without a
+sandbox: one line) or gave up.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import trio
 
 from .actors.registry import RegistryError
 from .config import ConfigError, Settings, load_settings
+from .startup import StartupError
 from .supervision import TooManyRestarts
 from .supervisor import Service
 
@@ -65,6 +67,9 @@ def run(settings: Settings) -> int:
         trio.run(serve, settings)
     except* RegistryError as group:
         print(f"claude-code-api: session registry: {_first(group)}", file=sys.stderr)
+        status = 1
+    except* StartupError as group:
+        print(f"claude-code-api: cannot start: {_first(group)}", file=sys.stderr)
         status = 1
     except* TooManyRestarts as group:
         log.error("giving up: %s", _first(group))
