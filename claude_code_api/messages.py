@@ -85,6 +85,9 @@ class Job:
     deadline: float
     reply: trio.MemorySendChannel[ReplyEvent] = attrs.field(repr=False)
     session_id: str | None = None
+    # The user's CLAUDE.md, handed to a one-shot job's agent with the prompt: that agent
+    # started before its user was known. (A session's agent loads it from its HOME.)
+    memory: str | None = attrs.field(default=None, repr=False)
     cancellation: Cancellation = attrs.field(factory=Cancellation, repr=False)
 
     @property
