@@ -37,6 +37,14 @@ def test_a_newcomer_waits_for_at_most_one_item_of_each_owner_already_waiting():
     assert [line.pop_next(), line.pop_next()] == ["a1", "b0"]
 
 
+def test_peek_next_shows_what_pop_next_takes_and_leaves_it():
+    line = filled(("alice", "a0"), ("alice", "a1"), ("bob", "b0"))
+    assert line.peek_next() == "a0" and len(line) == 3
+    assert line.pop_next() == "a0"
+    assert line.peek_next() == "b0"
+    assert FairLine().peek_next() is None
+
+
 def test_push_front_puts_an_item_back_first_in_line():
     line = filled(("alice", "a0"), ("alice", "a1"), ("bob", "b0"))
     assert line.pop_next() == "a0"

@@ -68,6 +68,12 @@ class FairLine(Generic[K, V]):
             self._rotation.remove(owner)
             self._rotation.appendleft(owner)
 
+    def peek_next(self) -> V | None:
+        """The item :meth:`pop_next` would return, left in place (None if none waits)."""
+        if not self._rotation:
+            return None
+        return next(iter(self._lines[self._rotation[0]].values()))
+
     def pop_next(self) -> V | None:
         """The next item in fair order (None if none waits)."""
         if not self._rotation:

@@ -41,6 +41,7 @@ import attrs
 import trio
 
 from ..messages import (
+    ActorId,
     CloseSessionNow,
     Hibernate,
     Job,
@@ -70,6 +71,7 @@ class SessionEntry:
     state: SessionState = SessionState.WAITING
     # The actor's inbox; the scheduler closes it when the actor is gone.
     inbox: trio.MemorySendChannel[SessionCommand] | None = None
+    actor: ActorId | None = None  # the current actor's number, once it has started
     last_used: float = 0.0
     # DELETE requests waiting for this session's actor to end: (ack, deleted) channels.
     closing: list[DeleteReply] = attrs.Factory(list)
@@ -88,7 +90,8 @@ class SessionScheduler:
     ``per_session_max``: turns that may wait behind a session's running turn.
     ``max_waiting_sessions``: sessions that may wait for a live slot (then 429);
     ``max_waiting_sessions_per_user`` (default: the same): those of one user.
-    ``start_session`` sends a :class:`StartSession` to the session supervisor;
+    ``start_session`` sends a :class:`StartSession` to the session supervisor
+    (False: its channel is full, try again later);
     ``delete_record(key, reply)`` asks the registry to delete a record.
     """
 
@@ -100,7 +103,7 @@ class SessionScheduler:
         max_waiting_sessions: int,
         max_waiting_sessions_per_user: int | None = None,
         idle_s: float,
-        start_session: Callable[[StartSession], None],
+        start_session: Callable[[StartSession], bool],
         delete_record: Callable[[SessionKey, trio.MemorySendChannel[Any]], None],
     ) -> None:
         self.max_live = max_live
@@ -153,30 +156,32 @@ class SessionScheduler:
                 return job
         return None
 
-    def started(self, key: SessionKey, inbox: trio.MemorySendChannel[SessionCommand]) -> None:
+    def started(
+        self, key: SessionKey, inbox: trio.MemorySendChannel[SessionCommand], actor: ActorId
+    ) -> None:
         entry = self.entries.get(key)
-        if entry is None or entry.state is not SessionState.STARTING:
-            # Closed while starting and already forgotten (or a stale actor): end it.
+        if entry is None or entry.state is not SessionState.STARTING or entry.actor is not None:
+            # Closed while starting and already forgotten, or a stale actor: end it.
             _send_nowait(inbox, CloseSessionNow())
             inbox.close()
             return
-        entry.inbox = inbox
+        entry.inbox, entry.actor = inbox, actor
         if entry.closing:
             self._send(entry, CloseSessionNow())
             entry.state = SessionState.STOPPING
 
-    def idle(self, key: SessionKey, now: float) -> None:
-        entry = self.entries.get(key)
+    def idle(self, key: SessionKey, now: float, actor: ActorId) -> None:
+        entry = self._current(key, actor)
         if entry is not None and entry.state is not SessionState.STOPPING:
             entry.state, entry.last_used = SessionState.IDLE, now
 
-    def stopped(self, key: SessionKey, failure: JobFailed | None) -> None:
-        entry = self.entries.get(key)
+    def stopped(self, key: SessionKey, failure: JobFailed | None, actor: ActorId) -> None:
+        entry = self._current(key, actor)
         if entry is None or entry.state is SessionState.WAITING:
-            return  # not ours: an actor of before a reset, or already gone
+            return  # not ours: a stale actor, an actor of before a reset, or already gone
         if entry.inbox is not None:
             entry.inbox.close()
-            entry.inbox = None
+        entry.inbox, entry.actor = None, None
         if entry.closing:
             for ack, deleted in entry.closing:
                 self._delete_record(key, deleted)
@@ -211,7 +216,7 @@ class SessionScheduler:
         """
         for entry in list(self.entries.values()):
             if entry.state in LIVE_STATES:
-                self.stopped(entry.key, None)
+                self.stopped(entry.key, None, entry.actor or 0)
 
     def close(
         self,
@@ -275,8 +280,13 @@ class SessionScheduler:
         """
         live = self.live_count()
         while len(self.waiting_for_slot) and live < self.max_live:
-            key = self.waiting_for_slot.pop_next()
+            key = self.waiting_for_slot.peek_next()
             assert key is not None
+            if not self._start_session(StartSession(key)):
+                # The supervisor has starts to take first (after a restart, some twice);
+                # each it takes answers with a message, and this runs again then.
+                break
+            self.waiting_for_slot.pop_next()
             entry = self.entries[key]
             self.grants += 1
             entry.state, entry.slot_grant, entry.turns_since_grant = (
@@ -284,7 +294,6 @@ class SessionScheduler:
                 self.grants,
                 0,
             )
-            self._start_session(StartSession(entry.key))
             live += 1
         idle = [e for e in self.entries.values() if e.state is SessionState.IDLE]
         for entry in idle:
@@ -292,7 +301,8 @@ class SessionScheduler:
                 log.info("session %s: its user's CLAUDE.md changed; restarting it", entry.key)
                 self._hibernate(entry)
         freeing = sum(1 for e in self.entries.values() if e.state is SessionState.STOPPING)
-        short = len(self.waiting_for_slot) - freeing
+        free = self.max_live - live  # left only while starts cannot be sent yet
+        short = len(self.waiting_for_slot) - freeing - max(free, 0)
         if short > 0:
             idle = [e for e in idle if e.state is SessionState.IDLE]
             unused = sorted((e for e in idle if not len(e.waiting)), key=lambda e: e.last_used)
@@ -355,6 +365,13 @@ class SessionScheduler:
             self.waiting_for_slot.push_front(entry.key.user_id, entry.key, entry.key)
         else:
             self.waiting_for_slot.push(entry.key.user_id, entry.key, entry.key)
+
+    def _current(self, key: SessionKey, actor: ActorId) -> SessionEntry | None:
+        """The entry of ``key`` if ``actor`` is its current actor (or it has none yet)."""
+        entry = self.entries.get(key)
+        if entry is None or (entry.actor is not None and entry.actor != actor):
+            return None
+        return entry
 
     def _send(self, entry: SessionEntry, message: SessionCommand) -> bool:
         if entry.inbox is None:
