@@ -11,6 +11,7 @@ pool (whose agents are warmed before their user is known), and sessions.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import trio
@@ -91,6 +92,21 @@ async def test_get_and_put_round_trip_each_user_their_own_with_limits(tmp_path):
                 cleared = await put(client, "", AS_ALICE)
                 assert cleared.status_code == 200
                 assert await get(client, AS_ALICE) == {"content": ""}
+
+                # Her own session agent may put anything in its place, e.g. a FIFO: a read
+                # would block forever. It fails at once instead, for GET and one-shots alike.
+                fifo = user_workspace(service.data_dir, "alice") / ".claude" / "CLAUDE.md"
+                os.mkfifo(fifo)
+                with trio.fail_after(5):
+                    unreadable = await client.get("/user-claude", headers=AS_ALICE)
+                    one_shot = await client.post("/run", json={"prompt": "hi"}, headers=AS_ALICE)
+                for response in (unreadable, one_shot):
+                    assert response.status_code == 503
+                    assert response.json() == {
+                        "error": "cannot read your CLAUDE.md: .claude/CLAUDE.md is not a regular file"
+                    }
+                assert (await put(client, "", AS_ALICE)).status_code == 200  # removes it
+                assert not fifo.exists()
             stored = sorted(service.data_dir.rglob("CLAUDE.md"))
     # Where a session agent's CLI loads it: $HOME/.claude, its CLAUDE_CONFIG_DIR.
     assert stored == [user_workspace(service.data_dir, "bob") / ".claude" / "CLAUDE.md"]
