@@ -61,7 +61,7 @@ from .config import Settings
 from .http.app import StoreStatus, create_app
 from .http.connections import connection_limit
 from .http.server import HttpServer
-from .messages import ActorId, DispatcherMessage, Drain, SessionKey
+from .messages import ActorId, DispatcherMessage, Drain, RunOptions, SessionKey
 from .startup import plan_agents
 from .supervision import Backoff, ChildSpec, StopOrder, Strategy, Supervisor
 
@@ -187,10 +187,19 @@ class Service:
                 dispatcher: trio.MemorySendChannel[DispatcherMessage],
                 stop: StopSignal,
                 actor: ActorId,
+                options: RunOptions,
             ) -> None:
                 home = user_workspace(settings.data_dir, key.user_id)
                 await serve_session(
-                    key, session_config, dispatcher, self.registry, new_agent, home, stop, actor
+                    key,
+                    session_config,
+                    dispatcher,
+                    self.registry,
+                    new_agent,
+                    home,
+                    stop,
+                    actor,
+                    options,
                 )
 
             def new_session_supervisor() -> SessionSupervisor:
