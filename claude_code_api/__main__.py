@@ -15,6 +15,7 @@ import trio
 
 from .actors.registry import RegistryError
 from .config import ConfigError, Settings, load_settings
+from .http.auth import auth_warnings
 from .supervision import TooManyRestarts
 from .supervisor import Service
 
@@ -51,8 +52,8 @@ def main() -> None:
     except ConfigError as exc:
         print(f"claude-code-api: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
-    if not settings.api_keys:
-        log.warning("API_KEYS is not set: every authenticated route will answer 401")
+    for warning in auth_warnings(settings):
+        log.warning("%s", warning)
     try:
         trio.run(serve, settings)
     except* RegistryError as group:
