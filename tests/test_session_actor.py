@@ -124,7 +124,7 @@ def session_job(prompt: str, timeout_s: float) -> tuple[Job, trio.MemoryReceiveC
 
 
 async def start_session(
-    nursery: trio.Nursery, agents: FakeAgents, registry: FakeRegistry
+    nursery: trio.Nursery, agents: FakeAgents, registry: FakeRegistry, credentials=None
 ) -> Harness:
     registry_send, registry_receive = trio.open_memory_channel(16)
     nursery.start_soon(registry.serve, registry_receive)
@@ -141,6 +141,7 @@ async def start_session(
                 agents,
                 Path("/home/alice"),
                 harness.stop,
+                credentials,
             )
         except SessionFailed as exc:
             harness.failure.append(exc)

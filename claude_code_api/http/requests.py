@@ -165,3 +165,27 @@ def parse_run_request(body: bytes, *, max_prompt_chars: int, max_timeout_ms: int
         session_id=session_id_field(obj, required=False),
         timeout_ms=timeout_ms,
     )
+
+
+INVALID_CODE_FORMAT = "Invalid code format. Expected CODE#STATE from the callback page."
+MAX_CODE_CHARS = 4096
+
+
+def parse_exchange_code(body: bytes) -> tuple[str, str]:
+    """Validate a ``POST /auth/exchange`` body ``{"code": "CODE#STATE"}``; ``(code, state)``.
+
+    The state is ours (base64url, no ``#``), so the text splits at its last ``#``;
+    whitespace around what was pasted is ignored.
+    """
+    obj = parse_json_object(body)
+    pasted = obj.get("code")
+    if pasted is None:
+        raise BadRequest("code: required, the CODE#STATE the callback page shows")
+    if not isinstance(pasted, str):
+        raise BadRequest(f"code: expected a string, got {_json_type(pasted)}")
+    if len(pasted) > MAX_CODE_CHARS:
+        raise BadRequest(f"code: exceeds {MAX_CODE_CHARS} characters")
+    code, hash_sign, state = pasted.strip().rpartition("#")
+    if not (hash_sign and code and state):
+        raise BadRequest(INVALID_CODE_FORMAT)
+    return code, state
