@@ -65,7 +65,7 @@ from .config import Settings
 from .http.app import StoreStatus, create_app
 from .http.connections import connection_limit
 from .http.server import HttpServer
-from .messages import CredentialsMessage, DispatcherMessage, Drain, SessionKey
+from .messages import ActorId, CredentialsMessage, DispatcherMessage, Drain, SessionKey
 from .oauth import TokenEndpoint
 from .renewal import CredentialsVersion, retired_when_stale
 from .startup import plan_agents
@@ -214,6 +214,7 @@ class Service:
                 key: SessionKey,
                 dispatcher: trio.MemorySendChannel[DispatcherMessage],
                 stop: StopSignal,
+                actor: ActorId,
             ) -> None:
                 home = user_workspace(settings.data_dir, key.user_id)
                 await serve_session(
@@ -224,6 +225,7 @@ class Service:
                     new_agent,
                     home,
                     stop,
+                    actor,
                     self.credentials_version,
                 )
 

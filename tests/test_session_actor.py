@@ -141,7 +141,7 @@ async def start_session(
                 agents,
                 Path("/home/alice"),
                 harness.stop,
-                credentials,
+                credentials=credentials,
             )
         except SessionFailed as exc:
             harness.failure.append(exc)

@@ -45,6 +45,7 @@ import trio
 
 from ..agent import Agent, AgentFactory, AgentSpec, AgentStartError
 from ..messages import (
+    ActorId,
     CloseSessionNow,
     DispatcherMessage,
     Hibernate,
@@ -106,9 +107,12 @@ async def serve_session(
     new_agent: AgentFactory,
     home: Path,
     stop: StopSignal,
+    actor: ActorId = 0,
     credentials: CredentialsVersion | None = None,
 ) -> None:
     """Run the session ``key`` until hibernated, closed or stopped; see the module docstring.
+
+    ``actor`` is this actor's number (its supervisor's), sent with its messages.
 
     ``home`` is the user's HOME (workspace and Claude config dir). A stop request
     (service shutdown) interrupts a running turn, which is still answered, and
@@ -130,7 +134,9 @@ async def serve_session(
     leftover = SHUTTING_DOWN
     async with dispatcher:
         try:
-            await dispatcher.send(SessionStarted(key, inbox_send))
+            await dispatcher.send(SessionStarted(key, inbox_send, actor))
+            if _closed_at_once(inbox):  # a stale start: no agent to spawn
+                return
             while not stop.requested:
                 if agent is not None and credentials.newer_than(agent_credentials):
                     log.info("session %s: new Claude credentials; replacing its agent", key)
@@ -146,7 +152,9 @@ async def serve_session(
                 carried = None
                 if command is None:
                     if announce_idle:
-                        await dispatcher.send(SessionIdle(key, finished_ok, session.upstream_error))
+                        await dispatcher.send(
+                            SessionIdle(key, finished_ok, session.upstream_error, actor)
+                        )
                         finished_ok = None  # counted once, not again after an idle exit
                     announce_idle = True
                     with stop.guard():
@@ -366,6 +374,17 @@ async def _start_agent(
             log.info("session %s: %s; retrying with resume=%s", record.key, exc, not resume)
             resume = not resume
     raise AssertionError("unreachable")
+
+
+def _closed_at_once(inbox: trio.MemoryReceiveChannel[SessionCommand]) -> bool:
+    """Whether the dispatcher answered our SessionStarted with a close (a stale actor)."""
+    try:
+        command = inbox.receive_nowait()
+    except (trio.WouldBlock, trio.EndOfChannel):
+        return False
+    if isinstance(command, CloseSessionNow):
+        return True
+    raise AssertionError(f"a session actor got {command!r} before it was idle")
 
 
 def _close_inbox(inbox: trio.MemoryReceiveChannel[SessionCommand], failure: JobFailed) -> None:
