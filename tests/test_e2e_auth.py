@@ -401,6 +401,11 @@ async def test_claude_code_webs_request_shapes(tmp_path):
             await connection.request("POST", "//auth/login", headers=WEB)
             login = await connection.response()
             assert login is not None and login.status == 200 and "url" in login.json()
+            # Any run of slashes is one: answered, not redirected with an HTML body.
+            await connection.request("GET", "///auth//status", headers=WEB)
+            status = await connection.response()
+            assert status is not None and status.status == 200, status
+            assert status.json()["method"] == "none"
             await connection.aclose()
 
 

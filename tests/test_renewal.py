@@ -167,3 +167,14 @@ async def test_a_turn_arriving_as_the_credentials_change_runs_on_the_new_agent(
         first, second = agents.made
         assert first.events == ["start", "closed"]
         assert second.events == ["start", "turn now"]
+
+
+async def test_an_idle_exit_does_not_report_the_last_turn_twice(autojump_clock, nursery, version):
+    with trio.fail_after(LIMIT):
+        agents = FakeAgents()
+        session = await start_session(nursery, agents, FakeRegistry(), credentials=version)
+        await session.idle()
+        await session.turn("one")
+        assert (await session.idle()).finished_ok is True
+        agents.made[0].exit_now()
+        assert (await session.idle()).finished_ok is None  # the dispatcher counted it once

@@ -22,7 +22,7 @@ from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from ..actors.credentials import CredentialsClient, CredentialsUnavailable
+from ..actors.credentials import ANSWER_TIMEOUT_S, CredentialsClient, CredentialsUnavailable
 from ..actors.registry import RegistryClient, RegistryError, SessionRecord
 from ..config import Settings
 from ..messages import (
@@ -171,7 +171,7 @@ def status_body(snapshot: PoolSnapshot) -> dict[str, Any]:
 
 
 def auth_status_body(
-    credentials: CredentialsStatus, snapshot: PoolSnapshot, now_ms: int
+    credentials: CredentialsStatus, snapshot: PoolSnapshot | None, now_ms: int
 ) -> dict[str, Any]:
     """``GET /auth/status``: the credentials agents use, and the model API's last refusal.
 
@@ -179,8 +179,8 @@ def auth_status_body(
     expired and cannot be refreshed now, and after the model API refused the
     credentials (unless they changed since).
     """
-    refused = snapshot.upstream_auth_error
-    refused_at = snapshot.upstream_auth_error_at or 0.0
+    refused = None if snapshot is None else snapshot.upstream_auth_error
+    refused_at = (None if snapshot is None else snapshot.upstream_auth_error_at) or 0.0
     if refused is not None and credentials.changed_at is not None:
         if refused_at < credentials.changed_at:
             refused = None  # a refusal of the credentials replaced since
@@ -337,7 +337,10 @@ def create_app(
     async def auth_status() -> Response:
         caller()
         known = await credentials_actor().status()
-        snapshot = await pool_snapshot(dispatcher)
+        snapshot = None
+        # The model API's last refusal, if the dispatcher answers in time (it may be restarting).
+        with trio.move_on_after(ANSWER_TIMEOUT_S):
+            snapshot = await pool_snapshot(dispatcher)
         return jsonify(auth_status_body(known, snapshot, round(time.time() * 1000)))
 
     @app.post("/auth/login")
