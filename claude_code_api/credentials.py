@@ -102,10 +102,10 @@ class CredentialsFile:
         self.path = path
 
     def signature(self) -> FileSignature | None:
-        """What changes when the file is replaced or rewritten; None when it does not exist."""
+        """What changes when the file is replaced or rewritten; None when it cannot be seen."""
         try:
             stat = self.path.stat()
-        except FileNotFoundError:
+        except OSError:  # missing, or a directory on the way that may not be searched
             return None
         return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 

@@ -349,3 +349,16 @@ async def test_a_refreshed_token_that_cannot_be_stored_is_a_failure(
         )
         assert running.version.number == 0
         assert running.stored()["accessToken"] == "access-0"
+
+
+async def test_a_credentials_path_that_cannot_be_read_is_no_login_not_a_crash(
+    autojump_clock, nursery, tmp_path
+):
+    with trio.fail_after(LIMIT):
+        (tmp_path / "claude").write_text("a file where the config dir should be")
+        running = await start_actor(nursery, tmp_path)
+        await trio.sleep(FILE_CHECK_INTERVAL_S * 3)
+        assert (await running.client.status()).method == "none"
+        failed = await login(running)
+        assert isinstance(failed, AuthFailed) and failed.status == 503
+        assert failed.error.startswith("cannot store the Claude credentials: ")
