@@ -14,6 +14,7 @@ import sys
 
 import trio
 
+from . import logs
 from .actors.registry import RegistryError
 from .config import ConfigError, Settings, load_settings
 from .startup import StartupError
@@ -45,14 +46,12 @@ async def serve(settings: Settings) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
         settings = load_settings()
     except ConfigError as exc:
         print(f"claude-code-api: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
+    logs.configure(settings.log_level, settings.log_format)
     if not settings.api_keys:
         log.warning("API_KEYS is not set: every authenticated route will answer 401")
     sys.exit(run(settings))

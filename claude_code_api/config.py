@@ -468,6 +468,13 @@ class Settings:
         "INFO",
         "least severe log messages written",
     )
+    log_format: str = setting(
+        "LOG_FORMAT",
+        Choice(("text", "json")),
+        "text",
+        "`json`: every line the process writes is one JSON object (time, level, logger,"
+        " message, and `runId`, `userId`, `sessionId`, `worker` where they apply)",
+    )
 
     # Fixed, not read from the environment.
     max_body_bytes: int = 1024 * 1024  # largest request body accepted

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FAKE_CLAUDE = ROOT / "tests" / "fake_claude.py"
 API_KEY = "sk-test-key"
 AUTH = {"x-api-key": API_KEY}
-LISTENING = re.compile(r"listening on (http://\S+)")
+LISTENING = re.compile(r"listening on (http://[^\s\"]+)")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 FAKE_CLAUDE_VARIABLES = (

@@ -305,6 +305,7 @@ def create_app(
             len(run_request.prompt),
             _outcome_word(outcome),
             (time.monotonic() - started) * 1000,
+            extra={"userId": user_id, "sessionId": run_request.session_id},
         )
         return run_reply(outcome)
 
