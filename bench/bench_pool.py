@@ -10,12 +10,14 @@ CLI ``tests/fake_claude.py``; no network, no Claude credentials. See
 
 Phases, all in one run:
 
-1. warm-up of one agent, directly through the SDK with the service's own options
-   (``agent_options(load_settings(env), cwd=...)``): ``ClaudeSDKClient(...)`` to
-   ``connect()`` returning, one at a time, then POOL_SIZE at once;
-2. direct SDK turns, same prompt as the service gets: on one already-warm client
-   (N turns back to back; then N turns each after an idle pause), and the first
-   turn of a fresh warm client (N clients);
+1. warm-up of one agent, directly, made as the service makes them (its launcher,
+   options and agent class: ``tests.harness.service_agents``): ``SdkAgent.start()``
+   (``ClaudeSDKClient(...)`` to ``connect()`` returning), one at a time, then
+   POOL_SIZE at once;
+2. direct turns (``SdkAgent.run_turn``: ``query()`` and ``receive_response()`` to
+   the result), same prompt as the service gets: on one already-warm agent (N
+   turns back to back; then N turns each after an idle pause), and the first turn
+   of a fresh warm agent (N agents);
 3. the service (``python -m claude_code_api``, PORT=0) with POOL_SIZE workers:
    ``POST /run`` one at a time on a kept-alive connection, each sent only once
    ``/health`` reports every worker ready, so no warm-up is timed;
@@ -28,14 +30,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
-import math
 import os
 import platform
-import resource
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,16 +44,31 @@ if str(ROOT) not in sys.path:
 
 import httpx  # noqa: E402
 import trio  # noqa: E402
-from claude_agent_sdk import ClaudeSDKClient, ResultMessage  # noqa: E402
 
-from claude_code_api.agent import agent_options  # noqa: E402
-from claude_code_api.config import load_settings  # noqa: E402
+import claude_code_api  # noqa: E402
+from bench.stats import (  # noqa: E402
+    QuietMeter,
+    children_cpu_s,
+    dist,
+    fmt_dist,
+    machine_lines,
+    quiet_verdict,
+    section,
+    self_cpu_s,
+)
+from claude_code_api.agent import Agent, AgentSpec  # noqa: E402
+from tests.harness import (  # noqa: E402
+    FAKE_CLAUDE,
+    RunningService,
+    launch_service,
+    service_agents,
+    service_env,
+    wait_pool_ready,
+)
 
-FAKE_CLAUDE = ROOT / "tests" / "fake_claude.py"
 API_KEY = "sk-bench-key"
 AUTH = {"x-api-key": API_KEY}
 PROMPT = "What is 2+2?"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Bounds on every wait, so the script always stops by itself.
 SERVICE_START_TIMEOUT_S = 30.0
 READY_TIMEOUT_S = 15.0
@@ -64,159 +76,46 @@ STOP_TIMEOUT_S = 30.0
 HTTP_TIMEOUT_S = 30.0
 
 
-# --- small helpers ---------------------------------------------------------------
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile, q in [0, 100]."""
-    data = sorted(values)
-    if not data:
-        return math.nan
-    pos = (len(data) - 1) * q / 100
-    low, high = math.floor(pos), math.ceil(pos)
-    return data[low] + (data[high] - data[low]) * (pos - low)
-
-
-def dist(values_s: list[float]) -> dict[str, float]:
-    ms = [v * 1000 for v in values_s]
-    return {
-        "n": len(ms),
-        "min": min(ms),
-        "p50": percentile(ms, 50),
-        "p90": percentile(ms, 90),
-        "p99": percentile(ms, 99),
-        "max": max(ms),
-        "mean": statistics.fmean(ms),
-    }
-
-
-def fmt_dist(name: str, d: dict[str, float]) -> str:
-    return (
-        f"  {name:<34} n={d['n']:<4} min={d['min']:7.3f}  p50={d['p50']:7.3f}  "
-        f"p90={d['p90']:7.3f}  p99={d['p99']:7.3f}  max={d['max']:8.3f}  mean={d['mean']:7.3f} ms"
-    )
-
-
-def proc_status(pid: int, field: str) -> str:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return line.split(":", 1)[1].strip()
-    return "?"
-
-
-def rss_mib(pid: int) -> float:
-    value = proc_status(pid, "VmRSS")  # "12345 kB"
-    return int(value.split()[0]) / 1024
-
-
-def proc_cpu_s(pid: int) -> tuple[float, float]:
-    """(own CPU s, CPU s of its reaped children) from /proc/<pid>/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    # fields[0] is field 3 (state): utime=14, stime=15, cutime=16, cstime=17.
-    utime, stime, cutime, cstime = (int(f) for f in fields[11:15])
-    return (utime + stime) / CLK_TCK, (cutime + cstime) / CLK_TCK
-
-
-def self_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def children_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def machine_busy_s() -> float:
-    """CPU seconds every CPU of the machine spent not idle, from /proc/stat."""
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / CLK_TCK
-
-
-class CpuMeter:
-    """Which share of the machine's CPU this benchmark's process tree did NOT use.
-
-    Other processes (a test suite running next to the benchmark...) compete with the
-    service and the agents for the CPUs and distort every figure; this tells.
-    """
-
-    def __init__(self, service_pid: int | None = None) -> None:
-        self.service_pid = service_pid
-        self.start = self._sample()
-
-    def _ours(self) -> float:
-        ours = self_cpu_s() + children_cpu_s()
-        if self.service_pid is not None:
-            try:
-                ours += sum(proc_cpu_s(self.service_pid))
-            except OSError:
-                pass
-        return ours
-
-    def _sample(self) -> tuple[float, float, float]:
-        return time.perf_counter(), machine_busy_s(), self._ours()
-
-    def report(self) -> tuple[str, float]:
-        """(a line to print, the share of all CPUs other processes used, in %)."""
-        t0, busy0, ours0 = self.start
-        t1, busy1, ours1 = self._sample()
-        wall = max(t1 - t0, 1e-9)
-        others = max(0.0, (busy1 - busy0) - (ours1 - ours0))
-        ncpu = os.cpu_count() or 1
-        share = 100 * others / wall / ncpu
-        warn = "  <-- the machine was not quiet: figures are distorted" if share > 5 else ""
-        line = (
-            f"  other processes used {others:.1f} CPU-s in {wall:.1f} s "
-            f"({share:.0f} % of {ncpu} CPUs){warn}"
-        )
-        return line, share
-
-
-def section(title: str) -> None:
-    print(f"\n== {title} " + "=" * max(0, 76 - len(title)), flush=True)
-
-
-# --- direct SDK ----------------------------------------------------------------------
+# --- direct: the service's own agent, without the service ------------------------------
 
 
 class Direct:
-    """The SDK with the service's own options, against the fake CLI."""
+    """Agents made as the service makes them, against the fake CLI."""
 
     def __init__(self, env: dict[str, str], workdir: Path) -> None:
-        self.settings = load_settings(env)
+        self.settings, self.make_agent = service_agents(env)
         self.workdir = workdir
         self.count = 0
 
-    def client(self) -> ClaudeSDKClient:
+    def agent(self) -> Agent:
         self.count += 1
-        cwd = self.workdir / f"direct-{self.count}"
-        cwd.mkdir(parents=True)
-        return ClaudeSDKClient(agent_options(self.settings, cwd=cwd, stderr=lambda _line: None))
+        # Ephemeral, as a one-shot worker's agent: its home goes when it closes.
+        home = self.workdir / f"direct-{self.count}"
+        return self.make_agent(AgentSpec(name=home.name, home=home, ephemeral=True))
 
-    async def warm_one(self) -> tuple[float, ClaudeSDKClient]:
+    async def warm_one(self) -> tuple[float, Agent]:
         started = time.perf_counter()
-        client = self.client()
-        with trio.fail_after(READY_TIMEOUT_S):
-            await client.connect()
-        return time.perf_counter() - started, client
+        agent = self.agent()
+        await agent.start(READY_TIMEOUT_S)
+        return time.perf_counter() - started, agent
 
 
-async def turn(client: ClaudeSDKClient, prompt: str) -> float:
+async def _ignore(_event: object) -> None:
+    pass
+
+
+async def turn(agent: Agent, prompt: str) -> float:
     started = time.perf_counter()
     with trio.fail_after(HTTP_TIMEOUT_S):
-        await client.query(prompt)
-        async for message in client.receive_response():
-            if isinstance(message, ResultMessage):
-                if message.is_error:
-                    raise RuntimeError(f"direct turn failed: {message}")
-                break
+        result = await agent.run_turn(prompt, _ignore)
+    if result.is_error:
+        raise RuntimeError(f"direct turn failed: {result}")
     return time.perf_counter() - started
 
 
-async def close(client: ClaudeSDKClient) -> None:
+async def close(agent: Agent) -> None:
     with trio.move_on_after(10):
-        await client.disconnect()
+        await agent.close()
 
 
 async def measure_warmup(direct: Direct, runs: int, pool_size: int) -> dict:
@@ -224,138 +123,75 @@ async def measure_warmup(direct: Direct, runs: int, pool_size: int) -> dict:
     times = []
     cpu_before = children_cpu_s()
     for _ in range(runs):
-        elapsed, client = await direct.warm_one()
+        elapsed, agent = await direct.warm_one()
         times.append(elapsed)
-        await close(client)
+        await close(agent)
     # The children are reaped: their CPU (start, initialize, exit on EOF) is counted.
     cpu_per_agent = (children_cpu_s() - cpu_before) / runs
 
     concurrent: list[float] = []
-    rounds = max(1, runs // pool_size)
-    for _ in range(rounds):
-        clients: list[ClaudeSDKClient] = []
-
-        async def one(started: list[ClaudeSDKClient]) -> None:
-            elapsed, client = await direct.warm_one()
-            concurrent.append(elapsed)
-            started.append(client)
-
+    for _ in range(max(1, runs // pool_size)):
+        agents: list[Agent] = []
         async with trio.open_nursery() as nursery:
             for _ in range(pool_size):
-                nursery.start_soon(one, clients)
-        for client in clients:
-            await close(client)
+                nursery.start_soon(_warm_into, direct, concurrent, agents)
+        for agent in agents:
+            await close(agent)
     return {"seq": times, "concurrent": concurrent, "cpu_per_agent_s": cpu_per_agent}
 
 
+async def _warm_into(direct: Direct, times: list[float], agents: list[Agent]) -> None:
+    """One warm-up among several at once: its time to ``times``, its agent to ``agents``."""
+    elapsed, agent = await direct.warm_one()
+    times.append(elapsed)
+    agents.append(agent)
+
+
 async def measure_direct(direct: Direct, samples: int, warmup_turns: int, pause_s: float) -> dict:
-    # (a) one warm client, `samples` turns back to back: the headline baseline.
-    # (b) the same client, idle for `pause_s` before each turn, as the service's
+    # (a) one warm agent, `samples` turns back to back: the headline baseline.
+    # (b) the same agent, idle for `pause_s` before each turn, as the service's
     #     agent is idle between its warm-up and its job.
-    _, client = await direct.warm_one()
+    _, agent = await direct.warm_one()
     try:
         for _ in range(warmup_turns):
-            await turn(client, PROMPT)
-        reused = [await turn(client, PROMPT) for _ in range(samples)]
+            await turn(agent, PROMPT)
+        reused = [await turn(agent, PROMPT) for _ in range(samples)]
         paused = []
         if pause_s > 0:
             for _ in range(samples):
                 await trio.sleep(pause_s)
-                paused.append(await turn(client, PROMPT))
+                paused.append(await turn(agent, PROMPT))
     finally:
-        await close(client)
-    # (b) first turn of a freshly warmed client: the service's one-shot path minus the service.
+        await close(agent)
+    # (c) first turn of a freshly warmed agent: the service's one-shot path minus the service.
     fresh = []
     for _ in range(samples):
-        _, client = await direct.warm_one()
+        _, agent = await direct.warm_one()
         try:
             await trio.sleep(0.01)  # let the new process settle, as the service's would
-            fresh.append(await turn(client, PROMPT))
+            fresh.append(await turn(agent, PROMPT))
         finally:
-            await close(client)
+            await close(agent)
     return {"reused": reused, "paused": paused, "fresh": fresh}
 
 
 # --- the service ----------------------------------------------------------------------
 
 
-class Service:
-    def __init__(self, process: trio.Process, url: str, log: collections.deque[str]) -> None:
-        self.process = process
-        self.url = url
-        self.log = log
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-
-async def start_service(env: dict[str, str], nursery: trio.Nursery) -> Service:
-    log: collections.deque[str] = collections.deque(maxlen=200)
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "claude_code_api"],
-        env=env,
-        cwd=str(ROOT),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    found: list[str] = []
-    url_found = trio.Event()
-
-    async def read_log() -> None:
-        buffer = b""
-        async for chunk in process.stderr:
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for raw in lines:
-                line = raw.decode(errors="replace")
-                log.append(line)
-                if not found and "listening on http://" in line:
-                    found.append(line.split("listening on ", 1)[1].split()[0])
-                    url_found.set()
-
-    nursery.start_soon(read_log)
-    with trio.move_on_after(SERVICE_START_TIMEOUT_S):
-        while not url_found.is_set() and process.poll() is None:
-            with trio.move_on_after(0.05):
-                await url_found.wait()
-    if not found:
-        process.kill()
-        await process.wait()
-        raise RuntimeError("service did not start:\n" + "\n".join(log))
-    return Service(process, found[0], log)
-
-
-async def stop_service(service: Service) -> int:
-    process = service.process
-    if process.poll() is None:
-        process.terminate()  # SIGTERM: graceful shutdown
-    with trio.move_on_after(STOP_TIMEOUT_S):
-        return await process.wait()
-    process.kill()
-    return await process.wait()
-
-
 async def health(client: httpx.AsyncClient) -> dict:
     return (await client.get("/health")).json()
 
 
-async def wait_all_ready(client: httpx.AsyncClient, interval: float = 0.005) -> float:
-    """Poll /health until every worker is ready; returns the time waited."""
-    started = time.perf_counter()
-    with trio.fail_after(READY_TIMEOUT_S):
-        while True:
-            workers = (await health(client))["workers"]
-            if workers["total"] > 0 and workers["ready"] == workers["total"]:
-                return time.perf_counter() - started
-            await trio.sleep(interval)
+async def wait_all_ready(client: httpx.AsyncClient) -> float:
+    """Poll /health often until every worker is ready; returns the time waited."""
+    return await wait_pool_ready(client, timeout=READY_TIMEOUT_S, interval=0.005)
 
 
 async def post_run(client: httpx.AsyncClient) -> httpx.Response:
     return await client.post("/run", json={"prompt": PROMPT}, headers=AUTH)
 
 
-async def measure_http_floor(service: Service, samples: int) -> dict:
+async def measure_http_floor(service: RunningService, samples: int) -> dict:
     """Round trips that involve no agent: what the HTTP stack alone costs.
 
     ``GET /health`` goes through HTTP, the app and one dispatcher round trip;
@@ -381,7 +217,9 @@ async def measure_http_floor(service: Service, samples: int) -> dict:
     return {"health": health_times, "bad_run": bad_times}
 
 
-async def measure_service_latency(service: Service, samples: int, warmup_requests: int) -> dict:
+async def measure_service_latency(
+    service: RunningService, samples: int, warmup_requests: int
+) -> dict:
     latencies, waits, failures = [], [], 0
     async with httpx.AsyncClient(base_url=service.url, timeout=HTTP_TIMEOUT_S) as client:
         for i in range(warmup_requests + samples):
@@ -403,7 +241,7 @@ async def measure_service_latency(service: Service, samples: int, warmup_request
 
 
 async def measure_throughput(
-    service: Service, clients: int, ramp_s: float, duration_s: float
+    service: RunningService, clients: int, ramp_s: float, duration_s: float
 ) -> dict:
     statuses: collections.Counter[str] = collections.Counter()
     in_window = collections.Counter()
@@ -499,36 +337,30 @@ async def main(args: argparse.Namespace) -> None:
 
 
 async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> None:
-    fake_home = workdir / "fake-home"
-    fake_home.mkdir()
     if args.fake_python:
         bindir = workdir / "bin"
         bindir.mkdir()
         (bindir / "python3").symlink_to(Path(args.fake_python).absolute())
         os.environ["PATH"] = f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"
+    # No pid files: the fakes start as they would in production, without the extra write.
+    env = service_env(
+        workdir,
+        {
+            "API_KEYS": API_KEY,
+            "POOL_SIZE": str(args.pool_size),
+            # Room for every client's job, so saturation is not answered 429.
+            "QUEUE_MAX": str(max(20, 2 * args.clients)),
+        },
+        record_pids=False,
+    )
     # The SDK merges os.environ under the agent's env: the direct calls' fake uses it.
-    os.environ["FAKE_CLAUDE_HOME"] = str(fake_home)
+    os.environ["FAKE_CLAUDE_HOME"] = env["FAKE_CLAUDE_HOME"]
     os.environ.pop("FAKE_CLAUDE_MODE", None)
-    config = {
-        "CLAUDE_EXECUTABLE": str(FAKE_CLAUDE),
-        "API_KEYS": API_KEY,
-        "HOST": "127.0.0.1",
-        "PORT": "0",
-        "POOL_SIZE": str(args.pool_size),
-        # Room for every client's job, so saturation is not answered 429.
-        "QUEUE_MAX": str(max(20, 2 * args.clients)),
-        "DATA_DIR": str(workdir / "data"),
-    }
-    service_env = {**os.environ, **config, "PYTHONUNBUFFERED": "1"}
 
     section("machine")
     fake_python = shutil.which("python3") or "?"
-    print(f"  date:            {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
-    print(f"  nproc:           {os.cpu_count()} (affinity {len(os.sched_getaffinity(0))})")
-    print(f"  cpu:             {_cpu_model()}")
-    print(f"  load average:    {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
-    print(f"  python:          {platform.python_version()} ({sys.executable})")
-    print(f"  service code:    {Path(agent_options.__code__.co_filename).parent}")
+    print("\n".join(machine_lines()))
+    print(f"  service code:    {Path(claude_code_api.__file__).parent}")
     print(
         f"  fake CLI:        {FAKE_CLAUDE.relative_to(ROOT)} via `#!/usr/bin/env python3` -> "
         f"{fake_python}"
@@ -540,10 +372,10 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
         f"duration={args.duration:g}s"
     )
 
-    direct = Direct(config, workdir / "direct")
+    direct = Direct(env, workdir / "direct")
 
-    section("1. agent warm-up (ClaudeSDKClient(...) -> connect() returned; service options)")
-    meter = CpuMeter()
+    section("1. agent warm-up (SdkAgent.start(): the service's launcher and options)")
+    meter = QuietMeter()
     warm = await measure_warmup(direct, args.warmups, args.pool_size)
     seq, conc = dist(warm["seq"]), dist(warm["concurrent"])
     print(fmt_dist("one at a time", seq))
@@ -566,24 +398,25 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
     quiet = [meter.report()]
     print(quiet[-1][0])
 
-    section("2. direct SDK turn (query() + drain receive_response() to the ResultMessage)")
-    meter = CpuMeter()
+    section("2. direct agent turn (SdkAgent.run_turn(): query(), receive_response() to the result)")
+    meter = QuietMeter()
     direct_runs = await measure_direct(direct, args.samples, warmup_turns=10, pause_s=args.pause)
     reused, fresh = dist(direct_runs["reused"]), dist(direct_runs["fresh"])
     paused = dist(direct_runs["paused"]) if direct_runs["paused"] else None
-    print(fmt_dist("one warm client, back to back", reused))
+    print(fmt_dist("one warm agent, back to back", reused))
     if paused:
         print(fmt_dist(f"same, idle {args.pause * 1000:g} ms before each", paused))
-    print(fmt_dist("first turn of a fresh warm client", fresh))
+    print(fmt_dist("first turn of a fresh warm agent", fresh))
     quiet.append(meter.report())
     print(quiet[-1][0])
 
-    async with trio.open_nursery() as nursery:
-        service = await start_service(service_env, nursery)
+    async with launch_service(
+        env, start_timeout_s=SERVICE_START_TIMEOUT_S, log_lines=200
+    ) as service:
         try:
             section(f"3. service: POST /run one at a time (POOL_SIZE={args.pool_size})")
             print(f"  service pid {service.pid} at {service.url}")
-            meter = CpuMeter(service.pid)
+            meter = QuietMeter(service.pid)
             latency = await measure_service_latency(service, args.samples, warmup_requests=10)
             svc = dist(latency["latencies"])
             print(fmt_dist("POST /run round trip (httpx)", svc))
@@ -616,22 +449,20 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
             )
             async with httpx.AsyncClient(base_url=service.url, timeout=HTTP_TIMEOUT_S) as c:
                 await wait_all_ready(c)
-            rss_before = rss_mib(service.pid)
-            hwm_before = proc_status(service.pid, "VmHWM")
-            own0, kids0 = proc_cpu_s(service.pid)
+            mem_before = service.memory_kib()
+            own0, kids0 = service.cpu_s()
             bench0 = self_cpu_s()
-            meter = CpuMeter(service.pid)
+            meter = QuietMeter(service.pid)
             t0 = time.perf_counter()
             tp = await measure_throughput(service, args.clients, args.ramp, args.duration)
             wall = time.perf_counter() - t0
-            own1, kids1 = proc_cpu_s(service.pid)
+            own1, kids1 = service.cpu_s()
             bench1 = self_cpu_s()
-            rss_after = rss_mib(service.pid)
-            hwm_after = proc_status(service.pid, "VmHWM")
+            mem_after = service.memory_kib()
             quiet.append(meter.report())
         finally:
-            code = await stop_service(service)
-            nursery.cancel_scope.cancel()
+            code = await service.stop(timeout_s=STOP_TIMEOUT_S)
+    rss_before, rss_after = mem_before["VmRSS"] / 1024, mem_after["VmRSS"] / 1024
 
     total = sum(tp["statuses"].values())
     ok_window = tp["in_window"]["200 success"]
@@ -645,7 +476,7 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
         "  replies in the window: "
         + ", ".join(f"{k}: {v}" for k, v in sorted(tp["in_window"].items()))
     )
-    print(fmt_dist("latency under load (window)", dist(tp["latencies"] or [math.nan])))
+    print(fmt_dist("latency under load (window)", dist(tp["latencies"])))
     st = tp["status"]
     jobs_per_worker = ", ".join(f"{w['id']}={w['jobs']}" for w in st["workers"])
     print(
@@ -658,7 +489,7 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
     )
     print(
         f"  service RSS (VmRSS): before {rss_before:.1f} MiB, after {rss_after:.1f} MiB "
-        f"(VmHWM {hwm_before} -> {hwm_after})"
+        f"(VmHWM {mem_before['VmHWM'] / 1024:.1f} -> {mem_after['VmHWM'] / 1024:.1f} MiB)"
     )
     jobs_done = max(1, total)
     svc_ms = (own1 - own0) * 1000 / jobs_done
@@ -677,7 +508,7 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
         f"achieved = {100 * achieved / cpu_ceiling:.0f} % of it"
     )
     print(quiet[-1][0])
-    print(f"  service exit code after SIGTERM: {code}")
+    print(f"  service exit code after SIGTERM: {'killed' if code is None else code}")
 
     elapsed = time.perf_counter() - run_started
     section("summary")
@@ -703,21 +534,7 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
         f"machine: nproc={os.cpu_count()}, python {platform.python_version()}; "
         f"run took {elapsed:.0f} s"
     )
-    worst = max(share for _, share in quiet)
-    print(
-        f"quiet machine: {'yes' if worst <= 5 else 'NO'} (other processes used up to "
-        f"{worst:.0f} % of the CPUs during a phase)"
-    )
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
+    print(quiet_verdict(share for _, share in quiet))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,7 @@ if str(ROOT) not in sys.path:
 import attrs  # noqa: E402
 import trio  # noqa: E402
 
+from bench.stats import QuietMeter, percentile, quiet_verdict  # noqa: E402
 from claude_code_api.actors import registry as reg  # noqa: E402
 from claude_code_api.messages import SessionKey  # noqa: E402
 
@@ -61,16 +61,11 @@ async def durable_save(client: reg.RegistryClient, record: reg.SessionRecord) ->
         await client.load(record.key)  # answered once the save before it is committed
 
 
-def percentile(samples: list[float], p: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
-
-
 def report(name: str, latencies: list[float], wall_s: float) -> None:
     ms = [s * 1000 for s in latencies]
     print(
         f"{name:<28} {len(ms) / wall_s:>9.0f} saves/s   latency ms: "
-        f"p50 {statistics.median(ms):6.3f}  p99 {percentile(ms, 99):6.3f}  max {max(ms):6.3f}"
+        f"p50 {percentile(ms, 50):6.3f}  p99 {percentile(ms, 99):6.3f}  max {max(ms):6.3f}"
     )
 
 
@@ -84,13 +79,18 @@ async def saver(client, key: SessionKey, saves: int, latencies: list[float]) -> 
         latencies.append(time.perf_counter() - started)
 
 
-async def phase(client, savers: int, saves: int, name: str) -> None:
+async def phase(client, savers: int, saves: int, name: str) -> float:
+    """Run and print one phase; the share of the CPUs other processes used meanwhile."""
     latencies: list[float] = []
+    meter = QuietMeter()
     started = time.perf_counter()
     async with trio.open_nursery() as nursery:
         for n in range(savers):
             nursery.start_soon(saver, client, SessionKey("bench", f"{name}-{n}"), saves, latencies)
     report(name, latencies, time.perf_counter() - started)
+    line, share = meter.report()
+    print(line)
+    return share
 
 
 def prefill(path: Path, records: int) -> None:
@@ -132,8 +132,11 @@ async def run(args: argparse.Namespace, directory: Path) -> None:
             await nursery.start(reg.serve_registry, store, inbox)
             async with send:
                 client = reg.RegistryClient(send)
-                await phase(client, 1, args.saves, "one saver")
-                await phase(client, args.savers, args.saves, f"{args.savers} concurrent savers")
+                quiet = [await phase(client, 1, args.saves, "one saver")]
+                quiet.append(
+                    await phase(client, args.savers, args.saves, f"{args.savers} concurrent savers")
+                )
+    print(quiet_verdict(quiet))
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ the real one (``python -m claude_code_api``, PORT=0) with MAX_LIVE_SESSIONS=4.
 
 Phases, all in one run:
 
-0. agent warm-up, directly (``claude_code_api.agent.Agent`` with the service's own
-   options): ``start()`` of a new conversation (``--session-id``), one turn, close;
+0. agent warm-up, directly (an agent made as the service makes them:
+   ``tests.harness.service_agents``): ``start()`` of a new conversation (``--session-id``), one turn, close;
    then ``start()`` resuming it (``--resume``, what a wake does), one turn, close.
 1. memory of hibernated sessions, in the service's RSS (VmRSS of its pid; the
    agent processes are separate and not counted):
@@ -40,14 +40,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
-import math
 import os
-import platform
-import resource
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,18 +55,32 @@ if str(ROOT) not in sys.path:
 import httpx  # noqa: E402
 import trio  # noqa: E402
 
+from bench.stats import (  # noqa: E402
+    QuietMeter,
+    dist,
+    fmt_dist,
+    machine_lines,
+    quiet_verdict,
+    section,
+)
 from claude_code_api.actors.registry import new_session_record, open_store  # noqa: E402
-from claude_code_api.agent import Agent, agent_options  # noqa: E402
-from claude_code_api.config import load_settings  # noqa: E402
+from claude_code_api.agent import AgentSpec  # noqa: E402
 from claude_code_api.messages import SessionKey  # noqa: E402
+from tests.harness import (  # noqa: E402
+    FAKE_CLAUDE,
+    RunningService,
+    launch_service,
+    proc_memory_kib,
+    service_agents,
+    wait_pool_ready,
+)
+from tests.harness import service_env as harness_env  # noqa: E402
 
-FAKE_CLAUDE = ROOT / "tests" / "fake_claude.py"
 KEYS = {"api": "sk-bench-api", "bulk": "sk-bench-bulk", "wake": "sk-bench-wake"}
 AUTH = {user: {"x-api-key": key} for user, key in KEYS.items()}
 API_KEYS = ",".join(f"{user}:{key}" for user, key in KEYS.items())
 PROMPT = "What is 2+2?"
 LIVE_STATES = {"live", "busy", "starting", "stopping", "waiting"}
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Bounds on every wait, so the script always stops by itself.
 SERVICE_START_TIMEOUT_S = 30.0
 READY_TIMEOUT_S = 15.0
@@ -82,52 +90,8 @@ HIBERNATE_TIMEOUT_S = 60.0
 RETRIES_429 = 200
 
 
-# --- small helpers ----------------------------------------------------------------
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile, q in [0, 100]."""
-    data = sorted(values)
-    if not data:
-        return math.nan
-    pos = (len(data) - 1) * q / 100
-    low, high = math.floor(pos), math.ceil(pos)
-    return data[low] + (data[high] - data[low]) * (pos - low)
-
-
-def dist(values_s: list[float]) -> dict[str, float]:
-    ms = [v * 1000 for v in values_s] or [math.nan]
-    return {
-        "n": len(values_s),
-        "min": min(ms),
-        "p50": percentile(ms, 50),
-        "p90": percentile(ms, 90),
-        "p99": percentile(ms, 99),
-        "max": max(ms),
-        "mean": statistics.fmean(ms),
-    }
-
-
-def fmt_dist(name: str, d: dict[str, float]) -> str:
-    return (
-        f"  {name:<40} n={d['n']:<5} min={d['min']:7.2f}  p50={d['p50']:7.2f}  "
-        f"p90={d['p90']:7.2f}  p99={d['p99']:7.2f}  max={d['max']:7.2f} ms"
-    )
-
-
-def section(title: str) -> None:
-    print(f"\n== {title} " + "=" * max(0, 76 - len(title)), flush=True)
-
-
-def mem_kib(pid: int) -> dict[str, int]:
-    """VmRSS, RssAnon, RssFile, VmHWM of ``pid`` in KiB, from /proc/<pid>/status."""
-    wanted = {"VmRSS", "RssAnon", "RssFile", "VmHWM"}
-    values = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, rest = line.partition(":")
-        if name in wanted:
-            values[name] = int(rest.split()[0])
-    return values
+def fmt_table(name: str, d: dict[str, float]) -> str:
+    return fmt_dist(name, d, width=40, decimals=2)
 
 
 def fmt_mem(m: dict[str, int]) -> str:
@@ -137,184 +101,67 @@ def fmt_mem(m: dict[str, int]) -> str:
     )
 
 
-def proc_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(f) for f in fields[11:15]) / CLK_TCK
-
-
-def machine_busy_s() -> float:
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / CLK_TCK
-
-
-def own_cpu_s() -> float:
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-class CpuMeter:
-    """Which share of the machine's CPU processes outside this benchmark used.
-
-    The service, its agents and this script compete for the CPUs with whatever
-    else runs (a test suite...); a busy machine inflates every latency here.
-    """
-
-    def __init__(self, service_pid: int | None = None) -> None:
-        self.service_pid = service_pid
-        self.start = self._sample()
-
-    def _sample(self) -> tuple[float, float, float]:
-        ours = own_cpu_s()
-        if self.service_pid is not None:
-            try:
-                ours += proc_cpu_s(self.service_pid)
-            except OSError:
-                pass
-        return time.perf_counter(), machine_busy_s(), ours
-
-    def report(self) -> tuple[str, float]:
-        t0, busy0, ours0 = self.start
-        t1, busy1, ours1 = self._sample()
-        wall = max(t1 - t0, 1e-9)
-        others = max(0.0, (busy1 - busy0) - (ours1 - ours0))
-        ncpu = os.cpu_count() or 1
-        share = 100 * others / wall / ncpu
-        warn = "  <-- the machine was not quiet: figures are distorted" if share > 5 else ""
-        return (
-            f"  other processes used {others:.1f} CPU-s in {wall:.1f} s "
-            f"({share:.0f} % of {ncpu} CPUs){warn}",
-            share,
-        )
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
-
-
 # --- 0. direct agent warm-up ------------------------------------------------------
 
 
-async def measure_agent(settings, workdir: Path, runs: int) -> dict[str, list[float]]:
+class Direct:
+    """Session agents made as the service makes them (tests.harness.service_agents)."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.settings, self.make_agent = service_agents(env)
+
+    def spec(self, home: Path, *, session_id: str | None = None, resume: str | None = None):
+        return AgentSpec(
+            name=home.name, home=home, ephemeral=False, session_id=session_id, resume=resume
+        )
+
+    async def start_and_turn(self, spec: AgentSpec) -> tuple[float, float]:
+        """Agent.start(), one turn, close: (start seconds, turn seconds)."""
+
+        async def ignore(_event) -> None:
+            pass
+
+        agent = self.make_agent(spec)
+        try:
+            started = time.perf_counter()
+            await agent.start(self.settings.warmup_timeout_s)
+            start_s = time.perf_counter() - started
+            started = time.perf_counter()
+            with trio.fail_after(HTTP_TIMEOUT_S):
+                result = await agent.run_turn(PROMPT, ignore)
+            if result.is_error:
+                raise RuntimeError(f"direct turn failed: {result}")
+            return start_s, time.perf_counter() - started
+        finally:
+            await agent.close()
+
+
+async def measure_agent(direct: Direct, workdir: Path, runs: int) -> dict[str, list[float]]:
     """Agent.start() new / resumed, and the turn after each, as a session actor does them."""
     out: dict[str, list[float]] = {"new": [], "first_turn": [], "resume": [], "resumed_turn": []}
     for i in range(runs):
-        cwd = workdir / f"agent-{i}"
-        cwd.mkdir(parents=True)
+        home = workdir / f"agent-{i}"
         claude_id = str(uuid.uuid4())
-        for kind, options in (
-            ("new", agent_options(settings, cwd=cwd, session_id=claude_id)),
-            ("resume", agent_options(settings, cwd=cwd, resume=claude_id)),
+        for kind, spec in (
+            ("new", direct.spec(home, session_id=claude_id)),
+            ("resume", direct.spec(home, resume=claude_id)),
         ):
-            start_s, turn_s = await start_and_turn(settings, options)
+            start_s, turn_s = await direct.start_and_turn(spec)
             out[kind].append(start_s)
             out["first_turn" if kind == "new" else "resumed_turn"].append(turn_s)
     return out
 
 
-async def start_and_turn(settings, options) -> tuple[float, float]:
-    """Agent.start(), one turn, close: (start seconds, turn seconds)."""
-
-    async def ignore(_event) -> None:
-        pass
-
-    agent = Agent(options)
-    try:
-        started = time.perf_counter()
-        await agent.start(settings.warmup_timeout_s)
-        start_s = time.perf_counter() - started
-        started = time.perf_counter()
-        with trio.fail_after(HTTP_TIMEOUT_S):
-            result = await agent.run_turn(PROMPT, ignore)
-        if result.is_error:
-            raise RuntimeError(f"direct turn failed: {result}")
-        return start_s, time.perf_counter() - started
-    finally:
-        await agent.close()
-
-
 # --- the service --------------------------------------------------------------------
 
 
-class Service:
-    def __init__(self, process: trio.Process, url: str, log: collections.deque[str]) -> None:
-        self.process = process
-        self.url = url
-        self.log = log
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def client(self, connections: int = 4) -> httpx.AsyncClient:
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        return httpx.AsyncClient(base_url=self.url, timeout=HTTP_TIMEOUT_S, limits=limits)
-
-
-async def start_service(env: dict[str, str], nursery: trio.Nursery) -> Service:
-    log: collections.deque[str] = collections.deque(maxlen=200)
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "claude_code_api"],
-        env=env,
-        cwd=str(ROOT),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    found: list[str] = []
-    url_found = trio.Event()
-
-    async def read_log() -> None:
-        buffer = b""
-        async for chunk in process.stderr:
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for raw in lines:
-                line = raw.decode(errors="replace")
-                log.append(line)
-                if not found and "listening on http://" in line:
-                    found.append(line.split("listening on ", 1)[1].split()[0])
-                    url_found.set()
-
-    nursery.start_soon(read_log)
-    with trio.move_on_after(SERVICE_START_TIMEOUT_S):
-        while not url_found.is_set() and process.poll() is None:
-            with trio.move_on_after(0.05):
-                await url_found.wait()
-    if not found:
-        if process.poll() is None:
-            process.kill()
-        await process.wait()
-        raise RuntimeError("service did not start:\n" + "\n".join(log))
-    service = Service(process, found[0], log)
-    async with service.client() as client:
-        await wait_ready(client)
-    return service
-
-
-async def stop_service(service: Service) -> int:
-    process = service.process
-    if process.poll() is None:
-        process.terminate()  # SIGTERM: graceful shutdown
-    with trio.move_on_after(STOP_TIMEOUT_S):
-        return await process.wait()
-    process.kill()
-    return await process.wait()
+def client_of(service: RunningService, connections: int = 4) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    return service.client(timeout=HTTP_TIMEOUT_S, limits=limits)
 
 
 async def wait_ready(client: httpx.AsyncClient) -> None:
-    with trio.fail_after(READY_TIMEOUT_S):
-        while True:
-            workers = (await client.get("/health")).json()["workers"]
-            if workers["total"] > 0 and workers["ready"] == workers["total"]:
-                return
-            await trio.sleep(0.02)
+    await wait_pool_ready(client, timeout=READY_TIMEOUT_S)
 
 
 async def settled_mem(
@@ -330,7 +177,7 @@ async def settled_mem(
         for _ in range(40):
             await client.get("/health")
         await trio.sleep(0.25)
-        readings.append(mem_kib(pid))
+        readings.append(proc_memory_kib(pid))
         last = [r["VmRSS"] for r in readings[-3:]]
         if len(last) == 3 and max(last) - min(last) <= tolerance_kib:
             break
@@ -462,39 +309,29 @@ async def main(args: argparse.Namespace) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def service_env(args: argparse.Namespace, data_dir: Path, fake_home: Path) -> dict[str, str]:
-    config = {
-        "CLAUDE_EXECUTABLE": str(FAKE_CLAUDE),
+def service_env(args: argparse.Namespace, workdir: Path, data_dir: Path) -> dict[str, str]:
+    overrides = {
         "API_KEYS": API_KEYS,
-        "HOST": "127.0.0.1",
-        "PORT": "0",
-        "POOL_SIZE": "1",
         "MAX_LIVE_SESSIONS": str(args.max_live),
         "SESSION_IDLE_MS": str(args.idle_ms),
         # Room for every client's session to wait for a live slot without a 429.
         "QUEUE_MAX": str(max(20, 2 * args.concurrency)),
         "DATA_DIR": str(data_dir),
-        "FAKE_CLAUDE_HOME": str(fake_home),
     }
-    return {**os.environ, **config, "PYTHONUNBUFFERED": "1"}
+    return harness_env(workdir, overrides, record_pids=False)
 
 
 async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> None:
-    fake_home = workdir / "fake-home"
-    fake_home.mkdir()
-    os.environ["FAKE_CLAUDE_HOME"] = str(fake_home)  # the SDK merges os.environ under the agent's
+    data_dir = workdir / "data"
+    env = service_env(args, workdir, data_dir)
+    # The SDK merges os.environ under the agent's env: the direct calls' fake uses it.
+    os.environ["FAKE_CLAUDE_HOME"] = env["FAKE_CLAUDE_HOME"]
     for name in ("FAKE_CLAUDE_MODE", "FAKE_CLAUDE_MODE_FILE", "FAKE_CLAUDE_PIDDIR"):
         os.environ.pop(name, None)
-    data_dir = workdir / "data"
-    env = service_env(args, data_dir, fake_home)
     quiet: list[float] = []
 
     section("machine")
-    print(f"  date:            {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
-    print(f"  nproc:           {os.cpu_count()} (affinity {len(os.sched_getaffinity(0))})")
-    print(f"  cpu:             {_cpu_model()}")
-    print(f"  load average:    {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
-    print(f"  python:          {platform.python_version()} ({sys.executable})")
+    print("\n".join(machine_lines()))
     print(
         f"  fake CLI:        {FAKE_CLAUDE.relative_to(ROOT)} via {shutil.which('python3') or '?'}"
     )
@@ -509,14 +346,15 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
     )
 
     # --- 0 ---------------------------------------------------------------------------
-    section("0. agent warm-up, direct (Agent.start() = ClaudeSDKClient.connect(), service options)")
-    meter = CpuMeter()
-    agent = await measure_agent(load_settings(env), workdir / "direct", args.warmups)
+    section("0. agent warm-up, direct (SdkAgent.start(): the service's launcher and options)")
+    meter = QuietMeter()
+    direct = Direct(env)
+    agent = await measure_agent(direct, workdir / "direct", args.warmups)
     warm_new, warm_resume = dist(agent["new"]), dist(agent["resume"])
-    print(fmt_dist("start(), new (--session-id)", warm_new))
-    print(fmt_dist("first turn of it", dist(agent["first_turn"])))
-    print(fmt_dist("start(), resume (--resume), as a wake", warm_resume))
-    print(fmt_dist("first turn after resume", dist(agent["resumed_turn"])))
+    print(fmt_table("start(), new (--session-id)", warm_new))
+    print(fmt_table("first turn of it", dist(agent["first_turn"])))
+    print(fmt_table("start(), resume (--resume), as a wake", warm_resume))
+    print(fmt_table("first turn after resume", dist(agent["resumed_turn"])))
     line, share = meter.report()
     quiet.append(share)
     print(line)
@@ -524,14 +362,14 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
     # --- 1a ------------------------------------------------------------------------------
     section(f"1a. {args.records} pre-populated hibernated records: service start-up RSS")
     control_dir = workdir / "control-data"
-    async with trio.open_nursery() as nursery:
-        control = await start_service(service_env(args, control_dir, fake_home), nursery)
+    control_env = service_env(args, workdir, control_dir)
+    async with launch_service(control_env, start_timeout_s=SERVICE_START_TIMEOUT_S) as control:
         try:
-            async with control.client() as client:
+            async with client_of(control) as client:
+                await wait_ready(client)
                 empty_mem, empty_reads = await settled_mem(client, control.pid)
         finally:
-            await stop_service(control)
-            nursery.cancel_scope.cancel()
+            await control.stop(timeout_s=STOP_TIMEOUT_S)
     print(f"  empty database:          {fmt_mem(empty_mem)}  reads KiB {empty_reads}")
 
     started = time.perf_counter()
@@ -553,12 +391,12 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
         f"(transcript_started=False); database {db_bytes / 1024:.0f} KiB"
     )
 
-    async with trio.open_nursery() as nursery:
-        service = await start_service(env, nursery)
+    async with launch_service(env, start_timeout_s=SERVICE_START_TIMEOUT_S) as service:
         code = None
         try:
             print(f"  service pid {service.pid} at {service.url}")
-            async with service.client(args.concurrency + 2) as client:
+            async with client_of(service, args.concurrency + 2) as client:
+                await wait_ready(client)
                 start_mem, start_reads = await settled_mem(client, service.pid)
                 print(
                     f"  {args.records} records:        {fmt_mem(start_mem)}  "
@@ -576,7 +414,7 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
                     f"1b. {args.rounds} x {args.http_sessions} real sessions through HTTP "
                     f"({args.concurrency} at once), all hibernated after"
                 )
-                meter = CpuMeter(service.pid)
+                meter = QuietMeter(service.pid)
                 for _ in range(20):
                     response = await client.post(
                         "/run", json={"prompt": PROMPT}, headers=AUTH["api"]
@@ -608,7 +446,7 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
                         f"({args.http_sessions / driven['wall']:.1f} sessions/s, "
                         f"{driven['retried']} 429s retried); all hibernated {waited:.1f} s later"
                     )
-                    print(fmt_dist("    first turn of a new session", d))
+                    print(fmt_table("    first turn of a new session", d))
                     print(f"    {fmt_mem(after)}  reads KiB {reads}")
                     print(
                         f"    this round: VmRSS {grew / 1024:+.0f} KiB = "
@@ -642,7 +480,7 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
                     t0 = time.perf_counter()
                     response = await client.get("/status", headers=AUTH["bulk"])
                     elapsed = time.perf_counter() - t0
-                    right_after = mem_kib(service.pid)
+                    right_after = service.memory_kib()
                     listed = len(response.json()["sessions"])
                     status_mem.append(right_after)
                     print(
@@ -663,7 +501,7 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
 
                 # --- 2 ---------------------------------------------------------------------
                 section(f"2. wake a hibernated session ({args.wake_samples} sessions, user 'wake')")
-                meter = CpuMeter(service.pid)
+                meter = QuietMeter(service.pid)
                 ids = [f"wake-{i:03d}" for i in range(args.wake_samples)]
                 first = []
                 for session_id in ids:
@@ -671,18 +509,14 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
                 await wait_all_hibernated(client, "wake", len(ids))
                 # The same wake done directly (resume + turn), right before each, so that
                 # both see the same machine load.
-                settings = load_settings(env)
-                direct_cwd = workdir / "direct-wake"
-                direct_cwd.mkdir()
+                direct_home = workdir / "direct-wake"
                 direct_id = str(uuid.uuid4())
-                await start_and_turn(
-                    settings, agent_options(settings, cwd=direct_cwd, session_id=direct_id)
-                )
-                resume_options = agent_options(settings, cwd=direct_cwd, resume=direct_id)
+                await direct.start_and_turn(direct.spec(direct_home, session_id=direct_id))
+                resume_spec = direct.spec(direct_home, resume=direct_id)
                 wake_free, live_free, direct_start, direct_turn = [], [], [], []
                 for session_id in ids:
                     await wait_all_hibernated(client, "wake")
-                    start_s, turn_s = await start_and_turn(settings, resume_options)
+                    start_s, turn_s = await direct.start_and_turn(resume_spec)
                     direct_start.append(start_s)
                     direct_turn.append(turn_s)
                     wake_free.append((await session_turn(client, "wake", session_id))[0])
@@ -702,21 +536,21 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
                     else:
                         not_full += 1
                 wf, lf = dist(wake_free), dist(live_free)
-                print(fmt_dist("first turn of a new session (reference)", dist(first)))
+                print(fmt_table("first turn of a new session (reference)", dist(first)))
                 print("  a. a free live slot:")
-                print(fmt_dist("wake turn (hibernated -> answer)", wf))
-                print(fmt_dist("live turn (the next one)", lf))
+                print(fmt_table("wake turn (hibernated -> answer)", wf))
+                print(fmt_table("live turn (the next one)", lf))
                 ds, dt = dist(direct_start), dist(direct_turn)
                 both = dist([a + b for a, b in zip(direct_start, direct_turn, strict=True)])
                 print("     the same, directly, interleaved with those (same machine load):")
-                print(fmt_dist("direct Agent.start(), resume", ds))
-                print(fmt_dist("direct turn after it", dt))
-                print(fmt_dist("direct resume start + turn", both))
+                print(fmt_table("direct Agent.start(), resume", ds))
+                print(fmt_table("direct turn after it", dt))
+                print(fmt_table("direct resume start + turn", both))
                 print(
                     f"  b. all {args.max_live} slots held by idle sessions (LRU hibernated first):"
                 )
-                print(fmt_dist("wake turn", dist(wake_full)))
-                print(fmt_dist("live turn", dist(live_full)))
+                print(fmt_table("wake turn", dist(wake_full)))
+                print(fmt_table("live turn", dist(live_full)))
                 if not_full:
                     print(f"     ({not_full} samples left out: a slot had freed by idle timeout)")
                 print(
@@ -730,7 +564,7 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
 
                 # --- 3 ---------------------------------------------------------------------
                 section(f"3. one live session: sequential turns for {args.duration:g} s")
-                meter = CpuMeter(service.pid)
+                meter = QuietMeter(service.pid)
                 for _ in range(5):  # start it and warm the path
                     await session_turn(client, "wake", "one-live")
                 latencies: list[float] = []
@@ -742,7 +576,7 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
                 one = dist(latencies)
                 rate = len(latencies) / wall
                 print(f"  {len(latencies)} turns in {wall:.2f} s = {rate:.1f} turns/s")
-                print(fmt_dist("turn round trip", one))
+                print(fmt_table("turn round trip", one))
                 turns = next(
                     s["turns"] for s in await sessions_of(client, "wake") if s["id"] == "one-live"
                 )
@@ -750,13 +584,12 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
                 line, share = meter.report()
                 quiet.append(share)
                 print(line)
-                final_mem = mem_kib(service.pid)
+                final_mem = service.memory_kib()
         finally:
-            code = await stop_service(service)
-            nursery.cancel_scope.cancel()
+            code = await service.stop(timeout_s=STOP_TIMEOUT_S)
     print(
         f"\n  service RSS at the end {final_mem['VmRSS'] / 1024:.1f} MiB; "
-        f"exit code after SIGTERM: {code}"
+        f"exit code after SIGTERM: {'killed' if code is None else code}"
     )
 
     section("summary")
@@ -785,10 +618,8 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
         f"{both['p50']:.1f} ms); all slots full: wake median {dist(wake_full)['p50']:.1f} ms"
     )
     print(f"one live session: {rate:.1f} turns/s, p50 {one['p50']:.2f} ms, p99 {one['p99']:.2f} ms")
-    worst = max(quiet)
     print(
-        f"quiet machine: {'yes' if worst <= 5 else 'NO'} (other processes used up to "
-        f"{worst:.0f} % of the CPUs during a phase); nproc={os.cpu_count()}; "
+        f"{quiet_verdict(quiet)}; nproc={os.cpu_count()}; "
         f"run took {time.perf_counter() - run_started:.0f} s"
     )
 

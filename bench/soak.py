@@ -46,7 +46,6 @@ import os
 import random
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,11 +54,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-import trio
-
 ROOT = Path(__file__).resolve().parent.parent
-FAKE_CLAUDE = ROOT / "tests" / "fake_claude.py"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import trio  # noqa: E402
+
+from bench.stats import QUIET_SHARE_PERCENT, QuietMeter, percentile  # noqa: E402
+from tests.harness import CLK_TCK, RunningService, launch_service  # noqa: E402
+from tests.harness import service_env as harness_env  # noqa: E402
 
 API_KEY = "sk-soak-key"  # user id "api"
 OTHER_KEY = "sk-soak-other"  # user id "other": same session ids, other conversations
@@ -97,15 +101,6 @@ NAME_REPLY = re.compile(r"Nice to meet you, (.+)\.")
 # What the SDK logs when the CLI dies or writes garbage mid-turn: expected for the faults.
 SDK_FAULT_LINE = "claude_agent_sdk._internal.query: Fatal error in message reader"
 TAG_RE = re.compile(r"#(\d+[a-z]?)(?!\w)")
-
-# Service configuration variables: never inherited from the caller's environment.
-SERVICE_VARS = (
-    "PORT HOST API_KEYS POOL_SIZE CLAUDE_MODEL USE_CLAUDE_API_KEY CLAUDE_EXECUTABLE QUEUE_MAX "
-    "DEFAULT_TIMEOUT_MS MAX_TIMEOUT_MS DATA_DIR MAX_LIVE_SESSIONS SESSION_IDLE_MS "
-    "SESSION_QUEUE_MAX RESTART_BACKOFF_MAX_MS WARMUP_TIMEOUT_MS INTERRUPT_GRACE_MS "
-    "SHUTDOWN_GRACE_S MAX_OUTPUT_CHARS FAKE_CLAUDE_MODE FAKE_CLAUDE_MODE_FILE FAKE_CLAUDE_LOG "
-    "FAKE_CLAUDE_HOME FAKE_CLAUDE_PIDDIR"
-).split()
 
 # --- the plan: which operations, chosen by a seeded generator ------------------------
 
@@ -237,8 +232,6 @@ def session_id(number: int) -> str:
 
 # --- fake processes, identified by pid file and start time --------------------------
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
 
 def _boot_time() -> float:
     for line in Path("/proc/stat").read_text().splitlines():
@@ -369,25 +362,25 @@ class TurnLog:
 # --- the service ------------------------------------------------------------------------
 
 
-@dataclass
-class Service:
-    process: trio.Process
-    url: str
-    log: collections.deque[str]
-    log_problems: list[str]
-    sdk_fault_lines: int = 0  # the SDK's ERROR line for an injected crash or garbage
+class LogWatch:
+    """Reads the service's log lines: counts the SDK's expected fault lines, keeps the rest."""
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
+    def __init__(self) -> None:
+        self.sdk_fault_lines = 0  # the SDK's ERROR line for an injected crash or garbage
+        self.problems: list[str] = []  # other ERROR, CRITICAL and Traceback lines (first 50)
+
+    def __call__(self, line: str) -> None:
+        if SDK_FAULT_LINE in line:
+            self.sdk_fault_lines += 1
+        elif " ERROR " in line or "Traceback" in line or " CRITICAL " in line:
+            if len(self.problems) < 50:
+                self.problems.append(line.rstrip("\n")[:300])
 
 
 def service_env(workdir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARS}
-    env.update(
+    return harness_env(
+        workdir,
         {
-            "HOST": "127.0.0.1",
-            "PORT": "0",
             "API_KEYS": f"{API_KEY},other:{OTHER_KEY}",
             "POOL_SIZE": str(POOL_SIZE),
             "MAX_LIVE_SESSIONS": str(MAX_LIVE_SESSIONS),
@@ -395,69 +388,16 @@ def service_env(workdir: Path) -> dict[str, str]:
             "INTERRUPT_GRACE_MS": str(INTERRUPT_GRACE_MS),
             "WARMUP_TIMEOUT_MS": str(WARMUP_TIMEOUT_MS),
             "SHUTDOWN_GRACE_S": str(SHUTDOWN_GRACE_S),
-            "DATA_DIR": str(workdir / "data"),
-            "CLAUDE_EXECUTABLE": str(FAKE_CLAUDE),
-            "FAKE_CLAUDE_HOME": str(workdir / "fake-home"),
-            "FAKE_CLAUDE_PIDDIR": str(workdir / "pids"),
             "FAKE_CLAUDE_LOG": str(workdir / "fake.log"),
-            "PYTHONUNBUFFERED": "1",
-        }
+        },
     )
-    return env
 
 
-async def start_service(workdir: Path, nursery: trio.Nursery) -> Service:
-    for name in ("data", "fake-home", "pids"):
-        (workdir / name).mkdir(parents=True, exist_ok=True)
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "claude_code_api"],
-        env=service_env(workdir),
-        cwd=str(ROOT),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    service = Service(process, "", collections.deque(maxlen=500), [])
-    url_found = trio.Event()
-
-    async def read_log() -> None:
-        buffer = b""
-        async for chunk in process.stderr:
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for raw in lines:
-                line = raw.decode(errors="replace")
-                service.log.append(line)
-                if SDK_FAULT_LINE in line:
-                    service.sdk_fault_lines += 1
-                elif " ERROR " in line or "Traceback" in line or " CRITICAL " in line:
-                    if len(service.log_problems) < 50:
-                        service.log_problems.append(line[:300])
-                if not url_found.is_set() and "listening on http://" in line:
-                    service.url = line.split("listening on ", 1)[1].split()[0]
-                    url_found.set()
-
-    nursery.start_soon(read_log)
-    with trio.move_on_after(START_TIMEOUT_S):
-        while not url_found.is_set() and process.poll() is None:
-            with trio.move_on_after(0.05):
-                await url_found.wait()
-    if not url_found.is_set():
-        if process.poll() is None:
-            process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
-        raise RuntimeError("service did not start:\n" + "\n".join(service.log))
-    return service
-
-
-def proc_kib(pid: int, field_name: str) -> int | None:
+def rss_kib(service: RunningService, field_name: str) -> int | None:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+        return service.memory_kib().get(field_name)
+    except OSError:
+        return None
 
 
 # --- replies ----------------------------------------------------------------------------
@@ -561,6 +501,9 @@ class SoakReport:
     shutdown_s: float | None = None
     log_problems: list[str] = field(default_factory=list)
     sdk_fault_lines: int = 0
+    # CPU other processes used during the load, in % of all CPUs (see bench/stats.py).
+    others_cpu_share: float | None = None
+    quiet_line: str = ""
 
     @property
     def ok(self) -> bool:
@@ -586,9 +529,9 @@ class SoakReport:
         for (kind, label), values in self.latencies.items():
             by_key[(kind, label)] = values
         for (kind, label), count in sorted(self.outcomes.items()):
-            values = sorted(by_key.get((kind, label), []))
-            p50 = f"{1000 * values[len(values) // 2]:8.0f}" if values else f"{'-':>8}"
-            top = f"{1000 * values[-1]:8.0f}" if values else f"{'-':>8}"
+            values = by_key.get((kind, label), [])
+            p50 = f"{1000 * percentile(values, 50):8.0f}" if values else f"{'-':>8}"
+            top = f"{1000 * max(values):8.0f}" if values else f"{'-':>8}"
             add(f"{kind:<30} {label:<24} {count:>5} {p50} {top}")
         total = sum(self.outcomes.values())
         rate = self.completed_ops / self.duration_s if self.duration_s else math.nan
@@ -598,6 +541,9 @@ class SoakReport:
             f"{self.tally.http_requests} HTTP requests) in {self.duration_s:.1f} s: "
             f"{rate:.1f} requests/s ({http_rate:.1f} HTTP requests/s); warm-up {self.warmup_s:.1f} s"
         )
+        if self.others_cpu_share is not None:
+            quiet = "yes" if self.others_cpu_share <= QUIET_SHARE_PERCENT else "NO"
+            add(f"quiet machine during the load: {quiet} ({self.quiet_line.strip()})")
         add(
             "disconnects: "
             + (", ".join(f"{k}={v}" for k, v in sorted(self.disconnects.items())) or "none")
@@ -1166,7 +1112,7 @@ async def _pool_full(client: httpx.AsyncClient) -> tuple[bool, dict]:
     return full, body
 
 
-async def _warm_up(service: Service, client: httpx.AsyncClient, runner: Runner) -> None:
+async def _warm_up(service: RunningService, client: httpx.AsyncClient, runner: Runner) -> None:
     with trio.fail_after(WARM_TIMEOUT_S):
         while not (await _pool_full(client))[0]:
             await trio.sleep(0.05)
@@ -1196,7 +1142,7 @@ async def _warm_up(service: Service, client: httpx.AsyncClient, runner: Runner) 
 
 
 async def _monitor(
-    service: Service, tracker: FakeTracker, report: SoakReport, stop: trio.Event
+    service: RunningService, tracker: FakeTracker, report: SoakReport, stop: trio.Event
 ) -> None:
     """Sample live fakes often and /health now and then until ``stop``."""
     async with httpx.AsyncClient(base_url=service.url, timeout=10) as client:
@@ -1225,7 +1171,7 @@ async def _monitor(
 
 
 async def _audit(
-    service: Service, client: httpx.AsyncClient, runner: Runner, tracker: FakeTracker
+    service: RunningService, client: httpx.AsyncClient, runner: Runner, tracker: FakeTracker
 ) -> None:
     """After the load: pool full, counters consistent, processes accounted for."""
     report = runner.report
@@ -1383,8 +1329,10 @@ async def soak(
     limits = httpx.Limits(
         max_connections=2 * concurrency + 8, max_keepalive_connections=2 * concurrency + 8
     )
-    async with trio.open_nursery() as nursery:
-        service = await start_service(workdir, nursery)
+    watch = LogWatch()
+    async with launch_service(
+        service_env(workdir), start_timeout_s=START_TIMEOUT_S, log_lines=500, on_log_line=watch
+    ) as service:
         try:
             async with httpx.AsyncClient(
                 base_url=service.url,
@@ -1396,15 +1344,17 @@ async def soak(
                 started = time.monotonic()
                 await _warm_up(service, client, runner)
                 report.warmup_s = time.monotonic() - started
-                report.rss_before_kib = proc_kib(service.pid, "VmRSS")
+                report.rss_before_kib = rss_kib(service, "VmRSS")
 
                 stop_monitor = trio.Event()
+                meter = QuietMeter(service.pid)
                 async with trio.open_nursery() as side:
                     side.start_soon(_monitor, service, tracker, report, stop_monitor)
                     side.start_soon(turn_log.follow)
                     started = time.monotonic()
                     await _load(runner, plan, concurrency, load_deadline_s, progress)
                     report.duration_s = time.monotonic() - started
+                    report.quiet_line, report.others_cpu_share = meter.report()
                     stop_monitor.set()
                     side.cancel_scope.cancel()
                 report.max_live_fakes = tracker.max_live
@@ -1415,16 +1365,16 @@ async def soak(
                         f"{report.live_fakes_bound}"
                     )
                 await _audit(service, client, runner, tracker)
-                report.rss_after_kib = proc_kib(service.pid, "VmRSS")
-                report.hwm_after_kib = proc_kib(service.pid, "VmHWM")
+                report.rss_after_kib = rss_kib(service, "VmRSS")
+                report.hwm_after_kib = rss_kib(service, "VmHWM")
         finally:
             with trio.CancelScope(shield=True):
                 await _stop(service, report)
                 _find_orphans(tracker, report)
-        report.log_problems = list(service.log_problems)
-        report.sdk_fault_lines = service.sdk_fault_lines
-        report.fake_starts = tracker.total_started()
-        _check_turn_log(workdir / "fake.log", runner)
+    report.log_problems = list(watch.problems)
+    report.sdk_fault_lines = watch.sdk_fault_lines
+    report.fake_starts = tracker.total_started()
+    _check_turn_log(workdir / "fake.log", runner)
     return report
 
 
@@ -1476,20 +1426,15 @@ async def _load(
         )
 
 
-async def _stop(service: Service, report: SoakReport) -> None:
-    process = service.process
+async def _stop(service: RunningService, report: SoakReport) -> None:
     started = time.monotonic()
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    with trio.move_on_after(STOP_TIMEOUT_S):
-        report.exit_code = await process.wait()
-        report.shutdown_s = time.monotonic() - started
+    report.exit_code = await service.stop(signal.SIGTERM, STOP_TIMEOUT_S)
     if report.exit_code is None:
         report.problems.append(
             f"service still running {STOP_TIMEOUT_S:.0f} s after SIGTERM: killed"
         )
-        process.kill()
-        await process.wait()
+    else:
+        report.shutdown_s = time.monotonic() - started
 
 
 def _find_orphans(tracker: FakeTracker, report: SoakReport) -> None:

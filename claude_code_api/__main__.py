@@ -53,17 +53,33 @@ def main() -> None:
         sys.exit(2)
     if not settings.api_keys:
         log.warning("API_KEYS is not set: every authenticated route will answer 401")
+    sys.exit(run(settings))
+
+
+def run(settings: Settings) -> int:
+    """Serve until stopped; the exit status, after one line saying why if it is not 0."""
+    # Nothing may be raised inside an except* handler, sys.exit() included: early 3.11 releases
+    # (Debian 12's 3.11.2; not 3.11.7) wrap it in an exception group, which prints a traceback.
+    status = 0
     try:
         trio.run(serve, settings)
     except* RegistryError as group:
-        print(f"claude-code-api: session registry: {group.exceptions[0]}", file=sys.stderr)
-        sys.exit(1)
+        print(f"claude-code-api: session registry: {_first(group)}", file=sys.stderr)
+        status = 1
     except* TooManyRestarts as group:
-        log.error("giving up: %s", group.exceptions[0])
-        sys.exit(1)
+        log.error("giving up: %s", _first(group))
+        status = 1
     except* OSError as group:
-        print(f"claude-code-api: cannot serve: {group.exceptions[0]}", file=sys.stderr)
-        sys.exit(1)
+        print(f"claude-code-api: cannot serve: {_first(group)}", file=sys.stderr)
+        status = 1
+    return status
+
+
+def _first(error: BaseException) -> BaseException:
+    """The first exception in a group, however deeply nested (trio nests nurseries' groups)."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 if __name__ == "__main__":

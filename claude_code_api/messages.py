@@ -335,12 +335,20 @@ class CloseSessionNow:
 SessionCommand = Job | Hibernate | CloseSessionNow
 
 
+# Which actor of a session a message is about: the session supervisor numbers
+# every actor it starts. After a supervisor restart a stale start can make a
+# second, short-lived actor for a session; its messages must not be taken for
+# the current one's.
+ActorId = int
+
+
 @attrs.frozen
 class SessionStarted:
     """A session actor is up; send it jobs and commands on ``inbox``."""
 
     key: SessionKey
     inbox: trio.MemorySendChannel[SessionCommand] = attrs.field(repr=False)
+    actor: ActorId = 0
 
 
 @attrs.frozen
@@ -350,6 +358,7 @@ class SessionIdle:
     key: SessionKey
     finished_ok: bool | None = None
     upstream_error: UpstreamError | None = None
+    actor: ActorId = 0
 
 
 @attrs.frozen
@@ -362,6 +371,7 @@ class SessionStopped:
 
     key: SessionKey
     failure: JobFailed | None = None
+    actor: ActorId = 0
 
 
 @attrs.frozen

@@ -61,7 +61,7 @@ from .config import Settings
 from .http.app import StoreStatus, create_app
 from .http.connections import connection_limit
 from .http.server import HttpServer
-from .messages import DispatcherMessage, Drain, SessionKey
+from .messages import ActorId, DispatcherMessage, Drain, SessionKey
 from .startup import plan_agents
 from .supervision import Backoff, ChildSpec, StopOrder, Strategy, Supervisor
 
@@ -185,10 +185,11 @@ class Service:
                 key: SessionKey,
                 dispatcher: trio.MemorySendChannel[DispatcherMessage],
                 stop: StopSignal,
+                actor: ActorId,
             ) -> None:
                 home = user_workspace(settings.data_dir, key.user_id)
                 await serve_session(
-                    key, session_config, dispatcher, self.registry, new_agent, home, stop
+                    key, session_config, dispatcher, self.registry, new_agent, home, stop, actor
                 )
 
             def new_session_supervisor() -> SessionSupervisor:

@@ -1,20 +1,25 @@
-"""End-to-end harness: the real service in a subprocess on 127.0.0.1.
+"""The one launcher of the real service, for the tests, the benchmarks and the soak.
 
-The service runs as ``python -m claude_code_api`` with the real SDK and
-``tests/fake_claude.py`` as ``CLAUDE_EXECUTABLE``; tests talk to it over real
-HTTP with httpx. Every fake CLI process writes its pid into a directory, so a
-test can check that none outlived the service or its job.
+The service runs as ``python -m claude_code_api`` in a subprocess on 127.0.0.1
+(``PORT=0``) with the real SDK and ``tests/fake_claude.py`` as
+``CLAUDE_EXECUTABLE``; callers talk to it over real HTTP with httpx.
+:func:`launch_service` starts it, reads its log and finds its URL;
+:func:`run_service` is the tests' form (stop it with a signal, check the exit
+status). Every fake CLI process can write its pid into a directory, so a test can
+check that none outlived the service or its job. ``bench/`` imports this module
+as ``tests.harness`` (its scripts put the repository root on ``sys.path``).
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import resource
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -22,29 +27,49 @@ import attrs
 import httpx
 import trio
 
-FAKE_CLAUDE = Path(__file__).with_name("fake_claude.py")
+from claude_code_api.agent import AgentFactory
+from claude_code_api.config import Settings, declarations
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE_CLAUDE = ROOT / "tests" / "fake_claude.py"
 API_KEY = "sk-test-key"
 AUTH = {"x-api-key": API_KEY}
 LISTENING = re.compile(r"listening on (http://\S+)")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
 FAKE_CLAUDE_VARIABLES = (
     "FAKE_CLAUDE_HOME,FAKE_CLAUDE_PIDDIR,FAKE_CLAUDE_MODE,FAKE_CLAUDE_MODE_FILE,FAKE_CLAUDE_LOG,"
     "FAKE_CLAUDE_REFUSE_ROOT"
+)
+# Settings of the service and of the fake, never inherited from the caller's environment,
+# so a variable exported in a developer's shell cannot change what a test or benchmark sees.
+SERVICE_VARS = frozenset(
+    [declared.name for _, declared in declarations()] + FAKE_CLAUDE_VARIABLES.split(",")
 )
 
 
 @attrs.define
 class RunningService:
+    """A started service: its URL, process, files and the lines of its log (stderr)."""
+
     url: str
     process: trio.Process
-    piddir: Path
+    piddir: Path | None  # None: the fakes write no pid files
     data_dir: Path
     fake_home: Path
-    log: list[str]
+    # Each line ends with "\n"; a bounded deque keeps only the last lines of a long run.
+    log: collections.deque[str]
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     def client(self, **kwargs) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.url, timeout=60, **kwargs)
+        kwargs.setdefault("timeout", 60)
+        return httpx.AsyncClient(base_url=self.url, **kwargs)
 
     def fake_pids(self) -> list[int]:
+        assert self.piddir is not None, "started without FAKE_CLAUDE_PIDDIR"
         return sorted(int(p.name) for p in self.piddir.iterdir())
 
     def live_fake_pids(self) -> list[int]:
@@ -53,6 +78,24 @@ class RunningService:
 
     def log_text(self) -> str:
         return "".join(self.log)
+
+    def memory_kib(self) -> dict[str, int]:
+        """The service process's VmRSS, RssAnon, RssFile and VmHWM, in KiB."""
+        return proc_memory_kib(self.pid)
+
+    def cpu_s(self) -> tuple[float, float]:
+        """(its own CPU seconds, CPU seconds of its reaped children: the agents)."""
+        return proc_cpu_s(self.pid)
+
+    async def stop(self, signum: int = signal.SIGTERM, timeout_s: float = 60.0) -> int | None:
+        """Send ``signum`` and wait for the exit status; None if it had to be killed."""
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        with trio.move_on_after(timeout_s):
+            return await self.process.wait()
+        self.process.kill()
+        await self.process.wait()
+        return None
 
 
 def process_exists(pid: int) -> bool:
@@ -67,6 +110,195 @@ def process_exists(pid: int) -> bool:
         return False
     state = stat.rsplit(")", 1)[1].split()[0]
     return state == "Z" or b"fake_claude" in cmdline
+
+
+def proc_memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS, RssAnon, RssFile and VmHWM of ``pid`` in KiB, from /proc/<pid>/status."""
+    wanted = {"VmRSS", "RssAnon", "RssFile", "VmHWM"}
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name in wanted:
+            values[name] = int(rest.split()[0])
+    return values
+
+
+def proc_cpu_s(pid: int) -> tuple[float, float]:
+    """(own CPU s, CPU s of its reaped children) of ``pid``, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # fields[0] is field 3 (state): utime=14, stime=15, cutime=16, cstime=17.
+    utime, stime, cutime, cstime = (int(f) for f in fields[11:15])
+    return (utime + stime) / CLK_TCK, (cutime + cstime) / CLK_TCK
+
+
+def service_env(
+    workdir: Path,
+    overrides: Mapping[str, str] | None = None,
+    *,
+    record_pids: bool = True,
+) -> dict[str, str]:
+    """The environment of a service whose files live in ``workdir``.
+
+    The caller's environment without any service or fake setting, then the test
+    defaults (127.0.0.1, a free port, one key, ``POOL_SIZE=1``, the fake CLI with its
+    home in ``workdir/fake-home``, pid files in ``workdir/pids`` when
+    ``record_pids``), then ``overrides``. Creates the directories.
+    """
+    layout = {"DATA_DIR": workdir / "data", "FAKE_CLAUDE_HOME": workdir / "fake-home"}
+    if record_pids:
+        layout["FAKE_CLAUDE_PIDDIR"] = workdir / "pids"
+    for path in layout.values():
+        path.mkdir(parents=True, exist_ok=True)
+    env = {name: value for name, value in os.environ.items() if name not in SERVICE_VARS}
+    env.update({name: str(path) for name, path in layout.items()})
+    env.update(
+        {
+            "HOST": "127.0.0.1",
+            "PORT": "0",
+            "API_KEYS": API_KEY,
+            "POOL_SIZE": "1",
+            "CLAUDE_EXECUTABLE": str(FAKE_CLAUDE),
+            # Agents get an allowlisted environment: the fake's own settings are passed by name.
+            "AGENT_ENV": FAKE_CLAUDE_VARIABLES,
+            # The fake writes pid files the tests read from outside: no pid namespace by
+            # default (tests of the sandbox turn it on).
+            "AGENT_SANDBOX": "off",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(overrides or {})
+    return env
+
+
+def service_agents(env: Mapping[str, str]) -> tuple[Settings, AgentFactory]:
+    """The settings and the agent factory a service started with ``env`` would use.
+
+    Same launcher, sandbox decision, options and agent class as the service, for
+    benchmarks that time an agent directly, without the service. Imports the SDK
+    (about a second). Agents made by it are closed by their caller.
+    """
+    from claude_code_api.config import load_settings
+    from claude_code_api.sdk_agent import AgentOptions, SdkAgentFactory
+    from claude_code_api.startup import plan_agents
+
+    settings = load_settings(env)
+    plan = plan_agents(settings, env)
+    options = AgentOptions(settings.model, settings.max_output_chars)
+    return settings, SdkAgentFactory(plan.launcher, options, refusal=plan.refusal)
+
+
+@asynccontextmanager
+async def launch_service(
+    env: Mapping[str, str],
+    *,
+    start_timeout_s: float = 30.0,
+    log_lines: int | None = None,
+    on_log_line: Callable[[str], None] | None = None,
+    open_files_limit: int | None = None,
+) -> AsyncIterator[RunningService]:
+    """Start ``python -m claude_code_api`` with ``env``; yield it once it listens.
+
+    Raises RuntimeError (with its log) if it exits or does not listen within
+    ``start_timeout_s``. ``log_lines`` bounds the log kept (None: all of it);
+    ``on_log_line`` sees every line. ``open_files_limit`` lowers the service's
+    ``RLIMIT_NOFILE`` (soft and hard). On leaving, a service still running is killed
+    (stop it first with :meth:`RunningService.stop` for a graceful exit), and the
+    rest of its log is read for up to 5 s.
+    """
+    log: collections.deque[str] = collections.deque(maxlen=log_lines)
+
+    def limit_open_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (open_files_limit, open_files_limit))
+
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "claude_code_api"],
+        env=dict(env),
+        cwd=str(ROOT),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=None if open_files_limit is None else limit_open_files,
+    )
+    url_found = trio.Event()
+    log_ended = trio.Event()
+    found: list[str] = []
+
+    async def read_log() -> None:
+        buffer = b""
+        try:
+            async for chunk in process.stderr:
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for raw in lines:
+                    line = raw.decode(errors="replace") + "\n"
+                    log.append(line)
+                    if on_log_line is not None:
+                        on_log_line(line)
+                    match = LISTENING.search(line)
+                    if match and not url_found.is_set():
+                        found.append(match.group(1))
+                        url_found.set()
+        finally:
+            log_ended.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_log)
+            with trio.move_on_after(start_timeout_s):
+                while not url_found.is_set() and process.poll() is None:
+                    with trio.move_on_after(0.05):
+                        await url_found.wait()
+            if not url_found.is_set():
+                state = "exited early" if process.poll() is not None else "did not listen"
+                raise RuntimeError(f"service {state}:\n{''.join(log)}")
+            piddir = env.get("FAKE_CLAUDE_PIDDIR")
+            yield RunningService(
+                found[0],
+                process,
+                Path(piddir) if piddir else None,
+                Path(env["DATA_DIR"]),
+                Path(env["FAKE_CLAUDE_HOME"]),
+                log,
+            )
+            if process.poll() is None:
+                process.kill()
+                await process.wait()
+            # Its stderr ends when it (and any agent holding it) has exited.
+            with trio.move_on_after(5):
+                await log_ended.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+
+
+@asynccontextmanager
+async def run_service(
+    tmp_path: Path,
+    *,
+    env: dict[str, str] | None = None,
+    fake_mode: str = "",
+    stop_signal: int | None = signal.SIGTERM,
+    expect_exit: int | None = 0,
+    open_files_limit: int | None = None,
+) -> AsyncIterator[RunningService]:
+    """Start the service, wait until it listens, yield it; stop it and check it exited.
+
+    ``stop_signal`` None: the test stops it itself. ``expect_exit`` None: any status.
+    ``open_files_limit`` lowers the service's ``RLIMIT_NOFILE`` (soft and hard).
+    """
+    full_env = service_env(tmp_path, {"FAKE_CLAUDE_MODE": fake_mode, **(env or {})})
+    async with launch_service(
+        full_env, start_timeout_s=20, open_files_limit=open_files_limit
+    ) as service:
+        yield service
+        if stop_signal is not None and service.process.poll() is None:
+            service.process.send_signal(stop_signal)
+        with trio.fail_after(60):
+            code = await service.process.wait()
+        if expect_exit is not None:
+            assert code == expect_exit, f"service exited {code}:\n{service.log_text()}"
 
 
 async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> None:
@@ -95,91 +327,14 @@ async def wait_healthy(service: RunningService, *, ready: int, timeout: float = 
     return body
 
 
-@asynccontextmanager
-async def run_service(
-    tmp_path: Path,
-    *,
-    env: dict[str, str] | None = None,
-    fake_mode: str = "",
-    stop_signal: int | None = signal.SIGTERM,
-    expect_exit: int | None = 0,
-    open_files_limit: int | None = None,
-) -> AsyncIterator[RunningService]:
-    """Start the service, wait until it listens, yield it; stop it and check it exited.
-
-    ``open_files_limit`` lowers the service's ``RLIMIT_NOFILE`` (soft and hard).
-    """
-    piddir = tmp_path / "pids"
-    data_dir = tmp_path / "data"
-    fake_home = tmp_path / "fake-home"
-    for path in (piddir, data_dir, fake_home):
-        path.mkdir(exist_ok=True)
-    full_env = {
-        **os.environ,
-        "HOST": "127.0.0.1",
-        "PORT": "0",
-        "API_KEYS": API_KEY,
-        "POOL_SIZE": "1",
-        "DATA_DIR": str(data_dir),
-        "CLAUDE_EXECUTABLE": str(FAKE_CLAUDE),
-        "FAKE_CLAUDE_HOME": str(fake_home),
-        "FAKE_CLAUDE_PIDDIR": str(piddir),
-        "FAKE_CLAUDE_MODE": fake_mode,
-        # Agents get an allowlisted environment: the fake's own settings are passed by name.
-        "AGENT_ENV": FAKE_CLAUDE_VARIABLES,
-        # The fake writes pid files the tests read from outside: no pid namespace by default
-        # (tests of the sandbox turn it on).
-        "AGENT_SANDBOX": "off",
-        "PYTHONUNBUFFERED": "1",
-        **(env or {}),
-    }
-    log: list[str] = []
-
-    def limit_open_files() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (open_files_limit, open_files_limit))
-
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "claude_code_api"],
-        env=full_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        preexec_fn=None if open_files_limit is None else limit_open_files,
-    )
-    url_found = trio.Event()
-    found: list[str] = []
-
-    async def read_log() -> None:
-        buffer = b""
-        async for chunk in process.stderr:
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for raw in lines:
-                line = raw.decode(errors="replace") + "\n"
-                log.append(line)
-                match = LISTENING.search(line)
-                if match and not url_found.is_set():
-                    found.append(match.group(1))
-                    url_found.set()
-
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(read_log)
-            with trio.fail_after(20):
-                while not url_found.is_set():
-                    if process.poll() is not None:
-                        raise RuntimeError(f"service exited early:\n{''.join(log)}")
-                    with trio.move_on_after(0.05):
-                        await url_found.wait()
-            service = RunningService(found[0], process, piddir, data_dir, fake_home, log)
-            yield service
-            if stop_signal is not None and process.poll() is None:
-                process.send_signal(stop_signal)
-            with trio.fail_after(60):
-                code = await process.wait()
-            if expect_exit is not None:
-                assert code == expect_exit, f"service exited {code}:\n{service.log_text()}"
-    finally:
-        if process.poll() is None:
-            process.kill()
-            with trio.CancelScope(shield=True):
-                await process.wait()
+async def wait_pool_ready(
+    client: httpx.AsyncClient, *, timeout: float = 15.0, interval: float = 0.02
+) -> float:
+    """Poll ``/health`` until every worker is ready; returns the seconds waited."""
+    started = trio.current_time()
+    with trio.fail_after(timeout):
+        while True:
+            workers = (await client.get("/health")).json()["workers"]
+            if workers["total"] > 0 and workers["ready"] == workers["total"]:
+                return trio.current_time() - started
+            await trio.sleep(interval)

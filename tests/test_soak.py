@@ -9,18 +9,23 @@ counters must add up, and SIGTERM must leave no fake process behind.
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 from bench.soak import soak
 
-# Measured on this 2-core machine: 58 s at load average ~4.5 (450 requests took 39 s quiet,
-# 61 s at load ~7), so about 60-90 s; trio.fail_after leaves room for a busier machine.
+# On this 2-CPU machine the whole test takes ~100 s with a test suite running beside it, and
+# was seen at 233 s on a busier one: too long for `scripts/test`, so it is marked slow and
+# runs in `.ci/run`. The bound only stops a hang (the soak checks timing itself: its load has
+# a deadline), so it leaves room for a loaded CI machine.
 REQUESTS = 650
 CONCURRENCY = 16
+HANG_BOUND_S = 600
 
 
+@pytest.mark.slow
 async def test_soak_mixed_faulty_load_leaves_the_service_consistent(tmp_path):
-    with trio.fail_after(240):
+    with trio.fail_after(HANG_BOUND_S):
         report = await soak(requests=REQUESTS, concurrency=CONCURRENCY, workdir=tmp_path)
     summary = report.summary()
     assert report.completed_ops == REQUESTS, summary

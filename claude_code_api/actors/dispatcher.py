@@ -208,14 +208,14 @@ class Dispatcher:
                 self.drained_waiters.append(done)
                 self._fail_queued(SHUTTING_DOWN)
                 self.sessions.fail_all_waiting(SHUTTING_DOWN)
-            case SessionStarted(key, inbox):
-                self.sessions.started(key, inbox)
-            case SessionIdle(key, finished_ok, upstream_error):
+            case SessionStarted(key, inbox, actor):
+                self.sessions.started(key, inbox, actor)
+            case SessionIdle(key, finished_ok, upstream_error, actor):
                 if finished_ok is not None:
                     self._count_turn(finished_ok, upstream_error)
-                self.sessions.idle(key, trio.current_time())
-            case SessionStopped(key, failure):
-                self.sessions.stopped(key, failure)
+                self.sessions.idle(key, trio.current_time(), actor)
+            case SessionStopped(key, failure, actor):
+                self.sessions.stopped(key, failure, actor)
             case SessionsReset():
                 self.sessions.reset()
             case CloseSession(key, ack, deleted):
@@ -266,10 +266,18 @@ class Dispatcher:
             record.state, record.busy_since = WorkerState.BUSY, time.time()
             record.jobs += 1
 
-    def _start_session(self, message: StartSession) -> None:
-        # Room for max_live messages is reserved: at most that many starts are in flight.
+    def _start_session(self, message: StartSession) -> bool:
+        """Ask the session supervisor for an actor; False when its channel is full.
+
+        It holds max_live starts, as many as can be in flight, except right after
+        the supervisor restarted: the starts it had not taken are sent again.
+        """
         assert self.session_starter is not None
-        self.session_starter.send_nowait(message)
+        try:
+            self.session_starter.send_nowait(message)
+        except trio.WouldBlock:
+            return False
+        return True
 
     def _delete_record(self, key: SessionKey, deleted: trio.MemorySendChannel[Any]) -> None:
         try:

@@ -40,6 +40,7 @@ import trio
 
 from ..agent import Agent, AgentFactory, AgentSpec, AgentStartError
 from ..messages import (
+    ActorId,
     CloseSessionNow,
     DispatcherMessage,
     Hibernate,
@@ -100,8 +101,11 @@ async def serve_session(
     new_agent: AgentFactory,
     home: Path,
     stop: StopSignal,
+    actor: ActorId = 0,
 ) -> None:
     """Run the session ``key`` until hibernated, closed or stopped; see the module docstring.
+
+    ``actor`` is this actor's number (its supervisor's), sent with its messages.
 
     ``home`` is the user's HOME (workspace and Claude config dir). A stop request
     (service shutdown) interrupts a running turn, which is still answered, and
@@ -116,14 +120,16 @@ async def serve_session(
     leftover = SHUTTING_DOWN
     async with dispatcher:
         try:
-            await dispatcher.send(SessionStarted(key, inbox_send))
+            await dispatcher.send(SessionStarted(key, inbox_send, actor))
+            if _closed_at_once(inbox):  # a stale start: no agent to spawn
+                return
             while not stop.requested:
                 if agent is None:
                     with stop.guard():
                         agent = await _start_agent(session.record, config, new_agent, home)
                     if agent is None:
                         return
-                await dispatcher.send(SessionIdle(key, finished_ok, session.upstream_error))
+                await dispatcher.send(SessionIdle(key, finished_ok, session.upstream_error, actor))
                 command = None
                 with stop.guard():
                     command = await _next_command(inbox, agent)
@@ -325,6 +331,17 @@ async def _start_agent(
             log.info("session %s: %s; retrying with resume=%s", record.key, exc, not resume)
             resume = not resume
     raise AssertionError("unreachable")
+
+
+def _closed_at_once(inbox: trio.MemoryReceiveChannel[SessionCommand]) -> bool:
+    """Whether the dispatcher answered our SessionStarted with a close (a stale actor)."""
+    try:
+        command = inbox.receive_nowait()
+    except (trio.WouldBlock, trio.EndOfChannel):
+        return False
+    if isinstance(command, CloseSessionNow):
+        return True
+    raise AssertionError(f"a session actor got {command!r} before it was idle")
 
 
 def _close_inbox(inbox: trio.MemoryReceiveChannel[SessionCommand], failure: JobFailed) -> None:

@@ -27,6 +27,7 @@ import attrs
 import trio
 
 from ..messages import (
+    ActorId,
     CloseSessionNow,
     Hibernate,
     Job,
@@ -53,6 +54,7 @@ class SessionEntry:
     state: SessionState = SessionState.WAITING
     # The actor's inbox; the scheduler closes it when the actor is gone.
     inbox: trio.MemorySendChannel[SessionCommand] | None = None
+    actor: ActorId | None = None  # the current actor's number, once it has started
     last_used: float = 0.0
     # DELETE requests waiting for this session's actor to end: (ack, deleted) channels.
     closing: list[DeleteReply] = attrs.Factory(list)
@@ -63,7 +65,8 @@ class SessionScheduler:
 
     ``per_session_max``: turns that may wait behind a session's running turn.
     ``max_waiting_sessions``: sessions that may wait for a live slot (then 429).
-    ``start_session`` sends a :class:`StartSession` to the session supervisor;
+    ``start_session`` sends a :class:`StartSession` to the session supervisor
+    (False: its channel is full, try again later);
     ``delete_record(key, reply)`` asks the registry to delete a record.
     """
 
@@ -74,7 +77,7 @@ class SessionScheduler:
         per_session_max: int,
         max_waiting_sessions: int,
         idle_s: float,
-        start_session: Callable[[StartSession], None],
+        start_session: Callable[[StartSession], bool],
         delete_record: Callable[[SessionKey, trio.MemorySendChannel[Any]], None],
     ) -> None:
         self.max_live = max_live
@@ -117,30 +120,32 @@ class SessionScheduler:
                 return job
         return None
 
-    def started(self, key: SessionKey, inbox: trio.MemorySendChannel[SessionCommand]) -> None:
+    def started(
+        self, key: SessionKey, inbox: trio.MemorySendChannel[SessionCommand], actor: ActorId
+    ) -> None:
         entry = self.entries.get(key)
-        if entry is None or entry.state is not SessionState.STARTING:
-            # Closed while starting and already forgotten (or a stale actor): end it.
+        if entry is None or entry.state is not SessionState.STARTING or entry.actor is not None:
+            # Closed while starting and already forgotten, or a stale actor: end it.
             _send_nowait(inbox, CloseSessionNow())
             inbox.close()
             return
-        entry.inbox = inbox
+        entry.inbox, entry.actor = inbox, actor
         if entry.closing:
             self._send(entry, CloseSessionNow())
             entry.state = SessionState.STOPPING
 
-    def idle(self, key: SessionKey, now: float) -> None:
-        entry = self.entries.get(key)
+    def idle(self, key: SessionKey, now: float, actor: ActorId) -> None:
+        entry = self._current(key, actor)
         if entry is not None and entry.state is not SessionState.STOPPING:
             entry.state, entry.last_used = SessionState.IDLE, now
 
-    def stopped(self, key: SessionKey, failure: JobFailed | None) -> None:
-        entry = self.entries.get(key)
+    def stopped(self, key: SessionKey, failure: JobFailed | None, actor: ActorId) -> None:
+        entry = self._current(key, actor)
         if entry is None or entry.state is SessionState.WAITING:
-            return  # not ours: an actor of before a reset, or already gone
+            return  # not ours: a stale actor, an actor of before a reset, or already gone
         if entry.inbox is not None:
             entry.inbox.close()
-            entry.inbox = None
+        entry.inbox, entry.actor = None, None
         if entry.closing:
             for ack, deleted in entry.closing:
                 self._delete_record(key, deleted)
@@ -164,7 +169,7 @@ class SessionScheduler:
         """
         for entry in list(self.entries.values()):
             if entry.state in LIVE_STATES:
-                self.stopped(entry.key, None)
+                self.stopped(entry.key, None, entry.actor or 0)
 
     def close(
         self,
@@ -234,9 +239,13 @@ class SessionScheduler:
                     entry.state = SessionState.STOPPING
         live = self.live_count()
         while self.waiting_for_slot and live < self.max_live:
-            entry = self.entries[self.waiting_for_slot.popleft()]
-            entry.state = SessionState.STARTING
-            self._start_session(StartSession(entry.key))
+            key = self.waiting_for_slot[0]
+            if not self._start_session(StartSession(key)):
+                # The supervisor has starts to take first (after a restart, some twice);
+                # each it takes answers with a message, and this runs again then.
+                break
+            self.waiting_for_slot.popleft()
+            self.entries[key].state = SessionState.STARTING
             live += 1
         freeing = sum(1 for e in self.entries.values() if e.state is SessionState.STOPPING)
         short = len(self.waiting_for_slot) - freeing
@@ -278,6 +287,13 @@ class SessionScheduler:
         # A failed send means the actor is ending already: SessionStopped follows.
         self._send(entry, Hibernate())
         entry.state = SessionState.STOPPING
+
+    def _current(self, key: SessionKey, actor: ActorId) -> SessionEntry | None:
+        """The entry of ``key`` if ``actor`` is its current actor (or it has none yet)."""
+        entry = self.entries.get(key)
+        if entry is None or (entry.actor is not None and entry.actor != actor):
+            return None
+        return entry
 
     def _send(self, entry: SessionEntry, message: SessionCommand) -> bool:
         if entry.inbox is None:

@@ -22,12 +22,14 @@ session's crash touches no other session and not the worker pool.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Awaitable, Callable
 
 import trio
 
 from ..messages import (
+    ActorId,
     DispatcherMessage,
     JobFailed,
     SessionKey,
@@ -41,7 +43,8 @@ from .stopping import StopSignal
 log = logging.getLogger(__name__)
 
 RunSession = Callable[
-    [SessionKey, trio.MemorySendChannel[DispatcherMessage], StopSignal], Awaitable[None]
+    [SessionKey, trio.MemorySendChannel[DispatcherMessage], StopSignal, ActorId],
+    Awaitable[None],
 ]
 
 
@@ -62,6 +65,7 @@ class SessionSupervisor:
         self.run_session = run_session
         self._stops: set[StopSignal] = set()
         self._running: set[SessionKey] = set()
+        self._numbers = itertools.count(1)
         self._stop = StopSignal()
 
     def request_stop(self) -> None:
@@ -74,12 +78,12 @@ class SessionSupervisor:
         """Run until cancelled, or until stopped and every session actor has ended."""
         async with self.dispatcher.clone() as dispatcher, trio.open_nursery() as nursery:
 
-            async def supervise(key: SessionKey) -> None:
+            async def supervise(key: SessionKey, actor: ActorId) -> None:
                 stop = StopSignal()
                 self._stops.add(stop)
                 failure = None
                 try:
-                    await self.run_session(key, dispatcher.clone(), stop)
+                    await self.run_session(key, dispatcher.clone(), stop, actor)
                 except SessionFailed as exc:
                     log.warning("session %s ended: %s", key, exc.failure.error)
                     failure = exc.failure
@@ -89,7 +93,7 @@ class SessionSupervisor:
                 finally:
                     self._stops.discard(stop)
                     self._running.discard(key)
-                await dispatcher.send(SessionStopped(key, failure))
+                await dispatcher.send(SessionStopped(key, failure, actor))
 
             await dispatcher.send(SessionsReset())
             task_status.started()
@@ -100,4 +104,4 @@ class SessionSupervisor:
                         # again after it: one actor per session.
                         continue
                     self._running.add(message.key)
-                    nursery.start_soon(supervise, message.key)
+                    nursery.start_soon(supervise, message.key, next(self._numbers))

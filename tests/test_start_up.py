@@ -1,0 +1,89 @@
+"""Start-up failures: exit status 1 and one line naming the cause, never a traceback.
+
+Python 3.11.2 (Debian 12's) wraps an exception raised inside an ``except*``
+handler, ``SystemExit`` included, in an exception group: ``sys.exit(1)`` there
+printed a full ``BaseExceptionGroup`` traceback. The subprocess tests catch that
+on such a Python; the source check catches it on any.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import claude_code_api
+
+from .harness import service_env
+
+PACKAGE = Path(claude_code_api.__file__).parent
+
+
+def exits_inside_except_star(source: str) -> list[int]:
+    """Lines of ``sys.exit(...)``/``exit(...)``/``raise SystemExit`` in an except* handler."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.TryStar):
+            continue
+        for handler in node.handlers:
+            for inner in ast.walk(handler):
+                if isinstance(inner, ast.Call):
+                    name = ast.unparse(inner.func)
+                    if name in ("sys.exit", "exit", "SystemExit"):
+                        found.append(inner.lineno)
+                elif isinstance(inner, ast.Raise) and inner.exc is not None:
+                    if "SystemExit" in ast.unparse(inner.exc):
+                        found.append(inner.lineno)
+    return found
+
+
+def test_the_source_check_finds_sys_exit_in_an_except_star_handler():
+    bad = "try:\n    pass\nexcept* OSError:\n    sys.exit(1)\n"
+    assert exits_inside_except_star(bad) == [4]
+    assert exits_inside_except_star("try:\n    pass\nexcept* OSError:\n    status = 1\n") == []
+
+
+def test_no_except_star_handler_exits():
+    offenders = {
+        str(path.relative_to(PACKAGE)): lines
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if (lines := exits_inside_except_star(path.read_text()))
+    }
+    assert offenders == {}
+
+
+def start(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "claude_code_api"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_port_already_taken_exits_1_with_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = start(service_env(tmp_path, {"PORT": str(port)}))
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "claude-code-api:" in line]
+    assert len(errors) == 1 and "cannot serve" in errors[0], result.stderr
+    assert "address already in use" in errors[0].lower(), result.stderr
+
+
+def test_a_data_dir_that_is_a_file_exits_1_with_one_line(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    result = start(service_env(tmp_path, {"DATA_DIR": str(not_a_dir)}))
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "claude-code-api:" in line]
+    assert len(errors) == 1, result.stderr
+    assert os.fspath(not_a_dir) in errors[0], result.stderr
