@@ -15,6 +15,7 @@ import trio
 
 from .actors.registry import RegistryError
 from .config import ConfigError, Settings, load_settings
+from .startup import StartupError
 from .supervision import TooManyRestarts
 from .supervisor import Service
 
@@ -68,6 +69,9 @@ def run(settings: Settings) -> int:
         status = 1
     except* TooManyRestarts as group:
         log.error("giving up: %s", _first(group))
+        status = 1
+    except* StartupError as group:
+        print(f"claude-code-api: cannot start: {_first(group)}", file=sys.stderr)
         status = 1
     except* OSError as group:
         print(f"claude-code-api: cannot serve: {_first(group)}", file=sys.stderr)
