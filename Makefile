@@ -1,6 +1,8 @@
 # Operator shortcuts for Docker Compose, as the original's `pnpm docker:*` scripts.
 # Another Compose: `make docker-up COMPOSE=docker-compose` (or podman-compose).
 COMPOSE ?= docker compose
+# Podman (podman-compose) builds OCI images unless told, and those drop HEALTHCHECK and STOPSIGNAL.
+export BUILDAH_FORMAT := docker
 PROD := -f compose.yaml -f compose.prod.yaml
 
 .PHONY: docker-up docker-down docker-logs docker-prod container-check
