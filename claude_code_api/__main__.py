@@ -2,7 +2,8 @@
 
 Exit status: 0 after a shutdown by SIGTERM/SIGINT, 2 for bad configuration
 (one line naming the variable, no traceback), 1 if the service cannot start
-(port taken, unreadable session database: one line) or gave up.
+(port taken, unreadable session database, ``AGENT_SANDBOX=on`` without a
+sandbox: one line) or gave up.
 """
 
 from __future__ import annotations
@@ -67,11 +68,11 @@ def run(settings: Settings) -> int:
     except* RegistryError as group:
         print(f"claude-code-api: session registry: {_first(group)}", file=sys.stderr)
         status = 1
-    except* TooManyRestarts as group:
-        log.error("giving up: %s", _first(group))
-        status = 1
     except* StartupError as group:
         print(f"claude-code-api: cannot start: {_first(group)}", file=sys.stderr)
+        status = 1
+    except* TooManyRestarts as group:
+        log.error("giving up: %s", _first(group))
         status = 1
     except* OSError as group:
         print(f"claude-code-api: cannot serve: {_first(group)}", file=sys.stderr)

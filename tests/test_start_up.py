@@ -89,14 +89,12 @@ def test_a_data_dir_that_is_a_file_exits_1_with_one_line(tmp_path):
     assert os.fspath(not_a_dir) in errors[0], result.stderr
 
 
-def test_a_sandbox_required_but_missing_exits_1_with_one_line(tmp_path):
-    # No bwrap on PATH (as in an image without bubblewrap, or a container whose engine
-    # forbids it): AGENT_SANDBOX=on must refuse to start, saying why in one line.
-    empty_bin = tmp_path / "bin"
-    empty_bin.mkdir()
-    result = start(service_env(tmp_path, {"AGENT_SANDBOX": "on", "PATH": str(empty_bin)}))
+def test_a_sandbox_demanded_but_not_available_exits_1_with_one_line(tmp_path):
+    # No bwrap on this PATH (the service itself runs as sys.executable, absolute).
+    env = service_env(tmp_path, {"AGENT_SANDBOX": "on", "PATH": str(tmp_path / "empty")})
+    result = start(env)
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if "claude-code-api:" in line]
-    assert len(errors) == 1, result.stderr
-    assert "AGENT_SANDBOX=on" in errors[0] and "bwrap" in errors[0], result.stderr
+    assert len(errors) == 1 and "cannot start" in errors[0], result.stderr
+    assert "AGENT_SANDBOX=on" in errors[0] and "bubblewrap" in errors[0], result.stderr

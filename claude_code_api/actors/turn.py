@@ -196,7 +196,7 @@ async def run_turn(
             if cut is None:
                 began = True
                 try:
-                    result = await agent.run_turn(job.prompt, relay)
+                    result = await agent.run_turn(job.prompt, relay, memory=job.memory)
                 except AgentError as exc:
                     failure = exc
         nursery.cancel_scope.cancel()

@@ -165,3 +165,23 @@ def parse_run_request(body: bytes, *, max_prompt_chars: int, max_timeout_ms: int
         session_id=session_id_field(obj, required=False),
         timeout_ms=timeout_ms,
     )
+
+
+def parse_user_claude_request(body: bytes, *, max_bytes: int) -> str:
+    """Validate a ``PUT /user-claude`` body: ``{"content": string}``, at most ``max_bytes`` in UTF-8.
+
+    Over the bound is a 413, as for a body too large.
+    """
+    obj = parse_json_object(body)
+    content = obj.get("content")
+    if content is None:
+        raise BadRequest('content: required, a string (the CLAUDE.md text; "" removes it)')
+    if not isinstance(content, str):
+        raise BadRequest(f"content: expected a string, got {_json_type(content)}")
+    try:
+        size = len(content.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise BadRequest("content: not valid Unicode text (a lone surrogate)") from None
+    if size > max_bytes:
+        raise BadRequest(f"content: exceeds {max_bytes} bytes ({max_bytes // 1024} KiB)", 413)
+    return content
