@@ -13,6 +13,8 @@ from tests.harness import AUTH, run_service, wait_healthy
 
 
 def test_a_json_record_carries_its_context_fields(capsys):
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)  # pytest's own (caplog) among them
     logs.configure("INFO", "json")
     try:
         logging.getLogger("claude_code_api.x").info(
@@ -22,7 +24,9 @@ def test_a_json_record_carries_its_context_fields(capsys):
             warnings.simplefilter("always")
             warnings.warn("careful", UserWarning, stacklevel=1)
     finally:
-        logs.configure("INFO", "text")
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        logging.captureWarnings(False)
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     assert lines[0]["message"] == "turn of w0" and lines[0]["level"] == "INFO"
     assert {k: lines[0][k] for k in ("runId", "userId", "worker")} == {
