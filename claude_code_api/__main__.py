@@ -2,7 +2,8 @@
 
 Exit status: 0 after a shutdown by SIGTERM/SIGINT, 2 for bad configuration
 (one line naming the variable, no traceback), 1 if the service cannot start
-(port taken, unreadable session database: one line) or gave up.
+(port taken, unreadable session database, ``AGENT_SANDBOX=on`` without a
+sandbox: one line) or gave up.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import sys
 
 import trio
 
+from . import logs
 from .actors.registry import RegistryError
 from .config import ConfigError, Settings, load_settings
 from .http.auth import auth_warnings
+from .startup import StartupError
 from .supervision import TooManyRestarts
 from .supervisor import Service
 
@@ -44,14 +47,12 @@ async def serve(settings: Settings) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
         settings = load_settings()
     except ConfigError as exc:
         print(f"claude-code-api: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
+    logs.configure(settings.log_level, settings.log_format)
     for warning in auth_warnings(settings):
         log.warning("%s", warning)
     sys.exit(run(settings))
@@ -66,6 +67,9 @@ def run(settings: Settings) -> int:
         trio.run(serve, settings)
     except* RegistryError as group:
         print(f"claude-code-api: session registry: {_first(group)}", file=sys.stderr)
+        status = 1
+    except* StartupError as group:
+        print(f"claude-code-api: cannot start: {_first(group)}", file=sys.stderr)
         status = 1
     except* TooManyRestarts as group:
         log.error("giving up: %s", _first(group))

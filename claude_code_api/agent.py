@@ -126,10 +126,14 @@ class Agent(Protocol):
         """Return when the process has exited."""
         ...
 
-    async def run_turn(self, prompt: str, on_event: OnEvent) -> TurnResult:
+    async def run_turn(
+        self, prompt: str, on_event: OnEvent, *, memory: str | None = None
+    ) -> TurnResult:
         """Send ``prompt``, relay the turn's events to ``on_event``, return its result.
 
-        Raises :class:`AgentError` if the process fails mid-turn.
+        ``memory``: the user's CLAUDE.md, handed to the agent with the prompt as
+        context (for an agent that started before its user was known, so did not
+        load it itself). Raises :class:`AgentError` if the process fails mid-turn.
         """
         ...
 

@@ -172,6 +172,20 @@ class Text:
 
 
 @attrs.frozen
+class OrUnset:
+    """What ``kind`` accepts; a blank value (only the declared default may be) gives None,
+    and the setting then follows another one, as its doc says."""
+
+    kind: Kind
+
+    def parse(self, raw: str) -> Any:
+        return None if not raw else self.kind.parse(raw)
+
+    def accepts(self) -> str:
+        return self.kind.accepts()
+
+
+@attrs.frozen
 class Directory:
     """A directory path."""
 
@@ -434,6 +448,15 @@ class Settings:
     queue_max: int = setting(
         "QUEUE_MAX", Whole(0, 100_000), "20", "jobs that may wait for a worker"
     )
+    # None: QUEUE_MAX (see user_queue_max).
+    queue_max_per_user: int | None = setting(
+        "QUEUE_MAX_PER_USER",
+        OrUnset(Whole(0, 100_000)),
+        "",
+        "jobs one user may have waiting for a worker (and sessions waiting for a live slot);"
+        " past it that user gets 429 while others are served",
+        shown_default="`QUEUE_MAX`",
+    )
     default_timeout_s: float = setting(
         "DEFAULT_TIMEOUT_MS",
         Duration("ms", 1, 7 * DAY_MS),
@@ -532,10 +555,22 @@ class Settings:
         "INFO",
         "least severe log messages written",
     )
+    log_format: str = setting(
+        "LOG_FORMAT",
+        Choice(("text", "json")),
+        "text",
+        "`json`: every line the process writes is one JSON object (time, level, logger,"
+        " message, and `runId`, `userId`, `sessionId`, `worker` where they apply)",
+    )
 
     # Fixed, not read from the environment.
     max_body_bytes: int = 1024 * 1024  # largest request body accepted
     max_prompt_chars: int = 200_000  # longest prompt accepted (the original's bound)
+
+    @property
+    def user_queue_max(self) -> int:
+        """``QUEUE_MAX_PER_USER``, or ``QUEUE_MAX`` when it is not set."""
+        return self.queue_max if self.queue_max_per_user is None else self.queue_max_per_user
 
     @property
     def default_timeout_ms(self) -> int:

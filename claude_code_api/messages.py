@@ -8,9 +8,10 @@ channels, who owns each end, and who closes it:
   tree ends, so a restarted dispatcher reads the same inbox. Every other actor
   sends on its own ``clone()`` and closes that clone when it ends: HTTP handlers
   (:class:`Submit`, :class:`Withdraw`, :class:`StatusRequest`,
-  :class:`CloseSession`, :class:`Drain`), workers (``Worker*``), the session
-  supervisor (:class:`SessionsReset`, :class:`SessionStopped`) and session actors
-  (:class:`SessionStarted`, :class:`SessionIdle`).
+  :class:`CloseSession`, :class:`Drain`, :class:`UserMemoryChanged`), workers
+  (``Worker*``), the session supervisor (:class:`SessionsReset`,
+  :class:`SessionStopped`) and session actors (:class:`SessionStarted`,
+  :class:`SessionIdle`).
 * **worker job inbox** (``MemorySendChannel[Job]``, buffer 1): made by a worker
   for each :class:`WorkerReady`; the worker owns and closes the receive end, the
   dispatcher closes the send end after handing over one job (or when the worker
@@ -86,6 +87,9 @@ class Job:
     deadline: float
     reply: trio.MemorySendChannel[ReplyEvent] = attrs.field(repr=False)
     session_id: str | None = None
+    # The user's CLAUDE.md, handed to a one-shot job's agent with the prompt: that agent
+    # started before its user was known. (A session's agent loads it from its HOME.)
+    memory: str | None = attrs.field(default=None, repr=False)
     cancellation: Cancellation = attrs.field(factory=Cancellation, repr=False)
 
     @property
@@ -400,6 +404,17 @@ class CloseSession:
     deleted: trio.MemorySendChannel[Any] = attrs.field(repr=False)
 
 
+@attrs.frozen
+class UserMemoryChanged:
+    """HTTP -> dispatcher: ``user_id``'s CLAUDE.md was saved anew.
+
+    Their live sessions restart at the next turn boundary to load it (a running
+    Claude Code process never re-reads it); one-shot jobs read it themselves.
+    """
+
+    user_id: str
+
+
 DispatcherMessage = (
     Submit
     | Withdraw
@@ -414,6 +429,7 @@ DispatcherMessage = (
     | SessionStopped
     | SessionsReset
     | CloseSession
+    | UserMemoryChanged
 )
 
 

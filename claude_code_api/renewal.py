@@ -94,8 +94,10 @@ class RetiredWhenStale:
             await self._agent.wait_exited()
             nursery.cancel_scope.cancel()
 
-    async def run_turn(self, prompt: str, on_event: OnEvent) -> TurnResult:
-        return await self._agent.run_turn(prompt, on_event)
+    async def run_turn(
+        self, prompt: str, on_event: OnEvent, *, memory: str | None = None
+    ) -> TurnResult:
+        return await self._agent.run_turn(prompt, on_event, memory=memory)
 
     async def interrupt(self, grace: float) -> bool:
         return await self._agent.interrupt(grace)

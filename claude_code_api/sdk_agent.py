@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
@@ -55,6 +56,7 @@ from .agent import (
 )
 from .messages import AssistantText, ToolResult, ToolUse, UpstreamRetry
 from .sandbox import AgentLauncher
+from .user_memory import memory_reminder
 
 log = logging.getLogger(__name__)
 
@@ -252,12 +254,17 @@ class SdkAgent:
         if isinstance(session_id, str) and session_id:
             self._session_id = session_id
 
-    async def run_turn(self, prompt: str, on_event: OnEvent) -> TurnResult:
+    async def run_turn(
+        self, prompt: str, on_event: OnEvent, *, memory: str | None = None
+    ) -> TurnResult:
         client = self._connected()
         model: str | None = None
         try:
             self._turn_open = True
-            await client.query(prompt)
+            if memory:
+                await client.query(_with_context(memory_reminder(memory), prompt))
+            else:
+                await client.query(prompt)
             async for message in client.receive_response():
                 if isinstance(message, ResultMessage):
                     self._turn_open = False
@@ -364,6 +371,21 @@ class SdkAgent:
                 await end_input()
             except Exception as exc:
                 log.debug("end_input: %r", exc)
+
+
+async def _with_context(context: str, prompt: str) -> AsyncIterator[dict[str, Any]]:
+    """One user message: a ``context`` text block, then the prompt's.
+
+    As the CLI itself sends the CLAUDE.md files it loaded: a block of its own
+    before the prompt (which it reads from the last block, so a slash command
+    stays one).
+    """
+    content = [{"type": "text", "text": context}, {"type": "text", "text": prompt}]
+    yield {
+        "type": "user",
+        "message": {"role": "user", "content": content},
+        "parent_tool_use_id": None,
+    }
 
 
 def _turn_result(message: ResultMessage, model: str | None) -> TurnResult:

@@ -192,6 +192,7 @@ class Service:
                 self._inbox_receive,
                 pool_size=settings.pool_size,
                 queue_max=settings.queue_max,
+                queue_max_per_user=settings.user_queue_max,
                 session_starter=self.session_starts,
                 registry=self.registry_inbox,
                 session_limits=SessionLimits(

@@ -104,6 +104,8 @@ class FakeAgent:
         self._session_id = spec.resume or spec.session_id
         self._turn: list[Step] | None = None  # the rest of the turn "in the process"
         self._interrupted = trio.Event()
+        # The ``memory`` (a user's CLAUDE.md) each turn was handed, in order.
+        self.memories: list[str | None] = []
 
     def note(self, what: str) -> None:
         self.log.append((trio.current_time(), what))
@@ -145,10 +147,13 @@ class FakeAgent:
     async def wait_exited(self) -> None:
         await self._exited.wait()
 
-    async def run_turn(self, prompt: str, on_event: OnEvent) -> TurnResult:
+    async def run_turn(
+        self, prompt: str, on_event: OnEvent, *, memory: str | None = None
+    ) -> TurnResult:
         if self.exited or self._closed:
             raise AgentError("agent process is not running")
         self.note(f"turn {prompt}")
+        self.memories.append(memory)
         self._turn = list(self.factory.script(prompt))
         self._interrupted = trio.Event()
         while self._turn:

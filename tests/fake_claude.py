@@ -38,6 +38,19 @@ Per-turn directives, written in the prompt as [[fake:NAME]] or [[fake:NAME:ARG..
   retry:S:N:D   N `api_retry` system messages for HTTP status S (0: unreachable), D seconds
                 apart (interruptible; N=0: until interrupted), then an error result with
                 api_error_status S, as the real CLI ends a turn whose retries ran out
+  memory        reply with the memory this process was given, instead of the echo:
+                "memory: " and, joined by " | ", each CLAUDE.md it loaded at start as
+                "<source>: <text>" (source user, project or local), then each
+                <system-reminder> block a user message brought as "context: <text>";
+                "memory: none" when there is none
+
+Memory, as the real CLI has it: at start the fake reads CLAUDE.md files as the real
+one does (user: $CLAUDE_CONFIG_DIR/CLAUDE.md; project: CLAUDE.md and .claude/CLAUDE.md in
+the cwd and every ancestor; local: CLAUDE.local.md there too; --setting-sources picks
+which, default all) and never again in that process. A user message whose content is a
+list of text blocks has its prompt in the blocks that are not <system-reminder> blocks;
+those are context, kept for the rest of the conversation. FAKE_CLAUDE_LOG turn records
+carry the memory as a list.
 
 The prompt "/clear" moves the conversation to a new session id, as the real CLI
 does: that turn's init and result carry the new id, and no model call is made.
@@ -79,7 +92,9 @@ TURN_DIRECTIVES = {
     "tool",
     "bash",
     "retry",
+    "memory",
 }
+REMINDER_PREFIX = "<system-reminder>"
 DIRECTIVE_RE = re.compile(r"\[\[fake:([^\]]*)\]\]")
 NAME_RE = re.compile(r"My name is ([^.\n]+)\.")
 # Flags that always take a value (two-token form consumes the next argv item).
@@ -328,15 +343,61 @@ def append_log(record):
         pass
 
 
-def prompt_text(message):
+def _text_blocks(message):
     content = (message.get("message") or {}).get("content", "")
     if isinstance(content, str):
-        return content
+        return [content]
     if isinstance(content, list):
-        return "".join(
+        return [
             b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text"
-        )
-    return str(content)
+        ]
+    return [str(content)]
+
+
+def prompt_text(message):
+    """The prompt: the text blocks that are not context (<system-reminder> blocks)."""
+    blocks = _text_blocks(message)
+    if len(blocks) == 1:
+        return blocks[0]
+    return "".join(b for b in blocks if not b.startswith(REMINDER_PREFIX))
+
+
+def context_blocks(message):
+    """The <system-reminder> blocks a user message of several blocks brings along."""
+    blocks = _text_blocks(message)
+    if len(blocks) == 1:
+        return []
+    return [b for b in blocks if b.startswith(REMINDER_PREFIX)]
+
+
+def load_memory_files(values):
+    """The CLAUDE.md files the real CLI loads at start: [(source, text)], each file once."""
+    sources = values.get("--setting-sources")
+    enabled = {"user", "project", "local"}
+    if sources is not None:
+        enabled = {part.strip() for part in sources.split(",") if part.strip()}
+    candidates = []
+    if "user" in enabled:
+        config = Path(os.environ.get("CLAUDE_CONFIG_DIR") or (Path.home() / ".claude"))
+        candidates.append(("user", config / "CLAUDE.md"))
+    cwd = Path(os.getcwd())
+    for directory in reversed([cwd, *cwd.parents]):  # the outermost first
+        if "project" in enabled:
+            candidates.append(("project", directory / "CLAUDE.md"))
+            candidates.append(("project", directory / ".claude" / "CLAUDE.md"))
+        if "local" in enabled:
+            candidates.append(("local", directory / "CLAUDE.local.md"))
+    found, seen = [], set()
+    for source, path in candidates:
+        try:
+            key = path.resolve()
+            if key in seen or not path.is_file():
+                continue
+            seen.add(key)
+            found.append((source, path.read_text(encoding="utf-8", errors="replace")))
+        except OSError:
+            continue
+    return found
 
 
 def parse_directives(prompt):
@@ -364,6 +425,14 @@ class Session:
         self.received = 0  # user messages read so far
         self.interrupted_upto = 0  # every turn numbered <= this is interrupted
         self.turns = queue.Queue()
+        # Read once, at start, as the real CLI does; then context the messages brought.
+        self.memory_files = load_memory_files(values)
+        self.contexts = []
+
+    def memory(self):
+        return [f"{source}: {text.strip()}" for source, text in self.memory_files] + [
+            f"context: {text}" for text in self.contexts
+        ]
 
     # -- called from the reader thread ------------------------------------
     def user_arrived(self, message):
@@ -388,6 +457,7 @@ class Session:
 
     def run_turn(self, number, message):
         prompt = prompt_text(message)
+        self.contexts.extend(context_blocks(message))
         if prompt.strip() == "/clear":
             # A local command: the conversation moves to a new, empty session.
             self.session_id = str(uuid.uuid4())
@@ -542,7 +612,13 @@ class Turn:
     def run(self):
         s = self.s
         append_log(
-            {"pid": os.getpid(), "event": "turn", "prompt": self.prompt, "session_id": self.sid}
+            {
+                "pid": os.getpid(),
+                "event": "turn",
+                "prompt": self.prompt,
+                "session_id": self.sid,
+                "memory": s.memory(),
+            }
         )
         # The prompt reaches the transcript before any of the reply is streamed.
         s.transcripts.append(
@@ -625,6 +701,9 @@ class Turn:
             return self.result(result="".join(self.texts))
         if "retry" in d:
             return self.retry_then_fail(d["retry"])
+        if "memory" in d:
+            self.say("memory: " + (" | ".join(s.memory()) or "none"))
+            return self.result(result="".join(self.texts))
         if "bash" in d:
             command = DIRECTIVE_RE.sub("", self.prompt).strip()
             output = self.run_tool({"command": command}, command)

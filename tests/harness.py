@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FAKE_CLAUDE = ROOT / "tests" / "fake_claude.py"
 API_KEY = "sk-test-key"
 AUTH = {"x-api-key": API_KEY}
-LISTENING = re.compile(r"listening on (http://\S+)")
+LISTENING = re.compile(r"listening on (http://[^\s\"]+)")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 FAKE_CLAUDE_VARIABLES = (
@@ -151,6 +151,9 @@ def service_env(
         path.mkdir(parents=True, exist_ok=True)
     env = {name: value for name, value in os.environ.items() if name not in SERVICE_VARS}
     env.update({name: str(path) for name, path in layout.items()})
+    # The fake CLI's `#!/usr/bin/env python3` finds this interpreter first, not a shim
+    # (pyenv's costs ~0.3 s a start: one per one-shot request).
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(
         {
             "HOST": "127.0.0.1",

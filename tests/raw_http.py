@@ -14,6 +14,15 @@ from typing import Any
 import attrs
 import trio
 
+_open: set[RawConnection] = set()
+
+
+async def close_all() -> None:
+    """Close every connection still open (a test's teardown)."""
+    while _open:
+        with trio.CancelScope(shield=True):
+            await _open.pop().stream.aclose()
+
 
 @attrs.frozen
 class RawResponse:
@@ -30,7 +39,11 @@ class RawResponse:
 
 
 class RawConnection:
-    """One TCP connection to the service; send bytes, read whole responses."""
+    """One TCP connection to the service; send bytes, read whole responses.
+
+    Every connection opened is remembered until closed, so a test's leftovers
+    can be closed after it (:func:`close_all`) instead of left to the GC.
+    """
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
@@ -39,9 +52,12 @@ class RawConnection:
     @classmethod
     async def open(cls, url: str) -> RawConnection:
         host, port = url.removeprefix("http://").rsplit(":", 1)
-        return cls(await trio.open_tcp_stream(host.strip("[]"), int(port)))
+        connection = cls(await trio.open_tcp_stream(host.strip("[]"), int(port)))
+        _open.add(connection)
+        return connection
 
     async def aclose(self) -> None:
+        _open.discard(self)
         await self.stream.aclose()
 
     async def send(self, data: bytes) -> None:

@@ -590,4 +590,53 @@ async def test_pid_file_and_log(tmp_path):
         "event": "turn",
         "prompt": "logged prompt",
         "session_id": turn["session_id"],
+        "memory": [],
     }
+
+
+@pytest.mark.parametrize(
+    "setting_sources, loaded",
+    [
+        (None, ["user: USER-RULE", "project: PROJECT-RULE"]),
+        (["project"], ["project: PROJECT-RULE"]),
+        (["user"], ["user: USER-RULE"]),
+        ([], []),
+    ],
+)
+async def test_memory_files_are_read_at_start_as_the_real_cli_reads_them(
+    tmp_path, setting_sources, loaded
+):
+    """As tests/test_real_cli_basics.py pins it for the real CLI: user memory from
+    $CLAUDE_CONFIG_DIR, project memory from the cwd; and never again in that process."""
+    config, workspace = tmp_path / "config", tmp_path / "workspace"
+    config.mkdir()
+    workspace.mkdir()
+    (config / "CLAUDE.md").write_text("USER-RULE\n")
+    (workspace / "CLAUDE.md").write_text("PROJECT-RULE\n")
+    options = make_options(
+        tmp_path,
+        env={"CLAUDE_CONFIG_DIR": str(config)},
+        cwd=str(workspace),
+        setting_sources=setting_sources,
+    )
+    with trio.fail_after(20):
+        async with ClaudeSDKClient(options) as client:
+            (config / "CLAUDE.md").write_text("CHANGED-AFTER-START\n")
+            first = result_of(await run_turn(client, "[[fake:memory]]")).result
+    expected = " | ".join(loaded) or "none"
+    assert first == f"memory: {expected}"
+
+
+async def test_system_reminder_blocks_are_context_and_the_rest_is_the_prompt(tmp_path):
+    async def message(*texts):
+        content = [{"type": "text", "text": text} for text in texts]
+        yield {"type": "user", "message": {"role": "user", "content": content}}
+
+    with trio.fail_after(20):
+        async with ClaudeSDKClient(make_options(tmp_path, cwd=str(tmp_path))) as client:
+            await client.query(message("<system-reminder>RULE-1</system-reminder>", "hello"))
+            echo = result_of([m async for m in client.receive_response()]).result
+            later = result_of(await run_turn(client, "[[fake:memory]]")).result
+    assert echo == "echo: hello"
+    # Kept for the rest of the conversation, as the real CLI keeps it in its history.
+    assert later == "memory: context: <system-reminder>RULE-1</system-reminder>"

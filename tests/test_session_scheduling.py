@@ -385,13 +385,17 @@ async def test_no_more_than_max_live_actors_are_alive_at_once(autojump_clock, nu
 
         fakes = service.sessions
         assert fakes.max_alive == 3
-        # Slots are granted in arrival order; each session keeps its actor for both of
-        # its turns, and a wave starts once the one before it stopped (1 s to close).
-        assert fakes.details("start") == session_ids
-        assert [fakes.times("start", s)[0] for s in session_ids] == [0, 0, 0, 3, 3, 3, 6, 6, 6, 9]
-        # Only as many sessions were hibernated as were waiting for a slot.
-        assert len(fakes.details("hibernate")) == 7
-        assert trio.current_time() == 11
+        # First slots are granted in arrival order, a wave once the one before it stopped
+        # (1 s to close). A session that ran a turn yields its slot to a waiting one
+        # instead of taking its second turn: every session's first turn ran before any
+        # session's second.
+        assert fakes.details("start")[:10] == session_ids
+        assert [fakes.times("start", s)[0] for s in session_ids] == [0, 0, 0, 2, 2, 2, 4, 4, 4, 6]
+        turns = fakes.details("turn")
+        assert sorted(turns[:10]) == [f"{s}-0" for s in session_ids]
+        for session_id in session_ids:  # and each session's turns ran in order
+            assert turns.index(f"{session_id}-0") < turns.index(f"{session_id}-1")
+        assert trio.current_time() == 13
 
 
 # --- freeing a slot -------------------------------------------------------------------

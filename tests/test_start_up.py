@@ -87,3 +87,14 @@ def test_a_data_dir_that_is_a_file_exits_1_with_one_line(tmp_path):
     errors = [line for line in result.stderr.splitlines() if "claude-code-api:" in line]
     assert len(errors) == 1, result.stderr
     assert os.fspath(not_a_dir) in errors[0], result.stderr
+
+
+def test_a_sandbox_demanded_but_not_available_exits_1_with_one_line(tmp_path):
+    # No bwrap on this PATH (the service itself runs as sys.executable, absolute).
+    env = service_env(tmp_path, {"AGENT_SANDBOX": "on", "PATH": str(tmp_path / "empty")})
+    result = start(env)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "claude-code-api:" in line]
+    assert len(errors) == 1 and "cannot start" in errors[0], result.stderr
+    assert "AGENT_SANDBOX=on" in errors[0] and "bubblewrap" in errors[0], result.stderr

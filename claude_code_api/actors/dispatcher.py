@@ -10,7 +10,9 @@ reserved for it), so a slow client or worker can never stall dispatch.
   pool is still warming wait in the queue instead of being forgotten.
 * Each job's deadline covers its wait here: an overdue queued job is answered
   ``timed_out`` by the dispatcher; once running, its worker enforces the rest.
-* A full queue answers 429; a pool whose every worker failed its last warm-up
+* The queue is fair between users (round-robin between their lines, FIFO within
+  one: :class:`JobQueue`). A full queue answers 429, and so does a user's full
+  line (``queue_max_per_user``) while other users' jobs are still taken; a pool whose every worker failed its last warm-up
   answers 503 at once, naming the last failure, instead of letting jobs hang.
 
 Error handling: a worker that died between offering itself and receiving a job
@@ -43,6 +45,7 @@ from ..messages import (
     StatusRequest,
     Submit,
     UpstreamError,
+    UserMemoryChanged,
     Withdraw,
     WorkerFailed,
     WorkerFinished,
@@ -58,6 +61,7 @@ from .session_scheduler import SessionScheduler
 log = logging.getLogger(__name__)
 
 QUEUE_FULL_ERROR = "Queue is full, try again later"
+USER_QUEUE_FULL_ERROR = "Too many of your requests are waiting, try again later"
 RETRY_AFTER_S = 1
 SHUTTING_DOWN = JobFailed(503, "service is shutting down")
 RESTARTING = JobFailed(503, "the dispatcher restarted; try again")
@@ -96,6 +100,7 @@ class Dispatcher:
         *,
         pool_size: int,
         queue_max: int,
+        queue_max_per_user: int | None = None,
         session_starter: trio.MemorySendChannel[StartSession] | None = None,
         registry: trio.MemorySendChannel[Any] | None = None,
         session_limits: SessionLimits = SessionLimits(),
@@ -107,11 +112,12 @@ class Dispatcher:
             max_live=session_limits.max_live,
             per_session_max=session_limits.per_session_max,
             max_waiting_sessions=queue_max,
+            max_waiting_sessions_per_user=queue_max_per_user,
             idle_s=session_limits.idle_s,
             start_session=self._start_session,
             delete_record=self._delete_record,
         )
-        self.queue = JobQueue(queue_max)
+        self.queue = JobQueue(queue_max, queue_max_per_user)
         self.workers: dict[str, _WorkerRecord] = {}
         self.expected_workers = pool_size
         self.idle: list[str] = []  # ready worker ids, longest idle first
@@ -220,6 +226,8 @@ class Dispatcher:
                 self.sessions.reset()
             case CloseSession(key, ack, deleted):
                 self.sessions.close(key, ack, deleted)
+            case UserMemoryChanged(user_id):
+                self.sessions.memory_changed(user_id)
             case _:
                 log.error("dispatcher: unknown message %r", message)
 
@@ -240,8 +248,12 @@ class Dispatcher:
                 job.answer(refusal)
         elif self.degraded_reason() is not None:
             job.answer(self._unavailable())
-        elif self.queue.full and not self.idle:
+        elif self.idle:  # the queue is empty: it starts at once
+            self.queue.push(job)
+        elif self.queue.full:
             job.answer(JobFailed(429, QUEUE_FULL_ERROR, retry_after_s=RETRY_AFTER_S))
+        elif self.queue.full_for(job.user_id):
+            job.answer(JobFailed(429, USER_QUEUE_FULL_ERROR, retry_after_s=RETRY_AFTER_S))
         else:
             self.queue.push(job)
 

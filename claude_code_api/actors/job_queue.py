@@ -1,24 +1,32 @@
-"""The dispatcher's waiting line of jobs.
+"""The dispatcher's waiting line of jobs: fair between users.
 
-FIFO today. It is its own class so that per-user fair queueing (round-robin
-between users) can replace it without touching dispatch: the dispatcher only
+Jobs wait in a :class:`~claude_code_api.actors.fair_line.FairLine` keyed by
+their user: round-robin between users' lines, FIFO within one, so a user with
+a backlog does not delay another user's job behind it. The dispatcher only
 pushes, pops the next job, removes a withdrawn one and expires overdue ones.
+A session's own turns wait in a ``JobQueue`` too (one user: plain FIFO).
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 
 from ..messages import Job
+from .fair_line import FairLine
 
 
 class JobQueue:
-    """Jobs waiting for an agent, bounded by ``max_size``; owned by the dispatcher."""
+    """Jobs waiting for an agent; owned by the dispatcher.
 
-    def __init__(self, max_size: int) -> None:
+    ``max_size`` bounds all jobs together, ``max_per_user`` (default: ``max_size``)
+    the jobs of one user. The queue does not refuse anything itself: the
+    dispatcher asks :attr:`full` / :meth:`full_for` and answers 429.
+    """
+
+    def __init__(self, max_size: int, max_per_user: int | None = None) -> None:
         self.max_size = max_size
-        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self.max_per_user = max_size if max_per_user is None else max_per_user
+        self._jobs: FairLine[str, Job] = FairLine()
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -27,31 +35,33 @@ class JobQueue:
     def full(self) -> bool:
         return len(self._jobs) >= self.max_size
 
+    def full_for(self, user_id: str) -> bool:
+        """``user_id`` has ``max_per_user`` jobs waiting already."""
+        return self._jobs.count(user_id) >= self.max_per_user
+
     def push(self, job: Job) -> None:
-        self._jobs[job.id] = job
+        self._jobs.push(job.user_id, job.id, job)
 
     def push_front(self, job: Job) -> None:
-        """Put back a job that could not be handed over, ahead of the rest."""
-        self._jobs[job.id] = job
-        self._jobs.move_to_end(job.id, last=False)
+        """Put back a job that could not be handed over: next in line, as it was."""
+        self._jobs.push_front(job.user_id, job.id, job)
 
     def pop_next(self) -> Job | None:
-        if not self._jobs:
-            return None
-        return self._jobs.popitem(last=False)[1]
+        return self._jobs.pop_next()
 
     def remove(self, job_id: str) -> Job | None:
-        return self._jobs.pop(job_id, None)
+        return self._jobs.remove(job_id)
 
     def pop_expired(self, now: float) -> list[Job]:
         expired = [job for job in self._jobs.values() if job.deadline <= now]
         for job in expired:
-            del self._jobs[job.id]
+            self._jobs.remove(job.id)
         return expired
 
     def pop_all(self) -> list[Job]:
         jobs = list(self._jobs.values())
-        self._jobs.clear()
+        for job in jobs:
+            self._jobs.remove(job.id)
         return jobs
 
     def next_deadline(self) -> float:

@@ -10,16 +10,30 @@ Owned by the dispatcher and, like it, it never awaits: every send is
 * Each session's turns wait in their own :class:`JobQueue` (bounded; over the
   bound → 429), in order, under their deadlines. The actor gets one job at a
   time, only when idle.
-* A session needing a live slot when none is free waits (``waiting``) while the
-  least-recently-used idle session is hibernated for it; if every live session is
-  busy it waits until one finishes. An idle session hibernates after ``idle_s``.
+* A session needing a live slot when none is free waits (``waiting``) in a line
+  that is fair between users (round-robin between users, FIFO within one:
+  :class:`FairLine`; at most ``max_waiting_sessions`` in all and
+  ``max_waiting_sessions_per_user`` of one user, else 429). A slot is freed for
+  it at the next *turn boundary*: the least-recently-used idle session with no
+  turn waiting is hibernated; failing that, a live session that has run a turn
+  since it got its slot and now has its next turn queued *yields*: it is
+  hibernated instead of taking that turn, and waits at the back of the line
+  with its turns (in order) until a slot comes round again. So sessions with
+  continuous traffic cannot starve a waiting one: it gets a slot as soon as any
+  live session finishes a turn, and the sessions then take turns, one turn per
+  slot grant at worst. A session that has not yet run a turn since its slot was
+  granted never yields, so every grant makes progress. An idle session
+  hibernates after ``idle_s``.
+* When a user's CLAUDE.md changes (:meth:`SessionScheduler.memory_changed`), each
+  of that user's live sessions is restarted at its next turn boundary (hibernated
+  when idle, and started again — resuming its conversation — when it has a turn
+  to run): the Claude Code CLI reads CLAUDE.md only when its process starts.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -39,11 +53,14 @@ from ..messages import (
     SessionView,
     StartSession,
 )
+from .fair_line import FairLine
 from .job_queue import JobQueue
 
 log = logging.getLogger(__name__)
 
 LIVE_STATES = (SessionState.STARTING, SessionState.IDLE, SessionState.BUSY, SessionState.STOPPING)
+# Live and not on the way out: an agent runs, or is starting, and will go on.
+RUNNING_STATES = (SessionState.STARTING, SessionState.IDLE, SessionState.BUSY)
 DeleteReply = tuple[trio.MemorySendChannel[bool], trio.MemorySendChannel[Any]]
 
 
@@ -58,13 +75,21 @@ class SessionEntry:
     last_used: float = 0.0
     # DELETE requests waiting for this session's actor to end: (ack, deleted) channels.
     closing: list[DeleteReply] = attrs.Factory(list)
+    # Which grant gave it its live slot (they are numbered), and turns handed over since.
+    slot_grant: int = 0
+    turns_since_grant: int = 0
+    # Hibernated to give its slot to a waiting session: it goes to the back of the line.
+    yielding: bool = False
+    # Its agent may hold an outdated CLAUDE.md: restart it at the next turn boundary.
+    stale_memory: bool = False
 
 
 class SessionScheduler:
     """See the module docstring.
 
     ``per_session_max``: turns that may wait behind a session's running turn.
-    ``max_waiting_sessions``: sessions that may wait for a live slot (then 429).
+    ``max_waiting_sessions``: sessions that may wait for a live slot (then 429);
+    ``max_waiting_sessions_per_user`` (default: the same): those of one user.
     ``start_session`` sends a :class:`StartSession` to the session supervisor
     (False: its channel is full, try again later);
     ``delete_record(key, reply)`` asks the registry to delete a record.
@@ -76,6 +101,7 @@ class SessionScheduler:
         max_live: int,
         per_session_max: int,
         max_waiting_sessions: int,
+        max_waiting_sessions_per_user: int | None = None,
         idle_s: float,
         start_session: Callable[[StartSession], bool],
         delete_record: Callable[[SessionKey, trio.MemorySendChannel[Any]], None],
@@ -83,11 +109,17 @@ class SessionScheduler:
         self.max_live = max_live
         self.per_session_max = per_session_max
         self.max_waiting_sessions = max_waiting_sessions
+        self.max_waiting_sessions_per_user = (
+            max_waiting_sessions
+            if max_waiting_sessions_per_user is None
+            else max_waiting_sessions_per_user
+        )
         self.idle_s = idle_s
         self._start_session = start_session
         self._delete_record = delete_record
         self.entries: dict[SessionKey, SessionEntry] = {}
-        self.waiting_for_slot: deque[SessionKey] = deque()
+        self.waiting_for_slot: FairLine[SessionKey, SessionKey] = FairLine()
+        self.grants = 0  # live slots granted so far
 
     # --- from the dispatcher's messages ------------------------------------
 
@@ -97,11 +129,15 @@ class SessionScheduler:
         assert key is not None, "a session turn names its session"
         entry = self.entries.get(key)
         if entry is None:
+            # Sessions waiting for a live slot hold requests open: bound them like the queue.
             if len(self.waiting_for_slot) >= self.max_waiting_sessions:
-                # Sessions waiting for a live slot hold requests open: bound them like the queue.
                 return JobFailed(429, "Queue is full, try again later", retry_after_s=1)
+            if self.waiting_for_slot.count(key.user_id) >= self.max_waiting_sessions_per_user:
+                return JobFailed(
+                    429, "Too many of your requests are waiting, try again later", retry_after_s=1
+                )
             entry = self.entries[key] = SessionEntry(key, JobQueue(self.per_session_max))
-            self.waiting_for_slot.append(key)
+            self._wait_for_slot(entry)
         turns_ahead = len(entry.waiting) + (entry.state is SessionState.BUSY)
         if turns_ahead > self.per_session_max:
             return JobFailed(
@@ -158,9 +194,20 @@ class SessionScheduler:
                 job.answer(failure)
         if len(entry.waiting):
             entry.state = SessionState.WAITING
-            self.waiting_for_slot.appendleft(key)  # it had a slot: first in line
+            # It had a slot: first in line again, unless it gave the slot to another.
+            self._wait_for_slot(entry, first=not entry.yielding)
         else:
             del self.entries[key]
+
+    def memory_changed(self, user_id: str) -> None:
+        """``user_id``'s CLAUDE.md changed: restart their live sessions at the next turn boundary.
+
+        A session still starting may have read the old file or the new one: it is
+        restarted too, to be sure. A stopping one starts afresh anyway.
+        """
+        for entry in self.entries.values():
+            if entry.key.user_id == user_id and entry.state in RUNNING_STATES:
+                entry.stale_memory = True
 
     def reset(self) -> None:
         """No session actor runs any more (their supervisor restarted): forget them all.
@@ -226,37 +273,60 @@ class SessionScheduler:
     # --- scheduling ---------------------------------------------------------
 
     def schedule(self) -> None:
-        """Hand idle sessions their next turn, grant free slots, and free slots by hibernating."""
+        """Grant free slots, free slots at turn boundaries, then hand idle sessions their turn.
+
+        In that order: a session waiting for a slot is served before a live session
+        takes its next turn (see the module docstring).
+        """
+        live = self.live_count()
+        while len(self.waiting_for_slot) and live < self.max_live:
+            key = self.waiting_for_slot.peek_next()
+            assert key is not None
+            if not self._start_session(StartSession(key)):
+                # The supervisor has starts to take first (after a restart, some twice);
+                # each it takes answers with a message, and this runs again then.
+                break
+            self.waiting_for_slot.pop_next()
+            entry = self.entries[key]
+            self.grants += 1
+            entry.state, entry.slot_grant, entry.turns_since_grant = (
+                SessionState.STARTING,
+                self.grants,
+                0,
+            )
+            live += 1
+        idle = [e for e in self.entries.values() if e.state is SessionState.IDLE]
+        for entry in idle:
+            if entry.stale_memory:
+                log.info("session %s: its user's CLAUDE.md changed; restarting it", entry.key)
+                self._hibernate(entry)
+        freeing = sum(1 for e in self.entries.values() if e.state is SessionState.STOPPING)
+        free = self.max_live - live  # left only while starts cannot be sent yet
+        short = len(self.waiting_for_slot) - freeing - max(free, 0)
+        if short > 0:
+            idle = [e for e in idle if e.state is SessionState.IDLE]
+            unused = sorted((e for e in idle if not len(e.waiting)), key=lambda e: e.last_used)
+            # Those that have had a turn since their grant, the longest-held slot first.
+            served = sorted(
+                (e for e in idle if len(e.waiting) and e.turns_since_grant),
+                key=lambda e: e.slot_grant,
+            )
+            for entry in (unused + served)[:short]:
+                if len(entry.waiting):
+                    log.info("session %s: yields its live slot to a waiting session", entry.key)
+                    entry.yielding = True
+                self._hibernate(entry)
         for entry in self.entries.values():
             if entry.state is SessionState.IDLE and len(entry.waiting):
                 job = entry.waiting.pop_next()
                 assert job is not None
                 if self._send(entry, job):
                     entry.state = SessionState.BUSY
+                    entry.turns_since_grant += 1
                 else:
                     # Its actor is ending; SessionStopped brings it back to the line.
                     entry.waiting.push_front(job)
                     entry.state = SessionState.STOPPING
-        live = self.live_count()
-        while self.waiting_for_slot and live < self.max_live:
-            key = self.waiting_for_slot[0]
-            if not self._start_session(StartSession(key)):
-                # The supervisor has starts to take first (after a restart, some twice);
-                # each it takes answers with a message, and this runs again then.
-                break
-            self.waiting_for_slot.popleft()
-            self.entries[key].state = SessionState.STARTING
-            live += 1
-        freeing = sum(1 for e in self.entries.values() if e.state is SessionState.STOPPING)
-        short = len(self.waiting_for_slot) - freeing
-        if short > 0:
-            idle = [
-                e
-                for e in self.entries.values()
-                if e.state is SessionState.IDLE and not len(e.waiting)
-            ]
-            for entry in sorted(idle, key=lambda e: e.last_used)[:short]:
-                self._hibernate(entry)
 
     def live_count(self) -> int:
         return sum(1 for e in self.entries.values() if e.state in LIVE_STATES)
@@ -287,6 +357,14 @@ class SessionScheduler:
         # A failed send means the actor is ending already: SessionStopped follows.
         self._send(entry, Hibernate())
         entry.state = SessionState.STOPPING
+
+    def _wait_for_slot(self, entry: SessionEntry, *, first: bool = False) -> None:
+        """Put ``entry`` (``waiting``) in the line for a live slot: its user's back, or front."""
+        entry.yielding = entry.stale_memory = False
+        if first:
+            self.waiting_for_slot.push_front(entry.key.user_id, entry.key, entry.key)
+        else:
+            self.waiting_for_slot.push(entry.key.user_id, entry.key, entry.key)
 
     def _current(self, key: SessionKey, actor: ActorId) -> SessionEntry | None:
         """The entry of ``key`` if ``actor`` is its current actor (or it has none yet)."""

@@ -46,6 +46,7 @@ from .requests import (
     parse_run_request,
     session_id_field,
 )
+from .user_claude import load_memory, user_claude_routes
 
 log = logging.getLogger(__name__)
 
@@ -369,12 +370,18 @@ def create_app(
         )
         timeout_ms = run_request.timeout_ms or settings.default_timeout_ms
         started = time.monotonic()
+        # A one-shot's agent was warmed before its user was known: it gets their CLAUDE.md
+        # with the prompt. (A session's agent loads it from the user's HOME.)
+        memory = None
+        if run_request.session_id is None:
+            memory = await load_memory(settings.data_dir, user_id) or None
         outcome = await run_job(
             dispatcher,
             user_id=user_id,
             prompt=run_request.prompt,
             timeout_s=timeout_ms / 1000,
             session_id=run_request.session_id,
+            memory=memory,
         )
         log.info(
             "run user=%s session=%s prompt_chars=%d -> %s in %.0f ms",
@@ -383,6 +390,7 @@ def create_app(
             len(run_request.prompt),
             _outcome_word(outcome),
             (time.monotonic() - started) * 1000,
+            extra={"userId": user_id, "sessionId": run_request.session_id},
         )
         return run_reply(outcome)
 
@@ -398,6 +406,12 @@ def create_app(
         if not existed:
             return error(404, f"Session {session_id!r} not found")
         return jsonify({"closed": True})
+
+    app.register_blueprint(
+        user_claude_routes(
+            data_dir=settings.data_dir, dispatcher=dispatcher, caller=caller, json_body=json_body
+        )
+    )
 
     @app.errorhandler(Unauthorized)
     async def unauthorized(exc: Unauthorized) -> Response:

@@ -46,8 +46,12 @@ async def open_job(
     prompt: str,
     timeout_s: float,
     session_id: str | None = None,
+    memory: str | None = None,
 ) -> AsyncIterator[tuple[Job, trio.MemoryReceiveChannel[ReplyEvent]]]:
-    """Submit a job; yield it and the channel its :data:`ReplyEvent` s arrive on."""
+    """Submit a job; yield it and the channel its :data:`ReplyEvent` s arrive on.
+
+    ``memory``: the user's CLAUDE.md, for a one-shot job (see :attr:`Job.memory`).
+    """
     reply_send, reply_receive = trio.open_memory_channel[ReplyEvent](REPLY_BUFFER)
     now = trio.current_time()
     job = Job(
@@ -58,6 +62,7 @@ async def open_job(
         deadline=now + timeout_s,
         reply=reply_send,
         session_id=session_id,
+        memory=memory,
     )
     async with reply_receive:
         try:
@@ -79,10 +84,16 @@ async def run_job(
     prompt: str,
     timeout_s: float,
     session_id: str | None = None,
+    memory: str | None = None,
 ) -> RunResult | JobFailed:
     """Submit a job and wait for its terminal event."""
     async with open_job(
-        dispatcher, user_id=user_id, prompt=prompt, timeout_s=timeout_s, session_id=session_id
+        dispatcher,
+        user_id=user_id,
+        prompt=prompt,
+        timeout_s=timeout_s,
+        session_id=session_id,
+        memory=memory,
     ) as (job, events):
         with trio.move_on_at(job.deadline + BACKSTOP_S):
             async for event in events:

@@ -189,3 +189,23 @@ def parse_exchange_code(body: bytes) -> tuple[str, str]:
     if not (hash_sign and code and state):
         raise BadRequest(INVALID_CODE_FORMAT)
     return code, state
+
+
+def parse_user_claude_request(body: bytes, *, max_bytes: int) -> str:
+    """Validate a ``PUT /user-claude`` body: ``{"content": string}``, at most ``max_bytes`` in UTF-8.
+
+    Over the bound is a 413, as for a body too large.
+    """
+    obj = parse_json_object(body)
+    content = obj.get("content")
+    if content is None:
+        raise BadRequest('content: required, a string (the CLAUDE.md text; "" removes it)')
+    if not isinstance(content, str):
+        raise BadRequest(f"content: expected a string, got {_json_type(content)}")
+    try:
+        size = len(content.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise BadRequest("content: not valid Unicode text (a lone surrogate)") from None
+    if size > max_bytes:
+        raise BadRequest(f"content: exceeds {max_bytes} bytes ({max_bytes // 1024} KiB)", 413)
+    return content

@@ -1,0 +1,94 @@
+"""``GET`` and ``PUT /user-claude``: each user's own CLAUDE.md.
+
+A Quart blueprint; the app hands it how to tell who is calling and how to
+read a JSON body, so it authenticates and reads bodies exactly as every other
+route does. Each caller reads and writes only their own file (the user id comes
+from their credentials, never from the body). Storage is
+:mod:`claude_code_api.user_memory`, run in worker threads, off the event loop.
+
+After a save the dispatcher is told (:class:`UserMemoryChanged`), so the
+user's live sessions restart at their next turn boundary to load it; one-shot
+requests read the file at submission, so the next one has it.
+
+Error handling: a body that is not ``{"content": string}`` is a 400 naming the
+field, content over 100 KiB a 413; a CLAUDE.md that cannot be read or saved (a
+full disk, something else put in its place by the user's own agent) a 503 that
+says why.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+from quart import Blueprint, Response, jsonify
+
+from ..messages import DispatcherMessage, UserMemoryChanged
+from ..user_memory import MAX_SAVED_BYTES, read_user_memory, save_user_memory
+from .requests import parse_user_claude_request
+
+log = logging.getLogger(__name__)
+
+# How long a save waits to tell the dispatcher (which never blocks for long).
+NOTIFY_TIMEOUT_S = 1.0
+
+
+class MemoryUnavailable(Exception):
+    """The caller's CLAUDE.md cannot be read or saved; answered 503 with ``message``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+async def load_memory(data_dir: Path, user_id: str) -> str:
+    """``user_id``'s CLAUDE.md ("" when none), read in a worker thread.
+
+    Raises :class:`MemoryUnavailable` when it cannot be read.
+    """
+    try:
+        return await trio.to_thread.run_sync(read_user_memory, data_dir, user_id)
+    except OSError as exc:
+        log.error("user %s: cannot read CLAUDE.md: %s", user_id, exc)
+        raise MemoryUnavailable(f"cannot read your CLAUDE.md: {exc}") from exc
+
+
+def user_claude_routes(
+    *,
+    data_dir: Path,
+    dispatcher: trio.MemorySendChannel[DispatcherMessage],
+    caller: Callable[[], str],
+    json_body: Callable[[], Awaitable[bytes]],
+) -> Blueprint:
+    """The ``/user-claude`` routes, for ``app.register_blueprint``."""
+    routes = Blueprint("user_claude", __name__)
+
+    @routes.get("/user-claude")
+    async def get_user_claude() -> Response:
+        user_id = caller()
+        return jsonify({"content": await load_memory(data_dir, user_id)})
+
+    @routes.put("/user-claude")
+    async def put_user_claude() -> Response:
+        user_id = caller()
+        content = parse_user_claude_request(await json_body(), max_bytes=MAX_SAVED_BYTES)
+        try:
+            await trio.to_thread.run_sync(save_user_memory, data_dir, user_id, content)
+        except OSError as exc:
+            log.error("user %s: cannot save CLAUDE.md: %s", user_id, exc)
+            raise MemoryUnavailable(f"cannot save your CLAUDE.md: {exc}") from exc
+        # Saved: the sessions must hear of it even if the client has gone meanwhile.
+        with trio.CancelScope(shield=True), trio.move_on_after(NOTIFY_TIMEOUT_S):
+            await dispatcher.send(UserMemoryChanged(user_id))
+        log.info("user %s: CLAUDE.md saved (%d characters)", user_id, len(content))
+        return jsonify({"saved": True})
+
+    @routes.app_errorhandler(MemoryUnavailable)
+    async def memory_unavailable(exc: MemoryUnavailable) -> Response:
+        response = jsonify({"error": exc.message})
+        response.status_code = 503
+        return response
+
+    return routes
