@@ -166,14 +166,21 @@ async def serve_session(
                         if command is None or isinstance(command, Job):
                             carried, announce_idle = command, False
                             continue  # the agent is replaced at the top of the loop
-                if command is None and agent.exited and not stop.requested:
+                exited_idle = command is None or isinstance(command, Job)
+                if exited_idle and agent.exited and not stop.requested:
                     idle_exits += 1
                     log.warning("session %s: agent exited while idle; replacing it", key)
                     await agent.close(grace=0)
                     agent = None
                     if idle_exits >= MAX_IDLE_EXITS:
                         leftover = JobFailed(502, "session agent keeps exiting while idle")
+                        if command is not None:
+                            command.answer(leftover)
                         raise SessionFailed(leftover)
+                    # The dispatcher counts it idle still (or has just handed over a turn,
+                    # which runs on the replacement): announcing idle again could get it a
+                    # second turn while the first waits.
+                    carried, announce_idle = command, False
                     continue
                 if command is None or isinstance(command, Hibernate | CloseSessionNow):
                     return
@@ -185,6 +192,7 @@ async def serve_session(
                     continue
                 outcome, closed = await _run_turn(agent, command, inbox, key, config, stop)
                 command.answer(await session.after_turn(agent, outcome))
+                announce_idle = True  # after a turn, always (a carried one's too)
                 if closed:
                     return
                 if not outcome.agent_usable:
