@@ -14,8 +14,10 @@ import sys
 
 import trio
 
+from . import logs
 from .actors.registry import RegistryError
 from .config import ConfigError, Settings, load_settings
+from .http.auth import auth_warnings
 from .startup import StartupError
 from .supervision import TooManyRestarts
 from .supervisor import Service
@@ -45,16 +47,14 @@ async def serve(settings: Settings) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
         settings = load_settings()
     except ConfigError as exc:
         print(f"claude-code-api: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
-    if not settings.api_keys:
-        log.warning("API_KEYS is not set: every authenticated route will answer 401")
+    logs.configure(settings.log_level, settings.log_format)
+    for warning in auth_warnings(settings):
+        log.warning("%s", warning)
     sys.exit(run(settings))
 
 

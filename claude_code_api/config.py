@@ -20,7 +20,7 @@ Error handling: :func:`load_settings` is the only place that reads
 ``os.environ`` for configuration, so a bad value is reported once, at start-up,
 as a one-line :class:`ConfigError` naming the variable and what it accepts;
 ``__main__`` turns that into exit status 2. The message quotes the value,
-except for ``API_KEYS``, which is secret.
+except for secrets (``API_KEYS``, ``NEXTAUTH_SECRET``).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -269,12 +270,15 @@ class ApiKeys:
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Handed to an agent, API_KEYS would show every user's key, and NEXTAUTH_SECRET would let it
+# sign tokens for any user.
+SERVICE_SECRETS = ("API_KEYS", "NEXTAUTH_SECRET")
 
 
 @attrs.frozen
 class EnvNames:
     """Comma-separated environment variable names; blank entries skipped, repeats kept once.
-    ``API_KEYS`` is refused: handing it on would show every user's key to every agent."""
+    The service's secrets (:data:`SERVICE_SECRETS`) are refused."""
 
     def parse(self, raw: str) -> tuple[str, ...]:
         names: list[str] = []
@@ -283,8 +287,8 @@ class EnvNames:
                 continue
             if not _ENV_NAME.fullmatch(entry):
                 raise ValueError(f"{entry!r} is not a variable name (letters, digits, '_')")
-            if entry == "API_KEYS":
-                raise ValueError("API_KEYS is the service's secret, never an agent's")
+            if entry in SERVICE_SECRETS:
+                raise ValueError(f"{entry} is the service's secret, never an agent's")
             if entry not in names:
                 names.append(entry)
         return tuple(names)
@@ -342,6 +346,49 @@ class Names:
         return f"comma-separated {self.what}s"
 
 
+@attrs.frozen
+class UserIds:
+    """Comma-separated user ids (as keys and tokens authenticate them); blank entries skipped.
+
+    A token's user id may hold ':' and spaces, so only ',' separates; each entry is
+    stripped and must be printable. Text that names nobody (``","``) is refused, since
+    it would read as "unset", which lets everyone in.
+    """
+
+    def parse(self, raw: str) -> frozenset[str]:
+        users = set()
+        for entry in (part.strip() for part in raw.split(",")):
+            if not entry:
+                continue
+            if not entry.isprintable():
+                raise ValueError("expected user ids in printable characters")
+            users.add(entry)
+        if raw and not users:
+            raise ValueError("expected at least one user id")
+        return frozenset(users)
+
+    def accepts(self) -> str:
+        return "comma-separated user ids"
+
+
+@attrs.frozen
+class Url:
+    """An ``http://`` or ``https://`` URL with a host."""
+
+    def parse(self, raw: str) -> str:
+        try:
+            parts = urlsplit(raw)
+            scheme, host = parts.scheme, parts.hostname
+        except ValueError:  # e.g. an unclosed "[" of an IPv6 address
+            scheme, host = "", None
+        if not raw.isprintable() or scheme not in ("http", "https") or not host:
+            raise ValueError("expected an http:// or https:// URL")
+        return raw
+
+    def accepts(self) -> str:
+        return "an `http(s)://` URL"
+
+
 # --- the declarations ----------------------------------------------------------------------------
 
 
@@ -371,10 +418,13 @@ def setting(
     *,
     shown_default: str | None = None,
     secret: bool = False,
+    repr: bool = True,
 ) -> Any:
-    """Declare a :class:`Settings` field read from the environment variable ``name``."""
+    """Declare a :class:`Settings` field read from the environment variable ``name``.
+
+    ``repr=False`` keeps a secret value out of ``repr(settings)``."""
     declaration = EnvVar(name, kind, default, doc, shown_default, secret)
-    return attrs.field(default=kind.parse(default), metadata={_DECLARATION: declaration})
+    return attrs.field(default=kind.parse(default), metadata={_DECLARATION: declaration}, repr=repr)
 
 
 DAY_MS = 24 * 3_600_000
@@ -389,6 +439,30 @@ class Settings:
     host: str = setting("HOST", Text("an address"), "0.0.0.0", "address to listen on")
     api_keys: tuple[ApiKey, ...] = setting(
         "API_KEYS", ApiKeys(), "", "API keys and the user each one authenticates as", secret=True
+    )
+    nextauth_secret: str = setting(
+        "NEXTAUTH_SECRET",
+        Text("a secret"),
+        "",
+        "claude-code-web's `NEXTAUTH_SECRET`: `Authorization: Bearer` accepts the tokens it"
+        " signs (see Auth); unset: tokens are refused",
+        secret=True,
+        repr=False,
+    )
+    token_user_prefix: str = setting(
+        "TOKEN_USER_PREFIX",
+        Text("text"),
+        "",
+        "put before a token's username to make its user id (`web:` makes `alice` `web:alice`);"
+        " unset: token users and `user:key` users share one namespace",
+    )
+    auth_admins: frozenset[str] = setting(
+        "AUTH_ADMINS",
+        UserIds(),
+        "",
+        "user ids allowed to log the service in to Claude (`/auth/login`, `/auth/exchange`);"
+        " unset: every authenticated caller",
+        shown_default="everyone",
     )
     pool_size: int = setting(
         "POOL_SIZE", Whole(1, 256), "1", "pre-warmed agent processes for one-shot requests"
@@ -437,6 +511,19 @@ class Settings:
         "off",
         "on: passes `ANTHROPIC_API_KEY` to the agent; off: it is withheld so the CLI uses"
         " its OAuth login",
+    )
+    claude_oauth_token_url: str = setting(
+        "CLAUDE_OAUTH_TOKEN_URL",
+        Url(),
+        "https://platform.claude.com/v1/oauth/token",
+        "Claude's OAuth token endpoint, for `/auth/exchange` and refreshing the login",
+    )
+    oauth_refresh_margin_s: float = setting(
+        "OAUTH_REFRESH_MARGIN_S",
+        Duration("s", 30, 86_400),
+        "300",
+        "the OAuth access token is refreshed when less than this remains of it (at the"
+        " latest halfway through its life)",
     )
     claude_executable: str | None = setting(
         "CLAUDE_EXECUTABLE",
@@ -554,6 +641,13 @@ class Settings:
         Choice(("DEBUG", "INFO", "WARNING", "ERROR")),
         "INFO",
         "least severe log messages written",
+    )
+    log_format: str = setting(
+        "LOG_FORMAT",
+        Choice(("text", "json")),
+        "text",
+        "`json`: every line the process writes is one JSON object (time, level, logger,"
+        " message, and `runId`, `userId`, `sessionId`, `worker` where they apply)",
     )
 
     # Fixed, not read from the environment.

@@ -30,9 +30,12 @@ channels, who owns each end, and who closes it:
   (:meth:`Job.answer`). The dispatcher answers every :class:`Submit` at once:
   :class:`Queued` when it took the job, or the terminal refusal (429, 503), so a
   streaming reply knows its status before it starts.
+* **credentials inbox** (``MemorySendChannel[CredentialsMessage]``, buffer 0):
+  tree-owned like the dispatcher inbox; HTTP handlers send, the credentials actor reads.
 * **request/reply channels** inside :class:`StatusRequest`, :class:`Drain`,
-  :class:`CloseSession`, :class:`CancelRun`: made by the requester (who owns the receive end); the
-  one who answers sends once and closes the send end.
+  :class:`CloseSession`, :class:`CancelRun` and the credentials requests: made by the
+  requester (who owns the receive end); the one who answers sends once and closes the
+  send end.
 """
 
 from __future__ import annotations
@@ -548,3 +551,67 @@ DispatcherMessage = (
     | CloseSession
     | UserMemoryChanged
 )
+
+
+# --- credentials inbox ------------------------------------------------------
+# Tree-owned like the dispatcher inbox: HTTP handlers send, the credentials actor
+# reads; each request carries the channel its answer comes back on.
+
+
+@attrs.frozen
+class RefreshFailure:
+    """The newest failed attempt to refresh the OAuth login (wall-clock seconds)."""
+
+    message: str
+    at: float
+    next_attempt_at: float
+
+
+@attrs.frozen
+class CredentialsStatus:
+    """What the service knows about the credentials agents use (``GET /auth/status``)."""
+
+    method: str  # "apiKey" | "oauth" | "none"
+    expires_at_ms: int | None = None
+    # Whether the service can refresh the login before it expires (it has a refresh token).
+    refreshable: bool = False
+    refresh_failure: RefreshFailure | None = None
+    # When the credentials last changed while the service ran (wall-clock seconds).
+    changed_at: float | None = None
+
+
+@attrs.frozen
+class CredentialsStatusRequest:
+    reply: trio.MemorySendChannel[CredentialsStatus] = attrs.field(repr=False)
+
+
+@attrs.frozen
+class StartLogin:
+    """``POST /auth/login``: answered with the URL to open."""
+
+    reply: trio.MemorySendChannel[str] = attrs.field(repr=False)
+
+
+@attrs.frozen
+class LoginSaved:
+    """``/auth/exchange`` succeeded: the new login is stored and in effect."""
+
+
+@attrs.frozen
+class AuthFailed:
+    """An ``/auth/*`` request failed; ``status`` is the HTTP status to answer."""
+
+    status: int
+    error: str
+
+
+@attrs.frozen
+class ExchangeCode:
+    """``POST /auth/exchange``: trade ``code`` of the pending login ``state`` for tokens."""
+
+    code: str = attrs.field(repr=False)
+    state: str = attrs.field(repr=False)
+    reply: trio.MemorySendChannel[LoginSaved | AuthFailed] = attrs.field(repr=False)
+
+
+CredentialsMessage = CredentialsStatusRequest | StartLogin | ExchangeCode

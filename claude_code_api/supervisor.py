@@ -3,6 +3,7 @@
     root                 one_for_one, escalates (the service exits 1)
     ├── reaper           permanent  kills every agent if the service dies (a watchdog process)
     ├── registry         permanent  owns the SQLite session records
+    ├── credentials      permanent  owns the Claude credentials file's writes; refreshes the login
     ├── http             permanent  hypercorn + Quart-Trio
     └── core             permanent  rest_for_one: who starts later depends on who started earlier
         ├── dispatcher   permanent  the job queue and session scheduling (its view of the rest)
@@ -20,15 +21,17 @@ how agents are launched (sandbox probe, root and credential checks, the SDK's
 a configuration that cannot work (``AGENT_SANDBOX=on`` without a sandbox) fails
 start-up from there. Every (re)start builds its actor afresh: a restarted
 dispatcher knows nothing of the crashed one, so everything agent-side restarts
-after it (rest_for_one) and tells the new one who they are. HTTP, the registry
-and the reaper hold no state about the others, so a crash there restarts only them.
+after it (rest_for_one) and tells the new one who they are. HTTP, the registry,
+the credentials actor and the reaper hold no state about the others, so a crash
+there restarts only them. When the credentials change, the credentials actor
+bumps ``credentials_version``; idle agents then restart (see ``renewal.py``).
 
 Channels: the tree owns both ends of the singleton inboxes, so a restarted
 actor reads the same inbox: ``inbox`` (the dispatcher's; HTTP and every actor
 send on clones), ``registry_inbox`` (the registry's; HTTP, the dispatcher and
-session actors), ``session_starts`` (dispatcher -> session supervisor),
-``reaper_inbox`` (agents -> reaper). :meth:`Service.run` closes them when the
-tree ends.
+session actors), ``credentials_inbox`` (HTTP -> credentials), ``session_starts``
+(dispatcher -> session supervisor), ``reaper_inbox`` (agents -> reaper).
+:meth:`Service.run` closes them when the tree ends.
 
 Shutdown (:meth:`Service.shutdown`): the dispatcher refuses new jobs, running
 ones get ``SHUTDOWN_GRACE_S`` to finish, then the tree stops in reverse: workers
@@ -48,6 +51,7 @@ from pathlib import Path
 
 import trio
 
+from .actors.credentials import CredentialsActor, CredentialsClient
 from .actors.dispatcher import Dispatcher, SessionLimits
 from .actors.reaper import REAPER_INBOX_SIZE, ReaperClient, serve_reaper
 from .actors.registry import RegistryClient, open_store, serve_registry, user_workspace
@@ -61,7 +65,16 @@ from .config import Settings
 from .http.app import StoreStatus, create_app
 from .http.connections import connection_limit
 from .http.server import HttpServer
-from .messages import ActorId, DispatcherMessage, Drain, RunOptions, SessionKey
+from .messages import (
+    ActorId,
+    CredentialsMessage,
+    DispatcherMessage,
+    Drain,
+    RunOptions,
+    SessionKey,
+)
+from .oauth import TokenEndpoint
+from .renewal import CredentialsVersion, retired_when_stale
 from .startup import plan_agents
 from .supervision import Backoff, ChildSpec, StopOrder, Strategy, Supervisor
 
@@ -86,6 +99,10 @@ class Service:
             settings.max_live_sessions
         )
         self.reaper_inbox, self._reaper_receive = trio.open_memory_channel(REAPER_INBOX_SIZE)
+        self.credentials_inbox, self._credentials_receive = trio.open_memory_channel[
+            CredentialsMessage
+        ](0)
+        self.credentials_version = CredentialsVersion()
         self._channels = (
             self.inbox,
             self._inbox_receive,
@@ -95,11 +112,19 @@ class Service:
             self._session_starts_receive,
             self.reaper_inbox,
             self._reaper_receive,
+            self.credentials_inbox,
+            self._credentials_receive,
         )
         self.registry = RegistryClient(self.registry_inbox)
         self.store_status = StoreStatus()
         self.http = HttpServer(
-            create_app(settings, self.inbox, self.registry, self.store_status),
+            create_app(
+                settings,
+                self.inbox,
+                self.registry,
+                self.store_status,
+                CredentialsClient(self.credentials_inbox),
+            ),
             settings.host,
             settings.port,
             graceful_timeout=5.0,
@@ -155,6 +180,17 @@ class Service:
                 task_status=task_status,
             )
 
+        async def start_credentials(*, task_status: trio.TaskStatus[None]) -> None:
+            actor = CredentialsActor(
+                self._credentials_receive,
+                environ=self.environ,
+                use_api_key=settings.use_claude_api_key,
+                endpoint=TokenEndpoint(settings.claude_oauth_token_url),
+                version=self.credentials_version,
+                refresh_margin_s=settings.oauth_refresh_margin_s,
+            )
+            await actor.serve(task_status=task_status)
+
         def transcript_files(user_id: str, claude_session_id: str) -> list[Path]:
             return session_files(user_workspace(settings.data_dir, user_id), claude_session_id)
 
@@ -199,11 +235,15 @@ class Service:
                     home,
                     stop,
                     actor,
+                    self.credentials_version,
                     options,
                 )
 
             def new_session_supervisor() -> SessionSupervisor:
                 return SessionSupervisor(self._session_starts_receive, self.inbox, run_session)
+
+            # A worker's process serves one job, so only an idle one can have stale credentials.
+            new_worker_agent = retired_when_stale(new_agent, self.credentials_version)
 
             def worker_spec(worker_id: str) -> ChildSpec:
                 homes = settings.data_dir / "workers" / worker_id
@@ -214,7 +254,7 @@ class Service:
                         worker_id,
                         worker_config,
                         self.inbox.clone(),
-                        new_agent,
+                        new_worker_agent,
                         homes,
                         stop.fresh(),
                         task_status=task_status,
@@ -265,6 +305,7 @@ class Service:
                 # Stopped after everything that saves, by closing its inbox: it writes
                 # what is queued, then ends.
                 ChildSpec("registry", start_registry, request_stop=self.registry_inbox.close),
+                ChildSpec("credentials", start_credentials),
                 ChildSpec("http", self.http.serve, request_stop=self.http.request_stop),
                 # Stopped before HTTP, so the turns it interrupts are answered. A
                 # supervisor stops when its children have: their graces bound it.

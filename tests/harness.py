@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FAKE_CLAUDE = ROOT / "tests" / "fake_claude.py"
 API_KEY = "sk-test-key"
 AUTH = {"x-api-key": API_KEY}
-LISTENING = re.compile(r"listening on (http://\S+)")
+LISTENING = re.compile(r"listening on (http://[^\s\"]+)")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 FAKE_CLAUDE_VARIABLES = (
@@ -315,6 +315,20 @@ async def wait_no_live_fakes(service: RunningService, timeout: float = 10.0) -> 
         return not service.live_fake_pids()
 
     await wait_until(none_alive, timeout)
+
+
+async def wait_health_status(service: RunningService, status: str, timeout: float = 20.0) -> dict:
+    """Until ``/health`` says ``status`` (e.g. "degraded"); returns that body."""
+    body: dict = {}
+
+    async def says_it() -> bool:
+        nonlocal body
+        async with service.client() as client:
+            body = (await client.get("/health")).json()
+        return body["status"] == status
+
+    await wait_until(says_it, timeout, interval=0.05)
+    return body
 
 
 async def wait_healthy(service: RunningService, *, ready: int, timeout: float = 15.0) -> dict:

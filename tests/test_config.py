@@ -67,7 +67,7 @@ def test_every_variable_is_declared_once():
 def test_one_unit_convention():
     # Settings holds every duration in seconds, named *_s; the variable keeps its unit's suffix.
     durations = [(a, d) for a, d in declarations() if isinstance(d.kind, Duration)]
-    assert len(durations) == 8
+    assert len(durations) == 9
     for attribute, declared in durations:
         assert attribute.endswith("_s"), attribute
         assert declared.name.endswith("_" + declared.kind.unit.upper()), declared.name

@@ -398,8 +398,8 @@ def test_without_api_keys_everyone_is_unauthorized(headers):
 
 
 def test_authenticate_sees_only_headers_and_settings():
-    # The body (and a userId in it) cannot influence who the caller is.
-    assert list(inspect.signature(authenticate).parameters) == ["headers", "settings"]
+    # The body (and a userId in it) cannot influence who the caller is (now_ms: the clock).
+    assert list(inspect.signature(authenticate).parameters) == ["headers", "settings", "now_ms"]
 
 
 def test_user_for_key():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from functools import partial
 from pathlib import Path
 
 import attrs
@@ -348,16 +349,17 @@ async def start_session_with(
     send, receive = trio.open_memory_channel(0)
     harness = Harness(receive, agents, registry, StopSignal(), [])
     nursery.start_soon(
-        serve_session,
-        KEY,
-        SESSION_CONFIG,
-        send,
-        RegistryClient(registry_send),
-        agents,
-        Path("/home/alice"),
-        harness.stop,
-        0,
-        options,
+        partial(
+            serve_session,
+            KEY,
+            SESSION_CONFIG,
+            send,
+            RegistryClient(registry_send),
+            agents,
+            Path("/home/alice"),
+            harness.stop,
+            options=options,
+        )
     )
     return harness
 

@@ -108,6 +108,12 @@ class Harness:
         return job[0], events
 
 
+async def warm_agents(agents: FakeAgents, count: int) -> None:
+    """Until ``count`` agents were made and the last one is warm."""
+    while len(agents.made) < count or agents.made[-1].exited:
+        await trio.sleep(0.01)
+
+
 def session_job(prompt: str, timeout_s: float) -> tuple[Job, trio.MemoryReceiveChannel]:
     reply_send, reply_receive = trio.open_memory_channel(64)
     now = trio.current_time()
@@ -124,7 +130,7 @@ def session_job(prompt: str, timeout_s: float) -> tuple[Job, trio.MemoryReceiveC
 
 
 async def start_session(
-    nursery: trio.Nursery, agents: FakeAgents, registry: FakeRegistry
+    nursery: trio.Nursery, agents: FakeAgents, registry: FakeRegistry, credentials=None
 ) -> Harness:
     registry_send, registry_receive = trio.open_memory_channel(16)
     nursery.start_soon(registry.serve, registry_receive)
@@ -141,6 +147,7 @@ async def start_session(
                 agents,
                 Path("/home/alice"),
                 harness.stop,
+                credentials=credentials,
             )
         except SessionFailed as exc:
             harness.failure.append(exc)
@@ -189,7 +196,9 @@ async def test_an_idle_agent_killed_from_outside_is_replaced_resuming_the_conver
         await session.turn("one")
         await session.idle()
         agents.made[0].exit_now()
-        await session.idle()  # a new agent is warm
+        await warm_agents(agents, 2)  # replaced, without announcing idle again
+        with pytest.raises(trio.WouldBlock):
+            session.messages.receive_nowait()
         first, second = agents.made
         assert second.spec.resume == first.spec.session_id
         _, events = await session.turn("two")
@@ -200,8 +209,9 @@ async def test_an_agent_that_keeps_exiting_while_idle_ends_the_session(autojump_
     with trio.fail_after(LIMIT):
         agents = FakeAgents()
         session = await start_session(nursery, agents, FakeRegistry())
-        for _ in range(3):
-            await session.idle()
+        await session.idle()
+        for n in range(3):
+            await warm_agents(agents, n + 1)
             agents.made[-1].exit_now()
         await trio.testing.wait_all_tasks_blocked()
         (failure,) = session.failure
@@ -290,3 +300,24 @@ async def test_a_stop_keeps_the_record_and_answers_a_running_turn(autojump_clock
             terminal = await reply.receive()
             assert isinstance(terminal, RunResult) and terminal.output == "so far"
         assert KEY in registry.records
+
+
+async def test_a_turn_handed_over_as_the_idle_agent_exits_runs_on_the_replacement(
+    autojump_clock, nursery
+):
+    with trio.fail_after(LIMIT):
+        agents = FakeAgents()
+        session = await start_session(nursery, agents, FakeRegistry())
+        await session.idle()
+        job, reply = session_job("hello", 600)
+        agents.made[0].exit_now()
+        session.inbox.send_nowait(job)  # in the same instant, before the actor notices
+        events = [event async for event in reply]
+        assert isinstance(events[-1], RunResult) and events[-1].output == "echo: hello"
+        assert len(agents.made) == 2
+        # Idle once more, after the turn: not in between (the dispatcher would hand over
+        # a second turn while the first one waited).
+        idle = await session.idle()
+        assert idle.finished_ok is True
+        with pytest.raises(trio.WouldBlock):
+            session.messages.receive_nowait()

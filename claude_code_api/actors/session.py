@@ -22,6 +22,9 @@ Error handling:
 * an idle agent that exits (killed from outside) is replaced, resuming the
   conversation; one that keeps exiting while idle ends the session with a 502
   for what waits;
+* when the Claude credentials change (``credentials``, see ``renewal.py``), an
+  idle agent is closed and a new one resumes the conversation at once; a busy
+  one finishes its turn first. Turns handed over meanwhile wait in the inbox;
 * failures that end the actor carry the answer for the turns waiting on it
   (:class:`SessionFailed`): too many sessions (429), the session store failing
   (503), an agent that cannot start (502). A save that fails after a turn
@@ -33,6 +36,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 import attrs
@@ -55,6 +60,7 @@ from ..messages import (
     TerminalEvent,
     UpstreamError,
 )
+from ..renewal import CredentialsVersion
 from .registry import (
     RegistryClient,
     RegistryError,
@@ -104,6 +110,7 @@ async def serve_session(
     home: Path,
     stop: StopSignal,
     actor: ActorId = 0,
+    credentials: CredentialsVersion | None = None,
     options: RunOptions = DEFAULT_OPTIONS,
 ) -> None:
     """Run the session ``key`` until hibernated, closed or stopped; see the module docstring.
@@ -120,9 +127,16 @@ async def serve_session(
     """
     record = await _load_or_create(key, registry, config.max_sessions_per_user, options)
     inbox_send, inbox = trio.open_memory_channel[SessionCommand](SESSION_INBOX_SIZE)
+    credentials = credentials or CredentialsVersion()
     agent: Agent | None = None
+    agent_credentials = credentials.number
     idle_exits = 0
     finished_ok: bool | None = None
+    # The dispatcher counts this session idle already (an agent replaced for new
+    # credentials while idle): saying so again could get it a second turn at once.
+    announce_idle = True
+    # A turn that arrived as the credentials changed: it runs on the new agent.
+    carried: Job | None = None
     session = _Session(key, record, registry)
     leftover = SHUTTING_DOWN
     async with dispatcher:
@@ -131,23 +145,53 @@ async def serve_session(
             if _closed_at_once(inbox):  # a stale start: no agent to spawn
                 return
             while not stop.requested:
+                if agent is not None and credentials.newer_than(agent_credentials):
+                    log.info("session %s: new Claude credentials; replacing its agent", key)
+                    await agent.close()
+                    agent = None
                 if agent is None:
+                    agent_credentials = credentials.number
                     with stop.guard():
                         agent = await _start_agent(session.record, config, new_agent, home)
                     if agent is None:
                         return
-                await dispatcher.send(SessionIdle(key, finished_ok, session.upstream_error, actor))
-                command = None
-                with stop.guard():
-                    command = await _next_command(inbox, agent)
-                if command is None and agent.exited and not stop.requested:
+                command: SessionCommand | None = carried
+                carried = None
+                if command is None:
+                    if announce_idle:
+                        await dispatcher.send(
+                            SessionIdle(key, finished_ok, session.upstream_error, actor)
+                        )
+                        finished_ok = None  # counted once, not again after an idle exit
+                    announce_idle = True
+                    with stop.guard():
+                        command = await _next_command(
+                            inbox, agent, partial(credentials.wait_newer_than, agent_credentials)
+                        )
+                    stale = credentials.newer_than(agent_credentials)
+                    if stale and not agent.exited and not stop.requested:
+                        if command is None or isinstance(command, Job):
+                            carried, announce_idle = command, False
+                            continue  # the agent is replaced at the top of the loop
+                # (Spelled out, not a named bool: mypy narrows `command` to a Job here.)
+                if (
+                    (command is None or isinstance(command, Job))
+                    and agent.exited
+                    and not stop.requested
+                ):
                     idle_exits += 1
                     log.warning("session %s: agent exited while idle; replacing it", key)
                     await agent.close(grace=0)
                     agent = None
                     if idle_exits >= MAX_IDLE_EXITS:
                         leftover = JobFailed(502, "session agent keeps exiting while idle")
+                        if command is not None:
+                            command.answer(leftover)
                         raise SessionFailed(leftover)
+                    # The dispatcher counts it idle still (or has just handed over a turn,
+                    # which runs on the replacement): announcing idle again could get it a
+                    # second turn while the first waits.
+                    carried, announce_idle = command, False
                     continue
                 if command is None or isinstance(command, Hibernate | CloseSessionNow):
                     return
@@ -162,6 +206,7 @@ async def serve_session(
                     agent, command, inbox, key, config, stop, taken_at
                 )
                 command.answer(await session.after_turn(agent, outcome, command.options))
+                announce_idle = True  # after a turn, always (a carried one's too)
                 if closed:
                     return
                 if not outcome.agent_usable:
@@ -178,6 +223,8 @@ async def serve_session(
                 if agent is not None:
                     # EOF first: the CLI flushes its transcript before it exits.
                     await agent.close()
+            if carried is not None:
+                carried.answer(leftover)
             _close_inbox(inbox, leftover)
 
 
@@ -258,11 +305,14 @@ async def _load_or_create(
 
 
 async def _next_command(
-    inbox: trio.MemoryReceiveChannel[SessionCommand], agent: Agent
+    inbox: trio.MemoryReceiveChannel[SessionCommand],
+    agent: Agent,
+    credentials_changed: Callable[[], Awaitable[None]],
 ) -> SessionCommand | None:
-    """The dispatcher's next command; None if the idle agent exited first (or on cancel).
+    """The dispatcher's next command; None if the idle agent exited first, the
+    credentials changed first (``credentials_changed()`` returned), or on cancel.
 
-    A command handed over at the very moment the agent exited is still returned.
+    A command handed over at the very moment the wait ended is still returned.
     """
     command: SessionCommand | None = None
     async with trio.open_nursery() as nursery:
@@ -271,7 +321,12 @@ async def _next_command(
             await agent.wait_exited()
             nursery.cancel_scope.cancel()
 
+        async def end_wait_if_credentials_change() -> None:
+            await credentials_changed()
+            nursery.cancel_scope.cancel()
+
         nursery.start_soon(end_wait_if_agent_exits)
+        nursery.start_soon(end_wait_if_credentials_change)
         try:
             command = await inbox.receive()
         except trio.EndOfChannel:

@@ -119,6 +119,14 @@ class _UpstreamRetries:
         return UpstreamError(self.last.status, self.last.message, self.count)
 
 
+def job_context(job: Job, worker_id: str) -> dict[str, str]:
+    """The context fields of a log record about ``job`` (see logs.py)."""
+    context = {"runId": job.id, "userId": job.user_id, "worker": worker_id}
+    if job.session_id is not None:
+        context["sessionId"] = job.session_id
+    return context
+
+
 def upstream_failure(status: int | None, message: str) -> JobFailed:
     shown = "unreachable" if status is None else str(status)
     return JobFailed(502, f"upstream API error {shown}: {message}")
@@ -144,6 +152,7 @@ async def run_turn(
     when given, are set on the agent before the prompt (control requests, within
     the turn's deadline); an agent that refuses fails the turn like a dead one.
     """
+    context = job_context(job, worker_id)
     scope = turn_scope if turn_scope is not None else trio.CancelScope()
     scope.deadline = min(scope.deadline, job.deadline)
     collected = OutputCollector(limits.max_output_chars)
@@ -177,6 +186,7 @@ async def run_turn(
                 event.status or "unreachable",
                 event.attempt,
                 event.message,
+                extra=context,
             )
         await send(event)
         if isinstance(event, UpstreamRetry) and event.status in NON_RETRYABLE_STATUSES:
@@ -238,7 +248,13 @@ async def run_turn(
             model=agent.model,
             upstream_error=upstream,
         )
-    log.info("%s: turn cut short (%s); agent %s", worker_id, cut, "idle" if usable else "killed")
+    log.info(
+        "%s: turn cut short (%s); agent %s",
+        worker_id,
+        cut,
+        "idle" if usable else "killed",
+        extra=context,
+    )
     return TurnOutcome(terminal, agent_usable=usable, cut=cut, upstream_error=upstream)
 
 

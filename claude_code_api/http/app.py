@@ -1,17 +1,19 @@
 """The Quart-Trio application: routes, auth and JSON errors.
 
-The app holds no state of its own: it holds a send channel to the dispatcher
-and asks it for everything (jobs, status). Every error a client can cause is
-answered as JSON ``{"error": ...}`` with a 4xx status; anything unexpected is
-logged and answered 500 JSON without a traceback.
+The app holds no state of its own: it holds send channels to the dispatcher
+(jobs, status) and the credentials actor (``/auth/*``) and asks them for
+everything. Every error a client can cause is answered as JSON ``{"error": ...}``
+with a 4xx status; anything unexpected is logged and answered 500 JSON without a
+traceback. Repeated slashes in a path are one (``//run`` is ``/run``: what a base
+URL with a trailing slash makes of it).
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 import attrs
@@ -20,22 +22,25 @@ from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from ..actors.credentials import ANSWER_TIMEOUT_S, CredentialsClient, CredentialsUnavailable
 from ..actors.registry import RegistryClient, RegistryError, SessionRecord
 from ..config import Settings
-from ..credentials import Credentials, read_credentials
 from ..messages import (
+    AuthFailed,
+    CredentialsStatus,
     DispatcherMessage,
     PoolSnapshot,
     SessionKey,
     SessionState,
 )
-from .auth import Unauthorized, authenticate
+from .auth import Unauthorized, authenticate, is_admin
 from .jobs import SessionStoreUnavailable, close_session, pool_snapshot
 from .requests import (
     BadRequest,
     OptionCeiling,
     check_content_type,
     page_arguments,
+    parse_exchange_code,
     parse_json_object,
     session_id_field,
 )
@@ -48,6 +53,14 @@ log = logging.getLogger(__name__)
 # An idle session is "live" to clients (it has a process, ready for a turn).
 SHOWN_SESSION_STATES = {SessionState.IDLE: "live"}
 NEW_SESSION_STATES = (SessionState.WAITING.value, SessionState.STARTING.value)
+
+
+class Forbidden(Exception):
+    """The caller is known but may not do this (403)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
@@ -158,22 +171,62 @@ def status_body(snapshot: PoolSnapshot) -> dict[str, Any]:
     }
 
 
-def auth_status_body(credentials: Credentials, snapshot: PoolSnapshot) -> dict[str, Any]:
-    """``GET /auth/status``: the credentials agents use, and the model API's last refusal."""
-    refused = snapshot.upstream_auth_error
+def auth_status_body(
+    credentials: CredentialsStatus, snapshot: PoolSnapshot | None, now_ms: int
+) -> dict[str, Any]:
+    """``GET /auth/status``: the credentials agents use, and the model API's last refusal.
+
+    ``authenticated`` is False without credentials, with an access token that has
+    expired and cannot be refreshed now, and after the model API refused the
+    credentials (unless they changed since).
+    """
+    refused = None if snapshot is None else snapshot.upstream_auth_error
+    refused_at = (None if snapshot is None else snapshot.upstream_auth_error_at) or 0.0
+    if refused is not None and credentials.changed_at is not None:
+        if refused_at < credentials.changed_at:
+            refused = None  # a refusal of the credentials replaced since
+    expires = credentials.expires_at_ms
+    expired = expires is not None and expires <= now_ms
+    stuck = expired and (not credentials.refreshable or credentials.refresh_failure is not None)
     body: dict[str, Any] = {
-        "authenticated": credentials.method != "none" and refused is None,
+        "authenticated": credentials.method != "none" and not stuck and refused is None,
         "method": credentials.method,
     }
-    if credentials.expires_at_ms is not None:
-        body["expiresAt"] = credentials.expires_at_ms
+    if expires is not None:
+        body["expiresAt"] = expires
+    failure = credentials.refresh_failure
+    if failure is not None:
+        body["lastRefreshError"] = {
+            "message": failure.message,
+            "at": round(failure.at * 1000),
+            "nextAttemptAt": round(failure.next_attempt_at * 1000),
+        }
     if refused is not None:
         body["lastUpstreamAuthError"] = {
             "status": refused.status,
             "message": refused.message,
-            "at": round((snapshot.upstream_auth_error_at or 0) * 1000),
+            "at": round(refused_at * 1000),
         }
     return body
+
+
+_SLASHES = re.compile(r"/{2,}")
+
+
+AsgiApp = Callable[[Any, Any, Any], Awaitable[None]]
+
+
+def merge_slashes(app: AsgiApp) -> AsgiApp:
+    """ASGI: serve ``//run`` as ``/run`` (a client's base URL ending in ``/``), not 404 or redirect."""
+
+    async def merged(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket") and "//" in scope["path"]:
+            # raw_path (optional in ASGI) would still hold the slashes: drop it.
+            scope = {k: v for k, v in scope.items() if k != "raw_path"}
+            scope["path"] = _SLASHES.sub("/", scope["path"])
+        await app(scope, receive, send)
+
+    return merged
 
 
 def create_app(
@@ -181,10 +234,15 @@ def create_app(
     dispatcher: trio.MemorySendChannel[DispatcherMessage],
     registry: RegistryClient,
     store_status: StoreStatus | None = None,
+    credentials: CredentialsClient | None = None,
 ) -> QuartTrio:
-    """Build the app; ``dispatcher`` is a send channel to the dispatcher's inbox."""
+    """Build the app; ``dispatcher`` is a send channel to the dispatcher's inbox.
+
+    Without ``credentials`` (tests of other routes), ``/auth/*`` answers 503.
+    """
     store = store_status or StoreStatus()
     app = QuartTrio("claude_code_api")
+    app.asgi_app = merge_slashes(app.asgi_app)  # type: ignore[method-assign,assignment]
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     # Quart cuts responses at 60 s by default; jobs have their own deadlines.
     app.config["RESPONSE_TIMEOUT"] = None
@@ -233,14 +291,41 @@ def create_app(
         body["sessionsTotal"] = page.total
         return jsonify(body)
 
+    def credentials_actor() -> CredentialsClient:
+        if credentials is None:
+            raise CredentialsUnavailable("the credentials service is not running")
+        return credentials
+
+    def admin() -> None:
+        user_id = caller()
+        if not is_admin(user_id, settings):
+            log.warning("auth: %s may not log the service in to Claude (AUTH_ADMINS)", user_id)
+            raise Forbidden("Only the users in AUTH_ADMINS may log the service in to Claude")
+
     @app.get("/auth/status")
     async def auth_status() -> Response:
         caller()
-        credentials = await trio.to_thread.run_sync(
-            read_credentials, os.environ, settings.use_claude_api_key
-        )
-        snapshot = await pool_snapshot(dispatcher)
-        return jsonify(auth_status_body(credentials, snapshot))
+        known = await credentials_actor().status()
+        snapshot = None
+        # The model API's last refusal, if the dispatcher answers in time (it may be restarting).
+        with trio.move_on_after(ANSWER_TIMEOUT_S):
+            snapshot = await pool_snapshot(dispatcher)
+        return jsonify(auth_status_body(known, snapshot, round(time.time() * 1000)))
+
+    @app.post("/auth/login")
+    async def auth_login() -> Response:
+        # No body is expected (claude-code-web sends none, with a JSON Content-Type).
+        admin()
+        return jsonify({"url": await credentials_actor().start_login()})
+
+    @app.post("/auth/exchange")
+    async def auth_exchange() -> Response:
+        admin()
+        code, state = parse_exchange_code(await json_body())
+        outcome = await credentials_actor().exchange(code, state)
+        if isinstance(outcome, AuthFailed):
+            return error(outcome.status, outcome.error)
+        return jsonify({"success": True})
 
     @app.delete("/session")
     async def delete_session() -> Response:
@@ -281,6 +366,14 @@ def create_app(
     @app.errorhandler(Unauthorized)
     async def unauthorized(exc: Unauthorized) -> Response:
         return error(401, exc.message)
+
+    @app.errorhandler(Forbidden)
+    async def forbidden(exc: Forbidden) -> Response:
+        return error(403, exc.message)
+
+    @app.errorhandler(CredentialsUnavailable)
+    async def credentials_unavailable(exc: CredentialsUnavailable) -> Response:
+        return error(503, str(exc))
 
     @app.errorhandler(RegistryError)
     async def store_unavailable(exc: RegistryError) -> Response:

@@ -296,6 +296,30 @@ def _tool_names(obj: dict[str, Any], field: str) -> tuple[str, ...] | None:
     return tuple(dict.fromkeys(value)) or None
 
 
+INVALID_CODE_FORMAT = "Invalid code format. Expected CODE#STATE from the callback page."
+MAX_CODE_CHARS = 4096
+
+
+def parse_exchange_code(body: bytes) -> tuple[str, str]:
+    """Validate a ``POST /auth/exchange`` body ``{"code": "CODE#STATE"}``; ``(code, state)``.
+
+    The state is ours (base64url, no ``#``), so the text splits at its last ``#``;
+    whitespace around what was pasted is ignored.
+    """
+    obj = parse_json_object(body)
+    pasted = obj.get("code")
+    if pasted is None:
+        raise BadRequest("code: required, the CODE#STATE the callback page shows")
+    if not isinstance(pasted, str):
+        raise BadRequest(f"code: expected a string, got {_json_type(pasted)}")
+    if len(pasted) > MAX_CODE_CHARS:
+        raise BadRequest(f"code: exceeds {MAX_CODE_CHARS} characters")
+    code, hash_sign, state = pasted.strip().rpartition("#")
+    if not (hash_sign and code and state):
+        raise BadRequest(INVALID_CODE_FORMAT)
+    return code, state
+
+
 def parse_user_claude_request(body: bytes, *, max_bytes: int) -> str:
     """Validate a ``PUT /user-claude`` body: ``{"content": string}``, at most ``max_bytes`` in UTF-8.
 

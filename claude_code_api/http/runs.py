@@ -165,8 +165,7 @@ def run_routes(
 
         def log_end(run_id: str, outcome: TerminalEvent | None, how: str) -> None:
             log.info(
-                "run %s user=%s session=%s prompt_chars=%d%s -> %s in %.0f ms (%s)",
-                run_id,
+                "run user=%s session=%s prompt_chars=%d%s -> %s in %.0f ms (%s, run %s)",
                 user_id,
                 run_request.session_id or "-",
                 len(run_request.prompt),
@@ -174,6 +173,8 @@ def run_routes(
                 outcome_word(outcome),
                 (time.monotonic() - started) * 1000,
                 how,
+                run_id,
+                extra={"runId": run_id, "userId": user_id, "sessionId": run_request.session_id},
             )
 
         if not wants_event_stream(run_request.stream, request.headers.get("Accept")):

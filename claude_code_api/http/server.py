@@ -24,6 +24,7 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ConnectionSt
 from hypercorn.utils import repr_socket_addr, wrap_app
 from quart_trio import QuartTrio
 
+from ..logs import ACCESS_LOG_FORMAT
 from .connections import ConnectionTable, HttpConnection
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,9 @@ class HttpServer:
         self.host = host
         self.port = port
         self.config = Config()
-        self.config.accesslog = None
+        # Through logging, in the service's format (see logs.py); no headers in it.
+        self.config.accesslog = logging.getLogger("hypercorn.access")
+        self.config.access_log_format = ACCESS_LOG_FORMAT
         self.config.graceful_timeout = graceful_timeout
         self.connections = ConnectionTable(max_connections)
         self.refusing = False
