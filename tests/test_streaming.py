@@ -10,6 +10,7 @@ import trio
 
 from claude_code_api.http.jobs import BACKSTOP_S, Finished
 from claude_code_api.http.requests import BadRequest, OptionCeiling, parse_run_request
+from claude_code_api.http import streaming
 from claude_code_api.http.streaming import (
     KEEP_ALIVE,
     KEEP_ALIVE_S,
@@ -35,17 +36,25 @@ LIMIT = 1000
 
 
 def parse(frames: list[bytes]) -> list[tuple[str | None, str, object]]:
-    """(id, event name, data) of each frame; comments as (None, ':', text)."""
+    """(id, event name, data) of each frame; comments as (None, ':', text).
+
+    A chunk may hold several frames (events that arrived together go out in one write), but
+    never a partial one.
+    """
     events = []
     for raw in frames:
-        text = raw.decode()
-        assert text.endswith("\n\n") and text.count("\n\n") == 1, text
-        if text.startswith(":"):
-            events.append((None, ":", text.strip()))
-            continue
-        fields = dict(line.split(": ", 1) for line in text.strip().split("\n"))
-        events.append((fields["id"], fields["event"], json.loads(fields["data"])))
+        chunk = raw.decode()
+        assert chunk.endswith("\n\n"), chunk
+        for text in (part + "\n\n" for part in chunk[:-2].split("\n\n")):
+            events.append(_parse_frame(text))
     return events
+
+
+def _parse_frame(text: str) -> tuple[str | None, str, object]:
+    if text.startswith(":"):
+        return (None, ":", text.strip())
+    fields = dict(line.split(": ", 1) for line in text.strip().split("\n"))
+    return (fields["id"], fields["event"], json.loads(fields["data"]))
 
 
 def result_body(outcome: RunResult, finished: Finished, job) -> dict:
@@ -96,6 +105,21 @@ async def test_every_event_is_a_frame_with_a_unique_id_and_nothing_follows_the_r
         assert len(set(ids)) == len(ids)
         [finished] = ends
         assert finished.terminal.output == "done" and finished.started_at == 2.5
+
+
+async def test_events_waiting_together_go_out_in_one_write(autojump_clock, monkeypatch):
+    # A stream that fell behind catches up in one send per batch, not one per event.
+    monkeypatch.setattr(streaming, "MAX_BATCH", 4)
+    with trio.fail_after(LIMIT):
+        job, events = make_job(timeout_s=600)
+        for index in range(6):
+            job.reply.send_nowait(AssistantText(f"part {index}"))
+        job.reply.send_nowait(RunResult(success=True, output="done", duration_ms=10))
+        frames: list[bytes] = []
+        await collect(job, events, Queued(0), frames, [])
+        # queued + 3 texts, then 3 texts + the result
+        assert [len(parse([chunk])) for chunk in frames] == [4, 4]
+        assert parse(frames)[-1][1] == "result"
 
 
 async def test_a_failure_is_an_error_event(autojump_clock):

@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 # Silence after which a comment line is sent (proxies commonly close idle streams at 30-60 s).
 KEEP_ALIVE_S = 15.0
 KEEP_ALIVE = b": keep-alive\n\n"
+# Events sent in one write at most, when several are waiting.
+MAX_BATCH = 64
 # A tool call's input is summarised in at most this many characters.
 SUMMARY_CHARS = 200
 # Input fields that say what a tool call does, in the order they are looked for.
@@ -150,11 +152,10 @@ async def event_stream(
     finished: Finished | None = None
     backstop = job.deadline + BACKSTOP_S
     try:
-        pending: ReplyEvent | None = first
+        batch: list[ReplyEvent] = [first]
         while finished is None:
-            event = pending
-            pending = None
-            if event is None:
+            if not batch:
+                event: ReplyEvent | None = None
                 # Never yield inside a cancel scope: receive in it, send outside.
                 with trio.move_on_at(min(backstop, trio.current_time() + KEEP_ALIVE_S)):
                     try:
@@ -162,22 +163,44 @@ async def event_stream(
                     except trio.EndOfChannel:
                         event = NO_ANSWER
                 if event is None:
-                    if trio.current_time() >= backstop:
-                        event = OUTLIVED
-                    else:
+                    if trio.current_time() < backstop:
                         yield KEEP_ALIVE
                         continue
-            if isinstance(event, JobStarted):
-                started_at = event.at
-            if isinstance(event, TERMINAL_EVENTS):
-                finished = Finished(event, started_at)
-                yield terminal_frame(next(numbers), job, finished, result_body)
-                return
-            shown = event_data(event, job)
-            if shown is not None:
-                yield frame(next(numbers), *shown)
+                    event = OUTLIVED
+                batch = [event]
+            # Events that have arrived meanwhile go out in the same write: a stream that
+            # fell behind (a busy machine, a slow client) catches up in fewer sends.
+            batch += _already_arrived(events, MAX_BATCH - len(batch))
+            frames = []
+            for event in batch:
+                if isinstance(event, JobStarted):
+                    started_at = event.at
+                if isinstance(event, TERMINAL_EVENTS):
+                    finished = Finished(event, started_at)
+                    frames.append(terminal_frame(next(numbers), job, finished, result_body))
+                    break  # nothing follows it
+                shown = event_data(event, job)
+                if shown is not None:
+                    frames.append(frame(next(numbers), *shown))
+            batch = []
+            if frames:
+                yield b"".join(frames)
     finally:
         await on_end(finished)
+
+
+def _already_arrived(events: trio.MemoryReceiveChannel[ReplyEvent], limit: int) -> list[ReplyEvent]:
+    """Up to ``limit`` events waiting in ``events`` now (a closed channel: the 502 answer)."""
+    arrived: list[ReplyEvent] = []
+    while len(arrived) < limit:
+        try:
+            arrived.append(events.receive_nowait())
+        except trio.WouldBlock:
+            break
+        except trio.EndOfChannel:
+            arrived.append(NO_ANSWER)
+            break
+    return arrived
 
 
 def terminal_frame(
