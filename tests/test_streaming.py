@@ -8,9 +8,9 @@ import json
 import pytest
 import trio
 
+from claude_code_api.http import streaming
 from claude_code_api.http.jobs import BACKSTOP_S, Finished
 from claude_code_api.http.requests import BadRequest, OptionCeiling, parse_run_request
-from claude_code_api.http import streaming
 from claude_code_api.http.streaming import (
     KEEP_ALIVE,
     KEEP_ALIVE_S,
