@@ -166,7 +166,8 @@ async def serve_session(
                         if command is None or isinstance(command, Job):
                             carried, announce_idle = command, False
                             continue  # the agent is replaced at the top of the loop
-                exited_idle = command is None or isinstance(command, Job)
+                idle_command = command if isinstance(command, Job) else None
+                exited_idle = command is None or idle_command is not None
                 if exited_idle and agent.exited and not stop.requested:
                     idle_exits += 1
                     log.warning("session %s: agent exited while idle; replacing it", key)
@@ -174,13 +175,13 @@ async def serve_session(
                     agent = None
                     if idle_exits >= MAX_IDLE_EXITS:
                         leftover = JobFailed(502, "session agent keeps exiting while idle")
-                        if command is not None:
-                            command.answer(leftover)
+                        if idle_command is not None:
+                            idle_command.answer(leftover)
                         raise SessionFailed(leftover)
                     # The dispatcher counts it idle still (or has just handed over a turn,
                     # which runs on the replacement): announcing idle again could get it a
                     # second turn while the first waits.
-                    carried, announce_idle = command, False
+                    carried, announce_idle = idle_command, False
                     continue
                 if command is None or isinstance(command, Hibernate | CloseSessionNow):
                     return
