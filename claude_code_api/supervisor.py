@@ -65,7 +65,14 @@ from .config import Settings
 from .http.app import StoreStatus, create_app
 from .http.connections import connection_limit
 from .http.server import HttpServer
-from .messages import ActorId, CredentialsMessage, DispatcherMessage, Drain, SessionKey
+from .messages import (
+    ActorId,
+    CredentialsMessage,
+    DispatcherMessage,
+    Drain,
+    RunOptions,
+    SessionKey,
+)
 from .oauth import TokenEndpoint
 from .renewal import CredentialsVersion, retired_when_stale
 from .startup import plan_agents
@@ -216,6 +223,7 @@ class Service:
                 dispatcher: trio.MemorySendChannel[DispatcherMessage],
                 stop: StopSignal,
                 actor: ActorId,
+                options: RunOptions,
             ) -> None:
                 home = user_workspace(settings.data_dir, key.user_id)
                 await serve_session(
@@ -228,6 +236,7 @@ class Service:
                     stop,
                     actor,
                     self.credentials_version,
+                    options,
                 )
 
             def new_session_supervisor() -> SessionSupervisor:
