@@ -213,7 +213,7 @@ class Service:
         session_config = SessionConfig(
             settings.warmup_timeout_s, turn, settings.max_sessions_per_user
         )
-        worker_config = WorkerConfig(settings.warmup_timeout_s, turn)
+        worker_config = WorkerConfig(settings.warmup_timeout_s, turn, settings.agent_reuse_s)
 
         def agent_side(new_agent: AgentFactory) -> list[ChildSpec]:
             """The session supervisor and the worker pool, once agents can be made."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import attrs
 import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
@@ -159,6 +160,23 @@ async def test_longest_idle_worker_gets_the_next_job(autojump_clock, nursery):
         await inbox.send(Submit(job))
         assert await first.receive() is job
         assert await nothing_arrives(second)
+
+
+async def test_a_job_goes_to_its_users_agent_then_a_fresh_one_then_another_users(
+    autojump_clock, nursery
+):
+    """Kept agents (AGENT_REUSE_S): the user's own first, a fresh one next, and another
+    user's kept one only when nothing else is idle (its worker replaces that agent)."""
+    with trio.fail_after(LIMIT):
+        inbox = await start_dispatcher(nursery, pool_size=3)
+        offers = {}
+        for worker_id, bound_to in (("kept-for-bob", "bob"), ("fresh", None), ("kept", "alice")):
+            job_send, offers[worker_id] = trio.open_memory_channel(1)
+            await inbox.send(WorkerReady(worker_id, job_send, bound_to))
+        for expected in ("kept", "fresh", "kept-for-bob"):
+            job, _reply = make_job(f"alice-{expected}")
+            await inbox.send(Submit(attrs.evolve(job, user_id="alice", reply=job.reply)))
+            assert (await offers[expected].receive()).id == f"alice-{expected}"
 
 
 async def test_full_queue_answers_429_with_retry_after(autojump_clock, nursery):

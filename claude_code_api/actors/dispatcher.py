@@ -8,6 +8,9 @@ reserved for it), so a slow client or worker can never stall dispatch.
 * A job starts the moment a worker is warm: a :class:`WorkerReady` or a
   :class:`Submit` each dispatch at once. No polling, and jobs submitted while the
   pool is still warming wait in the queue instead of being forgotten.
+* A worker whose agent is kept for one user (``WorkerReady.bound_to``) gets that
+  user's jobs first; other users' jobs go to fresh workers first, and to a kept
+  one only when no other is idle (it then replaces its agent before the job).
 * Each job's deadline covers its wait here: an overdue queued job is answered
   ``timed_out`` by the dispatcher; once running, its worker enforces the rest.
 * The queue is fair between users (round-robin between their lines, FIFO within
@@ -93,6 +96,7 @@ class _WorkerRecord:
     failing: bool = False
     inbox: trio.MemorySendChannel[Job] | None = None
     job: Job | None = None  # the job handed to it and not finished yet
+    bound_to: str | None = None  # its ready agent served this user last (WorkerReady)
 
 
 @attrs.frozen
@@ -201,10 +205,11 @@ class Dispatcher:
                 self._drop_offer(record)
                 record.state, record.busy_since, record.job = WorkerState.STARTING, None, None
                 self._forget_idle(worker_id)
-            case WorkerReady(worker_id, inbox):
+            case WorkerReady(worker_id, inbox, bound_to):
                 record = self._record(worker_id)
                 self._drop_offer(record)
                 record.state, record.failing, record.inbox = WorkerState.READY, False, inbox
+                record.bound_to = bound_to
                 record.busy_since = record.job = None
                 self.ever_ready = True
                 self._forget_idle(worker_id)
@@ -309,11 +314,13 @@ class Dispatcher:
 
     def _dispatch(self) -> None:
         while self.idle and len(self.queue):
-            worker_id = self.idle.pop(0)
-            record = self.workers[worker_id]
             job = self.queue.pop_next()
+            assert job is not None
+            worker_id = self._worker_for(job)
+            self.idle.remove(worker_id)
+            record = self.workers[worker_id]
             inbox, record.inbox = record.inbox, None
-            assert job is not None and inbox is not None
+            assert inbox is not None
             try:
                 inbox.send_nowait(job)
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
@@ -325,6 +332,17 @@ class Dispatcher:
                 inbox.close()  # one job per offer
             record.state, record.busy_since, record.job = WorkerState.BUSY, time.time(), job
             record.jobs += 1
+
+    def _worker_for(self, job: Job) -> str:
+        """The idle worker to run ``job``: the longest idle of those whose agent serves its
+        user already, else of the fresh ones, else of those kept for other users (which
+        replaces its agent first: an agent never serves two users).
+        """
+        for wanted in (job.user_id, None):
+            for worker_id in self.idle:
+                if self.workers[worker_id].bound_to == wanted:
+                    return worker_id
+        return self.idle[0]
 
     def _start_session(self, message: StartSession) -> bool:
         """Ask the session supervisor for an actor; False when its channel is full.
