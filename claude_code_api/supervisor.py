@@ -242,7 +242,8 @@ class Service:
             def new_session_supervisor() -> SessionSupervisor:
                 return SessionSupervisor(self._session_starts_receive, self.inbox, run_session)
 
-            # A worker's process serves one job, so only an idle one can have stale credentials.
+            # A worker's process is retired when it waits for a job with stale credentials
+            # (also one kept for its user's next job, which waits the same way).
             new_worker_agent = retired_when_stale(new_agent, self.credentials_version)
 
             def worker_spec(worker_id: str) -> ChildSpec:
