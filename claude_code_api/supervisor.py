@@ -52,7 +52,7 @@ from pathlib import Path
 import trio
 
 from .actors.credentials import CredentialsActor, CredentialsClient
-from .actors.dispatcher import Dispatcher, SessionLimits
+from .actors.dispatcher import Dispatcher, PoolView, SessionLimits
 from .actors.reaper import REAPER_INBOX_SIZE, ReaperClient, serve_reaper
 from .actors.registry import RegistryClient, open_store, serve_registry, user_workspace
 from .actors.session import SessionConfig, serve_session
@@ -117,6 +117,7 @@ class Service:
         )
         self.registry = RegistryClient(self.registry_inbox)
         self.store_status = StoreStatus()
+        self.pool_view = PoolView()
         self.http = HttpServer(
             create_app(
                 settings,
@@ -124,6 +125,7 @@ class Service:
                 self.registry,
                 self.store_status,
                 CredentialsClient(self.credentials_inbox),
+                self.pool_view,
             ),
             settings.host,
             settings.port,
@@ -207,6 +209,7 @@ class Service:
                     per_session_max=settings.session_queue_max,
                     idle_s=settings.session_idle_s,
                 ),
+                view=self.pool_view,
             )
             await dispatcher.serve(task_status=task_status)
 

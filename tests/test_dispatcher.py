@@ -16,7 +16,12 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-from claude_code_api.actors.dispatcher import QUEUE_FULL_ERROR, RETRY_AFTER_S, Dispatcher
+from claude_code_api.actors.dispatcher import (
+    QUEUE_FULL_ERROR,
+    RETRY_AFTER_S,
+    Dispatcher,
+    PoolView,
+)
 from claude_code_api.http.jobs import BACKSTOP_S, open_job, pool_snapshot, run_job
 from claude_code_api.messages import (
     AssistantText,
@@ -177,6 +182,32 @@ async def test_a_job_goes_to_its_users_agent_then_a_fresh_one_then_another_users
             job, _reply = make_job(f"alice-{expected}")
             await inbox.send(Submit(attrs.evolve(job, user_id="alice", reply=job.reply)))
             assert (await offers[expected].receive()).id == f"alice-{expected}"
+
+
+async def test_the_published_view_answers_without_a_message(autojump_clock, nursery):
+    """/health reads the pool through a PoolView: no message, so never behind the inbox."""
+    with trio.fail_after(LIMIT):
+        view = PoolView()
+        assert view.read() is None  # no dispatcher yet
+        inbox_send, inbox_receive = trio.open_memory_channel(0)
+        scope = trio.CancelScope()
+
+        async def serve(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                dispatcher = Dispatcher(inbox_receive, pool_size=1, queue_max=20, view=view)
+                await dispatcher.serve(task_status=task_status)
+
+        await nursery.start(serve)
+        await offer(inbox_send, "w0")
+        job, _reply = make_job("queued")
+        await inbox_send.send(WorkerStarting("w0"))
+        await inbox_send.send(Submit(job))
+        snapshot = view.read()  # synchronous: no message, no checkpoint
+        assert snapshot is not None
+        assert states(snapshot) == {"w0": "starting"} and snapshot.queue_length == 1
+        scope.cancel()
+        await wait_all_tasks_blocked()
+        assert view.read() is None  # a stopped dispatcher is not read
 
 
 async def test_full_queue_answers_429_with_retry_after(autojump_clock, nursery):

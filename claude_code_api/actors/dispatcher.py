@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -99,6 +100,24 @@ class _WorkerRecord:
     bound_to: str | None = None  # its ready agent served this user last (WorkerReady)
 
 
+@attrs.define(eq=False)
+class PoolView:
+    """The pool's state as ``/health`` shows it, read without a message to the dispatcher.
+
+    The running dispatcher publishes how to read it (a restarted one replaces
+    that); :meth:`read` answers at once from the dispatcher's own state, so
+    ``/health`` never waits behind the jobs in the dispatcher's inbox. Only on
+    the trio thread: the dispatcher changes its state between two messages, never
+    across an await, so what a reader sees is consistent.
+    """
+
+    source: Callable[[], PoolSnapshot] | None = None
+
+    def read(self) -> PoolSnapshot | None:
+        """The pool's workers, queue and state now (no sessions, no runs); None: no dispatcher."""
+        return None if self.source is None else self.source()
+
+
 @attrs.frozen
 class SessionLimits:
     max_live: int = 8
@@ -123,8 +142,10 @@ class Dispatcher:
         session_starter: trio.MemorySendChannel[StartSession] | None = None,
         registry: trio.MemorySendChannel[Any] | None = None,
         session_limits: SessionLimits = SessionLimits(),
+        view: PoolView | None = None,
     ):
         self.inbox = inbox
+        self.view = view
         self.registry = registry
         self.session_starter = session_starter
         self.sessions = SessionScheduler(
@@ -156,6 +177,8 @@ class Dispatcher:
         restarted dispatcher (a fresh object) reads the same inbox. If this one
         crashes, the jobs it holds are answered 503 on the way out.
         """
+        if self.view is not None:
+            self.view.source = self.health_snapshot
         task_status.started()
         try:
             while True:
@@ -175,6 +198,9 @@ class Dispatcher:
             self._fail_queued(SHUTTING_DOWN if self.draining else RESTARTING)
             self.sessions.fail_all_waiting(SHUTTING_DOWN if self.draining else RESTARTING)
             raise
+        finally:
+            if self.view is not None and self.view.source == self.health_snapshot:
+                self.view.source = None
 
     def on_time(self, now: float) -> None:
         """Everything due by ``now``, then dispatch: after it, no deadline is in the past."""
@@ -430,13 +456,28 @@ class Dispatcher:
         ]
         return tuple(sorted(views, key=lambda view: view.queued_at))
 
-    def snapshot(self, user_id: str | None = None) -> PoolSnapshot:
-        views = tuple(
+    def health_snapshot(self) -> PoolSnapshot:
+        """What ``/health`` shows (:class:`PoolView`): :meth:`snapshot` without sessions and runs."""
+        return PoolSnapshot(
+            workers=self._worker_views(),
+            queue_length=len(self.queue),
+            queue_max=self.queue.max_size,
+            processed=self.processed,
+            failed=self.failed,
+            degraded_reason=self.degraded_reason(),
+            draining=self.draining,
+            ever_ready=self.ever_ready,
+        )
+
+    def _worker_views(self) -> tuple[WorkerView, ...]:
+        return tuple(
             WorkerView(wid, r.state, r.busy_since, r.jobs, r.last_error)
             for wid, r in sorted(self.workers.items())
         )
+
+    def snapshot(self, user_id: str | None = None) -> PoolSnapshot:
         return PoolSnapshot(
-            workers=views,
+            workers=self._worker_views(),
             queue_length=len(self.queue),
             queue_max=self.queue.max_size,
             processed=self.processed,
