@@ -202,6 +202,7 @@ async def test_the_published_view_answers_without_a_message(autojump_clock, nurs
         job, _reply = make_job("queued")
         await inbox_send.send(WorkerStarting("w0"))
         await inbox_send.send(Submit(job))
+        await wait_all_tasks_blocked()  # the dispatcher has handled them
         snapshot = view.read()  # synchronous: no message, no checkpoint
         assert snapshot is not None
         assert states(snapshot) == {"w0": "starting"} and snapshot.queue_length == 1
@@ -607,3 +608,16 @@ async def test_run_job_backstop_fires_when_a_worker_never_answers(autojump_clock
         outcome = await run_job(inbox, user_id="u", prompt="hi", timeout_s=10)
         assert outcome == JobFailed(504, "the job outlived its deadline without an answer")
         assert trio.current_time() == 10 + BACKSTOP_S
+
+
+async def test_a_request_withdraws_its_job_only_while_someone_holds_it(autojump_clock):
+    with trio.fail_after(LIMIT):
+        inbox_send, inbox = trio.open_memory_channel(10)
+        async with open_job(inbox_send, user_id="u", prompt="p", timeout_s=60) as (job, _):
+            assert inbox.receive_nowait() == Submit(job)
+        assert inbox.receive_nowait() == Withdraw(job.id)  # the client left: withdrawn
+        async with open_job(inbox_send, user_id="u", prompt="p", timeout_s=60) as (job, _):
+            assert inbox.receive_nowait() == Submit(job)
+            job.answer(RunResult(success=True, output="ok", duration_ms=1))
+        with pytest.raises(trio.WouldBlock):  # answered: nobody holds it, no message
+            inbox.receive_nowait()
