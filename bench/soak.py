@@ -403,6 +403,21 @@ def rss_kib(service: RunningService, field_name: str) -> int | None:
 # --- replies ----------------------------------------------------------------------------
 
 RUN_KEYS = {"success", "output", "durationMs", "timedOut"}
+# What a result may add (README: Result metadata; cancelled, upstreamError).
+RUN_EXTRA_KEYS = {
+    "timeoutType",
+    "outputTruncated",
+    "runId",
+    "sessionId",
+    "claudeSessionId",
+    "model",
+    "costUsd",
+    "usage",
+    "numTurns",
+    "queuedMs",
+    "cancelled",
+    "upstreamError",
+}
 
 
 def check_shape(reply: httpx.Response) -> tuple[str, Any, str | None]:
@@ -415,7 +430,7 @@ def check_shape(reply: httpx.Response) -> tuple[str, Any, str | None]:
     except ValueError:
         return str(status), None, f"body is not JSON: {reply.text[:200]!r}"
     if status == 200 and isinstance(body, dict) and "success" in body:
-        extra = set(body) - RUN_KEYS - {"timeoutType", "outputTruncated"}
+        extra = set(body) - RUN_KEYS - RUN_EXTRA_KEYS
         if not RUN_KEYS <= set(body) or extra:
             return "200", body, f"keys {sorted(body)}"
         if not (
@@ -441,7 +456,7 @@ def check_shape(reply: httpx.Response) -> tuple[str, Any, str | None]:
         return "200", body, None  # DELETE /session and friends: checked by the caller
     if not (
         isinstance(body, dict)
-        and set(body) == {"error"}
+        and set(body) - {"runId"} == {"error"}
         and isinstance(body["error"], str)
         and body["error"]
     ):
