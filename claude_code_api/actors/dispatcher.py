@@ -28,6 +28,7 @@ from typing import Any
 import attrs
 import trio
 
+from .. import metrics
 from ..messages import (
     CloseSession,
     DispatcherMessage,
@@ -178,7 +179,9 @@ class Dispatcher:
             case Withdraw(job_id):
                 withdrawn = self.queue.remove(job_id) or self.sessions.withdraw(job_id)
                 if withdrawn is not None:
-                    withdrawn.reply.close()
+                    withdrawn.reply.close()  # unanswered: its client has left
+                    waited_s = trio.current_time() - withdrawn.submitted_at
+                    metrics.run_answered(withdrawn.user_id, waited_s, "cancelled")
             case WorkerStarting(worker_id):
                 record = self._record(worker_id)
                 self._drop_offer(record)

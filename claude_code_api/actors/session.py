@@ -43,6 +43,7 @@ from pathlib import Path
 import attrs
 import trio
 
+from .. import metrics
 from ..agent import Agent, AgentFactory, AgentSpec, AgentStartError
 from ..messages import (
     ActorId,
@@ -272,6 +273,8 @@ async def _load_or_create(
         if record is None:
             record = new_session_record(key, time.time())
             await registry.create(record, max_per_user)
+        else:
+            metrics.session_woke()
     except TooManySessions as exc:
         raise SessionFailed(JobFailed(429, str(exc), retry_after_s=None)) from exc
     except RegistryError as exc:

@@ -29,6 +29,7 @@ import logging
 import attrs
 import trio
 
+from .. import metrics
 from ..agent import Agent, AgentError, TurnResult
 from ..messages import (
     AgentEvent,
@@ -201,6 +202,7 @@ async def run_turn(
         cancelled_by_client()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch_cancellation)
+        metrics.run_started(trio.current_time() - job.submitted_at)
         await send(JobStarted(worker_id))
         with scope:
             if cut is None:
