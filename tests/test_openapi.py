@@ -9,11 +9,14 @@ with nothing fetched from elsewhere.
 
 from __future__ import annotations
 
+import json
 import re
 from html.parser import HTMLParser
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 from openapi_spec_validator import validate
 
 from claude_code_api.actors.registry import RegistryClient
@@ -22,6 +25,7 @@ from claude_code_api.http.app import create_app
 from claude_code_api.http.docs import docs_page
 from claude_code_api.http.observe import route_pattern
 from claude_code_api.http.openapi import openapi_spec
+from claude_code_api.http.requests import BadRequest, parse_exchange_code, parse_run_request
 
 # Methods Quart answers for every route by itself (HEAD for GET, OPTIONS), which
 # OpenAPI documents do not list.
@@ -126,3 +130,29 @@ def test_the_docs_page_escapes_what_it_shows():
     spec = openapi_spec(load_settings({}))
     spec["paths"]["/run"]["post"]["summary"] = "<script>alert(1)</script>"
     assert "<script>" not in docs_page(spec)
+
+
+@given(st.text(alphabet=st.sampled_from("ab#é \t\n\x1c\u00a0"), max_size=12))
+def test_the_documented_code_pattern_is_what_the_parser_accepts(pasted):
+    schema = openapi_spec(load_settings({}))["components"]["schemas"]["ExchangeRequest"]
+    documented = re.search(schema["properties"]["code"]["pattern"], pasted) is not None
+    try:
+        parse_exchange_code(json.dumps({"code": pasted}).encode())
+        accepted = True
+    except BadRequest:
+        accepted = False
+    assert documented == accepted
+
+
+@given(st.text(alphabet=st.sampled_from("ab \t\n\x1c\u00a0\u2028"), min_size=1, max_size=6))
+def test_the_documented_prompt_pattern_is_what_the_parser_accepts(prompt):
+    schema = openapi_spec(load_settings({}))["components"]["schemas"]["RunRequest"]
+    documented = re.search(schema["properties"]["prompt"]["pattern"], prompt) is not None
+    try:
+        parse_run_request(
+            json.dumps({"prompt": prompt}).encode(), max_prompt_chars=10, max_timeout_ms=1
+        )
+        accepted = True
+    except BadRequest:
+        accepted = False
+    assert documented == accepted

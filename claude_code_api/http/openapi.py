@@ -24,7 +24,7 @@ from typing import Any
 
 from ..config import Settings
 from ..user_memory import MAX_SAVED_BYTES
-from .requests import MAX_CODE_CHARS, MAX_PAGE_SIZE, SESSION_ID_PATTERN
+from .requests import MAX_CODE_CHARS, MAX_PAGE_OFFSET, MAX_PAGE_SIZE, SESSION_ID_PATTERN
 
 OPENAPI_VERSION = "3.1.0"
 JSON = "application/json"
@@ -227,6 +227,8 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "code": {
                     "type": "string",
                     "maxLength": MAX_CODE_CHARS,
+                    # Text before and after the last "#" (white space around it is ignored).
+                    "pattern": r"^\s*\S[\s\S]*#[^#]*[^#\s]\s*$",
                     "description": "the CODE#STATE the callback page shows",
                 }
             }
@@ -349,7 +351,7 @@ def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
                     {
                         "name": "offset",
                         "in": "query",
-                        "schema": {"type": "integer", "minimum": 0, "maximum": 10**9},
+                        "schema": {"type": "integer", "minimum": 0, "maximum": MAX_PAGE_OFFSET},
                         "description": "sessions skipped (default 0)",
                     },
                 ],

@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 
@@ -123,21 +122,32 @@ def session_id_field(obj: dict[str, Any], *, required: bool) -> str | None:
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+MAX_PAGE_OFFSET = 10**9
 
 
-def page_arguments(args: Mapping[str, str]) -> tuple[int, int]:
-    """``?limit=&offset=`` of a paged list: ``limit`` 1..1000 (default 100), ``offset`` >= 0."""
+class QueryArguments(Protocol):
+    """A query string's arguments (werkzeug's ``MultiDict``): every value of a name."""
+
+    def getlist(self, key: str) -> list[str]: ...
+
+
+def page_arguments(args: QueryArguments) -> tuple[int, int]:
+    """``?limit=&offset=`` of a paged list: ``limit`` 1..1000 (default 100), ``offset`` >= 0.
+
+    Each given at most once, as a whole number (an empty one is not).
+    """
     limit = _whole_argument(args, "limit", DEFAULT_PAGE_SIZE, 1, MAX_PAGE_SIZE)
-    offset = _whole_argument(args, "offset", 0, 0, 10**9)
+    offset = _whole_argument(args, "offset", 0, 0, MAX_PAGE_OFFSET)
     return limit, offset
 
 
-def _whole_argument(args: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
-    raw = args.get(name)
-    if raw is None or raw == "":
+def _whole_argument(args: QueryArguments, name: str, default: int, low: int, high: int) -> int:
+    values = args.getlist(name)
+    if not values:
         return default
-    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
-        raise BadRequest(f"{name}: expected a whole number from {low} to {high}")
+    raw = values[0]
+    if len(values) > 1 or not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
+        raise BadRequest(f"{name}: expected one whole number from {low} to {high}")
     return int(raw)
 
 
@@ -154,6 +164,9 @@ def parse_run_request(body: bytes, *, max_prompt_chars: int, max_timeout_ms: int
     if len(prompt) > max_prompt_chars:
         raise BadRequest(f"prompt: exceeds {max_prompt_chars} characters")
     timeout_ms = obj.get("timeoutMs")
+    if isinstance(timeout_ms, float) and timeout_ms.is_integer():
+        # JSON has numbers, not integers: 1000.0 is the integer 1000 (as JSON Schema says).
+        timeout_ms = int(timeout_ms)
     if timeout_ms is not None and (
         isinstance(timeout_ms, bool)
         or not isinstance(timeout_ms, int)
