@@ -45,32 +45,13 @@ from bench.stats import QuietMeter, dist, fmt_dist, machine_lines, quiet_verdict
 from claude_code_api.agent import AgentSpec  # noqa: E402
 from tests.harness import CLK_TCK, launch_service, service_agents, service_env  # noqa: E402
 from tests.mock_messages_api import open_mock_api  # noqa: E402
-from tests.real_cli import MOCK_API_KEY  # noqa: E402
+from tests.real_cli import service_overrides  # noqa: E402
 
 PROMPT = "What is 2+2?"
 
 
 def real_cli_env(api_url: str, workdir: Path, **extra: str) -> dict[str, str]:
-    home = workdir / "service-home"
-    home.mkdir(parents=True, exist_ok=True)
-    return service_env(
-        workdir,
-        {
-            "CLAUDE_EXECUTABLE": "",  # the bundled CLI
-            "USE_CLAUDE_API_KEY": "1",
-            "ANTHROPIC_API_KEY": MOCK_API_KEY,
-            "ANTHROPIC_BASE_URL": api_url,
-            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-            "DISABLE_TELEMETRY": "1",
-            "IS_SANDBOX": "1",
-            "HOME": str(home),
-            "CLAUDE_CONFIG_DIR": str(home / ".claude"),
-            "AGENT_SANDBOX": "auto",
-            "WARMUP_TIMEOUT_MS": "60000",
-            **extra,
-        },
-        record_pids=False,
-    )
+    return service_env(workdir, service_overrides(api_url, workdir, **extra), record_pids=False)
 
 
 def group_usage(pgid: int) -> tuple[float, int]:

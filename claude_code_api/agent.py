@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import attrs
 
-from .messages import AgentEvent
+from .messages import AgentEvent, RunOptions
 from .supervision import ExpectedFailure
 
 # Time a closing process gets to exit after stdin EOF before it is killed.
@@ -56,6 +56,8 @@ class AgentSpec:
     Claude Code's config dir (transcripts, ``.claude.json``) is ``home/.claude``.
     An ``ephemeral`` agent (a one-shot worker's) has its home removed when it
     closes and keeps no transcript; a session's home is its user's and stays.
+    ``options`` are what a request asked for beyond the service's defaults: the
+    process starts with them as its arguments.
     """
 
     name: str  # for logs: "worker-0", "session alice/s1"
@@ -63,6 +65,7 @@ class AgentSpec:
     ephemeral: bool
     session_id: str | None = None  # a new conversation with this Claude session UUID
     resume: str | None = None  # continue the conversation with this Claude session UUID
+    options: RunOptions = RunOptions()
 
     @property
     def cwd(self) -> Path:
@@ -115,6 +118,11 @@ class Agent(Protocol):
         """The Claude session id the process reported last (None before any)."""
         ...
 
+    @property
+    def model(self) -> str | None:
+        """The model the process uses now (as started, or as last set)."""
+        ...
+
     async def start(self, timeout: float) -> None:
         """Start the process and complete the initialize handshake within ``timeout`` s.
 
@@ -135,6 +143,18 @@ class Agent(Protocol):
         context (for an agent that started before its user was known, so did not
         load it itself). Raises :class:`AgentError` if the process fails mid-turn.
         """
+        ...
+
+    async def set_model(self, model: str) -> None:
+        """Use ``model`` from the next turn on (a control request; no new process).
+
+        Idle agents only. Does nothing when it is the model already. Raises
+        :class:`AgentError` if the process refuses or fails.
+        """
+        ...
+
+    async def set_permission_mode(self, mode: str) -> None:
+        """Use permission ``mode`` from the next turn on (a control request), as :meth:`set_model`."""
         ...
 
     async def interrupt(self, grace: float) -> bool:

@@ -26,6 +26,7 @@ except for secrets (``API_KEYS``, ``NEXTAUTH_SECRET``).
 from __future__ import annotations
 
 import hmac
+import math
 import os
 import re
 import sys
@@ -35,6 +36,8 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import attrs
+
+from .messages import PERMISSION_MODES
 
 
 class ConfigError(ValueError):
@@ -295,6 +298,55 @@ class EnvNames:
 
 
 @attrs.frozen
+class Number:
+    """A decimal number greater than ``above`` and at most ``high``."""
+
+    above: float
+    high: float
+
+    def parse(self, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not (self.above < value <= self.high):  # NaN fails too
+            raise ValueError(f"expected a number above {self.above:g}, at most {self.high:g}")
+        return value
+
+    def accepts(self) -> str:
+        return f"a number > {self.above:g}, ≤ {self.high:g}"
+
+
+@attrs.frozen
+class Names:
+    """Comma-separated ``what``s (printable, no spaces); blank entries skipped, repeats kept
+    once. With ``options``, each must be one of them (held as written there)."""
+
+    what: str
+    options: tuple[str, ...] = ()
+
+    def parse(self, raw: str) -> tuple[str, ...]:
+        names: list[str] = []
+        for entry in (part.strip() for part in raw.split(",")):
+            if not entry:
+                continue
+            if self.options:
+                entry = Choice(self.options).parse(entry)
+            elif not entry.isprintable() or " " in entry:
+                raise ValueError(f"{entry!r} is not a {self.what} (printable, no spaces)")
+            if entry not in names:
+                names.append(entry)
+        if not names:
+            raise ValueError(f"expected at least one {self.what}")
+        return tuple(names)
+
+    def accepts(self) -> str:
+        if self.options:
+            return "comma-separated: " + ", ".join(f"`{option}`" for option in self.options)
+        return f"comma-separated {self.what}s"
+
+
+@attrs.frozen
 class UserIds:
     """Comma-separated user ids (as keys and tokens authenticate them); blank entries skipped.
 
@@ -416,7 +468,42 @@ class Settings:
         "POOL_SIZE", Whole(1, 256), "1", "pre-warmed agent processes for one-shot requests"
     )
     model: str = setting(
-        "CLAUDE_MODEL", Text("a model name"), "claude-sonnet-4-6", "model the agents use"
+        "CLAUDE_MODEL",
+        Text("a model name"),
+        "claude-sonnet-4-6",
+        "model the agents use when a request names none",
+    )
+    # None: only CLAUDE_MODEL (see allowed_models).
+    allowed_models_setting: tuple[str, ...] | None = setting(
+        "ALLOWED_MODELS",
+        OrUnset(Names("model name")),
+        "",
+        "models a request may name (`model`); `CLAUDE_MODEL` always may be",
+        shown_default="`CLAUDE_MODEL`",
+    )
+    # None: no limit.
+    max_turns_limit: int | None = setting(
+        "MAX_TURNS_LIMIT",
+        OrUnset(Whole(1, 1_000_000)),
+        "",
+        "largest `maxTurns` a request may ask for",
+        shown_default="no limit",
+    )
+    # None: no limit.
+    max_budget_usd_limit: float | None = setting(
+        "MAX_BUDGET_USD_LIMIT",
+        OrUnset(Number(0, 1_000_000)),
+        "",
+        "largest `maxBudgetUsd` a request may ask for",
+        shown_default="no limit",
+    )
+    allowed_permission_modes: tuple[str, ...] = setting(
+        "ALLOWED_PERMISSION_MODES",
+        Names("permission mode", PERMISSION_MODES),
+        "default,acceptEdits,plan,dontAsk,auto",
+        "permission modes a request may ask for (`permissionMode`); a request that asks"
+        " for none runs with `bypassPermissions`, as every request always has",
+        shown_default="all but `bypassPermissions`",
     )
     use_claude_api_key: bool = setting(
         "USE_CLAUDE_API_KEY",
@@ -573,6 +660,12 @@ class Settings:
     # Fixed, not read from the environment.
     max_body_bytes: int = 1024 * 1024  # largest request body accepted
     max_prompt_chars: int = 200_000  # longest prompt accepted (the original's bound)
+
+    @property
+    def allowed_models(self) -> tuple[str, ...]:
+        """``ALLOWED_MODELS`` with ``CLAUDE_MODEL`` (a request may always name the default)."""
+        listed = self.allowed_models_setting or ()
+        return listed if self.model in listed else (self.model, *listed)
 
     @property
     def user_queue_max(self) -> int:

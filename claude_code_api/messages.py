@@ -7,7 +7,7 @@ channels, who owns each end, and who closes it:
   ends belong to the supervision tree (``Service``), which closes them when the
   tree ends, so a restarted dispatcher reads the same inbox. Every other actor
   sends on its own ``clone()`` and closes that clone when it ends: HTTP handlers
-  (:class:`Submit`, :class:`Withdraw`, :class:`StatusRequest`,
+  (:class:`Submit`, :class:`Withdraw`, :class:`CancelRun`, :class:`StatusRequest`,
   :class:`CloseSession`, :class:`Drain`, :class:`UserMemoryChanged`), workers
   (``Worker*``), the session supervisor (:class:`SessionsReset`,
   :class:`SessionStopped`) and session actors (:class:`SessionStarted`,
@@ -27,12 +27,15 @@ channels, who owns each end, and who closes it:
   :class:`JobFailed`). The HTTP handler owns the receive end. The send end belongs
   to the dispatcher while the job is queued and to the worker or session actor
   once it runs; that holder sends the terminal event and closes it
-  (:meth:`Job.answer`).
+  (:meth:`Job.answer`). The dispatcher answers every :class:`Submit` at once:
+  :class:`Queued` when it took the job, or the terminal refusal (429, 503), so a
+  streaming reply knows its status before it starts.
 * **credentials inbox** (``MemorySendChannel[CredentialsMessage]``, buffer 0):
   tree-owned like the dispatcher inbox; HTTP handlers send, the credentials actor reads.
 * **request/reply channels** inside :class:`StatusRequest`, :class:`Drain`,
-  :class:`CloseSession` and the credentials requests: made by the requester (who
-  owns the receive end); the one who answers sends once and closes the send end.
+  :class:`CloseSession`, :class:`CancelRun` and the credentials requests: made by the
+  requester (who owns the receive end); the one who answers sends once and closes the
+  send end.
 """
 
 from __future__ import annotations
@@ -78,6 +81,68 @@ class Cancellation:
         return self.event.is_set()
 
 
+# The SDK's permission modes (claude_agent_sdk.types.PermissionMode).
+PERMISSION_MODES = ("default", "acceptEdits", "plan", "bypassPermissions", "dontAsk", "auto")
+
+
+@attrs.frozen
+class RunOptions:
+    """What a request asked of its agent beyond the service's defaults (None: the default).
+
+    ``model`` and ``permission_mode`` can change on a running agent (control
+    requests); the others are process arguments, so a job that sets any of them
+    needs an agent process of its own (:attr:`needs_own_process`).
+    """
+
+    model: str | None = None
+    system_prompt: str | None = None  # appended to Claude Code's own
+    allowed_tools: tuple[str, ...] | None = None
+    disallowed_tools: tuple[str, ...] | None = None
+    max_turns: int | None = None
+    max_budget_usd: float | None = None
+    permission_mode: str | None = None
+
+    @property
+    def needs_own_process(self) -> bool:
+        return (
+            self.system_prompt is not None
+            or self.allowed_tools is not None
+            or self.disallowed_tools is not None
+            or self.max_turns is not None
+            or self.max_budget_usd is not None
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The options that are set, by their attribute names (for a session's record)."""
+        values = {field.name: getattr(self, field.name) for field in attrs.fields(RunOptions)}
+        return {
+            name: list(value) if isinstance(value, tuple) else value
+            for name, value in values.items()
+            if value is not None
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> RunOptions:
+        """Read :meth:`to_json`'s output back; anything unknown or mistyped is dropped."""
+        if not isinstance(data, dict):
+            return cls()
+        kept: dict[str, Any] = {}
+        for field in attrs.fields(cls):
+            value = data.get(field.name)
+            if isinstance(value, list) and all(isinstance(item, str) for item in value):
+                kept[field.name] = tuple(value)
+            elif isinstance(value, str | int | float) and not isinstance(value, bool):
+                kept[field.name] = value
+        try:
+            return cls(**kept)
+        except TypeError:
+            return cls()
+
+
+# What a request that asks for nothing special gets.
+DEFAULT_OPTIONS = RunOptions()
+
+
 @attrs.frozen(eq=False)
 class Job:
     """One prompt to run. ``deadline`` (trio time) covers queue wait and run."""
@@ -93,6 +158,7 @@ class Job:
     # started before its user was known. (A session's agent loads it from its HOME.)
     memory: str | None = attrs.field(default=None, repr=False)
     cancellation: Cancellation = attrs.field(factory=Cancellation, repr=False)
+    options: RunOptions = DEFAULT_OPTIONS
 
     @property
     def session_key(self) -> SessionKey | None:
@@ -120,10 +186,22 @@ class Job:
 
 
 @attrs.frozen
+class Queued:
+    """The dispatcher took the job: ``position`` runs will start before it (0: none)."""
+
+    position: int
+
+
+@attrs.frozen
 class JobStarted:
-    """The job left the queue and an agent is working on it."""
+    """The job left the queue and an agent is working on it.
+
+    ``at``: when (trio time) the worker or session actor took it, so the reply can
+    say how long it waited (not compared: it is a measurement).
+    """
 
     worker_id: str
+    at: float = attrs.field(default=0.0, eq=False)
 
 
 @attrs.frozen
@@ -220,7 +298,7 @@ class JobFailed:
     outcome = "failed"
 
 
-ReplyEvent = JobStarted | AgentEvent | RunResult | JobFailed
+ReplyEvent = Queued | JobStarted | AgentEvent | RunResult | JobFailed
 TerminalEvent = RunResult | JobFailed
 TERMINAL_EVENTS = (RunResult, JobFailed)
 
@@ -240,6 +318,20 @@ class Withdraw:
     """The client of ``job_id`` went away: drop it if it is still queued."""
 
     job_id: str
+
+
+@attrs.frozen
+class CancelRun:
+    """HTTP -> dispatcher: DELETE /runs/{run_id} by ``user_id``.
+
+    ``ack`` gets True when the run was ``user_id``'s and queued (it is answered
+    ``cancelled`` at once) or running (its turn is interrupted and answers
+    ``cancelled``); False for a run that is unknown, over, or someone else's.
+    """
+
+    user_id: str
+    run_id: str
+    ack: trio.MemorySendChannel[bool] = attrs.field(repr=False)
 
 
 @attrs.frozen
@@ -305,6 +397,23 @@ class SessionView:
     state: SessionState
 
 
+class RunState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+
+
+@attrs.frozen
+class RunView:
+    """One queued or running job, for ``/status`` (times are wall-clock seconds)."""
+
+    run_id: str
+    user_id: str
+    state: RunState
+    session_id: str | None
+    queued_at: float
+    started_at: float | None = None
+
+
 @attrs.frozen
 class PoolSnapshot:
     """What ``/health`` and ``/status`` show, as the dispatcher sees it."""
@@ -321,13 +430,19 @@ class PoolSnapshot:
     # The newest 401/403 from the model API (until a later turn succeeds), with its wall time.
     upstream_auth_error: UpstreamError | None = None
     upstream_auth_error_at: float | None = None
+    # The queued and running jobs of the user the snapshot was asked for.
+    runs: tuple[RunView, ...] = ()
 
 
 @attrs.frozen
 class StatusRequest:
-    """Ask the dispatcher for a :class:`PoolSnapshot`, answered on ``reply``."""
+    """Ask the dispatcher for a :class:`PoolSnapshot`, answered on ``reply``.
+
+    With ``user_id`` the snapshot lists that user's runs too.
+    """
 
     reply: trio.MemorySendChannel[PoolSnapshot] = attrs.field(repr=False)
+    user_id: str | None = None
 
 
 @attrs.frozen
@@ -345,9 +460,13 @@ class Drain:
 
 @attrs.frozen
 class StartSession:
-    """Dispatcher -> session supervisor: start an actor for ``key``."""
+    """Dispatcher -> session supervisor: start an actor for ``key``.
+
+    ``options``: those of the turn it starts for; a new session keeps them.
+    """
 
     key: SessionKey
+    options: RunOptions = RunOptions()
 
 
 @attrs.frozen
@@ -440,6 +559,7 @@ class UserMemoryChanged:
 DispatcherMessage = (
     Submit
     | Withdraw
+    | CancelRun
     | WorkerStarting
     | WorkerReady
     | WorkerFinished

@@ -76,6 +76,24 @@ class MeteredAgent:
             self._fail("exit" if self._agent.exited else "protocol")
             raise
 
+    @property
+    def model(self) -> str | None:
+        return self._agent.model
+
+    async def set_model(self, model: str) -> None:
+        try:
+            await self._agent.set_model(model)
+        except AgentError:
+            self._fail("exit" if self._agent.exited else "protocol")
+            raise
+
+    async def set_permission_mode(self, mode: str) -> None:
+        try:
+            await self._agent.set_permission_mode(mode)
+        except AgentError:
+            self._fail("exit" if self._agent.exited else "protocol")
+            raise
+
     async def interrupt(self, grace: float) -> bool:
         return await self._agent.interrupt(grace)
 

@@ -76,6 +76,10 @@ class RetiredWhenStale:
     def session_id(self) -> str | None:
         return self._agent.session_id
 
+    @property
+    def model(self) -> str | None:
+        return self._agent.model
+
     async def start(self, timeout: float) -> None:
         # Noted before starting: credentials that change during the warm-up make it stale.
         self._started_with = self._version.number
@@ -98,6 +102,12 @@ class RetiredWhenStale:
         self, prompt: str, on_event: OnEvent, *, memory: str | None = None
     ) -> TurnResult:
         return await self._agent.run_turn(prompt, on_event, memory=memory)
+
+    async def set_model(self, model: str) -> None:
+        await self._agent.set_model(model)
+
+    async def set_permission_mode(self, mode: str) -> None:
+        await self._agent.set_permission_mode(mode)
 
     async def interrupt(self, grace: float) -> bool:
         return await self._agent.interrupt(grace)

@@ -24,7 +24,7 @@ import os
 import signal
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import trio
@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 
 # Claude Code's own system prompt. The SDK's default (None) sends an EMPTY one.
 CLAUDE_CODE_SYSTEM_PROMPT: Any = {"type": "preset", "preset": "claude_code"}
+# Every agent runs commands and edits files without asking unless its request asks otherwise.
+DEFAULT_PERMISSION_MODE = "bypassPermissions"
 STDERR_LINES_KEPT = 20
 # The SDK's default stdout line limit is 1 MiB; a reply of MAX_OUTPUT_CHARS characters,
 # JSON-escaped (up to 6 bytes a character), must fit in one line.
@@ -150,6 +152,8 @@ class SdkAgent:
         self._client: ClaudeSDKClient | None = None
         self._pgid: int | None = None
         self._session_id: str | None = spec.resume or spec.session_id
+        self._model = spec.options.model or options.model
+        self._permission_mode = spec.options.permission_mode or DEFAULT_PERMISSION_MODE
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_LINES_KEPT)
         self._closed = False
         # A prompt may have been sent and its result not read yet: there is a turn to interrupt.
@@ -169,6 +173,10 @@ class SdkAgent:
     def session_id(self) -> str | None:
         return self._session_id
 
+    @property
+    def model(self) -> str | None:
+        return self._model
+
     async def wait_exited(self) -> None:
         process = self._process()
         if process is not None:
@@ -183,19 +191,28 @@ class SdkAgent:
 
     def _sdk_options(self) -> ClaudeAgentOptions:
         spec = self.spec
+        requested = spec.options
         extra_args: dict[str, str | None] = {}
         if spec.ephemeral:  # a one-shot's conversation is never resumed: keep no transcript
             extra_args["no-session-persistence"] = None
+        system_prompt: Any = CLAUDE_CODE_SYSTEM_PROMPT
+        if requested.system_prompt is not None:
+            system_prompt = {**CLAUDE_CODE_SYSTEM_PROMPT, "append": requested.system_prompt}
         return ClaudeAgentOptions(
             cli_path=self._launcher_path,
-            model=self._options.model,
-            permission_mode="bypassPermissions",
-            system_prompt=CLAUDE_CODE_SYSTEM_PROMPT,
+            model=self._model,
+            permission_mode=cast(Any, self._permission_mode),
+            system_prompt=system_prompt,
             cwd=str(spec.cwd),
             env=self._launcher.environment(spec),
             session_id=spec.session_id,
             resume=spec.resume,
-            disallowed_tools=list(DISALLOWED_TOOLS),
+            allowed_tools=list(requested.allowed_tools or ()),
+            # A request adds to the service's own list; it can never lift it.
+            disallowed_tools=DISALLOWED_TOOLS
+            + [t for t in requested.disallowed_tools or () if t not in DISALLOWED_TOOLS],
+            max_turns=requested.max_turns,
+            max_budget_usd=requested.max_budget_usd,
             extra_args=extra_args,
             max_buffer_size=stdout_buffer_bytes(self._options.max_output_chars),
             stderr=self._keep_stderr,
@@ -290,6 +307,30 @@ class SdkAgent:
             await trio.sleep(0.01)  # let the stderr reader collect the dying words
             raise AgentError(describe_failure(exc, self.stderr_tail())) from exc
         raise AgentError("agent process ended the turn without a result")
+
+    async def set_model(self, model: str) -> None:
+        if model == self._model:
+            return
+        try:
+            await self._connected().set_model(model)
+        except AgentError:
+            raise
+        except Exception as exc:
+            raise AgentError(f"agent refused model {model!r}: {describe_failure(exc)}") from exc
+        self._model = model
+
+    async def set_permission_mode(self, mode: str) -> None:
+        if mode == self._permission_mode:
+            return
+        try:
+            await self._connected().set_permission_mode(cast(Any, mode))
+        except AgentError:
+            raise
+        except Exception as exc:
+            raise AgentError(
+                f"agent refused permission mode {mode!r}: {describe_failure(exc)}"
+            ) from exc
+        self._permission_mode = mode
 
     async def interrupt(self, grace: float) -> bool:
         client = self._client

@@ -66,7 +66,14 @@ from .config import Settings
 from .http.app import StoreStatus, create_app
 from .http.connections import connection_limit
 from .http.server import HttpServer
-from .messages import ActorId, CredentialsMessage, DispatcherMessage, Drain, SessionKey
+from .messages import (
+    ActorId,
+    CredentialsMessage,
+    DispatcherMessage,
+    Drain,
+    RunOptions,
+    SessionKey,
+)
 from .metered_agent import metered
 from .oauth import TokenEndpoint
 from .renewal import CredentialsVersion, retired_when_stale
@@ -222,6 +229,7 @@ class Service:
                 dispatcher: trio.MemorySendChannel[DispatcherMessage],
                 stop: StopSignal,
                 actor: ActorId,
+                options: RunOptions,
             ) -> None:
                 home = user_workspace(settings.data_dir, key.user_id)
                 await serve_session(
@@ -234,6 +242,7 @@ class Service:
                     stop,
                     actor,
                     self.credentials_version,
+                    options,
                 )
 
             def new_session_supervisor() -> SessionSupervisor:

@@ -106,6 +106,9 @@ class FakeAgent:
         self._interrupted = trio.Event()
         # The ``memory`` (a user's CLAUDE.md) each turn was handed, in order.
         self.memories: list[str | None] = []
+        # As started (spec.options), then as set by control requests (None: the default).
+        self._model = spec.options.model
+        self.permission_mode = spec.options.permission_mode
 
     def note(self, what: str) -> None:
         self.log.append((trio.current_time(), what))
@@ -125,6 +128,26 @@ class FakeAgent:
     @property
     def session_id(self) -> str | None:
         return self._session_id
+
+    @property
+    def model(self) -> str | None:
+        return self._model
+
+    async def set_model(self, model: str) -> None:
+        if model != self._model:
+            self._check_alive()
+            self.note(f"set_model {model}")
+            self._model = model
+
+    async def set_permission_mode(self, mode: str) -> None:
+        if mode != self.permission_mode:
+            self._check_alive()
+            self.note(f"set_permission_mode {mode}")
+            self.permission_mode = mode
+
+    def _check_alive(self) -> None:
+        if self.exited or self._closed:
+            raise AgentError("agent process is not running")
 
     def exit_now(self) -> None:
         """The process exits by itself (killed from outside, crashed while idle)."""
@@ -184,7 +207,7 @@ class FakeAgent:
                     session_id=self._session_id,
                     cost_usd=step.cost_usd,
                     num_turns=1,
-                    model="fake",
+                    model=self._model or "fake",
                     api_error_status=step.api_error_status,
                 )
             self._turn.pop(0)

@@ -22,6 +22,8 @@ directive in the prompt itself wins).
 
 Per-turn directives, written in the prompt as [[fake:NAME]] or [[fake:NAME:ARG...]]:
   slow:N:D      N assistant texts "piece 1".."piece N", D seconds apart; interruptible
+  stamp:N:D     like slow, but each text is "stamp <time.monotonic()>" taken just before it
+                is written (CLOCK_MONOTONIC: comparable across processes; for benchmarks)
   sleep:S       sleep S seconds (interruptible), then reply normally
   crash:CODE    one assistant text, then exit CODE (default 3) without a result
   hang          one assistant text, then never finish; ignores interrupt and stdin EOF
@@ -38,6 +40,10 @@ Per-turn directives, written in the prompt as [[fake:NAME]] or [[fake:NAME:ARG..
   retry:S:N:D   N `api_retry` system messages for HTTP status S (0: unreachable), D seconds
                 apart (interruptible; N=0: until interrupted), then an error result with
                 api_error_status S, as the real CLI ends a turn whose retries ran out
+  whoami        reply with what this process was asked to be, as "whoami: " and a JSON
+                object: model, permissionMode (as started or as last set by a control
+                request), appendSystemPrompt, allowedTools, disallowedTools, maxTurns,
+                maxBudgetUsd (as the argv gave them; null when absent), pid
   memory        reply with the memory this process was given, instead of the echo:
                 "memory: " and, joined by " | ", each CLAUDE.md it loaded at start as
                 "<source>: <text>" (source user, project or local), then each
@@ -51,6 +57,10 @@ which, default all) and never again in that process. A user message whose conten
 list of text blocks has its prompt in the blocks that are not <system-reminder> blocks;
 those are context, kept for the rest of the conversation. FAKE_CLAUDE_LOG turn records
 carry the memory as a list.
+
+Control requests: initialize, interrupt (ends the running turn), set_model and
+set_permission_mode (the model and mode of later turns: reported by whoami, in the
+init message of each turn and, for the model, in every assistant message).
 
 The prompt "/clear" moves the conversation to a new session id, as the real CLI
 does: that turn's init and result carry the new id, and no model call is made.
@@ -79,6 +89,7 @@ MODEL = "fake"
 STARTUP_MODES = {"slow_start", "no_init", "exit_at_start", "garbage_at_start"}
 TURN_DIRECTIVES = {
     "slow",
+    "stamp",
     "sleep",
     "crash",
     "hang",
@@ -93,6 +104,7 @@ TURN_DIRECTIVES = {
     "bash",
     "retry",
     "memory",
+    "whoami",
 }
 REMINDER_PREFIX = "<system-reminder>"
 DIRECTIVE_RE = re.compile(r"\[\[fake:([^\]]*)\]\]")
@@ -428,6 +440,27 @@ class Session:
         # Read once, at start, as the real CLI does; then context the messages brought.
         self.memory_files = load_memory_files(values)
         self.contexts = []
+        # As started; control requests change them (from the reader thread).
+        self.model = values.get("--model") or MODEL
+        self.permission_mode = values.get("--permission-mode") or "default"
+
+    def whoami(self):
+        def listed(flag):
+            value = self.values.get(flag)
+            return None if value is None else [t for t in value.split(",") if t]
+
+        budget = self.values.get("--max-budget-usd")
+        turns = self.values.get("--max-turns")
+        return {
+            "model": self.model,
+            "permissionMode": self.permission_mode,
+            "appendSystemPrompt": self.values.get("--append-system-prompt"),
+            "allowedTools": listed("--allowedTools"),
+            "disallowedTools": listed("--disallowedTools"),
+            "maxTurns": None if turns is None else int(turns),
+            "maxBudgetUsd": None if budget is None else float(budget),
+            "pid": os.getpid(),
+        }
 
     def memory(self):
         return [f"{source}: {text.strip()}" for source, text in self.memory_files] + [
@@ -483,7 +516,7 @@ class Turn:
                 "id": "msg_" + uuid.uuid4().hex[:24],
                 "type": "message",
                 "role": "assistant",
-                "model": MODEL,
+                "model": self.s.model,
                 "content": content,
                 "stop_reason": None,
                 "usage": {"input_tokens": 1, "output_tokens": 1},
@@ -638,8 +671,8 @@ class Turn:
                 "cwd": os.getcwd(),
                 "tools": ["Bash", "Read", "Write"],
                 "mcp_servers": [],
-                "model": s.values.get("--model") or MODEL,
-                "permissionMode": s.values.get("--permission-mode") or "default",
+                "model": s.model,
+                "permissionMode": s.permission_mode,
                 "apiKeySource": "none",
                 "claude_code_version": CLI_VERSION,
                 "output_style": "default",
@@ -682,15 +715,17 @@ class Turn:
                 errors=["Reached maximum number of turns (1)"],
                 terminal_reason="max_turns",
             )
-        if "slow" in d:
-            count = num(d["slow"], 0, 5, int)
-            delay = num(d["slow"], 1, 0.5)
+        if "slow" in d or "stamp" in d:
+            stamp = "stamp" in d
+            args = d["stamp"] if stamp else d["slow"]
+            count = num(args, 0, 5, int)
+            delay = num(args, 1, 0.5)
             for i in range(1, count + 1):
                 if i > 1 and s.wait_interrupt(self.number, delay):
                     return self.interrupted_result()
                 if s.is_interrupted(self.number):
                     return self.interrupted_result()
-                self.say(f"piece {i}")
+                self.say(f"stamp {time.monotonic():.6f}" if stamp else f"piece {i}")
             return self.result(result="".join(self.texts))
         if "big" in d:
             remaining = num(d["big"], 0, 100_000, int)
@@ -703,6 +738,9 @@ class Turn:
             return self.retry_then_fail(d["retry"])
         if "memory" in d:
             self.say("memory: " + (" | ".join(s.memory()) or "none"))
+            return self.result(result="".join(self.texts))
+        if "whoami" in d:
+            self.say("whoami: " + json.dumps(s.whoami()))
             return self.result(result="".join(self.texts))
         if "bash" in d:
             command = DIRECTIVE_RE.sub("", self.prompt).strip()
@@ -776,6 +814,10 @@ def handle_line(session, raw, no_init):
             return
         if subtype == "interrupt":
             session.interrupt()
+        elif subtype == "set_model":
+            session.model = request.get("model") or MODEL
+        elif subtype == "set_permission_mode":
+            session.permission_mode = request.get("mode") or "default"
         response = {}
         if subtype == "initialize":
             response = {

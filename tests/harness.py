@@ -317,6 +317,20 @@ async def wait_no_live_fakes(service: RunningService, timeout: float = 10.0) -> 
     await wait_until(none_alive, timeout)
 
 
+async def wait_health_status(service: RunningService, status: str, timeout: float = 20.0) -> dict:
+    """Until ``/health`` says ``status`` (e.g. "degraded"); returns that body."""
+    body: dict = {}
+
+    async def says_it() -> bool:
+        nonlocal body
+        async with service.client() as client:
+            body = (await client.get("/health")).json()
+        return body["status"] == status
+
+    await wait_until(says_it, timeout, interval=0.05)
+    return body
+
+
 async def wait_healthy(service: RunningService, *, ready: int, timeout: float = 15.0) -> dict:
     body: dict = {}
 

@@ -155,3 +155,31 @@ async def run_turn(client: ClaudeSDKClient, prompt: str) -> list[Any]:
         if isinstance(message, ResultMessage):
             return messages
     raise AssertionError(f"the CLI ended without a result; got {messages!r}")
+
+
+def service_overrides(api_url: str, workdir: Path, **extra: str) -> dict[str, str]:
+    """What runs the *service* (tests/harness.py) with the bundled CLI against the mock API.
+
+    Its own HOME and Claude config dir under ``workdir``; agents get the mock's URL and
+    key (``USE_CLAUDE_API_KEY=1``), sandboxed where the OS allows; as root,
+    ``IS_SANDBOX=1``. Two users: alice (``sk-alice-key``) and bob (``sk-bob-key``).
+    """
+    service_home = workdir / "service-home"
+    service_home.mkdir(parents=True, exist_ok=True)
+    return {
+        "CLAUDE_EXECUTABLE": "",  # the SDK's bundled CLI
+        "API_KEYS": "alice:sk-alice-key,bob:sk-bob-key",
+        "NEXTAUTH_SECRET": "the-nextauth-secret",
+        "USE_CLAUDE_API_KEY": "1",
+        "ANTHROPIC_API_KEY": MOCK_API_KEY,
+        "ANTHROPIC_BASE_URL": api_url,
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        "DISABLE_TELEMETRY": "1",
+        "DISABLE_AUTOUPDATER": "1",
+        "IS_SANDBOX": "1",
+        "HOME": str(service_home),
+        "CLAUDE_CONFIG_DIR": str(service_home / ".claude"),
+        "AGENT_SANDBOX": "auto",
+        "WARMUP_TIMEOUT_MS": "60000",
+        **extra,
+    }

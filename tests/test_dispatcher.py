@@ -23,6 +23,7 @@ from claude_code_api.messages import (
     Job,
     JobFailed,
     JobStarted,
+    Queued,
     RunResult,
     Submit,
     Withdraw,
@@ -72,18 +73,23 @@ async def offer(inbox: trio.MemorySendChannel, worker_id: str) -> trio.MemoryRec
 
 
 async def nothing_arrives(channel: trio.MemoryReceiveChannel) -> bool:
-    """True if ``channel`` holds nothing once every task is blocked (it may be closed)."""
+    """True if ``channel`` holds nothing once every task is blocked (it may be closed),
+    but the dispatcher's acknowledgement of a job it took (``Queued``)."""
     await wait_all_tasks_blocked()
     try:
-        channel.receive_nowait()
+        while isinstance(channel.receive_nowait(), Queued):
+            pass
     except (trio.WouldBlock, trio.EndOfChannel):
         return True
     return False
 
 
 async def terminal_of(reply: trio.MemoryReceiveChannel):
-    """The one event on a reply the dispatcher answered; checks it closed the channel after."""
+    """The one event on a reply the dispatcher answered (after its ``Queued``, if it took
+    the job); checks it closed the channel after."""
     event = await reply.receive()
+    if isinstance(event, Queued):
+        event = await reply.receive()
     with pytest.raises(trio.EndOfChannel):
         await reply.receive()
     return event
@@ -231,6 +237,7 @@ async def test_withdrawn_job_is_dropped_and_the_next_one_runs(autojump_clock, nu
         await inbox.send(Submit(stays))
         await inbox.send(Withdraw(gone.id))
         # The dispatcher closes the reply of a job it dropped, without answering it.
+        assert await gone_reply.receive() == Queued(0)
         with pytest.raises(trio.EndOfChannel):
             await gone_reply.receive()
         assert (await pool_snapshot(inbox)).queue_length == 1
@@ -525,7 +532,7 @@ async def test_open_job_streams_every_event_in_order(autojump_clock, nursery):
             events,
         ):
             got = [event async for event in events]
-        assert got == SCRIPT
+        assert got == [Queued(0), *SCRIPT]
         assert (job.user_id, job.prompt, job.session_id) == ("alice", "say hello", None)
         assert (job.submitted_at, job.deadline) == (0, 60)
         assert trio.current_time() == 3

@@ -17,6 +17,7 @@ from claude_code_api.actors.dispatcher import Dispatcher, SessionLimits
 from claude_code_api.http.jobs import pool_snapshot
 from claude_code_api.messages import (
     Job,
+    Queued,
     RunResult,
     SessionIdle,
     SessionKey,
@@ -72,6 +73,7 @@ async def test_an_overdue_queued_job_is_answered_and_its_deadline_gone(autojump_
     await trio.sleep(5)
     assert_no_deadline_due(dispatcher)
     assert dispatcher.next_deadline() == math.inf
+    assert reply.receive_nowait() == Queued(0)
     terminal = reply.receive_nowait()
     assert isinstance(terminal, RunResult) and terminal.timed_out
 

@@ -15,7 +15,14 @@ import pytest
 import trio
 
 from claude_code_api.sandbox import probe_sandbox
-from tests.harness import AUTH, process_exists, run_service, wait_healthy, wait_until
+from tests.harness import (
+    AUTH,
+    process_exists,
+    run_service,
+    wait_health_status,
+    wait_healthy,
+    wait_until,
+)
 
 SANDBOX_REASON = probe_sandbox(__import__("shutil").which("bwrap"))
 needs_sandbox = pytest.mark.skipif(SANDBOX_REASON is not None, reason=str(SANDBOX_REASON))
@@ -204,15 +211,8 @@ async def test_a_cli_that_refuses_root_is_named_once_without_tracebacks(tmp_path
     env = {"FAKE_CLAUDE_REFUSE_ROOT": "1", "IS_SANDBOX": "", "RESTART_BACKOFF_MAX_MS": "500"}
     with trio.fail_after(60):
         async with run_service(tmp_path, env=env) as service:
-
-            async def degraded() -> bool:
-                async with service.client() as client:
-                    body = (await client.get("/health")).json()
-                return body["status"] == "degraded"
-
-            await wait_until(degraded, timeout=20)
+            health = await wait_health_status(service, "degraded")
             async with service.client() as client:
-                health = (await client.get("/health")).json()
                 reply = await run(client, "hello")
     assert "IS_SANDBOX=1" in health["reason"] and "non-root" in health["reason"]
     assert reply["status"] == 503

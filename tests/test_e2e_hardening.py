@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import trio
 
-from tests.harness import AUTH, run_service, wait_healthy, wait_until
+from tests.harness import AUTH, run_service, wait_health_status, wait_healthy
 
 
 async def run(client, prompt: str, **fields) -> dict:
@@ -35,14 +35,8 @@ async def test_a_workspace_that_cannot_be_created_is_named_and_answered_at_once(
     env = {"RESTART_BACKOFF_MAX_MS": "500"}
     with trio.fail_after(60):
         async with run_service(tmp_path, env=env) as service:
-
-            async def degraded() -> bool:
-                async with service.client() as client:
-                    return (await client.get("/health")).json()["status"] == "degraded"
-
-            await wait_until(degraded, timeout=20)
+            health = await wait_health_status(service, "degraded")
             async with service.client() as client:
-                health = (await client.get("/health")).json()
                 started = trio.current_time()
                 reply = await run(client, "hello", timeoutMs=60_000)
                 took = trio.current_time() - started

@@ -17,9 +17,9 @@ import pytest
 import trio
 
 from claude_code_api.sandbox import probe_sandbox
-from tests.harness import run_service, wait_healthy, wait_until
+from tests.harness import run_service, wait_health_status, wait_healthy, wait_until
 from tests.mock_messages_api import ApiError, TextReply, ToolUseReply, open_mock_api
-from tests.real_cli import MOCK_API_KEY, requires_real_cli
+from tests.real_cli import requires_real_cli, service_overrides
 
 pytestmark = requires_real_cli
 
@@ -31,25 +31,7 @@ BUDGET_S = 120
 
 
 def real_cli_env(api, tmp_path: Path, **extra: str) -> dict[str, str]:
-    service_home = tmp_path / "service-home"
-    service_home.mkdir(exist_ok=True)
-    return {
-        "CLAUDE_EXECUTABLE": "",  # the SDK's bundled CLI
-        "API_KEYS": "alice:sk-alice-key,bob:sk-bob-key",
-        "NEXTAUTH_SECRET": "the-nextauth-secret",
-        "USE_CLAUDE_API_KEY": "1",
-        "ANTHROPIC_API_KEY": MOCK_API_KEY,
-        "ANTHROPIC_BASE_URL": api.url,
-        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-        "DISABLE_TELEMETRY": "1",
-        "DISABLE_AUTOUPDATER": "1",
-        "IS_SANDBOX": "1",
-        "HOME": str(service_home),
-        "CLAUDE_CONFIG_DIR": str(service_home / ".claude"),
-        "AGENT_SANDBOX": "auto",
-        "WARMUP_TIMEOUT_MS": "60000",
-        **extra,
-    }
+    return service_overrides(api.url, tmp_path, **extra)
 
 
 async def run(client, prompt: str, headers=AS_ALICE, **fields) -> dict:
@@ -192,14 +174,7 @@ async def test_as_root_without_is_sandbox_the_cause_is_named(tmp_path):
         async with open_mock_api() as api:
             env = real_cli_env(api, tmp_path, IS_SANDBOX="")
             async with run_service(tmp_path, env=env) as service:
-
-                async def degraded() -> bool:
-                    async with service.client() as client:
-                        return (await client.get("/health")).json()["status"] == "degraded"
-
-                await wait_until(degraded, timeout=30)
-                async with service.client() as client:
-                    health = (await client.get("/health")).json()
+                health = await wait_health_status(service, "degraded", timeout=30)
     assert "IS_SANDBOX=1" in health["reason"]
     assert "Traceback" not in service.log_text()
     assert service.log_text().count("refuses to run with bypassPermissions as root") >= 1

@@ -39,7 +39,17 @@ async def test_readme_curl_examples(tmp_path):
                 assert body["output"] == "echo: What is 2+2?"
                 assert body["timedOut"] is False
                 assert isinstance(body["durationMs"], int) and body["durationMs"] >= 0
-                assert set(body) == {"success", "output", "durationMs", "timedOut"}
+                # The original's fields, then the metadata this service adds.
+                assert set(body) == {"success", "output", "durationMs", "timedOut"} | {
+                    "runId",
+                    "claudeSessionId",
+                    "model",
+                    "costUsd",
+                    "usage",
+                    "numTurns",
+                    "queuedMs",
+                }
+                assert reply.headers["x-run-id"] == body["runId"]
 
                 bearer = await client.post(
                     "/run",
@@ -270,7 +280,11 @@ async def test_full_queue_answers_429_with_retry_after(tmp_path):
                 await _wait_health(client, lambda b: b["queue"]["length"] == 1)
                 await post("rejected", "third")
             assert replies["rejected"].status_code == 429
-            assert replies["rejected"].json() == {"error": "Queue is full, try again later"}
+            rejected = replies["rejected"]
+            assert rejected.json() == {
+                "error": "Queue is full, try again later",
+                "runId": rejected.headers["x-run-id"],
+            }
             assert replies["rejected"].headers["retry-after"] == "1"
             assert replies["running"].json()["success"] is True
             assert replies["queued"].json()["output"] == "echo: second"

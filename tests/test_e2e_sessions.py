@@ -30,12 +30,16 @@ async def test_alice_is_remembered_across_turns(tmp_path):
                 assert first.status_code == 200, first.text
                 assert first.json()["output"] == "Nice to meet you, Alice."
                 second = await say(client, "session-1", "What is my name?")
-                assert second.json() == {
+                original = {"success", "output", "durationMs", "timedOut"}
+                assert {k: v for k, v in second.json().items() if k in original} == {
                     "success": True,
                     "output": "Your name is Alice.",
                     "durationMs": second.json()["durationMs"],
                     "timedOut": False,
                 }
+                # Metadata is added, with the session's own ids.
+                assert second.json()["sessionId"] == "session-1"
+                assert second.json()["claudeSessionId"] == first.json()["claudeSessionId"]
                 status = (await client.get("/status", headers=AUTH)).json()
                 [view] = status["sessions"]
                 assert view["id"] == "session-1" and view["turns"] == 2

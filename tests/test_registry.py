@@ -351,7 +351,7 @@ async def test_a_version_1_database_is_migrated(tmp_path):
             store.close()
         raw = sqlite3.connect(path)
         try:
-            assert raw.execute("PRAGMA user_version").fetchone() == (2,) == (SCHEMA_VERSION,)
+            assert raw.execute("PRAGMA user_version").fetchone() == (3,) == (SCHEMA_VERSION,)
             indexes = {r[1] for r in raw.execute("PRAGMA index_list(sessions)")}
             assert {"sessions_by_activity", "sessions_by_last_activity"} <= indexes
         finally:

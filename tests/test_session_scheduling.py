@@ -32,6 +32,7 @@ from claude_code_api.messages import (
     Job,
     JobFailed,
     JobStarted,
+    Queued,
     RunResult,
     SessionIdle,
     SessionKey,
@@ -299,7 +300,7 @@ async def outcome(reply: trio.MemoryReceiveChannel):
             with pytest.raises(trio.EndOfChannel):
                 await reply.receive()
             return event
-        assert isinstance(event, JobStarted)
+        assert isinstance(event, JobStarted | Queued)
     raise AssertionError("the reply closed without a terminal event")
 
 
@@ -314,7 +315,7 @@ async def no_answer_yet(reply: trio.MemoryReceiveChannel) -> bool:
             return True
         except trio.EndOfChannel:
             return False
-        if not isinstance(event, JobStarted):
+        if not isinstance(event, JobStarted | Queued):
             return False
 
 
@@ -590,6 +591,7 @@ async def test_a_withdrawn_turn_never_runs_and_the_next_one_does(autojump_clock,
         _, a3 = await submit(service.inbox, "a", "a3")
         await service.inbox.send(Withdraw("a2"))
         # The dispatcher closed the withdrawn job's reply without answering it.
+        assert await a2.receive() == Queued(1)  # it had taken it: a1 runs, a2 is next
         with pytest.raises(trio.EndOfChannel):
             await a2.receive()
         fakes.release("a1")
@@ -609,6 +611,7 @@ async def test_a_session_whose_only_waiting_turn_is_withdrawn_no_longer_wants_a_
         _, b1 = await submit(service.inbox, "b", "b1")
         assert await session_states(service.inbox) == {"a": "busy", "b": "waiting"}
         await service.inbox.send(Withdraw("b1"))
+        assert await b1.receive() == Queued(0)
         with pytest.raises(trio.EndOfChannel):
             await b1.receive()
         assert await session_states(service.inbox) == {"a": "busy"}

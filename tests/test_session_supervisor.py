@@ -42,7 +42,7 @@ class FakeActors:
         self.two_at_once: list[SessionKey] = []
         self.fail_with: JobFailed | None = None
 
-    async def run(self, key: SessionKey, dispatcher, stop: StopSignal, actor: int) -> None:
+    async def run(self, key: SessionKey, dispatcher, stop: StopSignal, actor: int, options) -> None:
         self.starts.append(key)
         if key in self.running:
             self.two_at_once.append(key)

@@ -15,6 +15,14 @@ reserved for it), so a slow client or worker can never stall dispatch.
   line (``queue_max_per_user``) while other users' jobs are still taken; a pool whose every worker failed its last warm-up
   answers 503 at once, naming the last failure, instead of letting jobs hang.
 
+* It answers every :class:`Submit` at once: :class:`Queued` (with the number of
+  runs ahead of it) when it takes the job, or the refusal — so a streamed reply
+  knows its status before it starts.
+* It knows every queued and running job (which worker or session runs which),
+  so it lists a user's runs for ``/status`` and cancels a run by id for its owner
+  (:class:`CancelRun`): a queued one is answered ``cancelled`` at once, a running
+  one has its :class:`Cancellation` set, which its turn watches.
+
 Error handling: a worker that died between offering itself and receiving a job
 is noticed when the hand-over fails; the job goes back to the front of the queue.
 """
@@ -30,13 +38,17 @@ import trio
 
 from .. import metrics
 from ..messages import (
+    CancelRun,
     CloseSession,
     DispatcherMessage,
     Drain,
     Job,
     JobFailed,
     PoolSnapshot,
+    Queued,
     RunResult,
+    RunState,
+    RunView,
     SessionIdle,
     SessionKey,
     SessionsReset,
@@ -66,6 +78,8 @@ USER_QUEUE_FULL_ERROR = "Too many of your requests are waiting, try again later"
 RETRY_AFTER_S = 1
 SHUTTING_DOWN = JobFailed(503, "service is shutting down")
 RESTARTING = JobFailed(503, "the dispatcher restarted; try again")
+# Cancellation.reason of a run cancelled by its owner (DELETE /runs/{runId}).
+CANCELLED = "cancelled"
 # Model API statuses that mean the service's credentials are refused.
 AUTH_STATUSES = (401, 403)
 
@@ -79,6 +93,7 @@ class _WorkerRecord:
     # Its latest warm-up attempt failed and it has not been ready since.
     failing: bool = False
     inbox: trio.MemorySendChannel[Job] | None = None
+    job: Job | None = None  # the job handed to it and not finished yet
 
 
 @attrs.frozen
@@ -182,34 +197,37 @@ class Dispatcher:
                     withdrawn.reply.close()  # unanswered: its client has left
                     waited_s = trio.current_time() - withdrawn.submitted_at
                     metrics.run_answered(withdrawn.user_id, waited_s, "cancelled")
+            case CancelRun(user_id, run_id, ack):
+                _reply(ack, self._cancel_run(user_id, run_id))
             case WorkerStarting(worker_id):
                 record = self._record(worker_id)
                 self._drop_offer(record)
-                record.state, record.busy_since = WorkerState.STARTING, None
+                record.state, record.busy_since, record.job = WorkerState.STARTING, None, None
                 self._forget_idle(worker_id)
             case WorkerReady(worker_id, inbox):
                 record = self._record(worker_id)
                 self._drop_offer(record)
                 record.state, record.failing, record.inbox = WorkerState.READY, False, inbox
+                record.busy_since = record.job = None
                 self.ever_ready = True
                 self._forget_idle(worker_id)
                 self.idle.append(worker_id)
             case WorkerFinished(worker_id, _job_id, ok, upstream_error):
                 self._count_turn(ok, upstream_error)
                 record = self._record(worker_id)
-                record.state, record.busy_since = WorkerState.STARTING, None
+                record.state, record.busy_since, record.job = WorkerState.STARTING, None, None
             case WorkerFailed(worker_id, reason):
                 record = self._record(worker_id)
                 self._drop_offer(record)
                 record.state, record.failing, record.last_error = WorkerState.ERROR, True, reason
                 self.last_failure = reason
-                record.busy_since = None
+                record.busy_since = record.job = None
                 self._forget_idle(worker_id)
                 if self.degraded_reason() is not None:
                     self._fail_queued(self._unavailable())
-            case StatusRequest(reply):
+            case StatusRequest(reply, user_id):
                 try:
-                    reply.send_nowait(self.snapshot())
+                    reply.send_nowait(self.snapshot(user_id))
                 except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
             case Drain(done):
@@ -243,22 +261,52 @@ class Dispatcher:
             self.upstream_auth_error = self.upstream_auth_error_at = None
 
     def _submit(self, job: Job) -> None:
+        """Take ``job`` (answering :class:`Queued`) or refuse it (its terminal answer), at once."""
         if self.draining:
             job.answer(SHUTTING_DOWN)
         elif job.session_id is not None:
             refusal = self.sessions.submit(job)
             if refusal is not None:
                 job.answer(refusal)
+            else:
+                _acknowledge(job, self.sessions.turns_ahead(job))
         elif self.degraded_reason() is not None:
             job.answer(self._unavailable())
         elif self.idle:  # the queue is empty: it starts at once
             self.queue.push(job)
+            _acknowledge(job, 0)
         elif self.queue.full:
             job.answer(JobFailed(429, QUEUE_FULL_ERROR, retry_after_s=RETRY_AFTER_S))
         elif self.queue.full_for(job.user_id):
             job.answer(JobFailed(429, USER_QUEUE_FULL_ERROR, retry_after_s=RETRY_AFTER_S))
         else:
             self.queue.push(job)
+            _acknowledge(job, self.queue.ahead_of(job.id))
+
+    def _cancel_run(self, user_id: str, run_id: str) -> bool:
+        """DELETE /runs/{run_id}: True when it was ``user_id``'s and queued or running.
+
+        A queued one is answered ``cancelled`` now; a running one has its
+        cancellation set, which its turn watches (it is interrupted, drained, and
+        answers ``cancelled`` with its partial output).
+        """
+        queued = self.queue.get(run_id) or self.sessions.queued_job(run_id)
+        if queued is not None:
+            if queued.user_id != user_id:
+                return False
+            self.queue.remove(run_id) or self.sessions.withdraw(run_id)
+            waited_ms = round((trio.current_time() - queued.submitted_at) * 1000)
+            queued.answer(
+                RunResult(success=False, output="", duration_ms=waited_ms, cancelled=True)
+            )
+            return True
+        for job, _since in self._running():
+            if job.id == run_id:
+                if job.user_id != user_id:
+                    return False
+                job.cancellation.cancel(CANCELLED)
+                return True
+        return False
 
     # --- dispatch ---------------------------------------------------------
 
@@ -278,7 +326,7 @@ class Dispatcher:
                 continue
             finally:
                 inbox.close()  # one job per offer
-            record.state, record.busy_since = WorkerState.BUSY, time.time()
+            record.state, record.busy_since, record.job = WorkerState.BUSY, time.time(), job
             record.jobs += 1
 
     def _start_session(self, message: StartSession) -> bool:
@@ -337,7 +385,37 @@ class Dispatcher:
     def _unavailable(self) -> JobFailed:
         return JobFailed(503, f"no agent workers available: {self.degraded_reason()}")
 
-    def snapshot(self) -> PoolSnapshot:
+    def _running(self) -> list[tuple[Job, float | None]]:
+        """Jobs handed to a worker or a session actor and not finished, with since when."""
+        running = [(r.job, r.busy_since) for r in self.workers.values() if r.job is not None]
+        return running + self.sessions.running_jobs()
+
+    def runs_of(self, user_id: str) -> tuple[RunView, ...]:
+        """``user_id``'s queued and running jobs, the oldest first."""
+        # Jobs keep trio time; clients read wall-clock time.
+        to_wall = time.time() - trio.current_time()
+        views = [
+            RunView(
+                job.id, job.user_id, RunState.QUEUED, job.session_id, job.submitted_at + to_wall
+            )
+            for job in self.queue.jobs() + self.sessions.queued_jobs()
+            if job.user_id == user_id
+        ]
+        views += [
+            RunView(
+                job.id,
+                job.user_id,
+                RunState.RUNNING,
+                job.session_id,
+                job.submitted_at + to_wall,
+                started_at=since,
+            )
+            for job, since in self._running()
+            if job.user_id == user_id
+        ]
+        return tuple(sorted(views, key=lambda view: view.queued_at))
+
+    def snapshot(self, user_id: str | None = None) -> PoolSnapshot:
         views = tuple(
             WorkerView(wid, r.state, r.busy_since, r.jobs, r.last_error)
             for wid, r in sorted(self.workers.items())
@@ -354,6 +432,7 @@ class Dispatcher:
             sessions=self.sessions.views(),
             upstream_auth_error=self.upstream_auth_error,
             upstream_auth_error_at=self.upstream_auth_error_at,
+            runs=() if user_id is None else self.runs_of(user_id),
         )
 
     def _record(self, worker_id: str) -> _WorkerRecord:
@@ -369,3 +448,19 @@ class Dispatcher:
         if record.inbox is not None:
             record.inbox.close()
             record.inbox = None
+
+
+def _acknowledge(job: Job, position: int) -> None:
+    """Tell a job's client it is taken; its reply has room (nothing was sent on it yet)."""
+    try:
+        job.reply.send_nowait(Queued(position))
+    except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+def _reply(channel: trio.MemorySendChannel[bool], value: bool) -> None:
+    try:
+        channel.send_nowait(value)
+    except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    channel.close()

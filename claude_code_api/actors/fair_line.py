@@ -50,6 +50,29 @@ class FairLine(Generic[K, V]):
         for line in self._lines.values():
             yield from line.values()
 
+    def get(self, key: K) -> V | None:
+        """``key``'s item, left in place (None if it is not there)."""
+        owner = self._owner_of.get(key)
+        return None if owner is None else self._lines[owner][key]
+
+    def ahead_of(self, key: K) -> int:
+        """How many items :meth:`pop_next` returns before ``key``'s, if nothing else comes.
+
+        Owners keep their order in the rotation, so the items are served in rounds:
+        in round ``r`` each owner with more than ``r`` items, in rotation order,
+        gives its ``r``-th. O(items of ``key``'s owner + owners).
+        """
+        owner = self._owner_of[key]
+        index = list(self._lines[owner]).index(key)
+        ahead = index
+        before_owner = True
+        for other in self._rotation:
+            if other == owner:
+                before_owner = False
+                continue
+            ahead += min(len(self._lines[other]), index + before_owner)
+        return ahead
+
     def push(self, owner: str, key: K, value: V) -> None:
         """Queue ``value`` at the back of its owner's line (a new owner: back of the rotation)."""
         self._line(owner, at_front=False)[key] = value

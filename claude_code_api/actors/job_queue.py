@@ -49,6 +49,20 @@ class JobQueue:
     def pop_next(self) -> Job | None:
         return self._jobs.pop_next()
 
+    def peek_next(self) -> Job | None:
+        return self._jobs.peek_next()
+
+    def get(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def ahead_of(self, job_id: str) -> int:
+        """Jobs that will start before ``job_id``'s if no other arrives (it is queued)."""
+        return self._jobs.ahead_of(job_id)
+
+    def jobs(self) -> list[Job]:
+        """Every job waiting (not in serving order)."""
+        return list(self._jobs.values())
+
     def remove(self, job_id: str) -> Job | None:
         return self._jobs.remove(job_id)
 

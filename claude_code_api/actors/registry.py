@@ -71,13 +71,13 @@ from typing import Any
 import attrs
 import trio
 
-from ..messages import SessionKey
+from ..messages import RunOptions, SessionKey
 
 log = logging.getLogger(__name__)
 
 DB_FILENAME = "sessions.sqlite3"
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """What ``PRAGMA user_version`` says once the database is fully migrated."""
 
 # MIGRATIONS[n] takes a database from version n to n + 1. Version 0 is an empty
@@ -105,6 +105,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # For the expiry sweep, which looks across all users.
         "CREATE INDEX sessions_by_last_activity ON sessions (last_activity)",
     ),
+    (
+        # The options of the session's first turn (RunOptions.to_json): a JSON object.
+        "ALTER TABLE sessions ADD COLUMN options TEXT NOT NULL DEFAULT '{}'",
+    ),
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
@@ -118,6 +122,7 @@ _COLUMNS = (
     "total_cost_usd",
     "transcript_started",
     "previous_claude_session_ids",
+    "options",
 )
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM sessions"
 _INSERT = f"INSERT INTO sessions ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
@@ -161,6 +166,9 @@ class SessionRecord:
     # The CLI moves a conversation to a new session id on /clear; the ids it had
     # before, oldest first. Kept so their transcripts are removed with the session.
     previous_claude_session_ids: tuple[str, ...] = attrs.field(default=(), converter=_id_tuple)
+    # What its first turn asked for (model, system prompt, tools...), kept for its life;
+    # a later turn may change the model.
+    options: RunOptions = RunOptions()
 
     @property
     def key(self) -> SessionKey:
@@ -595,11 +603,12 @@ def _row(record: SessionRecord) -> tuple[Any, ...]:
         float(record.total_cost_usd),
         int(bool(record.transcript_started)),
         json.dumps(list(record.previous_claude_session_ids)),
+        json.dumps(record.options.to_json()),
     )
 
 
 def _record(row: tuple[Any, ...]) -> SessionRecord:
-    user_id, session_id, claude_id, created, last, turns, cost, started, previous = row
+    user_id, session_id, claude_id, created, last, turns, cost, started, previous, options = row
     return SessionRecord(
         user_id=user_id,
         session_id=session_id,
@@ -610,6 +619,7 @@ def _record(row: tuple[Any, ...]) -> SessionRecord:
         total_cost_usd=float(cost),
         transcript_started=bool(started),
         previous_claude_session_ids=tuple(json.loads(previous)),
+        options=RunOptions.from_json(json.loads(options)),
     )
 
 

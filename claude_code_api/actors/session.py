@@ -46,12 +46,14 @@ import trio
 from .. import metrics
 from ..agent import Agent, AgentFactory, AgentSpec, AgentStartError
 from ..messages import (
+    DEFAULT_OPTIONS,
     ActorId,
     CloseSessionNow,
     DispatcherMessage,
     Hibernate,
     Job,
     JobFailed,
+    RunOptions,
     SessionCommand,
     SessionIdle,
     SessionKey,
@@ -110,16 +112,21 @@ async def serve_session(
     stop: StopSignal,
     actor: ActorId = 0,
     credentials: CredentialsVersion | None = None,
+    options: RunOptions = DEFAULT_OPTIONS,
 ) -> None:
     """Run the session ``key`` until hibernated, closed or stopped; see the module docstring.
 
     ``actor`` is this actor's number (its supervisor's), sent with its messages.
+    ``options``: those of the turn it starts for, kept by a session that has not
+    run a turn yet; a session keeps the options of its first turn (its record's),
+    except that a turn asking for another model switches the model (and the
+    record remembers it).
 
     ``home`` is the user's HOME (workspace and Claude config dir). A stop request
     (service shutdown) interrupts a running turn, which is still answered, and
     keeps the record: the conversation resumes after the restart.
     """
-    record = await _load_or_create(key, registry, config.max_sessions_per_user)
+    record = await _load_or_create(key, registry, config.max_sessions_per_user, options)
     inbox_send, inbox = trio.open_memory_channel[SessionCommand](SESSION_INBOX_SIZE)
     credentials = credentials or CredentialsVersion()
     agent: Agent | None = None
@@ -167,8 +174,12 @@ async def serve_session(
                         if command is None or isinstance(command, Job):
                             carried, announce_idle = command, False
                             continue  # the agent is replaced at the top of the loop
-                exited_idle = command is None or isinstance(command, Job)
-                if exited_idle and agent.exited and not stop.requested:
+                # (Spelled out, not a named bool: mypy narrows `command` to a Job here.)
+                if (
+                    (command is None or isinstance(command, Job))
+                    and agent.exited
+                    and not stop.requested
+                ):
                     idle_exits += 1
                     log.warning("session %s: agent exited while idle; replacing it", key)
                     await agent.close(grace=0)
@@ -186,13 +197,16 @@ async def serve_session(
                 if command is None or isinstance(command, Hibernate | CloseSessionNow):
                     return
                 idle_exits = 0
+                taken_at = trio.current_time()
                 try:
                     await session.before_turn()
                 except RegistryError as exc:
                     command.answer(store_failure(exc))
                     continue
-                outcome, closed = await _run_turn(agent, command, inbox, key, config, stop)
-                command.answer(await session.after_turn(agent, outcome))
+                outcome, closed = await _run_turn(
+                    agent, command, inbox, key, config, stop, taken_at
+                )
+                command.answer(await session.after_turn(agent, outcome, command.options))
                 announce_idle = True  # after a turn, always (a carried one's too)
                 if closed:
                     return
@@ -229,7 +243,9 @@ class _Session:
             # From now on the CLI may have a transcript: later starts must resume.
             await self._save(attrs.evolve(self.record, transcript_started=True))
 
-    async def after_turn(self, agent: Agent, outcome: TurnOutcome) -> TerminalEvent:
+    async def after_turn(
+        self, agent: Agent, outcome: TurnOutcome, asked: RunOptions
+    ) -> TerminalEvent:
         """Save what the turn changed; the terminal event to answer with (503 if not saved)."""
         self.upstream_error = outcome.upstream_error
         record = attrs.evolve(
@@ -238,6 +254,9 @@ class _Session:
             last_activity=time.time(),
             total_cost_usd=self.record.total_cost_usd + (outcome.cost_usd or 0.0),
         )
+        if asked.model is not None and asked.model == agent.model != record.options.model:
+            # The turn switched the model: later processes of this session start with it.
+            record = attrs.evolve(record, options=attrs.evolve(record.options, model=asked.model))
         current = agent.session_id
         if current is not None and current != record.claude_session_id:
             log.info(
@@ -266,15 +285,21 @@ class _Session:
 
 
 async def _load_or_create(
-    key: SessionKey, registry: RegistryClient, max_per_user: int
+    key: SessionKey, registry: RegistryClient, max_per_user: int, options: RunOptions
 ) -> SessionRecord:
+    """The session's record; a new one (or one that never ran a turn) takes ``options``.
+
+    Its first turn saves it (:meth:`_Session.before_turn`).
+    """
     try:
         record = await registry.load(key)
         if record is None:
-            record = new_session_record(key, time.time())
+            record = attrs.evolve(new_session_record(key, time.time()), options=options)
             await registry.create(record, max_per_user)
         else:
             metrics.session_woke()
+            if not record.transcript_started and record.options != options:
+                record = attrs.evolve(record, options=options)
     except TooManySessions as exc:
         raise SessionFailed(JobFailed(429, str(exc), retry_after_s=None)) from exc
     except RegistryError as exc:
@@ -325,8 +350,13 @@ async def _run_turn(
     key: SessionKey,
     config: SessionConfig,
     stop: StopSignal,
+    taken_at: float,
 ) -> tuple[TurnOutcome, bool]:
-    """Run one turn while listening for a close; returns the outcome and whether closed."""
+    """Run one turn while listening for a close; returns the outcome and whether closed.
+
+    A turn that asks for a model switches the session's agent to it; its other
+    options are the session's own (those of its first turn).
+    """
     turn_scope = trio.CancelScope()
     closed = False
 
@@ -348,6 +378,8 @@ async def _run_turn(
                 worker_id=f"session:{key.session_id}",
                 limits=config.turn,
                 turn_scope=turn_scope,
+                taken_at=taken_at,
+                model=job.options.model,
             )
         nursery.cancel_scope.cancel()
     return outcome, closed
@@ -373,6 +405,7 @@ async def _start_agent(
                 ephemeral=False,
                 session_id=None if resume else uuid_,
                 resume=uuid_ if resume else None,
+                options=record.options,
             )
         )
         try:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -46,6 +47,7 @@ from ..messages import (
     Hibernate,
     Job,
     JobFailed,
+    RunOptions,
     RunResult,
     SessionCommand,
     SessionKey,
@@ -82,6 +84,9 @@ class SessionEntry:
     yielding: bool = False
     # Its agent may hold an outdated CLAUDE.md: restart it at the next turn boundary.
     stale_memory: bool = False
+    # The turn handed to its actor and not over yet, and when (wall-clock seconds).
+    running: Job | None = None
+    running_since: float | None = None
 
 
 class SessionScheduler:
@@ -148,6 +153,29 @@ class SessionScheduler:
         entry.waiting.push(job)
         return None
 
+    def turns_ahead(self, job: Job) -> int:
+        """Turns of ``job``'s session that will run before it (it was just accepted)."""
+        key = job.session_key
+        entry = self.entries.get(key) if key is not None else None
+        if entry is None or entry.waiting.get(job.id) is None:
+            return 0
+        return entry.waiting.ahead_of(job.id) + (entry.running is not None)
+
+    def queued_job(self, job_id: str) -> Job | None:
+        """The session turn ``job_id`` if it is waiting (in any session), else None."""
+        for entry in self.entries.values():
+            job = entry.waiting.get(job_id)
+            if job is not None:
+                return job
+        return None
+
+    def running_jobs(self) -> list[tuple[Job, float | None]]:
+        """The turns handed to session actors and not over yet, with when they were."""
+        return [(e.running, e.running_since) for e in self.entries.values() if e.running]
+
+    def queued_jobs(self) -> list[Job]:
+        return [job for entry in self.entries.values() for job in entry.waiting.jobs()]
+
     def withdraw(self, job_id: str) -> Job | None:
         for entry in self.entries.values():
             job = entry.waiting.remove(job_id)
@@ -172,6 +200,8 @@ class SessionScheduler:
 
     def idle(self, key: SessionKey, now: float, actor: ActorId) -> None:
         entry = self._current(key, actor)
+        if entry is not None:
+            entry.running = entry.running_since = None
         if entry is not None and entry.state is not SessionState.STOPPING:
             entry.state, entry.last_used = SessionState.IDLE, now
 
@@ -182,6 +212,7 @@ class SessionScheduler:
         if entry.inbox is not None:
             entry.inbox.close()
         entry.inbox, entry.actor = None, None
+        entry.running = entry.running_since = None
         if entry.closing:
             for ack, deleted in entry.closing:
                 self._delete_record(key, deleted)
@@ -282,7 +313,9 @@ class SessionScheduler:
         while len(self.waiting_for_slot) and live < self.max_live:
             key = self.waiting_for_slot.peek_next()
             assert key is not None
-            if not self._start_session(StartSession(key)):
+            first_turn = self.entries[key].waiting.peek_next()
+            options = first_turn.options if first_turn is not None else RunOptions()
+            if not self._start_session(StartSession(key, options)):
                 # The supervisor has starts to take first (after a restart, some twice);
                 # each it takes answers with a message, and this runs again then.
                 break
@@ -323,6 +356,7 @@ class SessionScheduler:
                 if self._send(entry, job):
                     entry.state = SessionState.BUSY
                     entry.turns_since_grant += 1
+                    entry.running, entry.running_since = job, time.time()
                 else:
                     # Its actor is ending; SessionStopped brings it back to the line.
                     entry.waiting.push_front(job)

@@ -32,6 +32,7 @@ from ..messages import (
     ActorId,
     DispatcherMessage,
     JobFailed,
+    RunOptions,
     SessionKey,
     SessionsReset,
     SessionStopped,
@@ -43,13 +44,14 @@ from .stopping import StopSignal
 log = logging.getLogger(__name__)
 
 RunSession = Callable[
-    [SessionKey, trio.MemorySendChannel[DispatcherMessage], StopSignal, ActorId],
+    [SessionKey, trio.MemorySendChannel[DispatcherMessage], StopSignal, ActorId, RunOptions],
     Awaitable[None],
 ]
 
 
 class SessionSupervisor:
-    """Starts ``run_session(key, dispatcher_clone, stop)`` for each :class:`StartSession`.
+    """Starts ``run_session(key, dispatcher_clone, stop, actor, options)`` for each
+    :class:`StartSession`.
 
     One object per incarnation: the tree builds a fresh one at every (re)start.
     """
@@ -78,12 +80,12 @@ class SessionSupervisor:
         """Run until cancelled, or until stopped and every session actor has ended."""
         async with self.dispatcher.clone() as dispatcher, trio.open_nursery() as nursery:
 
-            async def supervise(key: SessionKey, actor: ActorId) -> None:
+            async def supervise(key: SessionKey, actor: ActorId, options: RunOptions) -> None:
                 stop = StopSignal()
                 self._stops.add(stop)
                 failure = None
                 try:
-                    await self.run_session(key, dispatcher.clone(), stop, actor)
+                    await self.run_session(key, dispatcher.clone(), stop, actor, options)
                 except SessionFailed as exc:
                     log.warning("session %s ended: %s", key, exc.failure.error)
                     failure = exc.failure
@@ -104,4 +106,4 @@ class SessionSupervisor:
                         # again after it: one actor per session.
                         continue
                     self._running.add(message.key)
-                    nursery.start_soon(supervise, message.key, next(self._numbers))
+                    nursery.start_soon(supervise, message.key, next(self._numbers), message.options)

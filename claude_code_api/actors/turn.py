@@ -140,12 +140,18 @@ async def run_turn(
     worker_id: str,
     limits: TurnLimits,
     turn_scope: trio.CancelScope | None = None,
+    taken_at: float | None = None,
+    model: str | None = None,
+    permission_mode: str | None = None,
 ) -> TurnOutcome:
     """Run ``job`` on ``agent``, relaying events to ``job.reply``; see the module docstring.
 
     The caller owns ``job.reply`` and answers with ``outcome.terminal``. A caller
     that cancels ``turn_scope`` gets the turn interrupted and a ``success: false``
-    result with the partial output.
+    result with the partial output. ``taken_at`` (trio time, default now) is when
+    the caller took the job from the dispatcher. ``model`` and ``permission_mode``,
+    when given, are set on the agent before the prompt (control requests, within
+    the turn's deadline); an agent that refuses fails the turn like a dead one.
     """
     context = job_context(job, worker_id)
     scope = turn_scope if turn_scope is not None else trio.CancelScope()
@@ -202,12 +208,17 @@ async def run_turn(
         cancelled_by_client()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch_cancellation)
-        metrics.run_started(trio.current_time() - job.submitted_at)
-        await send(JobStarted(worker_id))
+        started_at = trio.current_time() if taken_at is None else taken_at
+        metrics.run_started(started_at - job.submitted_at)
+        await send(JobStarted(worker_id, at=started_at))
         with scope:
             if cut is None:
                 began = True
                 try:
+                    if model is not None:
+                        await agent.set_model(model)
+                    if permission_mode is not None:
+                        await agent.set_permission_mode(permission_mode)
                     result = await agent.run_turn(job.prompt, relay, memory=job.memory)
                 except AgentError as exc:
                     failure = exc
@@ -218,7 +229,7 @@ async def run_turn(
         await agent.close(grace=0)
         return TurnOutcome(JobFailed(502, str(failure)), agent_usable=False)
     if result is not None:
-        return _finished(result, elapsed_ms, retries, limits)
+        return _finished(result, elapsed_ms, retries, limits, agent.model)
 
     if cut is None:
         cut = CutReason.TIMEOUT if trio.current_time() >= job.deadline else CutReason.STOPPED
@@ -237,6 +248,7 @@ async def run_turn(
             output_truncated=collected.truncated,
             cancelled=cut in (CutReason.CLIENT_GONE, CutReason.CANCELLED),
             claude_session_id=agent.session_id,
+            model=agent.model,
             upstream_error=upstream,
         )
     log.info(
@@ -249,8 +261,35 @@ async def run_turn(
     return TurnOutcome(terminal, agent_usable=usable, cut=cut, upstream_error=upstream)
 
 
+def outcome_before_start(job: Job) -> TurnOutcome:
+    """How a job ends that was cut short before its prompt reached any agent.
+
+    For a job whose own agent was still starting when it was cancelled, ran out
+    of time or the worker was stopped.
+    """
+    if job.cancellation.requested:
+        gone = job.cancellation.reason == CutReason.CLIENT_GONE
+        cut = CutReason.CLIENT_GONE if gone else CutReason.CANCELLED
+    elif trio.current_time() >= job.deadline:
+        cut = CutReason.TIMEOUT
+    else:
+        cut = CutReason.STOPPED
+    terminal = RunResult(
+        success=False,
+        output="",
+        duration_ms=round((trio.current_time() - job.submitted_at) * 1000),
+        timed_out=cut is CutReason.TIMEOUT,
+        cancelled=cut in (CutReason.CLIENT_GONE, CutReason.CANCELLED),
+    )
+    return TurnOutcome(terminal, agent_usable=True, cut=cut)
+
+
 def _finished(
-    result: TurnResult, elapsed_ms: int, retries: _UpstreamRetries, limits: TurnLimits
+    result: TurnResult,
+    elapsed_ms: int,
+    retries: _UpstreamRetries,
+    limits: TurnLimits,
+    agent_model: str | None,
 ) -> TurnOutcome:
     output = result.text
     truncated = len(output) > limits.max_output_chars
@@ -272,7 +311,7 @@ def _finished(
         num_turns=result.num_turns,
         usage=result.usage,
         claude_session_id=result.session_id,
-        model=result.model,
+        model=result.model or agent_model,
         upstream_error=upstream if result.is_error else None,
     )
     return TurnOutcome(

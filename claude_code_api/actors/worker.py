@@ -6,6 +6,12 @@ retire that process while a fresh one warms — so nothing leaks from one reques
 to the next. Each agent is ephemeral: its own HOME under ``homes``, removed
 when it retires, and no transcript kept.
 
+A job whose options are process arguments (a system prompt, tools, turn or
+budget limits: :attr:`RunOptions.needs_own_process`) runs on an agent started for
+it alone, while the warm one waits unused and is offered again afterwards; a
+job that only names a model or permission mode runs on the warm agent, switched
+by control requests before its prompt (no new process).
+
 Channels: it sends on its own clone of the dispatcher's inbox (and closes it
 when it ends); it owns the receive end of the one-job inbox it offers in each
 :class:`WorkerReady`; while running a job it owns ``job.reply`` and answers it.
@@ -42,7 +48,7 @@ from ..messages import (
     WorkerStarting,
 )
 from .stopping import StopSignal
-from .turn import TurnLimits, run_turn
+from .turn import TurnLimits, TurnOutcome, outcome_before_start, run_turn
 
 log = logging.getLogger(__name__)
 
@@ -105,22 +111,41 @@ async def _work(
             await agent.close(grace=0)
             break
         try:
-            job, carried = carried, None
-            if job is None:
-                job = await _offer(worker_id, dispatcher, stop, agent.wait_exited)
-            if job is not None and agent.exited:
-                log.warning("%s: agent exited while idle; starting another", worker_id)
-                carried = job
-            elif job is not None:
-                turn_scope = trio.CancelScope()
-                with stop.guard(turn_scope):
-                    outcome = await run_turn(
-                        agent, job, worker_id=worker_id, limits=config.turn, turn_scope=turn_scope
+            while True:
+                job, carried = carried, None
+                if job is None:
+                    job = await _offer(worker_id, dispatcher, stop, agent.wait_exited)
+                if job is not None and agent.exited:
+                    log.warning("%s: agent exited while idle; starting another", worker_id)
+                    carried = job
+                if job is None or carried is not None:
+                    break
+                taken_at = trio.current_time()
+                if job.options.needs_own_process:
+                    # Options that are process arguments: a process of its own for this
+                    # job; the warm one stays unused and is offered again.
+                    outcome = await _run_on_own_agent(
+                        worker_id, config, job, new_agent, homes, stop, retiring, taken_at
                     )
+                else:
+                    turn_scope = trio.CancelScope()
+                    with stop.guard(turn_scope):
+                        outcome = await run_turn(
+                            agent,
+                            job,
+                            worker_id=worker_id,
+                            limits=config.turn,
+                            turn_scope=turn_scope,
+                            taken_at=taken_at,
+                            model=job.options.model,
+                            permission_mode=job.options.permission_mode,
+                        )
                 job.answer(outcome.terminal)
                 await dispatcher.send(
                     WorkerFinished(worker_id, job.id, outcome.ok, outcome.upstream_error)
                 )
+                if not job.options.needs_own_process or stop.requested:
+                    break
         except BaseException:
             await agent.close(grace=0)
             if carried is not None:
@@ -131,6 +156,62 @@ async def _work(
     if carried is not None:
         carried.answer(SHUTTING_DOWN)
     return None
+
+
+async def _run_on_own_agent(
+    worker_id: str,
+    config: WorkerConfig,
+    job: Job,
+    new_agent: AgentFactory,
+    homes: Path,
+    stop: StopSignal,
+    retiring: trio.Nursery,
+    taken_at: float,
+) -> TurnOutcome:
+    """Start an agent with ``job``'s options, run the job on it, retire it in the background.
+
+    Its start counts against the job's deadline and stops at once when the job is
+    cancelled (DELETE, a departed client) or the worker is stopped; an agent that
+    cannot start fails the job (502), not the worker.
+    """
+    name = f"{worker_id}+own"
+    agent = new_agent(
+        AgentSpec(
+            name=name, home=homes / uuid.uuid4().hex[:12], ephemeral=True, options=job.options
+        )
+    )
+    try:
+        start_scope = trio.CancelScope(deadline=job.deadline)
+        failure: JobFailed | None = None
+        async with trio.open_nursery() as nursery:
+
+            async def stop_start_if_cancelled() -> None:
+                await job.cancellation.event.wait()
+                start_scope.cancel()
+
+            nursery.start_soon(stop_start_if_cancelled)
+            with stop.guard(start_scope), start_scope:
+                try:
+                    await agent.start(config.warmup_timeout_s)
+                except AgentStartError as exc:
+                    failure = JobFailed(502, f"agent failed to start: {exc}")
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            return TurnOutcome(failure, agent_usable=False)
+        if start_scope.cancelled_caught:  # cancelled, out of time or stopped while starting
+            return outcome_before_start(job)
+        turn_scope = trio.CancelScope()
+        with stop.guard(turn_scope):
+            return await run_turn(
+                agent,
+                job,
+                worker_id=name,
+                limits=config.turn,
+                turn_scope=turn_scope,
+                taken_at=taken_at,
+            )
+    finally:
+        retiring.start_soon(agent.close)
 
 
 async def _offer(

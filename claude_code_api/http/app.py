@@ -33,27 +33,27 @@ from ..messages import (
     AuthFailed,
     CredentialsStatus,
     DispatcherMessage,
-    JobFailed,
     PoolSnapshot,
-    RunResult,
     SessionKey,
     SessionState,
 )
 from .auth import Unauthorized, authenticate, is_admin
 from .docs import docs_page
-from .jobs import SessionStoreUnavailable, close_session, pool_snapshot, run_job
+from .jobs import SessionStoreUnavailable, close_session, pool_snapshot
 from .observe import count_requests, note_route, scrape
 from .openapi import openapi_spec
 from .requests import (
     BadRequest,
+    OptionCeiling,
     check_content_type,
     page_arguments,
     parse_exchange_code,
     parse_json_object,
-    parse_run_request,
     session_id_field,
 )
-from .user_claude import load_memory, user_claude_routes
+from .runs import run_routes, run_views
+from .streaming import with_request_cleanups
+from .user_claude import user_claude_routes
 
 log = logging.getLogger(__name__)
 
@@ -222,41 +222,6 @@ def auth_status_body(
     return body
 
 
-def run_reply(outcome: RunResult | JobFailed) -> Response:
-    if isinstance(outcome, JobFailed):
-        headers = {}
-        if outcome.retry_after_s is not None:
-            headers["Retry-After"] = str(outcome.retry_after_s)
-        return error(outcome.status, outcome.error, headers)
-    body: dict[str, Any] = {
-        "success": outcome.success,
-        "output": outcome.output,
-        "durationMs": outcome.duration_ms,
-        "timedOut": outcome.timed_out,
-    }
-    if outcome.timed_out:
-        body["timeoutType"] = "hard"  # as the original reports it
-    if outcome.output_truncated:
-        body["outputTruncated"] = True
-    if outcome.cancelled:
-        body["cancelled"] = True
-    if outcome.upstream_error is not None:
-        body["upstreamError"] = {
-            "status": outcome.upstream_error.status,
-            "message": outcome.upstream_error.message,
-            "retries": outcome.upstream_error.retries,
-        }
-    return jsonify(body)
-
-
-def _outcome_word(outcome: RunResult | JobFailed) -> str:
-    if isinstance(outcome, JobFailed):
-        return f"{outcome.status} {outcome.error}"
-    if outcome.timed_out:
-        return "timed out"
-    return "ok" if outcome.success else "agent error"
-
-
 _SLASHES = re.compile(r"/{2,}")
 
 
@@ -294,6 +259,8 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     # Quart cuts responses at 60 s by default; jobs have their own deadlines.
     app.config["RESPONSE_TIMEOUT"] = None
+    # What a streamed reply owns is released even if its stream never starts.
+    app.asgi_app = with_request_cleanups(app.asgi_app)  # type: ignore[method-assign,assignment]
     started_at = time.monotonic()
 
     def caller() -> str:
@@ -356,8 +323,9 @@ def create_app(
     @app.get("/status")
     async def status() -> Response:
         user_id = caller()
-        snapshot = await pool_snapshot(dispatcher)
+        snapshot = await pool_snapshot(dispatcher, user_id)
         body = status_body(snapshot)
+        body["runs"] = run_views(snapshot)
         limit, offset = page_arguments(request.args)
         page = await registry.list_for_user(user_id, limit=limit, offset=offset)
         body["sessions"] = session_views(snapshot, page.records, user_id, first_page=offset == 0)
@@ -400,41 +368,6 @@ def create_app(
             return error(outcome.status, outcome.error)
         return jsonify({"success": True})
 
-    @app.post("/run")
-    async def run() -> Response:
-        user_id = caller()
-        body = await json_body()
-        run_request = parse_run_request(
-            body,
-            max_prompt_chars=settings.max_prompt_chars,
-            max_timeout_ms=settings.max_timeout_ms,
-        )
-        timeout_ms = run_request.timeout_ms or settings.default_timeout_ms
-        started = time.monotonic()
-        # A one-shot's agent was warmed before its user was known: it gets their CLAUDE.md
-        # with the prompt. (A session's agent loads it from the user's HOME.)
-        memory = None
-        if run_request.session_id is None:
-            memory = await load_memory(settings.data_dir, user_id) or None
-        outcome = await run_job(
-            dispatcher,
-            user_id=user_id,
-            prompt=run_request.prompt,
-            timeout_s=timeout_ms / 1000,
-            session_id=run_request.session_id,
-            memory=memory,
-        )
-        log.info(
-            "run user=%s session=%s prompt_chars=%d -> %s in %.0f ms",
-            user_id,
-            run_request.session_id or "-",
-            len(run_request.prompt),
-            _outcome_word(outcome),
-            (time.monotonic() - started) * 1000,
-            extra={"userId": user_id, "sessionId": run_request.session_id},
-        )
-        return run_reply(outcome)
-
     @app.delete("/session")
     async def delete_session() -> Response:
         user_id = caller()
@@ -448,6 +381,23 @@ def create_app(
             return error(404, f"Session {session_id!r} not found")
         return jsonify({"closed": True})
 
+    app.register_blueprint(
+        run_routes(
+            dispatcher=dispatcher,
+            caller=caller,
+            json_body=json_body,
+            data_dir=settings.data_dir,
+            max_prompt_chars=settings.max_prompt_chars,
+            max_timeout_ms=settings.max_timeout_ms,
+            default_timeout_ms=settings.default_timeout_ms,
+            ceiling=OptionCeiling(
+                allowed_models=settings.allowed_models,
+                allowed_permission_modes=settings.allowed_permission_modes,
+                max_turns=settings.max_turns_limit,
+                max_budget_usd=settings.max_budget_usd_limit,
+            ),
+        )
+    )
     app.register_blueprint(
         user_claude_routes(
             data_dir=settings.data_dir, dispatcher=dispatcher, caller=caller, json_body=json_body

@@ -13,16 +13,21 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import attrs
 import trio
 
 from ..messages import (
+    DEFAULT_OPTIONS,
     TERMINAL_EVENTS,
+    CancelRun,
     CloseSession,
     DispatcherMessage,
     Job,
     JobFailed,
+    JobStarted,
     PoolSnapshot,
     ReplyEvent,
+    RunOptions,
     RunResult,
     SessionKey,
     StatusRequest,
@@ -47,10 +52,12 @@ async def open_job(
     timeout_s: float,
     session_id: str | None = None,
     memory: str | None = None,
+    options: RunOptions = DEFAULT_OPTIONS,
 ) -> AsyncIterator[tuple[Job, trio.MemoryReceiveChannel[ReplyEvent]]]:
     """Submit a job; yield it and the channel its :data:`ReplyEvent` s arrive on.
 
     ``memory``: the user's CLAUDE.md, for a one-shot job (see :attr:`Job.memory`).
+    The first event is the dispatcher's answer: :class:`Queued`, or a refusal.
     """
     reply_send, reply_receive = trio.open_memory_channel[ReplyEvent](REPLY_BUFFER)
     now = trio.current_time()
@@ -63,6 +70,7 @@ async def open_job(
         reply=reply_send,
         session_id=session_id,
         memory=memory,
+        options=options,
     )
     async with reply_receive:
         try:
@@ -95,19 +103,66 @@ async def run_job(
         session_id=session_id,
         memory=memory,
     ) as (job, events):
-        with trio.move_on_at(job.deadline + BACKSTOP_S):
-            async for event in events:
-                if isinstance(event, TERMINAL_EVENTS):
-                    return event
-            return JobFailed(502, "the agent stopped without answering")
-        return JobFailed(504, "the job outlived its deadline without an answer")
+        return (await follow_job(job, events)).terminal
 
 
-async def pool_snapshot(dispatcher: trio.MemorySendChannel[DispatcherMessage]) -> PoolSnapshot:
+@attrs.frozen
+class Finished:
+    """How a job ended for its request: the terminal event, and when it started.
+
+    ``started_at``: when (trio time) a worker or session actor took it (None: never).
+    """
+
+    terminal: RunResult | JobFailed
+    started_at: float | None = None
+
+    def queued_ms(self, job: Job) -> int:
+        """How long ``job`` waited for an agent (all of its time, if it never got one)."""
+        until = self.started_at
+        if until is None:
+            duration = getattr(self.terminal, "duration_ms", None)
+            return duration if duration is not None else 0
+        return max(0, round((until - job.submitted_at) * 1000))
+
+
+NO_ANSWER = JobFailed(502, "the agent stopped without answering")
+OUTLIVED = JobFailed(504, "the job outlived its deadline without an answer")
+
+
+async def follow_job(job: Job, events: trio.MemoryReceiveChannel[ReplyEvent]) -> Finished:
+    """Read ``job``'s events up to its terminal one (bounded by its deadline and a backstop)."""
+    started_at = None
+    with trio.move_on_at(job.deadline + BACKSTOP_S):
+        async for event in events:
+            if isinstance(event, JobStarted):
+                started_at = event.at
+            elif isinstance(event, TERMINAL_EVENTS):
+                return Finished(event, started_at)
+        return Finished(NO_ANSWER, started_at)
+    return Finished(OUTLIVED, started_at)
+
+
+async def pool_snapshot(
+    dispatcher: trio.MemorySendChannel[DispatcherMessage], user_id: str | None = None
+) -> PoolSnapshot:
+    """The dispatcher's view; with ``user_id``, that user's runs too."""
     reply_send, reply_receive = trio.open_memory_channel[PoolSnapshot](1)
     async with reply_receive:
-        await dispatcher.send(StatusRequest(reply_send))
+        await dispatcher.send(StatusRequest(reply_send, user_id))
         return await reply_receive.receive()
+
+
+async def cancel_run(
+    dispatcher: trio.MemorySendChannel[DispatcherMessage], user_id: str, run_id: str
+) -> bool:
+    """Cancel ``user_id``'s queued or running run ``run_id``; False if there is no such run."""
+    ack_send, ack_receive = trio.open_memory_channel[bool](1)
+    async with ack_receive:
+        await dispatcher.send(CancelRun(user_id, run_id, ack_send))
+        try:
+            return await ack_receive.receive()
+        except trio.EndOfChannel:  # the dispatcher restarted meanwhile
+            return False
 
 
 class SessionStoreUnavailable(Exception):

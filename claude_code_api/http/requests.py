@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 import attrs
 
+from ..messages import PERMISSION_MODES, RunOptions
+
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 SESSION_ID_RULE = "1 to 128 characters of A-Z a-z 0-9 . _ : -"
 
@@ -32,6 +34,27 @@ class RunRequest:
     prompt: str
     session_id: str | None
     timeout_ms: int | None
+    stream: bool | None = None  # None: not said (the Accept header decides)
+    options: RunOptions = RunOptions()
+
+
+@attrs.frozen
+class OptionCeiling:
+    """What the operator lets a request ask for (None: no limit)."""
+
+    allowed_models: tuple[str, ...]
+    allowed_permission_modes: tuple[str, ...]
+    max_turns: int | None = None
+    max_budget_usd: float | None = None
+
+
+# A system prompt travels as one process argument (Linux: at most 128 KiB each).
+MAX_SYSTEM_PROMPT_BYTES = 100_000
+MAX_TOOL_NAMES = 100
+MAX_TOOL_NAME_CHARS = 200
+MAX_MODEL_NAME_CHARS = 200
+MAX_TURNS = 1_000_000
+MAX_BUDGET_USD = 1_000_000.0
 
 
 # Defaults of common clients that send JSON without saying so (curl -d, fetch with a
@@ -151,8 +174,15 @@ def _whole_argument(args: QueryArguments, name: str, default: int, low: int, hig
     return int(raw)
 
 
-def parse_run_request(body: bytes, *, max_prompt_chars: int, max_timeout_ms: int) -> RunRequest:
-    """Validate a ``POST /run`` body: ``{"prompt", "sessionId"?, "timeoutMs"?}``."""
+def parse_run_request(
+    body: bytes,
+    *,
+    max_prompt_chars: int,
+    max_timeout_ms: int,
+    ceiling: OptionCeiling | None = None,
+) -> RunRequest:
+    """Validate a ``POST /run`` body: ``{"prompt", "sessionId"?, "timeoutMs"?, "stream"?}``
+    and the options (:func:`parse_run_options`) within ``ceiling`` (None: no ceiling)."""
     obj = parse_json_object(body)
     prompt = obj.get("prompt")
     if prompt is None:
@@ -173,11 +203,110 @@ def parse_run_request(body: bytes, *, max_prompt_chars: int, max_timeout_ms: int
         or not 1 <= timeout_ms <= max_timeout_ms
     ):
         raise BadRequest(f"timeoutMs: expected an integer from 1 to {max_timeout_ms}")
+    stream = obj.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise BadRequest(f"stream: expected true or false, got {_json_type(stream)}")
     return RunRequest(
         prompt=prompt,
         session_id=session_id_field(obj, required=False),
         timeout_ms=timeout_ms,
+        stream=stream,
+        options=parse_run_options(obj, ceiling),
     )
+
+
+def parse_run_options(obj: dict[str, Any], ceiling: OptionCeiling | None) -> RunOptions:
+    """The per-request options of a ``POST /run`` body; ``null`` is the same as absent.
+
+    A wrong type or value is a 400 naming the field; a value outside the operator's
+    ``ceiling`` a 400 naming the option and what is allowed. Empty lists and an empty
+    system prompt ask for nothing.
+    """
+    model = obj.get("model")
+    if model is not None:
+        if not isinstance(model, str) or not model or not model.isprintable():
+            raise BadRequest("model: expected a model name (a non-empty string)")
+        if len(model) > MAX_MODEL_NAME_CHARS:
+            raise BadRequest(f"model: exceeds {MAX_MODEL_NAME_CHARS} characters")
+        if ceiling is not None and model not in ceiling.allowed_models:
+            raise BadRequest(
+                f"model: {model[:80]!r} is not allowed here; allowed: "
+                + ", ".join(ceiling.allowed_models)
+            )
+    system_prompt = obj.get("systemPrompt")
+    if system_prompt is not None:
+        if not isinstance(system_prompt, str):
+            raise BadRequest(f"systemPrompt: expected a string, got {_json_type(system_prompt)}")
+        try:
+            size = len(system_prompt.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise BadRequest("systemPrompt: not valid Unicode text (a lone surrogate)") from None
+        if size > MAX_SYSTEM_PROMPT_BYTES:
+            raise BadRequest(f"systemPrompt: exceeds {MAX_SYSTEM_PROMPT_BYTES} bytes")
+        if "\x00" in system_prompt:
+            raise BadRequest("systemPrompt: must not contain NUL characters")
+    max_turns = obj.get("maxTurns")
+    if max_turns is not None:
+        if isinstance(max_turns, bool) or not isinstance(max_turns, int):
+            raise BadRequest(f"maxTurns: expected a whole number, got {_json_type(max_turns)}")
+        if not 1 <= max_turns <= MAX_TURNS:
+            raise BadRequest(f"maxTurns: expected a whole number from 1 to {MAX_TURNS}")
+        if ceiling is not None and ceiling.max_turns is not None and max_turns > ceiling.max_turns:
+            raise BadRequest(f"maxTurns: at most {ceiling.max_turns} allowed here")
+    budget = obj.get("maxBudgetUsd")
+    if budget is not None:
+        if isinstance(budget, bool) or not isinstance(budget, int | float):
+            raise BadRequest(f"maxBudgetUsd: expected a number, got {_json_type(budget)}")
+        if not 0 < budget <= MAX_BUDGET_USD:
+            raise BadRequest(f"maxBudgetUsd: expected a number above 0, at most {MAX_BUDGET_USD:g}")
+        if (
+            ceiling is not None
+            and ceiling.max_budget_usd is not None
+            and budget > ceiling.max_budget_usd
+        ):
+            raise BadRequest(f"maxBudgetUsd: at most {ceiling.max_budget_usd:g} allowed here")
+    mode = obj.get("permissionMode")
+    if mode is not None:
+        if not isinstance(mode, str) or mode not in PERMISSION_MODES:
+            raise BadRequest("permissionMode: expected one of " + ", ".join(PERMISSION_MODES))
+        if ceiling is not None and mode not in ceiling.allowed_permission_modes:
+            raise BadRequest(
+                f"permissionMode: {mode!r} is not allowed here; allowed: "
+                + ", ".join(ceiling.allowed_permission_modes)
+                + " (a request without permissionMode runs with bypassPermissions)"
+            )
+    return RunOptions(
+        model=model,
+        system_prompt=system_prompt or None,
+        allowed_tools=_tool_names(obj, "allowedTools"),
+        disallowed_tools=_tool_names(obj, "disallowedTools"),
+        max_turns=max_turns,
+        max_budget_usd=None if budget is None else float(budget),
+        permission_mode=mode,
+    )
+
+
+def _tool_names(obj: dict[str, Any], field: str) -> tuple[str, ...] | None:
+    """A list of tool names (or rules such as ``Bash(git:*)``); None when absent or empty."""
+    value = obj.get(field)
+    if value is None:
+        return None
+    rule = (
+        f"{field}: expected a list of at most {MAX_TOOL_NAMES} tool names"
+        f" (non-empty strings of at most {MAX_TOOL_NAME_CHARS} printable characters, no ',')"
+    )
+    if not isinstance(value, list) or len(value) > MAX_TOOL_NAMES:
+        raise BadRequest(rule)
+    for name in value:
+        if (
+            not isinstance(name, str)
+            or not name.strip()
+            or len(name) > MAX_TOOL_NAME_CHARS
+            or not name.isprintable()
+            or "," in name  # the CLI takes them comma-separated
+        ):
+            raise BadRequest(rule)
+    return tuple(dict.fromkeys(value)) or None
 
 
 INVALID_CODE_FORMAT = "Invalid code format. Expected CODE#STATE from the callback page."

@@ -1,0 +1,232 @@
+"""``POST /run`` (a JSON reply or a stream of events) and ``DELETE /runs/{runId}``.
+
+A Quart blueprint; the app hands it how to tell who is calling and how to read
+a JSON body, as to every route. Every run has an id, the job's: header
+``X-Run-Id`` and field ``runId`` in every reply about it.
+
+* Without ``stream`` (or ``Accept: text/event-stream``) the reply is the
+  original's JSON, with fields added (:func:`result_body`).
+* With it, the request waits for the dispatcher's answer to its submission
+  first: a refusal (429, 503) is still a plain JSON error; only a run that was
+  taken becomes a ``text/event-stream`` (:mod:`.streaming`).
+* ``DELETE /runs/{runId}`` cancels the caller's own queued or running run; the
+  run's own request then answers ``cancelled``. Anyone else's run, or an unknown
+  or finished one, is a 404.
+
+A request that ends before its run does (the client left) cancels it, streamed
+or not (:func:`~.jobs.open_job`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import trio
+from quart import Blueprint, Response, jsonify, request
+
+from ..messages import (
+    DispatcherMessage,
+    Job,
+    JobFailed,
+    PoolSnapshot,
+    RunOptions,
+    RunResult,
+    TerminalEvent,
+)
+from .jobs import Finished, cancel_run, follow_job, open_job
+from .requests import OptionCeiling, parse_run_request
+from .streaming import STREAM_HEADERS, event_stream, on_request_end, wants_event_stream
+from .user_claude import load_memory
+
+log = logging.getLogger(__name__)
+
+
+def result_body(outcome: RunResult, finished: Finished, job: Job) -> dict[str, Any]:
+    """The JSON reply of a run that ended: the original's fields, then ours."""
+    body: dict[str, Any] = {
+        "success": outcome.success,
+        "output": outcome.output,
+        "durationMs": outcome.duration_ms,
+        "timedOut": outcome.timed_out,
+    }
+    if outcome.timed_out:
+        body["timeoutType"] = "hard"  # as the original reports it
+    if outcome.output_truncated:
+        body["outputTruncated"] = True
+    if outcome.cancelled:
+        body["cancelled"] = True
+    if outcome.upstream_error is not None:
+        body["upstreamError"] = {
+            "status": outcome.upstream_error.status,
+            "message": outcome.upstream_error.message,
+            "retries": outcome.upstream_error.retries,
+        }
+    body["runId"] = job.id
+    if job.session_id is not None:
+        body["sessionId"] = job.session_id
+    body.update(
+        {
+            "claudeSessionId": outcome.claude_session_id,
+            "model": outcome.model,
+            "costUsd": outcome.cost_usd,
+            "usage": outcome.usage,
+            "numTurns": outcome.num_turns,
+            "queuedMs": finished.queued_ms(job),
+        }
+    )
+    return body
+
+
+def error_reply(failure: JobFailed, run_id: str | None = None) -> Response:
+    body: dict[str, Any] = {"error": failure.error}
+    if run_id is not None:
+        body["runId"] = run_id
+    response = jsonify(body)
+    response.status_code = failure.status
+    if failure.retry_after_s is not None:
+        response.headers["Retry-After"] = str(failure.retry_after_s)
+    if run_id is not None:
+        response.headers["X-Run-Id"] = run_id
+    return response
+
+
+def run_views(snapshot: PoolSnapshot) -> list[dict[str, Any]]:
+    """``/status``'s ``runs``: the caller's queued and running runs (times in ms)."""
+    views = []
+    for run in snapshot.runs:
+        view: dict[str, Any] = {
+            "runId": run.run_id,
+            "state": run.state.value,
+            "queuedAt": round(run.queued_at * 1000),
+        }
+        if run.session_id is not None:
+            view["sessionId"] = run.session_id
+        if run.started_at is not None:
+            view["startedAt"] = round(run.started_at * 1000)
+        views.append(view)
+    return views
+
+
+def outcome_word(outcome: TerminalEvent | None) -> str:
+    if outcome is None:
+        return "client gone"
+    if isinstance(outcome, JobFailed):
+        return f"{outcome.status} {outcome.error}"
+    if outcome.cancelled:
+        return "cancelled"
+    if outcome.timed_out:
+        return "timed out"
+    return "ok" if outcome.success else "agent error"
+
+
+def run_routes(
+    *,
+    dispatcher: trio.MemorySendChannel[DispatcherMessage],
+    caller: Callable[[], str],
+    json_body: Callable[[], Awaitable[bytes]],
+    data_dir: Path,
+    max_prompt_chars: int,
+    max_timeout_ms: int,
+    default_timeout_ms: int,
+    ceiling: OptionCeiling,
+) -> Blueprint:
+    """The ``/run`` and ``/runs`` routes, for ``app.register_blueprint``."""
+    routes = Blueprint("runs", __name__)
+
+    @routes.post("/run")
+    async def run() -> Response:
+        user_id = caller()
+        run_request = parse_run_request(
+            await json_body(),
+            max_prompt_chars=max_prompt_chars,
+            max_timeout_ms=max_timeout_ms,
+            ceiling=ceiling,
+        )
+        # A one-shot's agent was warmed before its user was known: it gets their CLAUDE.md
+        # with the prompt. (A session's agent loads it from the user's HOME.)
+        memory = None
+        if run_request.session_id is None:
+            memory = await load_memory(data_dir, user_id) or None
+        submit = open_job(
+            dispatcher,
+            user_id=user_id,
+            prompt=run_request.prompt,
+            timeout_s=(run_request.timeout_ms or default_timeout_ms) / 1000,
+            session_id=run_request.session_id,
+            memory=memory,
+            options=run_request.options,
+        )
+        started = time.monotonic()
+
+        def log_end(run_id: str, outcome: TerminalEvent | None, how: str) -> None:
+            log.info(
+                "run user=%s session=%s prompt_chars=%d%s -> %s in %.0f ms (%s, run %s)",
+                user_id,
+                run_request.session_id or "-",
+                len(run_request.prompt),
+                _options_note(run_request.options),
+                outcome_word(outcome),
+                (time.monotonic() - started) * 1000,
+                how,
+                run_id,
+                extra={"runId": run_id, "userId": user_id, "sessionId": run_request.session_id},
+            )
+
+        if not wants_event_stream(run_request.stream, request.headers.get("Accept")):
+            async with submit as (job, events):
+                finished = await follow_job(job, events)
+            log_end(job.id, finished.terminal, "json")
+            return json_reply(finished, job)
+
+        # A stream: its status must be known before it starts, so wait for the
+        # dispatcher's answer (queued, or a refusal) first.
+        owned = AsyncExitStack()
+        job, events = await owned.enter_async_context(submit)
+        on_request_end(owned.aclose)  # if the stream never starts, the run still ends
+        try:
+            first = await events.receive()
+        except BaseException:
+            await owned.aclose()
+            raise
+        if isinstance(first, JobFailed):
+            await owned.aclose()
+            log_end(job.id, first, "stream refused")
+            return error_reply(first, job.id)
+
+        async def end(finished: Finished | None) -> None:
+            # Also when the stream is cancelled (the client left): the run must end.
+            with trio.CancelScope(shield=True):
+                await owned.aclose()
+            log_end(job.id, None if finished is None else finished.terminal, "stream")
+
+        body = event_stream(job, events, first, result_body=result_body, on_end=end)
+        return Response(body, 200, headers={**STREAM_HEADERS, "X-Run-Id": job.id})
+
+    @routes.delete("/runs/<run_id>")
+    async def delete_run(run_id: str) -> Response:
+        user_id = caller()
+        if not await cancel_run(dispatcher, user_id, run_id):
+            return error_reply(JobFailed(404, f"Run {run_id[:200]!r} not found"))
+        return jsonify({"cancelled": True})
+
+    return routes
+
+
+def json_reply(finished: Finished, job: Job) -> Response:
+    terminal = finished.terminal
+    if isinstance(terminal, JobFailed):
+        return error_reply(terminal, job.id)
+    response = jsonify(result_body(terminal, finished, job))
+    response.headers["X-Run-Id"] = job.id
+    return response
+
+
+def _options_note(options: RunOptions) -> str:
+    """The options a request set, for its log line (names only: a prompt is private)."""
+    given = sorted(options.to_json())
+    return f" options={','.join(given)}" if given else ""
