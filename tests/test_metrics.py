@@ -306,9 +306,9 @@ async def test_the_registry_reports_its_record_count_as_it_changes(tmp_path, nur
             await client.save(record("u", "s2", turns=3))  # an update: no new record
             assert await client.delete(SessionKey("u", "s1"))
             assert not await client.delete(SessionKey("u", "nope"))
-        await trio.testing.wait_all_tasks_blocked()
-        assert counts == [2, 1, 2, 3, 2]
-        assert store.count() == 2
+            # Read while the registry still owns the store: it closes it once its inbox ends.
+            assert counts == [2, 1, 2, 3, 2]
+            assert await trio.to_thread.run_sync(store.count) == 2
 
 
 # --- the scrape's gauges ------------------------------------------------------------------------
@@ -373,7 +373,8 @@ def test_sessions_are_live_busy_or_hibernated_records():
 
 
 def test_a_route_is_named_by_its_pattern():
-    assert route_pattern("/runs/<run_id>") == "/runs/{run_id}"
+    assert route_pattern("/runs/<run_id>") == "/runs/{runId}"  # as the API names it
+    assert route_pattern("/a/<int:page_no>/<b>") == "/a/{pageNo}/{b}"
     assert route_pattern("/files/<path:name>") == "/files/{name}"
     assert route_pattern("/health") == "/health"
 
@@ -395,8 +396,8 @@ async def test_requests_are_counted_by_method_route_and_status():
 
     counted = count_requests(app)
     cases = [
-        ("DELETE", "/runs/abc", http_requests("DELETE", "/runs/{run_id}", "202")),
-        ("DELETE", "/runs/def", http_requests("DELETE", "/runs/{run_id}", "202")),
+        ("DELETE", "/runs/abc", http_requests("DELETE", "/runs/{runId}", "202")),
+        ("DELETE", "/runs/def", http_requests("DELETE", "/runs/{runId}", "202")),
         ("GET", "/no/such/thing", http_requests("GET", "unmatched", "202")),
         ("BREW", "/x", http_requests("other", "unmatched", "202")),
         ("GET", "/leave", http_requests("GET", "unmatched", "499")),
@@ -415,7 +416,7 @@ async def test_requests_are_counted_by_method_route_and_status():
             assert path == "/raise"
     got = {(e[1]["method"], e[1]["route"], e[1]["status"]): change.of(*e) for *_, e in cases}
     assert got == {
-        ("DELETE", "/runs/{run_id}", "202"): 2,
+        ("DELETE", "/runs/{runId}", "202"): 2,
         ("GET", "unmatched", "202"): 1,
         ("other", "unmatched", "202"): 1,
         ("GET", "unmatched", "499"): 1,

@@ -13,6 +13,7 @@ import json
 import re
 from html.parser import HTMLParser
 
+import jsonschema_rs
 import pytest
 import trio
 from hypothesis import given
@@ -23,9 +24,29 @@ from claude_code_api.actors.registry import RegistryClient
 from claude_code_api.config import load_settings
 from claude_code_api.http.app import create_app
 from claude_code_api.http.docs import docs_page
+from claude_code_api.http.jobs import Finished
 from claude_code_api.http.observe import route_pattern
 from claude_code_api.http.openapi import openapi_spec
-from claude_code_api.http.requests import BadRequest, parse_exchange_code, parse_run_request
+from claude_code_api.http.requests import (
+    BadRequest,
+    OptionCeiling,
+    parse_exchange_code,
+    parse_run_request,
+)
+from claude_code_api.http.runs import result_body
+from claude_code_api.http.streaming import event_data, terminal_frame
+from claude_code_api.messages import (
+    AssistantText,
+    Job,
+    JobFailed,
+    JobStarted,
+    Queued,
+    RunResult,
+    ToolResult,
+    ToolUse,
+    UpstreamError,
+    UpstreamRetry,
+)
 
 # Methods Quart answers for every route by itself (HEAD for GET, OPTIONS), which
 # OpenAPI documents do not list.
@@ -132,27 +153,208 @@ def test_the_docs_page_escapes_what_it_shows():
     assert "<script>" not in docs_page(spec)
 
 
-@given(st.text(alphabet=st.sampled_from("ab#é \t\n\x1c\u00a0"), max_size=12))
+# Characters on which regular expression dialects (ECMA-262's, which OpenAPI documents and
+# schemathesis use, and Python's) or str.strip() disagree, and some that are plain.
+TRICKY = "ab#é ,\t\n\x00\x1c\x1f\x7f\x85\xa0\u2028\u2029\u3000\ufeff"
+
+
+def ecma_matches(pattern: str, text: str) -> bool:
+    """Whether ``text`` matches ``pattern`` as JSON Schema reads it (ECMA-262)."""
+    return jsonschema_rs.validator_for({"type": "string", "pattern": pattern}).is_valid(text)
+
+
+def accepted(parse, body: dict) -> bool:
+    try:
+        parse(json.dumps(body).encode())
+    except BadRequest:
+        return False
+    return True
+
+
+def run_parser(body: bytes):
+    return parse_run_request(body, max_prompt_chars=10, max_timeout_ms=1)
+
+
+@given(st.text(alphabet=st.sampled_from(TRICKY), max_size=8))
 def test_the_documented_code_pattern_is_what_the_parser_accepts(pasted):
     schema = openapi_spec(load_settings({}))["components"]["schemas"]["ExchangeRequest"]
-    documented = re.search(schema["properties"]["code"]["pattern"], pasted) is not None
-    try:
-        parse_exchange_code(json.dumps({"code": pasted}).encode())
-        accepted = True
-    except BadRequest:
-        accepted = False
-    assert documented == accepted
+    documented = ecma_matches(schema["properties"]["code"]["pattern"], pasted)
+    assert documented == accepted(parse_exchange_code, {"code": pasted})
 
 
-@given(st.text(alphabet=st.sampled_from("ab \t\n\x1c\u00a0\u2028"), min_size=1, max_size=6))
+@given(st.text(alphabet=st.sampled_from(TRICKY), min_size=1, max_size=6))
 def test_the_documented_prompt_pattern_is_what_the_parser_accepts(prompt):
     schema = openapi_spec(load_settings({}))["components"]["schemas"]["RunRequest"]
-    documented = re.search(schema["properties"]["prompt"]["pattern"], prompt) is not None
+    documented = ecma_matches(schema["properties"]["prompt"]["pattern"], prompt)
+    assert documented == accepted(run_parser, {"prompt": prompt})
+
+
+@given(st.text(alphabet=st.sampled_from(TRICKY), max_size=6))
+def test_the_documented_tool_name_pattern_is_what_the_parser_accepts(name):
+    schema = openapi_spec(load_settings({}))["components"]["schemas"]["RunRequest"]
+    tools = schema["properties"]["allowedTools"]["anyOf"][0]
+    documented = ecma_matches(tools["items"]["pattern"], name)
+    assert documented == accepted(run_parser, {"prompt": "a", "allowedTools": [name]})
+
+
+# --- the document against the code that answers -------------------------------------------
+
+
+def conforms(spec: dict, schema_name: str, instance: object) -> bool:
+    """Whether ``instance`` is valid against the document's schema ``schema_name`` (as
+    schemathesis checks it: JSON Schema 2020-12, ECMA-262 patterns)."""
+    schema = {"$ref": f"#/components/schemas/{schema_name}", "components": spec["components"]}
+    return jsonschema_rs.Draft202012Validator(schema).is_valid(instance)
+
+
+CEILING_ENV = {
+    "CLAUDE_MODEL": "model-a",
+    "ALLOWED_MODELS": "model-b",
+    "MAX_TURNS_LIMIT": "5",
+    "MAX_BUDGET_USD_LIMIT": "1.5",
+    "ALLOWED_PERMISSION_MODES": "plan,dontAsk",
+}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"stream": True},
+        {"stream": None, "sessionId": None, "timeoutMs": None},
+        {"stream": "yes"},
+        {"timeoutMs": 1000.0},
+        {"timeoutMs": 1000.5},
+        {"model": "model-a"},
+        {"model": "model-b"},
+        {"model": "model-c"},
+        {"model": None},
+        {"systemPrompt": ""},
+        {"systemPrompt": "Be brief."},
+        {"systemPrompt": "a\x00b"},
+        {"systemPrompt": 3},
+        {"allowedTools": []},
+        {"allowedTools": ["Read", "Bash(git:*)", "Read", "données"]},
+        {"allowedTools": ["a,b"]},
+        {"allowedTools": [" "]},
+        {"allowedTools": ["a\nb"]},
+        {"allowedTools": ["a\u2028"]},
+        {"allowedTools": ["x" * 201]},
+        {"allowedTools": ["x"] * 101},
+        {"disallowedTools": "Bash"},
+        {"disallowedTools": ["WebFetch"]},
+        {"maxTurns": 5},
+        {"maxTurns": 5.0},
+        {"maxTurns": 6},
+        {"maxTurns": 0},
+        {"maxTurns": True},
+        {"maxBudgetUsd": 1.5},
+        {"maxBudgetUsd": 1},
+        {"maxBudgetUsd": 0},
+        {"maxBudgetUsd": 1.6},
+        {"permissionMode": "plan"},
+        {"permissionMode": "bypassPermissions"},
+        {"permissionMode": "nonsense"},
+    ],
+    ids=repr,
+)
+def test_a_run_body_is_valid_in_the_document_exactly_when_the_parser_accepts_it(fields):
+    settings = load_settings(CEILING_ENV)
+    spec = openapi_spec(settings)
+    body = {"prompt": "hi", **fields}
     try:
         parse_run_request(
-            json.dumps({"prompt": prompt}).encode(), max_prompt_chars=10, max_timeout_ms=1
+            json.dumps(body).encode(),
+            max_prompt_chars=settings.max_prompt_chars,
+            max_timeout_ms=settings.max_timeout_ms,
+            ceiling=OptionCeiling.of(settings),
         )
         accepted = True
     except BadRequest:
         accepted = False
-    assert documented == accepted
+    assert conforms(spec, "RunRequest", body) == accepted
+
+
+def a_job(session_id: str | None = None) -> Job:
+    send, _ = trio.open_memory_channel(1)
+    return Job("run-1", "alice", "hi", 10.0, 70.0, send, session_id=session_id)
+
+
+RESULTS = [
+    RunResult(
+        success=True,
+        output="Four.",
+        duration_ms=1116,
+        cost_usd=0.002,
+        num_turns=1,
+        usage={"input_tokens": 4, "output_tokens": 5},
+        claude_session_id="c-1",
+        model="claude-sonnet-4-6",
+    ),
+    RunResult(success=False, output="", duration_ms=3, cancelled=True),
+    RunResult(
+        success=False,
+        output="part",
+        duration_ms=60000,
+        timed_out=True,
+        output_truncated=True,
+        upstream_error=UpstreamError(None, "unreachable", 3),
+    ),
+]
+
+
+@pytest.mark.parametrize("result", RESULTS)
+@pytest.mark.parametrize("session_id", [None, "s-1"])
+def test_every_run_reply_conforms_and_every_field_it_has_is_documented(result, session_id):
+    spec = openapi_spec(load_settings({}))
+    body = result_body(result, Finished(result, started_at=10.5), a_job(session_id))
+    assert conforms(spec, "RunResult", body)
+    assert set(body) <= set(spec["components"]["schemas"]["RunResult"]["properties"])
+
+
+def test_a_run_streams_the_documented_events():
+    spec = openapi_spec(load_settings({}))
+    ok = spec["paths"]["/run"]["post"]["responses"]["200"]
+    assert set(ok["content"]) == {"application/json", "text/event-stream"}
+    assert "X-Run-Id" in ok["headers"]
+    documented = ok["content"]["text/event-stream"]["x-events"]
+    job = a_job()
+    events = [
+        Queued(0),
+        JobStarted("w-1", at=10.25),
+        AssistantText("hi"),
+        ToolUse("Bash", {"command": "ls"}),
+        ToolResult(True),
+        UpstreamRetry(529, "overloaded", 1, 10),
+        UpstreamRetry(None, "unreachable", 2),
+    ]
+    shown = set()
+    for event in events:
+        name, data = event_data(event, job)
+        shown.add(name)
+        assert conforms(spec, documented[name]["$ref"].rsplit("/", 1)[-1], data), name
+    for terminal in (RESULTS[0], JobFailed(502, "the agent process died")):
+        frame = terminal_frame(1, job, Finished(terminal), result_body).decode()
+        name = re.search(r"^event: (\S+)$", frame, re.M)[1]
+        data = json.loads(re.search(r"^data: (.*)$", frame, re.M)[1])
+        shown.add(name)
+        assert conforms(spec, documented[name]["$ref"].rsplit("/", 1)[-1], data), name
+    # Every event the stream sends is documented, and nothing else is.
+    assert shown == set(documented)
+
+
+def test_cancelling_a_run_and_the_run_id_are_documented():
+    spec = openapi_spec(load_settings({}))
+    cancel = spec["paths"]["/runs/{runId}"]["delete"]
+    assert [p["name"] for p in cancel["parameters"]] == ["runId"]
+    assert {"200", "401", "404", "503"} <= set(cancel["responses"])
+    failed = spec["paths"]["/run"]["post"]["responses"]["502"]
+    assert "X-Run-Id" in failed["headers"]
+    assert conforms(spec, "Error", {"error": "boom", "runId": "run-1"})
+    status = spec["components"]["schemas"]["Status"]
+    assert "runs" in status["required"]
+    assert conforms(
+        spec,
+        "Run",
+        {"runId": "r", "state": "running", "queuedAt": 1, "startedAt": 2, "sessionId": "s"},
+    )

@@ -7,7 +7,9 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import re
 import string
+import sys
 from urllib.parse import parse_qsl
 
 import pytest
@@ -18,6 +20,7 @@ from werkzeug.datastructures import Headers, MultiDict
 from claude_code_api.config import Settings, parse_api_keys
 from claude_code_api.http.auth import Unauthorized, authenticate
 from claude_code_api.http.requests import (
+    WHITE_SPACE,
     BadRequest,
     RunRequest,
     check_content_type,
@@ -447,3 +450,12 @@ def test_user_for_key():
     assert KEYS.user_for_key("") is None
     assert KEYS.user_for_key("sk-ALICE") is None
     assert KEYS.user_for_key("ünïcode") is None
+
+
+def test_white_space_spelled_out_is_what_python_strips():
+    # The documented patterns name white space instead of writing \s (see WHITE_SPACE).
+    spelled = re.compile(f"[{WHITE_SPACE}]")
+    every = (chr(code) for code in range(sys.maxunicode + 1))
+    assert {c for c in every if spelled.fullmatch(c)} == {
+        chr(code) for code in range(sys.maxunicode + 1) if chr(code).isspace()
+    }

@@ -390,12 +390,7 @@ def create_app(
             max_prompt_chars=settings.max_prompt_chars,
             max_timeout_ms=settings.max_timeout_ms,
             default_timeout_ms=settings.default_timeout_ms,
-            ceiling=OptionCeiling(
-                allowed_models=settings.allowed_models,
-                allowed_permission_modes=settings.allowed_permission_modes,
-                max_turns=settings.max_turns_limit,
-                max_budget_usd=settings.max_budget_usd_limit,
-            ),
+            ceiling=OptionCeiling.of(settings),
         )
     )
     app.register_blueprint(

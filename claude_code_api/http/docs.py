@@ -74,13 +74,26 @@ def _fields(schema: dict[str, Any]) -> str:
     return f"<table><tr><th>field</th><th>type</th><th></th></tr>{rows}</table>"
 
 
+def _events(content: dict[str, Any]) -> str:
+    """The events of a ``text/event-stream`` (the document's ``x-events``), each with its data."""
+    events = content.get("x-events")
+    if not events:
+        return ""
+    described = content.get("schema", {}).get("description", "")
+    rows = "".join(
+        f"<tr><td><code>{escape(name)}</code></td><td>{_type(schema)}</td></tr>"
+        for name, schema in events.items()
+    )
+    return f"<p>{escape(described)}</p><table><tr><th>event</th><th>data</th></tr>{rows}</table>"
+
+
 def _response(code: str, response: dict[str, Any], components: dict[str, Any]) -> str:
     name = _ref_name(response)
     if name is not None:
         response = components.get("responses", {}).get(name, {})
     contents = response.get("content", {})
     shown = ", ".join(
-        f"<code>{escape(media)}</code> {_type(content.get('schema', {}))}"
+        f"<code>{escape(media)}</code> {_type(content.get('schema', {}))}{_events(content)}"
         for media, content in contents.items()
     )
     headers = ", ".join(f"header <code>{escape(h)}</code>" for h in response.get("headers", {}))

@@ -4,7 +4,7 @@
 ``http_requests_total`` by method, route and status and observes
 ``http_request_duration_seconds`` by route, from the request's arrival to the
 end of its response (a stream's whole length). The route is the pattern the app
-matched (``/runs/{run_id}``), written into the request's ASGI scope by the app
+matched (``/runs/{runId}``), written into the request's ASGI scope by the app
 (:func:`note_route`), never the raw path: a path no route matches counts as
 ``unmatched``, so clients cannot mint label values. Methods outside HTTP's own
 are counted as ``other`` for the same reason.
@@ -52,8 +52,17 @@ _RULE_VARIABLE = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
 
 
 def route_pattern(rule: str) -> str:
-    """A Quart rule as OpenAPI writes a path: ``/runs/<run_id>`` -> ``/runs/{run_id}``."""
-    return _RULE_VARIABLE.sub(r"{\1}", rule)
+    """A Quart rule as the API writes a path: ``/runs/<run_id>`` -> ``/runs/{runId}``.
+
+    Variables in camelCase, as the API names its fields (``runId``), whatever the
+    handler's argument is called.
+    """
+    return _RULE_VARIABLE.sub(lambda match: "{" + _camel_case(match[1]) + "}", rule)
+
+
+def _camel_case(name: str) -> str:
+    first, *rest = name.split("_")
+    return first + "".join(word[:1].upper() + word[1:] for word in rest)
 
 
 def count_requests(app: AsgiApp) -> AsgiApp:

@@ -24,10 +24,37 @@ from typing import Any
 
 from ..config import Settings
 from ..user_memory import MAX_SAVED_BYTES
-from .requests import MAX_CODE_CHARS, MAX_PAGE_OFFSET, MAX_PAGE_SIZE, SESSION_ID_PATTERN
+from .requests import (
+    CODE_PATTERN,
+    MAX_BUDGET_USD,
+    MAX_CODE_CHARS,
+    MAX_PAGE_OFFSET,
+    MAX_PAGE_SIZE,
+    MAX_SYSTEM_PROMPT_BYTES,
+    MAX_TOOL_NAME_CHARS,
+    MAX_TOOL_NAMES,
+    MAX_TURNS,
+    PROMPT_PATTERN,
+    SESSION_ID_PATTERN,
+    TOOL_NAME_PATTERN,
+)
+from .streaming import KEEP_ALIVE_S
 
 OPENAPI_VERSION = "3.1.0"
 JSON = "application/json"
+EVENT_STREAM = "text/event-stream"
+
+# The events of a streamed reply, in the order they come, and the schema of each one's data.
+STREAM_EVENTS = {
+    "queued": "QueuedEvent",
+    "started": "StartedEvent",
+    "text": "TextEvent",
+    "tool_use": "ToolUseEvent",
+    "tool_result": "ToolResultEvent",
+    "upstream_retry": "UpstreamRetryEvent",
+    "result": "RunResult",
+    "error": "ErrorEvent",
+}
 
 Schema = dict[str, Any]
 
@@ -51,6 +78,14 @@ def _object(required: dict[str, Schema], optional: dict[str, Schema] | None = No
 
 def _ok(description: str, schema: Schema) -> dict[str, Any]:
     return {"description": description, "content": _json(schema)}
+
+
+def _or_null(schema: Schema, description: str = "") -> Schema:
+    """``schema`` or ``null`` (which the parsers read as "not given")."""
+    either: Schema = {"anyOf": [schema, {"type": "null"}]}
+    if description:
+        either["description"] = description
+    return either
 
 
 def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -84,6 +119,112 @@ AUTHENTICATED: list[dict[str, list[str]]] = [{"apiKey": []}, {"bearer": []}]
 PUBLIC: list[dict[str, list[str]]] = []
 
 
+def _run_options(settings: Settings) -> dict[str, Schema]:
+    """The per-request options of ``POST /run``, within this service's ceiling."""
+    max_turns = min(MAX_TURNS, settings.max_turns_limit or MAX_TURNS)
+    budget = MAX_BUDGET_USD
+    if settings.max_budget_usd_limit is not None:
+        budget = min(budget, settings.max_budget_usd_limit)
+    tool_names = {
+        "type": "array",
+        "maxItems": MAX_TOOL_NAMES,
+        "items": {
+            "type": "string",
+            "maxLength": MAX_TOOL_NAME_CHARS,
+            "pattern": TOOL_NAME_PATTERN,
+            "description": "a tool name or rule: Read, Bash(git:*)",
+        },
+    }
+    return {
+        "model": _or_null(
+            {"enum": list(settings.allowed_models)},
+            "the model for this run (ALLOWED_MODELS; default CLAUDE_MODEL)",
+        ),
+        "systemPrompt": _or_null(
+            {"type": "string", "maxLength": MAX_SYSTEM_PROMPT_BYTES, "pattern": r"^[^\x00]*$"},
+            f"appended to Claude Code's own system prompt; at most {MAX_SYSTEM_PROMPT_BYTES}"
+            ' bytes in UTF-8, no NUL; "" asks for nothing',
+        ),
+        "allowedTools": _or_null(
+            tool_names, "tools the agent may use without asking; [] asks for nothing"
+        ),
+        "disallowedTools": _or_null(
+            tool_names, "tools the agent may not use, beside the service's own list"
+        ),
+        "maxTurns": _or_null(
+            {"type": "integer", "minimum": 1, "maximum": max_turns},
+            "model round trips the agent may make (MAX_TURNS_LIMIT)",
+        ),
+        "maxBudgetUsd": _or_null(
+            {"type": "number", "exclusiveMinimum": 0, "maximum": budget},
+            "what the run may cost, in US dollars (MAX_BUDGET_USD_LIMIT)",
+        ),
+        "permissionMode": _or_null(
+            {"enum": list(settings.allowed_permission_modes)},
+            "what the agent may do without asking (ALLOWED_PERMISSION_MODES); null or"
+            " absent: bypassPermissions",
+        ),
+    }
+
+
+def _event_schemas() -> dict[str, Schema]:
+    """The ``data:`` of each event of a streamed reply but ``result`` (a :func:`RunResult`)."""
+    run_id = {"type": "string"}
+    count = {"type": "integer", "minimum": 0}
+    return {
+        "QueuedEvent": _object(
+            {"runId": run_id, "position": {**count, "description": "runs that start before it"}}
+        )
+        | {"description": "`queued`: the run was taken"},
+        "StartedEvent": _object({"runId": run_id, "queuedMs": count})
+        | {"description": "`started`: an agent is working on it"},
+        "TextEvent": _object({"text": {"type": "string"}})
+        | {"description": "`text`: a block of text the agent wrote"},
+        "ToolUseEvent": _object(
+            {
+                "name": {"type": "string"},
+                "summary": {"type": "string", "description": "its input in one short line"},
+            }
+        )
+        | {"description": "`tool_use`: the agent called a tool"},
+        "ToolResultEvent": _object({"ok": {"type": "boolean"}})
+        | {"description": "`tool_result`: that tool call finished (false: with an error)"},
+        "UpstreamRetryEvent": _object(
+            {
+                "status": {"type": ["integer", "null"], "description": "null: unreachable"},
+                "message": {"type": "string"},
+                "attempt": {"type": "integer"},
+                "maxRetries": {"type": ["integer", "null"]},
+            }
+        )
+        | {"description": "`upstream_retry`: the model API failed and the CLI retries"},
+        "ErrorEvent": _object(
+            {
+                "error": {"type": "string"},
+                "status": {"type": "integer", "description": "what a JSON reply would answer"},
+                "runId": run_id,
+            }
+        )
+        | {"description": "`error`: the run failed (ends the stream, as `result` does)"},
+    }
+
+
+def _event_stream() -> dict[str, Any]:
+    """The ``text/event-stream`` alternative of a run's 200."""
+    names = ", ".join(STREAM_EVENTS)
+    return {
+        "schema": {
+            "type": "string",
+            "description": "Server-sent events, each an `id:` (1, 2, ... within the stream),"
+            f" an `event:` name ({names}) and one line of JSON `data:`; exactly one"
+            " `result` or `error` ends the stream and nothing follows it. A comment line"
+            f" `: keep-alive` comes after every {KEEP_ALIVE_S:g} s without an event.",
+        },
+        # Which schema each event's data has (an extension: OpenAPI 3.1 cannot say it).
+        "x-events": {name: _ref(schema) for name, schema in STREAM_EVENTS.items()},
+    }
+
+
 def _schemas(settings: Settings) -> dict[str, Schema]:
     session_id = {
         "type": "string",
@@ -94,7 +235,10 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
     millis = {"type": "integer", "description": "milliseconds since the Unix epoch"}
     return {
         "Error": {
-            **_object({"error": {"type": "string"}}),
+            **_object(
+                {"error": {"type": "string"}},
+                {"runId": {"type": "string", "description": "the run's id, on errors about a run"}},
+            ),
             "description": "Every error: what went wrong, naming the field when a field is wrong.",
         },
         "RunRequest": _object(
@@ -104,7 +248,7 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                     "minLength": 1,
                     "maxLength": settings.max_prompt_chars,
                     # Not only white space (as the parser strips it).
-                    "pattern": r"\S",
+                    "pattern": PROMPT_PATTERN,
                 }
             },
             {
@@ -120,6 +264,12 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                     "description": "deadline for queueing and running together; null or"
                     f" absent: {settings.default_timeout_ms}",
                 },
+                "stream": _or_null(
+                    {"type": "boolean"},
+                    "true: the reply is a text/event-stream of events; null or absent: as"
+                    " the Accept header says (text/event-stream listed: a stream)",
+                ),
+                **_run_options(settings),
             },
         ),
         "UpstreamError": _object(
@@ -135,14 +285,44 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "output": {"type": "string", "description": "the answer, or the error text"},
                 "durationMs": count,
                 "timedOut": {"type": "boolean"},
+                "runId": {"type": "string", "description": "the run's id (header X-Run-Id)"},
+                "claudeSessionId": {
+                    "type": ["string", "null"],
+                    "description": "Claude Code's id of the conversation",
+                },
+                "model": {
+                    "type": ["string", "null"],
+                    "description": "the model that ran the turn, as the agent reported it",
+                },
+                "costUsd": {
+                    "type": ["number", "null"],
+                    "description": "the turn's cost as the agent reported it",
+                },
+                "usage": {
+                    "type": ["object", "null"],
+                    "description": "the agent's token counts (input_tokens, output_tokens, ...)",
+                },
+                "numTurns": {
+                    "type": ["integer", "null"],
+                    "description": "model round trips in the turn",
+                },
+                "queuedMs": {
+                    **count,
+                    "description": "time the run waited for an agent (all of it if it got none)",
+                },
             },
             {
                 "timeoutType": {"const": "hard"},
                 "outputTruncated": {"const": True},
                 "cancelled": {"const": True},
                 "upstreamError": _ref("UpstreamError"),
+                "sessionId": {**session_id, "description": "the request's; session turns only"},
             },
-        ),
+        )
+        | {
+            "description": "A run's reply (the `result` event of a stream): the original"
+            " service's four fields first, then this service's metadata"
+        },
         "Health": _object(
             {
                 "status": {"enum": ["starting", "ok", "degraded", "stopping"]},
@@ -180,6 +360,11 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "maxQueueSize": count,
                 "totalProcessed": count,
                 "totalErrors": count,
+                "runs": {
+                    "type": "array",
+                    "items": _ref("Run"),
+                    "description": "the caller's queued and running runs, oldest first",
+                },
                 "sessions": {
                     "type": "array",
                     "items": _ref("Session"),
@@ -188,6 +373,16 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "sessionsTotal": count,
             }
         ),
+        "Run": _object(
+            {
+                "runId": {"type": "string"},
+                "state": {"enum": ["queued", "running"]},
+                "queuedAt": millis,
+            },
+            {"sessionId": session_id, "startedAt": millis},
+        ),
+        "Cancelled": _object({"cancelled": {"const": True}}),
+        **_event_schemas(),
         "SessionRef": _object({"sessionId": session_id}),
         "Closed": _object({"closed": {"const": True}}),
         "UserClaude": _object(
@@ -227,8 +422,7 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "code": {
                     "type": "string",
                     "maxLength": MAX_CODE_CHARS,
-                    # Text before and after the last "#" (white space around it is ignored).
-                    "pattern": r"^\s*\S[\s\S]*#[^#]*[^#\s]\s*$",
+                    "pattern": CODE_PATTERN,
                     "description": "the CODE#STATE the callback page shows",
                 }
             }
@@ -299,6 +493,16 @@ def _operation(
 
 def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
     body_errors = (400, 401, 413, 415)
+    run_id_header = {
+        "X-Run-Id": {"description": "the run's id", "schema": {"type": "string"}},
+    }
+
+    def run_error(code: int) -> dict[str, Any]:
+        """An error about a run that was submitted: it names the run (``runId``, header)."""
+        shared = _responses()[_RESPONSE_NAMES[code]]
+        headers = {**shared.get("headers", {}), **run_id_header}
+        return {**shared, "headers": headers}
+
     paths: dict[str, Any] = {
         "/health": {
             "get": _operation(
@@ -319,17 +523,54 @@ def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
             "post": _operation(
                 "Run a prompt",
                 {
-                    "200": _ok(
-                        "The agent's answer (success: true), its error, a timeout with the"
-                        " partial output, or a cancelled run",
-                        _ref("RunResult"),
-                    ),
-                    **_errors(*body_errors, 429, 502, 503, 504),
+                    "200": {
+                        "description": "The agent's answer (success: true), its error, a"
+                        " timeout with the partial output, or a cancelled run; streamed as"
+                        " server-sent events when asked (`stream`, or `Accept:"
+                        " text/event-stream`), the JSON reply then being the `result` event",
+                        "headers": run_id_header,
+                        "content": {
+                            JSON: {"schema": _ref("RunResult")},
+                            EVENT_STREAM: _event_stream(),
+                        },
+                    },
+                    **_errors(*body_errors),
+                    **{str(code): run_error(code) for code in (429, 502, 503, 504)},
                 },
                 security=AUTHENTICATED,
                 description="A one-shot run on a pre-warmed agent, or a turn of the caller's"
-                " session `sessionId`. `timeoutMs` covers waiting in the queue and running.",
+                " session `sessionId`. `timeoutMs` covers waiting in the queue and running."
+                " Every run has an id (`runId`, header `X-Run-Id`) that `DELETE /runs/{runId}`"
+                " cancels; a client that leaves cancels its run too. A streamed request is"
+                " refused (400, 401, 413, 415, 429, 503) as a JSON error before any stream"
+                " starts; a failure once it runs is its `error` event.",
                 body=_ref("RunRequest"),
+                tags=("runs",),
+            )
+        },
+        "/runs/{runId}": {
+            "delete": _operation(
+                "Cancel one of the caller's queued or running runs",
+                {
+                    "200": _ok(
+                        "Cancelled: the run's own request answers success: false,"
+                        " cancelled: true (a queued run at once, a running one once its agent"
+                        " is interrupted)",
+                        _ref("Cancelled"),
+                    ),
+                    **_errors(401, 404, 503),
+                },
+                security=AUTHENTICATED,
+                description="Anyone else's run, an unknown id and a run that has ended are 404.",
+                parameters=[
+                    {
+                        "name": "runId",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                        "description": "the run's id (`runId`, header `X-Run-Id`)",
+                    }
+                ],
                 tags=("runs",),
             )
         },
