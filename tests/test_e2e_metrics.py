@@ -6,11 +6,14 @@ parser, so the exposition format is checked along with the figures.
 
 from __future__ import annotations
 
+from contextlib import aclosing
+
 import httpx
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from .harness import AUTH, run_service, wait_healthy, wait_until
+from .sse import events, read_all
 
 JSON = {**AUTH, "Content-Type": "application/json"}
 
@@ -171,3 +174,93 @@ async def test_metrics_off_serves_no_metrics_and_documents_none(tmp_path):
                 assert response.json() == {"error": "Not found"}
                 spec = (await client.get("/openapi.json")).json()
                 assert "/metrics" not in spec["paths"] and "/run" in spec["paths"]
+
+
+async def test_every_outcome_of_a_run_is_counted_and_cancelled_is_every_way_of_cancelling(
+    tmp_path,
+):
+    """ok, agent_error, timeout, failed, and cancelled three ways: DELETE /runs of a running
+    and of a queued run, and a client that leaves its stream."""
+    with trio.fail_after(90):
+        async with run_service(tmp_path, env={"POOL_SIZE": "1"}) as service:
+            await wait_healthy(service, ready=1)
+            async with service.client() as client:
+                before = await scrape(client)
+                assert (await client.post("/run", headers=JSON, json={"prompt": "hi"})).json()[
+                    "success"
+                ]
+                errored = await client.post("/run", headers=JSON, json={"prompt": "[[fake:error]]"})
+                assert errored.json()["success"] is False
+                late = await client.post(
+                    "/run", headers=JSON, json={"prompt": "[[fake:sleep:30]]", "timeoutMs": 300}
+                )
+                assert late.json()["timedOut"] is True
+                unreadable = await client.post("/run", headers=JSON, content=b"{")
+                assert unreadable.status_code == 400  # refused before it was a run: not counted
+
+                # A running run cancelled by DELETE /runs, while a queued one waits behind it.
+                sleepy = {"prompt": "[[fake:sleep:30]]", "stream": True}
+                async with client.stream("POST", "/run", headers=JSON, json=sleepy) as running:
+                    run_id = running.headers["X-Run-Id"]
+                    replies: list[httpx.Response] = []
+                    async with trio.open_nursery() as nursery:
+
+                        async def queued_run() -> None:
+                            replies.append(
+                                await client.post(
+                                    "/run", headers=JSON, json={"prompt": "[[fake:sleep:30]]"}
+                                )
+                            )
+
+                        nursery.start_soon(queued_run)
+
+                        async def two_runs() -> list[dict]:
+                            status = await client.get("/status", headers=AUTH)
+                            return status.json()["runs"]
+
+                        async def one_queued() -> bool:
+                            return [r["state"] for r in await two_runs()] == ["running", "queued"]
+
+                        await wait_until(one_queued, timeout=10)
+                        queued_id = (await two_runs())[1]["runId"]
+                        for cancelled_id in (queued_id, run_id):
+                            gone = await client.delete(f"/runs/{cancelled_id}", headers=AUTH)
+                            assert gone.json() == {"cancelled": True}
+                    assert replies[0].json()["cancelled"] is True
+                    assert (await read_all(running))[-1].data["cancelled"] is True
+
+                # A streamed run whose client leaves once it has started.
+                async with (
+                    client.stream("POST", "/run", headers=JSON, json=sleepy) as left,
+                    aclosing(events(left)) as arriving,
+                ):
+                    async for event in arriving:
+                        if event.name == "started":
+                            break
+
+                async def counted() -> bool:
+                    samples = await scrape(client)
+                    cancelled = ("claude_code_api_run_duration_seconds_count", "cancelled")
+                    return (
+                        get(samples, cancelled[0], outcome=cancelled[1])
+                        - get(before, cancelled[0], outcome=cancelled[1])
+                        >= 3
+                    )
+
+                await wait_until(counted, timeout=15)
+                after = await scrape(client)
+
+        def grew(name: str, **labels: str) -> float:
+            return get(after, name, **labels) - get(before, name, **labels)
+
+        runs = "claude_code_api_run_duration_seconds_count"
+        assert {
+            outcome: grew(runs, outcome=outcome)
+            for outcome in ("ok", "agent_error", "timeout", "cancelled", "failed")
+        } == {"ok": 1, "agent_error": 1, "timeout": 1, "cancelled": 3, "failed": 0}
+        requests = "claude_code_api_http_requests_total"
+        assert grew(requests, method="DELETE", route="/runs/{runId}", status="200") == 2
+        assert grew(requests, method="POST", route="/run", status="400") == 1
+        # A stream is timed to its end: the cancelled one lasted until its cancellation.
+        durations = "claude_code_api_http_request_duration_seconds_count"
+        assert grew(durations, route="/run") == 7
