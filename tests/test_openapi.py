@@ -317,7 +317,10 @@ def test_a_run_streams_the_documented_events():
     ok = spec["paths"]["/run"]["post"]["responses"]["200"]
     assert set(ok["content"]) == {"application/json", "text/event-stream"}
     assert "X-Run-Id" in ok["headers"]
-    documented = ok["content"]["text/event-stream"]["x-events"]
+    documented = {
+        event["properties"]["event"]["const"]: event["properties"]["data"]["contentSchema"]
+        for event in ok["content"]["text/event-stream"]["schema"]["oneOf"]
+    }
     job = a_job()
     events = [
         Queued(0),
@@ -358,3 +361,12 @@ def test_cancelling_a_run_and_the_run_id_are_documented():
         "Run",
         {"runId": "r", "state": "running", "queuedAt": 1, "startedAt": 2, "sessionId": "s"},
     )
+
+
+@pytest.mark.parametrize("metrics", ["on", "off"])
+def test_every_operation_has_its_own_id_and_links_lead_to_operations(metrics):
+    spec = openapi_spec(load_settings({"METRICS": metrics}))
+    ids = [op["operationId"] for operations in spec["paths"].values() for op in operations.values()]
+    assert len(ids) == len(set(ids))
+    links = spec["paths"]["/run"]["post"]["responses"]["200"]["links"]
+    assert {link["operationId"] for link in links.values()} <= set(ids)

@@ -75,16 +75,21 @@ def _fields(schema: dict[str, Any]) -> str:
 
 
 def _events(content: dict[str, Any]) -> str:
-    """The events of a ``text/event-stream`` (the document's ``x-events``), each with its data."""
-    events = content.get("x-events")
-    if not events:
+    """The events of a ``text/event-stream``: each one's name and the schema of its data."""
+    schema = content.get("schema", {})
+    rows = []
+    for event in schema.get("oneOf", ()):
+        fields = event.get("properties", {})
+        name = fields.get("event", {}).get("const")
+        data = fields.get("data", {}).get("contentSchema")
+        if name is not None and data is not None:
+            rows.append(f"<tr><td><code>{escape(name)}</code></td><td>{_type(data)}</td></tr>")
+    if not rows:
         return ""
-    described = content.get("schema", {}).get("description", "")
-    rows = "".join(
-        f"<tr><td><code>{escape(name)}</code></td><td>{_type(schema)}</td></tr>"
-        for name, schema in events.items()
+    return (
+        f"<p>{escape(schema.get('description', ''))}</p>"
+        f"<table><tr><th>event</th><th>data</th></tr>{''.join(rows)}</table>"
     )
-    return f"<p>{escape(described)}</p><table><tr><th>event</th><th>data</th></tr>{rows}</table>"
 
 
 def _response(code: str, response: dict[str, Any], components: dict[str, Any]) -> str:
@@ -93,7 +98,7 @@ def _response(code: str, response: dict[str, Any], components: dict[str, Any]) -
         response = components.get("responses", {}).get(name, {})
     contents = response.get("content", {})
     shown = ", ".join(
-        f"<code>{escape(media)}</code> {_type(content.get('schema', {}))}{_events(content)}"
+        f"<code>{escape(media)}</code> {_events(content) or _type(content.get('schema', {}))}"
         for media, content in contents.items()
     )
     headers = ", ".join(f"header <code>{escape(h)}</code>" for h in response.get("headers", {}))

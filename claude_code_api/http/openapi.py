@@ -210,18 +210,37 @@ def _event_schemas() -> dict[str, Schema]:
 
 
 def _event_stream() -> dict[str, Any]:
-    """The ``text/event-stream`` alternative of a run's 200."""
+    """The ``text/event-stream`` alternative of a run's 200: ``schema`` describes one event.
+
+    Each event is an ``id``, an ``event`` name and a ``data`` line of JSON whose schema
+    is given by ``contentSchema`` (how OpenAPI 3.1 tools, schemathesis among them, read
+    an event stream's schema; 3.2 would call it ``itemSchema``).
+    """
     names = ", ".join(STREAM_EVENTS)
+    events = [
+        {
+            "type": "object",
+            "required": ["id", "event", "data"],
+            "properties": {
+                "id": {"type": "string", "pattern": "^[1-9][0-9]*$"},
+                "event": {"const": name},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": JSON,
+                    "contentSchema": _ref(schema),
+                },
+            },
+        }
+        for name, schema in STREAM_EVENTS.items()
+    ]
     return {
         "schema": {
-            "type": "string",
             "description": "Server-sent events, each an `id:` (1, 2, ... within the stream),"
             f" an `event:` name ({names}) and one line of JSON `data:`; exactly one"
             " `result` or `error` ends the stream and nothing follows it. A comment line"
             f" `: keep-alive` comes after every {KEEP_ALIVE_S:g} s without an event.",
+            "oneOf": events,
         },
-        # Which schema each event's data has (an extension: OpenAPI 3.1 cannot say it).
-        "x-events": {name: _ref(schema) for name, schema in STREAM_EVENTS.items()},
     }
 
 
@@ -491,6 +510,34 @@ def _operation(
     return operation
 
 
+# Each operation's id: the name a generated client gives its method.
+OPERATION_IDS = {
+    ("/health", "get"): "getHealth",
+    ("/run", "post"): "runPrompt",
+    ("/runs/{runId}", "delete"): "cancelRun",
+    ("/status", "get"): "getStatus",
+    ("/session", "delete"): "closeSession",
+    ("/user-claude", "get"): "getUserClaude",
+    ("/user-claude", "put"): "saveUserClaude",
+    ("/auth/status", "get"): "getAuthStatus",
+    ("/auth/login", "post"): "startLogin",
+    ("/auth/exchange", "post"): "exchangeLoginCode",
+    ("/openapi.json", "get"): "getOpenApiDocument",
+    ("/docs", "get"): "getDocs",
+    ("/metrics", "get"): "getMetrics",
+}
+
+# What a run's reply leads to: cancelling it by its id. (A session turn's reply names its
+# session too, but a one-shot run's has none to link to.)
+RUN_LINKS = {
+    "cancelRun": {
+        "operationId": "cancelRun",
+        "parameters": {"runId": "$response.header.X-Run-Id"},
+        "description": "Cancel this run (404 once it has ended)",
+    },
+}
+
+
 def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
     body_errors = (400, 401, 413, 415)
     run_id_header = {
@@ -704,6 +751,10 @@ def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
                 tags=("service",),
             )
         }
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            operation["operationId"] = OPERATION_IDS[path, method]
+    paths["/run"]["post"]["responses"]["200"]["links"] = RUN_LINKS
     return paths
 
 
