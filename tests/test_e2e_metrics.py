@@ -239,13 +239,17 @@ async def test_every_outcome_of_a_run_is_counted_and_cancelled_is_every_way_of_c
                             break
 
                 async def counted() -> bool:
+                    # The departed stream's run and request both end a moment after it left.
                     samples = await scrape(client)
-                    cancelled = ("claude_code_api_run_duration_seconds_count", "cancelled")
-                    return (
-                        get(samples, cancelled[0], outcome=cancelled[1])
-                        - get(before, cancelled[0], outcome=cancelled[1])
-                        >= 3
+
+                    def grown(name: str, **labels: str) -> float:
+                        return get(samples, name, **labels) - get(before, name, **labels)
+
+                    runs = grown("claude_code_api_run_duration_seconds_count", outcome="cancelled")
+                    requests = grown(
+                        "claude_code_api_http_request_duration_seconds_count", route="/run"
                     )
+                    return runs >= 3 and requests >= 7
 
                 await wait_until(counted, timeout=15)
                 after = await scrape(client)
