@@ -62,6 +62,8 @@ import httpx  # noqa: E402
 import trio  # noqa: E402
 
 from bench.stats import QUIET_SHARE_PERCENT, QuietMeter, percentile  # noqa: E402
+from claude_code_api.config import load_settings  # noqa: E402
+from claude_code_api.http.openapi import openapi_spec  # noqa: E402
 from tests.harness import CLK_TCK, RunningService, launch_service  # noqa: E402
 from tests.harness import service_env as harness_env  # noqa: E402
 
@@ -403,21 +405,12 @@ def rss_kib(service: RunningService, field_name: str) -> int | None:
 # --- replies ----------------------------------------------------------------------------
 
 RUN_KEYS = {"success", "output", "durationMs", "timedOut"}
-# What a result may add (README: Result metadata; cancelled, upstreamError).
-RUN_EXTRA_KEYS = {
-    "timeoutType",
-    "outputTruncated",
-    "runId",
-    "sessionId",
-    "claudeSessionId",
-    "model",
-    "costUsd",
-    "usage",
-    "numTurns",
-    "queuedMs",
-    "cancelled",
-    "upstreamError",
-}
+# Every field a run's reply may have: the original's four, then what the API documents
+# (timeoutType, cancelled, the result metadata: runId, model, usage, ...).
+_SCHEMAS = openapi_spec(load_settings({}))["components"]["schemas"]
+DOCUMENTED_RUN_KEYS = set(_SCHEMAS["RunResult"]["properties"])
+# An error: {"error": ...}, and the run's id when it is about a run.
+DOCUMENTED_ERROR_KEYS = set(_SCHEMAS["Error"]["properties"])
 
 
 def check_shape(reply: httpx.Response) -> tuple[str, Any, str | None]:
@@ -430,7 +423,7 @@ def check_shape(reply: httpx.Response) -> tuple[str, Any, str | None]:
     except ValueError:
         return str(status), None, f"body is not JSON: {reply.text[:200]!r}"
     if status == 200 and isinstance(body, dict) and "success" in body:
-        extra = set(body) - RUN_KEYS - RUN_EXTRA_KEYS
+        extra = set(body) - DOCUMENTED_RUN_KEYS
         if not RUN_KEYS <= set(body) or extra:
             return "200", body, f"keys {sorted(body)}"
         if not (
@@ -456,9 +449,10 @@ def check_shape(reply: httpx.Response) -> tuple[str, Any, str | None]:
         return "200", body, None  # DELETE /session and friends: checked by the caller
     if not (
         isinstance(body, dict)
-        and set(body) - {"runId"} == {"error"}
-        and isinstance(body["error"], str)
+        and set(body) <= DOCUMENTED_ERROR_KEYS
+        and isinstance(body.get("error"), str)
         and body["error"]
+        and isinstance(body.get("runId", ""), str)
     ):
         return str(status), body, f"error body is not {{'error': str}}: {_short(body)}"
     return str(status), body, None

@@ -657,6 +657,13 @@ class Settings:
         "`json`: every line the process writes is one JSON object (time, level, logger,"
         " message, and `runId`, `userId`, `sessionId`, `worker` where they apply)",
     )
+    metrics: bool = setting(
+        "METRICS",
+        Flag(),
+        "on",
+        "on: `GET /metrics` serves Prometheus metrics (no auth, like `/health`); off: it"
+        " answers 404 and nothing is measured",
+    )
 
     # Fixed, not read from the environment.
     max_body_bytes: int = 1024 * 1024  # largest request body accepted

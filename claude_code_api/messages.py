@@ -46,6 +46,8 @@ from typing import Any
 import attrs
 import trio
 
+from . import metrics
+
 # --- jobs and their replies -------------------------------------------------
 
 
@@ -166,8 +168,16 @@ class Job:
         """Send the terminal event and close ``reply``; only its current holder may.
 
         Never blocks: a client that is gone, or that left its reply buffer full,
-        is simply not answered.
+        is simply not answered. Every run is counted here, once (:mod:`.metrics`).
         """
+        result = event if isinstance(event, RunResult) else None
+        metrics.run_answered(
+            self.user_id,
+            trio.current_time() - self.submitted_at,
+            event.outcome,
+            None if result is None else result.cost_usd,
+            None if result is None else result.usage,
+        )
         try:
             self.reply.send_nowait(event)
         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
@@ -266,6 +276,15 @@ class RunResult:
     model: str | None = None
     upstream_error: UpstreamError | None = None
 
+    @property
+    def outcome(self) -> str:
+        """One word for how it ended: ``ok``, ``timeout``, ``cancelled`` or ``agent_error``."""
+        if self.timed_out:
+            return "timeout"
+        if self.cancelled:
+            return "cancelled"
+        return "ok" if self.success else "agent_error"
+
 
 @attrs.frozen
 class JobFailed:
@@ -274,6 +293,9 @@ class JobFailed:
     status: int
     error: str
     retry_after_s: int | None = None
+
+    # How it ended, in :attr:`RunResult.outcome`'s words.
+    outcome = "failed"
 
 
 ReplyEvent = Queued | JobStarted | AgentEvent | RunResult | JobFailed

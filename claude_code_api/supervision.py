@@ -225,6 +225,7 @@ class Supervisor:
     Cancellation from outside cancels everything, as usual in trio.
 
     Intensity and backoff are counted across all children, as in OTP.
+    ``on_restart(name)`` is told of every child started again (for metrics).
     """
 
     def __init__(
@@ -237,6 +238,7 @@ class Supervisor:
         period: float = 5.0,
         backoff: Backoff | None = None,
         stop_order: StopOrder = StopOrder.REVERSE,
+        on_restart: Callable[[str], None] | None = None,
     ) -> None:
         names = [spec.name for spec in children]
         if len(set(names)) != len(names):
@@ -248,6 +250,7 @@ class Supervisor:
         self._period = period
         self._backoff = backoff
         self._stop_order = stop_order
+        self._on_restart = on_restart
         self._stop_requested = False
         self._stop_scope: trio.CancelScope | None = None
         self._running = False
@@ -443,6 +446,8 @@ class Supervisor:
             ):
                 continue
             log.info("%s: restarting child %r", self.name, child.spec.name)
+            if self._on_restart is not None:
+                self._on_restart(child.spec.name)
             try:
                 await self._nursery.start(self._run_child, child)
             except Exception as exc:

@@ -51,6 +51,7 @@ from pathlib import Path
 
 import trio
 
+from . import metrics
 from .actors.credentials import CredentialsActor, CredentialsClient
 from .actors.dispatcher import Dispatcher, PoolView, SessionLimits
 from .actors.reaper import REAPER_INBOX_SIZE, ReaperClient, serve_reaper
@@ -73,6 +74,7 @@ from .messages import (
     RunOptions,
     SessionKey,
 )
+from .metered_agent import metered
 from .oauth import TokenEndpoint
 from .renewal import CredentialsVersion, retired_when_stale
 from .startup import plan_agents
@@ -93,6 +95,7 @@ class Service:
     def __init__(self, settings: Settings, environ: Mapping[str, str] | None = None) -> None:
         self.settings = settings
         self.environ = os.environ if environ is None else environ
+        metrics.set_enabled(settings.metrics)
         self.inbox, self._inbox_receive = trio.open_memory_channel[DispatcherMessage](0)
         self.registry_inbox, self._registry_receive = trio.open_memory_channel(REGISTRY_INBOX_SIZE)
         self.session_starts, self._session_starts_receive = trio.open_memory_channel(
@@ -179,6 +182,7 @@ class Service:
                 transcript_files=transcript_files,
                 ttl_s=settings.session_ttl_s,
                 on_health=self.store_status.update,
+                on_count=self.store_status.count,
                 task_status=task_status,
             )
 
@@ -220,6 +224,8 @@ class Service:
 
         def agent_side(new_agent: AgentFactory) -> list[ChildSpec]:
             """The session supervisor and the worker pool, once agents can be made."""
+            if settings.metrics:
+                new_agent = metered(new_agent)  # innermost: counts every agent's start
 
             async def run_session(
                 key: SessionKey,
@@ -280,6 +286,7 @@ class Service:
                         cap=settings.restart_backoff_max_s,
                     ),
                     stop_order=StopOrder.TOGETHER,
+                    on_restart=metrics.worker_restarted if settings.metrics else None,
                 )
 
             return [

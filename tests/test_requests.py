@@ -7,19 +7,24 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import re
 import string
+import sys
+from urllib.parse import parse_qsl
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from werkzeug.datastructures import Headers
+from werkzeug.datastructures import Headers, MultiDict
 
 from claude_code_api.config import Settings, parse_api_keys
 from claude_code_api.http.auth import Unauthorized, authenticate
 from claude_code_api.http.requests import (
+    WHITE_SPACE,
     BadRequest,
     RunRequest,
     check_content_type,
+    page_arguments,
     parse_json_object,
     parse_run_request,
 )
@@ -63,6 +68,45 @@ def test_bounds_are_inclusive():
     assert parse(json.dumps(body)) == RunRequest("x" * MAX_PROMPT, "s" * 128, 1)
 
 
+def test_a_whole_number_written_with_a_fraction_is_a_whole_number():
+    # JSON has numbers, not integers; JSON Schema (and so the OpenAPI document) agrees.
+    assert parse('{"prompt": "a", "timeoutMs": 1000.0}').timeout_ms == 1000
+    assert isinstance(parse('{"prompt": "a", "timeoutMs": 1e3}').timeout_ms, int)
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("", (100, 0)),
+        ("limit=5", (5, 0)),
+        ("limit=1000&offset=7", (1000, 7)),
+        ("offset=0", (100, 0)),
+    ],
+)
+def test_page_arguments(query, expected):
+    assert page_arguments(MultiDict(parse_qsl(query, keep_blank_values=True))) == expected
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "limit=",
+        "offset=",
+        "limit=0",
+        "limit=1001",
+        "limit=1&limit=2",
+        "offset=-1",
+        "limit=+5",
+        "limit=1.0",
+        "offset=%C2%B2",
+    ],
+)
+def test_bad_page_arguments_are_a_400_naming_the_argument(query):
+    with pytest.raises(BadRequest) as caught:
+        page_arguments(MultiDict(parse_qsl(query, keep_blank_values=True)))
+    assert caught.value.message.startswith(query.split("=")[0] + ": expected one whole number")
+
+
 def test_prompt_with_non_ascii_text():
     assert parse('{"prompt": "h\\u00e9llo \\ud83d\\ude00"}').prompt == "héllo 😀"
     assert parse(json.dumps({"prompt": "héllo 😀"}, ensure_ascii=False)).prompt == "héllo 😀"
@@ -104,7 +148,6 @@ BAD_BODIES = [
     ("prompt-too-long", b'{"prompt": "' + b"x" * (MAX_PROMPT + 1) + b'"}', "prompt: exceeds 50"),
     ("timeout-true", b'{"prompt": "a", "timeoutMs": true}', "timeoutMs: expected an integer"),
     ("timeout-false", b'{"prompt": "a", "timeoutMs": false}', "timeoutMs: expected an integer"),
-    ("timeout-float", b'{"prompt": "a", "timeoutMs": 1000.0}', "timeoutMs: expected an integer"),
     ("timeout-fraction", b'{"prompt": "a", "timeoutMs": 1.5}', "timeoutMs: expected an integer"),
     ("timeout-negative", b'{"prompt": "a", "timeoutMs": -1}', "timeoutMs: expected an integer"),
     ("timeout-zero", b'{"prompt": "a", "timeoutMs": 0}', "timeoutMs: expected an integer"),
@@ -407,3 +450,12 @@ def test_user_for_key():
     assert KEYS.user_for_key("") is None
     assert KEYS.user_for_key("sk-ALICE") is None
     assert KEYS.user_for_key("ünïcode") is None
+
+
+def test_white_space_spelled_out_is_what_python_strips():
+    # The documented patterns name white space instead of writing \s (see WHITE_SPACE).
+    spelled = re.compile(f"[{WHITE_SPACE}]")
+    every = (chr(code) for code in range(sys.maxunicode + 1))
+    assert {c for c in every if spelled.fullmatch(c)} == {
+        chr(code) for code in range(sys.maxunicode + 1) if chr(code).isspace()
+    }

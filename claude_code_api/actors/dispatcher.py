@@ -40,6 +40,7 @@ from typing import Any
 import attrs
 import trio
 
+from .. import metrics
 from ..messages import (
     CancelRun,
     CloseSession,
@@ -223,7 +224,9 @@ class Dispatcher:
             case Withdraw(job_id):
                 withdrawn = self.queue.remove(job_id) or self.sessions.withdraw(job_id)
                 if withdrawn is not None:
-                    withdrawn.reply.close()
+                    withdrawn.reply.close()  # unanswered: its client has left
+                    waited_s = trio.current_time() - withdrawn.submitted_at
+                    metrics.run_answered(withdrawn.user_id, waited_s, "cancelled")
             case CancelRun(user_id, run_id, ack):
                 _reply(ack, self._cancel_run(user_id, run_id))
             case WorkerStarting(worker_id):

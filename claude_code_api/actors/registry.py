@@ -686,6 +686,7 @@ class ListSessions:
 RegistryMessage = LoadSession | SaveSession | CreateSession | DeleteSession | ListSessions
 
 HealthCallback = Callable[[str | None], None]
+CountCallback = Callable[[int], None]
 TranscriptFiles = Callable[[str, str], Iterable[Path]]
 
 
@@ -699,6 +700,7 @@ async def serve_registry(
     transcript_files: TranscriptFiles | None = None,
     ttl_s: float | None = None,
     on_health: HealthCallback | None = None,
+    on_count: CountCallback | None = None,
     wall_clock: Callable[[], float] = time.time,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -737,6 +739,11 @@ async def serve_registry(
     first failure (a store that opened is healthy). Reads do not change it: a
     deleted database file still reads.
 
+    ``on_count(n)`` is told how many records the store holds (all users together),
+    on the trio thread: counted once at start-up, then kept by the writes that
+    add or remove one (a create, a delete, the expiry sweep), so a reader (the
+    metrics' ``sessions`` gauge) never waits for the database.
+
     Error handling: a failing call is logged and answered with the
     :class:`RegistryError`. An unexpected exception (a bug) is logged with its
     traceback and answered as a :class:`RegistryError` too. A transcript that
@@ -748,6 +755,8 @@ async def serve_registry(
         if ttl_s is not None and not ttl_s > 0:
             raise ValueError(f"ttl_s must be positive or None, not {ttl_s!r}")
         registry = _Registry(store, inbox, transcript_files, ttl_s, on_health, wall_clock)
+        registry.on_count = on_count
+        await registry.count_records()
         task_status.started()
         await registry.run()
     finally:
@@ -797,6 +806,8 @@ class _Registry:
         self.next_sweep = math.inf if ttl_s is None else trio.current_time()
         self.sweep_cutoff: float | None = None  # set while a sweep is under way
         self.swept = 0
+        self.on_count: CountCallback | None = None
+        self.records: int | None = None  # how many the store holds (None: not counted)
 
     async def run(self) -> None:
         while True:
@@ -842,6 +853,22 @@ class _Registry:
             if isinstance(reply, trio.MemorySendChannel):
                 reply.close()
 
+    async def count_records(self) -> None:
+        outcome = await self._call("count", self.store.count)
+        if outcome.error is None:
+            self.records = 0
+            self._count_change(outcome.value, publish=True)
+
+    def _count_change(self, change: int, *, publish: bool = False) -> None:
+        if self.records is None or not (change or publish):
+            return
+        self.records += change
+        if self.on_count is not None:
+            try:
+                self.on_count(self.records)
+            except Exception:
+                log.exception("session registry: on_count failed")
+
     # --- requests -----------------------------------------------------------
 
     async def _handle(self, message: RegistryMessage) -> None:
@@ -860,10 +887,12 @@ class _Registry:
             case CreateSession(record, max_per_user, reply):
                 with reply:
                     outcome = await self._write("create", self.store.create, record, max_per_user)
+                    self._count_change(1 if outcome.error is None else 0)
                     _answer(reply, outcome.answer)
             case DeleteSession(key, reply):
                 with reply:
                     outcome = await self._write("delete", self._delete_in_thread, key)
+                    self._count_change(-1 if outcome.value is True else 0)
                     _answer(reply, outcome.answer)
             case _:
                 log.error("session registry: unknown message %r", message)
@@ -909,6 +938,7 @@ class _Registry:
         outcome = await self._write("expire", self._expire_in_thread, self.sweep_cutoff)
         if outcome.error is None:
             self.swept += outcome.value
+            self._count_change(-outcome.value)
             if outcome.value == EXPIRE_CHUNK:
                 return  # more to do after the requests that are waiting
         if self.swept:

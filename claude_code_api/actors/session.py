@@ -43,6 +43,7 @@ from pathlib import Path
 import attrs
 import trio
 
+from .. import metrics
 from ..agent import Agent, AgentFactory, AgentSpec, AgentStartError
 from ..messages import (
     DEFAULT_OPTIONS,
@@ -295,8 +296,10 @@ async def _load_or_create(
         if record is None:
             record = attrs.evolve(new_session_record(key, time.time()), options=options)
             await registry.create(record, max_per_user)
-        elif not record.transcript_started and record.options != options:
-            record = attrs.evolve(record, options=options)
+        else:
+            metrics.session_woke()
+            if not record.transcript_started and record.options != options:
+                record = attrs.evolve(record, options=options)
     except TooManySessions as exc:
         raise SessionFailed(JobFailed(429, str(exc), retry_after_s=None)) from exc
     except RegistryError as exc:

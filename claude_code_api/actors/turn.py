@@ -29,6 +29,7 @@ import logging
 import attrs
 import trio
 
+from .. import metrics
 from ..agent import Agent, AgentError, TurnResult
 from ..messages import (
     AgentEvent,
@@ -207,7 +208,9 @@ async def run_turn(
         cancelled_by_client()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch_cancellation)
-        await send(JobStarted(worker_id, at=trio.current_time() if taken_at is None else taken_at))
+        started_at = trio.current_time() if taken_at is None else taken_at
+        metrics.run_started(started_at - job.submitted_at)
+        await send(JobStarted(worker_id, at=started_at))
         with scope:
             if cut is None:
                 began = True

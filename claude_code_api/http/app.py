@@ -2,7 +2,9 @@
 
 The app holds no state of its own: it holds send channels to the dispatcher
 (jobs, status) and the credentials actor (``/auth/*``) and asks them for
-everything. Every error a client can cause is answered as JSON ``{"error": ...}``
+everything. It also describes itself (``/openapi.json``, ``/docs``: see
+:mod:`.openapi`) and, unless ``METRICS=0``, counts its requests and serves
+``/metrics`` (:mod:`.observe`). Every error a client can cause is answered as JSON ``{"error": ...}``
 with a 4xx status; anything unexpected is logged and answered 500 JSON without a
 traceback. Repeated slashes in a path are one (``//run`` is ``/run``: what a base
 URL with a trailing slash makes of it).
@@ -10,6 +12,7 @@ URL with a trailing slash makes of it).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -20,8 +23,9 @@ import attrs
 import trio
 from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from .. import metrics
 from ..actors.credentials import ANSWER_TIMEOUT_S, CredentialsClient, CredentialsUnavailable
 from ..actors.dispatcher import PoolView
 from ..actors.registry import RegistryClient, RegistryError, SessionRecord
@@ -35,7 +39,10 @@ from ..messages import (
     SessionState,
 )
 from .auth import Unauthorized, authenticate, is_admin
+from .docs import docs_page
 from .jobs import SessionStoreUnavailable, close_session, pool_snapshot
+from .observe import count_requests, note_route, scrape
+from .openapi import openapi_spec
 from .requests import (
     BadRequest,
     OptionCeiling,
@@ -74,17 +81,22 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> R
 
 @attrs.define
 class StoreStatus:
-    """Why the session store's writes fail now (None: they work).
+    """Why the session store's writes fail now (None: they work), and how many records it holds.
 
-    A published status, written only by the registry (its health callback) and
-    read by ``/health``, so a failing disk shows there without a round trip
-    through the registry, which may be stuck behind the very write that fails.
+    A published status, written only by the registry (its health and count
+    callbacks) and read by ``/health`` and ``/metrics``, so a failing disk shows
+    there without a round trip through the registry, which may be stuck behind
+    the very write that fails.
     """
 
     failure: str | None = None
+    records: int | None = None  # None: not counted (yet)
 
     def update(self, failure: str | None) -> None:
         self.failure = failure
+
+    def count(self, records: int) -> None:
+        self.records = records
 
 
 def health_body(
@@ -247,7 +259,8 @@ def create_app(
     """
     store = store_status or StoreStatus()
     app = QuartTrio("claude_code_api")
-    app.asgi_app = merge_slashes(app.asgi_app)  # type: ignore[method-assign,assignment]
+    counted = count_requests(app.asgi_app) if settings.metrics else app.asgi_app
+    app.asgi_app = merge_slashes(counted)  # type: ignore[method-assign,assignment]
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     # Quart cuts responses at 60 s by default; jobs have their own deadlines.
     app.config["RESPONSE_TIMEOUT"] = None
@@ -275,6 +288,34 @@ def create_app(
         if response.status_code >= 400 and has_body and not g.get("body_read"):
             response.headers["Connection"] = "close"
         return response
+
+    if settings.metrics:
+
+        @app.after_request
+        async def name_the_route(response: Response) -> Response:
+            rule = request.url_rule
+            note_route(request.scope, None if rule is None else rule.rule)
+            return response
+
+        @app.get("/metrics")
+        async def metrics_page() -> Response:
+            async def snapshot() -> PoolSnapshot:
+                return await pool_snapshot(dispatcher)
+
+            text = await scrape(snapshot, settings.pool_size, store.records)
+            return Response(text, content_type=metrics.CONTENT_TYPE)
+
+    spec = openapi_spec(settings)
+    spec_json = json.dumps(spec, indent=1)
+    docs_html = docs_page(spec)
+
+    @app.get("/openapi.json")
+    async def openapi_document() -> Response:
+        return Response(spec_json, content_type="application/json")
+
+    @app.get("/docs")
+    async def docs() -> Response:
+        return Response(docs_html, content_type="text/html; charset=utf-8")
 
     @app.get("/health")
     async def health() -> Response:
@@ -357,12 +398,7 @@ def create_app(
             max_prompt_chars=settings.max_prompt_chars,
             max_timeout_ms=settings.max_timeout_ms,
             default_timeout_ms=settings.default_timeout_ms,
-            ceiling=OptionCeiling(
-                allowed_models=settings.allowed_models,
-                allowed_permission_modes=settings.allowed_permission_modes,
-                max_turns=settings.max_turns_limit,
-                max_budget_usd=settings.max_budget_usd_limit,
-            ),
+            ceiling=OptionCeiling.of(settings),
         )
     )
     app.register_blueprint(
@@ -399,7 +435,10 @@ def create_app(
             413: f"Request body exceeds {settings.max_body_bytes} bytes",
         }
         code = exc.code or 500
-        return error(code, messages.get(code, exc.description or exc.name))
+        response = error(code, messages.get(code, exc.description or exc.name))
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            response.headers["Allow"] = ", ".join(sorted(exc.valid_methods))
+        return response
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 
+from ..config import Settings
 from ..messages import PERMISSION_MODES, RunOptions
 
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -48,11 +48,34 @@ class OptionCeiling:
     max_turns: int | None = None
     max_budget_usd: float | None = None
 
+    @classmethod
+    def of(cls, settings: Settings) -> OptionCeiling:
+        """The ceiling the operator configured (the app's, and the OpenAPI document's)."""
+        return cls(
+            allowed_models=settings.allowed_models,
+            allowed_permission_modes=settings.allowed_permission_modes,
+            max_turns=settings.max_turns_limit,
+            max_budget_usd=settings.max_budget_usd_limit,
+        )
+
 
 # A system prompt travels as one process argument (Linux: at most 128 KiB each).
 MAX_SYSTEM_PROMPT_BYTES = 100_000
 MAX_TOOL_NAMES = 100
 MAX_TOOL_NAME_CHARS = 200
+# White space as Python's str.strip() and str.isspace() see it, spelled out: regular
+# expression engines disagree on \s (ECMA-262's, which OpenAPI documents use, has U+FEFF
+# and lacks U+001C-U+001F and U+0085), so the patterns below name the characters.
+WHITE_SPACE = r"\t\n\v\f\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+# A prompt that is not only white space (it is stripped to tell).
+PROMPT_PATTERN = f"[^{WHITE_SPACE}]"
+# A tool name or rule: not only white space, no ',' (the CLI takes them comma-separated),
+# no control characters or line separators (it travels as a process argument).
+_NOT_IN_TOOL_NAME = r",\x00-\x1f\x7f-\x9f\u2028\u2029"
+TOOL_NAME_PATTERN = (
+    f"^[^{_NOT_IN_TOOL_NAME}]*[^{WHITE_SPACE}{_NOT_IN_TOOL_NAME}][^{_NOT_IN_TOOL_NAME}]*$"
+)
+_TOOL_NAME = re.compile(TOOL_NAME_PATTERN)
 MAX_MODEL_NAME_CHARS = 200
 MAX_TURNS = 1_000_000
 MAX_BUDGET_USD = 1_000_000.0
@@ -146,22 +169,44 @@ def session_id_field(obj: dict[str, Any], *, required: bool) -> str | None:
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+MAX_PAGE_OFFSET = 10**9
 
 
-def page_arguments(args: Mapping[str, str]) -> tuple[int, int]:
-    """``?limit=&offset=`` of a paged list: ``limit`` 1..1000 (default 100), ``offset`` >= 0."""
+class QueryArguments(Protocol):
+    """A query string's arguments (werkzeug's ``MultiDict``): every value of a name."""
+
+    def getlist(self, key: str) -> list[str]: ...
+
+
+def page_arguments(args: QueryArguments) -> tuple[int, int]:
+    """``?limit=&offset=`` of a paged list: ``limit`` 1..1000 (default 100), ``offset`` >= 0.
+
+    Each given at most once, as a whole number (an empty one is not).
+    """
     limit = _whole_argument(args, "limit", DEFAULT_PAGE_SIZE, 1, MAX_PAGE_SIZE)
-    offset = _whole_argument(args, "offset", 0, 0, 10**9)
+    offset = _whole_argument(args, "offset", 0, 0, MAX_PAGE_OFFSET)
     return limit, offset
 
 
-def _whole_argument(args: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
-    raw = args.get(name)
-    if raw is None or raw == "":
+def _whole_argument(args: QueryArguments, name: str, default: int, low: int, high: int) -> int:
+    values = args.getlist(name)
+    if not values:
         return default
-    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
-        raise BadRequest(f"{name}: expected a whole number from {low} to {high}")
+    raw = values[0]
+    if len(values) > 1 or not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
+        raise BadRequest(f"{name}: expected one whole number from {low} to {high}")
     return int(raw)
+
+
+def _integral(value: Any) -> Any:
+    """``value``, with a JSON number that has no fraction (``1000.0``, ``1e3``) as an int.
+
+    JSON has numbers, not integers: JSON Schema (and so the OpenAPI document) counts
+    1000.0 as the integer 1000, and so do the parsers.
+    """
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def parse_run_request(
@@ -183,7 +228,7 @@ def parse_run_request(
         raise BadRequest("prompt: must not be empty")
     if len(prompt) > max_prompt_chars:
         raise BadRequest(f"prompt: exceeds {max_prompt_chars} characters")
-    timeout_ms = obj.get("timeoutMs")
+    timeout_ms = _integral(obj.get("timeoutMs"))
     if timeout_ms is not None and (
         isinstance(timeout_ms, bool)
         or not isinstance(timeout_ms, int)
@@ -232,7 +277,7 @@ def parse_run_options(obj: dict[str, Any], ceiling: OptionCeiling | None) -> Run
             raise BadRequest(f"systemPrompt: exceeds {MAX_SYSTEM_PROMPT_BYTES} bytes")
         if "\x00" in system_prompt:
             raise BadRequest("systemPrompt: must not contain NUL characters")
-    max_turns = obj.get("maxTurns")
+    max_turns = _integral(obj.get("maxTurns"))
     if max_turns is not None:
         if isinstance(max_turns, bool) or not isinstance(max_turns, int):
             raise BadRequest(f"maxTurns: expected a whole number, got {_json_type(max_turns)}")
@@ -273,6 +318,14 @@ def parse_run_options(obj: dict[str, Any], ceiling: OptionCeiling | None) -> Run
     )
 
 
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _tool_names(obj: dict[str, Any], field: str) -> tuple[str, ...] | None:
     """A list of tool names (or rules such as ``Bash(git:*)``); None when absent or empty."""
     value = obj.get(field)
@@ -280,22 +333,25 @@ def _tool_names(obj: dict[str, Any], field: str) -> tuple[str, ...] | None:
         return None
     rule = (
         f"{field}: expected a list of at most {MAX_TOOL_NAMES} tool names"
-        f" (non-empty strings of at most {MAX_TOOL_NAME_CHARS} printable characters, no ',')"
+        f" (strings of at most {MAX_TOOL_NAME_CHARS} characters, not only white space,"
+        " with no ',' or control characters)"
     )
     if not isinstance(value, list) or len(value) > MAX_TOOL_NAMES:
         raise BadRequest(rule)
     for name in value:
         if (
             not isinstance(name, str)
-            or not name.strip()
             or len(name) > MAX_TOOL_NAME_CHARS
-            or not name.isprintable()
-            or "," in name  # the CLI takes them comma-separated
+            or not _TOOL_NAME.fullmatch(name)
+            or not _is_unicode(name)  # a lone surrogate (JSON lets one be written)
         ):
             raise BadRequest(rule)
     return tuple(dict.fromkeys(value)) or None
 
 
+# CODE#STATE as parse_exchange_code reads it: text before and after the last "#", white
+# space around the whole ignored.
+CODE_PATTERN = f"^[{WHITE_SPACE}]*[^{WHITE_SPACE}][\\s\\S]*#[^#]*[^#{WHITE_SPACE}][{WHITE_SPACE}]*$"
 INVALID_CODE_FORMAT = "Invalid code format. Expected CODE#STATE from the callback page."
 MAX_CODE_CHARS = 4096
 

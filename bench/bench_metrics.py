@@ -1,0 +1,302 @@
+#!/usr/bin/env python3
+"""What the Prometheus metrics cost on the hot path: the service with METRICS=1 against METRICS=0.
+
+Prints figures; it is not a test. Everything runs on 127.0.0.1 against the fake
+CLI ``tests/fake_claude.py`` (no network, no Claude credentials), with the
+tests' launcher (``tests/harness.py``) and the shared statistics (``bench/stats.py``).
+
+    .venv/bin/python bench/bench_metrics.py            # defaults: about 2 minutes
+    .venv/bin/python bench/bench_metrics.py --help
+
+The two settings run in alternating rounds (on, off, off, on, ...), each round on a
+freshly started service, so a drift of the machine affects both alike. Per round:
+
+1. ``GET /health``, one at a time on a kept-alive connection (the pool idle and
+   ready): latency. It goes through HTTP, the app, the request counter and one
+   dispatcher round trip, and nothing else: the metrics' share is largest here.
+2. ``POST /run`` (a one-shot run), one at a time, each sent only once ``/health``
+   reports every worker ready, so no warm-up is timed: latency.
+3. ``POST /run`` again, back to back with no polling: the service process's own
+   CPU time (``/proc/<pid>/stat``, its agents not included) per request: what the
+   counting, the histograms and the agent wrapper add to each run.
+
+With METRICS=1 it also times ``GET /metrics`` (a scrape). Before the rounds, in
+this process: what the hooks one one-shot run passes through cost, timed over many
+calls (the request counter around a bare ASGI app against the bare app, the route
+note, ``run_started``, ``run_answered`` with cost and usage, the metered agent's
+clock reads): a figure a noisy machine does not blur. The summary prints each
+figure with METRICS=1, its baseline with METRICS=0 from the same run, and the
+ratio; and whether the machine was quiet (``bench/stats.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import trio  # noqa: E402
+
+from bench.stats import (  # noqa: E402
+    QuietMeter,
+    dist,
+    fmt_dist,
+    machine_lines,
+    quiet_verdict,
+    section,
+)
+from claude_code_api import metrics  # noqa: E402
+from claude_code_api.http.observe import count_requests, note_route  # noqa: E402
+from tests.harness import (  # noqa: E402
+    RunningService,
+    launch_service,
+    proc_cpu_s,
+    service_env,
+    wait_pool_ready,
+)
+
+API_KEY = "sk-bench-key"
+AUTH = {"x-api-key": API_KEY}
+PROMPT = "What is 2+2?"
+SERVICE_START_TIMEOUT_S = 30.0
+READY_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 30.0
+HTTP_TIMEOUT_S = 30.0
+WARMUP_REQUESTS = 10
+
+
+def own_cpu_s(pid: int) -> float:
+    """CPU seconds of the service process itself (not of its agents)."""
+    return proc_cpu_s(pid)[0]
+
+
+async def post_run(client: httpx.AsyncClient) -> None:
+    response = await client.post("/run", json={"prompt": PROMPT}, headers=AUTH)
+    if response.status_code != 200 or response.json().get("success") is not True:
+        raise RuntimeError(f"a run failed: {response.status_code} {response.text[:300]}")
+
+
+async def timed(request) -> float:
+    started = time.perf_counter()
+    await request()
+    return time.perf_counter() - started
+
+
+def per_call_us(call, calls: int) -> float:
+    """Microseconds ``call()`` takes, the best of 5 batches of ``calls`` (least disturbed)."""
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        for _ in range(calls):
+            call()
+        best = min(best, (time.perf_counter() - started) / calls)
+    return best * 1e6
+
+
+async def per_await_us(make, calls: int) -> float:
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        for _ in range(calls):
+            await make()
+        best = min(best, (time.perf_counter() - started) / calls)
+    return best * 1e6
+
+
+async def hook_costs(calls: int) -> dict[str, float]:
+    """Microseconds each metrics hook of one one-shot run costs (this process, METRICS on)."""
+    metrics.set_enabled(True)
+    usage = {"input_tokens": 4, "output_tokens": 5, "cache_read_input_tokens": 100}
+
+    async def bare_app(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def noted_app(scope, receive, send) -> None:
+        note_route(scope, "/run")
+        await bare_app(scope, receive, send)
+
+    async def discard(message) -> None:
+        pass
+
+    counted = count_requests(noted_app)
+
+    def scope() -> dict:
+        return {"type": "http", "method": "POST", "path": "/run"}
+
+    bare = await per_await_us(lambda: bare_app(scope(), None, discard), calls)
+    wrapped = await per_await_us(lambda: counted(scope(), None, discard), calls)
+    costs = {
+        "request counter + route note (ASGI)": max(0.0, wrapped - bare),
+        "run_started (queue_wait_seconds)": per_call_us(lambda: metrics.run_started(0.002), calls),
+        "run_answered (duration, cost, tokens)": per_call_us(
+            lambda: metrics.run_answered("api", 0.01, "ok", 0.0001, usage), calls
+        ),
+        # The metered agent reads trio's clock twice per start and adds one call per turn.
+        "metered agent (start: 2 clock reads)": per_call_us(
+            lambda: (time.perf_counter(), time.perf_counter(), metrics.agent_started(0.5)),
+            calls,
+        ),
+    }
+    return costs
+
+
+class Figures:
+    """Every sample of one setting, over all its rounds."""
+
+    def __init__(self) -> None:
+        self.health: list[float] = []
+        self.run: list[float] = []
+        self.cpu_per_run: list[float] = []  # one figure a round, seconds
+        self.scrape: list[float] = []
+        self.quiet: list[float] = []
+
+
+async def one_round(service: RunningService, args: argparse.Namespace, into: Figures) -> None:
+    async with httpx.AsyncClient(base_url=service.url, timeout=HTTP_TIMEOUT_S) as client:
+        await wait_pool_ready(client, timeout=READY_TIMEOUT_S)
+        meter = QuietMeter(service.pid)
+
+        async def health() -> None:
+            (await client.get("/health")).raise_for_status()
+
+        for i in range(WARMUP_REQUESTS + args.health_samples):
+            took = await timed(health)
+            if i >= WARMUP_REQUESTS:
+                into.health.append(took)
+
+        for i in range(WARMUP_REQUESTS + args.samples):
+            await wait_pool_ready(client, timeout=READY_TIMEOUT_S, interval=0.005)
+            took = await timed(lambda: post_run(client))
+            if i >= WARMUP_REQUESTS:
+                into.run.append(took)
+
+        await wait_pool_ready(client, timeout=READY_TIMEOUT_S)
+        before = own_cpu_s(service.pid)
+        for _ in range(args.cpu_runs):
+            await post_run(client)
+        # The last run's worker is replaced in the background: its warm-up is part of a run.
+        await wait_pool_ready(client, timeout=READY_TIMEOUT_S)
+        into.cpu_per_run.append((own_cpu_s(service.pid) - before) / args.cpu_runs)
+
+        if args.metrics == "1":
+
+            async def scrape() -> None:
+                (await client.get("/metrics")).raise_for_status()
+
+            for i in range(3 + args.scrapes):
+                took = await timed(scrape)
+                if i >= 3:
+                    into.scrape.append(took)
+        line, share = meter.report()
+        print(line)
+        into.quiet.append(share)
+
+
+async def run_setting(
+    workdir: Path, args: argparse.Namespace, metrics: str, round_no: int, into: Figures
+) -> None:
+    home = workdir / f"round-{round_no}-metrics-{metrics}"
+    home.mkdir()
+    env = service_env(
+        home,
+        {"API_KEYS": API_KEY, "POOL_SIZE": str(args.pool_size), "METRICS": metrics},
+        record_pids=False,
+    )
+    async with launch_service(env, start_timeout_s=SERVICE_START_TIMEOUT_S) as service:
+        args.metrics = metrics
+        await one_round(service, args, into)
+        await service.stop(timeout_s=STOP_TIMEOUT_S)
+
+
+def ratio_line(name: str, on: float, off: float, unit: str) -> str:
+    ratio = on / off if off else float("nan")
+    return (
+        f"  {name:<34} METRICS=1 {on:9.3f} {unit}   METRICS=0 (baseline) {off:9.3f} {unit}"
+        f"   ratio {ratio:5.3f} ({(ratio - 1) * 100:+.1f} %)"
+    )
+
+
+async def main(args: argparse.Namespace) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="bench-metrics-"))
+    figures = {"1": Figures(), "0": Figures()}
+    try:
+        section("machine")
+        print("\n".join(machine_lines()))
+        print(
+            f"  arguments:       rounds={args.rounds} samples={args.samples}"
+            f" health_samples={args.health_samples} cpu_runs={args.cpu_runs}"
+            f" pool_size={args.pool_size}"
+        )
+        section("0. in-process cost of the hooks one one-shot run passes (METRICS on)")
+        hooks = await hook_costs(args.hook_calls)
+        for name, cost in hooks.items():
+            print(f"  {name:<40} {cost:7.2f} µs")
+        hooks_total_us = sum(hooks.values())
+        print(f"  {'total per run':<40} {hooks_total_us:7.2f} µs")
+        for round_no in range(args.rounds):
+            order = ("1", "0") if round_no % 2 == 0 else ("0", "1")
+            for metrics in order:
+                section(f"round {round_no + 1}: METRICS={metrics}")
+                await run_setting(workdir, args, metrics, round_no, figures[metrics])
+                f = figures[metrics]
+                print(fmt_dist("GET /health", dist(f.health[-args.health_samples :])))
+                print(fmt_dist("POST /run (one-shot)", dist(f.run[-args.samples :])))
+                print(f"  service CPU per run:               {f.cpu_per_run[-1] * 1000:.3f} ms")
+                if f.scrape:
+                    print(fmt_dist("GET /metrics (a scrape)", dist(f.scrape[-args.scrapes :])))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    on, off = figures["1"], figures["0"]
+    if not args.rounds:
+        return
+    section("summary: METRICS=1 against its baseline METRICS=0 (same run)")
+    print(fmt_dist("GET /health, METRICS=1", dist(on.health)))
+    print(fmt_dist("GET /health, METRICS=0", dist(off.health)))
+    print(fmt_dist("POST /run, METRICS=1", dist(on.run)))
+    print(fmt_dist("POST /run, METRICS=0", dist(off.run)))
+    print(ratio_line("GET /health p50", dist(on.health)["p50"], dist(off.health)["p50"], "ms"))
+    print(ratio_line("POST /run p50", dist(on.run)["p50"], dist(off.run)["p50"], "ms"))
+    print(ratio_line("POST /run p99", dist(on.run)["p99"], dist(off.run)["p99"], "ms"))
+    print(
+        ratio_line(
+            "service CPU per run (median)",
+            statistics.median(on.cpu_per_run) * 1000,
+            statistics.median(off.cpu_per_run) * 1000,
+            "ms",
+        )
+    )
+    print(fmt_dist("GET /metrics (METRICS=1 only)", dist(on.scrape)))
+    run_p50_ms = dist(off.run)["p50"]
+    print(
+        f"  metrics hooks per run (in-process)  {hooks_total_us:7.2f} µs = "
+        f"{hooks_total_us / 10 / run_p50_ms:.2f} % of POST /run p50 with METRICS=0"
+        f" ({run_p50_ms:.3f} ms)"
+    )
+    print(f"  {quiet_verdict(on.quiet + off.quiet)}")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=4, help="rounds (each runs both settings)")
+    parser.add_argument("--samples", type=int, default=60, help="timed POST /run a round")
+    parser.add_argument("--health-samples", type=int, default=500, help="timed GET /health")
+    parser.add_argument("--cpu-runs", type=int, default=60, help="POST /run for CPU per run")
+    parser.add_argument("--scrapes", type=int, default=30, help="timed GET /metrics")
+    parser.add_argument("--pool-size", type=int, default=2)
+    parser.add_argument("--hook-calls", type=int, default=20000, help="calls per hook timing")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    trio.run(main, parse_args())

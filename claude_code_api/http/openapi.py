@@ -1,0 +1,790 @@
+"""The API's contract: an OpenAPI 3.1 document, kept by hand beside the routes.
+
+:func:`openapi_spec` builds the document ``GET /openapi.json`` serves: every
+route, its parameters, request body, and each response and error it can give,
+with the bounds of this service's configuration (``timeoutMs`` up to
+``MAX_TIMEOUT_MS``, the prompt's length). The request parsers
+(:mod:`.requests`) decide what is accepted; this document says the same in
+JSON Schema, and the tests hold the two together: every route the app serves
+is in it and nothing else (``tests/test_openapi.py``), and a schemathesis pass
+against the running service checks that what it answers conforms
+(``tests/test_schemathesis.py``).
+
+Written by hand rather than generated from the handlers: the handlers parse
+bodies themselves (to name the field in every 400), so there are no models to
+generate from, and a hand-kept document can say what a generator cannot (who
+may call a route, when a 429 or 502 happens). A field accepted as ``null``
+means "not given", as the parsers treat it.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+from typing import Any
+
+from ..config import Settings
+from ..user_memory import MAX_SAVED_BYTES
+from .requests import (
+    CODE_PATTERN,
+    MAX_BUDGET_USD,
+    MAX_CODE_CHARS,
+    MAX_PAGE_OFFSET,
+    MAX_PAGE_SIZE,
+    MAX_SYSTEM_PROMPT_BYTES,
+    MAX_TOOL_NAME_CHARS,
+    MAX_TOOL_NAMES,
+    MAX_TURNS,
+    PROMPT_PATTERN,
+    SESSION_ID_PATTERN,
+    TOOL_NAME_PATTERN,
+)
+from .streaming import KEEP_ALIVE_S
+
+OPENAPI_VERSION = "3.1.0"
+JSON = "application/json"
+EVENT_STREAM = "text/event-stream"
+
+# The events of a streamed reply, in the order they come, and the schema of each one's data.
+STREAM_EVENTS = {
+    "queued": "QueuedEvent",
+    "started": "StartedEvent",
+    "text": "TextEvent",
+    "tool_use": "ToolUseEvent",
+    "tool_result": "ToolResultEvent",
+    "upstream_retry": "UpstreamRetryEvent",
+    "result": "RunResult",
+    "error": "ErrorEvent",
+}
+
+Schema = dict[str, Any]
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: Schema) -> dict[str, Any]:
+    return {JSON: {"schema": schema}}
+
+
+def _object(required: dict[str, Schema], optional: dict[str, Schema] | None = None) -> Schema:
+    """A JSON object with these properties (more may be added later: none is forbidden)."""
+    return {
+        "type": "object",
+        "required": list(required),
+        "properties": {**required, **(optional or {})},
+    }
+
+
+def _ok(description: str, schema: Schema) -> dict[str, Any]:
+    return {"description": description, "content": _json(schema)}
+
+
+def _or_null(schema: Schema, description: str = "") -> Schema:
+    """``schema`` or ``null`` (which the parsers read as "not given")."""
+    either: Schema = {"anyOf": [schema, {"type": "null"}]}
+    if description:
+        either["description"] = description
+    return either
+
+
+def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    response: dict[str, Any] = {"description": description, "content": _json(_ref("Error"))}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    return {
+        str(code): {"$ref": f"#/components/responses/{_RESPONSE_NAMES[code]}"} for code in codes
+    }
+
+
+_RESPONSE_NAMES = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    413: "PayloadTooLarge",
+    415: "UnsupportedMediaType",
+    429: "TooManyRequests",
+    502: "BadGateway",
+    503: "ServiceUnavailable",
+    504: "GatewayTimeout",
+}
+
+# Every authenticated route: a key in x-api-key, or a key or token as a bearer.
+AUTHENTICATED: list[dict[str, list[str]]] = [{"apiKey": []}, {"bearer": []}]
+PUBLIC: list[dict[str, list[str]]] = []
+
+
+def _run_options(settings: Settings) -> dict[str, Schema]:
+    """The per-request options of ``POST /run``, within this service's ceiling."""
+    max_turns = min(MAX_TURNS, settings.max_turns_limit or MAX_TURNS)
+    budget = MAX_BUDGET_USD
+    if settings.max_budget_usd_limit is not None:
+        budget = min(budget, settings.max_budget_usd_limit)
+    tool_names = {
+        "type": "array",
+        "maxItems": MAX_TOOL_NAMES,
+        "items": {
+            "type": "string",
+            "maxLength": MAX_TOOL_NAME_CHARS,
+            "pattern": TOOL_NAME_PATTERN,
+            "description": "a tool name or rule: Read, Bash(git:*)",
+        },
+    }
+    return {
+        "model": _or_null(
+            {"enum": list(settings.allowed_models)},
+            "the model for this run (ALLOWED_MODELS; default CLAUDE_MODEL)",
+        ),
+        "systemPrompt": _or_null(
+            {"type": "string", "maxLength": MAX_SYSTEM_PROMPT_BYTES, "pattern": r"^[^\x00]*$"},
+            f"appended to Claude Code's own system prompt; at most {MAX_SYSTEM_PROMPT_BYTES}"
+            ' bytes in UTF-8, no NUL; "" asks for nothing',
+        ),
+        "allowedTools": _or_null(
+            tool_names, "tools the agent may use without asking; [] asks for nothing"
+        ),
+        "disallowedTools": _or_null(
+            tool_names, "tools the agent may not use, beside the service's own list"
+        ),
+        "maxTurns": _or_null(
+            {"type": "integer", "minimum": 1, "maximum": max_turns},
+            "model round trips the agent may make (MAX_TURNS_LIMIT)",
+        ),
+        "maxBudgetUsd": _or_null(
+            {"type": "number", "exclusiveMinimum": 0, "maximum": budget},
+            "what the run may cost, in US dollars (MAX_BUDGET_USD_LIMIT)",
+        ),
+        "permissionMode": _or_null(
+            {"enum": list(settings.allowed_permission_modes)},
+            "what the agent may do without asking (ALLOWED_PERMISSION_MODES); null or"
+            " absent: bypassPermissions",
+        ),
+    }
+
+
+def _event_schemas() -> dict[str, Schema]:
+    """The ``data:`` of each event of a streamed reply but ``result`` (a :func:`RunResult`)."""
+    run_id = {"type": "string"}
+    count = {"type": "integer", "minimum": 0}
+    return {
+        "QueuedEvent": _object(
+            {"runId": run_id, "position": {**count, "description": "runs that start before it"}}
+        )
+        | {"description": "`queued`: the run was taken"},
+        "StartedEvent": _object({"runId": run_id, "queuedMs": count})
+        | {"description": "`started`: an agent is working on it"},
+        "TextEvent": _object({"text": {"type": "string"}})
+        | {"description": "`text`: a block of text the agent wrote"},
+        "ToolUseEvent": _object(
+            {
+                "name": {"type": "string"},
+                "summary": {"type": "string", "description": "its input in one short line"},
+            }
+        )
+        | {"description": "`tool_use`: the agent called a tool"},
+        "ToolResultEvent": _object({"ok": {"type": "boolean"}})
+        | {"description": "`tool_result`: that tool call finished (false: with an error)"},
+        "UpstreamRetryEvent": _object(
+            {
+                "status": {"type": ["integer", "null"], "description": "null: unreachable"},
+                "message": {"type": "string"},
+                "attempt": {"type": "integer"},
+                "maxRetries": {"type": ["integer", "null"]},
+            }
+        )
+        | {"description": "`upstream_retry`: the model API failed and the CLI retries"},
+        "ErrorEvent": _object(
+            {
+                "error": {"type": "string"},
+                "status": {"type": "integer", "description": "what a JSON reply would answer"},
+                "runId": run_id,
+            }
+        )
+        | {"description": "`error`: the run failed (ends the stream, as `result` does)"},
+    }
+
+
+def _event_stream() -> dict[str, Any]:
+    """The ``text/event-stream`` alternative of a run's 200: ``schema`` describes one event.
+
+    Each event is an ``id``, an ``event`` name and a ``data`` line of JSON whose schema
+    is given by ``contentSchema`` (how OpenAPI 3.1 tools, schemathesis among them, read
+    an event stream's schema; 3.2 would call it ``itemSchema``).
+    """
+    names = ", ".join(STREAM_EVENTS)
+    events = [
+        {
+            "type": "object",
+            "required": ["id", "event", "data"],
+            "properties": {
+                "id": {"type": "string", "pattern": "^[1-9][0-9]*$"},
+                "event": {"const": name},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": JSON,
+                    "contentSchema": _ref(schema),
+                },
+            },
+        }
+        for name, schema in STREAM_EVENTS.items()
+    ]
+    return {
+        "schema": {
+            "description": "Server-sent events, each an `id:` (1, 2, ... within the stream),"
+            f" an `event:` name ({names}) and one line of JSON `data:`; exactly one"
+            " `result` or `error` ends the stream and nothing follows it. A comment line"
+            f" `: keep-alive` comes after every {KEEP_ALIVE_S:g} s without an event.",
+            "oneOf": events,
+        },
+    }
+
+
+def _schemas(settings: Settings) -> dict[str, Schema]:
+    session_id = {
+        "type": "string",
+        "pattern": f"^{SESSION_ID_PATTERN.pattern}$",
+        "description": "names a conversation within the caller's user id",
+    }
+    count = {"type": "integer", "minimum": 0}
+    millis = {"type": "integer", "description": "milliseconds since the Unix epoch"}
+    return {
+        "Error": {
+            **_object(
+                {"error": {"type": "string"}},
+                {"runId": {"type": "string", "description": "the run's id, on errors about a run"}},
+            ),
+            "description": "Every error: what went wrong, naming the field when a field is wrong.",
+        },
+        "RunRequest": _object(
+            {
+                "prompt": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": settings.max_prompt_chars,
+                    # Not only white space (as the parser strips it).
+                    "pattern": PROMPT_PATTERN,
+                }
+            },
+            {
+                "sessionId": {
+                    "anyOf": [session_id, {"type": "null"}],
+                    "description": "continue this session's conversation (null: a one-shot run)",
+                },
+                "timeoutMs": {
+                    "anyOf": [
+                        {"type": "integer", "minimum": 1, "maximum": settings.max_timeout_ms},
+                        {"type": "null"},
+                    ],
+                    "description": "deadline for queueing and running together; null or"
+                    f" absent: {settings.default_timeout_ms}",
+                },
+                "stream": _or_null(
+                    {"type": "boolean"},
+                    "true: the reply is a text/event-stream of events; null or absent: as"
+                    " the Accept header says (text/event-stream listed: a stream)",
+                ),
+                **_run_options(settings),
+            },
+        ),
+        "UpstreamError": _object(
+            {
+                "status": {"type": ["integer", "null"], "description": "null: unreachable"},
+                "message": {"type": "string"},
+                "retries": count,
+            }
+        ),
+        "RunResult": _object(
+            {
+                "success": {"type": "boolean"},
+                "output": {"type": "string", "description": "the answer, or the error text"},
+                "durationMs": count,
+                "timedOut": {"type": "boolean"},
+                "runId": {"type": "string", "description": "the run's id (header X-Run-Id)"},
+                "claudeSessionId": {
+                    "type": ["string", "null"],
+                    "description": "Claude Code's id of the conversation",
+                },
+                "model": {
+                    "type": ["string", "null"],
+                    "description": "the model that ran the turn, as the agent reported it",
+                },
+                "costUsd": {
+                    "type": ["number", "null"],
+                    "description": "the turn's cost as the agent reported it",
+                },
+                "usage": {
+                    "type": ["object", "null"],
+                    "description": "the agent's token counts (input_tokens, output_tokens, ...)",
+                },
+                "numTurns": {
+                    "type": ["integer", "null"],
+                    "description": "model round trips in the turn",
+                },
+                "queuedMs": {
+                    **count,
+                    "description": "time the run waited for an agent (all of it if it got none)",
+                },
+            },
+            {
+                "timeoutType": {"const": "hard"},
+                "outputTruncated": {"const": True},
+                "cancelled": {"const": True},
+                "upstreamError": _ref("UpstreamError"),
+                "sessionId": {**session_id, "description": "the request's; session turns only"},
+            },
+        )
+        | {
+            "description": "A run's reply (the `result` event of a stream): the original"
+            " service's four fields first, then this service's metadata"
+        },
+        "Health": _object(
+            {
+                "status": {"enum": ["starting", "ok", "degraded", "stopping"]},
+                "workers": _object(
+                    {name: count for name in ("total", "ready", "busy", "starting", "error")}
+                ),
+                "queue": _object({"length": count, "maxSize": count}),
+                "uptime": {**count, "description": "milliseconds since start"},
+            },
+            {"reason": {"type": "string", "description": "why it is degraded"}},
+        ),
+        "Worker": _object(
+            {
+                "id": {"type": "string"},
+                "state": {"enum": ["starting", "ready", "busy", "error"]},
+                "jobs": count,
+            },
+            {"busySince": millis, "lastError": {"type": "string"}},
+        ),
+        "Session": _object(
+            {
+                "id": {"type": "string"},
+                "state": {
+                    "enum": ["live", "busy", "hibernated", "waiting", "starting", "stopping"]
+                },
+                "processing": {"type": "boolean"},
+                "turns": count,
+            },
+            {"lastActivity": millis},
+        ),
+        "Status": _object(
+            {
+                "workers": {"type": "array", "items": _ref("Worker")},
+                "queueLength": count,
+                "maxQueueSize": count,
+                "totalProcessed": count,
+                "totalErrors": count,
+                "runs": {
+                    "type": "array",
+                    "items": _ref("Run"),
+                    "description": "the caller's queued and running runs, oldest first",
+                },
+                "sessions": {
+                    "type": "array",
+                    "items": _ref("Session"),
+                    "description": "the caller's own, most recent first",
+                },
+                "sessionsTotal": count,
+            }
+        ),
+        "Run": _object(
+            {
+                "runId": {"type": "string"},
+                "state": {"enum": ["queued", "running"]},
+                "queuedAt": millis,
+            },
+            {"sessionId": session_id, "startedAt": millis},
+        ),
+        "Cancelled": _object({"cancelled": {"const": True}}),
+        **_event_schemas(),
+        "SessionRef": _object({"sessionId": session_id}),
+        "Closed": _object({"closed": {"const": True}}),
+        "UserClaude": _object(
+            {
+                "content": {
+                    "type": "string",
+                    # A bound on characters that holds for any text within the byte bound.
+                    "maxLength": MAX_SAVED_BYTES,
+                    "description": f"at most {MAX_SAVED_BYTES} bytes in UTF-8 (413 past it);"
+                    ' "" removes it',
+                }
+            }
+        ),
+        "Saved": _object({"saved": {"const": True}}),
+        "AuthStatus": _object(
+            {
+                "authenticated": {"type": "boolean"},
+                "method": {"enum": ["apiKey", "oauth", "none"]},
+            },
+            {
+                "expiresAt": {**millis, "description": "when the OAuth access token expires"},
+                "lastRefreshError": _object(
+                    {"message": {"type": "string"}, "at": millis, "nextAttemptAt": millis}
+                ),
+                "lastUpstreamAuthError": _object(
+                    {
+                        "status": {"type": ["integer", "null"]},
+                        "message": {"type": "string"},
+                        "at": millis,
+                    }
+                ),
+            },
+        ),
+        "LoginUrl": _object({"url": {"type": "string", "format": "uri"}}),
+        "ExchangeRequest": _object(
+            {
+                "code": {
+                    "type": "string",
+                    "maxLength": MAX_CODE_CHARS,
+                    "pattern": CODE_PATTERN,
+                    "description": "the CODE#STATE the callback page shows",
+                }
+            }
+        ),
+        "Success": _object({"success": {"const": True}}),
+    }
+
+
+def _responses() -> dict[str, Any]:
+    retry_after = {
+        "Retry-After": {
+            "description": "seconds to wait before trying again",
+            "schema": {"type": "integer", "minimum": 0},
+        }
+    }
+    return {
+        "BadRequest": _error(
+            "The body is not a JSON object, or a field or parameter is missing, mistyped or"
+            " out of range: the message names it"
+        ),
+        "Unauthorized": _error("No credentials, or an invalid key or expired token"),
+        "Forbidden": _error("The caller may not do this (not in AUTH_ADMINS)"),
+        "NotFound": _error("No such route, or none of the caller's"),
+        "PayloadTooLarge": _error("The body is over 1 MiB (or a field over its own bound)"),
+        "UnsupportedMediaType": _error("A Content-Type that is not JSON"),
+        "TooManyRequests": _error(
+            "Too many runs are waiting (the queue, the caller's share of it, a session's"
+            " line) or the caller holds MAX_SESSIONS_PER_USER sessions",
+            retry_after,
+        ),
+        "BadGateway": _error(
+            "The agent process died or broke the protocol, the model API refused the"
+            " credentials, or the OAuth token endpoint failed"
+        ),
+        "ServiceUnavailable": _error(
+            "No agent can start, the session store or credentials file cannot be written,"
+            " or the service is shutting down"
+        ),
+        "GatewayTimeout": _error("The run outlived its deadline without an answer"),
+    }
+
+
+def _json_body(schema: Schema) -> dict[str, Any]:
+    return {"required": True, "content": _json(schema)}
+
+
+def _operation(
+    summary: str,
+    responses: dict[str, Any],
+    *,
+    security: list[dict[str, list[str]]],
+    description: str = "",
+    body: Schema | None = None,
+    parameters: list[dict[str, Any]] | None = None,
+    tags: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    operation: dict[str, Any] = {"summary": summary, "security": security, "responses": responses}
+    if description:
+        operation["description"] = description
+    if body is not None:
+        operation["requestBody"] = _json_body(body)
+    if parameters:
+        operation["parameters"] = parameters
+    if tags:
+        operation["tags"] = list(tags)
+    return operation
+
+
+# Each operation's id: the name a generated client gives its method.
+OPERATION_IDS = {
+    ("/health", "get"): "getHealth",
+    ("/run", "post"): "runPrompt",
+    ("/runs/{runId}", "delete"): "cancelRun",
+    ("/status", "get"): "getStatus",
+    ("/session", "delete"): "closeSession",
+    ("/user-claude", "get"): "getUserClaude",
+    ("/user-claude", "put"): "saveUserClaude",
+    ("/auth/status", "get"): "getAuthStatus",
+    ("/auth/login", "post"): "startLogin",
+    ("/auth/exchange", "post"): "exchangeLoginCode",
+    ("/openapi.json", "get"): "getOpenApiDocument",
+    ("/docs", "get"): "getDocs",
+    ("/metrics", "get"): "getMetrics",
+}
+
+# What a run's reply leads to: cancelling it by its id. (A session turn's reply names its
+# session too, but a one-shot run's has none to link to.)
+RUN_LINKS = {
+    "cancelRun": {
+        "operationId": "cancelRun",
+        "parameters": {"runId": "$response.header.X-Run-Id"},
+        "description": "Cancel this run (404 once it has ended)",
+    },
+}
+
+
+def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
+    body_errors = (400, 401, 413, 415)
+    run_id_header = {
+        "X-Run-Id": {"description": "the run's id", "schema": {"type": "string"}},
+    }
+
+    def run_error(code: int) -> dict[str, Any]:
+        """An error about a run that was submitted: it names the run (``runId``, header)."""
+        shared = _responses()[_RESPONSE_NAMES[code]]
+        headers = {**shared.get("headers", {}), **run_id_header}
+        return {**shared, "headers": headers}
+
+    paths: dict[str, Any] = {
+        "/health": {
+            "get": _operation(
+                "Pool status",
+                {
+                    "200": _ok("The service can take work (ok) or is warming up", _ref("Health")),
+                    "503": {
+                        "description": "It cannot take work now (degraded, with a reason) or"
+                        " is stopping",
+                        "content": _json({"anyOf": [_ref("Health"), _ref("Error")]}),
+                    },
+                },
+                security=PUBLIC,
+                tags=("service",),
+            )
+        },
+        "/run": {
+            "post": _operation(
+                "Run a prompt",
+                {
+                    "200": {
+                        "description": "The agent's answer (success: true), its error, a"
+                        " timeout with the partial output, or a cancelled run; streamed as"
+                        " server-sent events when asked (`stream`, or `Accept:"
+                        " text/event-stream`), the JSON reply then being the `result` event",
+                        "headers": run_id_header,
+                        "content": {
+                            JSON: {"schema": _ref("RunResult")},
+                            EVENT_STREAM: _event_stream(),
+                        },
+                    },
+                    **_errors(*body_errors),
+                    **{str(code): run_error(code) for code in (429, 502, 503, 504)},
+                },
+                security=AUTHENTICATED,
+                description="A one-shot run on a pre-warmed agent, or a turn of the caller's"
+                " session `sessionId`. `timeoutMs` covers waiting in the queue and running."
+                " Every run has an id (`runId`, header `X-Run-Id`) that `DELETE /runs/{runId}`"
+                " cancels; a client that leaves cancels its run too. A streamed request is"
+                " refused (400, 401, 413, 415, 429, 503) as a JSON error before any stream"
+                " starts; a failure once it runs is its `error` event.",
+                body=_ref("RunRequest"),
+                tags=("runs",),
+            )
+        },
+        "/runs/{runId}": {
+            "delete": _operation(
+                "Cancel one of the caller's queued or running runs",
+                {
+                    "200": _ok(
+                        "Cancelled: the run's own request answers success: false,"
+                        " cancelled: true (a queued run at once, a running one once its agent"
+                        " is interrupted)",
+                        _ref("Cancelled"),
+                    ),
+                    **_errors(401, 404, 503),
+                },
+                security=AUTHENTICATED,
+                description="Anyone else's run, an unknown id and a run that has ended are 404.",
+                parameters=[
+                    {
+                        "name": "runId",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                        "description": "the run's id (`runId`, header `X-Run-Id`)",
+                    }
+                ],
+                tags=("runs",),
+            )
+        },
+        "/status": {
+            "get": _operation(
+                "Workers, queue, totals and the caller's sessions",
+                {
+                    "200": _ok("The pool and a page of the caller's sessions", _ref("Status")),
+                    **_errors(400, 401, 503),
+                },
+                security=AUTHENTICATED,
+                parameters=[
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_SIZE},
+                        "description": "sessions on the page (default 100)",
+                    },
+                    {
+                        "name": "offset",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 0, "maximum": MAX_PAGE_OFFSET},
+                        "description": "sessions skipped (default 0)",
+                    },
+                ],
+                tags=("service",),
+            )
+        },
+        "/session": {
+            "delete": _operation(
+                "Close one of the caller's sessions",
+                {
+                    "200": _ok("Closed; its transcripts are removed", _ref("Closed")),
+                    **_errors(*body_errors, 404, 503),
+                },
+                security=AUTHENTICATED,
+                description="A turn running at that moment is interrupted and answers"
+                " success: false.",
+                body=_ref("SessionRef"),
+                tags=("sessions",),
+            )
+        },
+        "/user-claude": {
+            "get": _operation(
+                "The caller's CLAUDE.md",
+                {"200": _ok('Its content ("" when none)', _ref("UserClaude")), **_errors(401, 503)},
+                security=AUTHENTICATED,
+                tags=("users",),
+            ),
+            "put": _operation(
+                "Save the caller's CLAUDE.md",
+                {
+                    "200": _ok("Saved; live sessions restart at their next turn", _ref("Saved")),
+                    **_errors(*body_errors, 503),
+                },
+                security=AUTHENTICATED,
+                body=_ref("UserClaude"),
+                tags=("users",),
+            ),
+        },
+        "/auth/status": {
+            "get": _operation(
+                "Which credentials the agents use, and the model API's last refusal",
+                {"200": _ok("What the service knows", _ref("AuthStatus")), **_errors(401, 503)},
+                security=AUTHENTICATED,
+                tags=("auth",),
+            )
+        },
+        "/auth/login": {
+            "post": _operation(
+                "Start a Claude (subscription) login",
+                {
+                    "200": _ok("The URL to open; it expires after 10 minutes", _ref("LoginUrl")),
+                    **_errors(401, 403, 503),
+                },
+                security=AUTHENTICATED,
+                description="Admins only (AUTH_ADMINS). No body.",
+                tags=("auth",),
+            )
+        },
+        "/auth/exchange": {
+            "post": _operation(
+                "Finish a Claude login with the CODE#STATE the callback page shows",
+                {
+                    "200": _ok("The login is stored and in effect", _ref("Success")),
+                    **_errors(*body_errors, 403, 502, 503),
+                },
+                security=AUTHENTICATED,
+                description="Admins only (AUTH_ADMINS). 400 for a code that is not CODE#STATE,"
+                " or a state unknown, expired or used; 502 when the token endpoint fails.",
+                body=_ref("ExchangeRequest"),
+                tags=("auth",),
+            )
+        },
+        "/openapi.json": {
+            "get": _operation(
+                "This document",
+                {"200": _ok("OpenAPI 3.1", {"type": "object"}), **_errors(503)},
+                security=PUBLIC,
+                tags=("service",),
+            )
+        },
+        "/docs": {
+            "get": _operation(
+                "This document as a web page",
+                {
+                    "200": {
+                        "description": "HTML, self-contained",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    },
+                    **_errors(503),
+                },
+                security=PUBLIC,
+                tags=("service",),
+            )
+        },
+    }
+    if metrics:
+        paths["/metrics"] = {
+            "get": _operation(
+                "Prometheus metrics",
+                {
+                    "200": {
+                        "description": "The Prometheus text format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    **_errors(503),
+                },
+                security=PUBLIC,
+                description="Off with METRICS=0 (then 404, and absent from this document).",
+                tags=("service",),
+            )
+        }
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            operation["operationId"] = OPERATION_IDS[path, method]
+    paths["/run"]["post"]["responses"]["200"]["links"] = RUN_LINKS
+    return paths
+
+
+def openapi_spec(settings: Settings) -> dict[str, Any]:
+    """The OpenAPI document of a service running with ``settings``."""
+    try:
+        version = metadata.version("claude-code-api")
+    except metadata.PackageNotFoundError:
+        version = "0"
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {
+            "title": "claude-code-api",
+            "version": version,
+            "description": "The Claude Code agent as an HTTP service. Every error is JSON"
+            ' `{"error": "..."}`; an unknown route answers 404, a method a route does not'
+            " serve 405 (with `Allow`), and while the service shuts down every route answers"
+            " 503.",
+        },
+        "paths": _paths(settings, metrics=settings.metrics),
+        "components": {
+            "schemas": _schemas(settings),
+            "responses": _responses(),
+            "securitySchemes": {
+                "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "an API key, or a token claude-code-web signs",
+                },
+            },
+        },
+    }
