@@ -178,6 +178,25 @@ async def measure_direct(direct: Direct, samples: int, warmup_turns: int, pause_
 # --- the service ----------------------------------------------------------------------
 
 
+async def measure_startup(env: dict[str, str], workdir: Path, runs: int) -> dict:
+    """Spawn -> the first ``GET /health`` 200, ``runs`` times, each on a fresh DATA_DIR;
+    interleaved with the baseline, a bare interpreter that imports trio and exits."""
+    service, interpreter = [], []
+    for n in range(runs):
+        started = time.perf_counter()
+        await trio.run_process([sys.executable, "-c", "import trio"])
+        interpreter.append(time.perf_counter() - started)
+        fresh = {**env, "DATA_DIR": str(workdir / f"startup-{n}")}
+        started = time.perf_counter()
+        async with launch_service(fresh, start_timeout_s=SERVICE_START_TIMEOUT_S) as running:
+            async with httpx.AsyncClient(base_url=running.url, timeout=HTTP_TIMEOUT_S) as c:
+                while (await c.get("/health")).status_code != 200:
+                    await trio.sleep(0.002)
+                service.append(time.perf_counter() - started)
+            await running.stop(timeout_s=STOP_TIMEOUT_S)
+    return {"service": service, "interpreter": interpreter}
+
+
 async def health(client: httpx.AsyncClient) -> dict:
     return (await client.get("/health")).json()
 
@@ -302,6 +321,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=200, help="latency samples (default 200)")
     parser.add_argument("--warmups", type=int, default=10, help="agent warm-ups timed (default 10)")
+    parser.add_argument(
+        "--startups", type=int, default=5, help="service start-ups timed (default 5)"
+    )
     parser.add_argument("--pool-size", type=int, default=4, help="POOL_SIZE (default 4)")
     parser.add_argument(
         "--clients", type=int, default=16, help="concurrent clients at saturation (default 16)"
@@ -374,6 +396,17 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
 
     direct = Direct(env, workdir / "direct")
 
+    section("0. start-up: spawn -> first GET /health 200 (the SDK is imported after that)")
+    meter = QuietMeter()
+    startup = await measure_startup(env, workdir, args.startups)
+    print(fmt_dist("service spawn -> /health 200", dist(startup["service"])))
+    print(fmt_dist("baseline: python -c 'import trio'", dist(startup["interpreter"])))
+    startup_p50 = dist(startup["service"])["p50"]
+    startup_ratio = startup_p50 / dist(startup["interpreter"])["p50"]
+    print(f"  ratio to the baseline: {startup_ratio:.1f} (target: ≤ 1 s)")
+    startup_quiet = meter.report()
+    print(startup_quiet[0])
+
     section("1. agent warm-up (SdkAgent.start(): the service's launcher and options)")
     meter = QuietMeter()
     warm = await measure_warmup(direct, args.warmups, args.pool_size)
@@ -395,7 +428,7 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
         f"  (CPU ceiling from the agents alone = nproc / CPU per agent = "
         f"{cpu_bound_fake_only:.1f} jobs/s)"
     )
-    quiet = [meter.report()]
+    quiet = [startup_quiet, meter.report()]
     print(quiet[-1][0])
 
     section("2. direct agent turn (SdkAgent.run_turn(): query(), receive_response() to the result)")
@@ -533,6 +566,17 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
         f"memory: service RSS {rss_before:.1f} -> {rss_after:.1f} MiB; "
         f"machine: nproc={os.cpu_count()}, python {platform.python_version()}; "
         f"run took {elapsed:.0f} s"
+    )
+    health_p50 = dist(floor["health"])["p50"]
+    print(
+        f"GET /health p50={health_p50:.3f} ms (target ≤ 1.5 ms) "
+        f"[{'met' if health_p50 <= 1.5 else 'MISSED'}]; service CPU per job={svc_ms:.1f} ms "
+        f"(target ≤ 4 ms) [{'met' if svc_ms <= 4 else 'MISSED'}]"
+    )
+    print(
+        f"start-up: spawn -> /health 200 p50 {startup_p50:.0f} ms (target ≤ 1000 ms) "
+        f"[{'met' if startup_p50 <= 1000 else 'MISSED'}]; {startup_ratio:.1f}x a bare "
+        f"`python -c 'import trio'`"
     )
     print(quiet_verdict(share for _, share in quiet))
 

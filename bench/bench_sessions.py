@@ -136,6 +136,20 @@ class Direct:
             await agent.close()
 
 
+async def timed_direct_turn(agent) -> float:
+    """One turn on ``agent`` (started), timed."""
+
+    async def ignore(_event) -> None:
+        pass
+
+    started = time.perf_counter()
+    with trio.fail_after(HTTP_TIMEOUT_S):
+        result = await agent.run_turn(PROMPT, ignore)
+    if result.is_error:
+        raise RuntimeError(f"direct turn failed: {result}")
+    return time.perf_counter() - started
+
+
 async def measure_agent(direct: Direct, workdir: Path, runs: int) -> dict[str, list[float]]:
     """Agent.start() new / resumed, and the turn after each, as a session actor does them."""
     out: dict[str, list[float]] = {"new": [], "first_turn": [], "resume": [], "resumed_turn": []}
@@ -567,16 +581,34 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
                 meter = QuietMeter(service.pid)
                 for _ in range(5):  # start it and warm the path
                     await session_turn(client, "wake", "one-live")
+                # The baseline, interleaved turn by turn (same machine load): the same fake
+                # agent, started as a session's is, driven directly through the SDK.
+                live_agent = direct.make_agent(
+                    direct.spec(workdir / "direct-live", session_id=str(uuid.uuid4()))
+                )
+                await live_agent.start(direct.settings.warmup_timeout_s)
                 latencies: list[float] = []
-                t0 = time.perf_counter()
-                end = t0 + args.duration
-                while time.perf_counter() < end:
-                    latencies.append((await session_turn(client, "wake", "one-live"))[0])
-                wall = time.perf_counter() - t0
-                one = dist(latencies)
-                rate = len(latencies) / wall
-                print(f"  {len(latencies)} turns in {wall:.2f} s = {rate:.1f} turns/s")
-                print(fmt_table("turn round trip", one))
+                direct_live: list[float] = []
+                try:
+                    for _ in range(5):
+                        await timed_direct_turn(live_agent)
+                    t0 = time.perf_counter()
+                    end = t0 + args.duration
+                    while time.perf_counter() < end:
+                        latencies.append((await session_turn(client, "wake", "one-live"))[0])
+                        direct_live.append(await timed_direct_turn(live_agent))
+                    wall = time.perf_counter() - t0
+                finally:
+                    await live_agent.close()
+                one, base = dist(latencies), dist(direct_live)
+                print(f"  {len(latencies)} turns (and as many direct ones) in {wall:.2f} s")
+                print(fmt_table("turn round trip (HTTP)", one))
+                print(fmt_table("direct SDK turn, same fake agent", base))
+                over = one["p50"] - base["p50"]
+                print(
+                    f"  live turn p50 {one['p50']:.2f} ms vs direct {base['p50']:.2f} ms: "
+                    f"+{over:.2f} ms (target ≤ +2 ms), ratio {one['p50'] / base['p50']:.2f}"
+                )
                 turns = next(
                     s["turns"] for s in await sessions_of(client, "wake") if s["id"] == "one-live"
                 )
@@ -617,7 +649,11 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
         f"(resume {warm_resume['p50']:.1f} ms; resume + turn interleaved with the wakes "
         f"{both['p50']:.1f} ms); all slots full: wake median {dist(wake_full)['p50']:.1f} ms"
     )
-    print(f"one live session: {rate:.1f} turns/s, p50 {one['p50']:.2f} ms, p99 {one['p99']:.2f} ms")
+    print(
+        f"one live session: p50 {one['p50']:.2f} ms, p99 {one['p99']:.2f} ms | direct SDK turn "
+        f"p50 {base['p50']:.2f} ms | overhead p50 +{over:.2f} ms (target ≤ +2 ms) "
+        f"[{'met' if over <= 2 else 'MISSED'}]"
+    )
     print(
         f"{quiet_verdict(quiet)}; nproc={os.cpu_count()}; "
         f"run took {time.perf_counter() - run_started:.0f} s"

@@ -157,6 +157,18 @@ class Agent(Protocol):
         """Use permission ``mode`` from the next turn on (a control request), as :meth:`set_model`."""
         ...
 
+    async def reset(self, timeout: float) -> None:
+        """Make an idle one-shot agent as good as new for its user's next request.
+
+        Clears the conversation (``/clear``, as a user would) and empties the
+        agent's HOME of what the last request left there (see
+        :meth:`~claude_code_api.sandbox.AgentLauncher.empty_home`). Only ever for
+        the same user's next request: what the process itself remembers beyond
+        that is not cleared. Raises :class:`AgentError` when the agent fails or
+        does not finish within ``timeout`` s (close it then).
+        """
+        ...
+
     async def interrupt(self, grace: float) -> bool:
         """Interrupt the running turn and drain it to its end within ``grace`` s.
 

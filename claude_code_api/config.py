@@ -467,6 +467,14 @@ class Settings:
     pool_size: int = setting(
         "POOL_SIZE", Whole(1, 256), "1", "pre-warmed agent processes for one-shot requests"
     )
+    agent_reuse_s: float = setting(
+        "AGENT_REUSE_S",
+        Duration("s", 0, 3600),
+        "5",
+        "after a one-shot request, its agent is kept this long for the same user's next one"
+        " (cleared and its files removed first; never for another user); `0`: every"
+        " request gets a fresh agent",
+    )
     model: str = setting(
         "CLAUDE_MODEL",
         Text("a model name"),

@@ -343,10 +343,16 @@ class WorkerStarting:
 
 @attrs.frozen
 class WorkerReady:
-    """A worker's agent is warm. Send it one :class:`Job` on ``inbox``."""
+    """A worker's agent is warm. Send it one :class:`Job` on ``inbox``.
+
+    ``bound_to``: the user whose last request this agent served, kept for their
+    next one (``AGENT_REUSE_S``); it takes another user's job only after
+    replacing its agent. None: a fresh agent that has served nobody.
+    """
 
     worker_id: str
     inbox: trio.MemorySendChannel[Job] = attrs.field(repr=False)
+    bound_to: str | None = None
 
 
 @attrs.frozen

@@ -94,6 +94,13 @@ class MeteredAgent:
             self._fail("exit" if self._agent.exited else "protocol")
             raise
 
+    async def reset(self, timeout: float) -> None:
+        try:
+            await self._agent.reset(timeout)
+        except AgentError:
+            self._fail("exit" if self._agent.exited else "protocol")
+            raise
+
     async def interrupt(self, grace: float) -> bool:
         return await self._agent.interrupt(grace)
 

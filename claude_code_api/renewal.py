@@ -109,6 +109,9 @@ class RetiredWhenStale:
     async def set_permission_mode(self, mode: str) -> None:
         await self._agent.set_permission_mode(mode)
 
+    async def reset(self, timeout: float) -> None:
+        await self._agent.reset(timeout)
+
     async def interrupt(self, grace: float) -> bool:
         return await self._agent.interrupt(grace)
 

@@ -106,6 +106,20 @@ HIDDEN_SOCKETS = (
     Path("/run/podman/podman.sock"),
 )
 CREDENTIALS_FILE = ".credentials.json"
+# What a request may leave in a one-shot agent's Claude config dir that Claude Code reads
+# as instructions, settings or conversations (emptied before the agent is reused).
+CONFIG_ENTRIES_EMPTIED = (
+    "CLAUDE.md",
+    "CLAUDE.local.md",
+    "settings.json",
+    "settings.local.json",
+    "agents",
+    "commands",
+    "skills",
+    "hooks",
+    "projects",
+    "todos",
+)
 
 
 def is_passed(name: str, *, use_api_key: bool, extra: frozenset[str]) -> bool:
@@ -306,12 +320,46 @@ class AgentLauncher:
             link.unlink(missing_ok=True)
             link.symlink_to(credentials)
 
+    def empty_home(self, spec: AgentSpec) -> None:
+        """Remove every file a request left in ``spec``'s HOME, for the same user's next one.
+
+        For a one-shot agent kept for its user's next request (``Agent.reset``):
+        the workspace and the scratch directory are emptied in place (the process
+        keeps its working directory), everything else in the HOME is removed, but
+        in Claude Code's config dir only what it would read as instructions or
+        settings (:data:`CONFIG_ENTRIES_EMPTIED`): the rest there is the CLI's own
+        bookkeeping. Symbolic links are removed, never followed. Blocking.
+
+        Raises OSError when something cannot be removed, or a directory the
+        process relies on is gone or replaced (the agent is then not reused).
+        """
+        kept = (spec.cwd, spec.home / "tmp")
+        for directory in (spec.home, *kept, spec.config_dir):
+            if directory.is_symlink() or not directory.is_dir():
+                raise OSError(f"{directory} is no longer a directory")
+        for entry in spec.home.iterdir():
+            if entry not in (*kept, spec.config_dir):
+                _remove(entry)
+        for directory in kept:
+            for entry in directory.iterdir():
+                _remove(entry)
+        for name in CONFIG_ENTRIES_EMPTIED:
+            _remove(spec.config_dir / name)
+
     def cleanup(self, spec: AgentSpec, launcher: Path | None) -> None:
         """Remove what :meth:`prepare` made that must not outlive the agent. Blocking."""
         if launcher is not None:
             launcher.unlink(missing_ok=True)
         if spec.ephemeral:
             shutil.rmtree(spec.home, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    """Remove ``path`` (a directory with what is in it); a symbolic link itself, not its target."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def make_launcher(

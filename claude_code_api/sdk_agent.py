@@ -65,6 +65,8 @@ CLAUDE_CODE_SYSTEM_PROMPT: Any = {"type": "preset", "preset": "claude_code"}
 # Every agent runs commands and edits files without asking unless its request asks otherwise.
 DEFAULT_PERMISSION_MODE = "bypassPermissions"
 STDERR_LINES_KEPT = 20
+# Claude Code's own command that starts a new, empty conversation (no model call).
+CLEAR_COMMAND = "/clear"
 # The SDK's default stdout line limit is 1 MiB; a reply of MAX_OUTPUT_CHARS characters,
 # JSON-escaped (up to 6 bytes a character), must fit in one line.
 MIN_BUFFER_BYTES = 1024 * 1024
@@ -332,6 +334,18 @@ class SdkAgent:
             ) from exc
         self._permission_mode = mode
 
+    async def reset(self, timeout: float) -> None:
+        with trio.move_on_after(timeout) as waited:
+            cleared = await self.run_turn(CLEAR_COMMAND, _ignore)
+            if cleared.is_error:
+                raise AgentError(f"agent could not clear its conversation: {cleared.text}")
+            try:
+                await trio.to_thread.run_sync(self._launcher.empty_home, self.spec)
+            except OSError as exc:
+                raise AgentError(f"cannot empty the agent's home: {exc}") from exc
+        if waited.cancelled_caught:
+            raise AgentError(f"agent did not clear its conversation within {timeout:g}s")
+
     async def interrupt(self, grace: float) -> bool:
         client = self._client
         if client is None or self._closed:
@@ -412,6 +426,10 @@ class SdkAgent:
                 await end_input()
             except Exception as exc:
                 log.debug("end_input: %r", exc)
+
+
+async def _ignore(_event: object) -> None:
+    pass
 
 
 async def _with_context(context: str, prompt: str) -> AsyncIterator[dict[str, Any]]:

@@ -53,7 +53,7 @@ import trio
 
 from . import metrics
 from .actors.credentials import CredentialsActor, CredentialsClient
-from .actors.dispatcher import Dispatcher, SessionLimits
+from .actors.dispatcher import Dispatcher, PoolView, SessionLimits
 from .actors.reaper import REAPER_INBOX_SIZE, ReaperClient, serve_reaper
 from .actors.registry import RegistryClient, open_store, serve_registry, user_workspace
 from .actors.session import SessionConfig, serve_session
@@ -120,6 +120,7 @@ class Service:
         )
         self.registry = RegistryClient(self.registry_inbox)
         self.store_status = StoreStatus()
+        self.pool_view = PoolView()
         self.http = HttpServer(
             create_app(
                 settings,
@@ -127,6 +128,7 @@ class Service:
                 self.registry,
                 self.store_status,
                 CredentialsClient(self.credentials_inbox),
+                self.pool_view,
             ),
             settings.host,
             settings.port,
@@ -211,13 +213,14 @@ class Service:
                     per_session_max=settings.session_queue_max,
                     idle_s=settings.session_idle_s,
                 ),
+                view=self.pool_view,
             )
             await dispatcher.serve(task_status=task_status)
 
         session_config = SessionConfig(
             settings.warmup_timeout_s, turn, settings.max_sessions_per_user
         )
-        worker_config = WorkerConfig(settings.warmup_timeout_s, turn)
+        worker_config = WorkerConfig(settings.warmup_timeout_s, turn, settings.agent_reuse_s)
 
         def agent_side(new_agent: AgentFactory) -> list[ChildSpec]:
             """The session supervisor and the worker pool, once agents can be made."""
@@ -248,7 +251,8 @@ class Service:
             def new_session_supervisor() -> SessionSupervisor:
                 return SessionSupervisor(self._session_starts_receive, self.inbox, run_session)
 
-            # A worker's process serves one job, so only an idle one can have stale credentials.
+            # A worker's process is retired when it waits for a job with stale credentials
+            # (also one kept for its user's next job, which waits the same way).
             new_worker_agent = retired_when_stale(new_agent, self.credentials_version)
 
             def worker_spec(worker_id: str) -> ChildSpec:

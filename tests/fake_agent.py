@@ -214,6 +214,21 @@ class FakeAgent:
         self._turn = None
         raise AgentError("agent process ended the turn without a result")
 
+    async def reset(self, timeout: float) -> None:
+        """``/clear`` and an emptied HOME: a new conversation id, after ``reset_s``."""
+        self._check_alive()
+        failure = self.factory.reset_failure
+        with trio.move_on_after(timeout):
+            await trio.sleep(self.factory.reset_s)
+            if failure is not None:
+                self.note("reset failed")
+                raise AgentError(failure)
+            self._session_id = f"cleared-{len(self.log)}"
+            self.note("reset")
+            return
+        self.note("reset timed out")
+        raise AgentError(f"agent did not clear its conversation within {timeout:g}s")
+
     async def interrupt(self, grace: float) -> bool:
         if self._turn is None:
             return True
@@ -248,14 +263,17 @@ class FakeAgents:
 
     ``script(prompt)`` gives each turn's steps; ``start_failure`` makes every
     start fail with that reason; ``start_s``, ``interrupt_s`` and ``close_s`` are
-    virtual times a start, a successful interrupt and a graceful close take.
+    virtual times a start, a successful interrupt and a graceful close take;
+    ``reset_failure`` makes every reset fail, ``reset_s`` is the time one takes.
     """
 
     script: Script = echo
     start_failure: str | None = None
+    reset_failure: str | None = None
     start_s: float = 1.0
     interrupt_s: float = 0.1
     close_s: float = 0.1
+    reset_s: float = 0.01
     made: list[FakeAgent] = attrs.Factory(list)
 
     def __call__(self, spec: AgentSpec) -> FakeAgent:

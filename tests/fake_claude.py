@@ -64,7 +64,7 @@ init message of each turn and, for the model, in every assistant message).
 
 The prompt "/clear" moves the conversation to a new session id, as the real CLI
 does: that turn's init and result carry the new id, and no model call is made.
---no-session-persistence keeps no transcript.
+--no-session-persistence keeps no transcript (the conversation lives in the process only).
 
 The normal ("echo") reply: "My name is X." -> "Nice to meet you, X.";
 "What is my name?" -> "Your name is X." from the transcript (or "I don't know
@@ -268,9 +268,12 @@ def project_slug(path):
 
 
 class Transcripts:
+    """Conversations on disk; with persist off (--no-session-persistence), in memory only."""
+
     def __init__(self, directory, persist=True):
         self.dir = directory
         self.persist = persist
+        self.in_memory = {}
 
     def path(self, session_id):
         return self.dir / f"{session_id}.jsonl"
@@ -281,6 +284,7 @@ class Transcripts:
 
     def append(self, session_id, entry):
         if not self.persist:
+            self.in_memory.setdefault(session_id, []).append(entry)
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.path(session_id), "a", encoding="utf-8") as f:
@@ -288,6 +292,8 @@ class Transcripts:
             f.flush()
 
     def entries(self, session_id):
+        if not self.persist:
+            return list(self.in_memory.get(session_id, []))
         try:
             lines = self.path(session_id).read_text(encoding="utf-8").splitlines()
         except OSError:
@@ -492,8 +498,10 @@ class Session:
         prompt = prompt_text(message)
         self.contexts.extend(context_blocks(message))
         if prompt.strip() == "/clear":
-            # A local command: the conversation moves to a new, empty session.
+            # A local command: the conversation moves to a new, empty session, without
+            # the context blocks earlier messages brought.
             self.session_id = str(uuid.uuid4())
+            self.contexts = []
         Turn(self, number, prompt).run()
 
 

@@ -56,6 +56,7 @@ def test_defaults():
     assert settings.max_sessions_per_user == 100
     assert settings.session_ttl_s == 30 * DAY_S
     assert settings.log_level == "INFO"
+    assert settings.agent_reuse_s == 5.0
 
 
 def test_every_variable_is_declared_once():
@@ -67,7 +68,7 @@ def test_every_variable_is_declared_once():
 def test_one_unit_convention():
     # Settings holds every duration in seconds, named *_s; the variable keeps its unit's suffix.
     durations = [(a, d) for a, d in declarations() if isinstance(d.kind, Duration)]
-    assert len(durations) == 9
+    assert len(durations) == 10
     for attribute, declared in durations:
         assert attribute.endswith("_s"), attribute
         assert declared.name.endswith("_" + declared.kind.unit.upper()), declared.name

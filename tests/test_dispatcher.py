@@ -11,11 +11,17 @@ from __future__ import annotations
 
 from functools import partial
 
+import attrs
 import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-from claude_code_api.actors.dispatcher import QUEUE_FULL_ERROR, RETRY_AFTER_S, Dispatcher
+from claude_code_api.actors.dispatcher import (
+    QUEUE_FULL_ERROR,
+    RETRY_AFTER_S,
+    Dispatcher,
+    PoolView,
+)
 from claude_code_api.http.jobs import BACKSTOP_S, open_job, pool_snapshot, run_job
 from claude_code_api.messages import (
     AssistantText,
@@ -159,6 +165,50 @@ async def test_longest_idle_worker_gets_the_next_job(autojump_clock, nursery):
         await inbox.send(Submit(job))
         assert await first.receive() is job
         assert await nothing_arrives(second)
+
+
+async def test_a_job_goes_to_its_users_agent_then_a_fresh_one_then_another_users(
+    autojump_clock, nursery
+):
+    """Kept agents (AGENT_REUSE_S): the user's own first, a fresh one next, and another
+    user's kept one only when nothing else is idle (its worker replaces that agent)."""
+    with trio.fail_after(LIMIT):
+        inbox = await start_dispatcher(nursery, pool_size=3)
+        offers = {}
+        for worker_id, bound_to in (("kept-for-bob", "bob"), ("fresh", None), ("kept", "alice")):
+            job_send, offers[worker_id] = trio.open_memory_channel(1)
+            await inbox.send(WorkerReady(worker_id, job_send, bound_to))
+        for expected in ("kept", "fresh", "kept-for-bob"):
+            job, _reply = make_job(f"alice-{expected}")
+            await inbox.send(Submit(attrs.evolve(job, user_id="alice", reply=job.reply)))
+            assert (await offers[expected].receive()).id == f"alice-{expected}"
+
+
+async def test_the_published_view_answers_without_a_message(autojump_clock, nursery):
+    """/health reads the pool through a PoolView: no message, so never behind the inbox."""
+    with trio.fail_after(LIMIT):
+        view = PoolView()
+        assert view.read() is None  # no dispatcher yet
+        inbox_send, inbox_receive = trio.open_memory_channel(0)
+        scope = trio.CancelScope()
+
+        async def serve(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                dispatcher = Dispatcher(inbox_receive, pool_size=1, queue_max=20, view=view)
+                await dispatcher.serve(task_status=task_status)
+
+        await nursery.start(serve)
+        await offer(inbox_send, "w0")
+        job, _reply = make_job("queued")
+        await inbox_send.send(WorkerStarting("w0"))
+        await inbox_send.send(Submit(job))
+        await wait_all_tasks_blocked()  # the dispatcher has handled them
+        snapshot = view.read()  # synchronous: no message, no checkpoint
+        assert snapshot is not None
+        assert states(snapshot) == {"w0": "starting"} and snapshot.queue_length == 1
+        scope.cancel()
+        await wait_all_tasks_blocked()
+        assert view.read() is None  # a stopped dispatcher is not read
 
 
 async def test_full_queue_answers_429_with_retry_after(autojump_clock, nursery):
@@ -558,3 +608,16 @@ async def test_run_job_backstop_fires_when_a_worker_never_answers(autojump_clock
         outcome = await run_job(inbox, user_id="u", prompt="hi", timeout_s=10)
         assert outcome == JobFailed(504, "the job outlived its deadline without an answer")
         assert trio.current_time() == 10 + BACKSTOP_S
+
+
+async def test_a_request_withdraws_its_job_only_while_someone_holds_it(autojump_clock):
+    with trio.fail_after(LIMIT):
+        inbox_send, inbox = trio.open_memory_channel(10)
+        async with open_job(inbox_send, user_id="u", prompt="p", timeout_s=60) as (job, _):
+            assert inbox.receive_nowait() == Submit(job)
+        assert inbox.receive_nowait() == Withdraw(job.id)  # the client left: withdrawn
+        async with open_job(inbox_send, user_id="u", prompt="p", timeout_s=60) as (job, _):
+            assert inbox.receive_nowait() == Submit(job)
+            job.answer(RunResult(success=True, output="ok", duration_ms=1))
+        with pytest.raises(trio.WouldBlock):  # answered: nobody holds it, no message
+            inbox.receive_nowait()

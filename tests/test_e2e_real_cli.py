@@ -18,7 +18,13 @@ import trio
 
 from claude_code_api.sandbox import probe_sandbox
 from tests.harness import run_service, wait_health_status, wait_healthy, wait_until
-from tests.mock_messages_api import ApiError, TextReply, ToolUseReply, open_mock_api
+from tests.mock_messages_api import (
+    ApiError,
+    TextReply,
+    ToolUseReply,
+    open_mock_api,
+    tool_result_text,
+)
 from tests.real_cli import requires_real_cli, service_overrides
 
 pytestmark = requires_real_cli
@@ -178,3 +184,33 @@ async def test_as_root_without_is_sandbox_the_cause_is_named(tmp_path):
     assert "IS_SANDBOX=1" in health["reason"]
     assert "Traceback" not in service.log_text()
     assert service.log_text().count("refuses to run with bypassPermissions as root") >= 1
+
+
+async def test_a_users_next_one_shot_runs_on_the_cleared_agent_with_no_file_left(tmp_path):
+    """AGENT_REUSE_S with the real CLI: /clear and an emptied HOME between two requests."""
+    write = 'echo A > note.txt; echo A > "$HOME/loose"; echo "home=$HOME"'
+    look = 'ls -A; echo /; ls -A "$HOME"; echo "home=$HOME"'
+    with trio.fail_after(BUDGET_S):
+        async with open_mock_api() as api:
+            env = real_cli_env(api, tmp_path, AGENT_REUSE_S="60")
+            async with run_service(tmp_path, env=env) as service:
+                await wait_healthy(service, ready=1, timeout=60)
+                async with service.client() as client:
+                    api.enqueue(
+                        ToolUseReply("Bash", {"command": write}),
+                        TextReply("written"),
+                        ToolUseReply("Bash", {"command": look}),
+                        TextReply("listed"),
+                    )
+                    wrote = await run(client, "write a note")
+                    listed = await run(client, "list the files")
+    assert wrote["status"] == 200 and listed["status"] == 200, (wrote, listed)
+    _, _, second, _ = api.model_calls  # write, its tool result, look, its tool result
+    wrote_out = tool_result_text(api.model_calls[1].tool_results()[0]).split("<system-")[0]
+    looked_out = tool_result_text(api.model_calls[3].tool_results()[0]).split("<system-")[0]
+    home = [line for line in wrote_out.splitlines() if line.startswith("home=")]
+    assert home and home[0] in looked_out, (wrote_out, looked_out)  # the same agent
+    assert "note.txt" not in looked_out and "loose" not in looked_out, looked_out
+    # /clear between them: the second request's conversation holds none of the first's.
+    assert "write a note" not in second.all_text()
+    assert wrote["claudeSessionId"] != listed["claudeSessionId"]

@@ -174,6 +174,8 @@ async def test_a_one_shot_with_a_claude_md_runs_on_the_agent_warmed_before_it(tm
                 assert (await put(client, "ALICE-RULE", AS_ALICE)).status_code == 200
                 reply = await memory_of(client, AS_ALICE)
     assert "ALICE-RULE" in reply
-    turns = [e for e in map(json.loads, log.read_text().splitlines()) if e["event"] == "turn"]
+    entries = map(json.loads, log.read_text().splitlines())
+    # (A "/clear" follows: the agent is kept for Alice's next request, AGENT_REUSE_S.)
+    turns = [e for e in entries if e["event"] == "turn" and e["prompt"] != "/clear"]
     assert len(turns) == 1 and turns[0]["pid"] in warm
     assert turns[0]["prompt"] == "[[fake:memory]]"  # the context is not part of the prompt

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -182,3 +183,27 @@ async def test_an_idle_exit_does_not_report_the_last_turn_twice(autojump_clock, 
         # session idle already.
         with pytest.raises(trio.WouldBlock):
             session.messages.receive_nowait()
+
+
+async def test_an_agent_kept_for_its_user_is_replaced_when_the_credentials_change(
+    autojump_clock, nursery
+):
+    with trio.fail_after(LIMIT):
+        agents, version = FakeAgents(), CredentialsVersion()
+        send, messages = trio.open_memory_channel(0)
+        new_agent = retired_when_stale(agents, version)
+        config = attrs.evolve(CONFIG, reuse_s=60.0)
+        nursery.start_soon(serve_worker, "w", config, send, new_agent, Path("/homes"), StopSignal())
+        inbox = await ready(messages)
+        job, reply = make_job()
+        inbox.send_nowait(job)
+        [event async for event in reply]
+        assert (await messages.receive()).job_id == job.id
+        assert (await messages.receive()).bound_to == job.user_id  # kept
+        await trio.sleep(10)
+        version.bump()
+        await ready(messages)  # a fresh agent, long before the 60 s are up
+        assert trio.current_time() < 20
+        first, second = agents.made
+        assert first.events == ["start", "turn hello", "reset", "closed"]
+        assert second.events == ["start"]

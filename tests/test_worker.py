@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 import trio.testing
 
+from claude_code_api.actors import worker as worker_module
 from claude_code_api.actors.stopping import StopSignal
 from claude_code_api.actors.turn import TurnLimits
 from claude_code_api.actors.worker import WorkerConfig, serve_worker
@@ -21,6 +23,7 @@ from claude_code_api.messages import (
     Job,
     JobFailed,
     JobStarted,
+    RunOptions,
     RunResult,
     UpstreamError,
     WorkerFailed,
@@ -137,3 +140,140 @@ async def test_a_refused_credential_reaches_the_dispatcher(autojump_clock, nurse
         assert finished == WorkerFinished("w", job.id, False, UpstreamError(401, "bad key", 1))
         events = [reply.receive_nowait() for _ in range(3)]
         assert events[-1] == JobFailed(502, "upstream API error 401: bad key")
+
+
+# --- reuse for the same user (AGENT_REUSE_S) ------------------------------------------
+
+REUSE = attrs.evolve(CONFIG, reuse_s=5.0)
+
+
+def user_job(user_id: str, job_id: str, **kwargs) -> tuple[Job, trio.MemoryReceiveChannel]:
+    job, reply = make_job(**kwargs)
+    return attrs.evolve(job, id=job_id, user_id=user_id, reply=job.reply), reply
+
+
+async def start_reusing_worker(
+    nursery: trio.Nursery, agents: FakeAgents, config: WorkerConfig = REUSE
+) -> trio.MemoryReceiveChannel:
+    send, receive = trio.open_memory_channel(0)
+    nursery.start_soon(serve_worker, "w", config, send, agents, Path("/homes"), StopSignal())
+    return receive
+
+
+async def finish(job: Job, reply: trio.MemoryReceiveChannel, messages) -> object:
+    """Read ``job``'s reply to its end and the worker's WorkerFinished; the terminal event."""
+    events = [event async for event in reply]
+    assert await messages.receive() == WorkerFinished("w", job.id, True)
+    return events[-1]
+
+
+async def test_a_used_agent_is_reset_and_offered_to_its_user_only(autojump_clock, nursery):
+    with trio.fail_after(LIMIT):
+        agents = FakeAgents()
+        messages = await start_reusing_worker(nursery, agents)
+        inbox = await ready(messages)
+        job, reply = user_job("alice", "j1")
+        inbox.send_nowait(job)
+        assert isinstance(await finish(job, reply, messages), RunResult)
+        offer = await messages.receive()
+        assert offer.bound_to == "alice"  # no WorkerStarting: the same agent, reset
+        second, reply = user_job("alice", "j2", prompt="again")
+        offer.inbox.send_nowait(second)
+        assert isinstance(await finish(second, reply, messages), RunResult)
+        assert (await messages.receive()).bound_to == "alice"
+        assert len(agents.made) == 1
+        assert agents.made[0].events == ["start", "turn hello", "reset", "turn again", "reset"]
+
+
+async def test_another_users_job_runs_on_a_fresh_agent(autojump_clock, nursery):
+    with trio.fail_after(LIMIT):
+        agents = FakeAgents()
+        messages = await start_reusing_worker(nursery, agents)
+        inbox = await ready(messages)
+        job, reply = user_job("alice", "j1")
+        inbox.send_nowait(job)
+        await finish(job, reply, messages)
+        offer = await messages.receive()
+        assert offer.bound_to == "alice"
+        bobs, reply = user_job("bob", "j2", prompt="bob's")
+        offer.inbox.send_nowait(bobs)
+        # Still this worker's job for the dispatcher: no WorkerStarting while it warms.
+        assert isinstance(await finish(bobs, reply, messages), RunResult)
+        assert (await messages.receive()).bound_to == "bob"
+        alices_agent, bobs_agent = agents.made
+        assert alices_agent.events == ["start", "turn hello", "reset", "closed"]
+        assert bobs_agent.events == ["start", "turn bob's", "reset"]
+
+
+async def test_a_kept_agent_is_retired_when_its_time_is_up(autojump_clock, nursery):
+    with trio.fail_after(LIMIT):
+        agents = FakeAgents()
+        messages = await start_reusing_worker(nursery, agents)
+        inbox = await ready(messages)
+        job, reply = user_job("alice", "j1")
+        inbox.send_nowait(job)
+        await finish(job, reply, messages)
+        assert (await messages.receive()).bound_to == "alice"
+        kept_at = trio.current_time()
+        assert await messages.receive() == WorkerStarting("w")
+        assert trio.current_time() - kept_at == REUSE.reuse_s
+        assert (await messages.receive()).bound_to is None
+        assert agents.made[0].events[-1] == "closed" and agents.made[1].events == ["start"]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["failed", "model", "reset fails", "reuse off"],
+)
+async def test_an_agent_is_retired_instead_of_kept(autojump_clock, nursery, case):
+    with trio.fail_after(LIMIT):
+        agents = FakeAgents(
+            script=lambda p: [Finish("bad", is_error=True)] if case == "failed" else [Finish("ok")],
+            reset_failure="no /clear" if case == "reset fails" else None,
+        )
+        messages = await start_reusing_worker(
+            nursery, agents, CONFIG if case == "reuse off" else REUSE
+        )
+        inbox = await ready(messages)
+        job, reply = user_job("alice", "j1")
+        if case == "model":  # a job that switched the agent's model leaves it switched
+            job = attrs.evolve(job, options=RunOptions(model="other"))
+        inbox.send_nowait(job)
+        [event async for event in reply]
+        assert (await messages.receive()).job_id == "j1"
+        assert await messages.receive() == WorkerStarting("w")
+        assert (await messages.receive()).bound_to is None
+        assert agents.made[0].events[-1] == "closed" and len(agents.made) == 2
+
+
+async def test_an_agent_serves_at_most_max_reuses_requests(autojump_clock, nursery, monkeypatch):
+    monkeypatch.setattr(worker_module, "MAX_REUSES", 2)
+    with trio.fail_after(LIMIT):
+        agents = FakeAgents()
+        messages = await start_reusing_worker(nursery, agents)
+        offer = WorkerReady("w", await ready(messages))
+        for n in range(3):
+            job, reply = user_job("alice", f"j{n}")
+            offer.inbox.send_nowait(job)
+            await finish(job, reply, messages)
+            offer = await messages.receive()
+        assert offer == WorkerStarting("w")
+        assert (await messages.receive()).bound_to is None
+        assert agents.made[0].events.count("reset") == 2 and len(agents.made) == 2
+
+
+async def test_retiring_and_warming_wait_for_the_reply_to_leave(autojump_clock, nursery):
+    with trio.fail_after(LIMIT):
+        agents = FakeAgents()
+        messages = await start_worker(nursery, agents)
+        inbox = await ready(messages)
+        job, reply = make_job()
+        inbox.send_nowait(job)
+        [event async for event in reply]
+        assert (await messages.receive()).job_id == job.id
+        # The reply's reader is still busy (never blocked): the used agent is left alone.
+        for _ in range(100):
+            await trio.lowlevel.checkpoint()
+            assert not agents.made[0]._closed
+        await ready(messages)
+        assert agents.made[0]._closed

@@ -8,6 +8,9 @@ reserved for it), so a slow client or worker can never stall dispatch.
 * A job starts the moment a worker is warm: a :class:`WorkerReady` or a
   :class:`Submit` each dispatch at once. No polling, and jobs submitted while the
   pool is still warming wait in the queue instead of being forgotten.
+* A worker whose agent is kept for one user (``WorkerReady.bound_to``) gets that
+  user's jobs first; other users' jobs go to fresh workers first, and to a kept
+  one only when no other is idle (it then replaces its agent before the job).
 * Each job's deadline covers its wait here: an overdue queued job is answered
   ``timed_out`` by the dispatcher; once running, its worker enforces the rest.
 * The queue is fair between users (round-robin between their lines, FIFO within
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -94,6 +98,25 @@ class _WorkerRecord:
     failing: bool = False
     inbox: trio.MemorySendChannel[Job] | None = None
     job: Job | None = None  # the job handed to it and not finished yet
+    bound_to: str | None = None  # its ready agent served this user last (WorkerReady)
+
+
+@attrs.define(eq=False)
+class PoolView:
+    """The pool's state as ``/health`` shows it, read without a message to the dispatcher.
+
+    The running dispatcher publishes how to read it (a restarted one replaces
+    that); :meth:`read` answers at once from the dispatcher's own state, so
+    ``/health`` never waits behind the jobs in the dispatcher's inbox. Only on
+    the trio thread: the dispatcher changes its state between two messages, never
+    across an await, so what a reader sees is consistent.
+    """
+
+    source: Callable[[], PoolSnapshot] | None = None
+
+    def read(self) -> PoolSnapshot | None:
+        """The pool's workers, queue and state now (no sessions, no runs); None: no dispatcher."""
+        return None if self.source is None else self.source()
 
 
 @attrs.frozen
@@ -120,8 +143,10 @@ class Dispatcher:
         session_starter: trio.MemorySendChannel[StartSession] | None = None,
         registry: trio.MemorySendChannel[Any] | None = None,
         session_limits: SessionLimits = SessionLimits(),
+        view: PoolView | None = None,
     ):
         self.inbox = inbox
+        self.view = view
         self.registry = registry
         self.session_starter = session_starter
         self.sessions = SessionScheduler(
@@ -153,6 +178,8 @@ class Dispatcher:
         restarted dispatcher (a fresh object) reads the same inbox. If this one
         crashes, the jobs it holds are answered 503 on the way out.
         """
+        if self.view is not None:
+            self.view.source = self.health_snapshot
         task_status.started()
         try:
             while True:
@@ -172,6 +199,9 @@ class Dispatcher:
             self._fail_queued(SHUTTING_DOWN if self.draining else RESTARTING)
             self.sessions.fail_all_waiting(SHUTTING_DOWN if self.draining else RESTARTING)
             raise
+        finally:
+            if self.view is not None and self.view.source == self.health_snapshot:
+                self.view.source = None
 
     def on_time(self, now: float) -> None:
         """Everything due by ``now``, then dispatch: after it, no deadline is in the past."""
@@ -204,10 +234,11 @@ class Dispatcher:
                 self._drop_offer(record)
                 record.state, record.busy_since, record.job = WorkerState.STARTING, None, None
                 self._forget_idle(worker_id)
-            case WorkerReady(worker_id, inbox):
+            case WorkerReady(worker_id, inbox, bound_to):
                 record = self._record(worker_id)
                 self._drop_offer(record)
                 record.state, record.failing, record.inbox = WorkerState.READY, False, inbox
+                record.bound_to = bound_to
                 record.busy_since = record.job = None
                 self.ever_ready = True
                 self._forget_idle(worker_id)
@@ -312,11 +343,13 @@ class Dispatcher:
 
     def _dispatch(self) -> None:
         while self.idle and len(self.queue):
-            worker_id = self.idle.pop(0)
-            record = self.workers[worker_id]
             job = self.queue.pop_next()
+            assert job is not None
+            worker_id = self._worker_for(job)
+            self.idle.remove(worker_id)
+            record = self.workers[worker_id]
             inbox, record.inbox = record.inbox, None
-            assert job is not None and inbox is not None
+            assert inbox is not None
             try:
                 inbox.send_nowait(job)
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
@@ -328,6 +361,17 @@ class Dispatcher:
                 inbox.close()  # one job per offer
             record.state, record.busy_since, record.job = WorkerState.BUSY, time.time(), job
             record.jobs += 1
+
+    def _worker_for(self, job: Job) -> str:
+        """The idle worker to run ``job``: the longest idle of those whose agent serves its
+        user already, else of the fresh ones, else of those kept for other users (which
+        replaces its agent first: an agent never serves two users).
+        """
+        for wanted in (job.user_id, None):
+            for worker_id in self.idle:
+                if self.workers[worker_id].bound_to == wanted:
+                    return worker_id
+        return self.idle[0]
 
     def _start_session(self, message: StartSession) -> bool:
         """Ask the session supervisor for an actor; False when its channel is full.
@@ -415,13 +459,28 @@ class Dispatcher:
         ]
         return tuple(sorted(views, key=lambda view: view.queued_at))
 
-    def snapshot(self, user_id: str | None = None) -> PoolSnapshot:
-        views = tuple(
+    def health_snapshot(self) -> PoolSnapshot:
+        """What ``/health`` shows (:class:`PoolView`): :meth:`snapshot` without sessions and runs."""
+        return PoolSnapshot(
+            workers=self._worker_views(),
+            queue_length=len(self.queue),
+            queue_max=self.queue.max_size,
+            processed=self.processed,
+            failed=self.failed,
+            degraded_reason=self.degraded_reason(),
+            draining=self.draining,
+            ever_ready=self.ever_ready,
+        )
+
+    def _worker_views(self) -> tuple[WorkerView, ...]:
+        return tuple(
             WorkerView(wid, r.state, r.busy_since, r.jobs, r.last_error)
             for wid, r in sorted(self.workers.items())
         )
+
+    def snapshot(self, user_id: str | None = None) -> PoolSnapshot:
         return PoolSnapshot(
-            workers=views,
+            workers=self._worker_views(),
             queue_length=len(self.queue),
             queue_max=self.queue.max_size,
             processed=self.processed,

@@ -4,7 +4,20 @@ A worker loops: warm an agent (process started, ``initialize`` answered, no
 model call), tell the dispatcher it is ready, run the one job it is given, then
 retire that process while a fresh one warms — so nothing leaks from one request
 to the next. Each agent is ephemeral: its own HOME under ``homes``, removed
-when it retires, and no transcript kept.
+when it retires, and no transcript kept. Retiring and warming wait until the
+job's reply has left (:func:`after_the_reply`): they must not take the CPU from it.
+
+Reuse for the same user (``AGENT_REUSE_S`` > 0): after a job that went well,
+the worker may keep its agent for that job's user only — it resets it
+(``/clear``, its HOME emptied: :meth:`Agent.reset`) and offers itself to the
+dispatcher *bound* to that user (:class:`Binding`) for ``AGENT_REUSE_S``. The
+dispatcher prefers it for that user's jobs. A job of any other user handed to
+it never runs on that agent: the worker retires it and runs the job on a fresh
+one. When the time is up, after :data:`MAX_REUSES` requests, or after a job
+that failed, timed out, was cancelled or switched the agent's model or
+permission mode, the agent is retired as without reuse. The user's CLAUDE.md
+comes with every one-shot prompt (``Job.memory``), so a kept agent uses the
+current one.
 
 A job whose options are process arguments (a system prompt, tools, turn or
 budget limits: :attr:`RunOptions.needs_own_process`) runs on an agent started for
@@ -30,15 +43,18 @@ the replacement.
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import attrs
 import trio
+import trio.testing
 
-from ..agent import AgentFactory, AgentSpec, AgentStartError
+from ..agent import Agent, AgentError, AgentFactory, AgentSpec, AgentStartError
 from ..messages import (
+    DEFAULT_OPTIONS,
     DispatcherMessage,
     Job,
     JobFailed,
@@ -53,12 +69,18 @@ from .turn import TurnLimits, TurnOutcome, outcome_before_start, run_turn
 log = logging.getLogger(__name__)
 
 SHUTTING_DOWN = JobFailed(503, "service is shutting down")
+# An agent serves at most this many requests (of one user), so its memory cannot creep.
+MAX_REUSES = 50
+# How long retiring a used agent and warming the next wait, at most, for the reply to leave.
+REPLY_HEAD_START_S = 0.05
 
 
 @attrs.frozen
 class WorkerConfig:
     warmup_timeout_s: float
     turn: TurnLimits
+    # AGENT_REUSE_S: how long a used agent waits for its user's next request (0: never).
+    reuse_s: float = 0.0
 
 
 async def serve_worker(
@@ -93,10 +115,13 @@ async def _work(
     retiring: trio.Nursery,
 ) -> AgentStartError | None:
     """The worker's loop; returns the warm-up failure that ends it, if one does."""
-    # A job handed over just as the previous agent died while idle: run it on the next.
+    # A job handed over that the agent at hand must not run (it died while idle, or it
+    # served another user): it runs on the next agent, still this worker's job for the
+    # dispatcher (so no WorkerStarting for it).
     carried: Job | None = None
     while not stop.requested:
-        await dispatcher.send(WorkerStarting(worker_id))
+        if carried is None:
+            await dispatcher.send(WorkerStarting(worker_id))
         spec = AgentSpec(name=worker_id, home=homes / uuid.uuid4().hex[:12], ephemeral=True)
         agent = new_agent(spec)
         try:
@@ -110,20 +135,24 @@ async def _work(
         if stop.requested:  # stopped while warming up
             await agent.close(grace=0)
             break
+        binding: Binding | None = None  # whom the agent serves, once it has served anyone
         try:
             while True:
                 job, carried = carried, None
                 if job is None:
-                    job = await _offer(worker_id, dispatcher, stop, agent.wait_exited)
+                    job = await _offer(worker_id, dispatcher, stop, agent.wait_exited, binding)
                 if job is not None and agent.exited:
                     log.warning("%s: agent exited while idle; starting another", worker_id)
+                    carried = job
+                elif job is not None and binding is not None and not binding.may_run(job):
+                    # Never across users: another user's job gets a fresh agent.
                     carried = job
                 if job is None or carried is not None:
                     break
                 taken_at = trio.current_time()
                 if job.options.needs_own_process:
                     # Options that are process arguments: a process of its own for this
-                    # job; the warm one stays unused and is offered again.
+                    # job; the warm one stays unused and is offered again, as it was.
                     outcome = await _run_on_own_agent(
                         worker_id, config, job, new_agent, homes, stop, retiring, taken_at
                     )
@@ -144,7 +173,14 @@ async def _work(
                 await dispatcher.send(
                     WorkerFinished(worker_id, job.id, outcome.ok, outcome.upstream_error)
                 )
-                if not job.options.needs_own_process or stop.requested:
+                if stop.requested:
+                    break
+                if job.options.needs_own_process:
+                    continue
+                # What follows (a reset, or a retirement and a warm-up) waits for the reply.
+                await after_the_reply()
+                binding = await _keep_for_user(worker_id, config, agent, job, outcome, binding)
+                if binding is None:
                     break
         except BaseException:
             await agent.close(grace=0)
@@ -156,6 +192,52 @@ async def _work(
     if carried is not None:
         carried.answer(SHUTTING_DOWN)
     return None
+
+
+@attrs.frozen
+class Binding:
+    """The one user a used agent may serve next, until when, and how often it has."""
+
+    user_id: str
+    until: float  # trio time
+    uses: int
+
+    def may_run(self, job: Job) -> bool:
+        """A job of its user; or one that runs on a process of its own, not this agent."""
+        return job.user_id == self.user_id or job.options.needs_own_process
+
+
+async def _keep_for_user(
+    worker_id: str,
+    config: WorkerConfig,
+    agent: Agent,
+    job: Job,
+    outcome: TurnOutcome,
+    binding: Binding | None,
+) -> Binding | None:
+    """Reset ``agent`` for ``job``'s user's next request; None: retire it instead.
+
+    Kept only after a job that went well and changed nothing on the agent (no model
+    or permission mode of its own), at most :data:`MAX_REUSES` times, while
+    ``AGENT_REUSE_S`` is on. A reset that fails retires the agent.
+    """
+    uses = 0 if binding is None else binding.uses
+    if (
+        config.reuse_s <= 0
+        or uses >= MAX_REUSES
+        or not outcome.ok
+        or not outcome.agent_usable
+        or outcome.cut is not None
+        or job.options != DEFAULT_OPTIONS
+        or agent.exited
+    ):
+        return None
+    try:
+        await agent.reset(config.warmup_timeout_s)
+    except AgentError as exc:
+        log.info("%s: agent not reused: %s", worker_id, exc)
+        return None
+    return Binding(job.user_id, trio.current_time() + config.reuse_s, uses + 1)
 
 
 async def _run_on_own_agent(
@@ -214,21 +296,37 @@ async def _run_on_own_agent(
         retiring.start_soon(agent.close)
 
 
+async def after_the_reply() -> None:
+    """Return once every other task waits — the reply just answered is on its socket.
+
+    Retiring an agent and warming the next are CPU-heavy (a process exits, another
+    starts); done at once, they compete with the reply they follow for the CPU.
+    trio has no task priorities: waiting until all else waits is the lowest one.
+    Under steady load the service may never be all idle, so it is bounded
+    (:data:`REPLY_HEAD_START_S`).
+    """
+    with trio.move_on_after(REPLY_HEAD_START_S):
+        await trio.testing.wait_all_tasks_blocked()
+
+
 async def _offer(
     worker_id: str,
     dispatcher: trio.MemorySendChannel[DispatcherMessage],
     stop: StopSignal,
     agent_exited: Callable[[], Awaitable[None]],
+    binding: Binding | None = None,
 ) -> Job | None:
     """Tell the dispatcher this worker is ready and wait for its one job.
 
-    Returns None when stopped, or when the idle agent's process exited and no
-    job had been handed over; the caller checks ``agent.exited``.
+    Returns None when stopped, when a ``binding``'s time is up with no job, or
+    when the idle agent's process exited and no job had been handed over; the
+    caller checks ``agent.exited``.
     """
     # Buffer 1: the dispatcher hands over exactly one job without waiting.
     job_send, job_receive = trio.open_memory_channel[Job](1)
     async with job_receive:
-        await dispatcher.send(WorkerReady(worker_id, job_send))
+        bound_to = None if binding is None else binding.user_id
+        await dispatcher.send(WorkerReady(worker_id, job_send, bound_to))
         job = None
         async with trio.open_nursery() as nursery:
 
@@ -237,7 +335,7 @@ async def _offer(
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(end_wait_if_agent_exits)
-            with stop.guard():
+            with stop.guard(), trio.move_on_at(math.inf if binding is None else binding.until):
                 job = await job_receive.receive()
             nursery.cancel_scope.cancel()
         if job is not None:

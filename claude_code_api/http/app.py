@@ -27,6 +27,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from .. import metrics
 from ..actors.credentials import ANSWER_TIMEOUT_S, CredentialsClient, CredentialsUnavailable
+from ..actors.dispatcher import PoolView
 from ..actors.registry import RegistryClient, RegistryError, SessionRecord
 from ..config import Settings
 from ..messages import (
@@ -247,8 +248,12 @@ def create_app(
     registry: RegistryClient,
     store_status: StoreStatus | None = None,
     credentials: CredentialsClient | None = None,
+    pool_view: PoolView | None = None,
 ) -> QuartTrio:
     """Build the app; ``dispatcher`` is a send channel to the dispatcher's inbox.
+
+    ``/health`` reads ``pool_view`` (the dispatcher's published state) when it can,
+    so it never waits behind work; else it asks the dispatcher.
 
     Without ``credentials`` (tests of other routes), ``/auth/*`` answers 503.
     """
@@ -315,7 +320,10 @@ def create_app(
     @app.get("/health")
     async def health() -> Response:
         uptime_ms = round((time.monotonic() - started_at) * 1000)
-        body, code = health_body(await pool_snapshot(dispatcher), uptime_ms, store.failure)
+        snapshot = None if pool_view is None else pool_view.read()
+        if snapshot is None:
+            snapshot = await pool_snapshot(dispatcher)
+        body, code = health_body(snapshot, uptime_ms, store.failure)
         response = jsonify(body)
         response.status_code = code
         return response

@@ -80,9 +80,11 @@ async def open_job(
             # The request is over. If the job is still running, its agent is
             # interrupted at once (the client left); harmless once it has answered.
             job.cancellation.cancel(CLIENT_GONE)
-            # Idempotent for the dispatcher; needed when the client left mid-queue.
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await dispatcher.send(Withdraw(job.id))
+            # Needed when the client left mid-queue. A job whose reply is closed has been
+            # answered (or withdrawn): nobody holds it any more, so no message is due.
+            if reply_receive.statistics().open_send_channels:
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await dispatcher.send(Withdraw(job.id))
 
 
 async def run_job(
