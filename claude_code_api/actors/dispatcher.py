@@ -479,15 +479,10 @@ class Dispatcher:
         )
 
     def snapshot(self, user_id: str | None = None) -> PoolSnapshot:
-        return PoolSnapshot(
-            workers=self._worker_views(),
-            queue_length=len(self.queue),
-            queue_max=self.queue.max_size,
-            processed=self.processed,
-            failed=self.failed,
-            degraded_reason=self.degraded_reason(),
-            draining=self.draining,
-            ever_ready=self.ever_ready,
+        """:meth:`health_snapshot` with the sessions, the upstream auth error, and
+        ``user_id``'s runs (none without one)."""
+        return attrs.evolve(
+            self.health_snapshot(),
             sessions=self.sessions.views(),
             upstream_auth_error=self.upstream_auth_error,
             upstream_auth_error_at=self.upstream_auth_error_at,
