@@ -29,6 +29,7 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -328,38 +329,76 @@ class AgentLauncher:
         keeps its working directory), everything else in the HOME is removed, but
         in Claude Code's config dir only what it would read as instructions or
         settings (:data:`CONFIG_ENTRIES_EMPTIED`): the rest there is the CLI's own
-        bookkeeping. Symbolic links are removed, never followed. Blocking.
+        bookkeeping. Blocking.
+
+        Everything is removed through directory descriptors opened without following
+        symbolic links, never by path: a process the request left running may swap a
+        directory for a link to another user's home while this runs, and must not
+        make the service (which can write there) delete anything outside this HOME.
 
         Raises OSError when something cannot be removed, or a directory the
         process relies on is gone or replaced (the agent is then not reused).
         """
-        kept = (spec.cwd, spec.home / "tmp")
-        for directory in (spec.home, *kept, spec.config_dir):
-            if directory.is_symlink() or not directory.is_dir():
-                raise OSError(f"{directory} is no longer a directory")
-        for entry in spec.home.iterdir():
-            if entry not in (*kept, spec.config_dir):
-                _remove(entry)
-        for directory in kept:
-            for entry in directory.iterdir():
-                _remove(entry)
-        for name in CONFIG_ENTRIES_EMPTIED:
-            _remove(spec.config_dir / name)
+        emptied = (spec.cwd.name, "tmp")
+        config = spec.config_dir.name
+        home_fd = _open_directory(spec.home)
+        try:
+            for name in os.listdir(home_fd):
+                if name not in (*emptied, config):
+                    _remove_at(home_fd, name)
+            for directory in (*emptied, config):
+                directory_fd = _open_directory(directory, dir_fd=home_fd)
+                try:
+                    names = CONFIG_ENTRIES_EMPTIED if directory == config else None
+                    for name in names or os.listdir(directory_fd):
+                        _remove_at(directory_fd, name)
+                finally:
+                    os.close(directory_fd)
+        finally:
+            os.close(home_fd)
 
     def cleanup(self, spec: AgentSpec, launcher: Path | None) -> None:
         """Remove what :meth:`prepare` made that must not outlive the agent. Blocking."""
         if launcher is not None:
             launcher.unlink(missing_ok=True)
         if spec.ephemeral:
-            shutil.rmtree(spec.home, ignore_errors=True)
+            remove_tree(spec.home)
 
 
-def _remove(path: Path) -> None:
-    """Remove ``path`` (a directory with what is in it); a symbolic link itself, not its target."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
+def remove_tree(path: Path) -> None:
+    """Remove the directory tree ``path`` whatever it holds; never raises. Blocking.
+
+    shutil.rmtree recurses, so a tree deeper than Python's recursion limit (one
+    Bash command makes one) raises RecursionError even when told to ignore
+    errors: ``rm -rf`` removes such a tree instead.
+    """
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    except RecursionError:
+        subprocess.run(["rm", "-rf", "--", str(path)], check=False)
+
+
+def _open_directory(path: Path | str, *, dir_fd: int | None = None) -> int:
+    """A descriptor of the directory ``path`` (in ``dir_fd``); OSError if it is a link."""
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+
+
+def _remove_at(dir_fd: int, name: str) -> None:
+    """Remove ``name`` in the directory ``dir_fd``: a tree, a file, or a link itself.
+
+    shutil.rmtree with ``dir_fd`` walks by descriptors and refuses a directory that
+    became a link; a file that became a directory fails unlink. Missing is fine.
+    """
+    try:
+        is_directory = stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+        if is_directory:
+            shutil.rmtree(name, dir_fd=dir_fd)
+        else:
+            os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except RecursionError as exc:  # deeper than shutil.rmtree can go: not reused
+        raise OSError(f"{name}: directory tree too deep to empty") from exc
 
 
 def make_launcher(

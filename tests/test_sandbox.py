@@ -173,3 +173,85 @@ def test_an_ephemeral_home_is_removed_with_its_launcher(tmp_path):
     assert path.is_file() and spec.cwd.is_dir() and spec.config_dir.is_dir()
     launcher.cleanup(spec, path)
     assert not path.exists() and not spec.home.exists()
+
+
+def kept_agent_home(tmp_path: Path) -> tuple[object, AgentSpec, Path]:
+    """A launcher, a one-shot agent's prepared HOME, and another user's home beside it."""
+    launcher = launcher_for(tmp_path, sandbox=False)
+    spec = AgentSpec(name="worker-1", home=tmp_path / "data/workers/w1", ephemeral=True)
+    for directory in (spec.cwd, spec.config_dir, spec.home / "tmp"):
+        directory.mkdir(parents=True)
+    victim = tmp_path / "data/users/bob"
+    (victim / "workspace").mkdir(parents=True)
+    (victim / "workspace/important.txt").write_text("bob's")
+    (victim / ".claude/projects").mkdir(parents=True)
+    (victim / ".claude/CLAUDE.md").write_text("bob's memory")
+    return launcher, spec, victim
+
+
+def files_of(victim: Path) -> list[str]:
+    return sorted(str(path.relative_to(victim)) for path in victim.rglob("*"))
+
+
+def test_emptying_a_kept_agents_home_removes_what_the_request_left_and_never_follows_links(
+    tmp_path,
+):
+    launcher, spec, victim = kept_agent_home(tmp_path)
+    before = files_of(victim)
+    (spec.cwd / "out/deep").mkdir(parents=True)
+    (spec.cwd / "out/deep/file").write_text("x")
+    (spec.cwd / "to-bob").symlink_to(victim / "workspace")
+    (spec.home / "tmp/scratch").write_text("x")
+    (spec.home / ".bashrc").write_text("x")
+    (spec.home / "bob-home").symlink_to(victim)
+    (spec.config_dir / "CLAUDE.md").symlink_to(victim / ".claude/CLAUDE.md")
+    (spec.config_dir / "projects").symlink_to(victim / ".claude/projects")
+    (spec.config_dir / "skills/s").mkdir(parents=True)
+    (spec.config_dir / "statsig").mkdir()  # the CLI's own bookkeeping stays
+    launcher.empty_home(spec)
+    assert sorted(os.listdir(spec.home)) == [".claude", "tmp", "workspace"]
+    assert os.listdir(spec.cwd) == [] and os.listdir(spec.home / "tmp") == []
+    assert os.listdir(spec.config_dir) == ["statsig"]
+    assert files_of(victim) == before
+
+
+def test_a_directory_swapped_for_a_link_while_emptying_deletes_nothing_outside(
+    tmp_path, monkeypatch
+):
+    # A process the request left running replaces the workspace and the config dir
+    # with links to another user's home while the service empties the HOME.
+    from claude_code_api import sandbox
+
+    launcher, spec, victim = kept_agent_home(tmp_path)
+    before = files_of(victim)
+    (spec.home / "left-behind").write_text("x")
+    remove_at = sandbox._remove_at
+
+    def swap_then_remove(dir_fd: int, name: str) -> None:
+        for directory, target in ((spec.cwd, "workspace"), (spec.config_dir, ".claude")):
+            if not directory.is_symlink():
+                shutil.rmtree(directory)
+                directory.symlink_to(victim / target)
+        remove_at(dir_fd, name)
+
+    monkeypatch.setattr(sandbox, "_remove_at", swap_then_remove)
+    with pytest.raises(OSError):
+        launcher.empty_home(spec)
+    assert files_of(victim) == before
+
+
+def test_a_tree_deeper_than_the_recursion_limit_is_refused_by_reset_and_removed_by_cleanup(
+    tmp_path,
+):
+    launcher, spec, _ = kept_agent_home(tmp_path)
+    directory_fd = os.open(spec.cwd, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(1500):  # by descriptors: paths this long are past PATH_MAX
+        os.mkdir("d", dir_fd=directory_fd)
+        inner = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=directory_fd)
+        os.close(directory_fd)
+        directory_fd = inner
+    os.close(directory_fd)
+    with pytest.raises(OSError, match="too deep"):
+        launcher.empty_home(spec)  # the agent is then retired, not reused
+    launcher.cleanup(spec, None)  # no RecursionError out of the worker
+    assert not spec.home.exists()

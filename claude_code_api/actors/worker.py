@@ -69,7 +69,7 @@ from .turn import TurnLimits, TurnOutcome, outcome_before_start, run_turn
 log = logging.getLogger(__name__)
 
 SHUTTING_DOWN = JobFailed(503, "service is shutting down")
-# An agent serves at most this many requests (of one user), so its memory cannot creep.
+# An agent is kept at most this many times (for one user), so its memory cannot creep.
 MAX_REUSES = 50
 # How long retiring a used agent and warming the next wait, at most, for the reply to leave.
 REPLY_HEAD_START_S = 0.05
