@@ -17,7 +17,7 @@ import trio.testing
 from claude_code_api.actors import worker as worker_module
 from claude_code_api.actors.stopping import StopSignal
 from claude_code_api.actors.turn import TurnLimits
-from claude_code_api.actors.worker import WorkerConfig, serve_worker
+from claude_code_api.actors.worker import SHUTTING_DOWN, WorkerConfig, serve_worker
 from claude_code_api.agent import AgentStartError
 from claude_code_api.messages import (
     Job,
@@ -203,6 +203,28 @@ async def test_another_users_job_runs_on_a_fresh_agent(autojump_clock, nursery):
         alices_agent, bobs_agent = agents.made
         assert alices_agent.events == ["start", "turn hello", "reset", "closed"]
         assert bobs_agent.events == ["start", "turn bob's", "reset"]
+
+
+async def test_a_job_carried_to_a_fresh_agent_is_answered_if_the_worker_is_cancelled(
+    autojump_clock,
+):
+    # Bob's job waits for a fresh agent (the kept one served alice); the worker is
+    # cancelled from outside (its supervisor) while that agent warms: bob is answered.
+    with trio.fail_after(LIMIT):
+        agents = FakeAgents()
+        async with trio.open_nursery() as worker_nursery:
+            messages = await start_reusing_worker(worker_nursery, agents)
+            inbox = await ready(messages)
+            job, reply = user_job("alice", "j1")
+            inbox.send_nowait(job)
+            await finish(job, reply, messages)
+            offer = await messages.receive()
+            bobs, bobs_reply = user_job("bob", "j2")
+            offer.inbox.send_nowait(bobs)
+            await trio.sleep(agents.start_s / 2)
+            assert len(agents.made) == 2  # bob's agent is warming
+            worker_nursery.cancel_scope.cancel()
+        assert [event async for event in bobs_reply] == [SHUTTING_DOWN]
 
 
 async def test_a_kept_agent_is_retired_when_its_time_is_up(autojump_clock, nursery):

@@ -128,10 +128,14 @@ async def _work(
             with stop.guard():
                 await agent.start(config.warmup_timeout_s)
         except AgentStartError as exc:
-            await dispatcher.send(WorkerFailed(worker_id, str(exc)))
-            if carried is not None:
+            if carried is not None:  # answered first: the send below may be cancelled
                 carried.answer(JobFailed(502, str(exc)))
+            await dispatcher.send(WorkerFailed(worker_id, str(exc)))
             return exc
+        except BaseException:  # cancelled from outside while warming: nobody else answers it
+            if carried is not None:
+                carried.answer(SHUTTING_DOWN)
+            raise
         if stop.requested:  # stopped while warming up
             await agent.close(grace=0)
             break
