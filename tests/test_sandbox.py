@@ -251,7 +251,12 @@ def test_a_tree_deeper_than_the_recursion_limit_is_refused_by_reset_and_removed_
         os.close(directory_fd)
         directory_fd = inner
     os.close(directory_fd)
-    with pytest.raises(OSError, match="too deep"):
-        launcher.empty_home(spec)  # the agent is then retired, not reused
-    launcher.cleanup(spec, None)  # no RecursionError out of the worker
-    assert not spec.home.exists()
+    try:
+        with pytest.raises(OSError, match="too deep"):
+            launcher.empty_home(spec)  # the agent is then retired, not reused
+        launcher.cleanup(spec, None)  # no RecursionError out of the worker
+        assert not spec.home.exists()
+    finally:
+        # Whatever happened: pytest's own clean-up of old temporary directories
+        # (shutil.rmtree) would fail on this tree in a later run.
+        subprocess.run(["rm", "-rf", "--", str(spec.home)], check=True)
