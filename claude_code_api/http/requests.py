@@ -269,11 +269,7 @@ def parse_run_options(obj: dict[str, Any], ceiling: OptionCeiling | None) -> Run
     if system_prompt is not None:
         if not isinstance(system_prompt, str):
             raise BadRequest(f"systemPrompt: expected a string, got {_json_type(system_prompt)}")
-        try:
-            size = len(system_prompt.encode("utf-8"))
-        except UnicodeEncodeError:
-            raise BadRequest("systemPrompt: not valid Unicode text (a lone surrogate)") from None
-        if size > MAX_SYSTEM_PROMPT_BYTES:
+        if _utf8_size("systemPrompt", system_prompt) > MAX_SYSTEM_PROMPT_BYTES:
             raise BadRequest(f"systemPrompt: exceeds {MAX_SYSTEM_PROMPT_BYTES} bytes")
         if "\x00" in system_prompt:
             raise BadRequest("systemPrompt: must not contain NUL characters")
@@ -316,6 +312,14 @@ def parse_run_options(obj: dict[str, Any], ceiling: OptionCeiling | None) -> Run
         max_budget_usd=None if budget is None else float(budget),
         permission_mode=mode,
     )
+
+
+def _utf8_size(field: str, text: str) -> int:
+    """``text``'s size in UTF-8; a lone surrogate (JSON lets one be written) is a 400."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise BadRequest(f"{field}: not valid Unicode text (a lone surrogate)") from None
 
 
 def _is_unicode(text: str) -> bool:
@@ -387,10 +391,6 @@ def parse_user_claude_request(body: bytes, *, max_bytes: int) -> str:
         raise BadRequest('content: required, a string (the CLAUDE.md text; "" removes it)')
     if not isinstance(content, str):
         raise BadRequest(f"content: expected a string, got {_json_type(content)}")
-    try:
-        size = len(content.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise BadRequest("content: not valid Unicode text (a lone surrogate)") from None
-    if size > max_bytes:
+    if _utf8_size("content", content) > max_bytes:
         raise BadRequest(f"content: exceeds {max_bytes} bytes ({max_bytes // 1024} KiB)", 413)
     return content
