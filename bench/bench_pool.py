@@ -55,6 +55,7 @@ import trio  # noqa: E402
 
 import claude_code_api  # noqa: E402
 from bench.original import (  # noqa: E402
+    OURS,
     OriginalBuild,
     header_lines,
     launch,
@@ -392,12 +393,24 @@ def parse_args() -> argparse.Namespace:
         help="one-shot requests per round and side, shared by the clients (default 100)",
     )
     vs.add_argument(
+        "--vs-ours-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for our service only, e.g. AGENT_REUSE_S=0 (a fresh agent per "
+        "request, as the original); repeatable",
+    )
+    vs.add_argument(
         "--vs-health-samples",
         type=int,
         default=200,
         help="GET /health timed per round and side (default 200)",
     )
-    return parser.parse_args()
+    args = parser.parse_args()
+    for item in args.vs_ours_env:
+        if "=" not in item:
+            parser.error(f"--vs-ours-env {item!r}: expected NAME=VALUE")
+    return args
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -415,17 +428,19 @@ async def main(args: argparse.Namespace) -> None:
 # --- side by side with the original (--original) ------------------------------------------
 
 
-def vs_env(workdir: Path, pool_size: int, clients: int) -> dict[str, str]:
-    """The same environment for either side (the original ignores what it does not know)."""
-    return service_env(
-        workdir,
-        {
-            "API_KEYS": API_KEY,
-            "POOL_SIZE": str(pool_size),
-            "QUEUE_MAX": str(max(20, 2 * clients)),
-        },
-        record_pids=False,
-    )
+def vs_env(
+    workdir: Path, pool_size: int, clients: int, side: str, ours_env: list[str]
+) -> dict[str, str]:
+    """The same environment for either side (the original ignores what it does not know),
+    and ``ours_env`` (NAME=VALUE items) for ours only."""
+    overrides = {
+        "API_KEYS": API_KEY,
+        "POOL_SIZE": str(pool_size),
+        "QUEUE_MAX": str(max(20, 2 * clients)),
+    }
+    if side == OURS:
+        overrides.update(item.split("=", 1) for item in ours_env)
+    return service_env(workdir, overrides, record_pids=False)
 
 
 async def vs_startup(
@@ -527,6 +542,7 @@ async def run_side_by_side(args: argparse.Namespace, workdir: Path, run_started:
         f"  arguments:       rounds={args.vs_rounds} pool_sizes={pool_sizes} "
         f"clients={args.vs_clients} requests={args.vs_requests} "
         f"health_samples={args.vs_health_samples}"
+        + (f"; ours only: {' '.join(args.vs_ours_env)}" if args.vs_ours_env else "")
     )
     sides = sides_of(build)
     original = build if isinstance(build, OriginalBuild) else None
@@ -540,11 +556,16 @@ async def run_side_by_side(args: argparse.Namespace, workdir: Path, run_started:
     meter = QuietMeter()
     for side in sides:  # untimed: fills Python's bytecode and tsx's transform caches
         fresh = workdir / f"startup-{side}-untimed"
-        await vs_startup(side, original, vs_env(fresh, pool_sizes[0], args.vs_clients), fresh)
+        await vs_startup(
+            side,
+            original,
+            vs_env(fresh, pool_sizes[0], args.vs_clients, side, args.vs_ours_env),
+            fresh,
+        )
     for r, order in enumerate(orders):
         for side in order:
             fresh = workdir / f"startup-{side}-{r}"
-            env = vs_env(fresh, pool_sizes[0], args.vs_clients)
+            env = vs_env(fresh, pool_sizes[0], args.vs_clients, side, args.vs_ours_env)
             first, all_ready = await vs_startup(side, original, env, fresh)
             table.add(spawn, "ms", side, r, first * 1000)
             table.add(ready, "ms", side, r, all_ready * 1000)
@@ -566,7 +587,7 @@ async def run_side_by_side(args: argparse.Namespace, workdir: Path, run_started:
             services: dict[str, RunningService] = {}
             for side in sides:
                 where = workdir / f"pool{pool_size}-{side}"
-                env = vs_env(where, pool_size, args.vs_clients)
+                env = vs_env(where, pool_size, args.vs_clients, side, args.vs_ours_env)
                 services[side] = await stack.enter_async_context(
                     launch(side, original, env, where, start_timeout_s=SERVICE_START_TIMEOUT_S)
                 )
@@ -640,14 +661,15 @@ async def run_side_by_side(args: argparse.Namespace, workdir: Path, run_started:
         "\n  CPU counted: the whole process tree of each service, read from /proc: every live"
         "\n  process's own CPU and what it reaped. service = the live processes that are not"
         "\n  agents (ours: the Python service and its reaper; the original: tsx's launcher"
-        "\n  node, the server node and esbuild); agents = the fake CLIs, live or reaped. Taken"
+        "\n  node and the server node); agents = the fake CLIs, live or reaped. Taken"
         "\n  from a ready pool to the pool ready again, so the replacements' warm-ups count."
         "\n  RSS: VmRSS summed over the same non-agent processes (the original's: its"
         "\n  launcher node too, as the image runs it)."
         "\n  Notes:"
-        "\n  * ours runs with its defaults: AGENT_REUSE_S=5, so one user's one-shots reuse"
-        "\n    a kept agent (cleared); the original starts a new agent per request and sends"
-        '\n    it a warm-up prompt ("hi": a model turn) before the request\'s own turn.'
+        "\n  * ours runs with its defaults unless --vs-ours-env says otherwise: AGENT_REUSE_S=5,"
+        "\n    so one user's one-shots reuse a kept agent (cleared); the original starts a new"
+        '\n    agent per request and sends it a warm-up prompt ("hi": a model turn) before the'
+        "\n    request's own turn. --vs-ours-env AGENT_REUSE_S=0: a fresh agent per request."
         "\n  * the original's /health is 200 once a worker is warm; ours answers 200"
         "\n    (\"starting\") before: 'every worker ready' is the like-for-like start-up figure."
         "\n  * the original's queue is fixed at 20 waiting requests (QUEUE_MAX is ours only)."

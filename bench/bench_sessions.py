@@ -505,7 +505,9 @@ async def run_side_by_side(args: argparse.Namespace, workdir: Path, run_started:
                             json={"prompt": "What is 2+2?", "sessionId": f"vs-extra-{side}"},
                             headers=AUTH["api"],
                         )
-                    beyond[side] = f"{response.status_code} {response.text[:80]}"
+                    body = response.json()
+                    said = body.get("error") or f"success: {body.get('success')}"
+                    beyond[side] = f"{response.status_code} ({said})"
                     ids.append(f"vs-extra-{side}")
                 closed = await vs_close(service, ids)
                 print(
@@ -523,7 +525,8 @@ async def run_side_by_side(args: argparse.Namespace, workdir: Path, run_started:
     print("\n".join(table.table()))
     if beyond:
         print(
-            f"\n  session number {args.vs_sessions + 1} while {args.vs_sessions} are open: "
+            f"\n  session number {args.vs_sessions + 1} while {args.vs_sessions} are open (ours: "
+            f"MAX_LIVE_SESSIONS={args.vs_sessions}; the original: {ORIGINAL_MAX_SESSIONS} at most): "
             + "; ".join(f"{side}: {answer}" for side, answer in beyond.items())
         )
     print(
