@@ -1,4 +1,6 @@
-"""``POST /run`` served in front of Quart (:mod:`claude_code_api.http.json_run`), in-process.
+"""``POST /run`` and ``GET /health`` served in front of Quart, in-process.
+
+(:mod:`claude_code_api.http.json_run` and :func:`claude_code_api.http.app.serve_health_first`.)
 
 The layer is driven as hypercorn drives an ASGI app (scope, ``receive``, ``send``),
 with a memory channel standing for the dispatcher and a recording app standing
@@ -17,6 +19,7 @@ import trio
 from quart import Quart, jsonify
 
 from claude_code_api.config import load_settings
+from claude_code_api.http.app import serve_health_first
 from claude_code_api.http.jobs import CLIENT_GONE
 from claude_code_api.http.json_run import json_bytes, serve_json_runs
 from claude_code_api.http.requests import OptionCeiling
@@ -233,3 +236,34 @@ async def test_an_unexpected_failure_is_a_500_json_error():
         await app(exchange.scope, exchange.receive, exchange.send)
     assert exchange.status == 500
     assert exchange.json() == {"error": "internal error"}
+
+
+# --- GET /health, also in front of Quart --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method, headers, published, served_here",
+    [
+        ("GET", {}, ({"status": "ok"}, 200), True),
+        ("GET", {}, ({"status": "degraded"}, 503), True),
+        ("GET", {"content-length": "0"}, ({"status": "ok"}, 200), True),
+        ("GET", {}, None, False),  # nothing published (the dispatcher restarts): Quart asks
+        ("GET", {"content-length": "2"}, ({"status": "ok"}, 200), False),  # a body to read
+        ("HEAD", {}, ({"status": "ok"}, 200), False),
+    ],
+)
+async def test_health_is_answered_from_the_published_state_or_by_the_app_behind(
+    method, headers, published, served_here
+):
+    behind = Behind()
+    app = serve_health_first(behind, lambda: published)
+    exchange = Exchange(method, "/health", headers, [b""])
+    with trio.fail_after(5):
+        await app(exchange.scope, exchange.receive, exchange.send)
+    if served_here:
+        body, code = published
+        assert exchange.status == code and exchange.json() == body
+        assert exchange.sent[1]["body"] == json_bytes(body)
+        assert behind.calls == []
+    else:
+        assert exchange.status == 299 and behind.calls == [(method, "/health", b"")]
