@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import collections
 import os
+import queue
 import re
 import resource
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import attrs
@@ -59,6 +61,9 @@ class RunningService:
     fake_home: Path
     # Each line ends with "\n"; a bounded deque keeps only the last lines of a long run.
     log: collections.deque[str]
+    # log_text() starts at this line: a test on a shared service sees only its own lines
+    # (an unbounded log: see shared_service).
+    log_start: int = 0
 
     @property
     def pid(self) -> int:
@@ -81,7 +86,8 @@ class RunningService:
         return [pid for pid in self.fake_pids() if process_exists(pid)]
 
     def log_text(self) -> str:
-        return "".join(self.log)
+        # list() copies in one step: a shared service's log grows on another thread.
+        return "".join(list(self.log)[self.log_start :])
 
     def memory_kib(self) -> dict[str, int]:
         """The service process's VmRSS, RssAnon, RssFile and VmHWM, in KiB."""
@@ -306,6 +312,80 @@ async def run_service(
             code = await service.process.wait()
         if expect_exit is not None:
             assert code == expect_exit, f"service exited {code}:\n{service.log_text()}"
+
+
+@contextmanager
+def shared_service(
+    workdir: Path,
+    *,
+    env: dict[str, str] | None = None,
+) -> Iterator[RunningService]:
+    """:func:`run_service` for several tests: a module's fixture, in a thread of its own.
+
+    pytest-trio gives every test its own trio loop, so a service that outlives one test
+    cannot be held by a test's loop: a thread runs a loop that starts it, holds it until
+    the context exits, then stops it with SIGTERM and checks it exited 0, as
+    :func:`run_service` does (a failure is raised here: the fixture's teardown fails).
+    Tests talk to it over HTTP from their own loops; each takes :func:`for_one_test`'s
+    view of it and must not stop or kill it, nor depend on what other tests did to it
+    (distinct users or session ids, counts as differences).
+    """
+    Started = tuple[RunningService, trio.lowlevel.TrioToken, trio.Event]
+    handed: queue.Queue[Started | None] = queue.Queue()
+    failures: list[BaseException] = []
+
+    async def hold() -> None:
+        stop = trio.Event()
+        async with run_service(workdir, env=env) as service:
+            handed.put((service, trio.lowlevel.current_trio_token(), stop))
+            await stop.wait()
+
+    def host() -> None:
+        try:
+            trio.run(hold)
+        except BaseException as failure:  # raised by the fixture, in the test's thread
+            failures.append(failure)
+        finally:
+            handed.put(None)  # a fixture still waiting for the service: it never started
+
+    thread = threading.Thread(target=host, name=f"service {workdir.name}", daemon=True)
+    thread.start()
+    started = handed.get(timeout=60)  # run_service gives up after 20 s
+    if started is None:
+        thread.join()
+        raise failures[0] if failures else RuntimeError("the shared service did not start")
+    service, token, stop = started
+    try:
+        yield service
+    finally:
+        try:
+            trio.from_thread.run_sync(stop.set, trio_token=token)
+        except trio.RunFinishedError:
+            pass
+        thread.join(90)  # run_service waits up to 60 s for the exit
+        if thread.is_alive():  # never leave a service behind the test run
+            service.process.kill()
+            raise RuntimeError(f"the shared service did not stop:\n{service.log_text()}")
+        if failures:
+            raise failures[0]
+
+
+async def for_one_test(shared: RunningService, *, timeout: float = 20.0) -> RunningService:
+    """``shared`` once its pool is idle and whole again, with a log of this test's lines."""
+    assert shared.process.poll() is None, f"the shared service exited:\n{shared.log_text()}"
+    async with shared.client() as client:
+
+        async def idle() -> bool:
+            body = (await client.get("/health")).json()
+            workers = body["workers"]
+            return (
+                workers["ready"] == workers["total"] > 0
+                and workers["busy"] == 0
+                and body["queue"]["length"] == 0
+            )
+
+        await wait_until(idle, timeout, interval=0.02)
+    return attrs.evolve(shared, log_start=len(shared.log))
 
 
 async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> None:
