@@ -13,6 +13,7 @@ as ``tests.harness`` (its scripts put the repository root on ``sys.path``).
 from __future__ import annotations
 
 import collections
+import json
 import os
 import queue
 import re
@@ -64,6 +65,7 @@ class RunningService:
     # log_text() starts at this line: a test on a shared service sees only its own lines
     # (an unbounded log: see shared_service).
     log_start: int = 0
+    fake_log: Path | None = None  # FAKE_CLAUDE_LOG: what each fake CLI did (see fake_turn_pid)
 
     @property
     def pid(self) -> int:
@@ -264,6 +266,7 @@ async def launch_service(
                 state = "exited early" if process.poll() is not None else "did not listen"
                 raise RuntimeError(f"service {state}:\n{''.join(log)}")
             piddir = env.get("FAKE_CLAUDE_PIDDIR")
+            fake_log = env.get("FAKE_CLAUDE_LOG")
             yield RunningService(
                 found[0],
                 process,
@@ -271,6 +274,7 @@ async def launch_service(
                 Path(env["DATA_DIR"]),
                 Path(env["FAKE_CLAUDE_HOME"]),
                 log,
+                fake_log=Path(fake_log) if fake_log else None,
             )
             if process.poll() is None:
                 process.kill()
@@ -322,7 +326,8 @@ def shared_service(
 ) -> Iterator[RunningService]:
     """:func:`run_service` for several tests: a module's fixture, in a thread of its own.
 
-    pytest-trio gives every test its own trio loop, so a service that outlives one test
+    The fakes log to ``workdir/fake.log`` unless ``env`` says otherwise (a test finds its
+    agent there: :func:`fake_turn_pid`). pytest-trio gives every test its own trio loop, so a service that outlives one test
     cannot be held by a test's loop: a thread runs a loop that starts it, holds it until
     the context exits, then stops it with SIGTERM and checks it exited 0, as
     :func:`run_service` does (a failure is raised here: the fixture's teardown fails).
@@ -333,12 +338,15 @@ def shared_service(
     Started = tuple[RunningService, trio.lowlevel.TrioToken, trio.Event]
     handed: queue.Queue[Started | None] = queue.Queue()
     failures: list[BaseException] = []
+    env = {"FAKE_CLAUDE_LOG": str(workdir / "fake.log"), **(env or {})}
 
     async def hold() -> None:
         stop = trio.Event()
         async with run_service(workdir, env=env) as service:
             handed.put((service, trio.lowlevel.current_trio_token(), stop))
             await stop.wait()
+        if service.piddir is not None:
+            await wait_no_live_fakes(service)  # no agent outlives the service
 
     def host() -> None:
         try:
@@ -386,6 +394,22 @@ async def for_one_test(shared: RunningService, *, timeout: float = 20.0) -> Runn
 
         await wait_until(idle, timeout, interval=0.02)
     return attrs.evolve(shared, log_start=len(shared.log))
+
+
+async def fake_turn_pid(service: RunningService, prompt: str, timeout: float = 20.0) -> int:
+    """The pid of the fake CLI that began a turn with ``prompt``, once one has (its log)."""
+    assert service.fake_log is not None, "started without FAKE_CLAUDE_LOG"
+    log = service.fake_log
+    pids: list[int] = []
+
+    async def began() -> bool:
+        lines = log.read_text().splitlines() if log.exists() else []
+        records = (json.loads(line) for line in lines)
+        pids.extend(r["pid"] for r in records if r["event"] == "turn" and r["prompt"] == prompt)
+        return bool(pids)
+
+    await wait_until(began, timeout)
+    return pids[0]
 
 
 async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> None:

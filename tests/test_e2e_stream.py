@@ -19,6 +19,7 @@ from .harness import (
     API_KEY,
     AUTH,
     RunningService,
+    fake_turn_pid,
     for_one_test,
     run_service,
     shared_service,
@@ -45,11 +46,7 @@ def shared(tmp_path_factory):
     """One service for the tests that need no settings of their own: the default user,
     alice and bob, model-b allowed, the fake's log in ``fake.log``."""
     workdir = tmp_path_factory.mktemp("stream")
-    env = {
-        "API_KEYS": f"{API_KEY},alice:key-alice,bob:key-bob",
-        "ALLOWED_MODELS": "model-b",
-        "FAKE_CLAUDE_LOG": str(workdir / "fake.log"),
-    }
+    env = {"API_KEYS": f"{API_KEY},alice:key-alice,bob:key-bob", "ALLOWED_MODELS": "model-b"}
     with shared_service(workdir, env=env) as service:
         yield service
 
@@ -68,17 +65,6 @@ def check_metadata(body: dict) -> None:
 
 async def runs_of(client: httpx.AsyncClient, headers: dict[str, str]) -> list[dict]:
     return (await client.get("/status", headers=headers)).json()["runs"]
-
-
-async def wait_turn_began(service: RunningService, prompt: str) -> None:
-    """Until the fake CLI logs a turn with ``prompt`` (in the shared service's fake.log)."""
-    log = service.data_dir.parent / "fake.log"
-
-    async def began() -> bool:
-        lines = log.read_text().splitlines() if log.exists() else []
-        return any(json.loads(line).get("prompt") == prompt for line in lines)
-
-    await wait_until(began, timeout=20)
 
 
 async def wait_runs(client: httpx.AsyncClient, headers: dict[str, str], states: list[str]) -> list:
@@ -250,7 +236,7 @@ async def test_delete_cancels_a_running_run_of_its_owner_only(service):
             [view] = await wait_runs(client, ALICE, ["running"])
             # "running" comes before the agent's turn when the worker first replaces an agent
             # kept for another user: cancel once the agent has begun (it says "piece 1" first).
-            await wait_turn_began(service, prompt)
+            await fake_turn_pid(service, prompt)
             run_id = view["runId"]
             assert isinstance(view["queuedAt"], int) and view["startedAt"] >= view["queuedAt"]
             assert "sessionId" not in view
@@ -374,7 +360,8 @@ def started_argv(service: RunningService, log_path, pid: int) -> list[str]:
 
 
 async def test_options_are_applied_model_by_control_request_the_rest_by_a_process(service):
-    log = service.data_dir.parent / "fake.log"  # the shared service's FAKE_CLAUDE_LOG
+    log = service.fake_log
+    assert log is not None
     with trio.fail_after(60):
         await wait_healthy(service, ready=1)
         async with service.client() as client:
