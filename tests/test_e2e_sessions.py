@@ -11,9 +11,40 @@ import httpx
 import pytest
 import trio
 
-from .harness import AUTH, run_service, wait_healthy, wait_no_live_fakes, wait_until
+from .harness import (
+    API_KEY,
+    AUTH,
+    for_one_test,
+    run_service,
+    shared_service,
+    wait_healthy,
+    wait_no_live_fakes,
+    wait_until,
+)
 
 JSON = {**AUTH, "Content-Type": "application/json"}
+# Users of the shared service with a test of their own (status lists a user's sessions).
+ALICE = {"x-api-key": "key-alice", "Content-Type": "application/json"}
+CRASH = {"x-api-key": "key-crash", "Content-Type": "application/json"}
+SLOW = {"x-api-key": "key-slow", "Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One service for the tests that need no settings of their own (an interrupted turn
+    gets 1 s, as test_a_timed_out_turn_does_not_leak_into_the_next wants); each of them
+    talks as a user of its own."""
+    env = {
+        "API_KEYS": f"{API_KEY},alice:key-alice,crash:key-crash,slow:key-slow",
+        "INTERRUPT_GRACE_MS": "1000",
+    }
+    with shared_service(tmp_path_factory.mktemp("sessions"), env=env) as service:
+        yield service
+
+
+@pytest.fixture
+async def service(shared):
+    return await for_one_test(shared)
 
 
 async def say(client: httpx.AsyncClient, session: str, prompt: str, headers=JSON, **extra):
@@ -22,28 +53,27 @@ async def say(client: httpx.AsyncClient, session: str, prompt: str, headers=JSON
     )
 
 
-async def test_alice_is_remembered_across_turns(tmp_path):
+async def test_alice_is_remembered_across_turns(service):
     with trio.fail_after(60):
-        async with run_service(tmp_path) as service:
-            async with service.client() as client:
-                first = await say(client, "session-1", "My name is Alice.")
-                assert first.status_code == 200, first.text
-                assert first.json()["output"] == "Nice to meet you, Alice."
-                second = await say(client, "session-1", "What is my name?")
-                original = {"success", "output", "durationMs", "timedOut"}
-                assert {k: v for k, v in second.json().items() if k in original} == {
-                    "success": True,
-                    "output": "Your name is Alice.",
-                    "durationMs": second.json()["durationMs"],
-                    "timedOut": False,
-                }
-                # Metadata is added, with the session's own ids.
-                assert second.json()["sessionId"] == "session-1"
-                assert second.json()["claudeSessionId"] == first.json()["claudeSessionId"]
-                status = (await client.get("/status", headers=AUTH)).json()
-                [view] = status["sessions"]
-                assert view["id"] == "session-1" and view["turns"] == 2
-                assert view["state"] == "live"
+        async with service.client() as client:
+            first = await say(client, "session-1", "My name is Alice.", ALICE)
+            assert first.status_code == 200, first.text
+            assert first.json()["output"] == "Nice to meet you, Alice."
+            second = await say(client, "session-1", "What is my name?", ALICE)
+            original = {"success", "output", "durationMs", "timedOut"}
+            assert {k: v for k, v in second.json().items() if k in original} == {
+                "success": True,
+                "output": "Your name is Alice.",
+                "durationMs": second.json()["durationMs"],
+                "timedOut": False,
+            }
+            # Metadata is added, with the session's own ids.
+            assert second.json()["sessionId"] == "session-1"
+            assert second.json()["claudeSessionId"] == first.json()["claudeSessionId"]
+            status = (await client.get("/status", headers=ALICE)).json()
+            [view] = status["sessions"]
+            assert view["id"] == "session-1" and view["turns"] == 2
+            assert view["state"] == "live"
 
 
 async def test_remembered_after_the_service_restarts(tmp_path):
@@ -60,30 +90,28 @@ async def test_remembered_after_the_service_restarts(tmp_path):
                 assert view["turns"] == 2
 
 
-async def test_remembered_after_a_crash_mid_turn(tmp_path):
+async def test_remembered_after_a_crash_mid_turn(service):
     with trio.fail_after(60):
-        async with run_service(tmp_path) as service:
-            async with service.client() as client:
-                await say(client, "s", "My name is Alice.")
-                crashed = await say(client, "s", "boom [[fake:crash:7]]")
-                assert crashed.status_code == 502
-                assert "exited with code 7" in crashed.json()["error"]
-                reply = await say(client, "s", "What is my name?")
-                assert reply.json()["output"] == "Your name is Alice."
+        async with service.client() as client:
+            await say(client, "s", "My name is Alice.", CRASH)
+            crashed = await say(client, "s", "boom [[fake:crash:7]]", CRASH)
+            assert crashed.status_code == 502
+            assert "exited with code 7" in crashed.json()["error"]
+            reply = await say(client, "s", "What is my name?", CRASH)
+            assert reply.json()["output"] == "Your name is Alice."
 
 
-async def test_a_timed_out_turn_does_not_leak_into_the_next(tmp_path):
+async def test_a_timed_out_turn_does_not_leak_into_the_next(service):
     with trio.fail_after(60):
-        async with run_service(tmp_path, env={"INTERRUPT_GRACE_MS": "1000"}) as service:
-            async with service.client() as client:
-                await say(client, "s", "My name is Alice.")
-                slow = await say(client, "s", "[[fake:slow:50:0.1]]", timeoutMs=600)
-                assert slow.json()["timedOut"] is True
-                assert "piece 1" in slow.json()["output"]
-                nxt = await say(client, "s", "second question")
-                assert nxt.json()["output"] == "echo: second question"
-                name = await say(client, "s", "What is my name?")
-                assert name.json()["output"] == "Your name is Alice."
+        async with service.client() as client:
+            await say(client, "s", "My name is Alice.", SLOW)
+            slow = await say(client, "s", "[[fake:slow:50:0.1]]", SLOW, timeoutMs=600)
+            assert slow.json()["timedOut"] is True
+            assert "piece 1" in slow.json()["output"]
+            nxt = await say(client, "s", "second question", SLOW)
+            assert nxt.json()["output"] == "echo: second question"
+            name = await say(client, "s", "What is my name?", SLOW)
+            assert name.json()["output"] == "Your name is Alice."
 
 
 async def test_two_users_with_one_session_id_are_isolated(tmp_path):
@@ -204,16 +232,15 @@ def _fakes_at_most(service, n):
     return check
 
 
-async def test_session_id_is_validated(tmp_path):
+async def test_session_id_is_validated(service):
     with trio.fail_after(60):
-        async with run_service(tmp_path) as service:
-            async with service.client() as client:
-                for bad in ["", "a/b", "x" * 129, "../etc", "tab\there", "nul\x00", 5, True]:
-                    reply = await client.post(
-                        "/run", headers=JSON, json={"prompt": "x", "sessionId": bad}
-                    )
-                    assert reply.status_code == 400, bad
-                    assert "sessionId" in reply.json()["error"]
+        async with service.client() as client:
+            for bad in ["", "a/b", "x" * 129, "../etc", "tab\there", "nul\x00", 5, True]:
+                reply = await client.post(
+                    "/run", headers=JSON, json={"prompt": "x", "sessionId": bad}
+                )
+                assert reply.status_code == 400, bad
+                assert "sessionId" in reply.json()["error"]
 
 
 async def test_a_session_waiting_line_is_bounded(tmp_path):
