@@ -5,8 +5,9 @@ The service runs as ``python -m claude_code_api`` in a subprocess on 127.0.0.1
 ``CLAUDE_EXECUTABLE``; callers talk to it over real HTTP with httpx.
 :func:`launch_service` starts it, reads its log and finds its URL;
 :func:`run_service` is the tests' form (stop it with a signal, check the exit
-status). Every fake CLI process can write its pid into a directory, so a test can
-check that none outlived the service or its job. ``bench/`` imports this module
+status); :func:`shared_service` holds one for a module's tests. Every fake CLI
+process can write its pid into a directory, so a test can check that none
+outlived the service or its job. ``bench/`` imports this module
 as ``tests.harness`` (its scripts put the repository root on ``sys.path``).
 """
 
@@ -326,14 +327,16 @@ def shared_service(
 ) -> Iterator[RunningService]:
     """:func:`run_service` for several tests: a module's fixture, in a thread of its own.
 
-    The fakes log to ``workdir/fake.log`` unless ``env`` says otherwise (a test finds its
-    agent there: :func:`fake_turn_pid`). pytest-trio gives every test its own trio loop, so a service that outlives one test
+    pytest-trio gives every test its own trio loop, so a service that outlives one test
     cannot be held by a test's loop: a thread runs a loop that starts it, holds it until
-    the context exits, then stops it with SIGTERM and checks it exited 0, as
-    :func:`run_service` does (a failure is raised here: the fixture's teardown fails).
+    the context exits, then stops it with SIGTERM, checks it exited 0 as
+    :func:`run_service` does and that no fake CLI outlived it. A failure is raised here
+    (the fixture's teardown fails). The fakes log to ``workdir/fake.log`` unless ``env``
+    says otherwise: a test finds its agent there (:func:`fake_turn_pid`).
+
     Tests talk to it over HTTP from their own loops; each takes :func:`for_one_test`'s
-    view of it and must not stop or kill it, nor depend on what other tests did to it
-    (distinct users or session ids, counts as differences).
+    view of it and must not stop or kill it, nor depend on what other tests did to it:
+    users or session ids of its own, counts taken as differences.
     """
     Started = tuple[RunningService, trio.lowlevel.TrioToken, trio.Event]
     handed: queue.Queue[Started | None] = queue.Queue()
@@ -404,8 +407,8 @@ async def fake_turn_pid(service: RunningService, prompt: str, timeout: float = 2
 
     async def began() -> bool:
         lines = log.read_text().splitlines() if log.exists() else []
-        records = (json.loads(line) for line in lines)
-        pids.extend(r["pid"] for r in records if r["event"] == "turn" and r["prompt"] == prompt)
+        records = [json.loads(line) for line in lines]
+        pids[:] = [r["pid"] for r in records if r["event"] == "turn" and r["prompt"] == prompt]
         return bool(pids)
 
     await wait_until(began, timeout)
