@@ -24,12 +24,20 @@ Phases, all in one run:
 4. throughput: C concurrent clients send quick prompts for a fixed time; replies
    are counted by status; RSS and CPU time of the service (and of its reaped agent
    processes) are read from /proc before and after.
+
+With ``--original``, it instead measures ours side by side with the original
+(exitxio/claude-code-api, prepared by ``bench/original.py``), the same fake CLI,
+in interleaved rounds: spawn -> first ``/health`` 200 and -> every worker ready,
+``GET /health`` p50, one-shot throughput (``--vs-clients`` clients sharing
+``--vs-requests`` requests) and CPU per one-shot request, for each of
+``--vs-pool-sizes``; then a table of ours, the original and the ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import platform
 import shutil
@@ -46,8 +54,19 @@ import httpx  # noqa: E402
 import trio  # noqa: E402
 
 import claude_code_api  # noqa: E402
+from bench.original import (  # noqa: E402
+    OURS,
+    OriginalBuild,
+    header_lines,
+    launch,
+    prepare,
+    round_orders,
+    sides_of,
+)
 from bench.stats import (  # noqa: E402
     QuietMeter,
+    SideBySide,
+    TreeCpu,
     children_cpu_s,
     dist,
     fmt_dist,
@@ -55,6 +74,8 @@ from bench.stats import (  # noqa: E402
     quiet_verdict,
     section,
     self_cpu_s,
+    tree_cpu,
+    tree_service_rss_kib,
 )
 from claude_code_api.agent import Agent, AgentSpec  # noqa: E402
 from tests.harness import (  # noqa: E402
@@ -346,16 +367,319 @@ def parse_args() -> argparse.Namespace:
         help="interpreter that runs the fake CLI (default: `python3` on PATH, as the tests do); "
         "put first on PATH as `python3` for the direct SDK calls and the service alike",
     )
-    return parser.parse_args()
+    vs = parser.add_argument_group("side by side with the original (--original)")
+    vs.add_argument(
+        "--original",
+        action="store_true",
+        help="measure ours and exitxio/claude-code-api side by side instead (bench/original.py)",
+    )
+    vs.add_argument(
+        "--original-repo",
+        type=Path,
+        metavar="PATH",
+        help="a git repository of the original (default: $ORIGINAL_REPO, else the mirror)",
+    )
+    vs.add_argument("--vs-rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    vs.add_argument(
+        "--vs-pool-sizes",
+        default="2,4",
+        help="POOL_SIZE values, each with both services (default 2,4)",
+    )
+    vs.add_argument("--vs-clients", type=int, default=8, help="concurrent clients (default 8)")
+    vs.add_argument(
+        "--vs-requests",
+        type=int,
+        default=100,
+        help="one-shot requests per round and side, shared by the clients (default 100)",
+    )
+    vs.add_argument(
+        "--vs-ours-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for our service only, e.g. AGENT_REUSE_S=0 (a fresh agent per "
+        "request, as the original); repeatable",
+    )
+    vs.add_argument(
+        "--vs-health-samples",
+        type=int,
+        default=200,
+        help="GET /health timed per round and side (default 200)",
+    )
+    args = parser.parse_args()
+    for item in args.vs_ours_env:
+        if "=" not in item:
+            parser.error(f"--vs-ours-env {item!r}: expected NAME=VALUE")
+    return args
 
 
 async def main(args: argparse.Namespace) -> None:
     run_started = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="bench-pool-"))
     try:
-        await run(args, workdir, run_started)
+        if args.original:
+            await run_side_by_side(args, workdir, run_started)
+        else:
+            await run(args, workdir, run_started)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+# --- side by side with the original (--original) ------------------------------------------
+
+
+def vs_env(
+    workdir: Path, pool_size: int, clients: int, side: str, ours_env: list[str]
+) -> dict[str, str]:
+    """The same environment for either side (the original ignores what it does not know),
+    and ``ours_env`` (NAME=VALUE items) for ours only."""
+    overrides = {
+        "API_KEYS": API_KEY,
+        "POOL_SIZE": str(pool_size),
+        "QUEUE_MAX": str(max(20, 2 * clients)),
+    }
+    if side == OURS:
+        overrides.update(item.split("=", 1) for item in ours_env)
+    return service_env(workdir, overrides, record_pids=False)
+
+
+async def vs_startup(
+    side: str, build: OriginalBuild | None, env: dict[str, str], workdir: Path
+) -> tuple[float, float]:
+    """Spawn -> the first ``GET /health`` 200, and -> every worker ready (seconds)."""
+    started = time.perf_counter()
+    async with launch(side, build, env, workdir, start_timeout_s=SERVICE_START_TIMEOUT_S) as svc:
+        first_200: float | None = None
+        async with httpx.AsyncClient(base_url=svc.url, timeout=HTTP_TIMEOUT_S) as client:
+            with trio.fail_after(SERVICE_START_TIMEOUT_S + READY_TIMEOUT_S):
+                while True:
+                    response = await client.get("/health")
+                    elapsed = time.perf_counter() - started
+                    if response.status_code == 200 and first_200 is None:
+                        first_200 = elapsed
+                    workers = response.json()["workers"]
+                    if first_200 is not None and 0 < workers["total"] == workers["ready"]:
+                        break
+                    await trio.sleep(0.002)
+        await svc.stop(timeout_s=STOP_TIMEOUT_S)
+    return first_200, elapsed
+
+
+async def vs_health(service: RunningService, samples: int) -> list[float]:
+    """``GET /health`` one at a time on a kept-alive connection, the pool idle and ready."""
+    times = []
+    async with httpx.AsyncClient(base_url=service.url, timeout=HTTP_TIMEOUT_S) as client:
+        await wait_all_ready(client)
+        for i in range(samples + 10):
+            started = time.perf_counter()
+            response = await client.get("/health")
+            elapsed = time.perf_counter() - started
+            if response.status_code != 200:
+                raise RuntimeError(f"/health {response.status_code}: {response.text}")
+            if i >= 10:
+                times.append(elapsed)
+    return times
+
+
+async def vs_throughput(service: RunningService, clients: int, requests: int) -> dict:
+    """``requests`` one-shot runs shared by ``clients`` concurrent clients, from a ready
+    pool; the CPU of the service's whole process tree from then until the pool is ready
+    again (the replacements' warm-ups belong to these requests)."""
+    outcomes: collections.Counter[str] = collections.Counter()
+    latencies: list[float] = []
+    remaining = requests
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(
+        base_url=service.url, timeout=HTTP_TIMEOUT_S, limits=limits
+    ) as client:
+        await wait_all_ready(client)
+        cpu0 = tree_cpu(service.pid)
+
+        async def user() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                while True:
+                    started = time.perf_counter()
+                    try:
+                        response = await post_run(client)
+                    except httpx.HTTPError as exc:
+                        key = f"error {type(exc).__name__}"
+                    else:
+                        if response.status_code == 200:
+                            ok = response.json().get("success") is True
+                            key = "200 success" if ok else "200 failure"
+                        else:
+                            key = str(response.status_code)
+                    if key != "429":
+                        break
+                    outcomes["429 (retried)"] += 1
+                    await trio.sleep(0.01)
+                outcomes[key] += 1
+                if key == "200 success":
+                    latencies.append(time.perf_counter() - started)
+
+        began = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for _ in range(clients):
+                nursery.start_soon(user)
+        wall = time.perf_counter() - began
+        # Few polls: each /health costs the service CPU too.
+        await wait_pool_ready(client, timeout=READY_TIMEOUT_S, interval=0.05)
+        cpu1 = tree_cpu(service.pid)
+    cpu = TreeCpu(cpu1.service_s - cpu0.service_s, cpu1.agents_s - cpu0.agents_s, cpu1.processes)
+    return {"outcomes": outcomes, "latencies": latencies, "wall": wall, "cpu": cpu}
+
+
+async def run_side_by_side(args: argparse.Namespace, workdir: Path, run_started: float) -> None:
+    pool_sizes = [int(n) for n in args.vs_pool_sizes.split(",")]
+    section("machine")
+    print("\n".join(machine_lines()))
+    print(f"  fake CLI:        {FAKE_CLAUDE.relative_to(ROOT)} via {sys.executable} (both sides)")
+    build = prepare(args.original_repo)
+    print("\n".join(header_lines(build)))
+    print(
+        f"  arguments:       rounds={args.vs_rounds} pool_sizes={pool_sizes} "
+        f"clients={args.vs_clients} requests={args.vs_requests} "
+        f"health_samples={args.vs_health_samples}"
+        + (f"; ours only: {' '.join(args.vs_ours_env)}" if args.vs_ours_env else "")
+    )
+    sides = sides_of(build)
+    original = build if isinstance(build, OriginalBuild) else None
+    orders = round_orders(args.vs_rounds, sides)
+    table = SideBySide()
+    quiet: list[float] = []
+    spawn = f"spawn -> first GET /health 200 (POOL_SIZE {pool_sizes[0]})"
+    ready = f"spawn -> every worker ready (POOL_SIZE {pool_sizes[0]})"
+
+    section(f"start-up, {args.vs_rounds} rounds, a fresh service each time")
+    meter = QuietMeter()
+    for side in sides:  # untimed: fills Python's bytecode and tsx's transform caches
+        fresh = workdir / f"startup-{side}-untimed"
+        await vs_startup(
+            side,
+            original,
+            vs_env(fresh, pool_sizes[0], args.vs_clients, side, args.vs_ours_env),
+            fresh,
+        )
+    for r, order in enumerate(orders):
+        for side in order:
+            fresh = workdir / f"startup-{side}-{r}"
+            env = vs_env(fresh, pool_sizes[0], args.vs_clients, side, args.vs_ours_env)
+            first, all_ready = await vs_startup(side, original, env, fresh)
+            table.add(spawn, "ms", side, r, first * 1000)
+            table.add(ready, "ms", side, r, all_ready * 1000)
+            print(
+                f"  round {r + 1} {side:<8}  first 200 after {first * 1000:7.1f} ms, "
+                f"every worker ready after {all_ready * 1000:7.1f} ms"
+            )
+    line, share = meter.report()
+    quiet.append(share)
+    print(line)
+
+    for pool_size in pool_sizes:
+        section(
+            f"POOL_SIZE={pool_size}: both services up, {args.vs_rounds} interleaved rounds "
+            f"of /health x {args.vs_health_samples}, then {args.vs_requests} one-shot "
+            f"requests from {args.vs_clients} clients"
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            services: dict[str, RunningService] = {}
+            for side in sides:
+                where = workdir / f"pool{pool_size}-{side}"
+                env = vs_env(where, pool_size, args.vs_clients, side, args.vs_ours_env)
+                services[side] = await stack.enter_async_context(
+                    launch(side, original, env, where, start_timeout_s=SERVICE_START_TIMEOUT_S)
+                )
+            meter = QuietMeter(trees=[s.pid for s in services.values()])
+            for r, order in enumerate(orders):
+                for side in order:
+                    service = services[side]
+                    health_p50 = dist(await vs_health(service, args.vs_health_samples))["p50"]
+                    tp = await vs_throughput(service, args.vs_clients, args.vs_requests)
+                    ok = tp["outcomes"]["200 success"]
+                    rate = ok / tp["wall"]
+                    cpu: TreeCpu = tp["cpu"]
+                    service_ms = cpu.service_s * 1000 / args.vs_requests
+                    agents_ms = cpu.agents_s * 1000 / args.vs_requests
+                    p50 = dist(tp["latencies"])["p50"]
+                    rss_mib = tree_service_rss_kib(service.pid) / 1024
+                    table.add(f"GET /health p50 (POOL_SIZE {pool_size})", "ms", side, r, health_p50)
+                    table.add(
+                        f"one-shot throughput, {args.vs_clients} clients x {args.vs_requests} "
+                        f"requests (POOL_SIZE {pool_size}; higher is better)",
+                        "req/s",
+                        side,
+                        r,
+                        rate,
+                    )
+                    table.add(
+                        f"service CPU per one-shot request (POOL_SIZE {pool_size})",
+                        "ms",
+                        side,
+                        r,
+                        service_ms,
+                    )
+                    table.add(
+                        f"agent CPU per one-shot request (POOL_SIZE {pool_size})",
+                        "ms",
+                        side,
+                        r,
+                        agents_ms,
+                    )
+                    table.add(
+                        f"one-shot POST /run p50 under that load (POOL_SIZE {pool_size})",
+                        "ms",
+                        side,
+                        r,
+                        p50,
+                    )
+                    table.add(
+                        f"service RSS after the round, agents excluded (POOL_SIZE {pool_size})",
+                        "MiB",
+                        side,
+                        r,
+                        rss_mib,
+                    )
+                    others = {k: v for k, v in tp["outcomes"].items() if k != "200 success"}
+                    print(
+                        f"  round {r + 1} {side:<8}  /health p50 {health_p50:6.3f} ms | "
+                        f"{ok}/{args.vs_requests} ok in {tp['wall']:5.2f} s = {rate:6.1f} req/s, "
+                        f"p50 {p50:6.1f} ms | CPU per request: service {service_ms:5.2f} ms, "
+                        f"agents {agents_ms:6.2f} ms ({cpu.processes} live processes) | "
+                        f"RSS {rss_mib:5.1f} MiB" + (f" | other replies {others}" if others else "")
+                    )
+            line, share = meter.report()
+            quiet.append(share)
+            print(line)
+            for service in services.values():
+                await service.stop(timeout_s=STOP_TIMEOUT_S)
+
+    section("side by side: ours vs the original")
+    print("\n".join(table.table()))
+    print(
+        "\n  CPU counted: the whole process tree of each service, read from /proc: every live"
+        "\n  process's own CPU and what it reaped. service = the live processes that are not"
+        "\n  agents (ours: the Python service and its reaper; the original: tsx's launcher"
+        "\n  node and the server node); agents = the fake CLIs, live or reaped. Taken"
+        "\n  from a ready pool to the pool ready again, so the replacements' warm-ups count."
+        "\n  RSS: VmRSS summed over the same non-agent processes (the original's: its"
+        "\n  launcher node too, as the image runs it)."
+        "\n  Notes:"
+        "\n  * ours runs with its defaults unless --vs-ours-env says otherwise: AGENT_REUSE_S=5,"
+        "\n    so one user's one-shots reuse a kept agent (cleared); the original starts a new"
+        '\n    agent per request and sends it a warm-up prompt ("hi": a model turn) before the'
+        "\n    request's own turn. --vs-ours-env AGENT_REUSE_S=0: a fresh agent per request."
+        "\n  * the original's /health is 200 once a worker is warm; ours answers 200"
+        "\n    (\"starting\") before: 'every worker ready' is the like-for-like start-up figure."
+        "\n  * the original's queue is fixed at 20 waiting requests (QUEUE_MAX is ours only)."
+    )
+    if original is None:
+        print(f"  {build}")
+    print(
+        f"{quiet_verdict(quiet)}; nproc={os.cpu_count()}; "
+        f"run took {time.perf_counter() - run_started:.0f} s"
+    )
 
 
 async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> None:

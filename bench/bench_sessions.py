@@ -34,12 +34,22 @@ Phases, all in one run:
       are timed under the same machine load;
    b. with all 4 slots held by idle sessions (the wake first hibernates the LRU one).
 3. one live session: sequential turns on one sessionId for --duration seconds.
+
+With ``--original``, it instead measures ours side by side with the original
+(exitxio/claude-code-api, prepared by ``bench/original.py``), the same fake CLI,
+in interleaved rounds: --vs-sessions sessions x --vs-turns turns from
+--vs-clients clients (ours with MAX_LIVE_SESSIONS = --vs-sessions; the original
+has a fixed 20), turn by turn across the sessions (every session's first turn,
+then every session's second, ...): the first turn of a session (it starts the
+session's agent) and the later ones (live), then a table of ours, the original
+and the ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import shutil
 import sys
@@ -55,8 +65,17 @@ if str(ROOT) not in sys.path:
 import httpx  # noqa: E402
 import trio  # noqa: E402
 
+from bench.original import (  # noqa: E402
+    OriginalBuild,
+    header_lines,
+    launch,
+    prepare,
+    round_orders,
+    sides_of,
+)
 from bench.stats import (  # noqa: E402
     QuietMeter,
+    SideBySide,
     dist,
     fmt_dist,
     machine_lines,
@@ -305,22 +324,229 @@ def parse_args() -> argparse.Namespace:
         help="seconds of sequential turns on one live session (default 10)",
     )
     parser.add_argument("--max-live", type=int, default=4, help="MAX_LIVE_SESSIONS (default 4)")
+    vs = parser.add_argument_group("side by side with the original (--original)")
+    vs.add_argument(
+        "--original",
+        action="store_true",
+        help="measure ours and exitxio/claude-code-api side by side instead (bench/original.py)",
+    )
+    vs.add_argument(
+        "--original-repo",
+        type=Path,
+        metavar="PATH",
+        help="a git repository of the original (default: $ORIGINAL_REPO, else the mirror)",
+    )
+    vs.add_argument("--vs-rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    vs.add_argument(
+        "--vs-sessions",
+        type=int,
+        default=20,
+        help="sessions per round and side (default 20, the original's most; also ours' "
+        "MAX_LIVE_SESSIONS)",
+    )
+    vs.add_argument("--vs-turns", type=int, default=5, help="turns per session (default 5)")
+    vs.add_argument("--vs-clients", type=int, default=4, help="concurrent clients (default 4)")
     parser.add_argument(
         "--idle-ms",
         type=int,
         default=1500,
         help="SESSION_IDLE_MS: how soon an idle session hibernates (default 1500)",
     )
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.original and not 1 <= args.vs_sessions <= ORIGINAL_MAX_SESSIONS:
+        parser.error(
+            f"--vs-sessions: the original holds at most {ORIGINAL_MAX_SESSIONS} sessions "
+            f"(the next one is a 500)"
+        )
+    return args
 
 
 async def main(args: argparse.Namespace) -> None:
     run_started = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="bench-sessions-"))
     try:
-        await run(args, workdir, run_started)
+        if args.original:
+            await run_side_by_side(args, workdir, run_started)
+        else:
+            await run(args, workdir, run_started)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+# --- side by side with the original (--original) ------------------------------------------
+
+# The original's session map is fixed at this many (session-manager.ts, MAX_SESSIONS).
+ORIGINAL_MAX_SESSIONS = 20
+
+
+def vs_env(workdir: Path, sessions: int, clients: int) -> dict[str, str]:
+    """The same environment for either side (the original ignores what it does not know).
+
+    SESSION_IDLE_MS stays at its default (30 min, as the original's idle clean-up).
+    """
+    overrides = {
+        "API_KEYS": API_KEYS,
+        "MAX_LIVE_SESSIONS": str(sessions),
+        "QUEUE_MAX": str(max(20, 2 * clients)),
+    }
+    return harness_env(workdir, overrides, record_pids=False)
+
+
+async def vs_turn(client: httpx.AsyncClient, session_id: str, prompt: str) -> tuple[float, str]:
+    """One turn of user ``api``'s session; (seconds, its output). Raises unless success."""
+    started = time.perf_counter()
+    response = await client.post(
+        "/run", json={"prompt": prompt, "sessionId": session_id}, headers=AUTH["api"]
+    )
+    elapsed = time.perf_counter() - started
+    body = response.json()
+    if response.status_code != 200 or body.get("success") is not True:
+        raise RuntimeError(f"turn {session_id}: {response.status_code} {body}")
+    return elapsed, str(body["output"])
+
+
+async def vs_round(
+    service: RunningService, ids: list[str], turns: int, clients: int
+) -> dict[str, list[float] | int]:
+    """``turns`` turns on every session of ``ids``, turn by turn across them, ``clients``
+    at once; each answer checked (the sessions remember the name told in their first)."""
+    first: list[float] = []
+    live: list[float] = []
+    wrong = 0
+    async with client_of(service, clients + 2) as client:
+        for turn in range(turns):
+            send, receive = trio.open_memory_channel[str](len(ids))
+            for session_id in ids:
+                send.send_nowait(session_id)
+            send.close()
+
+            async def runner(turn: int = turn, receive=receive) -> None:
+                nonlocal wrong
+                async for session_id in receive:
+                    if turn == 0:
+                        prompt, expected = (
+                            f"My name is {session_id}.",
+                            f"Nice to meet you, {session_id}.",
+                        )
+                    else:
+                        prompt, expected = "What is my name?", f"Your name is {session_id}."
+                    elapsed, output = await vs_turn(client, session_id, prompt)
+                    (first if turn == 0 else live).append(elapsed)
+                    wrong += output != expected
+
+            with trio.fail_after(HIBERNATE_TIMEOUT_S + len(ids) * HTTP_TIMEOUT_S / clients):
+                async with trio.open_nursery() as nursery:
+                    for _ in range(clients):
+                        nursery.start_soon(runner)
+    return {"first": first, "live": live, "wrong": wrong}
+
+
+async def vs_close(service: RunningService, ids: list[str]) -> collections.Counter[int]:
+    """``DELETE /session`` for each id; the statuses answered."""
+    statuses: collections.Counter[int] = collections.Counter()
+    async with client_of(service) as client:
+        for session_id in ids:
+            response = await client.request(
+                "DELETE", "/session", json={"sessionId": session_id}, headers=AUTH["api"]
+            )
+            statuses[response.status_code] += 1
+    return statuses
+
+
+async def run_side_by_side(args: argparse.Namespace, workdir: Path, run_started: float) -> None:
+    section("machine")
+    print("\n".join(machine_lines()))
+    print(f"  fake CLI:        {FAKE_CLAUDE.relative_to(ROOT)} via {sys.executable} (both sides)")
+    build = prepare(args.original_repo)
+    print("\n".join(header_lines(build)))
+    print(
+        f"  arguments:       rounds={args.vs_rounds} sessions={args.vs_sessions} "
+        f"turns={args.vs_turns} clients={args.vs_clients}; ours: "
+        f"MAX_LIVE_SESSIONS={args.vs_sessions}, POOL_SIZE=1 (both)"
+    )
+    sides = sides_of(build)
+    original = build if isinstance(build, OriginalBuild) else None
+    table = SideBySide()
+    first_figure = "first turn of a session p50 (starts its agent)"
+    live_figure = (
+        f"live session turn p50 ({args.vs_sessions} sessions x {args.vs_turns} turns, "
+        f"{args.vs_clients} clients)"
+    )
+    section(
+        f"{args.vs_rounds} interleaved rounds: {args.vs_sessions} sessions x {args.vs_turns} "
+        f"turns, {args.vs_clients} clients, then DELETE /session for each"
+    )
+    beyond: dict[str, str] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        services: dict[str, RunningService] = {}
+        for side in sides:
+            where = workdir / side
+            env = vs_env(where, args.vs_sessions, args.vs_clients)
+            services[side] = await stack.enter_async_context(
+                launch(side, original, env, where, start_timeout_s=SERVICE_START_TIMEOUT_S)
+            )
+        for service in services.values():
+            async with client_of(service) as client:
+                await wait_ready(client)
+        meter = QuietMeter(trees=[s.pid for s in services.values()])
+        for r, order in enumerate(round_orders(args.vs_rounds, sides)):
+            for side in order:
+                service = services[side]
+                ids = [f"vs{r}-{side}-{i:02d}" for i in range(args.vs_sessions)]
+                done = await vs_round(service, ids, args.vs_turns, args.vs_clients)
+                first, live = dist(done["first"]), dist(done["live"])
+                table.add(first_figure, "ms", side, r, first["p50"])
+                table.add(live_figure, "ms", side, r, live["p50"])
+                if r == args.vs_rounds - 1:
+                    # One session more than the original holds, while all of these are open.
+                    async with client_of(service) as client:
+                        response = await client.post(
+                            "/run",
+                            json={"prompt": "What is 2+2?", "sessionId": f"vs-extra-{side}"},
+                            headers=AUTH["api"],
+                        )
+                    body = response.json()
+                    said = body.get("error") or f"success: {body.get('success')}"
+                    beyond[side] = f"{response.status_code} ({said})"
+                    ids.append(f"vs-extra-{side}")
+                closed = await vs_close(service, ids)
+                print(
+                    f"  round {r + 1} {side:<8}  first turn p50 {first['p50']:7.2f} ms "
+                    f"(p90 {first['p90']:7.2f}) | live turn p50 {live['p50']:6.2f} ms "
+                    f"(p90 {live['p90']:6.2f}, n={live['n']}) | wrong answers "
+                    f"{done['wrong']} | DELETE /session {dict(closed)}"
+                )
+        line, share = meter.report()
+        print(line)
+        for service in services.values():
+            await service.stop(timeout_s=STOP_TIMEOUT_S)
+
+    section("side by side: ours vs the original")
+    print("\n".join(table.table()))
+    if beyond:
+        print(
+            f"\n  session number {args.vs_sessions + 1} while {args.vs_sessions} are open (ours: "
+            f"MAX_LIVE_SESSIONS={args.vs_sessions}; the original: {ORIGINAL_MAX_SESSIONS} at most): "
+            + "; ".join(f"{side}: {answer}" for side, answer in beyond.items())
+        )
+    print(
+        "  Notes:"
+        "\n  * the original has no MAX_LIVE_SESSIONS: it keeps every session's process until"
+        f"\n    30 min idle or DELETE /session and answers 500 past {ORIGINAL_MAX_SESSIONS} sessions;"
+        "\n    ours keeps MAX_LIVE_SESSIONS processes and hibernates the least recently used."
+        "\n  * ours writes each turn's session record to SQLite (committed before the answer);"
+        "\n    the original keeps sessions in memory only (lost on restart)."
+        "\n  * the original's session ids are global (any key holder reaches any session);"
+        "\n    ours are scoped to the user. One user here, so both see the same ids."
+        "\n  * a session's first turn starts its agent on both; the original also sends it a"
+        '\n    warm-up prompt ("hi": a model turn) before the first real one.'
+    )
+    if original is None:
+        print(f"  {build}")
+    print(
+        f"{quiet_verdict([share])}; nproc={os.cpu_count()}; "
+        f"run took {time.perf_counter() - run_started:.0f} s"
+    )
 
 
 def service_env(args: argparse.Namespace, workdir: Path, data_dir: Path) -> dict[str, str]:

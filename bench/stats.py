@@ -17,10 +17,11 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
-from tests.harness import CLK_TCK, proc_cpu_s
+from tests.harness import CLK_TCK, proc_cpu_s, proc_memory_kib
 
 # Above this share of all CPUs used by other processes, a phase's figures are distorted.
 QUIET_SHARE_PERCENT = 5.0
@@ -102,15 +103,108 @@ def machine_busy_s() -> float:
     return (user + nice + system + irq + softirq + steal) / CLK_TCK
 
 
+# A process whose command line holds this is an agent (the fake CLI), not the service.
+AGENT_MARK = b"fake_claude"
+
+
+class TreeCpu(NamedTuple):
+    """CPU seconds of a process tree, split into the service and its agents."""
+
+    service_s: float  # every live process of the tree that is not an agent
+    agents_s: float  # live agents, and everything any process of the tree reaped
+    processes: int  # live processes counted
+
+    @property
+    def total_s(self) -> float:
+        return self.service_s + self.agents_s
+
+
+def _stat_fields(pid: int) -> list[str]:
+    # Fields from field 3 (state) on: ppid=1, utime=11, stime=12, cutime=13, cstime=14.
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and its live descendants (parents before children)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int(_stat_fields(int(entry.name))[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+def _is_agent(pid: int) -> bool:
+    return AGENT_MARK in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def tree_cpu(root: int) -> TreeCpu:
+    """CPU of ``root`` and all its live descendants, whatever they are (a launcher, a
+    node server and its esbuild helpers, a Python service and its reaper, agents).
+
+    Each live process counts its own CPU and that of the children it reaped, so a
+    tick is counted once: in the process while it lives, in its parent's once
+    reaped. Live processes whose command line holds :data:`AGENT_MARK` count as
+    agents, the others as the service; what was reaped counts as agents (the only
+    children the services reap in a benchmark). A process that exits between the
+    scan and its read, or whose parent dies before reaping it, is missed. Raises
+    OSError if ``root`` itself is gone.
+    """
+    service = agents = 0.0
+    counted = 0
+    for pid in process_tree(root):
+        try:
+            fields = _stat_fields(pid)
+            agent = _is_agent(pid)
+        except OSError:
+            if pid == root:
+                raise
+            continue
+        own, reaped = (int(fields[11]) + int(fields[12])), (int(fields[13]) + int(fields[14]))
+        if agent:
+            agents += own / CLK_TCK
+        else:
+            service += own / CLK_TCK
+        agents += reaped / CLK_TCK
+        counted += 1
+    return TreeCpu(service, agents, counted)
+
+
+def tree_service_rss_kib(root: int) -> int:
+    """VmRSS of the live processes of ``root``'s tree that are not agents, in KiB
+    (a sum: pages shared between them count once per process)."""
+    total = 0
+    for pid in process_tree(root):
+        try:
+            if _is_agent(pid):
+                continue
+            total += proc_memory_kib(pid).get("VmRSS", 0)
+        except OSError:
+            continue
+    return total
+
+
 class QuietMeter:
     """The share of the machine's CPU that processes outside the measurement used.
 
     Ours are this process, its reaped children and, given its pid, the service with
-    its reaped agents; everything else busy on the machine meanwhile counts as others.
+    its reaped agents; given ``trees``, every process of those trees (services
+    compared side by side, with their live agents); everything else busy on the
+    machine meanwhile counts as others.
     """
 
-    def __init__(self, service_pid: int | None = None) -> None:
+    def __init__(self, service_pid: int | None = None, *, trees: Sequence[int] = ()) -> None:
         self.service_pid = service_pid
+        self.trees = tuple(trees)
         self.start = self._sample()
 
     def _ours(self) -> float:
@@ -118,6 +212,11 @@ class QuietMeter:
         if self.service_pid is not None:
             try:
                 ours += sum(proc_cpu_s(self.service_pid))
+            except OSError:
+                pass
+        for root in self.trees:
+            try:
+                ours += tree_cpu(root).total_s
             except OSError:
                 pass
         return ours
@@ -152,3 +251,63 @@ def quiet_verdict(shares: Iterable[float]) -> str:
         f"quiet machine: {'yes' if worst <= QUIET_SHARE_PERCENT else 'NO'} (other processes "
         f"used up to {worst:.0f} % of the CPUs during a phase)"
     )
+
+
+class SideBySide:
+    """Figures of our service and the original, measured in interleaved rounds.
+
+    Each figure keeps one value per round for each side (None: not measured, e.g.
+    the original cannot do it). The table shows, per figure, the median of the
+    rounds for each side and the ratio ours / original: the median of the rounds'
+    ratios (each round measures both sides under the same machine load), with
+    their range.
+    """
+
+    def __init__(self) -> None:
+        self.values: dict[str, dict[str, list[float]]] = {}
+        self.units: dict[str, str] = {}
+        self.notes: dict[str, str] = {}
+
+    def add(self, figure: str, unit: str, side: str, round_no: int, value: float) -> None:
+        self.units[figure] = unit
+        sides = self.values.setdefault(figure, {"ours": [], "original": []})
+        values = sides[side]
+        while len(values) < round_no:
+            values.append(math.nan)
+        values.append(value)
+
+    def note(self, figure: str, text: str) -> None:
+        """Say why a figure has no value on one side (shown instead of a number)."""
+        self.notes[figure] = text
+        self.values.setdefault(figure, {"ours": [], "original": []})
+
+    def table(self) -> list[str]:
+        lines = [
+            "| figure | ours | original | ratio ours/original (median of rounds; range) |",
+            "|---|---|---|---|",
+        ]
+        for figure, sides in self.values.items():
+            unit = self.units.get(figure, "")
+            cells = []
+            for side in ("ours", "original"):
+                known = [v for v in sides[side] if not math.isnan(v)]
+                cells.append(
+                    f"{statistics.median(known):.{_decimals(known)}f} {unit}" if known else "—"
+                )
+            ratios = [
+                a / b
+                for a, b in zip(sides["ours"], sides["original"], strict=False)
+                if not (math.isnan(a) or math.isnan(b)) and b != 0
+            ]
+            if ratios:
+                ratio = f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f}, n={len(ratios)})"
+            else:
+                ratio = self.notes.get(figure, "—")
+            lines.append(f"| {figure} | {cells[0]} | {cells[1]} | {ratio} |")
+        return lines
+
+
+def _decimals(values: list[float]) -> int:
+    """Enough decimals for the values' size: 3 below 10, 2 below 100, else 1."""
+    size = abs(statistics.median(values))
+    return 3 if size < 10 else 2 if size < 100 else 1

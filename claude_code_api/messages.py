@@ -41,6 +41,8 @@ channels, who owns each end, and who closes it:
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import attrs
@@ -64,21 +66,40 @@ class Cancellation:
     """A one-shot request to stop a job, set by the job's HTTP side.
 
     The client left before the answer (``reason`` "client gone"), or asked to
-    cancel. Whoever runs the job watches :attr:`event` and interrupts the agent at
-    once, even while the agent is silent (a long model call).
+    cancel. Whoever runs the job interrupts the agent at once, even while the
+    agent is silent (a long model call): it waits for :attr:`event`, or has
+    :meth:`calling` call it back from :meth:`cancel` (no task to wake).
     """
 
     event: trio.Event = attrs.Factory(trio.Event)
     reason: str | None = None
+    _callbacks: list[Callable[[], None]] = attrs.Factory(list)
 
     def cancel(self, reason: str) -> None:
         if not self.event.is_set():
             self.reason = reason
             self.event.set()
+            for callback in tuple(self._callbacks):
+                callback()
 
     @property
     def requested(self) -> bool:
         return self.event.is_set()
+
+    @contextmanager
+    def calling(self, callback: Callable[[], None]) -> Iterator[None]:
+        """Within: :meth:`cancel` calls ``callback()`` (at once if cancelled already).
+
+        ``callback`` runs inside :meth:`cancel`, on the trio thread: it must not
+        block or raise (cancelling a cancel scope is what it is for).
+        """
+        self._callbacks.append(callback)
+        try:
+            if self.requested:
+                callback()
+            yield
+        finally:
+            self._callbacks.remove(callback)
 
 
 # The SDK's permission modes (claude_agent_sdk.types.PermissionMode).

@@ -133,6 +133,31 @@ async def test_an_idle_keep_alive_connection_closes_after_the_timeout():
             assert KEEP_ALIVE_S <= trio.current_time() - started < KEEP_ALIVE_S + 1
 
 
+async def test_each_request_moves_the_idle_deadline_of_its_connection():
+    with trio.fail_after(10):
+        async with serving() as (_server, url, _gate):
+            connection, _status = await get(url)
+            for _ in range(4):  # 4 × 0.2 s: longer than the timeout, never idle that long
+                await trio.sleep(KEEP_ALIVE_S * 2 / 3)
+                await connection.request("GET", "/")
+                response = await connection.response()
+                assert response is not None and response.status == 200
+            last = trio.current_time()
+            await connection.wait_closed()
+            assert KEEP_ALIVE_S <= trio.current_time() - last < KEEP_ALIVE_S + 1
+
+
+async def test_a_connection_the_client_closes_frees_its_place_at_once():
+    with trio.fail_after(10):
+        async with serving() as (server, url, _gate):
+            server.config.keep_alive_timeout = 60  # hypercorn's timer held it this long
+            connection, _status = await get(url)
+            # (Counted with the place the accept loop holds for the next connection.)
+            during = server.connections.open
+            await connection.stream.aclose()
+            await wait_for(lambda: server.connections.open == during - 1, timeout=1)
+
+
 async def test_a_response_with_connection_close_closes_the_connection():
     with trio.fail_after(10):
         async with serving() as (server, url, _gate):

@@ -575,19 +575,21 @@ class RecordingStore(SessionStore):
         super().__init__(path)
         self.calls: list[tuple[str, object]] = []
         self.threads: set[int] = set()
+        self.threads_of: dict[str, set[int]] = {}
         self.closed = False
 
     def _note(self, name, arg):
         self.calls.append((name, arg))
         self.threads.add(threading.get_ident())
+        self.threads_of.setdefault(name, set()).add(threading.get_ident())
 
     def load(self, key):
         self._note("load", key)
         return super().load(key)
 
-    def save_many(self, records):
+    def save_many(self, records, **options):
         self._note("save", [r.key.session_id for r in records])
-        return super().save_many(records)
+        return super().save_many(records, **options)
 
     def create(self, record, max_per_user):
         self._note("create", record.key)
@@ -733,10 +735,10 @@ class FailingStore(SessionStore):
         self._fail(key.user_id)
         return super().load(key)
 
-    def save_many(self, records):
+    def save_many(self, records, **options):
         for r in records:
             self._fail(r.user_id)
-        return super().save_many(records)
+        return super().save_many(records, **options)
 
     def create(self, record, max_per_user):
         self._fail(record.user_id)
@@ -853,7 +855,9 @@ async def _until(event: threading.Event) -> None:
         await trio.sleep(0.001)
 
 
-async def test_store_calls_run_in_a_worker_thread_and_the_loop_stays_free(tmp_path, nursery):
+async def test_store_calls_but_saves_run_in_a_worker_thread_and_the_loop_stays_free(
+    tmp_path, nursery
+):
     with trio.fail_after(TIMEOUT):
         store = BlockingStore(tmp_path / DB_FILENAME)
         send, inbox = trio.open_memory_channel(0)
@@ -883,7 +887,10 @@ async def test_store_calls_run_in_a_worker_thread_and_the_loop_stays_free(tmp_pa
 
         assert answers == [None]
         assert store.released_in_time is True
-        assert threading.get_ident() not in store.threads
+        here = threading.get_ident()
+        assert here not in store.threads_of["load"] | store.threads_of["list"]
+        # A save is a WAL append (no sync): on the trio thread, no thread switches.
+        assert store.threads_of["save"] == {here}
 
 
 async def test_cancelling_the_actor_waits_for_the_running_call_before_closing(tmp_path):

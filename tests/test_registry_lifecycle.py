@@ -9,6 +9,7 @@ injected as ``1000 + trio.current_time()``.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from claude_code_api.actors.registry import (
     SessionExists,
     SessionKey,
     SessionPage,
+    StoreBusy,
     TooManySessions,
     open_store,
     serve_registry,
@@ -114,10 +116,10 @@ async def test_batches_are_bounded(tmp_path, nursery, monkeypatch):
 class FailForUser(RecordingStore):
     """Saves of a batch that holds a record of user ``broken`` fail with RegistryError."""
 
-    def save_many(self, records):
+    def save_many(self, records, **options):
         if any(r.user_id == "broken" for r in records):
             raise RegistryError(f"session store {self.path}: disk on fire")
-        return super().save_many(records)
+        return super().save_many(records, **options)
 
 
 async def test_a_failed_batch_fails_every_save_in_it(tmp_path, nursery):
@@ -432,9 +434,12 @@ async def test_ttl_must_be_positive(tmp_path):
 
 
 class SlowSaveStore(BlockingStore):
-    """``save_many`` blocks its thread until ``release`` is set (max 5 s)."""
+    """The database is locked: a save that would not wait is refused, one that waits
+    (in a worker thread) blocks until ``release`` is set (max 5 s)."""
 
-    def save_many(self, records):
+    def save_many(self, records, *, wait=True):
+        if not wait:
+            raise StoreBusy(f"session store {self.path}: database is locked")
         self.entered.set()
         self.released_in_time = self.release.wait(timeout=5)
         return super().save_many(records)
@@ -493,3 +498,64 @@ async def test_a_busy_registry_still_stops_when_cancelled(tmp_path):
 async def _until_set(event: threading.Event) -> None:
     while not event.is_set():
         await trio.sleep(0.001)
+
+
+# --- saves on the trio thread, checkpoints in a worker thread ---------------
+
+
+async def test_a_save_waits_in_a_worker_thread_while_another_connection_holds_the_lock(
+    tmp_path, nursery
+):
+    with trio.fail_after(TIMEOUT):
+        store = RecordingStore(tmp_path / DB_FILENAME)
+        client = await _start(nursery, store)
+        other = sqlite3.connect(tmp_path / DB_FILENAME, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # e.g. a second service on the same data dir
+        saved = trio.Event()
+
+        async def save() -> None:
+            await client.save(record("u", "s"))
+            saved.set()
+
+        nursery.start_soon(save)
+        ticks = 0
+        with trio.move_on_after(0.2):  # the trio thread is not the one waiting
+            while True:
+                await trio.sleep(0)
+                ticks += 1
+        assert ticks > 10 and not saved.is_set()
+        other.execute("ROLLBACK")
+        other.close()
+        await saved.wait()
+        assert await client.load(SessionKey("u", "s")) == record("u", "s")
+        here = threading.get_ident()
+        assert len(store.threads_of["save"]) == 2 and here in store.threads_of["save"]
+
+
+async def test_checkpoints_run_in_a_worker_thread_every_so_many_commits(
+    tmp_path, nursery, monkeypatch
+):
+    monkeypatch.setattr(registry_module, "CHECKPOINT_EVERY", 3)
+
+    class CheckpointRecorder(RecordingStore):
+        def checkpoint(self):
+            self._note("checkpoint", None)
+            return super().checkpoint()
+
+    with trio.fail_after(TIMEOUT):
+        store = CheckpointRecorder(tmp_path / DB_FILENAME)
+        (autocheckpoint,) = store._db.execute("PRAGMA wal_autocheckpoint").fetchone()
+        assert autocheckpoint == 0  # never inside a save on the trio thread
+        client = await _start(nursery, store)
+        for i in range(7):
+            await client.save(record("u", f"s{i}"))
+        assert store.names().count("checkpoint") == 2  # after the 3rd and the 6th
+        assert threading.get_ident() not in store.threads_of["checkpoint"]
+        wal = Path(f"{tmp_path / DB_FILENAME}-wal")
+        assert wal.stat().st_size > 0
+        # Everything reached the database file: a fresh reader sees it without the WAL.
+        store.checkpoint()
+        copy = tmp_path / "copy.db"
+        copy.write_bytes((tmp_path / DB_FILENAME).read_bytes())
+        (count,) = sqlite3.connect(copy).execute("SELECT count(*) FROM sessions").fetchone()
+        assert count == 7

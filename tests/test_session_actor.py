@@ -256,6 +256,8 @@ async def test_a_departed_client_interrupts_the_turn_and_the_session_goes_on(
         job, reply = session_job("slow", 600)
         session.inbox.send_nowait(job)
         assert await reply.receive() == JobStarted("session:s1")
+        # The prompt reaches the agent (else a client gone is answered without it).
+        await trio.testing.wait_all_tasks_blocked()
         reply.close()
         job.cancellation.cancel(CutReason.CLIENT_GONE)
         idle = await session.idle()

@@ -136,6 +136,11 @@ _WHERE_KEY = "WHERE user_id = ? AND session_id = ?"
 BUSY_TIMEOUT_S = 5.0
 # Saves committed in one transaction at most: bounds the wait of the first one.
 MAX_SAVE_BATCH = 256
+# Write transactions between two checkpoints of the WAL into the database. A
+# checkpoint syncs the disk (milliseconds, more on network volumes): it runs in a
+# worker thread, never inside a save on the trio thread (SQLite's automatic one would).
+CHECKPOINT_EVERY = 500
+_SQLITE_BUSY = 5  # sqlite3.SQLITE_BUSY: another connection holds the write lock
 # Expired sessions deleted per store call: a long sweep takes turns with requests.
 EXPIRE_CHUNK = 200
 # The expiry sweep runs every ttl / 10, but at least this often.
@@ -207,6 +212,14 @@ class RegistryError(Exception):
     """
 
 
+class StoreBusy(RegistryError):
+    """A write that was not to wait found the database locked by another connection."""
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    return (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF == _SQLITE_BUSY
+
+
 class TooManySessions(Exception):
     """:meth:`RegistryClient.create` refused: the user already has ``limit`` sessions.
 
@@ -238,11 +251,12 @@ class SessionExists(Exception):
 
 
 class SessionStore:
-    """Synchronous sqlite3 store; every method is called from a worker thread, one at a time.
+    """Synchronous sqlite3 store, called by the registry actor one call at a time.
 
     It owns one ``sqlite3`` connection to ``path`` (opened with
     ``check_same_thread=False``: trio's thread cache may run consecutive calls
-    on different threads; the registry actor guarantees they never overlap).
+    on different threads, and saves run on the trio thread; the registry actor
+    guarantees calls never overlap).
 
     Durability: the database runs in WAL mode with ``synchronous=NORMAL``. A
     write method that returns has appended its transaction, commit record
@@ -263,6 +277,12 @@ class SessionStore:
     fraction of a millisecond on a local SSD, several milliseconds on network
     or cloud volumes), paid on every turn; the group commit of
     :func:`serve_registry` amortizes it but does not remove it.
+
+    Checkpoints: SQLite's automatic checkpoint is off; :meth:`checkpoint` (the
+    registry's, in a worker thread, every :data:`CHECKPOINT_EVERY` write
+    transactions) copies the WAL into the database and syncs it. So a commit
+    is only a ``write()`` into the page cache, ~50 µs, short enough for the trio
+    thread (:meth:`save_many` with ``wait=False``).
 
     Storage checks: every write first checks that ``path`` is still the file
     the store opened (same device and inode), because SQLite keeps writing to
@@ -291,6 +311,7 @@ class SessionStore:
         self._conn: sqlite3.Connection | None = None
         self._identity: tuple[int, int] | None = None
         self._side_files: dict[Path, tuple[int, int]] = {}  # -wal and -shm: ours to clean up
+        self.commits_since_checkpoint = 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self.path.exists() and not self.path.is_file():
@@ -362,10 +383,35 @@ class SessionStore:
         """Insert or replace the record for ``record.key``; committed when this returns."""
         self.save_many([record])
 
-    def save_many(self, records: Sequence[SessionRecord]) -> None:
-        """Upsert every record in one transaction: all are committed, or none."""
-        with self._write():
-            self._db.executemany(_UPSERT, [_row(r) for r in records])
+    def save_many(self, records: Sequence[SessionRecord], *, wait: bool = True) -> None:
+        """Upsert every record in one transaction: all are committed, or none.
+
+        ``wait=False``: if another connection holds the write lock, raise
+        :class:`StoreBusy` at once instead of waiting for it (up to ``BUSY_TIMEOUT_S``).
+        """
+        if wait:
+            with self._write():
+                self._db.executemany(_UPSERT, [_row(r) for r in records])
+            return
+        self._db.execute("PRAGMA busy_timeout = 0")
+        try:
+            with self._write():
+                self._db.executemany(_UPSERT, [_row(r) for r in records])
+        except RegistryError as exc:
+            if isinstance(exc.__cause__, sqlite3.Error) and _is_busy(exc.__cause__):
+                raise StoreBusy(str(exc)) from exc
+            raise
+        finally:
+            self._db.execute(f"PRAGMA busy_timeout = {round(BUSY_TIMEOUT_S * 1000)}")
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database and sync it (``PRAGMA wal_checkpoint``).
+
+        Failed or not, the next one is due :data:`CHECKPOINT_EVERY` commits later.
+        """
+        self.commits_since_checkpoint = 0
+        with self._translate():
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def create(self, record: SessionRecord, max_per_user: int) -> None:
         """Insert a new record if its user has fewer than ``max_per_user``; one transaction.
@@ -462,6 +508,8 @@ class SessionStore:
             log.warning("session store %s: journal mode is %s, not wal", self.path, mode)
         # Durable against a crash of the service, not of the machine: see the class docstring.
         self._db.execute("PRAGMA synchronous = NORMAL")
+        # Checkpoints are the registry's to run, off the trio thread (class docstring).
+        self._db.execute("PRAGMA wal_autocheckpoint = 0")
 
     def _migrate(self) -> None:
         # Read again under the write lock: another process may have migrated.
@@ -505,6 +553,7 @@ class SessionStore:
             self._check_still_ours()
             with self._transaction("BEGIN IMMEDIATE"):
                 yield
+        self.commits_since_checkpoint += 1
 
     @contextmanager
     def _transaction(self, begin: str) -> Iterator[None]:
@@ -710,13 +759,16 @@ async def serve_registry(
     flushes it. The inbox belongs to the supervision tree: to stop gracefully,
     close its send end; queued requests are answered, then the actor returns.
 
-    Each store call runs in ``trio.to_thread.run_sync``, one at a time and in
-    arrival order. Group commit: when a save is taken from the inbox, the saves
-    queued right behind it (up to ``MAX_SAVE_BATCH``, up to the first message
-    that is not a save) are taken without waiting and committed in the same
-    transaction, in the same thread call; then each is answered. All of them
-    succeed or all fail. Saves queue up exactly while a previous call runs, so
-    the busier the registry, the larger its batches.
+    Store calls run one at a time and in arrival order: saves on the trio thread
+    (a WAL append: see :class:`SessionStore`; in a worker thread only when
+    another connection holds the database's lock), everything else in
+    ``trio.to_thread.run_sync``, and a checkpoint every ``CHECKPOINT_EVERY``
+    writes, in a worker thread too. Group commit: when a save is taken from the
+    inbox, the saves queued right behind it (up to ``MAX_SAVE_BATCH``, up to the
+    first message that is not a save) are taken without waiting and committed
+    in the same transaction; then each is answered. All of them succeed or all
+    fail. Saves queue up while a previous call runs in a thread, so the busier
+    the registry, the larger its batches.
 
     ``transcript_files(user_id, claude_session_id)`` names the files and
     directories holding the Claude transcripts of one CLI session. When a
@@ -916,11 +968,23 @@ class _Registry:
             for message in batch:
                 replies.enter_context(message.reply)
             records = [message.record for message in batch]
-            outcome = await self._write("save", self.store.save_many, records)
+            # It runs without a checkpoint: a cancelled actor must not begin it.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            # On the trio thread: a commit is a write() into the page cache (SessionStore),
+            # cheaper than the two thread switches of a worker thread. Only if another
+            # connection holds the lock does it wait for it, in a worker thread.
+            outcome = self._note_write(self._call_here("save", self._save_now, records))
+            if isinstance(outcome.error, StoreBusy):
+                outcome = await self._write("save", self.store.save_many, records)
             for message in batch:
                 # Each requester raises its own exception object.
                 error = outcome.error
                 _answer(message.reply, None if error is None else RegistryError(str(error)))
+        if self.store.commits_since_checkpoint >= CHECKPOINT_EVERY:
+            await self._write("checkpoint", self.store.checkpoint)
+
+    def _save_now(self, records: list[SessionRecord]) -> None:
+        self.store.save_many(records, wait=False)
 
     def _delete_in_thread(self, key: SessionKey) -> bool:
         record = self.store.delete(key)
@@ -981,8 +1045,12 @@ class _Registry:
 
     async def _write(self, what: str, function: Callable[..., Any], *args: Any) -> _Outcome:
         """A store call that writes: its storage failure or success changes the health."""
-        outcome = await self._call(what, function, *args)
-        if isinstance(outcome.error, RegistryError):
+        return self._note_write(await self._call(what, function, *args))
+
+    def _note_write(self, outcome: _Outcome) -> _Outcome:
+        if isinstance(outcome.error, StoreBusy):
+            pass  # says nothing of the storage: the write is retried, waiting for the lock
+        elif isinstance(outcome.error, RegistryError):
             self._set_health(str(outcome.error))
         elif outcome.error is None or isinstance(outcome.error, TooManySessions | SessionExists):
             self._set_health(None)
@@ -997,16 +1065,25 @@ class _Registry:
         """
         try:
             return _Outcome(value=await trio.to_thread.run_sync(function, *args))
-        except (RegistryError, TooManySessions, SessionExists) as exc:
-            if isinstance(exc, RegistryError):
-                log.error("session registry: %s failed: %s", what, exc)
-            return _Outcome(error=exc)
         except Exception as exc:
-            log.exception("session registry: %s raised unexpectedly", what)
-            cause = " ".join(f"{type(exc).__name__}: {exc}".split())
-            return _Outcome(
-                error=RegistryError(f"session store {self.store.path}: {what}: {cause}")
-            )
+            return self._failed(what, exc)
+
+    def _call_here(self, what: str, function: Callable[..., Any], *args: Any) -> _Outcome:
+        """Run one short store call on the trio thread; as :meth:`_call` otherwise."""
+        try:
+            return _Outcome(value=function(*args))
+        except Exception as exc:
+            return self._failed(what, exc)
+
+    def _failed(self, what: str, exc: Exception) -> _Outcome:
+        if isinstance(exc, StoreBusy | TooManySessions | SessionExists):
+            return _Outcome(error=exc)
+        if isinstance(exc, RegistryError):
+            log.error("session registry: %s failed: %s", what, exc)
+            return _Outcome(error=exc)
+        log.error("session registry: %s raised unexpectedly", what, exc_info=exc)
+        cause = " ".join(f"{type(exc).__name__}: {exc}".split())
+        return _Outcome(error=RegistryError(f"session store {self.store.path}: {what}: {cause}"))
 
     def _set_health(self, reason: str | None) -> None:
         if reason == self.health:

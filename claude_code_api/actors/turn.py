@@ -197,17 +197,11 @@ async def run_turn(
         gone = job.cancellation.reason == CutReason.CLIENT_GONE
         cut_short(CutReason.CLIENT_GONE if gone else CutReason.CANCELLED)
 
-    async def watch_cancellation() -> None:
-        await job.cancellation.event.wait()
-        cancelled_by_client()
-
     result: TurnResult | None = None
     failure: AgentError | None = None
     began = False  # the prompt may have reached the agent
-    if job.cancellation.requested:  # before the watcher below would notice
-        cancelled_by_client()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch_cancellation)
+    # A callback, not a watcher task: no task to start and cancel on every turn.
+    with job.cancellation.calling(cancelled_by_client):
         started_at = trio.current_time() if taken_at is None else taken_at
         metrics.run_started(started_at - job.submitted_at)
         await send(JobStarted(worker_id, at=started_at))
@@ -222,7 +216,6 @@ async def run_turn(
                     result = await agent.run_turn(job.prompt, relay, memory=job.memory)
                 except AgentError as exc:
                     failure = exc
-        nursery.cancel_scope.cancel()
 
     elapsed_ms = round((trio.current_time() - job.submitted_at) * 1000)
     if failure is not None:

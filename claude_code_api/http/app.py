@@ -41,6 +41,7 @@ from ..messages import (
 from .auth import Unauthorized, authenticate, is_admin
 from .docs import docs_page
 from .jobs import SessionStoreUnavailable, close_session, pool_snapshot
+from .json_run import serve_json_runs
 from .observe import count_requests, note_route, scrape
 from .openapi import openapi_spec
 from .requests import (
@@ -259,7 +260,12 @@ def create_app(
     """
     store = store_status or StoreStatus()
     app = QuartTrio("claude_code_api")
-    counted = count_requests(app.asgi_app) if settings.metrics else app.asgi_app
+    ceiling = OptionCeiling.of(settings)
+    # POST /run with a JSON reply is served in front of Quart (see json_run).
+    runs_first = serve_json_runs(
+        app.asgi_app, settings=settings, dispatcher=dispatcher, ceiling=ceiling
+    )
+    counted = count_requests(runs_first) if settings.metrics else runs_first
     app.asgi_app = merge_slashes(counted)  # type: ignore[method-assign,assignment]
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     # Quart cuts responses at 60 s by default; jobs have their own deadlines.
@@ -398,7 +404,7 @@ def create_app(
             max_prompt_chars=settings.max_prompt_chars,
             max_timeout_ms=settings.max_timeout_ms,
             default_timeout_ms=settings.default_timeout_ms,
-            ceiling=OptionCeiling.of(settings),
+            ceiling=ceiling,
         )
     )
     app.register_blueprint(

@@ -4,19 +4,26 @@ Hypercorn serves each connection with a :class:`~hypercorn.trio.tcp_server.TCPSe
 :class:`HttpConnection` is that server with two adaptations, and
 :class:`ConnectionTable` bounds how many are open at once.
 
-Why hypercorn's bookkeeping needs a shield: hypercorn does the work that
-follows a response from inside the application's final ``send()``, i.e. in
-quart-trio's request task: it restarts the idle timer that closes a kept-alive
-connection ``keep_alive_timeout`` seconds later (``Updated(idle=True)``), or
-closes the connection when the response said ``Connection: close`` or the
+Why hypercorn's bookkeeping is replaced or shielded: hypercorn does the work
+that follows a response from inside the application's final ``send()``, i.e.
+in quart-trio's request task: it restarts the idle timer that closes a
+kept-alive connection ``keep_alive_timeout`` seconds later (``Updated(idle=True)``),
+or closes the connection when the response said ``Connection: close`` or the
 server is stopping (``Closed()``). While that ``send()`` runs, hypercorn also
 tells the app the request is over (``http.disconnect``), on which quart-trio
-cancels the request's nursery; the bookkeeping then meets that cancellation at
-its first checkpoint and is abandoned. So an idle connection never times out,
-and a connection that should close stays open, both forever. The bookkeeping
-only takes a lock held for an instant, starts or cancels a task, or closes the
-socket, so it is shielded here. (``tests/test_http_server.py::test_upstream_*``
-reproduce it on plain hypercorn and fail once upstream no longer needs this.)
+cancels the request's nursery; work with a checkpoint there meets that
+cancellation and is abandoned. So an idle connection would never time out, and
+a connection that should close would stay open, both forever. Hence:
+
+* the idle timer is :class:`IdleTimer`: one task for the connection's life
+  whose deadline moves, set without a checkpoint. (Hypercorn stops a task when a
+  request arrives and starts another, waiting for it to start, when the
+  response is sent: two scheduler rounds and a lock on every request.)
+* closing only closes the socket and tells the protocol: shielded here.
+  (``tests/test_http_server.py::test_upstream_*`` reproduce the abandonment on
+  plain hypercorn and fail once upstream no longer needs this.)
+* an empty write (the end of a body whose length was declared) is not sent:
+  nothing to write, and one scheduler round less per response.
 
 Why a bound: every connection is a file descriptor, and the service needs
 descriptors for its agents' pipes and its database. When the table is full and
@@ -29,11 +36,14 @@ connections wait in the listen backlog until one ends.
 from __future__ import annotations
 
 import logging
+import math
 import resource
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 from hypercorn.config import Config
-from hypercorn.events import Closed, Event, Updated
+from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState
@@ -124,6 +134,63 @@ class ConnectionTable:
         self._idle.pop(connection, None)
 
 
+class IdleTimer:
+    """Closes a kept-alive connection left idle for ``keep_alive_timeout`` seconds.
+
+    Stands in for hypercorn's per-request timer task (``TCPServer.idle_task``,
+    same ``restart``/``stop`` calls): one task, started with the connection's
+    first idle period and ended with the connection; ``restart`` and ``stop``
+    only move its deadline, without a checkpoint, so they cannot be abandoned
+    half-way by a cancelled request task (module docstring). When the deadline
+    passes, or the server is stopping and the connection is idle (at once, or
+    when its request is answered), ``close()`` runs, shielded. :meth:`end` (the
+    connection is over) ends the task without it.
+    """
+
+    def __init__(
+        self,
+        timeout_s: float,
+        terminated: Callable[[], Awaitable[Any]],
+        close: Callable[[], Awaitable[None]],
+    ) -> None:
+        self._timeout_s = timeout_s
+        self._terminated = terminated
+        self._close = close
+        self._scope = trio.CancelScope()
+        self._started = False
+        self._busy = False
+        self._stopping = False
+        self._ended = False
+
+    async def restart(self, task_group: Any, action: object = None) -> None:
+        """Idle from now on. ``task_group``: hypercorn's, where the timer's task runs."""
+        self._busy = False
+        self._scope.deadline = trio.current_time() + (0 if self._stopping else self._timeout_s)
+        if not self._started:
+            self._started = True
+            task_group._nursery.start_soon(self._run)
+
+    async def stop(self) -> None:
+        """Busy with a request: no timeout until the next :meth:`restart`."""
+        self._busy = True
+        self._scope.deadline = math.inf
+
+    def end(self) -> None:
+        """The connection is over: the task ends without closing anything."""
+        self._ended = True
+        self._scope.cancel()
+
+    async def _run(self) -> None:
+        with self._scope:
+            await self._terminated()
+            self._stopping = True
+            if self._busy:
+                await trio.sleep_forever()  # until restart() moves the deadline to now
+        if not self._ended:
+            with trio.CancelScope(shield=True):
+                await self._close()
+
+
 class HttpConnection(TCPServer):
     """Hypercorn's server for one connection, registered in a :class:`ConnectionTable`.
 
@@ -145,6 +212,9 @@ class HttpConnection(TCPServer):
         self._socket = stream.socket
         self._table = table
         self._scope = trio.CancelScope()
+        self.idle_task: IdleTimer = IdleTimer(  # type: ignore[assignment]
+            config.keep_alive_timeout, context.terminated.wait, self._initiate_server_close
+        )
 
     async def serve(self) -> None:
         self._table.idle(self)  # until its first request arrives
@@ -159,13 +229,23 @@ class HttpConnection(TCPServer):
         """Close this connection now (it is idle: no request is in progress)."""
         self._scope.cancel()
 
+    async def _read_data(self) -> None:
+        try:
+            await super()._read_data()
+        finally:
+            # Nothing more will arrive: nothing to time out. (Hypercorn's timer
+            # would keep the connection's task, and its slot, for the timeout.)
+            self.idle_task.end()
+
     async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, RawData) and not event.data:
+            return
         if isinstance(event, Updated):
             if event.idle:
                 self._table.idle(self)
             else:
                 self._table.not_idle(self)
-        if isinstance(event, Updated | Closed):
+        if isinstance(event, Closed):
             # Possibly called from the app's task, already cancelled (module docstring).
             with trio.CancelScope(shield=True):
                 await super().protocol_send(event)

@@ -39,7 +39,7 @@ from ..messages import (
     TerminalEvent,
 )
 from .jobs import Finished, cancel_run, follow_job, open_job
-from .requests import OptionCeiling, parse_run_request
+from .requests import OptionCeiling, RunRequest, parse_run_request
 from .streaming import STREAM_HEADERS, event_stream, on_request_end, wants_event_stream
 from .user_claude import load_memory
 
@@ -124,6 +124,29 @@ def outcome_word(outcome: TerminalEvent | None) -> str:
     return "ok" if outcome.success else "agent error"
 
 
+def log_run_end(
+    user_id: str,
+    run_request: RunRequest,
+    started: float,
+    run_id: str,
+    outcome: TerminalEvent | None,
+    how: str,
+) -> None:
+    """The one log line of a run that ended (``started``: ``time.monotonic()`` at submission)."""
+    log.info(
+        "run user=%s session=%s prompt_chars=%d%s -> %s in %.0f ms (%s, run %s)",
+        user_id,
+        run_request.session_id or "-",
+        len(run_request.prompt),
+        _options_note(run_request.options),
+        outcome_word(outcome),
+        (time.monotonic() - started) * 1000,
+        how,
+        run_id,
+        extra={"runId": run_id, "userId": user_id, "sessionId": run_request.session_id},
+    )
+
+
 def run_routes(
     *,
     dispatcher: trio.MemorySendChannel[DispatcherMessage],
@@ -164,18 +187,7 @@ def run_routes(
         started = time.monotonic()
 
         def log_end(run_id: str, outcome: TerminalEvent | None, how: str) -> None:
-            log.info(
-                "run user=%s session=%s prompt_chars=%d%s -> %s in %.0f ms (%s, run %s)",
-                user_id,
-                run_request.session_id or "-",
-                len(run_request.prompt),
-                _options_note(run_request.options),
-                outcome_word(outcome),
-                (time.monotonic() - started) * 1000,
-                how,
-                run_id,
-                extra={"runId": run_id, "userId": user_id, "sessionId": run_request.session_id},
-            )
+            log_run_end(user_id, run_request, started, run_id, outcome, how)
 
         if not wants_event_stream(run_request.stream, request.headers.get("Accept")):
             async with submit as (job, events):

@@ -1,0 +1,235 @@
+"""``POST /run`` served in front of Quart (:mod:`claude_code_api.http.json_run`), in-process.
+
+The layer is driven as hypercorn drives an ASGI app (scope, ``receive``, ``send``),
+with a memory channel standing for the dispatcher and a recording app standing
+for Quart behind it. End to end, every ``/run`` test of the service goes through
+it as well.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+import pytest
+import trio
+from quart import Quart, jsonify
+
+from claude_code_api.config import load_settings
+from claude_code_api.http.jobs import CLIENT_GONE
+from claude_code_api.http.json_run import json_bytes, serve_json_runs
+from claude_code_api.http.requests import OptionCeiling
+from claude_code_api.messages import DispatcherMessage, JobFailed, Queued, RunResult, Submit
+
+KEY = "sk-test"
+SETTINGS_ENV = {"API_KEYS": f"alice:{KEY}"}
+MAX_BODY_BYTES = 1000  # (fixed in the service: 1 MiB)
+
+
+class Behind:
+    """The app behind the layer (Quart in the service): records what reached it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, bytes]] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        self.calls.append((scope["method"], scope["path"], body))
+        await send({"type": "http.response.start", "status": 299, "headers": []})
+        await send({"type": "http.response.body", "body": b"behind"})
+
+
+class Exchange:
+    """One request: what the client sends (``body`` chunks, then perhaps a disconnect)."""
+
+    def __init__(self, method: str, path: str, headers: dict[str, str], chunks: list[bytes]):
+        self.scope = {
+            "type": "http",
+            "method": method,
+            "path": path,
+            "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        }
+        self.incoming: list[dict[str, Any]] = [
+            {"type": "http.request", "body": chunk, "more_body": i < len(chunks) - 1}
+            for i, chunk in enumerate(chunks)
+        ]
+        self.disconnect = trio.Event()
+        self.sent: list[dict[str, Any]] = []
+
+    async def receive(self) -> dict[str, Any]:
+        if self.incoming:
+            return self.incoming.pop(0)
+        await self.disconnect.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.sent.append(message)
+
+    @property
+    def status(self) -> int:
+        return self.sent[0]["status"]
+
+    @property
+    def headers(self) -> dict[bytes, bytes]:
+        return dict(self.sent[0]["headers"])
+
+    def json(self) -> Any:
+        assert self.sent[1]["more_body"] is False
+        return json.loads(self.sent[1]["body"])
+
+
+def post_run(body: Any, headers: dict[str, str] | None = None) -> Exchange:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    given = {"x-api-key": KEY, "content-type": "application/json"}
+    given["content-length"] = str(len(raw))
+    return Exchange("POST", "/run", given | (headers or {}), [raw])
+
+
+def layer(dispatcher: trio.MemorySendChannel[DispatcherMessage] | None = None) -> tuple:
+    behind = Behind()
+    if dispatcher is None:
+        dispatcher, _unused = trio.open_memory_channel[DispatcherMessage](10)
+    settings = attrs.evolve(load_settings(SETTINGS_ENV), max_body_bytes=MAX_BODY_BYTES)
+    app = serve_json_runs(
+        behind, settings=settings, dispatcher=dispatcher, ceiling=OptionCeiling.of(settings)
+    )
+    return app, behind
+
+
+def test_replies_are_written_as_quarts_jsonify_writes_them():
+    value = {"b": [1, 2.5, None], "a": "é ✓ \u2028", "c": {"z": True, "y": "x"}}
+
+    async def quart_bytes() -> bytes:
+        app = Quart("check")
+        async with app.app_context():
+            return await jsonify(value).get_data()
+
+    assert json_bytes(value) == trio.run(quart_bytes)
+
+
+async def test_other_routes_and_methods_go_to_the_app_behind():
+    app, behind = layer()
+    for method, path in [("GET", "/run"), ("POST", "/runs"), ("GET", "/health")]:
+        exchange = Exchange(method, path, {}, [b""])
+        with trio.fail_after(5):
+            await app(exchange.scope, exchange.receive, exchange.send)
+        assert exchange.status == 299
+    assert [(m, p) for m, p, _ in behind.calls] == [
+        ("GET", "/run"),
+        ("POST", "/runs"),
+        ("GET", "/health"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "body, headers",
+    [({"prompt": "hi", "stream": True}, {}), ({"prompt": "hi"}, {"accept": "text/event-stream"})],
+)
+async def test_a_stream_goes_to_the_app_behind_with_its_body_replayed(body, headers):
+    app, behind = layer()
+    exchange = post_run(body, headers)
+    with trio.fail_after(5):
+        await app(exchange.scope, exchange.receive, exchange.send)
+    assert behind.calls == [("POST", "/run", json.dumps(body).encode())]
+
+
+async def test_a_json_run_is_submitted_and_answered_with_its_run_id():
+    dispatcher, inbox = trio.open_memory_channel[DispatcherMessage](10)
+    app, behind = layer(dispatcher)
+    exchange = post_run({"prompt": "hi", "sessionId": "s1"})
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(app, exchange.scope, exchange.receive, exchange.send)
+            submitted = await inbox.receive()
+            assert isinstance(submitted, Submit)
+            job = submitted.job
+            assert (job.user_id, job.prompt, job.session_id) == ("alice", "hi", "s1")
+            await job.reply.send(Queued(0))
+            await job.reply.send(RunResult(success=True, output="hello", duration_ms=3))
+    assert exchange.status == 200
+    assert exchange.headers[b"x-run-id"] == job.id.encode()
+    assert exchange.headers[b"content-type"] == b"application/json"
+    reply = exchange.json()
+    assert (reply["success"], reply["output"], reply["runId"]) == (True, "hello", job.id)
+    assert reply["sessionId"] == "s1"
+    assert behind.calls == []
+
+
+async def test_a_refused_run_says_when_to_retry():
+    dispatcher, inbox = trio.open_memory_channel[DispatcherMessage](10)
+    app, _behind = layer(dispatcher)
+    exchange = post_run({"prompt": "hi"})
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(app, exchange.scope, exchange.receive, exchange.send)
+            job = (await inbox.receive()).job
+            await job.reply.send(JobFailed(429, "queue is full", retry_after_s=2))
+    assert exchange.status == 429
+    assert exchange.headers[b"retry-after"] == b"2"
+    assert exchange.json() == {"error": "queue is full", "runId": job.id}
+
+
+async def test_a_client_that_leaves_cancels_its_run_and_gets_no_reply():
+    dispatcher, inbox = trio.open_memory_channel[DispatcherMessage](10)
+    app, _behind = layer(dispatcher)
+    exchange = post_run({"prompt": "hi"})
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(app, exchange.scope, exchange.receive, exchange.send)
+            job = (await inbox.receive()).job
+            await job.reply.send(Queued(0))
+            assert not job.cancellation.requested
+            exchange.disconnect.set()
+    assert job.cancellation.reason == CLIENT_GONE
+    assert exchange.sent == []
+
+
+@pytest.mark.parametrize(
+    "exchange, status, closes",
+    [
+        (post_run({"prompt": "hi"}, {"x-api-key": "wrong"}), 401, True),
+        (post_run({"prompt": "hi"}, {"content-type": "text/html"}), 415, True),
+        (post_run(b"x" * 1001), 413, True),  # said by Content-Length: unread
+        (post_run({"prompt": 5}), 400, False),  # read: the connection can go on
+        (
+            Exchange(
+                "POST",
+                "/run",
+                {"x-api-key": KEY, "transfer-encoding": "chunked"},
+                [
+                    b"x" * 600,
+                    b"x" * 600,
+                ],
+            ),
+            413,
+            True,
+        ),
+    ],
+)
+async def test_bad_requests_are_json_errors_and_close_when_the_body_was_left(
+    exchange, status, closes
+):
+    app, behind = layer()
+    with trio.fail_after(5):
+        await app(exchange.scope, exchange.receive, exchange.send)
+    assert exchange.status == status
+    assert isinstance(exchange.json()["error"], str)
+    assert (exchange.headers.get(b"connection") == b"close") is closes
+    assert behind.calls == []
+
+
+async def test_an_unexpected_failure_is_a_500_json_error():
+    dispatcher, inbox = trio.open_memory_channel[DispatcherMessage](10)
+    inbox.close()  # the dispatcher is gone: submitting raises
+    app, _behind = layer(dispatcher)
+    exchange = post_run({"prompt": "hi", "sessionId": "s1"})
+    with trio.fail_after(5):
+        await app(exchange.scope, exchange.receive, exchange.send)
+    assert exchange.status == 500
+    assert exchange.json() == {"error": "internal error"}
