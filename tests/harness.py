@@ -384,9 +384,11 @@ def shared_service(
 async def for_one_test(shared: RunningService, *, timeout: float = 20.0) -> RunningService:
     """``shared`` once its pool is idle and whole again, with a log of this test's lines."""
     assert shared.process.poll() is None, f"the shared service exited:\n{shared.log_text()}"
+    body: dict = {}
     async with shared.client() as client:
 
         async def idle() -> bool:
+            nonlocal body
             body = (await client.get("/health")).json()
             workers = body["workers"]
             return (
@@ -395,7 +397,11 @@ async def for_one_test(shared: RunningService, *, timeout: float = 20.0) -> Runn
                 and body["queue"]["length"] == 0
             )
 
-        await wait_until(idle, timeout, interval=0.02)
+        try:
+            await wait_until(idle, timeout, interval=0.02)
+        except trio.TooSlowError:
+            # Most likely an earlier test failed and left work behind: say so, not just "slow".
+            raise AssertionError(f"the shared service is not idle: {body}") from None
     return attrs.evolve(shared, log_start=len(shared.log))
 
 
