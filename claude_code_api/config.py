@@ -568,7 +568,7 @@ class Settings:
         "DATA_DIR",
         Directory(),
         "data",
-        "workspaces, user directories and the session database",
+        "workspaces, user directories and the session database; a local filesystem",
     )
     max_live_sessions: int = setting(
         "MAX_LIVE_SESSIONS", Whole(1, 10_000), "8", "session processes running at once"

@@ -34,6 +34,7 @@ from claude_agent_sdk import (
     ClaudeSDKClient,
     CLIConnectionError,
     CLIJSONDecodeError,
+    Message,
     ProcessError,
     ResultMessage,
     SystemMessage,
@@ -160,6 +161,7 @@ class SdkAgent:
         self._closed = False
         # A prompt may have been sent and its result not read yet: there is a turn to interrupt.
         self._turn_open = False
+        self._messages: AsyncIterator[Message] | None = None  # see _next_message
 
     @property
     def pid(self) -> int | None:
@@ -284,7 +286,8 @@ class SdkAgent:
                 await client.query(_with_context(memory_reminder(memory), prompt))
             else:
                 await client.query(prompt)
-            async for message in client.receive_response():
+            while True:
+                message = await self._next_message(client)
                 if isinstance(message, ResultMessage):
                     self._turn_open = False
                     self._note_session_id(message.session_id)
@@ -308,7 +311,26 @@ class SdkAgent:
         except Exception as exc:
             await trio.sleep(0.01)  # let the stderr reader collect the dying words
             raise AgentError(describe_failure(exc, self.stderr_tail())) from exc
-        raise AgentError("agent process ended the turn without a result")
+
+    async def _next_message(self, client: ClaudeSDKClient) -> Message:
+        """The agent's next message, from one ``receive_messages()`` kept across turns.
+
+        Why not ``receive_response()`` per turn: each turn would leave three nested
+        async generators suspended after the ``ResultMessage``, and trio closes each
+        abandoned one in a task it starts for it. Raises :class:`AgentError` when the
+        messages end (the process is gone); any exception, a cancel included, ends
+        the iterator, and the next call starts another.
+        """
+        if self._messages is None:
+            self._messages = client.receive_messages()
+        try:
+            return await anext(self._messages)
+        except StopAsyncIteration:
+            self._messages = None
+            raise AgentError("agent process ended the turn without a result") from None
+        except BaseException:
+            self._messages = None
+            raise
 
     async def set_model(self, model: str) -> None:
         if model == self._model:
@@ -355,7 +377,8 @@ class SdkAgent:
         with trio.move_on_after(grace):
             try:
                 await client.interrupt()
-                async for message in client.receive_response():
+                while True:
+                    message = await self._next_message(client)
                     if isinstance(message, ResultMessage):
                         self._turn_open = False
                         self._note_session_id(message.session_id)

@@ -14,12 +14,14 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 from hypercorn.config import Config
+from hypercorn.logging import AccessLogAtoms
 from hypercorn.trio import serve
 from quart_trio import QuartTrio
 
 from claude_code_api.http import connections
 from claude_code_api.http.connections import connection_limit
-from claude_code_api.http.server import HttpServer
+from claude_code_api.http.server import AccessLogger, HttpServer
+from claude_code_api.logs import ACCESS_LOG_FORMAT
 
 from .raw_http import RawConnection
 
@@ -331,3 +333,29 @@ def test_the_connection_bound_leaves_descriptors_for_agents(
         connections.resource, "getrlimit", lambda _which: (soft_limit, resource.RLIM_INFINITY)
     )
     assert connection_limit(agents) == expected
+
+
+@pytest.mark.parametrize("client", [("127.0.0.1", 4321), ("unix",), None])
+@pytest.mark.parametrize(
+    "response",
+    [
+        None,
+        {"status": 200, "headers": [(b"content-type", b"text/plain"), (b"Content-Length", b"5")]},
+        {"status": 404, "headers": []},
+        {"status": 599, "headers": [(b"content-length", b"0")]},
+    ],
+)
+def test_access_lines_read_as_hypercorns_own(client, response):
+    request = {
+        "type": "http",
+        "method": "POST",
+        "path": "/runs/abc",
+        "query_string": b"key=secret",
+        "http_version": "1.1",
+        "scheme": "http",
+        "client": client,
+        "headers": [(b"x-api-key", b"sk-secret"), (b"user-agent", b"curl")],
+    }
+    ours = AccessLogger(Config()).atoms(request, response, 0.0123456)
+    theirs = AccessLogAtoms(request, response, 0.0123456)
+    assert ACCESS_LOG_FORMAT % ours == ACCESS_LOG_FORMAT % theirs

@@ -1,4 +1,6 @@
-"""``POST /run`` served in front of Quart (:mod:`claude_code_api.http.json_run`), in-process.
+"""``POST /run`` and ``GET /health`` served in front of Quart, in-process.
+
+(:mod:`claude_code_api.http.json_run` and :func:`claude_code_api.http.app.serve_health_first`.)
 
 The layer is driven as hypercorn drives an ASGI app (scope, ``receive``, ``send``),
 with a memory channel standing for the dispatcher and a recording app standing
@@ -9,6 +11,8 @@ it as well.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
@@ -17,10 +21,18 @@ import trio
 from quart import Quart, jsonify
 
 from claude_code_api.config import load_settings
+from claude_code_api.http.app import serve_health_first
 from claude_code_api.http.jobs import CLIENT_GONE
 from claude_code_api.http.json_run import json_bytes, serve_json_runs
 from claude_code_api.http.requests import OptionCeiling
-from claude_code_api.messages import DispatcherMessage, JobFailed, Queued, RunResult, Submit
+from claude_code_api.messages import (
+    DispatcherMessage,
+    Job,
+    JobFailed,
+    Queued,
+    RunResult,
+    Submit,
+)
 
 KEY = "sk-test"
 SETTINGS_ENV = {"API_KEYS": f"alice:{KEY}"}
@@ -139,53 +151,49 @@ async def test_a_stream_goes_to_the_app_behind_with_its_body_replayed(body, head
     assert behind.calls == [("POST", "/run", json.dumps(body).encode())]
 
 
-async def test_a_json_run_is_submitted_and_answered_with_its_run_id():
+@asynccontextmanager
+async def submitted(exchange: Exchange) -> AsyncIterator[Job]:
+    """Serve ``exchange`` with the layer; yield the job it submits, for the test to answer."""
     dispatcher, inbox = trio.open_memory_channel[DispatcherMessage](10)
     app, behind = layer(dispatcher)
-    exchange = post_run({"prompt": "hi", "sessionId": "s1"})
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(app, exchange.scope, exchange.receive, exchange.send)
-            submitted = await inbox.receive()
-            assert isinstance(submitted, Submit)
-            job = submitted.job
-            assert (job.user_id, job.prompt, job.session_id) == ("alice", "hi", "s1")
-            await job.reply.send(Queued(0))
-            await job.reply.send(RunResult(success=True, output="hello", duration_ms=3))
+            message = await inbox.receive()
+            assert isinstance(message, Submit)
+            yield message.job
+    assert behind.calls == []
+
+
+async def test_a_json_run_is_submitted_and_answered_with_its_run_id():
+    exchange = post_run({"prompt": "hi", "sessionId": "s1"})
+    async with submitted(exchange) as job:
+        assert (job.user_id, job.prompt, job.session_id) == ("alice", "hi", "s1")
+        await job.reply.send(Queued(0))
+        await job.reply.send(RunResult(success=True, output="hello", duration_ms=3))
     assert exchange.status == 200
     assert exchange.headers[b"x-run-id"] == job.id.encode()
     assert exchange.headers[b"content-type"] == b"application/json"
     reply = exchange.json()
     assert (reply["success"], reply["output"], reply["runId"]) == (True, "hello", job.id)
     assert reply["sessionId"] == "s1"
-    assert behind.calls == []
 
 
 async def test_a_refused_run_says_when_to_retry():
-    dispatcher, inbox = trio.open_memory_channel[DispatcherMessage](10)
-    app, _behind = layer(dispatcher)
     exchange = post_run({"prompt": "hi"})
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(app, exchange.scope, exchange.receive, exchange.send)
-            job = (await inbox.receive()).job
-            await job.reply.send(JobFailed(429, "queue is full", retry_after_s=2))
+    async with submitted(exchange) as job:
+        await job.reply.send(JobFailed(429, "queue is full", retry_after_s=2))
     assert exchange.status == 429
     assert exchange.headers[b"retry-after"] == b"2"
     assert exchange.json() == {"error": "queue is full", "runId": job.id}
 
 
 async def test_a_client_that_leaves_cancels_its_run_and_gets_no_reply():
-    dispatcher, inbox = trio.open_memory_channel[DispatcherMessage](10)
-    app, _behind = layer(dispatcher)
     exchange = post_run({"prompt": "hi"})
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(app, exchange.scope, exchange.receive, exchange.send)
-            job = (await inbox.receive()).job
-            await job.reply.send(Queued(0))
-            assert not job.cancellation.requested
-            exchange.disconnect.set()
+    async with submitted(exchange) as job:
+        await job.reply.send(Queued(0))
+        assert not job.cancellation.requested
+        exchange.disconnect.set()
     assert job.cancellation.reason == CLIENT_GONE
     assert exchange.sent == []
 
@@ -233,3 +241,34 @@ async def test_an_unexpected_failure_is_a_500_json_error():
         await app(exchange.scope, exchange.receive, exchange.send)
     assert exchange.status == 500
     assert exchange.json() == {"error": "internal error"}
+
+
+# --- GET /health, also in front of Quart --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method, headers, published, served_here",
+    [
+        ("GET", {}, ({"status": "ok"}, 200), True),
+        ("GET", {}, ({"status": "degraded"}, 503), True),
+        ("GET", {"content-length": "0"}, ({"status": "ok"}, 200), True),
+        ("GET", {}, None, False),  # nothing published (the dispatcher restarts): Quart asks
+        ("GET", {"content-length": "2"}, ({"status": "ok"}, 200), False),  # a body to read
+        ("HEAD", {}, ({"status": "ok"}, 200), False),
+    ],
+)
+async def test_health_is_answered_from_the_published_state_or_by_the_app_behind(
+    method, headers, published, served_here
+):
+    behind = Behind()
+    app = serve_health_first(behind, lambda: published)
+    exchange = Exchange(method, "/health", headers, [b""])
+    with trio.fail_after(5):
+        await app(exchange.scope, exchange.receive, exchange.send)
+    if served_here:
+        body, code = published
+        assert exchange.status == code and exchange.json() == body
+        assert exchange.sent[1]["body"] == json_bytes(body)
+        assert behind.calls == []
+    else:
+        assert exchange.status == 299 and behind.calls == [(method, "/health", b"")]

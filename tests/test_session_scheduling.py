@@ -677,7 +677,7 @@ async def test_closing_a_busy_session_interrupts_its_turn_and_answers_its_waitin
         service = await start_service(nursery, stop_s=1, records=("a",))
         fakes = service.sessions
         fakes.hold("a1")  # stuck until the close interrupts it
-        _, a1 = await submit(service.inbox, "a", "a1")
+        a1_job, a1 = await submit(service.inbox, "a", "a1")
         _, a2 = await submit(service.inbox, "a", "a2")
         _, a3 = await submit(service.inbox, "a", "a3")
         await trio.sleep(3)
@@ -691,6 +691,8 @@ async def test_closing_a_busy_session_interrupts_its_turn_and_answers_its_waitin
 
         nursery.start_soon(close)
         assert await outcome(a2) == SESSION_CLOSED
+        # The running turn's own cancellation cuts it at once (the actor reads the close after).
+        assert a1_job.cancellation.reason == "session closed"
         assert await outcome(a3) == SESSION_CLOSED
         assert await outcome(a1) == RunResult(success=False, output="", duration_ms=3000)
         assert trio.current_time() == 3

@@ -203,13 +203,9 @@ async def serve_session(
                 except RegistryError as exc:
                     command.answer(store_failure(exc))
                     continue
-                outcome, closed = await _run_turn(
-                    agent, command, inbox, key, config, stop, taken_at
-                )
+                outcome = await _run_turn(agent, command, key, config, stop, taken_at)
                 command.answer(await session.after_turn(agent, outcome, command.options))
                 announce_idle = True  # after a turn, always (a carried one's too)
-                if closed:
-                    return
                 if not outcome.agent_usable:
                     agent = None  # run_turn closed it
                 finished_ok = outcome.ok
@@ -346,43 +342,29 @@ async def _next_command(
 async def _run_turn(
     agent: Agent,
     job: Job,
-    inbox: trio.MemoryReceiveChannel[SessionCommand],
     key: SessionKey,
     config: SessionConfig,
     stop: StopSignal,
     taken_at: float,
-) -> tuple[TurnOutcome, bool]:
-    """Run one turn while listening for a close; returns the outcome and whether closed.
+) -> TurnOutcome:
+    """Run one turn; a stop (service shutdown) interrupts it, answered all the same.
 
-    A turn that asks for a model switches the session's agent to it; its other
+    A close (``DELETE /session``) cuts it through its job's cancellation, which the
+    dispatcher sets along with the :class:`CloseSessionNow` it sends, read after the
+    turn. A turn that asks for a model switches the session's agent to it; its other
     options are the session's own (those of its first turn).
     """
     turn_scope = trio.CancelScope()
-    closed = False
-
-    async def stop_on_close() -> None:
-        nonlocal closed
-        command = await inbox.receive()
-        if isinstance(command, CloseSessionNow):
-            closed = True
-            turn_scope.cancel()
-        else:
-            log.error("session %s: unexpected %r during a turn", key, command)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(stop_on_close)
-        with stop.guard(turn_scope):
-            outcome = await run_turn(
-                agent,
-                job,
-                worker_id=f"session:{key.session_id}",
-                limits=config.turn,
-                turn_scope=turn_scope,
-                taken_at=taken_at,
-                model=job.options.model,
-            )
-        nursery.cancel_scope.cancel()
-    return outcome, closed
+    with stop.guard(turn_scope):
+        return await run_turn(
+            agent,
+            job,
+            worker_id=f"session:{key.session_id}",
+            limits=config.turn,
+            turn_scope=turn_scope,
+            taken_at=taken_at,
+            model=job.options.model,
+        )
 
 
 async def _start_agent(

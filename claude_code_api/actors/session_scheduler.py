@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 LIVE_STATES = (SessionState.STARTING, SessionState.IDLE, SessionState.BUSY, SessionState.STOPPING)
 # Live and not on the way out: an agent runs, or is starting, and will go on.
 RUNNING_STATES = (SessionState.STARTING, SessionState.IDLE, SessionState.BUSY)
+# Cancellation.reason of a running turn whose session is closed (DELETE /session).
+SESSION_CLOSED_REASON = "session closed"
 DeleteReply = tuple[trio.MemorySendChannel[bool], trio.MemorySendChannel[Any]]
 
 
@@ -271,6 +273,9 @@ class SessionScheduler:
             return
         # Starting without an inbox yet: `started` sends the close when it arrives.
         entry.closing.append((ack, deleted))
+        if entry.running is not None:
+            # Its turn is cut at once, as a cancelled run's; the actor then reads the close.
+            entry.running.cancellation.cancel(SESSION_CLOSED_REASON)
         if entry.inbox is not None and entry.state is not SessionState.STOPPING:
             self._send(entry, CloseSessionNow())
             entry.state = SessionState.STOPPING

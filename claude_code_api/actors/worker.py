@@ -269,19 +269,11 @@ async def _run_on_own_agent(
     try:
         start_scope = trio.CancelScope(deadline=job.deadline)
         failure: JobFailed | None = None
-        async with trio.open_nursery() as nursery:
-
-            async def stop_start_if_cancelled() -> None:
-                await job.cancellation.event.wait()
-                start_scope.cancel()
-
-            nursery.start_soon(stop_start_if_cancelled)
-            with stop.guard(start_scope), start_scope:
-                try:
-                    await agent.start(config.warmup_timeout_s)
-                except AgentStartError as exc:
-                    failure = JobFailed(502, f"agent failed to start: {exc}")
-            nursery.cancel_scope.cancel()
+        with job.cancellation.calling(start_scope.cancel), stop.guard(start_scope), start_scope:
+            try:
+                await agent.start(config.warmup_timeout_s)
+            except AgentStartError as exc:
+                failure = JobFailed(502, f"agent failed to start: {exc}")
         if failure is not None:
             return TurnOutcome(failure, agent_usable=False)
         if start_scope.cancelled_caught:  # cancelled, out of time or stopped while starting

@@ -41,7 +41,7 @@ from ..messages import (
 from .auth import Unauthorized, authenticate, is_admin
 from .docs import docs_page
 from .jobs import SessionStoreUnavailable, close_session, pool_snapshot
-from .json_run import serve_json_runs
+from .json_run import json_bytes, serve_json_runs
 from .observe import count_requests, note_route, scrape
 from .openapi import openapi_spec
 from .requests import (
@@ -230,6 +230,40 @@ _SLASHES = re.compile(r"/{2,}")
 AsgiApp = Callable[[Any, Any, Any], Awaitable[None]]
 
 
+def serve_health_first(
+    app: AsgiApp, published_health: Callable[[], tuple[dict[str, Any], int] | None]
+) -> AsgiApp:
+    """ASGI: answer ``GET /health`` here from the pool's published state, in front of Quart.
+
+    Docker's health check and load balancers poll it: it skips Quart's request
+    machinery, as ``POST /run`` does (:mod:`.json_run`). When nothing is published
+    (the dispatcher is restarting) or the request carries a body, the Quart route
+    answers (it asks the dispatcher).
+    """
+
+    async def serve(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/health" and scope["method"] == "GET":
+            has_body = any(
+                name in (b"content-length", b"transfer-encoding") and value not in (b"0",)
+                for name, value in scope["headers"]
+            )
+            answer = None if has_body else published_health()
+            if answer is not None:
+                note_route(scope, "/health")
+                body, code = answer
+                payload = json_bytes(body)
+                headers = [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()),
+                ]
+                await send({"type": "http.response.start", "status": code, "headers": headers})
+                await send({"type": "http.response.body", "body": payload, "more_body": False})
+                return
+        await app(scope, receive, send)
+
+    return serve
+
+
 def merge_slashes(app: AsgiApp) -> AsgiApp:
     """ASGI: serve ``//run`` as ``/run`` (a client's base URL ending in ``/``), not 404 or redirect."""
 
@@ -261,18 +295,28 @@ def create_app(
     store = store_status or StoreStatus()
     app = QuartTrio("claude_code_api")
     ceiling = OptionCeiling.of(settings)
-    # POST /run with a JSON reply is served in front of Quart (see json_run).
-    runs_first = serve_json_runs(
-        app.asgi_app, settings=settings, dispatcher=dispatcher, ceiling=ceiling
+    started_at = time.monotonic()
+
+    def published_health() -> tuple[dict[str, Any], int] | None:
+        snapshot = None if pool_view is None else pool_view.read()
+        if snapshot is None:
+            return None
+        uptime_ms = round((time.monotonic() - started_at) * 1000)
+        return health_body(snapshot, uptime_ms, store.failure)
+
+    # The two most frequent requests are served in front of Quart: POST /run with a
+    # JSON reply (json_run) and GET /health.
+    fast = serve_health_first(
+        serve_json_runs(app.asgi_app, settings=settings, dispatcher=dispatcher, ceiling=ceiling),
+        published_health,
     )
-    counted = count_requests(runs_first) if settings.metrics else runs_first
+    counted = count_requests(fast) if settings.metrics else fast
     app.asgi_app = merge_slashes(counted)  # type: ignore[method-assign,assignment]
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     # Quart cuts responses at 60 s by default; jobs have their own deadlines.
     app.config["RESPONSE_TIMEOUT"] = None
     # What a streamed reply owns is released even if its stream never starts.
     app.asgi_app = with_request_cleanups(app.asgi_app)  # type: ignore[method-assign,assignment]
-    started_at = time.monotonic()
 
     def caller() -> str:
         return authenticate(request.headers, settings)
@@ -325,11 +369,13 @@ def create_app(
 
     @app.get("/health")
     async def health() -> Response:
-        uptime_ms = round((time.monotonic() - started_at) * 1000)
-        snapshot = None if pool_view is None else pool_view.read()
-        if snapshot is None:
-            snapshot = await pool_snapshot(dispatcher)
-        body, code = health_body(snapshot, uptime_ms, store.failure)
+        # GET is answered in front of Quart (serve_health_first) but for HEAD, a request
+        # with a body, and while the dispatcher has published nothing: ask it then.
+        answer = published_health()
+        if answer is None:
+            uptime_ms = round((time.monotonic() - started_at) * 1000)
+            answer = health_body(await pool_snapshot(dispatcher), uptime_ms, store.failure)
+        body, code = answer
         response = jsonify(body)
         response.status_code = code
         return response

@@ -123,7 +123,6 @@ def serve_json_runs(
             nursery.cancel_scope.cancel()
         if finished is None:
             return  # the client left: nobody to answer
-        log_run_end(user_id, run_request, started, job.id, finished.terminal, "json")
         terminal = finished.terminal
         headers = [(b"x-run-id", job.id.encode())]
         if isinstance(terminal, JobFailed):
@@ -134,6 +133,8 @@ def serve_json_runs(
         else:
             assert isinstance(terminal, RunResult)
             await request.reply(200, result_body(terminal, finished, job), headers)
+        # After the reply: writing the line is not the client's wait.
+        log_run_end(user_id, run_request, started, job.id, terminal, "json")
 
     return serve
 

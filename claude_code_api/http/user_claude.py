@@ -4,7 +4,8 @@ A Quart blueprint; the app hands it how to tell who is calling and how to
 read a JSON body, so it authenticates and reads bodies exactly as every other
 route does. Each caller reads and writes only their own file (the user id comes
 from their credentials, never from the body). Storage is
-:mod:`claude_code_api.user_memory`, run in worker threads, off the event loop.
+:mod:`claude_code_api.user_memory`: saves run in worker threads (they sync the
+disk); reads, on every one-shot request, on the trio thread (see :func:`load_memory`).
 
 After a save the dispatcher is told (:class:`UserMemoryChanged`), so the
 user's live sessions restart at their next turn boundary to load it; one-shot
@@ -44,12 +45,15 @@ class MemoryUnavailable(Exception):
 
 
 async def load_memory(data_dir: Path, user_id: str) -> str:
-    """``user_id``'s CLAUDE.md ("" when none), read in a worker thread.
+    """``user_id``'s CLAUDE.md ("" when none), read on the trio thread.
 
+    Every one-shot request reads it, so not in a worker thread: a few system
+    calls on a small file in the page cache (tens of µs) cost less than the two
+    thread switches. DATA_DIR is a local filesystem (SQLite's WAL needs one too).
     Raises :class:`MemoryUnavailable` when it cannot be read.
     """
     try:
-        return await trio.to_thread.run_sync(read_user_memory, data_dir, user_id)
+        return read_user_memory(data_dir, user_id)
     except OSError as exc:
         log.error("user %s: cannot read CLAUDE.md: %s", user_id, exc)
         raise MemoryUnavailable(f"cannot read your CLAUDE.md: {exc}") from exc
