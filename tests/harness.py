@@ -5,22 +5,26 @@ The service runs as ``python -m claude_code_api`` in a subprocess on 127.0.0.1
 ``CLAUDE_EXECUTABLE``; callers talk to it over real HTTP with httpx.
 :func:`launch_service` starts it, reads its log and finds its URL;
 :func:`run_service` is the tests' form (stop it with a signal, check the exit
-status). Every fake CLI process can write its pid into a directory, so a test can
-check that none outlived the service or its job. ``bench/`` imports this module
+status); :func:`shared_service` holds one for a module's tests. Every fake CLI
+process can write its pid into a directory, so a test can check that none
+outlived the service or its job. ``bench/`` imports this module
 as ``tests.harness`` (its scripts put the repository root on ``sys.path``).
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import os
+import queue
 import re
 import resource
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import attrs
@@ -59,6 +63,10 @@ class RunningService:
     fake_home: Path
     # Each line ends with "\n"; a bounded deque keeps only the last lines of a long run.
     log: collections.deque[str]
+    # log_text() starts at this line: a test on a shared service sees only its own lines
+    # (an unbounded log: see shared_service).
+    log_start: int = 0
+    fake_log: Path | None = None  # FAKE_CLAUDE_LOG: what each fake CLI did (see fake_turn_pid)
 
     @property
     def pid(self) -> int:
@@ -66,6 +74,10 @@ class RunningService:
 
     def client(self, **kwargs) -> httpx.AsyncClient:
         kwargs.setdefault("timeout", 60)
+        # Plain HTTP on 127.0.0.1: nothing to verify, and httpx's default builds a TLS
+        # context from certifi's bundle for every client (~30 ms of CPU each; the tests
+        # open thousands, the health polls one every 50 ms).
+        kwargs.setdefault("verify", False)
         return httpx.AsyncClient(base_url=self.url, **kwargs)
 
     def fake_pids(self) -> list[int]:
@@ -77,7 +89,8 @@ class RunningService:
         return [pid for pid in self.fake_pids() if process_exists(pid)]
 
     def log_text(self) -> str:
-        return "".join(self.log)
+        # list() copies in one step: a shared service's log grows on another thread.
+        return "".join(list(self.log)[self.log_start :])
 
     def memory_kib(self) -> dict[str, int]:
         """The service process's VmRSS, RssAnon, RssFile and VmHWM, in KiB."""
@@ -254,6 +267,7 @@ async def launch_service(
                 state = "exited early" if process.poll() is not None else "did not listen"
                 raise RuntimeError(f"service {state}:\n{''.join(log)}")
             piddir = env.get("FAKE_CLAUDE_PIDDIR")
+            fake_log = env.get("FAKE_CLAUDE_LOG")
             yield RunningService(
                 found[0],
                 process,
@@ -261,6 +275,7 @@ async def launch_service(
                 Path(env["DATA_DIR"]),
                 Path(env["FAKE_CLAUDE_HOME"]),
                 log,
+                fake_log=Path(fake_log) if fake_log else None,
             )
             if process.poll() is None:
                 process.kill()
@@ -304,6 +319,108 @@ async def run_service(
             assert code == expect_exit, f"service exited {code}:\n{service.log_text()}"
 
 
+@contextmanager
+def shared_service(
+    workdir: Path,
+    *,
+    env: dict[str, str] | None = None,
+) -> Iterator[RunningService]:
+    """:func:`run_service` for several tests: a module's fixture, in a thread of its own.
+
+    pytest-trio gives every test its own trio loop, so a service that outlives one test
+    cannot be held by a test's loop: a thread runs a loop that starts it, holds it until
+    the context exits, then stops it with SIGTERM, checks it exited 0 as
+    :func:`run_service` does and that no fake CLI outlived it. A failure is raised here
+    (the fixture's teardown fails). The fakes log to ``workdir/fake.log`` unless ``env``
+    says otherwise: a test finds its agent there (:func:`fake_turn_pid`).
+
+    Tests talk to it over HTTP from their own loops; each takes :func:`for_one_test`'s
+    view of it and must not stop or kill it, nor depend on what other tests did to it:
+    users or session ids of its own, counts taken as differences.
+    """
+    Started = tuple[RunningService, trio.lowlevel.TrioToken, trio.Event]
+    handed: queue.Queue[Started | None] = queue.Queue()
+    failures: list[BaseException] = []
+    env = {"FAKE_CLAUDE_LOG": str(workdir / "fake.log"), **(env or {})}
+
+    async def hold() -> None:
+        stop = trio.Event()
+        async with run_service(workdir, env=env) as service:
+            handed.put((service, trio.lowlevel.current_trio_token(), stop))
+            await stop.wait()
+        if service.piddir is not None:
+            await wait_no_live_fakes(service)  # no agent outlives the service
+
+    def host() -> None:
+        try:
+            trio.run(hold)
+        except BaseException as failure:  # raised by the fixture, in the test's thread
+            failures.append(failure)
+        finally:
+            handed.put(None)  # a fixture still waiting for the service: it never started
+
+    thread = threading.Thread(target=host, name=f"service {workdir.name}", daemon=True)
+    thread.start()
+    started = handed.get(timeout=60)  # run_service gives up after 20 s
+    if started is None:
+        thread.join()
+        raise failures[0] if failures else RuntimeError("the shared service did not start")
+    service, token, stop = started
+    try:
+        yield service
+    finally:
+        try:
+            trio.from_thread.run_sync(stop.set, trio_token=token)
+        except trio.RunFinishedError:
+            pass
+        thread.join(90)  # run_service waits up to 60 s for the exit
+        if thread.is_alive():  # never leave a service behind the test run
+            service.process.kill()
+            raise RuntimeError(f"the shared service did not stop:\n{service.log_text()}")
+        if failures:
+            raise failures[0]
+
+
+async def for_one_test(shared: RunningService, *, timeout: float = 20.0) -> RunningService:
+    """``shared`` once its pool is idle and whole again, with a log of this test's lines."""
+    assert shared.process.poll() is None, f"the shared service exited:\n{shared.log_text()}"
+    body: dict = {}
+    async with shared.client() as client:
+
+        async def idle() -> bool:
+            nonlocal body
+            body = (await client.get("/health")).json()
+            workers = body["workers"]
+            return (
+                workers["ready"] == workers["total"] > 0
+                and workers["busy"] == 0
+                and body["queue"]["length"] == 0
+            )
+
+        try:
+            await wait_until(idle, timeout, interval=0.02)
+        except trio.TooSlowError:
+            # Most likely an earlier test failed and left work behind: say so, not just "slow".
+            raise AssertionError(f"the shared service is not idle: {body}") from None
+    return attrs.evolve(shared, log_start=len(shared.log))
+
+
+async def fake_turn_pid(service: RunningService, prompt: str, timeout: float = 20.0) -> int:
+    """The pid of the fake CLI that began a turn with ``prompt``, once one has (its log)."""
+    assert service.fake_log is not None, "started without FAKE_CLAUDE_LOG"
+    log = service.fake_log
+    pids: list[int] = []
+
+    async def began() -> bool:
+        lines = log.read_text().splitlines() if log.exists() else []
+        records = [json.loads(line) for line in lines]
+        pids[:] = [r["pid"] for r in records if r["event"] == "turn" and r["prompt"] == prompt]
+        return bool(pids)
+
+    await wait_until(began, timeout)
+    return pids[0]
+
+
 async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> None:
     with trio.fail_after(timeout):
         while not await predicate():
@@ -320,27 +437,27 @@ async def wait_no_live_fakes(service: RunningService, timeout: float = 10.0) -> 
 async def wait_health_status(service: RunningService, status: str, timeout: float = 20.0) -> dict:
     """Until ``/health`` says ``status`` (e.g. "degraded"); returns that body."""
     body: dict = {}
+    async with service.client() as client:
 
-    async def says_it() -> bool:
-        nonlocal body
-        async with service.client() as client:
+        async def says_it() -> bool:
+            nonlocal body
             body = (await client.get("/health")).json()
-        return body["status"] == status
+            return body["status"] == status
 
-    await wait_until(says_it, timeout, interval=0.05)
+        await wait_until(says_it, timeout, interval=0.05)
     return body
 
 
 async def wait_healthy(service: RunningService, *, ready: int, timeout: float = 15.0) -> dict:
     body: dict = {}
+    async with service.client() as client:
 
-    async def pool_ready() -> bool:
-        nonlocal body
-        async with service.client() as client:
+        async def pool_ready() -> bool:
+            nonlocal body
             body = (await client.get("/health")).json()
-        return body["workers"]["ready"] >= ready
+            return body["workers"]["ready"] >= ready
 
-    await wait_until(pool_ready, timeout, interval=0.05)
+        await wait_until(pool_ready, timeout, interval=0.05)
     return body
 
 

@@ -16,9 +16,12 @@ import trio
 
 from claude_code_api.sandbox import probe_sandbox
 from tests.harness import (
+    API_KEY,
     AUTH,
+    for_one_test,
     process_exists,
     run_service,
+    shared_service,
     wait_health_status,
     wait_healthy,
     wait_until,
@@ -28,8 +31,14 @@ SANDBOX_REASON = probe_sandbox(__import__("shutil").which("bwrap"))
 needs_sandbox = pytest.mark.skipif(SANDBOX_REASON is not None, reason=str(SANDBOX_REASON))
 ALICE, BOB = "alice:sk-alice-key", "bob:sk-bob-key"
 KEYS = {"API_KEYS": f"{ALICE},{BOB}", "NEXTAUTH_SECRET": "the-nextauth-secret"}
+SECRETS = {"ANTHROPIC_API_KEY": "sk-ant-withheld"}  # not passed on (USE_CLAUDE_API_KEY unset)
 AS_ALICE = {"x-api-key": "sk-alice-key"}
 AS_BOB = {"x-api-key": "sk-bob-key"}
+
+
+@pytest.fixture
+async def service(plain):
+    return await for_one_test(plain)
 
 
 async def run(client, prompt: str, headers=AUTH, **fields) -> dict:
@@ -37,23 +46,43 @@ async def run(client, prompt: str, headers=AUTH, **fields) -> dict:
     return {"status": response.status_code, **response.json()}
 
 
-@pytest.mark.parametrize("sandbox", ["off", "on"])
-async def test_an_agent_does_not_see_the_services_secrets(tmp_path, sandbox):
-    if sandbox == "on" and SANDBOX_REASON:
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """Agents unconfined, the service holding secrets (keys, NEXTAUTH_SECRET, an Anthropic
+    key it does not pass on); shared by tests that each use a user or session of their own."""
+    env = {**KEYS, "API_KEYS": f"{API_KEY},{ALICE},{BOB}", **SECRETS, "AGENT_SANDBOX": "off"}
+    with shared_service(tmp_path_factory.mktemp("plain"), env=env) as service:
+        yield service
+
+
+@pytest.fixture(scope="module")
+def sandboxed(tmp_path_factory):
+    """As ``plain`` with every agent in the sandbox, transcripts in the agent's own HOME
+    (as the real CLI keeps them)."""
+    if SANDBOX_REASON:
         pytest.skip(SANDBOX_REASON)
-    env = {**KEYS, "AGENT_SANDBOX": sandbox, "ANTHROPIC_API_KEY": "sk-ant-withheld"}
-    if sandbox == "on":
-        env["FAKE_CLAUDE_HOME"] = ""  # transcripts in the agent's own HOME, as the real CLI
+    env = {**KEYS, **SECRETS, "AGENT_SANDBOX": "on", "FAKE_CLAUDE_HOME": ""}
+    with shared_service(tmp_path_factory.mktemp("sandboxed"), env=env) as service:
+        yield service
+
+
+@pytest.fixture
+def plain_or_sandboxed(request, sandbox):
+    return request.getfixturevalue("plain" if sandbox == "off" else "sandboxed")
+
+
+@pytest.mark.parametrize("sandbox", ["off", "on"])
+async def test_an_agent_does_not_see_the_services_secrets(plain_or_sandboxed, sandbox):
+    service = await for_one_test(plain_or_sandboxed)
     with trio.fail_after(60):
-        async with run_service(tmp_path, env=env) as service:
-            await wait_healthy(service, ready=1)
-            async with service.client() as client:
-                reply = await run(
-                    client,
-                    "[[fake:bash]] echo keys=[$API_KEYS] secret=[$NEXTAUTH_SECRET]"
-                    " ant=[$ANTHROPIC_API_KEY]; env | grep -c -e API_KEYS -e NEXTAUTH || true",
-                    headers=AS_ALICE,
-                )
+        await wait_healthy(service, ready=1)
+        async with service.client() as client:
+            reply = await run(
+                client,
+                "[[fake:bash]] echo keys=[$API_KEYS] secret=[$NEXTAUTH_SECRET]"
+                " ant=[$ANTHROPIC_API_KEY]; env | grep -c -e API_KEYS -e NEXTAUTH || true",
+                headers=AS_ALICE,
+            )
     assert reply["status"] == 200, reply
     assert "keys=[] secret=[] ant=[]" in reply["output"]
     assert "sk-alice-key" not in reply["output"] and "the-nextauth-secret" not in reply["output"]
@@ -62,33 +91,32 @@ async def test_an_agent_does_not_see_the_services_secrets(tmp_path, sandbox):
 
 
 @needs_sandbox
-async def test_an_agent_cannot_reach_another_users_data_or_the_database(tmp_path):
-    env = {**KEYS, "AGENT_SANDBOX": "on", "FAKE_CLAUDE_HOME": "", "POOL_SIZE": "1"}
+async def test_an_agent_cannot_reach_another_users_data_or_the_database(sandboxed):
+    service = await for_one_test(sandboxed)
     with trio.fail_after(90):
-        async with run_service(tmp_path, env=env) as service:
-            await wait_healthy(service, ready=1)
-            data = service.data_dir
-            async with service.client() as client:
-                # Bob writes a note in his session's workspace.
-                wrote = await run(
-                    client,
-                    "[[fake:bash]] echo bobs-private-no''te > note.txt && pwd",
-                    headers=AS_BOB,
-                    sessionId="bob-s",
-                )
-                assert wrote["status"] == 200, wrote
-                bob_workspace = wrote["output"].strip()
-                assert (Path(bob_workspace) / "note.txt").read_text() == "bobs-private-note\n"
-                # Alice, one-shot and in a session, goes looking.
-                probe = (
-                    f"[[fake:bash]] cat {bob_workspace}/note.txt; ls {data}/users; "
-                    f"cat {data}/sessions.sqlite3 | head -c 100; "
-                    # (a pattern that does not match itself in alice's own transcript)
-                    f"grep -r bobs-private-not[e] {data} 2>&1 | head -3; "
-                    f"echo x > {bob_workspace}/planted.txt; echo done"
-                )
-                one_shot = await run(client, probe, headers=AS_ALICE)
-                in_session = await run(client, probe, headers=AS_ALICE, sessionId="alice-s")
+        await wait_healthy(service, ready=1)
+        data = service.data_dir
+        async with service.client() as client:
+            # Bob writes a note in his session's workspace.
+            wrote = await run(
+                client,
+                "[[fake:bash]] echo bobs-private-no''te > note.txt && pwd",
+                headers=AS_BOB,
+                sessionId="bob-s",
+            )
+            assert wrote["status"] == 200, wrote
+            bob_workspace = wrote["output"].strip()
+            assert (Path(bob_workspace) / "note.txt").read_text() == "bobs-private-note\n"
+            # Alice, one-shot and in a session, goes looking.
+            probe = (
+                f"[[fake:bash]] cat {bob_workspace}/note.txt; ls {data}/users; "
+                f"cat {data}/sessions.sqlite3 | head -c 100; "
+                # (a pattern that does not match itself in alice's own transcript)
+                f"grep -r bobs-private-not[e] {data} 2>&1 | head -3; "
+                f"echo x > {bob_workspace}/planted.txt; echo done"
+            )
+            one_shot = await run(client, probe, headers=AS_ALICE)
+            in_session = await run(client, probe, headers=AS_ALICE, sessionId="alice-s")
     for reply in (one_shot, in_session):
         assert reply["status"] == 200, reply
         assert "bobs-private-note" not in reply["output"]
@@ -156,23 +184,22 @@ async def test_clear_sticks_across_a_restart(tmp_path):
     assert reply["output"] == "I don't know your name."
 
 
-async def test_a_client_that_leaves_a_silent_turn_frees_the_session_within_a_second(tmp_path):
+async def test_a_client_that_leaves_a_silent_turn_frees_the_session_within_a_second(service):
     with trio.fail_after(60):
-        async with run_service(tmp_path) as service:
-            await wait_healthy(service, ready=1)
-            async with service.client() as client:
-                await run(client, "My name is Ada.", sessionId="s1")
-                with trio.move_on_after(1.0):
-                    await run(client, "[[fake:sleep:30]] think hard", sessionId="s1")
-                left_at = trio.current_time()
+        await wait_healthy(service, ready=1)
+        async with service.client() as client:
+            await run(client, "My name is Ada.", sessionId="s1")
+            with trio.move_on_after(1.0):
+                await run(client, "[[fake:sleep:30]] think hard", sessionId="s1")
+            left_at = trio.current_time()
 
-                async def session_idle() -> bool:
-                    status = (await client.get("/status", headers=AUTH)).json()
-                    return [s["state"] for s in status["sessions"]] == ["live"]
+            async def session_idle() -> bool:
+                status = (await client.get("/status", headers=AUTH)).json()
+                return [s["state"] for s in status["sessions"]] == ["live"]
 
-                await wait_until(session_idle, timeout=5)
-                assert trio.current_time() - left_at < 1.5
-                reply = await run(client, "What is my name?", sessionId="s1")
+            await wait_until(session_idle, timeout=5)
+            assert trio.current_time() - left_at < 1.5
+            reply = await run(client, "What is my name?", sessionId="s1")
     assert reply["output"] == "Your name is Ada."  # interrupted, not killed: same conversation
     log = service.log_text()
     assert "turn cut short (client gone); agent idle" in log
@@ -195,12 +222,11 @@ async def test_a_refused_credential_fails_fast_and_shows_in_auth_status(tmp_path
     assert "upstream API error 401 (attempt 1)" in service.log_text()
 
 
-async def test_a_retryable_upstream_error_is_reported_when_time_runs_out(tmp_path):
+async def test_a_retryable_upstream_error_is_reported_when_time_runs_out(service):
     with trio.fail_after(60):
-        async with run_service(tmp_path) as service:
-            await wait_healthy(service, ready=1)
-            async with service.client() as client:
-                reply = await run(client, "[[fake:retry:529:0:0.3]] hi", timeoutMs=2000)
+        await wait_healthy(service, ready=1)
+        async with service.client() as client:
+            reply = await run(client, "[[fake:retry:529:0:0.3]] hi", timeoutMs=2000)
     assert reply["status"] == 200 and reply["timedOut"] is True
     assert reply["upstreamError"]["status"] == 529
     assert reply["upstreamError"]["retries"] >= 3

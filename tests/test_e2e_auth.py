@@ -233,13 +233,16 @@ async def test_start_up_credentials_are_refreshed_and_the_refresh_token_rotates(
     )
     with trio.fail_after(60):
         async with run_service(tmp_path, env=oauth_env(tmp_path, endpoint)) as service:
-
-            async def refreshed() -> bool:
-                return "refresh-1" in path.read_text()
-
-            await wait_until(refreshed, timeout=20)
+            status: dict = {}
             async with service.client() as client:
-                status = (await client.get("/auth/status", headers=WEB)).json()
+
+                async def refreshed() -> bool:
+                    nonlocal status
+                    status = (await client.get("/auth/status", headers=WEB)).json()
+                    # The service saves the file, then reads it back: its status follows.
+                    return "refresh-1" in path.read_text() and status.get("expiresAt", 0) > soon
+
+                await wait_until(refreshed, timeout=20)
     assert endpoint.requests == [
         {
             "grant_type": "refresh_token",

@@ -14,7 +14,9 @@ import trio
 from .harness import (
     AUTH,
     FAKE_CLAUDE,
+    for_one_test,
     run_service,
+    shared_service,
     wait_healthy,
     wait_no_live_fakes,
     wait_until,
@@ -28,6 +30,14 @@ async def health(client: httpx.AsyncClient) -> tuple[int, dict]:
     return reply.status_code, reply.json()
 
 
+@pytest.fixture(scope="module")
+def pool_of_two(tmp_path_factory):
+    """A service with two workers, shared by the misbehaving-agent cases (each counts
+    differences); it must exit 0 with no agent left (shared_service)."""
+    with shared_service(tmp_path_factory.mktemp("faults"), env={"POOL_SIZE": "2"}) as service:
+        yield service
+
+
 @pytest.mark.parametrize(
     ("prompt", "status", "fragment"),
     [
@@ -38,25 +48,25 @@ async def health(client: httpx.AsyncClient) -> tuple[int, dict]:
         ("[[fake:stderr:20000]] hello", 200, "echo: [[fake:stderr:20000]] hello"),
     ],
 )
-async def test_a_misbehaving_agent_fails_only_its_job(tmp_path, prompt, status, fragment):
+async def test_a_misbehaving_agent_fails_only_its_job(pool_of_two, prompt, status, fragment):
+    service = await for_one_test(pool_of_two)
     with trio.fail_after(60):
-        async with run_service(tmp_path, env={"POOL_SIZE": "2"}) as service:
+        await wait_healthy(service, ready=2)
+        async with service.client() as client:
+            before = (await client.get("/status", headers=AUTH)).json()
+            reply = await client.post("/run", headers=JSON, json={"prompt": prompt})
+            assert reply.status_code == status, reply.text
+            body = reply.json()
+            assert fragment in (body.get("error") or body.get("output")), body
+            # the worker was replaced; both workers serve again, counters add up
             await wait_healthy(service, ready=2)
-            async with service.client() as client:
-                reply = await client.post("/run", headers=JSON, json={"prompt": prompt})
-                assert reply.status_code == status, reply.text
-                body = reply.json()
-                assert fragment in (body.get("error") or body.get("output")), body
-                # the worker was replaced; both workers serve again, counters add up
-                await wait_healthy(service, ready=2)
-                for n in range(3):
-                    ok = await client.post("/run", headers=JSON, json={"prompt": f"ok {n}"})
-                    assert ok.json()["output"] == f"echo: ok {n}"
-                stats = (await client.get("/status", headers=AUTH)).json()
-                assert stats["totalProcessed"] == 4
-                assert stats["totalErrors"] == (0 if status == 200 else 1)
-                assert all(w["state"] in ("ready", "starting") for w in stats["workers"])
-        await wait_no_live_fakes(service)
+            for n in range(3):
+                ok = await client.post("/run", headers=JSON, json={"prompt": f"ok {n}"})
+                assert ok.json()["output"] == f"echo: ok {n}"
+            stats = (await client.get("/status", headers=AUTH)).json()
+            assert stats["totalProcessed"] - before["totalProcessed"] == 4
+            assert stats["totalErrors"] - before["totalErrors"] == (0 if status == 200 else 1)
+            assert all(w["state"] in ("ready", "starting") for w in stats["workers"])
 
 
 async def test_crash_loop_backs_off_answers_503_and_recovers(tmp_path):

@@ -10,10 +10,25 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import trio
 
-from tests.harness import run_service, wait_healthy
-from tests.test_e2e_user_claude import AS_ALICE, AS_BOB, KEYS, memory_of, put, run
+from tests.harness import for_one_test, shared_service, wait_healthy
+from tests.test_e2e_user_claude import AS_ALICE, AS_BOB, AS_CAROL, KEYS, memory_of, put, run
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One worker keeping agents for a minute; the tests use users of their own (what one
+    test's requests leave in the worker is another user's to the next test)."""
+    env = {**KEYS, "POOL_SIZE": "1", "AGENT_REUSE_S": "60"}
+    with shared_service(tmp_path_factory.mktemp("reuse"), env=env) as service:
+        yield service
+
+
+@pytest.fixture
+async def service(shared):
+    return await for_one_test(shared)
 
 
 async def pid_of(client, headers) -> int:
@@ -33,46 +48,42 @@ LEAVE_FILES = (
 LIST_FILES = 'ls -A; echo /; ls -A "$HOME"; echo /; ls -A "$TMPDIR"; echo /; ls -A "$HOME/.claude"'
 
 
-async def test_a_users_next_one_shot_reuses_a_cleared_agent_with_no_file_left(tmp_path):
-    env = {**KEYS, "POOL_SIZE": "1", "AGENT_REUSE_S": "60"}
+async def test_a_users_next_one_shot_reuses_a_cleared_agent_with_no_file_left(service):
     with trio.fail_after(60):
-        async with run_service(tmp_path, env=env) as service:
-            await wait_healthy(service, ready=1)
-            async with service.client() as client:
-                first = await pid_of(client, AS_ALICE)
-                assert "done" in await sh(client, AS_ALICE, LEAVE_FILES)
-                await run(client, "My name is Alice.", AS_ALICE)
-                # The conversation was cleared (/clear) between the requests.
-                answer = await run(client, "What is my name?", AS_ALICE)
-                assert answer["output"] == "I don't know your name."
-                listing = await sh(client, AS_ALICE, LIST_FILES)
-                for name in ("note.txt", "loose", "scratch", "CLAUDE.md"):
-                    assert name not in listing, listing
-                # The user's CLAUDE.md comes with each request: the current one only.
-                assert (await put(client, "RULE-1", AS_ALICE)).status_code == 200
-                assert "RULE-1" in await memory_of(client, AS_ALICE)
-                assert (await put(client, "RULE-2", AS_ALICE)).status_code == 200
-                memory = await memory_of(client, AS_ALICE)
-                assert "RULE-2" in memory and "RULE-1" not in memory
-                assert await pid_of(client, AS_ALICE) == first  # one process all along
+        await wait_healthy(service, ready=1)
+        async with service.client() as client:
+            first = await pid_of(client, AS_ALICE)
+            assert "done" in await sh(client, AS_ALICE, LEAVE_FILES)
+            await run(client, "My name is Alice.", AS_ALICE)
+            # The conversation was cleared (/clear) between the requests.
+            answer = await run(client, "What is my name?", AS_ALICE)
+            assert answer["output"] == "I don't know your name."
+            listing = await sh(client, AS_ALICE, LIST_FILES)
+            for name in ("note.txt", "loose", "scratch", "CLAUDE.md"):
+                assert name not in listing, listing
+            # The user's CLAUDE.md comes with each request: the current one only.
+            assert (await put(client, "RULE-1", AS_ALICE)).status_code == 200
+            assert "RULE-1" in await memory_of(client, AS_ALICE)
+            assert (await put(client, "RULE-2", AS_ALICE)).status_code == 200
+            memory = await memory_of(client, AS_ALICE)
+            assert "RULE-2" in memory and "RULE-1" not in memory
+            assert await pid_of(client, AS_ALICE) == first  # one process all along
 
 
-async def test_another_users_request_never_runs_on_an_agent_that_served_someone(tmp_path):
-    env = {**KEYS, "POOL_SIZE": "1", "AGENT_REUSE_S": "60"}
+async def test_another_users_request_never_runs_on_an_agent_that_served_someone(service):
     with trio.fail_after(60):
-        async with run_service(tmp_path, env=env) as service:
-            await wait_healthy(service, ready=1)
-            async with service.client() as client:
-                alices = await pid_of(client, AS_ALICE)
-                alices_home = await sh(client, AS_ALICE, 'echo A > note.txt && echo "$HOME"')
-                await run(client, "My name is Alice.", AS_ALICE)
-                # The only worker keeps Alice's agent; Bob's request gets a new one.
-                bobs = await pid_of(client, AS_BOB)
-                assert bobs != alices
-                assert (await run(client, "What is my name?", AS_BOB))["output"] == (
-                    "I don't know your name."
-                )
-                bobs_files = await sh(client, AS_BOB, 'ls -A; echo "$HOME"')
-                assert "note.txt" not in bobs_files and alices_home not in bobs_files
-                # And Alice's next request does not get Bob's (nor her retired one).
-                assert await pid_of(client, AS_ALICE) not in (alices, bobs)
+        await wait_healthy(service, ready=1)
+        async with service.client() as client:
+            carols = await pid_of(client, AS_CAROL)
+            carols_home = await sh(client, AS_CAROL, 'echo A > note.txt && echo "$HOME"')
+            await run(client, "My name is Carol.", AS_CAROL)
+            # The only worker keeps Carol's agent; Bob's request gets a new one.
+            bobs = await pid_of(client, AS_BOB)
+            assert bobs != carols
+            assert (await run(client, "What is my name?", AS_BOB))["output"] == (
+                "I don't know your name."
+            )
+            bobs_files = await sh(client, AS_BOB, 'ls -A; echo "$HOME"')
+            assert "note.txt" not in bobs_files and carols_home not in bobs_files
+            # And Carol's next request does not get Bob's (nor her retired one).
+            assert await pid_of(client, AS_CAROL) not in (carols, bobs)

@@ -6,67 +6,95 @@ import json
 import signal
 
 import httpx
+import pytest
 import trio
 
-from .harness import API_KEY, AUTH, run_service, wait_healthy, wait_no_live_fakes, wait_until
+from .harness import (
+    API_KEY,
+    AUTH,
+    fake_turn_pid,
+    for_one_test,
+    run_service,
+    shared_service,
+    wait_healthy,
+    wait_no_live_fakes,
+    wait_until,
+)
 
 JSON = {**AUTH, "Content-Type": "application/json"}
 
 
-async def test_readme_curl_examples(tmp_path):
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One service with the default settings for the tests that need no settings of their
+    own; the module checks it exits 0 with no agent left (shared_service)."""
+    with shared_service(tmp_path_factory.mktemp("run")) as service:
+        yield service
+
+
+@pytest.fixture
+async def service(shared):
+    return await for_one_test(shared)
+
+
+async def totals(client: httpx.AsyncClient) -> tuple[int, int, int]:
+    """(totalProcessed, totalErrors, the one worker's jobs): a test counts differences."""
+    status = (await client.get("/status", headers=AUTH)).json()
+    return status["totalProcessed"], status["totalErrors"], status["workers"][0]["jobs"]
+
+
+async def test_readme_curl_examples(service):
     with trio.fail_after(60):
-        async with run_service(tmp_path) as service:
-            await wait_healthy(service, ready=1)
-            async with service.client() as client:
-                health = await client.get("/health")
-                assert health.status_code == 200
-                body = health.json()
-                assert body["status"] == "ok"
-                assert body["workers"] == {
-                    "total": 1,
-                    "ready": 1,
-                    "busy": 0,
-                    "starting": 0,
-                    "error": 0,
-                }
-                assert body["queue"] == {"length": 0, "maxSize": 20}
-                assert isinstance(body["uptime"], int)
+        await wait_healthy(service, ready=1)
+        async with service.client() as client:
+            processed, errors, jobs = await totals(client)
+            health = await client.get("/health")
+            assert health.status_code == 200
+            body = health.json()
+            assert body["status"] == "ok"
+            assert body["workers"] == {
+                "total": 1,
+                "ready": 1,
+                "busy": 0,
+                "starting": 0,
+                "error": 0,
+            }
+            assert body["queue"] == {"length": 0, "maxSize": 20}
+            assert isinstance(body["uptime"], int)
 
-                reply = await client.post("/run", headers=JSON, json={"prompt": "What is 2+2?"})
-                assert reply.status_code == 200
-                body = reply.json()
-                assert body["success"] is True
-                assert body["output"] == "echo: What is 2+2?"
-                assert body["timedOut"] is False
-                assert isinstance(body["durationMs"], int) and body["durationMs"] >= 0
-                # The original's fields, then the metadata this service adds.
-                assert set(body) == {"success", "output", "durationMs", "timedOut"} | {
-                    "runId",
-                    "claudeSessionId",
-                    "model",
-                    "costUsd",
-                    "usage",
-                    "numTurns",
-                    "queuedMs",
-                }
-                assert reply.headers["x-run-id"] == body["runId"]
+            reply = await client.post("/run", headers=JSON, json={"prompt": "What is 2+2?"})
+            assert reply.status_code == 200
+            body = reply.json()
+            assert body["success"] is True
+            assert body["output"] == "echo: What is 2+2?"
+            assert body["timedOut"] is False
+            assert isinstance(body["durationMs"], int) and body["durationMs"] >= 0
+            # The original's fields, then the metadata this service adds.
+            assert set(body) == {"success", "output", "durationMs", "timedOut"} | {
+                "runId",
+                "claudeSessionId",
+                "model",
+                "costUsd",
+                "usage",
+                "numTurns",
+                "queuedMs",
+            }
+            assert reply.headers["x-run-id"] == body["runId"]
 
-                bearer = await client.post(
-                    "/run",
-                    headers={"Authorization": f"Bearer {API_KEY}"},
-                    content=b'{"prompt": "via bearer"}',
-                )
-                assert bearer.json()["output"] == "echo: via bearer"
+            bearer = await client.post(
+                "/run",
+                headers={"Authorization": f"Bearer {API_KEY}"},
+                content=b'{"prompt": "via bearer"}',
+            )
+            assert bearer.json()["output"] == "echo: via bearer"
 
-                status = (await client.get("/status", headers=AUTH)).json()
-                assert status["totalProcessed"] == 2
-                assert status["totalErrors"] == 0
-                assert status["queueLength"] == 0 and status["maxQueueSize"] == 20
-                assert [w["id"] for w in status["workers"]] == ["worker-0"]
-                assert status["workers"][0]["jobs"] == 2
-        # the worker keeps its process for the same user's next job; all closed at exit
+            status = (await client.get("/status", headers=AUTH)).json()
+            assert await totals(client) == (processed + 2, errors, jobs + 2)
+            assert status["queueLength"] == 0 and status["maxQueueSize"] == 20
+            assert [w["id"] for w in status["workers"]] == ["worker-0"]
+        # the worker keeps its process for the same user's next job; shared_service checks
+        # that every agent is closed when the service exits
         assert len(service.fake_pids()) >= 1
-        await wait_no_live_fakes(service)
 
 
 async def test_each_one_shot_job_gets_a_fresh_process(tmp_path):
@@ -110,67 +138,62 @@ async def test_anthropic_api_key_passed_only_when_enabled(tmp_path):
         assert "claude-opus-test" in start["argv"]
 
 
-async def test_auth_and_bad_input_get_json_errors(tmp_path):
+async def test_auth_and_bad_input_get_json_errors(service):
     with trio.fail_after(60):
-        async with run_service(tmp_path) as service:
-            async with service.client() as client:
-                cases = [
-                    (client.post("/run", json={"prompt": "x"}), 401, "Missing authorization token"),
-                    (
-                        client.post("/run", headers={"x-api-key": "nope"}, json={"prompt": "x"}),
-                        401,
-                        "Invalid API key",
+        async with service.client() as client:
+            cases = [
+                (client.post("/run", json={"prompt": "x"}), 401, "Missing authorization token"),
+                (
+                    client.post("/run", headers={"x-api-key": "nope"}, json={"prompt": "x"}),
+                    401,
+                    "Invalid API key",
+                ),
+                (
+                    client.get("/status", headers={"Authorization": "Bearer nope"}),
+                    401,
+                    "Invalid or expired token",
+                ),
+                (client.post("/run", headers=JSON, content=b"{not json"), 400, "Invalid JSON"),
+                (client.post("/run", headers=JSON, json={"prompt": 5}), 400, "prompt"),
+                (client.post("/run", headers=JSON, json={}), 400, "prompt"),
+                (client.post("/run", headers=JSON, json=["prompt"]), 400, "JSON object"),
+                (
+                    client.post("/run", headers=JSON, json={"prompt": "x", "timeoutMs": -5}),
+                    400,
+                    "timeoutMs",
+                ),
+                (
+                    client.post("/run", headers=JSON, json={"prompt": "x", "timeoutMs": 10**12}),
+                    400,
+                    "timeoutMs",
+                ),
+                (
+                    client.post("/run", headers=JSON, json={"prompt": "x" * 200_001}),
+                    400,
+                    "200000",
+                ),
+                (
+                    client.post("/run", headers=JSON, content=b"{" + b" " * (1024 * 1024) + b"}"),
+                    413,
+                    "exceeds",
+                ),
+                (
+                    client.post(
+                        "/run",
+                        headers={**AUTH, "Content-Type": "application/xml"},
+                        content=b"<a/>",
                     ),
-                    (
-                        client.get("/status", headers={"Authorization": "Bearer nope"}),
-                        401,
-                        "Invalid or expired token",
-                    ),
-                    (client.post("/run", headers=JSON, content=b"{not json"), 400, "Invalid JSON"),
-                    (client.post("/run", headers=JSON, json={"prompt": 5}), 400, "prompt"),
-                    (client.post("/run", headers=JSON, json={}), 400, "prompt"),
-                    (client.post("/run", headers=JSON, json=["prompt"]), 400, "JSON object"),
-                    (
-                        client.post("/run", headers=JSON, json={"prompt": "x", "timeoutMs": -5}),
-                        400,
-                        "timeoutMs",
-                    ),
-                    (
-                        client.post(
-                            "/run", headers=JSON, json={"prompt": "x", "timeoutMs": 10**12}
-                        ),
-                        400,
-                        "timeoutMs",
-                    ),
-                    (
-                        client.post("/run", headers=JSON, json={"prompt": "x" * 200_001}),
-                        400,
-                        "200000",
-                    ),
-                    (
-                        client.post(
-                            "/run", headers=JSON, content=b"{" + b" " * (1024 * 1024) + b"}"
-                        ),
-                        413,
-                        "exceeds",
-                    ),
-                    (
-                        client.post(
-                            "/run",
-                            headers={**AUTH, "Content-Type": "application/xml"},
-                            content=b"<a/>",
-                        ),
-                        415,
-                        "Content-Type",
-                    ),
-                    (client.get("/nowhere"), 404, "Not found"),
-                    (client.get("/run"), 405, "Method not allowed"),
-                ]
-                for request, status, fragment in cases:
-                    reply = await request
-                    assert reply.status_code == status, (status, reply.text)
-                    assert reply.headers["content-type"].startswith("application/json")
-                    assert fragment in reply.json()["error"], reply.text
+                    415,
+                    "Content-Type",
+                ),
+                (client.get("/nowhere"), 404, "Not found"),
+                (client.get("/run"), 405, "Method not allowed"),
+            ]
+            for request, status, fragment in cases:
+                reply = await request
+                assert reply.status_code == status, (status, reply.text)
+                assert reply.headers["content-type"].startswith("application/json")
+                assert fragment in reply.json()["error"], reply.text
         assert "Traceback" not in service.log_text()
 
 
@@ -185,30 +208,31 @@ async def test_no_api_keys_means_every_authenticated_route_is_401(tmp_path):
         assert "every authenticated route will answer 401" in service.log_text()
 
 
-async def test_timeout_interrupts_the_agent_and_returns_partial_output(tmp_path):
+async def test_timeout_interrupts_the_agent_and_returns_partial_output(service):
     with trio.fail_after(60):
-        async with run_service(tmp_path) as service:
-            await wait_healthy(service, ready=1)
-            async with service.client() as client:
-                started = trio.current_time()
-                reply = await client.post(
-                    "/run",
-                    headers=JSON,
-                    json={"prompt": "[[fake:slow:50:0.1]]", "timeoutMs": 1000},
-                )
-                elapsed = trio.current_time() - started
-                assert reply.status_code == 200
-                body = reply.json()
-                assert body["success"] is False and body["timedOut"] is True
-                assert "piece 1" in body["output"]
-                assert 1000 <= body["durationMs"] < 4000
-                assert elapsed < 4
-                # the worker healed: the next job is answered normally
-                ok = await client.post("/run", headers=JSON, json={"prompt": "after"})
-                assert ok.json()["output"] == "echo: after"
-            # the timed-out process is gone, not left running its 5 s turn
-            pids = service.fake_pids()
-            await wait_until(_only_newest_alive(service, pids), timeout=5)
+        await wait_healthy(service, ready=1)
+        # This test's agents: the warm one that takes the turn, and those started after it.
+        earlier = set(service.fake_pids()) - set(service.live_fake_pids())
+        async with service.client() as client:
+            started = trio.current_time()
+            reply = await client.post(
+                "/run",
+                headers=JSON,
+                json={"prompt": "[[fake:slow:50:0.1]]", "timeoutMs": 1000},
+            )
+            elapsed = trio.current_time() - started
+            assert reply.status_code == 200
+            body = reply.json()
+            assert body["success"] is False and body["timedOut"] is True
+            assert "piece 1" in body["output"]
+            assert 1000 <= body["durationMs"] < 4000
+            assert elapsed < 4
+            # the worker healed: the next job is answered normally
+            ok = await client.post("/run", headers=JSON, json={"prompt": "after"})
+            assert ok.json()["output"] == "echo: after"
+        # the timed-out process is gone, not left running its 5 s turn
+        pids = sorted(set(service.fake_pids()) - earlier)
+        await wait_until(_only_newest_alive(service, pids), timeout=5)
 
 
 def _only_newest_alive(service, pids):
@@ -240,30 +264,28 @@ async def test_hung_agent_is_killed_with_no_orphan(tmp_path):
         await wait_no_live_fakes(service)
 
 
-async def test_crash_mid_turn_is_502_and_the_pool_heals(tmp_path):
+async def test_crash_mid_turn_is_502_and_the_pool_heals(service):
     with trio.fail_after(60):
-        async with run_service(tmp_path) as service:
-            await wait_healthy(service, ready=1)
-            async with service.client() as client:
-                reply = await client.post("/run", headers=JSON, json={"prompt": "[[fake:crash:3]]"})
-                assert reply.status_code == 502
-                assert "exited with code 3" in reply.json()["error"]
-                ok = await client.post("/run", headers=JSON, json={"prompt": "still here"})
-                assert ok.status_code == 200 and ok.json()["output"] == "echo: still here"
-                status = (await client.get("/status", headers=AUTH)).json()
-                assert status["totalProcessed"] == 2 and status["totalErrors"] == 1
+        await wait_healthy(service, ready=1)
+        async with service.client() as client:
+            processed, errors, _ = await totals(client)
+            reply = await client.post("/run", headers=JSON, json={"prompt": "[[fake:crash:3]]"})
+            assert reply.status_code == 502
+            assert "exited with code 3" in reply.json()["error"]
+            ok = await client.post("/run", headers=JSON, json={"prompt": "still here"})
+            assert ok.status_code == 200 and ok.json()["output"] == "echo: still here"
+            assert (await totals(client))[:2] == (processed + 2, errors + 1)
 
 
-async def test_agent_error_result_is_200_with_success_false(tmp_path):
+async def test_agent_error_result_is_200_with_success_false(service):
     with trio.fail_after(60):
-        async with run_service(tmp_path) as service:
-            await wait_healthy(service, ready=1)
-            async with service.client() as client:
-                reply = await client.post("/run", headers=JSON, json={"prompt": "[[fake:error]]"})
-                assert reply.status_code == 200
-                body = reply.json()
-                assert body["success"] is False and body["timedOut"] is False
-                assert body["output"]
+        await wait_healthy(service, ready=1)
+        async with service.client() as client:
+            reply = await client.post("/run", headers=JSON, json={"prompt": "[[fake:error]]"})
+            assert reply.status_code == 200
+            body = reply.json()
+            assert body["success"] is False and body["timedOut"] is False
+            assert body["output"]
 
 
 async def test_full_queue_answers_429_with_retry_after(tmp_path):
@@ -301,39 +323,35 @@ async def _wait_health(client: httpx.AsyncClient, predicate) -> dict:
             await trio.sleep(0.02)
 
 
-async def test_client_disconnect_stops_work(tmp_path):
+async def test_client_disconnect_stops_work(service):
     with trio.fail_after(60):
-        async with run_service(tmp_path) as service:
-            await wait_healthy(service, ready=1)
-            async with service.client() as client:
-                # mid-run: the slow turn (30 s) is interrupted, the worker warms again
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(
-                        lambda: client.post(
-                            "/run", headers=JSON, json={"prompt": "[[fake:slow:300:0.1]]"}
-                        )
-                    )
-                    await _wait_health(client, lambda b: b["workers"]["busy"] == 1)
-                    busy_pid = service.fake_pids()[0]
-                    # also one waiting in the queue behind it
-                    nursery.start_soon(
-                        lambda: client.post("/run", headers=JSON, json={"prompt": "queued"})
-                    )
-                    await _wait_health(client, lambda b: b["queue"]["length"] == 1)
-                    nursery.cancel_scope.cancel()  # both clients go away
-                body = await _wait_health(
-                    client, lambda b: b["queue"]["length"] == 0 and b["workers"]["ready"] == 1
+        await wait_healthy(service, ready=1)
+        async with service.client() as client:
+            processed, _, _ = await totals(client)
+            # mid-run: the slow turn (30 s) is interrupted, the worker warms again
+            async with trio.open_nursery() as nursery:
+                slow = "[[fake:slow:300:0.1]] until the client leaves"
+                nursery.start_soon(lambda: client.post("/run", headers=JSON, json={"prompt": slow}))
+                await _wait_health(client, lambda b: b["workers"]["busy"] == 1)
+                busy_pid = await fake_turn_pid(service, slow)
+                # also one waiting in the queue behind it
+                nursery.start_soon(
+                    lambda: client.post("/run", headers=JSON, json={"prompt": "queued"})
                 )
-                assert body["status"] == "ok"
+                await _wait_health(client, lambda b: b["queue"]["length"] == 1)
+                nursery.cancel_scope.cancel()  # both clients go away
+            body = await _wait_health(
+                client, lambda b: b["queue"]["length"] == 0 and b["workers"]["ready"] == 1
+            )
+            assert body["status"] == "ok"
 
-                async def busy_gone() -> bool:
-                    return busy_pid not in service.live_fake_pids()
+            async def busy_gone() -> bool:
+                return busy_pid not in service.live_fake_pids()
 
-                await wait_until(busy_gone, timeout=10)
-                status = (await client.get("/status", headers=AUTH)).json()
-                assert status["totalProcessed"] == 1  # the withdrawn one never ran
-                ok = await client.post("/run", headers=JSON, json={"prompt": "next"})
-                assert ok.json()["output"] == "echo: next"
+            await wait_until(busy_gone, timeout=10)
+            assert (await totals(client))[0] == processed + 1  # the withdrawn one never ran
+            ok = await client.post("/run", headers=JSON, json={"prompt": "next"})
+            assert ok.json()["output"] == "echo: next"
 
 
 async def test_jobs_queued_during_start_up_run_when_a_worker_warms(tmp_path):

@@ -11,9 +11,45 @@ import httpx
 import pytest
 import trio
 
-from .harness import AUTH, run_service, wait_healthy, wait_no_live_fakes, wait_until
+from .harness import (
+    API_KEY,
+    AUTH,
+    fake_turn_pid,
+    for_one_test,
+    run_service,
+    shared_service,
+    wait_healthy,
+    wait_no_live_fakes,
+    wait_until,
+)
 
 JSON = {**AUTH, "Content-Type": "application/json"}
+# Users of the shared service with a test of their own (status lists a user's sessions).
+ALICE = {"x-api-key": "key-alice", "Content-Type": "application/json"}
+CRASH = {"x-api-key": "key-crash", "Content-Type": "application/json"}
+SLOW = {"x-api-key": "key-slow", "Content-Type": "application/json"}
+DELETER = {"x-api-key": "key-deleter", "Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One service for the tests that need no settings of their own (an interrupted turn
+    gets 1 s, as test_a_timed_out_turn_does_not_leak_into_the_next wants); each of them
+    talks as a user of its own."""
+    env = {
+        "API_KEYS": ",".join(
+            [API_KEY, "alice:key-alice", "crash:key-crash", "slow:key-slow"]
+            + ["ann:key-ann", "ben:key-ben", "deleter:key-deleter"]
+        ),
+        "INTERRUPT_GRACE_MS": "1000",
+    }
+    with shared_service(tmp_path_factory.mktemp("sessions"), env=env) as service:
+        yield service
+
+
+@pytest.fixture
+async def service(shared):
+    return await for_one_test(shared)
 
 
 async def say(client: httpx.AsyncClient, session: str, prompt: str, headers=JSON, **extra):
@@ -22,28 +58,27 @@ async def say(client: httpx.AsyncClient, session: str, prompt: str, headers=JSON
     )
 
 
-async def test_alice_is_remembered_across_turns(tmp_path):
+async def test_alice_is_remembered_across_turns(service):
     with trio.fail_after(60):
-        async with run_service(tmp_path) as service:
-            async with service.client() as client:
-                first = await say(client, "session-1", "My name is Alice.")
-                assert first.status_code == 200, first.text
-                assert first.json()["output"] == "Nice to meet you, Alice."
-                second = await say(client, "session-1", "What is my name?")
-                original = {"success", "output", "durationMs", "timedOut"}
-                assert {k: v for k, v in second.json().items() if k in original} == {
-                    "success": True,
-                    "output": "Your name is Alice.",
-                    "durationMs": second.json()["durationMs"],
-                    "timedOut": False,
-                }
-                # Metadata is added, with the session's own ids.
-                assert second.json()["sessionId"] == "session-1"
-                assert second.json()["claudeSessionId"] == first.json()["claudeSessionId"]
-                status = (await client.get("/status", headers=AUTH)).json()
-                [view] = status["sessions"]
-                assert view["id"] == "session-1" and view["turns"] == 2
-                assert view["state"] == "live"
+        async with service.client() as client:
+            first = await say(client, "session-1", "My name is Alice.", ALICE)
+            assert first.status_code == 200, first.text
+            assert first.json()["output"] == "Nice to meet you, Alice."
+            second = await say(client, "session-1", "What is my name?", ALICE)
+            original = {"success", "output", "durationMs", "timedOut"}
+            assert {k: v for k, v in second.json().items() if k in original} == {
+                "success": True,
+                "output": "Your name is Alice.",
+                "durationMs": second.json()["durationMs"],
+                "timedOut": False,
+            }
+            # Metadata is added, with the session's own ids.
+            assert second.json()["sessionId"] == "session-1"
+            assert second.json()["claudeSessionId"] == first.json()["claudeSessionId"]
+            status = (await client.get("/status", headers=ALICE)).json()
+            [view] = status["sessions"]
+            assert view["id"] == "session-1" and view["turns"] == 2
+            assert view["state"] == "live"
 
 
 async def test_remembered_after_the_service_restarts(tmp_path):
@@ -60,58 +95,55 @@ async def test_remembered_after_the_service_restarts(tmp_path):
                 assert view["turns"] == 2
 
 
-async def test_remembered_after_a_crash_mid_turn(tmp_path):
+async def test_remembered_after_a_crash_mid_turn(service):
     with trio.fail_after(60):
-        async with run_service(tmp_path) as service:
-            async with service.client() as client:
-                await say(client, "s", "My name is Alice.")
-                crashed = await say(client, "s", "boom [[fake:crash:7]]")
-                assert crashed.status_code == 502
-                assert "exited with code 7" in crashed.json()["error"]
-                reply = await say(client, "s", "What is my name?")
-                assert reply.json()["output"] == "Your name is Alice."
+        async with service.client() as client:
+            await say(client, "s", "My name is Alice.", CRASH)
+            crashed = await say(client, "s", "boom [[fake:crash:7]]", CRASH)
+            assert crashed.status_code == 502
+            assert "exited with code 7" in crashed.json()["error"]
+            reply = await say(client, "s", "What is my name?", CRASH)
+            assert reply.json()["output"] == "Your name is Alice."
 
 
-async def test_a_timed_out_turn_does_not_leak_into_the_next(tmp_path):
+async def test_a_timed_out_turn_does_not_leak_into_the_next(service):
     with trio.fail_after(60):
-        async with run_service(tmp_path, env={"INTERRUPT_GRACE_MS": "1000"}) as service:
-            async with service.client() as client:
-                await say(client, "s", "My name is Alice.")
-                slow = await say(client, "s", "[[fake:slow:50:0.1]]", timeoutMs=600)
-                assert slow.json()["timedOut"] is True
-                assert "piece 1" in slow.json()["output"]
-                nxt = await say(client, "s", "second question")
-                assert nxt.json()["output"] == "echo: second question"
-                name = await say(client, "s", "What is my name?")
-                assert name.json()["output"] == "Your name is Alice."
+        async with service.client() as client:
+            await say(client, "s", "My name is Alice.", SLOW)
+            slow = await say(client, "s", "[[fake:slow:50:0.1]]", SLOW, timeoutMs=600)
+            assert slow.json()["timedOut"] is True
+            assert "piece 1" in slow.json()["output"]
+            nxt = await say(client, "s", "second question", SLOW)
+            assert nxt.json()["output"] == "echo: second question"
+            name = await say(client, "s", "What is my name?", SLOW)
+            assert name.json()["output"] == "Your name is Alice."
 
 
-async def test_two_users_with_one_session_id_are_isolated(tmp_path):
+async def test_two_users_with_one_session_id_are_isolated(service):
     with trio.fail_after(60):
-        env = {"API_KEYS": "alice:key-a,bob:key-b"}
-        alice = {"x-api-key": "key-a", "Content-Type": "application/json"}
-        bob = {"Authorization": "Bearer key-b", "Content-Type": "application/json"}
-        async with run_service(tmp_path, env=env) as service:
-            async with service.client() as client:
-                await say(client, "shared", "My name is Alice.", headers=alice)
-                reply = await say(client, "shared", "What is my name?", headers=bob)
-                assert reply.json()["output"] == "I don't know your name."
-                # bob cannot delete alice's session; after his own is gone, alice's remains
-                gone = await client.request(
-                    "DELETE", "/session", headers=bob, json={"sessionId": "shared"}
-                )
-                assert gone.status_code == 200
-                again = await client.request(
-                    "DELETE", "/session", headers=bob, json={"sessionId": "shared"}
-                )
-                assert again.status_code == 404
-                assert (await say(client, "shared", "What is my name?", headers=alice)).json()[
-                    "output"
-                ] == "Your name is Alice."
-                bob_status = (await client.get("/status", headers=bob)).json()
-                assert bob_status["sessions"] == []
-        workspaces = sorted(p.name for p in (service.data_dir / "users").iterdir())
-        assert len(workspaces) == 2
+        ann = {"x-api-key": "key-ann", "Content-Type": "application/json"}
+        ben = {"Authorization": "Bearer key-ben", "Content-Type": "application/json"}
+        users = service.data_dir / "users"
+        earlier = set(users.iterdir()) if users.exists() else set()
+        async with service.client() as client:
+            await say(client, "shared", "My name is Alice.", headers=ann)
+            reply = await say(client, "shared", "What is my name?", headers=ben)
+            assert reply.json()["output"] == "I don't know your name."
+            # ben cannot delete ann's session; after his own is gone, ann's remains
+            gone = await client.request(
+                "DELETE", "/session", headers=ben, json={"sessionId": "shared"}
+            )
+            assert gone.status_code == 200
+            again = await client.request(
+                "DELETE", "/session", headers=ben, json={"sessionId": "shared"}
+            )
+            assert again.status_code == 404
+            assert (await say(client, "shared", "What is my name?", headers=ann)).json()[
+                "output"
+            ] == "Your name is Alice."
+            ben_status = (await client.get("/status", headers=ben)).json()
+            assert ben_status["sessions"] == []
+        assert len(set(users.iterdir()) - earlier) == 2  # a workspace each
 
 
 @pytest.mark.slow  # ~60 agent starts: 8-20 s on a 2-CPU machine
@@ -150,70 +182,69 @@ async def test_thirty_sessions_with_four_live_processes(tmp_path):
                 assert sum(s["state"] != "hibernated" for s in sessions) <= 4
 
 
-async def test_delete_session_semantics(tmp_path):
+async def test_delete_session_semantics(service):
+    named, long = "My name is Alice. (deleted)", "[[fake:slow:100:0.1]] (deleted while running)"
     with trio.fail_after(60):
-        async with run_service(tmp_path, env={"INTERRUPT_GRACE_MS": "1000"}) as service:
-            async with service.client() as client:
+        async with service.client() as client:
 
-                async def delete(session: str, headers=JSON) -> httpx.Response:
-                    return await client.request(
-                        "DELETE", "/session", headers=headers, json={"sessionId": session}
-                    )
+            async def delete(session: str, headers=DELETER) -> httpx.Response:
+                return await client.request(
+                    "DELETE", "/session", headers=headers, json={"sessionId": session}
+                )
 
-                assert (await delete("never")).status_code == 404
-                assert "not found" in (await delete("never")).json()["error"]
-                await say(client, "s", "My name is Alice.")
-                closed = await delete("s")
-                assert closed.status_code == 200 and closed.json() == {"closed": True}
-                assert (await delete("s")).status_code == 404
-                # the same sessionId now starts a new conversation (a new Claude UUID)
-                fresh = await say(client, "s", "What is my name?")
-                assert fresh.status_code == 200, fresh.text
-                assert fresh.json()["output"] == "I don't know your name."
+            assert (await delete("never")).status_code == 404
+            assert "not found" in (await delete("never")).json()["error"]
+            await say(client, "s", named, DELETER)
+            closed = await delete("s")
+            assert closed.status_code == 200 and closed.json() == {"closed": True}
+            assert (await delete("s")).status_code == 404
+            # the same sessionId now starts a new conversation (a new Claude UUID)
+            fresh = await say(client, "s", "What is my name?", DELETER)
+            assert fresh.status_code == 200, fresh.text
+            assert fresh.json()["output"] == "I don't know your name."
 
-                # DELETE while a turn runs: that turn is interrupted and answers success:false
-                replies: list[httpx.Response] = []
-                async with trio.open_nursery() as nursery:
+            # DELETE while a turn runs: that turn is interrupted and answers success:false
+            replies: list[httpx.Response] = []
+            async with trio.open_nursery() as nursery:
 
-                    async def long_turn() -> None:
-                        replies.append(await say(client, "s", "[[fake:slow:100:0.1]]"))
+                async def long_turn() -> None:
+                    replies.append(await say(client, "s", long, DELETER))
 
-                    nursery.start_soon(long_turn)
+                nursery.start_soon(long_turn)
 
-                    async def busy() -> bool:
-                        status = (await client.get("/status", headers=AUTH)).json()
-                        return any(s["state"] == "busy" for s in status["sessions"])
+                async def busy() -> bool:
+                    status = (await client.get("/status", headers=DELETER)).json()
+                    return any(s["state"] == "busy" for s in status["sessions"])
 
-                    await wait_until(busy)
-                    started = trio.current_time()
-                    assert (await delete("s")).status_code == 200
-                assert trio.current_time() - started < 5
-                assert replies[0].status_code == 200
-                assert replies[0].json()["success"] is False
-                assert replies[0].json()["timedOut"] is False
-                # bad bodies
-                bad = await client.request("DELETE", "/session", headers=JSON, json={})
-                assert bad.status_code == 400 and "sessionId" in bad.json()["error"]
-            await wait_until(_fakes_at_most(service, 1), timeout=10)
+                await wait_until(busy)
+                started = trio.current_time()
+                assert (await delete("s")).status_code == 200
+            assert trio.current_time() - started < 5
+            assert replies[0].status_code == 200
+            assert replies[0].json()["success"] is False
+            assert replies[0].json()["timedOut"] is False
+            # bad bodies
+            bad = await client.request("DELETE", "/session", headers=DELETER, json={})
+            assert bad.status_code == 400 and "sessionId" in bad.json()["error"]
+        # Both of the session's processes are gone: the first conversation's, and the one
+        # whose turn the DELETE cut short.
+        pids = {await fake_turn_pid(service, named), await fake_turn_pid(service, long)}
+
+        async def both_gone() -> bool:
+            return not pids & set(service.live_fake_pids())
+
+        await wait_until(both_gone, timeout=10)
 
 
-def _fakes_at_most(service, n):
-    async def check() -> bool:
-        return len(service.live_fake_pids()) <= n
-
-    return check
-
-
-async def test_session_id_is_validated(tmp_path):
+async def test_session_id_is_validated(service):
     with trio.fail_after(60):
-        async with run_service(tmp_path) as service:
-            async with service.client() as client:
-                for bad in ["", "a/b", "x" * 129, "../etc", "tab\there", "nul\x00", 5, True]:
-                    reply = await client.post(
-                        "/run", headers=JSON, json={"prompt": "x", "sessionId": bad}
-                    )
-                    assert reply.status_code == 400, bad
-                    assert "sessionId" in reply.json()["error"]
+        async with service.client() as client:
+            for bad in ["", "a/b", "x" * 129, "../etc", "tab\there", "nul\x00", 5, True]:
+                reply = await client.post(
+                    "/run", headers=JSON, json={"prompt": "x", "sessionId": bad}
+                )
+                assert reply.status_code == 400, bad
+                assert "sessionId" in reply.json()["error"]
 
 
 async def test_a_session_waiting_line_is_bounded(tmp_path):

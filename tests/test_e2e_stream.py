@@ -11,10 +11,21 @@ from contextlib import aclosing
 from functools import partial
 
 import httpx
+import pytest
 import trio
 
 from . import sse
-from .harness import AUTH, RunningService, run_service, wait_healthy, wait_until
+from .harness import (
+    API_KEY,
+    AUTH,
+    RunningService,
+    fake_turn_pid,
+    for_one_test,
+    run_service,
+    shared_service,
+    wait_healthy,
+    wait_until,
+)
 
 ALICE = {"x-api-key": "key-alice"}
 BOB = {"x-api-key": "key-bob"}
@@ -28,6 +39,21 @@ METADATA_TYPES = {
     "numTurns": int,
     "queuedMs": int,
 }
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One service for the tests that need no settings of their own: the default user,
+    alice and bob, model-b allowed, the fake's log in ``fake.log``."""
+    workdir = tmp_path_factory.mktemp("stream")
+    env = {"API_KEYS": f"{API_KEY},alice:key-alice,bob:key-bob", "ALLOWED_MODELS": "model-b"}
+    with shared_service(workdir, env=env) as service:
+        yield service
+
+
+@pytest.fixture
+async def service(shared):
+    return await for_one_test(shared)
 
 
 def check_metadata(body: dict) -> None:
@@ -53,18 +79,17 @@ async def wait_runs(client: httpx.AsyncClient, headers: dict[str, str], states: 
     return found
 
 
-async def test_events_arrive_while_the_agent_works_each_with_a_unique_id(tmp_path):
+async def test_events_arrive_while_the_agent_works_each_with_a_unique_id(service):
     with trio.fail_after(60):
-        async with run_service(tmp_path) as service:
-            await wait_healthy(service, ready=1)
-            async with service.client() as client:
-                body = {"prompt": "[[fake:slow:3:0.5]]", "stream": True}
-                async with client.stream("POST", "/run", headers=AUTH, json=body) as response:
-                    assert response.status_code == 200
-                    assert response.headers["content-type"].startswith("text/event-stream")
-                    assert response.headers["x-accel-buffering"] == "no"
-                    events = await sse.read_all(response)
-                    run_id = response.headers["x-run-id"]
+        await wait_healthy(service, ready=1)
+        async with service.client() as client:
+            body = {"prompt": "[[fake:slow:3:0.5]]", "stream": True}
+            async with client.stream("POST", "/run", headers=AUTH, json=body) as response:
+                assert response.status_code == 200
+                assert response.headers["content-type"].startswith("text/event-stream")
+                assert response.headers["x-accel-buffering"] == "no"
+                events = await sse.read_all(response)
+                run_id = response.headers["x-run-id"]
     names = [event.name for event in events]
     assert names == ["queued", "started", "text", "text", "text", "result"]
     assert len({event.id for event in events}) == len(events)
@@ -80,48 +105,41 @@ async def test_events_arrive_while_the_agent_works_each_with_a_unique_id(tmp_pat
     check_metadata(result)
 
 
-async def test_accept_header_streams_and_stream_false_answers_json(tmp_path):
+async def test_accept_header_streams_and_stream_false_answers_json(service):
     with trio.fail_after(60):
-        async with run_service(tmp_path) as service:
-            async with service.client() as client:
-                headers = {**AUTH, "Accept": "application/json, text/event-stream"}
-                async with client.stream(
-                    "POST", "/run", headers=headers, json={"prompt": "hi"}
-                ) as response:
-                    events = await sse.read_all(response)
-                assert [e.name for e in events] == ["queued", "started", "text", "result"]
-                plain = await client.post(
-                    "/run", headers=headers, json={"prompt": "hi", "stream": False}
-                )
-                assert plain.headers["content-type"] == "application/json"
-                assert plain.json()["output"] == "echo: hi"
-                assert plain.json()["runId"] == plain.headers["x-run-id"]
+        async with service.client() as client:
+            headers = {**AUTH, "Accept": "application/json, text/event-stream"}
+            async with client.stream(
+                "POST", "/run", headers=headers, json={"prompt": "hi"}
+            ) as response:
+                events = await sse.read_all(response)
+            assert [e.name for e in events] == ["queued", "started", "text", "result"]
+            plain = await client.post(
+                "/run", headers=headers, json={"prompt": "hi", "stream": False}
+            )
+            assert plain.headers["content-type"] == "application/json"
+            assert plain.json()["output"] == "echo: hi"
+            assert plain.json()["runId"] == plain.headers["x-run-id"]
 
 
-async def test_a_crashed_agent_is_an_error_event_and_nothing_follows(tmp_path):
+async def test_a_crashed_agent_is_an_error_event_and_nothing_follows(service):
     with trio.fail_after(60):
-        async with run_service(tmp_path) as service:
-            async with service.client() as client:
-                response, events = await sse.stream_run(
-                    client, AUTH, {"prompt": "[[fake:crash]] now"}
-                )
-                assert response.status_code == 200
-                assert [e.name for e in events] == ["queued", "started", "text", "error"]
-                error = events[-1].data
-                assert error["status"] == 502
-                assert error["error"].startswith("agent process exited with code 3")
-                assert error["runId"] == response.headers["x-run-id"]
-                # The pool healed.
-                assert (await client.post("/run", headers=AUTH, json={"prompt": "x"})).json()[
-                    "success"
-                ]
+        async with service.client() as client:
+            response, events = await sse.stream_run(client, AUTH, {"prompt": "[[fake:crash]] now"})
+            assert response.status_code == 200
+            assert [e.name for e in events] == ["queued", "started", "text", "error"]
+            error = events[-1].data
+            assert error["status"] == 502
+            assert error["error"].startswith("agent process exited with code 3")
+            assert error["runId"] == response.headers["x-run-id"]
+            # The pool healed.
+            assert (await client.post("/run", headers=AUTH, json={"prompt": "x"})).json()["success"]
 
 
-async def test_tool_calls_stream_as_tool_use_and_tool_result(tmp_path):
+async def test_tool_calls_stream_as_tool_use_and_tool_result(service):
     with trio.fail_after(60):
-        async with run_service(tmp_path) as service:
-            async with service.client() as client:
-                _, events = await sse.stream_run(client, AUTH, {"prompt": "[[fake:tool]] go"})
+        async with service.client() as client:
+            _, events = await sse.stream_run(client, AUTH, {"prompt": "[[fake:tool]] go"})
     names = [e.name for e in events]
     assert names == ["queued", "started", "tool_use", "tool_result", "text", "result"]
     assert events[2].data == {"name": "Bash", "summary": "ls"}
@@ -181,152 +199,148 @@ async def test_refusals_are_plain_json_before_any_stream(tmp_path):
                     }
 
 
-async def test_a_client_that_leaves_a_stream_cancels_its_run_and_frees_the_worker(tmp_path):
+async def test_a_client_that_leaves_a_stream_cancels_its_run_and_frees_the_worker(service):
     with trio.fail_after(60):
-        async with run_service(tmp_path) as service:
+        await wait_healthy(service, ready=1)
+        async with service.client() as client:
+            body = {"prompt": "[[fake:slow:1000:0.1]]", "stream": True}
+            async with client.stream("POST", "/run", headers=AUTH, json=body) as response:
+                async with aclosing(sse.events(response)) as events:
+                    async for event in events:
+                        if event.name == "text":
+                            break  # and leave
+            await wait_runs(client, AUTH, [])
             await wait_healthy(service, ready=1)
-            async with service.client() as client:
-                body = {"prompt": "[[fake:slow:1000:0.1]]", "stream": True}
-                async with client.stream("POST", "/run", headers=AUTH, json=body) as response:
-                    async with aclosing(sse.events(response)) as events:
-                        async for event in events:
-                            if event.name == "text":
-                                break  # and leave
-                await wait_runs(client, AUTH, [])
-                await wait_healthy(service, ready=1)
-                reply = await client.post("/run", headers=AUTH, json={"prompt": "next"})
-                assert reply.json()["output"] == "echo: next"
-            # Interrupted, not killed: the agent stopped its turn and was retired normally.
-            assert "turn cut short (client gone); agent idle" in service.log_text()
-            assert "client gone" in service.log_text()
+            reply = await client.post("/run", headers=AUTH, json={"prompt": "next"})
+            assert reply.json()["output"] == "echo: next"
+        # Interrupted, not killed: the agent stopped its turn and was retired normally.
+        assert "turn cut short (client gone); agent idle" in service.log_text()
+        assert "client gone" in service.log_text()
 
 
 # --- run ids and cancellation ---------------------------------------------------------------
 
 
-async def test_delete_cancels_a_running_run_of_its_owner_only(tmp_path):
+async def test_delete_cancels_a_running_run_of_its_owner_only(service):
     with trio.fail_after(60):
-        async with run_service(tmp_path, env=USERS) as service:
-            await wait_healthy(service, ready=1)
-            async with service.client() as client, trio.open_nursery() as nursery:
-                replies: dict[str, httpx.Response] = {}
+        await wait_healthy(service, ready=1)
+        async with service.client() as client, trio.open_nursery() as nursery:
+            replies: dict[str, httpx.Response] = {}
 
-                async def run() -> None:
-                    replies["run"] = await client.post(
-                        "/run", headers=ALICE, json={"prompt": "[[fake:slow:1000:0.1]]"}
-                    )
+            prompt = "[[fake:slow:1000:0.1]] to be cancelled while running"
 
-                nursery.start_soon(run)
-                [view] = await wait_runs(client, ALICE, ["running"])
-                run_id = view["runId"]
-                assert isinstance(view["queuedAt"], int) and view["startedAt"] >= view["queuedAt"]
-                assert "sessionId" not in view
-                assert await runs_of(client, BOB) == []  # only one's own runs
-                stranger = await client.delete(f"/runs/{run_id}", headers=BOB)
-                assert stranger.status_code == 404
-                unknown = await client.delete("/runs/no-such-run", headers=ALICE)
-                assert unknown.status_code == 404
-                assert unknown.json() == {"error": "Run 'no-such-run' not found"}
-                cancelled = await client.delete(f"/runs/{run_id}", headers=ALICE)
-                assert (cancelled.status_code, cancelled.json()) == (200, {"cancelled": True})
-            body = replies["run"].json()
-            assert replies["run"].status_code == 200
-            assert body["success"] is False and body["cancelled"] is True
-            assert body["runId"] == run_id and body["output"].startswith("piece 1")
-            async with service.client() as client:
-                gone = await client.delete(f"/runs/{run_id}", headers=ALICE)
-                assert gone.status_code == 404
-            assert "turn cut short (cancelled); agent idle" in service.log_text()
+            async def run() -> None:
+                replies["run"] = await client.post("/run", headers=ALICE, json={"prompt": prompt})
+
+            nursery.start_soon(run)
+            [view] = await wait_runs(client, ALICE, ["running"])
+            # "running" comes before the agent's turn when the worker first replaces an agent
+            # kept for another user: cancel once the agent has begun (it says "piece 1" first).
+            await fake_turn_pid(service, prompt)
+            run_id = view["runId"]
+            assert isinstance(view["queuedAt"], int) and view["startedAt"] >= view["queuedAt"]
+            assert "sessionId" not in view
+            assert await runs_of(client, BOB) == []  # only one's own runs
+            stranger = await client.delete(f"/runs/{run_id}", headers=BOB)
+            assert stranger.status_code == 404
+            unknown = await client.delete("/runs/no-such-run", headers=ALICE)
+            assert unknown.status_code == 404
+            assert unknown.json() == {"error": "Run 'no-such-run' not found"}
+            cancelled = await client.delete(f"/runs/{run_id}", headers=ALICE)
+            assert (cancelled.status_code, cancelled.json()) == (200, {"cancelled": True})
+        body = replies["run"].json()
+        assert replies["run"].status_code == 200
+        assert body["success"] is False and body["cancelled"] is True
+        assert body["runId"] == run_id and body["output"].startswith("piece 1")
+        async with service.client() as client:
+            gone = await client.delete(f"/runs/{run_id}", headers=ALICE)
+            assert gone.status_code == 404
+        assert "turn cut short (cancelled); agent idle" in service.log_text()
 
 
-async def test_delete_cancels_a_queued_run_at_once(tmp_path):
+async def test_delete_cancels_a_queued_run_at_once(service):
     with trio.fail_after(60):
-        async with run_service(tmp_path, env=USERS) as service:
-            await wait_healthy(service, ready=1)
-            async with service.client() as client, trio.open_nursery() as nursery:
-                replies: dict[str, httpx.Response] = {}
+        await wait_healthy(service, ready=1)
+        async with service.client() as client, trio.open_nursery() as nursery:
+            replies: dict[str, httpx.Response] = {}
 
-                async def run(name: str, prompt: str) -> None:
-                    replies[name] = await client.post(
-                        "/run", headers=ALICE, json={"prompt": prompt}
-                    )
+            async def run(name: str, prompt: str) -> None:
+                replies[name] = await client.post("/run", headers=ALICE, json={"prompt": prompt})
 
-                nursery.start_soon(run, "first", "[[fake:sleep:3]]")
-                await wait_runs(client, ALICE, ["running"])
-                nursery.start_soon(run, "second", "never runs")
-                views = await wait_runs(client, ALICE, ["running", "queued"])
-                queued = views[1]
-                assert "startedAt" not in queued
-                assert (
-                    await client.delete(f"/runs/{queued['runId']}", headers=BOB)
-                ).status_code == 404
-                cancelled = await client.delete(f"/runs/{queued['runId']}", headers=ALICE)
-                assert cancelled.json() == {"cancelled": True}
-                await wait_until(lambda: _has(replies, "second"), timeout=5)
-                assert "first" not in replies  # answered at once, while the first still runs
-                second = replies["second"].json()
-                assert second["cancelled"] is True and second["success"] is False
-                assert second["runId"] == queued["runId"] and second["queuedMs"] >= 0
-                assert second["model"] is None and second["numTurns"] is None
-            assert replies["first"].json()["success"] is True
+            nursery.start_soon(run, "first", "[[fake:sleep:3]]")
+            await wait_runs(client, ALICE, ["running"])
+            nursery.start_soon(run, "second", "never runs")
+            views = await wait_runs(client, ALICE, ["running", "queued"])
+            queued = views[1]
+            assert "startedAt" not in queued
+            assert (await client.delete(f"/runs/{queued['runId']}", headers=BOB)).status_code == 404
+            cancelled = await client.delete(f"/runs/{queued['runId']}", headers=ALICE)
+            assert cancelled.json() == {"cancelled": True}
+            await wait_until(lambda: _has(replies, "second"), timeout=5)
+            assert "first" not in replies  # answered at once, while the first still runs
+            second = replies["second"].json()
+            assert second["cancelled"] is True and second["success"] is False
+            assert second["runId"] == queued["runId"] and second["queuedMs"] >= 0
+            assert second["model"] is None and second["numTurns"] is None
+        assert replies["first"].json()["success"] is True
 
 
 async def _has(replies: dict, name: str) -> bool:
     return name in replies
 
 
-async def test_a_cancelled_session_turn_streams_its_result_and_the_session_goes_on(tmp_path):
+async def test_a_cancelled_session_turn_streams_its_result_and_the_session_goes_on(service):
     with trio.fail_after(60):
-        async with run_service(tmp_path, env=USERS) as service:
-            async with service.client() as client:
-                session = {"sessionId": "s1"}
-                first = await client.post(
-                    "/run", headers=ALICE, json={"prompt": "My name is Alice.", **session}
-                )
-                assert first.json()["sessionId"] == "s1"
-                body = {"prompt": "[[fake:slow:1000:0.1]]", "stream": True, **session}
-                async with client.stream("POST", "/run", headers=ALICE, json=body) as response:
-                    run_id = response.headers["x-run-id"]
-                    seen = []
-                    async for event in sse.events(response):  # read to its end
-                        seen.append(event)
-                        if event.name == "text" and event.data["text"] == "piece 2":
-                            [view] = await runs_of(client, ALICE)
-                            assert view == {**view, "runId": run_id, "state": "running"}
-                            assert view["sessionId"] == "s1"
-                            assert (
-                                await client.delete(f"/runs/{run_id}", headers=BOB)
-                            ).status_code == 404
-                            deleted = await client.delete(f"/runs/{run_id}", headers=ALICE)
-                            assert deleted.json() == {"cancelled": True}
-                assert seen[-1].name == "result"
-                result = seen[-1].data
-                assert result["cancelled"] is True and result["success"] is False
-                assert result["sessionId"] == "s1" and result["runId"] == run_id
-                assert result["claudeSessionId"] == first.json()["claudeSessionId"]
-                # Interrupted and drained: the next turn answers its own prompt, remembering.
-                after = await client.post(
-                    "/run", headers=ALICE, json={"prompt": "What is my name?", **session}
-                )
-                assert after.json()["output"] == "Your name is Alice."
-            assert "session:s1: turn cut short (cancelled); agent idle" in service.log_text()
+        async with service.client() as client:
+            session = {"sessionId": "cancelled-turn"}
+            first = await client.post(
+                "/run", headers=ALICE, json={"prompt": "My name is Alice.", **session}
+            )
+            assert first.json()["sessionId"] == "cancelled-turn"
+            body = {"prompt": "[[fake:slow:1000:0.1]]", "stream": True, **session}
+            async with client.stream("POST", "/run", headers=ALICE, json=body) as response:
+                run_id = response.headers["x-run-id"]
+                seen = []
+                async for event in sse.events(response):  # read to its end
+                    seen.append(event)
+                    if event.name == "text" and event.data["text"] == "piece 2":
+                        [view] = await runs_of(client, ALICE)
+                        assert view == {**view, "runId": run_id, "state": "running"}
+                        assert view["sessionId"] == "cancelled-turn"
+                        assert (
+                            await client.delete(f"/runs/{run_id}", headers=BOB)
+                        ).status_code == 404
+                        deleted = await client.delete(f"/runs/{run_id}", headers=ALICE)
+                        assert deleted.json() == {"cancelled": True}
+            assert seen[-1].name == "result"
+            result = seen[-1].data
+            assert result["cancelled"] is True and result["success"] is False
+            assert result["sessionId"] == "cancelled-turn" and result["runId"] == run_id
+            assert result["claudeSessionId"] == first.json()["claudeSessionId"]
+            # Interrupted and drained: the next turn answers its own prompt, remembering.
+            after = await client.post(
+                "/run", headers=ALICE, json={"prompt": "What is my name?", **session}
+            )
+            assert after.json()["output"] == "Your name is Alice."
+        assert (
+            "session:cancelled-turn: turn cut short (cancelled); agent idle" in service.log_text()
+        )
 
 
-async def test_metadata_is_present_and_typed(tmp_path):
+async def test_metadata_is_present_and_typed(service):
     with trio.fail_after(60):
-        async with run_service(tmp_path) as service:
-            async with service.client() as client:
-                one_shot = await client.post("/run", headers=AUTH, json={"prompt": "hello"})
-                session = await client.post(
-                    "/run", headers=AUTH, json={"prompt": "hello", "sessionId": "s"}
-                )
+        async with service.client() as client:
+            one_shot = await client.post("/run", headers=AUTH, json={"prompt": "hello"})
+            session = await client.post(
+                "/run", headers=AUTH, json={"prompt": "hello", "sessionId": "typed"}
+            )
     for reply in (one_shot, session):
         body = reply.json()
         check_metadata(body)
         assert body["runId"] == reply.headers["x-run-id"]
         assert body["model"] == "claude-sonnet-4-6"  # CLAUDE_MODEL, as the agent reported it
     assert "sessionId" not in one_shot.json()
-    assert session.json()["sessionId"] == "s"
+    assert session.json()["sessionId"] == "typed"
 
 
 # --- options ----------------------------------------------------------------------------------
@@ -345,59 +359,58 @@ def started_argv(service: RunningService, log_path, pid: int) -> list[str]:
     return start["argv"]
 
 
-async def test_options_are_applied_model_by_control_request_the_rest_by_a_process(tmp_path):
-    log = tmp_path / "fake.log"
-    env = {"ALLOWED_MODELS": "model-b", "FAKE_CLAUDE_LOG": str(log)}
+async def test_options_are_applied_model_by_control_request_the_rest_by_a_process(service):
+    log = service.fake_log
+    assert log is not None
     with trio.fail_after(60):
-        async with run_service(tmp_path, env=env) as service:
-            await wait_healthy(service, ready=1)
-            async with service.client() as client:
+        await wait_healthy(service, ready=1)
+        async with service.client() as client:
 
-                async def ask(**options) -> dict:
-                    await wait_healthy(service, ready=1)
-                    reply = await client.post(
-                        "/run", headers=AUTH, json={"prompt": "[[fake:whoami]]", **options}
-                    )
-                    assert reply.json()["model"] == options.get("model", "claude-sonnet-4-6")
-                    return whoami(reply)
-
-                plain = await ask()
-                assert plain["model"] == "claude-sonnet-4-6"
-                assert plain["permissionMode"] == "bypassPermissions"
-                assert plain["appendSystemPrompt"] is None
-
-                # Another model on the warm worker: a control request, no new process.
-                switched = await ask(model="model-b", permissionMode="plan")
-                assert (switched["model"], switched["permissionMode"]) == ("model-b", "plan")
-                argv = started_argv(service, log, switched["pid"])
-                assert argv[argv.index("--model") + 1] == "claude-sonnet-4-6"
-                assert "--append-system-prompt" not in argv
-
-                # Process arguments: a process of its own, started for this run.
-                own = await ask(
-                    systemPrompt="Answer in French.",
-                    allowedTools=["Read"],
-                    disallowedTools=["WebFetch"],
-                    maxTurns=3,
-                    maxBudgetUsd=0.5,
-                    permissionMode="dontAsk",
+            async def ask(**options) -> dict:
+                await wait_healthy(service, ready=1)
+                reply = await client.post(
+                    "/run", headers=AUTH, json={"prompt": "[[fake:whoami]]", **options}
                 )
-                assert own["appendSystemPrompt"] == "Answer in French."
-                assert own["allowedTools"] == ["Read"]
-                assert own["disallowedTools"][-1] == "WebFetch"
-                assert "SendMessage" in own["disallowedTools"]  # the service's own stay
-                assert (own["maxTurns"], own["maxBudgetUsd"]) == (3, 0.5)
-                assert own["permissionMode"] == "dontAsk"
-                # ... while the warm one stayed warm and serves the next plain run.
-                after = await ask()
-                assert after["appendSystemPrompt"] is None
-                assert after["pid"] not in (own["pid"], switched["pid"])
-                starts = [
-                    json.loads(line)["pid"]
-                    for line in log.read_text().splitlines()
-                    if json.loads(line)["event"] == "start"
-                ]
-                assert starts.index(after["pid"]) < starts.index(own["pid"])
+                assert reply.json()["model"] == options.get("model", "claude-sonnet-4-6")
+                return whoami(reply)
+
+            plain = await ask()
+            assert plain["model"] == "claude-sonnet-4-6"
+            assert plain["permissionMode"] == "bypassPermissions"
+            assert plain["appendSystemPrompt"] is None
+
+            # Another model on the warm worker: a control request, no new process.
+            switched = await ask(model="model-b", permissionMode="plan")
+            assert (switched["model"], switched["permissionMode"]) == ("model-b", "plan")
+            argv = started_argv(service, log, switched["pid"])
+            assert argv[argv.index("--model") + 1] == "claude-sonnet-4-6"
+            assert "--append-system-prompt" not in argv
+
+            # Process arguments: a process of its own, started for this run.
+            own = await ask(
+                systemPrompt="Answer in French.",
+                allowedTools=["Read"],
+                disallowedTools=["WebFetch"],
+                maxTurns=3,
+                maxBudgetUsd=0.5,
+                permissionMode="dontAsk",
+            )
+            assert own["appendSystemPrompt"] == "Answer in French."
+            assert own["allowedTools"] == ["Read"]
+            assert own["disallowedTools"][-1] == "WebFetch"
+            assert "SendMessage" in own["disallowedTools"]  # the service's own stay
+            assert (own["maxTurns"], own["maxBudgetUsd"]) == (3, 0.5)
+            assert own["permissionMode"] == "dontAsk"
+            # ... while the warm one stayed warm and serves the next plain run.
+            after = await ask()
+            assert after["appendSystemPrompt"] is None
+            assert after["pid"] not in (own["pid"], switched["pid"])
+            starts = [
+                json.loads(line)["pid"]
+                for line in log.read_text().splitlines()
+                if json.loads(line)["event"] == "start"
+            ]
+            assert starts.index(after["pid"]) < starts.index(own["pid"])
 
 
 async def test_options_outside_the_ceiling_or_mistyped_are_refused_naming_them(tmp_path):
