@@ -227,6 +227,26 @@ async def test_a_job_carried_to_a_fresh_agent_is_answered_if_the_worker_is_cance
         assert [event async for event in bobs_reply] == [SHUTTING_DOWN]
 
 
+async def test_a_kept_agent_that_exits_before_its_next_offer_is_replaced_at_once(
+    autojump_clock, nursery
+):
+    with trio.fail_after(LIMIT):
+        agents = FakeAgents(reset_s=1.0)
+        messages = await start_reusing_worker(nursery, agents)
+        inbox = await ready(messages)
+        job, reply = user_job("alice", "j1")
+        inbox.send_nowait(job)
+        assert isinstance(await finish(job, reply, messages), RunResult)
+        await trio.sleep(0.5)  # the reset is under way: the agent is kept, then offered
+        agents.made[0].exit_now()
+        exited_at = trio.current_time()
+        offer = await messages.receive()  # offered as it was kept, then withdrawn at once:
+        assert isinstance(offer, WorkerReady) and offer.bound_to == "alice"
+        assert await messages.receive() == WorkerStarting("w")  # replaced
+        # At once (the reset's end), not when the kept agent's time would be up.
+        assert trio.current_time() - exited_at < REUSE.reuse_s / 2
+
+
 async def test_a_kept_agent_is_retired_when_its_time_is_up(autojump_clock, nursery):
     with trio.fail_after(LIMIT):
         agents = FakeAgents()

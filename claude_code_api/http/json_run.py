@@ -29,7 +29,7 @@ from typing import Any
 import trio
 
 from ..config import Settings
-from ..messages import DispatcherMessage, JobFailed, RunResult
+from ..messages import DispatcherMessage, Job, JobFailed
 from .auth import Unauthorized, authenticate
 from .jobs import Finished, follow_job, open_job
 from .observe import note_route
@@ -108,7 +108,8 @@ def serve_json_runs(
         started = time.monotonic()
         finished: Finished | None = None
         async with trio.open_nursery() as nursery:
-            # The client leaving ends the request (and so the job) at once.
+            # The client leaving ends the request (and so the job) at once. The watcher
+            # is stopped after the reply: its exit is one more scheduler round.
             nursery.start_soon(_cancel_on_disconnect, request.receive, nursery.cancel_scope)
             async with open_job(
                 dispatcher,
@@ -120,23 +121,27 @@ def serve_json_runs(
                 options=run_request.options,
             ) as (job, events):
                 finished = await follow_job(job, events)
+            await _reply_with(request, finished, job)
             nursery.cancel_scope.cancel()
         if finished is None:
-            return  # the client left: nobody to answer
-        terminal = finished.terminal
-        headers = [(b"x-run-id", job.id.encode())]
-        if isinstance(terminal, JobFailed):
-            body_json: dict[str, Any] = {"error": terminal.error, "runId": job.id}
-            if terminal.retry_after_s is not None:
-                headers.append((b"retry-after", str(terminal.retry_after_s).encode()))
-            await request.reply(terminal.status, body_json, headers)
-        else:
-            assert isinstance(terminal, RunResult)
-            await request.reply(200, result_body(terminal, finished, job), headers)
+            return  # the client left: nobody was answered
         # After the reply: writing the line is not the client's wait.
-        log_run_end(user_id, run_request, started, job.id, terminal, "json")
+        log_run_end(user_id, run_request, started, job.id, finished.terminal, "json")
 
     return serve
+
+
+async def _reply_with(request: _Request, finished: Finished, job: Job) -> None:
+    """The JSON reply of a run that ended: its result, or its failure."""
+    terminal = finished.terminal
+    headers = [(b"x-run-id", job.id.encode())]
+    if isinstance(terminal, JobFailed):
+        body: dict[str, Any] = {"error": terminal.error, "runId": job.id}
+        if terminal.retry_after_s is not None:
+            headers.append((b"retry-after", str(terminal.retry_after_s).encode()))
+        await request.reply(terminal.status, body, headers)
+    else:
+        await request.reply(200, result_body(terminal, finished, job), headers)
 
 
 class _ClientGone(Exception):
