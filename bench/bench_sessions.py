@@ -218,7 +218,8 @@ async def settled_mem(
 
 
 async def sessions_of(client: httpx.AsyncClient, user: str) -> list[dict]:
-    response = await client.get("/status", headers=AUTH[user])
+    """``user``'s sessions, most recent first: /status lists up to 1000 a page."""
+    response = await client.get("/status", params={"limit": 1000}, headers=AUTH[user])
     response.raise_for_status()
     return response.json()["sessions"]
 
@@ -556,6 +557,8 @@ def service_env(args: argparse.Namespace, workdir: Path, data_dir: Path) -> dict
         "SESSION_IDLE_MS": str(args.idle_ms),
         # Room for every client's session to wait for a live slot without a 429.
         "QUEUE_MAX": str(max(20, 2 * args.concurrency)),
+        # Every session here is one user's: room for all of them (the default is 100).
+        "MAX_SESSIONS_PER_USER": str(args.records + args.http_sessions * args.rounds + 100),
         "DATA_DIR": str(data_dir),
     }
     return harness_env(workdir, overrides, record_pids=False)
