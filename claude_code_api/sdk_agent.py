@@ -19,6 +19,7 @@ namespace) are killed if they do not exit on EOF — and removes the launcher
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import signal
@@ -66,6 +67,9 @@ CLAUDE_CODE_SYSTEM_PROMPT: Any = {"type": "preset", "preset": "claude_code"}
 # Every agent runs commands and edits files without asking unless its request asks otherwise.
 DEFAULT_PERMISSION_MODE = "bypassPermissions"
 STDERR_LINES_KEPT = 20
+# Starting through a launcher written a moment before may meet ETXTBSY (SdkAgent._connect).
+LAUNCH_ATTEMPTS = 5
+LAUNCH_RETRY_S = 0.01
 # Claude Code's own command that starts a new, empty conversation (no model call).
 CLEAR_COMMAND = "/clear"
 # The SDK's default stdout line limit is 1 MiB; a reply of MAX_OUTPUT_CHARS characters,
@@ -237,8 +241,7 @@ class SdkAgent:
                         f"cannot prepare the agent's directory {self.spec.home}: "
                         f"{exc.strerror or exc}"
                     ) from exc
-                self._client = ClaudeSDKClient(self._sdk_options())
-                await self._client.connect()
+                await self._connect()
         except trio.TooSlowError:
             await self.close(grace=0)
             raise AgentStartError(
@@ -256,6 +259,28 @@ class SdkAgent:
             await self.close(grace=0)
             raise
         self._track_group()
+
+    async def _connect(self) -> None:
+        """Start the CLI through its launcher and wait for ``initialize``'s answer.
+
+        The launcher was just written: while another thread forks (another agent
+        starting), the child holds a copy of its write descriptor until it execs,
+        and executing the launcher then fails with ETXTBSY ("Text file busy"). That
+        lasts microseconds: retried, a few times, after a pause.
+        """
+        for attempt in range(LAUNCH_ATTEMPTS):
+            self._client = ClaudeSDKClient(self._sdk_options())
+            try:
+                await self._client.connect()
+                return
+            except Exception as exc:
+                if attempt + 1 == LAUNCH_ATTEMPTS or not _text_file_busy(exc):
+                    raise
+            client, self._client = self._client, None
+            with trio.move_on_after(CLOSE_GRACE_S):
+                await client.disconnect()
+            log.info("%s: launcher busy (ETXTBSY); starting again", self.spec.name)
+            await trio.sleep(LAUNCH_RETRY_S * (attempt + 1))
 
     def _track_group(self) -> None:
         """Remember the agent's process group (the launcher made one) and tell the reaper."""
@@ -468,6 +493,16 @@ async def _with_context(context: str, prompt: str) -> AsyncIterator[dict[str, An
         "message": {"role": "user", "content": content},
         "parent_tool_use_id": None,
     }
+
+
+def _text_file_busy(exc: BaseException | None) -> bool:
+    """Whether ``exc`` or what caused it is an ETXTBSY from executing a file."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno == errno.ETXTBSY:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def _turn_result(message: ResultMessage, model: str | None) -> TurnResult:

@@ -7,8 +7,10 @@ work left behind per turn, and an interrupted turn leaves the next one clean.
 
 from __future__ import annotations
 
+import threading
 import uuid
 
+import attrs
 import trio
 
 from claude_code_api.agent import AgentSpec
@@ -70,5 +72,36 @@ async def test_a_turn_after_an_interrupted_one_gets_its_own_answer(tmp_path):
             assert await agent.interrupt(5.0)
             result = await agent.run_turn("the next one", ignore)
             assert not result.is_error and "the next one" in result.text
+        finally:
+            await agent.close()
+
+
+class BusyLauncher:
+    """The service's launcher, whose freshly written file stays open for writing a moment,
+    as in a child forked meanwhile by another thread (until it execs)."""
+
+    def __init__(self, launcher, busy_s: float) -> None:
+        self._launcher = launcher
+        self._busy_s = busy_s
+
+    def prepare(self, spec, agent_id):
+        path = self._launcher.prepare(spec, agent_id)
+        holder = open(path, "ab")  # noqa: SIM115 - closed by the timer
+        threading.Timer(self._busy_s, holder.close).start()
+        return path
+
+    def __getattr__(self, name):
+        return getattr(self._launcher, name)
+
+
+async def test_a_launcher_busy_for_a_moment_is_started_again(tmp_path):
+    settings, make_agent = service_agents(service_env(tmp_path))
+    busy = attrs.evolve(make_agent, launcher=BusyLauncher(make_agent.launcher, 0.015))
+    agent = busy(AgentSpec(name="busy", home=tmp_path / "home", ephemeral=False))
+    with trio.fail_after(TIMEOUT_S):
+        try:
+            await agent.start(settings.warmup_timeout_s)
+            result = await agent.run_turn("hello", ignore)
+            assert not result.is_error
         finally:
             await agent.close()
