@@ -20,12 +20,14 @@ import base64
 import hashlib
 import secrets
 from collections import OrderedDict
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote, urlencode
 
 import attrs
-import httpx
 import trio
+
+if TYPE_CHECKING:
+    import httpx
 
 CLIENT_ID = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
 AUTHORIZE_URL = "https://claude.ai/oauth/authorize"
@@ -160,6 +162,8 @@ class TokenEndpoint:
     async def _post(
         self, payload: dict[str, str], timeout_s: float, *, hidden: tuple[str, ...]
     ) -> TokenGrant:
+        import httpx  # here, not at start-up: ~0.1 s, and logins and refreshes are rare
+
         response: httpx.Response | None = None
         # One deadline over connecting, sending and reading: httpx's own timeouts are per step.
         with trio.move_on_after(timeout_s):

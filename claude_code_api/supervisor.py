@@ -156,6 +156,8 @@ class Service:
     def _agent_factory(self) -> AgentFactory:
         """Decide how agents launch, and make them. Blocking (imports the SDK): run in a thread."""
         plan = plan_agents(self.settings, self.environ)
+        import trio.testing  # noqa: F401  (for the workers: see worker.after_the_reply)
+
         from .sdk_agent import AgentOptions, SdkAgentFactory  # the SDK's import takes ~1 s
 
         return SdkAgentFactory(

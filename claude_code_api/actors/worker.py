@@ -51,7 +51,6 @@ from pathlib import Path
 
 import attrs
 import trio
-import trio.testing
 
 from ..agent import Agent, AgentError, AgentFactory, AgentSpec, AgentStartError
 from ..messages import (
@@ -305,6 +304,10 @@ async def after_the_reply() -> None:
     Under steady load the service may never be all idle, so it is bounded
     (:data:`REPLY_HEAD_START_S`).
     """
+    # trio.testing is imported after the service listens (Service._agent_factory):
+    # at start-up it would delay the first /health by its import.
+    import trio.testing
+
     with trio.move_on_after(REPLY_HEAD_START_S):
         await trio.testing.wait_all_tasks_blocked()
 
