@@ -45,8 +45,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import attrs
@@ -140,14 +139,11 @@ async def _work(
             await agent.close(grace=0)
             break
         binding: Binding | None = None  # whom the agent serves, once it has served anyone
-        # One watcher for the agent's life, not one task per offer (see _Offering).
-        offering = _Offering()
-        retiring.start_soon(offering.end_when_exited, agent)
         try:
             while True:
                 job, carried = carried, None
                 if job is None:
-                    job = await _offer(worker_id, dispatcher, stop, offering, binding)
+                    job = await _offer(worker_id, dispatcher, stop, agent.wait_exited, binding)
                 if job is not None and agent.exited:
                     log.warning("%s: agent exited while idle; starting another", worker_id)
                     carried = job
@@ -312,41 +308,11 @@ async def after_the_reply() -> None:
         await trio.testing.wait_all_tasks_blocked()
 
 
-class _Offering:
-    """The worker's wait for a job, which its idle agent's exit ends.
-
-    :meth:`end_when_exited` runs for the agent's whole life (in the worker's
-    long-lived nursery) and cancels the wait under way, if any, when the agent
-    exits: a task per agent, instead of one started and cancelled on every offer.
-    """
-
-    def __init__(self) -> None:
-        self._waiting: trio.CancelScope | None = None
-        self.agent_exited = False
-
-    async def end_when_exited(self, agent: Agent) -> None:
-        await agent.wait_exited()
-        self.agent_exited = True
-        if self._waiting is not None:
-            self._waiting.cancel()
-
-    @contextmanager
-    def waiting(self) -> Iterator[None]:
-        """Within: the agent's exit cancels the wait (at once if it has exited)."""
-        with trio.CancelScope() as self._waiting:
-            if self.agent_exited:
-                self._waiting.cancel()
-            try:
-                yield
-            finally:
-                self._waiting = None
-
-
 async def _offer(
     worker_id: str,
     dispatcher: trio.MemorySendChannel[DispatcherMessage],
     stop: StopSignal,
-    offering: _Offering,
+    agent_exited: Callable[[], Awaitable[None]],
     binding: Binding | None = None,
 ) -> Job | None:
     """Tell the dispatcher this worker is ready and wait for its one job.
@@ -361,9 +327,19 @@ async def _offer(
         bound_to = None if binding is None else binding.user_id
         await dispatcher.send(WorkerReady(worker_id, job_send, bound_to))
         job = None
-        with offering.waiting(), stop.guard():
-            with trio.move_on_at(math.inf if binding is None else binding.until):
+        # A task per offer, not one for the agent's life: waiting for the exit of an
+        # agent is also what retires it when its credentials are stale (RetiredWhenStale),
+        # which must happen while it is idle only.
+        async with trio.open_nursery() as nursery:
+
+            async def end_wait_if_agent_exits() -> None:
+                await agent_exited()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(end_wait_if_agent_exits)
+            with stop.guard(), trio.move_on_at(math.inf if binding is None else binding.until):
                 job = await job_receive.receive()
+            nursery.cancel_scope.cancel()
         if job is not None:
             return job
         # A job handed over at the very moment the wait ended must not be lost.
