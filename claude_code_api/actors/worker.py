@@ -351,12 +351,3 @@ async def _offer(
             job.answer(SHUTTING_DOWN)
             return None
         return job
-        # A job handed over at the very moment the wait ended must not be lost.
-        try:
-            job = job_receive.receive_nowait()
-        except (trio.WouldBlock, trio.EndOfChannel):
-            return None
-        if stop.requested:
-            job.answer(SHUTTING_DOWN)
-            return None
-        return job
