@@ -34,7 +34,7 @@ from .auth import Unauthorized, authenticate
 from .jobs import Finished, follow_job, open_job
 from .observe import note_route
 from .requests import BadRequest, OptionCeiling, check_content_type, parse_run_request
-from .runs import log_run_end, result_body
+from .runs import failure_reply, log_run_end, result_body
 from .streaming import wants_event_stream
 from .user_claude import MemoryUnavailable, load_memory
 
@@ -134,14 +134,13 @@ def serve_json_runs(
 async def _reply_with(request: _Request, finished: Finished, job: Job) -> None:
     """The JSON reply of a run that ended: its result, or its failure."""
     terminal = finished.terminal
-    headers = [(b"x-run-id", job.id.encode())]
     if isinstance(terminal, JobFailed):
-        body: dict[str, Any] = {"error": terminal.error, "runId": job.id}
-        if terminal.retry_after_s is not None:
-            headers.append((b"retry-after", str(terminal.retry_after_s).encode()))
-        await request.reply(terminal.status, body, headers)
+        body, headers = failure_reply(terminal, job.id)
+        encoded = [(name.lower().encode(), value.encode()) for name, value in headers]
+        await request.reply(terminal.status, body, encoded)
     else:
-        await request.reply(200, result_body(terminal, finished, job), headers)
+        run_id = [(b"x-run-id", job.id.encode())]
+        await request.reply(200, result_body(terminal, finished, job), run_id)
 
 
 class _ClientGone(Exception):

@@ -5,7 +5,8 @@ a JSON body, as to every route. Every run has an id, the job's: header
 ``X-Run-Id`` and field ``runId`` in every reply about it.
 
 * Without ``stream`` (or ``Accept: text/event-stream``) the reply is the
-  original's JSON, with fields added (:func:`result_body`).
+  original's JSON, with fields added (:func:`result_body`); it is served in front
+  of Quart (:mod:`.json_run`), which hands streams to the route here.
 * With it, the request waits for the dispatcher's answer to its submission
   first: a refusal (429, 503) is still a plain JSON error; only a run that was
   taken becomes a ``text/event-stream`` (:mod:`.streaming`).
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from quart import Blueprint, Response, jsonify, request
+from quart import Blueprint, Response, jsonify
 
 from ..messages import (
     DispatcherMessage,
@@ -38,9 +39,9 @@ from ..messages import (
     RunResult,
     TerminalEvent,
 )
-from .jobs import Finished, cancel_run, follow_job, open_job
+from .jobs import Finished, cancel_run, open_job
 from .requests import OptionCeiling, RunRequest, parse_run_request
-from .streaming import STREAM_HEADERS, event_stream, on_request_end, wants_event_stream
+from .streaming import STREAM_HEADERS, event_stream, on_request_end
 from .user_claude import load_memory
 
 log = logging.getLogger(__name__)
@@ -82,16 +83,26 @@ def result_body(outcome: RunResult, finished: Finished, job: Job) -> dict[str, A
     return body
 
 
-def error_reply(failure: JobFailed, run_id: str | None = None) -> Response:
+def failure_reply(
+    failure: JobFailed, run_id: str | None = None
+) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The body and headers answering a run that failed (or a request about no run)."""
     body: dict[str, Any] = {"error": failure.error}
+    headers = []
     if run_id is not None:
         body["runId"] = run_id
+        headers.append(("X-Run-Id", run_id))
+    if failure.retry_after_s is not None:
+        headers.append(("Retry-After", str(failure.retry_after_s)))
+    return body, headers
+
+
+def error_reply(failure: JobFailed, run_id: str | None = None) -> Response:
+    body, headers = failure_reply(failure, run_id)
     response = jsonify(body)
     response.status_code = failure.status
-    if failure.retry_after_s is not None:
-        response.headers["Retry-After"] = str(failure.retry_after_s)
-    if run_id is not None:
-        response.headers["X-Run-Id"] = run_id
+    for name, value in headers:
+        response.headers[name] = value
     return response
 
 
@@ -189,14 +200,9 @@ def run_routes(
         def log_end(run_id: str, outcome: TerminalEvent | None, how: str) -> None:
             log_run_end(user_id, run_request, started, run_id, outcome, how)
 
-        if not wants_event_stream(run_request.stream, request.headers.get("Accept")):
-            async with submit as (job, events):
-                finished = await follow_job(job, events)
-            log_end(job.id, finished.terminal, "json")
-            return json_reply(finished, job)
-
-        # A stream: its status must be known before it starts, so wait for the
-        # dispatcher's answer (queued, or a refusal) first.
+        # Only streams reach this route: a JSON reply is served in front of Quart
+        # (json_run), which hands a stream over with its body. Its status must be known
+        # before it starts, so wait for the dispatcher's answer (queued, or a refusal) first.
         owned = AsyncExitStack()
         job, events = await owned.enter_async_context(submit)
         on_request_end(owned.aclose)  # if the stream never starts, the run still ends
@@ -227,15 +233,6 @@ def run_routes(
         return jsonify({"cancelled": True})
 
     return routes
-
-
-def json_reply(finished: Finished, job: Job) -> Response:
-    terminal = finished.terminal
-    if isinstance(terminal, JobFailed):
-        return error_reply(terminal, job.id)
-    response = jsonify(result_body(terminal, finished, job))
-    response.headers["X-Run-Id"] = job.id
-    return response
 
 
 def _options_note(options: RunOptions) -> str:
