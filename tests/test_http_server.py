@@ -57,6 +57,16 @@ def make_app(gate: Gate) -> QuartTrio:
         gate.requests += 1
         return "bye", {"Connection": "close"}
 
+    @app.get("/stream")
+    async def stream() -> tuple[object, dict[str, str]]:
+        gate.requests += 1
+
+        async def chunks() -> AsyncIterator[bytes]:
+            await gate.open.wait()
+            yield b"late"
+
+        return chunks(), {"Content-Type": "text/plain"}
+
     return app
 
 
@@ -315,6 +325,42 @@ async def test_content_length_with_transfer_encoding_is_400_and_closes(framing):
             assert "Transfer-Encoding" in response.json()["error"]
             await connection.wait_closed()
             assert gate.requests == 0  # neither the request nor what followed reached the app
+
+
+async def test_a_sized_response_is_one_write_and_a_stream_head_is_not_held(monkeypatch):
+    """Head and body of a Content-Length response go out in one send(); a
+    stream's head goes out before its first chunk exists."""
+    writes: list[bytes] = []
+    send_all = trio.SocketStream.send_all
+
+    async def recording(stream: trio.SocketStream, data: bytes) -> None:
+        if stream not in clients:
+            writes.append(bytes(data))
+        await send_all(stream, data)
+
+    clients: set[trio.SocketStream] = set()
+    monkeypatch.setattr(trio.SocketStream, "send_all", recording)
+    with trio.fail_after(10):
+        async with serving() as (_server, url, gate):
+            connection = await RawConnection.open(url)
+            clients.add(connection.stream)
+            await connection.request("GET", "/")
+            response = await connection.response()
+            assert response is not None and response.body == b"hi"
+            assert len(writes) == 1 and writes[0].endswith(b"\r\n\r\nhi"), writes
+
+            writes.clear()
+            await connection.request("GET", "/stream")
+            head = b""
+            while b"\r\n\r\n" not in head:  # while the chunk is still held back by the gate
+                head += await connection.stream.receive_some(65536)
+            assert head.startswith(b"HTTP/1.1 200") and b"chunked" in head.lower()
+            assert gate.requests == 2 and not gate.open.is_set()
+            gate.open.set()
+            rest = head.split(b"\r\n\r\n", 1)[1]
+            while not rest.endswith(b"0\r\n\r\n"):
+                rest += await connection.stream.receive_some(65536)
+            assert b"late" in rest
 
 
 @pytest.mark.parametrize(

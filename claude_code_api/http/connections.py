@@ -24,6 +24,12 @@ a connection that should close would stay open, both forever. Hence:
   plain hypercorn and fail once upstream no longer needs this.)
 * an empty write (the end of a body whose length was declared) is not sent:
   nothing to write, and one scheduler round less per response.
+* the head of a final response with a ``Content-Length`` is held until the
+  next write, and sent with it in one ``send()``: hypercorn writes the head on
+  ``http.response.start`` and the body on the next message, and every response
+  with a declared length here sends its body right after its head. One system
+  call and one scheduler round less per response, and the client reads one
+  segment instead of two. Streams (no length: chunked) and 1xx heads go out at once.
 
 Why a bound: every connection is a file descriptor, and the service needs
 descriptors for its agents' pipes and its database. When the table is full and
@@ -191,6 +197,17 @@ class IdleTimer:
                 await self._close()
 
 
+def _is_sized_response_head(data: bytes) -> bool:
+    """Whether ``data`` is exactly the head of a final (2xx-5xx) response with a Content-Length."""
+    return (
+        data.startswith(b"HTTP/1.1 ")
+        and data[9:10] != b"1"
+        and data.endswith(b"\r\n\r\n")
+        and data.count(b"\r\n\r\n") == 1
+        and b"\r\ncontent-length:" in data.lower()
+    )
+
+
 class HttpConnection(TCPServer):
     """Hypercorn's server for one connection, registered in a :class:`ConnectionTable`.
 
@@ -211,6 +228,7 @@ class HttpConnection(TCPServer):
         super().__init__(app, config, context, state, stream)  # type: ignore[arg-type]
         self._socket = stream.socket
         self._table = table
+        self._held_head = b""
         self._scope = trio.CancelScope()
         self.idle_task: IdleTimer = IdleTimer(  # type: ignore[assignment]
             config.keep_alive_timeout, context.terminated.wait, self._initiate_server_close
@@ -238,8 +256,19 @@ class HttpConnection(TCPServer):
             self.idle_task.end()
 
     async def protocol_send(self, event: Event) -> None:
-        if isinstance(event, RawData) and not event.data:
-            return
+        if isinstance(event, RawData):
+            if self._held_head:
+                event = RawData(self._held_head + event.data)
+                self._held_head = b""
+            elif not event.data:
+                return
+            elif _is_sized_response_head(event.data):
+                # Its body follows at once: one write for both (module docstring).
+                self._held_head = event.data
+                return
+        elif self._held_head:
+            held, self._held_head = self._held_head, b""
+            await super().protocol_send(RawData(held))
         if isinstance(event, Updated):
             if event.idle:
                 self._table.idle(self)
