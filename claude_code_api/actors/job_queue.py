@@ -67,6 +67,8 @@ class JobQueue:
         return self._jobs.remove(job_id)
 
     def pop_expired(self, now: float) -> list[Job]:
+        if not self._jobs:  # the usual case, asked on every dispatcher message
+            return []
         expired = [job for job in self._jobs.values() if job.deadline <= now]
         for job in expired:
             self._jobs.remove(job.id)
@@ -79,4 +81,6 @@ class JobQueue:
         return jobs
 
     def next_deadline(self) -> float:
-        return min((job.deadline for job in self._jobs.values()), default=math.inf)
+        if not self._jobs:
+            return math.inf
+        return min(job.deadline for job in self._jobs.values())

@@ -300,11 +300,13 @@ class SessionScheduler:
                 self._hibernate(entry)
 
     def next_deadline(self) -> float:
-        deadlines = [e.waiting.next_deadline() for e in self.entries.values()]
-        deadlines += [
-            e.last_used + self.idle_s for e in self.entries.values() if e.state is SessionState.IDLE
-        ]
-        return min(deadlines, default=math.inf)
+        soonest = math.inf
+        for entry in self.entries.values():  # (one pass: asked on every dispatcher message)
+            if entry.waiting:
+                soonest = min(soonest, entry.waiting.next_deadline())
+            if entry.state is SessionState.IDLE:
+                soonest = min(soonest, entry.last_used + self.idle_s)
+        return soonest
 
     # --- scheduling ---------------------------------------------------------
 
