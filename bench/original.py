@@ -36,22 +36,19 @@ How the original runs here, and how that differs from its image:
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import attrs
-import trio
 
-from tests.harness import ROOT, RunningService, launch_service
+from tests.harness import ROOT, RunningService, launch_process, launch_service
 
 OURS, ORIGINAL = "ours", "original"
 UPSTREAM = "https://github.com/exitxio/claude-code-api"
@@ -196,81 +193,41 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-@asynccontextmanager
-async def launch_original(
+def launch_original(
     build: OriginalBuild,
     env: Mapping[str, str],
     cwd: Path,
     *,
     start_timeout_s: float = 30.0,
     log_lines: int | None = 2000,
-) -> AsyncIterator[RunningService]:
+) -> AbstractAsyncContextManager[RunningService]:
     """Start the original with ``env`` (its ``PORT`` replaced by a free one) in ``cwd``.
 
     Yields it as a :class:`~tests.harness.RunningService` once it logs that it
-    listens (its workers may still be warming: poll ``/health``). Raises
-    RuntimeError with its log if it exits or does not listen in time. It runs in a
-    process group of its own, killed whole on leaving (stop it first with
+    listens (its workers may still be warming: poll ``/health``), through the
+    tests' launcher: RuntimeError with its log if it exits or does not listen in
+    time. It runs in a process group of its own (tsx's launcher, the server,
+    esbuild, its agents), killed whole on leaving (stop it first with
     :meth:`RunningService.stop` for a graceful exit).
     """
     port = free_port()
     full_env = {name: value for name, value in env.items() if name != "NODE_ENV"}
     full_env["PORT"] = str(port)
     cwd.mkdir(parents=True, exist_ok=True)
-    log: collections.deque[str] = collections.deque(maxlen=log_lines)
-    process = await trio.lowlevel.open_process(
+    return launch_process(
         [
             "node",
             str(build.directory / "node_modules" / "tsx" / "dist" / "cli.mjs"),
             str(build.directory / "server" / "agent-server.ts"),
         ],
-        env=full_env,
-        cwd=str(cwd),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+        full_env,
+        cwd=cwd,
+        data_dir=cwd,
+        url_in=lambda line: f"http://127.0.0.1:{port}" if LISTENING in line else None,
+        start_timeout_s=start_timeout_s,
+        log_lines=log_lines,
+        own_process_group=True,
     )
-    listening = trio.Event()
-
-    async def read_log() -> None:
-        assert process.stdout is not None
-        buffer = b""
-        async for chunk in process.stdout:
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for raw in lines:
-                line = raw.decode(errors="replace") + "\n"
-                log.append(line)
-                if LISTENING in line:
-                    listening.set()
-
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(read_log)
-            with trio.move_on_after(start_timeout_s):
-                while not listening.is_set() and process.poll() is None:
-                    with trio.move_on_after(0.05):
-                        await listening.wait()
-            if not listening.is_set():
-                state = "exited early" if process.poll() is not None else "did not listen"
-                raise RuntimeError(f"original {state}:\n{''.join(log)}")
-            yield RunningService(
-                f"http://127.0.0.1:{port}",
-                process,
-                None,
-                cwd,
-                Path(env["FAKE_CLAUDE_HOME"]),
-                log,
-            )
-            nursery.cancel_scope.cancel()
-    finally:
-        # Its whole group: tsx's launcher, the server, esbuild, agents not yet reaped.
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        with trio.CancelScope(shield=True):
-            await process.wait()
 
 
 def launch(

@@ -221,19 +221,63 @@ async def launch_service(
     (stop it first with :meth:`RunningService.stop` for a graceful exit), and the
     rest of its log is read for up to 5 s.
     """
+
+    def url_in(line: str) -> str | None:
+        match = LISTENING.search(line)
+        return match.group(1) if match else None
+
+    async with launch_process(
+        [sys.executable, "-m", "claude_code_api"],
+        env,
+        cwd=ROOT,
+        data_dir=Path(env["DATA_DIR"]),
+        url_in=url_in,
+        start_timeout_s=start_timeout_s,
+        log_lines=log_lines,
+        on_log_line=on_log_line,
+        open_files_limit=open_files_limit,
+    ) as service:
+        yield service
+
+
+@asynccontextmanager
+async def launch_process(
+    command: list[str],
+    env: Mapping[str, str],
+    *,
+    cwd: Path,
+    data_dir: Path,
+    url_in: Callable[[str], str | None],
+    start_timeout_s: float = 30.0,
+    log_lines: int | None = None,
+    on_log_line: Callable[[str], None] | None = None,
+    open_files_limit: int | None = None,
+    own_process_group: bool = False,
+) -> AsyncIterator[RunningService]:
+    """Start a service's ``command``; yield it once ``url_in`` finds its URL in a log line.
+
+    The one launcher of the tests and of bench/ (also for the original TypeScript
+    service, see bench/original.py). Its log is stderr and stdout, line by line.
+    ``own_process_group``: it runs in a process group of its own, killed whole on
+    leaving (for a launcher that does not pass signals on to its server).
+    Otherwise as :func:`launch_service`.
+    """
     log: collections.deque[str] = collections.deque(maxlen=log_lines)
 
     def limit_open_files() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (open_files_limit, open_files_limit))
 
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "claude_code_api"],
+        command,
         env=dict(env),
-        cwd=str(ROOT),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        cwd=str(cwd),
+        stdout=subprocess.DEVNULL if not own_process_group else subprocess.PIPE,
+        stderr=subprocess.PIPE if not own_process_group else subprocess.STDOUT,
         preexec_fn=None if open_files_limit is None else limit_open_files,
+        start_new_session=own_process_group,
     )
+    output = process.stdout if own_process_group else process.stderr
+    assert output is not None
     url_found = trio.Event()
     log_ended = trio.Event()
     found: list[str] = []
@@ -241,7 +285,7 @@ async def launch_service(
     async def read_log() -> None:
         buffer = b""
         try:
-            async for chunk in process.stderr:
+            async for chunk in output:
                 buffer += chunk
                 *lines, buffer = buffer.split(b"\n")
                 for raw in lines:
@@ -249,12 +293,22 @@ async def launch_service(
                     log.append(line)
                     if on_log_line is not None:
                         on_log_line(line)
-                    match = LISTENING.search(line)
-                    if match and not url_found.is_set():
-                        found.append(match.group(1))
+                    url = url_in(line)
+                    if url is not None and not url_found.is_set():
+                        found.append(url)
                         url_found.set()
         finally:
             log_ended.set()
+
+    def kill() -> None:
+        if own_process_group:
+            # The whole group: a launcher, its server, agents not yet reaped.
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        elif process.poll() is None:
+            process.kill()
 
     try:
         async with trio.open_nursery() as nursery:
@@ -265,30 +319,28 @@ async def launch_service(
                         await url_found.wait()
             if not url_found.is_set():
                 state = "exited early" if process.poll() is not None else "did not listen"
-                raise RuntimeError(f"service {state}:\n{''.join(log)}")
+                raise RuntimeError(f"{command[-1]} {state}:\n{''.join(log)}")
             piddir = env.get("FAKE_CLAUDE_PIDDIR")
             fake_log = env.get("FAKE_CLAUDE_LOG")
             yield RunningService(
                 found[0],
                 process,
                 Path(piddir) if piddir else None,
-                Path(env["DATA_DIR"]),
+                data_dir,
                 Path(env["FAKE_CLAUDE_HOME"]),
                 log,
                 fake_log=Path(fake_log) if fake_log else None,
             )
-            if process.poll() is None:
-                process.kill()
-                await process.wait()
-            # Its stderr ends when it (and any agent holding it) has exited.
+            kill()
+            await process.wait()
+            # Its log ends when it (and any agent holding it) has exited.
             with trio.move_on_after(5):
                 await log_ended.wait()
             nursery.cancel_scope.cancel()
     finally:
-        if process.poll() is None:
-            process.kill()
-            with trio.CancelScope(shield=True):
-                await process.wait()
+        kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
 
 
 @asynccontextmanager
