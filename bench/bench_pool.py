@@ -81,6 +81,7 @@ from claude_code_api.agent import Agent, AgentSpec  # noqa: E402
 from tests.harness import (  # noqa: E402
     FAKE_CLAUDE,
     RunningService,
+    launch_process,
     launch_service,
     service_agents,
     service_env,
@@ -234,26 +235,47 @@ async def post_run(client: httpx.AsyncClient) -> httpx.Response:
 async def measure_http_floor(service: RunningService, samples: int) -> dict:
     """Round trips that involve no agent: what the HTTP stack alone costs.
 
-    ``GET /health`` goes through HTTP, the app and one dispatcher round trip;
+    ``GET /health`` goes through HTTP, the app and the pool's published state;
     ``POST /run`` with an empty prompt through HTTP, auth and body parsing (400).
     """
-    health_times, bad_times = [], []
     async with httpx.AsyncClient(base_url=service.url, timeout=HTTP_TIMEOUT_S) as client:
         await wait_all_ready(client)
-        for i in range(samples + 10):
-            started = time.perf_counter()
-            await health(client)
-            elapsed = time.perf_counter() - started
-            if i >= 10:
-                health_times.append(elapsed)
-        for i in range(samples + 10):
-            started = time.perf_counter()
-            response = await client.post("/run", json={"prompt": ""}, headers=AUTH)
-            elapsed = time.perf_counter() - started
-            if response.status_code != 400:
-                raise RuntimeError(f"expected 400, got {response.status_code} {response.text}")
-            if i >= 10:
-                bad_times.append(elapsed)
+        return await _time_health_and_bad_run(client, samples, bad_run_status=400)
+
+
+async def measure_bare_http(env: dict[str, str], samples: int) -> dict:
+    """The same round trips on hypercorn with nothing behind it (bench/bare_http.py)."""
+    async with launch_process(
+        [sys.executable, str(ROOT / "bench" / "bare_http.py")],
+        env,
+        cwd=ROOT,
+        data_dir=Path(env["DATA_DIR"]),
+        url_in=lambda line: line.split()[-1] if line.startswith("listening on ") else None,
+        start_timeout_s=SERVICE_START_TIMEOUT_S,
+    ) as bare:
+        async with httpx.AsyncClient(base_url=bare.url, timeout=HTTP_TIMEOUT_S) as client:
+            return await _time_health_and_bad_run(client, samples, bad_run_status=200)
+
+
+async def _time_health_and_bad_run(
+    client: httpx.AsyncClient, samples: int, *, bad_run_status: int
+) -> dict:
+    """``samples`` GET /health, then ``samples`` POST /run with an empty prompt (after 10 each)."""
+    health_times, bad_times = [], []
+    for i in range(samples + 10):
+        started = time.perf_counter()
+        await health(client)
+        elapsed = time.perf_counter() - started
+        if i >= 10:
+            health_times.append(elapsed)
+    for i in range(samples + 10):
+        started = time.perf_counter()
+        response = await client.post("/run", json={"prompt": ""}, headers=AUTH)
+        elapsed = time.perf_counter() - started
+        if response.status_code != bad_run_status:
+            raise RuntimeError(f"expected {bad_run_status}, got {response.status_code}")
+        if i >= 10:
+            bad_times.append(elapsed)
     return {"health": health_times, "bad_run": bad_times}
 
 
@@ -783,6 +805,10 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
             print("  for reference, round trips with no agent in them:")
             print(fmt_dist("GET /health", dist(floor["health"])))
             print(fmt_dist("POST /run -> 400 (empty prompt)", dist(floor["bad_run"])))
+            bare = await measure_bare_http(env, args.samples)
+            print("  the same on hypercorn with nothing behind it (bench/bare_http.py):")
+            print(fmt_dist("GET /health (bare hypercorn)", dist(bare["health"])))
+            print(fmt_dist("POST /run (bare hypercorn)", dist(bare["bad_run"])))
             over50 = svc["p50"] - reused["p50"]
             over99 = svc["p99"] - reused["p99"]
             print(
@@ -892,9 +918,11 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
         f"run took {elapsed:.0f} s"
     )
     health_p50 = dist(floor["health"])["p50"]
+    bare_p50 = dist(bare["health"])["p50"]
     print(
         f"GET /health p50={health_p50:.3f} ms (target ≤ 1.5 ms) "
-        f"[{'met' if health_p50 <= 1.5 else 'MISSED'}]; service CPU per job={svc_ms:.1f} ms "
+        f"[{'met' if health_p50 <= 1.5 else 'MISSED'}], bare hypercorn {bare_p50:.3f} ms "
+        f"({health_p50 / bare_p50:.2f}x); service CPU per job={svc_ms:.1f} ms "
         f"(target ≤ 4 ms) [{'met' if svc_ms <= 4 else 'MISSED'}]"
     )
     print(

@@ -1,0 +1,48 @@
+#!/usr/bin/env python3
+"""Hypercorn on trio with nothing behind it: the HTTP server's own cost.
+
+bench_pool's in-run baseline for ``GET /health`` and ``POST /run``: the same
+server, configured as the service configures it (no access log here), answering
+every request with a constant JSON body once it has read the request's body. What
+the service adds to a request is its time minus this one's.
+
+    python bench/bare_http.py     # logs "listening on http://127.0.0.1:PORT" to stderr
+"""
+
+from __future__ import annotations
+
+import sys
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+BODY = b'{"status":"healthy"}'
+HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode())]
+
+
+async def app(scope, receive, send) -> None:
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            await send({"type": message["type"] + ".complete"})
+            if message["type"] == "lifespan.shutdown":
+                return
+    while (await receive()).get("more_body", False):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+    await send({"type": "http.response.body", "body": BODY})
+
+
+async def main() -> None:
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    async with trio.open_nursery() as nursery:
+        (bound,) = await nursery.start(
+            lambda task_status: serve(app, config, task_status=task_status)
+        )
+        print(f"listening on {bound}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    trio.run(main)
