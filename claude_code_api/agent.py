@@ -186,15 +186,3 @@ class Agent(Protocol):
 
 
 AgentFactory = Callable[[AgentSpec], Agent]
-
-
-def session_files(home: Path, claude_session_id: str) -> list[Path]:
-    """The files Claude Code keeps for one conversation under ``home``'s config dir.
-
-    Its transcript (``projects/<cwd slug>/<id>.jsonl``) and what sits beside it
-    (``projects/<cwd slug>/<id>/``: tool results, subagents). Blocking (globs).
-    """
-    projects = AgentSpec(name="", home=home, ephemeral=False).config_dir / "projects"
-    return sorted(projects.glob(f"*/{claude_session_id}.jsonl")) + sorted(
-        projects.glob(f"*/{claude_session_id}")
-    )

@@ -365,6 +365,48 @@ class AgentLauncher:
             remove_tree(spec.home)
 
 
+def remove_conversation_files(home: Path, claude_session_id: str) -> None:
+    """Remove what Claude Code keeps for one conversation in ``home``'s config dir. Blocking.
+
+    Its transcript (``projects/<cwd slug>/<id>.jsonl``) and what sits beside it
+    (``projects/<cwd slug>/<id>/``: tool results, subagents), in every slug. As
+    :meth:`AgentLauncher.empty_home`, through directory descriptors opened without
+    following links: the user's agents can write in ``home`` and may have made
+    ``projects`` or a slug a link to somewhere else, where nothing is removed.
+    A missing ``home``, config dir or ``projects`` is fine.
+
+    Raises OSError when something cannot be removed, or a directory on the way
+    is a link (nothing under it is removed).
+    """
+    names = (f"{claude_session_id}.jsonl", claude_session_id)
+    config = AgentSpec(name="", home=home, ephemeral=False).config_dir
+    opened: list[int] = []
+    try:
+        try:
+            # HOME is ours (made by the service); from its config dir on, the agents'.
+            opened.append(_open_directory(home))
+            for name in (config.name, "projects"):
+                opened.append(_open_directory(name, dir_fd=opened[-1]))
+        except FileNotFoundError:
+            return
+        except NotADirectoryError as exc:  # (O_NOFOLLOW refuses a link as one)
+            raise OSError(f"{exc.filename} in {home} is not a directory: nothing removed") from exc
+        projects_fd = opened[-1]
+        for slug in os.listdir(projects_fd):
+            try:
+                slug_fd = _open_directory(slug, dir_fd=projects_fd)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # gone, a file, or a link: nothing of ours under it
+            try:
+                for name in names:
+                    _remove_at(slug_fd, name)
+            finally:
+                os.close(slug_fd)
+    finally:
+        for fd in opened:
+            os.close(fd)
+
+
 def remove_tree(path: Path) -> None:
     """Remove the directory tree ``path`` whatever it holds; never raises. Blocking.
 

@@ -47,7 +47,6 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 import trio
 
@@ -61,7 +60,7 @@ from .actors.session_supervisor import SessionSupervisor
 from .actors.stopping import StopSignal
 from .actors.turn import TurnLimits
 from .actors.worker import WorkerConfig, serve_worker
-from .agent import CLOSE_GRACE_S, AgentFactory, session_files
+from .agent import CLOSE_GRACE_S, AgentFactory
 from .config import Settings
 from .http.app import StoreStatus, create_app
 from .http.connections import connection_limit
@@ -77,6 +76,7 @@ from .messages import (
 from .metered_agent import metered
 from .oauth import TokenEndpoint
 from .renewal import CredentialsVersion, retired_when_stale
+from .sandbox import remove_conversation_files
 from .startup import plan_agents
 from .supervision import Backoff, ChildSpec, StopOrder, Strategy, Supervisor
 
@@ -181,7 +181,7 @@ class Service:
             await serve_registry(
                 store,
                 self._registry_receive,
-                transcript_files=transcript_files,
+                remove_transcripts=remove_transcripts,
                 ttl_s=settings.session_ttl_s,
                 on_health=self.store_status.update,
                 on_count=self.store_status.count,
@@ -199,8 +199,9 @@ class Service:
             )
             await actor.serve(task_status=task_status)
 
-        def transcript_files(user_id: str, claude_session_id: str) -> list[Path]:
-            return session_files(user_workspace(settings.data_dir, user_id), claude_session_id)
+        def remove_transcripts(user_id: str, claude_session_id: str) -> None:
+            home = user_workspace(settings.data_dir, user_id)
+            remove_conversation_files(home, claude_session_id)
 
         async def start_dispatcher(*, task_status: trio.TaskStatus[None]) -> None:
             dispatcher = Dispatcher(

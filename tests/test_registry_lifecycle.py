@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import shutil
 import threading
 from pathlib import Path
 
@@ -231,17 +232,21 @@ async def test_create_is_bounded_per_user_even_when_racing(tmp_path, nursery):
 
 
 class Transcripts:
-    """A fake ``transcript_files``: a file and a directory per CLI session id, under ``root``."""
+    """A fake ``remove_transcripts``: a file and a directory per CLI session id, under ``root``."""
 
     def __init__(self, root: Path):
         self.root = root
         self.threads: set[int] = set()
 
-    def __call__(self, user_id: str, claude_session_id: str) -> list[Path]:
+    def __call__(self, user_id: str, claude_session_id: str) -> None:
         self.threads.add(threading.get_ident())
         if claude_session_id == "unlisted":
-            raise ValueError("cannot list transcripts")
-        return self._paths(user_id, claude_session_id)
+            raise OSError("cannot list transcripts")
+        if claude_session_id == "broken":
+            raise ValueError("a bug in the remover")
+        file, directory = self._paths(user_id, claude_session_id)
+        file.unlink(missing_ok=True)
+        shutil.rmtree(directory, ignore_errors=True)
 
     def _paths(self, user_id: str, claude_session_id: str) -> list[Path]:
         base = self.root / user_id
@@ -261,11 +266,11 @@ async def test_delete_removes_the_transcripts_of_every_claude_session_id(tmp_pat
     caplog.set_level(logging.ERROR, logger=LOGGER)
     with trio.fail_after(TIMEOUT):
         transcripts = Transcripts(tmp_path / "projects")
-        client = await _start(nursery, open_store(tmp_path), transcript_files=transcripts)
+        client = await _start(nursery, open_store(tmp_path), remove_transcripts=transcripts)
         gone = attrs.evolve(
             record("u", "gone"),
             claude_session_id="now",
-            previous_claude_session_ids=("before", "unlisted", "never-written"),
+            previous_claude_session_ids=("before", "unlisted", "broken", "never-written"),
         )
         kept = attrs.evolve(record("u", "kept"), claude_session_id="other")
         for claude_id in ("now", "before", "other"):
@@ -277,7 +282,7 @@ async def test_delete_removes_the_transcripts_of_every_claude_session_id(tmp_pat
         # Files and directories of the current and previous ids are gone; missing
         # ones are fine; a failing lookup is logged and does not stop the rest.
         assert transcripts.present() == {"u", "u/other.jsonl", "u/other", "u/other/tool-output.txt"}
-        assert "cannot list transcripts" in caplog.text
+        assert "cannot list transcripts" in caplog.text and "a bug in the remover" in caplog.text
         assert threading.get_ident() not in transcripts.threads  # in the worker thread
         assert await client.delete(gone.key) is False
 
@@ -285,7 +290,7 @@ async def test_delete_removes_the_transcripts_of_every_claude_session_id(tmp_pat
 async def test_a_delete_that_fails_keeps_the_transcripts(tmp_path, nursery):
     with trio.fail_after(TIMEOUT):
         transcripts = Transcripts(tmp_path / "projects")
-        client = await _start(nursery, open_store(tmp_path), transcript_files=transcripts)
+        client = await _start(nursery, open_store(tmp_path), remove_transcripts=transcripts)
         r = attrs.evolve(record("u", "s"), claude_session_id="now")
         transcripts.make("u", "now")
         await client.save(r)
@@ -338,7 +343,7 @@ async def test_expiry_sweeps_at_start_up_and_every_tenth_of_the_ttl(
             store,
             ttl_s=TTL_S,
             wall_clock=_wall_clock,
-            transcript_files=transcripts,
+            remove_transcripts=transcripts,
         )
 
         async def sessions() -> set[str]:

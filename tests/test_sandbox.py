@@ -16,7 +16,12 @@ from pathlib import Path
 import pytest
 
 from claude_code_api.agent import AgentSpec
-from claude_code_api.sandbox import agent_environment, make_launcher, probe_sandbox
+from claude_code_api.sandbox import (
+    agent_environment,
+    make_launcher,
+    probe_sandbox,
+    remove_conversation_files,
+)
 
 SERVICE_ENV = {
     "PATH": "/usr/bin:/bin",
@@ -238,6 +243,47 @@ def test_a_directory_swapped_for_a_link_while_emptying_deletes_nothing_outside(
     with pytest.raises(OSError):
         launcher.empty_home(spec)
     assert files_of(victim) == before
+
+
+def _conversation(projects: Path, slug: str, claude_id: str) -> None:
+    (projects / slug / claude_id / "tool-results").mkdir(parents=True)
+    (projects / slug / claude_id / "tool-results" / "out.txt").write_text("x")
+    (projects / slug / f"{claude_id}.jsonl").write_text("{}\n")
+
+
+def test_a_conversations_files_are_removed_in_every_slug_and_never_through_a_link(tmp_path):
+    alice = AgentSpec(name="a", home=tmp_path / "alice", ephemeral=False)
+    bob = AgentSpec(name="b", home=tmp_path / "bob", ephemeral=False)
+    alice_projects, bob_projects = alice.config_dir / "projects", bob.config_dir / "projects"
+    for slug in ("-workspace", "-workspace-sub"):
+        _conversation(alice_projects, slug, "gone")
+    _conversation(alice_projects, "-workspace", "kept")
+    _conversation(bob_projects, "-workspace", "gone")  # the same id in Bob's home
+    (alice_projects / "to-bob").symlink_to(bob_projects / "-workspace")
+    (alice_projects / "a-file").write_text("x")
+    before = files_of(bob.home)
+
+    remove_conversation_files(alice.home, "gone")
+    assert sorted(files_of(alice_projects)) == [
+        "-workspace",
+        "-workspace-sub",
+        "-workspace/kept",
+        "-workspace/kept.jsonl",
+        "-workspace/kept/tool-results",
+        "-workspace/kept/tool-results/out.txt",
+        "a-file",
+        "to-bob",
+    ]
+    assert files_of(bob.home) == before
+
+    # Alice's agent made her config dir a link to Bob's: nothing is removed there.
+    shutil.rmtree(alice.config_dir)
+    alice.config_dir.symlink_to(bob.config_dir)
+    with pytest.raises(OSError, match="not a directory"):
+        remove_conversation_files(alice.home, "gone")
+    assert files_of(bob.home) == before
+
+    remove_conversation_files(tmp_path / "nobody", "gone")  # nothing there: fine
 
 
 def test_a_tree_deeper_than_the_recursion_limit_is_refused_by_reset_and_removed_by_cleanup(

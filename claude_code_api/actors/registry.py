@@ -59,7 +59,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import sqlite3
 import time
 import uuid
@@ -736,7 +735,8 @@ RegistryMessage = LoadSession | SaveSession | CreateSession | DeleteSession | Li
 
 HealthCallback = Callable[[str | None], None]
 CountCallback = Callable[[int], None]
-TranscriptFiles = Callable[[str, str], Iterable[Path]]
+# (user_id, claude_session_id): removes that CLI session's transcripts; OSError if it cannot.
+TranscriptRemover = Callable[[str, str], None]
 
 
 # --- the actor --------------------------------------------------------------
@@ -746,7 +746,7 @@ async def serve_registry(
     store: SessionStore,
     inbox: trio.MemoryReceiveChannel[RegistryMessage],
     *,
-    transcript_files: TranscriptFiles | None = None,
+    remove_transcripts: TranscriptRemover | None = None,
     ttl_s: float | None = None,
     on_health: HealthCallback | None = None,
     on_count: CountCallback | None = None,
@@ -770,13 +770,12 @@ async def serve_registry(
     fail. Saves queue up while a previous call runs in a thread, so the busier
     the registry, the larger its batches.
 
-    ``transcript_files(user_id, claude_session_id)`` names the files and
+    ``remove_transcripts(user_id, claude_session_id)`` removes the files and
     directories holding the Claude transcripts of one CLI session. When a
-    record is deleted (a delete request, or expiry) every path for its current
-    and previous CLI session ids is removed, in the worker thread, after the
-    record's deletion is committed. Missing paths are fine; a path that cannot
-    be removed is logged and left (the record is gone either way). None: no
-    transcripts are removed.
+    record is deleted (a delete request, or expiry) it is called for the
+    record's current and previous CLI session ids, in the worker thread, after
+    the record's deletion is committed. What it fails to remove is logged and
+    left (the record is gone either way). None: no transcripts are removed.
 
     ``ttl_s``: sessions whose ``last_activity`` is more than ``ttl_s`` seconds
     before ``wall_clock()`` are deleted with their transcripts, by a sweep that
@@ -806,7 +805,7 @@ async def serve_registry(
     try:
         if ttl_s is not None and not ttl_s > 0:
             raise ValueError(f"ttl_s must be positive or None, not {ttl_s!r}")
-        registry = _Registry(store, inbox, transcript_files, ttl_s, on_health, wall_clock)
+        registry = _Registry(store, inbox, remove_transcripts, ttl_s, on_health, wall_clock)
         registry.on_count = on_count
         await registry.count_records()
         task_status.started()
@@ -840,14 +839,14 @@ class _Registry:
         self,
         store: SessionStore,
         inbox: trio.MemoryReceiveChannel[RegistryMessage],
-        transcript_files: TranscriptFiles | None,
+        remove_transcripts: TranscriptRemover | None,
         ttl_s: float | None,
         on_health: HealthCallback | None,
         wall_clock: Callable[[], float],
     ) -> None:
         self.store = store
         self.inbox = inbox
-        self.transcript_files = transcript_files
+        self.remove_transcripts = remove_transcripts
         self.ttl_s = ttl_s
         self.on_health = on_health
         self.wall_clock = wall_clock
@@ -1020,26 +1019,22 @@ class _Registry:
         return len(records)
 
     def _remove_transcripts(self, records: Iterable[SessionRecord]) -> None:
-        """In the worker thread: remove every transcript path of ``records``; log what fails."""
-        if self.transcript_files is None:
+        """In the worker thread: remove the transcripts of ``records``; log what fails."""
+        if self.remove_transcripts is None:
             return
         for record in records:
             for claude_id in record.all_claude_session_ids:
                 try:
-                    paths = list(self.transcript_files(record.user_id, claude_id))
+                    self.remove_transcripts(record.user_id, claude_id)
+                except OSError as exc:
+                    log.error(
+                        "session registry: could not remove transcripts %s of %s: %s",
+                        claude_id,
+                        record.key,
+                        exc,
+                    )
                 except Exception:
-                    log.exception("session registry: transcript_files(%r) failed", claude_id)
-                    continue
-                for path in paths:
-                    try:
-                        _remove_path(Path(path))
-                    except OSError as exc:
-                        log.error(
-                            "session registry: could not remove transcript %s of %s: %s",
-                            path,
-                            record.key,
-                            exc,
-                        )
+                    log.exception("session registry: removing transcripts %r failed", claude_id)
 
     # --- store calls --------------------------------------------------------
 
@@ -1103,17 +1098,6 @@ def _answer(reply: trio.MemorySendChannel[Any], answer: Any) -> None:
         reply.send_nowait(answer)
     except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the requester went away
-
-
-def _remove_path(path: Path) -> None:
-    """Remove a file, a symlink (not its target) or a directory tree; missing is fine."""
-    try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 # --- the requester's side ---------------------------------------------------
