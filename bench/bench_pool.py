@@ -54,6 +54,7 @@ import httpx  # noqa: E402
 import trio  # noqa: E402
 
 import claude_code_api  # noqa: E402
+from bench import bare_http  # noqa: E402
 from bench.original import (  # noqa: E402
     OURS,
     OriginalBuild,
@@ -81,7 +82,6 @@ from claude_code_api.agent import Agent, AgentSpec  # noqa: E402
 from tests.harness import (  # noqa: E402
     FAKE_CLAUDE,
     RunningService,
-    launch_process,
     launch_service,
     service_agents,
     service_env,
@@ -245,14 +245,7 @@ async def measure_http_floor(service: RunningService, samples: int) -> dict:
 
 async def measure_bare_http(env: dict[str, str], samples: int) -> dict:
     """The same round trips on hypercorn with nothing behind it (bench/bare_http.py)."""
-    async with launch_process(
-        [sys.executable, str(ROOT / "bench" / "bare_http.py")],
-        env,
-        cwd=ROOT,
-        data_dir=Path(env["DATA_DIR"]),
-        url_in=lambda line: line.split()[-1] if line.startswith("listening on ") else None,
-        start_timeout_s=SERVICE_START_TIMEOUT_S,
-    ) as bare:
+    async with bare_http.serving(env, SERVICE_START_TIMEOUT_S) as bare:
         async with httpx.AsyncClient(base_url=bare.url, timeout=HTTP_TIMEOUT_S) as client:
             return await _time_health_and_bad_run(client, samples, bad_run_status=200)
 

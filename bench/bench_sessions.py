@@ -65,6 +65,7 @@ if str(ROOT) not in sys.path:
 import httpx  # noqa: E402
 import trio  # noqa: E402
 
+from bench import bare_http  # noqa: E402
 from bench.original import (  # noqa: E402
     OriginalBuild,
     header_lines,
@@ -240,6 +241,22 @@ async def wait_all_hibernated(
 
 async def live_count(client: httpx.AsyncClient, user: str) -> int:
     return sum(1 for s in await sessions_of(client, user) if s["state"] in LIVE_STATES)
+
+
+async def bare_post_round_trips(env: dict[str, str], samples: int) -> dict[str, float]:
+    """``samples`` session-turn POSTs (after 10) to hypercorn with nothing behind it."""
+    async with bare_http.serving(env) as bare:
+        async with httpx.AsyncClient(base_url=bare.url, timeout=60) as client:
+            times = []
+            for i in range(samples + 10):
+                started = time.perf_counter()
+                response = await client.post(
+                    "/run", json={"prompt": PROMPT, "sessionId": "one-live"}, headers=AUTH["wake"]
+                )
+                if i >= 10:
+                    times.append(time.perf_counter() - started)
+                response.raise_for_status()
+    return dist(times)
 
 
 async def session_turn(
@@ -838,6 +855,14 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
                     f"  live turn p50 {one['p50']:.2f} ms vs direct {base['p50']:.2f} ms: "
                     f"+{over:.2f} ms (target ≤ +2 ms), ratio {one['p50'] / base['p50']:.2f}"
                 )
+                bare = await bare_post_round_trips(env, len(latencies))
+                print(fmt_table("the same POST, bare hypercorn", bare))
+                beyond = over - bare["p50"]
+                print(
+                    f"  of the +{over:.2f} ms, an HTTP round trip on hypercorn with nothing "
+                    f"behind it (bench/bare_http.py) is {bare['p50']:.2f} ms: the service adds "
+                    f"{beyond:+.2f} ms beyond the server and the client"
+                )
                 turns = next(
                     s["turns"] for s in await sessions_of(client, "wake") if s["id"] == "one-live"
                 )
@@ -881,7 +906,8 @@ async def run(args: argparse.Namespace, workdir: Path, run_started: float) -> No
     print(
         f"one live session: p50 {one['p50']:.2f} ms, p99 {one['p99']:.2f} ms | direct SDK turn "
         f"p50 {base['p50']:.2f} ms | overhead p50 +{over:.2f} ms (target ≤ +2 ms) "
-        f"[{'met' if over <= 2 else 'MISSED'}]"
+        f"[{'met' if over <= 2 else 'MISSED'}]; a bare hypercorn round trip "
+        f"{bare['p50']:.2f} ms of it"
     )
     print(
         f"{quiet_verdict(quiet)}; nproc={os.cpu_count()}; "
