@@ -43,6 +43,7 @@ database) and last the reaper.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -160,6 +161,10 @@ class Service:
 
         from .sdk_agent import AgentOptions, SdkAgentFactory  # the SDK's import takes ~1 s
 
+        # What start-up made (modules, classes, the SDK's types: ~100 000 objects) lives as
+        # long as the process: out of the collector's sight, a full collection takes ~1 ms
+        # instead of ~60 ms, paid by whichever requests are in flight when it comes.
+        gc.freeze()
         return SdkAgentFactory(
             plan.launcher,
             AgentOptions(self.settings.model, self.settings.max_output_chars),

@@ -9,8 +9,8 @@ injected as ``1000 + trio.current_time()``.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import shutil
+import sqlite3
 import threading
 from pathlib import Path
 

@@ -98,3 +98,27 @@ def test_a_sandbox_demanded_but_not_available_exits_1_with_one_line(tmp_path):
     errors = [line for line in result.stderr.splitlines() if "claude-code-api:" in line]
     assert len(errors) == 1 and "cannot start" in errors[0], result.stderr
     assert "AGENT_SANDBOX=on" in errors[0] and "bubblewrap" in errors[0], result.stderr
+
+
+def test_what_start_up_made_is_frozen_out_of_the_garbage_collector(tmp_path):
+    # ~100 000 objects (modules, classes, the SDK's types) live as long as the process; a
+    # full collection that scans them pauses every request in flight for ~60 ms.
+    code = (
+        "import gc, os\n"
+        "from claude_code_api.config import load_settings\n"
+        "from claude_code_api.supervisor import Service\n"
+        "service = Service(load_settings(os.environ))\n"
+        "before = gc.get_freeze_count()\n"
+        "service._agent_factory()\n"
+        "print(before, gc.get_freeze_count())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=service_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    before, after = map(int, result.stdout.split())
+    assert before == 0 and after > 50_000
