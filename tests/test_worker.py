@@ -16,7 +16,7 @@ import trio.testing
 
 from claude_code_api.actors import worker as worker_module
 from claude_code_api.actors.stopping import StopSignal
-from claude_code_api.actors.turn import TurnLimits
+from claude_code_api.actors.turn import CutReason, TurnLimits
 from claude_code_api.actors.worker import SHUTTING_DOWN, WorkerConfig, serve_worker
 from claude_code_api.agent import AgentStartError
 from claude_code_api.messages import (
@@ -225,6 +225,39 @@ async def test_a_job_carried_to_a_fresh_agent_is_answered_if_the_worker_is_cance
             assert len(agents.made) == 2  # bob's agent is warming
             worker_nursery.cancel_scope.cancel()
         assert [event async for event in bobs_reply] == [SHUTTING_DOWN]
+
+
+@pytest.mark.parametrize("how", ["cancelled", "timed out"])
+async def test_a_carried_job_ends_while_its_fresh_agent_warms(autojump_clock, nursery, how):
+    # Bob's job waits for a fresh agent (the kept one served alice). A DELETE, or its
+    # deadline, ends it before that agent is warm: it is answered at once, and the
+    # worker warms another agent for whoever comes next.
+    with trio.fail_after(LIMIT):
+        agents = FakeAgents()
+        messages = await start_reusing_worker(nursery, agents)
+        inbox = await ready(messages)
+        job, reply = user_job("alice", "j1")
+        inbox.send_nowait(job)
+        await finish(job, reply, messages)
+        offer = await messages.receive()
+        bobs, bobs_reply = user_job("bob", "j2", timeout_s=agents.start_s / 2)
+        handed_at = trio.current_time()
+        offer.inbox.send_nowait(bobs)
+        if how == "cancelled":
+            await trio.sleep(agents.start_s / 4)
+            bobs.cancellation.cancel(CutReason.CANCELLED)
+        [answer] = [event async for event in bobs_reply]
+        assert isinstance(answer, RunResult) and not answer.success
+        assert answer.cancelled == (how == "cancelled")
+        assert answer.timed_out == (how == "timed out")
+        waited = trio.current_time() - handed_at
+        assert waited == (agents.start_s / 4 if how == "cancelled" else agents.start_s / 2)
+        assert await messages.receive() == WorkerFinished("w", "j2", False)
+        assert await messages.receive() == WorkerStarting("w")
+        assert isinstance(await messages.receive(), WorkerReady)  # a third agent, unbound
+        alices_agent, bobs_agent, next_agent = agents.made
+        assert bobs_agent.events == ["start", "closed (already exited)"]  # cut while starting
+        assert next_agent.events == ["start"]
 
 
 async def test_a_kept_agent_that_exits_before_its_next_offer_is_replaced_at_once(

@@ -13,7 +13,8 @@ the worker may keep its agent for that job's user only — it resets it
 dispatcher *bound* to that user (:class:`Binding`) for ``AGENT_REUSE_S``. The
 dispatcher prefers it for that user's jobs. A job of any other user handed to
 it never runs on that agent: the worker retires it and runs the job on a fresh
-one. When the time is up, after :data:`MAX_REUSES` requests, or after a job
+one; if that job's deadline passes or it is cancelled while the fresh agent
+warms, it is answered then and the warm-up starts over for whoever comes next. When the time is up, after :data:`MAX_REUSES` requests, or after a job
 that failed, timed out, was cancelled or switched the agent's model or
 permission mode, the agent is retired as without reuse. The user's CLAUDE.md
 comes with every one-shot prompt (``Job.memory``), so a kept agent uses the
@@ -46,6 +47,7 @@ import logging
 import math
 import uuid
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import attrs
@@ -123,8 +125,11 @@ async def _work(
             await dispatcher.send(WorkerStarting(worker_id))
         spec = AgentSpec(name=worker_id, home=homes / uuid.uuid4().hex[:12], ephemeral=True)
         agent = new_agent(spec)
+        # A carried job's deadline and cancellation (DELETE, a departed client) cut the
+        # warm-up it waits for: it is answered then, not when the agent is warm.
+        start_scope = trio.CancelScope(deadline=math.inf if carried is None else carried.deadline)
         try:
-            with stop.guard():
+            with _cut_by(carried, start_scope), stop.guard(start_scope), start_scope:
                 await agent.start(config.warmup_timeout_s)
         except AgentStartError as exc:
             if carried is not None:  # answered first: the send below may be cancelled
@@ -138,6 +143,13 @@ async def _work(
         if stop.requested:  # stopped while warming up
             await agent.close(grace=0)
             break
+        if start_scope.cancelled_caught:  # the carried job ended while its agent warmed
+            assert carried is not None
+            ended, carried = carried, None
+            ended.answer(outcome_before_start(ended).terminal)
+            await agent.close(grace=0)
+            await dispatcher.send(WorkerFinished(worker_id, ended.id, False, None))
+            continue  # and warm another, for whoever comes next
         binding: Binding | None = None  # whom the agent serves, once it has served anyone
         try:
             while True:
@@ -289,6 +301,11 @@ async def _run_on_own_agent(
             )
     finally:
         retiring.start_soon(agent.close)
+
+
+def _cut_by(job: Job | None, scope: trio.CancelScope) -> AbstractContextManager[None]:
+    """Within: ``job``'s cancellation cancels ``scope`` (nothing without a job)."""
+    return nullcontext() if job is None else job.cancellation.calling(scope.cancel)
 
 
 async def after_the_reply() -> None:
