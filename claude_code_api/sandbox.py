@@ -373,13 +373,18 @@ def remove_conversation_files(home: Path, claude_session_id: str) -> None:
     :meth:`AgentLauncher.empty_home`, through directory descriptors opened without
     following links: the user's agents can write in ``home`` and may have made
     ``projects`` or a slug a link to somewhere else, where nothing is removed.
-    A missing ``home``, config dir or ``projects`` is fine.
+    The id came from the agent too: one that is not a plain file name (``/``,
+    ``.``, ``..``) is refused. A missing ``home``, config dir or ``projects`` is fine.
 
-    Raises OSError when something cannot be removed, or a directory on the way
-    is a link (nothing under it is removed).
+    Raises OSError when something cannot be removed (after trying everything
+    else), when the id is refused, or when a directory on the way is a link
+    (nothing under it is removed).
     """
+    if not _is_plain_name(claude_session_id):
+        raise OSError(f"{claude_session_id!r} is not a session id: nothing removed")
     names = (f"{claude_session_id}.jsonl", claude_session_id)
     config = AgentSpec(name="", home=home, ephemeral=False).config_dir
+    failures: list[str] = []
     opened: list[int] = []
     try:
         try:
@@ -397,14 +402,27 @@ def remove_conversation_files(home: Path, claude_session_id: str) -> None:
                 slug_fd = _open_directory(slug, dir_fd=projects_fd)
             except (FileNotFoundError, NotADirectoryError):
                 continue  # gone, a file, or a link: nothing of ours under it
+            except OSError as exc:  # unreadable: the other slugs all the same
+                failures.append(f"{slug}: {exc.strerror}")
+                continue
             try:
                 for name in names:
-                    _remove_at(slug_fd, name)
+                    try:
+                        _remove_at(slug_fd, name)
+                    except OSError as exc:
+                        failures.append(f"{slug}/{name}: {exc}")
             finally:
                 os.close(slug_fd)
     finally:
         for fd in opened:
             os.close(fd)
+    if failures:
+        raise OSError("; ".join(failures))
+
+
+def _is_plain_name(name: str) -> bool:
+    """A file name of one path component: no separator, not ``.`` or ``..``, no NUL."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name
 
 
 def remove_tree(path: Path) -> None:

@@ -163,8 +163,11 @@ class Service:
 
         # What start-up made (modules, classes, the SDK's types: ~100 000 objects) lives as
         # long as the process: out of the collector's sight, a full collection takes ~1 ms
-        # instead of ~60 ms, paid by whichever requests are in flight when it comes.
-        gc.freeze()
+        # instead of ~60 ms, paid by whichever requests are in flight when it comes. Once per
+        # process: after a restart of the agent side, what is alive is requests' (and the
+        # garbage the import left, frozen with it, is a bounded one-time cost).
+        if gc.get_freeze_count() == 0:
+            gc.freeze()
         return SdkAgentFactory(
             plan.launcher,
             AgentOptions(self.settings.model, self.settings.max_output_chars),

@@ -327,7 +327,7 @@ async def launch_process(
                 process,
                 Path(piddir) if piddir else None,
                 data_dir,
-                Path(env["FAKE_CLAUDE_HOME"]),
+                Path(env.get("FAKE_CLAUDE_HOME", data_dir)),
                 log,
                 fake_log=Path(fake_log) if fake_log else None,
             )

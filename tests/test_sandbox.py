@@ -286,6 +286,47 @@ def test_a_conversations_files_are_removed_in_every_slug_and_never_through_a_lin
     remove_conversation_files(tmp_path / "nobody", "gone")  # nothing there: fine
 
 
+@pytest.mark.parametrize("claude_id", ["../../../../bob/.claude", ".", "..", "a/b", ""])
+def test_a_session_id_that_is_not_a_plain_name_removes_nothing(tmp_path, claude_id):
+    # The id comes from the agent's own output: it must not lead out of its slug.
+    alice = AgentSpec(name="a", home=tmp_path / "users" / "alice", ephemeral=False)
+    bob = AgentSpec(name="b", home=tmp_path / "users" / "bob", ephemeral=False)
+    _conversation(alice.config_dir / "projects", "-workspace", "kept")
+    _conversation(bob.config_dir / "projects", "-workspace", "kept")
+    before = files_of(tmp_path)
+    with pytest.raises(OSError, match="not a session id"):
+        remove_conversation_files(alice.home, claude_id)
+    assert files_of(tmp_path) == before
+
+
+def test_a_slug_that_cannot_be_emptied_does_not_keep_the_others(tmp_path, monkeypatch):
+    from claude_code_api import sandbox
+
+    alice = AgentSpec(name="a", home=tmp_path / "alice", ephemeral=False)
+    projects = alice.config_dir / "projects"
+    for slug in ("-a", "-b", "-c"):
+        _conversation(projects, slug, "gone")
+    remove_at = sandbox._remove_at
+
+    def failing_in_b(dir_fd: int, name: str) -> None:
+        if os.readlink(f"/proc/self/fd/{dir_fd}").endswith("/-b"):
+            raise PermissionError(13, "Permission denied", name)
+        remove_at(dir_fd, name)
+
+    monkeypatch.setattr(sandbox, "_remove_at", failing_in_b)
+    with pytest.raises(OSError, match="-b/gone.jsonl.*-b/gone:|-b/gone:.*-b/gone.jsonl"):
+        remove_conversation_files(alice.home, "gone")
+    assert sorted(files_of(projects)) == [
+        "-a",
+        "-b",
+        "-b/gone",
+        "-b/gone.jsonl",
+        "-b/gone/tool-results",
+        "-b/gone/tool-results/out.txt",
+        "-c",
+    ]
+
+
 def test_a_tree_deeper_than_the_recursion_limit_is_refused_by_reset_and_removed_by_cleanup(
     tmp_path,
 ):

@@ -147,7 +147,7 @@ async def _work(
             assert carried is not None
             ended, carried = carried, None
             ended.answer(outcome_before_start(ended).terminal)
-            await agent.close(grace=0)
+            retiring.start_soon(agent.close)
             await dispatcher.send(WorkerFinished(worker_id, ended.id, False, None))
             continue  # and warm another, for whoever comes next
         binding: Binding | None = None  # whom the agent serves, once it has served anyone

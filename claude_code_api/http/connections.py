@@ -268,7 +268,8 @@ class HttpConnection(TCPServer):
                 return
         elif self._held_head:
             held, self._held_head = self._held_head, b""
-            await super().protocol_send(RawData(held))
+            with trio.CancelScope(shield=isinstance(event, Closed)):  # as the Closed below
+                await super().protocol_send(RawData(held))
         if isinstance(event, Updated):
             if event.idle:
                 self._table.idle(self)
