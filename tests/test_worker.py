@@ -167,16 +167,22 @@ async def finish(job: Job, reply: trio.MemoryReceiveChannel, messages) -> object
     return events[-1]
 
 
+async def kept_for_alice(nursery: trio.Nursery, agents: FakeAgents):
+    """A reusing worker that ran alice's job "j1": (its messages, its offer bound to alice)."""
+    messages = await start_reusing_worker(nursery, agents)
+    inbox = await ready(messages)
+    job, reply = user_job("alice", "j1")
+    inbox.send_nowait(job)
+    assert isinstance(await finish(job, reply, messages), RunResult)
+    offer = await messages.receive()
+    assert offer.bound_to == "alice"  # no WorkerStarting: the same agent, reset
+    return messages, offer
+
+
 async def test_a_used_agent_is_reset_and_offered_to_its_user_only(autojump_clock, nursery):
     with trio.fail_after(LIMIT):
         agents = FakeAgents()
-        messages = await start_reusing_worker(nursery, agents)
-        inbox = await ready(messages)
-        job, reply = user_job("alice", "j1")
-        inbox.send_nowait(job)
-        assert isinstance(await finish(job, reply, messages), RunResult)
-        offer = await messages.receive()
-        assert offer.bound_to == "alice"  # no WorkerStarting: the same agent, reset
+        messages, offer = await kept_for_alice(nursery, agents)
         second, reply = user_job("alice", "j2", prompt="again")
         offer.inbox.send_nowait(second)
         assert isinstance(await finish(second, reply, messages), RunResult)
@@ -188,13 +194,7 @@ async def test_a_used_agent_is_reset_and_offered_to_its_user_only(autojump_clock
 async def test_another_users_job_runs_on_a_fresh_agent(autojump_clock, nursery):
     with trio.fail_after(LIMIT):
         agents = FakeAgents()
-        messages = await start_reusing_worker(nursery, agents)
-        inbox = await ready(messages)
-        job, reply = user_job("alice", "j1")
-        inbox.send_nowait(job)
-        await finish(job, reply, messages)
-        offer = await messages.receive()
-        assert offer.bound_to == "alice"
+        messages, offer = await kept_for_alice(nursery, agents)
         bobs, reply = user_job("bob", "j2", prompt="bob's")
         offer.inbox.send_nowait(bobs)
         # Still this worker's job for the dispatcher: no WorkerStarting while it warms.
@@ -213,12 +213,7 @@ async def test_a_job_carried_to_a_fresh_agent_is_answered_if_the_worker_is_cance
     with trio.fail_after(LIMIT):
         agents = FakeAgents()
         async with trio.open_nursery() as worker_nursery:
-            messages = await start_reusing_worker(worker_nursery, agents)
-            inbox = await ready(messages)
-            job, reply = user_job("alice", "j1")
-            inbox.send_nowait(job)
-            await finish(job, reply, messages)
-            offer = await messages.receive()
+            messages, offer = await kept_for_alice(worker_nursery, agents)
             bobs, bobs_reply = user_job("bob", "j2")
             offer.inbox.send_nowait(bobs)
             await trio.sleep(agents.start_s / 2)
@@ -234,12 +229,7 @@ async def test_a_carried_job_ends_while_its_fresh_agent_warms(autojump_clock, nu
     # worker warms another agent for whoever comes next.
     with trio.fail_after(LIMIT):
         agents = FakeAgents()
-        messages = await start_reusing_worker(nursery, agents)
-        inbox = await ready(messages)
-        job, reply = user_job("alice", "j1")
-        inbox.send_nowait(job)
-        await finish(job, reply, messages)
-        offer = await messages.receive()
+        messages, offer = await kept_for_alice(nursery, agents)
         bobs, bobs_reply = user_job("bob", "j2", timeout_s=agents.start_s / 2)
         handed_at = trio.current_time()
         offer.inbox.send_nowait(bobs)
