@@ -159,7 +159,7 @@ class Service:
         plan = plan_agents(self.settings, self.environ)
         import trio.testing  # noqa: F401  (for the workers: see worker.after_the_reply)
 
-        from .sdk_agent import AgentOptions, SdkAgentFactory  # the SDK's import takes ~1 s
+        from .sdk_agent import AgentOptions, SdkAgentFactory  # the SDK's import: ~0.6 s
 
         # What start-up made (modules, classes, the SDK's types: ~100 000 objects) lives as
         # long as the process: out of the collector's sight, a full collection takes ~1 ms

@@ -14,9 +14,10 @@ dispatcher *bound* to that user (:class:`Binding`) for ``AGENT_REUSE_S``. The
 dispatcher prefers it for that user's jobs. A job of any other user handed to
 it never runs on that agent: the worker retires it and runs the job on a fresh
 one; if that job's deadline passes or it is cancelled while the fresh agent
-warms, it is answered then and the warm-up starts over for whoever comes next. When the time is up, after :data:`MAX_REUSES` requests, or after a job
-that failed, timed out, was cancelled or switched the agent's model or
-permission mode, the agent is retired as without reuse. The user's CLAUDE.md
+warms, it is answered then and the warm-up starts over for whoever comes next.
+When the time is up, after :data:`MAX_REUSES` requests, or after a job that
+failed, timed out, was cancelled or switched the agent's model or permission
+mode, the agent is retired as without reuse. The user's CLAUDE.md
 comes with every one-shot prompt (``Job.memory``), so a kept agent uses the
 current one.
 
