@@ -1028,7 +1028,7 @@ class _Registry:
                     self.remove_transcripts(record.user_id, claude_id)
                 except OSError as exc:
                     log.error(
-                        "session registry: could not remove transcripts %s of %s: %s",
+                        "session registry: could not remove transcripts %r of %s: %s",
                         claude_id,
                         record.key,
                         exc,
