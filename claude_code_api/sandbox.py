@@ -403,14 +403,14 @@ def remove_conversation_files(home: Path, claude_session_id: str) -> None:
             except (FileNotFoundError, NotADirectoryError):
                 continue  # gone, a file, or a link: nothing of ours under it
             except OSError as exc:  # unreadable: the other slugs all the same
-                failures.append(f"{slug}: {exc.strerror}")
+                failures.append(f"{slug!r}: {exc.strerror}")  # (names are the agents': quoted)
                 continue
             try:
                 for name in names:
                     try:
                         _remove_at(slug_fd, name)
                     except OSError as exc:
-                        failures.append(f"{slug}/{name}: {exc}")
+                        failures.append(f"{slug + '/' + name!r}: {exc.strerror or exc}")
             finally:
                 os.close(slug_fd)
     finally:

@@ -314,7 +314,7 @@ def test_a_slug_that_cannot_be_emptied_does_not_keep_the_others(tmp_path, monkey
         remove_at(dir_fd, name)
 
     monkeypatch.setattr(sandbox, "_remove_at", failing_in_b)
-    with pytest.raises(OSError, match="-b/gone.jsonl.*-b/gone:|-b/gone:.*-b/gone.jsonl"):
+    with pytest.raises(OSError, match="'-b/gone.jsonl'.*'-b/gone'|'-b/gone'.*'-b/gone.jsonl'"):
         remove_conversation_files(alice.home, "gone")
     assert sorted(files_of(projects)) == [
         "-a",
