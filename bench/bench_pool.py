@@ -232,6 +232,17 @@ async def post_run(client: httpx.AsyncClient) -> httpx.Response:
     return await client.post("/run", json={"prompt": PROMPT}, headers=AUTH)
 
 
+async def run_outcome(client: httpx.AsyncClient) -> str:
+    """One ``POST /run``, named: "200 success", "200 failure", the status, or "error <type>"."""
+    try:
+        response = await post_run(client)
+    except httpx.HTTPError as exc:
+        return f"error {type(exc).__name__}"
+    if response.status_code == 200:
+        return "200 success" if response.json().get("success") is True else "200 failure"
+    return str(response.status_code)
+
+
 async def measure_http_floor(service: RunningService, samples: int) -> dict:
     """Round trips that involve no agent: what the HTTP stack alone costs.
 
@@ -312,15 +323,7 @@ async def measure_throughput(
         async def user() -> None:
             while not stop.is_set():
                 started = time.perf_counter()
-                try:
-                    response = await post_run(client)
-                except httpx.HTTPError as exc:
-                    key = f"error {type(exc).__name__}"
-                else:
-                    if response.status_code == 200:
-                        key = "200 success" if response.json().get("success") else "200 failure"
-                    else:
-                        key = str(response.status_code)
+                key = await run_outcome(client)
                 done = time.perf_counter()
                 statuses[key] += 1
                 if window_start <= done < window_end:
@@ -516,16 +519,7 @@ async def vs_throughput(service: RunningService, clients: int, requests: int) ->
                 remaining -= 1
                 while True:
                     started = time.perf_counter()
-                    try:
-                        response = await post_run(client)
-                    except httpx.HTTPError as exc:
-                        key = f"error {type(exc).__name__}"
-                    else:
-                        if response.status_code == 200:
-                            ok = response.json().get("success") is True
-                            key = "200 success" if ok else "200 failure"
-                        else:
-                            key = str(response.status_code)
+                    key = await run_outcome(client)
                     if key != "429":
                         break
                     outcomes["429 (retried)"] += 1
