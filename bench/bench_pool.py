@@ -58,6 +58,7 @@ from bench import bare_http  # noqa: E402
 from bench.original import (  # noqa: E402
     OURS,
     OriginalBuild,
+    add_side_by_side_arguments,
     header_lines,
     launch,
     prepare,
@@ -385,19 +386,7 @@ def parse_args() -> argparse.Namespace:
         help="interpreter that runs the fake CLI (default: `python3` on PATH, as the tests do); "
         "put first on PATH as `python3` for the direct SDK calls and the service alike",
     )
-    vs = parser.add_argument_group("side by side with the original (--original)")
-    vs.add_argument(
-        "--original",
-        action="store_true",
-        help="measure ours and exitxio/claude-code-api side by side instead (bench/original.py)",
-    )
-    vs.add_argument(
-        "--original-repo",
-        type=Path,
-        metavar="PATH",
-        help="a git repository of the original (default: $ORIGINAL_REPO, else the mirror)",
-    )
-    vs.add_argument("--vs-rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    vs = add_side_by_side_arguments(parser)
     vs.add_argument(
         "--vs-pool-sizes",
         default="2,4",

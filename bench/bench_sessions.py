@@ -68,6 +68,7 @@ import trio  # noqa: E402
 from bench import bare_http  # noqa: E402
 from bench.original import (  # noqa: E402
     OriginalBuild,
+    add_side_by_side_arguments,
     header_lines,
     launch,
     prepare,
@@ -342,19 +343,7 @@ def parse_args() -> argparse.Namespace:
         help="seconds of sequential turns on one live session (default 10)",
     )
     parser.add_argument("--max-live", type=int, default=4, help="MAX_LIVE_SESSIONS (default 4)")
-    vs = parser.add_argument_group("side by side with the original (--original)")
-    vs.add_argument(
-        "--original",
-        action="store_true",
-        help="measure ours and exitxio/claude-code-api side by side instead (bench/original.py)",
-    )
-    vs.add_argument(
-        "--original-repo",
-        type=Path,
-        metavar="PATH",
-        help="a git repository of the original (default: $ORIGINAL_REPO, else the mirror)",
-    )
-    vs.add_argument("--vs-rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    vs = add_side_by_side_arguments(parser)
     vs.add_argument(
         "--vs-sessions",
         type=int,

@@ -36,6 +36,7 @@ How the original runs here, and how that differs from its image:
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -243,6 +244,24 @@ def launch(
         return launch_service(env, start_timeout_s=start_timeout_s, log_lines=2000)
     assert build is not None
     return launch_original(build, env, workdir / "original-cwd", start_timeout_s=start_timeout_s)
+
+
+def add_side_by_side_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """``--original``, ``--original-repo`` and ``--vs-rounds``, in a group a benchmark adds to."""
+    vs = parser.add_argument_group("side by side with the original (--original)")
+    vs.add_argument(
+        "--original",
+        action="store_true",
+        help="measure ours and exitxio/claude-code-api side by side instead (bench/original.py)",
+    )
+    vs.add_argument(
+        "--original-repo",
+        type=Path,
+        metavar="PATH",
+        help="a git repository of the original (default: $ORIGINAL_REPO, else the mirror)",
+    )
+    vs.add_argument("--vs-rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    return vs
 
 
 def round_orders(rounds: int, sides: list[str]) -> list[list[str]]:
