@@ -27,6 +27,7 @@ As root it sets ``IS_SANDBOX=1`` (the CLI refuses bypassPermissions otherwise).
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import statistics
 import sys
@@ -143,11 +144,21 @@ async def start_up(env: dict[str, str]) -> tuple[float, float]:
     return first, ready
 
 
-async def throughput(env: dict[str, str], clients: int, duration: float) -> tuple[int, int, float]:
-    ok = failed = 0
+def first_api_key(env: dict[str, str]) -> str:
+    """The key of the first ``user:key`` (or bare key) in the service's ``API_KEYS``."""
+    first = env["API_KEYS"].split(",")[0]
+    return first.rpartition(":")[2]
+
+
+async def throughput(
+    env: dict[str, str], clients: int, duration: float
+) -> tuple[int, collections.Counter[str], float]:
+    """One user's one-shots from ``clients`` clients: (successes, failures by kind, wall s)."""
+    ok = 0
+    failed: collections.Counter[str] = collections.Counter()
     async with launch_service(env, start_timeout_s=60) as service:
         async with httpx.AsyncClient(
-            base_url=service.url, timeout=120, headers={"x-api-key": "sk-test-key"}
+            base_url=service.url, timeout=120, headers={"x-api-key": first_api_key(env)}
         ) as client:
             while (await client.get("/health")).json()["workers"]["ready"] < 1:
                 await trio.sleep(0.1)
@@ -160,7 +171,8 @@ async def throughput(env: dict[str, str], clients: int, duration: float) -> tupl
                     if reply.status_code == 200 and reply.json().get("success"):
                         ok += 1
                     else:
-                        failed += 1
+                        error = reply.json().get("error") if reply.content else None
+                        failed[f"{reply.status_code} {str(error)[:60]}"] += 1
 
             started = time.perf_counter()
             async with trio.open_nursery() as nursery:
@@ -229,9 +241,19 @@ async def main(args: argparse.Namespace) -> None:
             meter = QuietMeter()
             ok, failed, wall = await throughput(env, args.clients, args.duration)
             bound = args.pool_size / warm_up
-            print(f"  achieved   {ok / wall:6.2f} req/s ({ok} ok, {failed} failed in {wall:.1f} s)")
+            print(
+                f"  achieved   {ok / wall:6.2f} req/s ({ok} ok, {sum(failed.values())} failed"
+                f" in {wall:.1f} s)"
+            )
+            for kind, count in failed.most_common():
+                print(f"    failed: {count} x {kind}")
+            # One user's requests: the service keeps their agent (AGENT_REUSE_S) and clears it.
+            reuse_cpu = results["reuse"][1] / args.requests
+            print(f"  reuse CPU bound {ncpu} CPUs / reuse CPU = {ncpu / reuse_cpu:.2f} req/s")
             print(f"  recycle bound POOL_SIZE / warm-up wall = {bound:.2f} req/s")
             print(f"  CPU bound   {ncpu} CPUs / warm-up CPU  = {ncpu / cpu:.2f} req/s")
+            if not ok:
+                raise SystemExit("no request through the service succeeded: see the failures above")
             line, share = meter.report()
             print(line)
             shares.append(share)
