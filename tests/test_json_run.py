@@ -177,6 +177,21 @@ async def test_a_json_run_is_submitted_and_answered_with_its_run_id():
     reply = exchange.json()
     assert (reply["success"], reply["output"], reply["runId"]) == (True, "hello", job.id)
     assert reply["sessionId"] == "s1"
+    # As README's "Result metadata" has them: the original's four fields first, then ours.
+    assert list(reply) == [
+        "success",
+        "output",
+        "durationMs",
+        "timedOut",
+        "runId",
+        "sessionId",
+        "claudeSessionId",
+        "model",
+        "costUsd",
+        "usage",
+        "numTurns",
+        "queuedMs",
+    ]
 
 
 async def test_a_refused_run_says_when_to_retry():
