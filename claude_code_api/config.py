@@ -596,7 +596,8 @@ class Settings:
         "SESSION_TTL_MS",
         Duration("ms", 0, 3650 * DAY_MS, zero_is_never=True),
         "2592000000",
-        "a session not used for this long is deleted with its transcripts",
+        "a session not used for this long is deleted with its transcripts; must exceed"
+        " `SESSION_IDLE_MS` + `MAX_TIMEOUT_MS` (so no live session expires)",
     )
     restart_backoff_max_s: float = setting(
         "RESTART_BACKOFF_MAX_MS",

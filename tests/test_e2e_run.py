@@ -69,8 +69,8 @@ async def test_readme_curl_examples(service):
             assert body["output"] == "echo: What is 2+2?"
             assert body["timedOut"] is False
             assert isinstance(body["durationMs"], int) and body["durationMs"] >= 0
-            # The original's fields, then the metadata this service adds.
-            assert set(body) == {"success", "output", "durationMs", "timedOut"} | {
+            # The original's fields, then the metadata this service adds, in that order.
+            assert list(body) == ["success", "output", "durationMs", "timedOut"] + [
                 "runId",
                 "claudeSessionId",
                 "model",
@@ -78,7 +78,7 @@ async def test_readme_curl_examples(service):
                 "usage",
                 "numTurns",
                 "queuedMs",
-            }
+            ]
             assert reply.headers["x-run-id"] == body["runId"]
 
             bearer = await client.post(
@@ -194,6 +194,8 @@ async def test_auth_and_bad_input_get_json_errors(service):
                 assert reply.status_code == status, (status, reply.text)
                 assert reply.headers["content-type"].startswith("application/json")
                 assert fragment in reply.json()["error"], reply.text
+            # The OpenAPI document: a 405 names the methods the route serves.
+            assert (await client.get("/run")).headers["allow"] == "OPTIONS, POST"
         assert "Traceback" not in service.log_text()
 
 

@@ -23,7 +23,7 @@ from quart import Quart, jsonify
 from claude_code_api.config import load_settings
 from claude_code_api.http.app import serve_health_first
 from claude_code_api.http.jobs import CLIENT_GONE
-from claude_code_api.http.json_run import json_bytes, serve_json_runs
+from claude_code_api.http.json_run import BODY_TIMEOUT_S, json_bytes, serve_json_runs
 from claude_code_api.http.requests import OptionCeiling
 from claude_code_api.messages import (
     DispatcherMessage,
@@ -177,6 +177,21 @@ async def test_a_json_run_is_submitted_and_answered_with_its_run_id():
     reply = exchange.json()
     assert (reply["success"], reply["output"], reply["runId"]) == (True, "hello", job.id)
     assert reply["sessionId"] == "s1"
+    # As README's "Result metadata" has them: the original's four fields first, then ours.
+    assert list(reply) == [
+        "success",
+        "output",
+        "durationMs",
+        "timedOut",
+        "runId",
+        "sessionId",
+        "claudeSessionId",
+        "model",
+        "costUsd",
+        "usage",
+        "numTurns",
+        "queuedMs",
+    ]
 
 
 async def test_a_refused_run_says_when_to_retry():
@@ -229,6 +244,19 @@ async def test_bad_requests_are_json_errors_and_close_when_the_body_was_left(
     assert exchange.status == status
     assert isinstance(exchange.json()["error"], str)
     assert (exchange.headers.get(b"connection") == b"close") is closes
+    assert behind.calls == []
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_a_408_json_error(autojump_clock):
+    # README and the OpenAPI document: a body not received within 60 s is a 408.
+    exchange = post_run({"prompt": "hi"})
+    exchange.incoming[0]["more_body"] = True  # ... and the rest never comes
+    app, behind = layer()
+    with trio.fail_after(BODY_TIMEOUT_S + 1):
+        await app(exchange.scope, exchange.receive, exchange.send)
+    assert trio.current_time() == pytest.approx(BODY_TIMEOUT_S)
+    assert exchange.status == 408
+    assert exchange.json() == {"error": "Request body not received within 60 s"}
     assert behind.calls == []
 
 

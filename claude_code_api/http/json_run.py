@@ -46,9 +46,11 @@ AsgiApp = Callable[[Any, Any, Any], Awaitable[None]]
 BODY_TIMEOUT_S = 60.0
 
 
-def json_bytes(value: Any) -> bytes:
-    """JSON as Quart's ``jsonify`` writes it: sorted keys, compact, ASCII, a final newline."""
-    return (json.dumps(value, sort_keys=True, separators=(",", ":")) + "\n").encode()
+def json_bytes(value: Any, *, sort_keys: bool = True) -> bytes:
+    """JSON as Quart's ``jsonify`` writes it: sorted keys, compact, ASCII, a final newline.
+
+    ``sort_keys=False`` keeps the keys in their order (a run's result: see README)."""
+    return (json.dumps(value, sort_keys=sort_keys, separators=(",", ":")) + "\n").encode()
 
 
 def serve_json_runs(
@@ -140,7 +142,10 @@ async def _reply_with(request: _Request, finished: Finished, job: Job) -> None:
         await request.reply(terminal.status, body, encoded)
     else:
         run_id = [(b"x-run-id", job.id.encode())]
-        await request.reply(200, result_body(terminal, finished, job), run_id)
+        # In the documented order, the original's four fields first (as a stream's
+        # `result` event has them), not sorted as the other replies are.
+        body = result_body(terminal, finished, job)
+        await request.reply(200, body, run_id, sort_keys=False)
 
 
 class _ClientGone(Exception):
@@ -204,9 +209,14 @@ class _Request:
         return b"".join(chunks)
 
     async def reply(
-        self, status: int, body: Any, headers: list[tuple[bytes, bytes]] | None = None
+        self,
+        status: int,
+        body: Any,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        *,
+        sort_keys: bool = True,
     ) -> None:
-        payload = json_bytes(body)
+        payload = json_bytes(body, sort_keys=sort_keys)
         all_headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(payload)).encode()),

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..config import Settings
 from ..user_memory import MAX_SAVED_BYTES
+from .json_run import BODY_TIMEOUT_S
 from .requests import (
     CODE_PATTERN,
     MAX_BUDGET_USD,
@@ -106,6 +107,7 @@ _RESPONSE_NAMES = {
     401: "Unauthorized",
     403: "Forbidden",
     404: "NotFound",
+    408: "RequestTimeout",
     413: "PayloadTooLarge",
     415: "UnsupportedMediaType",
     429: "TooManyRequests",
@@ -465,6 +467,10 @@ def _responses() -> dict[str, Any]:
         "Unauthorized": _error("No credentials, or an invalid key or expired token"),
         "Forbidden": _error("The caller may not do this (not in AUTH_ADMINS)"),
         "NotFound": _error("No such route, or none of the caller's"),
+        "RequestTimeout": _error(
+            f"The request body did not arrive within {BODY_TIMEOUT_S:g} s (the connection is"
+            " closed)"
+        ),
         "PayloadTooLarge": _error("The body is over 1 MiB (or a field over its own bound)"),
         "UnsupportedMediaType": _error("A Content-Type that is not JSON"),
         "TooManyRequests": _error(
@@ -539,7 +545,7 @@ RUN_LINKS = {
 
 
 def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
-    body_errors = (400, 401, 413, 415)
+    body_errors = (400, 401, 408, 413, 415)
     run_id_header = {
         "X-Run-Id": {"description": "the run's id", "schema": {"type": "string"}},
     }
