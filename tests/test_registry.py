@@ -287,6 +287,8 @@ async def test_create_bounds_sessions_per_user(tmp_path):
             # Saving an existing session never counts against the bound.
             store.save(attrs.evolve(record("u", "b"), turns=1))
             assert store.count() == 3
+            with pytest.raises(TooManySessions, match="already has 1 session, the most"):
+                store.create(record("other", "b"), 1)
         finally:
             store.close()
 

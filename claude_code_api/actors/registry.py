@@ -227,7 +227,8 @@ class TooManySessions(Exception):
     """
 
     def __init__(self, user_id: str, limit: int):
-        super().__init__(f"user {user_id!r} already has {limit} sessions, the most allowed")
+        sessions = "session" if limit == 1 else "sessions"
+        super().__init__(f"user {user_id!r} already has {limit} {sessions}, the most allowed")
         self.user_id = user_id
         self.limit = limit
 
