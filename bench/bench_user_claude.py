@@ -3,7 +3,7 @@
 
 Prints figures; it is not a test. Everything runs on 127.0.0.1 against the fake
 CLI ``tests/fake_claude.py``; no network, no Claude credentials. The service is
-the real one (``python -m claude_code_api``, PORT=0, POOL_SIZE=1).
+the real one (``python -m claude_code_api``, PORT=0, POOL_SIZE=1, AGENT_REUSE_S=0).
 
     .venv/bin/python bench/bench_user_claude.py          # defaults: about a minute
     .venv/bin/python bench/bench_user_claude.py --help
@@ -79,7 +79,14 @@ async def service_latency(args: argparse.Namespace, workdir: Path, shares: list[
     section("1. POST /run (one-shot), one at a time, worker warm before each request")
     env = service_env(
         workdir,
-        {"API_KEYS": ",".join(f"{u}:{k}" for u, k in KEYS.items()), "QUEUE_MAX": "10"},
+        {
+            "API_KEYS": ",".join(f"{u}:{k}" for u, k in KEYS.items()),
+            "QUEUE_MAX": "10",
+            # A fresh agent for every request. With reuse on, the ready agent is kept for
+            # the previous user, so each request (the users alternate) would wait for a
+            # cold start: the figure would be the warm-up, not the CLAUDE.md's cost.
+            "AGENT_REUSE_S": "0",
+        },
         record_pids=False,
     )
     contents = {
