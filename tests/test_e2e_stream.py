@@ -136,6 +136,23 @@ async def test_a_crashed_agent_is_an_error_event_and_nothing_follows(service):
             assert (await client.post("/run", headers=AUTH, json={"prompt": "x"})).json()["success"]
 
 
+async def test_text_with_a_lone_surrogate_streams_to_its_result(service):
+    # JSON lets a string hold half a surrogate pair ("\ud83d"); the real CLI's output
+    # may too (a JavaScript string cut between the halves of an emoji). A frame that
+    # could not be encoded ended the stream with neither a result nor an error event.
+    with trio.fail_after(60):
+        async with service.client() as client:
+            prompt = "half an emoji: \ud83d"
+            # (json.dumps escapes it; httpx's json= would fail to encode it as UTF-8.)
+            body = json.dumps({"prompt": prompt, "stream": True}).encode()
+            async with client.stream("POST", "/run", headers=AUTH, content=body) as response:
+                assert response.status_code == 200
+                events = await sse.read_all(response)
+            assert [e.name for e in events] == ["queued", "started", "text", "result"]
+            assert events[-1].data["output"] == f"echo: {prompt}"
+            assert events[-2].data == {"text": f"echo: {prompt}"}
+
+
 async def test_tool_calls_stream_as_tool_use_and_tool_result(service):
     with trio.fail_after(60):
         async with service.client() as client:

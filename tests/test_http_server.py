@@ -7,10 +7,12 @@ clock: hypercorn's timers and the kernel's sockets run on it.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import httpx
 import pytest
 import trio
 from hypercorn.config import Config
@@ -285,6 +287,30 @@ async def test_health_while_refusing_still_says_stopping():
             response = await connection.response()
             assert response.status == 503
             assert response.json() == {"status": "stopping", "error": "service is shutting down"}
+
+
+async def test_a_connection_that_breaks_hypercorn_ends_alone():
+    """An exception in one connection's protocol handling ends that connection only.
+
+    The trigger is hypercorn's own (0.18): over HTTP/2, body data arriving for a
+    request already answered (here: the app answers without reading a 1 MB body)
+    raises ``KeyError`` out of its protocol. Reaching the server's nursery, it
+    cancelled every other connection (requests in progress lost their answers) and
+    restarted the server; a few such requests a second stopped the service.
+    """
+    with trio.fail_after(10):
+        async with serving() as (_server, url, gate):
+            busy = await RawConnection.open(url)
+            await busy.request("GET", "/slow")
+            await wait_for(lambda: gate.waiting == 1)
+            async with httpx.AsyncClient(http1=False, http2=True) as h2_client:
+                with contextlib.suppress(httpx.TransportError):
+                    await h2_client.post(f"{url}/", content=b"x" * 1_000_000)
+            gate.open.set()
+            answer = await busy.response()
+            assert answer is not None and answer.status == 200
+            _connection, status = await get(url)
+            assert status == 200
 
 
 async def test_stop_closes_idle_connections_at_once_and_lets_busy_ones_finish():

@@ -107,6 +107,14 @@ async def test_every_event_is_a_frame_with_a_unique_id_and_nothing_follows_the_r
         assert finished.terminal.output == "done" and finished.started_at == 2.5
 
 
+def test_a_frame_escapes_a_lone_surrogate_as_json_does():
+    # Valid UTF-8 on the wire; the client's JSON parser reads back the same string.
+    text = "a\ud800b \U0001f600"
+    chunk = streaming.frame(7, "text", {"text": text})
+    assert chunk == 'id: 7\nevent: text\ndata: {"text":"a\\ud800b \U0001f600"}\n\n'.encode()
+    assert parse([chunk]) == [("7", "text", {"text": text})]
+
+
 async def test_events_waiting_together_go_out_in_one_write(autojump_clock, monkeypatch):
     # A stream that fell behind catches up in one send per batch, not one per event.
     monkeypatch.setattr(streaming, "MAX_BATCH", 4)

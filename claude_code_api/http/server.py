@@ -83,7 +83,8 @@ class HttpServer:
     without touching the app or the actors behind it, which may already have stopped.
 
     Error handling: a failure to bind raises from ``serve`` before ``started``;
-    ``accept`` failing for want of descriptors is logged and retried.
+    ``accept`` failing for want of descriptors is logged and retried; a connection
+    whose handling fails is logged and closed, the others go on.
     """
 
     def __init__(
@@ -151,6 +152,12 @@ class HttpServer:
                         stream,
                     )
                     await connection.serve()
+                except Exception:
+                    # A failure inside hypercorn's handling of one connection (e.g. its
+                    # HTTP/2 code's KeyError on data for a stream already answered) must
+                    # not reach the shared nursery: it would cancel every other
+                    # connection, and the server's restarts would soon stop the service.
+                    log.exception("connection failed inside the HTTP server; closed")
                 finally:
                     self.connections.release()
 

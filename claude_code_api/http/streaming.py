@@ -104,9 +104,14 @@ def tool_summary(tool_input: dict[str, Any]) -> str:
 
 
 def frame(event_id: int, name: str, data: dict[str, Any]) -> bytes:
-    """One SSE event. ``json.dumps`` writes no newline, so ``data:`` is one line."""
+    """One SSE event. ``json.dumps`` writes no newline, so ``data:`` is one line.
+
+    A lone surrogate (JSON lets a string hold one, and agents' text may: half an
+    emoji) has no UTF-8 form: it goes out as its JSON escape ``\\udXXX``, which
+    only ever occurs inside a JSON string here, as a JSON reply writes it.
+    """
     payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"id: {event_id}\nevent: {name}\ndata: {payload}\n\n".encode()
+    return f"id: {event_id}\nevent: {name}\ndata: {payload}\n\n".encode("utf-8", "backslashreplace")
 
 
 def event_data(event: ReplyEvent, job: Job) -> tuple[str, dict[str, Any]] | None:
