@@ -18,6 +18,8 @@ import trio
 from hypercorn.config import Config
 from hypercorn.logging import AccessLogAtoms
 from hypercorn.trio import serve
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
 from quart_trio import QuartTrio
 
 from claude_code_api.http import connections
@@ -68,6 +70,16 @@ def make_app(gate: Gate) -> QuartTrio:
             yield b"late"
 
         return chunks(), {"Content-Type": "text/plain"}
+
+    @app.get("/closing-stream")
+    async def closing_stream() -> tuple[object, dict[str, str]]:
+        gate.requests += 1
+
+        async def chunks() -> AsyncIterator[bytes]:
+            await gate.open.wait()
+            yield b"late"
+
+        return chunks(), {"Content-Type": "text/plain", "Connection": "close"}
 
     return app
 
@@ -181,6 +193,81 @@ async def test_a_response_with_connection_close_closes_the_connection():
             response = await connection.response()
             assert response.body == b"bye" and response.closes
             await connection.wait_closed()
+
+
+async def test_a_request_pipelined_behind_a_closing_response_does_not_cut_it_off():
+    """RFC 9112 §9.6: after ``Connection: close`` no further request is processed.
+
+    Found by the input audit: hypercorn fed the pipelined request to h11, which
+    refused it ("expecting EOF"), and closed the connection at once, while the
+    closing response was still being written: its body (there, a 401) was lost.
+    """
+    with trio.fail_after(10):
+        async with serving() as (_server, url, gate):
+            connection = await RawConnection.open(url)
+            await connection.request("GET", "/closing-stream")
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += await connection.stream.receive_some(65536)
+            await connection.request("GET", "/")  # pipelined behind the closing response
+            await trio.sleep(0.2)  # read by the server while the body is still to come
+            gate.open.set()
+            while data := await connection.stream.receive_some(65536):
+                received += data
+            await connection.aclose()
+    assert received.endswith(b"\r\n\r\n4\r\nlate\r\n0\r\n\r\n"), received
+    assert received.count(b"HTTP/1.1 ") == 1 and gate.requests == 1
+
+
+@asynccontextmanager
+async def bare_connection() -> AsyncIterator[tuple[connections.HttpConnection, trio.SocketStream]]:
+    """An HttpConnection on one end of a socket pair (no app behind it), and the other end."""
+    ours, theirs = trio.socket.socketpair()
+    stream, peer = trio.SocketStream(ours), trio.SocketStream(theirs)
+    connection = connections.HttpConnection(
+        connections.ConnectionTable(4),
+        None,  # type: ignore[arg-type]
+        Config(),
+        WorkerContext(None),
+        ConnectionState({}),
+        stream,
+    )
+    async with stream, peer:
+        yield connection, peer
+
+
+async def test_closing_a_connection_waits_for_the_write_in_progress():
+    # Hypercorn half-closed the socket without its send lock: from the read loop,
+    # that overlapped a response being written, which then failed (BusyResourceError).
+    with trio.fail_after(10):
+        async with bare_connection() as (connection, peer), trio.open_nursery() as nursery:
+            async with connection.send_lock:  # a response is being written
+                nursery.start_soon(connection._close)
+                with trio.move_on_after(0.2) as waited:
+                    await peer.receive_some(100)  # no end of stream yet
+                assert waited.cancelled_caught
+                await connection.stream.send_all(b"the rest of the response")
+            received = b""
+            while data := await peer.receive_some(100):
+                received += data
+            assert received == b"the rest of the response"
+
+
+async def test_closing_does_not_wait_for_a_write_that_cannot_finish(monkeypatch):
+    # A client that reads nothing: the socket is closed under the stuck write.
+    monkeypatch.setattr(connections, "CLOSE_WAITS_FOR_WRITE_S", 0.2)
+    with trio.fail_after(10):
+        async with bare_connection() as (connection, peer), trio.open_nursery() as nursery:
+
+            async def stuck_write() -> None:
+                async with connection.send_lock:
+                    await trio.sleep_forever()
+
+            nursery.start_soon(stuck_write)
+            await wait_for(connection.send_lock.locked)
+            await connection._close()
+            assert await peer.receive_some(100) == b""
+            nursery.cancel_scope.cancel()
 
 
 async def test_a_full_table_closes_the_longest_idle_connection_for_a_newcomer():

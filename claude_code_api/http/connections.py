@@ -1,7 +1,7 @@
 """Open HTTP connections: how many there may be, and which are idle.
 
 Hypercorn serves each connection with a :class:`~hypercorn.trio.tcp_server.TCPServer`;
-:class:`HttpConnection` is that server with two adaptations, and
+:class:`HttpConnection` is that server with a few adaptations, and
 :class:`ConnectionTable` bounds how many are open at once.
 
 Why hypercorn's bookkeeping is replaced or shielded: hypercorn does the work
@@ -30,6 +30,11 @@ a connection that should close would stay open, both forever. Hence:
   with a declared length here sends its body right after its head. One system
   call and one scheduler round less per response, and the client reads one
   segment instead of two. Streams (no length: chunked) and 1xx heads go out at once.
+* once the request or its response said ``Connection: close``, what the client
+  sends next (pipelined requests) is dropped, not fed to h11: it refuses it, and
+  hypercorn then closed the connection under the response still being written.
+* closing waits (boundedly) for a write in progress: hypercorn half-closes the
+  socket outside its send lock, and a write it overlapped failed.
 
 Why a bound: every connection is a file descriptor, and the service needs
 descriptors for its agents' pipes and its database. When the table is full and
@@ -47,10 +52,11 @@ import resource
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import h11
 import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState
 
@@ -66,6 +72,8 @@ FDS_PER_AGENT = 8
 MAX_CONNECTIONS = 4096
 # Below this the service could hardly be reached; run it with a higher `ulimit -n`.
 MIN_CONNECTIONS = 16
+# How long closing a connection waits for a response being written (HttpConnection._close).
+CLOSE_WAITS_FOR_WRITE_S = 5.0
 
 
 def connection_limit(agent_processes: int) -> int:
@@ -248,12 +256,57 @@ class HttpConnection(TCPServer):
         self._scope.cancel()
 
     async def _read_data(self) -> None:
+        """Hypercorn's read loop, except that data after a closing request is dropped."""
         try:
-            await super()._read_data()
+            while True:
+                try:
+                    with trio.fail_after(self.config.read_timeout or math.inf):
+                        data = await self.stream.receive_some(MAX_RECV)
+                except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
+                    break
+                if data and self._closes_after_this_response():
+                    continue
+                await self.protocol.handle(RawData(bytes(data)))
+                if not data:
+                    break
+            await self.protocol.handle(Closed())
         finally:
             # Nothing more will arrive: nothing to time out. (Hypercorn's timer
             # would keep the connection's task, and its slot, for the timeout.)
             self.idle_task.end()
+
+    def _closes_after_this_response(self) -> bool:
+        """Whether the connection ends once the response in progress is sent.
+
+        The response (or its request) said ``Connection: close``: RFC 9112 §9.6, the
+        server processes no further request on the connection. A client that pipelined
+        more requests behind it sends data h11 refuses ("expecting EOF"); fed to it, that
+        makes hypercorn close the connection at once, cutting off the response still
+        being written (which was lost). It is dropped instead: the response completes,
+        then the connection closes, and the client sends those requests again elsewhere.
+        """
+        protocol = getattr(self.protocol, "protocol", None)  # hypercorn's HTTP/1.1 protocol
+        connection = getattr(protocol, "connection", None)
+        return isinstance(connection, h11.Connection) and connection.their_state in (
+            h11.MUST_CLOSE,
+            h11.CLOSED,
+        )
+
+    async def _close(self) -> None:
+        """Half-close and close the socket, after the write in progress (if any).
+
+        Hypercorn's ``_close`` sends the end of the stream without its send lock, so
+        from the read loop (a request that broke the protocol) it could overlap the
+        response another task is writing: that write failed with BusyResourceError and
+        the response was lost. A write that cannot finish (a client that reads nothing)
+        is not waited for longer than :data:`CLOSE_WAITS_FOR_WRITE_S`: the socket is
+        then closed under it.
+        """
+        with trio.move_on_after(CLOSE_WAITS_FOR_WRITE_S):
+            async with self.send_lock:
+                await super()._close()
+                return
+        await self.stream.aclose()
 
     async def protocol_send(self, event: Event) -> None:
         if isinstance(event, RawData):
