@@ -219,6 +219,39 @@ async def test_a_request_pipelined_behind_a_closing_response_does_not_cut_it_off
     assert received.count(b"HTTP/1.1 ") == 1 and gate.requests == 1
 
 
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "error"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: t\r\nX-Bad: a\x00b\r\n\r\n", 400, "malformed HTTP request"),
+        (
+            b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+            400,
+            "malformed HTTP request",
+        ),
+        # Over h11's 16 KiB for an incomplete head, in one read (nothing left unread
+        # to make the close a reset).
+        (b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 20_000, 431, None),
+        (b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n", 501, None),
+    ],
+    ids=["nul-in-header", "two-lengths", "huge-header", "unknown-coding"],
+)
+async def test_a_request_h11_refuses_is_answered_in_json_and_closed(request_bytes, status, error):
+    # Hypercorn answers these itself, before any app: its reply had an empty body.
+    with trio.fail_after(10):
+        async with serving() as (_server, url, gate):
+            connection = await RawConnection.open(url)
+            await connection.send(request_bytes)
+            response = await connection.response()
+            assert response is not None and response.status == status
+            assert response.headers["content-type"] == "application/json" and response.closes
+            assert set(response.json()) == {"error"} and response.body.endswith(b"}\n")
+            if error is not None:
+                assert response.json()["error"] == error
+            await connection.wait_closed()
+            await connection.aclose()
+            assert gate.requests == 0
+
+
 @asynccontextmanager
 async def bare_connection() -> AsyncIterator[tuple[connections.HttpConnection, trio.SocketStream]]:
     """An HttpConnection on one end of a socket pair (no app behind it), and the other end."""

@@ -35,6 +35,8 @@ a connection that should close would stay open, both forever. Hence:
   hypercorn then closed the connection under the response still being written.
 * closing waits (boundedly) for a write in progress: hypercorn half-closes the
   socket outside its send lock, and a write it overlapped failed.
+* a request h11 cannot parse is answered with a JSON body, as every other error
+  (hypercorn's answer has none).
 
 Why a bound: every connection is a file descriptor, and the service needs
 descriptors for its agents' pipes and its database. When the table is full and
@@ -46,16 +48,20 @@ connections wait in the listen backlog until one ends.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import math
 import resource
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from typing import Any
 
 import h11
 import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState
@@ -205,6 +211,37 @@ class IdleTimer:
                 await self._close()
 
 
+# What a request h11 cannot parse is answered (by hypercorn, before any app sees it).
+PROTOCOL_ERRORS = {
+    400: "malformed HTTP request",
+    431: "request header fields too large",
+    501: "unsupported Transfer-Encoding",
+}
+
+
+async def _send_json_protocol_error(protocol: H11Protocol, status_code: int) -> None:
+    """Hypercorn's answer to a request h11 refuses, with a JSON body instead of none.
+
+    Stands in for ``H11Protocol._send_error_response`` (same headers: a length and
+    ``Connection: close``): every error the service gives is ``{"error": ...}``.
+    """
+    try:
+        reason = PROTOCOL_ERRORS.get(status_code) or HTTPStatus(status_code).phrase
+    except ValueError:
+        reason = "malformed HTTP request"
+    # As every other error reply is written (Quart's jsonify): compact, a final newline.
+    body = (json.dumps({"error": reason}, separators=(",", ":")) + "\n").encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+        *protocol.config.response_headers("h11"),
+    ]
+    await protocol._send_h11_event(h11.Response(status_code=status_code, headers=headers))
+    await protocol._send_h11_event(h11.Data(data=body))
+    await protocol._send_h11_event(h11.EndOfMessage())
+
+
 def _is_sized_response_head(data: bytes) -> bool:
     """Whether ``data`` is exactly the head of a final (2xx-5xx) response with a Content-Length."""
     return (
@@ -257,6 +294,11 @@ class HttpConnection(TCPServer):
 
     async def _read_data(self) -> None:
         """Hypercorn's read loop, except that data after a closing request is dropped."""
+        protocol = getattr(self.protocol, "protocol", None)  # hypercorn's HTTP/1.1 protocol
+        if isinstance(protocol, H11Protocol):
+            protocol._send_error_response = functools.partial(  # type: ignore[method-assign]
+                _send_json_protocol_error, protocol
+            )
         try:
             while True:
                 try:
