@@ -290,6 +290,7 @@ class RunResult:
     timed_out: bool = False
     output_truncated: bool = False
     cancelled: bool = False
+    stopped: bool = False  # cut short by the service stopping (after SHUTDOWN_GRACE_S)
     cost_usd: float | None = None
     num_turns: int | None = None
     usage: dict[str, Any] | None = None
@@ -299,11 +300,13 @@ class RunResult:
 
     @property
     def outcome(self) -> str:
-        """One word for how it ended: ``ok``, ``timeout``, ``cancelled`` or ``agent_error``."""
+        """How it ended: ``ok``, ``timeout``, ``cancelled``, ``stopped`` or ``agent_error``."""
         if self.timed_out:
             return "timeout"
         if self.cancelled:
             return "cancelled"
+        if self.stopped:
+            return "stopped"
         return "ok" if self.success else "agent_error"
 
 

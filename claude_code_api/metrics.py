@@ -80,7 +80,7 @@ QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60
 WARMUP_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60)
 HTTP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
 
-RUN_OUTCOMES = ("ok", "agent_error", "timeout", "cancelled", "failed")
+RUN_OUTCOMES = ("ok", "agent_error", "timeout", "cancelled", "stopped", "failed")
 FAILURE_REASONS = ("exit", "protocol", "warmup")
 # The token counts a turn's usage reports, and the `type` each is counted as.
 TOKEN_TYPES = {
@@ -100,7 +100,8 @@ RUN_DURATION = Histogram(
     PREFIX + "run_duration_seconds",
     "Time from a run's submission to its answer (queue wait included), by outcome: ok,"
     " agent_error (the agent ended its turn with an error), timeout, cancelled (the client"
-    " left or cancelled), failed (the service could not run it: 429, 502, 503)",
+    " left or cancelled), stopped (cut short by the service stopping), failed (the service"
+    " could not run it: 429, 502, 503)",
     ["outcome"],
     buckets=RUN_BUCKETS,
     registry=REGISTRY,

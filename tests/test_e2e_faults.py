@@ -141,6 +141,7 @@ async def test_shutdown_interrupts_what_outlives_the_grace(tmp_path):
             assert replies[0].status_code == 200
             body = replies[0].json()
             assert body["success"] is False and "piece 1" in body["output"]
+            assert body["stopped"] is True and "cancelled" not in body
             assert trio.current_time() - started < 6
         await wait_no_live_fakes(service, timeout=2)
 

@@ -88,7 +88,7 @@ def runs(outcome: str) -> tuple[str, dict[str, str]]:
 
 
 async def test_every_answer_is_counted_by_outcome_with_its_duration(autojump_clock):
-    outcomes = ["ok", "agent_error", "timeout", "cancelled", "failed"]
+    outcomes = ["ok", "agent_error", "timeout", "cancelled", "stopped", "failed"]
     change = Change(
         *(runs(o) for o in outcomes),
         sample("claude_code_api_run_duration_seconds_sum", outcome="timeout"),
@@ -98,6 +98,7 @@ async def test_every_answer_is_counted_by_outcome_with_its_duration(autojump_clo
         RunResult(success=False, output="", duration_ms=0),
         RunResult(success=False, output="", duration_ms=0, timed_out=True),
         RunResult(success=False, output="", duration_ms=0, cancelled=True),
+        RunResult(success=False, output="", duration_ms=0, stopped=True),
         JobFailed(429, "Queue is full, try again later"),
     ]
     for answer in answers:

@@ -220,7 +220,10 @@ async def test_the_caller_can_stop_a_turn_which_is_interrupted_not_timed_out(aut
             nursery.start_soon(stop_after_3s)
             outcome = await run_turn(agent, job, worker_id="w", limits=LIMITS, turn_scope=scope)
         assert outcome.cut is CutReason.STOPPED and outcome.agent_usable
-        assert outcome.terminal == RunResult(success=False, output="so far", duration_ms=3000)
+        assert outcome.terminal == RunResult(
+            success=False, output="so far", duration_ms=3000, stopped=True
+        )
+        assert outcome.terminal.outcome == "stopped"
 
 
 async def test_the_session_id_the_agent_moved_to_is_reported(autojump_clock):

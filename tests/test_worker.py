@@ -123,7 +123,7 @@ async def test_a_stop_interrupts_the_running_job_which_is_still_answered(autojum
         await reply.receive()  # "partial"
         stop.request_stop()
         terminal = await reply.receive()
-        assert terminal == RunResult(success=False, output="partial", duration_ms=0)
+        assert terminal == RunResult(success=False, output="partial", duration_ms=0, stopped=True)
         assert await messages.receive() == WorkerFinished("w", job.id, False)
         await trio.sleep(1)  # the retiring close
         assert agents.made[0].events[-2:] == ["interrupted", "closed"]

@@ -240,6 +240,7 @@ async def run_turn(
             timed_out=cut is CutReason.TIMEOUT,
             output_truncated=collected.truncated,
             cancelled=cut in (CutReason.CLIENT_GONE, CutReason.CANCELLED),
+            stopped=cut is CutReason.STOPPED,
             claude_session_id=agent.session_id,
             model=agent.model,
             upstream_error=upstream,
@@ -273,6 +274,7 @@ def outcome_before_start(job: Job) -> TurnOutcome:
         duration_ms=round((trio.current_time() - job.submitted_at) * 1000),
         timed_out=cut is CutReason.TIMEOUT,
         cancelled=cut in (CutReason.CLIENT_GONE, CutReason.CANCELLED),
+        stopped=cut is CutReason.STOPPED,
     )
     return TurnOutcome(terminal, agent_usable=True, cut=cut)
 

@@ -336,6 +336,7 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "timeoutType": {"const": "hard"},
                 "outputTruncated": {"const": True},
                 "cancelled": {"const": True},
+                "stopped": {"const": True},
                 "upstreamError": _ref("UpstreamError"),
                 "sessionId": {**session_id, "description": "the request's; session turns only"},
             },

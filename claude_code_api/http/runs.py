@@ -61,6 +61,8 @@ def result_body(outcome: RunResult, finished: Finished, job: Job) -> dict[str, A
         body["outputTruncated"] = True
     if outcome.cancelled:
         body["cancelled"] = True
+    if outcome.stopped:
+        body["stopped"] = True
     if outcome.upstream_error is not None:
         body["upstreamError"] = {
             "status": outcome.upstream_error.status,
