@@ -257,8 +257,11 @@ def check_stop_with_turns_in_flight(container: Container) -> None:
         short,
     )
     check(
-        isinstance(long, tuple) and long[0] == 200 and "piece 1" in str(long[1].get("output")),
-        "a turn cut short at shutdown gets its partial output",
+        isinstance(long, tuple)
+        and long[0] == 200
+        and "piece 1" in str(long[1].get("output"))
+        and long[1].get("stopped") is True,
+        "a turn cut short at shutdown gets its partial output, marked stopped",
         long,
     )
     code = container.exit_code()
