@@ -388,6 +388,7 @@ async def test_after_refuse_every_request_is_answered_503_and_closed():
                 assert response is not None
                 assert response.status == 503 and response.closes
                 assert response.json()["error"] == "service is shutting down"
+                assert response.body.endswith(b"}\n") and b", " not in response.body  # jsonify's
                 await connection.wait_closed()
             assert gate.requests == 4  # none of them reached the app
             fresh = await RawConnection.open(url)

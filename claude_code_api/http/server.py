@@ -235,7 +235,8 @@ async def _refuse(
             message = await receive()
             if message["type"] != "http.request" or not message.get("more_body", False):
                 break
-    payload = json.dumps(body).encode()
+    # Written as every other JSON reply (Quart's jsonify): compact, a final newline.
+    payload = (json.dumps(body, separators=(",", ":")) + "\n").encode()
     await send(
         {
             "type": "http.response.start",
