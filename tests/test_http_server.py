@@ -61,25 +61,19 @@ def make_app(gate: Gate) -> QuartTrio:
         gate.requests += 1
         return "bye", {"Connection": "close"}
 
+    async def late_chunks() -> AsyncIterator[bytes]:
+        await gate.open.wait()
+        yield b"late"
+
     @app.get("/stream")
     async def stream() -> tuple[object, dict[str, str]]:
         gate.requests += 1
-
-        async def chunks() -> AsyncIterator[bytes]:
-            await gate.open.wait()
-            yield b"late"
-
-        return chunks(), {"Content-Type": "text/plain"}
+        return late_chunks(), {"Content-Type": "text/plain"}
 
     @app.get("/closing-stream")
     async def closing_stream() -> tuple[object, dict[str, str]]:
         gate.requests += 1
-
-        async def chunks() -> AsyncIterator[bytes]:
-            await gate.open.wait()
-            yield b"late"
-
-        return chunks(), {"Content-Type": "text/plain", "Connection": "close"}
+        return late_chunks(), {"Content-Type": "text/plain", "Connection": "close"}
 
     return app
 
