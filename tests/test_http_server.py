@@ -145,12 +145,14 @@ async def test_an_idle_keep_alive_connection_closes_after_the_timeout():
             assert status == 200
             started = trio.current_time()
             await connection.wait_closed()
-            assert KEEP_ALIVE_S <= trio.current_time() - started < KEEP_ALIVE_S + 1
+            # The server's timer starts a moment before the client sees the response (or
+            # its connection accepted) in this same event loop: a little slack below.
+            assert KEEP_ALIVE_S - 0.05 <= trio.current_time() - started < KEEP_ALIVE_S + 1
 
             silent = await RawConnection.open(url)  # never sends a request
             started = trio.current_time()
             await silent.wait_closed()
-            assert KEEP_ALIVE_S <= trio.current_time() - started < KEEP_ALIVE_S + 1
+            assert KEEP_ALIVE_S - 0.05 <= trio.current_time() - started < KEEP_ALIVE_S + 1
 
 
 async def test_each_request_moves_the_idle_deadline_of_its_connection():
