@@ -8,8 +8,9 @@ launcher
   the agent can kill the tools it started too, and the reaper can kill it all
   if the service dies;
 * with the sandbox on, runs it inside bubblewrap: a new pid namespace (the
-  service's processes and their environments are invisible), the whole file
-  system read-only, ``DATA_DIR`` and the service's Claude config dir hidden, and
+  service's processes and their environments are invisible), no capabilities
+  (started as root, it could otherwise remount or unmount all that follows), the
+  whole file system read-only, ``DATA_DIR`` and the service's Claude config dir hidden, and
   only the agent's own HOME writable (its workspace, its Claude config dir with
   its transcripts). An agent serving user A can then neither read nor write user
   B's workspace, transcripts or CLAUDE.md, nor the session database — with Bash
@@ -196,6 +197,9 @@ def bwrap_arguments(
     home = str(spec.home)
     args = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
     args += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+    # Started by root, bwrap leaves the sandbox every capability: with CAP_SYS_ADMIN
+    # an agent remounts the read-only binds writable and unmounts what hides DATA_DIR.
+    args += ["--cap-drop", "ALL"]
     for path in hidden:
         if path.is_dir():
             args += ["--tmpfs", str(path)]
@@ -218,7 +222,8 @@ def probe_sandbox(bwrap: str | None) -> str | None:
     if bwrap is None:
         return "bubblewrap (bwrap) is not installed"
     command = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
-    command += ["--tmpfs", "/tmp", "--unshare-pid", "--unshare-ipc", "--", "true"]
+    command += ["--tmpfs", "/tmp", "--unshare-pid", "--unshare-ipc", "--cap-drop", "ALL"]
+    command += ["--", "true"]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:

@@ -150,6 +150,27 @@ def test_in_the_sandbox_an_agent_sees_no_secret_and_no_other_user(tmp_path):
 
 
 @needs_sandbox
+def test_in_the_sandbox_an_agent_holds_no_capability_even_as_root(tmp_path):
+    """bwrap started by root keeps every capability: mount would undo the sandbox."""
+    launcher = launcher_for(tmp_path, sandbox=True)
+    alice = AgentSpec(name="alice", home=tmp_path / "data" / "users" / "alice", ephemeral=False)
+    bob_file = tmp_path / "data" / "users" / "bob" / "notes.txt"
+    bob_file.parent.mkdir(parents=True)
+    bob_file.write_text("bob's notes")
+    data = tmp_path / "data"
+    done = run_agent_shell(
+        launcher,
+        alice,
+        "grep CapEff /proc/self/status; "
+        f"mount -o remount,rw,bind {data} 2>&1 && echo remounted; "
+        f"echo x >> {bob_file} 2>&1; echo done",
+    )
+    assert "CapEff:\t0000000000000000" in done.stdout, done.stdout
+    assert "remounted" not in done.stdout and "done" in done.stdout
+    assert bob_file.read_text() == "bob's notes"
+
+
+@needs_sandbox
 def test_in_the_sandbox_the_system_is_read_only(tmp_path):
     launcher = launcher_for(tmp_path, sandbox=True)
     alice = AgentSpec(name="alice", home=tmp_path / "data" / "users" / "alice", ephemeral=False)

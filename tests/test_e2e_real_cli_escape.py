@@ -1,0 +1,75 @@
+"""A malicious agent tries to leave its sandbox: the real CLI, the real service, a mock model.
+
+Each test plays alice's agent as a prompt-injected model would: the mock Messages
+API answers a model call with a Bash tool call, the real bundled Claude Code CLI
+runs it inside the service's launcher (bubblewrap), and the test reads what the
+command printed from the next model call, then checks the host for what it did.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import trio
+
+from claude_code_api.sandbox import probe_sandbox
+from tests.harness import run_service, wait_healthy
+from tests.mock_messages_api import TextReply, ToolUseReply, open_mock_api, tool_result_text
+from tests.real_cli import requires_real_cli, service_overrides
+
+SANDBOX_REASON = probe_sandbox(shutil.which("bwrap"))
+pytestmark = [
+    requires_real_cli,
+    pytest.mark.skipif(SANDBOX_REASON is not None, reason=str(SANDBOX_REASON)),
+]
+
+AS_ALICE = {"x-api-key": "sk-alice-key"}
+BUDGET_S = 120
+SERVICE_TOKEN = '{"claudeAiOauth": {"accessToken": "the-service-token"}}'
+
+
+def service_credentials(tmp_path: Path) -> Path:
+    """The service's Claude login file (what ``claude login`` leaves), before it starts."""
+    path = tmp_path / "service-home" / ".claude" / ".credentials.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(SERVICE_TOKEN)
+    return path
+
+
+async def bash_as_alice(client, api, command: str, **fields: str) -> str:
+    """Run ``command`` with alice's agent's Bash tool; what it printed."""
+    api.enqueue(ToolUseReply("Bash", {"command": command}), TextReply("done"))
+    reply = await client.post("/run", json={"prompt": "go", **fields}, headers=AS_ALICE)
+    assert reply.status_code == 200, reply.text
+    return tool_result_text(api.model_calls[-1].tool_results()[0]).split("<system-reminder>")[0]
+
+
+async def test_a_sandboxed_agent_holds_no_capability_to_undo_its_sandbox(tmp_path):
+    """As root, bwrap keeps every capability unless told not to: mount could undo it all.
+
+    With CAP_SYS_ADMIN the agent remounts the read-only binds writable (the service's
+    credentials, the whole file system) and unmounts the tmpfs over DATA_DIR (every
+    user's files, the database). Both agents, one-shot and session, must hold none.
+    """
+    credentials = service_credentials(tmp_path)
+    command = (
+        "grep CapEff /proc/self/status; "
+        'target="$CLAUDE_CONFIG_DIR/.credentials.json"; '
+        'mount -o remount,rw,bind "$target" && echo stolen >> "$target"; '
+        "mount -o remount,rw,bind / && echo root-remounted-rw; "
+        "unshare -m true && echo new-mount-namespace"
+    )
+    with trio.fail_after(BUDGET_S):
+        async with open_mock_api() as api:
+            env = service_overrides(api.url, tmp_path, AGENT_SANDBOX="on")
+            async with run_service(tmp_path, env=env) as service:
+                await wait_healthy(service, ready=1, timeout=60)
+                async with service.client(timeout=60) as client:
+                    one_shot = await bash_as_alice(client, api, command)
+                    session = await bash_as_alice(client, api, command, sessionId="a")
+    for output in (one_shot, session):
+        assert "CapEff:\t0000000000000000" in output, output
+        assert "root-remounted-rw" not in output and "new-mount-namespace" not in output
+    assert credentials.read_text() == SERVICE_TOKEN
