@@ -25,6 +25,7 @@ does blocking I/O: call it from a worker thread.
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import os
 import re
@@ -108,6 +109,13 @@ HIDDEN_SOCKETS = (
     Path("/run/podman/podman.sock"),
 )
 CREDENTIALS_FILE = ".credentials.json"
+# The Claude login in it (credentials.OAUTH_KEY; that module imports this one).
+LOGIN_KEY = "claudeAiOauth"
+# What of the login a sandboxed agent is not shown. The service refreshes the login itself
+# and replaces its agents when it changes; with the refresh token an agent's tool could
+# keep the login for good, and by refreshing it (refresh tokens rotate) log the service
+# out for every user.
+WITHHELD_LOGIN_FIELDS = frozenset({"refreshToken"})
 # What a request may leave in a one-shot agent's Claude config dir that Claude Code reads
 # as instructions, settings or conversations (emptied before the agent is reused).
 CONFIG_ENTRIES_EMPTIED = (
@@ -246,7 +254,9 @@ class AgentLauncher:
     ``bwrap`` is the bubblewrap executable when agents run sandboxed, else None.
     ``hidden``: paths agents must not see (with the sandbox). ``credentials``:
     the service's Claude credentials file, shown read-only to every agent (the
-    CLI needs it to log in) when it exists.
+    CLI needs it to log in) when it exists: with the sandbox, a copy of its
+    login without the refresh token (:func:`login_for_agents`), beside the
+    launcher; without, the file itself through a symlink.
     """
 
     cli: Path
@@ -290,6 +300,8 @@ class AgentLauncher:
         self._link_credentials(spec, credentials)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self.launcher_path(spec, agent_id)
+        if self.sandboxed and credentials is not None:
+            credentials = self._copy_login(credentials, credentials_copy_path(path))
         path.write_text(self.script(spec, credentials))
         path.chmod(0o700)
         return path
@@ -310,6 +322,18 @@ class AgentLauncher:
             f"# claude-code-api agent launcher for {spec.name}; removed when the agent closes.\n"
             f'exec {shlex.join(command)} "$@"\n'
         )
+
+    @staticmethod
+    def _copy_login(credentials: Path, copy: Path) -> Path:
+        """Write what an agent is shown of ``credentials`` to ``copy`` (mode 0600); returns it."""
+        data = login_for_agents(credentials.read_bytes())
+        fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        return copy
 
     def _link_credentials(self, spec: AgentSpec, credentials: Path | None) -> None:
         """Without the sandbox, the agent's config dir gets a symlink to the service's credentials.
@@ -366,8 +390,33 @@ class AgentLauncher:
         """Remove what :meth:`prepare` made that must not outlive the agent. Blocking."""
         if launcher is not None:
             launcher.unlink(missing_ok=True)
+            credentials_copy_path(launcher).unlink(missing_ok=True)
         if spec.ephemeral:
             remove_tree(spec.home)
+
+
+def credentials_copy_path(launcher: Path) -> Path:
+    """Where the copy of the login a sandboxed agent is shown lives: beside its launcher."""
+    return launcher.with_name(f"{launcher.stem}{CREDENTIALS_FILE}")
+
+
+def login_for_agents(data: bytes) -> bytes:
+    """The credentials file ``data`` as an agent is shown it: its login, no refresh token.
+
+    Only the Claude login is kept (the CLI may keep other tokens in the file, an MCP
+    server's for one), without :data:`WITHHELD_LOGIN_FIELDS`. A file that holds no
+    login (not JSON, not an object) is shown as an empty object: the CLI could not
+    use it either.
+    """
+    try:
+        document = json.loads(data)
+    except ValueError:  # (UnicodeDecodeError included)
+        document = None
+    login = document.get(LOGIN_KEY) if isinstance(document, dict) else None
+    if not isinstance(login, dict):
+        return b"{}\n"
+    shown = {key: value for key, value in login.items() if key not in WITHHELD_LOGIN_FIELDS}
+    return (json.dumps({LOGIN_KEY: shown}) + "\n").encode()
 
 
 def remove_conversation_files(home: Path, claude_session_id: str) -> None:

@@ -8,7 +8,9 @@ command printed from the next model call, then checks the host for what it did.
 
 from __future__ import annotations
 
+import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -73,3 +75,43 @@ async def test_a_sandboxed_agent_holds_no_capability_to_undo_its_sandbox(tmp_pat
         assert "CapEff:\t0000000000000000" in output, output
         assert "root-remounted-rw" not in output and "new-mount-namespace" not in output
     assert credentials.read_text() == SERVICE_TOKEN
+
+
+async def test_an_agent_gets_the_logins_access_token_but_never_its_refresh_token(tmp_path):
+    """The service refreshes its Claude login itself; an agent needs only the access token.
+
+    With the refresh token an agent's tool could keep the operator's login for good, and
+    by refreshing it (tokens rotate) lock the service out for every user.
+    """
+    credentials = tmp_path / "service-home" / ".claude" / ".credentials.json"
+    credentials.parent.mkdir(parents=True)
+    login = {
+        "accessToken": "the-access-token",
+        "refreshToken": "the-refresh-token",
+        "expiresAt": round(time.time() * 1000) + 86_400_000,
+        "scopes": ["user:inference"],
+        "subscriptionType": "max",
+    }
+    credentials.write_text(json.dumps({"claudeAiOauth": login}))
+    command = 'cat "$CLAUDE_CONFIG_DIR/.credentials.json"; echo; ls "$CLAUDE_CONFIG_DIR"'
+    with trio.fail_after(BUDGET_S):
+        async with open_mock_api() as api:
+            env = service_overrides(
+                api.url,
+                tmp_path,
+                AGENT_SANDBOX="on",
+                USE_CLAUDE_API_KEY="0",
+                AGENT_ENV="ANTHROPIC_BASE_URL",  # the mock's URL, without the API key
+            )
+            async with run_service(tmp_path, env=env) as service:
+                await wait_healthy(service, ready=1, timeout=60)
+                async with service.client(timeout=60) as client:
+                    one_shot = await bash_as_alice(client, api, command)
+                    session = await bash_as_alice(client, api, command, sessionId="a")
+    for output in (one_shot, session):
+        assert "the-access-token" in output and "the-refresh-token" not in output, output
+    # The CLI logged in with the access token, and the service's own file is untouched.
+    assert {call.headers.get("authorization") for call in api.model_calls} == {
+        "Bearer the-access-token"
+    }
+    assert json.loads(credentials.read_text()) == {"claudeAiOauth": login}

@@ -8,6 +8,7 @@ lets the agent read and write.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -18,6 +19,8 @@ import pytest
 from claude_code_api.agent import AgentSpec
 from claude_code_api.sandbox import (
     agent_environment,
+    credentials_copy_path,
+    login_for_agents,
     make_launcher,
     probe_sandbox,
     remove_conversation_files,
@@ -199,6 +202,46 @@ def test_an_ephemeral_home_is_removed_with_its_launcher(tmp_path):
     assert path.is_file() and spec.cwd.is_dir() and spec.config_dir.is_dir()
     launcher.cleanup(spec, path)
     assert not path.exists() and not spec.home.exists()
+
+
+@pytest.mark.parametrize(
+    ("stored", "shown"),
+    [
+        (
+            {
+                "claudeAiOauth": {"accessToken": "a", "refreshToken": "r", "expiresAt": 1},
+                "mcpOAuth": {"server": {"refreshToken": "m"}},
+            },
+            {"claudeAiOauth": {"accessToken": "a", "expiresAt": 1}},
+        ),
+        ({"mcpOAuth": {"server": {"refreshToken": "m"}}}, {}),
+        ({"claudeAiOauth": "not an object"}, {}),
+        (["not", "an", "object"], {}),
+    ],
+)
+def test_an_agent_is_shown_the_login_without_its_refresh_token(stored, shown):
+    assert json.loads(login_for_agents(json.dumps(stored).encode())) == shown
+
+
+@pytest.mark.parametrize("garbage", [b"", b"{not json", b"\xff\xfe"])
+def test_a_credentials_file_that_is_no_login_is_shown_as_an_empty_object(garbage):
+    assert json.loads(login_for_agents(garbage)) == {}
+
+
+def test_a_sandboxed_agents_copy_of_the_login_is_private_and_removed_with_it(tmp_path):
+    launcher = launcher_for(tmp_path, sandbox=True)
+    service_file = tmp_path / "service-home" / ".claude" / ".credentials.json"
+    service_file.parent.mkdir(parents=True)
+    service_file.write_text('{"claudeAiOauth": {"accessToken": "a", "refreshToken": "r"}}')
+    spec = AgentSpec(name="alice", home=tmp_path / "data" / "users" / "alice", ephemeral=False)
+    path = launcher.prepare(spec, "a1")
+    copy = credentials_copy_path(path)
+    assert copy.parent == launcher.run_dir and copy.stat().st_mode & 0o777 == 0o600
+    assert json.loads(copy.read_text()) == {"claudeAiOauth": {"accessToken": "a"}}
+    assert f"--ro-bind {copy} {spec.config_dir / '.credentials.json'}" in path.read_text()
+    launcher.cleanup(spec, path)
+    assert not path.exists() and not copy.exists()
+    assert "refreshToken" in service_file.read_text()  # the service's own file is untouched
 
 
 def kept_agent_home(tmp_path: Path) -> tuple[object, AgentSpec, Path]:
