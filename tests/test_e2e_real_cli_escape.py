@@ -9,7 +9,9 @@ command printed from the next model call, then checks the host for what it did.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -22,10 +24,8 @@ from tests.mock_messages_api import TextReply, ToolUseReply, open_mock_api, tool
 from tests.real_cli import requires_real_cli, service_overrides
 
 SANDBOX_REASON = probe_sandbox(shutil.which("bwrap"))
-pytestmark = [
-    requires_real_cli,
-    pytest.mark.skipif(SANDBOX_REASON is not None, reason=str(SANDBOX_REASON)),
-]
+needs_sandbox = pytest.mark.skipif(SANDBOX_REASON is not None, reason=str(SANDBOX_REASON))
+pytestmark = requires_real_cli
 
 AS_ALICE = {"x-api-key": "sk-alice-key"}
 BUDGET_S = 120
@@ -48,6 +48,7 @@ async def bash_as_alice(client, api, command: str, **fields: str) -> str:
     return tool_result_text(api.model_calls[-1].tool_results()[0]).split("<system-reminder>")[0]
 
 
+@needs_sandbox
 async def test_a_sandboxed_agent_holds_no_capability_to_undo_its_sandbox(tmp_path):
     """As root, bwrap keeps every capability unless told not to: mount could undo it all.
 
@@ -77,6 +78,7 @@ async def test_a_sandboxed_agent_holds_no_capability_to_undo_its_sandbox(tmp_pat
     assert credentials.read_text() == SERVICE_TOKEN
 
 
+@needs_sandbox
 async def test_an_agent_gets_the_logins_access_token_but_never_its_refresh_token(tmp_path):
     """The service refreshes its Claude login itself; an agent needs only the access token.
 
@@ -115,3 +117,52 @@ async def test_an_agent_gets_the_logins_access_token_but_never_its_refresh_token
         "Bearer the-access-token"
     }
     assert json.loads(credentials.read_text()) == {"claudeAiOauth": login}
+
+
+def processes_named(marker: str) -> list[int]:
+    """The host's processes whose command line holds ``marker``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as file:
+                if marker.encode() in file.read():
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.parametrize(
+    "sandbox",
+    [
+        pytest.param("on", marks=needs_sandbox),
+        pytest.param(
+            "off",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="the CLI starts each Bash command in a session of its own, out of"
+                " reach of the agent's process group: unfixed, see README (Residual risks)",
+            ),
+        ),
+    ],
+)
+async def test_a_background_process_a_tool_started_dies_with_its_agent(tmp_path, sandbox):
+    marker = f"escapee-{os.getpid()}-{sandbox}"
+    command = f"bash -c 'exec -a {marker} sleep 600' >/dev/null 2>&1 & echo started"
+    try:
+        with trio.fail_after(BUDGET_S):
+            async with open_mock_api() as api:
+                env = service_overrides(api.url, tmp_path, AGENT_SANDBOX=sandbox)
+                env["AGENT_REUSE_S"] = "0"  # the agent retires right after its request
+                async with run_service(tmp_path, env=env) as service:
+                    await wait_healthy(service, ready=1, timeout=60)
+                    async with service.client(timeout=60) as client:
+                        assert "started" in await bash_as_alice(client, api, command)
+                    # The worker retires the agent and warms a fresh one.
+                    with trio.move_on_after(10):
+                        while processes_named(marker):
+                            await trio.sleep(0.1)
+                    assert processes_named(marker) == []
+    finally:
+        for pid in processes_named(marker):
+            os.kill(pid, signal.SIGKILL)
