@@ -10,7 +10,7 @@ launcher
 * with the sandbox on, runs it inside bubblewrap: a new pid namespace (the
   service's processes and their environments are invisible), no capabilities
   (started as root, it could otherwise remount or unmount all that follows), the
-  whole file system read-only, ``DATA_DIR`` and the service's Claude config dir hidden, and
+  whole file system and the kernel's settings (``/proc/sys``) read-only, ``DATA_DIR`` and the service's Claude config dir hidden, and
   only the agent's own HOME writable (its workspace, its Claude config dir with
   its transcripts). An agent serving user A can then neither read nor write user
   B's workspace, transcripts or CLAUDE.md, nor the session database — with Bash
@@ -204,6 +204,11 @@ def bwrap_arguments(
     """bubblewrap's options for one agent (everything between ``bwrap`` and ``--``)."""
     home = str(spec.home)
     args = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    # The kernel's settings, read-only: root needs no capability to write most of them
+    # (kernel.core_pattern and kernel.modprobe name programs the kernel runs as root,
+    # outside the sandbox), and bwrap covers them only when it sees them writable.
+    args += ["--ro-bind", "/proc/sys", "/proc/sys"]
+    args += ["--ro-bind-try", "/proc/sysrq-trigger", "/proc/sysrq-trigger"]
     args += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
     # Started by root, bwrap leaves the sandbox every capability: with CAP_SYS_ADMIN
     # an agent remounts the read-only binds writable and unmounts what hides DATA_DIR.
@@ -230,6 +235,7 @@ def probe_sandbox(bwrap: str | None) -> str | None:
     if bwrap is None:
         return "bubblewrap (bwrap) is not installed"
     command = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    command += ["--ro-bind", "/proc/sys", "/proc/sys"]
     command += ["--tmpfs", "/tmp", "--unshare-pid", "--unshare-ipc", "--cap-drop", "ALL"]
     command += ["--", "true"]
     try:

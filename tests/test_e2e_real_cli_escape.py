@@ -79,6 +79,30 @@ async def test_a_sandboxed_agent_holds_no_capability_to_undo_its_sandbox(tmp_pat
 
 
 @needs_sandbox
+async def test_a_sandboxed_agent_cannot_change_the_hosts_kernel_settings(tmp_path):
+    """Root needs no capability to write most of /proc/sys: its files are root's, mode 0644.
+
+    bwrap covers /proc/sys only when the directory itself looks writable (0555: it never
+    does). ``kernel.core_pattern`` or ``kernel.modprobe`` name a program the kernel runs
+    as root outside every namespace. Checked with access(2), so nothing is written.
+    """
+    command = (
+        "for name in core_pattern modprobe; do "
+        'test -w /proc/sys/kernel/$name && echo "writable: $name"; done; echo checked'
+    )
+    with trio.fail_after(BUDGET_S):
+        async with open_mock_api() as api:
+            env = service_overrides(api.url, tmp_path, AGENT_SANDBOX="on")
+            async with run_service(tmp_path, env=env) as service:
+                await wait_healthy(service, ready=1, timeout=60)
+                async with service.client(timeout=60) as client:
+                    one_shot = await bash_as_alice(client, api, command)
+                    session = await bash_as_alice(client, api, command, sessionId="a")
+    for output in (one_shot, session):
+        assert "checked" in output and "writable" not in output, output
+
+
+@needs_sandbox
 async def test_an_agent_gets_the_logins_access_token_but_never_its_refresh_token(tmp_path):
     """The service refreshes its Claude login itself; an agent needs only the access token.
 

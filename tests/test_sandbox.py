@@ -174,6 +174,21 @@ def test_in_the_sandbox_an_agent_holds_no_capability_even_as_root(tmp_path):
 
 
 @needs_sandbox
+def test_in_the_sandbox_the_kernels_settings_are_read_only(tmp_path):
+    """As root (no capability needed) /proc/sys/kernel/core_pattern would run a host program."""
+    launcher = launcher_for(tmp_path, sandbox=True)
+    alice = AgentSpec(name="alice", home=tmp_path / "data" / "users" / "alice", ephemeral=False)
+    done = run_agent_shell(
+        launcher,
+        alice,
+        "for name in core_pattern modprobe; do "
+        'test -w /proc/sys/kernel/$name && echo "writable: $name"; done; '
+        "cat /proc/sys/kernel/core_pattern >/dev/null && echo readable",
+    )
+    assert "writable" not in done.stdout and "readable" in done.stdout, done.stdout
+
+
+@needs_sandbox
 def test_in_the_sandbox_the_system_is_read_only(tmp_path):
     launcher = launcher_for(tmp_path, sandbox=True)
     alice = AgentSpec(name="alice", home=tmp_path / "data" / "users" / "alice", ephemeral=False)
