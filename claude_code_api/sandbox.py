@@ -10,11 +10,13 @@ launcher
 * with the sandbox on, runs it inside bubblewrap: a new pid namespace (the
   service's processes and their environments are invisible), no capabilities
   (started as root, it could otherwise remount or unmount all that follows), the
-  whole file system and the kernel's settings (``/proc/sys``) read-only, ``DATA_DIR`` and the service's Claude config dir hidden, and
-  only the agent's own HOME writable (its workspace, its Claude config dir with
-  its transcripts). An agent serving user A can then neither read nor write user
-  B's workspace, transcripts or CLAUDE.md, nor the session database — with Bash
-  or with Claude Code's file tools, because the OS enforces it.
+  whole file system and the kernel's settings (``/proc/sys``) read-only,
+  ``DATA_DIR``, the service's Claude config dir and the container engines'
+  sockets hidden, and only the agent's own HOME writable (its workspace, its
+  Claude config dir with its transcripts). An agent serving user A can then
+  neither read nor write user B's workspace, transcripts or CLAUDE.md, nor the
+  session database — with Bash or with Claude Code's file tools, because the OS
+  enforces it.
 
 The environment is an allowlist, never the service's: see :func:`agent_environment`.
 The sandbox decision (``AGENT_SANDBOX=auto|on|off``) is made once at start-up by
@@ -102,12 +104,22 @@ PER_AGENT_VARIABLES = frozenset(
     {"HOME", "CLAUDE_CONFIG_DIR", "CLAUDE_CODE_TMPDIR", "TMPDIR", "PWD"}
 )
 
-# Sockets that would hand an agent the host (a mounted Docker or Podman socket).
+# Sockets that would hand an agent the host: read-only mounts do not stop connect(2), and
+# through a container engine's API (or systemd's, for root) an agent starts what it likes
+# outside the sandbox, DATA_DIR mounted.
 HIDDEN_SOCKETS = (
     Path("/var/run/docker.sock"),
     Path("/run/docker.sock"),
     Path("/run/podman/podman.sock"),
+    Path("/run/containerd/containerd.sock"),
+    Path("/run/crio/crio.sock"),
+    Path("/run/snapd.socket"),
+    Path("/run/dbus/system_bus_socket"),
+    Path("/run/systemd/private"),
 )
+# Every user's runtime dir (XDG_RUNTIME_DIR): rootless Docker's and Podman's sockets (the
+# service's own user's among them), its session bus, its ssh and gpg agents.
+HIDDEN_RUNTIME_DIRS = (Path("/run/user"),)
 CREDENTIALS_FILE = ".credentials.json"
 # The Claude login in it (credentials.OAUTH_KEY; that module imports this one).
 LOGIN_KEY = "claudeAiOauth"
@@ -201,8 +213,13 @@ def resolve_cli(executable: str | None) -> Path:
 def bwrap_arguments(
     spec: AgentSpec, *, hidden: list[Path], credentials: Path | None, unset: tuple[str, ...]
 ) -> list[str]:
-    """bubblewrap's options for one agent (everything between ``bwrap`` and ``--``)."""
-    home = str(spec.home)
+    """bubblewrap's options for one agent (everything between ``bwrap`` and ``--``).
+
+    Paths bwrap mounts on are given with their links resolved: bwrap refuses a mount point
+    reached through a link (``/var/run`` -> ``/run``, a ``DATA_DIR`` on a linked volume).
+    """
+    # (HOME's own path is the service's; inside it, the agent's links are never followed.)
+    home = os.path.realpath(spec.home)
     args = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
     # The kernel's settings, read-only: root needs no capability to write most of them
     # (kernel.core_pattern and kernel.modprobe name programs the kernel runs as root,
@@ -213,14 +230,15 @@ def bwrap_arguments(
     # Started by root, bwrap leaves the sandbox every capability: with CAP_SYS_ADMIN
     # an agent remounts the read-only binds writable and unmounts what hides DATA_DIR.
     args += ["--cap-drop", "ALL"]
-    for path in hidden:
+    for path in dict.fromkeys(Path(os.path.realpath(path)) for path in hidden):
         if path.is_dir():
             args += ["--tmpfs", str(path)]
         elif path.exists():
             args += ["--ro-bind", "/dev/null", str(path)]
     args += ["--bind", home, home]
     if credentials is not None:
-        args += ["--ro-bind", str(credentials), str(spec.config_dir / CREDENTIALS_FILE)]
+        config = Path(home, spec.config_dir.relative_to(spec.home), CREDENTIALS_FILE)
+        args += ["--ro-bind", str(credentials), str(config)]
     for name in unset:
         args += ["--unsetenv", name]
     args += ["--chdir", str(spec.cwd)]
@@ -316,7 +334,7 @@ class AgentLauncher:
         """The launcher's text: a POSIX shell script that execs the CLI with the given argv."""
         command: list[str] = [self.setsid] if self.setsid else []
         if self.bwrap is not None:
-            hidden = [*self.hidden, *HIDDEN_SOCKETS]
+            hidden = [*self.hidden, *HIDDEN_RUNTIME_DIRS, *HIDDEN_SOCKETS]
             command += [self.bwrap]
             command += bwrap_arguments(
                 spec, hidden=hidden, credentials=credentials, unset=self.withheld

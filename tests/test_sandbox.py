@@ -11,11 +11,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from claude_code_api import sandbox
 from claude_code_api.agent import AgentSpec
 from claude_code_api.sandbox import (
     agent_environment,
@@ -186,6 +190,90 @@ def test_in_the_sandbox_the_kernels_settings_are_read_only(tmp_path):
         "cat /proc/sys/kernel/core_pattern >/dev/null && echo readable",
     )
     assert "writable" not in done.stdout and "readable" in done.stdout, done.stdout
+
+
+@pytest.fixture
+def host_dir() -> Iterator[Path]:
+    """A directory outside /tmp (which the sandbox replaces): what agents could see."""
+    path = Path(tempfile.mkdtemp(prefix="sandbox-test-", dir="/var/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def listening_socket(path: Path) -> socket.socket:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(1)
+    return server
+
+
+@needs_sandbox
+def test_a_socket_to_hide_reached_through_a_symlink_is_hidden(tmp_path, host_dir, monkeypatch):
+    """/var/run is a link to /run on most systems: /var/run/docker.sock must not stop bwrap."""
+    (host_dir / "run").mkdir()
+    (host_dir / "var-run").symlink_to(host_dir / "run")
+    hidden = host_dir / "var-run" / "engine.sock"
+    monkeypatch.setattr(sandbox, "HIDDEN_SOCKETS", (hidden,))
+    launcher = launcher_for(tmp_path, sandbox=True)
+    alice = AgentSpec(name="alice", home=tmp_path / "data" / "users" / "alice", ephemeral=False)
+    with listening_socket(host_dir / "run" / "engine.sock"):
+        done = run_agent_shell(
+            launcher,
+            alice,
+            f"for path in {hidden} {host_dir}/run/engine.sock; do "
+            'test -S "$path" && echo "socket: $path"; done; echo started',
+        )
+    assert "started" in done.stdout, done.stderr
+    assert "socket:" not in done.stdout
+
+
+@needs_sandbox
+def test_every_users_runtime_dir_is_hidden_with_the_engines_sockets_in_it(
+    tmp_path, host_dir, monkeypatch
+):
+    """Rootless Docker and Podman listen in the user's runtime dir, as the service's own user."""
+    runtime = host_dir / "user"
+    monkeypatch.setattr(sandbox, "HIDDEN_RUNTIME_DIRS", (runtime,))
+    launcher = launcher_for(tmp_path, sandbox=True)
+    alice = AgentSpec(name="alice", home=tmp_path / "data" / "users" / "alice", ephemeral=False)
+    with listening_socket(runtime / "1000" / "podman" / "podman.sock"):
+        done = run_agent_shell(launcher, alice, f"ls -A {runtime}; echo listed")
+    assert done.stdout == "listed\n", (done.stdout, done.stderr)
+
+
+def test_the_real_runtime_dirs_and_engine_sockets_are_on_the_list():
+    assert Path("/run/user") in sandbox.HIDDEN_RUNTIME_DIRS
+    for name in ("docker.sock", "containerd/containerd.sock", "podman/podman.sock"):
+        assert Path("/run", name) in sandbox.HIDDEN_SOCKETS
+
+
+@needs_sandbox
+def test_a_data_dir_reached_through_a_symlink_is_hidden_and_agents_start(tmp_path, host_dir):
+    (host_dir / "volume").mkdir()
+    (host_dir / "data").symlink_to(host_dir / "volume")
+    bob_file = host_dir / "volume" / "users" / "bob" / "notes.txt"
+    bob_file.parent.mkdir(parents=True)
+    bob_file.write_text("bob's notes")
+    launcher = make_launcher(
+        cli=Path("/bin/sh"),
+        data_dir=host_dir / "data",
+        environ={"PATH": os.environ["PATH"], "HOME": str(tmp_path / "service-home")},
+        use_api_key=False,
+        extra_env=frozenset(),
+        bwrap=BWRAP,
+    )
+    alice = AgentSpec(name="alice", home=host_dir / "data" / "users" / "alice", ephemeral=False)
+    done = run_agent_shell(
+        launcher,
+        alice,
+        f"cat {bob_file} {host_dir}/data/users/bob/notes.txt 2>&1; echo mine > mine.txt; echo ok",
+    )
+    assert "ok" in done.stdout, done.stderr
+    assert "bob's notes" not in done.stdout
+    assert (host_dir / "volume" / "users" / "alice" / "workspace" / "mine.txt").is_file()
 
 
 @needs_sandbox
