@@ -28,6 +28,7 @@ needs_sandbox = pytest.mark.skipif(SANDBOX_REASON is not None, reason=str(SANDBO
 pytestmark = requires_real_cli
 
 AS_ALICE = {"x-api-key": "sk-alice-key"}
+AS_BOB = {"x-api-key": "sk-bob-key"}
 BUDGET_S = 120
 SERVICE_TOKEN = '{"claudeAiOauth": {"accessToken": "the-service-token"}}'
 
@@ -40,10 +41,10 @@ def service_credentials(tmp_path: Path) -> Path:
     return path
 
 
-async def bash_as_alice(client, api, command: str, **fields: str) -> str:
+async def bash_as_alice(client, api, command: str, headers=AS_ALICE, **fields: str) -> str:
     """Run ``command`` with alice's agent's Bash tool; what it printed."""
     api.enqueue(ToolUseReply("Bash", {"command": command}), TextReply("done"))
-    reply = await client.post("/run", json={"prompt": "go", **fields}, headers=AS_ALICE)
+    reply = await client.post("/run", json={"prompt": "go", **fields}, headers=headers)
     assert reply.status_code == 200, reply.text
     return tool_result_text(api.model_calls[-1].tool_results()[0]).split("<system-reminder>")[0]
 
@@ -190,3 +191,31 @@ async def test_a_background_process_a_tool_started_dies_with_its_agent(tmp_path,
     finally:
         for pid in processes_named(marker):
             os.kill(pid, signal.SIGKILL)
+
+
+@needs_sandbox
+async def test_nothing_alice_leaves_behind_reaches_bobs_next_agent(tmp_path):
+    """Files in every place alice's agent may write, and a process; bob's agent meets none.
+
+    One worker and AGENT_REUSE_S: alice's agent is kept for her, and bob's request makes
+    the worker retire it and start a fresh one.
+    """
+    leave = (
+        'for dir in "$HOME" "$HOME/workspace" "$CLAUDE_CONFIG_DIR" /tmp /dev/shm; do '
+        'echo planted > "$dir/alice-was-here"; done; '
+        "bash -c 'exec -a alice-was-here sleep 600' >/dev/null 2>&1 & echo planted"
+    )
+    look = (  # (the words spelled so that this command's own line does not hold them)
+        'p=plant; grep -rl "${p}ed" "$HOME" /tmp /dev/shm 2>/dev/null; '
+        'a=alice-was; grep -l "$a-here" /proc/[0-9]*/cmdline 2>/dev/null | grep -v self; '
+        "echo looked"
+    )
+    with trio.fail_after(BUDGET_S):
+        async with open_mock_api() as api:
+            env = service_overrides(api.url, tmp_path, AGENT_SANDBOX="on", AGENT_REUSE_S="60")
+            async with run_service(tmp_path, env=env) as service:
+                await wait_healthy(service, ready=1, timeout=60)
+                async with service.client(timeout=60) as client:
+                    assert "planted" in await bash_as_alice(client, api, leave)
+                    seen = await bash_as_alice(client, api, look, headers=AS_BOB)
+    assert seen.split() == ["looked"], seen
