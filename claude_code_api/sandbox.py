@@ -101,7 +101,7 @@ FIXED_VARIABLES = {
 }
 # Set per agent (see agent_environment), never taken from the service.
 PER_AGENT_VARIABLES = frozenset(
-    {"HOME", "CLAUDE_CONFIG_DIR", "CLAUDE_CODE_TMPDIR", "TMPDIR", "PWD"}
+    {"HOME", "CLAUDE_CONFIG_DIR", "CLAUDE_CODE_TMPDIR", "TMPDIR", "XDG_RUNTIME_DIR", "PWD"}
 )
 
 # Sockets that would hand an agent the host: read-only mounts do not stop connect(2), and
@@ -305,8 +305,14 @@ class AgentLauncher:
         # The CLI's scratch files and its messaging socket (through which another CLI
         # of the same OS user could start a turn in this one) stay in the agent's home.
         env["CLAUDE_CODE_TMPDIR"] = str(spec.home / "tmp")
-        if not self.sandboxed:  # with the sandbox, /tmp is the agent's own already
+        if self.sandboxed:
+            # /tmp is the agent's own already. The messaging socket goes to
+            # $XDG_RUNTIME_DIR/cc-socks/ when set: there its path names no user, and
+            # every bound socket's path is in /proc/net/unix (the host's network).
+            env["XDG_RUNTIME_DIR"] = "/tmp"
+        else:
             env["TMPDIR"] = str(spec.home / "tmp")
+            env["XDG_RUNTIME_DIR"] = ""  # (the service's own, withheld as before)
         return env
 
     def launcher_path(self, spec: AgentSpec, agent_id: str) -> Path:

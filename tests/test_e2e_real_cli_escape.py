@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -219,3 +220,32 @@ async def test_nothing_alice_leaves_behind_reaches_bobs_next_agent(tmp_path):
                     assert "planted" in await bash_as_alice(client, api, leave)
                     seen = await bash_as_alice(client, api, look, headers=AS_BOB)
     assert seen.split() == ["looked"], seen
+
+
+@needs_sandbox
+async def test_an_agent_cannot_tell_which_users_have_agents_running(tmp_path):
+    """The network namespace is the host's, so /proc/net/unix lists every bound Unix socket.
+
+    The CLI's messaging socket went to ``$HOME/tmp/cc-socks/`` (when that path is short
+    enough, as with ``DATA_DIR=/data``): its path named the user of every running agent.
+    """
+    data_dir = Path(tempfile.mkdtemp(prefix="d", dir="/var/tmp"))  # short, outside /tmp
+    try:
+        with trio.fail_after(BUDGET_S):
+            async with open_mock_api() as api:
+                env = service_overrides(
+                    api.url, tmp_path, AGENT_SANDBOX="on", DATA_DIR=str(data_dir)
+                )
+                async with run_service(tmp_path, env=env) as service:
+                    await wait_healthy(service, ready=1, timeout=60)
+                    async with service.client(timeout=60) as client:
+                        api.enqueue(TextReply("hello bob"))
+                        bob = await client.post(
+                            "/run", json={"prompt": "hi", "sessionId": "b"}, headers=AS_BOB
+                        )
+                        assert bob.status_code == 200, bob.text
+                        seen = await bash_as_alice(client, api, "cat /proc/net/unix; echo looked")
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    assert "looked" in seen
+    assert str(data_dir) not in seen and "bob" not in seen, seen
