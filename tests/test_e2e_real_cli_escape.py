@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from claude_code_api.actors.registry import user_workspace
 from claude_code_api.sandbox import probe_sandbox
 from tests.harness import run_service, wait_healthy
 from tests.mock_messages_api import TextReply, ToolUseReply, open_mock_api, tool_result_text
@@ -275,3 +276,56 @@ async def test_what_bobs_agent_serves_on_loopback_is_not_alices_to_read(tmp_path
                     )
                     seen = await bash_as_alice(client, api, "curl -s 127.0.0.1:8765/notes.txt")
     assert "bobs-private-notes" not in seen
+
+
+def bobs_memory_and_transcripts(home: Path) -> dict[Path, str]:
+    files = [home / ".claude" / "CLAUDE.md", *(home / ".claude" / "projects").rglob("*.jsonl")]
+    return {path: path.read_text() for path in files if path.is_file()}
+
+
+@needs_sandbox
+async def test_links_alices_agent_leaves_in_her_home_never_lead_the_service_to_bob(tmp_path):
+    """Alice's agent knows where bob's home is (its name derives from the user id), and
+    points what the service later opens in her home at it: her CLAUDE.md, her
+    transcripts, a directory in her workspace. The service reads, deletes and starts agents there;
+    bob's files stay as they were and never reach alice.
+    """
+    with trio.fail_after(BUDGET_S):
+        async with open_mock_api() as api:
+            env = service_overrides(api.url, tmp_path, AGENT_SANDBOX="on")
+            async with run_service(tmp_path, env=env) as service:
+                bob_home = user_workspace(service.data_dir, "bob")
+                await wait_healthy(service, ready=1, timeout=60)
+                async with service.client(timeout=60) as client:
+                    api.enqueue(TextReply("noted"))
+                    put = await client.put(
+                        "/user-claude", json={"content": "bobs-memory"}, headers=AS_BOB
+                    )
+                    assert put.status_code == 200, put.text
+                    bob = await client.post(
+                        "/run", json={"prompt": "bobs-words", "sessionId": "b"}, headers=AS_BOB
+                    )
+                    assert bob.status_code == 200, bob.text
+                    bob_files = bobs_memory_and_transcripts(bob_home)
+                    assert len(bob_files) == 2, bob_files
+                    plant = (
+                        'cd "$HOME" && rm -rf .claude/projects .claude/CLAUDE.md && '
+                        f"ln -s {bob_home}/.claude/projects .claude/projects && "
+                        f"ln -s {bob_home}/.claude/CLAUDE.md .claude/CLAUDE.md && "
+                        f"ln -s {bob_home}/workspace workspace/bob && echo planted"
+                    )
+                    planted = await bash_as_alice(client, api, plant, sessionId="a")
+                    assert "planted" in planted, planted
+                    memory = await client.get("/user-claude", headers=AS_ALICE)
+                    deleted = await client.request(
+                        "DELETE", "/session", json={"sessionId": "a"}, headers=AS_ALICE
+                    )
+                    look = 'cat "$CLAUDE_CONFIG_DIR/CLAUDE.md"; ls -R "$HOME"; echo looked'
+                    again = await bash_as_alice(client, api, look, sessionId="a2")
+                    # A one-shot's prompt carries her CLAUDE.md: refused, being a link.
+                    one_shot = await client.post("/run", json={"prompt": "hi"}, headers=AS_ALICE)
+                    assert bobs_memory_and_transcripts(bob_home) == bob_files
+    assert deleted.status_code == 200, deleted.text
+    assert "bobs-memory" not in memory.text and "bobs" not in one_shot.text
+    assert "looked" in again and "bobs" not in again, again
+    assert not any("bobs" in call.all_text() for call in api.model_calls[1:])
