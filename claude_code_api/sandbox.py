@@ -326,6 +326,7 @@ class AgentLauncher:
         """
         for directory in (spec.cwd, spec.config_dir, spec.home / "tmp"):
             directory.mkdir(parents=True, exist_ok=True)
+        _keep_private(spec.home.parent)
         credentials = self.credentials if self.credentials and self.credentials.is_file() else None
         self._link_credentials(spec, credentials)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -502,6 +503,25 @@ def remove_conversation_files(home: Path, claude_session_id: str) -> None:
             os.close(fd)
     if failures:
         raise OSError("; ".join(failures))
+
+
+def _keep_private(directory: Path) -> None:
+    """Make ``directory`` (where agents' HOMEs are) mode 0700 if it is looser. Blocking.
+
+    An agent owns its HOME: it may make a file setuid there (to the service's user, or
+    root) and open its HOME's mode to everyone; another account on the host that can
+    get to it runs the file as that user. The HOMEs' parent is out of the agents' reach
+    (hidden, or theirs to read only), so the barrier holds. A directory the service does
+    not own (an operator's) is left as it is, with a warning.
+    """
+    mode = stat.S_IMODE(os.stat(directory, follow_symlinks=False).st_mode)
+    if mode & 0o077:
+        try:
+            os.chmod(directory, 0o700, follow_symlinks=False)
+        except PermissionError:
+            log.warning(
+                "%s is mode %o and not the service's to change: make it 0700", directory, mode
+            )
 
 
 def _is_plain_name(name: str) -> bool:

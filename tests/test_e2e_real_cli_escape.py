@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -329,3 +330,34 @@ async def test_links_alices_agent_leaves_in_her_home_never_lead_the_service_to_b
     assert "bobs-memory" not in memory.text and "bobs" not in one_shot.text
     assert "looked" in again and "bobs" not in again, again
     assert not any("bobs" in call.all_text() for call in api.model_calls[1:])
+
+
+@needs_sandbox
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root")
+async def test_another_account_on_the_host_cannot_run_what_an_agent_made_setuid(tmp_path):
+    """The agent owns its HOME: a copy of a shell made setuid there runs as the service's
+    user (here root) for whoever can get to it, if nothing above the HOME stops them."""
+    data_dir = Path(tempfile.mkdtemp(prefix="d", dir="/var/tmp"))
+    data_dir.chmod(0o755)  # as an operator's volume usually is
+    plant = 'cp /bin/true "$HOME/t" && chmod 4755 "$HOME/t" && chmod 755 "$HOME" && echo planted'
+    try:
+        with trio.fail_after(BUDGET_S):
+            async with open_mock_api() as api:
+                env = service_overrides(
+                    api.url, tmp_path, AGENT_SANDBOX="on", DATA_DIR=str(data_dir)
+                )
+                async with run_service(tmp_path, env=env) as service:
+                    await wait_healthy(service, ready=1, timeout=60)
+                    async with service.client(timeout=60) as client:
+                        planted = await bash_as_alice(client, api, plant, sessionId="a")
+        (setuid,) = data_dir.glob("users/*/t")
+        nobody = subprocess.run(  # (a shell: setpriv's own exec skips the path's checks)
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+            + ["sh", "-c", 'exec "$0"', str(setuid)],
+            capture_output=True,
+            timeout=10,
+        )
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    assert "planted" in planted, planted
+    assert nobody.returncode != 0, nobody

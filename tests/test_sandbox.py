@@ -277,6 +277,33 @@ def test_a_data_dir_reached_through_a_symlink_is_hidden_and_agents_start(tmp_pat
 
 
 @needs_sandbox
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root")
+def test_no_other_os_user_reaches_a_setuid_file_an_agent_made(host_dir):
+    """The agent owns its HOME and may chmod u+s there (as the service's user, or root):
+    another account on the host must not get to run what it made."""
+    host_dir.chmod(0o755)  # (as DATA_DIR's parent usually is; the data dir made 0755 too)
+    (host_dir / "data").mkdir(mode=0o755)
+    launcher = launcher_for(host_dir, sandbox=True)
+    alice = AgentSpec(name="alice", home=host_dir / "data" / "users" / "alice", ephemeral=False)
+    planted = alice.home / "sh"
+    done = run_agent_shell(
+        launcher, alice, f"cp /bin/true {planted}; chmod 4755 {planted}; chmod 755 $HOME"
+    )
+    assert planted.stat().st_mode & 0o4000, done.stderr  # made, setuid
+    nobody = subprocess.run(  # (a shell: setpriv's own exec skips the path's checks)
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        + ["sh", "-c", 'exec "$0"', str(planted)],
+        capture_output=True,
+        timeout=10,
+    )
+    assert nobody.returncode != 0, nobody
+    # A one-shot agent's HOME too (removed with it: its parent is what keeps others out).
+    worker = AgentSpec(name="w", home=host_dir / "data" / "workers" / "w0" / "a1", ephemeral=True)
+    launcher.cleanup(worker, launcher.prepare(worker, "a1"))
+    assert (worker.home.parent.stat().st_mode & 0o777) == 0o700
+
+
+@needs_sandbox
 def test_in_the_sandbox_the_system_is_read_only(tmp_path):
     launcher = launcher_for(tmp_path, sandbox=True)
     alice = AgentSpec(name="alice", home=tmp_path / "data" / "users" / "alice", ephemeral=False)
