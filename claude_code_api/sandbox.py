@@ -8,12 +8,15 @@ launcher
   the agent can kill the tools it started too, and the reaper can kill it all
   if the service dies;
 * with the sandbox on, runs it inside bubblewrap: a new pid namespace (the
-  service's processes and their environments are invisible), the whole file
-  system read-only, ``DATA_DIR`` and the service's Claude config dir hidden, and
-  only the agent's own HOME writable (its workspace, its Claude config dir with
-  its transcripts). An agent serving user A can then neither read nor write user
-  B's workspace, transcripts or CLAUDE.md, nor the session database — with Bash
-  or with Claude Code's file tools, because the OS enforces it.
+  service's processes and their environments are invisible), no capabilities
+  (started as root, it could otherwise remount or unmount all that follows), the
+  whole file system and the kernel's settings (``/proc/sys``) read-only,
+  ``DATA_DIR``, the service's Claude config dir and the container engines'
+  sockets hidden, and only the agent's own HOME writable (its workspace, its
+  Claude config dir with its transcripts). An agent serving user A can then
+  neither read nor write user B's workspace, transcripts or CLAUDE.md, nor the
+  session database — with Bash or with Claude Code's file tools, because the OS
+  enforces it.
 
 The environment is an allowlist, never the service's: see :func:`agent_environment`.
 The sandbox decision (``AGENT_SANDBOX=auto|on|off``) is made once at start-up by
@@ -24,6 +27,7 @@ does blocking I/O: call it from a worker thread.
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import os
 import re
@@ -97,16 +101,33 @@ FIXED_VARIABLES = {
 }
 # Set per agent (see agent_environment), never taken from the service.
 PER_AGENT_VARIABLES = frozenset(
-    {"HOME", "CLAUDE_CONFIG_DIR", "CLAUDE_CODE_TMPDIR", "TMPDIR", "PWD"}
+    {"HOME", "CLAUDE_CONFIG_DIR", "CLAUDE_CODE_TMPDIR", "TMPDIR", "XDG_RUNTIME_DIR", "PWD"}
 )
 
-# Sockets that would hand an agent the host (a mounted Docker or Podman socket).
+# Sockets that would hand an agent the host: read-only mounts do not stop connect(2), and
+# through a container engine's API (or systemd's, for root) an agent starts what it likes
+# outside the sandbox, DATA_DIR mounted.
 HIDDEN_SOCKETS = (
     Path("/var/run/docker.sock"),
     Path("/run/docker.sock"),
     Path("/run/podman/podman.sock"),
+    Path("/run/containerd/containerd.sock"),
+    Path("/run/crio/crio.sock"),
+    Path("/run/snapd.socket"),
+    Path("/run/dbus/system_bus_socket"),
+    Path("/run/systemd/private"),
 )
+# Every user's runtime dir (XDG_RUNTIME_DIR): rootless Docker's and Podman's sockets (the
+# service's own user's among them), its session bus, its ssh and gpg agents.
+HIDDEN_RUNTIME_DIRS = (Path("/run/user"),)
 CREDENTIALS_FILE = ".credentials.json"
+# The Claude login in it (credentials.OAUTH_KEY; that module imports this one).
+LOGIN_KEY = "claudeAiOauth"
+# What of the login a sandboxed agent is not shown. The service refreshes the login itself
+# and replaces its agents when it changes; with the refresh token an agent's tool could
+# keep the login for good, and by refreshing it (refresh tokens rotate) log the service
+# out for every user.
+WITHHELD_LOGIN_FIELDS = frozenset({"refreshToken"})
 # What a request may leave in a one-shot agent's Claude config dir that Claude Code reads
 # as instructions, settings or conversations (emptied before the agent is reused).
 CONFIG_ENTRIES_EMPTIED = (
@@ -192,18 +213,32 @@ def resolve_cli(executable: str | None) -> Path:
 def bwrap_arguments(
     spec: AgentSpec, *, hidden: list[Path], credentials: Path | None, unset: tuple[str, ...]
 ) -> list[str]:
-    """bubblewrap's options for one agent (everything between ``bwrap`` and ``--``)."""
-    home = str(spec.home)
+    """bubblewrap's options for one agent (everything between ``bwrap`` and ``--``).
+
+    Paths bwrap mounts on are given with their links resolved: bwrap refuses a mount point
+    reached through a link (``/var/run`` -> ``/run``, a ``DATA_DIR`` on a linked volume).
+    """
+    # (HOME's own path is the service's; inside it, the agent's links are never followed.)
+    home = os.path.realpath(spec.home)
     args = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    # The kernel's settings, read-only: root needs no capability to write most of them
+    # (kernel.core_pattern and kernel.modprobe name programs the kernel runs as root,
+    # outside the sandbox), and bwrap covers them only when it sees them writable.
+    args += ["--ro-bind", "/proc/sys", "/proc/sys"]
+    args += ["--ro-bind-try", "/proc/sysrq-trigger", "/proc/sysrq-trigger"]
     args += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
-    for path in hidden:
+    # Started by root, bwrap leaves the sandbox every capability: with CAP_SYS_ADMIN
+    # an agent remounts the read-only binds writable and unmounts what hides DATA_DIR.
+    args += ["--cap-drop", "ALL"]
+    for path in dict.fromkeys(Path(os.path.realpath(path)) for path in hidden):
         if path.is_dir():
             args += ["--tmpfs", str(path)]
         elif path.exists():
             args += ["--ro-bind", "/dev/null", str(path)]
     args += ["--bind", home, home]
     if credentials is not None:
-        args += ["--ro-bind", str(credentials), str(spec.config_dir / CREDENTIALS_FILE)]
+        config = Path(home, spec.config_dir.relative_to(spec.home), CREDENTIALS_FILE)
+        args += ["--ro-bind", str(credentials), str(config)]
     for name in unset:
         args += ["--unsetenv", name]
     args += ["--chdir", str(spec.cwd)]
@@ -218,7 +253,9 @@ def probe_sandbox(bwrap: str | None) -> str | None:
     if bwrap is None:
         return "bubblewrap (bwrap) is not installed"
     command = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
-    command += ["--tmpfs", "/tmp", "--unshare-pid", "--unshare-ipc", "--", "true"]
+    command += ["--ro-bind", "/proc/sys", "/proc/sys"]
+    command += ["--tmpfs", "/tmp", "--unshare-pid", "--unshare-ipc", "--cap-drop", "ALL"]
+    command += ["--", "true"]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -241,7 +278,9 @@ class AgentLauncher:
     ``bwrap`` is the bubblewrap executable when agents run sandboxed, else None.
     ``hidden``: paths agents must not see (with the sandbox). ``credentials``:
     the service's Claude credentials file, shown read-only to every agent (the
-    CLI needs it to log in) when it exists.
+    CLI needs it to log in) when it exists: with the sandbox, a copy of its
+    login without the refresh token (:func:`login_for_agents`), beside the
+    launcher; without, the file itself through a symlink.
     """
 
     cli: Path
@@ -266,8 +305,14 @@ class AgentLauncher:
         # The CLI's scratch files and its messaging socket (through which another CLI
         # of the same OS user could start a turn in this one) stay in the agent's home.
         env["CLAUDE_CODE_TMPDIR"] = str(spec.home / "tmp")
-        if not self.sandboxed:  # with the sandbox, /tmp is the agent's own already
+        if self.sandboxed:
+            # /tmp is the agent's own already. The messaging socket goes to
+            # $XDG_RUNTIME_DIR/cc-socks/ when set: there its path names no user, and
+            # every bound socket's path is in /proc/net/unix (the host's network).
+            env["XDG_RUNTIME_DIR"] = "/tmp"
+        else:
             env["TMPDIR"] = str(spec.home / "tmp")
+            env["XDG_RUNTIME_DIR"] = ""  # (the service's own, withheld as before)
         return env
 
     def launcher_path(self, spec: AgentSpec, agent_id: str) -> Path:
@@ -281,10 +326,13 @@ class AgentLauncher:
         """
         for directory in (spec.cwd, spec.config_dir, spec.home / "tmp"):
             directory.mkdir(parents=True, exist_ok=True)
+        _keep_private(spec.home.parent)
         credentials = self.credentials if self.credentials and self.credentials.is_file() else None
         self._link_credentials(spec, credentials)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self.launcher_path(spec, agent_id)
+        if self.sandboxed and credentials is not None:
+            credentials = self._copy_login(credentials, credentials_copy_path(path))
         path.write_text(self.script(spec, credentials))
         path.chmod(0o700)
         return path
@@ -293,7 +341,7 @@ class AgentLauncher:
         """The launcher's text: a POSIX shell script that execs the CLI with the given argv."""
         command: list[str] = [self.setsid] if self.setsid else []
         if self.bwrap is not None:
-            hidden = [*self.hidden, *HIDDEN_SOCKETS]
+            hidden = [*self.hidden, *HIDDEN_RUNTIME_DIRS, *HIDDEN_SOCKETS]
             command += [self.bwrap]
             command += bwrap_arguments(
                 spec, hidden=hidden, credentials=credentials, unset=self.withheld
@@ -305,6 +353,18 @@ class AgentLauncher:
             f"# claude-code-api agent launcher for {spec.name}; removed when the agent closes.\n"
             f'exec {shlex.join(command)} "$@"\n'
         )
+
+    @staticmethod
+    def _copy_login(credentials: Path, copy: Path) -> Path:
+        """Write what an agent is shown of ``credentials`` to ``copy`` (mode 0600); returns it."""
+        data = login_for_agents(credentials.read_bytes())
+        fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        return copy
 
     def _link_credentials(self, spec: AgentSpec, credentials: Path | None) -> None:
         """Without the sandbox, the agent's config dir gets a symlink to the service's credentials.
@@ -361,8 +421,33 @@ class AgentLauncher:
         """Remove what :meth:`prepare` made that must not outlive the agent. Blocking."""
         if launcher is not None:
             launcher.unlink(missing_ok=True)
+            credentials_copy_path(launcher).unlink(missing_ok=True)
         if spec.ephemeral:
             remove_tree(spec.home)
+
+
+def credentials_copy_path(launcher: Path) -> Path:
+    """Where the copy of the login a sandboxed agent is shown lives: beside its launcher."""
+    return launcher.with_name(f"{launcher.stem}{CREDENTIALS_FILE}")
+
+
+def login_for_agents(data: bytes) -> bytes:
+    """The credentials file ``data`` as an agent is shown it: its login, no refresh token.
+
+    Only the Claude login is kept (the CLI may keep other tokens in the file, an MCP
+    server's for one), without :data:`WITHHELD_LOGIN_FIELDS`. A file that holds no
+    login (not JSON, not an object) is shown as an empty object: the CLI could not
+    use it either.
+    """
+    try:
+        document = json.loads(data)
+    except ValueError:  # (UnicodeDecodeError included)
+        document = None
+    login = document.get(LOGIN_KEY) if isinstance(document, dict) else None
+    if not isinstance(login, dict):
+        return b"{}\n"
+    shown = {key: value for key, value in login.items() if key not in WITHHELD_LOGIN_FIELDS}
+    return (json.dumps({LOGIN_KEY: shown}) + "\n").encode()
 
 
 def remove_conversation_files(home: Path, claude_session_id: str) -> None:
@@ -418,6 +503,25 @@ def remove_conversation_files(home: Path, claude_session_id: str) -> None:
             os.close(fd)
     if failures:
         raise OSError("; ".join(failures))
+
+
+def _keep_private(directory: Path) -> None:
+    """Make ``directory`` (where agents' HOMEs are) mode 0700 if it is looser. Blocking.
+
+    An agent owns its HOME: it may make a file setuid there (to the service's user, or
+    root) and open its HOME's mode to everyone; another account on the host that can
+    get to it runs the file as that user. The HOMEs' parent is out of the agents' reach
+    (hidden, or theirs to read only), so the barrier holds. A directory the service does
+    not own (an operator's) is left as it is, with a warning.
+    """
+    mode = stat.S_IMODE(os.stat(directory, follow_symlinks=False).st_mode)
+    if mode & 0o077:
+        try:
+            os.chmod(directory, 0o700, follow_symlinks=False)
+        except PermissionError:
+            log.warning(
+                "%s is mode %o and not the service's to change: make it 0700", directory, mode
+            )
 
 
 def _is_plain_name(name: str) -> bool:

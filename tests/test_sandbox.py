@@ -8,16 +8,23 @@ lets the agent read and write.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from claude_code_api import sandbox
 from claude_code_api.agent import AgentSpec
 from claude_code_api.sandbox import (
     agent_environment,
+    credentials_copy_path,
+    login_for_agents,
     make_launcher,
     probe_sandbox,
     remove_conversation_files,
@@ -150,6 +157,153 @@ def test_in_the_sandbox_an_agent_sees_no_secret_and_no_other_user(tmp_path):
 
 
 @needs_sandbox
+def test_in_the_sandbox_an_agent_holds_no_capability_even_as_root(tmp_path):
+    """bwrap started by root keeps every capability: mount would undo the sandbox."""
+    launcher = launcher_for(tmp_path, sandbox=True)
+    alice = AgentSpec(name="alice", home=tmp_path / "data" / "users" / "alice", ephemeral=False)
+    bob_file = tmp_path / "data" / "users" / "bob" / "notes.txt"
+    bob_file.parent.mkdir(parents=True)
+    bob_file.write_text("bob's notes")
+    data = tmp_path / "data"
+    done = run_agent_shell(
+        launcher,
+        alice,
+        "grep CapEff /proc/self/status; "
+        f"mount -o remount,rw,bind {data} 2>&1 && echo remounted; "
+        f"echo x >> {bob_file} 2>&1; echo done",
+    )
+    assert "CapEff:\t0000000000000000" in done.stdout, done.stdout
+    assert "remounted" not in done.stdout and "done" in done.stdout
+    assert bob_file.read_text() == "bob's notes"
+
+
+@needs_sandbox
+def test_in_the_sandbox_the_kernels_settings_are_read_only(tmp_path):
+    """As root (no capability needed) /proc/sys/kernel/core_pattern would run a host program."""
+    launcher = launcher_for(tmp_path, sandbox=True)
+    alice = AgentSpec(name="alice", home=tmp_path / "data" / "users" / "alice", ephemeral=False)
+    done = run_agent_shell(
+        launcher,
+        alice,
+        "for name in core_pattern modprobe; do "
+        'test -w /proc/sys/kernel/$name && echo "writable: $name"; done; '
+        "cat /proc/sys/kernel/core_pattern >/dev/null && echo readable",
+    )
+    assert "writable" not in done.stdout and "readable" in done.stdout, done.stdout
+
+
+@pytest.fixture
+def host_dir() -> Iterator[Path]:
+    """A directory outside /tmp (which the sandbox replaces): what agents could see."""
+    path = Path(tempfile.mkdtemp(prefix="sandbox-test-", dir="/var/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def listening_socket(path: Path) -> socket.socket:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(1)
+    return server
+
+
+@needs_sandbox
+def test_a_socket_to_hide_reached_through_a_symlink_is_hidden(tmp_path, host_dir, monkeypatch):
+    """/var/run is a link to /run on most systems: /var/run/docker.sock must not stop bwrap."""
+    (host_dir / "run").mkdir()
+    (host_dir / "var-run").symlink_to(host_dir / "run")
+    hidden = host_dir / "var-run" / "engine.sock"
+    monkeypatch.setattr(sandbox, "HIDDEN_SOCKETS", (hidden,))
+    launcher = launcher_for(tmp_path, sandbox=True)
+    alice = AgentSpec(name="alice", home=tmp_path / "data" / "users" / "alice", ephemeral=False)
+    with listening_socket(host_dir / "run" / "engine.sock"):
+        done = run_agent_shell(
+            launcher,
+            alice,
+            f"for path in {hidden} {host_dir}/run/engine.sock; do "
+            'test -S "$path" && echo "socket: $path"; done; echo started',
+        )
+    assert "started" in done.stdout, done.stderr
+    assert "socket:" not in done.stdout
+
+
+@needs_sandbox
+def test_every_users_runtime_dir_is_hidden_with_the_engines_sockets_in_it(
+    tmp_path, host_dir, monkeypatch
+):
+    """Rootless Docker and Podman listen in the user's runtime dir, as the service's own user."""
+    runtime = host_dir / "user"
+    monkeypatch.setattr(sandbox, "HIDDEN_RUNTIME_DIRS", (runtime,))
+    launcher = launcher_for(tmp_path, sandbox=True)
+    alice = AgentSpec(name="alice", home=tmp_path / "data" / "users" / "alice", ephemeral=False)
+    with listening_socket(runtime / "1000" / "podman" / "podman.sock"):
+        done = run_agent_shell(launcher, alice, f"ls -A {runtime}; echo listed")
+    assert done.stdout == "listed\n", (done.stdout, done.stderr)
+
+
+def test_the_real_runtime_dirs_and_engine_sockets_are_on_the_list():
+    assert Path("/run/user") in sandbox.HIDDEN_RUNTIME_DIRS
+    for name in ("docker.sock", "containerd/containerd.sock", "podman/podman.sock"):
+        assert Path("/run", name) in sandbox.HIDDEN_SOCKETS
+
+
+@needs_sandbox
+def test_a_data_dir_reached_through_a_symlink_is_hidden_and_agents_start(tmp_path, host_dir):
+    (host_dir / "volume").mkdir()
+    (host_dir / "data").symlink_to(host_dir / "volume")
+    bob_file = host_dir / "volume" / "users" / "bob" / "notes.txt"
+    bob_file.parent.mkdir(parents=True)
+    bob_file.write_text("bob's notes")
+    launcher = make_launcher(
+        cli=Path("/bin/sh"),
+        data_dir=host_dir / "data",
+        environ={"PATH": os.environ["PATH"], "HOME": str(tmp_path / "service-home")},
+        use_api_key=False,
+        extra_env=frozenset(),
+        bwrap=BWRAP,
+    )
+    alice = AgentSpec(name="alice", home=host_dir / "data" / "users" / "alice", ephemeral=False)
+    done = run_agent_shell(
+        launcher,
+        alice,
+        f"cat {bob_file} {host_dir}/data/users/bob/notes.txt 2>&1; echo mine > mine.txt; echo ok",
+    )
+    assert "ok" in done.stdout, done.stderr
+    assert "bob's notes" not in done.stdout
+    assert (host_dir / "volume" / "users" / "alice" / "workspace" / "mine.txt").is_file()
+
+
+@needs_sandbox
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root")
+def test_no_other_os_user_reaches_a_setuid_file_an_agent_made(host_dir):
+    """The agent owns its HOME and may chmod u+s there (as the service's user, or root):
+    another account on the host must not get to run what it made."""
+    host_dir.chmod(0o755)  # (as DATA_DIR's parent usually is; the data dir made 0755 too)
+    (host_dir / "data").mkdir(mode=0o755)
+    launcher = launcher_for(host_dir, sandbox=True)
+    alice = AgentSpec(name="alice", home=host_dir / "data" / "users" / "alice", ephemeral=False)
+    planted = alice.home / "sh"
+    done = run_agent_shell(
+        launcher, alice, f"cp /bin/true {planted}; chmod 4755 {planted}; chmod 755 $HOME"
+    )
+    assert planted.stat().st_mode & 0o4000, done.stderr  # made, setuid
+    nobody = subprocess.run(  # (a shell: setpriv's own exec skips the path's checks)
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        + ["sh", "-c", 'exec "$0"', str(planted)],
+        capture_output=True,
+        timeout=10,
+    )
+    assert nobody.returncode != 0, nobody
+    # A one-shot agent's HOME too (removed with it: its parent is what keeps others out).
+    worker = AgentSpec(name="w", home=host_dir / "data" / "workers" / "w0" / "a1", ephemeral=True)
+    launcher.cleanup(worker, launcher.prepare(worker, "a1"))
+    assert (worker.home.parent.stat().st_mode & 0o777) == 0o700
+
+
+@needs_sandbox
 def test_in_the_sandbox_the_system_is_read_only(tmp_path):
     launcher = launcher_for(tmp_path, sandbox=True)
     alice = AgentSpec(name="alice", home=tmp_path / "data" / "users" / "alice", ephemeral=False)
@@ -178,6 +332,46 @@ def test_an_ephemeral_home_is_removed_with_its_launcher(tmp_path):
     assert path.is_file() and spec.cwd.is_dir() and spec.config_dir.is_dir()
     launcher.cleanup(spec, path)
     assert not path.exists() and not spec.home.exists()
+
+
+@pytest.mark.parametrize(
+    ("stored", "shown"),
+    [
+        (
+            {
+                "claudeAiOauth": {"accessToken": "a", "refreshToken": "r", "expiresAt": 1},
+                "mcpOAuth": {"server": {"refreshToken": "m"}},
+            },
+            {"claudeAiOauth": {"accessToken": "a", "expiresAt": 1}},
+        ),
+        ({"mcpOAuth": {"server": {"refreshToken": "m"}}}, {}),
+        ({"claudeAiOauth": "not an object"}, {}),
+        (["not", "an", "object"], {}),
+    ],
+)
+def test_an_agent_is_shown_the_login_without_its_refresh_token(stored, shown):
+    assert json.loads(login_for_agents(json.dumps(stored).encode())) == shown
+
+
+@pytest.mark.parametrize("garbage", [b"", b"{not json", b"\xff\xfe"])
+def test_a_credentials_file_that_is_no_login_is_shown_as_an_empty_object(garbage):
+    assert json.loads(login_for_agents(garbage)) == {}
+
+
+def test_a_sandboxed_agents_copy_of_the_login_is_private_and_removed_with_it(tmp_path):
+    launcher = launcher_for(tmp_path, sandbox=True)
+    service_file = tmp_path / "service-home" / ".claude" / ".credentials.json"
+    service_file.parent.mkdir(parents=True)
+    service_file.write_text('{"claudeAiOauth": {"accessToken": "a", "refreshToken": "r"}}')
+    spec = AgentSpec(name="alice", home=tmp_path / "data" / "users" / "alice", ephemeral=False)
+    path = launcher.prepare(spec, "a1")
+    copy = credentials_copy_path(path)
+    assert copy.parent == launcher.run_dir and copy.stat().st_mode & 0o777 == 0o600
+    assert json.loads(copy.read_text()) == {"claudeAiOauth": {"accessToken": "a"}}
+    assert f"--ro-bind {copy} {spec.config_dir / '.credentials.json'}" in path.read_text()
+    launcher.cleanup(spec, path)
+    assert not path.exists() and not copy.exists()
+    assert "refreshToken" in service_file.read_text()  # the service's own file is untouched
 
 
 def kept_agent_home(tmp_path: Path) -> tuple[object, AgentSpec, Path]:
