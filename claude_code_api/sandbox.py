@@ -514,11 +514,12 @@ def _keep_private(directory: Path) -> None:
     (hidden, or theirs to read only), so the barrier holds. A directory the service does
     not own (an operator's) is left as it is, with a warning.
     """
-    mode = stat.S_IMODE(os.stat(directory, follow_symlinks=False).st_mode)
+    # (Followed if it is a link: an operator's volume for the HOMEs is protected the same.)
+    mode = stat.S_IMODE(os.stat(directory).st_mode)
     if mode & 0o077:
         try:
-            os.chmod(directory, 0o700, follow_symlinks=False)
-        except PermissionError:
+            os.chmod(directory, 0o700)
+        except OSError:  # not the service's (PermissionError), a read-only mount...
             log.warning(
                 "%s is mode %o and not the service's to change: make it 0700", directory, mode
             )

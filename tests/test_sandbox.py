@@ -301,6 +301,13 @@ def test_no_other_os_user_reaches_a_setuid_file_an_agent_made(host_dir):
     worker = AgentSpec(name="w", home=host_dir / "data" / "workers" / "w0" / "a1", ephemeral=True)
     launcher.cleanup(worker, launcher.prepare(worker, "a1"))
     assert (worker.home.parent.stat().st_mode & 0o777) == 0o700
+    # An operator's volume for the HOMEs, through a link: the directory it leads to.
+    volume = host_dir / "volume"
+    volume.mkdir(mode=0o755)
+    (host_dir / "data" / "workers" / "w1").symlink_to(volume)
+    linked = AgentSpec(name="w", home=host_dir / "data" / "workers" / "w1" / "a2", ephemeral=True)
+    launcher.cleanup(linked, launcher.prepare(linked, "a2"))
+    assert (volume.stat().st_mode & 0o777) == 0o700
 
 
 @needs_sandbox
