@@ -52,6 +52,26 @@ async def bash_as_alice(client, api, command: str, headers=AS_ALICE, **fields: s
     return tool_result_text(api.model_calls[-1].tool_results()[0]).split("<system-reminder>")[0]
 
 
+async def as_one_shot_and_session(
+    tmp_path: Path, command: str, **overrides: str
+) -> tuple[list[str], list[str | None]]:
+    """``command`` run by alice's one-shot agent, then her session's, on a sandboxed service.
+
+    Returns what each printed, and the ``authorization`` header of every model call.
+    """
+    with trio.fail_after(BUDGET_S):
+        async with open_mock_api() as api:
+            env = service_overrides(api.url, tmp_path, AGENT_SANDBOX="on", **overrides)
+            async with run_service(tmp_path, env=env) as service:
+                await wait_healthy(service, ready=1, timeout=60)
+                async with service.client(timeout=60) as client:
+                    outputs = [
+                        await bash_as_alice(client, api, command),
+                        await bash_as_alice(client, api, command, sessionId="a"),
+                    ]
+            return outputs, [call.headers.get("authorization") for call in api.model_calls]
+
+
 @needs_sandbox
 async def test_a_sandboxed_agent_holds_no_capability_to_undo_its_sandbox(tmp_path):
     """As root, bwrap keeps every capability unless told not to: mount could undo it all.
@@ -68,15 +88,8 @@ async def test_a_sandboxed_agent_holds_no_capability_to_undo_its_sandbox(tmp_pat
         "mount -o remount,rw,bind / && echo root-remounted-rw; "
         "unshare -m true && echo new-mount-namespace"
     )
-    with trio.fail_after(BUDGET_S):
-        async with open_mock_api() as api:
-            env = service_overrides(api.url, tmp_path, AGENT_SANDBOX="on")
-            async with run_service(tmp_path, env=env) as service:
-                await wait_healthy(service, ready=1, timeout=60)
-                async with service.client(timeout=60) as client:
-                    one_shot = await bash_as_alice(client, api, command)
-                    session = await bash_as_alice(client, api, command, sessionId="a")
-    for output in (one_shot, session):
+    outputs, _ = await as_one_shot_and_session(tmp_path, command)
+    for output in outputs:
         assert "CapEff:\t0000000000000000" in output, output
         assert "root-remounted-rw" not in output and "new-mount-namespace" not in output
     assert credentials.read_text() == SERVICE_TOKEN
@@ -94,15 +107,8 @@ async def test_a_sandboxed_agent_cannot_change_the_hosts_kernel_settings(tmp_pat
         "for name in core_pattern modprobe; do "
         'test -w /proc/sys/kernel/$name && echo "writable: $name"; done; echo checked'
     )
-    with trio.fail_after(BUDGET_S):
-        async with open_mock_api() as api:
-            env = service_overrides(api.url, tmp_path, AGENT_SANDBOX="on")
-            async with run_service(tmp_path, env=env) as service:
-                await wait_healthy(service, ready=1, timeout=60)
-                async with service.client(timeout=60) as client:
-                    one_shot = await bash_as_alice(client, api, command)
-                    session = await bash_as_alice(client, api, command, sessionId="a")
-    for output in (one_shot, session):
+    outputs, _ = await as_one_shot_and_session(tmp_path, command)
+    for output in outputs:
         assert "checked" in output and "writable" not in output, output
 
 
@@ -124,26 +130,16 @@ async def test_an_agent_gets_the_logins_access_token_but_never_its_refresh_token
     }
     credentials.write_text(json.dumps({"claudeAiOauth": login}))
     command = 'cat "$CLAUDE_CONFIG_DIR/.credentials.json"; echo; ls "$CLAUDE_CONFIG_DIR"'
-    with trio.fail_after(BUDGET_S):
-        async with open_mock_api() as api:
-            env = service_overrides(
-                api.url,
-                tmp_path,
-                AGENT_SANDBOX="on",
-                USE_CLAUDE_API_KEY="0",
-                AGENT_ENV="ANTHROPIC_BASE_URL",  # the mock's URL, without the API key
-            )
-            async with run_service(tmp_path, env=env) as service:
-                await wait_healthy(service, ready=1, timeout=60)
-                async with service.client(timeout=60) as client:
-                    one_shot = await bash_as_alice(client, api, command)
-                    session = await bash_as_alice(client, api, command, sessionId="a")
-    for output in (one_shot, session):
+    outputs, authorizations = await as_one_shot_and_session(
+        tmp_path,
+        command,
+        USE_CLAUDE_API_KEY="0",
+        AGENT_ENV="ANTHROPIC_BASE_URL",  # the mock's URL, without the API key
+    )
+    for output in outputs:
         assert "the-access-token" in output and "the-refresh-token" not in output, output
     # The CLI logged in with the access token, and the service's own file is untouched.
-    assert {call.headers.get("authorization") for call in api.model_calls} == {
-        "Bearer the-access-token"
-    }
+    assert set(authorizations) == {"Bearer the-access-token"}
     assert json.loads(credentials.read_text()) == {"claudeAiOauth": login}
 
 
