@@ -15,15 +15,24 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 
 from claude_code_api.actors.registry import user_workspace
 from claude_code_api.sandbox import probe_sandbox
-from tests.harness import run_service, wait_healthy
-from tests.mock_messages_api import TextReply, ToolUseReply, open_mock_api, tool_result_text
+from tests.harness import RunningService, run_service, wait_healthy
+from tests.mock_messages_api import (
+    MockMessagesApi,
+    TextReply,
+    ToolUseReply,
+    open_mock_api,
+    tool_result_text,
+)
 from tests.real_cli import requires_real_cli, service_overrides
 
 SANDBOX_REASON = probe_sandbox(shutil.which("bwrap"))
@@ -52,6 +61,23 @@ async def bash_as_alice(client, api, command: str, headers=AS_ALICE, **fields: s
     return tool_result_text(api.model_calls[-1].tool_results()[0]).split("<system-reminder>")[0]
 
 
+@asynccontextmanager
+async def agents_service(
+    tmp_path: Path, sandbox: str = "on", **overrides: str
+) -> AsyncIterator[tuple[MockMessagesApi, RunningService, httpx.AsyncClient]]:
+    """The service running the real CLI against the mock API, healthy, and a client of it.
+
+    Agents are sandboxed (``AGENT_SANDBOX``) unless ``sandbox`` says otherwise;
+    ``overrides`` are further settings.
+    """
+    async with open_mock_api() as api:
+        env = service_overrides(api.url, tmp_path, AGENT_SANDBOX=sandbox, **overrides)
+        async with run_service(tmp_path, env=env) as service:
+            await wait_healthy(service, ready=1, timeout=60)
+            async with service.client(timeout=60) as client:
+                yield api, service, client
+
+
 async def as_one_shot_and_session(
     tmp_path: Path, command: str, **overrides: str
 ) -> tuple[list[str], list[str | None]]:
@@ -60,15 +86,11 @@ async def as_one_shot_and_session(
     Returns what each printed, and the ``authorization`` header of every model call.
     """
     with trio.fail_after(BUDGET_S):
-        async with open_mock_api() as api:
-            env = service_overrides(api.url, tmp_path, AGENT_SANDBOX="on", **overrides)
-            async with run_service(tmp_path, env=env) as service:
-                await wait_healthy(service, ready=1, timeout=60)
-                async with service.client(timeout=60) as client:
-                    outputs = [
-                        await bash_as_alice(client, api, command),
-                        await bash_as_alice(client, api, command, sessionId="a"),
-                    ]
+        async with agents_service(tmp_path, **overrides) as (api, _service, client):
+            outputs = [
+                await bash_as_alice(client, api, command),
+                await bash_as_alice(client, api, command, sessionId="a"),
+            ]
             return outputs, [call.headers.get("authorization") for call in api.model_calls]
 
 
@@ -178,18 +200,14 @@ async def test_a_background_process_a_tool_started_dies_with_its_agent(tmp_path,
     command = f"bash -c 'exec -a {marker} sleep 600' >/dev/null 2>&1 & echo started"
     try:
         with trio.fail_after(BUDGET_S):
-            async with open_mock_api() as api:
-                env = service_overrides(api.url, tmp_path, AGENT_SANDBOX=sandbox)
-                env["AGENT_REUSE_S"] = "0"  # the agent retires right after its request
-                async with run_service(tmp_path, env=env) as service:
-                    await wait_healthy(service, ready=1, timeout=60)
-                    async with service.client(timeout=60) as client:
-                        assert "started" in await bash_as_alice(client, api, command)
-                    # The worker retires the agent and warms a fresh one.
-                    with trio.move_on_after(10):
-                        while processes_named(marker):
-                            await trio.sleep(0.1)
-                    assert processes_named(marker) == []
+            # AGENT_REUSE_S=0: the agent retires right after its request.
+            async with agents_service(tmp_path, sandbox, AGENT_REUSE_S="0") as (api, _, client):
+                assert "started" in await bash_as_alice(client, api, command)
+                # The worker retires the agent and warms a fresh one.
+                with trio.move_on_after(10):
+                    while processes_named(marker):
+                        await trio.sleep(0.1)
+                assert processes_named(marker) == []
     finally:
         for pid in processes_named(marker):
             os.kill(pid, signal.SIGKILL)
@@ -213,13 +231,9 @@ async def test_nothing_alice_leaves_behind_reaches_bobs_next_agent(tmp_path):
         "echo looked"
     )
     with trio.fail_after(BUDGET_S):
-        async with open_mock_api() as api:
-            env = service_overrides(api.url, tmp_path, AGENT_SANDBOX="on", AGENT_REUSE_S="60")
-            async with run_service(tmp_path, env=env) as service:
-                await wait_healthy(service, ready=1, timeout=60)
-                async with service.client(timeout=60) as client:
-                    assert "planted" in await bash_as_alice(client, api, leave)
-                    seen = await bash_as_alice(client, api, look, headers=AS_BOB)
+        async with agents_service(tmp_path, AGENT_REUSE_S="60") as (api, _service, client):
+            assert "planted" in await bash_as_alice(client, api, leave)
+            seen = await bash_as_alice(client, api, look, headers=AS_BOB)
     assert seen.split() == ["looked"], seen
 
 
@@ -233,19 +247,14 @@ async def test_an_agent_cannot_tell_which_users_have_agents_running(tmp_path):
     data_dir = Path(tempfile.mkdtemp(prefix="d", dir="/var/tmp"))  # short, outside /tmp
     try:
         with trio.fail_after(BUDGET_S):
-            async with open_mock_api() as api:
-                env = service_overrides(
-                    api.url, tmp_path, AGENT_SANDBOX="on", DATA_DIR=str(data_dir)
+            service_at = agents_service(tmp_path, DATA_DIR=str(data_dir))
+            async with service_at as (api, _service, client):
+                api.enqueue(TextReply("hello bob"))
+                bob = await client.post(
+                    "/run", json={"prompt": "hi", "sessionId": "b"}, headers=AS_BOB
                 )
-                async with run_service(tmp_path, env=env) as service:
-                    await wait_healthy(service, ready=1, timeout=60)
-                    async with service.client(timeout=60) as client:
-                        api.enqueue(TextReply("hello bob"))
-                        bob = await client.post(
-                            "/run", json={"prompt": "hi", "sessionId": "b"}, headers=AS_BOB
-                        )
-                        assert bob.status_code == 200, bob.text
-                        seen = await bash_as_alice(client, api, "cat /proc/net/unix; echo looked")
+                assert bob.status_code == 200, bob.text
+                seen = await bash_as_alice(client, api, "cat /proc/net/unix; echo looked")
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
     assert "looked" in seen
@@ -266,15 +275,11 @@ async def test_what_bobs_agent_serves_on_loopback_is_not_alices_to_read(tmp_path
         "echo serving"
     )
     with trio.fail_after(BUDGET_S):
-        async with open_mock_api() as api:
-            env = service_overrides(api.url, tmp_path, AGENT_SANDBOX="on")
-            async with run_service(tmp_path, env=env) as service:
-                await wait_healthy(service, ready=1, timeout=60)
-                async with service.client(timeout=60) as client:
-                    assert "serving" in await bash_as_alice(
-                        client, api, serve, headers=AS_BOB, sessionId="b"
-                    )
-                    seen = await bash_as_alice(client, api, "curl -s 127.0.0.1:8765/notes.txt")
+        async with agents_service(tmp_path) as (api, _service, client):
+            assert "serving" in await bash_as_alice(
+                client, api, serve, headers=AS_BOB, sessionId="b"
+            )
+            seen = await bash_as_alice(client, api, "curl -s 127.0.0.1:8765/notes.txt")
     assert "bobs-private-notes" not in seen
 
 
@@ -291,40 +296,34 @@ async def test_links_alices_agent_leaves_in_her_home_never_lead_the_service_to_b
     bob's files stay as they were and never reach alice.
     """
     with trio.fail_after(BUDGET_S):
-        async with open_mock_api() as api:
-            env = service_overrides(api.url, tmp_path, AGENT_SANDBOX="on")
-            async with run_service(tmp_path, env=env) as service:
-                bob_home = user_workspace(service.data_dir, "bob")
-                await wait_healthy(service, ready=1, timeout=60)
-                async with service.client(timeout=60) as client:
-                    api.enqueue(TextReply("noted"))
-                    put = await client.put(
-                        "/user-claude", json={"content": "bobs-memory"}, headers=AS_BOB
-                    )
-                    assert put.status_code == 200, put.text
-                    bob = await client.post(
-                        "/run", json={"prompt": "bobs-words", "sessionId": "b"}, headers=AS_BOB
-                    )
-                    assert bob.status_code == 200, bob.text
-                    bob_files = bobs_memory_and_transcripts(bob_home)
-                    assert len(bob_files) == 2, bob_files
-                    plant = (
-                        'cd "$HOME" && rm -rf .claude/projects .claude/CLAUDE.md && '
-                        f"ln -s {bob_home}/.claude/projects .claude/projects && "
-                        f"ln -s {bob_home}/.claude/CLAUDE.md .claude/CLAUDE.md && "
-                        f"ln -s {bob_home}/workspace workspace/bob && echo planted"
-                    )
-                    planted = await bash_as_alice(client, api, plant, sessionId="a")
-                    assert "planted" in planted, planted
-                    memory = await client.get("/user-claude", headers=AS_ALICE)
-                    deleted = await client.request(
-                        "DELETE", "/session", json={"sessionId": "a"}, headers=AS_ALICE
-                    )
-                    look = 'cat "$CLAUDE_CONFIG_DIR/CLAUDE.md"; ls -R "$HOME"; echo looked'
-                    again = await bash_as_alice(client, api, look, sessionId="a2")
-                    # A one-shot's prompt carries her CLAUDE.md: refused, being a link.
-                    one_shot = await client.post("/run", json={"prompt": "hi"}, headers=AS_ALICE)
-                    assert bobs_memory_and_transcripts(bob_home) == bob_files
+        async with agents_service(tmp_path) as (api, service, client):
+            bob_home = user_workspace(service.data_dir, "bob")
+            api.enqueue(TextReply("noted"))
+            put = await client.put("/user-claude", json={"content": "bobs-memory"}, headers=AS_BOB)
+            assert put.status_code == 200, put.text
+            bob = await client.post(
+                "/run", json={"prompt": "bobs-words", "sessionId": "b"}, headers=AS_BOB
+            )
+            assert bob.status_code == 200, bob.text
+            bob_files = bobs_memory_and_transcripts(bob_home)
+            assert len(bob_files) == 2, bob_files
+            plant = (
+                'cd "$HOME" && rm -rf .claude/projects .claude/CLAUDE.md && '
+                f"ln -s {bob_home}/.claude/projects .claude/projects && "
+                f"ln -s {bob_home}/.claude/CLAUDE.md .claude/CLAUDE.md && "
+                f"ln -s {bob_home}/workspace workspace/bob && echo planted"
+            )
+            planted = await bash_as_alice(client, api, plant, sessionId="a")
+            assert "planted" in planted, planted
+            memory = await client.get("/user-claude", headers=AS_ALICE)
+            deleted = await client.request(
+                "DELETE", "/session", json={"sessionId": "a"}, headers=AS_ALICE
+            )
+            look = 'cat "$CLAUDE_CONFIG_DIR/CLAUDE.md"; ls -R "$HOME"; echo looked'
+            again = await bash_as_alice(client, api, look, sessionId="a2")
+            # A one-shot's prompt carries her CLAUDE.md: refused, being a link.
+            one_shot = await client.post("/run", json={"prompt": "hi"}, headers=AS_ALICE)
+            assert bobs_memory_and_transcripts(bob_home) == bob_files
     assert deleted.status_code == 200, deleted.text
     assert "bobs-memory" not in memory.text and "bobs" not in one_shot.text
     assert "looked" in again and "bobs" not in again, again
@@ -341,14 +340,9 @@ async def test_another_account_on_the_host_cannot_run_what_an_agent_made_setuid(
     plant = 'cp /bin/true "$HOME/t" && chmod 4755 "$HOME/t" && chmod 755 "$HOME" && echo planted'
     try:
         with trio.fail_after(BUDGET_S):
-            async with open_mock_api() as api:
-                env = service_overrides(
-                    api.url, tmp_path, AGENT_SANDBOX="on", DATA_DIR=str(data_dir)
-                )
-                async with run_service(tmp_path, env=env) as service:
-                    await wait_healthy(service, ready=1, timeout=60)
-                    async with service.client(timeout=60) as client:
-                        planted = await bash_as_alice(client, api, plant, sessionId="a")
+            service_at = agents_service(tmp_path, DATA_DIR=str(data_dir))
+            async with service_at as (api, _service, client):
+                planted = await bash_as_alice(client, api, plant, sessionId="a")
         (setuid,) = data_dir.glob("users/*/t")
         nobody = subprocess.run(  # (a shell: setpriv's own exec skips the path's checks)
             ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
