@@ -49,7 +49,6 @@ connections wait in the listen backlog until one ends.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import resource
@@ -65,6 +64,8 @@ from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState
+
+from .json_run import json_bytes
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +230,7 @@ async def _send_json_protocol_error(protocol: H11Protocol, status_code: int) -> 
         reason = PROTOCOL_ERRORS.get(status_code) or HTTPStatus(status_code).phrase
     except ValueError:
         reason = "malformed HTTP request"
-    # As every other error reply is written (Quart's jsonify): compact, a final newline.
-    body = (json.dumps({"error": reason}, separators=(",", ":")) + "\n").encode()
+    body = json_bytes({"error": reason})
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),

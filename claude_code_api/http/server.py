@@ -11,7 +11,6 @@ ambiguous, and any request once shutdown has begun.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -27,6 +26,7 @@ from quart_trio import QuartTrio
 
 from ..logs import ACCESS_LOG_FORMAT
 from .connections import ConnectionTable, HttpConnection
+from .json_run import json_bytes
 
 log = logging.getLogger(__name__)
 
@@ -235,8 +235,7 @@ async def _refuse(
             message = await receive()
             if message["type"] != "http.request" or not message.get("more_body", False):
                 break
-    # Written as every other JSON reply (Quart's jsonify): compact, a final newline.
-    payload = (json.dumps(body, separators=(",", ":")) + "\n").encode()
+    payload = json_bytes(body)
     await send(
         {
             "type": "http.response.start",
