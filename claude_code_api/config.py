@@ -589,7 +589,8 @@ class Settings:
         "MAX_SESSIONS_PER_USER",
         Whole(1, 1_000_000),
         "100",
-        "sessions one user may hold, live or hibernated; past it a new session answers 429",
+        "sessions one user keeps, live or hibernated; a new session past it drops that user's"
+        " least recently used hibernated session (429 only if all are live)",
     )
     # None: sessions never expire.
     session_ttl_s: float | None = setting(

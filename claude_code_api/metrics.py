@@ -13,8 +13,9 @@ few points, each a plain function call that never awaits:
   (:func:`run_started`): ``queue_wait_seconds``;
 * :mod:`claude_code_api.metered_agent` — every agent's start and failure:
   ``warmup_seconds``, ``agent_failures_total`` by ``reason``;
-* the worker pool supervisor's restarts (:func:`worker_restarted`) and session
-  actors that resume a hibernated session (:func:`session_woke`);
+* the worker pool supervisor's restarts (:func:`worker_restarted`), session
+  actors that resume a hibernated session (:func:`session_woke`) and the
+  registry's evictions of hibernated sessions (:func:`session_evicted`);
 * the HTTP layer (:mod:`claude_code_api.http.observe`): ``http_requests_total``
   and ``http_request_duration_seconds``.
 
@@ -129,6 +130,12 @@ SESSION_WAKEUPS = Counter(
     "Hibernated sessions started again for a turn (after idling, eviction or a restart)",
     registry=REGISTRY,
 )
+SESSIONS_EVICTED = Counter(
+    PREFIX + "sessions_evicted",
+    "Hibernated sessions deleted (with their transcripts) to make room for a new session of"
+    " a user at MAX_SESSIONS_PER_USER, the least recently used first",
+    registry=REGISTRY,
+)
 COST = Counter(
     PREFIX + "cost_usd",
     "Cost in US dollars the agents reported for their turns, by user id",
@@ -212,6 +219,11 @@ def worker_restarted(_name: str = "") -> None:
 def session_woke() -> None:
     if _enabled:
         SESSION_WAKEUPS.inc()
+
+
+def session_evicted() -> None:
+    if _enabled:
+        SESSIONS_EVICTED.inc()
 
 
 def http_answered(method: str, route: str, status: int, seconds: float) -> None:

@@ -193,6 +193,7 @@ class Service:
                 ttl_s=settings.session_ttl_s,
                 on_health=self.store_status.update,
                 on_count=self.store_status.count,
+                sessions_in_use=self.pool_view.sessions_in_use,
                 task_status=task_status,
             )
 

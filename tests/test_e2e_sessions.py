@@ -291,3 +291,40 @@ async def test_an_idle_session_hibernates_and_wakes_with_its_memory(tmp_path):
                 await wait_until(process_gone, timeout=10)
                 reply = await say(client, "s", "What is my name?")
                 assert reply.json()["output"] == "Your name is Alice."
+
+
+async def test_a_user_at_the_bound_drops_the_least_recently_used_hibernated_session(tmp_path):
+    """claude-code-web never closes a session: the bound keeps the newest, it never refuses."""
+    env = {
+        "FAKE_CLAUDE_HOME": "",  # transcripts where the real CLI keeps them
+        "MAX_SESSIONS_PER_USER": "2",
+        "MAX_LIVE_SESSIONS": "1",  # so the older sessions are hibernated, not live
+    }
+    with trio.fail_after(90):
+        async with run_service(tmp_path, env=env) as service:
+            users = service.data_dir / "users"
+            async with service.client() as client:
+                first = await say(client, "s1", "My name is Alice.")
+                assert first.status_code == 200, first.text
+                s1_transcript = first.json()["claudeSessionId"] + ".jsonl"
+                assert (await say(client, "s2", "My name is Bob.")).status_code == 200
+                third = await say(client, "s3", "hello")
+                assert third.status_code == 200, third.text  # not 429
+
+                status = (await client.get("/status", headers=AUTH)).json()
+                assert {s["id"] for s in status["sessions"]} == {"s2", "s3"}
+                assert status["sessionsTotal"] == 2
+                # s1's files went with it; s2's are kept.
+                assert s1_transcript not in {p.name for p in users.rglob("*.jsonl")}
+                assert len(list(users.rglob("*.jsonl"))) == 2
+                scrape = (await client.get("/metrics")).text
+                assert "claude_code_api_sessions_evicted_total 1.0" in scrape
+                assert "evicted session 's1'" in service.log_text()
+
+                # s1 used again is a new conversation, as after a DELETE (and s2 goes now).
+                again = await say(client, "s1", "What is my name?")
+                assert again.status_code == 200, again.text
+                assert again.json()["output"] == "I don't know your name."
+                assert again.json()["claudeSessionId"] != first.json()["claudeSessionId"]
+                status = (await client.get("/status", headers=AUTH)).json()
+                assert {s["id"] for s in status["sessions"]} == {"s1", "s3"}

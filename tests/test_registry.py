@@ -293,6 +293,35 @@ async def test_create_bounds_sessions_per_user(tmp_path):
             store.close()
 
 
+async def test_create_at_the_bound_evicts_the_least_recently_used_not_in_use(tmp_path):
+    with trio.fail_after(TIMEOUT):
+        store = open_store(tmp_path)
+        try:
+            for name, last in (("old", 1.0), ("live", 0.5), ("mid", 2.0), ("new", 3.0)):
+                store.create(record("u", name, last=last), 4)
+            store.create(record("other", "x", last=0.1), 4)  # another user's: never a candidate
+            # "live" is the least recently used, but in use: "old" goes.
+            assert store.create(record("u", "n1", last=4.0), 4, {"live"}) == [
+                record("u", "old", last=1.0)
+            ]
+            assert {r.session_id for r in listed(store, "u")} == {"live", "mid", "new", "n1"}
+            # A lowered bound: as many go as needed to keep it.
+            evicted = store.create(record("u", "n2", last=5.0), 3, {"live", "n1"})
+            assert [r.session_id for r in evicted] == ["mid", "new"]
+            assert {r.session_id for r in listed(store, "u")} == {"live", "n1", "n2"}
+            # Everything in use: refused, saying so, and nothing deleted.
+            with pytest.raises(TooManySessions, match="every one is live") as caught:
+                store.create(record("u", "n3"), 3, {"live", "n1", "n2"})
+            assert caught.value.all_live
+            assert store.count() == 4
+            # No view of what is in use (None): nothing may go, as before.
+            with pytest.raises(TooManySessions, match="already has 3 sessions, the most allowed$"):
+                store.create(record("u", "n3"), 3)
+            assert store.load(record("other", "x").key) is not None
+        finally:
+            store.close()
+
+
 async def test_delete_inactive_takes_the_oldest_first(tmp_path):
     with trio.fail_after(TIMEOUT):
         store = open_store(tmp_path)
@@ -593,9 +622,9 @@ class RecordingStore(SessionStore):
         self._note("save", [r.key.session_id for r in records])
         return super().save_many(records, **options)
 
-    def create(self, record, max_per_user):
+    def create(self, record, max_per_user, in_use=None):
         self._note("create", record.key)
-        return super().create(record, max_per_user)
+        return super().create(record, max_per_user, in_use)
 
     def delete(self, key):
         self._note("delete", key)
@@ -742,9 +771,9 @@ class FailingStore(SessionStore):
             self._fail(r.user_id)
         return super().save_many(records, **options)
 
-    def create(self, record, max_per_user):
+    def create(self, record, max_per_user, in_use=None):
         self._fail(record.user_id)
-        return super().create(record, max_per_user)
+        return super().create(record, max_per_user, in_use)
 
     def delete(self, key):
         self._fail(key.user_id)

@@ -19,6 +19,7 @@ import pytest
 import trio
 import trio.testing
 
+from claude_code_api import metrics
 from claude_code_api.actors import registry as registry_module
 from claude_code_api.actors.registry import (
     DB_FILENAME,
@@ -285,6 +286,43 @@ async def test_delete_removes_the_transcripts_of_every_claude_session_id(tmp_pat
         assert "cannot list transcripts" in caplog.text and "a bug in the remover" in caplog.text
         assert threading.get_ident() not in transcripts.threads  # in the worker thread
         assert await client.delete(gone.key) is False
+
+
+async def test_a_create_at_the_bound_evicts_the_least_recently_used_hibernated_session(
+    tmp_path, nursery, caplog
+):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    with trio.fail_after(TIMEOUT):
+        transcripts = Transcripts(tmp_path / "projects")
+        in_use: dict[str, frozenset[str]] = {"u": frozenset({"oldest"})}
+        counts: list[int] = []
+        client = await _start(
+            nursery,
+            open_store(tmp_path),
+            remove_transcripts=transcripts,
+            sessions_in_use=lambda user: in_use.get(user, frozenset()),
+            on_count=counts.append,
+        )
+        for name, last in (("oldest", 1.0), ("older", 2.0), ("newer", 3.0)):
+            r = attrs.evolve(record("u", name, last=last), claude_session_id=f"c-{name}")
+            transcripts.make("u", r.claude_session_id)
+            await client.create(r, 3)
+        evicted_before = metrics.SESSIONS_EVICTED._value.get()
+
+        await client.create(record("u", "fourth", last=4.0), 3)  # at the bound: room is made
+
+        page = await client.list_for_user("u", 10)
+        assert {r.session_id for r in page.records} == {"oldest", "newer", "fourth"}
+        assert "u/c-older.jsonl" not in transcripts.present()  # its files went with it
+        assert "u/c-oldest.jsonl" in transcripts.present()  # in use: kept
+        assert metrics.SESSIONS_EVICTED._value.get() == evicted_before + 1
+        assert "evicted session 'older' of user 'u'" in caplog.text
+        assert counts[-1] == 3  # one in, one out
+
+        in_use["u"] = frozenset({"oldest", "newer", "fourth"})
+        with pytest.raises(TooManySessions, match="every one is live"):
+            await client.create(record("u", "fifth"), 3)
+        assert (await client.list_for_user("u", 10)).total == 3
 
 
 async def test_a_delete_that_fails_keeps_the_transcripts(tmp_path, nursery):

@@ -20,7 +20,7 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-from claude_code_api.actors.dispatcher import Dispatcher, SessionLimits
+from claude_code_api.actors.dispatcher import Dispatcher, PoolView, SessionLimits
 from claude_code_api.actors.registry import DeleteSession
 from claude_code_api.http.app import SHOWN_SESSION_STATES
 from claude_code_api.http.jobs import close_session, pool_snapshot, run_job
@@ -247,6 +247,7 @@ async def start_service(
     turn_s: float = 0.0,
     stop_s: float = 0.0,
     records: tuple[str, ...] = (),
+    view: PoolView | None = None,
 ) -> Service:
     """Start the fakes and a dispatcher in ``nursery`` (pytest-trio's, cancelled after the
     test), wired as the supervision tree wires the real ones."""
@@ -264,6 +265,7 @@ async def start_service(
         session_limits=SessionLimits(
             max_live=max_live, per_session_max=per_session_max, idle_s=idle_s
         ),
+        view=view,
     )
     await nursery.start(sessions.serve, starts_receive)
     await nursery.start(registry.serve, registry_receive)
@@ -430,6 +432,25 @@ async def test_least_recently_used_idle_session_is_hibernated_for_a_new_one(
         assert fakes.details("hibernate") == ["b"]
         assert fakes.max_alive == 2
         assert await session_states(service.inbox) == {"a": "live", "c": "live"}
+
+
+async def test_the_registry_is_told_which_sessions_are_in_use_and_not_hibernated(
+    autojump_clock, nursery
+):
+    """What the registry must not evict: live sessions and those with turns waiting."""
+    with trio.fail_after(LIMIT):
+        view = PoolView()
+        assert view.sessions_in_use(USER) is None  # no dispatcher: nothing may be evicted
+        service = await start_service(nursery, max_live=1, stop_s=1, view=view)
+        assert view.sessions_in_use(USER) == frozenset()
+        assert await outcome((await submit(service.inbox, "a", "a1"))[1]) == answer("a1")
+        assert view.sessions_in_use(USER) == {"a"}  # live (idle)
+        _, b_reply = await submit(service.inbox, "b", "b1")
+        assert await session_states(service.inbox) == {"a": "stopping", "b": "waiting"}
+        assert view.sessions_in_use(USER) == {"a", "b"}
+        assert view.sessions_in_use("someone else") == frozenset()
+        assert await outcome(b_reply) == answer("b1")
+        assert view.sessions_in_use(USER) == {"b"}  # a is hibernated: only its record is left
 
 
 async def test_when_every_live_session_is_busy_a_new_turn_waits_for_one_to_finish(

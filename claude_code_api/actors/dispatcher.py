@@ -118,6 +118,15 @@ class PoolView:
         """The pool's workers, queue and state now (no sessions, no runs); None: no dispatcher."""
         return None if self.source is None else self.source()
 
+    sessions_source: Callable[[str], frozenset[str]] | None = None
+
+    def sessions_in_use(self, user_id: str) -> frozenset[str] | None:
+        """Ids of ``user_id``'s sessions that are live or have turns waiting; None: no dispatcher.
+
+        The registry asks it before it evicts a hibernated session of that user.
+        """
+        return None if self.sessions_source is None else self.sessions_source(user_id)
+
 
 @attrs.frozen
 class SessionLimits:
@@ -180,6 +189,7 @@ class Dispatcher:
         """
         if self.view is not None:
             self.view.source = self.health_snapshot
+            self.view.sessions_source = self.sessions.session_ids_of
         task_status.started()
         try:
             while True:
@@ -202,6 +212,7 @@ class Dispatcher:
         finally:
             if self.view is not None and self.view.source == self.health_snapshot:
                 self.view.source = None
+                self.view.sessions_source = None
 
     def on_time(self, now: float) -> None:
         """Everything due by ``now``, then dispatch: after it, no deadline is in the past."""

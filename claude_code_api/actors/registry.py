@@ -62,7 +62,7 @@ import re
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,7 @@ from typing import Any
 import attrs
 import trio
 
+from .. import metrics
 from ..messages import RunOptions, SessionKey
 
 log = logging.getLogger(__name__)
@@ -226,11 +227,20 @@ class TooManySessions(Exception):
     deliberately not a :class:`RegistryError`.
     """
 
-    def __init__(self, user_id: str, limit: int):
+    def __init__(self, user_id: str, limit: int, *, all_live: bool = False):
         sessions = "session" if limit == 1 else "sessions"
-        super().__init__(f"user {user_id!r} already has {limit} {sessions}, the most allowed")
+        if all_live:
+            message = (
+                f"user {user_id!r} already has {limit} {sessions}, the most allowed, and every"
+                " one is live (running or with turns waiting), so none can be dropped to make"
+                " room; try again when one has finished its turn"
+            )
+        else:
+            message = f"user {user_id!r} already has {limit} {sessions}, the most allowed"
+        super().__init__(message)
         self.user_id = user_id
         self.limit = limit
+        self.all_live = all_live
 
 
 class SessionExists(Exception):
@@ -413,11 +423,23 @@ class SessionStore:
         with self._translate():
             self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
-    def create(self, record: SessionRecord, max_per_user: int) -> None:
-        """Insert a new record if its user has fewer than ``max_per_user``; one transaction.
+    def create(
+        self,
+        record: SessionRecord,
+        max_per_user: int,
+        in_use: Collection[str] | None = None,
+    ) -> list[SessionRecord]:
+        """Insert a new record, keeping its user at most ``max_per_user``; one transaction.
+
+        When the user already has ``max_per_user`` records, the least recently
+        active of those whose session id is not in ``in_use`` (the sessions
+        that are live or have turns waiting) are deleted to make room, and
+        returned (their transcripts are the caller's to remove). ``in_use`` None:
+        nothing may be evicted.
 
         Raises :class:`SessionExists` if the key has a record (left unchanged),
-        :class:`TooManySessions` if the user is at the bound.
+        :class:`TooManySessions` if the user is at the bound and too few of their
+        sessions can be evicted (nothing is deleted then).
         """
         with self._write():
             db = self._db
@@ -426,9 +448,31 @@ class SessionStore:
             (n,) = db.execute(
                 "SELECT count(*) FROM sessions WHERE user_id = ?", (record.user_id,)
             ).fetchone()
-            if n >= max_per_user:
-                raise TooManySessions(record.user_id, max_per_user)
+            evicted: list[SessionRecord] = []
+            excess = n - max_per_user + 1
+            if excess > 0:
+                if in_use is not None:
+                    evicted = self._least_recent_unused(record.user_id, excess, in_use)
+                if len(evicted) < excess:
+                    raise TooManySessions(record.user_id, max_per_user, all_live=in_use is not None)
+                db.executemany(f"DELETE FROM sessions {_WHERE_KEY}", [_key(r.key) for r in evicted])
             db.execute(_INSERT, _row(record))
+        return evicted
+
+    def _least_recent_unused(
+        self, user_id: str, count: int, in_use: Collection[str]
+    ) -> list[SessionRecord]:
+        """Up to ``count`` of the user's records not in ``in_use``, least recently active first."""
+        found: list[SessionRecord] = []
+        rows = self._db.execute(
+            f"{_SELECT} WHERE user_id = ? ORDER BY last_activity, session_id", (user_id,)
+        )
+        for row in rows:  # walks the (user_id, last_activity) index
+            if row[1] not in in_use:
+                found.append(_record(row))
+                if len(found) == count:
+                    break
+        return found
 
     def delete(self, key: SessionKey) -> SessionRecord | None:
         """Forget a session; returns the record it had, or None if there was none."""
@@ -736,6 +780,9 @@ RegistryMessage = LoadSession | SaveSession | CreateSession | DeleteSession | Li
 
 HealthCallback = Callable[[str | None], None]
 CountCallback = Callable[[int], None]
+# user_id -> the ids of that user's sessions that are live or have turns waiting (the
+# dispatcher's view), None when no dispatcher runs; read on the trio thread.
+InUseCallback = Callable[[str], "Collection[str] | None"]
 # (user_id, claude_session_id): removes that CLI session's transcripts; OSError if it cannot.
 TranscriptRemover = Callable[[str, str], None]
 
@@ -751,6 +798,7 @@ async def serve_registry(
     ttl_s: float | None = None,
     on_health: HealthCallback | None = None,
     on_count: CountCallback | None = None,
+    sessions_in_use: InUseCallback | None = None,
     wall_clock: Callable[[], float] = time.time,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -791,6 +839,15 @@ async def serve_registry(
     first failure (a store that opened is healthy). Reads do not change it: a
     deleted database file still reads.
 
+    ``sessions_in_use(user_id)`` names that user's sessions that are live or
+    have turns waiting (read on the trio thread as a create is handled). A create
+    that would take its user past ``max_per_user`` evicts the least recently
+    active of the others: each is deleted in the create's transaction, its
+    transcripts removed as a delete's are, logged and counted
+    (``sessions_evicted_total``). Only when too few can be evicted is the create
+    refused (:class:`TooManySessions`, saying they are all live). None (or a
+    callback answering None: no dispatcher runs): nothing is evicted.
+
     ``on_count(n)`` is told how many records the store holds (all users together),
     on the trio thread: counted once at start-up, then kept by the writes that
     add or remove one (a create, a delete, the expiry sweep), so a reader (the
@@ -808,6 +865,7 @@ async def serve_registry(
             raise ValueError(f"ttl_s must be positive or None, not {ttl_s!r}")
         registry = _Registry(store, inbox, remove_transcripts, ttl_s, on_health, wall_clock)
         registry.on_count = on_count
+        registry.sessions_in_use = sessions_in_use
         await registry.count_records()
         task_status.started()
         await registry.run()
@@ -859,6 +917,7 @@ class _Registry:
         self.sweep_cutoff: float | None = None  # set while a sweep is under way
         self.swept = 0
         self.on_count: CountCallback | None = None
+        self.sessions_in_use: InUseCallback | None = None
         self.records: int | None = None  # how many the store holds (None: not counted)
 
     async def run(self) -> None:
@@ -938,9 +997,7 @@ class _Registry:
                     _answer(reply, outcome.answer)
             case CreateSession(record, max_per_user, reply):
                 with reply:
-                    outcome = await self._write("create", self.store.create, record, max_per_user)
-                    self._count_change(1 if outcome.error is None else 0)
-                    _answer(reply, outcome.answer)
+                    await self._create(record, max_per_user, reply)
             case DeleteSession(key, reply):
                 with reply:
                     outcome = await self._write("delete", self._delete_in_thread, key)
@@ -982,6 +1039,40 @@ class _Registry:
                 _answer(message.reply, None if error is None else RegistryError(str(error)))
         if self.store.commits_since_checkpoint >= CHECKPOINT_EVERY:
             await self._write("checkpoint", self.store.checkpoint)
+
+    async def _create(
+        self,
+        record: SessionRecord,
+        max_per_user: int,
+        reply: trio.MemorySendChannel[Any],
+    ) -> None:
+        # Read on the trio thread, now: a session that goes live after this loads its
+        # record after this create (one request at a time), so it finds it gone if it
+        # was evicted, as a deleted one, and starts a new conversation.
+        in_use = None if self.sessions_in_use is None else self.sessions_in_use(record.user_id)
+        outcome = await self._write("create", self._create_in_thread, record, max_per_user, in_use)
+        if outcome.error is None:
+            evicted: list[SessionRecord] = outcome.value
+            self._count_change(1 - len(evicted))
+            for old in evicted:
+                log.info(
+                    "session registry: evicted session %r of user %r (least recently used"
+                    " of %d, last active %s) to make room for %r",
+                    old.session_id,
+                    old.user_id,
+                    max_per_user,
+                    time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(old.last_activity)),
+                    record.session_id,
+                )
+                metrics.session_evicted()
+        _answer(reply, None if outcome.error is None else outcome.error)
+
+    def _create_in_thread(
+        self, record: SessionRecord, max_per_user: int, in_use: Collection[str] | None
+    ) -> list[SessionRecord]:
+        evicted = self.store.create(record, max_per_user, in_use)
+        self._remove_transcripts(evicted)
+        return evicted
 
     def _save_now(self, records: list[SessionRecord]) -> None:
         self.store.save_many(records, wait=False)
@@ -1131,12 +1222,14 @@ class RegistryClient:
         await self._request(lambda reply: SaveSession(record, reply))
 
     async def create(self, record: SessionRecord, max_per_user: int) -> None:
-        """Insert a new session if its user has fewer than ``max_per_user``; returns once durable.
+        """Insert a new session, its user keeping at most ``max_per_user``; returns once durable.
 
-        The check and the insert are one transaction. Raises
-        :class:`TooManySessions` at the bound, :class:`SessionExists` if the
-        key already has a record (left unchanged), :class:`RegistryError` if
-        the write failed.
+        At the bound, the user's least recently active sessions that are not in
+        use are evicted to make room (see :func:`serve_registry`). The check, the
+        evictions and the insert are one transaction. Raises
+        :class:`TooManySessions` when the user's sessions at the bound are all in
+        use, :class:`SessionExists` if the key already has a record (left
+        unchanged), :class:`RegistryError` if the write failed.
         """
         if max_per_user < 0:
             raise ValueError(f"max_per_user must be >= 0, not {max_per_user}")

@@ -369,6 +369,13 @@ class SessionScheduler:
                     entry.waiting.push_front(job)
                     entry.state = SessionState.STOPPING
 
+    def session_ids_of(self, user_id: str) -> frozenset[str]:
+        """Ids of ``user_id``'s sessions known here: live, or waiting with turns queued.
+
+        Those the registry must not evict; a hibernated session has no entry.
+        """
+        return frozenset(k.session_id for k in self.entries if k.user_id == user_id)
+
     def live_count(self) -> int:
         return sum(1 for e in self.entries.values() if e.state in LIVE_STATES)
 
