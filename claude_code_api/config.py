@@ -600,6 +600,21 @@ class Settings:
         "a session not used for this long is deleted with its transcripts; must exceed"
         " `SESSION_IDLE_MS` + `MAX_TIMEOUT_MS` (so no live session expires)",
     )
+    user_disk_max_mb: int = setting(
+        "USER_DISK_MAX_MB",
+        Whole(1, 100_000_000),
+        "1024",
+        "MiB one user's agents may keep (their HOME with workspace and transcripts, and"
+        " their one-shot agents' HOMEs while they run); over it new work answers 507 and a"
+        " running turn is stopped; no single file may grow past it",
+    )
+    disk_reserve_mb: int = setting(
+        "DISK_RESERVE_MB",
+        Whole(0, 100_000_000),
+        "256",
+        "MiB of `DATA_DIR`'s filesystem (at most a quarter of it) kept free for the"
+        " service's own state: agents' files may not grow into it",
+    )
     restart_backoff_max_s: float = setting(
         "RESTART_BACKOFF_MAX_MS",
         Duration("ms", 1, 3_600_000),

@@ -35,7 +35,7 @@ import shlex
 import shutil
 import stat
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import attrs
@@ -291,6 +291,10 @@ class AgentLauncher:
     hidden: tuple[Path, ...]
     credentials: Path | None
     setsid: str | None = attrs.field(factory=lambda: shutil.which("setsid"))
+    # RLIMIT_FSIZE in bytes for an agent starting now (the disk quota: disk_quota.py),
+    # set through util-linux's prlimit; None: no limit.
+    max_file_size: Callable[[], int] | None = None
+    prlimit: str | None = attrs.field(factory=lambda: shutil.which("prlimit"))
 
     @property
     def sandboxed(self) -> bool:
@@ -333,13 +337,24 @@ class AgentLauncher:
         path = self.launcher_path(spec, agent_id)
         if self.sandboxed and credentials is not None:
             credentials = self._copy_login(credentials, credentials_copy_path(path))
-        path.write_text(self.script(spec, credentials))
+        max_file_size = self.max_file_size() if self.max_file_size is not None else None
+        path.write_text(self.script(spec, credentials, max_file_size=max_file_size))
         path.chmod(0o700)
         return path
 
-    def script(self, spec: AgentSpec, credentials: Path | None) -> str:
-        """The launcher's text: a POSIX shell script that execs the CLI with the given argv."""
-        command: list[str] = [self.setsid] if self.setsid else []
+    def script(
+        self, spec: AgentSpec, credentials: Path | None, *, max_file_size: int | None = None
+    ) -> str:
+        """The launcher's text: a POSIX shell script that execs the CLI with the given argv.
+
+        ``max_file_size``: the agent's RLIMIT_FSIZE (soft and hard, so it cannot raise
+        it), which every process it starts inherits.
+        """
+        command: list[str] = []
+        if max_file_size is not None and self.prlimit is not None:
+            command += [self.prlimit, f"--fsize={max_file_size}:{max_file_size}", "--"]
+        if self.setsid:
+            command.append(self.setsid)
         if self.bwrap is not None:
             hidden = [*self.hidden, *HIDDEN_RUNTIME_DIRS, *HIDDEN_SOCKETS]
             command += [self.bwrap]

@@ -17,11 +17,13 @@ import logging
 import os
 import shutil
 from collections.abc import Mapping
+from functools import partial
 
 import attrs
 
 from .agent import ROOT_REFUSAL
 from .config import Settings
+from .disk_quota import MIB, file_size_limit
 from .sandbox import (
     CREDENTIALS_FILE,
     AgentLauncher,
@@ -70,6 +72,21 @@ def plan_agents(settings: Settings, environ: Mapping[str, str]) -> AgentPlan:
         extra_env=frozenset(settings.agent_env),
         bwrap=bwrap,
     )
+    # A single file an agent writes stops at the disk quota (disk_quota.py).
+    launcher = attrs.evolve(
+        launcher,
+        max_file_size=partial(
+            file_size_limit,
+            settings.data_dir,
+            settings.user_disk_max_mb * MIB,
+            settings.disk_reserve_mb * MIB,
+        ),
+    )
+    if launcher.prlimit is None:
+        log.warning(
+            "prlimit (util-linux) is not installed: a single file an agent writes is not"
+            " bounded between two measurements of its user's disk quota"
+        )
     return AgentPlan(launcher, refusal)
 
 

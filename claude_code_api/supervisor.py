@@ -48,6 +48,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping
+from functools import partial
 
 import trio
 
@@ -63,6 +64,7 @@ from .actors.turn import TurnLimits
 from .actors.worker import WorkerConfig, serve_worker
 from .agent import CLOSE_GRACE_S, AgentFactory
 from .config import Settings
+from .disk_quota import DiskQuota
 from .http.app import StoreStatus, create_app
 from .http.connections import connection_limit
 from .http.server import HttpServer
@@ -177,7 +179,8 @@ class Service:
 
     def _tree(self) -> Supervisor:
         settings = self.settings
-        turn = TurnLimits(settings.interrupt_grace_s, settings.max_output_chars)
+        disk = DiskQuota.from_settings(settings, partial(user_workspace, settings.data_dir))
+        turn = TurnLimits(settings.interrupt_grace_s, settings.max_output_chars, disk)
         turn_stop_grace = settings.interrupt_grace_s + CLOSE_GRACE_S + 1.0
 
         async def start_reaper(*, task_status: trio.TaskStatus[None]) -> None:

@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 
 from claude_code_api import sandbox
@@ -108,6 +109,15 @@ def test_the_launcher_script_names_what_it_hides_and_quotes_paths(tmp_path):
     assert "--unsetenv API_KEYS" in text and "--unsetenv NEXTAUTH_SECRET" in text
     assert "s3cret" not in text and "sk-alice" not in text  # names only, never values
     assert text.rstrip().endswith('/bin/sh "$@"')
+
+
+@pytest.mark.parametrize("sandbox", [False, pytest.param(True, marks=needs_sandbox)])
+def test_an_agent_cannot_write_a_file_past_its_file_size_limit(tmp_path, sandbox):
+    launcher = attrs.evolve(launcher_for(tmp_path, sandbox=sandbox), max_file_size=lambda: 65536)
+    spec = AgentSpec(name="session alice/s", home=tmp_path / "data/users/alice", ephemeral=False)
+    done = run_agent_shell(launcher, spec, "dd if=/dev/zero of=big bs=4096 count=100; echo $?")
+    assert (spec.cwd / "big").stat().st_size == 65536, done.stdout + done.stderr
+    assert done.stdout.strip() != "0"  # dd was stopped (SIGXFSZ or EFBIG), the shell lives on
 
 
 def run_agent_shell(launcher, spec: AgentSpec, command: str) -> subprocess.CompletedProcess:

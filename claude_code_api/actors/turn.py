@@ -15,7 +15,11 @@ to drain the turn, and *killed* only if it does not — when:
   404): the reply is a 502 naming it. Retryable failures (429, 5xx, 529, no
   connection) are left to the CLI's own retries within the deadline; each is
   logged and relayed, and a reply that runs out of time carries the last one;
-* the caller cancels ``turn_scope`` (a service shutdown, a deleted session).
+* the caller cancels ``turn_scope`` (a service shutdown, a deleted session);
+* the user's files pass their disk quota, or grow into the service's reserve
+  (``limits.disk``: :meth:`~claude_code_api.disk_quota.DiskQuota.watch`): the reply
+  is a 507 naming the quota. A user already over it gets that 507 before the
+  prompt reaches the agent.
 
 An agent that dies or breaks the protocol mid-turn is killed (it is broken) and
 the reply is a 502. The outcome says whether the agent can take another turn.
@@ -25,12 +29,16 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import attrs
 import trio
 
 from .. import metrics
 from ..agent import Agent, AgentError, TurnResult
+from ..disk_quota import DiskQuota
 from ..messages import (
     AgentEvent,
     AssistantText,
@@ -58,6 +66,7 @@ class CutReason(enum.StrEnum):
     CANCELLED = "cancelled"
     UPSTREAM = "upstream error"
     STOPPED = "stopped"
+    DISK = "disk quota"
 
 
 @attrs.frozen
@@ -79,6 +88,7 @@ class TurnOutcome:
 class TurnLimits:
     interrupt_grace_s: float
     max_output_chars: int
+    disk: DiskQuota | None = None  # the users' disk quota (None: not enforced)
 
 
 class OutputCollector:
@@ -143,6 +153,7 @@ async def run_turn(
     taken_at: float | None = None,
     model: str | None = None,
     permission_mode: str | None = None,
+    home: Path | None = None,
 ) -> TurnOutcome:
     """Run ``job`` on ``agent``, relaying events to ``job.reply``; see the module docstring.
 
@@ -152,6 +163,7 @@ async def run_turn(
     the caller took the job from the dispatcher. ``model`` and ``permission_mode``,
     when given, are set on the agent before the prompt (control requests, within
     the turn's deadline); an agent that refuses fails the turn like a dead one.
+    ``home``: a one-shot agent's own HOME, counted for the job's user while it runs.
     """
     context = job_context(job, worker_id)
     scope = turn_scope if turn_scope is not None else trio.CancelScope()
@@ -159,6 +171,7 @@ async def run_turn(
     collected = OutputCollector(limits.max_output_chars)
     retries = _UpstreamRetries()
     cut: CutReason | None = None
+    disk_failure: JobFailed | None = None
 
     def cut_short(reason: CutReason) -> None:
         nonlocal cut
@@ -193,6 +206,11 @@ async def run_turn(
         if isinstance(event, UpstreamRetry) and event.status in NON_RETRYABLE_STATUSES:
             cut_short(CutReason.UPSTREAM)
 
+    def stop_for_disk(failure: JobFailed) -> None:
+        nonlocal disk_failure
+        disk_failure = disk_failure or failure
+        cut_short(CutReason.DISK)
+
     def cancelled_by_client() -> None:
         gone = job.cancellation.reason == CutReason.CLIENT_GONE
         cut_short(CutReason.CLIENT_GONE if gone else CutReason.CANCELLED)
@@ -201,21 +219,31 @@ async def run_turn(
     failure: AgentError | None = None
     began = False  # the prompt may have reached the agent
     # A callback, not a watcher task: no task to start and cancel on every turn.
-    with job.cancellation.calling(cancelled_by_client):
+    disk = limits.disk
+    with job.cancellation.calling(cancelled_by_client), _counted(disk, job.user_id, home):
+        if disk is not None and cut is None:
+            refused = await disk.refusal(job.user_id)
+            if refused is not None:
+                return TurnOutcome(refused, agent_usable=True, cut=CutReason.DISK)
         started_at = trio.current_time() if taken_at is None else taken_at
         metrics.run_started(started_at - job.submitted_at)
         await send(JobStarted(worker_id, at=started_at))
         with scope:
             if cut is None:
                 began = True
-                try:
-                    if model is not None:
-                        await agent.set_model(model)
-                    if permission_mode is not None:
-                        await agent.set_permission_mode(permission_mode)
-                    result = await agent.run_turn(job.prompt, relay, memory=job.memory)
-                except AgentError as exc:
-                    failure = exc
+                async with trio.open_nursery() as watching:
+                    if disk is not None:
+                        watching.start_soon(disk.watch, job.user_id, stop_for_disk)
+                    try:
+                        if model is not None:
+                            await agent.set_model(model)
+                        if permission_mode is not None:
+                            await agent.set_permission_mode(permission_mode)
+                        result = await agent.run_turn(job.prompt, relay, memory=job.memory)
+                    except AgentError as exc:
+                        failure = exc
+                    finally:
+                        watching.cancel_scope.cancel()
 
     elapsed_ms = round((trio.current_time() - job.submitted_at) * 1000)
     if failure is not None:
@@ -232,6 +260,8 @@ async def run_turn(
     terminal: TerminalEvent
     if cut is CutReason.UPSTREAM and retries.last is not None:
         terminal = upstream_failure(retries.last.status, retries.last.message)
+    elif cut is CutReason.DISK and disk_failure is not None:
+        terminal = disk_failure
     else:
         terminal = RunResult(
             success=False,
@@ -253,6 +283,15 @@ async def run_turn(
         extra=context,
     )
     return TurnOutcome(terminal, agent_usable=usable, cut=cut, upstream_error=upstream)
+
+
+@contextmanager
+def _counted(disk: DiskQuota | None, user_id: str, home: Path | None) -> Iterator[None]:
+    if disk is None:
+        yield
+    else:
+        with disk.counting(user_id, home):
+            yield
 
 
 def outcome_before_start(job: Job) -> TurnOutcome:

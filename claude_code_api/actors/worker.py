@@ -184,6 +184,7 @@ async def _work(
                             taken_at=taken_at,
                             model=job.options.model,
                             permission_mode=job.options.permission_mode,
+                            home=spec.home,
                         )
                 job.answer(outcome.terminal)
                 await dispatcher.send(
@@ -273,11 +274,10 @@ async def _run_on_own_agent(
     cannot start fails the job (502), not the worker.
     """
     name = f"{worker_id}+own"
-    agent = new_agent(
-        AgentSpec(
-            name=name, home=homes / uuid.uuid4().hex[:12], ephemeral=True, options=job.options
-        )
+    spec = AgentSpec(
+        name=name, home=homes / uuid.uuid4().hex[:12], ephemeral=True, options=job.options
     )
+    agent = new_agent(spec)
     try:
         start_scope = trio.CancelScope(deadline=job.deadline)
         failure: JobFailed | None = None
@@ -299,6 +299,7 @@ async def _run_on_own_agent(
                 limits=config.turn,
                 turn_scope=turn_scope,
                 taken_at=taken_at,
+                home=spec.home,
             )
     finally:
         retiring.start_soon(agent.close)

@@ -114,6 +114,7 @@ _RESPONSE_NAMES = {
     502: "BadGateway",
     503: "ServiceUnavailable",
     504: "GatewayTimeout",
+    507: "InsufficientStorage",
 }
 
 # Every authenticated route: a key in x-api-key, or a key or token as a bearer.
@@ -488,6 +489,10 @@ def _responses() -> dict[str, Any]:
             " or the service is shutting down"
         ),
         "GatewayTimeout": _error("The run outlived its deadline without an answer"),
+        "InsufficientStorage": _error(
+            "The caller's files are over their disk quota (USER_DISK_MAX_MB), or the turn"
+            " was stopped for passing it or for writing into the service's disk reserve"
+        ),
     }
 
 
@@ -589,7 +594,7 @@ def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
                         },
                     },
                     **_errors(*body_errors),
-                    **{str(code): run_error(code) for code in (429, 502, 503, 504)},
+                    **{str(code): run_error(code) for code in (429, 502, 503, 504, 507)},
                 },
                 security=AUTHENTICATED,
                 description="A one-shot run on a pre-warmed agent, or a turn of the caller's"

@@ -1,0 +1,107 @@
+"""The disk quota's measurement, refusal, watch and file size limit (no agents)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import trio
+
+from claude_code_api import disk_quota
+from claude_code_api.disk_quota import MIB, MIN_FILE_SIZE, DiskQuota, disk_usage, file_size_limit
+
+TIMEOUT = 10
+
+
+def _write(path, size: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as file:
+        file.write(b"x" * size)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def test_disk_usage_counts_allocated_bytes_once_and_follows_no_link(tmp_path):
+    home = tmp_path / "home"
+    _write(home / "workspace" / "a", 100_000)
+    os.link(home / "workspace" / "a", home / "hard")  # the same inode: once
+    outside = tmp_path / "outside"
+    _write(outside / "big", 1_000_000)
+    (home / "link").symlink_to(outside)  # not followed
+    sparse = home / "sparse"
+    with open(sparse, "wb") as file:
+        file.truncate(10**9)  # a gigabyte that takes no disk
+    used = disk_usage([home, tmp_path / "missing"])
+    assert 100_000 <= used < 200_000
+    assert disk_usage([home, home]) == used  # a path given twice counts once
+
+
+def quota(tmp_path, limit=1 * MIB, reserve=0) -> DiskQuota:
+    return DiskQuota(tmp_path, limit, reserve, lambda user: tmp_path / "users" / user)
+
+
+async def test_a_user_at_the_quota_is_refused_naming_it_and_others_are_not(tmp_path):
+    with trio.fail_after(TIMEOUT):
+        q = quota(tmp_path)
+        _write(tmp_path / "users" / "alice" / "workspace" / "f", MIB)
+        refusal = await q.refusal("alice")
+        assert refusal is not None and refusal.status == 507
+        assert "USER_DISK_MAX_MB" in refusal.error and "1.0 MiB" in refusal.error
+        assert await q.refusal("bob") is None
+
+
+async def test_a_one_shot_home_counts_for_its_user_while_it_runs(tmp_path):
+    with trio.fail_after(TIMEOUT):
+        q = quota(tmp_path)
+        worker_home = tmp_path / "workers" / "worker-0" / "abc"
+        _write(worker_home / "workspace" / "f", MIB)
+        with q.counting("alice", worker_home):
+            assert await q.refusal("alice") is not None
+            assert await q.refusal("bob") is None
+        assert await q.refusal("alice") is None  # not hers any more (and measured again)
+        assert q.running == {}
+
+
+async def test_watch_stops_the_turn_once_the_user_passes_the_quota(tmp_path, autojump_clock):
+    with trio.fail_after(TIMEOUT):
+        q = quota(tmp_path)
+        stopped = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(q.watch, "alice", stopped.append)
+            await trio.sleep(2.5)
+            assert stopped == []
+            _write(tmp_path / "users" / "alice" / "f", 2 * MIB)
+            await trio.sleep(1)
+        [failure] = stopped
+        assert failure.status == 507 and failure.error.startswith("turn stopped: disk quota")
+
+
+async def test_watch_stops_a_writing_turn_when_the_disk_is_below_the_reserve(
+    tmp_path, autojump_clock, monkeypatch
+):
+    with trio.fail_after(TIMEOUT):
+        q = quota(tmp_path, limit=100 * MIB, reserve=10 * MIB)
+        monkeypatch.setattr(disk_quota, "free_bytes", lambda path: (5 * MIB, 1000 * MIB))
+        stopped = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(q.watch, "alice", stopped.append)
+            await trio.sleep(2.5)
+            assert stopped == []  # low on space, but alice writes nothing: not hers to stop
+            _write(tmp_path / "users" / "alice" / "f", MIB)
+            await trio.sleep(1)
+        [failure] = stopped
+        assert failure.status == 507 and "nearly full" in failure.error
+
+
+@pytest.mark.parametrize(
+    ("free", "total", "expected"),
+    [
+        (10_000 * MIB, 20_000 * MIB, 1024 * MIB),  # room: the quota
+        (300 * MIB, 20_000 * MIB, 44 * MIB),  # the free space above the 256 MiB reserve
+        (40 * MIB, 40 * MIB, 30 * MIB),  # a small disk: the reserve is a quarter of it
+        (100 * MIB, 20_000 * MIB, MIN_FILE_SIZE),  # never below the minimum
+    ],
+)
+def test_file_size_limit(monkeypatch, tmp_path, free, total, expected):
+    monkeypatch.setattr(disk_quota, "free_bytes", lambda path: (free, total))
+    assert file_size_limit(tmp_path, 1024 * MIB, 256 * MIB) == expected
