@@ -465,11 +465,17 @@ def login_for_agents(data: bytes) -> bytes:
     return (json.dumps({LOGIN_KEY: shown}) + "\n").encode()
 
 
+# Directories of Claude Code's config dir that hold one entry per conversation, named by its
+# id: its shell environment, and the copies of files it edited (its checkpoints).
+PER_SESSION_DIRECTORIES = ("session-env", "file-history")
+
+
 def remove_conversation_files(home: Path, claude_session_id: str) -> None:
     """Remove what Claude Code keeps for one conversation in ``home``'s config dir. Blocking.
 
     Its transcript (``projects/<cwd slug>/<id>.jsonl``) and what sits beside it
-    (``projects/<cwd slug>/<id>/``: tool results, subagents), in every slug. As
+    (``projects/<cwd slug>/<id>/``: tool results, subagents), in every slug, and
+    ``session-env/<id>`` and ``file-history/<id>`` (:data:`PER_SESSION_DIRECTORIES`). As
     :meth:`AgentLauncher.empty_home`, through directory descriptors opened without
     following links: the user's agents can write in ``home`` and may have made
     ``projects`` or a slug a link to somewhere else, where nothing is removed.
@@ -497,6 +503,17 @@ def remove_conversation_files(home: Path, claude_session_id: str) -> None:
         except NotADirectoryError as exc:  # (O_NOFOLLOW refuses a link as one)
             raise OSError(f"{exc.filename} in {home} is not a directory: nothing removed") from exc
         projects_fd = opened[-1]
+        for per_session in PER_SESSION_DIRECTORIES:
+            try:
+                directory_fd = _open_directory(per_session, dir_fd=opened[1])
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            try:
+                _remove_at(directory_fd, claude_session_id)
+            except OSError as exc:
+                failures.append(f"{per_session}/{claude_session_id}: {exc.strerror or exc}")
+            finally:
+                os.close(directory_fd)
         for slug in os.listdir(projects_fd):
             try:
                 slug_fd = _open_directory(slug, dir_fd=projects_fd)

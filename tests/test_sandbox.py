@@ -497,6 +497,18 @@ def test_a_conversations_files_are_removed_in_every_slug_and_never_through_a_lin
     remove_conversation_files(tmp_path / "nobody", "gone")  # nothing there: fine
 
 
+def test_a_conversations_shell_env_and_file_history_go_with_it(tmp_path):
+    alice = AgentSpec(name="a", home=tmp_path / "alice", ephemeral=False)
+    _conversation(alice.config_dir / "projects", "-workspace", "gone")
+    for name in ("session-env", "file-history"):
+        for claude_id in ("gone", "kept"):
+            (alice.config_dir / name / claude_id).mkdir(parents=True)
+            (alice.config_dir / name / claude_id / "f").write_text("x")
+    remove_conversation_files(alice.home, "gone")
+    assert sorted(files_of(alice.config_dir / "file-history")) == ["kept", "kept/f"]
+    assert sorted(files_of(alice.config_dir / "session-env")) == ["kept", "kept/f"]
+
+
 @pytest.mark.parametrize("claude_id", ["../../../../bob/.claude", ".", "..", "a/b", ""])
 def test_a_session_id_that_is_not_a_plain_name_removes_nothing(tmp_path, claude_id):
     # The id comes from the agent's own output: it must not lead out of its slug.
