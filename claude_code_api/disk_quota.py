@@ -39,7 +39,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -48,6 +48,7 @@ import trio
 
 from .config import Settings
 from .messages import JobFailed
+from .sandbox import empty_user_home
 
 log = logging.getLogger(__name__)
 
@@ -260,12 +261,57 @@ def file_size_limit(data_dir: Path, limit: int, reserve: int) -> int:
     return max(min(limit, room), min(MIN_FILE_SIZE, limit))
 
 
-def workspace_last_used(home: Path) -> float:
-    """When ``home`` was last changed at its top levels (mtimes, links not followed)."""
+def home_last_changed(home: Path) -> float:
+    """When ``home`` last changed at its top levels: the newest mtime of the HOME, its
+    workspace, its config dir, ``projects`` and each project directory (where a
+    removed transcript leaves its mark). Links are not followed. Blocking."""
+    config = home / ".claude"
+    paths = [home, home / "workspace", config, config / "projects"]
+    try:
+        paths += [config / "projects" / name for name in os.listdir(config / "projects")]
+    except OSError:
+        pass
     latest = 0.0
-    for path in (home, home / "workspace", home / ".claude", home / ".claude" / "projects"):
+    for path in paths:
         try:
             latest = max(latest, os.lstat(path).st_mtime)
         except OSError:
             continue
     return latest or time.time()
+
+
+def remove_abandoned_homes(users_dir: Path, kept: Collection[str], before: float) -> int:
+    """Empty the HOMEs in ``users_dir`` not named in ``kept`` and unchanged since ``before``.
+
+    ``kept``: the directory names of users who have a session. What goes is everything
+    but the user's CLAUDE.md (:func:`~claude_code_api.sandbox.empty_user_home`).
+    Returns how many were emptied; what cannot be removed is logged. Blocking.
+    """
+    try:
+        names = os.listdir(users_dir)
+    except FileNotFoundError:
+        return 0
+    emptied = 0
+    for name in names:
+        home = users_dir / name
+        if name in kept or not home.is_dir() or home.is_symlink():
+            continue
+        if home_last_changed(home) >= before:
+            continue
+        if not any(entry != ".claude" for entry in os.listdir(home)) and not any(
+            entry != "CLAUDE.md" for entry in _names(home / ".claude")
+        ):
+            continue  # nothing but a CLAUDE.md already
+        try:
+            empty_user_home(home)
+            emptied += 1
+        except OSError as exc:
+            log.error("could not remove the files of %s (no session left): %s", home, exc)
+    return emptied
+
+
+def _names(directory: Path) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except OSError:
+        return []

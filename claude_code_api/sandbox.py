@@ -537,6 +537,49 @@ def remove_conversation_files(home: Path, claude_session_id: str) -> None:
         raise OSError("; ".join(failures))
 
 
+def empty_user_home(home: Path, keep: str = "CLAUDE.md") -> None:
+    """Remove everything in a user's HOME but their ``.claude/<keep>`` (their CLAUDE.md). Blocking.
+
+    For a user with no session left (no agent runs there): the workspace, the
+    transcripts and whatever their tools left go; their CLAUDE.md stays, and the
+    HOME itself when it holds one. As :func:`remove_conversation_files`, through
+    directory descriptors that never follow a link. Raises OSError when something
+    cannot be removed.
+    """
+    config = AgentSpec(name="", home=home, ephemeral=False).config_dir.name
+    try:
+        home_fd = _open_directory(home)
+    except FileNotFoundError:
+        return
+    kept = False
+    try:
+        for name in os.listdir(home_fd):
+            if name != config:
+                _remove_at(home_fd, name)
+                continue
+            try:
+                config_fd = _open_directory(name, dir_fd=home_fd)
+            except NotADirectoryError:
+                _remove_at(home_fd, name)
+                continue
+            try:
+                for entry in os.listdir(config_fd):
+                    if entry == keep and stat.S_ISREG(
+                        os.stat(entry, dir_fd=config_fd, follow_symlinks=False).st_mode
+                    ):
+                        kept = True
+                    else:
+                        _remove_at(config_fd, entry)
+            finally:
+                os.close(config_fd)
+            if not kept:
+                os.rmdir(name, dir_fd=home_fd)
+    finally:
+        os.close(home_fd)
+    if not kept:
+        os.rmdir(home)
+
+
 def _keep_private(directory: Path) -> None:
     """Make ``directory`` (where agents' HOMEs are) mode 0700 if it is looser. Blocking.
 

@@ -64,7 +64,7 @@ from .actors.turn import TurnLimits
 from .actors.worker import WorkerConfig, serve_worker
 from .agent import CLOSE_GRACE_S, AgentFactory
 from .config import Settings
-from .disk_quota import DiskQuota
+from .disk_quota import DiskQuota, remove_abandoned_homes
 from .http.app import StoreStatus, create_app
 from .http.connections import connection_limit
 from .http.server import HttpServer
@@ -197,6 +197,7 @@ class Service:
                 on_health=self.store_status.update,
                 on_count=self.store_status.count,
                 sessions_in_use=self.pool_view.sessions_in_use,
+                remove_homes=remove_homes,
                 task_status=task_status,
             )
 
@@ -210,6 +211,10 @@ class Service:
                 refresh_margin_s=settings.oauth_refresh_margin_s,
             )
             await actor.serve(task_status=task_status)
+
+        def remove_homes(user_ids: frozenset[str], before: float) -> int:
+            kept = {user_workspace(settings.data_dir, user_id).name for user_id in user_ids}
+            return remove_abandoned_homes(settings.data_dir / "users", kept, before)
 
         def remove_transcripts(user_id: str, claude_session_id: str) -> None:
             home = user_workspace(settings.data_dir, user_id)

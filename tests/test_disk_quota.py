@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import os
 
+import attrs
 import pytest
 import trio
 
 from claude_code_api import disk_quota
-from claude_code_api.disk_quota import MIB, MIN_FILE_SIZE, DiskQuota, disk_usage, file_size_limit
+from claude_code_api.disk_quota import (
+    MIB,
+    MIN_FILE_SIZE,
+    DiskQuota,
+    disk_usage,
+    file_size_limit,
+    remove_abandoned_homes,
+)
 
 TIMEOUT = 10
 
@@ -62,33 +70,34 @@ async def test_a_one_shot_home_counts_for_its_user_while_it_runs(tmp_path):
         assert q.running == {}
 
 
-async def test_watch_stops_the_turn_once_the_user_passes_the_quota(tmp_path, autojump_clock):
+# (Real time: on an autojump clock, time would jump while a walk runs in its thread.)
+
+
+async def test_watch_stops_the_turn_once_the_user_passes_the_quota(tmp_path):
     with trio.fail_after(TIMEOUT):
-        q = quota(tmp_path)
+        q = attrs.evolve(quota(tmp_path), interval_s=0.05)
         stopped = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(q.watch, "alice", stopped.append)
-            await trio.sleep(2.5)
+            await trio.sleep(0.3)
             assert stopped == []
             _write(tmp_path / "users" / "alice" / "f", 2 * MIB)
-            await trio.sleep(1)
+            await trio.sleep(0.3)
         [failure] = stopped
         assert failure.status == 507 and failure.error.startswith("turn stopped: disk quota")
 
 
-async def test_watch_stops_a_writing_turn_when_the_disk_is_below_the_reserve(
-    tmp_path, autojump_clock, monkeypatch
-):
+async def test_watch_stops_a_writing_turn_when_the_disk_is_below_the_reserve(tmp_path, monkeypatch):
     with trio.fail_after(TIMEOUT):
-        q = quota(tmp_path, limit=100 * MIB, reserve=10 * MIB)
+        q = attrs.evolve(quota(tmp_path, limit=100 * MIB, reserve=10 * MIB), interval_s=0.05)
         monkeypatch.setattr(disk_quota, "free_bytes", lambda path: (5 * MIB, 1000 * MIB))
         stopped = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(q.watch, "alice", stopped.append)
-            await trio.sleep(2.5)
+            await trio.sleep(0.3)
             assert stopped == []  # low on space, but alice writes nothing: not hers to stop
             _write(tmp_path / "users" / "alice" / "f", MIB)
-            await trio.sleep(1)
+            await trio.sleep(0.3)
         [failure] = stopped
         assert failure.status == 507 and "nearly full" in failure.error
 
@@ -105,3 +114,35 @@ async def test_watch_stops_a_writing_turn_when_the_disk_is_below_the_reserve(
 def test_file_size_limit(monkeypatch, tmp_path, free, total, expected):
     monkeypatch.setattr(disk_quota, "free_bytes", lambda path: (free, total))
     assert file_size_limit(tmp_path, 1024 * MIB, 256 * MIB) == expected
+
+
+def test_homes_of_users_without_sessions_are_emptied_after_the_ttl_but_their_claude_md(tmp_path):
+    users = tmp_path / "users"
+    old = 1_000_000.0
+
+    def home(name: str, *, memory: bool, when: float) -> None:
+        _write(users / name / "workspace" / "big", 1000)
+        _write(users / name / ".claude" / "projects" / "-w" / "t.jsonl", 10)
+        if memory:
+            (users / name / ".claude" / "CLAUDE.md").write_text("be brief")
+        for path in sorted(users.joinpath(name).rglob("*"), reverse=True) + [users / name]:
+            os.utime(path, (when, when), follow_symlinks=False)
+
+    home("gone", memory=False, when=old)
+    home("remembered", memory=True, when=old)
+    home("has-a-session", memory=False, when=old)
+    home("recent", memory=False, when=old + 100)
+    (users / "a-link").symlink_to(users / "recent")
+
+    emptied = remove_abandoned_homes(users, {"has-a-session"}, before=old + 50)
+
+    assert emptied == 2
+    assert not (users / "gone").exists()
+    assert [p.relative_to(users).as_posix() for p in sorted((users / "remembered").rglob("*"))] == [
+        "remembered/.claude",
+        "remembered/.claude/CLAUDE.md",
+    ]
+    assert (users / "has-a-session" / "workspace" / "big").exists()
+    assert (users / "recent" / "workspace" / "big").exists()
+    # Nothing left to remove: a second sweep does nothing.
+    assert remove_abandoned_homes(users, {"has-a-session"}, before=old + 50) == 0

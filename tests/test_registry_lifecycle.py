@@ -407,6 +407,30 @@ async def test_expiry_sweeps_at_start_up_and_every_tenth_of_the_ttl(
         assert _expired(store) == [1, 0, 0, 0, 0, 0, 1]
 
 
+async def test_each_sweep_has_the_homes_of_users_without_sessions_removed(
+    tmp_path, nursery, mock_clock
+):
+    mock_clock.autojump_threshold = 5
+    with trio.fail_after(TIMEOUT * 100):
+        store = RecordingStore(tmp_path / DB_FILENAME)
+        store.save_many([record("u", "old", last=850.0), record("v", "kept", last=1040.0)])
+        calls: list[tuple[frozenset[str], float]] = []
+
+        def remove_homes(user_ids, before):
+            calls.append((user_ids, before))
+            return 0
+
+        client = await _start(
+            nursery, store, ttl_s=TTL_S, wall_clock=_wall_clock, remove_homes=remove_homes
+        )
+        await client.load(SessionKey("u", "s"))
+        # After the start-up sweep (cutoff 900): u's last session expired, v has one.
+        assert calls == [(frozenset({"v"}), 900.0)]
+        await _jump_to(mock_clock, 10)
+        await client.load(SessionKey("u", "s"))
+        assert calls[-1] == (frozenset({"v"}), 910.0)
+
+
 async def test_the_sweep_interval_is_at_most_an_hour(tmp_path, nursery, mock_clock):
     mock_clock.autojump_threshold = 5
     with trio.fail_after(TIMEOUT * 10_000):

@@ -381,6 +381,12 @@ class SessionStore:
             ).fetchall()
         return SessionPage(tuple(_record(row) for row in rows), total)
 
+    def user_ids(self) -> frozenset[str]:
+        """Every user who has a session."""
+        with self._translate():
+            rows = self._db.execute("SELECT DISTINCT user_id FROM sessions").fetchall()
+        return frozenset(row[0] for row in rows)
+
     def count(self) -> int:
         """How many sessions, all users together."""
         with self._translate():
@@ -783,6 +789,9 @@ CountCallback = Callable[[int], None]
 # user_id -> the ids of that user's sessions that are live or have turns waiting (the
 # dispatcher's view), None when no dispatcher runs; read on the trio thread.
 InUseCallback = Callable[[str], "Collection[str] | None"]
+# (user ids that have a session, cutoff in wall-clock seconds): removes the files of every
+# other user's HOME unchanged since the cutoff; how many it emptied.
+HomesRemover = Callable[[frozenset[str], float], int]
 # (user_id, claude_session_id): removes that CLI session's transcripts; OSError if it cannot.
 TranscriptRemover = Callable[[str, str], None]
 
@@ -799,6 +808,7 @@ async def serve_registry(
     on_health: HealthCallback | None = None,
     on_count: CountCallback | None = None,
     sessions_in_use: InUseCallback | None = None,
+    remove_homes: HomesRemover | None = None,
     wall_clock: Callable[[], float] = time.time,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -848,6 +858,11 @@ async def serve_registry(
     refused (:class:`TooManySessions`, saying they are all live). None (or a
     callback answering None: no dispatcher runs): nothing is evicted.
 
+    ``remove_homes(user_ids, cutoff)``: at the end of each expiry sweep, in a
+    worker thread, given the users who still have a session and the sweep's
+    cutoff: it removes the files of every other user's HOME that has not changed
+    since (their workspace goes ``ttl_s`` after their last session did).
+
     ``on_count(n)`` is told how many records the store holds (all users together),
     on the trio thread: counted once at start-up, then kept by the writes that
     add or remove one (a create, a delete, the expiry sweep), so a reader (the
@@ -866,6 +881,7 @@ async def serve_registry(
         registry = _Registry(store, inbox, remove_transcripts, ttl_s, on_health, wall_clock)
         registry.on_count = on_count
         registry.sessions_in_use = sessions_in_use
+        registry.remove_homes = remove_homes
         await registry.count_records()
         task_status.started()
         await registry.run()
@@ -918,6 +934,7 @@ class _Registry:
         self.swept = 0
         self.on_count: CountCallback | None = None
         self.sessions_in_use: InUseCallback | None = None
+        self.remove_homes: HomesRemover | None = None
         self.records: int | None = None  # how many the store holds (None: not counted)
 
     async def run(self) -> None:
@@ -1102,8 +1119,21 @@ class _Registry:
                 self.swept,
                 self.ttl_s,
             )
+        if self.remove_homes is not None and outcome.error is None:
+            homes = await self._call("homes", self._remove_homes_in_thread, self.sweep_cutoff)
+            if homes.value:
+                log.info(
+                    "session registry: removed the files of %d users with no session left"
+                    " for over %g s",
+                    homes.value,
+                    self.ttl_s,
+                )
         self.sweep_cutoff = None
         self.next_sweep = trio.current_time() + self.sweep_interval
+
+    def _remove_homes_in_thread(self, before: float) -> int:
+        assert self.remove_homes is not None
+        return self.remove_homes(self.store.user_ids(), before)
 
     def _expire_in_thread(self, before: float) -> int:
         records = self.store.delete_inactive(before, EXPIRE_CHUNK)
