@@ -212,8 +212,17 @@ class DiskQuota:
 
         ``stop_turn(failure)`` is called once, when the user is over the quota or
         the filesystem is below the reserve and this user's files grew during the
-        turn; then this returns.
+        turn; then this returns. A failure of its own is logged and ends the watch, never
+        the turn.
         """
+        try:
+            await self._watch(user_id, stop_turn)
+        except Exception:
+            log.exception(
+                "disk quota: watching user %r failed; the turn goes on unwatched", user_id
+            )
+
+    async def _watch(self, user_id: str, stop_turn: Callable[[JobFailed], None]) -> None:
         start = await self.usage(user_id)
         while True:
             await trio.sleep(self.interval_s)
