@@ -77,6 +77,10 @@ async def test_one_user_filling_the_disk_stops_no_one_else(tmp_path):
                         fresh = await run(AS_BOB, sessionId="bob-2")
                         assert fresh.status_code == 200, fresh.text
                         assert fresh.json()["success"] is True, fresh.text
+                        print(
+                            f"bob's turns after the fill: {again.json()['durationMs']} ms"
+                            f" (his session), {fresh.json()['durationMs']} ms (a new one)"
+                        )
                         health = await client.get("/health")
                         assert health.status_code == 200, health.text
                         status = (await client.get("/status", headers=AS_BOB)).json()
