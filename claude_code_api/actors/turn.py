@@ -218,7 +218,8 @@ async def run_turn(
     result: TurnResult | None = None
     failure: AgentError | None = None
     began = False  # the prompt may have reached the agent
-    # A callback, not a watcher task: no task to start and cancel on every turn.
+    # The client's cancellation is a callback, not a watcher task (the disk quota's watch,
+    # which walks the user's files every second, has to be one).
     disk = limits.disk
     with job.cancellation.calling(cancelled_by_client), _counted(disk, job.user_id, home):
         if disk is not None and cut is None:
