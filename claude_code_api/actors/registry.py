@@ -17,7 +17,9 @@ Three layers, each owning one thing:
   never blocks the trio loop. Messages are handled strictly in arrival order;
   saves that are queued together are committed together (group commit). It also
   removes the Claude transcripts of deleted sessions and, given a TTL, expires
-  sessions nobody has used for that long.
+  sessions nobody has used for that long (and has the HOMEs of users with no
+  session left emptied). A new session that would take its user past the bound
+  evicts that user's least recently used session that is not in use.
 * :class:`RegistryClient` is the requester's side: request/reply helpers over a
   send channel to the inbox, which its caller owns.
 
