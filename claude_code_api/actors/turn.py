@@ -17,8 +17,9 @@ to drain the turn, and *killed* only if it does not — when:
   logged and relayed, and a reply that runs out of time carries the last one;
 * the caller cancels ``turn_scope`` (a service shutdown, a deleted session);
 * the user's files pass their disk quota, or grow into the service's reserve
-  (``limits.disk``: :meth:`~claude_code_api.disk_quota.DiskQuota.watch`): the reply
-  is a 507 naming the quota. A user already over it gets that 507 before the
+  (``limits.disk``: :meth:`~claude_code_api.disk_quota.DiskQuota.watch`): the agent
+  is killed at once (its tools would write on through an interrupt's grace) and the
+  reply is a 507 naming the quota. A user already over it gets that 507 before the
   prompt reaches the agent.
 
 An agent that dies or breaks the protocol mid-turn is killed (it is broken) and
@@ -256,7 +257,12 @@ async def run_turn(
     if cut is None:
         cut = CutReason.TIMEOUT if trio.current_time() >= job.deadline else CutReason.STOPPED
     # A turn cut before it began (the client left during the hand-over) has nothing to stop.
-    usable = await _stop_turn(agent, limits.interrupt_grace_s) if began else True
+    if cut is CutReason.DISK and began:
+        # Killed, not interrupted: its tools would write on through the interrupt's grace.
+        await agent.close(grace=0)
+        usable = False
+    else:
+        usable = await _stop_turn(agent, limits.interrupt_grace_s) if began else True
     upstream = retries.error()
     terminal: TerminalEvent
     if cut is CutReason.UPSTREAM and retries.last is not None:
