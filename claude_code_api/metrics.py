@@ -102,7 +102,7 @@ RUN_DURATION = Histogram(
     "Time from a run's submission to its answer (queue wait included), by outcome: ok,"
     " agent_error (the agent ended its turn with an error), timeout, cancelled (the client"
     " left or cancelled), stopped (cut short by the service stopping), failed (the service"
-    " could not run it: 429, 502, 503)",
+    " could not run it: 429, 502, 503, 507)",
     ["outcome"],
     buckets=RUN_BUCKETS,
     registry=REGISTRY,
