@@ -662,8 +662,24 @@ class Settings:
         "METRICS",
         Flag(),
         "on",
-        "on: `GET /metrics` serves Prometheus metrics (no auth, like `/health`); off: it"
-        " answers 404 and nothing is measured",
+        "on: `GET /metrics` serves Prometheus metrics (public unless `METRICS_TOKEN` is"
+        " set); off: it answers 404 and nothing is measured",
+    )
+    metrics_per_user: bool = setting(
+        "METRICS_PER_USER",
+        Flag(),
+        "off",
+        "on: cost and tokens in `/metrics` are labelled by user id (`user`); off: only the"
+        " service's totals, and no user id appears in `/metrics`",
+    )
+    metrics_token: str = setting(
+        "METRICS_TOKEN",
+        Text("a secret"),
+        "",
+        "when set, `GET /metrics` answers only `Authorization: Bearer <METRICS_TOKEN>`"
+        " (else 401); unset: it needs no credentials",
+        secret=True,
+        repr=False,
     )
 
     # Fixed, not read from the environment.

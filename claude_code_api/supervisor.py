@@ -97,6 +97,7 @@ class Service:
         self.settings = settings
         self.environ = os.environ if environ is None else environ
         metrics.set_enabled(settings.metrics)
+        metrics.set_per_user(settings.metrics_per_user)
         self.inbox, self._inbox_receive = trio.open_memory_channel[DispatcherMessage](0)
         self.registry_inbox, self._registry_receive = trio.open_memory_channel(REGISTRY_INBOX_SIZE)
         self.session_starts, self._session_starts_receive = trio.open_memory_channel(

@@ -123,6 +123,20 @@ def authenticate(headers: HeaderLookup, settings: Settings, now_ms: int | None =
     return settings.token_user_prefix + (username or ANONYMOUS)
 
 
+def check_metrics_token(headers: HeaderLookup, expected: str) -> None:
+    """Raise :class:`Unauthorized` unless ``Authorization: Bearer <expected>`` was sent.
+
+    ``METRICS_TOKEN`` guards the scrape alone: API keys and tokens do not open it (a
+    Prometheus server is no user). Compared in constant time."""
+    scheme, _, value = (headers.get("authorization") or "").partition(" ")
+    value = value.strip()
+    if scheme.lower() != "bearer" or not value:
+        raise Unauthorized("Missing metrics token")
+    presented = value.encode("utf-8", "surrogatepass")
+    if not hmac.compare_digest(presented, expected.encode("utf-8", "surrogatepass")):
+        raise Unauthorized("Invalid metrics token")
+
+
 def is_admin(user_id: str, settings: Settings) -> bool:
     """Whether ``user_id`` may log the service in to Claude (``AUTH_ADMINS``; unset: anyone)."""
     return not settings.auth_admins or user_id in settings.auth_admins
