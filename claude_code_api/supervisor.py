@@ -226,6 +226,7 @@ class Service:
                     idle_s=settings.session_idle_s,
                 ),
                 view=self.pool_view,
+                max_running_per_user=settings.running_per_user_max,
             )
             await dispatcher.serve(task_status=task_status)
 
