@@ -62,6 +62,7 @@ from .actors.stopping import StopSignal
 from .actors.turn import TurnLimits
 from .actors.worker import WorkerConfig, serve_worker
 from .agent import CLOSE_GRACE_S, AgentFactory
+from .ceiling import OptionCeiling
 from .config import Settings
 from .http.app import StoreStatus, create_app
 from .http.connections import connection_limit
@@ -231,7 +232,10 @@ class Service:
             await dispatcher.serve(task_status=task_status)
 
         session_config = SessionConfig(
-            settings.warmup_timeout_s, turn, settings.max_sessions_per_user
+            settings.warmup_timeout_s,
+            turn,
+            settings.max_sessions_per_user,
+            ceiling=OptionCeiling.of(settings),
         )
         worker_config = WorkerConfig(settings.warmup_timeout_s, turn, settings.agent_reuse_s)
 

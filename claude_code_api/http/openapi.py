@@ -341,6 +341,20 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "stopped": {"const": True},
                 "upstreamError": _ref("UpstreamError"),
                 "sessionId": {**session_id, "description": "the request's; session turns only"},
+                "loweredOptions": {
+                    "type": "object",
+                    "description": "a session's saved options that this service's ceilings"
+                    " (lowered since the session was created) changed for this turn, with"
+                    " the values it ran with: model (the default model), maxTurns,"
+                    " maxBudgetUsd, permissionMode (the default mode)",
+                    "properties": {
+                        "model": {"type": ["string", "null"]},
+                        "maxTurns": {"type": "integer"},
+                        "maxBudgetUsd": {"type": "number"},
+                        "permissionMode": {"type": "string"},
+                    },
+                    "additionalProperties": False,
+                },
             },
         )
         | {
