@@ -73,5 +73,6 @@ class OptionCeiling:
         mode = options.permission_mode
         if mode is not None and mode not in self.allowed_permission_modes:
             held = attrs.evolve(held, permission_mode=None)
-            changed["permissionMode"] = DEFAULT_PERMISSION_MODE
+            if mode != DEFAULT_PERMISSION_MODE:  # (asked for by name, it is the same mode)
+                changed["permissionMode"] = DEFAULT_PERMISSION_MODE
         return Held(held, changed)

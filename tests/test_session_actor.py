@@ -363,6 +363,9 @@ def test_the_ceiling_lowers_numbers_and_falls_back_to_the_default_model_and_mode
     within = RunOptions(model="claude-sonnet-4-6", max_turns=3, permission_mode="default")
     assert STRICT.hold(within) == Held(within) and STRICT.hold(within).changed == {}
     assert STRICT.hold(RunOptions()).changed == {}
+    # bypassPermissions asked for by name (once allowed) is the default mode: nothing changes.
+    bypass = STRICT.hold(RunOptions(permission_mode="bypassPermissions"))
+    assert bypass.options == RunOptions() and bypass.changed == {}
 
 
 async def test_an_old_sessions_agents_start_under_the_ceilings_in_force(autojump_clock, nursery):
