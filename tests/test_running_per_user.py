@@ -274,3 +274,23 @@ async def test_a_session_its_users_bound_holds_back_pushes_no_other_session_out(
         assert (await outcome(a1)).success and (await outcome(a2)).success
         assert fakes.times("turn", "a2") == [40]
         assert fakes.times("hibernate", "s1") == [40]
+
+
+async def test_a_users_live_session_runs_its_queued_turn_before_a_new_one_gets_a_slot(
+    autojump_clock, nursery
+):
+    """Bound 1: alice's turn for her live session and a first turn for a new session both
+    wait for her one-shot. When it ends, the live session's turn (the older, and needing no
+    process start) runs first; the new session gets its slot after."""
+    with trio.fail_after(LIMIT):
+        service = await start_service(nursery, max_running_per_user=1, max_live=3)
+        fakes = service.sessions
+        assert (await outcome(await submit(service.inbox, "alice", "a-first", "s1"))).success
+        one_shot = await submit(service.inbox, "alice", "a-oneshot")
+        older = await submit(service.inbox, "alice", "a-second", "s1")
+        newer = await submit(service.inbox, "alice", "n-first", "s2")
+        assert await session_states(service.inbox) == {"s1": "live", "s2": "waiting"}
+        assert (await outcome(one_shot)).success
+        assert (await outcome(older)).success and (await outcome(newer)).success
+        assert fakes.times("turn", "a-second") == [40]
+        assert fakes.times("start", "s2") == [60]

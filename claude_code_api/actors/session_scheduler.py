@@ -30,8 +30,9 @@ Owned by the dispatcher and, like it, it never awaits: every send is
   that turn starts). A session of a user at that bound is passed over in the line
   for a slot (keeping its place), and a live session's turn waits in its queue
   until the user runs less; such a *blocked* session may yield its slot to a
-  waiting session at once. So one user alone never holds every live slot with
-  long turns.
+  waiting session at once; one with a turn ready runs it before another of that
+  user's sessions is granted a slot. So one user alone never holds every live
+  slot with long turns.
 * When a user's CLAUDE.md changes (:meth:`SessionScheduler.memory_changed`), each
   of that user's live sessions is restarted at its next turn boundary (hibernated
   when idle, and started again — resuming its conversation — when it has a turn
@@ -341,9 +342,20 @@ class SessionScheduler:
         def may_run(user_id: str) -> bool:
             return running is None or cap is None or running[user_id] < cap
 
+        # A user's live sessions with a turn to run take what the user may run before a
+        # new slot is granted to another of theirs (they need no process start).
+        ready = Counter(
+            e.key.user_id
+            for e in self.entries.values()
+            if e.state is SessionState.IDLE and len(e.waiting) and not e.reserved
+        )
+
+        def may_start(user_id: str) -> bool:
+            return running is None or cap is None or running[user_id] + ready[user_id] < cap
+
         live = self.live_count()
         while len(self.waiting_for_slot) and live < self.max_live:
-            key = self.waiting_for_slot.peek_next(may_run)
+            key = self.waiting_for_slot.peek_next(may_start)
             if key is None:  # every user waiting runs all they may already
                 break
             first_turn = self.entries[key].waiting.peek_next()
@@ -352,7 +364,7 @@ class SessionScheduler:
                 # The supervisor has starts to take first (after a restart, some twice);
                 # each it takes answers with a message, and this runs again then.
                 break
-            self.waiting_for_slot.pop_next(may_run)
+            self.waiting_for_slot.pop_next(may_start)
             entry = self.entries[key]
             entry.reserved = True
             if running is not None:
@@ -371,7 +383,8 @@ class SessionScheduler:
                 self._hibernate(entry)
         freeing = sum(1 for e in self.entries.values() if e.state is SessionState.STOPPING)
         free = self.max_live - live  # left only while starts cannot be sent yet
-        short = self._could_start(running) - freeing - max(free, 0)
+        short = self._could_start(None if running is None else running + ready) - freeing
+        short -= max(free, 0)
         if short > 0:
             idle = [e for e in idle if e.state is SessionState.IDLE]
             unused = sorted((e for e in idle if not len(e.waiting)), key=lambda e: e.last_used)
@@ -417,7 +430,7 @@ class SessionScheduler:
 
     def _could_start(self, running: Counter[str] | None) -> int:
         """Sessions waiting for a slot that could start now if there were slots: all of
-        them, less those of users who run all they may already."""
+        them, less those of users who run (``running``: or are about to) all they may."""
         cap = self.max_running_per_user
         if running is None or cap is None:
             return len(self.waiting_for_slot)
