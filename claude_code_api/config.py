@@ -552,6 +552,16 @@ class Settings:
         " past it that user gets 429 while others are served",
         shown_default="`QUEUE_MAX`",
     )
+    # None: one less than the larger of POOL_SIZE and MAX_LIVE_SESSIONS (see running_per_user_max).
+    max_running_per_user: int | None = setting(
+        "MAX_RUNNING_PER_USER",
+        OrUnset(Whole(1, 100_000)),
+        "",
+        "one-shot jobs and session turns one user may have running at once, counted"
+        " together; more of that user's work waits in their line (as queued work does,"
+        " under `QUEUE_MAX_PER_USER` and its deadline) while other users' work runs",
+        shown_default="the larger of `POOL_SIZE` and `MAX_LIVE_SESSIONS`, less 1 (at least 1)",
+    )
     default_timeout_s: float = setting(
         "DEFAULT_TIMEOUT_MS",
         Duration("ms", 1, 7 * DAY_MS),
@@ -678,8 +688,24 @@ class Settings:
         "METRICS",
         Flag(),
         "on",
-        "on: `GET /metrics` serves Prometheus metrics (no auth, like `/health`); off: it"
-        " answers 404 and nothing is measured",
+        "on: `GET /metrics` serves Prometheus metrics (public unless `METRICS_TOKEN` is"
+        " set); off: it answers 404 and nothing is measured",
+    )
+    metrics_per_user: bool = setting(
+        "METRICS_PER_USER",
+        Flag(),
+        "off",
+        "on: cost and tokens in `/metrics` are labelled by user id (`user`); off: only the"
+        " service's totals, and no user id appears in `/metrics`",
+    )
+    metrics_token: str = setting(
+        "METRICS_TOKEN",
+        Text("a secret"),
+        "",
+        "when set, `GET /metrics` answers only `Authorization: Bearer <METRICS_TOKEN>`"
+        " (else 401); unset: it needs no credentials",
+        secret=True,
+        repr=False,
     )
 
     # Fixed, not read from the environment.
@@ -696,6 +722,14 @@ class Settings:
     def user_queue_max(self) -> int:
         """``QUEUE_MAX_PER_USER``, or ``QUEUE_MAX`` when it is not set."""
         return self.queue_max if self.queue_max_per_user is None else self.queue_max_per_user
+
+    @property
+    def running_per_user_max(self) -> int:
+        """``MAX_RUNNING_PER_USER``, or by default one less than the larger of ``POOL_SIZE``
+        and ``MAX_LIVE_SESSIONS`` (at least 1): one user alone never holds every slot."""
+        if self.max_running_per_user is not None:
+            return self.max_running_per_user
+        return max(1, max(self.pool_size, self.max_live_sessions) - 1)
 
     @property
     def default_timeout_ms(self) -> int:

@@ -104,6 +104,8 @@ class Cancellation:
 
 # The SDK's permission modes (claude_agent_sdk.types.PermissionMode).
 PERMISSION_MODES = ("default", "acceptEdits", "plan", "bypassPermissions", "dontAsk", "auto")
+# Every agent runs commands and edits files without asking unless its request asks otherwise.
+DEFAULT_PERMISSION_MODE = "bypassPermissions"
 
 
 @attrs.frozen
@@ -297,6 +299,9 @@ class RunResult:
     claude_session_id: str | None = None
     model: str | None = None
     upstream_error: UpstreamError | None = None
+    # A session's saved options that the ceilings in force changed for this turn: the
+    # API's field names with the values that ran (OptionCeiling.hold); None: none changed.
+    lowered_options: dict[str, Any] | None = None
 
     @property
     def outcome(self) -> str:

@@ -8,7 +8,8 @@ few points, each a plain function call that never awaits:
 
 * :meth:`~claude_code_api.messages.Job.answer` — every job's one terminal event
   (:func:`run_answered`): ``run_duration_seconds`` by ``outcome``, and from a
-  turn's result ``cost_usd_total`` and ``tokens_total`` by ``user``;
+  turn's result ``cost_usd_total`` and ``tokens_total`` (by ``type``, and by
+  ``user`` only with ``METRICS_PER_USER=1``: :func:`set_per_user`);
 * :func:`~claude_code_api.actors.turn.run_turn` — a job reaching its agent
   (:func:`run_started`): ``queue_wait_seconds``;
 * :mod:`claude_code_api.metered_agent` — every agent's start and failure:
@@ -26,6 +27,10 @@ and are exact when read.
 
 ``METRICS=0`` turns the feeding off (:func:`set_enabled`): every function here
 returns at once, and the HTTP layer and agents are not wrapped at all.
+
+User ids are often e-mail addresses, and a scrape may be read by anyone who can
+reach it: by default no series carries a user id (the cost and tokens are the
+service's totals); :func:`set_per_user` (``METRICS_PER_USER=1``) adds the ``user`` label.
 
 Error handling: nothing here raises for a value it is given; a result without
 cost or usage simply adds nothing.
@@ -136,19 +141,52 @@ SESSIONS_EVICTED = Counter(
     " a user at MAX_SESSIONS_PER_USER, the least recently used first",
     registry=REGISTRY,
 )
-COST = Counter(
-    PREFIX + "cost_usd",
-    "Cost in US dollars the agents reported for their turns, by user id",
-    ["user"],
-    registry=REGISTRY,
-)
-TOKENS = Counter(
-    PREFIX + "tokens",
-    "Tokens the agents reported for their turns, by user id and type (input, output,"
-    " cache_creation, cache_read)",
-    ["user", "type"],
-    registry=REGISTRY,
-)
+
+
+def _spend_counters(per_user: bool) -> tuple[Counter, Counter]:
+    """The cost and tokens counters, registered; labelled by user only if ``per_user``."""
+    by_user = ["user"] if per_user else []
+    whose = ", by user id" if per_user else ""
+    cost = Counter(
+        PREFIX + "cost_usd",
+        f"Cost in US dollars the agents reported for their turns{whose}",
+        by_user,
+        registry=REGISTRY,
+    )
+    tokens = Counter(
+        PREFIX + "tokens",
+        f"Tokens the agents reported for their turns{whose}, by type (input, output,"
+        " cache_creation, cache_read)",
+        [*by_user, "type"],
+        registry=REGISTRY,
+    )
+    if not per_user:  # the service's totals exist from the first scrape
+        for token_type in TOKEN_TYPES.values():
+            tokens.labels(type=token_type)
+    return cost, tokens
+
+
+_per_user = False
+COST, TOKENS = _spend_counters(_per_user)
+
+
+def set_per_user(per_user: bool) -> None:
+    """Label cost and tokens by user id (``METRICS_PER_USER=1``) or not (the default).
+
+    Called once at start-up; a change starts both counters again from zero."""
+    global _per_user, COST, TOKENS
+    if per_user == _per_user:
+        return
+    REGISTRY.unregister(COST)
+    REGISTRY.unregister(TOKENS)
+    _per_user = per_user
+    COST, TOKENS = _spend_counters(per_user)
+
+
+def per_user() -> bool:
+    return _per_user
+
+
 HTTP_REQUESTS = Counter(
     PREFIX + "http_requests",
     "HTTP requests answered, by method, route pattern and status (499: the client left first)",
@@ -185,13 +223,14 @@ def run_answered(
     if not _enabled:
         return
     RUN_DURATION.labels(outcome).observe(max(seconds, 0.0))
+    whose = (user_id,) if _per_user else ()
     if cost_usd:
-        COST.labels(user_id).inc(max(cost_usd, 0.0))
+        (COST.labels(*whose) if whose else COST).inc(max(cost_usd, 0.0))
     if usage:
         for key, token_type in TOKEN_TYPES.items():
             count = usage.get(key)
             if isinstance(count, int) and not isinstance(count, bool) and count > 0:
-                TOKENS.labels(user_id, token_type).inc(count)
+                TOKENS.labels(*whose, token_type).inc(count)
 
 
 def run_started(waited_s: float) -> None:

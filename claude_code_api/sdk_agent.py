@@ -56,7 +56,7 @@ from .agent import (
     OnEvent,
     TurnResult,
 )
-from .messages import AssistantText, ToolResult, ToolUse, UpstreamRetry
+from .messages import DEFAULT_PERMISSION_MODE, AssistantText, ToolResult, ToolUse, UpstreamRetry
 from .sandbox import AgentLauncher
 from .user_memory import memory_reminder
 
@@ -64,8 +64,6 @@ log = logging.getLogger(__name__)
 
 # Claude Code's own system prompt. The SDK's default (None) sends an EMPTY one.
 CLAUDE_CODE_SYSTEM_PROMPT: Any = {"type": "preset", "preset": "claude_code"}
-# Every agent runs commands and edits files without asking unless its request asks otherwise.
-DEFAULT_PERMISSION_MODE = "bypassPermissions"
 STDERR_LINES_KEPT = 20
 # Starting through a launcher written a moment before may meet ETXTBSY (SdkAgent._connect).
 LAUNCH_ATTEMPTS = 5

@@ -63,6 +63,7 @@ from .actors.stopping import StopSignal
 from .actors.turn import TurnLimits
 from .actors.worker import WorkerConfig, serve_worker
 from .agent import CLOSE_GRACE_S, AgentFactory
+from .ceiling import OptionCeiling
 from .config import Settings
 from .disk_quota import DiskQuota, remove_abandoned_homes
 from .http.app import StoreStatus, create_app
@@ -99,6 +100,7 @@ class Service:
         self.settings = settings
         self.environ = os.environ if environ is None else environ
         metrics.set_enabled(settings.metrics)
+        metrics.set_per_user(settings.metrics_per_user)
         self.inbox, self._inbox_receive = trio.open_memory_channel[DispatcherMessage](0)
         self.registry_inbox, self._registry_receive = trio.open_memory_channel(REGISTRY_INBOX_SIZE)
         self.session_starts, self._session_starts_receive = trio.open_memory_channel(
@@ -234,11 +236,15 @@ class Service:
                     idle_s=settings.session_idle_s,
                 ),
                 view=self.pool_view,
+                max_running_per_user=settings.running_per_user_max,
             )
             await dispatcher.serve(task_status=task_status)
 
         session_config = SessionConfig(
-            settings.warmup_timeout_s, turn, settings.max_sessions_per_user
+            settings.warmup_timeout_s,
+            turn,
+            settings.max_sessions_per_user,
+            ceiling=OptionCeiling.of(settings),
         )
         worker_config = WorkerConfig(settings.warmup_timeout_s, turn, settings.agent_reuse_s)
 

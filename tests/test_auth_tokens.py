@@ -157,7 +157,7 @@ def test_x_api_key_comes_first_and_a_wrong_one_never_falls_back_to_the_token():
 def test_the_bearer_value_is_tried_as_a_key_before_as_a_token():
     assert user_of(bearer("sk-alice")) == "alice"
     assert refused(bearer("sk-nothing")) == "Invalid or expired token"
-    assert refused({}) == "Missing authorization token"
+    assert refused({}) == "Missing API key"
     assert refused({"authorization": "Basic " + node_token("alice", NOW)}) == (
         "Missing authorization token"
     )

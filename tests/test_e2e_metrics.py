@@ -88,11 +88,12 @@ async def test_runs_sessions_and_requests_show_in_the_scrape(tmp_path):
         assert grew("claude_code_api_queue_wait_seconds_count") == 4
         assert grew("claude_code_api_agent_failures_total", reason="exit") == 1
         assert grew("claude_code_api_session_wakeups_total") == 1
-        # The fake reports 0.0001 USD a turn and a token per 4 characters (user "api").
-        assert round(grew("claude_code_api_cost_usd_total", user="api"), 6) == 0.0003
+        # The fake reports 0.0001 USD a turn and a token per 4 characters; by default they
+        # are the service's totals, with no user label.
+        assert round(grew("claude_code_api_cost_usd_total"), 6) == 0.0003
         outputs = [reply.json()["output"] for reply in (ok, first, second)]
         tokens = sum(max(1, len(output) // 4) for output in outputs)
-        assert grew("claude_code_api_tokens_total", user="api", type="output") == tokens
+        assert grew("claude_code_api_tokens_total", type="output") == tokens
         requests = "claude_code_api_http_requests_total"
         assert grew(requests, method="POST", route="/run", status="200") == 3
         assert grew(requests, method="POST", route="/run", status="502") == 1
@@ -268,3 +269,74 @@ async def test_every_outcome_of_a_run_is_counted_and_cancelled_is_every_way_of_c
         # A stream is timed to its end: the cancelled one lasted until its cancellation.
         durations = "claude_code_api_http_request_duration_seconds_count"
         assert grew(durations, route="/run") == 7
+
+
+CAROL = {"x-api-key": "sk-carol", "Content-Type": "application/json"}
+
+
+async def carols_turns(client: httpx.AsyncClient) -> None:
+    """A one-shot run and a session turn of the user carol.smith@example.com."""
+    for body in ({"prompt": "hi"}, {"prompt": "hello", "sessionId": "c1"}):
+        reply = await client.post("/run", headers=CAROL, json=body)
+        assert reply.status_code == 200, reply.text
+
+
+async def test_no_user_id_is_in_the_scrape_unless_the_operator_asks(tmp_path):
+    """Issue 20 §6: user ids are often e-mail addresses; /metrics shows none by default,
+    and labels cost and tokens by user with METRICS_PER_USER=1."""
+    keys = {"API_KEYS": "carol.smith@example.com:sk-carol"}
+    with trio.fail_after(60):
+        async with run_service(tmp_path / "default", env=keys) as service:
+            await wait_healthy(service, ready=1)
+            async with service.client() as client:
+                await carols_turns(client)
+                text = (await client.get("/metrics")).text
+                samples = await scrape(client)
+        assert "carol" not in text
+        assert not [key for key in samples if "user" in dict(key[1])]
+        assert round(get(samples, "claude_code_api_cost_usd_total"), 6) == 0.0002
+        assert get(samples, "claude_code_api_tokens_total", type="output") >= 2
+
+        async with run_service(
+            tmp_path / "per-user", env={**keys, "METRICS_PER_USER": "1"}
+        ) as service:
+            await wait_healthy(service, ready=1)
+            async with service.client() as client:
+                await carols_turns(client)
+                samples = await scrape(client)
+        carol = "carol.smith@example.com"
+        assert round(get(samples, "claude_code_api_cost_usd_total", user=carol), 6) == 0.0002
+        assert get(samples, "claude_code_api_tokens_total", user=carol, type="output") >= 2
+        assert get(samples, "claude_code_api_cost_usd_total") == 0
+
+
+async def test_metrics_token_guards_the_scrape(tmp_path):
+    """Issue 20 §6: with METRICS_TOKEN set, only that bearer token opens /metrics; API keys
+    and claude-code-web's tokens do not; /health stays public."""
+    env = {"METRICS_TOKEN": "scrape-secret"}
+    with trio.fail_after(60):
+        async with run_service(tmp_path, env=env) as service:
+            async with service.client() as client:
+                refusals = [
+                    ({}, "Missing metrics token"),
+                    (AUTH, "Missing metrics token"),
+                    ({"Authorization": "Basic scrape-secret"}, "Missing metrics token"),
+                    ({"Authorization": f"Bearer {AUTH['x-api-key']}"}, "Invalid metrics token"),
+                    ({"Authorization": "Bearer scrape-secre"}, "Invalid metrics token"),
+                ]
+                for headers, message in refusals:
+                    refused = await client.get("/metrics", headers=headers)
+                    assert refused.status_code == 401, headers
+                    assert refused.json() == {"error": message}, headers
+                    assert refused.headers["www-authenticate"].startswith("Bearer")
+                opened = await client.get(
+                    "/metrics", headers={"Authorization": "Bearer scrape-secret"}
+                )
+                assert opened.status_code == 200
+                assert "claude_code_api_queue_length" in opened.text
+                assert (await client.get("/health")).status_code in (200, 503)
+                spec = (await client.get("/openapi.json")).json()
+        operation = spec["paths"]["/metrics"]["get"]
+        assert operation["security"] == [{"metricsToken": []}]
+        assert "401" in operation["responses"]
+        assert spec["components"]["securitySchemes"]["metricsToken"]["scheme"] == "bearer"

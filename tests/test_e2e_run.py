@@ -142,7 +142,12 @@ async def test_auth_and_bad_input_get_json_errors(service):
     with trio.fail_after(60):
         async with service.client() as client:
             cases = [
-                (client.post("/run", json={"prompt": "x"}), 401, "Missing authorization token"),
+                (client.post("/run", json={"prompt": "x"}), 401, "Missing API key"),
+                (
+                    client.post("/run", headers={"Authorization": "Basic x"}, json={"prompt": "x"}),
+                    401,
+                    "Missing authorization token",
+                ),
                 (
                     client.post("/run", headers={"x-api-key": "nope"}, json={"prompt": "x"}),
                     401,

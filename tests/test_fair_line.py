@@ -101,3 +101,14 @@ def drain_model(line: FairLine[int, tuple[str, int]]) -> list[tuple[str, int]]:
     while (item := line.pop_next()) is not None:
         out.append(item)
     return out
+
+
+def test_an_owner_passed_over_keeps_their_place_and_is_first_when_served_again():
+    """MAX_RUNNING_PER_USER: an owner who runs all they may is skipped, not sent to the back."""
+    line = filled(("alice", "a0"), ("alice", "a1"), ("bob", "b0"), ("bob", "b1"), ("carol", "c0"))
+    not_alice = lambda owner: owner != "alice"  # noqa: E731
+    assert line.peek_next(not_alice) == "b0"
+    assert [line.pop_next(not_alice), line.pop_next(not_alice)] == ["b0", "c0"]
+    # Alice, passed over twice, is still first; bob (served) is behind her.
+    assert drain(line) == ["a0", "b1", "a1"]
+    assert filled(("alice", "a0")).pop_next(not_alice) is None

@@ -76,8 +76,10 @@ def sample(name: str, **labels: str) -> tuple[str, dict[str, str]]:
 @pytest.fixture(autouse=True)
 def metrics_on():
     metrics.set_enabled(True)
+    metrics.set_per_user(False)
     yield
     metrics.set_enabled(True)
+    metrics.set_per_user(False)
 
 
 # --- runs: Job.answer and the dispatcher's withdrawals ---------------------------------------
@@ -110,23 +112,42 @@ async def test_every_answer_is_counted_by_outcome_with_its_duration(autojump_clo
     assert change.of("claude_code_api_run_duration_seconds_sum", outcome="timeout") == 2.5
 
 
+def answer_spend(user: str, costs: tuple[float, ...]) -> None:
+    reply_send, _reply = trio.open_memory_channel(4)
+    from claude_code_api.messages import Job
+
+    for cost in costs:
+        job = Job("j", user, "p", trio.current_time(), math.inf, reply_send.clone())
+        usage = {"input_tokens": 10, "cache_read_input_tokens": 7, "service_tier": "standard"}
+        job.answer(RunResult(True, "", 0, cost_usd=cost, usage=usage))
+
+
+async def test_cost_and_tokens_are_totals_with_no_user_id_by_default(autojump_clock):
+    user = "carol.smith@example.com"
+    change = Change(
+        sample("claude_code_api_cost_usd_total"),
+        sample("claude_code_api_tokens_total", type="input"),
+    )
+    answer_spend(user, (0.25, 0.5))
+    assert change.of("claude_code_api_cost_usd_total") == 0.75
+    assert change.of("claude_code_api_tokens_total", type="input") == 20
+    text = metrics.render().decode()
+    assert user not in text and 'user="' not in text
+
+
 async def test_cost_and_tokens_are_counted_by_user_and_type(autojump_clock):
+    metrics.set_per_user(True)
     user = "metrics-cost-user"
     change = Change(
         sample("claude_code_api_cost_usd_total", user=user),
         sample("claude_code_api_tokens_total", user=user, type="input"),
         sample("claude_code_api_tokens_total", user=user, type="cache_read"),
     )
-    reply_send, _reply = trio.open_memory_channel(4)
-    from claude_code_api.messages import Job
-
-    for cost in (0.25, 0.5):
-        job = Job("j", user, "p", trio.current_time(), math.inf, reply_send.clone())
-        usage = {"input_tokens": 10, "cache_read_input_tokens": 7, "service_tier": "standard"}
-        job.answer(RunResult(True, "", 0, cost_usd=cost, usage=usage))
+    answer_spend(user, (0.25, 0.5))
     assert change.of("claude_code_api_cost_usd_total", user=user) == 0.75
     assert change.of("claude_code_api_tokens_total", user=user, type="input") == 20
     assert change.of("claude_code_api_tokens_total", user=user, type="cache_read") == 14
+    assert f'user="{user}"' in metrics.render().decode()
 
 
 async def test_nothing_is_counted_when_metrics_are_off(autojump_clock):

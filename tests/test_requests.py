@@ -397,7 +397,12 @@ def test_valid_keys_authenticate_as_their_user(headers, user_id):
 @pytest.mark.parametrize(
     ("headers", "message"),
     [
-        ({}, "Missing authorization token"),
+        # No credentials at all: the original's words.
+        ({}, "Missing API key"),
+        ({"x-api-key": ""}, "Missing API key"),
+        ({"x-api-key": "", "authorization": ""}, "Missing API key"),
+        ({"authorization": "  "}, "Missing API key"),
+        ({"x-user-id": "alice"}, "Missing API key"),
         ({"x-api-key": "sk-wrong"}, "Invalid API key"),
         ({"x-api-key": "alice:sk-alice"}, "Invalid API key"),
         ({"x-api-key": "sk-alic"}, "Invalid API key"),
@@ -410,7 +415,6 @@ def test_valid_keys_authenticate_as_their_user(headers, user_id):
         ({"authorization": "sk-alice"}, "Missing authorization token"),
         ({"authorization": "Basic c2stYWxpY2U6"}, "Missing authorization token"),
         ({"authorization": "Token sk-alice"}, "Missing authorization token"),
-        ({"x-user-id": "alice"}, "Missing authorization token"),
     ],
 )
 def test_bad_credentials_are_unauthorized(headers, message):

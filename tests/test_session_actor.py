@@ -25,15 +25,18 @@ from claude_code_api.actors.registry import (
     SaveSession,
     SessionRecord,
     TooManySessions,
+    new_session_record,
 )
 from claude_code_api.actors.session import SessionConfig, SessionFailed, serve_session
 from claude_code_api.actors.stopping import StopSignal
 from claude_code_api.actors.turn import CutReason, TurnLimits
+from claude_code_api.ceiling import Held, OptionCeiling
 from claude_code_api.messages import (
     Hibernate,
     Job,
     JobFailed,
     JobStarted,
+    RunOptions,
     RunResult,
     SessionIdle,
     SessionKey,
@@ -130,7 +133,11 @@ def session_job(prompt: str, timeout_s: float) -> tuple[Job, trio.MemoryReceiveC
 
 
 async def start_session(
-    nursery: trio.Nursery, agents: FakeAgents, registry: FakeRegistry, credentials=None
+    nursery: trio.Nursery,
+    agents: FakeAgents,
+    registry: FakeRegistry,
+    credentials=None,
+    config: SessionConfig = CONFIG,
 ) -> Harness:
     registry_send, registry_receive = trio.open_memory_channel(16)
     nursery.start_soon(registry.serve, registry_receive)
@@ -141,7 +148,7 @@ async def start_session(
         try:
             await serve_session(
                 KEY,
-                CONFIG,
+                config,
                 send,
                 RegistryClient(registry_send),
                 agents,
@@ -323,3 +330,77 @@ async def test_a_turn_handed_over_as_the_idle_agent_exits_runs_on_the_replacemen
         assert idle.finished_ok is True
         with pytest.raises(trio.WouldBlock):
             session.messages.receive_nowait()
+
+
+# --- ceilings: a session's saved options under the ceilings in force (issue 20 §5) ------------
+
+STRICT = OptionCeiling(
+    allowed_models=("claude-sonnet-4-6",),
+    allowed_permission_modes=("default", "acceptEdits"),
+    max_turns=5,
+    max_budget_usd=1.0,
+    default_model="claude-sonnet-4-6",
+)
+GENEROUS_OPTIONS = RunOptions(
+    model="claude-opus-4-1",
+    max_turns=500,
+    max_budget_usd=100.0,
+    permission_mode="plan",
+    system_prompt="be brief",
+)
+LOWERED = {
+    "model": "claude-sonnet-4-6",
+    "maxTurns": 5,
+    "maxBudgetUsd": 1.0,
+    "permissionMode": "bypassPermissions",
+}
+
+
+def test_the_ceiling_lowers_numbers_and_falls_back_to_the_default_model_and_mode():
+    held = STRICT.hold(GENEROUS_OPTIONS)
+    assert held.options == RunOptions(max_turns=5, max_budget_usd=1.0, system_prompt="be brief")
+    assert held.changed == LOWERED
+    within = RunOptions(model="claude-sonnet-4-6", max_turns=3, permission_mode="default")
+    assert STRICT.hold(within) == Held(within) and STRICT.hold(within).changed == {}
+    assert STRICT.hold(RunOptions()).changed == {}
+    # bypassPermissions asked for by name (once allowed) is the default mode: nothing changes.
+    bypass = STRICT.hold(RunOptions(permission_mode="bypassPermissions"))
+    assert bypass.options == RunOptions() and bypass.changed == {}
+
+
+async def test_an_old_sessions_agents_start_under_the_ceilings_in_force(autojump_clock, nursery):
+    """Saved under generous settings, run under strict ones: every agent it starts (the
+    first, and the one replacing an agent that died) gets the held options, every result
+    says what was lowered, and the record keeps what was asked."""
+    with trio.fail_after(LIMIT):
+        registry = FakeRegistry()
+        old = attrs.evolve(
+            new_session_record(KEY, 0.0), options=GENEROUS_OPTIONS, transcript_started=True
+        )
+        registry.records[KEY] = old
+        agents = FakeAgents()
+        config = attrs.evolve(CONFIG, ceiling=STRICT)
+        session = await start_session(nursery, agents, registry, config=config)
+        await session.idle()
+        _, events = await session.turn("one")
+        assert events[-1].lowered_options == LOWERED
+        held = RunOptions(max_turns=5, max_budget_usd=1.0, system_prompt="be brief")
+        assert agents.made[0].spec.options == held
+        assert agents.made[0].spec.resume == old.claude_session_id
+        await session.idle()
+        agents.made[0].exit_now()
+        await warm_agents(agents, 2)
+        assert agents.made[1].spec.options == held
+        _, events = await session.turn("two")
+        assert events[-1].output == "echo: two" and events[-1].lowered_options == LOWERED
+        assert registry.records[KEY].options == GENEROUS_OPTIONS
+
+
+async def test_without_a_ceiling_or_within_it_a_result_names_nothing_lowered(
+    autojump_clock, nursery
+):
+    with trio.fail_after(LIMIT):
+        session = await start_session(nursery, FakeAgents(), FakeRegistry())
+        await session.idle()
+        _, events = await session.turn("one")
+        assert events[-1].lowered_options is None

@@ -17,6 +17,11 @@ reserved for it), so a slow client or worker can never stall dispatch.
   one: :class:`JobQueue`). A full queue answers 429, and so does a user's full
   line (``queue_max_per_user``) while other users' jobs are still taken; a pool whose every worker failed its last warm-up
   answers 503 at once, naming the last failure, instead of letting jobs hang.
+* One user runs at most ``max_running_per_user`` things at once, one-shot jobs
+  and session turns counted together (:meth:`Dispatcher.running_counts`): a job
+  of a user at that bound waits in their line, passed over (keeping its place)
+  while other users' jobs start on the idle workers; the session scheduler
+  applies the same bound to its turns and live slots.
 
 * It answers every :class:`Submit` at once: :class:`Queued` (with the number of
   runs ahead of it) when it takes the job, or the refusal — so a streamed reply
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -153,11 +159,14 @@ class Dispatcher:
         registry: trio.MemorySendChannel[Any] | None = None,
         session_limits: SessionLimits = SessionLimits(),
         view: PoolView | None = None,
+        max_running_per_user: int | None = None,
     ):
         self.inbox = inbox
         self.view = view
         self.registry = registry
         self.session_starter = session_starter
+        # None: no bound (the collaboration tests' default; the service always sets one).
+        self.max_running_per_user = max_running_per_user
         self.sessions = SessionScheduler(
             max_live=session_limits.max_live,
             per_session_max=session_limits.per_session_max,
@@ -166,6 +175,8 @@ class Dispatcher:
             idle_s=session_limits.idle_s,
             start_session=self._start_session,
             delete_record=self._delete_record,
+            max_running_per_user=max_running_per_user,
+            running_elsewhere=self._jobs_running,
         )
         self.queue = JobQueue(queue_max, queue_max_per_user)
         self.workers: dict[str, _WorkerRecord] = {}
@@ -314,7 +325,7 @@ class Dispatcher:
                 _acknowledge(job, self.sessions.turns_ahead(job))
         elif self.degraded_reason() is not None:
             job.answer(self._unavailable())
-        elif self.idle:  # the queue is empty: it starts at once
+        elif self.idle and self._may_run(job.user_id):  # it starts at once
             self.queue.push(job)
             _acknowledge(job, 0)
         elif self.queue.full:
@@ -353,9 +364,18 @@ class Dispatcher:
     # --- dispatch ---------------------------------------------------------
 
     def _dispatch(self) -> None:
+        if not (self.idle and len(self.queue)):  # the usual case: nothing to do
+            return
+        cap = self.max_running_per_user
+        running = self.running_counts() if cap is not None else None
+
+        def may_run(user_id: str) -> bool:
+            return running is None or cap is None or running[user_id] < cap
+
         while self.idle and len(self.queue):
-            job = self.queue.pop_next()
-            assert job is not None
+            job = self.queue.pop_next(may_run)
+            if job is None:  # every user waiting runs all they may already
+                break
             worker_id = self._worker_for(job)
             self.idle.remove(worker_id)
             record = self.workers[worker_id]
@@ -372,6 +392,24 @@ class Dispatcher:
                 inbox.close()  # one job per offer
             record.state, record.busy_since, record.job = WorkerState.BUSY, time.time(), job
             record.jobs += 1
+            if running is not None:
+                running[job.user_id] += 1
+
+    def _jobs_running(self) -> Counter[str]:
+        """How many one-shot jobs each user has on a worker now."""
+        return Counter(r.job.user_id for r in self.workers.values() if r.job is not None)
+
+    def running_counts(self) -> Counter[str]:
+        """What each user runs now, one-shot jobs and session turns together (a session
+        granted a live slot for a turn counts from the grant)."""
+        running = self._jobs_running()
+        running.update(self.sessions.running_counts())
+        return running
+
+    def _may_run(self, user_id: str) -> bool:
+        """``user_id`` runs less than ``max_running_per_user`` now."""
+        cap = self.max_running_per_user
+        return cap is None or self.running_counts()[user_id] < cap
 
     def _worker_for(self, job: Job) -> str:
         """The idle worker to run ``job``: the longest idle of those whose agent serves its

@@ -12,13 +12,15 @@ The dispatcher's one-shot queue (:class:`~claude_code_api.actors.job_queue.JobQu
 and the line of sessions waiting for a live slot (in
 :mod:`~claude_code_api.actors.session_scheduler`) are both built on it. Plain data,
 no I/O, no trio: it never blocks, and ``pop_next``, ``push`` and ``remove`` are
-O(1) but for the owner's place in the rotation (O(owners)).
+O(1) but for the owner's place in the rotation (O(owners)). An owner may be passed
+over for a while (``pop_next(may_serve)``: one who runs as much as they may at once)
+without losing their place.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -44,6 +46,10 @@ class FairLine(Generic[K, V]):
         """How many items ``owner`` has waiting."""
         line = self._lines.get(owner)
         return 0 if line is None else len(line)
+
+    def owners(self) -> Iterator[str]:
+        """The owners with items waiting, in turn order."""
+        return iter(self._rotation)
 
     def values(self) -> Iterator[V]:
         """Every item, owner by owner (not in serving order)."""
@@ -91,17 +97,24 @@ class FairLine(Generic[K, V]):
             self._rotation.remove(owner)
             self._rotation.appendleft(owner)
 
-    def peek_next(self) -> V | None:
+    def peek_next(self, may_serve: Callable[[str], bool] | None = None) -> V | None:
         """The item :meth:`pop_next` would return, left in place (None if none waits)."""
-        if not self._rotation:
-            return None
-        return next(iter(self._lines[self._rotation[0]].values()))
+        owner = self._next_owner(may_serve)
+        return None if owner is None else next(iter(self._lines[owner].values()))
 
-    def pop_next(self) -> V | None:
-        """The next item in fair order (None if none waits)."""
-        if not self._rotation:
+    def pop_next(self, may_serve: Callable[[str], bool] | None = None) -> V | None:
+        """The next item in fair order (None if none waits).
+
+        With ``may_serve``, owners it refuses are passed over: they keep their place
+        in the rotation (and so are first when they may be served again), and the
+        first owner it accepts gives their oldest item and goes to the back."""
+        owner = self._next_owner(may_serve)
+        if owner is None:
             return None
-        owner = self._rotation.popleft()
+        if self._rotation[0] == owner:
+            self._rotation.popleft()
+        else:
+            self._rotation.remove(owner)
         line = self._lines[owner]
         key, value = line.popitem(last=False)
         del self._owner_of[key]
@@ -110,6 +123,12 @@ class FairLine(Generic[K, V]):
         else:
             del self._lines[owner]
         return value
+
+    def _next_owner(self, may_serve: Callable[[str], bool] | None) -> str | None:
+        for owner in self._rotation:
+            if may_serve is None or may_serve(owner):
+                return owner
+        return None
 
     def remove(self, key: K) -> V | None:
         """Take ``key``'s item out of the line wherever it is (None if it is not there)."""

@@ -10,6 +10,7 @@ A session's own turns wait in a ``JobQueue`` too (one user: plain FIFO).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from ..messages import Job
 from .fair_line import FairLine
@@ -46,8 +47,9 @@ class JobQueue:
         """Put back a job that could not be handed over: next in line, as it was."""
         self._jobs.push_front(job.user_id, job.id, job)
 
-    def pop_next(self) -> Job | None:
-        return self._jobs.pop_next()
+    def pop_next(self, may_serve: Callable[[str], bool] | None = None) -> Job | None:
+        """The next job in fair order of the users ``may_serve`` accepts (default: all)."""
+        return self._jobs.pop_next(may_serve)
 
     def peek_next(self) -> Job | None:
         return self._jobs.peek_next()

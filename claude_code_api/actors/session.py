@@ -25,6 +25,10 @@ Error handling:
 * when the Claude credentials change (``credentials``, see ``renewal.py``), an
   idle agent is closed and a new one resumes the conversation at once; a busy
   one finishes its turn first. Turns handed over meanwhile wait in the inbox;
+* its saved options (those of its first turn) are held to the ceilings in force
+  (``SessionConfig.ceiling``) each time its agent starts: the service may have been
+  restarted with lower ones since they were saved. Each turn's result names what
+  that changed (``lowered_options``); the record keeps what was asked;
 * failures that end the actor carry the answer for the turns waiting on it
   (:class:`SessionFailed`): too many sessions (429), the session store failing
   (503), an agent that cannot start (502). A save that fails after a turn
@@ -39,12 +43,14 @@ import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import attrs
 import trio
 
 from .. import metrics
 from ..agent import Agent, AgentFactory, AgentSpec, AgentStartError
+from ..ceiling import Held, OptionCeiling
 from ..messages import (
     DEFAULT_OPTIONS,
     ActorId,
@@ -54,6 +60,7 @@ from ..messages import (
     Job,
     JobFailed,
     RunOptions,
+    RunResult,
     SessionCommand,
     SessionIdle,
     SessionKey,
@@ -96,6 +103,9 @@ class SessionConfig:
     warmup_timeout_s: float
     turn: TurnLimits
     max_sessions_per_user: int
+    # The ceilings in force: a session's saved options are held to them whenever its agent
+    # starts (None: as saved).
+    ceiling: OptionCeiling | None = None
 
 
 def store_failure(exc: RegistryError) -> JobFailed:
@@ -153,9 +163,13 @@ async def serve_session(
                 if agent is None:
                     agent_credentials = credentials.number
                     with stop.guard():
-                        agent = await _start_agent(session.record, config, new_agent, home)
+                        held = _held(session.record, config.ceiling)
+                        agent = await _start_agent(
+                            session.record, held.options, config, new_agent, home
+                        )
                     if agent is None:
                         return
+                    session.agent_started(agent, held.changed)
                 command: SessionCommand | None = carried
                 carried = None
                 if command is None:
@@ -204,6 +218,7 @@ async def serve_session(
                     command.answer(store_failure(exc))
                     continue
                 outcome = await _run_turn(agent, command, key, config, stop, taken_at)
+                outcome = session.say_what_was_lowered(outcome, agent, command.options)
                 command.answer(await session.after_turn(agent, outcome, command.options))
                 announce_idle = True  # after a turn, always (a carried one's too)
                 if not outcome.agent_usable:
@@ -233,6 +248,30 @@ class _Session:
         self.record = record
         self.registry = registry
         self.upstream_error: UpstreamError | None = None
+        # What the ceilings changed in the saved options the current agent started with,
+        # and the model it started with.
+        self.lowered: dict[str, Any] = {}
+        self.started_model: str | None = None
+
+    def agent_started(self, agent: Agent, lowered: dict[str, Any]) -> None:
+        self.lowered, self.started_model = lowered, agent.model
+
+    def say_what_was_lowered(
+        self, outcome: TurnOutcome, agent: Agent, asked: RunOptions
+    ) -> TurnOutcome:
+        """``outcome`` whose result names the saved options the ceilings changed (if any).
+
+        The model only while the agent still runs the default model it fell back to
+        and the turn did not name one itself."""
+        lowered = dict(self.lowered)
+        switched = asked.model is not None or agent.model != self.started_model
+        if "model" in lowered and switched:
+            del lowered["model"]
+        if not lowered or not isinstance(outcome.terminal, RunResult):
+            return outcome
+        return attrs.evolve(
+            outcome, terminal=attrs.evolve(outcome.terminal, lowered_options=lowered)
+        )
 
     async def before_turn(self) -> None:
         if not self.record.transcript_started:
@@ -367,10 +406,29 @@ async def _run_turn(
         )
 
 
+def _held(record: SessionRecord, ceiling: OptionCeiling | None) -> Held:
+    """The session's saved options under the ceilings in force (logged when changed)."""
+    if ceiling is None:
+        return Held(record.options)
+    held = ceiling.hold(record.options)
+    if held.changed:
+        log.info(
+            "session %s: saved options above the ceilings in force; running with %s",
+            record.key,
+            held.changed,
+        )
+    return held
+
+
 async def _start_agent(
-    record: SessionRecord, config: SessionConfig, new_agent: AgentFactory, home: Path
+    record: SessionRecord,
+    options: RunOptions,
+    config: SessionConfig,
+    new_agent: AgentFactory,
+    home: Path,
 ) -> Agent:
-    """Start the session's agent: resume its transcript if it has one, else begin it.
+    """Start the session's agent with ``options`` (its record's, under the ceilings): resume
+    its transcript if it has one, else begin it.
 
     Our record can be wrong about the transcript (a crash between saving the
     record and the CLI writing, or the reverse); the CLI says which in its error,
@@ -387,7 +445,7 @@ async def _start_agent(
                 ephemeral=False,
                 session_id=None if resume else uuid_,
                 resume=uuid_ if resume else None,
-                options=record.options,
+                options=options,
             )
         )
         try:

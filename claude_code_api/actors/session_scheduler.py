@@ -24,6 +24,15 @@ Owned by the dispatcher and, like it, it never awaits: every send is
   slot grant at worst. A session that has not yet run a turn since its slot was
   granted never yields, so every grant makes progress. An idle session
   hibernates after ``idle_s``.
+* One user runs at most ``max_running_per_user`` things at once, counted with
+  their one-shot jobs (``running_elsewhere``): a session turn running, or a
+  session granted a live slot for its next turn (it counts from the grant until
+  that turn starts). A session of a user at that bound is passed over in the line
+  for a slot (keeping its place), and a live session's turn waits in its queue
+  until the user runs less; such a *blocked* session may yield its slot to a
+  waiting session at once; one with a turn ready runs it before another of that
+  user's sessions is granted a slot. So one user alone never holds every live
+  slot with long turns.
 * When a user's CLAUDE.md changes (:meth:`SessionScheduler.memory_changed`), each
   of that user's live sessions is restarted at its next turn boundary (hibernated
   when idle, and started again — resuming its conversation — when it has a turn
@@ -35,6 +44,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -86,6 +96,8 @@ class SessionEntry:
     yielding: bool = False
     # Its agent may hold an outdated CLAUDE.md: restart it at the next turn boundary.
     stale_memory: bool = False
+    # Granted its live slot for a turn that has not started yet: it counts as running.
+    reserved: bool = False
     # The turn handed to its actor and not over yet, and when (wall-clock seconds).
     running: Job | None = None
     running_since: float | None = None
@@ -112,6 +124,8 @@ class SessionScheduler:
         idle_s: float,
         start_session: Callable[[StartSession], bool],
         delete_record: Callable[[SessionKey, trio.MemorySendChannel[Any]], None],
+        max_running_per_user: int | None = None,
+        running_elsewhere: Callable[[], Counter[str]] = Counter,
     ) -> None:
         self.max_live = max_live
         self.per_session_max = per_session_max
@@ -124,6 +138,8 @@ class SessionScheduler:
         self.idle_s = idle_s
         self._start_session = start_session
         self._delete_record = delete_record
+        self.max_running_per_user = max_running_per_user
+        self._running_elsewhere = running_elsewhere
         self.entries: dict[SessionKey, SessionEntry] = {}
         self.waiting_for_slot: FairLine[SessionKey, SessionKey] = FairLine()
         self.grants = 0  # live slots granted so far
@@ -215,6 +231,7 @@ class SessionScheduler:
             entry.inbox.close()
         entry.inbox, entry.actor = None, None
         entry.running = entry.running_since = None
+        entry.reserved = False
         if entry.closing:
             for ack, deleted in entry.closing:
                 self._delete_record(key, deleted)
@@ -316,18 +333,42 @@ class SessionScheduler:
         In that order: a session waiting for a slot is served before a live session
         takes its next turn (see the module docstring).
         """
+        for entry in self.entries.values():
+            if entry.reserved and entry.state is SessionState.IDLE and not len(entry.waiting):
+                entry.reserved = False  # the turn it was granted for went (withdrawn, expired)
+        cap = self.max_running_per_user
+        running = self._running_elsewhere() + self.running_counts() if cap is not None else None
+
+        def may_run(user_id: str) -> bool:
+            return running is None or cap is None or running[user_id] < cap
+
+        # A user's live sessions with a turn to run take what the user may run before a
+        # new slot is granted to another of theirs (they need no process start).
+        ready = Counter(
+            e.key.user_id
+            for e in self.entries.values()
+            if e.state is SessionState.IDLE and len(e.waiting) and not e.reserved
+        )
+
+        def may_start(user_id: str) -> bool:
+            return running is None or cap is None or running[user_id] + ready[user_id] < cap
+
         live = self.live_count()
         while len(self.waiting_for_slot) and live < self.max_live:
-            key = self.waiting_for_slot.peek_next()
-            assert key is not None
+            key = self.waiting_for_slot.peek_next(may_start)
+            if key is None:  # every user waiting runs all they may already
+                break
             first_turn = self.entries[key].waiting.peek_next()
             options = first_turn.options if first_turn is not None else RunOptions()
             if not self._start_session(StartSession(key, options)):
                 # The supervisor has starts to take first (after a restart, some twice);
                 # each it takes answers with a message, and this runs again then.
                 break
-            self.waiting_for_slot.pop_next()
+            self.waiting_for_slot.pop_next(may_start)
             entry = self.entries[key]
+            entry.reserved = True
+            if running is not None:
+                running[key.user_id] += 1
             self.grants += 1
             entry.state, entry.slot_grant, entry.turns_since_grant = (
                 SessionState.STARTING,
@@ -342,13 +383,20 @@ class SessionScheduler:
                 self._hibernate(entry)
         freeing = sum(1 for e in self.entries.values() if e.state is SessionState.STOPPING)
         free = self.max_live - live  # left only while starts cannot be sent yet
-        short = len(self.waiting_for_slot) - freeing - max(free, 0)
+        short = self._could_start(None if running is None else running + ready) - freeing
+        short -= max(free, 0)
         if short > 0:
             idle = [e for e in idle if e.state is SessionState.IDLE]
             unused = sorted((e for e in idle if not len(e.waiting)), key=lambda e: e.last_used)
-            # Those that have had a turn since their grant, the longest-held slot first.
+            # Those that have had a turn since their grant, or whose user runs all they
+            # may (so its turn cannot start), the longest-held slot first.
             served = sorted(
-                (e for e in idle if len(e.waiting) and e.turns_since_grant),
+                (
+                    e
+                    for e in idle
+                    if len(e.waiting)
+                    and (e.turns_since_grant or not (e.reserved or may_run(e.key.user_id)))
+                ),
                 key=lambda e: e.slot_grant,
             )
             for entry in (unused + served)[:short]:
@@ -358,9 +406,14 @@ class SessionScheduler:
                 self._hibernate(entry)
         for entry in self.entries.values():
             if entry.state is SessionState.IDLE and len(entry.waiting):
+                if not (entry.reserved or may_run(entry.key.user_id)):
+                    continue  # its user runs all they may: the turn waits
                 job = entry.waiting.pop_next()
                 assert job is not None
                 if self._send(entry, job):
+                    if running is not None and not entry.reserved:
+                        running[entry.key.user_id] += 1
+                    entry.reserved = False
                     entry.state = SessionState.BUSY
                     entry.turns_since_grant += 1
                     entry.running, entry.running_since = job, time.time()
@@ -375,6 +428,23 @@ class SessionScheduler:
         Those the registry must not evict; a hibernated session has no entry.
         """
         return frozenset(k.session_id for k in self.entries if k.user_id == user_id)
+
+    def running_counts(self) -> Counter[str]:
+        """Per user: turns running, and sessions granted a slot for a turn not started yet."""
+        return Counter(
+            e.key.user_id for e in self.entries.values() if e.running is not None or e.reserved
+        )
+
+    def _could_start(self, running: Counter[str] | None) -> int:
+        """Sessions waiting for a slot that could start now if there were slots: all of
+        them, less those of users who run (``running``: or are about to) all they may."""
+        cap = self.max_running_per_user
+        if running is None or cap is None:
+            return len(self.waiting_for_slot)
+        return sum(
+            min(self.waiting_for_slot.count(user_id), max(cap - running[user_id], 0))
+            for user_id in self.waiting_for_slot.owners()
+        )
 
     def live_count(self) -> int:
         return sum(1 for e in self.entries.values() if e.state in LIVE_STATES)

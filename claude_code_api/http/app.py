@@ -38,7 +38,7 @@ from ..messages import (
     SessionKey,
     SessionState,
 )
-from .auth import Unauthorized, authenticate, is_admin
+from .auth import Unauthorized, authenticate, check_metrics_token, is_admin
 from .docs import docs_page
 from .jobs import SessionStoreUnavailable, close_session, pool_snapshot
 from .json_run import json_bytes, serve_json_runs
@@ -349,6 +349,12 @@ def create_app(
 
         @app.get("/metrics")
         async def metrics_page() -> Response:
+            if settings.metrics_token:
+                try:
+                    check_metrics_token(request.headers, settings.metrics_token)
+                except Unauthorized as exc:
+                    return error(401, exc.message, {"WWW-Authenticate": 'Bearer realm="metrics"'})
+
             async def snapshot() -> PoolSnapshot:
                 return await pool_snapshot(dispatcher)
 

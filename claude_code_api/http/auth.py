@@ -5,7 +5,11 @@ Two methods, tried in this order (claude-code-web's, with its holes closed):
 1. ``x-api-key``: when present and not empty it must be a key (else 401
    ``Invalid API key``, never a fall back to the token).
 2. ``Authorization: Bearer <value>``: the value as an API key, then as a token.
-   Missing: 401 ``Missing authorization token``; neither: 401 ``Invalid or expired token``.
+   Neither valid: 401 ``Invalid or expired token``; a header that is not a bearer
+   (or an empty one): 401 ``Missing authorization token``.
+
+No credentials at all (no ``x-api-key`` and no ``Authorization``, or both empty):
+401 ``Missing API key``, the original's words where a plain API client reads them.
 
 A key's user id comes from ``API_KEYS`` (``prefix:key`` -> prefix, plain key ->
 "api"). A token is ``base64(username:timestampMs:hex(HMAC-SHA256(NEXTAUTH_SECRET,
@@ -35,6 +39,8 @@ TOKEN_FUTURE_SKEW_MS = 60 * 1000
 MAX_TOKEN_CHARS = 4096
 MAX_USERNAME_CHARS = 256
 ANONYMOUS = "anonymous"
+# The original's answer to a request that sends no credentials at all.
+MISSING_API_KEY = "Missing API key"
 
 
 class HeaderLookup(Protocol):
@@ -101,6 +107,8 @@ def authenticate(headers: HeaderLookup, settings: Settings, now_ms: int | None =
             raise Unauthorized("Invalid API key")
         return user_id
     authorization = headers.get("authorization") or ""
+    if not authorization.strip():
+        raise Unauthorized(MISSING_API_KEY)
     scheme, _, value = authorization.partition(" ")
     value = value.strip()
     if scheme.lower() != "bearer" or not value:
@@ -113,6 +121,20 @@ def authenticate(headers: HeaderLookup, settings: Settings, now_ms: int | None =
     if username is None:
         raise Unauthorized("Invalid or expired token")
     return settings.token_user_prefix + (username or ANONYMOUS)
+
+
+def check_metrics_token(headers: HeaderLookup, expected: str) -> None:
+    """Raise :class:`Unauthorized` unless ``Authorization: Bearer <expected>`` was sent.
+
+    ``METRICS_TOKEN`` guards the scrape alone: API keys and tokens do not open it (a
+    Prometheus server is no user). Compared in constant time."""
+    scheme, _, value = (headers.get("authorization") or "").partition(" ")
+    value = value.strip()
+    if scheme.lower() != "bearer" or not value:
+        raise Unauthorized("Missing metrics token")
+    presented = value.encode("utf-8", "surrogatepass")
+    if not hmac.compare_digest(presented, expected.encode("utf-8", "surrogatepass")):
+        raise Unauthorized("Invalid metrics token")
 
 
 def is_admin(user_id: str, settings: Settings) -> bool:

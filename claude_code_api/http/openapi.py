@@ -120,6 +120,8 @@ _RESPONSE_NAMES = {
 # Every authenticated route: a key in x-api-key, or a key or token as a bearer.
 AUTHENTICATED: list[dict[str, list[str]]] = [{"apiKey": []}, {"bearer": []}]
 PUBLIC: list[dict[str, list[str]]] = []
+# GET /metrics when METRICS_TOKEN is set: that token alone.
+METRICS_SCRAPER: list[dict[str, list[str]]] = [{"metricsToken": []}]
 
 
 def _run_options(settings: Settings) -> dict[str, Schema]:
@@ -340,6 +342,20 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "stopped": {"const": True},
                 "upstreamError": _ref("UpstreamError"),
                 "sessionId": {**session_id, "description": "the request's; session turns only"},
+                "loweredOptions": {
+                    "type": "object",
+                    "description": "a session's saved options that this service's ceilings"
+                    " (lowered since the session was created) changed for this turn, with"
+                    " the values it ran with: model (the default model), maxTurns,"
+                    " maxBudgetUsd, permissionMode (the default mode)",
+                    "properties": {
+                        "model": {"type": ["string", "null"]},
+                        "maxTurns": {"type": "integer"},
+                        "maxBudgetUsd": {"type": "number"},
+                        "permissionMode": {"type": "string"},
+                    },
+                    "additionalProperties": False,
+                },
             },
         )
         | {
@@ -756,10 +772,11 @@ def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
                         "description": "The Prometheus text format",
                         "content": {"text/plain": {"schema": {"type": "string"}}},
                     },
-                    **_errors(503),
+                    **_errors(*((401, 503) if settings.metrics_token else (503,))),
                 },
-                security=PUBLIC,
-                description="Off with METRICS=0 (then 404, and absent from this document).",
+                security=METRICS_SCRAPER if settings.metrics_token else PUBLIC,
+                description="Off with METRICS=0 (then 404, and absent from this document)."
+                " With METRICS_TOKEN set, only `Authorization: Bearer <METRICS_TOKEN>` opens it.",
                 tags=("service",),
             )
         }
@@ -797,6 +814,17 @@ def openapi_spec(settings: Settings) -> dict[str, Any]:
                     "scheme": "bearer",
                     "description": "an API key, or a token claude-code-web signs",
                 },
+                **(
+                    {
+                        "metricsToken": {
+                            "type": "http",
+                            "scheme": "bearer",
+                            "description": "`METRICS_TOKEN`, for `GET /metrics` alone",
+                        }
+                    }
+                    if settings.metrics and settings.metrics_token
+                    else {}
+                ),
             },
         },
     }

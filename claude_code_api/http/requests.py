@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import attrs
 
-from ..config import Settings
+from ..ceiling import OptionCeiling as OptionCeiling  # (re-exported for the HTTP layer)
 from ..messages import PERMISSION_MODES, RunOptions
 
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -37,26 +37,6 @@ class RunRequest:
     timeout_ms: int | None
     stream: bool | None = None  # None: not said (the Accept header decides)
     options: RunOptions = RunOptions()
-
-
-@attrs.frozen
-class OptionCeiling:
-    """What the operator lets a request ask for (None: no limit)."""
-
-    allowed_models: tuple[str, ...]
-    allowed_permission_modes: tuple[str, ...]
-    max_turns: int | None = None
-    max_budget_usd: float | None = None
-
-    @classmethod
-    def of(cls, settings: Settings) -> OptionCeiling:
-        """The ceiling the operator configured (the app's, and the OpenAPI document's)."""
-        return cls(
-            allowed_models=settings.allowed_models,
-            allowed_permission_modes=settings.allowed_permission_modes,
-            max_turns=settings.max_turns_limit,
-            max_budget_usd=settings.max_budget_usd_limit,
-        )
 
 
 # A system prompt travels as one process argument (Linux: at most 128 KiB each).

@@ -82,6 +82,8 @@ def result_body(outcome: RunResult, finished: Finished, job: Job) -> dict[str, A
             "queuedMs": finished.queued_ms(job),
         }
     )
+    if outcome.lowered_options:
+        body["loweredOptions"] = outcome.lowered_options
     return body
 
 
