@@ -44,6 +44,7 @@ from claude_agent_sdk import (
     ToolUseBlock,
     UserMessage,
 )
+from claude_agent_sdk._internal.message_parser import parse_message
 
 from .actors.reaper import ReaperClient
 from .agent import (
@@ -165,7 +166,10 @@ class SdkAgent:
         self._closed = False
         # A prompt may have been sent and its result not read yet: there is a turn to interrupt.
         self._turn_open = False
-        self._messages: AsyncIterator[Message] | None = None  # see _next_message
+        self._messages: AsyncIterator[tuple[Message, dict[str, Any]]] | None = None
+        # The conversation's running cost as the CLI reported it last (see _own_cost); a
+        # resumed conversation's is not known before its first result.
+        self._reported_total: float | None = None if spec.resume else 0.0
 
     @property
     def pid(self) -> int | None:
@@ -312,11 +316,11 @@ class SdkAgent:
             else:
                 await client.query(prompt)
             while True:
-                message = await self._next_message(client)
+                message, data = await self._next_message(client)
                 if isinstance(message, ResultMessage):
                     self._turn_open = False
                     self._note_session_id(message.session_id)
-                    return _turn_result(message, model)
+                    return _turn_result(message, model, self._own_cost(message, data))
                 if isinstance(message, AssistantMessage):
                     self._note_session_id(message.session_id)
                     model = message.model or model
@@ -337,8 +341,8 @@ class SdkAgent:
             await trio.sleep(0.01)  # let the stderr reader collect the dying words
             raise AgentError(describe_failure(exc, self.stderr_tail())) from exc
 
-    async def _next_message(self, client: ClaudeSDKClient) -> Message:
-        """The agent's next message, from one ``receive_messages()`` kept across turns.
+    async def _next_message(self, client: ClaudeSDKClient) -> tuple[Message, dict[str, Any]]:
+        """The agent's next message and the CLI's JSON of it, from one iterator kept across turns.
 
         Why not ``receive_response()`` per turn: each turn would leave three nested
         async generators suspended after the ``ResultMessage``, and trio closes each
@@ -347,7 +351,7 @@ class SdkAgent:
         the iterator, and the next call starts another.
         """
         if self._messages is None:
-            self._messages = client.receive_messages()
+            self._messages = _receive_messages(client)
         try:
             return await anext(self._messages)
         except StopAsyncIteration:
@@ -403,10 +407,11 @@ class SdkAgent:
             try:
                 await client.interrupt()
                 while True:
-                    message = await self._next_message(client)
+                    message, data = await self._next_message(client)
                     if isinstance(message, ResultMessage):
                         self._turn_open = False
                         self._note_session_id(message.session_id)
+                        self._own_cost(message, data)  # the next turn's is its own only
                         return True
             except Exception as exc:
                 log.info("%s: interrupt failed: %s", self.spec.name, describe_failure(exc))
@@ -453,6 +458,22 @@ class SdkAgent:
                 process.kill()
             except ProcessLookupError:
                 pass
+
+    def _own_cost(self, message: ResultMessage, data: dict[str, Any]) -> float | None:
+        """What the turn that ``message`` ends cost, in US dollars.
+
+        ``total_cost_usd`` is the conversation's running total: it grows turn after
+        turn, a process resuming the conversation starts from the total its
+        transcript holds, and ``/clear`` starts it again at 0. The turn's own cost
+        is the CLI's ``model_usage_since_last_result`` (which the SDK drops); without
+        it, the growth of the total since the previous result of this process.
+        """
+        total = message.total_cost_usd
+        previous, self._reported_total = self._reported_total, total
+        own = _cost_since_last_result(data)
+        if own is not None or total is None or previous is None:
+            return own
+        return total - previous if total >= previous else total
 
     def _connected(self) -> ClaudeSDKClient:
         if self._client is None:
@@ -505,7 +526,37 @@ def _text_file_busy(exc: BaseException | None) -> bool:
     return False
 
 
-def _turn_result(message: ResultMessage, model: str | None) -> TurnResult:
+async def _receive_messages(
+    client: ClaudeSDKClient,
+) -> AsyncIterator[tuple[Message, dict[str, Any]]]:
+    """``client.receive_messages()``, each message with the CLI's JSON of it.
+
+    The SDK's own loop (``ClaudeSDKClient.receive_messages``), keeping what its
+    :class:`ResultMessage` leaves out; tests/test_sdk_contract.py pins the parts used.
+    """
+    query = client._query
+    if query is None:
+        raise CLIConnectionError("Not connected. Call connect() first.")
+    async for data in query.receive_messages():
+        message = parse_message(data)
+        if message is not None:
+            yield message, data
+
+
+def _cost_since_last_result(data: dict[str, Any]) -> float | None:
+    """The sum of ``costUSD`` in a result's ``model_usage_since_last_result`` (None: absent)."""
+    by_model = data.get("model_usage_since_last_result")
+    if not isinstance(by_model, dict):
+        return None
+    total = 0.0
+    for usage in by_model.values():
+        cost = usage.get("costUSD") if isinstance(usage, dict) else None
+        if isinstance(cost, int | float) and not isinstance(cost, bool):
+            total += cost
+    return total
+
+
+def _turn_result(message: ResultMessage, model: str | None, cost_usd: float | None) -> TurnResult:
     if message.result:
         text = message.result
     elif message.errors:
@@ -519,7 +570,7 @@ def _turn_result(message: ResultMessage, model: str | None) -> TurnResult:
         text=text,
         subtype=message.subtype,
         session_id=message.session_id,
-        cost_usd=message.total_cost_usd,
+        cost_usd=cost_usd,
         num_turns=message.num_turns,
         usage=message.usage,
         model=model,
