@@ -1,6 +1,8 @@
 """The real agent: one Claude Code process driven through claude-agent-sdk.
 
-This is the only module that touches the SDK. :class:`SdkAgent` implements
+This is the only module that drives the SDK (with
+:mod:`claude_code_api.sdk_workarounds`, which reads what the SDK drops from a
+message, on the pinned SDK version only). :class:`SdkAgent` implements
 :class:`~claude_code_api.agent.Agent`: it owns one ``ClaudeSDKClient`` and so one
 CLI process, started through the launcher :mod:`claude_code_api.sandbox` writes
 for it (own process group, the sandbox, an allowlisted environment).
@@ -44,7 +46,6 @@ from claude_agent_sdk import (
     ToolUseBlock,
     UserMessage,
 )
-from claude_agent_sdk._internal.message_parser import parse_message
 
 from .actors.reaper import ReaperClient
 from .agent import (
@@ -59,6 +60,7 @@ from .agent import (
 )
 from .messages import AssistantText, ToolResult, ToolUse, UpstreamRetry
 from .sandbox import AgentLauncher
+from .sdk_workarounds import cost_since_last_result, receive_messages_with_raw
 from .user_memory import memory_reminder
 
 log = logging.getLogger(__name__)
@@ -351,7 +353,7 @@ class SdkAgent:
         the iterator, and the next call starts another.
         """
         if self._messages is None:
-            self._messages = _receive_messages(client)
+            self._messages = receive_messages_with_raw(client)
         try:
             return await anext(self._messages)
         except StopAsyncIteration:
@@ -465,12 +467,13 @@ class SdkAgent:
         ``total_cost_usd`` is the conversation's running total: it grows turn after
         turn, a process resuming the conversation starts from the total its
         transcript holds, and ``/clear`` starts it again at 0. The turn's own cost
-        is the CLI's ``model_usage_since_last_result`` (which the SDK drops); without
-        it, the growth of the total since the previous result of this process.
+        is the CLI's ``model_usage_since_last_result`` (which the SDK drops: see
+        :mod:`~claude_code_api.sdk_workarounds`); without it, the growth of the
+        total since the previous result of this process.
         """
         total = message.total_cost_usd
         previous, self._reported_total = self._reported_total, total
-        own = _cost_since_last_result(data)
+        own = cost_since_last_result(data)
         if own is not None or total is None or previous is None:
             return own
         return total - previous if total >= previous else total
@@ -524,36 +527,6 @@ def _text_file_busy(exc: BaseException | None) -> bool:
             return True
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return False
-
-
-async def _receive_messages(
-    client: ClaudeSDKClient,
-) -> AsyncIterator[tuple[Message, dict[str, Any]]]:
-    """``client.receive_messages()``, each message with the CLI's JSON of it.
-
-    The SDK's own loop (``ClaudeSDKClient.receive_messages``), keeping what its
-    :class:`ResultMessage` leaves out; tests/test_sdk_contract.py pins the parts used.
-    """
-    query = client._query
-    if query is None:
-        raise CLIConnectionError("Not connected. Call connect() first.")
-    async for data in query.receive_messages():
-        message = parse_message(data)
-        if message is not None:
-            yield message, data
-
-
-def _cost_since_last_result(data: dict[str, Any]) -> float | None:
-    """The sum of ``costUSD`` in a result's ``model_usage_since_last_result`` (None: absent)."""
-    by_model = data.get("model_usage_since_last_result")
-    if not isinstance(by_model, dict):
-        return None
-    total = 0.0
-    for usage in by_model.values():
-        cost = usage.get("costUSD") if isinstance(usage, dict) else None
-        if isinstance(cost, int | float) and not isinstance(cost, bool):
-            total += cost
-    return total
 
 
 def _turn_result(message: ResultMessage, model: str | None, cost_usd: float | None) -> TurnResult:
