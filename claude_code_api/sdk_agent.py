@@ -26,7 +26,7 @@ import logging
 import os
 import signal
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, cast
 
 import attrs
@@ -168,7 +168,7 @@ class SdkAgent:
         self._closed = False
         # A prompt may have been sent and its result not read yet: there is a turn to interrupt.
         self._turn_open = False
-        self._messages: AsyncIterator[tuple[Message, dict[str, Any]]] | None = None
+        self._messages: AsyncGenerator[tuple[Message, dict[str, Any]], None] | None = None
         # The conversation's running cost as the CLI reported it last (see _own_cost); a
         # resumed conversation's is not known before its first result.
         self._reported_total: float | None = None if spec.resume else 0.0
@@ -439,6 +439,13 @@ class SdkAgent:
                         await client.disconnect()
                     except Exception as exc:  # the process is dead; this is tidying up
                         log.debug("disconnect after close: %r", exc)
+            messages, self._messages = self._messages, None
+            if messages is not None:  # closed here, not left to the GC
+                with trio.move_on_after(CLOSE_GRACE_S):
+                    try:
+                        await messages.aclose()
+                    except Exception as exc:
+                        log.debug("closing the message stream after close: %r", exc)
             if process is not None and process.returncode is None:
                 with trio.move_on_after(CLOSE_GRACE_S):
                     await process.wait()

@@ -49,7 +49,8 @@ adds is reachable before the SDK models it.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
 from typing import Any
 
 import attrs
@@ -88,12 +89,13 @@ _fallback_told = False
 
 async def receive_messages_with_raw(
     client: ClaudeSDKClient,
-) -> AsyncIterator[tuple[Message, dict[str, Any]]]:
+) -> AsyncGenerator[tuple[Message, dict[str, Any]], None]:
     """``client.receive_messages()``, each message with the CLI's JSON of it.
 
     The JSON is ``{}`` when the installed SDK is not the pinned one (see the
     module's docstring). Error handling: as ``client.receive_messages()``
-    (``CLIConnectionError`` when the client is not connected).
+    (``CLIConnectionError`` when the client is not connected). Resource handling:
+    closing it closes the SDK's private generator it reads (on the pinned version).
     """
     parse = _reader.parse
     if parse is None:
@@ -104,10 +106,11 @@ async def receive_messages_with_raw(
     query = client._query
     if query is None:
         raise CLIConnectionError("Not connected. Call connect() first.")
-    async for data in query.receive_messages():
-        parsed = parse(data)
-        if parsed is not None:
-            yield parsed, data
+    async with aclosing(query.receive_messages()) as raw:
+        async for data in raw:
+            parsed = parse(data)
+            if parsed is not None:
+                yield parsed, data
 
 
 def cost_since_last_result(raw: dict[str, Any]) -> float | None:
