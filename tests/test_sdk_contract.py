@@ -57,29 +57,3 @@ async def test_max_buffer_size_and_extra_args_reach_the_transport(tmp_path):
     transport = SubprocessCLITransport(prompt="", options=options)
     assert transport._max_buffer_size == 123_456
     assert "--no-session-persistence" in transport._build_command()
-
-
-async def test_the_client_hands_out_the_clis_json_of_each_message(tmp_path):
-    """sdk_agent._receive_messages: the SDK's own loop, keeping the result's JSON."""
-    from claude_agent_sdk import ResultMessage
-    from claude_agent_sdk._internal.message_parser import parse_message
-
-    options = ClaudeAgentOptions(
-        cli_path=str(FAKE_CLAUDE),
-        cwd=str(tmp_path),
-        env={"FAKE_CLAUDE_HOME": str(tmp_path / "home")},
-    )
-    client = ClaudeSDKClient(options)
-    with trio.fail_after(30):
-        await client.connect()
-        try:
-            await client.query("hello")
-            async for data in client._query.receive_messages():
-                assert isinstance(data, dict)
-                message = parse_message(data)
-                if isinstance(message, ResultMessage):
-                    assert message.total_cost_usd == data["total_cost_usd"]
-                    assert "model_usage_since_last_result" in data
-                    break
-        finally:
-            await client.disconnect()
