@@ -3,7 +3,7 @@
 An *agent* is one Claude Code process. The service's code talks to it only
 through :class:`Agent`, so the turn, worker and session logic runs the same
 against the real one (:mod:`claude_code_api.sdk_agent`, the only module that
-touches claude-agent-sdk) and against an in-memory fake on trio's MockClock
+drives claude-agent-sdk) and against an in-memory fake on trio's MockClock
 (``tests/fake_agent.py``), where tests can tell an *interrupt* from a *kill*
 from a *replace*.
 

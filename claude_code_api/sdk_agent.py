@@ -1,6 +1,8 @@
 """The real agent: one Claude Code process driven through claude-agent-sdk.
 
-This is the only module that touches the SDK. :class:`SdkAgent` implements
+This is the only module that drives the SDK (with
+:mod:`claude_code_api.sdk_workarounds`, which reads what the SDK drops from a
+message, on the pinned SDK version only). :class:`SdkAgent` implements
 :class:`~claude_code_api.agent.Agent`: it owns one ``ClaudeSDKClient`` and so one
 CLI process, started through the launcher :mod:`claude_code_api.sandbox` writes
 for it (own process group, the sandbox, an allowlisted environment).
@@ -24,7 +26,7 @@ import logging
 import os
 import signal
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, cast
 
 import attrs
@@ -58,6 +60,7 @@ from .agent import (
 )
 from .messages import DEFAULT_PERMISSION_MODE, AssistantText, ToolResult, ToolUse, UpstreamRetry
 from .sandbox import AgentLauncher
+from .sdk_workarounds import cost_since_last_result, receive_messages_with_raw
 from .user_memory import memory_reminder
 
 log = logging.getLogger(__name__)
@@ -163,7 +166,10 @@ class SdkAgent:
         self._closed = False
         # A prompt may have been sent and its result not read yet: there is a turn to interrupt.
         self._turn_open = False
-        self._messages: AsyncIterator[Message] | None = None  # see _next_message
+        self._messages: AsyncGenerator[tuple[Message, dict[str, Any]], None] | None = None
+        # The conversation's running cost as the CLI reported it last (see _own_cost); a
+        # resumed conversation's is not known before its first result.
+        self._reported_total: float | None = None if spec.resume else 0.0
 
     @property
     def pid(self) -> int | None:
@@ -310,11 +316,11 @@ class SdkAgent:
             else:
                 await client.query(prompt)
             while True:
-                message = await self._next_message(client)
+                message, data = await self._next_message(client)
                 if isinstance(message, ResultMessage):
                     self._turn_open = False
                     self._note_session_id(message.session_id)
-                    return _turn_result(message, model)
+                    return _turn_result(message, model, self._own_cost(message, data))
                 if isinstance(message, AssistantMessage):
                     self._note_session_id(message.session_id)
                     model = message.model or model
@@ -335,8 +341,8 @@ class SdkAgent:
             await trio.sleep(0.01)  # let the stderr reader collect the dying words
             raise AgentError(describe_failure(exc, self.stderr_tail())) from exc
 
-    async def _next_message(self, client: ClaudeSDKClient) -> Message:
-        """The agent's next message, from one ``receive_messages()`` kept across turns.
+    async def _next_message(self, client: ClaudeSDKClient) -> tuple[Message, dict[str, Any]]:
+        """The agent's next message and the CLI's JSON of it, from one iterator kept across turns.
 
         Why not ``receive_response()`` per turn: each turn would leave three nested
         async generators suspended after the ``ResultMessage``, and trio closes each
@@ -345,7 +351,7 @@ class SdkAgent:
         the iterator, and the next call starts another.
         """
         if self._messages is None:
-            self._messages = client.receive_messages()
+            self._messages = receive_messages_with_raw(client)
         try:
             return await anext(self._messages)
         except StopAsyncIteration:
@@ -401,10 +407,11 @@ class SdkAgent:
             try:
                 await client.interrupt()
                 while True:
-                    message = await self._next_message(client)
+                    message, data = await self._next_message(client)
                     if isinstance(message, ResultMessage):
                         self._turn_open = False
                         self._note_session_id(message.session_id)
+                        self._own_cost(message, data)  # the next turn's is its own only
                         return True
             except Exception as exc:
                 log.info("%s: interrupt failed: %s", self.spec.name, describe_failure(exc))
@@ -430,6 +437,13 @@ class SdkAgent:
                         await client.disconnect()
                     except Exception as exc:  # the process is dead; this is tidying up
                         log.debug("disconnect after close: %r", exc)
+            messages, self._messages = self._messages, None
+            if messages is not None:  # closed here, not left to the GC
+                with trio.move_on_after(CLOSE_GRACE_S):
+                    try:
+                        await messages.aclose()
+                    except Exception as exc:
+                        log.debug("closing the message stream after close: %r", exc)
             if process is not None and process.returncode is None:
                 with trio.move_on_after(CLOSE_GRACE_S):
                     await process.wait()
@@ -451,6 +465,23 @@ class SdkAgent:
                 process.kill()
             except ProcessLookupError:
                 pass
+
+    def _own_cost(self, message: ResultMessage, data: dict[str, Any]) -> float | None:
+        """What the turn that ``message`` ends cost, in US dollars.
+
+        ``total_cost_usd`` is the conversation's running total: it grows turn after
+        turn, a process resuming the conversation starts from the total its
+        transcript holds, and ``/clear`` starts it again at 0. The turn's own cost
+        is the CLI's ``model_usage_since_last_result`` (which the SDK drops: see
+        :mod:`~claude_code_api.sdk_workarounds`); without it, the growth of the
+        total since the previous result of this process.
+        """
+        total = message.total_cost_usd
+        previous, self._reported_total = self._reported_total, total
+        own = cost_since_last_result(data)
+        if own is not None or total is None or previous is None:
+            return own
+        return total - previous if total >= previous else total
 
     def _connected(self) -> ClaudeSDKClient:
         if self._client is None:
@@ -503,7 +534,7 @@ def _text_file_busy(exc: BaseException | None) -> bool:
     return False
 
 
-def _turn_result(message: ResultMessage, model: str | None) -> TurnResult:
+def _turn_result(message: ResultMessage, model: str | None, cost_usd: float | None) -> TurnResult:
     if message.result:
         text = message.result
     elif message.errors:
@@ -517,7 +548,7 @@ def _turn_result(message: ResultMessage, model: str | None) -> TurnResult:
         text=text,
         subtype=message.subtype,
         session_id=message.session_id,
-        cost_usd=message.total_cost_usd,
+        cost_usd=cost_usd,
         num_turns=message.num_turns,
         usage=message.usage,
         model=model,

@@ -49,6 +49,7 @@ Per-turn directives, written in the prompt as [[fake:NAME]] or [[fake:NAME:ARG..
                 "<source>: <text>" (source user, project or local), then each
                 <system-reminder> block a user message brought as "context: <text>";
                 "memory: none" when there is none
+  total_only    the result has no model_usage_since_last_result (only the running total)
 
 Memory, as the real CLI has it: at start the fake reads CLAUDE.md files as the real
 one does (user: $CLAUDE_CONFIG_DIR/CLAUDE.md; project: CLAUDE.md and .claude/CLAUDE.md in
@@ -65,6 +66,11 @@ init message of each turn and, for the model, in every assistant message).
 The prompt "/clear" moves the conversation to a new session id, as the real CLI
 does: that turn's init and result carry the new id, and no model call is made.
 --no-session-persistence keeps no transcript (the conversation lives in the process only).
+
+Costs, as the real CLI reports them: every turn but "/clear" costs TURN_COST_USD. A
+result's total_cost_usd (and modelUsage) is the conversation's running total: a process
+resuming a conversation starts from the total its transcript holds, "/clear" starts again
+at 0; model_usage_since_last_result holds that turn's own cost; usage is the turn's own.
 
 The normal ("echo") reply: "My name is X." -> "Nice to meet you, X.";
 "What is my name?" -> "Your name is X." from the transcript (or "I don't know
@@ -86,6 +92,7 @@ from pathlib import Path
 
 CLI_VERSION = "2.1.331"
 MODEL = "fake"
+TURN_COST_USD = 0.0001
 STARTUP_MODES = {"slow_start", "no_init", "exit_at_start", "garbage_at_start"}
 TURN_DIRECTIVES = {
     "slow",
@@ -105,6 +112,7 @@ TURN_DIRECTIVES = {
     "retry",
     "memory",
     "whoami",
+    "total_only",
 }
 REMINDER_PREFIX = "<system-reminder>"
 DIRECTIVE_RE = re.compile(r"\[\[fake:([^\]]*)\]\]")
@@ -448,6 +456,12 @@ class Session:
         self.contexts = []
         # As started; control requests change them (from the reader thread).
         self.model = values.get("--model") or MODEL
+        # The conversation's running cost: restored from its transcript, as the real CLI does.
+        self.cost_usd = sum(
+            entry.get("costUSD", 0.0)
+            for entry in transcripts.entries(session_id)
+            if entry.get("type") == "cost"
+        )
         self.permission_mode = values.get("--permission-mode") or "default"
 
     def whoami(self):
@@ -502,6 +516,7 @@ class Session:
             # the context blocks earlier messages brought.
             self.session_id = str(uuid.uuid4())
             self.contexts = []
+            self.cost_usd = 0.0
         Turn(self, number, prompt).run()
 
 
@@ -513,6 +528,7 @@ class Turn:
         self.texts = []
         self.started = time.monotonic()
         self.sid = session.session_id
+        self.total_only = False
 
     def base(self, kind):
         return {"type": kind, "session_id": self.sid, "uuid": str(uuid.uuid4())}
@@ -549,6 +565,10 @@ class Turn:
 
     def result(self, subtype="success", is_error=False, **extra):
         elapsed = max(1, int((time.monotonic() - self.started) * 1000))
+        own = 0.0 if self.prompt.strip() == "/clear" else TURN_COST_USD
+        if own:
+            self.s.cost_usd += own
+            self.s.transcripts.append(self.sid, {"type": "cost", "costUSD": own})
         msg = {
             **self.base("result"),
             "subtype": subtype,
@@ -557,12 +577,16 @@ class Turn:
             "is_error": is_error,
             "num_turns": 1,
             "stop_reason": "end_turn" if not is_error else None,
-            "total_cost_usd": 0.0001,
+            "total_cost_usd": self.s.cost_usd,
             "usage": {
                 "input_tokens": max(1, len(self.prompt) // 4),
                 "output_tokens": max(1, sum(len(t) for t in self.texts) // 4),
             },
+            "modelUsage": {self.s.model: {"costUSD": self.s.cost_usd}} if self.s.cost_usd else {},
+            "model_usage_since_last_result": {self.s.model: {"costUSD": own}} if own else {},
         }
+        if self.total_only:
+            del msg["model_usage_since_last_result"]
         msg.update(extra)
         OUT.emit(msg)
 
@@ -688,6 +712,7 @@ class Turn:
         )
         d = dict(s.turn_defaults)
         d.update(parse_directives(self.prompt))
+        self.total_only = "total_only" in d
         if self.prompt.strip() == "/clear":
             return self.result(result="")
 

@@ -152,23 +152,24 @@ async def test_a_refresh_is_due_margin_seconds_before_expiry_and_tokens_rotate(
     with trio.fail_after(LIMIT):
         path = tmp_path / "claude" / ".credentials.json"
         write_login(path, access="access-0", refresh="refresh-0", expires_at=EPOCH + 1000)
-        running = await start_actor(nursery, tmp_path)
+        # Tokens of 500 s: MARGIN before their expiry comes before halfway through their life.
+        running = await start_actor(nursery, tmp_path, ScriptedEndpoint(expires_in=500.0))
         await trio.sleep(700 - 0.001)
         assert running.endpoint.calls == []
         await trio.sleep(0.001)
         await trio.testing.wait_all_tasks_blocked()
         # The second refresh uses the rotated token, MARGIN before the new expiry.
-        await trio.sleep(700 + 3300 - trio.current_time())
+        await trio.sleep(700 + 200 - trio.current_time())
         await trio.testing.wait_all_tasks_blocked()
         assert running.endpoint.calls == [
             (700.0, "refresh", ("refresh-0",)),
-            (4000.0, "refresh", ("refresh-1",)),
+            (900.0, "refresh", ("refresh-1",)),
         ]
         assert running.stored()["refreshToken"] == "refresh-2"
         assert running.version.number == 2
 
 
-async def test_a_short_lived_token_is_refreshed_halfway_and_never_in_a_storm(
+async def test_a_token_shorter_than_twice_the_margin_is_refreshed_margin_before_expiry(
     autojump_clock, nursery, tmp_path
 ):
     with trio.fail_after(LIMIT):
@@ -177,13 +178,48 @@ async def test_a_short_lived_token_is_refreshed_halfway_and_never_in_a_storm(
         assert isinstance(await login(running), LoginSaved)
         await trio.sleep(1000)
         await trio.testing.wait_all_tasks_blocked()
-        # Lifetime 400 s < twice the margin: refreshed at 200 s into each token's life.
+        # Lifetime 400 s: less than MARGIN remains 100 s into each token's life, before halfway.
         times = [at for at, kind, _ in endpoint.calls if kind == "refresh"]
-        assert times == [200.0, 400.0, 600.0, 800.0, 1000.0]
+        assert times == [100.0 * n for n in range(1, 11)]
         endpoint.expires_in = 1.0  # absurdly short: at least MIN_REFRESH_INTERVAL_S apart
         await trio.sleep(300)
-        times = [at for at, kind, _ in endpoint.calls if kind == "refresh"][5:]
-        assert times == [1200.0 + MIN_REFRESH_INTERVAL_S * n for n in range(4)]
+        times = [at for at, kind, _ in endpoint.calls if kind == "refresh"][10:]
+        assert times == [1100.0 + MIN_REFRESH_INTERVAL_S * n for n in range(7)]
+
+
+async def test_a_token_shorter_than_the_margin_is_refreshed_at_once_then_every_min_interval(
+    autojump_clock, nursery, tmp_path
+):
+    with trio.fail_after(LIMIT):
+        endpoint = ScriptedEndpoint(expires_in=60.0)
+        running = await start_actor(nursery, tmp_path, endpoint)
+        await trio.sleep(5)
+        assert isinstance(await login(running), LoginSaved)
+        await trio.sleep(100)
+        await trio.testing.wait_all_tasks_blocked()
+        # Less than MARGIN remains from the start: refreshed at once, and then as often as the
+        # storm guard allows, so a token is never more than MIN_REFRESH_INTERVAL_S old.
+        times = [at for at, kind, _ in endpoint.calls if kind == "refresh"]
+        assert times == [5.0 + MIN_REFRESH_INTERVAL_S * n for n in range(4)]
+        assert running.stored()["refreshToken"] == "refresh-5"
+
+
+async def test_a_long_lived_token_is_refreshed_halfway_through_its_life(
+    autojump_clock, nursery, tmp_path
+):
+    with trio.fail_after(LIMIT):
+        hours = 3600.0
+        endpoint = ScriptedEndpoint(expires_in=8 * hours)
+        running = await start_actor(nursery, tmp_path, endpoint)
+        assert isinstance(await login(running), LoginSaved)
+        await trio.sleep(4 * hours - 0.001)
+        assert [kind for _, kind, _ in endpoint.calls] == ["exchange"]
+        await trio.sleep(9 * hours)
+        await trio.testing.wait_all_tasks_blocked()
+        # Halfway through each 8 h token's life, long before MARGIN before its expiry.
+        times = [at for at, kind, _ in endpoint.calls if kind == "refresh"]
+        assert times == [4 * hours, 8 * hours, 12 * hours]
+        assert running.stored()["expiresAt"] == round((EPOCH + 20 * hours) * 1000)
 
 
 async def test_failed_refreshes_back_off_and_show_in_the_status(autojump_clock, nursery, tmp_path):

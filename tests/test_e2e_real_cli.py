@@ -26,6 +26,7 @@ from tests.mock_messages_api import (
     tool_result_text,
 )
 from tests.real_cli import requires_real_cli, service_overrides
+from tests.test_e2e_metrics import by_state, get, scrape
 
 pytestmark = requires_real_cli
 
@@ -214,3 +215,52 @@ async def test_a_users_next_one_shot_runs_on_the_cleared_agent_with_no_file_left
     # /clear between them: the second request's conversation holds none of the first's.
     assert "write a note" not in second.all_text()
     assert wrote["claudeSessionId"] != listed["claudeSessionId"]
+
+
+def priced_tokens(reply: dict) -> int:
+    """A turn's own tokens (its reply's usage), output ones counted 5 times: Claude's list
+    prices charge an output token five times an input one (claude-sonnet-4-6: 3 and 15 USD
+    per million), and the cost the CLI reports is the tokens times those prices."""
+    return reply["usage"]["input_tokens"] + 5 * reply["usage"]["output_tokens"]
+
+
+async def cost_metric(client) -> float:
+    # (The service's total: no user label unless METRICS_PER_USER=1.)
+    return get(await scrape(client), "claude_code_api_cost_usd_total")
+
+
+async def test_each_turn_reports_its_own_cost_across_a_resume_and_a_restart(tmp_path):
+    """The CLI's ``total_cost_usd`` is the conversation's running total, carried over to a
+    process that resumes it: the replies used to report 0.05, 0.10, 0.15... (issue 19)."""
+    replies = []
+    with trio.fail_after(BUDGET_S + 60):
+        async with open_mock_api() as api:
+            # Idle sessions hibernate after 1 s; one-shots reuse their user's agent (/clear).
+            env = real_cli_env(api, tmp_path, SESSION_IDLE_MS="1000", AGENT_REUSE_S="60")
+            async with run_service(tmp_path, env=env) as service:
+                await wait_healthy(service, ready=1, timeout=60)
+                async with service.client() as client:
+                    for prompt in ("My name is Ada.", "one", "two"):
+                        replies.append(await run(client, prompt, sessionId="s"))
+
+                    async def hibernated() -> bool:
+                        states = by_state(await scrape(client), "claude_code_api_sessions")
+                        return states.get("hibernated") == 1
+
+                    await wait_until(hibernated, timeout=30)
+                    replies.append(await run(client, "three", sessionId="s"))  # resumed
+                    replies.append(await run(client, "a one-shot"))
+                    replies.append(await run(client, "another one-shot"))  # same agent, cleared
+                    metric = await cost_metric(client)
+            async with run_service(tmp_path, env=env) as service:  # a restart
+                await wait_healthy(service, ready=1, timeout=60)
+                async with service.client() as client:
+                    replies.append(await run(client, "four", sessionId="s"))
+    assert [reply["status"] for reply in replies] == [200] * 7, replies
+    assert len({reply["claudeSessionId"] for reply in replies[:4] + replies[6:]}) == 1
+    # ~20.4k input tokens a turn, ~0.061 USD each: the replies used to say 0.061, 0.123, 0.185...
+    price = replies[0]["costUsd"] / priced_tokens(replies[0])
+    assert [reply["costUsd"] for reply in replies] == [
+        pytest.approx(price * priced_tokens(reply), rel=1e-6) for reply in replies
+    ]
+    assert metric == pytest.approx(sum(reply["costUsd"] for reply in replies[:6]), rel=1e-6)

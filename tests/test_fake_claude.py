@@ -140,10 +140,10 @@ async def test_echo_turn(tmp_path):
     assert result.session_id == session_id
     assert result.usage["input_tokens"] > 0 and result.usage["output_tokens"] > 0
     assert all(m.session_id == session_id for m in messages if isinstance(m, AssistantMessage))
-    # The transcript holds the prompt then the reply.
+    # The transcript holds the prompt, the reply, then what the turn cost.
     lines = (tmp_path / "transcripts" / f"{session_id}.jsonl").read_text().splitlines()
     entries = [json.loads(line) for line in lines]
-    assert [e["type"] for e in entries] == ["user", "assistant"]
+    assert [e["type"] for e in entries] == ["user", "assistant", "cost"]
     assert entries[0]["message"]["content"] == "hello there"
 
 
@@ -188,6 +188,27 @@ async def test_resume_in_a_new_process_remembers_the_name(tmp_path):
     assert f"--session-id={session_id}" in starts[0]["argv"]
     assert f"--resume={session_id}" in starts[1]["argv"]
     assert starts[0]["pid"] != starts[1]["pid"]
+
+
+async def test_the_cost_is_the_conversations_running_total_as_the_real_clis(tmp_path):
+    """As measured with the real CLI (tests/REAL_CLI_FINDINGS.md, "Costs of a turn")."""
+    session_id = str(uuid.uuid4())
+    totals = []
+    with trio.fail_after(10):
+        for options, prompts in [
+            (make_options(tmp_path, session_id=session_id), ["one", "two"]),
+            (make_options(tmp_path, resume=session_id), ["three", "/clear", "four"]),
+        ]:
+            client = ClaudeSDKClient(options)
+            await client.connect()
+            try:
+                for prompt in prompts:
+                    result = result_of(await run_turn(client, prompt))
+                    totals.append(result.total_cost_usd)
+                    assert result.usage["input_tokens"] == max(1, len(prompt) // 4)  # its own
+            finally:
+                await client.disconnect()
+    assert [round(total / 0.0001, 6) for total in totals] == [1, 2, 3, 0, 1]
 
 
 async def test_fresh_process_without_resume_forgets(tmp_path):

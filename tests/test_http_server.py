@@ -8,7 +8,9 @@ clock: hypercorn's timers and the kernel's sockets run on it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import resource
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -69,6 +71,15 @@ def make_app(gate: Gate) -> QuartTrio:
     async def stream() -> tuple[object, dict[str, str]]:
         gate.requests += 1
         return late_chunks(), {"Content-Type": "text/plain"}
+
+    async def whole_body_then_a_pause() -> AsyncIterator[bytes]:
+        yield b"hi"
+        await trio.sleep(0.05)  # the client has it all, the app is not done yet
+
+    @app.get("/sized-stream")
+    async def sized_stream() -> tuple[object, dict[str, str]]:
+        gate.requests += 1
+        return whole_body_then_a_pause(), {"Content-Type": "text/plain", "Content-Length": "2"}
 
     @app.get("/closing-stream")
     async def closing_stream() -> tuple[object, dict[str, str]]:
@@ -548,3 +559,46 @@ def test_access_lines_read_as_hypercorns_own(client, response):
     ours = AccessLogger(Config()).atoms(request, response, 0.0123456)
     theirs = AccessLogAtoms(request, response, 0.0123456)
     assert ACCESS_LOG_FORMAT % ours == ACCESS_LOG_FORMAT % theirs
+
+
+def close_on_each_whole_response(url: str, path: str, requests: int) -> None:
+    """A client in a thread of its own (truly in parallel with the server): one request
+    per connection, closed as soon as the whole response is in, as curl does."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    for _ in range(requests):
+        with socket.create_connection((host, int(port)), timeout=5) as client:
+            client.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+            received = b""
+            while not received.endswith(b"\r\n\r\nhi"):
+                data = client.recv(65536)
+                assert data, f"closed after {received!r}"
+                received += data
+
+
+async def test_one_access_line_per_request_also_when_the_client_closes_at_once(caplog):
+    """Found by a newcomer: ``"GET /health" - - 0.007s`` before the real 200 line.
+
+    A client that closes as soon as it has the whole response can be seen by
+    hypercorn's read loop before the app has sent its last (empty) message: the
+    stream-closed path logged the request with no response, then the app's end
+    logged it again with its status (~1 request in 4 here, before the fix).
+    ``/sized-stream`` holds that window open: the app, told the client left, never
+    sends its last message, and the one line said ``- -`` for a response the client had.
+    """
+    caplog.set_level(logging.INFO, logger="hypercorn.access")
+    with trio.fail_after(20):
+        async with serving() as (server, url, _gate):
+            await trio.to_thread.run_sync(close_on_each_whole_response, url, "/", 200)
+            await trio.to_thread.run_sync(close_on_each_whole_response, url, "/sized-stream", 3)
+            # A stream the client leaves: one line too, with no status (it never completed).
+            connection = await RawConnection.open(url)
+            await connection.request("GET", "/stream")
+            await connection.stream.receive_some(65536)  # its head
+            await connection.aclose()
+            await wait_for(lambda: server.connections.open <= 1)
+            await trio.sleep(0.1)  # (a second line would come from the app's end, 50 ms later)
+    lines = [r.getMessage() for r in caplog.records if r.name == "hypercorn.access"]
+    requests = [line.split('"')[1] + line.split('"')[2].rsplit(" ", 1)[0] for line in lines]
+    assert requests == ["GET / 200 2"] * 200 + ["GET /sized-stream 200 2"] * 3 + [
+        "GET /stream - -"
+    ], [line for line in lines if "200" not in line]

@@ -2,7 +2,8 @@
 
 :mod:`claude_code_api.sdk_agent` reaches into the SDK in a few places (see its
 ``_process``): these tests fail when a new SDK release moves them, instead of
-the service silently losing the ability to kill a hung agent.
+the service silently losing the ability to kill a hung agent. The private parts
+:mod:`claude_code_api.sdk_workarounds` uses are pinned in tests/test_sdk_workarounds.py.
 """
 
 from __future__ import annotations

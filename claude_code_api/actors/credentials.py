@@ -247,9 +247,11 @@ class CredentialsActor:
             return None
         if self.failure is not None:
             return self.failure.next_attempt_at
+        # The earlier of "less than the margin remains" and "half its life is gone": a long-lived
+        # token is renewed halfway, a short-lived one (less than the margin) at once.
         margin = self.refresh_margin_s
         if self.lifetime_s is not None:
-            margin = min(margin, self.lifetime_s / 2)
+            margin = max(margin, self.lifetime_s / 2)
         due = login.expires_at_ms / 1000 - margin
         if self.last_refresh_at is not None:
             due = max(due, self.last_refresh_at + MIN_REFRESH_INTERVAL_S)

@@ -320,7 +320,7 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 },
                 "costUsd": {
                     "type": ["number", "null"],
-                    "description": "the turn's cost as the agent reported it",
+                    "description": "the turn's own cost in US dollars, as the agent reported it",
                 },
                 "usage": {
                     "type": ["object", "null"],

@@ -13,14 +13,22 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
+import attrs
 import trio
 from hypercorn.config import Config
 from hypercorn.logging import Logger
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ConnectionState, Scope
+from hypercorn.typing import (
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    ASGISendEvent,
+    ConnectionState,
+    Scope,
+    WWWScope,
+)
 from hypercorn.utils import repr_socket_addr, wrap_app
 from quart_trio import QuartTrio
 
@@ -40,14 +48,70 @@ ACCEPT_RETRY_S = 0.1
 DISCARD_BODY_S = 1.0
 
 
+# Where the front door keeps a request's ResponseProgress in its ASGI scope.
+PROGRESS_KEY = "claude_code_api.response_progress"
+
+
+@attrs.define
+class ResponseProgress:
+    """How much of a request's response the app has handed to hypercorn, for its access line.
+
+    Kept in the request's scope by the front door (:data:`PROGRESS_KEY`), read by
+    :class:`AccessLogger`. A sized response counts as complete once its declared
+    length has been handed over: the client may have it all and close before the
+    app's last (empty) message.
+    """
+
+    head: Mapping[str, Any] | None = None  # the http.response.start message
+    length: int | None = None  # its Content-Length
+    sent: int = 0
+    logged: bool = False
+
+    def note(self, message: ASGISendEvent) -> None:
+        if message["type"] == "http.response.start":
+            self.head = message
+            for name, value in message.get("headers", []):
+                if name.lower() == b"content-length" and value.isdigit():
+                    self.length = int(value)
+        elif message["type"] == "http.response.body":
+            self.sent += len(message.get("body", b""))
+
+    @property
+    def complete(self) -> bool:
+        return self.head is not None and self.length is not None and self.sent >= self.length
+
+
+def response_progress(scope: WWWScope | Scope) -> ResponseProgress | None:
+    progress = cast(Mapping[str, Any], scope).get(PROGRESS_KEY)
+    return progress if isinstance(progress, ResponseProgress) else None
+
+
 class AccessLogger(Logger):
-    """Hypercorn's logger, with an access line's fields computed for our format only.
+    """Hypercorn's logger, with an access line's fields computed for our format only,
+    and one line per request.
 
     Hypercorn's own atoms copy every request header, every response header and
     every environment variable into a dict for each line, which was most of an
     access line's cost; :data:`~..logs.ACCESS_LOG_FORMAT` uses six fields. Each is
     computed as hypercorn computes it (a test compares the lines).
+
+    Hypercorn logs a request when its response ends, and also when its connection
+    closes first, with no response (``"GET /health" - -``). A client that closes as
+    soon as it has a whole sized response can do so before the app's last message:
+    that made two lines, the second with the status. Here a request's first line is
+    its only one, and a response whose declared length was all handed over is
+    logged with its status even when the connection closed before it ended.
     """
+
+    async def access(self, request: WWWScope, response: Any, request_time: float) -> None:
+        progress = response_progress(request)
+        if progress is not None:
+            if progress.logged:
+                return
+            progress.logged = True
+            if response is None and progress.complete:
+                response = progress.head
+        await super().access(request, response, request_time)
 
     def atoms(self, request: Any, response: Any, request_time: float) -> Mapping[str, str]:
         client = request.get("client")
@@ -211,6 +275,15 @@ class HttpServer:
     ) -> None:
         """ASGI: refuse what the app must not see, pass everything else to it."""
         if scope["type"] == "http":
+            progress = ResponseProgress()
+            cast(dict[str, Any], scope)[PROGRESS_KEY] = progress
+            inner_send = send
+
+            async def send(message: ASGISendEvent) -> None:
+                # Before handing it over: the client may have it, and close, before this returns.
+                progress.note(message)
+                await inner_send(message)
+
             if self.refusing:
                 body = {"error": SHUTTING_DOWN}
                 if scope["path"] == "/health":
