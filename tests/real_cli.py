@@ -36,7 +36,7 @@ import pytest
 import trio
 from claude_agent_sdk import ClaudeAgentOptions, ClaudeSDKClient, ResultMessage
 
-from .mock_messages_api import MockMessagesApi
+from claude_code_api.demo.mock_messages_api import MockMessagesApi
 
 BUNDLED_CLI = Path(claude_agent_sdk.__file__).parent / "_bundled" / "claude"
 HAVE_BUNDLED_CLI = BUNDLED_CLI.is_file() and os.access(BUNDLED_CLI, os.X_OK)

@@ -16,15 +16,15 @@ from pathlib import Path
 import pytest
 import trio
 
-from claude_code_api.sandbox import probe_sandbox
-from tests.harness import run_service, wait_health_status, wait_healthy, wait_until
-from tests.mock_messages_api import (
+from claude_code_api.demo.mock_messages_api import (
     ApiError,
     TextReply,
     ToolUseReply,
     open_mock_api,
     tool_result_text,
 )
+from claude_code_api.sandbox import probe_sandbox
+from tests.harness import run_service, wait_health_status, wait_healthy, wait_until
 from tests.real_cli import requires_real_cli, service_overrides
 
 pytestmark = requires_real_cli
