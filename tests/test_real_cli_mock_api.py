@@ -209,13 +209,14 @@ async def test_error_bodies_are_anthropic_shaped(status):
 
 
 async def test_head_and_any_other_request_are_answered_and_the_server_lives_on():
-    # The CLI's first request is `HEAD /`: a 404 with a body there once killed the mock (h11:
-    # "Too much data for declared Content-Length"), and every later call then waited for
-    # minutes of the CLI's retries.
+    # The CLI's first request is a HEAD (`/api/hello` for 2.1.331, unless
+    # CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC): a 404 with a body there once killed the mock
+    # (h11: "Too much data for declared Content-Length"), and every later call then waited
+    # for minutes of the CLI's retries.
     with trio.fail_after(BUDGET_S):
         async with open_mock_api() as api, httpx.AsyncClient(base_url=api.url) as http:
             head = await http.head("/")
-            head_missing = await http.head("/nowhere")
+            head_missing = await http.head("/api/hello")
             root = await http.get("/")
             other = [
                 await http.request(method, path)
