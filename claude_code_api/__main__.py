@@ -20,12 +20,11 @@ import os
 import signal
 import subprocess
 import sys
-from importlib import metadata
 from urllib.parse import urlsplit
 
 import trio
 
-from . import logs
+from . import __version__, logs
 from .actors.registry import RegistryError
 from .config import ConfigError, Settings, load_settings
 from .http.auth import auth_warnings
@@ -70,13 +69,6 @@ them. Without a Claude account, `scripts/demo` shows the service answering (READ
 start)."""
 
 
-def version() -> str:
-    try:
-        return metadata.version("claude-code-api")
-    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown (not installed)"
-
-
 def parser() -> argparse.ArgumentParser:
     """The command line; ``parse_args`` exits 2 with the usage on stderr for anything else."""
     top = argparse.ArgumentParser(
@@ -85,7 +77,7 @@ def parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    top.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    top.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = top.add_subparsers(dest="command", title="commands", metavar="{serve,check,login}")
     commands.add_parser(
         "serve",
