@@ -9,6 +9,7 @@ prints its usage.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -182,6 +183,33 @@ async def test_login_without_a_terminal_says_so_at_once(tmp_path):
     assert err.startswith("claude-code-api: login needs a terminal")
     assert "/auth/login" in err and "USE_CLAUDE_API_KEY=1" in err
     assert not (tmp_path / "home" / ".claude" / ".credentials.json").exists()
+
+
+async def test_login_in_a_terminal_without_network_says_so_at_once(tmp_path):
+    # A terminal (a pty), but Claude's login host unreachable: the CLI would show a URL and
+    # wait for a code it could never exchange.
+    env = no_credentials_env(
+        tmp_path, CLAUDE_OAUTH_TOKEN_URL=f"http://127.0.0.1:{closed_port()}/v1/oauth/token"
+    )
+    controller, terminal = os.openpty()
+    try:
+        with trio.fail_after(15):
+            done = await trio.run_process(
+                [CONSOLE_SCRIPT, "login"],
+                env=env,
+                stdin=terminal,
+                stdout=terminal,
+                stderr=terminal,
+                check=False,
+            )
+        said = os.read(controller, 65536).decode()
+    finally:
+        os.close(controller)
+        os.close(terminal)
+
+    assert done.returncode == 1, said
+    assert said.startswith("claude-code-api: cannot reach Claude's login at http://127.0.0.1:")
+    assert "needs a terminal" not in said
 
 
 async def test_config_module_without_its_argument_prints_usage(tmp_path):
