@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,7 @@ import attrs
 
 from .agent import ROOT_REFUSAL
 from .config import Settings
+from .credentials import CredentialsFile
 from .sandbox import (
     CREDENTIALS_FILE,
     AgentLauncher,
@@ -169,17 +171,28 @@ def credential_findings(settings: Settings, environ: Mapping[str, str]) -> list[
     if environ.get("CLAUDE_CODE_OAUTH_TOKEN"):
         text = "agents use the Claude login in CLAUDE_CODE_OAUTH_TOKEN"
         return [*findings, Finding("credentials", Status.OK, text)]
-    credentials = service_claude_dir(environ) / CREDENTIALS_FILE
-    if credentials.is_file():
-        text = f"agents use the Claude login in {credentials}"
-        return [*findings, Finding("credentials", Status.OK, text)]
+    path = service_claude_dir(environ) / CREDENTIALS_FILE
+    try:
+        login = CredentialsFile(path).login() if path.is_file() else None
+    except OSError as exc:
+        problem = f"{path} cannot be read ({exc.strerror or exc})"
+    else:
+        problem = f"{path} holds no Claude login" if path.is_file() else f"{path} does not exist"
+        if login is not None and login.refresh_token is None and _expired(login.expires_at_ms):
+            problem = f"the Claude login in {path} has expired (and has no refresh token)"
+        elif login is not None:
+            text = f"agents use the Claude login in {path}"
+            return [*findings, Finding("credentials", Status.OK, text)]
     text = (
-        f"no Claude credentials: {credentials} does not exist and no API key is passed to "
-        "agents; every request will fail with 'Not logged in'. Log in with "
-        "`claude-code-api login` (or POST /auth/login), or set ANTHROPIC_API_KEY and "
-        "USE_CLAUDE_API_KEY=1"
+        f"no Claude credentials: {problem} and no API key is passed to agents; every request "
+        "will fail with 'Not logged in'. Log in with `claude-code-api login` (or POST "
+        "/auth/login), or set ANTHROPIC_API_KEY and USE_CLAUDE_API_KEY=1"
     )
     return [*findings, Finding("credentials", Status.FAIL, text)]
+
+
+def _expired(expires_at_ms: int | None) -> bool:
+    return expires_at_ms is not None and expires_at_ms <= time.time() * 1000
 
 
 # --- what only `claude-code-api check` does (the service does not wait for these) ---------

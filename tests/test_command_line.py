@@ -9,6 +9,7 @@ prints its usage.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -133,6 +134,30 @@ async def test_check_without_credentials_fails_one_line_per_check(tmp_path):
     assert "ANTHROPIC_BASE_URL" in model_api and "cannot reach" in model_api
     assert lines[-1] == "2 check(s) failed: agents will not answer until they pass"
     assert done.stderr == b""
+
+
+@pytest.mark.parametrize(
+    ("stored", "status", "says"),
+    [
+        ({"claudeAiOauth": {"accessToken": "a", "refreshToken": "r", "expiresAt": 1}}, "ok", ""),
+        ({"claudeAiOauth": {"accessToken": "a", "expiresAt": 4102444800000}}, "ok", ""),
+        ({"claudeAiOauth": {"accessToken": "a", "expiresAt": 1}}, "FAIL", "has expired"),
+        ({"somethingElse": 1}, "FAIL", "holds no Claude login"),
+        ("not json", "FAIL", "holds no Claude login"),
+    ],
+    ids=["refreshable", "valid", "expired", "no login", "not JSON"],
+)
+async def test_check_reads_the_claude_login(tmp_path, stored, status, says):
+    env = no_credentials_env(tmp_path)
+    claude_dir = tmp_path / "home" / ".claude"
+    claude_dir.mkdir()
+    credentials = claude_dir / ".credentials.json"
+    credentials.write_text(stored if isinstance(stored, str) else json.dumps(stored))
+    done = await run([CONSOLE_SCRIPT, "check"], env)
+
+    line = next(x for x in done.stdout.decode().splitlines() if " credentials: " in x)
+    assert line.startswith(f"{status:<4}  credentials: "), line
+    assert says in line and str(credentials) in line
 
 
 async def test_check_says_when_the_cli_does_not_run(tmp_path):
