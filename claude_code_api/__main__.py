@@ -65,8 +65,8 @@ exitxio/claude-code-api."""
 EPILOG = """\
 Settings are environment variables (API_KEYS, PORT, DATA_DIR, ...), each documented in
 README.md, section "Configuration", and in .env.example; `claude-code-api check` validates
-them. Without a Claude account, `scripts/demo` shows the service answering (README: Quick
-start)."""
+them. Without a Claude account, `scripts/demo` (`python -m claude_code_api.demo`) shows the
+service answering, with a local stand-in for the model (README: Quick start)."""
 
 
 def parser() -> argparse.ArgumentParser:
