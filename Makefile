@@ -5,7 +5,10 @@ COMPOSE ?= docker compose
 export BUILDAH_FORMAT := docker
 PROD := -f compose.yaml -f compose.prod.yaml
 
-.PHONY: docker-up docker-down docker-logs docker-prod container-check
+.PHONY: demo docker-up docker-down docker-logs docker-prod container-check
+
+demo:  ## see it answer without a Claude account (a local model stand-in; Ctrl-C stops it)
+	scripts/demo
 
 docker-up: .env  ## build and start the service (compose.yaml)
 	$(COMPOSE) up -d --build

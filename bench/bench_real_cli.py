@@ -2,7 +2,7 @@
 """Benchmark of the real bundled Claude Code CLI against the mock Messages API.
 
 Prints figures; it is not a test. No credentials, no network: the CLI talks to
-``tests/mock_messages_api.py`` in this process, which answers every model call at
+``claude_code_api/demo/mock_messages_api.py`` in this process, which answers every model call at
 once (an echo). Agents are made exactly as the service makes them (same launcher,
 sandbox decision and options: ``tests.harness.service_agents``).
 
@@ -44,8 +44,8 @@ import trio  # noqa: E402
 
 from bench.stats import QuietMeter, dist, fmt_dist, machine_lines, quiet_verdict, section  # noqa: E402
 from claude_code_api.agent import AgentSpec  # noqa: E402
+from claude_code_api.demo.mock_messages_api import open_mock_api  # noqa: E402
 from tests.harness import CLK_TCK, launch_service, service_agents, service_env  # noqa: E402
-from tests.mock_messages_api import open_mock_api  # noqa: E402
 from tests.real_cli import service_overrides  # noqa: E402
 
 PROMPT = "What is 2+2?"

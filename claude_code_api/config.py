@@ -854,7 +854,27 @@ def with_table(readme: str) -> str:
     return head + start + markdown_table() + end + tail
 
 
+USAGE = """usage: python -m claude_code_api.config README.md
+Rewrites the settings table in README.md (between its markers) from the declarations in
+claude_code_api/config.py (the settings: README's "Configuration", or .env.example)."""
+
+
+def main(argv: list[str]) -> int:
+    """``python -m claude_code_api.config README.md``: rewrite README's table from the declarations."""
+    if argv in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print(USAGE, file=sys.stderr)
+        return 2
+    readme_path = Path(argv[0])
+    try:
+        readme_path.write_text(with_table(readme_path.read_text()))
+    except (OSError, ValueError) as exc:
+        print(f"python -m claude_code_api.config: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    # python -m claude_code_api.config README.md: rewrite README's table from the declarations.
-    readme_path = Path(sys.argv[1])
-    readme_path.write_text(with_table(readme_path.read_text()))
+    sys.exit(main(sys.argv[1:]))

@@ -1,7 +1,7 @@
 """Run the real bundled Claude Code CLI, through claude-agent-sdk, against the mock API.
 
 The CLI (``claude_agent_sdk/_bundled/claude``) is pointed at
-:mod:`tests.mock_messages_api` with an environment that keeps it offline and
+:mod:`claude_code_api.demo.mock_messages_api` with an environment that keeps it offline and
 away from the real home: a fresh ``CLAUDE_CONFIG_DIR`` and ``HOME`` per test,
 no telemetry, no auto-update, no non-essential traffic. The environment the
 test runner itself has (``IS_SANDBOX``, ``ANTHROPIC_*``, ...) is overridden
@@ -36,7 +36,7 @@ import pytest
 import trio
 from claude_agent_sdk import ClaudeAgentOptions, ClaudeSDKClient, ResultMessage
 
-from .mock_messages_api import MockMessagesApi
+from claude_code_api.demo.mock_messages_api import MockMessagesApi
 
 BUNDLED_CLI = Path(claude_agent_sdk.__file__).parent / "_bundled" / "claude"
 HAVE_BUNDLED_CLI = BUNDLED_CLI.is_file() and os.access(BUNDLED_CLI, os.X_OK)

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import trio
 
-from .mock_messages_api import ApiError, open_mock_api
+from claude_code_api.demo.mock_messages_api import ApiError, open_mock_api
+
 from .real_cli import BUNDLED_CLI, CliDirs, cli_env
 
 

@@ -2,7 +2,7 @@
 
 Nothing is faked but the model: the service runs as ``python -m claude_code_api``
 with the bundled CLI (``CLAUDE_EXECUTABLE`` unset) and ``ANTHROPIC_BASE_URL``
-pointing at :mod:`tests.mock_messages_api` in this test's trio loop. The mock
+pointing at :mod:`claude_code_api.demo.mock_messages_api` in this test's trio loop. The mock
 scripts the model's answers — text, a Bash or Read tool call, HTTP errors,
 silence — and records what the CLI sends back (so a test reads what a tool call
 printed from the next request). As root, ``IS_SANDBOX=1``, as the CLI demands.
@@ -16,15 +16,15 @@ from pathlib import Path
 import pytest
 import trio
 
-from claude_code_api.sandbox import probe_sandbox
-from tests.harness import run_service, wait_health_status, wait_healthy, wait_until
-from tests.mock_messages_api import (
+from claude_code_api.demo.mock_messages_api import (
     ApiError,
     TextReply,
     ToolUseReply,
     open_mock_api,
     tool_result_text,
 )
+from claude_code_api.sandbox import probe_sandbox
+from tests.harness import run_service, wait_health_status, wait_healthy, wait_until
 from tests.real_cli import requires_real_cli, service_overrides
 from tests.test_e2e_metrics import by_state, get, scrape
 

@@ -17,8 +17,13 @@ import pytest
 import trio
 
 from claude_code_api.actors.registry import user_workspace
+from claude_code_api.demo.mock_messages_api import (
+    TextReply,
+    ToolUseReply,
+    open_mock_api,
+    tool_result_text,
+)
 from tests.harness import run_service, wait_healthy
-from tests.mock_messages_api import TextReply, ToolUseReply, open_mock_api, tool_result_text
 from tests.real_cli import requires_real_cli, service_overrides
 
 pytestmark = requires_real_cli

@@ -24,15 +24,15 @@ import pytest
 import trio
 
 from claude_code_api.actors.registry import user_workspace
-from claude_code_api.sandbox import probe_sandbox
-from tests.harness import RunningService, run_service, wait_healthy
-from tests.mock_messages_api import (
+from claude_code_api.demo.mock_messages_api import (
     MockMessagesApi,
     TextReply,
     ToolUseReply,
     open_mock_api,
     tool_result_text,
 )
+from claude_code_api.sandbox import probe_sandbox
+from tests.harness import RunningService, run_service, wait_healthy
 from tests.real_cli import requires_real_cli, service_overrides
 
 SANDBOX_REASON = probe_sandbox(shutil.which("bwrap"))

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import trio
 
+from claude_code_api.demo.mock_messages_api import RecordedRequest, open_mock_api
 from tests.harness import run_service, wait_healthy
-from tests.mock_messages_api import RecordedRequest, open_mock_api
 from tests.real_cli import requires_real_cli
 from tests.test_e2e_real_cli import AS_ALICE, AS_BOB, real_cli_env, run
 

@@ -23,13 +23,14 @@ from claude_agent_sdk import (
     UserMessage,
 )
 
-from .mock_messages_api import (
+from claude_code_api.demo.mock_messages_api import (
     ApiError,
     TextReply,
     ToolUseReply,
     open_mock_api,
     tool_result_text,
 )
+
 from .real_cli import (
     RUNNING_AS_ROOT,
     CliDirs,

@@ -9,7 +9,7 @@ import httpx
 import pytest
 import trio
 
-from .mock_messages_api import ApiError, TextReply, ToolUseReply, open_mock_api
+from claude_code_api.demo.mock_messages_api import ApiError, TextReply, ToolUseReply, open_mock_api
 
 BUDGET_S = 10
 
@@ -206,3 +206,38 @@ async def test_error_bodies_are_anthropic_shaped(status):
     assert set(body) == {"type", "error", "request_id"}
     assert set(body["error"]) == {"type", "message"}
     assert response.headers["request-id"] == body["request_id"]
+
+
+async def test_head_and_any_other_request_are_answered_and_the_server_lives_on():
+    # The CLI's first request is a HEAD (`/api/hello` for 2.1.331, unless
+    # CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC): a 404 with a body there once killed the mock
+    # (h11: "Too much data for declared Content-Length"), and every later call then waited
+    # for minutes of the CLI's retries.
+    with trio.fail_after(BUDGET_S):
+        async with open_mock_api() as api, httpx.AsyncClient(base_url=api.url) as http:
+            head = await http.head("/")
+            head_missing = await http.head("/api/hello")
+            root = await http.get("/")
+            other = [
+                await http.request(method, path)
+                for method, path in [
+                    ("GET", "/v1/models"),
+                    ("OPTIONS", "/v1/messages"),
+                    ("DELETE", "/api/anything"),
+                    ("PUT", "/v1/messages"),
+                ]
+            ]
+            stream = await trio.open_tcp_stream(api.host, api.port)
+            await stream.send_all(b"NOT HTTP AT ALL\r\n\r\n")
+            garbage = await stream.receive_some(4096)
+            await stream.aclose()
+            after = await http.post("/v1/messages", json=messages_body("still there?"))
+
+    assert head.status_code == 200 and head.content == b""
+    assert head_missing.status_code == 404 and head_missing.content == b""
+    assert root.status_code == 200
+    assert [r.status_code for r in other] == [404, 404, 404, 404]
+    assert all(r.json()["type"] == "error" for r in other)
+    assert garbage.startswith(b"HTTP/1.1 400")
+    assert after.status_code == 200
+    assert after.json()["content"][0]["text"] == "echo: still there?"

@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 import trio
 
-from .mock_messages_api import TextReply, ToolUseReply, open_mock_api
+from claude_code_api.demo.mock_messages_api import TextReply, ToolUseReply, open_mock_api
+
 from .real_cli import CliDirs, open_real_cli, real_cli_options, requires_real_cli, run_turn
 
 pytestmark = requires_real_cli

@@ -16,7 +16,8 @@ import pytest
 import trio
 from claude_agent_sdk import ResultMessage
 
-from .mock_messages_api import RecordedRequest, open_mock_api
+from claude_code_api.demo.mock_messages_api import RecordedRequest, open_mock_api
+
 from .real_cli import CliDirs, open_real_cli, real_cli_options, requires_real_cli, run_turn
 
 pytestmark = requires_real_cli

@@ -9,7 +9,9 @@ credentials. It serves:
   ``message_delta`` with ``stop_reason`` and usage, ``message_stop``), plain
   JSON otherwise;
 * ``POST /v1/messages/count_tokens`` — ``{"input_tokens": N}``;
-* anything else — 404 with an Anthropic-shaped error body.
+* ``/`` — 200 (the CLI's first request is ``HEAD /``); anything else — 404 with an
+  Anthropic-shaped error body. A ``HEAD`` gets the headers alone. Whatever a client
+  sends, the server answers or hangs up on that one connection, and goes on.
 
 What the model calls answer is scripted: :meth:`MockMessagesApi.enqueue` adds
 steps (:class:`TextReply`, :class:`ToolUseReply`, :class:`ApiError`), each
@@ -30,7 +32,7 @@ Use inside trio (tests, benchmarks)::
 Use from outside (a shell, a script in another language, a service under
 test)::
 
-    python tests/mock_messages_api.py --port 8999 [--first-byte-delay S] [--chunk-delay S]
+    python -m claude_code_api.demo.mock_messages_api --port 8999 [--first-byte-delay S] [--chunk-delay S]
 
 which prints ``listening on http://127.0.0.1:PORT`` and echoes forever.
 
@@ -51,6 +53,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -60,6 +63,8 @@ from typing import Any
 import attrs
 import h11
 import trio
+
+log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 RECEIVE_CHUNK = 65536
@@ -224,7 +229,7 @@ class MockMessagesApi:
     requests: list[RecordedRequest] = attrs.Factory(list)
     _script: list[Step] = attrs.Factory(list)
     _error_repeats: dict[int, int] = attrs.Factory(dict)
-    _ids: itertools.count = attrs.Factory(lambda: itertools.count(1))
+    _ids: itertools.count[int] = attrs.Factory(lambda: itertools.count(1))
     _changed: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
 
     @property
@@ -276,9 +281,9 @@ class MockMessagesApi:
         if not self._script:
             return self.default(request)
         step = self._script[0]
-        if isinstance(step, ApiError) and step.times is None:
-            return step  # forever: stays at the head of the script
-        if isinstance(step, ApiError) and step.times > 1:
+        if isinstance(step, ApiError):
+            if step.times is None:
+                return step  # forever: stays at the head of the script
             served = self._error_repeats.get(id(step), 0) + 1
             if served < step.times:
                 self._error_repeats[id(step)] = served
@@ -344,6 +349,10 @@ async def _serve_connection(api: MockMessagesApi, stream: trio.SocketStream) -> 
                 await _send_all(connection, stream, _json_response(400, body))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
+    except Exception:
+        # A bug answering one request costs that connection, never the server (its listener
+        # and every other connection share a nursery with this one).
+        log.exception("mock Messages API: request failed; connection closed")
     finally:
         with trio.move_on_after(1) as cleanup:
             cleanup.shield = True
@@ -459,9 +468,17 @@ async def _respond(
             message = _message_json(api, step, body)
             await _send_all(connection, stream, _json_response(200, message))
     else:
-        recorded.status = 404
-        error = _error_json(404, "not_found_error", f"mock: no route {recorded.target}")
-        await _send_all(connection, stream, _json_response(404, error))
+        # Anything else the CLI (or a probe) asks, e.g. its first request, `HEAD /`: answered,
+        # never fatal. A HEAD answer has the headers of the GET one and no body (h11 refuses one).
+        if recorded.path == "/":
+            recorded.status, reply = 200, {"type": "mock", "messages": "/v1/messages"}
+        else:
+            recorded.status = 404
+            reply = _error_json(404, "not_found_error", f"mock: no route {recorded.target}")
+        events = _json_response(recorded.status, reply)
+        if recorded.method == "HEAD":
+            events = [event for event in events if not isinstance(event, h11.Data)]
+        await _send_all(connection, stream, events)
     recorded.completed = True
 
 
