@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import attrs
 
-from .messages import AgentEvent, RunOptions
+from .messages import AgentEvent, Image, RunOptions
 from .supervision import ExpectedFailure
 
 # Time a closing process gets to exit after stdin EOF before it is killed.
@@ -135,13 +135,19 @@ class Agent(Protocol):
         ...
 
     async def run_turn(
-        self, prompt: str, on_event: OnEvent, *, memory: str | None = None
+        self,
+        prompt: str,
+        on_event: OnEvent,
+        *,
+        memory: str | None = None,
+        images: tuple[Image, ...] = (),
     ) -> TurnResult:
         """Send ``prompt``, relay the turn's events to ``on_event``, return its result.
 
         ``memory``: the user's CLAUDE.md, handed to the agent with the prompt as
         context (for an agent that started before its user was known, so did not
-        load it itself). Raises :class:`AgentError` if the process fails mid-turn.
+        load it itself). ``images`` go with the prompt as image content blocks,
+        before its text. Raises :class:`AgentError` if the process fails mid-turn.
         """
         ...
 

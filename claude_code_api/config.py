@@ -428,6 +428,9 @@ def setting(
 
 
 DAY_MS = 24 * 3_600_000
+# What one image adds to a request body besides its base64 (a data: URL's prefix, its
+# JSON object and field names).
+IMAGE_OVERHEAD_BYTES = 256
 
 
 @attrs.frozen
@@ -625,6 +628,28 @@ class Settings:
         "MiB of `DATA_DIR`'s filesystem (at most a quarter of it) kept free for the"
         " service's own state: agents' files may not grow into it",
     )
+    max_images: int = setting(
+        "MAX_IMAGES",
+        Whole(0, 100),
+        "4",
+        "images one request may carry (`images` of `/run`, the image parts of"
+        " `/v1/chat/completions` and `/v1/messages`, every message counted); `0`: none"
+        " (the request body limit grows with it: see Images)",
+    )
+    max_image_bytes: int = setting(
+        "MAX_IMAGE_BYTES",
+        Whole(1, 100_000_000),
+        "5242880",
+        "bytes one image may have (decoded, not base64); the default is the Messages API's"
+        " own limit, 5 MiB",
+    )
+    max_file_bytes: int = setting(
+        "MAX_FILE_BYTES",
+        Whole(1, 100_000_000_000),
+        "26214400",
+        "bytes one file written with `PUT /files/{path}` may have (it counts toward"
+        " `USER_DISK_MAX_MB` too)",
+    )
     restart_backoff_max_s: float = setting(
         "RESTART_BACKOFF_MAX_MS",
         Duration("ms", 1, 3_600_000),
@@ -709,8 +734,17 @@ class Settings:
     )
 
     # Fixed, not read from the environment.
-    max_body_bytes: int = 1024 * 1024  # largest request body accepted
+    base_body_bytes: int = 1024 * 1024  # largest request body accepted, images aside
     max_prompt_chars: int = 200_000  # longest prompt accepted (the original's bound)
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest JSON request body: 1 MiB, and room for ``MAX_IMAGES`` images of
+        ``MAX_IMAGE_BYTES`` each in base64 (4 characters per 3 bytes; a ``data:`` URL's
+        prefix and the JSON around each one counted as :data:`IMAGE_OVERHEAD_BYTES`).
+        With the defaults: 1 MiB + 4 x 6.67 MiB, about 27.7 MiB."""
+        per_image = 4 * -(-self.max_image_bytes // 3) + IMAGE_OVERHEAD_BYTES
+        return self.base_body_bytes + self.max_images * per_image
 
     @property
     def allowed_models(self) -> tuple[str, ...]:

@@ -165,6 +165,27 @@ class RunOptions:
 # What a request that asks for nothing special gets.
 DEFAULT_OPTIONS = RunOptions()
 
+# The image types the model reads (Anthropic's Messages API takes these four).
+IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
+
+
+@attrs.frozen
+class Image:
+    """An image sent with a prompt: its media type and its bytes in base64 (checked already).
+
+    The agent receives it as an image content block before the prompt's text.
+    """
+
+    media_type: str
+    data: str = attrs.field(repr=False)  # base64, as the Messages API takes it
+
+    def block(self) -> dict[str, Any]:
+        """The Messages API's image content block."""
+        return {
+            "type": "image",
+            "source": {"type": "base64", "media_type": self.media_type, "data": self.data},
+        }
+
 
 @attrs.frozen(eq=False)
 class Job:
@@ -182,6 +203,8 @@ class Job:
     memory: str | None = attrs.field(default=None, repr=False)
     cancellation: Cancellation = attrs.field(factory=Cancellation, repr=False)
     options: RunOptions = DEFAULT_OPTIONS
+    # Images sent with the prompt (``images`` of /run, image parts of the compatible routes).
+    images: tuple[Image, ...] = attrs.field(default=(), repr=False)
 
     @property
     def session_key(self) -> SessionKey | None:

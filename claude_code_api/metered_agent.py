@@ -31,6 +31,7 @@ from .agent import (
     OnEvent,
     TurnResult,
 )
+from .messages import Image
 
 
 class MeteredAgent:
@@ -68,10 +69,15 @@ class MeteredAgent:
             self._fail("exit")
 
     async def run_turn(
-        self, prompt: str, on_event: OnEvent, *, memory: str | None = None
+        self,
+        prompt: str,
+        on_event: OnEvent,
+        *,
+        memory: str | None = None,
+        images: tuple[Image, ...] = (),
     ) -> TurnResult:
         try:
-            return await self._agent.run_turn(prompt, on_event, memory=memory)
+            return await self._agent.run_turn(prompt, on_event, memory=memory, images=images)
         except AgentError:
             self._fail("exit" if self._agent.exited else "protocol")
             raise

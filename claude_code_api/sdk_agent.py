@@ -58,7 +58,14 @@ from .agent import (
     OnEvent,
     TurnResult,
 )
-from .messages import DEFAULT_PERMISSION_MODE, AssistantText, ToolResult, ToolUse, UpstreamRetry
+from .messages import (
+    DEFAULT_PERMISSION_MODE,
+    AssistantText,
+    Image,
+    ToolResult,
+    ToolUse,
+    UpstreamRetry,
+)
 from .sandbox import AgentLauncher
 from .sdk_workarounds import cost_since_last_result, receive_messages_with_raw
 from .user_memory import memory_reminder
@@ -305,14 +312,20 @@ class SdkAgent:
             self._session_id = session_id
 
     async def run_turn(
-        self, prompt: str, on_event: OnEvent, *, memory: str | None = None
+        self,
+        prompt: str,
+        on_event: OnEvent,
+        *,
+        memory: str | None = None,
+        images: tuple[Image, ...] = (),
     ) -> TurnResult:
         client = self._connected()
         model: str | None = None
         try:
             self._turn_open = True
-            if memory:
-                await client.query(_with_context(memory_reminder(memory), prompt))
+            if memory or images:
+                context = memory_reminder(memory) if memory else None
+                await client.query(_user_message(prompt, context, images))
             else:
                 await client.query(prompt)
             while True:
@@ -509,14 +522,20 @@ async def _ignore(_event: object) -> None:
     pass
 
 
-async def _with_context(context: str, prompt: str) -> AsyncIterator[dict[str, Any]]:
-    """One user message: a ``context`` text block, then the prompt's.
+async def _user_message(
+    prompt: str, context: str | None, images: tuple[Image, ...]
+) -> AsyncIterator[dict[str, Any]]:
+    """One user message: a ``context`` text block, the images, then the prompt's text.
 
     As the CLI itself sends the CLAUDE.md files it loaded: a block of its own
     before the prompt (which it reads from the last block, so a slash command
-    stays one).
+    stays one). Images come before the text, as the Messages API advises.
     """
-    content = [{"type": "text", "text": context}, {"type": "text", "text": prompt}]
+    content: list[dict[str, Any]] = []
+    if context is not None:
+        content.append({"type": "text", "text": context})
+    content.extend(image.block() for image in images)
+    content.append({"type": "text", "text": prompt})
     yield {
         "type": "user",
         "message": {"role": "user", "content": content},

@@ -21,7 +21,7 @@ import attrs
 import trio
 
 from claude_code_api.agent import AgentError, AgentSpec, AgentStartError, OnEvent, TurnResult
-from claude_code_api.messages import AssistantText, ToolResult, ToolUse, UpstreamRetry
+from claude_code_api.messages import AssistantText, Image, ToolResult, ToolUse, UpstreamRetry
 
 # --- script steps -------------------------------------------------------------
 
@@ -106,6 +106,7 @@ class FakeAgent:
         self._interrupted = trio.Event()
         # The ``memory`` (a user's CLAUDE.md) each turn was handed, in order.
         self.memories: list[str | None] = []
+        self.images: list[tuple[Image, ...]] = []  # each turn's
         # As started (spec.options), then as set by control requests (None: the default).
         self._model = spec.options.model
         self.permission_mode = spec.options.permission_mode
@@ -171,12 +172,18 @@ class FakeAgent:
         await self._exited.wait()
 
     async def run_turn(
-        self, prompt: str, on_event: OnEvent, *, memory: str | None = None
+        self,
+        prompt: str,
+        on_event: OnEvent,
+        *,
+        memory: str | None = None,
+        images: tuple[Image, ...] = (),
     ) -> TurnResult:
         if self.exited or self._closed:
             raise AgentError("agent process is not running")
         self.note(f"turn {prompt}")
         self.memories.append(memory)
+        self.images.append(images)
         self._turn = list(self.factory.script(prompt))
         self._interrupted = trio.Event()
         while self._turn:

@@ -50,14 +50,17 @@ Per-turn directives, written in the prompt as [[fake:NAME]] or [[fake:NAME:ARG..
                 <system-reminder> block a user message brought as "context: <text>";
                 "memory: none" when there is none
   total_only    the result has no model_usage_since_last_result (only the running total)
+  images        reply with the image blocks the user message brought: "images: " and, joined
+                by ", ", "<media_type> <decoded bytes>" for each; "images: none" without any
 
 Memory, as the real CLI has it: at start the fake reads CLAUDE.md files as the real
 one does (user: $CLAUDE_CONFIG_DIR/CLAUDE.md; project: CLAUDE.md and .claude/CLAUDE.md in
 the cwd and every ancestor; local: CLAUDE.local.md there too; --setting-sources picks
 which, default all) and never again in that process. A user message whose content is a
 list of text blocks has its prompt in the blocks that are not <system-reminder> blocks;
-those are context, kept for the rest of the conversation. FAKE_CLAUDE_LOG turn records
-carry the memory as a list.
+those are context, kept for the rest of the conversation; its image blocks are noted
+(see the images directive). FAKE_CLAUDE_LOG turn records carry the memory as a list and
+the images as [media_type, decoded bytes] pairs.
 
 Control requests: initialize, interrupt (ends the running turn), set_model and
 set_permission_mode (the model and mode of later turns: reported by whoami, in the
@@ -77,6 +80,7 @@ The normal ("echo") reply: "My name is X." -> "Nice to meet you, X.";
 your name."); anything else -> "echo: <prompt>".
 """
 
+import base64
 import json
 import os
 import queue
@@ -113,6 +117,7 @@ TURN_DIRECTIVES = {
     "memory",
     "whoami",
     "total_only",
+    "images",
 }
 REMINDER_PREFIX = "<system-reminder>"
 DIRECTIVE_RE = re.compile(r"\[\[fake:([^\]]*)\]\]")
@@ -388,6 +393,22 @@ def prompt_text(message):
     return "".join(b for b in blocks if not b.startswith(REMINDER_PREFIX))
 
 
+def image_blocks(message):
+    """[(media_type, decoded bytes)] of the image blocks a user message brings."""
+    content = (message.get("message") or {}).get("content", "")
+    found = []
+    if isinstance(content, list):
+        for block in content:
+            if isinstance(block, dict) and block.get("type") == "image":
+                source = block.get("source") or {}
+                try:
+                    size = len(base64.b64decode(source.get("data", ""), validate=True))
+                except ValueError:
+                    size = -1
+                found.append((source.get("media_type"), size))
+    return found
+
+
 def context_blocks(message):
     """The <system-reminder> blocks a user message of several blocks brings along."""
     blocks = _text_blocks(message)
@@ -517,14 +538,15 @@ class Session:
             self.session_id = str(uuid.uuid4())
             self.contexts = []
             self.cost_usd = 0.0
-        Turn(self, number, prompt).run()
+        Turn(self, number, prompt, image_blocks(message)).run()
 
 
 class Turn:
-    def __init__(self, session, number, prompt):
+    def __init__(self, session, number, prompt, images=()):
         self.s = session
         self.number = number
         self.prompt = prompt
+        self.images = list(images)
         self.texts = []
         self.started = time.monotonic()
         self.sid = session.session_id
@@ -683,6 +705,7 @@ class Turn:
                 "prompt": self.prompt,
                 "session_id": self.sid,
                 "memory": s.memory(),
+                "images": self.images,
             }
         )
         # The prompt reaches the transcript before any of the reply is streamed.
@@ -774,6 +797,10 @@ class Turn:
             return self.result(result="".join(self.texts))
         if "whoami" in d:
             self.say("whoami: " + json.dumps(s.whoami()))
+            return self.result(result="".join(self.texts))
+        if "images" in d:
+            shown = ", ".join(f"{kind} {size}" for kind, size in self.images)
+            self.say("images: " + (shown or "none"))
             return self.result(result="".join(self.texts))
         if "bash" in d:
             command = DIRECTIVE_RE.sub("", self.prompt).strip()

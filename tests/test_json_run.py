@@ -36,7 +36,7 @@ from claude_code_api.messages import (
 
 KEY = "sk-test"
 SETTINGS_ENV = {"API_KEYS": f"alice:{KEY}"}
-MAX_BODY_BYTES = 1000  # (fixed in the service: 1 MiB)
+MAX_BODY_BYTES = 1000  # (fixed in the service: 1 MiB, and room for images)
 
 
 class Behind:
@@ -107,7 +107,9 @@ def layer(dispatcher: trio.MemorySendChannel[DispatcherMessage] | None = None) -
     behind = Behind()
     if dispatcher is None:
         dispatcher, _unused = trio.open_memory_channel[DispatcherMessage](10)
-    settings = attrs.evolve(load_settings(SETTINGS_ENV), max_body_bytes=MAX_BODY_BYTES)
+    settings = attrs.evolve(
+        load_settings(SETTINGS_ENV), base_body_bytes=MAX_BODY_BYTES, max_images=0
+    )
     app = serve_json_runs(
         behind, settings=settings, dispatcher=dispatcher, ceiling=OptionCeiling.of(settings)
     )

@@ -241,7 +241,9 @@ async def run_turn(
                             await agent.set_model(model)
                         if permission_mode is not None:
                             await agent.set_permission_mode(permission_mode)
-                        result = await agent.run_turn(job.prompt, relay, memory=job.memory)
+                        result = await agent.run_turn(
+                            job.prompt, relay, memory=job.memory, images=job.images
+                        )
                     except AgentError as exc:
                         failure = exc
                     finally:

@@ -46,6 +46,7 @@ from .observe import count_requests, note_route, scrape
 from .openapi import openapi_spec
 from .requests import (
     BadRequest,
+    ImageLimits,
     OptionCeiling,
     check_content_type,
     page_arguments,
@@ -457,6 +458,7 @@ def create_app(
             max_timeout_ms=settings.max_timeout_ms,
             default_timeout_ms=settings.default_timeout_ms,
             ceiling=ceiling,
+            image_limits=ImageLimits.of(settings),
         )
     )
     app.register_blueprint(

@@ -22,6 +22,7 @@ from ..messages import (
     CancelRun,
     CloseSession,
     DispatcherMessage,
+    Image,
     Job,
     JobFailed,
     JobStarted,
@@ -53,6 +54,7 @@ async def open_job(
     session_id: str | None = None,
     memory: str | None = None,
     options: RunOptions = DEFAULT_OPTIONS,
+    images: tuple[Image, ...] = (),
 ) -> AsyncIterator[tuple[Job, trio.MemoryReceiveChannel[ReplyEvent]]]:
     """Submit a job; yield it and the channel its :data:`ReplyEvent` s arrive on.
 
@@ -71,6 +73,7 @@ async def open_job(
         session_id=session_id,
         memory=memory,
         options=options,
+        images=images,
     )
     async with reply_receive:
         try:

@@ -33,7 +33,13 @@ from ..messages import DispatcherMessage, Job, JobFailed
 from .auth import Unauthorized, authenticate
 from .jobs import Finished, follow_job, open_job
 from .observe import note_route
-from .requests import BadRequest, OptionCeiling, check_content_type, parse_run_request
+from .requests import (
+    BadRequest,
+    ImageLimits,
+    OptionCeiling,
+    check_content_type,
+    parse_run_request,
+)
 from .runs import failure_reply, log_run_end, result_body
 from .streaming import wants_event_stream
 from .user_claude import MemoryUnavailable, load_memory
@@ -62,6 +68,7 @@ def serve_json_runs(
 ) -> AsgiApp:
     """ASGI: answer ``POST /run`` (JSON replies) here, pass everything else to ``app``."""
     data_dir: Path = settings.data_dir
+    image_limits = ImageLimits.of(settings)
 
     async def serve(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] != "/run" or scope["method"] != "POST":
@@ -90,6 +97,7 @@ def serve_json_runs(
                 max_prompt_chars=settings.max_prompt_chars,
                 max_timeout_ms=settings.max_timeout_ms,
                 ceiling=ceiling,
+                image_limits=image_limits,
             )
             if wants_event_stream(run_request.stream, request.headers.get("accept")):
                 raise _Delegate(body, request.receive)
@@ -121,6 +129,7 @@ def serve_json_runs(
                 session_id=run_request.session_id,
                 memory=memory,
                 options=run_request.options,
+                images=run_request.images,
             ) as (job, events):
                 finished = await follow_job(job, events)
             await _reply_with(request, finished, job)

@@ -23,9 +23,11 @@ from importlib import metadata
 from typing import Any
 
 from ..config import Settings
+from ..messages import IMAGE_MEDIA_TYPES
 from ..user_memory import MAX_SAVED_BYTES
 from .json_run import BODY_TIMEOUT_S
 from .requests import (
+    BASE64_PATTERN,
     CODE_PATTERN,
     MAX_BUDGET_USD,
     MAX_CODE_CHARS,
@@ -293,9 +295,35 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                     "true: the reply is a text/event-stream of events; null or absent: as"
                     " the Accept header says (text/event-stream listed: a stream)",
                 ),
+                "images": _or_null(
+                    {
+                        "type": "array",
+                        "maxItems": settings.max_images,
+                        "items": _ref("ImageInput"),
+                    },
+                    "images sent with the prompt, as image content blocks before its text"
+                    " (MAX_IMAGES at most)",
+                ),
                 **_run_options(settings),
             },
         ),
+        "ImageInput": {
+            **_object(
+                {
+                    "mediaType": {"type": "string", "enum": list(IMAGE_MEDIA_TYPES)},
+                    "data": {
+                        "type": "string",
+                        "minLength": 4,
+                        "maxLength": 4 * -(-settings.max_image_bytes // 3),
+                        "contentEncoding": "base64",
+                        "pattern": BASE64_PATTERN,
+                    },
+                }
+            ),
+            "description": "An image: its bytes in base64, at most MAX_IMAGE_BYTES"
+            f" ({settings.max_image_bytes}) decoded, of the type said (its first bytes"
+            " are checked: else 400; too large: 413).",
+        },
         "UpstreamError": _object(
             {
                 "status": {"type": ["integer", "null"], "description": "null: unreachable"},

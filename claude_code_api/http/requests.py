@@ -7,6 +7,8 @@ actors malformed or turns into a 500.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import re
@@ -15,7 +17,7 @@ from typing import Any, Protocol
 import attrs
 
 from ..ceiling import OptionCeiling as OptionCeiling  # (re-exported for the HTTP layer)
-from ..messages import PERMISSION_MODES, RunOptions
+from ..messages import IMAGE_MEDIA_TYPES, PERMISSION_MODES, Image, RunOptions
 
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 SESSION_ID_RULE = "1 to 128 characters of A-Z a-z 0-9 . _ : -"
@@ -37,6 +39,121 @@ class RunRequest:
     timeout_ms: int | None
     stream: bool | None = None  # None: not said (the Accept header decides)
     options: RunOptions = RunOptions()
+    images: tuple[Image, ...] = ()
+
+
+@attrs.frozen
+class ImageLimits:
+    """How many images a request may carry, and how large each may be (decoded bytes)."""
+
+    max_images: int = 4
+    max_image_bytes: int = 5 * 1024 * 1024
+
+    @classmethod
+    def of(cls, settings: Any) -> ImageLimits:
+        return cls(settings.max_images, settings.max_image_bytes)
+
+
+# Standard base64, padded (what base64.b64decode(validate=True) accepts).
+BASE64_PATTERN = "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+# The first bytes of each image type the model reads.
+_IMAGE_SIGNATURES = {
+    "image/png": (b"\x89PNG\r\n\x1a\n",),
+    "image/jpeg": (b"\xff\xd8\xff",),
+    "image/gif": (b"GIF87a", b"GIF89a"),
+}
+# What a client may call a media type that is one of IMAGE_MEDIA_TYPES.
+_MEDIA_TYPE_ALIASES = {"image/jpg": "image/jpeg"}
+_DATA_URL = re.compile(r"data:([^;,]*)((?:;[^;,]*)*),", re.IGNORECASE)
+
+
+def _sniffed_type(head: bytes) -> str | None:
+    """The image type ``head`` (an image's first bytes) starts as, if one of ours."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    for media_type, signatures in _IMAGE_SIGNATURES.items():
+        if head.startswith(signatures):
+            return media_type
+    return None
+
+
+def parse_image(media_type: object, data: object, field: str, limits: ImageLimits) -> Image:
+    """One image: ``media_type`` one of png, jpeg, gif, webp and ``data`` its bytes in base64.
+
+    A wrong type or bad base64 is a 400 naming ``field``; an image over
+    ``limits.max_image_bytes`` a 413; bytes that are not an image of the type said a 400
+    (the model API would refuse them mid-turn).
+    """
+    if not isinstance(media_type, str):
+        raise BadRequest(f"{field}: the media type must be one of " + ", ".join(IMAGE_MEDIA_TYPES))
+    kind = media_type.strip().lower()
+    kind = _MEDIA_TYPE_ALIASES.get(kind, kind)
+    if kind not in IMAGE_MEDIA_TYPES:
+        raise BadRequest(
+            f"{field}: media type {media_type[:80]!r} is not accepted; accepted: "
+            + ", ".join(IMAGE_MEDIA_TYPES)
+        )
+    if not isinstance(data, str) or not data:
+        raise BadRequest(f"{field}: the image's data must be a non-empty base64 string")
+    # A quick bound before decoding: base64 has 4 characters per 3 bytes.
+    if len(data) > 4 * -(-limits.max_image_bytes // 3) + 4:
+        raise BadRequest(f"{field}: the image exceeds {limits.max_image_bytes} bytes", 413)
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"{field}: the image's data is not valid base64") from None
+    if len(raw) > limits.max_image_bytes:
+        raise BadRequest(f"{field}: the image exceeds {limits.max_image_bytes} bytes", 413)
+    sniffed = _sniffed_type(raw[:16])
+    if sniffed != kind:
+        found = f"it looks like {sniffed}" if sniffed else "it is not an image the model reads"
+        raise BadRequest(f"{field}: the data is not an {kind} image ({found})")
+    return Image(kind, data)
+
+
+def parse_image_url(url: object, field: str, limits: ImageLimits) -> Image:
+    """An image given as a URL: only ``data:<type>;base64,<data>`` is accepted.
+
+    A remote ``http(s)`` URL is a 400: the service fetches nothing on a user's behalf.
+    """
+    if not isinstance(url, str) or not url:
+        raise BadRequest(f"{field}: expected a data: URL (data:image/png;base64,...)")
+    scheme = url.split(":", 1)[0].lower()
+    if scheme in ("http", "https"):
+        raise BadRequest(
+            f"{field}: remote image URLs are not fetched (the service fetches nothing on a"
+            " user's behalf); send the image inline as a data: URL (data:image/png;base64,...)"
+        )
+    match = _DATA_URL.match(url)
+    if match is None or "base64" not in (p.strip().lower() for p in match.group(2).split(";")):
+        raise BadRequest(f"{field}: expected a base64 data: URL (data:image/png;base64,...)")
+    return parse_image(match.group(1), url[match.end() :], field, limits)
+
+
+def check_image_count(count: int, limits: ImageLimits, field: str = "images") -> None:
+    if count > limits.max_images:
+        raise BadRequest(
+            f"{field}: at most {limits.max_images} images per request (MAX_IMAGES), got {count}"
+        )
+
+
+def parse_run_images(obj: dict[str, Any], limits: ImageLimits) -> tuple[Image, ...]:
+    """``images`` of a ``POST /run`` body: ``[{"mediaType", "data"}]``; null or absent: none."""
+    value = obj.get("images")
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise BadRequest(
+            'images: expected a list of {"mediaType": "image/png", "data": "<base64>"} objects'
+        )
+    check_image_count(len(value), limits)
+    images = []
+    for index, item in enumerate(value):
+        field = f"images[{index}]"
+        if not isinstance(item, dict):
+            raise BadRequest(f'{field}: expected an object {{"mediaType", "data"}}')
+        images.append(parse_image(item.get("mediaType"), item.get("data"), field, limits))
+    return tuple(images)
 
 
 # A system prompt travels as one process argument (Linux: at most 128 KiB each).
@@ -195,9 +312,11 @@ def parse_run_request(
     max_prompt_chars: int,
     max_timeout_ms: int,
     ceiling: OptionCeiling | None = None,
+    image_limits: ImageLimits = ImageLimits(),
 ) -> RunRequest:
-    """Validate a ``POST /run`` body: ``{"prompt", "sessionId"?, "timeoutMs"?, "stream"?}``
-    and the options (:func:`parse_run_options`) within ``ceiling`` (None: no ceiling)."""
+    """Validate a ``POST /run`` body: ``{"prompt", "sessionId"?, "timeoutMs"?, "stream"?,
+    "images"?}`` and the options (:func:`parse_run_options`) within ``ceiling`` (None: no
+    ceiling)."""
     obj = parse_json_object(body)
     prompt = obj.get("prompt")
     if prompt is None:
@@ -224,6 +343,7 @@ def parse_run_request(
         timeout_ms=timeout_ms,
         stream=stream,
         options=parse_run_options(obj, ceiling),
+        images=parse_run_images(obj, image_limits),
     )
 
 

@@ -27,6 +27,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 from quart import Blueprint, Response, jsonify
 
@@ -35,12 +36,13 @@ from ..messages import (
     Job,
     JobFailed,
     PoolSnapshot,
+    ReplyEvent,
     RunOptions,
     RunResult,
     TerminalEvent,
 )
-from .jobs import Finished, cancel_run, open_job
-from .requests import OptionCeiling, RunRequest, parse_run_request
+from .jobs import Finished, cancel_run, follow_job, open_job
+from .requests import ImageLimits, OptionCeiling, RunRequest, parse_run_request
 from .streaming import STREAM_HEADERS, event_stream, on_request_end
 from .user_claude import load_memory
 
@@ -162,6 +164,72 @@ def log_run_end(
     )
 
 
+@attrs.define
+class StartedRun:
+    """A run submitted for the current request, and the dispatcher's first answer.
+
+    ``first`` is :class:`Queued`, or the refusal (a :class:`JobFailed`: 429, 503...).
+    :meth:`close` ends the run if it is still going (the request is over); it also
+    runs when the request ends without it (:func:`~.streaming.on_request_end`).
+    """
+
+    job: Job
+    events: trio.MemoryReceiveChannel[ReplyEvent]
+    first: ReplyEvent
+    _owned: AsyncExitStack
+
+    async def close(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self._owned.aclose()
+
+    async def follow(self) -> Finished:
+        """Wait for the run's end (its terminal event); the refusal if it was refused."""
+        if isinstance(self.first, JobFailed):
+            return Finished(self.first)
+        return await follow_job(self.job, self.events)
+
+
+async def start_run(
+    dispatcher: trio.MemorySendChannel[DispatcherMessage],
+    user_id: str,
+    run_request: RunRequest,
+    *,
+    data_dir: Path,
+    default_timeout_ms: int,
+) -> StartedRun:
+    """Submit ``run_request`` as ``user_id``'s job and wait for the dispatcher's answer.
+
+    The one way every route that runs an agent (``/run`` streamed, the compatible routes)
+    hands its request to the dispatcher. Raises :class:`MemoryUnavailable` when the
+    user's CLAUDE.md cannot be read.
+    """
+    # A one-shot's agent was warmed before its user was known: it gets their CLAUDE.md
+    # with the prompt. (A session's agent loads it from the user's HOME.)
+    memory = None
+    if run_request.session_id is None:
+        memory = await load_memory(data_dir, user_id) or None
+    submit = open_job(
+        dispatcher,
+        user_id=user_id,
+        prompt=run_request.prompt,
+        timeout_s=(run_request.timeout_ms or default_timeout_ms) / 1000,
+        session_id=run_request.session_id,
+        memory=memory,
+        options=run_request.options,
+        images=run_request.images,
+    )
+    owned = AsyncExitStack()
+    job, events = await owned.enter_async_context(submit)
+    on_request_end(owned.aclose)  # if a stream never starts, the run still ends
+    try:
+        first = await events.receive()
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await owned.aclose()
+        raise
+    return StartedRun(job, events, first, owned)
+
+
 def run_routes(
     *,
     dispatcher: trio.MemorySendChannel[DispatcherMessage],
@@ -172,6 +240,7 @@ def run_routes(
     max_timeout_ms: int,
     default_timeout_ms: int,
     ceiling: OptionCeiling,
+    image_limits: ImageLimits,
 ) -> Blueprint:
     """The ``/run`` and ``/runs`` routes, for ``app.register_blueprint``."""
     routes = Blueprint("runs", __name__)
@@ -184,49 +253,35 @@ def run_routes(
             max_prompt_chars=max_prompt_chars,
             max_timeout_ms=max_timeout_ms,
             ceiling=ceiling,
+            image_limits=image_limits,
         )
-        # A one-shot's agent was warmed before its user was known: it gets their CLAUDE.md
-        # with the prompt. (A session's agent loads it from the user's HOME.)
-        memory = None
-        if run_request.session_id is None:
-            memory = await load_memory(data_dir, user_id) or None
-        submit = open_job(
-            dispatcher,
-            user_id=user_id,
-            prompt=run_request.prompt,
-            timeout_s=(run_request.timeout_ms or default_timeout_ms) / 1000,
-            session_id=run_request.session_id,
-            memory=memory,
-            options=run_request.options,
-        )
-        started = time.monotonic()
+        began = time.monotonic()
 
         def log_end(run_id: str, outcome: TerminalEvent | None, how: str) -> None:
-            log_run_end(user_id, run_request, started, run_id, outcome, how)
+            log_run_end(user_id, run_request, began, run_id, outcome, how)
 
         # Only streams reach this route: a JSON reply is served in front of Quart
         # (json_run), which hands a stream over with its body. Its status must be known
         # before it starts, so wait for the dispatcher's answer (queued, or a refusal) first.
-        owned = AsyncExitStack()
-        job, events = await owned.enter_async_context(submit)
-        on_request_end(owned.aclose)  # if the stream never starts, the run still ends
-        try:
-            first = await events.receive()
-        except BaseException:
-            await owned.aclose()
-            raise
-        if isinstance(first, JobFailed):
-            await owned.aclose()
-            log_end(job.id, first, "stream refused")
-            return error_reply(first, job.id)
+        started = await start_run(
+            dispatcher,
+            user_id,
+            run_request,
+            data_dir=data_dir,
+            default_timeout_ms=default_timeout_ms,
+        )
+        job = started.job
+        if isinstance(started.first, JobFailed):
+            await started.close()
+            log_end(job.id, started.first, "stream refused")
+            return error_reply(started.first, job.id)
 
         async def end(finished: Finished | None) -> None:
             # Also when the stream is cancelled (the client left): the run must end.
-            with trio.CancelScope(shield=True):
-                await owned.aclose()
+            await started.close()
             log_end(job.id, None if finished is None else finished.terminal, "stream")
 
-        body = event_stream(job, events, first, result_body=result_body, on_end=end)
+        body = event_stream(job, started.events, started.first, result_body=result_body, on_end=end)
         return Response(body, 200, headers={**STREAM_HEADERS, "X-Run-Id": job.id})
 
     @routes.delete("/runs/<run_id>")

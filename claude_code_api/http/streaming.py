@@ -1,7 +1,9 @@
 """Server-sent events: a job's reply as it happens (``POST /run`` with ``stream``).
 
 :func:`event_stream` turns a job's :data:`~claude_code_api.messages.ReplyEvent` s
-into SSE frames, each with a unique ``id:`` and one line of JSON ``data:``:
+into SSE frames (through :func:`relay_stream`, which the OpenAI- and
+Anthropic-compatible routes share with their own encoders: :mod:`.compat`),
+each with a unique ``id:`` and one line of JSON ``data:``:
 ``queued``, ``started``, ``text``, ``tool_use``, ``tool_result``,
 ``upstream_retry``, then exactly one ``result`` or ``error``; nothing follows.
 A comment line (``: keep-alive``) goes out after every :data:`KEEP_ALIVE_S` of
@@ -25,9 +27,10 @@ import contextvars
 import itertools
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from typing import Any, Protocol
 
+import attrs
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
@@ -138,7 +141,35 @@ def event_data(event: ReplyEvent, job: Job) -> tuple[str, dict[str, Any]] | None
     return None
 
 
-async def event_stream(
+class StreamEncoder(Protocol):
+    """How a stream writes a job's events: ``/run``'s events, or a compatible route's."""
+
+    def event(self, event: ReplyEvent) -> bytes:
+        """The bytes for a non-terminal event (empty: not shown to clients)."""
+        ...
+
+    def terminal(self, finished: Finished) -> bytes:
+        """The bytes that end the stream (the result, or the failure)."""
+        ...
+
+
+@attrs.define
+class RunEvents:
+    """``POST /run``'s SSE events (see the module docstring), numbered from 1."""
+
+    job: Job
+    result_body: Callable[[RunResult, Finished, Job], dict[str, Any]]
+    numbers: Iterator[int] = attrs.Factory(lambda: itertools.count(1))
+
+    def event(self, event: ReplyEvent) -> bytes:
+        shown = event_data(event, self.job)
+        return b"" if shown is None else frame(next(self.numbers), *shown)
+
+    def terminal(self, finished: Finished) -> bytes:
+        return terminal_frame(next(self.numbers), self.job, finished, self.result_body)
+
+
+def event_stream(
     job: Job,
     events: trio.MemoryReceiveChannel[ReplyEvent],
     first: ReplyEvent,
@@ -152,7 +183,22 @@ async def event_stream(
     ``on_end(finished)`` runs however the stream ends (``finished`` None: before
     its terminal event — the client left or the server stopped).
     """
-    numbers = itertools.count(1)
+    return relay_stream(job, events, first, RunEvents(job, result_body), on_end=on_end)
+
+
+async def relay_stream(
+    job: Job,
+    events: trio.MemoryReceiveChannel[ReplyEvent],
+    first: ReplyEvent,
+    encoder: StreamEncoder,
+    *,
+    on_end: Callable[[Finished | None], Awaitable[None]],
+) -> AsyncIterator[bytes]:
+    """``encoder``'s bytes for ``first`` and every later event of ``job``, up to the terminal one.
+
+    Keep-alive comments after :data:`KEEP_ALIVE_S` of silence; a job that outlives its
+    deadline and the backstop ends as a 504. ``on_end`` as for :func:`event_stream`.
+    """
     started_at: float | None = None
     finished: Finished | None = None
     backstop = job.deadline + BACKSTOP_S
@@ -182,14 +228,13 @@ async def event_stream(
                     started_at = event.at
                 if isinstance(event, TERMINAL_EVENTS):
                     finished = Finished(event, started_at)
-                    frames.append(terminal_frame(next(numbers), job, finished, result_body))
+                    frames.append(encoder.terminal(finished))
                     break  # nothing follows it
-                shown = event_data(event, job)
-                if shown is not None:
-                    frames.append(frame(next(numbers), *shown))
+                frames.append(encoder.event(event))
             batch = []
-            if frames:
-                yield b"".join(frames)
+            payload = b"".join(frames)
+            if payload:
+                yield payload
     finally:
         await on_end(finished)
 
