@@ -9,6 +9,8 @@ import httpx
 import pytest
 import trio
 
+from claude_code_api.config import Settings
+
 from .harness import (
     API_KEY,
     AUTH,
@@ -22,6 +24,8 @@ from .harness import (
 )
 
 JSON = {**AUTH, "Content-Type": "application/json"}
+# 1 MiB, and room for the images a request may carry.
+MAX_BODY_BYTES = Settings().max_body_bytes
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +182,7 @@ async def test_auth_and_bad_input_get_json_errors(service):
                     "200000",
                 ),
                 (
-                    client.post("/run", headers=JSON, content=b"{" + b" " * (1024 * 1024) + b"}"),
+                    client.post("/run", headers=JSON, content=b"{" + b" " * MAX_BODY_BYTES + b"}"),
                     413,
                     "exceeds",
                 ),

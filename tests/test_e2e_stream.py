@@ -14,6 +14,8 @@ import httpx
 import pytest
 import trio
 
+from claude_code_api.config import Settings
+
 from . import sse
 from .harness import (
     API_KEY,
@@ -190,7 +192,9 @@ async def test_refusals_are_plain_json_before_any_stream(tmp_path):
                 big = await client.post(
                     "/run",
                     headers={**ALICE, "Content-Type": "application/json"},
-                    content=b'{"prompt": "' + b"x" * (2 << 20) + b'", "stream": true}',
+                    content=b'{"prompt": "'
+                    + b"x" * Settings().max_body_bytes
+                    + b'", "stream": true}',
                 )
                 assert big.status_code == 413
                 for refused in (bad, option, unauthorized, media, big):
