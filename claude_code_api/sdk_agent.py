@@ -535,7 +535,8 @@ async def _user_message(
     if context is not None:
         content.append({"type": "text", "text": context})
     content.extend(image.block() for image in images)
-    content.append({"type": "text", "text": prompt})
+    if prompt or not images:  # (an image alone is a prompt too: the model API refuses "")
+        content.append({"type": "text", "text": prompt})
     yield {
         "type": "user",
         "message": {"role": "user", "content": content},

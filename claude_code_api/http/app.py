@@ -21,7 +21,7 @@ from typing import Any, cast
 
 import attrs
 import trio
-from quart import Response, g, jsonify, request
+from quart import Response, g, has_request_context, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
@@ -39,10 +39,12 @@ from ..messages import (
     SessionState,
 )
 from .auth import Unauthorized, authenticate, check_metrics_token, is_admin
+from .compat import error_body
 from .docs import docs_page
 from .jobs import SessionStoreUnavailable, close_session, pool_snapshot
 from .json_run import json_bytes, serve_json_runs
 from .observe import count_requests, note_route, scrape
+from .openai_api import limits_of, openai_routes
 from .openapi import openapi_spec
 from .requests import (
     BadRequest,
@@ -73,8 +75,12 @@ class Forbidden(Exception):
         self.message = message
 
 
-def error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    response = jsonify({"error": message})
+def error(
+    status: int, message: str, headers: dict[str, str] | None = None, param: str | None = None
+) -> Response:
+    """A JSON error: ``{"error": message}``, or the compatible routes' own shapes (:mod:`.compat`)."""
+    path = request.path if has_request_context() else ""
+    response = jsonify(error_body(path, status, message, param))
     response.status_code = status
     for name, value in (headers or {}).items():
         response.headers[name] = value
@@ -461,6 +467,19 @@ def create_app(
             image_limits=ImageLimits.of(settings),
         )
     )
+    compat_limits = limits_of(settings, ceiling)
+    app.register_blueprint(
+        openai_routes(
+            dispatcher=dispatcher,
+            caller=caller,
+            json_body=json_body,
+            data_dir=settings.data_dir,
+            default_timeout_ms=settings.default_timeout_ms,
+            limits=compat_limits,
+            allowed_models=settings.allowed_models,
+            listed_at=int(time.time()),
+        )
+    )
     app.register_blueprint(
         user_claude_routes(
             data_dir=settings.data_dir, dispatcher=dispatcher, caller=caller, json_body=json_body
@@ -485,7 +504,7 @@ def create_app(
 
     @app.errorhandler(BadRequest)
     async def bad_request(exc: BadRequest) -> Response:
-        return error(exc.status, exc.message)
+        return error(exc.status, exc.message, param=exc.param)
 
     @app.errorhandler(HTTPException)
     async def http_exception(exc: HTTPException) -> Response:

@@ -498,6 +498,155 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
     }
 
 
+def _compat_schemas(settings: Settings) -> dict[str, Schema]:
+    """The request and reply shapes of the OpenAI- and Anthropic-compatible routes."""
+    session_id = {"type": "string", "pattern": f"^{SESSION_ID_PATTERN.pattern}$"}
+    text_part = _object({"type": {"const": "text"}, "text": {"type": "string"}})
+    image_url_part = _object(
+        {
+            "type": {"const": "image_url"},
+            "image_url": _object(
+                {"url": {"type": "string", "description": "a data: URL (base64); http(s): 400"}},
+                {"detail": {"type": "string"}},
+            ),
+        }
+    )
+    usage = {"type": "integer", "minimum": 0}
+    number = {"type": "number"}
+    return {
+        "ChatCompletionRequest": {
+            **_object(
+                {
+                    "model": {"enum": list(settings.allowed_models)},
+                    "messages": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": _ref("ChatMessage"),
+                        "description": "system and developer messages become the system"
+                        " prompt; the last message must be the user's",
+                    },
+                },
+                {
+                    "stream": _or_null({"type": "boolean"}),
+                    "stream_options": _or_null(_object({}, {"include_usage": {"type": "boolean"}})),
+                    "session_id": _or_null(
+                        session_id, "a turn of this session (as the X-Session-Id header)"
+                    ),
+                    "n": _or_null({"const": 1}),
+                    "max_tokens": _or_null({"type": "integer"}, "accepted, ignored"),
+                    "max_completion_tokens": _or_null({"type": "integer"}, "accepted, ignored"),
+                    "temperature": _or_null(number, "accepted, ignored"),
+                    "top_p": _or_null(number, "accepted, ignored"),
+                    "stop": _or_null(
+                        {"anyOf": [{"type": "string"}, {"type": "array"}]}, "accepted, ignored"
+                    ),
+                    "seed": _or_null({"type": "integer"}, "accepted, ignored"),
+                    "user": _or_null({"type": "string"}, "accepted, ignored"),
+                },
+            ),
+            "description": "OpenAI's chat completion request. `tools`, `functions`, `audio`,"
+            " `n` > 1, `logprobs`, a `response_format` or `modalities` other than text are"
+            " refused (400 naming the parameter).",
+        },
+        "ChatMessage": _object(
+            {"role": {"enum": ["system", "developer", "user", "assistant"]}},
+            {
+                "content": {
+                    "anyOf": [
+                        {"type": "string"},
+                        {"type": "array", "items": {"anyOf": [text_part, image_url_part]}},
+                        {"type": "null"},
+                    ],
+                    "description": "a string, or text parts (and image_url parts in user"
+                    " messages); null only in an assistant message",
+                }
+            },
+        ),
+        "ChatCompletion": _object(
+            {
+                "id": {"type": "string"},
+                "object": {"const": "chat.completion"},
+                "created": {"type": "integer"},
+                "model": {"type": "string"},
+                "choices": {
+                    "type": "array",
+                    "items": _object(
+                        {
+                            "index": {"type": "integer"},
+                            "message": _object(
+                                {"role": {"const": "assistant"}, "content": {"type": "string"}}
+                            ),
+                            "finish_reason": {"enum": ["stop", "length"]},
+                        }
+                    ),
+                },
+                "usage": _object(
+                    {"prompt_tokens": usage, "completion_tokens": usage, "total_tokens": usage}
+                ),
+            }
+        ),
+        "ModelList": _object(
+            {"object": {"const": "list"}, "data": {"type": "array", "items": _ref("Model")}}
+        ),
+        "Model": _object(
+            {
+                "id": {"type": "string"},
+                "object": {"const": "model"},
+                "created": {"type": "integer"},
+                "owned_by": {"type": "string"},
+            }
+        ),
+        "OpenAIError": _object(
+            {
+                "error": _object(
+                    {
+                        "message": {"type": "string"},
+                        "type": {"type": "string"},
+                        "param": {"type": ["string", "null"]},
+                        "code": {"type": ["string", "null"]},
+                    }
+                )
+            }
+        ),
+    }
+
+
+def _compat_error(schema: str, description: str, *, retry_after: bool = False) -> dict[str, Any]:
+    response: dict[str, Any] = {"description": description, "content": _json(_ref(schema))}
+    if retry_after:
+        response["headers"] = {
+            "Retry-After": {
+                "description": "seconds to wait before trying again",
+                "schema": {"type": "integer", "minimum": 0},
+            }
+        }
+    return response
+
+
+# What each status of a compatible route means (their bodies are in the route's own shape).
+COMPAT_ERRORS = {
+    400: "A parameter is missing, mistyped, out of range or not supported: `param` names it",
+    401: "No credentials, or an invalid key or expired token",
+    404: "No such model",
+    408: f"The request body did not arrive within {BODY_TIMEOUT_S:g} s",
+    409: "The run was cancelled (DELETE /runs/{runId}) before it finished",
+    413: "The body is over its limit, or an image over MAX_IMAGE_BYTES",
+    415: "A Content-Type that is not JSON",
+    429: "Too many runs are waiting (the queue, the caller's share of it, a session's line)",
+    502: "The agent failed (its error, or the model API's), or its process died",
+    503: "No agent can start, the session store cannot be written, or the service stops",
+    504: "The run outlived its deadline without an answer",
+    507: "The caller's files are over their disk quota (USER_DISK_MAX_MB)",
+}
+
+
+def _compat_errors(schema: str, *codes: int) -> dict[str, Any]:
+    return {
+        str(code): _compat_error(schema, COMPAT_ERRORS[code], retry_after=code == 429)
+        for code in codes
+    }
+
+
 def _responses() -> dict[str, Any]:
     retry_after = {
         "Retry-After": {
@@ -581,6 +730,9 @@ OPERATION_IDS = {
     ("/openapi.json", "get"): "getOpenApiDocument",
     ("/docs", "get"): "getDocs",
     ("/metrics", "get"): "getMetrics",
+    ("/v1/chat/completions", "post"): "createChatCompletion",
+    ("/v1/models", "get"): "listModels",
+    ("/v1/models/{model}", "get"): "retrieveModel",
 }
 
 # What a run's reply leads to: cancelling it by its id. (A session turn's reply names its
@@ -791,6 +943,7 @@ def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
             )
         },
     }
+    paths.update(_compat_paths(run_id_header))
     if metrics:
         paths["/metrics"] = {
             "get": _operation(
@@ -815,6 +968,73 @@ def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
     return paths
 
 
+SESSION_HEADER_PARAMETER = {
+    "name": "X-Session-Id",
+    "in": "header",
+    "schema": {"type": "string", "pattern": f"^{SESSION_ID_PATTERN.pattern}$"},
+    "description": "a turn of the caller's session with this id: only the messages after the"
+    " last assistant message are sent (the session holds the rest)",
+}
+
+
+def _compat_paths(run_id_header: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAI- and Anthropic-compatible routes (see README, "OpenAI- and
+    Anthropic-compatible routes")."""
+    body_errors = (400, 401, 408, 413, 415)
+    run_errors = (409, 429, 502, 503, 504, 507)
+    return {
+        "/v1/chat/completions": {
+            "post": _operation(
+                "OpenAI: create a chat completion (a run)",
+                {
+                    "200": {
+                        "description": "A chat.completion; with `stream`, chat.completion.chunk"
+                        " events (`data:` lines) ending with `data: [DONE]`",
+                        "headers": run_id_header,
+                        "content": {
+                            JSON: {"schema": _ref("ChatCompletion")},
+                            EVENT_STREAM: {"schema": {"type": "string"}},
+                        },
+                    },
+                    **_compat_errors("OpenAIError", *body_errors, *run_errors),
+                },
+                security=AUTHENTICATED,
+                description="The same run as `POST /run` (queue, sessions, ceilings, quotas),"
+                ' in OpenAI\'s shapes; errors are OpenAI\'s `{"error": {"message", "type",'
+                ' "param", "code"}}`.',
+                body=_ref("ChatCompletionRequest"),
+                parameters=[SESSION_HEADER_PARAMETER],
+                tags=("compatible",),
+            )
+        },
+        "/v1/models": {
+            "get": _operation(
+                "OpenAI: the models a request may name (ALLOWED_MODELS)",
+                {
+                    "200": _ok("OpenAI's list shape", _ref("ModelList")),
+                    **_compat_errors("OpenAIError", 401, 503),
+                },
+                security=AUTHENTICATED,
+                tags=("compatible",),
+            )
+        },
+        "/v1/models/{model}": {
+            "get": _operation(
+                "OpenAI: one model a request may name",
+                {
+                    "200": _ok("The model", _ref("Model")),
+                    **_compat_errors("OpenAIError", 401, 404, 503),
+                },
+                security=AUTHENTICATED,
+                parameters=[
+                    {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                tags=("compatible",),
+            )
+        },
+    }
+
+
 def openapi_spec(settings: Settings) -> dict[str, Any]:
     """The OpenAPI document of a service running with ``settings``."""
     try:
@@ -833,7 +1053,7 @@ def openapi_spec(settings: Settings) -> dict[str, Any]:
         },
         "paths": _paths(settings, metrics=settings.metrics),
         "components": {
-            "schemas": _schemas(settings),
+            "schemas": {**_schemas(settings), **_compat_schemas(settings)},
             "responses": _responses(),
             "securitySchemes": {
                 "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},

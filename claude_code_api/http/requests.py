@@ -24,12 +24,15 @@ SESSION_ID_RULE = "1 to 128 characters of A-Z a-z 0-9 . _ : -"
 
 
 class BadRequest(Exception):
-    """A client error: answered as ``{"error": message}`` with ``status``."""
+    """A client error: answered as ``{"error": message}`` with ``status``.
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    ``param``: the parameter at fault, for the compatible routes' error shapes."""
+
+    def __init__(self, message: str, status: int = 400, *, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
+        self.param = param
 
 
 @attrs.frozen
@@ -85,29 +88,38 @@ def parse_image(media_type: object, data: object, field: str, limits: ImageLimit
     (the model API would refuse them mid-turn).
     """
     if not isinstance(media_type, str):
-        raise BadRequest(f"{field}: the media type must be one of " + ", ".join(IMAGE_MEDIA_TYPES))
+        raise BadRequest(
+            f"{field}: the media type must be one of " + ", ".join(IMAGE_MEDIA_TYPES), param=field
+        )
     kind = media_type.strip().lower()
     kind = _MEDIA_TYPE_ALIASES.get(kind, kind)
     if kind not in IMAGE_MEDIA_TYPES:
         raise BadRequest(
             f"{field}: media type {media_type[:80]!r} is not accepted; accepted: "
-            + ", ".join(IMAGE_MEDIA_TYPES)
+            + ", ".join(IMAGE_MEDIA_TYPES),
+            param=field,
         )
     if not isinstance(data, str) or not data:
-        raise BadRequest(f"{field}: the image's data must be a non-empty base64 string")
+        raise BadRequest(
+            f"{field}: the image's data must be a non-empty base64 string", param=field
+        )
     # A quick bound before decoding: base64 has 4 characters per 3 bytes.
     if len(data) > 4 * -(-limits.max_image_bytes // 3) + 4:
-        raise BadRequest(f"{field}: the image exceeds {limits.max_image_bytes} bytes", 413)
+        raise BadRequest(
+            f"{field}: the image exceeds {limits.max_image_bytes} bytes", 413, param=field
+        )
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
-        raise BadRequest(f"{field}: the image's data is not valid base64") from None
+        raise BadRequest(f"{field}: the image's data is not valid base64", param=field) from None
     if len(raw) > limits.max_image_bytes:
-        raise BadRequest(f"{field}: the image exceeds {limits.max_image_bytes} bytes", 413)
+        raise BadRequest(
+            f"{field}: the image exceeds {limits.max_image_bytes} bytes", 413, param=field
+        )
     sniffed = _sniffed_type(raw[:16])
     if sniffed != kind:
         found = f"it looks like {sniffed}" if sniffed else "it is not an image the model reads"
-        raise BadRequest(f"{field}: the data is not an {kind} image ({found})")
+        raise BadRequest(f"{field}: the data is not an {kind} image ({found})", param=field)
     return Image(kind, data)
 
 
@@ -117,23 +129,27 @@ def parse_image_url(url: object, field: str, limits: ImageLimits) -> Image:
     A remote ``http(s)`` URL is a 400: the service fetches nothing on a user's behalf.
     """
     if not isinstance(url, str) or not url:
-        raise BadRequest(f"{field}: expected a data: URL (data:image/png;base64,...)")
+        raise BadRequest(f"{field}: expected a data: URL (data:image/png;base64,...)", param=field)
     scheme = url.split(":", 1)[0].lower()
     if scheme in ("http", "https"):
         raise BadRequest(
             f"{field}: remote image URLs are not fetched (the service fetches nothing on a"
-            " user's behalf); send the image inline as a data: URL (data:image/png;base64,...)"
+            " user's behalf); send the image inline as a data: URL (data:image/png;base64,...)",
+            param=field,
         )
     match = _DATA_URL.match(url)
     if match is None or "base64" not in (p.strip().lower() for p in match.group(2).split(";")):
-        raise BadRequest(f"{field}: expected a base64 data: URL (data:image/png;base64,...)")
+        raise BadRequest(
+            f"{field}: expected a base64 data: URL (data:image/png;base64,...)", param=field
+        )
     return parse_image(match.group(1), url[match.end() :], field, limits)
 
 
 def check_image_count(count: int, limits: ImageLimits, field: str = "images") -> None:
     if count > limits.max_images:
         raise BadRequest(
-            f"{field}: at most {limits.max_images} images per request (MAX_IMAGES), got {count}"
+            f"{field}: at most {limits.max_images} images per request (MAX_IMAGES), got {count}",
+            param=field,
         )
 
 
@@ -295,7 +311,7 @@ def _whole_argument(args: QueryArguments, name: str, default: int, low: int, hig
     return int(raw)
 
 
-def _integral(value: Any) -> Any:
+def integral(value: Any) -> Any:
     """``value``, with a JSON number that has no fraction (``1000.0``, ``1e3``) as an int.
 
     JSON has numbers, not integers: JSON Schema (and so the OpenAPI document) counts
@@ -327,7 +343,7 @@ def parse_run_request(
         raise BadRequest("prompt: must not be empty")
     if len(prompt) > max_prompt_chars:
         raise BadRequest(f"prompt: exceeds {max_prompt_chars} characters")
-    timeout_ms = _integral(obj.get("timeoutMs"))
+    timeout_ms = integral(obj.get("timeoutMs"))
     if timeout_ms is not None and (
         isinstance(timeout_ms, bool)
         or not isinstance(timeout_ms, int)
@@ -373,7 +389,7 @@ def parse_run_options(obj: dict[str, Any], ceiling: OptionCeiling | None) -> Run
             raise BadRequest(f"systemPrompt: exceeds {MAX_SYSTEM_PROMPT_BYTES} bytes")
         if "\x00" in system_prompt:
             raise BadRequest("systemPrompt: must not contain NUL characters")
-    max_turns = _integral(obj.get("maxTurns"))
+    max_turns = integral(obj.get("maxTurns"))
     if max_turns is not None:
         if isinstance(max_turns, bool) or not isinstance(max_turns, int):
             raise BadRequest(f"maxTurns: expected a whole number, got {_json_type(max_turns)}")

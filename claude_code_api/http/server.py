@@ -33,6 +33,7 @@ from hypercorn.utils import repr_socket_addr, wrap_app
 from quart_trio import QuartTrio
 
 from ..logs import ACCESS_LOG_FORMAT
+from .compat import error_body
 from .connections import ConnectionTable, HttpConnection
 from .json_run import json_bytes
 
@@ -285,7 +286,7 @@ class HttpServer:
                 await inner_send(message)
 
             if self.refusing:
-                body = {"error": SHUTTING_DOWN}
+                body = error_body(scope["path"], 503, SHUTTING_DOWN)
                 if scope["path"] == "/health":
                     body["status"] = "stopping"  # what /health says while the service stops
                 await _refuse(receive, send, 503, body)
@@ -294,13 +295,13 @@ class HttpServer:
             if b"content-length" in names and b"transfer-encoding" in names:
                 # RFC 9112 §6.1: the length is ambiguous (a smuggling vector); the
                 # connection must be closed after responding.
-                await _refuse(receive, send, 400, {"error": AMBIGUOUS_LENGTH})
+                await _refuse(receive, send, 400, error_body(scope["path"], 400, AMBIGUOUS_LENGTH))
                 return
         await self.app(scope, receive, send)
 
 
 async def _refuse(
-    receive: ASGIReceiveCallable, send: ASGISendCallable, status: int, body: dict[str, str]
+    receive: ASGIReceiveCallable, send: ASGISendCallable, status: int, body: dict[str, Any]
 ) -> None:
     """Answer ``status`` with a JSON body and ``Connection: close``, dropping the request body."""
     with trio.move_on_after(DISCARD_BODY_S):

@@ -1,0 +1,394 @@
+"""``POST /v1/chat/completions`` and ``GET /v1/models``: OpenAI's shapes over ``/run``.
+
+A translation (:mod:`.compat`): the body becomes the run request ``/run`` builds,
+the run's result a ``chat.completion``, its stream ``chat.completion.chunk``
+events. Served by the Quart app, as ``/run``'s streams are.
+
+What is applied and what is only accepted:
+
+* ``model`` (required, one of ``ALLOWED_MODELS``), ``messages`` (``system`` and
+  ``developer`` ones become the system prompt; ``user`` content as a string or
+  ``text`` and ``image_url`` parts, ``data:`` URLs only), ``stream``,
+  ``stream_options.include_usage``, and the session (``X-Session-Id`` or
+  ``session_id``) are applied.
+* ``max_tokens``, ``max_completion_tokens``, ``temperature``, ``top_p``, ``stop``,
+  ``seed``, ``user``, ``presence_penalty``, ``frequency_penalty``, ``logit_bias``,
+  ``parallel_tool_calls``, ``store``, ``metadata``, ``service_tier``,
+  ``reasoning_effort`` are checked for their type and ignored: the agent's
+  process decides its own sampling and length (the CLI takes none of them per turn).
+* ``n`` above 1, ``tools``, ``tool_choice``, ``functions``, ``function_call``,
+  ``audio``, ``modalities`` other than text, ``response_format`` other than text,
+  ``logprobs``, and ``tool`` / ``function`` messages are a 400 naming the parameter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+from quart import Blueprint, Response, request
+
+from ..config import Settings
+from ..messages import AssistantText, DispatcherMessage, Job, JobFailed, ReplyEvent, RunResult
+from .compat import (
+    SESSION_HEADER,
+    Limits,
+    Message,
+    bad,
+    cut_short,
+    failure_of,
+    openai_error,
+    run_request_for,
+    session_id_from,
+    usage_counts,
+)
+from .jobs import Finished
+from .requests import (
+    MAX_MODEL_NAME_CHARS,
+    BadRequest,
+    ImageLimits,
+    OptionCeiling,
+    RunRequest,
+    integral,
+    parse_image_url,
+    parse_json_object,
+)
+from .runs import StartedRun, log_run_end, start_run
+from .streaming import STREAM_HEADERS, relay_stream
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+# Accepted and ignored, each with the JSON types it may have (None: any).
+IGNORED: dict[str, tuple[type, ...] | None] = {
+    "max_tokens": (int,),
+    "max_completion_tokens": (int,),
+    "temperature": (int, float),
+    "top_p": (int, float),
+    "stop": (str, list),
+    "seed": (int,),
+    "user": (str,),
+    "presence_penalty": (int, float),
+    "frequency_penalty": (int, float),
+    "logit_bias": (dict,),
+    "parallel_tool_calls": (bool,),
+    "store": (bool,),
+    "metadata": (dict,),
+    "service_tier": (str,),
+    "reasoning_effort": (str,),
+    "top_logprobs": (int,),
+    "prediction": None,
+    "web_search_options": None,
+}
+
+
+@attrs.frozen
+class ChatRequest:
+    """A chat completion request, translated: the run it makes and how to answer."""
+
+    run: RunRequest
+    model: str
+    stream: bool
+    include_usage: bool
+
+
+def _text_parts(content: object, where: str, limits: Limits, *, images: bool) -> Message:
+    """The text (and, when ``images``, the images) of one message's ``content``."""
+    if isinstance(content, str):
+        return Message("user", content)
+    if not isinstance(content, list):
+        raise bad(where, "expected a string or a list of content parts")
+    texts: list[str] = []
+    found = []
+    for index, part in enumerate(content):
+        at = f"{where}[{index}]"
+        if not isinstance(part, dict):
+            raise bad(at, "expected a content part object")
+        kind = part.get("type")
+        if kind in ("text", "refusal"):
+            text = part.get(kind)
+            if not isinstance(text, str):
+                raise bad(at, f"expected {kind!r}, a string")
+            texts.append(text)
+        elif kind == "image_url" and images:
+            image_url = part.get("image_url")
+            url = image_url.get("url") if isinstance(image_url, dict) else image_url
+            found.append(parse_image_url(url, f"{at}.image_url.url", limits.images))
+        else:
+            allowed = "text and image_url" if images else "text"
+            raise bad(at, f"content parts of type {str(kind)[:40]!r} are not supported ({allowed})")
+    return Message("user", "\n".join(texts), tuple(found))
+
+
+def parse_chat_request(body: bytes, session_header: str | None, limits: Limits) -> ChatRequest:
+    """Validate a ``POST /v1/chat/completions`` body (see the module docstring)."""
+    obj = parse_json_object(body)
+    model = obj.get("model")
+    if model is None:
+        raise bad("model", "you must provide a model parameter")
+    if not isinstance(model, str) or not model or len(model) > MAX_MODEL_NAME_CHARS:
+        raise bad("model", "expected a model name (a non-empty string)")
+    n = obj.get("n")
+    if n is not None and n != 1:
+        raise bad("n", "only one choice is produced here (n must be 1)")
+    for name in ("tools", "functions"):
+        if obj.get(name):
+            raise bad(name, "tools are not supported: the agent uses its own")
+    for name in ("tool_choice", "function_call"):
+        if obj.get(name) not in (None, "none"):
+            raise bad(name, "tools are not supported: the agent uses its own")
+    if obj.get("audio") is not None:
+        raise bad("audio", "audio output is not supported")
+    modalities = obj.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise bad("modalities", "only text output is supported")
+    response_format = obj.get("response_format")
+    if response_format is not None and (
+        not isinstance(response_format, dict) or response_format.get("type") != "text"
+    ):
+        raise bad("response_format", "only the text response format is supported")
+    if obj.get("logprobs"):
+        raise bad("logprobs", "log probabilities are not available")
+    for name, types in IGNORED.items():
+        value = integral(obj.get(name))
+        if value is not None and types is not None:
+            if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+                raise bad(name, "wrong type")
+    stream = obj.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise bad("stream", "expected true or false")
+    stream_options = obj.get("stream_options")
+    include_usage = False
+    if stream_options is not None:
+        if not isinstance(stream_options, dict):
+            raise bad("stream_options", "expected an object")
+        include_usage = stream_options.get("include_usage") is True
+    session_id = session_id_from(session_header, obj.get("session_id"), "session_id")
+
+    raw_messages = obj.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise bad("messages", "expected a non-empty list of messages")
+    system: list[str] = []
+    conversation: list[Message] = []
+    for index, raw in enumerate(raw_messages):
+        where = f"messages[{index}]"
+        if not isinstance(raw, dict):
+            raise bad(where, "expected a message object")
+        role = raw.get("role")
+        if role not in ROLES:
+            raise bad(f"{where}.role", "expected one of " + ", ".join(ROLES))
+        if role in ("tool", "function"):
+            raise bad(f"{where}.role", f"{role} messages are not supported (no tools here)")
+        if role == "assistant" and (raw.get("tool_calls") or raw.get("function_call")):
+            raise bad(f"{where}.tool_calls", "tools are not supported: the agent uses its own")
+        content = raw.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        parsed = _text_parts(content, f"{where}.content", limits, images=role == "user")
+        if role in ("system", "developer"):
+            system.append(parsed.text)
+        else:
+            conversation.append(attrs.evolve(parsed, role=role))
+    run = run_request_for(
+        conversation,
+        system="\n\n".join(text for text in system if text) or None,
+        model=model,
+        session_id=session_id,
+        stream=bool(stream),
+        limits=limits,
+    )
+    return ChatRequest(run, model, bool(stream), include_usage)
+
+
+def completion_id(job: Job) -> str:
+    return f"chatcmpl-{job.id}"
+
+
+def usage_body(result: RunResult) -> dict[str, int]:
+    fresh, created, read, output = usage_counts(result.usage)
+    prompt = fresh + created + read
+    return {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output}
+
+
+def completion_body(
+    chat: ChatRequest, job: Job, finished: Finished, created: int
+) -> dict[str, Any]:
+    """The ``chat.completion`` of a run that answered."""
+    result = finished.terminal
+    assert isinstance(result, RunResult)
+    return {
+        "id": completion_id(job),
+        "object": "chat.completion",
+        "created": created,
+        "model": chat.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.output, "refusal": None},
+                "logprobs": None,
+                "finish_reason": "length" if cut_short(finished) else "stop",
+            }
+        ],
+        "usage": usage_body(result),
+        "system_fingerprint": None,
+    }
+
+
+def _data(value: dict[str, Any]) -> bytes:
+    return (
+        b"data: "
+        + json.dumps(value, ensure_ascii=False).encode("utf-8", "backslashreplace")
+        + b"\n\n"
+    )
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+@attrs.define
+class ChunkEncoder:
+    """A run's events as ``chat.completion.chunk`` lines (:func:`~.streaming.relay_stream`)."""
+
+    chat: ChatRequest
+    job: Job
+    created: int
+    began: bool = False
+    wrote_text: bool = False
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {
+            "id": completion_id(self.job),
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.chat.model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+
+    def _role(self) -> bytes:
+        if self.began:
+            return b""
+        self.began = True
+        return _data(self._chunk({"role": "assistant", "content": ""}))
+
+    def event(self, event: ReplyEvent) -> bytes:
+        head = self._role()
+        if isinstance(event, AssistantText) and event.text:
+            # Separate texts as the reply's output joins them.
+            text = ("\n\n" if self.wrote_text else "") + event.text
+            self.wrote_text = True
+            return head + _data(self._chunk({"content": text}))
+        return head
+
+    def terminal(self, finished: Finished) -> bytes:
+        failure = failure_of(finished.terminal)
+        if failure is not None:
+            error = openai_error(failure.status, failure.error)
+            return self._role() + _data(error) + DONE
+        result = finished.terminal
+        assert isinstance(result, RunResult)
+        parts = [self._role()]
+        if not self.wrote_text and result.output:
+            parts.append(_data(self._chunk({"content": result.output})))
+        finish = "length" if cut_short(finished) else "stop"
+        parts.append(_data(self._chunk({}, finish)))
+        if self.chat.include_usage:
+            usage = {**self._chunk({}), "choices": [], "usage": usage_body(result)}
+            parts.append(_data(usage))
+        parts.append(DONE)
+        return b"".join(parts)
+
+
+def openai_error_reply(failure: JobFailed, run_id: str | None = None) -> Response:
+    response = Response(
+        json.dumps(openai_error(failure.status, failure.error)),
+        failure.status,
+        content_type="application/json",
+    )
+    if run_id is not None:
+        response.headers["X-Run-Id"] = run_id
+    if failure.retry_after_s is not None:
+        response.headers["Retry-After"] = str(failure.retry_after_s)
+    return response
+
+
+def openai_routes(
+    *,
+    dispatcher: trio.MemorySendChannel[DispatcherMessage],
+    caller: Callable[[], str],
+    json_body: Callable[[], Awaitable[bytes]],
+    data_dir: Path,
+    default_timeout_ms: int,
+    limits: Limits,
+    allowed_models: tuple[str, ...],
+    listed_at: int,
+) -> Blueprint:
+    """``POST /v1/chat/completions``, ``GET /v1/models`` and ``GET /v1/models/{model}``."""
+    routes = Blueprint("openai", __name__)
+
+    def model_view(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": listed_at, "owned_by": "anthropic"}
+
+    @routes.get("/v1/models")
+    async def models() -> Response:
+        caller()
+        body = {"object": "list", "data": [model_view(name) for name in allowed_models]}
+        return Response(json.dumps(body), content_type="application/json")
+
+    @routes.get("/v1/models/<path:model>")
+    async def model(model: str) -> Response:
+        caller()
+        if model not in allowed_models:
+            raise BadRequest(f"The model {model[:200]!r} does not exist here", 404, param="model")
+        return Response(json.dumps(model_view(model)), content_type="application/json")
+
+    @routes.post("/v1/chat/completions")
+    async def chat_completions() -> Response:
+        user_id = caller()
+        chat = parse_chat_request(await json_body(), request.headers.get(SESSION_HEADER), limits)
+        began = time.monotonic()
+        created = int(time.time())
+        started: StartedRun = await start_run(
+            dispatcher, user_id, chat.run, data_dir=data_dir, default_timeout_ms=default_timeout_ms
+        )
+        job = started.job
+
+        def log_end(outcome: RunResult | JobFailed | None, how: str) -> None:
+            log_run_end(user_id, chat.run, began, job.id, outcome, how)
+
+        if isinstance(started.first, JobFailed):
+            await started.close()
+            log_end(started.first, "chat refused")
+            return openai_error_reply(started.first, job.id)
+        if not chat.stream:
+            try:
+                finished = await started.follow()
+            finally:
+                await started.close()
+            log_end(finished.terminal, "chat")
+            failure = failure_of(finished.terminal)
+            if failure is not None:
+                return openai_error_reply(failure, job.id)
+            body = completion_body(chat, job, finished, created)
+            response = Response(json.dumps(body), content_type="application/json")
+            response.headers["X-Run-Id"] = job.id
+            return response
+
+        async def end(finished: Finished | None) -> None:
+            await started.close()  # the client left: the run ends too
+            log_end(None if finished is None else finished.terminal, "chat stream")
+
+        encoder = ChunkEncoder(chat, job, created)
+        stream = relay_stream(job, started.events, started.first, encoder, on_end=end)
+        return Response(stream, 200, headers={**STREAM_HEADERS, "X-Run-Id": job.id})
+
+    return routes
+
+
+def limits_of(settings: Settings, ceiling: OptionCeiling) -> Limits:
+    return Limits(settings.max_prompt_chars, ceiling, ImageLimits.of(settings))

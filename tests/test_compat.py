@@ -1,0 +1,125 @@
+"""The compatible routes' translation, as pure functions: error shapes, failures, conversations."""
+
+from __future__ import annotations
+
+import pytest
+
+from claude_code_api.http.compat import (
+    Limits,
+    Message,
+    anthropic_error,
+    error_body,
+    failure_of,
+    openai_error,
+    run_request_for,
+)
+from claude_code_api.http.requests import BadRequest, ImageLimits, OptionCeiling
+from claude_code_api.messages import Image, JobFailed, RunResult, UpstreamError
+
+LIMITS = Limits(1000, OptionCeiling(("m",), ("default",)), ImageLimits(2, 100))
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "code"),
+    [
+        (400, "invalid_request_error", None),
+        (401, "invalid_request_error", "invalid_api_key"),
+        (404, "invalid_request_error", "not_found"),
+        (413, "invalid_request_error", "request_too_large"),
+        (429, "rate_limit_exceeded", "rate_limit_exceeded"),
+        (502, "api_error", None),
+        (503, "server_error", None),
+        (504, "server_error", None),
+        (507, "server_error", "insufficient_storage"),
+    ],
+)
+def test_openai_error_types_and_codes(status, kind, code):
+    assert openai_error(status, "why", "p") == {
+        "error": {"message": "why", "type": kind, "param": "p", "code": code}
+    }
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [
+        (400, "invalid_request_error"),
+        (401, "authentication_error"),
+        (403, "permission_error"),
+        (404, "not_found_error"),
+        (413, "request_too_large"),
+        (429, "rate_limit_error"),
+        (502, "api_error"),
+        (503, "overloaded_error"),
+        (507, "api_error"),
+    ],
+)
+def test_anthropic_error_types(status, kind):
+    assert anthropic_error(status, "why") == {
+        "type": "error",
+        "error": {"type": kind, "message": "why"},
+    }
+
+
+def test_each_path_answers_errors_in_its_own_shape():
+    assert error_body("/run", 400, "x") == {"error": "x"}
+    assert error_body("/v1/messages", 400, "x")["type"] == "error"
+    assert error_body("/v1/chat/completions", 400, "x")["error"]["type"] == "invalid_request_error"
+    assert error_body("/v1/models/foo", 404, "x")["error"]["code"] == "not_found"
+
+
+def result(**fields) -> RunResult:
+    return RunResult(**{"success": False, "output": "boom", "duration_ms": 1, **fields})
+
+
+def test_runs_that_did_not_answer_become_errors():
+    assert failure_of(result(success=True)) is None
+    assert failure_of(result(timed_out=True)) is None  # what it wrote, as "length"
+    assert failure_of(result()) == JobFailed(502, "the agent failed: boom")
+    assert failure_of(result(cancelled=True)).status == 409
+    assert failure_of(result(stopped=True)).status == 503
+    upstream = result(upstream_error=UpstreamError(529, "overloaded", 3))
+    assert failure_of(upstream) == JobFailed(502, "upstream API error 529: overloaded")
+    refused = JobFailed(429, "Queue is full", 1)
+    assert failure_of(refused) is refused
+
+
+PNG = Image("image/png", "AAAA")
+
+
+def test_a_session_turn_sends_only_what_follows_the_last_assistant_message():
+    messages = [
+        Message("user", "one", (PNG,)),
+        Message("assistant", "two"),
+        Message("user", "three"),
+        Message("user", "four", (PNG,)),
+    ]
+    run = run_request_for(
+        messages, system="sys", model="m", session_id="s", stream=False, limits=LIMITS
+    )
+    assert run.prompt == "three\n\nfour" and run.images == (PNG,)
+    assert run.options.system_prompt == "sys" and run.options.model == "m"
+    one_shot = run_request_for(
+        messages, system=None, model="m", session_id=None, stream=False, limits=LIMITS
+    )
+    assert one_shot.images == (PNG, PNG)
+    assert "USER:\n[image]\none\n\nASSISTANT:\ntwo\n</conversation>" in one_shot.prompt
+    assert one_shot.prompt.endswith("Reply to the user's last message:\nthree\n\nfour")
+
+
+@pytest.mark.parametrize(
+    ("messages", "model", "param", "message"),
+    [
+        ([], "m", "messages", "at least one message"),
+        ([Message("user", "a"), Message("assistant", "b")], "m", "messages", "the user's"),
+        ([Message("user", " ")], "m", "messages", "no text and no image"),
+        ([Message("user", "a", (PNG, PNG, PNG))], "m", "messages", "at most 2 images"),
+        ([Message("user", "a" * 1001)], "m", "messages", "exceeds 1000 characters"),
+        ([Message("user", "a")], "gpt", "model", "'gpt' is not allowed here"),
+    ],
+)
+def test_conversations_that_cannot_be_run(messages, model, param, message):
+    with pytest.raises(BadRequest) as refused:
+        run_request_for(
+            messages, system=None, model=model, session_id=None, stream=False, limits=LIMITS
+        )
+    assert refused.value.param == param and message in refused.value.message
