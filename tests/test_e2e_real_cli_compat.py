@@ -10,11 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import httpx
+import openai
 import trio
 
 from claude_code_api.demo.mock_messages_api import TextReply, open_mock_api
 from tests.harness import run_service, wait_healthy
-from tests.images import JPEG, b64, png
+from tests.images import JPEG, b64, data_url, png
 from tests.real_cli import requires_real_cli, service_overrides
 
 pytestmark = requires_real_cli
@@ -63,3 +65,65 @@ async def test_run_sends_images_to_the_model_as_image_blocks(tmp_path: Path) -> 
     # A session's CLI also keeps the image in its scratch directory and tells the model
     # where, in a text block after the prompt's.
     assert "And this?" in second.all_text()
+
+
+async def test_chat_completions_reach_the_model_with_system_prompt_image_and_session(
+    tmp_path: Path,
+) -> None:
+    with trio.fail_after(BUDGET_S):
+        async with open_mock_api() as api:
+            env = service_overrides(api.url, tmp_path)
+            async with run_service(tmp_path, env=env) as service:
+                await wait_healthy(service, ready=1, timeout=60)
+                http = httpx.AsyncClient(verify=False, timeout=60)
+                async with openai.AsyncOpenAI(
+                    base_url=service.url + "/v1",
+                    api_key="sk-alice-key",
+                    http_client=http,
+                    max_retries=0,
+                    default_headers={"X-Session-Id": "chat"},
+                ) as client:
+                    api.enqueue(TextReply("A red square."), TextReply("It was red."))
+                    content = [
+                        {"type": "text", "text": "What is this?"},
+                        {"type": "image_url", "image_url": {"url": data_url(png(2, 2))}},
+                    ]
+                    messages: list[Any] = [
+                        {"role": "system", "content": "Answer in three words."},
+                        {"role": "user", "content": content},
+                    ]
+                    first = await client.chat.completions.create(
+                        model="claude-sonnet-4-6", messages=messages
+                    )
+                    messages += [
+                        {"role": "assistant", "content": first.choices[0].message.content},
+                        {"role": "user", "content": "What colour was it?"},
+                    ]
+                    stream = await client.chat.completions.create(
+                        model="claude-sonnet-4-6", messages=messages, stream=True
+                    )
+                    streamed = "".join(
+                        [chunk.choices[0].delta.content or "" async for chunk in stream]
+                    )
+    assert first.choices[0].message.content == "A red square."
+    assert streamed == "It was red."
+    one, two = api.model_calls[-2:]
+    assert "Answer in three words." in one.system_text()
+    assert [b["source"]["data"] for b in image_blocks(one)] == [b64(png(2, 2))]
+    # The second turn sent only the new message; the session's CLI brought the first.
+    assert two.last_user_text() == "What colour was it?" or "What colour was it?" in two.all_text()
+    assert "What is this?" in two.all_text() and "A red square." in two.all_text()
+    assert sum("What is this?" in text for text in _user_texts(two)) == 1
+
+
+def _user_texts(call: Any) -> list[str]:
+    texts = []
+    for message in call.messages:
+        content = message.get("content")
+        if message.get("role") != "user":
+            continue
+        if isinstance(content, str):
+            texts.append(content)
+        else:
+            texts += [b.get("text", "") for b in content if b.get("type") == "text"]
+    return texts
