@@ -17,7 +17,8 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, cast
+from functools import partial
+from typing import Any
 
 import attrs
 import trio
@@ -28,8 +29,9 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from .. import metrics
 from ..actors.credentials import ANSWER_TIMEOUT_S, CredentialsClient, CredentialsUnavailable
 from ..actors.dispatcher import PoolView
-from ..actors.registry import RegistryClient, RegistryError, SessionRecord
+from ..actors.registry import RegistryClient, RegistryError, SessionRecord, user_workspace
 from ..config import Settings
+from ..disk_quota import DiskQuota
 from ..messages import (
     AuthFailed,
     CredentialsStatus,
@@ -41,8 +43,9 @@ from ..messages import (
 from .auth import Unauthorized, authenticate, check_metrics_token, is_admin
 from .compat import error_body
 from .docs import docs_page
+from .files import files_routes
 from .jobs import SessionStoreUnavailable, close_session, pool_snapshot
-from .json_run import json_bytes, serve_json_runs
+from .json_run import BODY_TIMEOUT_S, json_bytes, serve_json_runs
 from .observe import count_requests, note_route, scrape
 from .openai_api import limits_of, openai_routes
 from .openapi import openapi_spec
@@ -276,8 +279,11 @@ def merge_slashes(app: AsgiApp) -> AsgiApp:
 
     async def merged(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] in ("http", "websocket") and "//" in scope["path"]:
-            # raw_path (optional in ASGI) would still hold the slashes: drop it.
+            # raw_path (optional in ASGI) would still hold the slashes: drop it. The path
+            # as sent stays in unmerged_path: /files/{path} refuses "//etc/passwd" instead
+            # of reading it as "etc/passwd".
             scope = {k: v for k, v in scope.items() if k != "raw_path"}
+            scope["unmerged_path"] = scope["path"]
             scope["path"] = _SLASHES.sub("/", scope["path"])
         await app(scope, receive, send)
 
@@ -319,7 +325,9 @@ def create_app(
     )
     counted = count_requests(fast) if settings.metrics else fast
     app.asgi_app = merge_slashes(counted)  # type: ignore[method-assign,assignment]
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    # The largest body of any route: PUT /files/{path}'s, or a JSON body (held to its own
+    # limit by json_body).
+    app.config["MAX_CONTENT_LENGTH"] = max(settings.max_body_bytes, settings.max_file_bytes)
     # Quart cuts responses at 60 s by default; jobs have their own deadlines.
     app.config["RESPONSE_TIMEOUT"] = None
     # What a streamed reply owns is released even if its stream never starts.
@@ -330,10 +338,25 @@ def create_app(
 
     async def json_body() -> bytes:
         check_content_type(request.headers.get("content-type"))
-        # as_text=False: bytes (Quart's overloads leave it str | bytes to a type checker).
-        body = cast(bytes, await request.get_data(cache=False, as_text=False))
+        # Quart's own limit (MAX_CONTENT_LENGTH) is the larger one PUT /files needs: a
+        # JSON body is held to max_body_bytes here, as it arrives.
+        limit = settings.max_body_bytes
+        too_large = BadRequest(f"Request body exceeds {limit} bytes", 413)
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            raise too_large
+        chunks: list[bytes] = []
+        size = 0
+        with trio.move_on_after(BODY_TIMEOUT_S) as waited:
+            async for chunk in request.body:
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+        if waited.cancelled_caught:
+            raise BadRequest(f"Request body not received within {BODY_TIMEOUT_S:g} s", 408)
         g.body_read = True
-        return body
+        return b"".join(chunks)
 
     @app.after_request
     async def close_if_body_unread(response: Response) -> Response:
@@ -481,6 +504,14 @@ def create_app(
         )
     )
     app.register_blueprint(
+        files_routes(
+            caller=caller,
+            data_dir=settings.data_dir,
+            max_file_bytes=settings.max_file_bytes,
+            disk=DiskQuota.from_settings(settings, partial(user_workspace, settings.data_dir)),
+        )
+    )
+    app.register_blueprint(
         user_claude_routes(
             data_dir=settings.data_dir, dispatcher=dispatcher, caller=caller, json_body=json_body
         )
@@ -511,7 +542,7 @@ def create_app(
         messages = {
             404: "Not found",
             405: "Method not allowed",
-            413: f"Request body exceeds {settings.max_body_bytes} bytes",
+            413: f"Request body exceeds {app.config['MAX_CONTENT_LENGTH']} bytes",
         }
         code = exc.code or 500
         response = error(code, messages.get(code, exc.description or exc.name))

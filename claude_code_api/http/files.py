@@ -1,0 +1,166 @@
+"""``/files``: files into and out of the caller's workspace (where their session agents work).
+
+* ``PUT /files/{path}`` — the body's bytes become the file (directories on the way are
+  made); ``{"path", "size"}``. At most ``MAX_FILE_BYTES`` (413), and within the caller's
+  disk quota (``USER_DISK_MAX_MB``: 507 naming it) and the service's disk reserve (507).
+* ``GET /files/{path}`` — the file's bytes (``application/octet-stream``).
+* ``GET /files`` — ``{"files": [{"name", "size", "modified"}], "truncated"}``, every
+  regular file, by name (``modified`` in ms since the epoch).
+* ``DELETE /files/{path}`` — removes a file, a link (itself) or a directory tree;
+  ``{"deleted": true}``.
+
+Only inside the caller's own workspace: a path is relative, with no ``..``; links are
+never followed; another user's files cannot be named at all (every path is inside the
+caller's workspace). The checks and the walking are :mod:`..workspace_files`'s. A
+client error is a 403, 404, 409 or 413, never a 500.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import trio
+from quart import Blueprint, Response, g, jsonify, request
+
+from ..disk_quota import DISK_FULL_STATUS, DiskQuota
+from ..workspace_files import (
+    FileRefused,
+    Upload,
+    list_files,
+    open_for_reading,
+    remove,
+    workspace_of,
+)
+from .json_run import BODY_TIMEOUT_S
+from .requests import BadRequest
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 256 * 1024
+MIB = 1024 * 1024
+
+
+def _mib(n: float) -> str:
+    return f"{n / MIB:.1f} MiB"
+
+
+def files_routes(
+    *,
+    caller: Callable[[], str],
+    data_dir: Path,
+    max_file_bytes: int,
+    disk: DiskQuota,
+) -> Blueprint:
+    routes = Blueprint("files", __name__)
+
+    def file_path(path: str) -> str:
+        """The path as the client sent it (before repeated slashes were merged)."""
+        sent = request.scope.get("unmerged_path")
+        if isinstance(sent, str):
+            rest = sent.lstrip("/")
+            if rest.startswith("files/"):
+                return rest[len("files/") :]
+        return path
+
+    @routes.get("/files")
+    async def listing() -> Response:
+        user_id = caller()
+        workspace = workspace_of(data_dir, user_id)
+        entries, truncated = await trio.to_thread.run_sync(list_files, workspace)
+        files = [
+            {"name": e.name, "size": e.size, "modified": round(e.modified * 1000)} for e in entries
+        ]
+        return jsonify({"files": files, "truncated": truncated})
+
+    @routes.get("/files/<path:path>")
+    async def read(path: str) -> Response:
+        user_id = caller()
+        workspace = workspace_of(data_dir, user_id)
+        fd, size = await trio.to_thread.run_sync(open_for_reading, workspace, file_path(path))
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                while True:
+                    chunk = await trio.to_thread.run_sync(os.read, fd, READ_CHUNK)
+                    if not chunk:
+                        return
+                    yield chunk
+            finally:
+                os.close(fd)
+
+        headers = {"Content-Length": str(size), "Content-Type": "application/octet-stream"}
+        return Response(chunks(), 200, headers=headers)
+
+    @routes.put("/files/<path:path>")
+    async def write(path: str) -> Response:
+        user_id = caller()
+        sent = file_path(path)
+        declared = request.content_length
+        if declared is not None and declared > max_file_bytes:
+            raise _too_large(max_file_bytes)
+        used = await disk.usage(user_id, max_age=0)
+        if declared is not None and used + declared > disk.limit:
+            raise _over_quota(disk, user_id, used, declared)
+        workspace = workspace_of(data_dir, user_id)
+        upload = await trio.to_thread.run_sync(Upload, workspace, sent)
+        try:
+            body = request.body.__aiter__()
+            while True:
+                with trio.move_on_after(BODY_TIMEOUT_S) as waited:
+                    try:
+                        chunk = await body.__anext__()
+                    except StopAsyncIteration:
+                        break
+                if waited.cancelled_caught:
+                    raise BadRequest(f"Request body not received within {BODY_TIMEOUT_S:g} s", 408)
+                if upload.size + len(chunk) > max_file_bytes:
+                    raise _too_large(max_file_bytes)
+                if used + upload.size + len(chunk) > disk.limit:
+                    raise _over_quota(disk, user_id, used, upload.size + len(chunk))
+                await trio.to_thread.run_sync(upload.write, chunk)
+            g.body_read = True
+            if disk.low_on_space():
+                raise BadRequest(
+                    "the service's disk is nearly full (its reserve, DISK_RESERVE_MB, is kept"
+                    " for the service): the file was not written",
+                    DISK_FULL_STATUS,
+                )
+            await trio.to_thread.run_sync(upload.commit)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(upload.abort)
+        disk.measured.pop(user_id, None)  # it grew
+        log.info("files: user=%s wrote %s (%d bytes)", user_id, sent[:200], upload.size)
+        return jsonify({"path": sent, "size": upload.size})
+
+    @routes.delete("/files/<path:path>")
+    async def delete(path: str) -> Response:
+        user_id = caller()
+        workspace = workspace_of(data_dir, user_id)
+        await trio.to_thread.run_sync(remove, workspace, file_path(path))
+        disk.measured.pop(user_id, None)
+        return jsonify({"deleted": True})
+
+    @routes.app_errorhandler(FileRefused)
+    async def refused(exc: FileRefused) -> Response:
+        response = jsonify({"error": exc.message})
+        response.status_code = exc.status
+        return response
+
+    return routes
+
+
+def _too_large(limit: int) -> BadRequest:
+    return BadRequest(f"the file exceeds {limit} bytes (MAX_FILE_BYTES)", 413)
+
+
+def _over_quota(disk: DiskQuota, user_id: str, used: int, size: int) -> BadRequest:
+    return BadRequest(
+        f"disk quota exceeded: user {user_id!r} keeps {_mib(used)} of files and this file"
+        f" would add {_mib(size)}; the quota (USER_DISK_MAX_MB) is {_mib(disk.limit)}; remove"
+        " files from the workspace or delete sessions to free space",
+        DISK_FULL_STATUS,
+    )
