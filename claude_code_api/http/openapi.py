@@ -596,6 +596,25 @@ def _compat_schemas(settings: Settings) -> dict[str, Schema]:
                 "owned_by": {"type": "string"},
             }
         ),
+        "FileList": _object(
+            {
+                "files": {
+                    "type": "array",
+                    "items": _object(
+                        {
+                            "name": {"type": "string"},
+                            "size": {"type": "integer", "minimum": 0},
+                            "modified": {"type": "integer", "description": "ms since the epoch"},
+                        }
+                    ),
+                },
+                "truncated": {"type": "boolean", "description": "more than 10 000 files"},
+            }
+        ),
+        "FileWritten": _object(
+            {"path": {"type": "string"}, "size": {"type": "integer", "minimum": 0}}
+        ),
+        "FileDeleted": _object({"deleted": {"const": True}}),
         "OpenAIError": _object(
             {
                 "error": _object(
@@ -730,6 +749,10 @@ OPERATION_IDS = {
     ("/openapi.json", "get"): "getOpenApiDocument",
     ("/docs", "get"): "getDocs",
     ("/metrics", "get"): "getMetrics",
+    ("/files", "get"): "listFiles",
+    ("/files/{path}", "get"): "downloadFile",
+    ("/files/{path}", "put"): "uploadFile",
+    ("/files/{path}", "delete"): "deleteFile",
     ("/v1/chat/completions", "post"): "createChatCompletion",
     ("/v1/models", "get"): "listModels",
     ("/v1/models/{model}", "get"): "retrieveModel",
@@ -944,6 +967,7 @@ def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
         },
     }
     paths.update(_compat_paths(run_id_header))
+    paths.update(_file_paths(settings))
     if metrics:
         paths["/metrics"] = {
             "get": _operation(
@@ -966,6 +990,87 @@ def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
             operation["operationId"] = OPERATION_IDS[path, method]
     paths["/run"]["post"]["responses"]["200"]["links"] = RUN_LINKS
     return paths
+
+
+def _file_paths(settings: Settings) -> dict[str, Any]:
+    """``/files``: the caller's workspace (see README, "Files in and out of the workspace")."""
+    path_parameter = {
+        "name": "path",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "minLength": 1},
+        "description": "a path relative to the caller's workspace ('/' separates directories,"
+        " sent as %2F); '..', '.', empty names and absolute paths: 403; a link on the way: 403",
+    }
+    refused = {
+        "403": _error("The path leaves the workspace, is bad, or goes through a link"),
+        "404": _error("Nothing there (or not a regular file)"),
+    }
+    return {
+        "/files": {
+            "get": _operation(
+                "The files in the caller's workspace",
+                {"200": _ok("Every regular file, by name", _ref("FileList")), **_errors(401, 503)},
+                security=AUTHENTICATED,
+                tags=("files",),
+            )
+        },
+        "/files/{path}": {
+            "get": _operation(
+                "Download a file of the caller's workspace",
+                {
+                    "200": {
+                        "description": "The file's bytes",
+                        "content": {
+                            "application/octet-stream": {
+                                "schema": {"type": "string", "format": "binary"}
+                            }
+                        },
+                    },
+                    **refused,
+                    **_errors(401, 503),
+                },
+                security=AUTHENTICATED,
+                parameters=[path_parameter],
+                tags=("files",),
+            ),
+            "put": {
+                **_operation(
+                    "Write a file into the caller's workspace (directories on the way are made)",
+                    {
+                        "200": _ok("Written", _ref("FileWritten")),
+                        **refused,
+                        "409": _error(
+                            "A directory is where the file would go, or a file is"
+                            " where a directory would"
+                        ),
+                        **_errors(401, 408, 413, 503, 507),
+                    },
+                    security=AUTHENTICATED,
+                    parameters=[path_parameter],
+                    description=f"The body is the file's bytes, at most MAX_FILE_BYTES"
+                    f" ({settings.max_file_bytes}); it counts toward the caller's disk quota"
+                    " (USER_DISK_MAX_MB: 507 past it). The agent sees it on its next turn.",
+                    tags=("files",),
+                ),
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/octet-stream": {
+                            "schema": {"type": "string", "format": "binary"}
+                        }
+                    },
+                },
+            },
+            "delete": _operation(
+                "Remove a file, a link (itself) or a directory tree of the caller's workspace",
+                {"200": _ok("Removed", _ref("FileDeleted")), **refused, **_errors(401, 503)},
+                security=AUTHENTICATED,
+                parameters=[path_parameter],
+                tags=("files",),
+            ),
+        },
+    }
 
 
 SESSION_HEADER_PARAMETER = {
