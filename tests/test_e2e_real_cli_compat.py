@@ -14,7 +14,12 @@ import httpx
 import openai
 import trio
 
-from claude_code_api.demo.mock_messages_api import TextReply, open_mock_api
+from claude_code_api.demo.mock_messages_api import (
+    TextReply,
+    ToolUseReply,
+    open_mock_api,
+    tool_result_text,
+)
 from tests.harness import run_service, wait_healthy
 from tests.images import JPEG, b64, data_url, png
 from tests.real_cli import requires_real_cli, service_overrides
@@ -127,3 +132,31 @@ def _user_texts(call: Any) -> list[str]:
         else:
             texts += [b.get("text", "") for b in content if b.get("type") == "text"]
     return texts
+
+
+async def test_files_the_real_agent_reads_and_writes(tmp_path: Path) -> None:
+    with trio.fail_after(BUDGET_S):
+        async with open_mock_api() as api:
+            env = service_overrides(api.url, tmp_path)
+            async with run_service(tmp_path, env=env) as service:
+                await wait_healthy(service, ready=1, timeout=60)
+                async with service.client() as client:
+                    put = await client.put(
+                        "/files/in/data.txt", headers=AS_ALICE, content=b"forty-two\n"
+                    )
+                    assert put.status_code == 200, put.text
+                    api.enqueue(
+                        ToolUseReply(
+                            "Bash",
+                            {"command": "cat in/data.txt && printf 'from the agent' > out.txt"},
+                        ),
+                        TextReply("done"),
+                    )
+                    body = {"prompt": "read it", "sessionId": "files"}
+                    reply = await client.post("/run", headers=AS_ALICE, json=body)
+                    got = await client.get("/files/out.txt", headers=AS_ALICE)
+                    listed = (await client.get("/files", headers=AS_ALICE)).json()
+    assert reply.status_code == 200 and reply.json()["output"] == "done", reply.text
+    assert "forty-two" in tool_result_text(api.model_calls[-1].tool_results()[0])
+    assert (got.status_code, got.content) == (200, b"from the agent")
+    assert [f["name"] for f in listed["files"]] == ["in/data.txt", "out.txt"]
