@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import trio
@@ -160,3 +161,49 @@ async def test_files_the_real_agent_reads_and_writes(tmp_path: Path) -> None:
     assert "forty-two" in tool_result_text(api.model_calls[-1].tool_results()[0])
     assert (got.status_code, got.content) == (200, b"from the agent")
     assert [f["name"] for f in listed["files"]] == ["in/data.txt", "out.txt"]
+
+
+async def test_messages_reach_the_model_with_system_prompt_image_and_session(
+    tmp_path: Path,
+) -> None:
+    with trio.fail_after(BUDGET_S):
+        async with open_mock_api() as api:
+            env = service_overrides(api.url, tmp_path)
+            async with run_service(tmp_path, env=env) as service:
+                await wait_healthy(service, ready=1, timeout=60)
+                http = httpx.AsyncClient(verify=False, timeout=60)
+                async with anthropic.AsyncAnthropic(
+                    base_url=service.url,
+                    api_key="sk-alice-key",
+                    http_client=http,
+                    max_retries=0,
+                    default_headers={"X-Session-Id": "msgs"},
+                ) as client:
+                    api.enqueue(TextReply("A GIF."), TextReply("It was a GIF."))
+                    image = {
+                        "type": "image",
+                        "source": {"type": "base64", "media_type": "image/jpeg", "data": b64(JPEG)},
+                    }
+                    messages: list[Any] = [
+                        {"role": "user", "content": [image, {"type": "text", "text": "What?"}]}
+                    ]
+                    first = await client.messages.create(
+                        model="claude-sonnet-4-6",
+                        max_tokens=100,
+                        system="Be terse.",
+                        messages=messages,
+                    )
+                    messages += [
+                        {"role": "assistant", "content": first.content[0].text},
+                        {"role": "user", "content": "And before?"},
+                    ]
+                    async with client.messages.stream(
+                        model="claude-sonnet-4-6", max_tokens=100, messages=messages
+                    ) as stream:
+                        final = await stream.get_final_message()
+    assert first.content[0].text == "A GIF." and final.content[0].text == "It was a GIF."
+    one, two = api.model_calls[-2:]
+    assert "Be terse." in one.system_text()
+    assert [b["source"]["data"] for b in image_blocks(one)] == [b64(JPEG)]
+    assert "What?" in two.all_text() and "A GIF." in two.all_text()
+    assert sum("What?" in text for text in _user_texts(two)) == 1

@@ -40,6 +40,7 @@ from ..messages import (
     SessionKey,
     SessionState,
 )
+from .anthropic_api import anthropic_routes
 from .auth import Unauthorized, authenticate, check_metrics_token, is_admin
 from .compat import error_body
 from .docs import docs_page
@@ -501,6 +502,16 @@ def create_app(
             limits=compat_limits,
             allowed_models=settings.allowed_models,
             listed_at=int(time.time()),
+        )
+    )
+    app.register_blueprint(
+        anthropic_routes(
+            dispatcher=dispatcher,
+            caller=caller,
+            json_body=json_body,
+            data_dir=settings.data_dir,
+            default_timeout_ms=settings.default_timeout_ms,
+            limits=compat_limits,
         )
     )
     app.register_blueprint(

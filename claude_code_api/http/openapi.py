@@ -615,6 +615,84 @@ def _compat_schemas(settings: Settings) -> dict[str, Schema]:
             {"path": {"type": "string"}, "size": {"type": "integer", "minimum": 0}}
         ),
         "FileDeleted": _object({"deleted": {"const": True}}),
+        "AnthropicMessagesRequest": {
+            **_object(
+                {
+                    "model": {"enum": list(settings.allowed_models)},
+                    "max_tokens": {
+                        "type": "integer",
+                        "minimum": 1,
+                        "description": "required, as Anthropic requires it; not applied",
+                    },
+                    "messages": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": _object(
+                            {
+                                "role": {"enum": ["user", "assistant"]},
+                                "content": {
+                                    "anyOf": [
+                                        {"type": "string"},
+                                        {
+                                            "type": "array",
+                                            "items": {"anyOf": [text_part, _ref("AnthropicImage")]},
+                                        },
+                                    ]
+                                },
+                            }
+                        ),
+                    },
+                },
+                {
+                    "system": _or_null(
+                        {"anyOf": [{"type": "string"}, {"type": "array", "items": text_part}]},
+                        "the system prompt",
+                    ),
+                    "stream": _or_null({"type": "boolean"}),
+                    "session_id": _or_null(
+                        session_id, "a turn of this session (as the X-Session-Id header)"
+                    ),
+                    "temperature": _or_null(number, "accepted, ignored"),
+                    "top_p": _or_null(number, "accepted, ignored"),
+                    "top_k": _or_null({"type": "integer"}, "accepted, ignored"),
+                    "stop_sequences": _or_null({"type": "array"}, "accepted, ignored"),
+                    "metadata": _or_null({"type": "object"}, "accepted, ignored"),
+                },
+            ),
+            "description": "Anthropic's Messages API request; `tools` are refused (400).",
+        },
+        "AnthropicImage": _object(
+            {
+                "type": {"const": "image"},
+                "source": _object(
+                    {
+                        "type": {"const": "base64"},
+                        "media_type": {"enum": list(IMAGE_MEDIA_TYPES)},
+                        "data": {"type": "string", "contentEncoding": "base64"},
+                    }
+                ),
+            }
+        ),
+        "AnthropicMessage": _object(
+            {
+                "id": {"type": "string"},
+                "type": {"const": "message"},
+                "role": {"const": "assistant"},
+                "model": {"type": "string"},
+                "content": {
+                    "type": "array",
+                    "items": _object({"type": {"const": "text"}, "text": {"type": "string"}}),
+                },
+                "stop_reason": {"enum": ["end_turn", "max_tokens"]},
+                "usage": _object({"input_tokens": usage, "output_tokens": usage}),
+            }
+        ),
+        "AnthropicError": _object(
+            {
+                "type": {"const": "error"},
+                "error": _object({"type": {"type": "string"}, "message": {"type": "string"}}),
+            }
+        ),
         "OpenAIError": _object(
             {
                 "error": _object(
@@ -755,6 +833,7 @@ OPERATION_IDS = {
     ("/files/{path}", "delete"): "deleteFile",
     ("/v1/chat/completions", "post"): "createChatCompletion",
     ("/v1/models", "get"): "listModels",
+    ("/v1/messages", "post"): "createMessage",
     ("/v1/models/{model}", "get"): "retrieveModel",
 }
 
@@ -1108,6 +1187,30 @@ def _compat_paths(run_id_header: dict[str, Any]) -> dict[str, Any]:
                 ' in OpenAI\'s shapes; errors are OpenAI\'s `{"error": {"message", "type",'
                 ' "param", "code"}}`.',
                 body=_ref("ChatCompletionRequest"),
+                parameters=[SESSION_HEADER_PARAMETER],
+                tags=("compatible",),
+            )
+        },
+        "/v1/messages": {
+            "post": _operation(
+                "Anthropic: create a message (a run)",
+                {
+                    "200": {
+                        "description": "A message; with `stream`, Anthropic's events"
+                        " (message_start, content_block_start, content_block_delta,"
+                        " content_block_stop, message_delta, message_stop)",
+                        "headers": run_id_header,
+                        "content": {
+                            JSON: {"schema": _ref("AnthropicMessage")},
+                            EVENT_STREAM: {"schema": {"type": "string"}},
+                        },
+                    },
+                    **_compat_errors("AnthropicError", *body_errors, *run_errors),
+                },
+                security=AUTHENTICATED,
+                description="The same run as `POST /run`, in Anthropic's Messages API shapes;"
+                ' errors are Anthropic\'s `{"type": "error", "error": {"type", "message"}}`.',
+                body=_ref("AnthropicMessagesRequest"),
                 parameters=[SESSION_HEADER_PARAMETER],
                 tags=("compatible",),
             )

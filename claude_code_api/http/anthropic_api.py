@@ -1,0 +1,350 @@
+"""``POST /v1/messages``: Anthropic's Messages API shape over ``/run``.
+
+A translation (:mod:`.compat`), as :mod:`.openai_api` is: the body becomes the
+run request ``/run`` builds; the run's result a ``message``, its stream
+Anthropic's events (``message_start``, ``content_block_start``,
+``content_block_delta``, ``content_block_stop``, ``message_delta``,
+``message_stop``). Served by the Quart app.
+
+Applied: ``model`` (required, one of ``ALLOWED_MODELS``), ``max_tokens``
+(required, as Anthropic requires it: a whole number >= 1; not applied to the
+agent, whose CLI sets its own), ``system`` (a string or text blocks: the system
+prompt), ``messages`` (``user`` and ``assistant``, content a string or ``text``
+and base64 ``image`` blocks), ``stream``, and the session (``X-Session-Id`` or
+``session_id``). Accepted and ignored: ``temperature``, ``top_p``, ``top_k``,
+``stop_sequences``, ``metadata``, ``thinking``, ``service_tier``. Refused (400):
+``tools`` (and ``tool_choice``), ``tool_use`` and ``tool_result`` blocks, documents,
+image ``url`` sources that are ``http(s)`` (the service fetches nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+from quart import Blueprint, Response, request
+
+from ..messages import AssistantText, DispatcherMessage, Job, JobFailed, ReplyEvent, RunResult
+from .compat import (
+    SESSION_HEADER,
+    Limits,
+    Message,
+    anthropic_error,
+    bad,
+    cut_short,
+    failure_of,
+    run_request_for,
+    session_id_from,
+    usage_counts,
+)
+from .jobs import Finished
+from .requests import (
+    MAX_MODEL_NAME_CHARS,
+    RunRequest,
+    integral,
+    parse_image,
+    parse_image_url,
+    parse_json_object,
+)
+from .runs import StartedRun, log_run_end, start_run
+from .streaming import STREAM_HEADERS, relay_stream
+
+log = logging.getLogger(__name__)
+
+IGNORED: dict[str, tuple[type, ...]] = {
+    "temperature": (int, float),
+    "top_p": (int, float),
+    "top_k": (int,),
+    "stop_sequences": (list,),
+    "metadata": (dict,),
+    "thinking": (dict,),
+    "service_tier": (str,),
+}
+
+
+@attrs.frozen
+class MessagesRequest:
+    run: RunRequest
+    model: str
+    stream: bool
+
+
+def _content(content: object, where: str, limits: Limits, role: str) -> Message:
+    if isinstance(content, str):
+        return Message(role, content)
+    if not isinstance(content, list):
+        raise bad(where, "expected a string or a list of content blocks")
+    texts: list[str] = []
+    images = []
+    for index, block in enumerate(content):
+        at = f"{where}.{index}"
+        if not isinstance(block, dict):
+            raise bad(at, "expected a content block object")
+        kind = block.get("type")
+        if kind == "text":
+            text = block.get("text")
+            if not isinstance(text, str):
+                raise bad(f"{at}.text", "Field required (a string)")
+            texts.append(text)
+        elif kind == "image" and role == "user":
+            source = block.get("source")
+            if not isinstance(source, dict):
+                raise bad(f"{at}.source", "Field required")
+            source_type = source.get("type")
+            if source_type == "base64":
+                images.append(
+                    parse_image(
+                        source.get("media_type"), source.get("data"), f"{at}.source", limits.images
+                    )
+                )
+            elif source_type == "url":
+                images.append(parse_image_url(source.get("url"), f"{at}.source.url", limits.images))
+            else:
+                raise bad(f"{at}.source.type", "expected base64 (a url source is not fetched)")
+        else:
+            raise bad(
+                f"{at}.type",
+                f"content blocks of type {str(kind)[:40]!r} are not supported here (text, and"
+                " base64 image in user messages)",
+            )
+    return Message(role, "\n".join(texts), tuple(images))
+
+
+def parse_messages_request(
+    body: bytes, session_header: str | None, limits: Limits
+) -> MessagesRequest:
+    """Validate a ``POST /v1/messages`` body (see the module docstring)."""
+    obj = parse_json_object(body)
+    model = obj.get("model")
+    if model is None:
+        raise bad("model", "Field required")
+    if not isinstance(model, str) or not model or len(model) > MAX_MODEL_NAME_CHARS:
+        raise bad("model", "expected a model name (a non-empty string)")
+    max_tokens = integral(obj.get("max_tokens"))
+    if max_tokens is None:
+        raise bad("max_tokens", "Field required")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise bad("max_tokens", "expected a whole number, at least 1")
+    if obj.get("tools"):
+        raise bad("tools", "tools are not supported: the agent uses its own")
+    if obj.get("tool_choice") is not None:
+        raise bad("tool_choice", "tools are not supported: the agent uses its own")
+    for name, types in IGNORED.items():
+        value = integral(obj.get(name))
+        if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+            raise bad(name, "wrong type")
+    stream = obj.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise bad("stream", "expected true or false")
+    session_id = session_id_from(session_header, obj.get("session_id"), "session_id")
+
+    system = obj.get("system")
+    if system is not None:
+        if isinstance(system, list):
+            system = _content(system, "system", limits, "system").text
+        elif not isinstance(system, str):
+            raise bad("system", "expected a string or a list of text blocks")
+    raw_messages = obj.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise bad("messages", "expected a non-empty list of messages")
+    conversation = []
+    for index, raw in enumerate(raw_messages):
+        where = f"messages.{index}"
+        if not isinstance(raw, dict):
+            raise bad(where, "expected a message object")
+        role = raw.get("role")
+        if role not in ("user", "assistant"):
+            raise bad(f"{where}.role", "expected user or assistant")
+        conversation.append(_content(raw.get("content"), f"{where}.content", limits, role))
+    run = run_request_for(
+        conversation,
+        system=system or None,
+        model=model,
+        session_id=session_id,
+        stream=bool(stream),
+        limits=limits,
+    )
+    return MessagesRequest(run, model, bool(stream))
+
+
+def message_id(job: Job) -> str:
+    return f"msg_{job.id}"
+
+
+def usage_body(result: RunResult | None) -> dict[str, int]:
+    fresh, created, read, output = usage_counts(None if result is None else result.usage)
+    return {
+        "input_tokens": fresh,
+        "cache_creation_input_tokens": created,
+        "cache_read_input_tokens": read,
+        "output_tokens": output,
+    }
+
+
+def stop_reason(finished: Finished) -> str:
+    return "max_tokens" if cut_short(finished) else "end_turn"
+
+
+def message_body(chat: MessagesRequest, job: Job, finished: Finished) -> dict[str, Any]:
+    result = finished.terminal
+    assert isinstance(result, RunResult)
+    return {
+        "id": message_id(job),
+        "type": "message",
+        "role": "assistant",
+        "model": chat.model,
+        "content": [{"type": "text", "text": result.output}],
+        "stop_reason": stop_reason(finished),
+        "stop_sequence": None,
+        "usage": usage_body(result),
+    }
+
+
+def _event(name: str, data: dict[str, Any]) -> bytes:
+    payload = json.dumps({"type": name, **data}, ensure_ascii=False)
+    return f"event: {name}\ndata: {payload}\n\n".encode("utf-8", "backslashreplace")
+
+
+@attrs.define
+class EventEncoder:
+    """A run's events as Anthropic's stream (:func:`~.streaming.relay_stream`)."""
+
+    chat: MessagesRequest
+    job: Job
+    began: bool = False
+    wrote_text: bool = False
+
+    def _start(self) -> bytes:
+        if self.began:
+            return b""
+        self.began = True
+        message: dict[str, Any] = {
+            "id": message_id(self.job),
+            "type": "message",
+            "role": "assistant",
+            "model": self.chat.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": usage_body(None),
+        }
+        return _event("message_start", {"message": message}) + _event(
+            "content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}
+        )
+
+    def _text(self, text: str) -> bytes:
+        delta = {"type": "text_delta", "text": text}
+        return _event("content_block_delta", {"index": 0, "delta": delta})
+
+    def event(self, event: ReplyEvent) -> bytes:
+        head = self._start()
+        if isinstance(event, AssistantText) and event.text:
+            text = ("\n\n" if self.wrote_text else "") + event.text
+            self.wrote_text = True
+            return head + self._text(text)
+        return head
+
+    def terminal(self, finished: Finished) -> bytes:
+        failure = failure_of(finished.terminal)
+        head = self._start()
+        if failure is not None:
+            return head + _event(
+                "error", {"error": anthropic_error(failure.status, failure.error)["error"]}
+            )
+        result = finished.terminal
+        assert isinstance(result, RunResult)
+        parts = [head]
+        if not self.wrote_text and result.output:
+            parts.append(self._text(result.output))
+        usage = usage_body(result)
+        parts += [
+            _event("content_block_stop", {"index": 0}),
+            _event(
+                "message_delta",
+                {
+                    "delta": {"stop_reason": stop_reason(finished), "stop_sequence": None},
+                    "usage": {"output_tokens": usage["output_tokens"]},
+                },
+            ),
+            _event("message_stop", {}),
+        ]
+        return b"".join(parts)
+
+
+def anthropic_error_reply(failure: JobFailed, run_id: str | None = None) -> Response:
+    response = Response(
+        json.dumps(anthropic_error(failure.status, failure.error)),
+        failure.status,
+        content_type="application/json",
+    )
+    if run_id is not None:
+        response.headers["X-Run-Id"] = run_id
+        response.headers["request-id"] = run_id
+    if failure.retry_after_s is not None:
+        response.headers["Retry-After"] = str(failure.retry_after_s)
+    return response
+
+
+def anthropic_routes(
+    *,
+    dispatcher: trio.MemorySendChannel[DispatcherMessage],
+    caller: Callable[[], str],
+    json_body: Callable[[], Awaitable[bytes]],
+    data_dir: Path,
+    default_timeout_ms: int,
+    limits: Limits,
+) -> Blueprint:
+    """``POST /v1/messages``."""
+    routes = Blueprint("anthropic", __name__)
+
+    @routes.post("/v1/messages")
+    async def messages() -> Response:
+        user_id = caller()
+        chat = parse_messages_request(
+            await json_body(), request.headers.get(SESSION_HEADER), limits
+        )
+        began = time.monotonic()
+        started: StartedRun = await start_run(
+            dispatcher, user_id, chat.run, data_dir=data_dir, default_timeout_ms=default_timeout_ms
+        )
+        job = started.job
+
+        def log_end(outcome: RunResult | JobFailed | None, how: str) -> None:
+            log_run_end(user_id, chat.run, began, job.id, outcome, how)
+
+        if isinstance(started.first, JobFailed):
+            await started.close()
+            log_end(started.first, "messages refused")
+            return anthropic_error_reply(started.first, job.id)
+        if not chat.stream:
+            try:
+                finished = await started.follow()
+            finally:
+                await started.close()
+            log_end(finished.terminal, "messages")
+            failure = failure_of(finished.terminal)
+            if failure is not None:
+                return anthropic_error_reply(failure, job.id)
+            response = Response(
+                json.dumps(message_body(chat, job, finished)), content_type="application/json"
+            )
+            response.headers["X-Run-Id"] = job.id
+            response.headers["request-id"] = job.id
+            return response
+
+        async def end(finished: Finished | None) -> None:
+            await started.close()  # the client left: the run ends too
+            log_end(None if finished is None else finished.terminal, "messages stream")
+
+        encoder = EventEncoder(chat, job)
+        stream = relay_stream(job, started.events, started.first, encoder, on_end=end)
+        headers = {**STREAM_HEADERS, "X-Run-Id": job.id, "request-id": job.id}
+        return Response(stream, 200, headers=headers)
+
+    return routes
