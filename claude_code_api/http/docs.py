@@ -130,8 +130,13 @@ def _operation(
         parts.append(f"<p>Parameters:</p><table>{rows}</table>")
     body = operation.get("requestBody")
     if body:
-        schemas = [content.get("schema", {}) for content in body.get("content", {}).values()]
-        parts.append(f"<p>Body (JSON): {', '.join(_type(s) for s in schemas)}</p>")
+        shown = [
+            f"{_type(content.get('schema', {}))}"
+            + ("" if media_type == "application/json" else f" (<code>{escape(media_type)}</code>)")
+            for media_type, content in body.get("content", {}).items()
+        ]
+        kind = "JSON" if list(body.get("content", {})) == ["application/json"] else "bytes"
+        parts.append(f"<p>Body ({kind}): {', '.join(shown)}</p>")
     rows = "".join(
         _response(code, response, components)
         for code, response in operation.get("responses", {}).items()

@@ -1133,7 +1133,8 @@ def _file_paths(settings: Settings) -> dict[str, Any]:
                     tags=("files",),
                 ),
                 "requestBody": {
-                    "required": True,
+                    # No body is an empty file.
+                    "required": False,
                     "content": {
                         "application/octet-stream": {
                             "schema": {"type": "string", "format": "binary"}
@@ -1255,9 +1256,9 @@ def openapi_spec(settings: Settings) -> dict[str, Any]:
             "title": "claude-code-api",
             "version": version,
             "description": "The Claude Code agent as an HTTP service. Every error is JSON"
-            ' `{"error": "..."}`; an unknown route answers 404, a method a route does not'
-            " serve 405 (with `Allow`), and while the service shuts down every route answers"
-            " 503.",
+            ' `{"error": "..."}` (under `/v1/`, OpenAI\'s or Anthropic\'s error shape instead);'
+            " an unknown route answers 404, a method a route does not serve 405 (with `Allow`),"
+            " and while the service shuts down every route answers 503.",
         },
         "paths": _paths(settings, metrics=settings.metrics),
         "components": {
