@@ -838,7 +838,7 @@ class Turn:
 
 def reader(session, no_init):
     """Read stdin NDJSON; answer control requests here so interrupts land mid-turn."""
-    pending = b""
+    pending = bytearray()
     while True:
         try:
             chunk = os.read(0, 65536)
@@ -847,11 +847,14 @@ def reader(session, no_init):
         if not chunk:
             break
         pending += chunk
-        *lines, pending = pending.split(b"\n")
+        if b"\n" not in chunk:  # (a long line, an image: no quadratic re-splitting)
+            continue
+        *lines, rest = pending.split(b"\n")
+        pending = bytearray(rest)
         for raw in lines:
-            handle_line(session, raw, no_init)
+            handle_line(session, bytes(raw), no_init)
     if pending.strip():
-        handle_line(session, pending, no_init)
+        handle_line(session, bytes(pending), no_init)
     session.turns.put(_EOF)
 
 

@@ -612,6 +612,7 @@ async def test_pid_file_and_log(tmp_path):
         "prompt": "logged prompt",
         "session_id": turn["session_id"],
         "memory": [],
+        "images": [],
     }
 
 
