@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
+import trio
 
 from claude_code_api.http.compat import (
     Limits,
@@ -13,6 +16,7 @@ from claude_code_api.http.compat import (
     openai_error,
     run_request_for,
 )
+from claude_code_api.http.parsing import LARGE_BODY_BYTES, parse_body
 from claude_code_api.http.requests import BadRequest, ImageLimits, OptionCeiling
 from claude_code_api.messages import Image, JobFailed, RunResult, UpstreamError
 
@@ -123,3 +127,16 @@ def test_conversations_that_cannot_be_run(messages, model, param, message):
             messages, system=None, model=model, session_id=None, stream=False, limits=LIMITS
         )
     assert refused.value.param == param and message in refused.value.message
+
+
+async def test_a_large_body_is_parsed_off_the_event_loop():
+    threads = []
+
+    def parse(body: bytes) -> int:
+        threads.append(threading.get_ident())
+        return len(body)
+
+    with trio.fail_after(10):
+        assert await parse_body(b"{}", parse) == 2
+        assert await parse_body(b" " * (LARGE_BODY_BYTES + 1), parse) == LARGE_BODY_BYTES + 1
+    assert threads[0] == threading.get_ident() != threads[1]

@@ -44,6 +44,7 @@ from .compat import (
     usage_counts,
 )
 from .jobs import Finished
+from .parsing import parse_body
 from .requests import (
     MAX_MODEL_NAME_CHARS,
     RunRequest,
@@ -306,8 +307,9 @@ def anthropic_routes(
     @routes.post("/v1/messages")
     async def messages() -> Response:
         user_id = caller()
-        chat = parse_messages_request(
-            await json_body(), request.headers.get(SESSION_HEADER), limits
+        session_header = request.headers.get(SESSION_HEADER)
+        chat = await parse_body(
+            await json_body(), lambda body: parse_messages_request(body, session_header, limits)
         )
         began = time.monotonic()
         started: StartedRun = await start_run(

@@ -23,6 +23,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from ..messages import DispatcherMessage, Job, JobFailed
 from .auth import Unauthorized, authenticate
 from .jobs import Finished, follow_job, open_job
 from .observe import note_route
+from .parsing import parse_body
 from .requests import (
     BadRequest,
     ImageLimits,
@@ -68,7 +70,13 @@ def serve_json_runs(
 ) -> AsgiApp:
     """ASGI: answer ``POST /run`` (JSON replies) here, pass everything else to ``app``."""
     data_dir: Path = settings.data_dir
-    image_limits = ImageLimits.of(settings)
+    parse = partial(
+        parse_run_request,
+        max_prompt_chars=settings.max_prompt_chars,
+        max_timeout_ms=settings.max_timeout_ms,
+        ceiling=ceiling,
+        image_limits=ImageLimits.of(settings),
+    )
 
     async def serve(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] != "/run" or scope["method"] != "POST":
@@ -92,13 +100,7 @@ def serve_json_runs(
             user_id = authenticate(request.headers, settings)
             check_content_type(request.headers.get("content-type"))
             body = await request.read_body(settings.max_body_bytes)
-            run_request = parse_run_request(
-                body,
-                max_prompt_chars=settings.max_prompt_chars,
-                max_timeout_ms=settings.max_timeout_ms,
-                ceiling=ceiling,
-                image_limits=image_limits,
-            )
+            run_request = await parse_body(body, parse)
             if wants_event_stream(run_request.stream, request.headers.get("accept")):
                 raise _Delegate(body, request.receive)
             # A one-shot's agent was warmed before its user was known: it gets their

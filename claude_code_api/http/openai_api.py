@@ -49,6 +49,7 @@ from .compat import (
     usage_counts,
 )
 from .jobs import Finished
+from .parsing import parse_body
 from .requests import (
     MAX_MODEL_NAME_CHARS,
     BadRequest,
@@ -350,7 +351,10 @@ def openai_routes(
     @routes.post("/v1/chat/completions")
     async def chat_completions() -> Response:
         user_id = caller()
-        chat = parse_chat_request(await json_body(), request.headers.get(SESSION_HEADER), limits)
+        session_header = request.headers.get(SESSION_HEADER)
+        chat = await parse_body(
+            await json_body(), lambda body: parse_chat_request(body, session_header, limits)
+        )
         began = time.monotonic()
         created = int(time.time())
         started: StartedRun = await start_run(

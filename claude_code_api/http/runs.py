@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from ..messages import (
     TerminalEvent,
 )
 from .jobs import Finished, cancel_run, follow_job, open_job
+from .parsing import parse_body
 from .requests import ImageLimits, OptionCeiling, RunRequest, parse_run_request
 from .streaming import STREAM_HEADERS, event_stream, on_request_end
 from .user_claude import load_memory
@@ -248,12 +250,15 @@ def run_routes(
     @routes.post("/run")
     async def run() -> Response:
         user_id = caller()
-        run_request = parse_run_request(
+        run_request = await parse_body(
             await json_body(),
-            max_prompt_chars=max_prompt_chars,
-            max_timeout_ms=max_timeout_ms,
-            ceiling=ceiling,
-            image_limits=image_limits,
+            partial(
+                parse_run_request,
+                max_prompt_chars=max_prompt_chars,
+                max_timeout_ms=max_timeout_ms,
+                ceiling=ceiling,
+                image_limits=image_limits,
+            ),
         )
         began = time.monotonic()
 
