@@ -11,12 +11,20 @@ import json
 from contextlib import aclosing
 from functools import partial
 
+import anthropic
 import httpx
 import openai
 import pytest
 import trio
 
-from .harness import for_one_test, run_service, shared_service, wait_healthy, wait_until
+from .harness import (
+    for_one_test,
+    run_service,
+    shared_service,
+    wait_health_status,
+    wait_healthy,
+    wait_until,
+)
 from .images import JPEG, data_url, png
 from .test_e2e_stream import wait_runs
 
@@ -347,3 +355,25 @@ async def test_a_client_that_leaves_a_stream_cancels_the_run(service):
 
         await wait_until(logged)
         assert "chat stream" in service.log_text()
+
+
+async def test_no_agent_to_run_is_503_in_each_clients_shape(tmp_path):
+    # Every agent exits at start: the pool is degraded and runs are refused at once.
+    env = {"API_KEYS": USERS, "FAKE_CLAUDE_MODE": "exit_at_start:4"}
+    with trio.fail_after(60):
+        async with run_service(tmp_path, env=env) as service:
+            await wait_health_status(service, "degraded")
+            async with client_for(service) as client:
+                with pytest.raises(openai.InternalServerError) as refused:
+                    await client.chat.completions.create(model=MODEL, messages=[user("hi")])
+                assert refused.value.status_code == 503
+                assert refused.value.body["type"] == "server_error"
+                assert "no agent workers available" in refused.value.message
+            http = httpx.AsyncClient(verify=False, timeout=60)
+            async with anthropic.AsyncAnthropic(
+                base_url=service.url, api_key=ALICE_KEY, max_retries=0, http_client=http
+            ) as claude:
+                with pytest.raises(anthropic.APIStatusError) as refused:
+                    await claude.messages.create(model=MODEL, max_tokens=5, messages=[user("hi")])
+                assert refused.value.status_code == 503
+                assert refused.value.body["error"]["type"] == "overloaded_error"
