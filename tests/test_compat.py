@@ -17,8 +17,16 @@ from claude_code_api.http.compat import (
     run_request_for,
 )
 from claude_code_api.http.parsing import LARGE_BODY_BYTES, parse_body
-from claude_code_api.http.requests import BadRequest, ImageLimits, OptionCeiling
+from claude_code_api.http.requests import (
+    BadRequest,
+    ImageLimits,
+    OptionCeiling,
+    parse_image,
+    parse_image_url,
+)
 from claude_code_api.messages import Image, JobFailed, RunResult, UpstreamError
+
+from .images import GIF, JPEG, b64, png
 
 LIMITS = Limits(1000, OptionCeiling(("m",), ("default",)), ImageLimits(2, 100))
 
@@ -140,3 +148,26 @@ async def test_a_large_body_is_parsed_off_the_event_loop():
         assert await parse_body(b"{}", parse) == 2
         assert await parse_body(b" " * (LARGE_BODY_BYTES + 1), parse) == LARGE_BODY_BYTES + 1
     assert threads[0] == threading.get_ident() != threads[1]
+
+
+def test_each_accepted_image_type_is_recognised_by_its_first_bytes():
+    webp = b"RIFF\x10\x00\x00\x00WEBPVP8 " + b"\x00" * 8
+    limits = ImageLimits(4, 1000)
+    for media_type, data in [
+        ("image/png", png()),
+        ("image/jpeg", JPEG),
+        ("image/jpg", JPEG),  # read as image/jpeg
+        ("image/gif", GIF),
+        ("IMAGE/WEBP", webp),
+    ]:
+        image = parse_image(media_type, b64(data), "x", limits)
+        assert image.media_type == media_type.lower().replace("jpg", "jpeg")
+    with pytest.raises(BadRequest) as refused:
+        parse_image("image/webp", b64(b"RIFF\x10\x00\x00\x00WAVE"), "x", limits)
+    assert refused.value.param == "x" and "not an image/webp image" in refused.value.message
+    url = parse_image_url("data:image/gif;base64," + b64(GIF), "u", limits)
+    assert url.media_type == "image/gif"
+    for refused_url in ("https://a/b.png", "HTTP://a/b.png", "ftp://a", "data:image/gif,x"):
+        with pytest.raises(BadRequest) as refused:
+            parse_image_url(refused_url, "u", limits)
+        assert refused.value.status == 400 and refused.value.param == "u"
