@@ -77,7 +77,10 @@ def test_an_operator_passes_more_variables_by_name():
     assert "API_KEYS" not in passed
 
 
-def launcher_for(tmp_path: Path, *, sandbox: bool, environ: dict[str, str] | None = None):
+def launcher_for(
+    tmp_path: Path, *, sandbox: bool, environ: dict[str, str] | None = None, bwrap: str | None = None
+):
+    """A launcher for a service in ``tmp_path``: sandboxed with ``bwrap`` (default: this machine's)."""
     data_dir = tmp_path / "data"
     data_dir.mkdir(exist_ok=True)
     environ = environ or {
@@ -92,13 +95,17 @@ def launcher_for(tmp_path: Path, *, sandbox: bool, environ: dict[str, str] | Non
         environ=environ,
         use_api_key=False,
         extra_env=frozenset(),
-        bwrap=BWRAP if sandbox else None,
+        bwrap=(bwrap or BWRAP) if sandbox else None,
     )
+
+
+# For the tests that only read the launcher script bubblewrap never runs: they need no bwrap.
+NAMED_BWRAP = "/usr/bin/bwrap"
 
 
 def test_the_launcher_script_names_what_it_hides_and_quotes_paths(tmp_path):
     (tmp_path / "a dir").mkdir()
-    launcher = launcher_for(tmp_path / "a dir", sandbox=True)
+    launcher = launcher_for(tmp_path / "a dir", sandbox=True, bwrap=NAMED_BWRAP)
     home = tmp_path / "a dir" / "data/users/alice"
     spec = AgentSpec(name="session alice/s 1", home=home, ephemeral=False)
     text = launcher.script(spec, credentials=None)
@@ -366,7 +373,7 @@ def test_a_credentials_file_that_is_no_login_is_shown_as_an_empty_object(garbage
 
 
 def test_a_sandboxed_agents_copy_of_the_login_is_private_and_removed_with_it(tmp_path):
-    launcher = launcher_for(tmp_path, sandbox=True)
+    launcher = launcher_for(tmp_path, sandbox=True, bwrap=NAMED_BWRAP)
     service_file = tmp_path / "service-home" / ".claude" / ".credentials.json"
     service_file.parent.mkdir(parents=True)
     service_file.write_text('{"claudeAiOauth": {"accessToken": "a", "refreshToken": "r"}}')
