@@ -78,7 +78,11 @@ def test_an_operator_passes_more_variables_by_name():
 
 
 def launcher_for(
-    tmp_path: Path, *, sandbox: bool, environ: dict[str, str] | None = None, bwrap: str | None = None
+    tmp_path: Path,
+    *,
+    sandbox: bool,
+    environ: dict[str, str] | None = None,
+    bwrap: str | None = None,
 ):
     """A launcher for a service in ``tmp_path``: sandboxed with ``bwrap`` (default: this machine's)."""
     data_dir = tmp_path / "data"
