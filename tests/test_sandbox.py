@@ -262,6 +262,24 @@ def test_the_real_runtime_dirs_and_engine_sockets_are_on_the_list():
 
 
 @needs_sandbox
+def test_agents_start_with_a_relative_data_dir(tmp_path, monkeypatch):
+    """DATA_DIR's default is relative ("data"): README's quick start runs with it."""
+    monkeypatch.chdir(tmp_path)
+    launcher = make_launcher(
+        cli=Path("/bin/sh"),
+        data_dir=Path("data"),
+        environ={"PATH": os.environ["PATH"], "HOME": str(tmp_path / "service-home")},
+        use_api_key=False,
+        extra_env=frozenset(),
+        bwrap=BWRAP,
+    )
+    alice = AgentSpec(name="alice", home=Path("data/users/alice"), ephemeral=False)
+    done = run_agent_shell(launcher, alice, "pwd; echo mine > mine.txt")
+    assert done.stdout == f"{tmp_path / 'data/users/alice/workspace'}\n", done.stderr
+    assert (tmp_path / "data/users/alice/workspace/mine.txt").is_file()
+
+
+@needs_sandbox
 def test_a_data_dir_reached_through_a_symlink_is_hidden_and_agents_start(tmp_path, host_dir):
     (host_dir / "volume").mkdir()
     (host_dir / "data").symlink_to(host_dir / "volume")
