@@ -241,7 +241,9 @@ def bwrap_arguments(
         args += ["--ro-bind", str(credentials), str(config)]
     for name in unset:
         args += ["--unsetenv", name]
-    args += ["--chdir", str(spec.cwd)]
+    # Absolute: bwrap changes directory inside the new root, where a relative DATA_DIR (its
+    # default, "data") means nothing.
+    args += ["--chdir", str(Path(home, spec.cwd.relative_to(spec.home)))]
     return args
 
 

@@ -85,8 +85,8 @@ class RunningService:
         return sorted(int(p.name) for p in self.piddir.iterdir())
 
     def live_fake_pids(self) -> list[int]:
-        """Fake CLI processes still alive (running or zombie)."""
-        return [pid for pid in self.fake_pids() if process_exists(pid)]
+        """Fake CLI processes still alive: running, or dead and not yet reaped by the service."""
+        return [pid for pid in self.fake_pids() if process_exists(pid, reaper=self.pid)]
 
     def log_text(self) -> str:
         # list() copies in one step: a shared service's log grows on another thread.
@@ -111,7 +111,13 @@ class RunningService:
         return None
 
 
-def process_exists(pid: int) -> bool:
+def process_exists(pid: int, reaper: int | None = None) -> bool:
+    """Whether the fake CLI ``pid`` runs, or is a zombie its parent ``reaper`` has not reaped.
+
+    A zombie whose parent is another process is dead: after the service is gone, its orphans
+    belong to PID 1 (or a subreaper), and whether that reaps them is no business of the tests
+    (a container's PID 1 may be ``sleep infinity``, which never does).
+    """
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError):
@@ -121,8 +127,10 @@ def process_exists(pid: int) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (FileNotFoundError, ProcessLookupError):
         return False
-    state = stat.rsplit(")", 1)[1].split()[0]
-    return state == "Z" or b"fake_claude" in cmdline
+    state, parent = stat.rsplit(")", 1)[1].split()[:2]
+    if state == "Z":
+        return reaper is not None and int(parent) == reaper
+    return b"fake_claude" in cmdline
 
 
 def proc_memory_kib(pid: int) -> dict[str, int]:

@@ -78,7 +78,14 @@ def test_an_operator_passes_more_variables_by_name():
     assert "API_KEYS" not in passed
 
 
-def launcher_for(tmp_path: Path, *, sandbox: bool, environ: dict[str, str] | None = None):
+def launcher_for(
+    tmp_path: Path,
+    *,
+    sandbox: bool,
+    environ: dict[str, str] | None = None,
+    bwrap: str | None = None,
+):
+    """A launcher for a service in ``tmp_path``: sandboxed with ``bwrap`` (default: this machine's)."""
     data_dir = tmp_path / "data"
     data_dir.mkdir(exist_ok=True)
     environ = environ or {
@@ -93,13 +100,17 @@ def launcher_for(tmp_path: Path, *, sandbox: bool, environ: dict[str, str] | Non
         environ=environ,
         use_api_key=False,
         extra_env=frozenset(),
-        bwrap=BWRAP if sandbox else None,
+        bwrap=(bwrap or BWRAP) if sandbox else None,
     )
+
+
+# For the tests that only read the launcher script bubblewrap never runs: they need no bwrap.
+NAMED_BWRAP = "/usr/bin/bwrap"
 
 
 def test_the_launcher_script_names_what_it_hides_and_quotes_paths(tmp_path):
     (tmp_path / "a dir").mkdir()
-    launcher = launcher_for(tmp_path / "a dir", sandbox=True)
+    launcher = launcher_for(tmp_path / "a dir", sandbox=True, bwrap=NAMED_BWRAP)
     home = tmp_path / "a dir" / "data/users/alice"
     spec = AgentSpec(name="session alice/s 1", home=home, ephemeral=False)
     text = launcher.script(spec, credentials=None)
@@ -261,6 +272,24 @@ def test_the_real_runtime_dirs_and_engine_sockets_are_on_the_list():
 
 
 @needs_sandbox
+def test_agents_start_with_a_relative_data_dir(tmp_path, monkeypatch):
+    """DATA_DIR's default is relative ("data"): README's quick start runs with it."""
+    monkeypatch.chdir(tmp_path)
+    launcher = make_launcher(
+        cli=Path("/bin/sh"),
+        data_dir=Path("data"),
+        environ={"PATH": os.environ["PATH"], "HOME": str(tmp_path / "service-home")},
+        use_api_key=False,
+        extra_env=frozenset(),
+        bwrap=BWRAP,
+    )
+    alice = AgentSpec(name="alice", home=Path("data/users/alice"), ephemeral=False)
+    done = run_agent_shell(launcher, alice, "pwd; echo mine > mine.txt")
+    assert done.stdout == f"{tmp_path / 'data/users/alice/workspace'}\n", done.stderr
+    assert (tmp_path / "data/users/alice/workspace/mine.txt").is_file()
+
+
+@needs_sandbox
 def test_a_data_dir_reached_through_a_symlink_is_hidden_and_agents_start(tmp_path, host_dir):
     (host_dir / "volume").mkdir()
     (host_dir / "data").symlink_to(host_dir / "volume")
@@ -376,7 +405,7 @@ def test_a_credentials_file_that_is_no_login_is_shown_as_an_empty_object(garbage
 
 
 def test_a_sandboxed_agents_copy_of_the_login_is_private_and_removed_with_it(tmp_path):
-    launcher = launcher_for(tmp_path, sandbox=True)
+    launcher = launcher_for(tmp_path, sandbox=True, bwrap=NAMED_BWRAP)
     service_file = tmp_path / "service-home" / ".claude" / ".credentials.json"
     service_file.parent.mkdir(parents=True)
     service_file.write_text('{"claudeAiOauth": {"accessToken": "a", "refreshToken": "r"}}')
