@@ -283,11 +283,12 @@ class AgentUser:
 
 
 def install_paths(cli: Path, path: str | None) -> tuple[Path, ...]:
-    """What of the install an agent runs: the CLI, and for a script its interpreter's venv.
+    """What of the install an agent runs: the CLI, and for a script its interpreter.
 
     The bundled CLI is one self-contained executable. A ``CLAUDE_EXECUTABLE`` script
     (``#!/usr/bin/env python3``, looked up on the agents' ``path``) needs its
-    interpreter, and a virtualenv's interpreter its venv. Blocking.
+    interpreter's installation (``<prefix>/bin/python3``: the prefix), and a
+    virtualenv's interpreter its venv too. Blocking.
     """
     shown = [Path(os.path.realpath(cli))]
     try:
@@ -306,7 +307,9 @@ def install_paths(cli: Path, path: str | None) -> tuple[Path, ...]:
     venv = interpreter.parent.parent
     if (venv / "pyvenv.cfg").is_file():
         shown.append(Path(os.path.realpath(venv)))
-    shown.append(Path(os.path.realpath(interpreter)))
+    prefix = Path(os.path.realpath(interpreter)).parent.parent
+    if prefix != Path("/"):
+        shown.append(prefix)
     return tuple(dict.fromkeys(shown))
 
 

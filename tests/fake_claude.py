@@ -868,7 +868,7 @@ def refuse_root_if_asked(values, flags):
 
 
 def main(argv):
-    if argv[1:] == ["--version"]:  # (the service's start-up probe: nothing recorded)
+    if argv == ["--version"]:  # (the service's start-up probe: nothing recorded)
         print(f"{CLI_VERSION} (Claude Code)")
         return
     pid = os.getpid()
