@@ -41,6 +41,9 @@ from .sandbox import (
 
 log = logging.getLogger(__name__)
 
+# Where setpriv and env are looked for when the service's PATH lacks them.
+SYSTEM_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
+
 
 class StartupError(Exception):
     """The service cannot start as configured; the message says why and what to do."""
@@ -105,14 +108,15 @@ def _agent_user(settings: Settings) -> AgentUser | None:
     """The OS user agents become: ``AGENT_UID`` for a root service, else None (its own)."""
     if not _is_root():
         return None
-    setpriv = shutil.which("setpriv")
+    setpriv = shutil.which("setpriv") or shutil.which("setpriv", path=SYSTEM_PATH)
     if setpriv is None:
         raise StartupError(
             "running as root, agents run as AGENT_UID through setpriv, which is not "
             "installed: install util-linux (apt-get install util-linux), or run the "
             "service as a user of its own"
         )
-    return AgentUser(uid=settings.agent_uid, setpriv=setpriv, env=shutil.which("env") or "env")
+    env = shutil.which("env") or shutil.which("env", path=SYSTEM_PATH) or "/usr/bin/env"
+    return AgentUser(uid=settings.agent_uid, setpriv=setpriv, env=env)
 
 
 def _who(user: AgentUser | None) -> str:
