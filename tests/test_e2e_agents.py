@@ -8,6 +8,7 @@ agent to look for secrets and other users' data as a model would.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from claude_code_api.sandbox import probe_sandbox
 from tests.harness import (
     API_KEY,
     AUTH,
+    FAKE_CLAUDE,
     for_one_test,
     process_exists,
     run_service,
@@ -243,6 +245,31 @@ async def test_a_root_services_agents_are_not_root_so_the_clis_root_check_passes
                 reply = await run(client, "hello")
     assert reply["status"] == 200 and reply["success"] is True, reply
     assert "Traceback" not in service.log_text()
+
+
+def cli_the_sandbox_hides(workdir: Path) -> Path:
+    """A copy of the fake CLI in DATA_DIR, which the sandbox hides from every agent."""
+    cli = workdir / "data" / "bin" / "claude"
+    cli.parent.mkdir(parents=True)
+    shutil.copy2(FAKE_CLAUDE, cli)
+    return cli
+
+
+async def test_auto_runs_agents_unconfined_with_one_warning_when_none_starts_sandboxed(tmp_path):
+    """bwrap works, but the agent cannot start in it: the start-up probe runs the real
+    executable, with the real settings, in the sandbox, and ``auto`` falls back."""
+    if SANDBOX_REASON:
+        pytest.skip(SANDBOX_REASON)
+    cli = cli_the_sandbox_hides(tmp_path)
+    env = {"AGENT_SANDBOX": "auto", "CLAUDE_EXECUTABLE": str(cli)}
+    with trio.fail_after(60):
+        async with run_service(tmp_path, env=env) as service:
+            await wait_healthy(service, ready=1)
+            async with service.client() as client:
+                reply = await run(client, "hello")
+    assert reply["status"] == 200 and reply["success"] is True, reply
+    warnings = [line for line in service.log_text().splitlines() if "unusable" in line]
+    assert len(warnings) == 1 and str(cli) in warnings[0], warnings
 
 
 async def test_agents_die_with_a_killed_service(tmp_path):
