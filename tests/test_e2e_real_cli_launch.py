@@ -21,7 +21,9 @@ import trio
 
 from claude_code_api.actors.registry import user_workspace
 from claude_code_api.config import Settings
-from tests.real_cli import BUNDLED_CLI, requires_real_cli
+from tests.harness import run_service, wait_health_status
+from tests.mock_messages_api import open_mock_api
+from tests.real_cli import BUNDLED_CLI, requires_real_cli, service_overrides
 from tests.test_e2e_real_cli_escape import (
     BUDGET_S,
     SANDBOX_REASON,
@@ -80,17 +82,59 @@ async def test_a_root_services_agents_run_as_a_user_of_their_own(tmp_path, root_
     assert "unusable" not in log and "cannot start" not in log, log
 
 
+def install_cli(directory: Path) -> Path:
+    """The bundled CLI, as a venv in ``directory`` would hold it (a hard link: 400 MB)."""
+    cli = directory / "venv" / "claude"
+    cli.parent.mkdir()
+    try:
+        os.link(BUNDLED_CLI, cli)
+    except OSError:  # another file system
+        shutil.copy2(BUNDLED_CLI, cli)
+    return cli
+
+
+@needs_root
+@pytest.mark.parametrize("sandbox", SANDBOX_PARAMETERS)
+async def test_a_cli_behind_a_directory_only_root_may_pass(tmp_path, sandbox):
+    """A clone and its venv under /root (mode 0700): AGENT_UID cannot pass it. The
+    sandbox makes the way to the CLI (and hides the rest); without, start-up says why."""
+    private = Path(tempfile.mkdtemp(prefix="private-", dir="/var/tmp"))  # mode 0700
+    try:
+        cli = install_cli(private)
+        with trio.fail_after(BUDGET_S):
+            if sandbox == "auto":
+                async with agents_service(tmp_path, sandbox, CLAUDE_EXECUTABLE=str(cli)) as (
+                    api,
+                    service,
+                    client,
+                ):
+                    output = await bash_as_alice(client, api, f"ls {private}; echo listed")
+                    log = service.log_text()
+                assert "listed" in output and "agents run sandboxed" in log, log
+                assert "venv" in output  # (the way to the CLI, nothing else of it)
+                return
+            async with open_mock_api() as api:
+                env = service_overrides(api.url, tmp_path, AGENT_SANDBOX="off")
+                env["CLAUDE_EXECUTABLE"] = str(cli)
+                async with run_service(tmp_path, env=env) as service:
+                    health = await wait_health_status(service, "degraded", timeout=60)
+                    async with service.client() as client:
+                        reply = await client.post(
+                            "/run", json={"prompt": "hi"}, headers={"x-api-key": "sk-alice-key"}
+                        )
+    finally:
+        shutil.rmtree(private)
+    assert f"cannot pass {private} (mode 700" in health["reason"], health
+    assert "AGENT_UID" in health["reason"], health
+    assert reply.status_code == 503 and "AGENT_UID" in reply.text, reply.text
+
+
 @needs_sandbox
 async def test_a_cli_installed_under_tmp_runs_in_the_sandbox(tmp_path):
     """The sandbox's /tmp is its own: the CLI (a clone and its venv under /tmp) is bound in."""
     install = Path(tempfile.mkdtemp(prefix="install-", dir="/tmp"))
     try:
-        cli = install / "venv" / "claude"
-        cli.parent.mkdir()
-        try:
-            os.link(BUNDLED_CLI, cli)
-        except OSError:  # another file system
-            shutil.copy2(BUNDLED_CLI, cli)
+        cli = install_cli(install)
         with trio.fail_after(BUDGET_S):
             async with agents_service(tmp_path, "auto", CLAUDE_EXECUTABLE=str(cli)) as running:
                 api, service, client = running
