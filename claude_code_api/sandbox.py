@@ -121,6 +121,11 @@ HIDDEN_SOCKETS = (
 # service's own user's among them), its session bus, its ssh and gpg agents.
 HIDDEN_RUNTIME_DIRS = (Path("/run/user"),)
 CREDENTIALS_FILE = ".credentials.json"
+# The user's CLAUDE.md in a session HOME's config dir, which the service writes (user_memory).
+USER_MEMORY_FILE = "CLAUDE.md"
+# The name a root service's agents' OS user (AGENT_UID) goes by in their sandbox.
+AGENT_ACCOUNT = "claude-agent"
+ACCOUNT_FILES = ("passwd", "group")
 # The Claude login in it (credentials.OAUTH_KEY; that module imports this one).
 LOGIN_KEY = "claudeAiOauth"
 # What of the login a sandboxed agent is not shown. The service refreshes the login itself
@@ -282,6 +287,37 @@ class AgentUser:
         return tuple(dict.fromkeys(found))
 
 
+def write_accounts(directory: Path, user: AgentUser) -> None:
+    """Write the ``passwd`` and ``group`` a sandboxed agent is shown into ``directory``.
+
+    The host's, plus an entry naming ``user`` (:data:`AGENT_ACCOUNT`) when it has none:
+    tools look their user up (``whoami``, ``ssh``, Python's ``pwd``) and fail on a uid
+    without a name. Written once (at the first agent's start); blocking.
+    """
+    for name, entry in (
+        (
+            "passwd",
+            f"{AGENT_ACCOUNT}:x:{user.uid}:{user.gid}:Claude Code agent:/nonexistent:/bin/sh",
+        ),
+        ("group", f"{AGENT_ACCOUNT}:x:{user.gid}:"),
+    ):
+        path = directory / name
+        if path.exists():
+            continue
+        try:
+            host = Path("/etc", name).read_text()
+        except OSError:
+            host = ""
+        number = str(user.uid if name == "passwd" else user.gid)
+        known = any(line.split(":")[2:3] == [number] for line in host.splitlines())
+        if host and not host.endswith("\n"):
+            host += "\n"
+        temporary = path.with_name(f".{name}.{os.getpid()}.tmp")
+        temporary.write_text(host if known else host + entry + "\n")
+        temporary.chmod(0o644)
+        temporary.replace(path)
+
+
 def install_paths(cli: Path, path: str | None) -> tuple[Path, ...]:
     """What of the install an agent runs: the CLI, and for a script its interpreter.
 
@@ -325,6 +361,7 @@ def bwrap_arguments(
     shown: Sequence[Path] = (),
     walls: Sequence[Path] = (),
     user: AgentUser | None = None,
+    accounts: Path | None = None,
 ) -> list[str]:
     """bubblewrap's options for one agent (everything between ``bwrap`` and ``--``).
 
@@ -335,7 +372,8 @@ def bwrap_arguments(
     ``walls``: directories on the way to HOME or the install that ``user`` cannot pass
     (``/root``, mode 0700): replaced by empty ones, through which bwrap makes the way.
     ``user``: the OS user the agent becomes (a service running as root), with
-    :meth:`AgentUser.command` after ``--``.
+    :meth:`AgentUser.command` after ``--``. ``accounts``: a directory holding the
+    ``passwd`` and ``group`` the agent is shown, which name its user (:func:`write_accounts`).
     """
     # (HOME's own path is the service's; inside it, the agent's links are never followed.)
     home = os.path.realpath(spec.home)
@@ -367,6 +405,9 @@ def bwrap_arguments(
     if credentials is not None:
         config = Path(home, spec.config_dir.relative_to(spec.home), CREDENTIALS_FILE)
         args += ["--ro-bind", str(credentials), str(config)]
+    if accounts is not None:
+        for name in ACCOUNT_FILES:
+            args += ["--ro-bind", str(accounts / name), f"/etc/{name}"]
     for name in unset:
         args += ["--unsetenv", name]
     args += ["--chdir", "/" if user is not None else str(spec.cwd)]
@@ -462,6 +503,8 @@ class AgentLauncher:
         else:
             env["TMPDIR"] = str(spec.home / "tmp")
             env["XDG_RUNTIME_DIR"] = ""  # (the service's own, withheld as before)
+        if self.user is not None:  # (not the service's: root)
+            env["USER"] = env["LOGNAME"] = AGENT_ACCOUNT
         return env
 
     def launcher_path(self, spec: AgentSpec, agent_id: str) -> Path:
@@ -487,6 +530,8 @@ class AgentLauncher:
         else:
             self._link_credentials(spec, credentials)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.user is not None and self.sandboxed:
+            write_accounts(self.run_dir, self.user)
         path = self.launcher_path(spec, agent_id)
         if self.sandboxed and credentials is not None:
             credentials = self._copy_login(credentials, credentials_copy_path(path), self.user)
@@ -508,6 +553,7 @@ class AgentLauncher:
                 shown=self.shown,
                 walls=self.walls,
                 user=self.user,
+                accounts=self.run_dir if self.user is not None else None,
             )
             command += ["--"]
         if self.user is not None:
@@ -715,7 +761,9 @@ def _make_home(spec: AgentSpec, user: AgentUser, credentials: Path | None) -> No
     everything is reached through directory descriptors that never follow a link (the
     agents own it and may have left links there). A HOME that is not ``user``'s yet (a
     new one, one an earlier version made as root, another ``AGENT_UID``) is given to it
-    whole. ``credentials``: written (what :func:`login_for_agents` shows) as
+    whole; what the service itself writes there (the user's CLAUDE.md, made by root
+    mode 0600, and the directories above it) is given again at every start.
+    ``credentials``: written (what :func:`login_for_agents` shows) as
     ``.claude/.credentials.json``, the agent's own, mode 0600.
     """
     try:
@@ -726,26 +774,30 @@ def _make_home(spec: AgentSpec, user: AgentUser, credentials: Path | None) -> No
     try:
         if os.fstat(home_fd).st_uid != user.uid:
             _give_tree(home_fd, user)
-        names = (spec.cwd.name, spec.config_dir.name, "tmp")
-        for name in names:
+        for name in (spec.cwd.name, spec.config_dir.name, "tmp"):
             try:
                 os.mkdir(name, 0o700, dir_fd=home_fd)
             except FileExistsError:
-                continue
+                pass
             os.chown(name, user.uid, user.gid, dir_fd=home_fd, follow_symlinks=False)
-        if credentials is None:
-            return
-        data = login_for_agents(credentials.read_bytes())
         config_fd = _open_directory(spec.config_dir.name, dir_fd=home_fd)
         try:
-            _remove_at(config_fd, CREDENTIALS_FILE)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-            fd = os.open(CREDENTIALS_FILE, flags, 0o600, dir_fd=config_fd)
             try:
-                os.fchown(fd, user.uid, user.gid)
-                os.write(fd, data)
-            finally:
-                os.close(fd)
+                os.chown(
+                    USER_MEMORY_FILE, user.uid, user.gid, dir_fd=config_fd, follow_symlinks=False
+                )
+            except FileNotFoundError:
+                pass
+            if credentials is not None:
+                data = login_for_agents(credentials.read_bytes())
+                _remove_at(config_fd, CREDENTIALS_FILE)
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                fd = os.open(CREDENTIALS_FILE, flags, 0o600, dir_fd=config_fd)
+                try:
+                    os.fchown(fd, user.uid, user.gid)
+                    os.write(fd, data)
+                finally:
+                    os.close(fd)
         finally:
             os.close(config_fd)
     finally:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -24,12 +24,20 @@ def pytest_configure(config: pytest.Config) -> None:
     A root service's agents run as AGENT_UID, and the harness opens each test's
     directory to them (``harness.open_to_agents``). pytest's own base for root,
     ``/tmp/pytest-of-root``, is set back to mode 0700 by every pytest that starts on
-    the machine: this run's base is its own instead (one per checkout, cleared at start).
+    the machine: this run's base is its own instead, ``/tmp/pytest-root-<pid>``. Those
+    of finished runs are removed, but the last two (to look into).
     """
     if os.geteuid() != 0 or config.option.basetemp or hasattr(config, "workerinput"):
         return
-    checkout = hashlib.sha256(str(config.rootpath).encode()).hexdigest()[:8]
-    config.option.basetemp = str(Path(tempfile.gettempdir(), f"pytest-root-{checkout}"))
+    root = Path(tempfile.gettempdir())
+    finished = [
+        path
+        for path in root.glob("pytest-root-*")
+        if not Path("/proc", path.name.rpartition("-")[2]).exists()
+    ]
+    for path in sorted(finished, key=lambda path: path.stat().st_mtime)[:-2]:
+        shutil.rmtree(path, ignore_errors=True)
+    config.option.basetemp = str(root / f"pytest-root-{os.getpid()}")
 
 
 @pytest.fixture

@@ -59,7 +59,7 @@ def root_only_file() -> Iterator[Path]:
 @pytest.mark.parametrize("sandbox", SANDBOX_PARAMETERS)
 async def test_a_root_services_agents_run_as_a_user_of_their_own(tmp_path, root_only_file, sandbox):
     command = (
-        f"echo uid=$(id -u); cat {root_only_file}; echo flag=[$IS_SANDBOX]; "
+        f"echo uid=$(id -u) name=$(whoami); cat {root_only_file}; echo flag=[$IS_SANDBOX]; "
         'echo mine > made-here && stat -c "owner=%u" made-here'
     )
     with trio.fail_after(BUDGET_S):
@@ -78,6 +78,8 @@ async def test_a_root_services_agents_run_as_a_user_of_their_own(tmp_path, root_
         assert SECRET not in output and "Permission denied" in output, output
         assert "flag=[]" in output and f"owner={uid}" in output, output
     assert owner == uid
+    if sandbox == "auto":  # (the sandbox's /etc/passwd names it; the host's need not)
+        assert all("name=claude-agent" in output for output in outputs), outputs
     assert ("agents run sandboxed" in log) is (sandbox == "auto"), log
     assert "unusable" not in log and "cannot start" not in log, log
 
