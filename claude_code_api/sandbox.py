@@ -577,7 +577,10 @@ class AgentLauncher:
         program = ["/bin/sh", "-c", check, str(spec.config_dir), str(self.cli)]
         path: Path | None = None
         try:
-            path = self.prepare(spec, "probe", program)
+            try:
+                path = self.prepare(spec, "probe", program)
+            except OSError as exc:  # (as SdkAgent.start says it)
+                return f"cannot prepare the agent's directory {home}: {exc.strerror or exc}"
             done = subprocess.run(
                 [str(path)],
                 env={**os.environ, **self.environment(spec)},
