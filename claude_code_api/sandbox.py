@@ -558,9 +558,7 @@ class AgentLauncher:
             command += ["--"]
         if self.user is not None:
             command += self.user.command(spec.cwd)
-        # (In the sandbox, where the install is bound in by its real path: a link to it,
-        # under /tmp say, is not there.)
-        command += program or [os.path.realpath(self.cli) if self.bwrap else str(self.cli)]
+        command += program or [str(self.cli)]
         return (
             "#!/bin/sh\n"
             f"# claude-code-api agent launcher for {spec.name}; removed when the agent closes.\n"
@@ -576,8 +574,7 @@ class AgentLauncher:
         """
         spec = AgentSpec(name="start-up probe", home=home, ephemeral=True)
         check = 'test -w "$0" || { echo "cannot write $0" >&2; exit 1; }; exec "$1" --version'
-        cli = os.path.realpath(self.cli) if self.bwrap else str(self.cli)
-        program = ["/bin/sh", "-c", check, str(spec.config_dir), cli]
+        program = ["/bin/sh", "-c", check, str(spec.config_dir), str(self.cli)]
         path: Path | None = None
         try:
             try:
