@@ -250,6 +250,7 @@ class AgentUser:
             "--clear-groups",
             "--inh-caps=-all",
             "--bounding-set=-all",
+            "--no-new-privs",  # (a setuid program, sudo say, gives nothing)
             "--",
             self.env,
             f"--chdir={cwd}",
