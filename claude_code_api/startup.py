@@ -11,8 +11,9 @@ tracebacks or every request failing with "Not logged in".
 
 Error handling: :class:`StartupError` (one line) when the service must not start:
 ``AGENT_SANDBOX=on`` without a working sandbox, no Claude Code CLI at all, or no
-setpriv for a root service. An agent that cannot start even unconfined is the
-plan's ``refusal``: logged once, named by ``/health``, and every start fails with it.
+setpriv for a root service. Agents out of a root service's agents' reach (no
+sandbox, the way to ``DATA_DIR`` or the CLI closed to ``AGENT_UID``) are the plan's
+``refusal``: logged once, named by ``/health``, and every start fails with it.
 """
 
 from __future__ import annotations
@@ -93,9 +94,12 @@ def plan_agents(settings: Settings, environ: Mapping[str, str]) -> AgentPlan:
             launcher = attrs.evolve(launcher, bwrap=None)
     refusal = None
     if not launcher.sandboxed:
-        refusal = _unreachable(launcher) or launcher.probe(probes / uuid.uuid4().hex[:12])
-        if refusal is not None:
-            log.error("%s", refusal)
+        # Out of reach: no agent can ever start (a refusal). A failed probe otherwise is
+        # said, and agents are tried all the same (it may pass; their failures show).
+        refusal = _unreachable(launcher)
+        reason = refusal or launcher.probe(probes / uuid.uuid4().hex[:12])
+        if reason is not None:
+            log.error("%s", reason)
     _remove_empty(probes)
     return AgentPlan(launcher, refusal)
 
