@@ -671,6 +671,14 @@ class Settings:
         " service's secrets; `on` fails start-up when it cannot be had, `auto` uses it when"
         " it can",
     )
+    agent_uid: int = setting(
+        "AGENT_UID",
+        Whole(1, 4_294_967_294),
+        "65536",
+        "when the service runs as root, the OS user (uid, and a group of the same number)"
+        " its agents run as, never root; no account of the host should use it. Otherwise"
+        " agents run as the service's user",
+    )
     log_level: str = setting(
         "LOG_LEVEL",
         Choice(("DEBUG", "INFO", "WARNING", "ERROR")),

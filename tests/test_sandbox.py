@@ -599,3 +599,54 @@ def test_a_tree_deeper_than_the_recursion_limit_is_refused_by_reset_and_removed_
         # Whatever happened: pytest's own clean-up of old temporary directories
         # (shutil.rmtree) would fail on this tree in a later run.
         subprocess.run(["rm", "-rf", "--", str(spec.home)], check=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root")
+def test_a_home_given_to_the_agents_user_never_follows_a_link(tmp_path):
+    """A root service gives a HOME to AGENT_UID (a HOME an earlier version made as root);
+    the agents own it and may have left links in it, to files that are not theirs."""
+    user = sandbox.AgentUser(uid=65536, setpriv=shutil.which("setpriv") or "setpriv")
+    launcher = attrs.evolve(launcher_for(tmp_path, sandbox=False), user=user)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_text("root's")
+    home = tmp_path / "data" / "users" / "alice"
+    (home / "workspace").mkdir(parents=True)
+    (home / "workspace" / "link").symlink_to(outside / "victim")
+    (home / "tmp").symlink_to(outside)
+    alice = AgentSpec(name="alice", home=home, ephemeral=False)
+    launcher.cleanup(alice, launcher.prepare(alice, "a1"))
+    assert (home / "workspace").stat().st_uid == 65536
+    assert (home / "workspace" / "link").lstat().st_uid == 65536
+    assert outside.stat().st_uid == 0 and (outside / "victim").stat().st_uid == 0
+    # Its config dir a link: refused (the agent does not start), nothing given away.
+    (home / ".claude").rename(home / "config")
+    (home / ".claude").symlink_to(outside)
+    with pytest.raises(OSError):
+        launcher.prepare(alice, "a2")
+    assert outside.stat().st_uid == 0 and (outside / "victim").stat().st_uid == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root")
+def test_walls_are_the_highest_directories_the_agents_user_cannot_pass(tmp_path):
+    user = sandbox.AgentUser(uid=65536, setpriv="setpriv")
+
+    for directory in (tmp_path, *tmp_path.parents):  # (pytest's are root's, mode 0700)
+        directory.chmod(directory.stat().st_mode | 0o011)
+
+    def walls(path: Path, *, inside: bool) -> list[Path]:
+        return list(user.walls([path], inside=inside))
+
+    private = tmp_path / "private"
+    (private / "inner" / "data").mkdir(parents=True)
+    private.chmod(0o700)
+    (private / "inner").chmod(0o700)
+    data = private / "inner" / "data"
+    assert walls(data, inside=True) == [private]
+    assert walls(private, inside=True) == [private]
+    assert walls(private, inside=False) == []  # (a file in it, say)
+    opened = tmp_path / "opened"
+    opened.mkdir(mode=0o755)
+    assert walls(opened / "cli", inside=False) == []
+    os.chown(private, 65536, 65536)  # its own: it passes
+    assert walls(data, inside=True) == [private / "inner"]
