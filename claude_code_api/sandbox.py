@@ -41,6 +41,8 @@ from pathlib import Path
 import attrs
 
 from .agent import AgentSpec
+from .agent_cgroups import AgentCgroup
+from .agent_limits import HIDDEN_TMPFS_BYTES, AgentLimits
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +213,12 @@ def resolve_cli(executable: str | None) -> Path:
 
 
 def bwrap_arguments(
-    spec: AgentSpec, *, hidden: list[Path], credentials: Path | None, unset: tuple[str, ...]
+    spec: AgentSpec,
+    *,
+    hidden: list[Path],
+    credentials: Path | None,
+    unset: tuple[str, ...],
+    limits: AgentLimits,
 ) -> list[str]:
     """bubblewrap's options for one agent (everything between ``bwrap`` and ``--``).
 
@@ -220,7 +227,9 @@ def bwrap_arguments(
     """
     # (HOME's own path is the service's; inside it, the agent's links are never followed.)
     home = os.path.realpath(spec.home)
-    args = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    args = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    # /tmp and /dev/shm sized (AGENT_TMP_MB), /dev read-only: see agent_limits.
+    args += limits.scratch_mounts()
     # The kernel's settings, read-only: root needs no capability to write most of them
     # (kernel.core_pattern and kernel.modprobe name programs the kernel runs as root,
     # outside the sandbox), and bwrap covers them only when it sees them writable.
@@ -232,7 +241,7 @@ def bwrap_arguments(
     args += ["--cap-drop", "ALL"]
     for path in dict.fromkeys(Path(os.path.realpath(path)) for path in hidden):
         if path.is_dir():
-            args += ["--tmpfs", str(path)]
+            args += ["--size", str(HIDDEN_TMPFS_BYTES), "--tmpfs", str(path)]
         elif path.exists():
             args += ["--ro-bind", "/dev/null", str(path)]
     args += ["--bind", home, home]
@@ -254,7 +263,8 @@ def probe_sandbox(bwrap: str | None) -> str | None:
         return "bubblewrap (bwrap) is not installed"
     command = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
     command += ["--ro-bind", "/proc/sys", "/proc/sys"]
-    command += ["--tmpfs", "/tmp", "--unshare-pid", "--unshare-ipc", "--cap-drop", "ALL"]
+    command += AgentLimits(tmp_mb=1).scratch_mounts()  # (bwrap >= 0.7 has --size)
+    command += ["--unshare-pid", "--unshare-ipc", "--cap-drop", "ALL"]
     command += ["--", "true"]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
@@ -291,6 +301,7 @@ class AgentLauncher:
     hidden: tuple[Path, ...]
     credentials: Path | None
     setsid: str | None = attrs.field(factory=lambda: shutil.which("setsid"))
+    limits: AgentLimits = attrs.field(factory=AgentLimits)
 
     @property
     def sandboxed(self) -> bool:
@@ -333,24 +344,47 @@ class AgentLauncher:
         path = self.launcher_path(spec, agent_id)
         if self.sandboxed and credentials is not None:
             credentials = self._copy_login(credentials, credentials_copy_path(path))
-        path.write_text(self.script(spec, credentials))
+        cgroup = self.cgroup(path)
+        if cgroup is not None:
+            try:
+                self.limits.create_cgroup(cgroup)
+            except OSError:
+                cgroup.remove()
+                raise
+        path.write_text(self.script(spec, credentials, cgroup))
         path.chmod(0o700)
         return path
 
-    def script(self, spec: AgentSpec, credentials: Path | None) -> str:
-        """The launcher's text: a POSIX shell script that execs the CLI with the given argv."""
+    def cgroup(self, launcher: Path) -> AgentCgroup | None:
+        """The cgroup of the agent started by ``launcher`` (None: agents get none here)."""
+        return self.limits.cgroup(launcher.stem)
+
+    def script(
+        self, spec: AgentSpec, credentials: Path | None, cgroup: AgentCgroup | None = None
+    ) -> str:
+        """The launcher's text: a POSIX shell script that execs the CLI with the given argv.
+
+        With ``cgroup``, the script first moves itself into it (agent_limits).
+        """
         command: list[str] = [self.setsid] if self.setsid else []
         if self.bwrap is not None:
             hidden = [*self.hidden, *HIDDEN_RUNTIME_DIRS, *HIDDEN_SOCKETS]
             command += [self.bwrap]
             command += bwrap_arguments(
-                spec, hidden=hidden, credentials=credentials, unset=self.withheld
+                spec,
+                hidden=hidden,
+                credentials=credentials,
+                unset=self.withheld,
+                limits=self.limits,
             )
             command += ["--"]
+            command += self.limits.inner_command()  # RLIMIT_NPROC, without a pids cgroup
         command.append(str(self.cli))
+        join = cgroup.join_script() if cgroup is not None else ""
         return (
             "#!/bin/sh\n"
             f"# claude-code-api agent launcher for {spec.name}; removed when the agent closes.\n"
+            f"{join}"
             f'exec {shlex.join(command)} "$@"\n'
         )
 
@@ -422,6 +456,8 @@ class AgentLauncher:
         if launcher is not None:
             launcher.unlink(missing_ok=True)
             credentials_copy_path(launcher).unlink(missing_ok=True)
+            if (cgroup := self.cgroup(launcher)) is not None:
+                cgroup.remove()  # (kills what is left in it first)
         if spec.ephemeral:
             remove_tree(spec.home)
 
@@ -574,6 +610,7 @@ def make_launcher(
     use_api_key: bool,
     extra_env: frozenset[str],
     bwrap: str | None,
+    limits: AgentLimits | None = None,
 ) -> AgentLauncher:
     """Build the launcher for this service: the environment split and what to hide."""
     env, withheld = agent_environment(environ, use_api_key=use_api_key, extra=extra_env)
@@ -588,4 +625,5 @@ def make_launcher(
         bwrap=bwrap,
         hidden=hidden,
         credentials=claude_dir / CREDENTIALS_FILE,
+        limits=limits or AgentLimits(),
     )

@@ -56,6 +56,7 @@ from .agent import (
     OnEvent,
     TurnResult,
 )
+from .agent_cgroups import AgentCgroup
 from .messages import AssistantText, ToolResult, ToolUse, UpstreamRetry
 from .sandbox import AgentLauncher
 from .user_memory import memory_reminder
@@ -156,6 +157,7 @@ class SdkAgent:
         self._refusal = refusal  # known before trying: the start fails with it
         self._id = uuid.uuid4().hex[:12]
         self._launcher_path: Any = None
+        self._cgroup: AgentCgroup | None = None  # its memory and process limits (agent_limits)
         self._client: ClaudeSDKClient | None = None
         self._pgid: int | None = None
         self._session_id: str | None = spec.resume or spec.session_id
@@ -236,6 +238,7 @@ class SdkAgent:
                     self._launcher_path = await trio.to_thread.run_sync(
                         self._launcher.prepare, self.spec, self._id
                     )
+                    self._cgroup = self._launcher.cgroup(self._launcher_path)
                 except OSError as exc:
                     raise AgentStartError(
                         f"cannot prepare the agent's directory {self.spec.home}: "
@@ -252,7 +255,7 @@ class SdkAgent:
             raise
         except Exception as exc:
             await trio.sleep(0.01)  # let the stderr reader collect the dying words
-            reason = describe_failure(exc, self.stderr_tail())
+            reason = self._describe_failure(exc)
             await self.close(grace=0)
             raise AgentStartError(reason) from exc
         except BaseException:  # cancelled mid-start: leave no process behind
@@ -313,6 +316,7 @@ class SdkAgent:
                 await client.query(prompt)
             while True:
                 message = await self._next_message(client)
+                self._check_memory()
                 if isinstance(message, ResultMessage):
                     self._turn_open = False
                     self._note_session_id(message.session_id)
@@ -335,7 +339,23 @@ class SdkAgent:
                         await on_event(upstream_retry(message.data))
         except Exception as exc:
             await trio.sleep(0.01)  # let the stderr reader collect the dying words
-            raise AgentError(describe_failure(exc, self.stderr_tail())) from exc
+            raise AgentError(self._describe_failure(exc)) from exc
+
+    def _check_memory(self) -> None:
+        """Kill the agent if the OOM killer struck in its cgroup; AgentError naming the limit.
+
+        cgroup v2 kills the whole agent itself (``memory.oom.group``); v1 kills one
+        process (a tool, or the CLI), and the agent may then go on: after every message
+        (a tool's result among them), it is killed here.
+        """
+        if self._cgroup is not None and self._cgroup.oom_killed():
+            self._kill(self._process())
+            raise AgentError(self._launcher.limits.memory_exceeded())
+
+    def _describe_failure(self, exc: BaseException) -> str:
+        if self._cgroup is not None and self._cgroup.oom_killed():
+            return self._launcher.limits.memory_exceeded()
+        return describe_failure(exc, self.stderr_tail())
 
     async def _next_message(self, client: ClaudeSDKClient) -> Message:
         """The agent's next message, from one ``receive_messages()`` kept across turns.

@@ -1,11 +1,12 @@
 """Start-up checks: decide once how agents are launched, and say what will not work.
 
 :func:`plan_agents` runs before the supervision tree starts, in a worker thread
-(it probes bubblewrap and looks at files). It decides whether agents run in the
-sandbox (``AGENT_SANDBOX``), foresees the real CLI refusing to run as root, and
-warns about credentials that are withheld or missing — each as one log line
-naming the fix, instead of a crash loop of tracebacks or every request failing
-with "Not logged in".
+(it probes bubblewrap and cgroups, and looks at files). It decides whether agents
+run in the sandbox (``AGENT_SANDBOX``) and under which limits
+(:mod:`.agent_limits`: cgroups, or a warning naming what stays unbounded),
+foresees the real CLI refusing to run as root, and warns about credentials that
+are withheld or missing — each as one log line naming the fix, instead of a
+crash loop of tracebacks or every request failing with "Not logged in".
 
 Error handling: :class:`StartupError` (one line) when the service must not start:
 ``AGENT_SANDBOX=on`` without a working sandbox, or no Claude Code CLI at all.
@@ -21,6 +22,7 @@ from collections.abc import Mapping
 import attrs
 
 from .agent import ROOT_REFUSAL
+from .agent_limits import plan_limits
 from .config import Settings
 from .sandbox import (
     CREDENTIALS_FILE,
@@ -62,6 +64,13 @@ def plan_agents(settings: Settings, environ: Mapping[str, str]) -> AgentPlan:
         refusal = ROOT_REFUSAL
         log.error("%s", ROOT_REFUSAL)
     _warn_about_credentials(settings, environ)
+    limits = plan_limits(
+        tmp_mb=settings.agent_tmp_mb,
+        memory_mb=settings.agent_memory_mb,
+        max_procs=settings.agent_max_procs,
+        data_dir=settings.data_dir,
+        bwrap=bwrap,
+    )
     launcher = make_launcher(
         cli=cli,
         data_dir=settings.data_dir,
@@ -69,6 +78,7 @@ def plan_agents(settings: Settings, environ: Mapping[str, str]) -> AgentPlan:
         use_api_key=settings.use_claude_api_key,
         extra_env=frozenset(settings.agent_env),
         bwrap=bwrap,
+        limits=limits,
     )
     return AgentPlan(launcher, refusal)
 
