@@ -168,6 +168,18 @@ class AgentCgroup:
         """Whether the agent passed its memory limit (some process of it was OOM-killed)."""
         return self.oom_kills() > 0
 
+    def procs_refused(self) -> int:
+        """How many forks (or new threads) ``pids.max`` refused in this cgroup (0 if it is gone)."""
+        try:
+            text = (self.pids / "pids.events").read_text()
+        except OSError:
+            return 0
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "max" and value.strip().isdigit():
+                return int(value)
+        return 0
+
     def peak_procs(self) -> int | None:
         """The most processes and threads the agent held at once, where the kernel keeps it."""
         try:

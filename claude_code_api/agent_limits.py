@@ -104,6 +104,10 @@ class AgentLimits:
         """What an agent killed for passing its memory limit is told (a 502's message)."""
         return f"agent exceeded AGENT_MEMORY_MB={self.memory_mb} and was killed"
 
+    def procs_reached(self) -> str:
+        """Added to an agent's failure when it had reached its process bound."""
+        return f"it had reached AGENT_MAX_PROCS={self.max_procs}"
+
 
 def plan_limits(
     *,

@@ -353,9 +353,14 @@ class SdkAgent:
             raise AgentError(self._launcher.limits.memory_exceeded())
 
     def _describe_failure(self, exc: BaseException) -> str:
+        """:func:`describe_failure`, naming the limit the agent ran into, if one."""
         if self._cgroup is not None and self._cgroup.oom_killed():
             return self._launcher.limits.memory_exceeded()
-        return describe_failure(exc, self.stderr_tail())
+        reason = describe_failure(exc, self.stderr_tail())
+        if self._cgroup is not None and self._cgroup.procs_refused():
+            # (A CLI that cannot start a thread aborts: "exited with code 134".)
+            reason += f" ({self._launcher.limits.procs_reached()})"
+        return reason
 
     async def _next_message(self, client: ClaudeSDKClient) -> Message:
         """The agent's next message, from one ``receive_messages()`` kept across turns.
