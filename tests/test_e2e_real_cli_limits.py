@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +22,6 @@ import pytest
 import trio
 
 from claude_code_api.actors.registry import user_workspace
-from claude_code_api.agent_cgroups import find_cgroups
 from claude_code_api.agent_limits import plan_limits
 from tests.harness import wait_healthy
 from tests.mock_messages_api import RecordedRequest, Step, TextReply, ToolUseReply
@@ -31,6 +29,7 @@ from tests.real_cli import requires_real_cli
 from tests.test_e2e_real_cli_escape import (
     AS_ALICE,
     AS_BOB,
+    CGROUPS_REASON,
     agents_service,
     bash_as_alice,
     needs_sandbox,
@@ -39,8 +38,6 @@ from tests.test_e2e_real_cli_escape import (
 pytestmark = requires_real_cli
 
 BUDGET_S = 150
-_CGROUPS = find_cgroups(Path(tempfile.gettempdir()))
-CGROUPS_REASON = _CGROUPS if isinstance(_CGROUPS, str) else None
 needs_cgroups = pytest.mark.skipif(
     CGROUPS_REASON is not None, reason=f"no cgroups for agents here: {CGROUPS_REASON}"
 )
