@@ -193,15 +193,17 @@ def test_an_agent_runs_in_its_own_cgroup_under_its_limits_and_it_is_removed_afte
     command = (
         "python3 -c \"b = b'x' * (256 << 20)\"; echo exit=$?; for i in $(seq 64); do sleep 5 & done"
     )
-    done = subprocess.run(
-        [str(path), "-c", command], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert "exit=137" in done.stdout, done  # SIGKILLed by the OOM killer
-    assert cgroup.oom_killed()
-    assert cgroup.procs_refused() > 0  # forks past 32 were refused
-    peak = cgroup.peak_procs()
-    assert peak is None or peak <= 32
-    launcher.cleanup(spec, path)  # (the sleeps still run: killed with it)
+    try:
+        done = subprocess.run(
+            [str(path), "-c", command], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert "exit=137" in done.stdout, done  # SIGKILLed by the OOM killer
+        assert cgroup.oom_killed()
+        assert cgroup.procs_refused() > 0  # forks past 32 were refused
+        peak = cgroup.peak_procs()
+        assert peak is None or peak <= 32
+    finally:
+        launcher.cleanup(spec, path)  # (the sleeps still run: killed with it)
     assert not any(directory.exists() for directory in cgroup.directories)
 
 
