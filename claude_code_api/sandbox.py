@@ -41,6 +41,8 @@ from pathlib import Path
 import attrs
 
 from .agent import AgentSpec
+from .agent_cgroups import AgentCgroup
+from .agent_limits import HIDDEN_TMPFS_BYTES, AgentLimits
 
 log = logging.getLogger(__name__)
 
@@ -359,6 +361,7 @@ def bwrap_arguments(
     hidden: list[Path],
     credentials: Path | None,
     unset: tuple[str, ...],
+    limits: AgentLimits,
     shown: Sequence[Path] = (),
     walls: Sequence[Path] = (),
     user: AgentUser | None = None,
@@ -375,10 +378,13 @@ def bwrap_arguments(
     ``user``: the OS user the agent becomes (a service running as root), with
     :meth:`AgentUser.command` after ``--``. ``accounts``: a directory holding the
     ``passwd`` and ``group`` the agent is shown, which name its user (:func:`write_accounts`).
+    ``limits``: the sizes of its writable tmpfs (agent_limits).
     """
     # (HOME's own path is the service's; inside it, the agent's links are never followed.)
     home = os.path.realpath(spec.home)
-    args = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    args = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    # /tmp and /dev/shm sized (AGENT_TMP_MB), /dev read-only: see agent_limits.
+    args += limits.scratch_mounts()
     # The kernel's settings, read-only: root needs no capability to write most of them
     # (kernel.core_pattern and kernel.modprobe name programs the kernel runs as root,
     # outside the sandbox), and bwrap covers them only when it sees them writable.
@@ -393,13 +399,13 @@ def bwrap_arguments(
         # the change of uid then clears them all before the CLI runs.
         args += [arg for cap in AgentUser.CAPS for arg in ("--cap-add", cap)]
     for wall in walls:
-        args += ["--tmpfs", os.path.realpath(wall)]
+        args += ["--size", str(HIDDEN_TMPFS_BYTES), "--tmpfs", os.path.realpath(wall)]
     for install in dict.fromkeys(os.path.realpath(path) for path in shown):
         args += _way_to(install) + ["--ro-bind", install, install]
     # (After the install: hidden directories stay hidden even when it lies inside one.)
     for path in dict.fromkeys(Path(os.path.realpath(path)) for path in hidden):
         if path.is_dir():
-            args += ["--tmpfs", str(path)]
+            args += ["--size", str(HIDDEN_TMPFS_BYTES), "--tmpfs", str(path)]
         elif path.exists():
             args += ["--ro-bind", "/dev/null", str(path)]
     args += _way_to(home) + ["--bind", home, home]
@@ -440,7 +446,8 @@ def probe_sandbox(bwrap: str | None) -> str | None:
         return "bubblewrap (bwrap) is not installed"
     command = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
     command += ["--ro-bind", "/proc/sys", "/proc/sys"]
-    command += ["--tmpfs", "/tmp", "--unshare-pid", "--unshare-ipc", "--cap-drop", "ALL"]
+    command += AgentLimits(tmp_mb=1).scratch_mounts()  # (bwrap >= 0.7 has --size)
+    command += ["--unshare-pid", "--unshare-ipc", "--cap-drop", "ALL"]
     command += ["--", "true"]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
@@ -492,6 +499,7 @@ class AgentLauncher:
     user: AgentUser | None = None
     shown: tuple[Path, ...] = ()
     walls: tuple[Path, ...] = ()
+    limits: AgentLimits = attrs.field(factory=AgentLimits)
 
     @property
     def sandboxed(self) -> bool:
@@ -546,10 +554,22 @@ class AgentLauncher:
         path = self.launcher_path(spec, agent_id)
         if self.sandboxed and credentials is not None:
             credentials = self._copy_login(credentials, credentials_copy_path(path), self.user)
+        cgroup = self.cgroup(path)
+        if cgroup is not None:
+            try:
+                self.limits.create_cgroup(cgroup)
+            except OSError:
+                cgroup.remove()
+                raise
         max_file_size = self.max_file_size() if self.max_file_size is not None else None
-        path.write_text(self.script(spec, credentials, program, max_file_size=max_file_size))
+        text = self.script(spec, credentials, program, cgroup=cgroup, max_file_size=max_file_size)
+        path.write_text(text)
         path.chmod(0o700)
         return path
+
+    def cgroup(self, launcher: Path) -> AgentCgroup | None:
+        """The cgroup of the agent started by ``launcher`` (None: agents get none here)."""
+        return self.limits.cgroup(launcher.stem)
 
     def script(
         self,
@@ -557,11 +577,14 @@ class AgentLauncher:
         credentials: Path | None,
         program: Sequence[str] = (),
         *,
+        cgroup: AgentCgroup | None = None,
         max_file_size: int | None = None,
     ) -> str:
         """The launcher's text: a POSIX shell script that execs the CLI with the given argv.
 
         ``program``: what to run instead of the CLI (the start-up probe).
+        With ``cgroup``, the script first moves itself into it (agent_limits), while it
+        still runs as the service's user: the agent's own user could not.
         ``max_file_size``: the agent's RLIMIT_FSIZE (soft and hard, so it cannot raise
         it), which every process it starts inherits.
         """
@@ -582,14 +605,18 @@ class AgentLauncher:
                 walls=self.walls,
                 user=self.user,
                 accounts=self.run_dir if self.user is not None else None,
+                limits=self.limits,
             )
             command += ["--"]
+            command += self.limits.inner_command()  # RLIMIT_NPROC, without a pids cgroup
         if self.user is not None:
             command += self.user.command(spec.cwd)
         command += program or [str(self.cli)]
+        join = cgroup.join_script() if cgroup is not None else ""
         return (
             "#!/bin/sh\n"
             f"# claude-code-api agent launcher for {spec.name}; removed when the agent closes.\n"
+            f"{join}"
             f'exec {shlex.join(command)} "$@"\n'
         )
 
@@ -702,6 +729,8 @@ class AgentLauncher:
         if launcher is not None:
             launcher.unlink(missing_ok=True)
             credentials_copy_path(launcher).unlink(missing_ok=True)
+            if (cgroup := self.cgroup(launcher)) is not None:
+                cgroup.remove()  # (kills what is left in it first)
         if spec.ephemeral:
             remove_tree(spec.home)
 
@@ -996,6 +1025,7 @@ def make_launcher(
     extra_env: frozenset[str],
     bwrap: str | None,
     user: AgentUser | None = None,
+    limits: AgentLimits | None = None,
 ) -> AgentLauncher:
     """Build the launcher for this service: the environment split and what to hide.
 
@@ -1020,4 +1050,5 @@ def make_launcher(
         user=user,
         shown=shown,
         walls=tuple(dict.fromkeys(walls)),
+        limits=limits or AgentLimits(),
     )

@@ -2,8 +2,9 @@
 
 :func:`plan_agents` runs before the supervision tree starts, in a worker thread
 (it probes bubblewrap and looks at files). It decides whether agents run in the
-sandbox (``AGENT_SANDBOX``) and, for a service running as root, the OS user they
-run as (``AGENT_UID``, never root); it starts one agent's launcher for real
+sandbox (``AGENT_SANDBOX``), under which limits (:mod:`.agent_limits`: cgroups, or a
+warning naming what stays unbounded) and, for a service running as root, the OS user
+they run as (``AGENT_UID``, never root); it starts one agent's launcher for real
 (:meth:`AgentLauncher.probe`), falling back from the sandbox when ``auto`` and
 the agent cannot start in it; and it warns about credentials that are withheld
 or missing — each as one log line naming the fix, instead of a crash loop of
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from .agent_limits import plan_limits
 from .config import Settings
 from .credentials import CredentialsFile
 from .disk_quota import MIB, file_size_limit
@@ -104,11 +106,13 @@ def plan_agents(settings: Settings, environ: Mapping[str, str]) -> AgentPlan:
 
 
 def plan_with_findings(
-    settings: Settings, environ: Mapping[str, str]
+    settings: Settings, environ: Mapping[str, str], *, serving: bool = True
 ) -> tuple[AgentPlan, list[Finding]]:
     """:func:`plan_agents`, returning what it found instead of logging it. Blocking.
 
-    Raises :class:`StartupError` where the service must not start.
+    ``serving``: for the service that will run these agents; not for ``check``, which
+    must leave alone what a live service with the same ``DATA_DIR`` has (its agents'
+    cgroups). Raises :class:`StartupError` where the service must not start.
     """
     try:
         cli = resolve_cli(settings.claude_executable)
@@ -120,6 +124,14 @@ def plan_with_findings(
     if sandbox.status is Status.FAIL:
         raise StartupError(sandbox.text)
     findings = [sandbox, *credential_findings(settings, environ)]
+    limits = plan_limits(
+        tmp_mb=settings.agent_tmp_mb,
+        memory_mb=settings.agent_memory_mb,
+        max_procs=settings.agent_max_procs,
+        data_dir=settings.data_dir,
+        bwrap=bwrap,
+        remove_leftovers=serving,
+    )
     launcher = make_launcher(
         cli=cli,
         data_dir=settings.data_dir,
@@ -128,6 +140,7 @@ def plan_with_findings(
         extra_env=frozenset(settings.agent_env),
         bwrap=bwrap,
         user=user,
+        limits=limits,
     )
     # A single file an agent writes stops at the disk quota (disk_quota.py).
     launcher = attrs.evolve(
@@ -397,7 +410,7 @@ def check_all(settings: Settings, environ: Mapping[str, str]) -> list[Finding]:
     """
     findings = [probe_cli(settings)]
     try:
-        _plan, planned = plan_with_findings(settings, environ)
+        _plan, planned = plan_with_findings(settings, environ, serving=False)
     except StartupError as exc:
         planned = [Finding("agent start", Status.FAIL, f"the service would not start: {exc}")]
     findings += planned
