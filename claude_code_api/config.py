@@ -696,6 +696,37 @@ class Settings:
         " service's secrets; `on` fails start-up when it cannot be had, `auto` uses it when"
         " it can",
     )
+    agent_uid: int = setting(
+        "AGENT_UID",
+        Whole(1, 4_294_967_294),
+        "65536",
+        "when the service runs as root, the OS user (uid, and a group of the same number)"
+        " its agents run as, never root; no account of the host should use it. Otherwise"
+        " agents run as the service's user",
+    )
+    # None: RAM/16, at most 1024 (agent_limits.default_tmp_mb).
+    agent_tmp_mb: int | None = setting(
+        "AGENT_TMP_MB",
+        OrUnset(Whole(1, 1_048_576)),
+        "",
+        "size in MiB of each writable tmpfs in an agent's sandbox (`/tmp`, `/dev/shm`): what"
+        " an agent writes there is held in RAM until it ends",
+        shown_default="RAM/16, at most 1024",
+    )
+    agent_memory_mb: int = setting(
+        "AGENT_MEMORY_MB",
+        Whole(128, 1_048_576),
+        "2048",
+        "memory limit of one agent (the CLI, ~200 MiB, its tools, its tmpfs files), in MiB:"
+        " an agent that passes it is killed and its request answered 502; needs cgroups",
+    )
+    agent_max_procs: int = setting(
+        "AGENT_MAX_PROCS",
+        Whole(16, 1_000_000),
+        "512",
+        "most processes and threads one agent may hold at once (a pids cgroup; else"
+        " `RLIMIT_NPROC` in its sandbox's user namespace); a fork past it fails",
+    )
     log_level: str = setting(
         "LOG_LEVEL",
         Choice(("DEBUG", "INFO", "WARNING", "ERROR")),

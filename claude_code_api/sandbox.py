@@ -35,12 +35,14 @@ import shlex
 import shutil
 import stat
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import attrs
 
 from .agent import AgentSpec
+from .agent_cgroups import AgentCgroup
+from .agent_limits import HIDDEN_TMPFS_BYTES, AgentLimits
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,11 @@ HIDDEN_SOCKETS = (
 # service's own user's among them), its session bus, its ssh and gpg agents.
 HIDDEN_RUNTIME_DIRS = (Path("/run/user"),)
 CREDENTIALS_FILE = ".credentials.json"
+# The user's CLAUDE.md in a session HOME's config dir, which the service writes (user_memory).
+USER_MEMORY_FILE = "CLAUDE.md"
+# The name a root service's agents' OS user (AGENT_UID) goes by in their sandbox.
+AGENT_ACCOUNT = "claude-agent"
+ACCOUNT_FILES = ("passwd", "group")
 # The Claude login in it (credentials.OAUTH_KEY; that module imports this one).
 LOGIN_KEY = "claudeAiOauth"
 # What of the login a sandboxed agent is not shown. The service refreshes the login itself
@@ -207,20 +214,177 @@ def resolve_cli(executable: str | None) -> Path:
     return found
 
 
+# --- the agents' OS user ----------------------------------------------------
+
+
+@attrs.frozen
+class AgentUser:
+    """The unprivileged OS user a root service's agents run as (``AGENT_UID``).
+
+    One uid (and a group of the same number) for every agent, not one per agent:
+    a user's session agents share that user's HOME and find there what the last of
+    them left, so a uid per agent would mean a change of owner of the whole HOME at
+    every start, and, without the sandbox, a recycled uid handing one user's files
+    and left-over processes to the next. With the sandbox, agents see nothing of
+    each other's anyway; the uid keeps them from root's files and powers.
+    """
+
+    uid: int
+    setpriv: str
+    env: str = "/usr/bin/env"
+    # What the launcher keeps for setpriv in the sandbox (see bwrap_arguments).
+    CAPS = ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP")
+
+    @property
+    def gid(self) -> int:
+        return self.uid
+
+    def command(self, cwd: Path) -> list[str]:
+        """The argv up to the program: become the user, with no capability left, in ``cwd``.
+
+        (The change of directory comes after: the agent's directories are its own, mode
+        0700, and bubblewrap, with no capability left, cannot enter them.)
+        """
+        return [
+            self.setpriv,
+            f"--reuid={self.uid}",
+            f"--regid={self.gid}",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--no-new-privs",  # (a setuid program, sudo say, gives nothing)
+            "--",
+            self.env,
+            f"--chdir={cwd}",
+        ]
+
+    def can_pass(self, directory: Path) -> bool:
+        """Whether this user may go through ``directory`` (search permission). Blocking."""
+        info = os.stat(directory)
+        if info.st_uid == self.uid:
+            return bool(info.st_mode & stat.S_IXUSR)
+        if info.st_gid == self.gid:
+            return bool(info.st_mode & stat.S_IXGRP)
+        return bool(info.st_mode & stat.S_IXOTH)
+
+    def walls(self, paths: Sequence[Path], *, inside: bool) -> tuple[Path, ...]:
+        """The highest directories on the way to ``paths`` this user cannot pass. Blocking.
+
+        ``inside``: ``paths`` themselves must be passable too (a directory the agent
+        enters), else only their ancestors. Links are resolved first.
+        """
+        found: list[Path] = []
+        for path in paths:
+            real = Path(os.path.realpath(path))
+            way = [*reversed(real.parents), real] if inside else list(reversed(real.parents))
+            for directory in way:
+                if any(directory.is_relative_to(wall) for wall in found):
+                    break
+                try:
+                    passable = self.can_pass(directory)
+                except FileNotFoundError:
+                    break  # made later, by the service (DATA_DIR's insides)
+                if not passable:
+                    found.append(directory)
+                    break
+        return tuple(dict.fromkeys(found))
+
+
+def write_accounts(directory: Path, user: AgentUser) -> None:
+    """Write the ``passwd`` and ``group`` a sandboxed agent is shown into ``directory``.
+
+    The host's, plus an entry naming ``user`` (:data:`AGENT_ACCOUNT`) when it has none:
+    tools look their user up (``whoami``, ``ssh``, Python's ``pwd``) and fail on a uid
+    without a name. Written once (at the first agent's start); blocking.
+    """
+    for name, entry in (
+        (
+            "passwd",
+            f"{AGENT_ACCOUNT}:x:{user.uid}:{user.gid}:Claude Code agent:/nonexistent:/bin/sh",
+        ),
+        ("group", f"{AGENT_ACCOUNT}:x:{user.gid}:"),
+    ):
+        path = directory / name
+        if path.exists():
+            continue
+        try:
+            host = Path("/etc", name).read_text()
+        except OSError:
+            host = ""
+        number = str(user.uid if name == "passwd" else user.gid)
+        known = any(line.split(":")[2:3] == [number] for line in host.splitlines())
+        if host and not host.endswith("\n"):
+            host += "\n"
+        temporary = path.with_name(f".{name}.{os.getpid()}.tmp")
+        temporary.write_text(host if known else host + entry + "\n")
+        temporary.chmod(0o644)
+        temporary.replace(path)
+
+
+def install_paths(cli: Path, path: str | None) -> tuple[Path, ...]:
+    """What of the install an agent runs: the CLI, and for a script its interpreter.
+
+    The bundled CLI is one self-contained executable. A ``CLAUDE_EXECUTABLE`` script
+    (``#!/usr/bin/env python3``, looked up on the agents' ``path``) needs its
+    interpreter's installation (``<prefix>/bin/python3``: the prefix), and a
+    virtualenv's interpreter its venv too. Blocking.
+    """
+    shown = [Path(os.path.realpath(cli))]
+    try:
+        with open(cli, "rb") as file:
+            first = file.readline(512)
+    except OSError:
+        return tuple(shown)
+    if not first.startswith(b"#!"):
+        return tuple(shown)
+    words = first[2:].decode(errors="replace").split()
+    if words and Path(words[0]).name == "env" and len(words) > 1:
+        words = [shutil.which(words[1], path=path) or words[1], *words[2:]]
+    if not words:
+        return tuple(shown)
+    interpreter = Path(words[0])
+    venv = interpreter.parent.parent
+    if (venv / "pyvenv.cfg").is_file():
+        shown.append(Path(os.path.realpath(venv)))
+    prefix = Path(os.path.realpath(interpreter)).parent.parent
+    if prefix != Path("/"):
+        shown.append(prefix)
+    return tuple(dict.fromkeys(shown))
+
+
 # --- the sandbox ------------------------------------------------------------
 
 
 def bwrap_arguments(
-    spec: AgentSpec, *, hidden: list[Path], credentials: Path | None, unset: tuple[str, ...]
+    spec: AgentSpec,
+    *,
+    hidden: list[Path],
+    credentials: Path | None,
+    unset: tuple[str, ...],
+    limits: AgentLimits,
+    shown: Sequence[Path] = (),
+    walls: Sequence[Path] = (),
+    user: AgentUser | None = None,
+    accounts: Path | None = None,
 ) -> list[str]:
     """bubblewrap's options for one agent (everything between ``bwrap`` and ``--``).
 
     Paths bwrap mounts on are given with their links resolved: bwrap refuses a mount point
     reached through a link (``/var/run`` -> ``/run``, a ``DATA_DIR`` on a linked volume).
+    ``shown``: what of the install the agent runs (:func:`install_paths`), bound back
+    read-only wherever it is (under ``/tmp``, which the sandbox replaces, or a wall).
+    ``walls``: directories on the way to HOME or the install that ``user`` cannot pass
+    (``/root``, mode 0700): replaced by empty ones, through which bwrap makes the way.
+    ``user``: the OS user the agent becomes (a service running as root), with
+    :meth:`AgentUser.command` after ``--``. ``accounts``: a directory holding the
+    ``passwd`` and ``group`` the agent is shown, which name its user (:func:`write_accounts`).
+    ``limits``: the sizes of its writable tmpfs (agent_limits).
     """
     # (HOME's own path is the service's; inside it, the agent's links are never followed.)
     home = os.path.realpath(spec.home)
-    args = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    args = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    # /tmp and /dev/shm sized (AGENT_TMP_MB), /dev read-only: see agent_limits.
+    args += limits.scratch_mounts()
     # The kernel's settings, read-only: root needs no capability to write most of them
     # (kernel.core_pattern and kernel.modprobe name programs the kernel runs as root,
     # outside the sandbox), and bwrap covers them only when it sees them writable.
@@ -230,19 +394,47 @@ def bwrap_arguments(
     # Started by root, bwrap leaves the sandbox every capability: with CAP_SYS_ADMIN
     # an agent remounts the read-only binds writable and unmounts what hides DATA_DIR.
     args += ["--cap-drop", "ALL"]
+    if user is not None:
+        # Only what setpriv needs to become the agent's user and empty the bounding set;
+        # the change of uid then clears them all before the CLI runs.
+        args += [arg for cap in AgentUser.CAPS for arg in ("--cap-add", cap)]
+    for wall in walls:
+        args += ["--size", str(HIDDEN_TMPFS_BYTES), "--tmpfs", os.path.realpath(wall)]
+    for install in dict.fromkeys(os.path.realpath(path) for path in shown):
+        args += _way_to(install) + ["--ro-bind", install, install]
+    # (After the install: hidden directories stay hidden even when it lies inside one.)
     for path in dict.fromkeys(Path(os.path.realpath(path)) for path in hidden):
         if path.is_dir():
-            args += ["--tmpfs", str(path)]
+            args += ["--size", str(HIDDEN_TMPFS_BYTES), "--tmpfs", str(path)]
         elif path.exists():
             args += ["--ro-bind", "/dev/null", str(path)]
-    args += ["--bind", home, home]
+    args += _way_to(home) + ["--bind", home, home]
     if credentials is not None:
         config = Path(home, spec.config_dir.relative_to(spec.home), CREDENTIALS_FILE)
         args += ["--ro-bind", str(credentials), str(config)]
+    if accounts is not None:
+        for name in ACCOUNT_FILES:
+            args += ["--ro-bind", str(accounts / name), f"/etc/{name}"]
     for name in unset:
         args += ["--unsetenv", name]
-    args += ["--chdir", str(spec.cwd)]
+    # Absolute: bwrap changes directory inside the new root, where a relative DATA_DIR (its
+    # default, "data") means nothing. An agent with a user of its own starts in "/" (see
+    # AgentUser.command: bwrap, its capabilities gone, cannot enter the agent's 0700 HOME).
+    args += [
+        "--chdir",
+        "/" if user is not None else str(Path(home, spec.cwd.relative_to(spec.home))),
+    ]
     return args
+
+
+def _way_to(path: str) -> list[str]:
+    """bwrap's options making the directories above ``path`` where they are missing (0755).
+
+    bwrap would make them itself for a mount on ``path``, but as private as what is
+    mounted: an agent running as a user of its own could not pass them.
+    """
+    parents = reversed(Path(path).parents[:-1])  # (not "/")
+    return [arg for parent in parents for arg in ("--dir", str(parent))]
 
 
 def probe_sandbox(bwrap: str | None) -> str | None:
@@ -254,7 +446,8 @@ def probe_sandbox(bwrap: str | None) -> str | None:
         return "bubblewrap (bwrap) is not installed"
     command = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
     command += ["--ro-bind", "/proc/sys", "/proc/sys"]
-    command += ["--tmpfs", "/tmp", "--unshare-pid", "--unshare-ipc", "--cap-drop", "ALL"]
+    command += AgentLimits(tmp_mb=1).scratch_mounts()  # (bwrap >= 0.7 has --size)
+    command += ["--unshare-pid", "--unshare-ipc", "--cap-drop", "ALL"]
     command += ["--", "true"]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
@@ -269,6 +462,8 @@ def probe_sandbox(bwrap: str | None) -> str | None:
 # --- the launcher -----------------------------------------------------------
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+# Start-up probe: the CLI's --version, through the launcher (sandbox, OS user).
+PROBE_TIMEOUT_S = 30
 
 
 @attrs.frozen
@@ -281,6 +476,12 @@ class AgentLauncher:
     CLI needs it to log in) when it exists: with the sandbox, a copy of its
     login without the refresh token (:func:`login_for_agents`), beside the
     launcher; without, the file itself through a symlink.
+
+    ``user``: the OS user agents become (a service running as root; None: they run
+    as the service's). Their HOMEs are made theirs; the copy of the login is theirs
+    to read, and without the sandbox it is written in their config dir (they cannot
+    follow a link into the service's). ``shown`` and ``walls``: see
+    :func:`bwrap_arguments`.
     """
 
     cli: Path
@@ -295,6 +496,10 @@ class AgentLauncher:
     # set through util-linux's prlimit; None: no limit.
     max_file_size: Callable[[], int] | None = None
     prlimit: str | None = attrs.field(factory=lambda: shutil.which("prlimit"))
+    user: AgentUser | None = None
+    shown: tuple[Path, ...] = ()
+    walls: tuple[Path, ...] = ()
+    limits: AgentLimits = attrs.field(factory=AgentLimits)
 
     @property
     def sandboxed(self) -> bool:
@@ -317,36 +522,69 @@ class AgentLauncher:
         else:
             env["TMPDIR"] = str(spec.home / "tmp")
             env["XDG_RUNTIME_DIR"] = ""  # (the service's own, withheld as before)
+        if self.user is not None:  # (not the service's: root)
+            env["USER"] = env["LOGNAME"] = AGENT_ACCOUNT
         return env
 
     def launcher_path(self, spec: AgentSpec, agent_id: str) -> Path:
         return self.run_dir / f"{_SAFE_NAME.sub('_', spec.name)}-{agent_id}.sh"
 
-    def prepare(self, spec: AgentSpec, agent_id: str) -> Path:
+    def prepare(self, spec: AgentSpec, agent_id: str, program: Sequence[str] = ()) -> Path:
         """Create the agent's directories and write its launcher; returns the launcher.
 
+        ``program``: what the launcher runs instead of the CLI (the start-up probe).
         Blocking: run it in a worker thread. Raises OSError when a directory or
         the launcher cannot be written (a full disk, a bad ``DATA_DIR``).
         """
-        for directory in (spec.cwd, spec.config_dir, spec.home / "tmp"):
-            directory.mkdir(parents=True, exist_ok=True)
-        _keep_private(spec.home.parent)
+        if self.user is None:
+            for directory in (spec.cwd, spec.config_dir, spec.home / "tmp"):
+                directory.mkdir(parents=True, exist_ok=True)
+            _keep_private(spec.home.parent)
+        else:
+            spec.home.parent.mkdir(parents=True, exist_ok=True)
+            _keep_private(spec.home.parent, group=self.user.gid)
         credentials = self.credentials if self.credentials and self.credentials.is_file() else None
-        self._link_credentials(spec, credentials)
+        if self.user is not None:
+            _make_home(spec, self.user, None if self.sandboxed else credentials)
+        else:
+            self._link_credentials(spec, credentials)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.user is not None and self.sandboxed:
+            write_accounts(self.run_dir, self.user)
         path = self.launcher_path(spec, agent_id)
         if self.sandboxed and credentials is not None:
-            credentials = self._copy_login(credentials, credentials_copy_path(path))
+            credentials = self._copy_login(credentials, credentials_copy_path(path), self.user)
+        cgroup = self.cgroup(path)
+        if cgroup is not None:
+            try:
+                self.limits.create_cgroup(cgroup)
+            except OSError:
+                cgroup.remove()
+                raise
         max_file_size = self.max_file_size() if self.max_file_size is not None else None
-        path.write_text(self.script(spec, credentials, max_file_size=max_file_size))
+        text = self.script(spec, credentials, program, cgroup=cgroup, max_file_size=max_file_size)
+        path.write_text(text)
         path.chmod(0o700)
         return path
 
+    def cgroup(self, launcher: Path) -> AgentCgroup | None:
+        """The cgroup of the agent started by ``launcher`` (None: agents get none here)."""
+        return self.limits.cgroup(launcher.stem)
+
     def script(
-        self, spec: AgentSpec, credentials: Path | None, *, max_file_size: int | None = None
+        self,
+        spec: AgentSpec,
+        credentials: Path | None,
+        program: Sequence[str] = (),
+        *,
+        cgroup: AgentCgroup | None = None,
+        max_file_size: int | None = None,
     ) -> str:
         """The launcher's text: a POSIX shell script that execs the CLI with the given argv.
 
+        ``program``: what to run instead of the CLI (the start-up probe).
+        With ``cgroup``, the script first moves itself into it (agent_limits), while it
+        still runs as the service's user: the agent's own user could not.
         ``max_file_size``: the agent's RLIMIT_FSIZE (soft and hard, so it cannot raise
         it), which every process it starts inherits.
         """
@@ -359,23 +597,77 @@ class AgentLauncher:
             hidden = [*self.hidden, *HIDDEN_RUNTIME_DIRS, *HIDDEN_SOCKETS]
             command += [self.bwrap]
             command += bwrap_arguments(
-                spec, hidden=hidden, credentials=credentials, unset=self.withheld
+                spec,
+                hidden=hidden,
+                credentials=credentials,
+                unset=self.withheld,
+                shown=self.shown,
+                walls=self.walls,
+                user=self.user,
+                accounts=self.run_dir if self.user is not None else None,
+                limits=self.limits,
             )
             command += ["--"]
-        command.append(str(self.cli))
+            command += self.limits.inner_command()  # RLIMIT_NPROC, without a pids cgroup
+        if self.user is not None:
+            command += self.user.command(spec.cwd)
+        command += program or [str(self.cli)]
+        join = cgroup.join_script() if cgroup is not None else ""
         return (
             "#!/bin/sh\n"
             f"# claude-code-api agent launcher for {spec.name}; removed when the agent closes.\n"
+            f"{join}"
             f'exec {shlex.join(command)} "$@"\n'
         )
 
+    def probe(self, home: Path) -> str | None:
+        """Start what an agent would start, as it would, in ``home``; why it fails, or None.
+
+        The launcher (sandbox, OS user, environment) runs a shell that checks the
+        agent can write its config dir, then execs the CLI with ``--version``.
+        Blocking (~0.1 s): call it at start-up.
+        """
+        spec = AgentSpec(name="start-up probe", home=home, ephemeral=True)
+        check = 'test -w "$0" || { echo "cannot write $0" >&2; exit 1; }; exec "$1" --version'
+        program = ["/bin/sh", "-c", check, str(spec.config_dir), str(self.cli)]
+        path: Path | None = None
+        try:
+            try:
+                path = self.prepare(spec, "probe", program)
+            except OSError as exc:  # (as SdkAgent.start says it)
+                return f"cannot prepare the agent's directory {home}: {exc.strerror or exc}"
+            done = subprocess.run(
+                [str(path)],
+                env={**os.environ, **self.environment(spec)},
+                cwd=spec.cwd,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                errors="replace",
+                timeout=PROBE_TIMEOUT_S,
+                check=False,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"cannot start an agent: {exc}"
+        finally:
+            self.cleanup(spec, path)
+        if done.returncode != 0:
+            detail = " ".join(done.stderr.split())[-300:] or f"exit code {done.returncode}"
+            return f"an agent cannot start: {detail}"
+        return None
+
     @staticmethod
-    def _copy_login(credentials: Path, copy: Path) -> Path:
-        """Write what an agent is shown of ``credentials`` to ``copy`` (mode 0600); returns it."""
+    def _copy_login(credentials: Path, copy: Path, user: AgentUser | None) -> Path:
+        """Write what an agent is shown of ``credentials`` to ``copy`` (mode 0600); returns it.
+
+        Owned by ``user`` when given: the agent's, to read, and nobody else's.
+        """
         data = login_for_agents(credentials.read_bytes())
         fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
             os.fchmod(fd, 0o600)
+            if user is not None:
+                os.fchown(fd, user.uid, user.gid)
             os.write(fd, data)
         finally:
             os.close(fd)
@@ -437,6 +729,8 @@ class AgentLauncher:
         if launcher is not None:
             launcher.unlink(missing_ok=True)
             credentials_copy_path(launcher).unlink(missing_ok=True)
+            if (cgroup := self.cgroup(launcher)) is not None:
+                cgroup.remove()  # (kills what is left in it first)
         if spec.ephemeral:
             remove_tree(spec.home)
 
@@ -580,8 +874,75 @@ def empty_user_home(home: Path, keep: str = "CLAUDE.md") -> None:
         os.rmdir(home)
 
 
-def _keep_private(directory: Path) -> None:
+def _make_home(spec: AgentSpec, user: AgentUser, credentials: Path | None) -> None:
+    """Make ``spec``'s HOME and its directories ``user``'s; write its login copy. Blocking.
+
+    The HOME's parent is the service's, so the HOME's own path is stable; inside it
+    everything is reached through directory descriptors that never follow a link (the
+    agents own it and may have left links there). A HOME that is not ``user``'s yet (a
+    new one, one an earlier version made as root, another ``AGENT_UID``) is given to it
+    whole; what the service itself writes there (the user's CLAUDE.md, made by root
+    mode 0600, and the directories above it) is given again at every start.
+    ``credentials``: written (what :func:`login_for_agents` shows) as
+    ``.claude/.credentials.json``, the agent's own, mode 0600.
+    """
+    try:
+        os.mkdir(spec.home, 0o700)
+    except FileExistsError:
+        pass
+    home_fd = _open_directory(spec.home)
+    try:
+        if os.fstat(home_fd).st_uid != user.uid:
+            _give_tree(home_fd, user)
+        for name in (spec.cwd.name, spec.config_dir.name, "tmp"):
+            try:
+                os.mkdir(name, 0o700, dir_fd=home_fd)
+            except FileExistsError:
+                pass
+            os.chown(name, user.uid, user.gid, dir_fd=home_fd, follow_symlinks=False)
+        config_fd = _open_directory(spec.config_dir.name, dir_fd=home_fd)
+        try:
+            try:
+                os.chown(
+                    USER_MEMORY_FILE, user.uid, user.gid, dir_fd=config_fd, follow_symlinks=False
+                )
+            except FileNotFoundError:
+                pass
+            if credentials is not None:
+                data = login_for_agents(credentials.read_bytes())
+                _remove_at(config_fd, CREDENTIALS_FILE)
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                fd = os.open(CREDENTIALS_FILE, flags, 0o600, dir_fd=config_fd)
+                try:
+                    os.fchown(fd, user.uid, user.gid)
+                    os.write(fd, data)
+                finally:
+                    os.close(fd)
+        finally:
+            os.close(config_fd)
+    finally:
+        os.close(home_fd)
+
+
+def _give_tree(top_fd: int, user: AgentUser) -> None:
+    """Make everything in the directory ``top_fd`` (itself included) ``user``'s. Blocking.
+
+    os.fwalk walks by descriptors and never follows a link; links themselves change owner.
+    """
+    os.fchown(top_fd, user.uid, user.gid)
+    for _, directories, files, fd in os.fwalk(".", dir_fd=top_fd, follow_symlinks=False):
+        for name in (*directories, *files):
+            try:
+                os.chown(name, user.uid, user.gid, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                pass
+
+
+def _keep_private(directory: Path, group: int | None = None) -> None:
     """Make ``directory`` (where agents' HOMEs are) mode 0700 if it is looser. Blocking.
+
+    ``group``: the agents' OS group, which needs to pass (without the sandbox, agents
+    reach their HOMEs through it): it gets the directory's group, mode 0710.
 
     An agent owns its HOME: it may make a file setuid there (to the service's user, or
     root) and open its HOME's mode to everyone; another account on the host that can
@@ -590,14 +951,28 @@ def _keep_private(directory: Path) -> None:
     not own (an operator's) is left as it is, with a warning.
     """
     # (Followed if it is a link: an operator's volume for the HOMEs is protected the same.)
-    mode = stat.S_IMODE(os.stat(directory).st_mode)
-    if mode & 0o077:
-        try:
-            os.chmod(directory, 0o700)
-        except OSError:  # not the service's (PermissionError), a read-only mount...
-            log.warning(
-                "%s is mode %o and not the service's to change: make it 0700", directory, mode
-            )
+    info = os.stat(directory)
+    mode = stat.S_IMODE(info.st_mode)
+    if group is None:
+        if not mode & 0o077:
+            return
+        wanted = 0o700
+    else:
+        if mode == 0o710 and info.st_gid == group:
+            return
+        wanted = 0o710
+    try:
+        if group is not None and info.st_gid != group:
+            os.chown(directory, -1, group)
+        os.chmod(directory, wanted)
+    except OSError:  # not the service's (PermissionError), a read-only mount...
+        log.warning(
+            "%s is mode %o and not the service's to change: make it %o%s",
+            directory,
+            mode,
+            wanted,
+            "" if group is None else f", group {group}",
+        )
 
 
 def _is_plain_name(name: str) -> bool:
@@ -649,12 +1024,21 @@ def make_launcher(
     use_api_key: bool,
     extra_env: frozenset[str],
     bwrap: str | None,
+    user: AgentUser | None = None,
+    limits: AgentLimits | None = None,
 ) -> AgentLauncher:
-    """Build the launcher for this service: the environment split and what to hide."""
+    """Build the launcher for this service: the environment split and what to hide.
+
+    Blocking (looks at the install and the directories on the way to it).
+    """
     env, withheld = agent_environment(environ, use_api_key=use_api_key, extra=extra_env)
     claude_dir = service_claude_dir(environ)
     home = Path(environ.get("HOME") or Path.home()).absolute()
     hidden = (data_dir.absolute(), claude_dir, home / ".claude.json")
+    shown = install_paths(cli, env.get("PATH"))
+    walls: tuple[Path, ...] = ()
+    if user is not None:
+        walls = user.walls([data_dir.absolute()], inside=True) + user.walls(shown, inside=False)
     return AgentLauncher(
         cli=cli,
         run_dir=data_dir.absolute() / "run",
@@ -663,4 +1047,8 @@ def make_launcher(
         bwrap=bwrap,
         hidden=hidden,
         credentials=claude_dir / CREDENTIALS_FILE,
+        user=user,
+        shown=shown,
+        walls=tuple(dict.fromkeys(walls)),
+        limits=limits or AgentLimits(),
     )

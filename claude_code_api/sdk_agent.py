@@ -58,6 +58,7 @@ from .agent import (
     OnEvent,
     TurnResult,
 )
+from .agent_cgroups import AgentCgroup
 from .messages import (
     DEFAULT_PERMISSION_MODE,
     AssistantText,
@@ -164,6 +165,7 @@ class SdkAgent:
         self._refusal = refusal  # known before trying: the start fails with it
         self._id = uuid.uuid4().hex[:12]
         self._launcher_path: Any = None
+        self._cgroup: AgentCgroup | None = None  # its memory and process limits (agent_limits)
         self._client: ClaudeSDKClient | None = None
         self._pgid: int | None = None
         self._session_id: str | None = spec.resume or spec.session_id
@@ -247,6 +249,7 @@ class SdkAgent:
                     self._launcher_path = await trio.to_thread.run_sync(
                         self._launcher.prepare, self.spec, self._id
                     )
+                    self._cgroup = self._launcher.cgroup(self._launcher_path)
                 except OSError as exc:
                     raise AgentStartError(
                         f"cannot prepare the agent's directory {self.spec.home}: "
@@ -263,7 +266,7 @@ class SdkAgent:
             raise
         except Exception as exc:
             await trio.sleep(0.01)  # let the stderr reader collect the dying words
-            reason = describe_failure(exc, self.stderr_tail())
+            reason = self._describe_failure(exc)
             await self.close(grace=0)
             raise AgentStartError(reason) from exc
         except BaseException:  # cancelled mid-start: leave no process behind
@@ -330,6 +333,7 @@ class SdkAgent:
                 await client.query(prompt)
             while True:
                 message, data = await self._next_message(client)
+                self._check_memory()
                 if isinstance(message, ResultMessage):
                     self._turn_open = False
                     self._note_session_id(message.session_id)
@@ -352,7 +356,28 @@ class SdkAgent:
                         await on_event(upstream_retry(message.data))
         except Exception as exc:
             await trio.sleep(0.01)  # let the stderr reader collect the dying words
-            raise AgentError(describe_failure(exc, self.stderr_tail())) from exc
+            raise AgentError(self._describe_failure(exc)) from exc
+
+    def _check_memory(self) -> None:
+        """Kill the agent if the OOM killer struck in its cgroup; AgentError naming the limit.
+
+        cgroup v2 kills the whole agent itself (``memory.oom.group``); v1 kills one
+        process (a tool, or the CLI), and the agent may then go on: after every message
+        (a tool's result among them), it is killed here.
+        """
+        if self._cgroup is not None and self._cgroup.oom_killed():
+            self._kill(self._process())
+            raise AgentError(self._launcher.limits.memory_exceeded())
+
+    def _describe_failure(self, exc: BaseException) -> str:
+        """:func:`describe_failure`, naming the limit the agent ran into, if one."""
+        if self._cgroup is not None and self._cgroup.oom_killed():
+            return self._launcher.limits.memory_exceeded()
+        reason = describe_failure(exc, self.stderr_tail())
+        if self._cgroup is not None and self._cgroup.procs_refused():
+            # (A CLI that cannot start a thread aborts: "exited with code 134".)
+            reason += f" ({self._launcher.limits.procs_reached()})"
+        return reason
 
     async def _next_message(self, client: ClaudeSDKClient) -> tuple[Message, dict[str, Any]]:
         """The agent's next message and the CLI's JSON of it, from one iterator kept across turns.

@@ -2,18 +2,24 @@
 
 :func:`plan_agents` runs before the supervision tree starts, in a worker thread
 (it probes bubblewrap and looks at files). It decides whether agents run in the
-sandbox (``AGENT_SANDBOX``), foresees the real CLI refusing to run as root, and
-warns about credentials that are withheld or missing — each as one log line
-naming the fix, instead of a crash loop of tracebacks or every request failing
-with "Not logged in".
+sandbox (``AGENT_SANDBOX``), under which limits (:mod:`.agent_limits`: cgroups, or a
+warning naming what stays unbounded) and, for a service running as root, the OS user
+they run as (``AGENT_UID``, never root); it starts one agent's launcher for real
+(:meth:`AgentLauncher.probe`), falling back from the sandbox when ``auto`` and
+the agent cannot start in it; and it warns about credentials that are withheld
+or missing — each as one log line naming the fix, instead of a crash loop of
+tracebacks or every request failing with "Not logged in".
 
-Each check is a function returning a :class:`Finding` (ok, warn or fail, and one line
-saying what was found or what to do): the service logs them, and ``claude-code-api
-check`` prints them, with two more the service does not make at start-up (the CLI runs;
-the model API answers: :func:`probe_cli`, :func:`probe_model_api`).
+Each check gives a :class:`Finding` (ok, warn or fail, and one line saying what was
+found or what to do): the service logs them, and ``claude-code-api check`` prints
+them (:func:`check_all`), with two more the service does not make at start-up (the
+CLI runs; the model API answers: :func:`probe_cli`, :func:`probe_model_api`).
 
 Error handling: :class:`StartupError` (one line) when the service must not start:
-``AGENT_SANDBOX=on`` without a working sandbox, or no Claude Code CLI at all.
+``AGENT_SANDBOX=on`` without a working sandbox, no Claude Code CLI at all, or no
+setpriv for a root service. Agents out of a root service's agents' reach (no
+sandbox, the way to ``DATA_DIR`` or the CLI closed to ``AGENT_UID``) are the plan's
+``refusal``: logged once, named by ``/health``, and every start fails with it.
 """
 
 from __future__ import annotations
@@ -22,21 +28,25 @@ import enum
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import time
+import uuid
 from collections.abc import Mapping
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import attrs
 
-from .agent import ROOT_REFUSAL
+from .agent_limits import plan_limits
 from .config import Settings
 from .credentials import CredentialsFile
 from .disk_quota import MIB, file_size_limit
 from .sandbox import (
     CREDENTIALS_FILE,
     AgentLauncher,
+    AgentUser,
     SandboxMode,
     is_passed,
     make_launcher,
@@ -49,6 +59,9 @@ if TYPE_CHECKING:
     import httpx  # imported when used: the service itself needs it only for OAuth calls
 
 log = logging.getLogger(__name__)
+
+# Where setpriv and env are looked for when the service's PATH lacks them.
+SYSTEM_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
 
 
 class StartupError(Exception):
@@ -83,20 +96,42 @@ _LOG_LEVELS = {Status.OK: logging.INFO, Status.WARN: logging.WARNING, Status.FAI
 
 def plan_agents(settings: Settings, environ: Mapping[str, str]) -> AgentPlan:
     """Decide how agents are launched; log what will not work. Blocking."""
+    plan, findings = plan_with_findings(settings, environ)
+    for finding in findings:
+        if finding.subject == "credentials" and finding.status is Status.FAIL:
+            log.warning("%s", finding.text)  # the service starts: its login may come later
+        elif finding.subject != "credentials" or finding.status is not Status.OK:
+            _log(finding)
+    return plan
+
+
+def plan_with_findings(
+    settings: Settings, environ: Mapping[str, str], *, serving: bool = True
+) -> tuple[AgentPlan, list[Finding]]:
+    """:func:`plan_agents`, returning what it found instead of logging it. Blocking.
+
+    ``serving``: for the service that will run these agents; not for ``check``, which
+    must leave alone what a live service with the same ``DATA_DIR`` has (its agents'
+    cgroups). Raises :class:`StartupError` where the service must not start.
+    """
     try:
         cli = resolve_cli(settings.claude_executable)
     except FileNotFoundError as exc:
         raise StartupError(str(exc)) from None
-    bwrap, sandbox = sandbox_finding(SandboxMode(settings.agent_sandbox))
+    mode = SandboxMode(settings.agent_sandbox)
+    user = _agent_user(settings)
+    bwrap, sandbox = sandbox_finding(mode, user)
     if sandbox.status is Status.FAIL:
         raise StartupError(sandbox.text)
-    _log(sandbox)
-    refusal = root_refusal(settings, environ)
-    if refusal is not None:
-        log.error("%s", refusal)
-    for finding in credential_findings(settings, environ):
-        if finding.status is not Status.OK:
-            log.warning("%s", finding.text)  # the service starts: its login may come later
+    findings = [sandbox, *credential_findings(settings, environ)]
+    limits = plan_limits(
+        tmp_mb=settings.agent_tmp_mb,
+        memory_mb=settings.agent_memory_mb,
+        max_procs=settings.agent_max_procs,
+        data_dir=settings.data_dir,
+        bwrap=bwrap,
+        remove_leftovers=serving,
+    )
     launcher = make_launcher(
         cli=cli,
         data_dir=settings.data_dir,
@@ -104,6 +139,8 @@ def plan_agents(settings: Settings, environ: Mapping[str, str]) -> AgentPlan:
         use_api_key=settings.use_claude_api_key,
         extra_env=frozenset(settings.agent_env),
         bwrap=bwrap,
+        user=user,
+        limits=limits,
     )
     # A single file an agent writes stops at the disk quota (disk_quota.py).
     launcher = attrs.evolve(
@@ -116,11 +153,39 @@ def plan_agents(settings: Settings, environ: Mapping[str, str]) -> AgentPlan:
         ),
     )
     if launcher.prlimit is None:
-        log.warning(
+        text = (
             "prlimit (util-linux) is not installed: a single file an agent writes is not"
             " bounded between two measurements of its user's disk quota"
         )
-    return AgentPlan(launcher, refusal)
+        findings.append(Finding("disk quota", Status.WARN, text))
+    probes = settings.data_dir.absolute() / "workers" / "start-up-probe"
+    if launcher.sandboxed:
+        # bwrap itself works (above); the agent's own start in it is checked too: the
+        # CLI, the install it needs, its OS user, its HOME, as every agent will start.
+        reason = launcher.probe(probes / uuid.uuid4().hex[:12])
+        if reason is not None:
+            if mode is SandboxMode.ON:
+                raise StartupError(f"AGENT_SANDBOX=on, but in the sandbox {reason}")
+            text = (
+                f"agent sandbox unusable (in it, {reason}): agents run unconfined "
+                f"({_who(user)}) and can read other users' data; set AGENT_SANDBOX=off to "
+                "silence this (see README: Security)"
+            )
+            findings.append(Finding("agent start", Status.WARN, text))
+            launcher = attrs.evolve(launcher, bwrap=None)
+    refusal = None
+    if not launcher.sandboxed:
+        # Out of reach: no agent can ever start (a refusal). A failed probe otherwise is
+        # said, and agents are tried all the same (it may pass; their failures show).
+        refusal = _unreachable(launcher)
+        reason = refusal or launcher.probe(probes / uuid.uuid4().hex[:12])
+        if reason is not None:
+            findings.append(Finding("agent start", Status.FAIL, reason))
+    if not any(f.subject == "agent start" for f in findings):
+        text = f"an agent starts ({'sandboxed, ' if launcher.sandboxed else ''}{_who(user)})"
+        findings.append(Finding("agent start", Status.OK, text))
+    _remove_empty(probes)
+    return AgentPlan(launcher, refusal), findings
 
 
 def _log(finding: Finding) -> None:
@@ -131,17 +196,50 @@ def _is_root() -> bool:
     return os.geteuid() == 0
 
 
-def root_refusal(settings: Settings, environ: Mapping[str, str]) -> str | None:
-    """Why every agent start will fail as root, foreseen; None when it will not."""
-    # The CLI accepts exactly "1" (this very machine exports IS_SANDBOX=yes, which it refuses).
-    if _is_root() and environ.get("IS_SANDBOX") != "1" and settings.claude_executable is None:
-        # Foreseen: the bundled CLI refuses bypassPermissions as root (a custom
-        # CLAUDE_EXECUTABLE may accept it, and is tried).
-        return ROOT_REFUSAL
-    return None
+def _agent_user(settings: Settings) -> AgentUser | None:
+    """The OS user agents become: ``AGENT_UID`` for a root service, else None (its own)."""
+    if not _is_root():
+        return None
+    setpriv = shutil.which("setpriv") or shutil.which("setpriv", path=SYSTEM_PATH)
+    if setpriv is None:
+        raise StartupError(
+            "running as root, agents run as AGENT_UID through setpriv, which is not "
+            "installed: install util-linux (apt-get install util-linux), or run the "
+            "service as a user of its own"
+        )
+    env = shutil.which("env") or shutil.which("env", path=SYSTEM_PATH) or "/usr/bin/env"
+    return AgentUser(uid=settings.agent_uid, setpriv=setpriv, env=env)
 
 
-def sandbox_finding(mode: SandboxMode) -> tuple[str | None, Finding]:
+def _who(user: AgentUser | None) -> str:
+    if user is None:
+        return "as the service's OS user"
+    return f"as uid {user.uid} (AGENT_UID)"
+
+
+def _unreachable(launcher: AgentLauncher) -> str | None:
+    """Why agents, without the sandbox, cannot reach their HOMEs or the CLI; or None."""
+    if launcher.user is None or not launcher.walls:
+        return None
+    wall = launcher.walls[0]
+    info = os.stat(wall)
+    return (
+        f"agents cannot start: they run as uid {launcher.user.uid} (AGENT_UID), which cannot "
+        f"pass {wall} (mode {stat.S_IMODE(info.st_mode):o}, owner uid {info.st_uid}) on the "
+        "way to DATA_DIR or the Claude Code CLI; install the service and DATA_DIR where "
+        "that user can reach them (not under a private home), or run agents in the sandbox "
+        "(AGENT_SANDBOX=auto with bubblewrap installed)"
+    )
+
+
+def _remove_empty(directory: Path) -> None:
+    try:
+        directory.rmdir()
+    except OSError:
+        pass  # not there, or an agent's probe home left behind: nothing to tidy
+
+
+def sandbox_finding(mode: SandboxMode, user: AgentUser | None = None) -> tuple[str | None, Finding]:
     """The bubblewrap to sandbox agents with (or None), and what to say about it.
 
     FAIL only for ``on`` without a working sandbox (the service must not start).
@@ -150,21 +248,23 @@ def sandbox_finding(mode: SandboxMode) -> tuple[str | None, Finding]:
         return None, Finding(
             "sandbox",
             Status.WARN,
-            "AGENT_SANDBOX=off: agents run unconfined, as the service's OS user; they can read "
-            "other users' workspaces and transcripts and the service's files",
+            f"AGENT_SANDBOX=off: agents run unconfined, {_who(user)}; they can read other "
+            "users' workspaces and transcripts"
+            + (" and the service's files" if user is None else ""),
         )
     bwrap = shutil.which("bwrap")
     reason = probe_sandbox(bwrap)
     if reason is None:
-        return bwrap, Finding("sandbox", Status.OK, f"agents run sandboxed (bubblewrap {bwrap})")
+        text = f"agents run sandboxed (bubblewrap {bwrap}) {_who(user)}"
+        return bwrap, Finding("sandbox", Status.OK, text)
     if mode is SandboxMode.ON:
         text = f"AGENT_SANDBOX=on, but {reason} (see README: Security)"
         return None, Finding("sandbox", Status.FAIL, text)
     return None, Finding(
         "sandbox",
         Status.WARN,
-        f"agent sandbox unavailable ({reason}): agents run unconfined and can read other "
-        "users' data; install bubblewrap or allow user namespaces, or set AGENT_SANDBOX=off "
+        f"agent sandbox unavailable ({reason}): agents run unconfined ({_who(user)}) and can "
+        "read other users' data; install bubblewrap or allow user namespaces, or set AGENT_SANDBOX=off "
         "to silence this (see README: Security)",
     )
 
@@ -303,12 +403,16 @@ def http_probe(
 
 
 def check_all(settings: Settings, environ: Mapping[str, str]) -> list[Finding]:
-    """Every check, in the order an operator fixes them. Blocking (seconds)."""
-    _bwrap, sandbox = sandbox_finding(SandboxMode(settings.agent_sandbox))
-    findings = [probe_cli(settings), sandbox]
-    refusal = root_refusal(settings, environ)
-    if refusal is not None:
-        findings.append(Finding("root", Status.FAIL, refusal))
-    findings += credential_findings(settings, environ)
+    """Every check, in the order an operator fixes them. Blocking (seconds).
+
+    The agent start-up checks are the service's own (:func:`plan_with_findings`: the
+    sandbox, the agents' OS user, one agent's launcher run for real, credentials).
+    """
+    findings = [probe_cli(settings)]
+    try:
+        _plan, planned = plan_with_findings(settings, environ, serving=False)
+    except StartupError as exc:
+        planned = [Finding("agent start", Status.FAIL, f"the service would not start: {exc}")]
+    findings += planned
     findings.append(probe_model_api(settings, environ))
     return findings

@@ -122,8 +122,13 @@ def _workspace_fd(workspace: Path, *, create: bool) -> Iterator[int]:
     """A descriptor of the workspace directory (made when ``create``; 404 when absent)."""
     home = workspace.parent
     if create:
-        # The user's HOME is the service's own path (made as the session's launcher makes it).
-        home.mkdir(parents=True, exist_ok=True)
+        # The user's HOME is the service's own path; made private, as an agent's start makes
+        # it (which, as root, then gives it whole to AGENT_UID: see sandbox._make_home).
+        home.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            home.mkdir(0o700)
+        except FileExistsError:
+            pass
     try:
         home_fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY)
     except FileNotFoundError:
@@ -131,7 +136,7 @@ def _workspace_fd(workspace: Path, *, create: bool) -> Iterator[int]:
     try:
         if create:
             try:
-                os.mkdir(workspace.name, 0o755, dir_fd=home_fd)
+                os.mkdir(workspace.name, 0o700, dir_fd=home_fd)
                 _own_like(home_fd, workspace.name)
             except FileExistsError:
                 pass
@@ -174,9 +179,11 @@ def _parent_fd(workspace: Path, names: list[str], *, create: bool) -> Iterator[i
 def _own_like(dir_fd: int, name: str) -> None:
     """Give ``name`` (in ``dir_fd``) the owner of that directory, when running as root.
 
-    Agents may run as an OS user of their own while the service runs as root (the
-    AGENT_UID work): a file the service writes into a workspace must then be theirs, as
-    the rest of it is. Without root, or when the owners already match, nothing to do.
+    A root service's agents run as ``AGENT_UID``, and a user's HOME is theirs (an agent's
+    start gives it to them whole, :func:`~claude_code_api.sandbox._make_home`): a file the
+    service writes into a workspace must then be theirs too, as the rest of it is. Without
+    root, or when the owners already match, nothing to do. (A HOME this module makes before
+    any agent ran is root's until that first start gives it away.)
     """
     if os.geteuid() != 0:
         return

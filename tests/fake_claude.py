@@ -923,6 +923,9 @@ def refuse_root_if_asked(values, flags):
 
 
 def main(argv):
+    if argv == ["--version"]:  # (the service's start-up probe: nothing recorded)
+        print(f"{CLI_VERSION} (Claude Code)")
+        return
     pid = os.getpid()
     piddir = os.environ.get("FAKE_CLAUDE_PIDDIR")
     if piddir:

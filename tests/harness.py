@@ -19,6 +19,7 @@ import os
 import queue
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,8 +86,8 @@ class RunningService:
         return sorted(int(p.name) for p in self.piddir.iterdir())
 
     def live_fake_pids(self) -> list[int]:
-        """Fake CLI processes still alive (running or zombie)."""
-        return [pid for pid in self.fake_pids() if process_exists(pid)]
+        """Fake CLI processes still alive: running, or dead and not yet reaped by the service."""
+        return [pid for pid in self.fake_pids() if process_exists(pid, reaper=self.pid)]
 
     def log_text(self) -> str:
         # list() copies in one step: a shared service's log grows on another thread.
@@ -111,7 +112,13 @@ class RunningService:
         return None
 
 
-def process_exists(pid: int) -> bool:
+def process_exists(pid: int, reaper: int | None = None) -> bool:
+    """Whether the fake CLI ``pid`` runs, or is a zombie its parent ``reaper`` has not reaped.
+
+    A zombie whose parent is another process is dead: after the service is gone, its orphans
+    belong to PID 1 (or a subreaper), and whether that reaps them is no business of the tests
+    (a container's PID 1 may be ``sleep infinity``, which never does).
+    """
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError):
@@ -121,8 +128,10 @@ def process_exists(pid: int) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (FileNotFoundError, ProcessLookupError):
         return False
-    state = stat.rsplit(")", 1)[1].split()[0]
-    return state == "Z" or b"fake_claude" in cmdline
+    state, parent = stat.rsplit(")", 1)[1].split()[:2]
+    if state == "Z":
+        return reaper is not None and int(parent) == reaper
+    return b"fake_claude" in cmdline
 
 
 def proc_memory_kib(pid: int) -> dict[str, int]:
@@ -166,7 +175,7 @@ def service_env(
     env.update({name: str(path) for name, path in layout.items()})
     # The fake CLI's `#!/usr/bin/env python3` finds this interpreter first, not a shim
     # (pyenv's costs ~0.3 s a start: one per one-shot request).
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PATH"] = os.pathsep.join([fake_python_dir(), env.get("PATH", "")])
     env.update(
         {
             "HOST": "127.0.0.1",
@@ -183,7 +192,37 @@ def service_env(
         }
     )
     env.update(overrides or {})
+    open_to_agents(workdir, list(layout.values()), env)
     return env
+
+
+def fake_python_dir() -> str:
+    """Where the fake CLI's ``python3`` is found: this interpreter's, or as root the system's.
+
+    A root service's agents run as AGENT_UID, which may not reach this interpreter (a
+    pyenv install under /root); the fake needs only the standard library.
+    """
+    if os.geteuid() == 0 and (system := shutil.which("python3", path="/usr/bin:/bin")):
+        return str(Path(system).parent)
+    return str(Path(sys.executable).parent)
+
+
+def open_to_agents(workdir: Path, writable: list[Path], env: Mapping[str, str]) -> None:
+    """As root, let the agents' OS user (``AGENT_UID``) reach ``workdir`` and write there.
+
+    A root service's agents run as AGENT_UID: the fake CLI writes its transcripts, pid
+    files and log in ``workdir``, which pytest makes under a directory only root may pass.
+    """
+    if os.geteuid() != 0:
+        return
+    uid = int(env.get("AGENT_UID") or Settings().agent_uid)
+    for directory in [workdir, *workdir.parents]:
+        mode = directory.stat().st_mode
+        if not mode & 0o001:
+            directory.chmod(mode | 0o011)
+    for directory in (workdir, *writable):
+        if directory != workdir / "data":  # (the service's: it makes the agents' part theirs)
+            os.chown(directory, uid, uid)
 
 
 def service_agents(env: Mapping[str, str]) -> tuple[Settings, AgentFactory]:

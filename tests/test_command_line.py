@@ -126,6 +126,7 @@ async def test_check_without_credentials_fails_one_line_per_check(tmp_path):
         "executable": "ok",  # the fake CLI: it runs
         "sandbox": "warn",  # AGENT_SANDBOX=off
         "credentials": "FAIL",
+        "agent start": "ok",  # the service's own start-up probe: one agent's launcher runs
         "model API": "FAIL",
     }
     credentials = next(line for line in lines if line.startswith("FAIL  credentials"))

@@ -8,6 +8,7 @@ agent to look for secrets and other users' data as a model would.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -18,11 +19,11 @@ from claude_code_api.sandbox import probe_sandbox
 from tests.harness import (
     API_KEY,
     AUTH,
+    FAKE_CLAUDE,
     for_one_test,
     process_exists,
     run_service,
     shared_service,
-    wait_health_status,
     wait_healthy,
     wait_until,
 )
@@ -233,18 +234,42 @@ async def test_a_retryable_upstream_error_is_reported_when_time_runs_out(service
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the CLI's root check only applies to root")
-async def test_a_cli_that_refuses_root_is_named_once_without_tracebacks(tmp_path):
-    env = {"FAKE_CLAUDE_REFUSE_ROOT": "1", "IS_SANDBOX": "", "RESTART_BACKOFF_MAX_MS": "500"}
+async def test_a_root_services_agents_are_not_root_so_the_clis_root_check_passes(tmp_path):
+    """The real CLI refuses bypassPermissions as root without IS_SANDBOX=1 (the fake too,
+    asked to): a root service's agents run as AGENT_UID, so none is needed."""
+    env = {"FAKE_CLAUDE_REFUSE_ROOT": "1", "IS_SANDBOX": ""}
     with trio.fail_after(60):
         async with run_service(tmp_path, env=env) as service:
-            health = await wait_health_status(service, "degraded")
+            await wait_healthy(service, ready=1)
             async with service.client() as client:
                 reply = await run(client, "hello")
-    assert "IS_SANDBOX=1" in health["reason"] and "non-root" in health["reason"]
-    assert reply["status"] == 503
-    log = service.log_text()
-    assert "Traceback" not in log
-    assert "IS_SANDBOX=1" in log
+    assert reply["status"] == 200 and reply["success"] is True, reply
+    assert "Traceback" not in service.log_text()
+
+
+def cli_the_sandbox_hides(workdir: Path) -> Path:
+    """A copy of the fake CLI in DATA_DIR, which the sandbox hides from every agent."""
+    cli = workdir / "data" / "bin" / "claude"
+    cli.parent.mkdir(parents=True)
+    shutil.copy2(FAKE_CLAUDE, cli)
+    return cli
+
+
+async def test_auto_runs_agents_unconfined_with_one_warning_when_none_starts_sandboxed(tmp_path):
+    """bwrap works, but the agent cannot start in it: the start-up probe runs the real
+    executable, with the real settings, in the sandbox, and ``auto`` falls back."""
+    if SANDBOX_REASON:
+        pytest.skip(SANDBOX_REASON)
+    cli = cli_the_sandbox_hides(tmp_path)
+    env = {"AGENT_SANDBOX": "auto", "CLAUDE_EXECUTABLE": str(cli)}
+    with trio.fail_after(60):
+        async with run_service(tmp_path, env=env) as service:
+            await wait_healthy(service, ready=1)
+            async with service.client() as client:
+                reply = await run(client, "hello")
+    assert reply["status"] == 200 and reply["success"] is True, reply
+    warnings = [line for line in service.log_text().splitlines() if "unusable" in line]
+    assert len(warnings) == 1 and str(cli) in warnings[0], warnings
 
 
 async def test_agents_die_with_a_killed_service(tmp_path):

@@ -24,7 +24,7 @@ from claude_code_api.demo.mock_messages_api import (
     tool_result_text,
 )
 from claude_code_api.sandbox import probe_sandbox
-from tests.harness import run_service, wait_health_status, wait_healthy, wait_until
+from tests.harness import run_service, wait_healthy, wait_until
 from tests.real_cli import requires_real_cli, service_overrides
 from tests.test_e2e_metrics import by_state, get, scrape
 
@@ -176,15 +176,18 @@ async def test_a_client_that_leaves_during_a_model_call_is_noticed_at_once(tmp_p
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the CLI's root check only applies to root")
-async def test_as_root_without_is_sandbox_the_cause_is_named(tmp_path):
+async def test_as_root_without_is_sandbox_agents_answer(tmp_path):
+    """The CLI refuses bypassPermissions to root without IS_SANDBOX=1; a root service's
+    agents run as AGENT_UID (see test_e2e_real_cli_launch.py), so it never needs it."""
     with trio.fail_after(BUDGET_S):
         async with open_mock_api() as api:
             env = real_cli_env(api, tmp_path, IS_SANDBOX="")
             async with run_service(tmp_path, env=env) as service:
-                health = await wait_health_status(service, "degraded", timeout=30)
-    assert "IS_SANDBOX=1" in health["reason"]
-    assert "Traceback" not in service.log_text()
-    assert service.log_text().count("refuses to run with bypassPermissions as root") >= 1
+                await wait_healthy(service, ready=1, timeout=60)
+                async with service.client() as client:
+                    reply = await run(client, "hello")
+    assert reply["status"] == 200 and reply["output"] == "echo: hello", reply
+    assert "bypassPermissions" not in service.log_text()
 
 
 async def test_a_users_next_one_shot_runs_on_the_cleared_agent_with_no_file_left(tmp_path):

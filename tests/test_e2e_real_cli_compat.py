@@ -21,6 +21,7 @@ from claude_code_api.demo.mock_messages_api import (
     open_mock_api,
     tool_result_text,
 )
+from claude_code_api.workspace_files import workspace_of
 from tests.harness import run_service, wait_healthy
 from tests.images import JPEG, b64, data_url, png
 from tests.real_cli import requires_real_cli, service_overrides
@@ -156,11 +157,21 @@ async def test_files_the_real_agent_reads_and_writes(tmp_path: Path) -> None:
                     body = {"prompt": "read it", "sessionId": "files"}
                     reply = await client.post("/run", headers=AS_ALICE, json=body)
                     got = await client.get("/files/out.txt", headers=AS_ALICE)
+                    # Written once the agent has run: owned as the workspace is (as root,
+                    # by AGENT_UID), so the agent can change it.
+                    later = await client.put("/files/d/later.txt", headers=AS_ALICE, content=b"x")
+                    assert later.status_code == 200, later.text
                     listed = (await client.get("/files", headers=AS_ALICE)).json()
+                    workspace = workspace_of(service.data_dir, "alice")
+                    owners = {
+                        (path.stat().st_uid, path.stat().st_gid)
+                        for path in (workspace, workspace / "d", workspace / "d" / "later.txt")
+                    }
     assert reply.status_code == 200 and reply.json()["output"] == "done", reply.text
     assert "forty-two" in tool_result_text(api.model_calls[-1].tool_results()[0])
     assert (got.status_code, got.content) == (200, b"from the agent")
-    assert [f["name"] for f in listed["files"]] == ["in/data.txt", "out.txt"]
+    assert [f["name"] for f in listed["files"]] == ["d/later.txt", "in/data.txt", "out.txt"]
+    assert len(owners) == 1, owners
 
 
 async def test_messages_reach_the_model_with_system_prompt_image_and_session(

@@ -24,6 +24,7 @@ import pytest
 import trio
 
 from claude_code_api.actors.registry import user_workspace
+from claude_code_api.agent_cgroups import find_cgroups
 from claude_code_api.demo.mock_messages_api import (
     MockMessagesApi,
     TextReply,
@@ -36,6 +37,9 @@ from tests.harness import RunningService, run_service, wait_healthy
 from tests.real_cli import requires_real_cli, service_overrides
 
 SANDBOX_REASON = probe_sandbox(shutil.which("bwrap"))
+# Where agents get cgroups, closing one kills all it started, whatever their process group.
+_CGROUPS = find_cgroups(Path(tempfile.gettempdir()))
+CGROUPS_REASON = _CGROUPS if isinstance(_CGROUPS, str) else None
 needs_sandbox = pytest.mark.skipif(SANDBOX_REASON is not None, reason=str(SANDBOX_REASON))
 pytestmark = requires_real_cli
 
@@ -134,12 +138,20 @@ async def test_a_sandboxed_agent_cannot_change_the_hosts_kernel_settings(tmp_pat
         assert "checked" in output and "writable" not in output, output
 
 
-@needs_sandbox
-async def test_an_agent_gets_the_logins_access_token_but_never_its_refresh_token(tmp_path):
+@pytest.mark.parametrize(
+    "sandbox",
+    [
+        pytest.param("on", marks=needs_sandbox),
+        # (A service of its own user runs its agents as that user: they read its file.)
+        pytest.param("off", marks=pytest.mark.skipif(os.geteuid() != 0, reason="needs root")),
+    ],
+)
+async def test_an_agent_gets_the_logins_access_token_but_never_its_refresh_token(tmp_path, sandbox):
     """The service refreshes its Claude login itself; an agent needs only the access token.
 
     With the refresh token an agent's tool could keep the operator's login for good, and
-    by refreshing it (tokens rotate) lock the service out for every user.
+    by refreshing it (tokens rotate) lock the service out for every user. A root
+    service's agents (AGENT_UID) cannot read its file (0600): they get a copy, theirs.
     """
     credentials = tmp_path / "service-home" / ".claude" / ".credentials.json"
     credentials.parent.mkdir(parents=True)
@@ -151,10 +163,12 @@ async def test_an_agent_gets_the_logins_access_token_but_never_its_refresh_token
         "subscriptionType": "max",
     }
     credentials.write_text(json.dumps({"claudeAiOauth": login}))
+    credentials.chmod(0o600)
     command = 'cat "$CLAUDE_CONFIG_DIR/.credentials.json"; echo; ls "$CLAUDE_CONFIG_DIR"'
     outputs, authorizations = await as_one_shot_and_session(
         tmp_path,
         command,
+        sandbox=sandbox,
         USE_CLAUDE_API_KEY="0",
         AGENT_ENV="ANTHROPIC_BASE_URL",  # the mock's URL, without the API key
     )
@@ -186,9 +200,11 @@ def processes_named(marker: str) -> list[int]:
             "off",
             marks=[
                 pytest.mark.xfail(
+                    CGROUPS_REASON is not None,
                     strict=True,
                     reason="the CLI starts each Bash command in a session of its own, out of"
-                    " reach of the agent's process group: unfixed, see README (Residual risks)",
+                    " reach of the agent's process group; without a cgroup per agent"
+                    f" ({CGROUPS_REASON}) unfixed, see README (Residual risks)",
                 ),
                 pytest.mark.slow,  # ~13 s: it waits out the escaped process's whole grace
             ],

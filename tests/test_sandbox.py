@@ -78,7 +78,14 @@ def test_an_operator_passes_more_variables_by_name():
     assert "API_KEYS" not in passed
 
 
-def launcher_for(tmp_path: Path, *, sandbox: bool, environ: dict[str, str] | None = None):
+def launcher_for(
+    tmp_path: Path,
+    *,
+    sandbox: bool,
+    environ: dict[str, str] | None = None,
+    bwrap: str | None = None,
+):
+    """A launcher for a service in ``tmp_path``: sandboxed with ``bwrap`` (default: this machine's)."""
     data_dir = tmp_path / "data"
     data_dir.mkdir(exist_ok=True)
     environ = environ or {
@@ -93,13 +100,17 @@ def launcher_for(tmp_path: Path, *, sandbox: bool, environ: dict[str, str] | Non
         environ=environ,
         use_api_key=False,
         extra_env=frozenset(),
-        bwrap=BWRAP if sandbox else None,
+        bwrap=(bwrap or BWRAP) if sandbox else None,
     )
+
+
+# For the tests that only read the launcher script bubblewrap never runs: they need no bwrap.
+NAMED_BWRAP = "/usr/bin/bwrap"
 
 
 def test_the_launcher_script_names_what_it_hides_and_quotes_paths(tmp_path):
     (tmp_path / "a dir").mkdir()
-    launcher = launcher_for(tmp_path / "a dir", sandbox=True)
+    launcher = launcher_for(tmp_path / "a dir", sandbox=True, bwrap=NAMED_BWRAP)
     home = tmp_path / "a dir" / "data/users/alice"
     spec = AgentSpec(name="session alice/s 1", home=home, ephemeral=False)
     text = launcher.script(spec, credentials=None)
@@ -261,6 +272,24 @@ def test_the_real_runtime_dirs_and_engine_sockets_are_on_the_list():
 
 
 @needs_sandbox
+def test_agents_start_with_a_relative_data_dir(tmp_path, monkeypatch):
+    """DATA_DIR's default is relative ("data"): README's quick start runs with it."""
+    monkeypatch.chdir(tmp_path)
+    launcher = make_launcher(
+        cli=Path("/bin/sh"),
+        data_dir=Path("data"),
+        environ={"PATH": os.environ["PATH"], "HOME": str(tmp_path / "service-home")},
+        use_api_key=False,
+        extra_env=frozenset(),
+        bwrap=BWRAP,
+    )
+    alice = AgentSpec(name="alice", home=Path("data/users/alice"), ephemeral=False)
+    done = run_agent_shell(launcher, alice, "pwd; echo mine > mine.txt")
+    assert done.stdout == f"{tmp_path / 'data/users/alice/workspace'}\n", done.stderr
+    assert (tmp_path / "data/users/alice/workspace/mine.txt").is_file()
+
+
+@needs_sandbox
 def test_a_data_dir_reached_through_a_symlink_is_hidden_and_agents_start(tmp_path, host_dir):
     (host_dir / "volume").mkdir()
     (host_dir / "data").symlink_to(host_dir / "volume")
@@ -376,7 +405,7 @@ def test_a_credentials_file_that_is_no_login_is_shown_as_an_empty_object(garbage
 
 
 def test_a_sandboxed_agents_copy_of_the_login_is_private_and_removed_with_it(tmp_path):
-    launcher = launcher_for(tmp_path, sandbox=True)
+    launcher = launcher_for(tmp_path, sandbox=True, bwrap=NAMED_BWRAP)
     service_file = tmp_path / "service-home" / ".claude" / ".credentials.json"
     service_file.parent.mkdir(parents=True)
     service_file.write_text('{"claudeAiOauth": {"accessToken": "a", "refreshToken": "r"}}')
@@ -570,3 +599,54 @@ def test_a_tree_deeper_than_the_recursion_limit_is_refused_by_reset_and_removed_
         # Whatever happened: pytest's own clean-up of old temporary directories
         # (shutil.rmtree) would fail on this tree in a later run.
         subprocess.run(["rm", "-rf", "--", str(spec.home)], check=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root")
+def test_a_home_given_to_the_agents_user_never_follows_a_link(tmp_path):
+    """A root service gives a HOME to AGENT_UID (a HOME an earlier version made as root);
+    the agents own it and may have left links in it, to files that are not theirs."""
+    user = sandbox.AgentUser(uid=65536, setpriv=shutil.which("setpriv") or "setpriv")
+    launcher = attrs.evolve(launcher_for(tmp_path, sandbox=False), user=user)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_text("root's")
+    home = tmp_path / "data" / "users" / "alice"
+    (home / "workspace").mkdir(parents=True)
+    (home / "workspace" / "link").symlink_to(outside / "victim")
+    (home / "tmp").symlink_to(outside)
+    alice = AgentSpec(name="alice", home=home, ephemeral=False)
+    launcher.cleanup(alice, launcher.prepare(alice, "a1"))
+    assert (home / "workspace").stat().st_uid == 65536
+    assert (home / "workspace" / "link").lstat().st_uid == 65536
+    assert outside.stat().st_uid == 0 and (outside / "victim").stat().st_uid == 0
+    # Its config dir a link: refused (the agent does not start), nothing given away.
+    (home / ".claude").rename(home / "config")
+    (home / ".claude").symlink_to(outside)
+    with pytest.raises(OSError):
+        launcher.prepare(alice, "a2")
+    assert outside.stat().st_uid == 0 and (outside / "victim").stat().st_uid == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root")
+def test_walls_are_the_highest_directories_the_agents_user_cannot_pass(tmp_path):
+    user = sandbox.AgentUser(uid=65536, setpriv="setpriv")
+
+    for directory in (tmp_path, *tmp_path.parents):  # (pytest's are root's, mode 0700)
+        directory.chmod(directory.stat().st_mode | 0o011)
+
+    def walls(path: Path, *, inside: bool) -> list[Path]:
+        return list(user.walls([path], inside=inside))
+
+    private = tmp_path / "private"
+    (private / "inner" / "data").mkdir(parents=True)
+    private.chmod(0o700)
+    (private / "inner").chmod(0o700)
+    data = private / "inner" / "data"
+    assert walls(data, inside=True) == [private]
+    assert walls(private, inside=True) == [private]
+    assert walls(private, inside=False) == []  # (a file in it, say)
+    opened = tmp_path / "opened"
+    opened.mkdir(mode=0o755)
+    assert walls(opened / "cli", inside=False) == []
+    os.chown(private, 65536, 65536)  # its own: it passes
+    assert walls(data, inside=True) == [private / "inner"]

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import claude_code_api
+from claude_code_api.sandbox import probe_sandbox
 
 from .harness import service_env
+from .test_e2e_agents import cli_the_sandbox_hides
 
 PACKAGE = Path(claude_code_api.__file__).parent
 
@@ -98,6 +103,17 @@ def test_a_sandbox_demanded_but_not_available_exits_1_with_one_line(tmp_path):
     errors = [line for line in result.stderr.splitlines() if "claude-code-api:" in line]
     assert len(errors) == 1 and "cannot start" in errors[0], result.stderr
     assert "AGENT_SANDBOX=on" in errors[0] and "bubblewrap" in errors[0], result.stderr
+
+
+@pytest.mark.skipif(probe_sandbox(shutil.which("bwrap")) is not None, reason="no sandbox here")
+def test_a_sandbox_demanded_in_which_no_agent_starts_exits_1_with_one_line(tmp_path):
+    cli = cli_the_sandbox_hides(tmp_path)  # (the sandbox hides DATA_DIR)
+    result = start(service_env(tmp_path, {"AGENT_SANDBOX": "on", "CLAUDE_EXECUTABLE": str(cli)}))
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "claude-code-api:" in line]
+    assert len(errors) == 1 and "AGENT_SANDBOX=on" in errors[0], result.stderr
+    assert str(cli) in errors[0], result.stderr
 
 
 def test_what_start_up_made_is_frozen_out_of_the_garbage_collector(tmp_path):

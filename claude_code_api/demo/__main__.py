@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     if port == 0:
         port = _free_or_any(0)
     workdir = Path(tempfile.mkdtemp(prefix="claude-code-api-demo-"))
+    # Passable (not readable) by others: a root service's agents run as AGENT_UID and, without
+    # the sandbox (a container), reach their HOMEs under DATA_DIR through it.
+    workdir.chmod(0o711)
     try:
         status = trio.run(_demo, port, workdir)
     finally:
@@ -114,10 +117,6 @@ def service_environment(
             "PYTHONUNBUFFERED": "1",
         }
     )
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        # Until agents run as an unprivileged user when the service is root (another branch):
-        # the CLI refuses bypassPermissions as root unless told it is sandboxed.
-        env["IS_SANDBOX"] = "1"
     return env
 
 
