@@ -159,7 +159,7 @@ def parse_chat_request(body: bytes, session_header: str | None, limits: Limits) 
     for name, types in IGNORED.items():
         value = integral(obj.get(name))
         if value is not None and types is not None:
-            if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
                 raise bad(name, "wrong type")
     stream = obj.get("stream")
     if stream is not None and not isinstance(stream, bool):
