@@ -40,6 +40,7 @@ from pathlib import Path
 
 import attrs
 
+from . import acl
 from .agent import AgentSpec
 from .agent_cgroups import AgentCgroup
 from .agent_limits import HIDDEN_TMPFS_BYTES, AgentLimits
@@ -263,9 +264,30 @@ class AgentUser:
         info = os.stat(directory)
         if info.st_uid == self.uid:
             return bool(info.st_mode & stat.S_IXUSR)
+        if acl.user_may_search(directory, self.uid):  # (given by open_walls)
+            return True
         if info.st_gid == self.gid:
             return bool(info.st_mode & stat.S_IXGRP)
         return bool(info.st_mode & stat.S_IXOTH)
+
+    def open_walls(self, paths: Sequence[Path], *, inside: bool) -> list[Path]:
+        """Give this user search permission, by an ACL entry, on every wall on the way to
+        ``paths`` (:meth:`walls`); the directories it was given on. Blocking.
+
+        For agents without the sandbox, which reach DATA_DIR and the CLI by their real
+        paths: a clone under ``/root`` (0700) is otherwise out of their reach. Passing
+        through is all it gives (``--x``: no listing), to this user only. Raises OSError
+        where a directory cannot take the ACL (a filesystem without ACLs).
+        """
+        opened: list[Path] = []
+        for _ in range(64):  # (each round opens the highest wall left; a path is not deeper)
+            walls = self.walls(paths, inside=inside)
+            if not walls:
+                return opened
+            for wall in walls:
+                acl.grant_search(wall, self.uid)
+                opened.append(wall)
+        raise OSError(f"walls keep appearing on the way to {', '.join(map(str, paths))}")
 
     def walls(self, paths: Sequence[Path], *, inside: bool) -> tuple[Path, ...]:
         """The highest directories on the way to ``paths`` this user cannot pass. Blocking.

@@ -177,6 +177,8 @@ def plan_with_findings(
     if not launcher.sandboxed:
         # Out of reach: no agent can ever start (a refusal). A failed probe otherwise is
         # said, and agents are tried all the same (it may pass; their failures show).
+        launcher, opened = _open_the_way(launcher, settings.data_dir)
+        findings += opened
         refusal = _unreachable(launcher)
         reason = refusal or launcher.probe(probes / uuid.uuid4().hex[:12])
         if reason is not None:
@@ -215,6 +217,36 @@ def _who(user: AgentUser | None) -> str:
     if user is None:
         return "as the service's OS user"
     return f"as uid {user.uid} (AGENT_UID)"
+
+
+def _open_the_way(launcher: AgentLauncher, data_dir: Path) -> tuple[AgentLauncher, list[Finding]]:
+    """Without the sandbox, give a root service's agents' user search permission on the
+    directories on the way to DATA_DIR and the CLI it cannot pass (``/root``, 0700), by
+    an ACL entry (:meth:`AgentUser.open_walls`); what was done, as findings. Blocking.
+
+    Where the filesystem keeps no ACLs, nothing changes: :func:`_unreachable` then says
+    why agents cannot start.
+    """
+    user = launcher.user
+    if user is None or not launcher.walls:
+        return launcher, []
+    try:
+        opened = user.open_walls([data_dir.absolute()], inside=True)
+        opened += user.open_walls(launcher.shown, inside=False)
+    except OSError as exc:
+        log.info("cannot open the way to DATA_DIR and the CLI for uid %d: %s", user.uid, exc)
+        return launcher, []
+    findings = [
+        Finding(
+            "agent user",
+            Status.WARN,
+            f"gave uid {user.uid} (AGENT_UID) search permission on {wall} (an ACL entry: "
+            "passing through, no listing) so that agents without the sandbox reach DATA_DIR "
+            f"and the CLI; `setfacl -x u:{user.uid} {wall}` takes it back",
+        )
+        for wall in dict.fromkeys(opened)
+    ]
+    return attrs.evolve(launcher, walls=()), findings
 
 
 def _unreachable(launcher: AgentLauncher) -> str | None:

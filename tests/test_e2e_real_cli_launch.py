@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,9 +22,7 @@ import trio
 
 from claude_code_api.actors.registry import user_workspace
 from claude_code_api.config import Settings
-from claude_code_api.demo.mock_messages_api import open_mock_api
-from tests.harness import run_service, wait_health_status
-from tests.real_cli import BUNDLED_CLI, requires_real_cli, service_overrides
+from tests.real_cli import BUNDLED_CLI, requires_real_cli
 from tests.test_e2e_real_cli_escape import (
     BUDGET_S,
     SANDBOX_REASON,
@@ -99,36 +98,31 @@ def install_cli(directory: Path) -> Path:
 @pytest.mark.parametrize("sandbox", SANDBOX_PARAMETERS)
 async def test_a_cli_behind_a_directory_only_root_may_pass(tmp_path, sandbox):
     """A clone and its venv under /root (mode 0700): AGENT_UID cannot pass it. The
-    sandbox makes the way to the CLI (and hides the rest); without, start-up says why."""
+    sandbox makes the way to the CLI (and hides the rest); without, the service gives
+    AGENT_UID search permission on it by an ACL entry: passing through, not listing."""
     private = Path(tempfile.mkdtemp(prefix="private-", dir="/var/tmp"))  # mode 0700
     try:
         cli = install_cli(private)
         with trio.fail_after(BUDGET_S):
-            if sandbox == "auto":
-                async with agents_service(tmp_path, sandbox, CLAUDE_EXECUTABLE=str(cli)) as (
-                    api,
-                    service,
-                    client,
-                ):
-                    output = await bash_as_alice(client, api, f"ls {private}; echo listed")
-                    log = service.log_text()
-                assert "listed" in output and "agents run sandboxed" in log, log
-                assert "venv" in output  # (the way to the CLI, nothing else of it)
-                return
-            async with open_mock_api() as api:
-                env = service_overrides(api.url, tmp_path, AGENT_SANDBOX="off")
-                env["CLAUDE_EXECUTABLE"] = str(cli)
-                async with run_service(tmp_path, env=env) as service:
-                    health = await wait_health_status(service, "degraded", timeout=60)
-                    async with service.client() as client:
-                        reply = await client.post(
-                            "/run", json={"prompt": "hi"}, headers={"x-api-key": "sk-alice-key"}
-                        )
+            async with agents_service(tmp_path, sandbox, CLAUDE_EXECUTABLE=str(cli)) as (
+                api,
+                service,
+                client,
+            ):
+                output = await bash_as_alice(client, api, f"ls {private}; echo listed")
+                log = service.log_text()
+        mode = stat.S_IMODE(private.stat().st_mode)
     finally:
         shutil.rmtree(private)
-    assert f"cannot pass {private} (mode 700" in health["reason"], health
-    assert "AGENT_UID" in health["reason"], health
-    assert reply.status_code == 503 and "AGENT_UID" in reply.text, reply.text
+    assert "listed" in output, output
+    if sandbox == "auto":
+        assert "agents run sandboxed" in log, log
+        assert "venv" in output  # (the way to the CLI, nothing else of it)
+        assert "gave uid" not in log and mode == 0o700, log
+    else:
+        assert "Permission denied" in output and "venv" not in output, output  # no listing
+        assert f"gave uid {Settings().agent_uid} (AGENT_UID) search permission on {private}" in log
+        assert mode == 0o710, oct(mode)  # (the ACL's mask shows as the group's bits)
 
 
 @needs_sandbox
