@@ -120,6 +120,9 @@ async def test_check_without_credentials_fails_one_line_per_check(tmp_path):
     checks = [CHECK_LINE.match(line) for line in lines[:-1]]
     assert all(checks), lines
     status = {match[2]: match[1].strip() for match in checks if match}
+    # As root where the test's directory is closed to AGENT_UID (a clone under /root, and no
+    # sandbox in a container), the service opens the way to it, and says so.
+    assert status.pop("agent user", "warn") == "warn"
     assert status == {
         "settings": "ok",
         "callers": "warn",  # AUTH_ADMINS is not set
