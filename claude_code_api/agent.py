@@ -92,6 +92,15 @@ class TurnResult:
     api_error_status: int | None = None
 
 
+@attrs.frozen
+class Charge:
+    """Whom a turn's model calls count against: its user, and the run (and session)."""
+
+    user_id: str
+    run_id: str
+    session_id: str | None = None
+
+
 OnEvent = Callable[[AgentEvent], Awaitable[None]]
 
 
@@ -135,13 +144,20 @@ class Agent(Protocol):
         ...
 
     async def run_turn(
-        self, prompt: str, on_event: OnEvent, *, memory: str | None = None
+        self,
+        prompt: str,
+        on_event: OnEvent,
+        *,
+        memory: str | None = None,
+        charge: Charge | None = None,
     ) -> TurnResult:
         """Send ``prompt``, relay the turn's events to ``on_event``, return its result.
 
         ``memory``: the user's CLAUDE.md, handed to the agent with the prompt as
         context (for an agent that started before its user was known, so did not
-        load it itself). Raises :class:`AgentError` if the process fails mid-turn.
+        load it itself). ``charge``: whom the turn's model calls count against (the
+        model proxy's ledger; from then on until the next turn's). Raises
+        :class:`AgentError` if the process fails mid-turn.
         """
         ...
 

@@ -505,6 +505,16 @@ class Settings:
         "largest `maxBudgetUsd` a request may ask for",
         shown_default="no limit",
     )
+    # None: no budget.
+    user_daily_budget_usd: float | None = setting(
+        "USER_DAILY_BUDGET_USD",
+        OrUnset(Number(0, 1_000_000)),
+        "",
+        "what one user id may spend on the model per calendar day (UTC), in US dollars, as the"
+        " model proxy counts it (`USE_CLAUDE_API_KEY=1`); past it, new work is refused (429)"
+        " and running turns end at their next model call",
+        shown_default="no budget",
+    )
     allowed_permission_modes: tuple[str, ...] = setting(
         "ALLOWED_PERMISSION_MODES",
         Names("permission mode", PERMISSION_MODES),

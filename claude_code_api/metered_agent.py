@@ -28,6 +28,7 @@ from .agent import (
     AgentFactory,
     AgentSpec,
     AgentStartError,
+    Charge,
     OnEvent,
     TurnResult,
 )
@@ -68,10 +69,15 @@ class MeteredAgent:
             self._fail("exit")
 
     async def run_turn(
-        self, prompt: str, on_event: OnEvent, *, memory: str | None = None
+        self,
+        prompt: str,
+        on_event: OnEvent,
+        *,
+        memory: str | None = None,
+        charge: Charge | None = None,
     ) -> TurnResult:
         try:
-            return await self._agent.run_turn(prompt, on_event, memory=memory)
+            return await self._agent.run_turn(prompt, on_event, memory=memory, charge=charge)
         except AgentError:
             self._fail("exit" if self._agent.exited else "protocol")
             raise

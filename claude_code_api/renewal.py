@@ -26,7 +26,7 @@ import logging
 
 import trio
 
-from .agent import CLOSE_GRACE_S, Agent, AgentFactory, AgentSpec, OnEvent, TurnResult
+from .agent import CLOSE_GRACE_S, Agent, AgentFactory, AgentSpec, Charge, OnEvent, TurnResult
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +99,14 @@ class RetiredWhenStale:
             nursery.cancel_scope.cancel()
 
     async def run_turn(
-        self, prompt: str, on_event: OnEvent, *, memory: str | None = None
+        self,
+        prompt: str,
+        on_event: OnEvent,
+        *,
+        memory: str | None = None,
+        charge: Charge | None = None,
     ) -> TurnResult:
-        return await self._agent.run_turn(prompt, on_event, memory=memory)
+        return await self._agent.run_turn(prompt, on_event, memory=memory, charge=charge)
 
     async def set_model(self, model: str) -> None:
         await self._agent.set_model(model)

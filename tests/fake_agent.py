@@ -20,7 +20,14 @@ from collections.abc import Callable, Sequence
 import attrs
 import trio
 
-from claude_code_api.agent import AgentError, AgentSpec, AgentStartError, OnEvent, TurnResult
+from claude_code_api.agent import (
+    AgentError,
+    AgentSpec,
+    AgentStartError,
+    Charge,
+    OnEvent,
+    TurnResult,
+)
 from claude_code_api.messages import AssistantText, ToolResult, ToolUse, UpstreamRetry
 
 # --- script steps -------------------------------------------------------------
@@ -171,7 +178,12 @@ class FakeAgent:
         await self._exited.wait()
 
     async def run_turn(
-        self, prompt: str, on_event: OnEvent, *, memory: str | None = None
+        self,
+        prompt: str,
+        on_event: OnEvent,
+        *,
+        memory: str | None = None,
+        charge: Charge | None = None,
     ) -> TurnResult:
         if self.exited or self._closed:
             raise AgentError("agent process is not running")

@@ -38,6 +38,7 @@ from ..messages import (
     SessionKey,
     SessionState,
 )
+from ..usage import UsageLedger
 from .auth import Unauthorized, authenticate, check_metrics_token, is_admin
 from .docs import docs_page
 from .jobs import SessionStoreUnavailable, close_session, pool_snapshot
@@ -284,8 +285,12 @@ def create_app(
     store_status: StoreStatus | None = None,
     credentials: CredentialsClient | None = None,
     pool_view: PoolView | None = None,
+    usage: UsageLedger | None = None,
 ) -> QuartTrio:
     """Build the app; ``dispatcher`` is a send channel to the dispatcher's inbox.
+
+    ``usage``: the model proxy's ledger, for ``/status``'s ``usage`` (None: agents do
+    not go through the proxy, and ``/status`` has none).
 
     ``/health`` reads ``pool_view`` (the dispatcher's published state) when it can,
     so it never waits behind work; else it asks the dispatcher.
@@ -396,6 +401,8 @@ def create_app(
         page = await registry.list_for_user(user_id, limit=limit, offset=offset)
         body["sessions"] = session_views(snapshot, page.records, user_id, first_page=offset == 0)
         body["sessionsTotal"] = page.total
+        if usage is not None:
+            body["usage"] = usage.user_status(user_id)
         return jsonify(body)
 
     def credentials_actor() -> CredentialsClient:
