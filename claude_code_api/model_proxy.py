@@ -256,13 +256,15 @@ class ModelProxy:
         self._listeners = [*tcp, trio.SocketListener(unix)]
 
     async def aclose(self) -> None:
-        """Close the listeners and remove the socket file (the service's end)."""
-        for listener in self._listeners:
-            with suppress(Exception):
-                await listener.aclose()
-        self._listeners = []
-        with suppress(OSError):
-            self.socket_path.unlink()
+        """Close the listeners and remove the socket file (the service's end). Shielded."""
+        if self._listeners:
+            with suppress(OSError):
+                self.socket_path.unlink()
+        listeners, self._listeners = self._listeners, []
+        with trio.CancelScope(shield=True):
+            for listener in listeners:
+                with suppress(Exception):
+                    await listener.aclose()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept agents' connections until cancelled. Started once the listeners are open."""
