@@ -363,7 +363,7 @@ def create_app(
             async def snapshot() -> PoolSnapshot:
                 return await pool_snapshot(dispatcher)
 
-            text = await scrape(snapshot, settings.pool_size, store.records)
+            text = await scrape(snapshot, settings.pool_size, store.records, usage)
             return Response(text, content_type=metrics.CONTENT_TYPE)
 
     spec = openapi_spec(settings)
