@@ -189,6 +189,26 @@ class UpstreamCredential:
         return cls(list, "none")
 
 
+def keep_memory_private() -> bool:
+    """Make this process non-dumpable (``PR_SET_DUMPABLE`` 0); True when it is. Linux only.
+
+    The service holds the model API's key (in its environment and memory). Agents without
+    the sandbox may run as the service's own OS user: a non-dumpable process's
+    ``/proc/<pid>/environ``, ``mem`` and the like are root's, and no process of the same
+    uid may attach to it. Its children (agents) are dumpable again once they exec.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(4, 0, 0, 0, 0)) == 0  # PR_SET_DUMPABLE
+    except (OSError, AttributeError):
+        return False
+
+
 def upstream_url(environ: Mapping[str, str]) -> str:
     """The model API the operator configured: ``ANTHROPIC_BASE_URL``, or Anthropic's."""
     return (environ.get("ANTHROPIC_BASE_URL", "").strip() or DEFAULT_UPSTREAM).rstrip("/")

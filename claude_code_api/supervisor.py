@@ -80,7 +80,7 @@ from .messages import (
     SessionKey,
 )
 from .metered_agent import metered
-from .model_proxy import ModelProxy, UpstreamCredential, upstream_url
+from .model_proxy import ModelProxy, UpstreamCredential, keep_memory_private, upstream_url
 from .oauth import TokenEndpoint
 from .renewal import CredentialsVersion, retired_when_stale
 from .sandbox import remove_conversation_files
@@ -163,6 +163,11 @@ class Service:
         Raises :class:`~claude_code_api.startup.StartupError` during start-up
         when agents cannot be launched as configured.
         """
+        if not keep_memory_private():
+            log.warning(
+                "cannot make the service non-dumpable: agents of its own OS user may "
+                "read its environment (the model API's key) in /proc"
+            )
         try:
             self.root = self._tree()
             if self._stopping:  # a signal arrived before the tree existed
