@@ -511,7 +511,7 @@ class Settings:
         OrUnset(Number(0, 1_000_000)),
         "",
         "what one user id may spend on the model per calendar day (UTC), in US dollars, as the"
-        " model proxy counts it (`USE_CLAUDE_API_KEY=1`); past it, new work is refused (429)"
+        " model proxy counts it; past it, new work is refused (429)"
         " and running turns end at their next model call",
         shown_default="no budget",
     )
@@ -527,8 +527,9 @@ class Settings:
         "USE_CLAUDE_API_KEY",
         Flag(),
         "off",
-        "on: passes `ANTHROPIC_API_KEY` to the agent; off: it is withheld so the CLI uses"
-        " its OAuth login",
+        "on: the model proxy calls the model API with `ANTHROPIC_API_KEY` (or"
+        " `ANTHROPIC_AUTH_TOKEN`); off: with the Claude login. Agents hold neither: a token"
+        " of their own",
     )
     claude_oauth_token_url: str = setting(
         "CLAUDE_OAUTH_TOKEN_URL",

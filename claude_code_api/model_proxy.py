@@ -40,22 +40,25 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import h11
-import httpx
 import trio
 
 from .agent import Charge
 from .sandbox import MODEL_VARIABLES
+
+if TYPE_CHECKING:
+    import httpx  # imported when the proxy starts: /health answers before
 from .usage import UsageLedger, UsageReader
 
 log = logging.getLogger(__name__)
@@ -86,6 +89,9 @@ HOP_BY_HOP = frozenset(
     }
 )
 CREDENTIAL_HEADERS = frozenset({b"x-api-key", b"authorization"})
+# The model API's statuses for a credential it refuses, and how much of such an answer is kept.
+AUTH_STATUSES = frozenset({401, 403})
+MAX_ERROR_KEPT = 4096
 
 
 def model_env(token: str, address: str) -> dict[str, str]:
@@ -163,30 +169,84 @@ def _digest(token: str) -> bytes:
 # --- what is put on the request -------------------------------------------------------------
 
 
-class UpstreamCredential:
-    """The real credential the proxy puts on every forwarded request.
+# What the CLI adds to anthropic-beta when it logs in with a Claude login (bundled 2.1.331).
+OAUTH_BETA = b"oauth-2025-04-20"
 
-    ``headers()`` is called per request (a login's access token changes when the
-    service refreshes it). Without a credential, the request goes up with none and
-    the model API refuses it as it would have refused the agent.
+
+class UpstreamCredential:
+    """The real credential the proxy puts on every forwarded request, in place of the token.
+
+    One of, as the service's settings say (:meth:`for_service`):
+
+    * ``api_key``: ``ANTHROPIC_API_KEY`` (``USE_CLAUDE_API_KEY=1``), as ``x-api-key``;
+    * ``auth_token``: ``ANTHROPIC_AUTH_TOKEN`` (``USE_CLAUDE_API_KEY=1``, no key), as
+      ``Authorization: Bearer`` (a gateway's);
+    * ``oauth``: the Claude login — ``CLAUDE_CODE_OAUTH_TOKEN``, or the access token of the
+      service's credentials file, which the credentials actor keeps fresh and hands over
+      (:meth:`update`) — as ``Authorization: Bearer``, with ``oauth-2025-04-20`` added to
+      ``anthropic-beta``, as the CLI sends a login itself.
+
+    ``apply`` returns None while there is no credential (no login yet): the proxy then
+    answers 401 itself, naming what to do.
     """
 
-    def __init__(self, headers: Callable[[], list[tuple[bytes, bytes]]], method: str) -> None:
-        self.headers = headers
-        self.method = method  # for logs and /auth/status: "api_key", "auth_token", "none"
+    def __init__(self, method: str, secret: str | None = None, *, file_login: bool = False) -> None:
+        self.method = method
+        self._secret = secret
+        self.file_login = file_login  # the token comes from the credentials file (update)
+
+    @classmethod
+    def for_service(cls, environ: Mapping[str, str], use_api_key: bool) -> UpstreamCredential:
+        if use_api_key:
+            if key := environ.get("ANTHROPIC_API_KEY", "").strip():
+                return cls("api_key", key)
+            if bearer := environ.get("ANTHROPIC_AUTH_TOKEN", "").strip():
+                return cls("auth_token", bearer)
+        if token := environ.get("CLAUDE_CODE_OAUTH_TOKEN", "").strip():
+            return cls("oauth", token)
+        return cls("oauth", None, file_login=True)
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str]) -> UpstreamCredential:
-        """The API key (``x-api-key``), else ``ANTHROPIC_AUTH_TOKEN`` (a bearer), of ``environ``."""
-        key = environ.get("ANTHROPIC_API_KEY", "").strip()
-        if key:
-            sent = [(b"x-api-key", key.encode())]
-            return cls(lambda: sent, "api_key")
-        bearer = environ.get("ANTHROPIC_AUTH_TOKEN", "").strip()
-        if bearer:
-            sent = [(b"authorization", b"Bearer " + bearer.encode())]
-            return cls(lambda: sent, "auth_token")
-        return cls(list, "none")
+        """With ``USE_CLAUDE_API_KEY=1``: the key, else the auth token, of ``environ``."""
+        return cls.for_service(environ, True)
+
+    def update(self, access_token: str | None) -> None:
+        """The credentials file's login changed (the credentials actor read it)."""
+        if self.file_login:
+            self._secret = access_token or None
+
+    @property
+    def available(self) -> bool:
+        return self._secret is not None
+
+    def apply(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]] | None:
+        """``headers`` (credential headers already removed) with the credential put on."""
+        secret = self._secret
+        if secret is None:
+            return None
+        if self.method == "api_key":
+            return [*headers, (b"x-api-key", secret.encode())]
+        bearer = (b"authorization", b"Bearer " + secret.encode())
+        if self.method != "oauth":
+            return [*headers, bearer]
+        out, beta_seen = [], False
+        for name, value in headers:
+            if name == b"anthropic-beta":
+                beta_seen = True
+                betas = [b.strip() for b in value.split(b",") if b.strip()]
+                if OAUTH_BETA not in betas:
+                    value = b",".join([*betas, OAUTH_BETA])
+            out.append((name, value))
+        if not beta_seen:
+            out.append((b"anthropic-beta", OAUTH_BETA))
+        return [*out, bearer]
+
+
+NO_CREDENTIALS = (
+    "the service has no Claude credentials: log it in (claude-code-api login, or POST"
+    " /auth/login), or set ANTHROPIC_API_KEY with USE_CLAUDE_API_KEY=1"
+)
 
 
 def keep_memory_private() -> bool:
@@ -239,6 +299,8 @@ class ModelProxy:
         self.ledger = ledger
         self.grants = Grants()
         self._tcp_host = tcp_host
+        # The model API's last refusal of the credential, until a call succeeds (/auth/status).
+        self.last_refusal: UpstreamRefusal | None = None
         self._listeners: list[trio.abc.Listener[Any]] = []
         self._port: int | None = None
 
@@ -263,17 +325,38 @@ class ModelProxy:
             return
         tcp = await trio.open_tcp_listeners(0, host=self._tcp_host)
         self._port = tcp[0].socket.getsockname()[1]
+        self._listeners = [*tcp]
+        try:
+            self._listeners.append(await self._open_unix_listener())
+        except OSError as exc:
+            log.error(
+                "model proxy: cannot listen on %s (%s): agents in a network namespace of their"
+                " own cannot reach the model API",
+                self.socket_path,
+                exc.strerror or exc,
+            )
+
+    async def _open_unix_listener(self) -> trio.SocketListener:
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self.socket_path
         with suppress(FileNotFoundError):
             path.unlink()
         unix = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        await unix.bind(str(path))
+        # A Unix socket's path holds 107 bytes at most, and DATA_DIR may be deeper: bound
+        # through its directory's descriptor (/proc/self/fd/N/...), any depth works.
+        directory = os.open(self.run_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            await unix.bind(f"/proc/self/fd/{directory}/{SOCKET_NAME}")
+        except OSError:
+            unix.close()
+            raise
+        finally:
+            os.close(directory)
         # Anyone who reaches it needs a token all the same; the bridge in a sandbox runs as
         # the agent's own user. (Its directory is the service's, hidden from agents.)
         os.chmod(path, 0o666)
         unix.listen(128)
-        self._listeners = [*tcp, trio.SocketListener(unix)]
+        return trio.SocketListener(unix)
 
     async def aclose(self) -> None:
         """Close the listeners and remove the socket file (the service's end). Shielded."""
@@ -288,6 +371,8 @@ class ModelProxy:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept agents' connections until cancelled. Started once the listeners are open."""
+        import httpx
+
         await self._open_listeners()
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
         timeout = httpx.Timeout(None, connect=CONNECT_TIMEOUT_S)
@@ -343,6 +428,19 @@ class ModelProxy:
                 cleanup.shield = True
                 await stream.aclose()
 
+    def upstream_refused(self, status: int, body: bytes) -> None:
+        try:
+            error = json.loads(body).get("error", {})
+            message = str(error.get("message") or error.get("type") or "")
+        except (ValueError, AttributeError):
+            message = ""
+        message = " ".join((message or f"HTTP {status}").split())[:500]
+        if self.last_refusal is None or self.last_refusal.message != message:
+            log.warning(
+                "model proxy: the model API refused the credential (%s): %s", status, message
+            )
+        self.last_refusal = UpstreamRefusal(status, message, time.time())
+
     def authorize(self, request: h11.Request) -> tuple[Grant | None, tuple[int, bytes] | None]:
         """The grant of ``request``'s token, or the refusal to answer with (status, body)."""
         token = _token_of(request)
@@ -364,6 +462,15 @@ class ModelProxy:
             log.warning("model proxy: refused %s without a valid agent token", target)
             message = "invalid agent token: only the service's agents may call the model API here"
         return None, (401, error_body("authentication_error", message))
+
+
+@attrs.frozen
+class UpstreamRefusal:
+    """The model API refused the service's credential (401, 403): its words, and when."""
+
+    status: int
+    message: str
+    at: float  # time.time()
 
 
 class _Hangup(Exception):
@@ -396,6 +503,9 @@ class _Exchange:
             await self._refuse(*refusal)
             return
         grant.calls += 1
+        if not proxy.credential.available:
+            await self._refuse(401, error_body("authentication_error", NO_CREDENTIALS))
+            return
         path = request.target.split(b"?", 1)[0]
         metered = request.method == b"POST" and path == b"/v1/messages"
         ledger = proxy.ledger
@@ -457,6 +567,8 @@ class _Exchange:
             scope.cancel()
 
     async def _forward(self, reader: UsageReader | None) -> None:
+        import httpx
+
         proxy, request = self.proxy, self.request
         headers = [
             (name, value)
@@ -465,7 +577,9 @@ class _Exchange:
             and name not in CREDENTIAL_HEADERS
             and name not in (b"host", b"accept-encoding")
         ]
-        headers += proxy.credential.headers()
+        credentialed = proxy.credential.apply(headers)
+        assert credentialed is not None  # (checked before: run)
+        headers = credentialed
         # The answer's bytes are passed on as they are, and read on the way for its usage.
         headers.append((b"accept-encoding", b"identity"))
         has_body = any(
@@ -504,10 +618,18 @@ class _Exchange:
                     reason=(response.reason_phrase or "").encode("ascii", errors="replace"),
                 ),
             )
+            refused = response.status_code in AUTH_STATUSES
+            seen = bytearray()
             async for chunk in response.aiter_raw():
                 if reader is not None:
                     reader.feed(chunk)
+                if refused and len(seen) < MAX_ERROR_KEPT:
+                    seen += chunk[: MAX_ERROR_KEPT - len(seen)]
                 await _send(self.connection, self.stream, h11.Data(data=chunk))
+            if refused:  # (noted before the answer ends: whoever reads it then sees it)
+                proxy.upstream_refused(response.status_code, bytes(seen))
+            elif response.status_code == 200:
+                proxy.last_refusal = None
             await _send(self.connection, self.stream, h11.EndOfMessage())
         except httpx.TransportError as exc:
             log.warning("model proxy: the model API's answer broke off: %r", exc)
@@ -547,8 +669,6 @@ def _token_of(request: h11.Request) -> str | None:
 
 def error_body(error_type: str, message: str) -> bytes:
     """An error as the model API words one (the CLI shows its ``message``)."""
-    import json
-
     return json.dumps({"type": "error", "error": {"type": error_type, "message": message}}).encode()
 
 

@@ -490,7 +490,9 @@ class AgentLauncher:
 
     ``bwrap`` is the bubblewrap executable when agents run sandboxed, else None.
     ``hidden``: paths agents must not see (with the sandbox). ``credentials``:
-    the service's Claude credentials file, shown read-only to every agent (the
+    None with the model proxy (``proxied``: the service's launcher; agents then get no
+    login at all, and one an earlier version left in a HOME is removed). Else the
+    service's Claude credentials file, shown read-only to every agent (the
     CLI needs it to log in) when it exists: with the sandbox, a copy of its
     login without the refresh token (:func:`login_for_agents`), beside the
     launcher; without, the file itself through a symlink.
@@ -571,6 +573,10 @@ class AgentLauncher:
             _make_home(spec, self.user, None if self.sandboxed else credentials)
         else:
             self._link_credentials(spec, credentials)
+        if self.proxied:
+            # A login an earlier version left in a user's HOME (a copy, or a link to the
+            # service's file): with the proxy, no agent holds one.
+            _remove_login(spec)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self.user is not None and self.sandboxed:
             write_accounts(self.run_dir, self.user)
@@ -947,6 +953,24 @@ def _make_home(spec: AgentSpec, user: AgentUser, credentials: Path | None) -> No
         os.close(home_fd)
 
 
+def _remove_login(spec: AgentSpec) -> None:
+    """Remove ``spec``'s ``.claude/.credentials.json`` (a file or a link), never following a link."""
+    try:
+        home_fd = _open_directory(spec.home)
+    except FileNotFoundError:
+        return
+    try:
+        config_fd = _open_directory(spec.config_dir.name, dir_fd=home_fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    finally:
+        os.close(home_fd)
+    try:
+        _remove_at(config_fd, CREDENTIALS_FILE)
+    finally:
+        os.close(config_fd)
+
+
 def _give_tree(top_fd: int, user: AgentUser) -> None:
     """Make everything in the directory ``top_fd`` (itself included) ``user``'s. Blocking.
 
@@ -1073,7 +1097,8 @@ def make_launcher(
         withheld=withheld,
         bwrap=bwrap,
         hidden=hidden,
-        credentials=claude_dir / CREDENTIALS_FILE,
+        # With the model proxy, agents never get the login: the proxy puts it on.
+        credentials=None if proxied else claude_dir / CREDENTIALS_FILE,
         user=user,
         shown=shown,
         walls=tuple(dict.fromkeys(walls)),

@@ -141,7 +141,7 @@ def plan_with_findings(
         bwrap=bwrap,
         user=user,
         limits=limits,
-        proxied=settings.use_claude_api_key,
+        proxied=True,
     )
     # A single file an agent writes stops at the disk quota (disk_quota.py).
     launcher = attrs.evolve(

@@ -117,11 +117,14 @@ class Service:
         self.credentials_version = CredentialsVersion()
         # What each user and run spent, as the model proxy counts it; the daily budget.
         self.usage = UsageLedger(settings.user_daily_budget_usd)
-        # Agents reach the model API through it, with USE_CLAUDE_API_KEY (model_proxy.py).
+        # Agents reach the model API through it, never holding its credential (model_proxy.py).
+        self.model_credential = UpstreamCredential.for_service(
+            self.environ, settings.use_claude_api_key
+        )
         self.model_proxy = ModelProxy(
             settings.data_dir.absolute() / "run",
             upstream_url(self.environ),
-            UpstreamCredential.from_environment(self.environ),
+            self.model_credential,
             self.usage,
         )
         self._channels = (
@@ -147,7 +150,8 @@ class Service:
                 self.store_status,
                 CredentialsClient(self.credentials_inbox),
                 self.pool_view,
-                self.usage if settings.use_claude_api_key else None,
+                self.usage,
+                self.model_proxy,
             ),
             settings.host,
             settings.port,
@@ -204,8 +208,8 @@ class Service:
     def _tree(self) -> Supervisor:
         settings = self.settings
         disk = DiskQuota.from_settings(settings, partial(user_workspace, settings.data_dir))
-        # The proxy's counts (and budgets) where agents go through it (USE_CLAUDE_API_KEY).
-        ledger = self.usage if settings.use_claude_api_key else None
+        # The runs' usage as the model proxy counts it, and the users' budgets.
+        ledger = self.usage
         turn = TurnLimits(settings.interrupt_grace_s, settings.max_output_chars, disk, ledger)
         turn_stop_grace = settings.interrupt_grace_s + CLOSE_GRACE_S + 1.0
 
@@ -235,6 +239,7 @@ class Service:
                 endpoint=TokenEndpoint(settings.claude_oauth_token_url),
                 version=self.credentials_version,
                 refresh_margin_s=settings.oauth_refresh_margin_s,
+                on_login=self.model_credential.update,
             )
             await actor.serve(task_status=task_status)
 
@@ -261,7 +266,7 @@ class Service:
                 ),
                 view=self.pool_view,
                 max_running_per_user=settings.running_per_user_max,
-                refusal_for=None if ledger is None else partial(budget_refusal, ledger),
+                refusal_for=partial(budget_refusal, ledger),
             )
             await dispatcher.serve(task_status=task_status)
 

@@ -204,3 +204,50 @@ def test_an_agents_environment_names_the_proxy_and_its_token_only():
         "CLAUDE_CODE_OAUTH_TOKEN": "",
     }
     assert json.dumps(env).count("sk-ant") == 0
+
+
+def test_a_login_goes_on_as_a_bearer_with_the_oauth_beta_the_cli_sends_for_it():
+    credential = UpstreamCredential.for_service({}, use_api_key=False)
+    assert credential.method == "oauth" and credential.apply([]) is None  # no login yet
+    credential.update("the-access-token")
+    beta = (b"anthropic-beta", b"claude-code-20250219,effort-2025-11-24")
+    assert credential.apply([beta, (b"x-app", b"cli")]) == [
+        (b"anthropic-beta", b"claude-code-20250219,effort-2025-11-24,oauth-2025-04-20"),
+        (b"x-app", b"cli"),
+        (b"authorization", b"Bearer the-access-token"),
+    ]
+    assert credential.apply([]) == [
+        (b"anthropic-beta", b"oauth-2025-04-20"),
+        (b"authorization", b"Bearer the-access-token"),
+    ]
+    setup_token = UpstreamCredential.for_service({"CLAUDE_CODE_OAUTH_TOKEN": "long"}, False)
+    setup_token.update(None)  # (the file's login does not replace it)
+    assert setup_token.apply([])[-1] == (b"authorization", b"Bearer long")
+    keyed = UpstreamCredential.for_service({"ANTHROPIC_API_KEY": "k"}, use_api_key=True)
+    assert keyed.apply([]) == [(b"x-api-key", b"k")]
+    # (Without USE_CLAUDE_API_KEY the service's key is not used: the login is.)
+    assert UpstreamCredential.for_service({"ANTHROPIC_API_KEY": "k"}, False).method == "oauth"
+
+
+async def test_without_credentials_the_proxy_says_what_to_do_and_remembers_refusals(tmp_path):
+    with trio.fail_after(20):
+        async with open_mock_api(expected_key="the-access-token") as api:
+            credential = UpstreamCredential.for_service({}, use_api_key=False)
+            proxy = ModelProxy(tmp_path / "run", api.url, credential)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(proxy.serve)
+                token, _ = proxy.grants.register("worker-0 (j)")
+                async with agent_client(proxy, token) as client:
+                    none_yet = await client.post("/v1/messages", json=BODY)
+                    credential.update("a-stale-token")
+                    refused = await client.post("/v1/messages", json=BODY)
+                    seen = proxy.last_refusal
+                    credential.update("the-access-token")
+                    fine = await client.post("/v1/messages", json=BODY)
+                nursery.cancel_scope.cancel()
+            await proxy.aclose()
+    assert none_yet.status_code == 401 and "claude-code-api login" in none_yet.text
+    assert refused.status_code == 401 and fine.status_code == 200
+    assert seen is not None and seen.status == 401 and "wrong or missing key" in seen.message
+    assert proxy.last_refusal is None  # a call went through since
+    assert len(api.model_calls) == 2

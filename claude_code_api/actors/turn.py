@@ -323,18 +323,15 @@ def _counted_usage(
     and whether the proxy refused one of the run's model calls for its user's budget.
 
     The run's cost and tokens are the proxy's count, never the agent's own report
-    (which its tools could forge); a run with no model call through the proxy costs
-    nothing. Without a ledger (no proxy), ``result`` as the agent reported it.
+    (which its tools could forge). A run none of whose model calls went through the
+    proxy (a local slash command; the tests' fake CLI, which calls no model) keeps what
+    the agent reported: no budget relies on it (budgets count the proxy's figures only).
     """
     if ledger is None:
         return result, False
     spend, refused = ledger.take_run(job.id)
-    if result is not None:
-        result = attrs.evolve(
-            result,
-            cost_usd=0.0 if spend is None else spend.cost_usd,
-            usage=None if spend is None else run_usage(spend),
-        )
+    if result is not None and spend is not None:
+        result = attrs.evolve(result, cost_usd=spend.cost_usd, usage=run_usage(spend))
     return result, refused
 
 

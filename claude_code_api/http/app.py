@@ -37,7 +37,9 @@ from ..messages import (
     PoolSnapshot,
     SessionKey,
     SessionState,
+    UpstreamError,
 )
+from ..model_proxy import ModelProxy, UpstreamRefusal
 from ..usage import UsageLedger
 from .auth import Unauthorized, authenticate, check_metrics_token, is_admin
 from .docs import docs_page
@@ -187,16 +189,25 @@ def status_body(snapshot: PoolSnapshot) -> dict[str, Any]:
 
 
 def auth_status_body(
-    credentials: CredentialsStatus, snapshot: PoolSnapshot | None, now_ms: int
+    credentials: CredentialsStatus,
+    snapshot: PoolSnapshot | None,
+    now_ms: int,
+    *,
+    proxy_refusal: UpstreamRefusal | None = None,
 ) -> dict[str, Any]:
     """``GET /auth/status``: the credentials agents use, and the model API's last refusal.
 
     ``authenticated`` is False without credentials, with an access token that has
     expired and cannot be refreshed now, and after the model API refused the
-    credentials (unless they changed since).
+    credentials (unless they changed since). The refusal is the model proxy's view
+    (``proxy_refusal``: it puts the credential on every call, and sees every answer),
+    else what the turns' failures told the dispatcher.
     """
-    refused = None if snapshot is None else snapshot.upstream_auth_error
+    refused: UpstreamError | None = None if snapshot is None else snapshot.upstream_auth_error
     refused_at = (None if snapshot is None else snapshot.upstream_auth_error_at) or 0.0
+    if proxy_refusal is not None and proxy_refusal.at >= refused_at:
+        refused = UpstreamError(proxy_refusal.status, proxy_refusal.message, 0)
+        refused_at = proxy_refusal.at
     if refused is not None and credentials.changed_at is not None:
         if refused_at < credentials.changed_at:
             refused = None  # a refusal of the credentials replaced since
@@ -286,11 +297,13 @@ def create_app(
     credentials: CredentialsClient | None = None,
     pool_view: PoolView | None = None,
     usage: UsageLedger | None = None,
+    model_proxy: ModelProxy | None = None,
 ) -> QuartTrio:
     """Build the app; ``dispatcher`` is a send channel to the dispatcher's inbox.
 
-    ``usage``: the model proxy's ledger, for ``/status``'s ``usage`` (None: agents do
-    not go through the proxy, and ``/status`` has none).
+    ``usage``: the model proxy's ledger, for ``/status``'s ``usage`` (None: none shown).
+    ``model_proxy``: its view of the model API's last refusal of the credential, which
+    ``/auth/status`` reports (None: the dispatcher's, from the turns' failures).
 
     ``/health`` reads ``pool_view`` (the dispatcher's published state) when it can,
     so it never waits behind work; else it asks the dispatcher.
@@ -424,7 +437,10 @@ def create_app(
         # The model API's last refusal, if the dispatcher answers in time (it may be restarting).
         with trio.move_on_after(ANSWER_TIMEOUT_S):
             snapshot = await pool_snapshot(dispatcher)
-        return jsonify(auth_status_body(known, snapshot, round(time.time() * 1000)))
+        refused = None if model_proxy is None else model_proxy.last_refusal
+        return jsonify(
+            auth_status_body(known, snapshot, round(time.time() * 1000), proxy_refusal=refused)
+        )
 
     @app.post("/auth/login")
     async def auth_login() -> Response:
