@@ -4,7 +4,7 @@
   ``ANTHROPIC_AUTH_TOKEN``) is set: the model proxy uses it for agents.
 * ``oauth``: ``CLAUDE_CODE_OAUTH_TOKEN`` is set, or the service's Claude config dir
   holds a login (``.credentials.json``, from ``claude login`` or ``/auth/exchange``).
-* ``none``: agents will answer "Not logged in".
+* ``none``: agents' model calls will be refused (the model proxy has nothing to put on).
 
 The credentials file is Claude Code's own: ``$CLAUDE_CONFIG_DIR/.credentials.json``,
 else ``~/.claude/.credentials.json``, holding the login under ``claudeAiOauth``.
