@@ -157,7 +157,10 @@ async def test_a_running_turns_next_model_call_is_refused_once_the_budget_is_spe
                         "/run", json={"prompt": "a", "timeoutMs": 120_000}, headers=AS_ALICE
                     )
                     took = trio.current_time() - started
+                    metrics = (await client.get("/metrics")).text
     assert reply.status_code == 429, reply.text
+    assert "claude_code_api_budget_refusals_total 1.0" in metrics
+    assert "claude_code_api_users_over_budget 1.0" in metrics
     assert "daily model budget" in reply.json()["error"]
     assert took < 30  # not the CLI's minutes of retries
     assert len(api.model_calls) == 1  # the second call never reached the model
