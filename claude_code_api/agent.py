@@ -92,6 +92,15 @@ class TurnResult:
     api_error_status: int | None = None
 
 
+@attrs.frozen
+class Charge:
+    """Whom a turn's model calls count against: its user, and the run (and session)."""
+
+    user_id: str
+    run_id: str
+    session_id: str | None = None
+
+
 OnEvent = Callable[[AgentEvent], Awaitable[None]]
 
 
@@ -141,13 +150,16 @@ class Agent(Protocol):
         *,
         memory: str | None = None,
         images: tuple[Image, ...] = (),
+        charge: Charge | None = None,
     ) -> TurnResult:
         """Send ``prompt``, relay the turn's events to ``on_event``, return its result.
 
         ``memory``: the user's CLAUDE.md, handed to the agent with the prompt as
         context (for an agent that started before its user was known, so did not
         load it itself). ``images`` go with the prompt as image content blocks,
-        before its text. Raises :class:`AgentError` if the process fails mid-turn.
+        before its text. ``charge``: whom the turn's model calls count against (the
+        model proxy's ledger; from then on until the next turn's). Raises
+        :class:`AgentError` if the process fails mid-turn.
         """
         ...
 

@@ -508,6 +508,16 @@ class Settings:
         "largest `maxBudgetUsd` a request may ask for",
         shown_default="no limit",
     )
+    # None: no budget.
+    user_daily_budget_usd: float | None = setting(
+        "USER_DAILY_BUDGET_USD",
+        OrUnset(Number(0, 1_000_000)),
+        "",
+        "what one user id may spend on the model per calendar day (UTC), in US dollars, as the"
+        " model proxy counts it; past it, new work is refused (429)"
+        " and running turns end at their next model call",
+        shown_default="no budget",
+    )
     allowed_permission_modes: tuple[str, ...] = setting(
         "ALLOWED_PERMISSION_MODES",
         Names("permission mode", PERMISSION_MODES),
@@ -520,8 +530,9 @@ class Settings:
         "USE_CLAUDE_API_KEY",
         Flag(),
         "off",
-        "on: passes `ANTHROPIC_API_KEY` to the agent; off: it is withheld so the CLI uses"
-        " its OAuth login",
+        "on: the model proxy calls the model API with `ANTHROPIC_API_KEY` (or"
+        " `ANTHROPIC_AUTH_TOKEN`); off: with the Claude login. Agents hold neither: a token"
+        " of their own",
     )
     claude_oauth_token_url: str = setting(
         "CLAUDE_OAUTH_TOKEN_URL",

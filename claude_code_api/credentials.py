@@ -1,16 +1,15 @@
 """Claude credentials: which ones agents use, and the service's credentials file.
 
 * ``apiKey``: ``USE_CLAUDE_API_KEY`` is on and ``ANTHROPIC_API_KEY`` (or
-  ``ANTHROPIC_AUTH_TOKEN``) is set: agents get it.
+  ``ANTHROPIC_AUTH_TOKEN``) is set: the model proxy uses it for agents.
 * ``oauth``: ``CLAUDE_CODE_OAUTH_TOKEN`` is set, or the service's Claude config dir
   holds a login (``.credentials.json``, from ``claude login`` or ``/auth/exchange``).
-* ``none``: agents will answer "Not logged in".
+* ``none``: agents' model calls will be refused (the model proxy has nothing to put on).
 
 The credentials file is Claude Code's own: ``$CLAUDE_CONFIG_DIR/.credentials.json``,
 else ``~/.claude/.credentials.json``, holding the login under ``claudeAiOauth``.
-Agents see it read-only (the sandbox binds it, or a symlink points to it; see
-:mod:`claude_code_api.sandbox`), so a file replaced here reaches every agent
-started afterwards. :class:`CredentialsFile` writes it atomically (a temporary
+Agents never see it: the model proxy (:mod:`claude_code_api.model_proxy`) puts its
+access token on their model calls, told of every change by the credentials actor. :class:`CredentialsFile` writes it atomically (a temporary
 file, fsync, rename), mode 0600, keeping every other key in it.
 
 Everything here is blocking file I/O: call it in a worker thread. Errors:

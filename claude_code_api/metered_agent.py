@@ -28,6 +28,7 @@ from .agent import (
     AgentFactory,
     AgentSpec,
     AgentStartError,
+    Charge,
     OnEvent,
     TurnResult,
 )
@@ -75,9 +76,12 @@ class MeteredAgent:
         *,
         memory: str | None = None,
         images: tuple[Image, ...] = (),
+        charge: Charge | None = None,
     ) -> TurnResult:
         try:
-            return await self._agent.run_turn(prompt, on_event, memory=memory, images=images)
+            return await self._agent.run_turn(
+                prompt, on_event, memory=memory, images=images, charge=charge
+            )
         except AgentError:
             self._fail("exit" if self._agent.exited else "protocol")
             raise

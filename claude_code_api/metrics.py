@@ -9,7 +9,9 @@ few points, each a plain function call that never awaits:
 * :meth:`~claude_code_api.messages.Job.answer` — every job's one terminal event
   (:func:`run_answered`): ``run_duration_seconds`` by ``outcome``, and from a
   turn's result ``cost_usd_total`` and ``tokens_total`` (by ``type``, and by
-  ``user`` only with ``METRICS_PER_USER=1``: :func:`set_per_user`);
+  ``user`` only with ``METRICS_PER_USER=1``: :func:`set_per_user`) — the model
+  proxy's count of the run's model calls (:mod:`claude_code_api.usage`);
+* the model proxy's budget check (:func:`budget_refused`): ``budget_refusals_total``;
 * :func:`~claude_code_api.actors.turn.run_turn` — a job reaching its agent
   (:func:`run_started`): ``queue_wait_seconds``;
 * :mod:`claude_code_api.metered_agent` — every agent's start and failure:
@@ -135,6 +137,12 @@ SESSION_WAKEUPS = Counter(
     "Hibernated sessions started again for a turn (after idling, eviction or a restart)",
     registry=REGISTRY,
 )
+BUDGET_REFUSALS = Counter(
+    PREFIX + "budget_refusals",
+    "Model calls the model proxy refused because their user's daily budget"
+    " (USER_DAILY_BUDGET_USD) was spent",
+    registry=REGISTRY,
+)
 SESSIONS_EVICTED = Counter(
     PREFIX + "sessions_evicted",
     "Hibernated sessions deleted (with their transcripts) to make room for a new session of"
@@ -149,13 +157,13 @@ def _spend_counters(per_user: bool) -> tuple[Counter, Counter]:
     whose = ", by user id" if per_user else ""
     cost = Counter(
         PREFIX + "cost_usd",
-        f"Cost in US dollars the agents reported for their turns{whose}",
+        f"Cost in US dollars of the runs' model calls, as the model proxy counted them{whose}",
         by_user,
         registry=REGISTRY,
     )
     tokens = Counter(
         PREFIX + "tokens",
-        f"Tokens the agents reported for their turns{whose}, by type (input, output,"
+        f"Tokens of the runs' model calls, as the model proxy counted them{whose}, by type (input, output,"
         " cache_creation, cache_read)",
         [*by_user, "type"],
         registry=REGISTRY,
@@ -248,6 +256,11 @@ def agent_failed(reason: str) -> None:
     """One of :data:`FAILURE_REASONS`."""
     if _enabled:
         AGENT_FAILURES.labels(reason).inc()
+
+
+def budget_refused() -> None:
+    if _enabled:
+        BUDGET_REFUSALS.inc()
 
 
 def worker_restarted(_name: str = "") -> None:

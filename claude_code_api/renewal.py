@@ -26,7 +26,7 @@ import logging
 
 import trio
 
-from .agent import CLOSE_GRACE_S, Agent, AgentFactory, AgentSpec, OnEvent, TurnResult
+from .agent import CLOSE_GRACE_S, Agent, AgentFactory, AgentSpec, Charge, OnEvent, TurnResult
 from .messages import Image
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,11 @@ class RetiredWhenStale:
         *,
         memory: str | None = None,
         images: tuple[Image, ...] = (),
+        charge: Charge | None = None,
     ) -> TurnResult:
-        return await self._agent.run_turn(prompt, on_event, memory=memory, images=images)
+        return await self._agent.run_turn(
+            prompt, on_event, memory=memory, images=images, charge=charge
+        )
 
     async def set_model(self, model: str) -> None:
         await self._agent.set_model(model)

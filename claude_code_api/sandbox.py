@@ -106,6 +106,11 @@ FIXED_VARIABLES = {
 PER_AGENT_VARIABLES = frozenset(
     {"HOME", "CLAUDE_CONFIG_DIR", "CLAUDE_CODE_TMPDIR", "TMPDIR", "XDG_RUNTIME_DIR", "PWD"}
 )
+# Where the CLI finds the model API and its credential: with the model proxy, set per agent
+# (its address and the agent's own token: model_proxy.model_env), never the service's.
+MODEL_VARIABLES = frozenset(
+    {"ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN"}
+)
 
 # Sockets that would hand an agent the host: read-only mounts do not stop connect(2), and
 # through a container engine's API (or systemd's, for root) an agent starts what it likes
@@ -152,9 +157,16 @@ CONFIG_ENTRIES_EMPTIED = (
 )
 
 
-def is_passed(name: str, *, use_api_key: bool, extra: frozenset[str]) -> bool:
-    """Whether the service's variable ``name`` reaches agents."""
-    if name in PER_AGENT_VARIABLES:
+def is_passed(
+    name: str, *, use_api_key: bool, extra: frozenset[str], proxied: bool = False
+) -> bool:
+    """Whether the service's variable ``name`` reaches agents.
+
+    ``proxied``: agents reach the model API through the model proxy; its variables
+    (:data:`MODEL_VARIABLES`) are then set for each agent, never passed on, whatever
+    ``AGENT_ENV`` says.
+    """
+    if name in PER_AGENT_VARIABLES or (proxied and name in MODEL_VARIABLES):
         return False
     if name in extra or name in PASSED_VARIABLES:
         return True
@@ -164,7 +176,11 @@ def is_passed(name: str, *, use_api_key: bool, extra: frozenset[str]) -> bool:
 
 
 def agent_environment(
-    environ: Mapping[str, str], *, use_api_key: bool, extra: frozenset[str] = frozenset()
+    environ: Mapping[str, str],
+    *,
+    use_api_key: bool,
+    extra: frozenset[str] = frozenset(),
+    proxied: bool = False,
 ) -> tuple[dict[str, str], tuple[str, ...]]:
     """Split the service's environment into what agents get and what they must not see.
 
@@ -177,11 +193,13 @@ def agent_environment(
     passed = {
         name: value
         for name, value in environ.items()
-        if is_passed(name, use_api_key=use_api_key, extra=extra)
+        if is_passed(name, use_api_key=use_api_key, extra=extra, proxied=proxied)
     }
     passed.update(FIXED_VARIABLES)
+    # (The model's variables are set for each agent: bubblewrap must not unset them.)
+    per_agent = PER_AGENT_VARIABLES | (MODEL_VARIABLES if proxied else frozenset())
     withheld = tuple(
-        sorted(name for name in environ if name not in passed and name not in PER_AGENT_VARIABLES)
+        sorted(name for name in environ if name not in passed and name not in per_agent)
     )
     return passed, withheld
 
@@ -494,7 +512,9 @@ class AgentLauncher:
 
     ``bwrap`` is the bubblewrap executable when agents run sandboxed, else None.
     ``hidden``: paths agents must not see (with the sandbox). ``credentials``:
-    the service's Claude credentials file, shown read-only to every agent (the
+    None with the model proxy (``proxied``: the service's launcher; agents then get no
+    login at all, and one an earlier version left in a HOME is removed). Else the
+    service's Claude credentials file, shown read-only to every agent (the
     CLI needs it to log in) when it exists: with the sandbox, a copy of its
     login without the refresh token (:func:`login_for_agents`), beside the
     launcher; without, the file itself through a symlink.
@@ -522,6 +542,9 @@ class AgentLauncher:
     shown: tuple[Path, ...] = ()
     walls: tuple[Path, ...] = ()
     limits: AgentLimits = attrs.field(factory=AgentLimits)
+    # Agents reach the model API through the model proxy (model_proxy.py): the model's
+    # variables are blank here, and each agent gets the proxy's address and its token.
+    proxied: bool = False
 
     @property
     def sandboxed(self) -> bool:
@@ -531,6 +554,8 @@ class AgentLauncher:
         """The ``env`` option for ``spec``'s process (withheld names blanked)."""
         env = {name: "" for name in self.withheld}
         env.update(self.env)
+        if self.proxied:  # (model_proxy.model_env fills them in for an agent that calls)
+            env.update({name: "" for name in MODEL_VARIABLES})
         env["HOME"] = str(spec.home)
         env["CLAUDE_CONFIG_DIR"] = str(spec.config_dir)
         # The CLI's scratch files and its messaging socket (through which another CLI
@@ -570,6 +595,10 @@ class AgentLauncher:
             _make_home(spec, self.user, None if self.sandboxed else credentials)
         else:
             self._link_credentials(spec, credentials)
+        if self.proxied:
+            # A login an earlier version left in a user's HOME (a copy, or a link to the
+            # service's file): with the proxy, no agent holds one.
+            _remove_login(spec)
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self.user is not None and self.sandboxed:
             write_accounts(self.run_dir, self.user)
@@ -946,6 +975,24 @@ def _make_home(spec: AgentSpec, user: AgentUser, credentials: Path | None) -> No
         os.close(home_fd)
 
 
+def _remove_login(spec: AgentSpec) -> None:
+    """Remove ``spec``'s ``.claude/.credentials.json`` (a file or a link), never following a link."""
+    try:
+        home_fd = _open_directory(spec.home)
+    except FileNotFoundError:
+        return
+    try:
+        config_fd = _open_directory(spec.config_dir.name, dir_fd=home_fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    finally:
+        os.close(home_fd)
+    try:
+        _remove_at(config_fd, CREDENTIALS_FILE)
+    finally:
+        os.close(config_fd)
+
+
 def _give_tree(top_fd: int, user: AgentUser) -> None:
     """Make everything in the directory ``top_fd`` (itself included) ``user``'s. Blocking.
 
@@ -1048,12 +1095,16 @@ def make_launcher(
     bwrap: str | None,
     user: AgentUser | None = None,
     limits: AgentLimits | None = None,
+    proxied: bool = False,
 ) -> AgentLauncher:
     """Build the launcher for this service: the environment split and what to hide.
 
-    Blocking (looks at the install and the directories on the way to it).
+    ``proxied``: agents reach the model API through the model proxy. Blocking (looks
+    at the install and the directories on the way to it).
     """
-    env, withheld = agent_environment(environ, use_api_key=use_api_key, extra=extra_env)
+    env, withheld = agent_environment(
+        environ, use_api_key=use_api_key, extra=extra_env, proxied=proxied
+    )
     claude_dir = service_claude_dir(environ)
     home = Path(environ.get("HOME") or Path.home()).absolute()
     hidden = (data_dir.absolute(), claude_dir, home / ".claude.json")
@@ -1068,9 +1119,11 @@ def make_launcher(
         withheld=withheld,
         bwrap=bwrap,
         hidden=hidden,
-        credentials=claude_dir / CREDENTIALS_FILE,
+        # With the model proxy, agents never get the login: the proxy puts it on.
+        credentials=None if proxied else claude_dir / CREDENTIALS_FILE,
         user=user,
         shown=shown,
         walls=tuple(dict.fromkeys(walls)),
         limits=limits or AgentLimits(),
+        proxied=proxied,
     )

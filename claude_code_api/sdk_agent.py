@@ -55,6 +55,7 @@ from .agent import (
     AgentError,
     AgentSpec,
     AgentStartError,
+    Charge,
     OnEvent,
     TurnResult,
 )
@@ -67,6 +68,7 @@ from .messages import (
     ToolUse,
     UpstreamRetry,
 )
+from .model_proxy import Grant, ModelProxy
 from .sandbox import AgentLauncher
 from .sdk_workarounds import cost_since_last_result, receive_messages_with_raw
 from .user_memory import memory_reminder
@@ -157,9 +159,15 @@ class SdkAgent:
         options: AgentOptions,
         reaper: ReaperClient | None = None,
         refusal: str | None = None,
+        model_proxy: ModelProxy | None = None,
     ) -> None:
         self.spec = spec
         self._launcher = launcher
+        # The model proxy this agent reaches the model API through, its grant there (from
+        # its start until it closes) and the variables naming both (model_proxy.model_env).
+        self._model_proxy = model_proxy if launcher.proxied else None
+        self._grant: Grant | None = None
+        self._model_env: dict[str, str] = {}
         self._options = options
         self._reaper = reaper
         self._refusal = refusal  # known before trying: the start fails with it
@@ -225,7 +233,7 @@ class SdkAgent:
             permission_mode=cast(Any, self._permission_mode),
             system_prompt=system_prompt,
             cwd=str(spec.cwd),
-            env=self._launcher.environment(spec),
+            env={**self._launcher.environment(spec), **self._model_env},
             session_id=spec.session_id,
             resume=spec.resume,
             allowed_tools=list(requested.allowed_tools or ()),
@@ -243,6 +251,9 @@ class SdkAgent:
         if self._refusal is not None:
             self._closed = True
             raise AgentStartError(self._refusal)
+        if self._model_proxy is not None:
+            token, self._grant = self._model_proxy.grants.register(f"{self.spec.name} ({self._id})")
+            self._model_env = self._model_proxy.env(token)
         try:
             with trio.fail_after(timeout):
                 try:
@@ -321,9 +332,12 @@ class SdkAgent:
         *,
         memory: str | None = None,
         images: tuple[Image, ...] = (),
+        charge: Charge | None = None,
     ) -> TurnResult:
         client = self._connected()
         model: str | None = None
+        if charge is not None and self._grant is not None:
+            self._grant.charge = charge
         try:
             self._turn_open = True
             if memory or images:
@@ -489,6 +503,9 @@ class SdkAgent:
             self._kill(None)
             if self._pgid is not None and self._reaper is not None:
                 self._reaper.forget(self._pgid)
+            # Nothing of the agent runs any more: its token is worth nothing from now on.
+            if self._grant is not None and self._model_proxy is not None:
+                self._model_proxy.grants.revoke(self._grant)
             await trio.to_thread.run_sync(self._launcher.cleanup, self.spec, self._launcher_path)
 
     def _kill(self, process: Any) -> None:
@@ -609,6 +626,9 @@ class SdkAgentFactory:
     options: AgentOptions
     reaper: ReaperClient | None = None
     refusal: str | None = None
+    model_proxy: ModelProxy | None = None
 
     def __call__(self, spec: AgentSpec) -> SdkAgent:
-        return SdkAgent(spec, self.launcher, self.options, self.reaper, self.refusal)
+        return SdkAgent(
+            spec, self.launcher, self.options, self.reaper, self.refusal, self.model_proxy
+        )

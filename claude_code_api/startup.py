@@ -141,6 +141,7 @@ def plan_with_findings(
         bwrap=bwrap,
         user=user,
         limits=limits,
+        proxied=True,
     )
     # A single file an agent writes stops at the disk quota (disk_quota.py).
     launcher = attrs.evolve(
@@ -333,8 +334,8 @@ def credential_findings(settings: Settings, environ: Mapping[str, str]) -> list[
             text = f"agents use the Claude login in {path}"
             return [*findings, Finding("credentials", Status.OK, text)]
     text = (
-        f"no Claude credentials: {problem} and no API key is passed to agents; every request "
-        "will fail with 'Not logged in'. Log in with `claude-code-api login` (or POST "
+        f"no Claude credentials: {problem} and no API key is set; every request will fail"
+        " (the model proxy has nothing to call the model with). Log in with `claude-code-api login` (or POST "
         "/auth/login), or set ANTHROPIC_API_KEY and USE_CLAUDE_API_KEY=1"
     )
     return [*findings, Finding("credentials", Status.FAIL, text)]

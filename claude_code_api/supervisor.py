@@ -4,6 +4,7 @@
     ├── reaper           permanent  kills every agent if the service dies (a watchdog process)
     ├── registry         permanent  owns the SQLite session records
     ├── credentials      permanent  owns the Claude credentials file's writes; refreshes the login
+    ├── model-proxy      permanent  agents' way to the model API: their tokens, the real key, usage
     ├── http             permanent  hypercorn + Quart-Trio
     └── core             permanent  rest_for_one: who starts later depends on who started earlier
         ├── dispatcher   permanent  the job queue and session scheduling (its view of the rest)
@@ -74,15 +75,18 @@ from .messages import (
     CredentialsMessage,
     DispatcherMessage,
     Drain,
+    JobFailed,
     RunOptions,
     SessionKey,
 )
 from .metered_agent import metered
+from .model_proxy import ModelProxy, UpstreamCredential, keep_memory_private, upstream_url
 from .oauth import TokenEndpoint
 from .renewal import CredentialsVersion, retired_when_stale
 from .sandbox import remove_conversation_files
 from .startup import plan_agents
 from .supervision import Backoff, ChildSpec, StopOrder, Strategy, Supervisor
+from .usage import UsageLedger
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +115,18 @@ class Service:
             CredentialsMessage
         ](0)
         self.credentials_version = CredentialsVersion()
+        # What each user and run spent, as the model proxy counts it; the daily budget.
+        self.usage = UsageLedger(settings.user_daily_budget_usd)
+        # Agents reach the model API through it, never holding its credential (model_proxy.py).
+        self.model_credential = UpstreamCredential.for_service(
+            self.environ, settings.use_claude_api_key
+        )
+        self.model_proxy = ModelProxy(
+            settings.data_dir.absolute() / "run",
+            upstream_url(self.environ),
+            self.model_credential,
+            self.usage,
+        )
         self._channels = (
             self.inbox,
             self._inbox_receive,
@@ -134,6 +150,8 @@ class Service:
                 self.store_status,
                 CredentialsClient(self.credentials_inbox),
                 self.pool_view,
+                self.usage,
+                self.model_proxy,
             ),
             settings.host,
             settings.port,
@@ -149,6 +167,11 @@ class Service:
         Raises :class:`~claude_code_api.startup.StartupError` during start-up
         when agents cannot be launched as configured.
         """
+        if not keep_memory_private():
+            log.warning(
+                "cannot make the service non-dumpable: agents of its own OS user may "
+                "read its environment (the model API's key) in /proc"
+            )
         try:
             self.root = self._tree()
             if self._stopping:  # a signal arrived before the tree existed
@@ -157,6 +180,8 @@ class Service:
         finally:
             for channel in self._channels:
                 channel.close()
+            with trio.CancelScope(shield=True):
+                await self.model_proxy.aclose()
 
     def _agent_factory(self) -> AgentFactory:
         """Decide how agents launch, and make them. Blocking (imports the SDK): run in a thread."""
@@ -177,12 +202,15 @@ class Service:
             AgentOptions(self.settings.model, self.settings.max_output_chars),
             ReaperClient(self.reaper_inbox),
             plan.refusal,
+            self.model_proxy,
         )
 
     def _tree(self) -> Supervisor:
         settings = self.settings
         disk = DiskQuota.from_settings(settings, partial(user_workspace, settings.data_dir))
-        turn = TurnLimits(settings.interrupt_grace_s, settings.max_output_chars, disk)
+        # The runs' usage as the model proxy counts it, and the users' budgets.
+        ledger = self.usage
+        turn = TurnLimits(settings.interrupt_grace_s, settings.max_output_chars, disk, ledger)
         turn_stop_grace = settings.interrupt_grace_s + CLOSE_GRACE_S + 1.0
 
         async def start_reaper(*, task_status: trio.TaskStatus[None]) -> None:
@@ -211,6 +239,7 @@ class Service:
                 endpoint=TokenEndpoint(settings.claude_oauth_token_url),
                 version=self.credentials_version,
                 refresh_margin_s=settings.oauth_refresh_margin_s,
+                on_login=self.model_credential.update,
             )
             await actor.serve(task_status=task_status)
 
@@ -237,6 +266,7 @@ class Service:
                 ),
                 view=self.pool_view,
                 max_running_per_user=settings.running_per_user_max,
+                refusal_for=partial(budget_refusal, ledger),
             )
             await dispatcher.serve(task_status=task_status)
 
@@ -343,6 +373,8 @@ class Service:
                 # what is queued, then ends.
                 ChildSpec("registry", start_registry, request_stop=self.registry_inbox.close),
                 ChildSpec("credentials", start_credentials),
+                # Before the agents, which reach the model API through it; after them it stops.
+                ChildSpec("model-proxy", self.model_proxy.serve),
                 ChildSpec("http", self.http.serve, request_stop=self.http.request_stop),
                 # Stopped before HTTP, so the turns it interrupts are answered. A
                 # supervisor stops when its children have: their graces bound it.
@@ -368,6 +400,13 @@ class Service:
         self._stopping = True
         if self.root is not None:
             self.root.request_stop()
+
+
+def budget_refusal(ledger: UsageLedger, user_id: str) -> JobFailed | None:
+    """The answer to new work of ``user_id`` when their daily budget is spent (429)."""
+    if not ledger.over_budget(user_id):
+        return None
+    return JobFailed(429, ledger.budget_message(), retry_after_s=ledger.retry_after_s())
 
 
 class _CurrentStop:

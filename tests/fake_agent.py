@@ -20,7 +20,14 @@ from collections.abc import Callable, Sequence
 import attrs
 import trio
 
-from claude_code_api.agent import AgentError, AgentSpec, AgentStartError, OnEvent, TurnResult
+from claude_code_api.agent import (
+    AgentError,
+    AgentSpec,
+    AgentStartError,
+    Charge,
+    OnEvent,
+    TurnResult,
+)
 from claude_code_api.messages import AssistantText, Image, ToolResult, ToolUse, UpstreamRetry
 
 # --- script steps -------------------------------------------------------------
@@ -178,6 +185,7 @@ class FakeAgent:
         *,
         memory: str | None = None,
         images: tuple[Image, ...] = (),
+        charge: Charge | None = None,
     ) -> TurnResult:
         if self.exited or self._closed:
             raise AgentError("agent process is not running")

@@ -941,6 +941,9 @@ def main(argv):
             "argv": sys.argv,
             "cwd": os.getcwd(),
             "has_anthropic_api_key": bool(os.environ.get("ANTHROPIC_API_KEY")),
+            # (An agent's own token from the model proxy starts "ccapi-agent-".)
+            "anthropic_api_key_head": os.environ.get("ANTHROPIC_API_KEY", "")[:12],
+            "anthropic_base_url": os.environ.get("ANTHROPIC_BASE_URL", ""),
             "entrypoint": os.environ.get("CLAUDE_CODE_ENTRYPOINT"),
         }
     )

@@ -85,7 +85,8 @@ async def test_an_agent_does_not_see_the_services_secrets(plain_or_sandboxed, sa
                 headers=AS_ALICE,
             )
     assert reply["status"] == 200, reply
-    assert "keys=[] secret=[] ant=[]" in reply["output"]
+    # ANTHROPIC_API_KEY: the agent's own token for the model proxy, never a service's key.
+    assert "keys=[] secret=[] ant=[ccapi-agent-" in reply["output"]
     assert "sk-alice-key" not in reply["output"] and "the-nextauth-secret" not in reply["output"]
     if sandbox == "on":  # inside the sandbox the names are gone too
         assert reply["output"].rstrip().endswith("0")

@@ -84,10 +84,10 @@ async def agents_service(
 
 async def as_one_shot_and_session(
     tmp_path: Path, command: str, **overrides: str
-) -> tuple[list[str], list[str | None]]:
+) -> tuple[list[str], list[dict[str, str]]]:
     """``command`` run by alice's one-shot agent, then her session's, on a sandboxed service.
 
-    Returns what each printed, and the ``authorization`` header of every model call.
+    Returns what each printed, and the headers of every model call.
     """
     with trio.fail_after(BUDGET_S):
         async with agents_service(tmp_path, **overrides) as (api, _service, client):
@@ -95,7 +95,7 @@ async def as_one_shot_and_session(
                 await bash_as_alice(client, api, command),
                 await bash_as_alice(client, api, command, sessionId="a"),
             ]
-            return outputs, [call.headers.get("authorization") for call in api.model_calls]
+            return outputs, [call.headers for call in api.model_calls]
 
 
 @needs_sandbox
@@ -146,12 +146,12 @@ async def test_a_sandboxed_agent_cannot_change_the_hosts_kernel_settings(tmp_pat
         pytest.param("off", marks=pytest.mark.skipif(os.geteuid() != 0, reason="needs root")),
     ],
 )
-async def test_an_agent_gets_the_logins_access_token_but_never_its_refresh_token(tmp_path, sandbox):
-    """The service refreshes its Claude login itself; an agent needs only the access token.
+async def test_an_agent_holds_neither_token_of_the_login_the_proxy_puts_it_on(tmp_path, sandbox):
+    """The model proxy puts the Claude login's access token on every model call, with the
+    `oauth-2025-04-20` beta the CLI sends for a login; an agent holds only its own token.
 
-    With the refresh token an agent's tool could keep the operator's login for good, and
-    by refreshing it (tokens rotate) lock the service out for every user. A root
-    service's agents (AGENT_UID) cannot read its file (0600): they get a copy, theirs.
+    With the access token an agent's tool could use the operator's login for hours, with
+    the refresh token for good (and, refreshing it, lock the service out for every user).
     """
     credentials = tmp_path / "service-home" / ".claude" / ".credentials.json"
     credentials.parent.mkdir(parents=True)
@@ -164,8 +164,12 @@ async def test_an_agent_gets_the_logins_access_token_but_never_its_refresh_token
     }
     credentials.write_text(json.dumps({"claudeAiOauth": login}))
     credentials.chmod(0o600)
-    command = 'cat "$CLAUDE_CONFIG_DIR/.credentials.json"; echo; ls "$CLAUDE_CONFIG_DIR"'
-    outputs, authorizations = await as_one_shot_and_session(
+    command = (
+        'cat "$CLAUDE_CONFIG_DIR/.credentials.json"; echo; ls -a "$CLAUDE_CONFIG_DIR"; '
+        'grep -rl the-access-token "$HOME" /tmp 2>/dev/null | head -3; '
+        "env | grep -i -e token -e key"
+    )
+    outputs, calls = await as_one_shot_and_session(
         tmp_path,
         command,
         sandbox=sandbox,
@@ -173,9 +177,12 @@ async def test_an_agent_gets_the_logins_access_token_but_never_its_refresh_token
         AGENT_ENV="ANTHROPIC_BASE_URL",  # the mock's URL, without the API key
     )
     for output in outputs:
-        assert "the-access-token" in output and "the-refresh-token" not in output, output
-    # The CLI logged in with the access token, and the service's own file is untouched.
-    assert set(authorizations) == {"Bearer the-access-token"}
+        assert "the-access-token" not in output and "the-refresh-token" not in output, output
+        assert "credentials.json: No such file" in output, output
+        assert "ANTHROPIC_API_KEY=ccapi-agent-" in output, output
+    # Every model call carried the login (the proxy's doing); the service's file is untouched.
+    assert {call.get("authorization") for call in calls} == {"Bearer the-access-token"}
+    assert all("oauth-2025-04-20" in call["anthropic-beta"].split(",") for call in calls)
     assert json.loads(credentials.read_text()) == {"claudeAiOauth": login}
 
 
@@ -274,7 +281,10 @@ async def test_an_agent_cannot_tell_which_users_have_agents_running(tmp_path):
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
     assert "looked" in seen
-    assert str(data_dir) not in seen and "bob" not in seen, seen
+    # (The model proxy's socket is the service's, the same for every agent: it names no user.)
+    named = [line for line in seen.splitlines() if str(data_dir) in line]
+    assert all(line.endswith("/run/model-proxy.sock") for line in named), seen
+    assert "bob" not in seen, seen
 
 
 @needs_sandbox

@@ -123,10 +123,11 @@ async def test_each_one_shot_job_gets_a_fresh_process(tmp_path):
         assert "--system-prompt" not in argv or argv[argv.index("--system-prompt") + 1] != ""
         assert "bypassPermissions" in argv
         assert "claude-sonnet-4-6" in argv
-        assert starts[0]["has_anthropic_api_key"] is False
+        # Not the service's key: a token of its own, for the model proxy (model_proxy.py).
+        assert starts[0]["anthropic_api_key_head"] == "ccapi-agent-"
 
 
-async def test_anthropic_api_key_passed_only_when_enabled(tmp_path):
+async def test_with_an_api_key_agents_get_a_token_of_their_own_and_the_proxy(tmp_path):
     with trio.fail_after(60):
         log = tmp_path / "fake.log"
         env = {
@@ -138,7 +139,8 @@ async def test_anthropic_api_key_passed_only_when_enabled(tmp_path):
         async with run_service(tmp_path, env=env) as service:
             await wait_healthy(service, ready=1)
         start = json.loads(log.read_text().splitlines()[0])
-        assert start["has_anthropic_api_key"] is True
+        assert start["anthropic_api_key_head"] == "ccapi-agent-"  # never "sk-ant-test"
+        assert start["anthropic_base_url"].startswith("http://127.0.0.1:")
         assert "claude-opus-test" in start["argv"]
 
 

@@ -139,6 +139,7 @@ class CredentialsActor:
         refresh_margin_s: float,
         wall_clock: Callable[[], float] = time.time,
         run_blocking: RunBlocking = trio.to_thread.run_sync,
+        on_login: Callable[[str | None], None] | None = None,
     ) -> None:
         self.inbox = inbox
         self.environ = environ
@@ -148,6 +149,8 @@ class CredentialsActor:
         self.refresh_margin_s = refresh_margin_s
         self.wall_clock = wall_clock
         self.run_blocking = run_blocking
+        # Told the login's access token whenever it is read (the model proxy puts it on).
+        self.on_login = on_login
         self.file = CredentialsFile(credentials_path(environ))
         self.pending = PendingLogins()
         self.current = Credentials("none")
@@ -327,6 +330,8 @@ class CredentialsActor:
 
         self.signature, credentials = await self.run_blocking(read)
         before, self.current = self.current, credentials
+        if self.on_login is not None:
+            self.on_login(_token(credentials))
         if changed_outside:
             changed = _token(before) != _token(credentials)
             if changed:

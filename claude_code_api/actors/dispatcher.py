@@ -160,8 +160,11 @@ class Dispatcher:
         session_limits: SessionLimits = SessionLimits(),
         view: PoolView | None = None,
         max_running_per_user: int | None = None,
+        refusal_for: Callable[[str], JobFailed | None] | None = None,
     ):
         self.inbox = inbox
+        # A user's new work refused before it queues (their daily budget spent: usage.py).
+        self.refusal_for = refusal_for
         self.view = view
         self.registry = registry
         self.session_starter = session_starter
@@ -315,8 +318,11 @@ class Dispatcher:
 
     def _submit(self, job: Job) -> None:
         """Take ``job`` (answering :class:`Queued`) or refuse it (its terminal answer), at once."""
+        refusal = None if self.refusal_for is None else self.refusal_for(job.user_id)
         if self.draining:
             job.answer(SHUTTING_DOWN)
+        elif refusal is not None:
+            job.answer(refusal)
         elif job.session_id is not None:
             refusal = self.sessions.submit(job)
             if refusal is not None:

@@ -38,7 +38,7 @@ import attrs
 import trio
 
 from .. import metrics
-from ..agent import Agent, AgentError, TurnResult
+from ..agent import Agent, AgentError, Charge, TurnResult
 from ..disk_quota import DiskQuota
 from ..messages import (
     AgentEvent,
@@ -52,6 +52,7 @@ from ..messages import (
     UpstreamError,
     UpstreamRetry,
 )
+from ..usage import UsageLedger, run_usage
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,9 @@ class TurnLimits:
     interrupt_grace_s: float
     max_output_chars: int
     disk: DiskQuota | None = None  # the users' disk quota (None: not enforced)
+    # What the model proxy counted for each run, and the users' budgets (None: the
+    # agents' own reports of their cost are taken, as without the proxy).
+    usage: UsageLedger | None = None
 
 
 class OutputCollector:
@@ -241,8 +245,9 @@ async def run_turn(
                             await agent.set_model(model)
                         if permission_mode is not None:
                             await agent.set_permission_mode(permission_mode)
+                        charge = Charge(job.user_id, job.id, job.session_id)
                         result = await agent.run_turn(
-                            job.prompt, relay, memory=job.memory, images=job.images
+                            job.prompt, relay, memory=job.memory, images=job.images, charge=charge
                         )
                     except AgentError as exc:
                         failure = exc
@@ -250,10 +255,18 @@ async def run_turn(
                         watching.cancel_scope.cancel()
 
     elapsed_ms = round((trio.current_time() - job.submitted_at) * 1000)
+    result, over_budget = _counted_usage(limits.usage, job, result)
     if failure is not None:
         await agent.close(grace=0)
         return TurnOutcome(JobFailed(502, str(failure)), agent_usable=False)
     if result is not None:
+        if over_budget:
+            assert limits.usage is not None
+            log.info("%s: turn ended: the user's daily budget is spent", worker_id, extra=context)
+            refusal = JobFailed(
+                429, limits.usage.budget_message(), retry_after_s=limits.usage.retry_after_s()
+            )
+            return TurnOutcome(refusal, agent_usable=True)
         return _finished(result, elapsed_ms, retries, limits, agent.model)
 
     if cut is None:
@@ -301,6 +314,25 @@ def _counted(disk: DiskQuota | None, user_id: str, home: Path | None) -> Iterato
     else:
         with disk.counting(user_id, home):
             yield
+
+
+def _counted_usage(
+    ledger: UsageLedger | None, job: Job, result: TurnResult | None
+) -> tuple[TurnResult | None, bool]:
+    """``result`` with what the model proxy counted for ``job``'s run as its cost and usage,
+    and whether the proxy refused one of the run's model calls for its user's budget.
+
+    The run's cost and tokens are the proxy's count, never the agent's own report
+    (which its tools could forge). A run none of whose model calls went through the
+    proxy (a local slash command; the tests' fake CLI, which calls no model) keeps what
+    the agent reported: no budget relies on it (budgets count the proxy's figures only).
+    """
+    if ledger is None:
+        return result, False
+    spend, refused = ledger.take_run(job.id)
+    if result is not None and spend is not None:
+        result = attrs.evolve(result, cost_usd=spend.cost_usd, usage=run_usage(spend))
+    return result, refused
 
 
 def outcome_before_start(job: Job) -> TurnOutcome:

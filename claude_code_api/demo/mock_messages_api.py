@@ -226,7 +226,11 @@ class MockMessagesApi:
     host: str = ""
     port: int = 0
     default: Callable[[RecordedRequest], Step] = echo
+    # The credential every model call must carry (x-api-key, or a bearer token); a call
+    # without it is answered 401 and kept in ``wrong_keys``. None: anything goes.
+    expected_key: str | None = None
     requests: list[RecordedRequest] = attrs.Factory(list)
+    wrong_keys: list[RecordedRequest] = attrs.Factory(list)
     _script: list[Step] = attrs.Factory(list)
     _error_repeats: dict[int, int] = attrs.Factory(dict)
     _ids: itertools.count[int] = attrs.Factory(lambda: itertools.count(1))
@@ -306,7 +310,11 @@ class _ClientGone(Exception):
 
 @asynccontextmanager
 async def open_mock_api(
-    host: str = "127.0.0.1", port: int = 0, *, default: Callable[[RecordedRequest], Step] = echo
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    default: Callable[[RecordedRequest], Step] = echo,
+    expected_key: str | None = None,
 ) -> AsyncIterator[MockMessagesApi]:
     """Serve a :class:`MockMessagesApi` on ``host`` (a random port by default).
 
@@ -314,7 +322,7 @@ async def open_mock_api(
     that is cancelled when the block exits, so open keep-alive connections and
     replies still streaming never delay the exit.
     """
-    api = MockMessagesApi(default=default)
+    api = MockMessagesApi(default=default, expected_key=expected_key)
     async with trio.open_nursery() as nursery:
         handler = partial(_serve_connection, api)
         listeners = await nursery.start(partial(trio.serve_tcp, handler, port, host=host))
@@ -444,7 +452,12 @@ async def _respond(
     recorded: RecordedRequest,
 ) -> None:
     body = recorded.body if isinstance(recorded.body, dict) else {}
-    if recorded.method == "POST" and recorded.path == "/v1/messages/count_tokens":
+    if recorded.path.startswith("/v1/") and not _has_key(api, recorded):
+        api.wrong_keys.append(recorded)
+        recorded.status = 401
+        error = _error_json(401, "authentication_error", "mock: wrong or missing key")
+        await _send_all(connection, stream, _json_response(401, error))
+    elif recorded.method == "POST" and recorded.path == "/v1/messages/count_tokens":
         recorded.status = 200
         tokens = _estimate_tokens(body)
         await _send_all(connection, stream, _json_response(200, {"input_tokens": tokens}))
@@ -480,6 +493,15 @@ async def _respond(
             events = [event for event in events if not isinstance(event, h11.Data)]
         await _send_all(connection, stream, events)
     recorded.completed = True
+
+
+def _has_key(api: MockMessagesApi, recorded: RecordedRequest) -> bool:
+    if api.expected_key is None:
+        return True
+    return api.expected_key in (
+        recorded.headers.get("x-api-key"),
+        recorded.headers.get("authorization", "").removeprefix("Bearer "),
+    )
 
 
 # --- response bodies ----------------------------------------------------------------

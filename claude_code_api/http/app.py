@@ -39,7 +39,10 @@ from ..messages import (
     PoolSnapshot,
     SessionKey,
     SessionState,
+    UpstreamError,
 )
+from ..model_proxy import ModelProxy, UpstreamRefusal
+from ..usage import UsageLedger
 from .anthropic_api import anthropic_routes
 from .auth import Unauthorized, authenticate, check_metrics_token, is_admin
 from .compat import error_body
@@ -197,16 +200,25 @@ def status_body(snapshot: PoolSnapshot) -> dict[str, Any]:
 
 
 def auth_status_body(
-    credentials: CredentialsStatus, snapshot: PoolSnapshot | None, now_ms: int
+    credentials: CredentialsStatus,
+    snapshot: PoolSnapshot | None,
+    now_ms: int,
+    *,
+    proxy_refusal: UpstreamRefusal | None = None,
 ) -> dict[str, Any]:
     """``GET /auth/status``: the credentials agents use, and the model API's last refusal.
 
     ``authenticated`` is False without credentials, with an access token that has
     expired and cannot be refreshed now, and after the model API refused the
-    credentials (unless they changed since).
+    credentials (unless they changed since). The refusal is the model proxy's view
+    (``proxy_refusal``: it puts the credential on every call, and sees every answer),
+    else what the turns' failures told the dispatcher.
     """
-    refused = None if snapshot is None else snapshot.upstream_auth_error
+    refused: UpstreamError | None = None if snapshot is None else snapshot.upstream_auth_error
     refused_at = (None if snapshot is None else snapshot.upstream_auth_error_at) or 0.0
+    if proxy_refusal is not None and proxy_refusal.at >= refused_at:
+        refused = UpstreamError(proxy_refusal.status, proxy_refusal.message, 0)
+        refused_at = proxy_refusal.at
     if refused is not None and credentials.changed_at is not None:
         if refused_at < credentials.changed_at:
             refused = None  # a refusal of the credentials replaced since
@@ -298,8 +310,14 @@ def create_app(
     store_status: StoreStatus | None = None,
     credentials: CredentialsClient | None = None,
     pool_view: PoolView | None = None,
+    usage: UsageLedger | None = None,
+    model_proxy: ModelProxy | None = None,
 ) -> QuartTrio:
     """Build the app; ``dispatcher`` is a send channel to the dispatcher's inbox.
+
+    ``usage``: the model proxy's ledger, for ``/status``'s ``usage`` (None: none shown).
+    ``model_proxy``: its view of the model API's last refusal of the credential, which
+    ``/auth/status`` reports (None: the dispatcher's, from the turns' failures).
 
     ``/health`` reads ``pool_view`` (the dispatcher's published state) when it can,
     so it never waits behind work; else it asks the dispatcher.
@@ -389,7 +407,7 @@ def create_app(
             async def snapshot() -> PoolSnapshot:
                 return await pool_snapshot(dispatcher)
 
-            text = await scrape(snapshot, settings.pool_size, store.records)
+            text = await scrape(snapshot, settings.pool_size, store.records, usage)
             return Response(text, content_type=metrics.CONTENT_TYPE)
 
     spec = openapi_spec(settings)
@@ -427,6 +445,8 @@ def create_app(
         page = await registry.list_for_user(user_id, limit=limit, offset=offset)
         body["sessions"] = session_views(snapshot, page.records, user_id, first_page=offset == 0)
         body["sessionsTotal"] = page.total
+        if usage is not None:
+            body["usage"] = usage.user_status(user_id)
         return jsonify(body)
 
     def credentials_actor() -> CredentialsClient:
@@ -448,7 +468,10 @@ def create_app(
         # The model API's last refusal, if the dispatcher answers in time (it may be restarting).
         with trio.move_on_after(ANSWER_TIMEOUT_S):
             snapshot = await pool_snapshot(dispatcher)
-        return jsonify(auth_status_body(known, snapshot, round(time.time() * 1000)))
+        refused = None if model_proxy is None else model_proxy.last_refusal
+        return jsonify(
+            auth_status_body(known, snapshot, round(time.time() * 1000), proxy_refusal=refused)
+        )
 
     @app.post("/auth/login")
     async def auth_login() -> Response:

@@ -33,9 +33,11 @@ from typing import Any
 import trio
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from .. import metrics
 from ..messages import PoolSnapshot, SessionState, WorkerState
+from ..usage import UsageLedger
 
 # Where the app writes the matched route's pattern into a request's ASGI scope.
 ROUTE_KEY = "claude_code_api.route"
@@ -162,12 +164,32 @@ class StateGauges:
         yield family
 
 
+class BudgetGauges:
+    """``users_over_budget``: users whose daily budget (USER_DAILY_BUDGET_USD) is spent today.
+
+    Only with a budget (an aggregate: no user id in it)."""
+
+    def __init__(self, usage: UsageLedger | None) -> None:
+        self.over = None if usage is None or usage.budget_usd is None else usage.users_over_budget()
+
+    def collect(self) -> Iterable[Metric]:
+        if self.over is not None:
+            yield GaugeMetricFamily(
+                metrics.PREFIX + "users_over_budget",
+                "Users whose daily model budget (USER_DAILY_BUDGET_USD) is spent today (UTC)",
+                value=self.over,
+            )
+
+
 async def scrape(
-    snapshot: Callable[[], Awaitable[PoolSnapshot]], pool_size: int, records: int | None
+    snapshot: Callable[[], Awaitable[PoolSnapshot]],
+    pool_size: int,
+    records: int | None,
+    usage: UsageLedger | None = None,
 ) -> bytes:
     """The text of ``GET /metrics``; ``snapshot()`` asks the dispatcher for its view."""
     seen: PoolSnapshot | None = None
     with trio.move_on_after(SNAPSHOT_TIMEOUT_S):
         seen = await snapshot()
-    gauges = StateGauges(seen, pool_size, records)
-    return await trio.to_thread.run_sync(metrics.render, [gauges])
+    gauges: list[Collector] = [StateGauges(seen, pool_size, records), BudgetGauges(usage)]
+    return await trio.to_thread.run_sync(metrics.render, gauges)

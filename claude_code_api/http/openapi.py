@@ -438,7 +438,27 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                     "description": "the caller's own, most recent first",
                 },
                 "sessionsTotal": count,
-            }
+            },
+            {"usage": _ref("Usage")},
+        ),
+        "Usage": _object(
+            {
+                "day": {"type": "string", "description": "the calendar day counted (UTC)"},
+                "costUsd": {"type": "number", "minimum": 0},
+                "tokens": {
+                    "type": "object",
+                    "additionalProperties": {"type": "integer", "minimum": 0},
+                    "description": "input_tokens, output_tokens, cache_creation_input_tokens,"
+                    " cache_read_input_tokens",
+                },
+                "modelCalls": count,
+                "dailyBudgetUsd": {"type": ["number", "null"]},
+            },
+            {
+                "remainingUsd": {"type": "number", "minimum": 0},
+                "overBudget": {"type": "boolean"},
+                "resetsAt": millis,
+            },
         ),
         "Run": _object(
             {
