@@ -39,7 +39,7 @@ import trio
 
 from .. import metrics
 from ..agent import Agent, AgentError, TurnResult
-from ..disk_quota import DiskQuota
+from ..disk_quota import DiskQuota, Watched
 from ..messages import (
     AgentEvent,
     AssistantText,
@@ -222,6 +222,7 @@ async def run_turn(
     # The client's cancellation is a callback, not a watcher task (the disk quota's watch,
     # which walks the user's files every second, has to be one).
     disk = limits.disk
+    watched = Watched(job.user_id, stop_for_disk)
     with job.cancellation.calling(cancelled_by_client), _counted(disk, job.user_id, home):
         if disk is not None and cut is None:
             refused = await disk.refusal(job.user_id)
@@ -235,7 +236,7 @@ async def run_turn(
                 began = True
                 async with trio.open_nursery() as watching:
                     if disk is not None:
-                        watching.start_soon(disk.watch, job.user_id, stop_for_disk)
+                        watching.start_soon(disk.watch, watched)
                     try:
                         if model is not None:
                             await agent.set_model(model)
@@ -248,6 +249,13 @@ async def run_turn(
                         failure = exc
                     finally:
                         watching.cancel_scope.cancel()
+                if disk is not None and result is not None:
+                    await disk.after_turn(watched)  # (it may have filled the disk in < 1 s)
+        if cut is CutReason.DISK and began and disk is not None:
+            # Killed, not interrupted: its tools would write on through the interrupt's
+            # grace. Then the others get room (the reserve), not this agent.
+            await agent.close(grace=0)
+            await disk.after_stop(watched)
 
     elapsed_ms = round((trio.current_time() - job.submitted_at) * 1000)
     if failure is not None:
@@ -260,9 +268,7 @@ async def run_turn(
         cut = CutReason.TIMEOUT if trio.current_time() >= job.deadline else CutReason.STOPPED
     # A turn cut before it began (the client left during the hand-over) has nothing to stop.
     if cut is CutReason.DISK and began:
-        # Killed, not interrupted: its tools would write on through the interrupt's grace.
-        await agent.close(grace=0)
-        usable = False
+        usable = False  # (killed above)
     else:
         usable = await _stop_turn(agent, limits.interrupt_grace_s) if began else True
     upstream = retries.error()

@@ -298,8 +298,12 @@ def create_app(
     store_status: StoreStatus | None = None,
     credentials: CredentialsClient | None = None,
     pool_view: PoolView | None = None,
+    disk: DiskQuota | None = None,
 ) -> QuartTrio:
     """Build the app; ``dispatcher`` is a send channel to the dispatcher's inbox.
+
+    ``disk``: the service's disk quota and reserve (``/files`` writes are held to
+    them); without, one of the settings' own.
 
     ``/health`` reads ``pool_view`` (the dispatcher's published state) when it can,
     so it never waits behind work; else it asks the dispatcher.
@@ -519,7 +523,8 @@ def create_app(
             caller=caller,
             data_dir=settings.data_dir,
             max_file_bytes=settings.max_file_bytes,
-            disk=DiskQuota.from_settings(settings, partial(user_workspace, settings.data_dir)),
+            disk=disk
+            or DiskQuota.from_settings(settings, partial(user_workspace, settings.data_dir)),
         )
     )
     app.register_blueprint(
