@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 import trio
@@ -45,8 +46,9 @@ class Disk:
 
 
 def held(tmp_path) -> int:
+    """What the ballast holds, in whole MiB (a large file may take a metadata block more)."""
     try:
-        return os.stat(tmp_path / BALLAST_NAME).st_blocks * 512
+        return os.stat(tmp_path / BALLAST_NAME).st_blocks * 512 // MIB * MIB
     except FileNotFoundError:
         return 0
 
@@ -196,3 +198,35 @@ async def test_a_save_that_finds_the_disk_full_makes_room_and_is_acknowledged(tm
             assert asked == [True] and health == []
             assert await client.load(record.key) == record
             send.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+async def test_on_a_full_disk_without_a_reserve_a_checkpoint_lets_new_sessions_be_saved(tmp_path):
+    """The WAL is never truncated: after a checkpoint its space takes the next commits."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], check=True)
+    try:
+        with trio.fail_after(TIMEOUT):
+            store = SessionStore(disk / "sessions.sqlite3")
+            for n in range(300):  # a WAL of a few hundred commits, as a running service has
+                store.save(new_session_record(SessionKey("u", f"old-{n}"), 1.0))
+            store.checkpoint()
+            for n in range(300):
+                store.save(new_session_record(SessionKey("u", f"old-{n}"), 2.0))
+            with open(disk / "fill", "wb") as fill:  # an agent took every block left
+                with pytest.raises(OSError):
+                    while True:
+                        fill.write(b"x" * 65536)
+                        fill.flush()
+            send, receive = trio.open_memory_channel(10)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    lambda task_status: serve_registry(store, receive, task_status=task_status)
+                )
+                client = RegistryClient(send)
+                for n in range(50):
+                    await client.save(new_session_record(SessionKey("bob", f"new-{n}"), 3.0))
+                send.close()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
