@@ -11,12 +11,15 @@ plus the ephemeral HOMEs of that user's one-shot agents while they run
   ``USER_DISK_MAX_MB`` with a 507 naming the quota.
 * **During a turn**, :meth:`DiskQuota.watch` measures the user again every
   :data:`WATCH_INTERVAL_S` and stops the turn (507) as soon as the user is over
-  the quota, or when the data directory's filesystem has less free space than
-  the service's reserve and this user's usage has grown during the turn.
-* **Between two measurements** a single file cannot outgrow the quota, nor eat the
-  reserve: every agent starts with ``RLIMIT_FSIZE`` (:meth:`file_size_limit`,
+  the quota, or when the data directory's filesystem is full (less free space
+  than a quarter of the reserve: :meth:`DiskQuota.low_on_space`) and this user's
+  files grew during the turn by more than :data:`GROWTH_SLACK`. A turn that ended
+  by itself is checked once more (:meth:`DiskQuota.after_turn`): many files fill a
+  fast disk within one interval.
+* **Between two measurements** a single file cannot outgrow the quota, nor the
+  free space: every agent starts with ``RLIMIT_FSIZE`` (:meth:`file_size_limit`,
   applied by the launcher) set to the smaller of the quota and the free space
-  above the reserve at that moment; a write past it fails (``EFBIG``; the
+  above the full mark at that moment; a write past it fails (``EFBIG``; the
   writing tool gets ``SIGXFSZ``), the agent lives on.
 
 Why a walk and not the kernel's quotas: project quotas need a filesystem that
@@ -24,9 +27,14 @@ has them, mounted with them, and the privileges to set them; a walk works on
 any volume. It costs ~3 µs per file and directory (measured: 50 000 files in
 0.14 s of one CPU, in a thread), once per interval per user with a turn running.
 
-The reserve (``DISK_RESERVE_MB``, at most a quarter of the filesystem) keeps
-the session database, the transcripts of other users' turns and the CLI's own
-bookkeeping writable when an agent fills what it may write.
+The reserve (``DISK_RESERVE_MB``, at most a quarter of the filesystem) is held by
+a file (:mod:`~claude_code_api.disk_reserve`): agents can only fill the rest, however
+fast. When they have, the turns writing are stopped first, their agents killed, and
+then a quarter of the reserve is released (:meth:`DiskQuota.after_stop`,
+:meth:`DiskQuota.after_turn`, and :meth:`DiskQuota.make_room` for the session store,
+whose write found the disk full), so the session database, the transcripts of other
+users' turns and the CLI's own bookkeeping stay writable. The user whose agents
+filled the disk is refused new work (507) until there is room again.
 
 Error handling: a file that vanishes or cannot be read during a walk is
 skipped; the walk never raises for what agents do to their directories. Links

@@ -16,10 +16,12 @@ to drain the turn, and *killed* only if it does not — when:
   connection) are left to the CLI's own retries within the deadline; each is
   logged and relayed, and a reply that runs out of time carries the last one;
 * the caller cancels ``turn_scope`` (a service shutdown, a deleted session);
-* the user's files pass their disk quota, or grow into the service's reserve
+* the user's files pass their disk quota, or fill the disk while they grow
   (``limits.disk``: :meth:`~claude_code_api.disk_quota.DiskQuota.watch`): the agent
-  is killed at once (its tools would write on through an interrupt's grace) and the
-  reply is a 507 naming the quota. A user already over it gets that 507 before the
+  is killed at once (its tools would write on through an interrupt's grace), then
+  the disk gets room (``after_stop``: a part of the service's reserve), and the
+  reply is a 507 naming the quota or the full disk. A user already over the quota,
+  or whose agents filled the disk while it is still full, gets that 507 before the
   prompt reaches the agent.
 
 An agent that dies or breaks the protocol mid-turn is killed (it is broken) and
