@@ -33,10 +33,17 @@ AS_ALICE = {"x-api-key": "sk-alice-key"}
 AS_BOB = {"x-api-key": "sk-bob-key"}
 MIB = 1024 * 1024
 FILL = "dd if=/dev/zero of=$HOME/workspace/fill bs=1M count=100; echo dd exited $?"
-# Many files, each within RLIMIT_FSIZE: bounded (12 x 8 MiB), it ends at ENOSPC.
+# Many files, each within RLIMIT_FSIZE: bounded (12 x 8 MiB), it ends at ENOSPC, faster
+# than the quota's watch measures (the end of the turn finds the disk full).
 FILL_MANY = (
     "i=0; while [ $i -lt 12 ]; do i=$((i+1));"
     " dd if=/dev/zero of=$HOME/workspace/many-$i bs=1M count=8 2>/dev/null || break; done;"
+    " echo wrote $i files"
+)
+# The same, writing on at ENOSPC (bounded: 40 tries, 6 s at least): the watch stops it.
+FILL_ON = (
+    "i=0; while [ $i -lt 40 ]; do i=$((i+1));"
+    " dd if=/dev/zero of=$HOME/workspace/many-$i bs=1M count=8 2>/dev/null; sleep 0.15; done;"
     " echo wrote $i files"
 )
 
@@ -105,7 +112,14 @@ async def test_one_user_filling_the_disk_stops_no_one_else(tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs as DATA_DIR needs root")
-async def test_one_user_filling_the_disk_with_many_files_stops_no_one_else(tmp_path):
+@pytest.mark.parametrize(
+    ("command", "statuses"),
+    [(FILL_MANY, (200, 507)), (FILL_ON, (507,))],
+    ids=["until-full", "writing-on"],
+)
+async def test_one_user_filling_the_disk_with_many_files_stops_no_one_else(
+    tmp_path, command, statuses
+):
     data_dir = tmp_path / "data"
     _mount_tmpfs(data_dir, "40m")
     try:
@@ -125,9 +139,11 @@ async def test_one_user_filling_the_disk_with_many_files_stops_no_one_else(tmp_p
                         assert first.status_code == 200, first.text
                         assert (data_dir / ".reserve").stat().st_blocks * 512 == 10 * MIB
 
-                        api.enqueue(ToolUseReply("Bash", {"command": FILL_MANY}), TextReply("ok"))
+                        api.enqueue(ToolUseReply("Bash", {"command": command}), TextReply("ok"))
                         filled = await run(AS_ALICE, sessionId="alice-1")
-                        assert filled.status_code in (200, 507), filled.text
+                        assert filled.status_code in statuses, filled.text
+                        if filled.status_code == 507:
+                            assert "disk is full" in filled.json()["error"], filled.text
                         workspace = user_workspace(data_dir, "alice") / "workspace"
                         kept = sum(path.stat().st_size for path in workspace.glob("many-*"))
                         vfs = os.statvfs(data_dir)
