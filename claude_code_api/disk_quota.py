@@ -321,10 +321,10 @@ class DiskQuota:
         await self._release(f"user {turn.user_id!r}'s turn filled the disk")
 
     async def after_stop(self, turn: Watched) -> None:
-        """After a turn stopped by :meth:`watch` had its agent killed: room for the others."""
+        """After a turn stopped by :meth:`watch` had its agent killed: if the disk is full
+        (whatever stopped the turn), room for the others."""
         try:
-            if turn.user_id in self.filled:
-                await self._release(f"user {turn.user_id!r}'s turn, stopped, filled the disk")
+            await self._release(f"user {turn.user_id!r}'s turn, stopped, filled the disk")
         finally:
             turn.killed.set()
 

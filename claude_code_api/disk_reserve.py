@@ -82,6 +82,11 @@ class Ballast:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             current = os.fstat(fd).st_size
+            if os.fstat(fd).st_blocks * 512 < min(current, size):
+                # Holes (a write cut short by a crash, or zeros a filesystem dropped): the
+                # size says more than it holds; allocate it again from the start.
+                os.ftruncate(fd, 0)
+                current = 0
             if current > size:
                 os.ftruncate(fd, size)
                 return self.held()

@@ -230,3 +230,13 @@ async def test_on_a_full_disk_without_a_reserve_a_checkpoint_lets_new_sessions_b
                 send.close()
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+async def test_a_ballast_with_holes_is_allocated_again(tmp_path, monkeypatch):
+    with trio.fail_after(TIMEOUT):
+        Disk(monkeypatch, tmp_path, free=500 * MIB)
+        with open(tmp_path / BALLAST_NAME, "wb") as file:
+            file.truncate(8 * MIB)  # the right size, but it holds nothing
+        reserve = DiskReserve(tmp_path, 8 * MIB)
+        await reserve.fill()
+        assert held(tmp_path) == 8 * MIB and reserve.whole
