@@ -29,11 +29,12 @@ any volume. It costs ~3 µs per file and directory (measured: 50 000 files in
 
 The reserve (``DISK_RESERVE_MB``, at most a quarter of the filesystem) is held by
 a file (:mod:`~claude_code_api.disk_reserve`): agents can only fill the rest, however
-fast. When they have, the turns writing are stopped first, their agents killed, and
-then a quarter of the reserve is released (:meth:`DiskQuota.after_stop`,
-:meth:`DiskQuota.after_turn`, and :meth:`DiskQuota.make_room` for the session store,
-whose write found the disk full), so the session database, the transcripts of other
-users' turns and the CLI's own bookkeeping stay writable. The user whose agents
+fast. When they have, the turns writing are stopped first, their agents killed (also
+the agent of a turn that filled the disk and ended by itself, with whatever it left
+running), and then a quarter of the reserve is released (:meth:`DiskQuota.after_stop`;
+:meth:`DiskQuota.make_room` for the session store, whose write found the disk full),
+so the session database, the transcripts of other users' turns and the CLI's own
+bookkeeping stay writable. The user whose agents
 filled the disk is refused new work (507) until there is room again.
 
 Error handling: a file that vanishes or cannot be read during a walk is
@@ -302,15 +303,17 @@ class DiskQuota:
         )
         turn.stop(self.filled_by(turn.user_id, used, stopped=True))
 
-    async def after_turn(self, turn: Watched) -> None:
-        """After a turn that ended by itself: if it filled the disk (faster than a watch's
-        interval), its user is refused new work and the reserve gives the others room."""
+    async def after_turn(self, turn: Watched) -> bool:
+        """After a turn that ended by itself: whether it filled the disk (faster than a
+        watch's interval). Its user is then refused new work; its caller kills the agent
+        (with whatever it left running) and calls :meth:`after_stop`."""
         if turn.start is None or not self.low_on_space():
-            return
+            return False
         used = await self.usage(turn.user_id, max_age=0)
         if not self._filling(turn, used):
-            return
+            return False
         self.filled[turn.user_id] = used
+        turn.stopped = True
         log.warning(
             "the data directory's filesystem is full after a turn of user %r (%s, %s more"
             " than when it began); the user's new work is refused until there is room again",
@@ -318,11 +321,11 @@ class DiskQuota:
             _mib(used),
             _mib(used - turn.start),
         )
-        await self._release(f"user {turn.user_id!r}'s turn filled the disk")
+        return True
 
     async def after_stop(self, turn: Watched) -> None:
-        """After a turn stopped by :meth:`watch` had its agent killed: if the disk is full
-        (whatever stopped the turn), room for the others."""
+        """After a turn stopped by :meth:`watch` (or found by :meth:`after_turn`) had its
+        agent killed: if the disk is full, room for the others."""
         try:
             await self._release(f"user {turn.user_id!r}'s turn, stopped, filled the disk")
         finally:

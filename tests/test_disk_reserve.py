@@ -17,9 +17,12 @@ from claude_code_api.actors.registry import (
     new_session_record,
     serve_registry,
 )
+from claude_code_api.actors.turn import TurnLimits, run_turn
+from claude_code_api.agent import AgentSpec
 from claude_code_api.disk_quota import DiskQuota, Watched
 from claude_code_api.disk_reserve import BALLAST_NAME, MIB, DiskReserve
-from claude_code_api.messages import SessionKey
+from claude_code_api.messages import Job, SessionKey
+from tests.fake_agent import FakeAgents, Finish, Wait
 
 TIMEOUT = 10
 TOTAL = 1000 * MIB
@@ -240,3 +243,59 @@ async def test_a_ballast_with_holes_is_allocated_again(tmp_path, monkeypatch):
         reserve = DiskReserve(tmp_path, 8 * MIB)
         await reserve.fill()
         assert held(tmp_path) == 8 * MIB and reserve.whole
+
+
+async def test_a_turn_that_filled_the_disk_and_ended_has_its_agent_killed_before_the_release(
+    tmp_path, monkeypatch
+):
+    """Faster than the watch: the turn's end finds the disk full. Its agent (and what it
+    may have left running) is killed first, then the others get room; its user is refused."""
+    with trio.fail_after(TIMEOUT):
+        disk = Disk(monkeypatch, tmp_path, free=500 * MIB)
+        quota = DiskQuota(
+            tmp_path,
+            100 * MIB,
+            8 * MIB,
+            lambda user: tmp_path / "users" / user,
+            interval_s=60.0,  # (never measures again within the turn)
+            ballast=DiskReserve(tmp_path, 8 * MIB),
+        )
+        assert quota.ballast is not None
+        await quota.ballast.fill()
+        agents = FakeAgents(script=lambda prompt: [Wait(0.5), Finish("done")])
+        agent = agents(AgentSpec(name="w", home=tmp_path / "users" / "u", ephemeral=False))
+        await agent.start(10)
+        held_when_closed = []
+        close = agent.close
+
+        async def recorded_close(grace: float) -> None:
+            held_when_closed.append(held(tmp_path))
+            await close(grace=grace)
+
+        agent.close = recorded_close  # type: ignore[method-assign]
+        reply_send, _ = trio.open_memory_channel(64)
+        now = trio.current_time()
+        job = Job(
+            id="j",
+            user_id="u",
+            prompt="fill",
+            submitted_at=now,
+            deadline=now + 30,
+            reply=reply_send,
+        )
+
+        async def fill() -> None:
+            await trio.sleep(0.2)
+            (tmp_path / "users" / "u").mkdir(parents=True, exist_ok=True)
+            (tmp_path / "users" / "u" / "fill").write_bytes(b"x" * 3 * MIB)
+            disk.free = 0
+
+        limits = TurnLimits(interrupt_grace_s=1.0, max_output_chars=1000, disk=quota)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fill)
+            outcome = await run_turn(agent, job, worker_id="w", limits=limits)
+        assert outcome.ok and not outcome.agent_usable  # answered; the agent is not kept
+        assert "killed" in agent.events
+        assert held_when_closed == [8 * MIB] and held(tmp_path) == 6 * MIB
+        refusal = await quota.refusal("u")
+        assert refusal is not None and "disk is full" in refusal.error

@@ -20,7 +20,10 @@ to drain the turn, and *killed* only if it does not — when:
   (``limits.disk``: :meth:`~claude_code_api.disk_quota.DiskQuota.watch`): the agent
   is killed at once (its tools would write on through an interrupt's grace), then
   the disk gets room (``after_stop``: a part of the service's reserve), and the
-  reply is a 507 naming the quota or the full disk. A user already over the quota,
+  reply is a 507 naming the quota or the full disk. A turn that ended by itself
+  having filled the disk (within a watch's interval) keeps its reply, but its agent
+  is killed the same way (with what it left running) before the disk gets room.
+  A user already over the quota,
   or whose agents filled the disk while it is still full, gets that 507 before the
   prompt reaches the agent.
 
@@ -221,6 +224,7 @@ async def run_turn(
     result: TurnResult | None = None
     failure: AgentError | None = None
     began = False  # the prompt may have reached the agent
+    filled = False  # the turn ended by itself, having filled the disk: its agent is killed
     # The client's cancellation is a callback, not a watcher task (the disk quota's watch,
     # which walks the user's files every second, has to be one).
     disk = limits.disk
@@ -252,10 +256,12 @@ async def run_turn(
                     finally:
                         watching.cancel_scope.cancel()
                 if disk is not None and result is not None:
-                    await disk.after_turn(watched)  # (it may have filled the disk in < 1 s)
-        if cut is CutReason.DISK and began and disk is not None:
+                    # (It may have filled the disk within a watch's interval.)
+                    filled = await disk.after_turn(watched)
+        if disk is not None and began and (filled or cut is CutReason.DISK):
             # Killed, not interrupted: its tools would write on through the interrupt's
-            # grace. Then the others get room (the reserve), not this agent.
+            # grace (or in the background after the turn). Then the others get room (the
+            # reserve), not this agent.
             await agent.close(grace=0)
             await disk.after_stop(watched)
 
@@ -264,7 +270,9 @@ async def run_turn(
         await agent.close(grace=0)
         return TurnOutcome(JobFailed(502, str(failure)), agent_usable=False)
     if result is not None:
-        return _finished(result, elapsed_ms, retries, limits, agent.model)
+        finished = _finished(result, elapsed_ms, retries, limits, agent.model)
+        # (A session's next turn resumes in a new process.)
+        return attrs.evolve(finished, agent_usable=False) if filled else finished
 
     if cut is None:
         cut = CutReason.TIMEOUT if trio.current_time() >= job.deadline else CutReason.STOPPED
