@@ -622,6 +622,7 @@ async def main(args: argparse.Namespace) -> int:
                         AGENT_SANDBOX="auto",
                         AGENT_MAX_PROCS=str(args.max_procs),
                         USER_DISK_MAX_MB=str(args.disk_mb),
+                        DISK_RESERVE_MB="256",  # (the default: a quarter of the tmpfs)
                     )
                     env = service_env(workdir, overrides, record_pids=False)
                     mounted = mount_tmpfs(data_dir, args.data_mb)

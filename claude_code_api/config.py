@@ -636,8 +636,9 @@ class Settings:
         "DISK_RESERVE_MB",
         Whole(0, 100_000_000),
         "256",
-        "MiB of `DATA_DIR`'s filesystem (at most a quarter of it) kept free for the"
-        " service's own state: agents' files may not grow into it",
+        "MiB of `DATA_DIR`'s filesystem (at most a quarter of it) kept for the service's"
+        " own state, held by the file `DATA_DIR/.reserve`: agents can fill only the rest; a"
+        " quarter of it is released when they have; `0`: no reserve",
     )
     max_images: int = setting(
         "MAX_IMAGES",

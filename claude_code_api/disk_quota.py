@@ -11,12 +11,15 @@ plus the ephemeral HOMEs of that user's one-shot agents while they run
   ``USER_DISK_MAX_MB`` with a 507 naming the quota.
 * **During a turn**, :meth:`DiskQuota.watch` measures the user again every
   :data:`WATCH_INTERVAL_S` and stops the turn (507) as soon as the user is over
-  the quota, or when the data directory's filesystem has less free space than
-  the service's reserve and this user's usage has grown during the turn.
-* **Between two measurements** a single file cannot outgrow the quota, nor eat the
-  reserve: every agent starts with ``RLIMIT_FSIZE`` (:meth:`file_size_limit`,
+  the quota, or when the data directory's filesystem is full (less free space
+  than a quarter of the reserve: :meth:`DiskQuota.low_on_space`) and this user's
+  files grew during the turn by more than :data:`GROWTH_SLACK`. A turn that ended
+  by itself is checked once more (:meth:`DiskQuota.after_turn`): many files fill a
+  fast disk within one interval.
+* **Between two measurements** a single file cannot outgrow the quota, nor the
+  free space: every agent starts with ``RLIMIT_FSIZE`` (:meth:`file_size_limit`,
   applied by the launcher) set to the smaller of the quota and the free space
-  above the reserve at that moment; a write past it fails (``EFBIG``; the
+  above the full mark at that moment; a write past it fails (``EFBIG``; the
   writing tool gets ``SIGXFSZ``), the agent lives on.
 
 Why a walk and not the kernel's quotas: project quotas need a filesystem that
@@ -24,9 +27,15 @@ has them, mounted with them, and the privileges to set them; a walk works on
 any volume. It costs ~3 µs per file and directory (measured: 50 000 files in
 0.14 s of one CPU, in a thread), once per interval per user with a turn running.
 
-The reserve (``DISK_RESERVE_MB``, at most a quarter of the filesystem) keeps
-the session database, the transcripts of other users' turns and the CLI's own
-bookkeeping writable when an agent fills what it may write.
+The reserve (``DISK_RESERVE_MB``, at most a quarter of the filesystem) is held by
+a file (:mod:`~claude_code_api.disk_reserve`): agents can only fill the rest, however
+fast. When they have, the turns writing are stopped first, their agents killed (also
+the agent of a turn that filled the disk and ended by itself, with whatever it left
+running), and then a quarter of the reserve is released (:meth:`DiskQuota.after_stop`;
+:meth:`DiskQuota.make_room` for the session store, whose write found the disk full),
+so the session database, the transcripts of other users' turns and the CLI's own
+bookkeeping stay writable. The user whose agents
+filled the disk is refused new work (507) until there is room again.
 
 Error handling: a file that vanishes or cannot be read during a walk is
 skipped; the walk never raises for what agents do to their directories. Links
@@ -47,6 +56,7 @@ import attrs
 import trio
 
 from .config import Settings
+from .disk_reserve import RELEASE_FRACTION, DiskReserve, free_bytes, reserve_size
 from .messages import JobFailed
 from .sandbox import empty_user_home
 
@@ -60,9 +70,12 @@ FRESH_S = 0.5
 # The smallest RLIMIT_FSIZE an agent gets (the CLI must be able to write its transcript,
 # whose lines can be large), even when the filesystem is nearly full.
 MIN_FILE_SIZE = 8 * MIB
-# The reserve is at most this fraction of the filesystem (a small volume keeps room too).
-MAX_RESERVE_FRACTION = 0.25
 DISK_FULL_STATUS = 507
+# A turn whose user grew by less than this while the disk was full is not the one filling
+# it (a turn's transcript takes kilobytes).
+GROWTH_SLACK = 1 * MIB
+# How long the release of the reserve waits for the agents it stopped to be killed.
+KILL_WAIT_S = 5.0
 
 
 def disk_usage(paths: Iterable[Path]) -> int:
@@ -108,12 +121,6 @@ def _walk(top: Path) -> Iterator[os.stat_result]:
             continue
 
 
-def free_bytes(path: Path) -> tuple[int, int]:
-    """``(free, total)`` bytes of the filesystem holding ``path`` (for unprivileged writers)."""
-    vfs = os.statvfs(path)
-    return vfs.f_bavail * vfs.f_frsize, vfs.f_blocks * vfs.f_frsize
-
-
 def _mib(n: float) -> str:
     return f"{n / MIB:.1f} MiB"
 
@@ -135,6 +142,12 @@ class DiskQuota:
     running: dict[str, list[Path]] = attrs.Factory(dict)
     # user -> (trio time, bytes) of the last measurement.
     measured: dict[str, tuple[float, int]] = attrs.Factory(dict)
+    # The file holding the reserve (None: no reserve); its keeper runs in the service's tree.
+    ballast: DiskReserve | None = None
+    # The turns being watched now.
+    turns: set[Watched] = attrs.Factory(set)
+    # user -> bytes: users whose agents filled the disk, refused new work while it is full.
+    filled: dict[str, int] = attrs.Factory(dict)
 
     def paths(self, user_id: str) -> list[Path]:
         return [self.home_of(user_id), *self.running.get(user_id, ())]
@@ -183,47 +196,80 @@ class DiskQuota:
         )
 
     async def refusal(self, user_id: str) -> JobFailed | None:
-        """The 507 for a user at or over the quota, else None. Measures (in a thread)."""
+        """The 507 for a user at or over the quota, or whose agents filled the disk while it
+        is still full; else None. Measures (in a thread)."""
+        if user_id in self.filled:
+            if self.full():
+                return self.filled_by(user_id, self.filled[user_id])
+            del self.filled[user_id]  # there is room again
         used = await self.usage(user_id)
         return self.over_quota(user_id, used) if used >= self.limit else None
 
+    def filled_by(self, user_id: str, used: int, *, stopped: bool = False) -> JobFailed:
+        what = "turn stopped: " if stopped else ""
+        return JobFailed(
+            DISK_FULL_STATUS,
+            f"{what}the service's disk is full: user {user_id!r}'s agents filled it (they keep"
+            f" {_mib(used)} of files); remove files from the workspace or delete sessions to"
+            " free space: until there is room again, this user's new work is refused"
+            " (the service keeps DISK_RESERVE_MB for its own state)",
+        )
+
     def effective_reserve(self, total: int) -> int:
-        return min(self.reserve, int(total * MAX_RESERVE_FRACTION))
+        return reserve_size(self.reserve, total)
+
+    def margin(self, total: int) -> int:
+        """Free space below which the filesystem counts as full: a quarter of the reserve
+        (what one release of the ballast gives back)."""
+        return int(self.effective_reserve(total) * RELEASE_FRACTION)
 
     @classmethod
     def from_settings(cls, settings: Settings, home_of: Callable[[str], Path]) -> DiskQuota:
+        reserve = settings.disk_reserve_mb * MIB
         return cls(
             settings.data_dir,
             settings.user_disk_max_mb * MIB,
-            settings.disk_reserve_mb * MIB,
+            reserve,
             home_of,
+            ballast=DiskReserve(settings.data_dir, reserve) if reserve else None,
         )
 
     def low_on_space(self) -> bool:
-        """Whether the data directory's filesystem has less free space than the reserve."""
+        """Whether the data directory's filesystem is full: less free space than
+        :meth:`margin` (the reserve's ballast is not free space: agents cannot have it)."""
         try:
             free, total = free_bytes(self.data_dir)
         except OSError:
             return False
-        return free < self.effective_reserve(total)
+        return free < self.margin(total)
 
-    async def watch(self, user_id: str, stop_turn: Callable[[JobFailed], None]) -> None:
-        """Until cancelled: measure the user every interval; stop the turn when it must.
+    def full(self) -> bool:
+        """Full, or so recently that the reserve has not been made whole again."""
+        return self.low_on_space() or (self.ballast is not None and not self.ballast.whole)
 
-        ``stop_turn(failure)`` is called once, when the user is over the quota or
-        the filesystem is below the reserve and this user's files grew during the
-        turn; then this returns. A failure of its own is logged and ends the watch, never
+    async def watch(self, turn: Watched) -> None:
+        """Until cancelled: measure the turn's user every interval; stop the turn when it must.
+
+        ``turn.stop(failure)`` is called once, when the user is over the quota or the
+        filesystem is full (:meth:`low_on_space`) and this user's files grew during the
+        turn by more than :data:`GROWTH_SLACK` (the user is then refused new work while
+        the disk stays full); then this returns. Its caller kills the agent and calls
+        :meth:`after_stop`. A failure of its own is logged and ends the watch, never
         the turn.
         """
+        self.turns.add(turn)
         try:
-            await self._watch(user_id, stop_turn)
+            await self._watch(turn)
         except Exception:
             log.exception(
-                "disk quota: watching user %r failed; the turn goes on unwatched", user_id
+                "disk quota: watching user %r failed; the turn goes on unwatched", turn.user_id
             )
+        finally:
+            self.turns.discard(turn)
 
-    async def _watch(self, user_id: str, stop_turn: Callable[[JobFailed], None]) -> None:
-        start = await self.usage(user_id)
+    async def _watch(self, turn: Watched) -> None:
+        user_id = turn.user_id
+        turn.start = await self.usage(user_id)
         while True:
             await trio.sleep(self.interval_s)
             used = await self.usage(user_id, max_age=self.interval_s / 2)
@@ -234,39 +280,104 @@ class DiskQuota:
                     _mib(used),
                     _mib(self.limit),
                 )
-                stop_turn(self.over_quota(user_id, used, stopped=True))
+                turn.stopped = True
+                turn.stop(self.over_quota(user_id, used, stopped=True))
                 return
-            if used > start and self.low_on_space():
-                log.warning(
-                    "the data directory's filesystem is below the reserve while user %r"
-                    " writes (%s, %s more than when the turn began): stopping the turn",
-                    user_id,
-                    _mib(used),
-                    _mib(used - start),
-                )
-                stop_turn(
-                    JobFailed(
-                        DISK_FULL_STATUS,
-                        "turn stopped: the service's disk is nearly full (its reserve,"
-                        " DISK_RESERVE_MB, is kept for the service) and this turn was"
-                        f" writing; user {user_id!r} keeps {_mib(used)} of files",
-                    )
-                )
+            if self._filling(turn, used) and self.low_on_space():
+                self._stop_filler(turn, used)
                 return
+
+    def _filling(self, turn: Watched, used: int) -> bool:
+        return turn.start is not None and used - turn.start > GROWTH_SLACK
+
+    def _stop_filler(self, turn: Watched, used: int) -> None:
+        self.filled[turn.user_id] = used
+        turn.stopped = True
+        log.warning(
+            "the data directory's filesystem is full while user %r writes (%s, %s more than"
+            " when the turn began): stopping the turn; the user's new work is refused until"
+            " there is room again",
+            turn.user_id,
+            _mib(used),
+            _mib(used - (turn.start or 0)),
+        )
+        turn.stop(self.filled_by(turn.user_id, used, stopped=True))
+
+    async def after_turn(self, turn: Watched) -> bool:
+        """After a turn that ended by itself: whether it filled the disk (faster than a
+        watch's interval). Its user is then refused new work; its caller kills the agent
+        (with whatever it left running) and calls :meth:`after_stop`."""
+        if turn.start is None or not self.low_on_space():
+            return False
+        used = await self.usage(turn.user_id, max_age=0)
+        if not self._filling(turn, used):
+            return False
+        self.filled[turn.user_id] = used
+        turn.stopped = True
+        log.warning(
+            "the data directory's filesystem is full after a turn of user %r (%s, %s more"
+            " than when it began); the user's new work is refused until there is room again",
+            turn.user_id,
+            _mib(used),
+            _mib(used - turn.start),
+        )
+        return True
+
+    async def after_stop(self, turn: Watched) -> None:
+        """After a turn stopped by :meth:`watch` (or found by :meth:`after_turn`) had its
+        agent killed: if the disk is full, room for the others."""
+        try:
+            await self._release(f"user {turn.user_id!r}'s turn, stopped, filled the disk")
+        finally:
+            turn.killed.set()
+
+    async def make_room(self) -> bool:
+        """The disk is full (the session store could not write): stop the turns that are
+        writing, wait for their agents to be killed, then release a part of the reserve.
+        Whether the write is worth trying again."""
+        stopping = []
+        for turn in list(self.turns):
+            used = await self.usage(turn.user_id, max_age=0)
+            if not turn.stopped and self._filling(turn, used):
+                self._stop_filler(turn, used)
+                stopping.append(turn)
+        with trio.move_on_after(KILL_WAIT_S):
+            for turn in stopping:
+                await turn.killed.wait()
+        writers = ", ".join(sorted({repr(t.user_id) for t in stopping})) or "no running turn"
+        return await self._release(f"the session store found the disk full; stopped: {writers}")
+
+    async def _release(self, why: str) -> bool:
+        """Release a part of the reserve if the disk is full; whether there is room now."""
+        if self.ballast is None:
+            return False
+        freed = await self.ballast.release(why)
+        return freed is None or freed > 0
 
     def file_size_limit(self) -> int:
         return file_size_limit(self.data_dir, self.limit, self.reserve)
 
 
+@attrs.define(eq=False)
+class Watched:
+    """One turn under :meth:`DiskQuota.watch`: whose, how to stop it, what it began with."""
+
+    user_id: str
+    stop: Callable[[JobFailed], None]
+    start: int | None = None  # the user's bytes when the turn began (None: not measured yet)
+    stopped: bool = False
+    killed: trio.Event = attrs.Factory(trio.Event)  # its agent is dead (after a stop)
+
+
 def file_size_limit(data_dir: Path, limit: int, reserve: int) -> int:
     """RLIMIT_FSIZE for an agent starting now: the quota ``limit``, or the free space of
-    ``data_dir``'s filesystem above the reserve if smaller (at least :data:`MIN_FILE_SIZE`).
-    Blocking (``statvfs``)."""
+    ``data_dir``'s filesystem above the full mark (a quarter of the reserve, whose ballast
+    is not free space) if smaller (at least :data:`MIN_FILE_SIZE`). Blocking (``statvfs``)."""
     try:
         free, total = free_bytes(data_dir)
     except OSError:
         return limit
-    room = free - min(reserve, int(total * MAX_RESERVE_FRACTION))
+    room = free - int(reserve_size(reserve, total) * RELEASE_FRACTION)
     return max(min(limit, room), min(MIN_FILE_SIZE, limit))
 
 

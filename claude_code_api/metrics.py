@@ -18,7 +18,8 @@ few points, each a plain function call that never awaits:
   ``warmup_seconds``, ``agent_failures_total`` by ``reason``;
 * the worker pool supervisor's restarts (:func:`worker_restarted`), session
   actors that resume a hibernated session (:func:`session_woke`) and the
-  registry's evictions of hibernated sessions (:func:`session_evicted`);
+  registry's evictions of hibernated sessions (:func:`session_evicted`), and the
+  releases of the disk reserve (:func:`disk_reserve_released`, disk_reserve.py);
 * the HTTP layer (:mod:`claude_code_api.http.observe`): ``http_requests_total``
   and ``http_request_duration_seconds``.
 
@@ -149,6 +150,12 @@ SESSIONS_EVICTED = Counter(
     " a user at MAX_SESSIONS_PER_USER, the least recently used first",
     registry=REGISTRY,
 )
+DISK_RESERVE_RELEASED = Counter(
+    PREFIX + "disk_reserve_released",
+    "Times a quarter of the service's disk reserve (DISK_RESERVE_MB, held by a file in"
+    " DATA_DIR) was given back because agents had filled the rest of the filesystem",
+    registry=REGISTRY,
+)
 
 
 def _spend_counters(per_user: bool) -> tuple[Counter, Counter]:
@@ -276,6 +283,11 @@ def session_woke() -> None:
 def session_evicted() -> None:
     if _enabled:
         SESSIONS_EVICTED.inc()
+
+
+def disk_reserve_released() -> None:
+    if _enabled:
+        DISK_RESERVE_RELEASED.inc()
 
 
 def http_answered(method: str, route: str, status: int, seconds: float) -> None:

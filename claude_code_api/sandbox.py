@@ -603,19 +603,23 @@ class AgentLauncher:
         if self.user is not None and self.sandboxed:
             write_accounts(self.run_dir, self.user)
         path = self.launcher_path(spec, agent_id)
-        if self.sandboxed and credentials is not None:
-            credentials = self._copy_login(credentials, credentials_copy_path(path), self.user)
         cgroup = self.cgroup(path)
-        if cgroup is not None:
-            try:
+        try:
+            if self.sandboxed and credentials is not None:
+                credentials = self._copy_login(credentials, credentials_copy_path(path), self.user)
+            if cgroup is not None:
                 self.limits.create_cgroup(cgroup)
-            except OSError:
-                cgroup.remove()
-                raise
-        max_file_size = self.max_file_size() if self.max_file_size is not None else None
-        text = self.script(spec, credentials, program, cgroup=cgroup, max_file_size=max_file_size)
-        path.write_text(text)
-        path.chmod(0o700)
+            max_file_size = self.max_file_size() if self.max_file_size is not None else None
+            text = self.script(
+                spec, credentials, program, cgroup=cgroup, max_file_size=max_file_size
+            )
+            path.write_text(text)
+            path.chmod(0o700)
+        except BaseException:
+            # (a full disk: the launcher half written) Nothing of it may outlive the failure:
+            # the caller has no launcher to clean up after.
+            self.cleanup(attrs.evolve(spec, ephemeral=False), path)
+            raise
         return path
 
     def cgroup(self, launcher: Path) -> AgentCgroup | None:

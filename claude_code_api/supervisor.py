@@ -2,6 +2,7 @@
 
     root                 one_for_one, escalates (the service exits 1)
     ├── reaper           permanent  kills every agent if the service dies (a watchdog process)
+    ├── reserve          permanent  holds DISK_RESERVE_MB in a file; tops it up (disk_reserve.py)
     ├── registry         permanent  owns the SQLite session records
     ├── credentials      permanent  owns the Claude credentials file's writes; refreshes the login
     ├── model-proxy      permanent  agents' way to the model API: their tokens, the real key, usage
@@ -142,6 +143,9 @@ class Service:
         self.registry = RegistryClient(self.registry_inbox)
         self.store_status = StoreStatus()
         self.pool_view = PoolView()
+        # The users' disk quota and the service's reserve (its ballast file), shared by
+        # turns, /files and the registry (which asks it for room when the disk is full).
+        self.disk = DiskQuota.from_settings(settings, partial(user_workspace, settings.data_dir))
         self.http = HttpServer(
             create_app(
                 settings,
@@ -152,6 +156,7 @@ class Service:
                 self.pool_view,
                 self.usage,
                 self.model_proxy,
+                self.disk,
             ),
             settings.host,
             settings.port,
@@ -207,7 +212,7 @@ class Service:
 
     def _tree(self) -> Supervisor:
         settings = self.settings
-        disk = DiskQuota.from_settings(settings, partial(user_workspace, settings.data_dir))
+        disk = self.disk
         # The runs' usage as the model proxy counts it, and the users' budgets.
         ledger = self.usage
         turn = TurnLimits(settings.interrupt_grace_s, settings.max_output_chars, disk, ledger)
@@ -228,6 +233,7 @@ class Service:
                 on_count=self.store_status.count,
                 sessions_in_use=self.pool_view.sessions_in_use,
                 remove_homes=remove_homes,
+                make_room=disk.make_room,
                 task_status=task_status,
             )
 
@@ -365,10 +371,12 @@ class Service:
                 period=PERIOD_S,
             )
 
+        reserve = [] if disk.ballast is None else [ChildSpec("reserve", disk.ballast.serve)]
         return Supervisor(
             "root",
             [
                 ChildSpec("reaper", start_reaper, request_stop=self.reaper_inbox.close),
+                *reserve,
                 # Stopped after everything that saves, by closing its inbox: it writes
                 # what is queued, then ends.
                 ChildSpec("registry", start_registry, request_stop=self.registry_inbox.close),

@@ -188,6 +188,9 @@ def service_env(
             # The fake writes pid files the tests read from outside: no pid namespace by
             # default (tests of the sandbox turn it on).
             "AGENT_SANDBOX": "off",
+            # Each service holds its disk reserve in a file (DATA_DIR/.reserve): 256 MiB by
+            # default, taken from /tmp by every test's service (a tmpfs /tmp: from RAM).
+            "DISK_RESERVE_MB": "16",
             "PYTHONUNBUFFERED": "1",
         }
     )

@@ -7,6 +7,7 @@ process make cgroups (v1 on hybrid hosts, v2 elsewhere), with /bin/sh as the age
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -205,6 +206,41 @@ def test_an_agent_runs_in_its_own_cgroup_under_its_limits_and_it_is_removed_afte
     finally:
         launcher.cleanup(spec, path)  # (the sleeps still run: killed with it)
     assert not any(directory.exists() for directory in cgroup.directories)
+
+
+@needs_cgroups
+def test_an_agent_that_cannot_start_for_a_full_disk_leaves_no_cgroup(tmp_path, monkeypatch):
+    """The cgroup is made before the launcher is written: a failed write removes it."""
+    data_dir = tmp_path / "data"
+    limits = plan_limits(
+        tmp_mb=64, memory_mb=128, max_procs=32, data_dir=data_dir, bwrap=None, euid=0
+    )
+    assert limits.cgroups is not None
+    launcher = make_launcher(
+        cli=Path("/bin/sh"),
+        data_dir=data_dir,
+        environ={"PATH": os.environ["PATH"], "HOME": str(tmp_path)},
+        use_api_key=False,
+        extra_env=frozenset(),
+        bwrap=None,
+        limits=limits,
+    )
+    spec = AgentSpec(name="alice", home=data_dir / "users" / "alice", ephemeral=False)
+    cgroup = launcher.cgroup(launcher.launcher_path(spec, "t1"))
+    assert cgroup is not None
+    real_write_text = Path.write_text
+
+    def full(path, text, *args, **kwargs):
+        if path.suffix == ".sh":
+            real_write_text(path, text[:10])  # (half written)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_text(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError, match="No space left"):
+        launcher.prepare(spec, "t1")
+    assert not any(directory.exists() for directory in cgroup.directories)
+    assert not launcher.launcher_path(spec, "t1").exists()
 
 
 @needs_cgroups

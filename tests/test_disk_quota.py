@@ -13,6 +13,7 @@ from claude_code_api.disk_quota import (
     MIB,
     MIN_FILE_SIZE,
     DiskQuota,
+    Watched,
     disk_usage,
     file_size_limit,
     remove_abandoned_homes,
@@ -78,7 +79,7 @@ async def test_watch_stops_the_turn_once_the_user_passes_the_quota(tmp_path):
         q = attrs.evolve(quota(tmp_path), interval_s=0.05)
         stopped = []
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(q.watch, "alice", stopped.append)
+            nursery.start_soon(q.watch, Watched("alice", stopped.append))
             await trio.sleep(0.3)
             assert stopped == []
             _write(tmp_path / "users" / "alice" / "f", 2 * MIB)
@@ -87,28 +88,42 @@ async def test_watch_stops_the_turn_once_the_user_passes_the_quota(tmp_path):
         assert failure.status == 507 and failure.error.startswith("turn stopped: disk quota")
 
 
-async def test_watch_stops_a_writing_turn_when_the_disk_is_below_the_reserve(tmp_path, monkeypatch):
+async def test_watch_stops_a_writing_turn_when_the_disk_is_full(tmp_path, monkeypatch):
     with trio.fail_after(TIMEOUT):
-        q = attrs.evolve(quota(tmp_path, limit=100 * MIB, reserve=10 * MIB), interval_s=0.05)
+        q = attrs.evolve(quota(tmp_path, limit=100 * MIB, reserve=40 * MIB), interval_s=0.05)
+        # Full: less free than a quarter of the reserve (its ballast is not free space).
         monkeypatch.setattr(disk_quota, "free_bytes", lambda path: (5 * MIB, 1000 * MIB))
         stopped = []
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(q.watch, "alice", stopped.append)
+            nursery.start_soon(q.watch, Watched("alice", stopped.append))
+            nursery.start_soon(q.watch, Watched("bob", stopped.append))
             await trio.sleep(0.3)
-            assert stopped == []  # low on space, but alice writes nothing: not hers to stop
-            _write(tmp_path / "users" / "alice" / "f", MIB)
+            assert stopped == []  # full, but alice writes nothing: not hers to stop
+            _write(tmp_path / "users" / "bob" / "transcript", 100_000)  # (a turn's worth)
+            _write(tmp_path / "users" / "alice" / "f", 2 * MIB)
             await trio.sleep(0.3)
+            nursery.cancel_scope.cancel()
         [failure] = stopped
-        assert failure.status == 507 and "nearly full" in failure.error
+        assert failure.status == 507 and "disk is full" in failure.error
+        assert "'alice'" in failure.error
+        assert set(q.filled) == {"alice"}  # refused new work while the disk is full
+        refusal = await q.refusal("alice")
+        assert refusal is not None and refusal.status == 507 and "filled it" in refusal.error
+        assert await q.refusal("bob") is None
+        monkeypatch.setattr(disk_quota, "free_bytes", lambda path: (500 * MIB, 1000 * MIB))
+        assert await q.refusal("alice") is None  # room again
+        assert q.filled == {}
 
 
 @pytest.mark.parametrize(
     ("free", "total", "expected"),
     [
         (10_000 * MIB, 20_000 * MIB, 1024 * MIB),  # room: the quota
-        (300 * MIB, 20_000 * MIB, 44 * MIB),  # the free space above the 256 MiB reserve
-        (40 * MIB, 40 * MIB, 30 * MIB),  # a small disk: the reserve is a quarter of it
-        (100 * MIB, 20_000 * MIB, MIN_FILE_SIZE),  # never below the minimum
+        # The free space above a quarter of the 256 MiB reserve (its ballast is not free).
+        (300 * MIB, 20_000 * MIB, 236 * MIB),
+        # A small disk: the reserve is a quarter of it (10 MiB, held), the full mark 2.5 MiB.
+        (30 * MIB, 40 * MIB, 27.5 * MIB),
+        (60 * MIB, 20_000 * MIB, MIN_FILE_SIZE),  # never below the minimum
     ],
 )
 def test_file_size_limit(monkeypatch, tmp_path, free, total, expected):

@@ -64,7 +64,7 @@ import re
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -216,6 +216,10 @@ class RegistryError(Exception):
 
 class StoreBusy(RegistryError):
     """A write that was not to wait found the database locked by another connection."""
+
+
+class StoreFull(RegistryError):
+    """A write failed because the disk is full (``SQLITE_FULL``, ``ENOSPC``)."""
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:
@@ -663,7 +667,7 @@ class SessionStore:
             and (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF == _SQLITE_FULL
         ) or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC)
         if full:
-            return RegistryError(
+            return StoreFull(
                 self._message(
                     f"the disk is full ({exc}); writes fail until space is freed"
                     " on the data directory's filesystem"
@@ -796,6 +800,9 @@ InUseCallback = Callable[[str], "Collection[str] | None"]
 HomesRemover = Callable[[frozenset[str], float], int]
 # (user_id, claude_session_id): removes that CLI session's transcripts; OSError if it cannot.
 TranscriptRemover = Callable[[str, str], None]
+# Called when a write finds the disk full: makes room (disk_quota.DiskQuota.make_room);
+# whether it gave any space back.
+RoomMaker = Callable[[], Awaitable[bool]]
 
 
 # --- the actor --------------------------------------------------------------
@@ -811,6 +818,7 @@ async def serve_registry(
     on_count: CountCallback | None = None,
     sessions_in_use: InUseCallback | None = None,
     remove_homes: HomesRemover | None = None,
+    make_room: RoomMaker | None = None,
     wall_clock: Callable[[], float] = time.time,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -865,6 +873,11 @@ async def serve_registry(
     cutoff: it removes the files of every other user's HOME that has not changed
     since (their workspace goes ``ttl_s`` after their last session did).
 
+    ``make_room()``: a write that fails because the disk is full (:class:`StoreFull`)
+    awaits it (the service stops the agents filling the disk and releases a part of
+    its reserve: disk_quota.py), then checkpoints the WAL (so commits reuse its space)
+    and tries the write once more.
+
     ``on_count(n)`` is told how many records the store holds (all users together),
     on the trio thread: counted once at start-up, then kept by the writes that
     add or remove one (a create, a delete, the expiry sweep), so a reader (the
@@ -884,6 +897,7 @@ async def serve_registry(
         registry.on_count = on_count
         registry.sessions_in_use = sessions_in_use
         registry.remove_homes = remove_homes
+        registry.make_room = make_room
         await registry.count_records()
         task_status.started()
         await registry.run()
@@ -937,6 +951,7 @@ class _Registry:
         self.on_count: CountCallback | None = None
         self.sessions_in_use: InUseCallback | None = None
         self.remove_homes: HomesRemover | None = None
+        self.make_room: RoomMaker | None = None
         self.records: int | None = None  # how many the store holds (None: not counted)
 
     async def run(self) -> None:
@@ -1049,9 +1064,11 @@ class _Registry:
             # On the trio thread: a commit is a write() into the page cache (SessionStore),
             # cheaper than the two thread switches of a worker thread. Only if another
             # connection holds the lock does it wait for it, in a worker thread.
-            outcome = self._note_write(self._call_here("save", self._save_now, records))
+            outcome = self._call_here("save", self._save_now, records)
             if isinstance(outcome.error, StoreBusy):
                 outcome = await self._write("save", self.store.save_many, records)
+            else:
+                outcome = await self._write("save", self.store.save_many, records, first=outcome)
             for message in batch:
                 # Each requester raises its own exception object.
                 error = outcome.error
@@ -1162,9 +1179,27 @@ class _Registry:
 
     # --- store calls --------------------------------------------------------
 
-    async def _write(self, what: str, function: Callable[..., Any], *args: Any) -> _Outcome:
-        """A store call that writes: its storage failure or success changes the health."""
-        return self._note_write(await self._call(what, function, *args))
+    async def _write(
+        self, what: str, function: Callable[..., Any], *args: Any, first: _Outcome | None = None
+    ) -> _Outcome:
+        """A store call that writes: its storage failure or success changes the health.
+
+        On a full disk, once room is made (``make_room``), it is tried once more.
+        ``first``: the outcome of the call already made (on the trio thread)."""
+        outcome = first if first is not None else await self._call(what, function, *args)
+        if isinstance(outcome.error, StoreFull) and what != "checkpoint":
+            if self.make_room is not None:
+                try:
+                    await self.make_room()
+                except Exception:
+                    log.exception("session registry: making room on the disk failed")
+            # After a checkpoint the next commits reuse the WAL's space (it is never
+            # truncated): measured, a full disk then still takes ~150 new sessions.
+            await self._call("checkpoint", self.store.checkpoint)
+            outcome = await self._call(what, function, *args)
+            if outcome.error is None:
+                log.info("session registry: %s succeeded once room was made", what)
+        return self._note_write(outcome)
 
     def _note_write(self, outcome: _Outcome) -> _Outcome:
         if isinstance(outcome.error, StoreBusy):

@@ -16,10 +16,15 @@ to drain the turn, and *killed* only if it does not — when:
   connection) are left to the CLI's own retries within the deadline; each is
   logged and relayed, and a reply that runs out of time carries the last one;
 * the caller cancels ``turn_scope`` (a service shutdown, a deleted session);
-* the user's files pass their disk quota, or grow into the service's reserve
+* the user's files pass their disk quota, or fill the disk while they grow
   (``limits.disk``: :meth:`~claude_code_api.disk_quota.DiskQuota.watch`): the agent
-  is killed at once (its tools would write on through an interrupt's grace) and the
-  reply is a 507 naming the quota. A user already over it gets that 507 before the
+  is killed at once (its tools would write on through an interrupt's grace), then
+  the disk gets room (``after_stop``: a part of the service's reserve), and the
+  reply is a 507 naming the quota or the full disk. A turn that ended by itself
+  having filled the disk (within a watch's interval) keeps its reply, but its agent
+  is killed the same way (with what it left running) before the disk gets room.
+  A user already over the quota,
+  or whose agents filled the disk while it is still full, gets that 507 before the
   prompt reaches the agent.
 
 An agent that dies or breaks the protocol mid-turn is killed (it is broken) and
@@ -39,7 +44,7 @@ import trio
 
 from .. import metrics
 from ..agent import Agent, AgentError, Charge, TurnResult
-from ..disk_quota import DiskQuota
+from ..disk_quota import DiskQuota, Watched
 from ..messages import (
     AgentEvent,
     AssistantText,
@@ -223,9 +228,11 @@ async def run_turn(
     result: TurnResult | None = None
     failure: AgentError | None = None
     began = False  # the prompt may have reached the agent
+    filled = False  # the turn ended by itself, having filled the disk: its agent is killed
     # The client's cancellation is a callback, not a watcher task (the disk quota's watch,
     # which walks the user's files every second, has to be one).
     disk = limits.disk
+    watched = Watched(job.user_id, stop_for_disk)
     with job.cancellation.calling(cancelled_by_client), _counted(disk, job.user_id, home):
         if disk is not None and cut is None:
             refused = await disk.refusal(job.user_id)
@@ -239,7 +246,7 @@ async def run_turn(
                 began = True
                 async with trio.open_nursery() as watching:
                     if disk is not None:
-                        watching.start_soon(disk.watch, job.user_id, stop_for_disk)
+                        watching.start_soon(disk.watch, watched)
                     try:
                         if model is not None:
                             await agent.set_model(model)
@@ -253,6 +260,15 @@ async def run_turn(
                         failure = exc
                     finally:
                         watching.cancel_scope.cancel()
+                if disk is not None and result is not None:
+                    # (It may have filled the disk within a watch's interval.)
+                    filled = await disk.after_turn(watched)
+        if disk is not None and began and (filled or cut is CutReason.DISK):
+            # Killed, not interrupted: its tools would write on through the interrupt's
+            # grace (or in the background after the turn). Then the others get room (the
+            # reserve), not this agent.
+            await agent.close(grace=0)
+            await disk.after_stop(watched)
 
     elapsed_ms = round((trio.current_time() - job.submitted_at) * 1000)
     result, over_budget = _counted_usage(limits.usage, job, result)
@@ -266,16 +282,16 @@ async def run_turn(
             refusal = JobFailed(
                 429, limits.usage.budget_message(), retry_after_s=limits.usage.retry_after_s()
             )
-            return TurnOutcome(refusal, agent_usable=True)
-        return _finished(result, elapsed_ms, retries, limits, agent.model)
+            return TurnOutcome(refusal, agent_usable=not filled)
+        finished = _finished(result, elapsed_ms, retries, limits, agent.model)
+        # (A session's next turn resumes in a new process.)
+        return attrs.evolve(finished, agent_usable=False) if filled else finished
 
     if cut is None:
         cut = CutReason.TIMEOUT if trio.current_time() >= job.deadline else CutReason.STOPPED
     # A turn cut before it began (the client left during the hand-over) has nothing to stop.
     if cut is CutReason.DISK and began:
-        # Killed, not interrupted: its tools would write on through the interrupt's grace.
-        await agent.close(grace=0)
-        usable = False
+        usable = False  # (killed above)
     else:
         usable = await _stop_turn(agent, limits.interrupt_grace_s) if began else True
     upstream = retries.error()

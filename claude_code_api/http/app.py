@@ -312,12 +312,15 @@ def create_app(
     pool_view: PoolView | None = None,
     usage: UsageLedger | None = None,
     model_proxy: ModelProxy | None = None,
+    disk: DiskQuota | None = None,
 ) -> QuartTrio:
     """Build the app; ``dispatcher`` is a send channel to the dispatcher's inbox.
 
     ``usage``: the model proxy's ledger, for ``/status``'s ``usage`` (None: none shown).
     ``model_proxy``: its view of the model API's last refusal of the credential, which
     ``/auth/status`` reports (None: the dispatcher's, from the turns' failures).
+    ``disk``: the service's disk quota and reserve (``/files`` writes are held to
+    them); without, one of the settings' own.
 
     ``/health`` reads ``pool_view`` (the dispatcher's published state) when it can,
     so it never waits behind work; else it asks the dispatcher.
@@ -542,7 +545,8 @@ def create_app(
             caller=caller,
             data_dir=settings.data_dir,
             max_file_bytes=settings.max_file_bytes,
-            disk=DiskQuota.from_settings(settings, partial(user_workspace, settings.data_dir)),
+            disk=disk
+            or DiskQuota.from_settings(settings, partial(user_workspace, settings.data_dir)),
         )
     )
     app.register_blueprint(

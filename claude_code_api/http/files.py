@@ -124,7 +124,7 @@ def files_routes(
             g.body_read = True
             if disk.low_on_space():
                 raise BadRequest(
-                    "the service's disk is nearly full (its reserve, DISK_RESERVE_MB, is kept"
+                    "the service's disk is full (its reserve, DISK_RESERVE_MB, is kept"
                     " for the service): the file was not written",
                     DISK_FULL_STATUS,
                 )
