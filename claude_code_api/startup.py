@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -45,8 +46,14 @@ from .credentials import CredentialsFile
 from .disk_quota import MIB, file_size_limit
 from .sandbox import (
     CREDENTIALS_FILE,
+    EGRESS_PROXY_SOCKET,
+    MODEL_PROXY_SOCKET,
+    SANDBOX_EGRESS_PORT,
+    SANDBOX_MODEL_PORT,
     AgentLauncher,
+    AgentNetwork,
     AgentUser,
+    Bridge,
     SandboxMode,
     is_passed,
     make_launcher,
@@ -158,6 +165,12 @@ def plan_with_findings(
             " bounded between two measurements of its user's disk quota"
         )
         findings.append(Finding("disk quota", Status.WARN, text))
+    if launcher.sandboxed:
+        network, finding = network_plan(mode, settings, environ, launcher.env)
+        if finding.status is Status.FAIL:
+            raise StartupError(finding.text)
+        findings.append(finding)
+        launcher = attrs.evolve(launcher, network=network)
     probes = settings.data_dir.absolute() / "workers" / "start-up-probe"
     if launcher.sandboxed:
         # bwrap itself works (above); the agent's own start in it is checked too: the
@@ -182,10 +195,77 @@ def plan_with_findings(
         if reason is not None:
             findings.append(Finding("agent start", Status.FAIL, reason))
     if not any(f.subject == "agent start" for f in findings):
-        text = f"an agent starts ({'sandboxed, ' if launcher.sandboxed else ''}{_who(user)})"
+        where = "sandboxed, " if launcher.sandboxed else ""
+        if launcher.own_network is not None:
+            where = "sandboxed, in a network namespace of its own, "
+        text = f"an agent starts ({where}{_who(user)})"
         findings.append(Finding("agent start", Status.OK, text))
     _remove_empty(probes)
     return AgentPlan(launcher, refusal), findings
+
+
+# What a sandboxed agent's tools reach the Internet through (the egress proxy, bridged in).
+EGRESS_PROXY_URL = f"http://127.0.0.1:{SANDBOX_EGRESS_PORT}"
+PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy")
+NO_PROXY = "127.0.0.1,localhost"
+
+
+def network_plan(
+    mode: SandboxMode, settings: Settings, environ: Mapping[str, str], agent_env: Mapping[str, str]
+) -> tuple[AgentNetwork | None, Finding]:
+    """The sandboxed agents' network namespace and bridges, or why they share the host's.
+
+    The bridges need socat: without it, ``on`` refuses to start (FAIL) and ``auto`` runs
+    agents in the host's network with a warning.
+    """
+    socat = shutil.which("socat") or shutil.which("socat", path=SYSTEM_PATH)
+    if socat is None:
+        missing = (
+            "socat is not installed: sandboxed agents need it to bridge their own network "
+            "namespace to the service's model and egress proxies (apt-get install socat)"
+        )
+        if mode is SandboxMode.ON:
+            return None, Finding("network", Status.FAIL, f"AGENT_SANDBOX=on, but {missing}")
+        text = (
+            f"{missing}; until it is, agents share the host's network: its loopback (what "
+            "other agents and the service serve on 127.0.0.1) included (see README: Security)"
+        )
+        return None, Finding("network", Status.WARN, text)
+    run = settings.data_dir.absolute() / "run"
+    env = {name: EGRESS_PROXY_URL for name in PROXY_VARIABLES}
+    env.update({"NO_PROXY": NO_PROXY, "no_proxy": NO_PROXY, "ALL_PROXY": "", "all_proxy": ""})
+    if model_relay_target(agent_env) is not None:
+        base = urlsplit(agent_env["ANTHROPIC_BASE_URL"])
+        env["ANTHROPIC_BASE_URL"] = f"http://127.0.0.1:{SANDBOX_MODEL_PORT}{base.path}"
+    network = AgentNetwork(
+        socat,
+        (
+            Bridge(SANDBOX_MODEL_PORT, run / MODEL_PROXY_SOCKET),
+            Bridge(SANDBOX_EGRESS_PORT, run / EGRESS_PROXY_SOCKET),
+        ),
+        env,
+    )
+    allowed = ",".join(settings.agent_egress) or "nowhere"
+    text = f"each agent has a network namespace of its own; egress: {allowed} (AGENT_EGRESS)"
+    return network, Finding("network", Status.OK, text)
+
+
+def model_relay_target(agent_env: Mapping[str, str]) -> tuple[str, int] | None:
+    """Where the model bridge's socket leads until the model proxy serves it: or None.
+
+    The agents' ``ANTHROPIC_BASE_URL`` when it is a plain-HTTP one (a model API of the
+    operator's, the tests' mock): its bytes are relayed there unchanged. (An HTTPS one
+    cannot be relayed under another name: agents reach it only through the model proxy.)
+    """
+    raw = agent_env.get("ANTHROPIC_BASE_URL", "").strip()
+    try:
+        parts = urlsplit(raw)
+        port = parts.port or 80
+    except ValueError:
+        return None
+    if parts.scheme != "http" or not parts.hostname:
+        return None
+    return parts.hostname, port
 
 
 def _log(finding: Finding) -> None:

@@ -4,6 +4,7 @@
     ├── reaper           permanent  kills every agent if the service dies (a watchdog process)
     ├── registry         permanent  owns the SQLite session records
     ├── credentials      permanent  owns the Claude credentials file's writes; refreshes the login
+    ├── egress           permanent  the egress proxy sandboxed agents reach the Internet through
     ├── http             permanent  hypercorn + Quart-Trio
     └── core             permanent  rest_for_one: who starts later depends on who started earlier
         ├── dispatcher   permanent  the job queue and session scheduling (its view of the rest)
@@ -66,6 +67,7 @@ from .agent import CLOSE_GRACE_S, AgentFactory
 from .ceiling import OptionCeiling
 from .config import Settings
 from .disk_quota import DiskQuota, remove_abandoned_homes
+from .egress import EgressPolicy, EgressProxy, open_unix_listener, serve_model_relay
 from .http.app import StoreStatus, create_app
 from .http.connections import connection_limit
 from .http.server import HttpServer
@@ -80,8 +82,13 @@ from .messages import (
 from .metered_agent import metered
 from .oauth import TokenEndpoint
 from .renewal import CredentialsVersion, retired_when_stale
-from .sandbox import remove_conversation_files
-from .startup import plan_agents
+from .sandbox import (
+    EGRESS_PROXY_SOCKET,
+    MODEL_PROXY_SOCKET,
+    agent_environment,
+    remove_conversation_files,
+)
+from .startup import model_relay_target, plan_agents
 from .supervision import Backoff, ChildSpec, StopOrder, Strategy, Supervisor
 
 log = logging.getLogger(__name__)
@@ -142,6 +149,11 @@ class Service:
         )
         self.root: Supervisor | None = None
         self._stopping = False
+        # The sockets sandboxed agents' bridges lead to: opened once, they outlive a
+        # restart of the task serving them (a socket file bound into a live sandbox
+        # must stay the same one).
+        self._egress_listener: trio.SocketListener | None = None
+        self._relay_listener: trio.SocketListener | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the tree until it is stopped (returns) or escalates (raises).
@@ -157,6 +169,9 @@ class Service:
         finally:
             for channel in self._channels:
                 channel.close()
+            for listener in (self._egress_listener, self._relay_listener):
+                if listener is not None:
+                    listener.socket.close()
 
     def _agent_factory(self) -> AgentFactory:
         """Decide how agents launch, and make them. Blocking (imports the SDK): run in a thread."""
@@ -213,6 +228,25 @@ class Service:
                 refresh_margin_s=settings.oauth_refresh_margin_s,
             )
             await actor.serve(task_status=task_status)
+
+        async def start_egress(*, task_status: trio.TaskStatus[None]) -> None:
+            run = settings.data_dir.absolute() / "run"
+            if self._egress_listener is None:
+                self._egress_listener = open_unix_listener(run / EGRESS_PROXY_SOCKET)
+            passed, _ = agent_environment(
+                self.environ,
+                use_api_key=settings.use_claude_api_key,
+                extra=frozenset(settings.agent_env),
+            )
+            relay = model_relay_target(passed)
+            if relay is not None and self._relay_listener is None:
+                self._relay_listener = open_unix_listener(run / MODEL_PROXY_SOCKET)
+            proxy = EgressProxy(EgressPolicy(settings.agent_egress))
+            async with trio.open_nursery() as nursery:
+                await nursery.start(proxy.serve, self._egress_listener)
+                if relay is not None and self._relay_listener is not None:
+                    await nursery.start(serve_model_relay, self._relay_listener, *relay)
+                task_status.started()
 
         def remove_homes(user_ids: frozenset[str], before: float) -> int:
             kept = {user_workspace(settings.data_dir, user_id).name for user_id in user_ids}
@@ -343,6 +377,7 @@ class Service:
                 # what is queued, then ends.
                 ChildSpec("registry", start_registry, request_stop=self.registry_inbox.close),
                 ChildSpec("credentials", start_credentials),
+                ChildSpec("egress", start_egress),
                 ChildSpec("http", self.http.serve, request_stop=self.http.request_stop),
                 # Stopped before HTTP, so the turns it interrupts are answered. A
                 # supervisor stops when its children have: their graces bound it.

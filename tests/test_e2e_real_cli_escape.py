@@ -278,11 +278,7 @@ async def test_an_agent_cannot_tell_which_users_have_agents_running(tmp_path):
 
 
 @needs_sandbox
-@pytest.mark.xfail(
-    strict=True,
-    reason="agents share the host's network namespace, loopback included: unfixed, see"
-    " README (Residual risks); confining it needs a network namespace and a way out to the API",
-)
+@needs_sandbox
 async def test_what_bobs_agent_serves_on_loopback_is_not_alices_to_read(tmp_path):
     serve = (
         "echo bobs-private-notes > notes.txt; "
