@@ -309,7 +309,9 @@ class HostPatterns:
 
     def parse(self, raw: str) -> tuple[str, ...]:
         patterns: list[str] = []
-        for entry in (part.strip().lower().rstrip(".") for part in raw.split(",")):
+        for entry in (part.strip().lower() for part in raw.split(",")):
+            if entry.endswith(".") and entry != "*.":  # (a fully qualified name)
+                entry = entry[:-1]
             if not entry:
                 continue
             name = entry[2:] if entry.startswith("*.") else entry
