@@ -409,22 +409,22 @@ class AgentNetwork:
         processes (its pid namespace, process group and cgroup). The shell waits for
         ``program`` and then ends them: the sandbox ends when its last process does.
         Ready means listening (``/proc/net/tcp``, the namespace's own); an agent whose
-        bridges do not listen within :data:`BRIDGE_READY_S` fails to start, saying so.
+        bridge ends or does not listen within :data:`BRIDGE_READY_S` fails to start, saying
+        so.
         """
         lines = ["bridges="]
         for bridge in self.bridges:
             listen = f"TCP-LISTEN:{bridge.port},bind=127.0.0.1,fork,reuseaddr"
             target = f"UNIX-CONNECT:{os.path.realpath(bridge.socket)}"
             socat = shlex.join([self.socat, "-lf/dev/null", listen, target])
-            lines.append(f'{socat} </dev/null >/dev/null 2>&1 & bridges="$bridges $!"')
-        ports = " ".join(f"{bridge.port:04X}" for bridge in self.bridges)
-        lines.append(
-            f"for port in {ports}; do n=0; "
-            'until grep -q "^ *[0-9]*: 0100007F:$port 00000000:0000 0A" /proc/net/tcp; do '
-            f"n=$((n+1)); [ $n -gt {BRIDGE_READY_S * 100} ] && "
-            "{ echo \"the agent's network bridge (socat) does not listen on port $port\" >&2; "
-            "kill $bridges; exit 1; }; sleep 0.01; done; done"
-        )
+            lines.append(f'{socat} </dev/null >/dev/null 2>&1 & bridges="$bridges $!"; n=0')
+            lines.append(
+                f'until grep -q "^ *[0-9]*: 0100007F:{bridge.port:04X} 00000000:0000 0A" '
+                f"/proc/net/tcp; do n=$((n+1)); kill -0 $! 2>/dev/null && "
+                f"[ $n -le {BRIDGE_READY_S * 100} ] || {{ echo \"the agent's network bridge "
+                f'(socat) does not listen on port {bridge.port}" >&2; kill $bridges 2>/dev/null; '
+                "exit 1; }; sleep 0.01; done"
+            )
         lines.append('"$@"; status=$?; kill $bridges 2>/dev/null; exit $status')
         return ["/bin/sh", "-c", "\n".join(lines), "bridge", *program]
 

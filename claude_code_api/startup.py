@@ -176,6 +176,20 @@ def plan_with_findings(
         # bwrap itself works (above); the agent's own start in it is checked too: the
         # CLI, the install it needs, its OS user, its HOME, as every agent will start.
         reason = launcher.probe(probes / uuid.uuid4().hex[:12])
+        if reason is not None and launcher.own_network is not None:
+            # Is it the network namespace (its bridges)? Then agents keep the rest.
+            without = attrs.evolve(launcher, network=None)
+            if without.probe(probes / uuid.uuid4().hex[:12]) is None:
+                unusable = f"agents' network namespace unusable ({reason})"
+                if mode is SandboxMode.ON:
+                    raise StartupError(f"AGENT_SANDBOX=on, but {unusable}")
+                text = (
+                    f"{unusable}: agents run sandboxed but share the host's network, its "
+                    "loopback included (see README: Security)"
+                )
+                findings = [f for f in findings if f.subject != "network"]
+                findings.append(Finding("network", Status.WARN, text))
+                launcher, reason = without, None
         if reason is not None:
             if mode is SandboxMode.ON:
                 raise StartupError(f"AGENT_SANDBOX=on, but in the sandbox {reason}")
@@ -184,6 +198,7 @@ def plan_with_findings(
                 f"({_who(user)}) and can read other users' data; set AGENT_SANDBOX=off to "
                 "silence this (see README: Security)"
             )
+            findings = [f for f in findings if f.subject != "network"]  # (none of its own)
             findings.append(Finding("agent start", Status.WARN, text))
             launcher = attrs.evolve(launcher, bwrap=None)
     refusal = None
@@ -218,7 +233,7 @@ def network_plan(
     The bridges need socat: without it, ``on`` refuses to start (FAIL) and ``auto`` runs
     agents in the host's network with a warning.
     """
-    socat = shutil.which("socat") or shutil.which("socat", path=SYSTEM_PATH)
+    socat = find_socat()
     if socat is None:
         missing = (
             "socat is not installed: sandboxed agents need it to bridge their own network "
@@ -248,6 +263,10 @@ def network_plan(
     allowed = ",".join(settings.agent_egress) or "nowhere"
     text = f"each agent has a network namespace of its own; egress: {allowed} (AGENT_EGRESS)"
     return network, Finding("network", Status.OK, text)
+
+
+def find_socat() -> str | None:
+    return shutil.which("socat") or shutil.which("socat", path=SYSTEM_PATH)
 
 
 def model_relay_target(agent_env: Mapping[str, str]) -> tuple[str, int] | None:
