@@ -413,17 +413,24 @@ class AgentNetwork:
         so.
         """
         lines = ["bridges="]
-        for bridge in self.bridges:
+        for n, bridge in enumerate(self.bridges):
             listen = f"TCP-LISTEN:{bridge.port},bind=127.0.0.1,fork,reuseaddr"
             target = f"UNIX-CONNECT:{os.path.realpath(bridge.socket)}"
             socat = shlex.join([self.socat, "-lf/dev/null", listen, target])
-            lines.append(f'{socat} </dev/null >/dev/null 2>&1 & bridges="$bridges $!"; n=0')
+            lines.append(f'{socat} </dev/null >/dev/null 2>&1 & b{n}=$!; bridges="$bridges $!"')
+        # (With the shell's builtins only: a fork per poll costs more than the wait.)
+        lines.append(
+            "listening() { while read -r _ local _ state _; do "
+            '[ "$local" = "0100007F:$1" ] && [ "$state" = 0A ] && return 0; '
+            "done </proc/net/tcp; return 1; }"
+        )
+        lines.append("n=0")
+        for n, bridge in enumerate(self.bridges):
             lines.append(
-                f'until grep -q "^ *[0-9]*: 0100007F:{bridge.port:04X} 00000000:0000 0A" '
-                f"/proc/net/tcp; do n=$((n+1)); kill -0 $! 2>/dev/null && "
-                f"[ $n -le {BRIDGE_READY_S * 100} ] || {{ echo \"the agent's network bridge "
+                f"until listening {bridge.port:04X}; do n=$((n+1)); kill -0 $b{n} 2>/dev/null && "
+                f"[ $n -le {BRIDGE_READY_S * 500} ] || {{ echo \"the agent's network bridge "
                 f'(socat) does not listen on port {bridge.port}" >&2; kill $bridges 2>/dev/null; '
-                "exit 1; }; sleep 0.01; done"
+                "exit 1; }; sleep 0.002; done"
             )
         lines.append('"$@"; status=$?; kill $bridges 2>/dev/null; exit $status')
         return ["/bin/sh", "-c", "\n".join(lines), "bridge", *program]
