@@ -69,9 +69,14 @@ class EgressPolicy:
     """
 
     patterns: tuple[str, ...] = ()
+    # Hosts allowed whatever the patterns say: the model API, where agents reach it by
+    # CONNECT (not through their model bridge).
+    always: tuple[str, ...] = ()
 
     def allows(self, host: str) -> bool:
         host = host.lower().rstrip(".")
+        if host in self.always:
+            return True
         for pattern in self.patterns:
             if pattern == "*" or host == pattern:
                 return True

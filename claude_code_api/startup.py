@@ -261,12 +261,31 @@ def network_plan(
         env,
     )
     allowed = ",".join(settings.agent_egress) or "nowhere"
+    if (model_api := model_api_host(agent_env)) is not None:
+        allowed += f"; and its model API, {model_api}"
     text = f"each agent has a network namespace of its own; egress: {allowed} (AGENT_EGRESS)"
     return network, Finding("network", Status.OK, text)
 
 
 def find_socat() -> str | None:
     return shutil.which("socat") or shutil.which("socat", path=SYSTEM_PATH)
+
+
+def model_api_host(agent_env: Mapping[str, str]) -> str | None:
+    """The model API's host agents reach through the egress proxy, when not through a bridge.
+
+    Until the model proxy serves the model bridge, an HTTPS model API (Anthropic's by
+    default) is reached by CONNECT like any host, and allowed whatever ``AGENT_EGRESS``
+    says (unset means the model API only). None when the model bridge leads to it.
+    """
+    if model_relay_target(agent_env) is not None:
+        return None
+    raw = agent_env.get("ANTHROPIC_BASE_URL", "").strip() or DEFAULT_MODEL_API
+    try:
+        host = urlsplit(raw).hostname
+    except ValueError:
+        host = None
+    return host or urlsplit(DEFAULT_MODEL_API).hostname
 
 
 def model_relay_target(agent_env: Mapping[str, str]) -> tuple[str, int] | None:

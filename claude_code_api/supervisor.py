@@ -88,7 +88,7 @@ from .sandbox import (
     agent_environment,
     remove_conversation_files,
 )
-from .startup import model_relay_target, plan_agents
+from .startup import model_api_host, model_relay_target, plan_agents
 from .supervision import Backoff, ChildSpec, StopOrder, Strategy, Supervisor
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,9 @@ class Service:
             relay = model_relay_target(passed)
             if relay is not None and self._relay_listener is None:
                 self._relay_listener = open_unix_listener(run / MODEL_PROXY_SOCKET)
-            proxy = EgressProxy(EgressPolicy(settings.agent_egress))
+            model_api = model_api_host(passed)
+            policy = EgressPolicy(settings.agent_egress, (model_api,) if model_api else ())
+            proxy = EgressProxy(policy)
             async with trio.open_nursery() as nursery:
                 await nursery.start(proxy.serve, self._egress_listener)
                 if relay is not None and self._relay_listener is not None:

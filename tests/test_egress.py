@@ -271,3 +271,22 @@ def test_a_process_is_named_by_the_home_of_the_agent_it_descends_from(tmp_path):
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.mark.parametrize(
+    ("base_url", "host"),
+    [
+        ("", "api.anthropic.com"),
+        ("https://llm.example.com/anthropic", "llm.example.com"),
+        ("http://127.0.0.1:8999", None),  # (through the model bridge: not by CONNECT)
+    ],
+)
+def test_the_model_api_is_allowed_whatever_agent_egress_says(base_url, host):
+    """Unset AGENT_EGRESS means the model API only, where agents reach it by CONNECT."""
+    from claude_code_api.startup import model_api_host
+
+    env = {"ANTHROPIC_BASE_URL": base_url} if base_url else {}
+    assert model_api_host(env) == host
+    policy = EgressPolicy((), (host,) if host else ())
+    assert policy.allows("api.anthropic.com") is (host == "api.anthropic.com")
+    assert not policy.allows("pypi.org")
