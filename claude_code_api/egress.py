@@ -391,13 +391,18 @@ def open_unix_listener(path: Path) -> trio.SocketListener:
     except FileNotFoundError:
         pass
     raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        raw.bind(str(path))
+        # (Through the directory's descriptor: a socket's path holds 107 bytes at most, and
+        # DATA_DIR's may be longer. The sandboxes' side is checked at start-up.)
+        raw.bind(f"/proc/self/fd/{directory}/{path.name}")
         os.chmod(path, 0o666)
         raw.listen(128)
     except BaseException:
         raw.close()
         raise
+    finally:
+        os.close(directory)
     return trio.SocketListener(trio.socket.from_stdlib_socket(raw))
 
 

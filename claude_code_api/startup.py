@@ -223,6 +223,8 @@ def plan_with_findings(
 EGRESS_PROXY_URL = f"http://127.0.0.1:{SANDBOX_EGRESS_PORT}"
 PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy")
 NO_PROXY = "127.0.0.1,localhost"
+# The longest path a Unix socket may be reached by (sun_path: 108 bytes with its NUL).
+MAX_SOCKET_PATH = 107
 
 
 def network_plan(
@@ -247,6 +249,19 @@ def network_plan(
         )
         return None, Finding("network", Status.WARN, text)
     run = settings.data_dir.absolute() / "run"
+    longest = max(
+        (os.path.realpath(run / name) for name in (MODEL_PROXY_SOCKET, EGRESS_PROXY_SOCKET)),
+        key=len,
+    )
+    if len(longest.encode()) > MAX_SOCKET_PATH:
+        too_long = (
+            f"the path of the agents' bridge sockets, {longest}, is longer than a Unix socket's "
+            f"can be ({MAX_SOCKET_PATH} bytes): give DATA_DIR a shorter path"
+        )
+        if mode is SandboxMode.ON:
+            return None, Finding("network", Status.FAIL, f"AGENT_SANDBOX=on, but {too_long}")
+        text = f"{too_long}; until then, agents share the host's network (see README: Security)"
+        return None, Finding("network", Status.WARN, text)
     env = {name: EGRESS_PROXY_URL for name in PROXY_VARIABLES}
     env.update({"NO_PROXY": NO_PROXY, "no_proxy": NO_PROXY, "ALL_PROXY": "", "all_proxy": ""})
     if model_relay_target(agent_env) is not None:

@@ -290,3 +290,25 @@ def test_the_model_api_is_allowed_whatever_agent_egress_says(base_url, host):
     policy = EgressPolicy((), (host,) if host else ())
     assert policy.allows("api.anthropic.com") is (host == "api.anthropic.com")
     assert not policy.allows("pypi.org")
+
+
+async def test_a_socket_is_made_however_long_its_path(tmp_path):
+    """DATA_DIR's path may be longer than a Unix socket's address holds (108 bytes)."""
+    path = tmp_path / ("d" * 120) / "run" / "egress-proxy.sock"
+    listener = open_unix_listener(path)
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(EgressProxy(EgressPolicy()).serve, listener)
+                # (Reached by a short path: the sandbox side is refused at start-up instead.)
+                directory = os.open(path.parent, os.O_RDONLY)
+                try:
+                    link = Path(f"/proc/self/fd/{directory}", path.name)
+                    head, stream = await ask(link, b"CONNECT a.test:443 HTTP/1.1\r\n\r\n")
+                    await stream.aclose()
+                finally:
+                    os.close(directory)
+                nursery.cancel_scope.cancel()
+        assert head.startswith(b"HTTP/1.1 403 ")
+    finally:
+        listener.socket.close()

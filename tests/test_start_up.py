@@ -215,3 +215,21 @@ def test_a_network_namespace_demanded_in_which_no_agent_starts_refuses_to_start(
 
     with pytest.raises(StartupError, match="network namespace unusable"):
         planned(tmp_path, monkeypatch, "on", broken_socat(tmp_path))
+
+
+@needs_sandbox
+def test_a_data_dir_too_long_for_the_bridges_sockets_is_said(tmp_path, monkeypatch):
+    """socat reaches the sockets by path, which a Unix socket's address bounds (108 bytes)."""
+    from claude_code_api import startup
+    from claude_code_api.config import load_settings
+
+    monkeypatch.setattr(startup, "find_socat", lambda: shutil.which("socat"))
+    data = tmp_path / ("d" * 100)
+    env = service_env(tmp_path, {"AGENT_SANDBOX": "auto", "DATA_DIR": str(data)})
+    plan, findings = startup.plan_with_findings(load_settings(env), env, serving=False)
+    assert plan.launcher.sandboxed and plan.launcher.own_network is None
+    [(status, text)] = network_findings(findings)
+    assert status == "warn" and "give DATA_DIR a shorter path" in text
+    env["AGENT_SANDBOX"] = "on"
+    with pytest.raises(startup.StartupError, match="longer than a Unix socket's"):
+        startup.plan_with_findings(load_settings(env), env, serving=False)
