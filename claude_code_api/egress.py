@@ -45,9 +45,6 @@ import trio
 
 log = logging.getLogger(__name__)
 
-# Inside an agent's network namespace, the bridge to this proxy listens here.
-SANDBOX_EGRESS_PORT = 3128
-SOCKET_NAME = "egress-proxy.sock"
 HEAD_MAX_BYTES = 8192
 HEAD_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 10.0

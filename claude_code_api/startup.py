@@ -166,7 +166,7 @@ def plan_with_findings(
         )
         findings.append(Finding("disk quota", Status.WARN, text))
     if launcher.sandboxed:
-        network, finding = network_plan(mode, settings, environ, launcher.env)
+        network, finding = network_plan(mode, settings, launcher.env)
         if finding.status is Status.FAIL:
             raise StartupError(finding.text)
         findings.append(finding)
@@ -228,9 +228,12 @@ MAX_SOCKET_PATH = 107
 
 
 def network_plan(
-    mode: SandboxMode, settings: Settings, environ: Mapping[str, str], agent_env: Mapping[str, str]
+    mode: SandboxMode, settings: Settings, agent_env: Mapping[str, str]
 ) -> tuple[AgentNetwork | None, Finding]:
     """The sandboxed agents' network namespace and bridges, or why they share the host's.
+
+    ``agent_env``: what agents are passed of the service's environment (their
+    ``ANTHROPIC_BASE_URL``: see :func:`model_relay_target`).
 
     The bridges need socat: without it, ``on`` refuses to start (FAIL) and ``auto`` runs
     agents in the host's network with a warning.
@@ -283,6 +286,7 @@ def network_plan(
 
 
 def find_socat() -> str | None:
+    """socat, for the bridges: on the service's PATH, else the system's."""
     return shutil.which("socat") or shutil.which("socat", path=SYSTEM_PATH)
 
 
