@@ -7,9 +7,10 @@ the agent gets ``HTTPS_PROXY``/``HTTP_PROXY`` pointing there. The proxy serves H
 ``CONNECT host:port`` (what every HTTPS client sends to a proxy; the TLS inside is the
 agent's, end to end) to the hosts ``AGENT_EGRESS`` allows (:class:`EgressPolicy`), and
 refuses everything else with a ``403`` and a one-line reason, logged with the agent it
-came from. Plain HTTP (a request with an absolute URI) is refused the same way: its
-requests and answers would travel unencrypted and could not be told apart from a
-request to the proxy itself; package managers and ``git`` speak HTTPS.
+came from. Plain HTTP (a request with an absolute URI) is refused the same way: forwarding
+it means reading and rewriting every request of a connection, each of which may name
+another host, for traffic that travels in clear anyway; package managers, ``git`` and
+Claude Code's WebFetch speak HTTPS.
 
 Whatever ``AGENT_EGRESS`` says (``*`` included), a connection never goes to an address of
 this host or its loopback, to a link-local address (a cloud's metadata service hands out
