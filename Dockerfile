@@ -19,11 +19,12 @@ FROM ${BASE}
 LABEL org.opencontainers.image.title="claude-code-api" \
       org.opencontainers.image.description="The Claude Code agent as an HTTP service"
 SHELL ["/bin/sh", "-eu", "-c"]
-# bubblewrap: each agent's sandbox; tini: PID 1, reaps what agents' tools leave behind.
+# bubblewrap: each agent's sandbox; socat: the bridges out of its network namespace (to the
+# service's model and egress proxies); tini: PID 1, reaps what agents' tools leave behind.
 # (util-linux's setsid and ca-certificates come with the base.) Versions follow bookworm;
 # the glob takes its security updates.
 RUN apt-get update; \
-    apt-get install --yes --no-install-recommends bubblewrap=0.8.* tini=0.19.*; \
+    apt-get install --yes --no-install-recommends bubblewrap=0.8.* socat=1.7.* tini=0.19.*; \
     rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin; \
     groupadd --gid 1000 app; \
     useradd --uid 1000 --gid 1000 --no-log-init --home-dir /home/app --create-home \

@@ -270,6 +270,10 @@ class ApiKeys:
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# A host name (letters, digits, "-", dot-separated) or an IPv4/IPv6 address.
+_HOST_PATTERN = re.compile(
+    r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*|[0-9a-f:.]*:[0-9a-f:.]*"
+)
 # Handed to an agent, API_KEYS would show every user's key, and NEXTAUTH_SECRET would let it
 # sign tokens for any user.
 SERVICE_SECRETS = ("API_KEYS", "NEXTAUTH_SECRET")
@@ -295,6 +299,32 @@ class EnvNames:
 
     def accepts(self) -> str:
         return "comma-separated variable names"
+
+
+@attrs.frozen
+class HostPatterns:
+    """Comma-separated host patterns: ``*`` (any host), ``*.example.com`` (its subdomains, at any
+    depth), or a host name or IP address matched exactly; case-insensitive, blank entries
+    skipped, repeats kept once."""
+
+    def parse(self, raw: str) -> tuple[str, ...]:
+        patterns: list[str] = []
+        for entry in (part.strip().lower() for part in raw.split(",")):
+            if entry.endswith(".") and entry != "*.":  # (a fully qualified name)
+                entry = entry[:-1]
+            if not entry:
+                continue
+            name = entry[2:] if entry.startswith("*.") else entry
+            if entry != "*" and not _HOST_PATTERN.fullmatch(name):
+                raise ValueError(
+                    f"{entry!r} is not a host pattern (`*`, `*.example.com`, `example.com`)"
+                )
+            if entry not in patterns:
+                patterns.append(entry)
+        return tuple(patterns)
+
+    def accepts(self) -> str:
+        return "comma-separated host patterns"
 
 
 @attrs.frozen
@@ -707,6 +737,15 @@ class Settings:
         "run each agent in an OS sandbox (bubblewrap) that hides other users' data and the"
         " service's secrets; `on` fails start-up when it cannot be had, `auto` uses it when"
         " it can",
+    )
+    agent_egress: tuple[str, ...] = setting(
+        "AGENT_EGRESS",
+        HostPatterns(),
+        "",
+        "hosts a sandboxed agent's tools may reach, through the service's egress proxy"
+        " (`*.pypi.org,github.com`; `*`: anywhere but the host itself); unset: none (the"
+        " model API is reached through the model proxy). See Security model",
+        shown_default="none",
     )
     agent_uid: int = setting(
         "AGENT_UID",

@@ -55,7 +55,7 @@ import h11
 import trio
 
 from .agent import Charge
-from .sandbox import MODEL_VARIABLES
+from .sandbox import MODEL_PROXY_SOCKET, MODEL_VARIABLES, SANDBOX_MODEL_PORT
 
 if TYPE_CHECKING:
     import httpx  # imported when the proxy starts: /health answers before
@@ -63,9 +63,6 @@ from .usage import UsageLedger, UsageReader
 
 log = logging.getLogger(__name__)
 
-# Inside an agent's network namespace, the bridge to the proxy's Unix socket listens here.
-SANDBOX_MODEL_PORT = 8480
-SOCKET_NAME = "model-proxy.sock"
 DEFAULT_UPSTREAM = "https://api.anthropic.com"
 TOKEN_PREFIX = "ccapi-agent-"
 # Tokens of ended agents remembered, to say so in the log when one is used again.
@@ -306,7 +303,7 @@ class ModelProxy:
 
     @property
     def socket_path(self) -> Path:
-        return self.run_dir / SOCKET_NAME
+        return self.run_dir / MODEL_PROXY_SOCKET
 
     def address(self, *, in_netns: bool) -> str:
         """The ``ANTHROPIC_BASE_URL`` of an agent: in a network namespace of its own, or not."""
@@ -346,7 +343,7 @@ class ModelProxy:
         # through its directory's descriptor (/proc/self/fd/N/...), any depth works.
         directory = os.open(self.run_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            await unix.bind(f"/proc/self/fd/{directory}/{SOCKET_NAME}")
+            await unix.bind(f"/proc/self/fd/{directory}/{MODEL_PROXY_SOCKET}")
         except OSError:
             unix.close()
             raise

@@ -392,6 +392,90 @@ def install_paths(cli: Path, path: str | None) -> tuple[Path, ...]:
     return tuple(dict.fromkeys(shown))
 
 
+# --- the agents' network ----------------------------------------------------
+
+# Inside a sandboxed agent's network namespace: the ports its bridges listen on
+# (model_proxy.py serves the model socket; egress.py the egress one).
+SANDBOX_MODEL_PORT = 8480
+SANDBOX_EGRESS_PORT = 3128
+# The Unix sockets in DATA_DIR/run the bridges forward to.
+MODEL_PROXY_SOCKET = "model-proxy.sock"
+EGRESS_PROXY_SOCKET = "egress-proxy.sock"
+# How long the bridges get to listen before the CLI starts (else the agent fails to start).
+BRIDGE_READY_S = 5
+
+
+@attrs.frozen
+class Bridge:
+    """One port of a sandboxed agent's loopback (127.0.0.1) forwarded to a Unix socket.
+
+    ``socket``: the service's socket (outside), bound at the same path into the sandbox,
+    where ``socat`` (run as the agent's user) connects to it for each connection.
+    """
+
+    port: int
+    socket: Path
+
+
+@attrs.frozen
+class AgentNetwork:
+    """A sandboxed agent's network: a namespace of its own, its loopback alone.
+
+    Nothing of the host's network is reachable from it: not the host's loopback (what
+    other agents, the service or anything else serve on 127.0.0.1), not the service's
+    port, not the Internet. ``bridges`` are the way out, each a port of the agent's
+    loopback forwarded to a socket of the service (the model proxy, the egress proxy);
+    ``env`` is what the agent's environment gets for them (``HTTPS_PROXY``...).
+    """
+
+    socat: str
+    bridges: tuple[Bridge, ...]
+    env: Mapping[str, str] = attrs.field(factory=dict)
+
+    def bwrap_arguments(self) -> list[str]:
+        """bwrap's options: the namespace (``lo`` up, nothing else), the sockets bound in."""
+        args = ["--unshare-net"]
+        for bridge in self.bridges:
+            path = os.path.realpath(bridge.socket)
+            # (-try: a service not listening yet, `claude-code-api check`'s probe; the
+            # bridge then finds no socket, and the agent's connection is refused.)
+            args += _way_to(path) + ["--bind-try", path, path]
+        return args
+
+    def wrap(self, program: Sequence[str]) -> list[str]:
+        """``program`` run once the bridges listen: a shell starts them, waits, runs it.
+
+        The bridges run as the agent's user, in its sandbox; they are the agent's
+        processes (its pid namespace, process group and cgroup). The shell waits for
+        ``program`` and then ends them: the sandbox ends when its last process does.
+        Ready means listening (``/proc/net/tcp``, the namespace's own); an agent whose
+        bridge ends or does not listen within :data:`BRIDGE_READY_S` fails to start, saying
+        so.
+        """
+        lines = ["bridges="]
+        for n, bridge in enumerate(self.bridges):
+            listen = f"TCP-LISTEN:{bridge.port},bind=127.0.0.1,fork,reuseaddr"
+            target = f"UNIX-CONNECT:{os.path.realpath(bridge.socket)}"
+            socat = shlex.join([self.socat, "-lf/dev/null", listen, target])
+            lines.append(f'{socat} </dev/null >/dev/null 2>&1 & b{n}=$!; bridges="$bridges $!"')
+        # (With the shell's builtins only: a fork per poll costs more than the wait.)
+        lines.append(
+            "listening() { while read -r _ local _ state _; do "
+            '[ "$local" = "0100007F:$1" ] && [ "$state" = 0A ] && return 0; '
+            "done </proc/net/tcp; return 1; }"
+        )
+        lines.append("n=0")
+        for n, bridge in enumerate(self.bridges):
+            lines.append(
+                f"until listening {bridge.port:04X}; do n=$((n+1)); kill -0 $b{n} 2>/dev/null && "
+                f"[ $n -le {BRIDGE_READY_S * 500} ] || {{ echo \"the agent's network bridge "
+                f'(socat) does not listen on port {bridge.port}" >&2; kill $bridges 2>/dev/null; '
+                "exit 1; }; sleep 0.002; done"
+            )
+        lines.append('"$@"; status=$?; kill $bridges 2>/dev/null; exit $status')
+        return ["/bin/sh", "-c", "\n".join(lines), "bridge", *program]
+
+
 # --- the sandbox ------------------------------------------------------------
 
 
@@ -406,6 +490,7 @@ def bwrap_arguments(
     walls: Sequence[Path] = (),
     user: AgentUser | None = None,
     accounts: Path | None = None,
+    network: AgentNetwork | None = None,
 ) -> list[str]:
     """bubblewrap's options for one agent (everything between ``bwrap`` and ``--``).
 
@@ -418,7 +503,8 @@ def bwrap_arguments(
     ``user``: the OS user the agent becomes (a service running as root), with
     :meth:`AgentUser.command` after ``--``. ``accounts``: a directory holding the
     ``passwd`` and ``group`` the agent is shown, which name its user (:func:`write_accounts`).
-    ``limits``: the sizes of its writable tmpfs (agent_limits).
+    ``limits``: the sizes of its writable tmpfs (agent_limits). ``network``: a network
+    namespace of its own and its bridges' sockets (None: the host's network).
     """
     # (HOME's own path is the service's; inside it, the agent's links are never followed.)
     home = os.path.realpath(spec.home)
@@ -449,6 +535,8 @@ def bwrap_arguments(
         elif path.exists():
             args += ["--ro-bind", "/dev/null", str(path)]
     args += _way_to(home) + ["--bind", home, home]
+    if network is not None:  # (after DATA_DIR is hidden: the sockets are in it)
+        args += network.bwrap_arguments()
     if credentials is not None:
         config = Path(home, spec.config_dir.relative_to(spec.home), CREDENTIALS_FILE)
         args += ["--ro-bind", str(credentials), str(config)]
@@ -545,10 +633,17 @@ class AgentLauncher:
     # Agents reach the model API through the model proxy (model_proxy.py): the model's
     # variables are blank here, and each agent gets the proxy's address and its token.
     proxied: bool = False
+    # A network namespace per agent, with the sandbox only (None: the host's network).
+    network: AgentNetwork | None = None
 
     @property
     def sandboxed(self) -> bool:
         return self.bwrap is not None
+
+    @property
+    def own_network(self) -> AgentNetwork | None:
+        """The agents' network namespace, if they get one (the sandbox is on)."""
+        return self.network if self.sandboxed else None
 
     def environment(self, spec: AgentSpec) -> dict[str, str]:
         """The ``env`` option for ``spec``'s process (withheld names blanked)."""
@@ -571,6 +666,8 @@ class AgentLauncher:
             env["XDG_RUNTIME_DIR"] = ""  # (the service's own, withheld as before)
         if self.user is not None:  # (not the service's: root)
             env["USER"] = env["LOGNAME"] = AGENT_ACCOUNT
+        if (network := self.own_network) is not None:
+            env.update(network.env)
         return env
 
     def launcher_path(self, spec: AgentSpec, agent_id: str) -> Path:
@@ -661,12 +758,16 @@ class AgentLauncher:
                 user=self.user,
                 accounts=self.run_dir if self.user is not None else None,
                 limits=self.limits,
+                network=self.own_network,
             )
             command += ["--"]
             command += self.limits.inner_command()  # RLIMIT_NPROC, without a pids cgroup
         if self.user is not None:
             command += self.user.command(spec.cwd)
-        command += program or [str(self.cli)]
+        program = program or [str(self.cli)]
+        if (network := self.own_network) is not None:
+            program = network.wrap(program)
+        command += program
         join = cgroup.join_script() if cgroup is not None else ""
         return (
             "#!/bin/sh\n"
@@ -684,6 +785,12 @@ class AgentLauncher:
         """
         spec = AgentSpec(name="start-up probe", home=home, ephemeral=True)
         check = 'test -w "$0" || { echo "cannot write $0" >&2; exit 1; }; exec "$1" --version'
+        if self.own_network is not None:  # (its bridges listen: see AgentNetwork.wrap)
+            check = (
+                '[ "$(grep -c : /proc/net/dev)" = 1 ] || '
+                '{ echo "the agent has network interfaces other than its loopback" >&2; exit 1; }; '
+                + check
+            )
         program = ["/bin/sh", "-c", check, str(spec.config_dir), str(self.cli)]
         path: Path | None = None
         try:

@@ -253,7 +253,8 @@ class SdkAgent:
             raise AgentStartError(self._refusal)
         if self._model_proxy is not None:
             token, self._grant = self._model_proxy.grants.register(f"{self.spec.name} ({self._id})")
-            self._model_env = self._model_proxy.env(token)
+            in_netns = self._launcher.own_network is not None  # (then bridged in)
+            self._model_env = self._model_proxy.env(token, in_netns=in_netns)
         try:
             with trio.fail_after(timeout):
                 try:

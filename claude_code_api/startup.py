@@ -45,8 +45,14 @@ from .credentials import CredentialsFile
 from .disk_quota import MIB, file_size_limit
 from .sandbox import (
     CREDENTIALS_FILE,
+    EGRESS_PROXY_SOCKET,
+    MODEL_PROXY_SOCKET,
+    SANDBOX_EGRESS_PORT,
+    SANDBOX_MODEL_PORT,
     AgentLauncher,
+    AgentNetwork,
     AgentUser,
+    Bridge,
     SandboxMode,
     is_passed,
     make_launcher,
@@ -159,11 +165,31 @@ def plan_with_findings(
             " bounded between two measurements of its user's disk quota"
         )
         findings.append(Finding("disk quota", Status.WARN, text))
+    if launcher.sandboxed:
+        network, finding = network_plan(mode, settings, launcher.env)
+        if finding.status is Status.FAIL:
+            raise StartupError(finding.text)
+        findings.append(finding)
+        launcher = attrs.evolve(launcher, network=network)
     probes = settings.data_dir.absolute() / "workers" / "start-up-probe"
     if launcher.sandboxed:
         # bwrap itself works (above); the agent's own start in it is checked too: the
         # CLI, the install it needs, its OS user, its HOME, as every agent will start.
         reason = launcher.probe(probes / uuid.uuid4().hex[:12])
+        if reason is not None and launcher.own_network is not None:
+            # Is it the network namespace (its bridges)? Then agents keep the rest.
+            without = attrs.evolve(launcher, network=None)
+            if without.probe(probes / uuid.uuid4().hex[:12]) is None:
+                unusable = f"agents' network namespace unusable ({reason})"
+                if mode is SandboxMode.ON:
+                    raise StartupError(f"AGENT_SANDBOX=on, but {unusable}")
+                text = (
+                    f"{unusable}: agents run sandboxed but share the host's network, its "
+                    "loopback included (see README: Security)"
+                )
+                findings = [f for f in findings if f.subject != "network"]
+                findings.append(Finding("network", Status.WARN, text))
+                launcher, reason = without, None
         if reason is not None:
             if mode is SandboxMode.ON:
                 raise StartupError(f"AGENT_SANDBOX=on, but in the sandbox {reason}")
@@ -172,6 +198,7 @@ def plan_with_findings(
                 f"({_who(user)}) and can read other users' data; set AGENT_SANDBOX=off to "
                 "silence this (see README: Security)"
             )
+            findings = [f for f in findings if f.subject != "network"]  # (none of its own)
             findings.append(Finding("agent start", Status.WARN, text))
             launcher = attrs.evolve(launcher, bwrap=None)
     refusal = None
@@ -185,10 +212,79 @@ def plan_with_findings(
         if reason is not None:
             findings.append(Finding("agent start", Status.FAIL, reason))
     if not any(f.subject == "agent start" for f in findings):
-        text = f"an agent starts ({'sandboxed, ' if launcher.sandboxed else ''}{_who(user)})"
+        where = "sandboxed, " if launcher.sandboxed else ""
+        if launcher.own_network is not None:
+            where = "sandboxed, in a network namespace of its own, "
+        text = f"an agent starts ({where}{_who(user)})"
         findings.append(Finding("agent start", Status.OK, text))
     _remove_empty(probes)
     return AgentPlan(launcher, refusal), findings
+
+
+# What a sandboxed agent's tools reach the Internet through (the egress proxy, bridged in).
+EGRESS_PROXY_URL = f"http://127.0.0.1:{SANDBOX_EGRESS_PORT}"
+PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy")
+NO_PROXY = "127.0.0.1,localhost"
+# The longest path a Unix socket may be reached by (sun_path: 108 bytes with its NUL).
+MAX_SOCKET_PATH = 107
+
+
+def network_plan(
+    mode: SandboxMode, settings: Settings, agent_env: Mapping[str, str]
+) -> tuple[AgentNetwork | None, Finding]:
+    """The sandboxed agents' network namespace and bridges, or why they share the host's.
+
+    ``agent_env``: what agents are passed of the service's environment. Their model
+    API is the model proxy's, bridged in (``model_proxy.ModelProxy.env``).
+
+    The bridges need socat: without it, ``on`` refuses to start (FAIL) and ``auto`` runs
+    agents in the host's network with a warning.
+    """
+    socat = find_socat()
+    if socat is None:
+        missing = (
+            "socat is not installed: sandboxed agents need it to bridge their own network "
+            "namespace to the service's model and egress proxies (apt-get install socat)"
+        )
+        if mode is SandboxMode.ON:
+            return None, Finding("network", Status.FAIL, f"AGENT_SANDBOX=on, but {missing}")
+        text = (
+            f"{missing}; until it is, agents share the host's network: its loopback (what "
+            "other agents and the service serve on 127.0.0.1) included (see README: Security)"
+        )
+        return None, Finding("network", Status.WARN, text)
+    run = settings.data_dir.absolute() / "run"
+    longest = max(
+        (os.path.realpath(run / name) for name in (MODEL_PROXY_SOCKET, EGRESS_PROXY_SOCKET)),
+        key=len,
+    )
+    if len(longest.encode()) > MAX_SOCKET_PATH:
+        too_long = (
+            f"the path of the agents' bridge sockets, {longest}, is longer than a Unix socket's "
+            f"can be ({MAX_SOCKET_PATH} bytes): give DATA_DIR a shorter path"
+        )
+        if mode is SandboxMode.ON:
+            return None, Finding("network", Status.FAIL, f"AGENT_SANDBOX=on, but {too_long}")
+        text = f"{too_long}; until then, agents share the host's network (see README: Security)"
+        return None, Finding("network", Status.WARN, text)
+    env = {name: EGRESS_PROXY_URL for name in PROXY_VARIABLES}
+    env.update({"NO_PROXY": NO_PROXY, "no_proxy": NO_PROXY, "ALL_PROXY": "", "all_proxy": ""})
+    network = AgentNetwork(
+        socat,
+        (
+            Bridge(SANDBOX_MODEL_PORT, run / MODEL_PROXY_SOCKET),
+            Bridge(SANDBOX_EGRESS_PORT, run / EGRESS_PROXY_SOCKET),
+        ),
+        env,
+    )
+    allowed = ",".join(settings.agent_egress) or "nowhere (the model API through the model proxy)"
+    text = f"each agent has a network namespace of its own; egress: {allowed} (AGENT_EGRESS)"
+    return network, Finding("network", Status.OK, text)
+
+
+def find_socat() -> str | None:
+    """socat, for the bridges: on the service's PATH, else the system's."""
+    return shutil.which("socat") or shutil.which("socat", path=SYSTEM_PATH)
 
 
 def _log(finding: Finding) -> None:

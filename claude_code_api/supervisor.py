@@ -6,6 +6,7 @@
     ├── registry         permanent  owns the SQLite session records
     ├── credentials      permanent  owns the Claude credentials file's writes; refreshes the login
     ├── model-proxy      permanent  agents' way to the model API: their tokens, the real key, usage
+    ├── egress           permanent  the egress proxy sandboxed agents reach the Internet through
     ├── http             permanent  hypercorn + Quart-Trio
     └── core             permanent  rest_for_one: who starts later depends on who started earlier
         ├── dispatcher   permanent  the job queue and session scheduling (its view of the rest)
@@ -68,6 +69,7 @@ from .agent import CLOSE_GRACE_S, AgentFactory
 from .ceiling import OptionCeiling
 from .config import Settings
 from .disk_quota import DiskQuota, remove_abandoned_homes
+from .egress import EgressPolicy, EgressProxy, open_unix_listener
 from .http.app import StoreStatus, create_app
 from .http.connections import connection_limit
 from .http.server import HttpServer
@@ -84,7 +86,7 @@ from .metered_agent import metered
 from .model_proxy import ModelProxy, UpstreamCredential, keep_memory_private, upstream_url
 from .oauth import TokenEndpoint
 from .renewal import CredentialsVersion, retired_when_stale
-from .sandbox import remove_conversation_files
+from .sandbox import EGRESS_PROXY_SOCKET, remove_conversation_files
 from .startup import plan_agents
 from .supervision import Backoff, ChildSpec, StopOrder, Strategy, Supervisor
 from .usage import UsageLedger
@@ -165,6 +167,10 @@ class Service:
         )
         self.root: Supervisor | None = None
         self._stopping = False
+        # The socket sandboxed agents' egress bridge leads to: opened once, it outlives a
+        # restart of the task serving it (a socket file bound into a live sandbox must
+        # stay the same one). The model proxy keeps its own likewise.
+        self._egress_listener: trio.SocketListener | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the tree until it is stopped (returns) or escalates (raises).
@@ -187,6 +193,8 @@ class Service:
                 channel.close()
             with trio.CancelScope(shield=True):
                 await self.model_proxy.aclose()
+            if self._egress_listener is not None:
+                self._egress_listener.socket.close()
 
     def _agent_factory(self) -> AgentFactory:
         """Decide how agents launch, and make them. Blocking (imports the SDK): run in a thread."""
@@ -248,6 +256,14 @@ class Service:
                 on_login=self.model_credential.update,
             )
             await actor.serve(task_status=task_status)
+
+        async def start_egress(*, task_status: trio.TaskStatus[None]) -> None:
+            if self._egress_listener is None:
+                run = settings.data_dir.absolute() / "run"
+                self._egress_listener = open_unix_listener(run / EGRESS_PROXY_SOCKET)
+            # (The model API is no host of theirs: agents reach it through the model proxy.)
+            proxy = EgressProxy(EgressPolicy(settings.agent_egress, ()))
+            await proxy.serve(self._egress_listener, task_status=task_status)
 
         def remove_homes(user_ids: frozenset[str], before: float) -> int:
             kept = {user_workspace(settings.data_dir, user_id).name for user_id in user_ids}
@@ -383,6 +399,7 @@ class Service:
                 ChildSpec("credentials", start_credentials),
                 # Before the agents, which reach the model API through it; after them it stops.
                 ChildSpec("model-proxy", self.model_proxy.serve),
+                ChildSpec("egress", start_egress),
                 ChildSpec("http", self.http.serve, request_stop=self.http.request_stop),
                 # Stopped before HTTP, so the turns it interrupts are answered. A
                 # supervisor stops when its children have: their graces bound it.

@@ -142,3 +142,94 @@ def test_what_start_up_made_is_frozen_out_of_the_garbage_collector(tmp_path):
     before, frozen, after_restart = map(int, result.stdout.split())
     assert before == 0 and frozen > 50_000
     assert after_restart == frozen  # once per process
+
+
+# --- the agents' network namespace (socat bridges) ----------------------------------
+
+
+def planned(tmp_path, monkeypatch, mode: str, socat: str | None):
+    """plan_with_findings for a sandboxed service whose socat is ``socat``."""
+    from claude_code_api import startup
+    from claude_code_api.config import load_settings
+
+    monkeypatch.setattr(startup, "find_socat", lambda: socat)
+    env = service_env(tmp_path, {"AGENT_SANDBOX": mode, "DATA_DIR": str(tmp_path / "data")})
+    settings = load_settings(env)
+    return startup.plan_with_findings(settings, env, serving=False)
+
+
+def network_findings(findings) -> list[tuple[str, str]]:
+    return [(f.status.value, f.text) for f in findings if f.subject == "network"]
+
+
+needs_sandbox = pytest.mark.skipif(
+    probe_sandbox(shutil.which("bwrap")) is not None, reason="no sandbox here"
+)
+
+
+@needs_sandbox
+def test_without_socat_auto_keeps_the_sandbox_in_the_hosts_network_and_says_so(
+    tmp_path, monkeypatch
+):
+    plan, findings = planned(tmp_path, monkeypatch, "auto", None)
+    assert plan.launcher.sandboxed and plan.launcher.own_network is None
+    [(status, text)] = network_findings(findings)
+    assert status == "warn" and "socat is not installed" in text
+    assert "share the host's network" in text
+
+
+@needs_sandbox
+def test_without_socat_on_refuses_to_start(tmp_path, monkeypatch):
+    from claude_code_api.startup import StartupError
+
+    with pytest.raises(StartupError, match="AGENT_SANDBOX=on, but socat is not installed"):
+        planned(tmp_path, monkeypatch, "on", None)
+
+
+def broken_socat(tmp_path: Path) -> str:
+    """A socat that starts and never listens (the probe finds the bridge missing)."""
+    path = tmp_path / "bin" / "socat"
+    path.parent.mkdir()
+    path.write_text("#!/bin/sh\nexit 0\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+@needs_sandbox
+def test_the_probe_starts_an_agent_in_its_network_namespace(tmp_path, monkeypatch):
+    """A bridge that does not listen fails the probe: ``auto`` drops the namespace only."""
+    plan, findings = planned(tmp_path, monkeypatch, "auto", shutil.which("socat"))
+    assert plan.launcher.own_network is not None, findings
+    assert [s for s, _ in network_findings(findings)] == ["ok"]
+    plan, findings = planned(tmp_path, monkeypatch, "auto", broken_socat(tmp_path))
+    assert plan.launcher.sandboxed and plan.launcher.own_network is None
+    [(status, text)] = network_findings(findings)
+    assert status == "warn" and "does not listen on port" in text, text
+
+
+@needs_sandbox
+def test_a_network_namespace_demanded_in_which_no_agent_starts_refuses_to_start(
+    tmp_path, monkeypatch
+):
+    from claude_code_api.startup import StartupError
+
+    with pytest.raises(StartupError, match="network namespace unusable"):
+        planned(tmp_path, monkeypatch, "on", broken_socat(tmp_path))
+
+
+@needs_sandbox
+def test_a_data_dir_too_long_for_the_bridges_sockets_is_said(tmp_path, monkeypatch):
+    """socat reaches the sockets by path, which a Unix socket's address bounds (108 bytes)."""
+    from claude_code_api import startup
+    from claude_code_api.config import load_settings
+
+    monkeypatch.setattr(startup, "find_socat", lambda: shutil.which("socat"))
+    data = tmp_path / ("d" * 100)
+    env = service_env(tmp_path, {"AGENT_SANDBOX": "auto", "DATA_DIR": str(data)})
+    plan, findings = startup.plan_with_findings(load_settings(env), env, serving=False)
+    assert plan.launcher.sandboxed and plan.launcher.own_network is None
+    [(status, text)] = network_findings(findings)
+    assert status == "warn" and "give DATA_DIR a shorter path" in text
+    env["AGENT_SANDBOX"] = "on"
+    with pytest.raises(startup.StartupError, match="longer than a Unix socket's"):
+        startup.plan_with_findings(load_settings(env), env, serving=False)
