@@ -19,7 +19,7 @@ from claude_code_api.demo.mock_messages_api import (
     open_mock_api,
     tool_result_text,
 )
-from claude_code_api.sandbox import probe_sandbox
+from claude_code_api.sandbox import MODEL_PROXY_SOCKET, SANDBOX_MODEL_PORT, probe_sandbox
 from tests import sse
 from tests.harness import run_service, wait_healthy
 from tests.real_cli import MOCK_API_KEY, requires_real_cli, service_overrides
@@ -88,7 +88,15 @@ async def test_agents_never_hold_the_key_and_a_finished_agents_token_is_refused(
                 # The session's agent has ended (the session was deleted): its token is dead.
                 token = field(in_session, "token")
                 base = field(in_session, "base")
-                async with httpx.AsyncClient(base_url=base, timeout=30) as agent_client:
+                # An agent in a network namespace of its own reaches the proxy by its bridge
+                # (127.0.0.1:8480 there, nothing here): outside, by the socket it leads to.
+                transport = None
+                if base == f"http://127.0.0.1:{SANDBOX_MODEL_PORT}":
+                    socket = str(service.data_dir / "run" / MODEL_PROXY_SOCKET)
+                    transport = httpx.AsyncHTTPTransport(uds=socket)
+                async with httpx.AsyncClient(
+                    base_url=base, timeout=30, transport=transport
+                ) as agent_client:
                     stolen = await agent_client.post(
                         "/v1/messages",
                         headers={"x-api-key": token, "anthropic-version": "2023-06-01"},
