@@ -763,7 +763,9 @@ class AgentLauncher:
             command += ["--"]
             command += self.limits.inner_command()  # RLIMIT_NPROC, without a pids cgroup
         if self.user is not None:
-            command += self.user.command(spec.cwd)
+            # Absolute: it changes directory after bwrap's "/" (or the SDK's cwd), where a
+            # relative DATA_DIR (its default, "data") means nothing.
+            command += self.user.command(Path(os.path.realpath(spec.cwd)))
         program = program or [str(self.cli)]
         if (network := self.own_network) is not None:
             program = network.wrap(program)

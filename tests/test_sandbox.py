@@ -271,17 +271,34 @@ def test_the_real_runtime_dirs_and_engine_sockets_are_on_the_list():
         assert Path("/run", name) in sandbox.HIDDEN_SOCKETS
 
 
-@needs_sandbox
-def test_agents_start_with_a_relative_data_dir(tmp_path, monkeypatch):
-    """DATA_DIR's default is relative ("data"): README's quick start runs with it."""
+AS_ROOT_SERVICE = pytest.mark.skipif(os.geteuid() != 0, reason="agents get AGENT_UID as root")
+
+
+@pytest.mark.parametrize(
+    ("sandboxed", "as_agent_uid"),
+    [
+        pytest.param(True, False, marks=needs_sandbox),
+        pytest.param(True, True, marks=[needs_sandbox, AS_ROOT_SERVICE]),
+        pytest.param(False, True, marks=AS_ROOT_SERVICE),
+    ],
+)
+def test_agents_start_with_a_relative_data_dir(tmp_path, monkeypatch, sandboxed, as_agent_uid):
+    """DATA_DIR's default is relative ("data"): README's quick start runs with it — as root
+    too, where agents change to their workspace after becoming AGENT_UID."""
     monkeypatch.chdir(tmp_path)
+    user = None
+    if as_agent_uid:
+        user = sandbox.AgentUser(uid=65536, setpriv=shutil.which("setpriv") or "setpriv")
+        if not sandboxed:  # (tmp_path's parents are pytest's, mode 0700)
+            user.open_walls([tmp_path / "data"], inside=True)
     launcher = make_launcher(
         cli=Path("/bin/sh"),
         data_dir=Path("data"),
         environ={"PATH": os.environ["PATH"], "HOME": str(tmp_path / "service-home")},
         use_api_key=False,
         extra_env=frozenset(),
-        bwrap=BWRAP,
+        bwrap=BWRAP if sandboxed else None,
+        user=user,
     )
     alice = AgentSpec(name="alice", home=Path("data/users/alice"), ephemeral=False)
     done = run_agent_shell(launcher, alice, "pwd; echo mine > mine.txt")
