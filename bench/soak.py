@@ -1228,9 +1228,14 @@ async def _audit(
     checks = [
         (status["queueLength"] == 0, f"queueLength {status['queueLength']}"),
         (status["maxQueueSize"] == QUEUE_MAX, f"maxQueueSize {status['maxQueueSize']}"),
-        (len(status["workers"]) == POOL_SIZE, f"{len(status['workers'])} workers"),
+        # POOL_SIZE for anyone, and as many spares for agents kept for users (AGENT_REUSE_MAX).
+        (len(status["workers"]) == 2 * POOL_SIZE, f"{len(status['workers'])} workers"),
         (
-            all(w["state"] == "ready" and "busySince" not in w for w in status["workers"]),
+            sum(w["state"] == "ready" for w in status["workers"]) == POOL_SIZE
+            and all(
+                w["state"] in ("ready", "kept", "dormant") and "busySince" not in w
+                for w in status["workers"]
+            ),
             f"a worker is not ready: {status['workers']}",
         ),
         (0 <= errors <= processed, f"totalErrors {errors} vs totalProcessed {processed}"),

@@ -24,8 +24,11 @@ from claude_code_api.messages import (
     JobFailed,
     JobStarted,
     RunOptions,
+    Retire,
     RunResult,
     UpstreamError,
+    Warm,
+    WorkerDormant,
     WorkerFailed,
     WorkerFinished,
     WorkerReady,
@@ -160,6 +163,14 @@ async def start_reusing_worker(
     return receive
 
 
+async def woken(messages: trio.MemoryReceiveChannel) -> trio.MemorySendChannel[Job]:
+    """The worker went dormant: play the dispatcher waking it; the fresh agent's inbox."""
+    dormant = await messages.receive()
+    assert isinstance(dormant, WorkerDormant)
+    dormant.inbox.send_nowait(Warm())
+    return await ready(messages)
+
+
 async def finish(job: Job, reply: trio.MemoryReceiveChannel, messages) -> object:
     """Read ``job``'s reply to its end and the worker's WorkerFinished; the terminal event."""
     events = [event async for event in reply]
@@ -265,8 +276,9 @@ async def test_a_kept_agent_that_exits_before_its_next_offer_is_replaced_at_once
         exited_at = trio.current_time()
         offer = await messages.receive()  # offered as it was kept, then withdrawn at once:
         assert isinstance(offer, WorkerReady) and offer.bound_to == "alice"
-        assert await messages.receive() == WorkerStarting("w")  # replaced
-        # At once (the reset's end), not when the kept agent's time would be up.
+        # Dormant at once (the reset's end), not when the kept agent's time would be up:
+        # the dispatcher wakes it when the pool is short.
+        await woken(messages)
         assert trio.current_time() - exited_at < REUSE.reuse_s / 2
 
 
@@ -280,9 +292,11 @@ async def test_a_kept_agent_is_retired_when_its_time_is_up(autojump_clock, nurse
         await finish(job, reply, messages)
         assert (await messages.receive()).bound_to == "alice"
         kept_at = trio.current_time()
-        assert await messages.receive() == WorkerStarting("w")
+        dormant = await messages.receive()  # when its time is up: no process
+        assert isinstance(dormant, WorkerDormant)
         assert trio.current_time() - kept_at == REUSE.reuse_s
-        assert (await messages.receive()).bound_to is None
+        dormant.inbox.send_nowait(Warm())
+        await ready(messages)  # woken (the pool was short): a fresh agent
         assert agents.made[0].events[-1] == "closed" and agents.made[1].events == ["start"]
 
 
@@ -306,8 +320,10 @@ async def test_an_agent_is_retired_instead_of_kept(autojump_clock, nursery, case
         inbox.send_nowait(job)
         [event async for event in reply]
         assert (await messages.receive()).job_id == "j1"
-        assert await messages.receive() == WorkerStarting("w")
-        assert (await messages.receive()).bound_to is None
+        if case == "reuse off":  # replaced at once, as the original does
+            await ready(messages)
+        else:  # dormant: the dispatcher wakes it if the pool is short
+            await woken(messages)
         assert agents.made[0].events[-1] == "closed" and len(agents.made) == 2
 
 
@@ -322,8 +338,9 @@ async def test_an_agent_serves_at_most_max_reuses_requests(autojump_clock, nurse
             offer.inbox.send_nowait(job)
             await finish(job, reply, messages)
             offer = await messages.receive()
-        assert offer == WorkerStarting("w")
-        assert (await messages.receive()).bound_to is None
+        assert isinstance(offer, WorkerDormant)
+        offer.inbox.send_nowait(Warm())
+        await ready(messages)
         assert agents.made[0].events.count("reset") == 2 and len(agents.made) == 2
 
 

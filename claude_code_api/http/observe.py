@@ -108,17 +108,18 @@ class StateGauges:
     """The gauges of one scrape, computed from what the dispatcher and registry report.
 
     * ``queue_length``: one-shot runs waiting for a worker (``/health``'s ``queue.length``);
-    * ``workers`` by ``state`` (starting, ready, busy, error), summing to ``POOL_SIZE``:
-      a worker that has not reported yet is ``starting``;
+    * ``workers`` by ``state`` (starting, ready, busy, error, kept, dormant), summing to
+      ``POOL_SIZE`` + ``AGENT_REUSE_MAX`` (``worker_count``): a worker that has not
+      reported yet is ``starting``;
     * ``sessions`` by ``state``: ``busy`` (running a turn), ``live`` (holding a process
       slot otherwise: starting, idle, stopping), ``hibernated`` (a record and no
       process; those waiting for a slot are among them). Exact but for a moment while
       a new session's record is being created.
     """
 
-    def __init__(self, snapshot: PoolSnapshot | None, pool_size: int, records: int | None):
+    def __init__(self, snapshot: PoolSnapshot | None, worker_count: int, records: int | None):
         self.snapshot = snapshot
-        self.pool_size = pool_size
+        self.worker_count = worker_count
         self.records = records
 
     def collect(self) -> Iterable[Metric]:
@@ -134,10 +135,11 @@ class StateGauges:
         workers = {state.value: 0 for state in WorkerState}
         for worker in snapshot.workers:
             workers[worker.state.value] += 1
-        workers[WorkerState.STARTING.value] += max(0, self.pool_size - len(snapshot.workers))
+        workers[WorkerState.STARTING.value] += max(0, self.worker_count - len(snapshot.workers))
         family = GaugeMetricFamily(
             prefix + "workers",
-            "Pool workers by state (starting, ready, busy, error); they sum to POOL_SIZE",
+            "Pool workers by state (starting, ready, busy, error; kept: an agent kept for its"
+            " user; dormant: a spare with no process); they sum to POOL_SIZE + AGENT_REUSE_MAX",
             labels=["state"],
         )
         for state, count in workers.items():
@@ -163,11 +165,11 @@ class StateGauges:
 
 
 async def scrape(
-    snapshot: Callable[[], Awaitable[PoolSnapshot]], pool_size: int, records: int | None
+    snapshot: Callable[[], Awaitable[PoolSnapshot]], worker_count: int, records: int | None
 ) -> bytes:
     """The text of ``GET /metrics``; ``snapshot()`` asks the dispatcher for its view."""
     seen: PoolSnapshot | None = None
     with trio.move_on_after(SNAPSHOT_TIMEOUT_S):
         seen = await snapshot()
-    gauges = StateGauges(seen, pool_size, records)
+    gauges = StateGauges(seen, worker_count, records)
     return await trio.to_thread.run_sync(metrics.render, [gauges])
