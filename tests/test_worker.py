@@ -7,6 +7,7 @@ hands jobs to the one-job inbox the worker offers.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import attrs
@@ -23,8 +24,8 @@ from claude_code_api.messages import (
     Job,
     JobFailed,
     JobStarted,
-    RunOptions,
     Retire,
+    RunOptions,
     RunResult,
     UpstreamError,
     Warm,
@@ -359,3 +360,36 @@ async def test_retiring_and_warming_wait_for_the_reply_to_leave(autojump_clock, 
             assert not agents.made[0]._closed
         await ready(messages)
         assert agents.made[0]._closed
+
+
+# --- dormant spares (AGENT_REUSE_MAX) -------------------------------------------------
+
+
+async def test_a_dormant_worker_holds_no_process_until_told_to_warm(autojump_clock, nursery):
+    with trio.fail_after(LIMIT):
+        agents = FakeAgents()
+        send, messages = trio.open_memory_channel(0)
+        nursery.start_soon(
+            partial(
+                serve_worker, "w", REUSE, send, agents, Path("/homes"), StopSignal(), dormant=True
+            )
+        )
+        dormant = await messages.receive()
+        assert isinstance(dormant, WorkerDormant)
+        await trio.sleep(100)
+        assert agents.made == []
+        dormant.inbox.send_nowait(Warm())
+        inbox = await ready(messages)
+        job, reply = user_job("alice", "j1")
+        inbox.send_nowait(job)
+        assert isinstance(await finish(job, reply, messages), RunResult)
+
+
+async def test_a_retired_kept_agent_is_closed_and_its_worker_goes_dormant(autojump_clock, nursery):
+    with trio.fail_after(LIMIT):
+        agents = FakeAgents()
+        messages, offer = await kept_for_alice(nursery, agents)
+        offer.inbox.send_nowait(Retire())
+        assert isinstance(await messages.receive(), WorkerDormant)
+        await trio.sleep(1)
+        assert agents.made[0].events[-1] == "closed" and len(agents.made) == 1

@@ -435,8 +435,8 @@ class Dispatcher:
         workers are woken while running + unassigned (warm or warming) is short of
         ``pool_size``. Only with spares (``kept_max`` set).
         """
-        if self.kept_max is None:
-            return
+        if self.kept_max is None or len(self.workers) < self.expected_workers:
+            return  # (at start-up, a spare may report before the pool's workers warming)
         kept = [w for w in self.idle if self.workers[w].state is WorkerState.KEPT]
         for worker_id in kept[: max(0, len(kept) - self.kept_max)]:
             self._command(worker_id, Retire(), WorkerState.DORMANT)
