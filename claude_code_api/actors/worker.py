@@ -17,9 +17,19 @@ one; if that job's deadline passes or it is cancelled while the fresh agent
 warms, it is answered then and the warm-up starts over for whoever comes next.
 When the time is up, after :data:`MAX_REUSES` requests, or after a job that
 failed, timed out, was cancelled or switched the agent's model or permission
-mode, the agent is retired as without reuse. The user's CLAUDE.md
-comes with every one-shot prompt (``Job.memory``), so a kept agent uses the
-current one.
+mode, the agent is retired. The user's CLAUDE.md comes with every one-shot
+prompt (``Job.memory``), so a kept agent uses the current one.
+
+With reuse, kept agents are extra to the pool: the service starts spare workers
+*dormant* (``serve_worker(dormant=True)``: no process, :class:`WorkerDormant`),
+and the dispatcher wakes one (:class:`Warm`) to warm an agent for anyone in the
+place of each agent kept, or retires a kept agent (:class:`Retire`). So a worker
+whose agent served a user and is done — retired, its time up, not kept — goes
+dormant rather than warm a fresh one: the dispatcher decides whether the pool
+needs one. Without reuse a worker replaces its agent after every job at once.
+The phases — :meth:`_Worker._sleep` (dormant), :meth:`_Worker._warm`,
+:meth:`_Worker._serve` (offered, running jobs) — each return what comes next
+(:class:`Next`).
 
 A job whose options are process arguments (a system prompt, tools, turn or
 budget limits: :attr:`RunOptions.needs_own_process`) runs on an agent started for
@@ -28,8 +38,9 @@ job that only names a model or permission mode runs on the warm agent, switched
 by control requests before its prompt (no new process).
 
 Channels: it sends on its own clone of the dispatcher's inbox (and closes it
-when it ends); it owns the receive end of the one-job inbox it offers in each
-:class:`WorkerReady`; while running a job it owns ``job.reply`` and answers it.
+when it ends); it owns the receive end of the one-command inbox it offers in each
+:class:`WorkerReady` and :class:`WorkerDormant`; while running a job it owns
+``job.reply`` and answers it.
 
 Error handling: a warm-up that fails or times out (including a directory that
 cannot be created) is reported to the dispatcher as :class:`WorkerFailed` — so
