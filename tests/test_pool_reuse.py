@@ -61,13 +61,18 @@ class Pool:
 
 
 async def start_pool(
-    nursery: trio.Nursery, *, pool_size: int, kept_max: int, reuse_s: float = REUSE_S
+    nursery: trio.Nursery,
+    *,
+    pool_size: int,
+    kept_max: int,
+    reuse_s: float = REUSE_S,
+    agents: FakeAgents | None = None,
 ) -> Pool:
     """A dispatcher and its ``pool_size`` + ``kept_max`` workers, as the supervisor starts them."""
     inbox, inbox_receive = trio.open_memory_channel(0)
     dispatcher = Dispatcher(inbox_receive, pool_size=pool_size, queue_max=20, kept_max=kept_max)
     await nursery.start(dispatcher.serve)
-    agents = FakeAgents()
+    agents = agents or FakeAgents()
     config = attrs.evolve(CONFIG, reuse_s=reuse_s)
     for n in range(pool_size + kept_max):
         worker = partial(
@@ -151,6 +156,25 @@ async def test_past_agent_reuse_max_the_oldest_kept_agent_is_retired(autojump_cl
         assert (waited, agent) == (0, kept["ben"])
         _, waited, agent = await pool.run("ann")
         assert waited == 0 and agent not in kept.values()
+
+
+async def test_the_oldest_kept_agent_makes_room_as_soon_as_another_is_being_kept(
+    autojump_clock, nursery
+):
+    """Its worker warms an agent for anyone while the new kept one is reset, not after."""
+    with trio.fail_after(LIMIT):
+        agents = FakeAgents(reset_s=1.0)
+        pool = await start_pool(nursery, pool_size=1, kept_max=1, agents=agents)
+        _, _, alices = await pool.run("alice")
+        await trio.sleep(WARM_S + agents.reset_s)
+        _, waited, bobs = await pool.run("bob")
+        finished_at = trio.current_time()
+        assert waited == 0
+        await trio.sleep(WARM_S)
+        closed_at = [at for at, event in agents.made[alices].log if event == "closed"]
+        assert closed_at and closed_at[0] - finished_at < agents.reset_s / 2
+        assert not agents.made[bobs]._closed
+        assert await pool.states() == {"ready": 1, "kept": 1}
 
 
 async def test_a_kept_agent_whose_time_is_up_leaves_its_worker_dormant(autojump_clock, nursery):

@@ -430,7 +430,8 @@ class Dispatcher:
     def _balance(self) -> None:
         """Keep ``pool_size`` agents running a job or unassigned, and ``kept_max`` kept at most.
 
-        Past ``kept_max`` kept agents, the oldest (longest idle) is retired; unassigned
+        Past ``kept_max`` kept agents (counting those being reset for their user), the
+        oldest (longest idle) is retired; unassigned
         warm ones beyond ``pool_size`` (after a worker's restart) too; then dormant
         workers are woken while running + unassigned (warm or warming) is short of
         ``pool_size``. Only with spares (``kept_max`` set).
@@ -438,7 +439,12 @@ class Dispatcher:
         if self.kept_max is None or len(self.workers) < self.expected_workers:
             return  # (at start-up, a spare may report before the pool's workers warming)
         kept = [w for w in self.idle if self.workers[w].state is WorkerState.KEPT]
-        for worker_id in kept[: max(0, len(kept) - self.kept_max)]:
+        # Those being reset for their user count already: the oldest makes room at once, so
+        # its worker warms one for anyone while the reset runs, not after it.
+        resetting = sum(
+            1 for r in self.workers.values() if r.state is WorkerState.KEPT and r.inbox is None
+        )
+        for worker_id in kept[: max(0, len(kept) + resetting - self.kept_max)]:
             self._command(worker_id, Retire(), WorkerState.DORMANT)
         ready = [w for w in self.idle if self.workers[w].state is WorkerState.READY]
         warming = self._warming()
