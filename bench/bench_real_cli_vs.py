@@ -152,8 +152,8 @@ async def measure(
     shares: list[float],
 ) -> None:
     async with launch(side, build, env, workdir, start_timeout_s=120) as service:
-        meter = QuietMeter(trees=[service.pid])
         cpu = TreeCpuSampler(service.pid)
+        meter = QuietMeter(samplers=[cpu])
         async with trio.open_nursery() as nursery:
             nursery.start_soon(cpu.run)
             await measure_service(service.url, side, cpu, args, tables, round_no)

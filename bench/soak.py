@@ -1228,8 +1228,8 @@ async def _audit(
     checks = [
         (status["queueLength"] == 0, f"queueLength {status['queueLength']}"),
         (status["maxQueueSize"] == QUEUE_MAX, f"maxQueueSize {status['maxQueueSize']}"),
-        # POOL_SIZE for anyone, and as many spares for agents kept for users (AGENT_REUSE_MAX).
-        (len(status["workers"]) == 2 * POOL_SIZE, f"{len(status['workers'])} workers"),
+        # POOL_SIZE for anyone and the spares: POOL_SIZE + AGENT_REUSE_MAX (= POOL_SIZE).
+        (len(status["workers"]) == 3 * POOL_SIZE, f"{len(status['workers'])} workers"),
         (
             sum(w["state"] == "ready" for w in status["workers"]) == POOL_SIZE
             and all(

@@ -235,13 +235,21 @@ class QuietMeter:
 
     Ours are this process, its reaped children and, given its pid, the service with
     its reaped agents; given ``trees``, every process of those trees (services
-    compared side by side, with their live agents); everything else busy on the
-    machine meanwhile counts as others.
+    compared side by side, with their live agents); given ``samplers``, every process
+    they saw (sandboxed agents too, which ``trees`` loses when they are killed);
+    everything else busy on the machine meanwhile counts as others.
     """
 
-    def __init__(self, service_pid: int | None = None, *, trees: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        service_pid: int | None = None,
+        *,
+        trees: Sequence[int] = (),
+        samplers: Sequence[TreeCpuSampler] = (),
+    ) -> None:
         self.service_pid = service_pid
         self.trees = tuple(trees)
+        self.samplers = tuple(samplers)  # trees whose killed processes count too
         self.start = self._sample()
 
     def _ours(self) -> float:
@@ -256,6 +264,8 @@ class QuietMeter:
                 ours += tree_cpu(root).total_s
             except OSError:
                 pass
+        for sampler in self.samplers:
+            ours += sampler.total()
         return ours
 
     def _sample(self) -> tuple[float, float, float]:

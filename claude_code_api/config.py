@@ -754,6 +754,13 @@ class Settings:
         return self.pool_size if self.agent_reuse_max is None else self.agent_reuse_max
 
     @property
+    def spare_workers(self) -> int:
+        """Workers beyond ``POOL_SIZE``, dormant until needed: with reuse, ``POOL_SIZE`` more
+        (the agents jobs take are replaced as they start) and ``AGENT_REUSE_MAX`` (the
+        agents kept); without, none (each worker replaces its agent after a job)."""
+        return 0 if self.kept_agents_max == 0 else self.pool_size + self.kept_agents_max
+
+    @property
     def kept_agent_s(self) -> float:
         """How long a used one-shot agent is kept: ``AGENT_REUSE_S``, 0 when none may be."""
         return self.agent_reuse_s if self.kept_agents_max > 0 else 0.0

@@ -304,9 +304,9 @@ class Service:
 
             def new_worker_pool() -> Supervisor:
                 # POOL_SIZE workers warm an agent for anyone at once; the spares beyond them
-                # start dormant (no process) and are woken by the dispatcher when agents kept
-                # for their users (at most AGENT_REUSE_MAX) leave the pool short.
-                workers = settings.pool_size + settings.kept_agents_max
+                # start dormant (no process) and are woken by the dispatcher when the pool is
+                # short: a job took an agent, or one was kept for its user (AGENT_REUSE_MAX).
+                workers = settings.pool_size + settings.spare_workers
                 return Supervisor(
                     "workers",
                     [

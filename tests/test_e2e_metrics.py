@@ -52,7 +52,8 @@ async def test_runs_sessions_and_requests_show_in_the_scrape(tmp_path):
                     "busy": 0,
                     "error": 0,
                     "kept": 0,
-                    "dormant": 2,  # the spares for agents kept (AGENT_REUSE_MAX = POOL_SIZE)
+                    # The spares (AGENT_REUSE_S): POOL_SIZE + AGENT_REUSE_MAX (= POOL_SIZE).
+                    "dormant": 4,
                 }
                 assert get(before, "claude_code_api_warmup_seconds_count") >= 2
                 ok = await client.post("/run", headers=JSON, json={"prompt": "hello"})
@@ -108,8 +109,8 @@ async def test_runs_sessions_and_requests_show_in_the_scrape(tmp_path):
             "busy": 0,
             "hibernated": 0,
         }
-        # POOL_SIZE + AGENT_REUSE_MAX, whatever their states.
-        assert sum(by_state(after, "claude_code_api_workers").values()) == 4
+        # 2 x POOL_SIZE + AGENT_REUSE_MAX, whatever their states.
+        assert sum(by_state(after, "claude_code_api_workers").values()) == 6
         assert get(after, "process_resident_memory_bytes") > 0
 
 

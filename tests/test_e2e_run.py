@@ -60,7 +60,8 @@ async def test_readme_curl_examples(service):
                 "starting": 0,
                 "error": 0,
                 "kept": 0,
-                "dormant": 1,  # the spare for an agent kept for its user (AGENT_REUSE_S)
+                # Spares (AGENT_REUSE_S): for the agent a job takes and the one kept.
+                "dormant": 2,
             }
             assert body["queue"] == {"length": 0, "maxSize": 20}
             assert isinstance(body["uptime"], int)
@@ -94,8 +95,8 @@ async def test_readme_curl_examples(service):
             status = (await client.get("/status", headers=AUTH)).json()
             assert await totals(client) == (processed + 2, errors, jobs + 2)
             assert status["queueLength"] == 0 and status["maxQueueSize"] == 20
-            # POOL_SIZE=1 and its spare for an agent kept for its user (AGENT_REUSE_MAX).
-            assert [w["id"] for w in status["workers"]] == ["worker-0", "worker-1"]
+            # POOL_SIZE=1 and its spares (AGENT_REUSE_S): POOL_SIZE + AGENT_REUSE_MAX.
+            assert [w["id"] for w in status["workers"]] == ["worker-0", "worker-1", "worker-2"]
         # the worker keeps its process for the same user's next job; shared_service checks
         # that every agent is closed when the service exits
         assert len(service.fake_pids()) >= 1

@@ -1,8 +1,8 @@
 """The dispatcher and real workers with fake agents, on trio's autojump clock: agents kept
 for their users (``AGENT_REUSE_S``) are extra to the ``POOL_SIZE`` warm ones for anyone.
 
-The service's arrangement: ``pool_size`` workers warm an agent at once, ``kept_max``
-spares start dormant; a fake agent's start takes ``FakeAgents.start_s`` (1 s), a kept
+The service's arrangement: ``pool_size`` workers warm an agent at once, ``pool_size`` +
+``kept_max`` spares start dormant; a fake agent's start takes ``FakeAgents.start_s`` (1 s), a kept
 agent waits ``REUSE_S`` (5 s) for its user. Times are virtual and asserted exactly.
 """
 
@@ -13,6 +13,7 @@ from functools import partial
 from pathlib import Path
 
 import attrs
+import pytest
 import trio
 
 from claude_code_api.actors.dispatcher import Dispatcher
@@ -20,8 +21,17 @@ from claude_code_api.actors.stopping import StopSignal
 from claude_code_api.actors.turn import TurnLimits
 from claude_code_api.actors.worker import WorkerConfig, serve_worker
 from claude_code_api.http.jobs import pool_snapshot
-from claude_code_api.messages import Job, JobStarted, RunResult, Submit
-from tests.fake_agent import FakeAgents
+from claude_code_api.messages import (
+    Job,
+    JobStarted,
+    RunResult,
+    Submit,
+    WorkerDormant,
+    WorkerFailed,
+    WorkerReady,
+    WorkerStarting,
+)
+from tests.fake_agent import FakeAgents, Finish, Wait
 
 LIMIT = 1000
 REUSE_S = 5.0
@@ -68,13 +78,15 @@ async def start_pool(
     reuse_s: float = REUSE_S,
     agents: FakeAgents | None = None,
 ) -> Pool:
-    """A dispatcher and its ``pool_size`` + ``kept_max`` workers, as the supervisor starts them."""
+    """A dispatcher and its workers, as the supervisor starts them: ``pool_size`` warming at
+    once, ``pool_size`` + ``kept_max`` spares dormant (none without reuse)."""
     inbox, inbox_receive = trio.open_memory_channel(0)
     dispatcher = Dispatcher(inbox_receive, pool_size=pool_size, queue_max=20, kept_max=kept_max)
     await nursery.start(dispatcher.serve)
     agents = agents or FakeAgents()
     config = attrs.evolve(CONFIG, reuse_s=reuse_s)
-    for n in range(pool_size + kept_max):
+    spares = pool_size + kept_max if kept_max else 0
+    for n in range(pool_size + spares):
         worker = partial(
             serve_worker, f"w{n}", config, inbox.clone(), agents, Path("/homes"), StopSignal()
         )
@@ -87,14 +99,14 @@ async def start_pool(
 async def test_after_a_kept_one_shot_pool_size_agents_are_ready_for_anyone(autojump_clock, nursery):
     with trio.fail_after(LIMIT):
         pool = await start_pool(nursery, pool_size=2, kept_max=2)
-        assert await pool.states() == {"ready": 2, "dormant": 2}
+        assert await pool.states() == {"ready": 2, "dormant": 4}
         assert len(pool.agents.made) == 2  # no spare warmed at start-up
         alices_worker, waited, alices_agent = await pool.run("alice")
         assert waited == 0
         # Alice's agent is kept for her; a spare warms in its place in the pool.
-        assert await pool.states() == {"ready": 1, "kept": 1, "starting": 1, "dormant": 1}
+        assert await pool.states() == {"ready": 1, "kept": 1, "starting": 1, "dormant": 3}
         await trio.sleep(WARM_S)
-        assert await pool.states() == {"ready": 2, "kept": 1, "dormant": 1}
+        assert await pool.states() == {"ready": 2, "kept": 1, "dormant": 3}
         assert pool.alive() == 3
         # Bob starts at once on an agent that was warm before he asked: no cold start.
         made = len(pool.agents.made)
@@ -121,6 +133,21 @@ async def test_another_users_job_right_after_a_kept_one_takes_the_other_warm_age
         assert waited == 0
         second, waited, _ = await pool.run("bob")
         assert waited == 0 and second != first
+
+
+async def test_the_agent_a_job_takes_is_replaced_while_the_job_runs(autojump_clock, nursery):
+    """POOL_SIZE=1: one job runs at a time, and the next user's agent warms meanwhile."""
+    with trio.fail_after(LIMIT):
+        agents = FakeAgents(script=lambda p: [Wait(5) if "ann" in p else Wait(0), Finish("ok")])
+        pool = await start_pool(nursery, pool_size=1, kept_max=1, agents=agents)
+        nursery.start_soon(pool.run, "ann")
+        await trio.sleep(WARM_S)
+        assert await pool.states() == {"busy": 1, "ready": 1, "dormant": 1}
+        made = len(agents.made)
+        # Bob waits for Ann's job to end (POOL_SIZE one-shots run at once), not for a start.
+        _, waited, agent = await pool.run("bob")
+        assert waited == pytest.approx(5 - WARM_S)
+        assert agent < made  # on the agent warmed while Ann's job ran
 
 
 async def test_a_job_waits_for_an_agent_warming_rather_than_replace_a_kept_one(
@@ -150,7 +177,7 @@ async def test_past_agent_reuse_max_the_oldest_kept_agent_is_retired(autojump_cl
         assert pool.agents.made[kept["ann"]]._closed
         assert not pool.agents.made[kept["ben"]]._closed
         assert not pool.agents.made[kept["cat"]]._closed
-        assert await pool.states() == {"ready": 1, "kept": 2}
+        assert await pool.states() == {"ready": 1, "kept": 2, "dormant": 1}
         assert pool.alive() == 3  # POOL_SIZE + AGENT_REUSE_MAX at most
         _, waited, agent = await pool.run("ben")
         assert (waited, agent) == (0, kept["ben"])
@@ -174,7 +201,7 @@ async def test_the_oldest_kept_agent_makes_room_as_soon_as_another_is_being_kept
         closed_at = [at for at, event in agents.made[alices].log if event == "closed"]
         assert closed_at and closed_at[0] - finished_at < agents.reset_s / 2
         assert not agents.made[bobs]._closed
-        assert await pool.states() == {"ready": 1, "kept": 1}
+        assert await pool.states() == {"ready": 1, "kept": 1, "dormant": 1}
 
 
 async def test_a_kept_agent_whose_time_is_up_leaves_its_worker_dormant(autojump_clock, nursery):
@@ -183,7 +210,7 @@ async def test_a_kept_agent_whose_time_is_up_leaves_its_worker_dormant(autojump_
         await pool.run("alice")
         await trio.sleep(REUSE_S + 1)
         # The pool is full (the spare warmed in its place): nothing warms for it.
-        assert await pool.states() == {"ready": 1, "dormant": 1}
+        assert await pool.states() == {"ready": 1, "dormant": 2}
         assert pool.alive() == 1 and len(pool.agents.made) == 2
 
 
@@ -199,3 +226,30 @@ async def test_with_agent_reuse_s_0_every_job_gets_a_fresh_agent_as_before(autoj
             await trio.sleep(WARM_S)  # its worker replaced its agent
             assert await pool.states() == {"ready": 2}
         assert len(agents) == 3 and len(pool.agents.made) == 5 and pool.alive() == 2
+
+
+async def test_failing_workers_are_not_covered_by_spares_and_the_pool_is_degraded(
+    autojump_clock, nursery
+):
+    """A crash loop is the supervisor's to back off: a spare woken for a failed worker would
+    fail too, as many times over. The spares never tried do not keep the pool from
+    answering 503 at once."""
+    with trio.fail_after(LIMIT):
+        inbox, inbox_receive = trio.open_memory_channel(0)
+        dispatcher = Dispatcher(inbox_receive, pool_size=1, queue_max=20, kept_max=1)
+        await nursery.start(dispatcher.serve)
+        spares = []
+        await inbox.send(WorkerStarting("w0"))
+        for worker_id in ("w1", "w2"):
+            command_send, command_receive = trio.open_memory_channel(1)
+            await inbox.send(WorkerDormant(worker_id, command_send))
+            spares.append(command_receive)
+        await inbox.send(WorkerFailed("w0", "exited with code 4"))
+        snapshot = await pool_snapshot(inbox)
+        assert snapshot.degraded_reason == "exited with code 4"
+        for spare in spares:
+            with pytest.raises(trio.WouldBlock):
+                spare.receive_nowait()
+        await inbox.send(WorkerStarting("w0"))  # restarted by its supervisor, and warm
+        await inbox.send(WorkerReady("w0", trio.open_memory_channel(1)[0]))
+        assert (await pool_snapshot(inbox)).degraded_reason is None

@@ -8,16 +8,18 @@ reserved for it), so a slow client or worker can never stall dispatch.
 * A job starts the moment a worker is warm: a :class:`WorkerReady` or a
   :class:`Submit` each dispatch at once. No polling, and jobs submitted while the
   pool is still warming wait in the queue instead of being forgotten.
-* ``pool_size`` warm agents are for anyone: the dispatcher keeps the workers
-  running a job plus those warm or warming for anyone (*unassigned*) at
-  ``pool_size``, and never runs more than ``pool_size`` jobs at once. With
-  ``AGENT_REUSE_S`` (``kept_max`` set) the service starts ``kept_max`` spare
-  workers, dormant (no process): a worker whose agent is kept for the user it
-  served (``WorkerReady.bound_to``: *kept*) no longer counts as unassigned, so
-  a dormant one is woken (:class:`Warm`) to warm a fresh agent in its place;
-  past ``kept_max`` kept agents the oldest is retired (:class:`Retire`) and its
-  worker goes dormant (:meth:`Dispatcher._balance`). So a kept agent never makes
-  another user wait for a cold start while the pool is idle.
+* ``pool_size`` warm agents are for anyone, and never more than ``pool_size``
+  jobs run at once. With ``AGENT_REUSE_S`` (``kept_max`` set) the service starts
+  ``pool_size`` + ``kept_max`` spare workers, dormant (no process): for the
+  agents running jobs and those kept. The dispatcher keeps
+  ``pool_size`` agents warm or warming for anyone (*unassigned*): when a job takes
+  one, or an agent is kept for the user it served (``WorkerReady.bound_to``:
+  *kept*), a dormant worker is woken (:class:`Warm`) to warm one in its place;
+  past ``kept_max`` kept agents, or when no dormant worker is left to wake, the
+  oldest kept one is retired (:class:`Retire`) and its worker goes dormant
+  (:meth:`Dispatcher._balance`). So a kept agent never makes another user wait
+  for a cold start while the pool is idle. (Without spares, a worker replaces
+  its agent after every job: the original's pool.)
 * A job goes to a kept agent of its own user first, else to an unassigned warm
   one, else waits for one warming; another user's kept agent takes it (its
   worker replaces the agent first) only when no unassigned one is warm or
@@ -199,10 +201,12 @@ class Dispatcher:
         self.queue = JobQueue(queue_max, queue_max_per_user)
         self.workers: dict[str, _WorkerRecord] = {}
         self.pool_size = pool_size
-        # AGENT_REUSE_MAX: kept agents at most, and the spare workers there are for them.
-        # None: no bound and no spares (the collaboration tests' default).
+        # AGENT_REUSE_MAX: kept agents at most. None: no bound and no spares (the
+        # collaboration tests' default); 0: no reuse and no spares. Otherwise there are
+        # pool_size + kept_max spare workers (Settings.spare_workers).
         self.kept_max = kept_max
-        self.expected_workers = pool_size + (kept_max or 0)
+        spares = pool_size + kept_max if kept_max else 0
+        self.expected_workers = pool_size + spares
         self.idle: list[str] = []  # ready and kept worker ids, longest idle first
         self.processed = 0
         self.failed = 0
@@ -251,8 +255,9 @@ class Dispatcher:
         """Everything due by ``now``, then dispatch: after it, no deadline is in the past."""
         self._expire_queued(now)
         self.sessions.hibernate_idle(now)
-        self._balance()
+        self._balance()  # first: a job waits for an agent warming, never replaces a kept one
         self._dispatch()
+        self._balance()  # the agents jobs just took are replaced as they start
         self.sessions.schedule()
         if self.draining:
             self._notify_if_drained()
@@ -428,38 +433,42 @@ class Dispatcher:
             one_shots += 1
 
     def _balance(self) -> None:
-        """Keep ``pool_size`` agents running a job or unassigned, and ``kept_max`` kept at most.
+        """Keep ``pool_size`` agents warm or warming for anyone, and ``kept_max`` kept at most.
 
-        Past ``kept_max`` kept agents (counting those being reset for their user), the
-        oldest (longest idle) is retired; unassigned
-        warm ones beyond ``pool_size`` (after a worker's restart) too; then dormant
-        workers are woken while running + unassigned (warm or warming) is short of
-        ``pool_size``. Only with spares (``kept_max`` set).
+        ``pool_size`` unassigned agents whatever runs: the agent a job takes is replaced
+        as the job starts, so the next user's is warm by the time they ask (a warm-up
+        with the real CLI takes several one-shots' time). Past ``kept_max`` kept agents
+        (counting those being reset for their user) the oldest (longest idle) is retired,
+        and so are unassigned warm ones beyond ``pool_size`` (after a worker's restart).
+        While the pool is short, dormant workers are woken; with none left, the oldest
+        kept agent is retired to make room: an agent for anyone comes before one kept for
+        a user. Only with spares (``kept_max`` set).
         """
         if self.kept_max is None or len(self.workers) < self.expected_workers:
             return  # (at start-up, a spare may report before the pool's workers warming)
-        kept = [w for w in self.idle if self.workers[w].state is WorkerState.KEPT]
-        # Those being reset for their user count already: the oldest makes room at once, so
-        # its worker warms one for anyone while the reset runs, not after it.
+        kept = self._idle_in(WorkerState.KEPT)
+        # Those being reset for their user count already: the oldest makes room at once.
         resetting = sum(
             1 for r in self.workers.values() if r.state is WorkerState.KEPT and r.inbox is None
         )
-        for worker_id in kept[: max(0, len(kept) + resetting - self.kept_max)]:
+        retired = kept[: max(0, len(kept) + resetting - self.kept_max)]
+        ready = self._idle_in(WorkerState.READY)
+        retired += ready[::-1][: max(0, len(ready) + self._warming() - self.pool_size)]
+        for worker_id in retired:
             self._command(worker_id, Retire(), WorkerState.DORMANT)
-        ready = [w for w in self.idle if self.workers[w].state is WorkerState.READY]
-        warming = self._warming()
-        for worker_id in ready[::-1][: max(0, len(ready) + warming - self.pool_size)]:
-            self._command(worker_id, Retire(), WorkerState.DORMANT)
-        short = self.pool_size - self._one_shots_running() - self._unassigned()
-        if short <= 0:
-            return
-        dormant = [
-            worker_id
-            for worker_id, record in sorted(self.workers.items())
-            if record.state is WorkerState.DORMANT and record.inbox is not None
-        ]
-        for worker_id in dormant[:short]:
+        short = self.pool_size - self._unassigned()
+        dormant = [r for r in sorted(self.workers.items()) if r[1].state is WorkerState.DORMANT]
+        wakeable = [worker_id for worker_id, record in dormant if record.inbox is not None]
+        for worker_id in wakeable[: max(0, short)]:
             self._command(worker_id, Warm(), WorkerState.STARTING)
+        # Those going dormant (told to, or done with their agent) are woken when they report.
+        room = short - len(dormant)
+        for worker_id in [w for w in kept if w not in retired][: max(0, room)]:
+            self._command(worker_id, Retire(), WorkerState.DORMANT)
+
+    def _idle_in(self, state: WorkerState) -> list[str]:
+        """Idle workers in ``state`` (READY or KEPT), longest idle first."""
+        return [w for w in self.idle if self.workers[w].state is state]
 
     def _command(self, worker_id: str, command: Warm | Retire, state: WorkerState) -> None:
         """Send an idle or dormant worker its one command; it is in ``state`` from now."""
@@ -500,9 +509,11 @@ class Dispatcher:
         )
 
     def _unassigned(self) -> int:
-        """Agents warm or warming for anyone."""
+        """Agents warm or warming for anyone, and those of failed workers: their supervisor
+        restarts them (a spare woken in their place would only fail too in a crash loop)."""
         ready = sum(1 for w in self.idle if self.workers[w].state is WorkerState.READY)
-        return ready + self._warming()
+        failed = sum(1 for r in self.workers.values() if r.state is WorkerState.ERROR)
+        return ready + self._warming() + failed
 
     def _worker_for(self, user_id: str) -> str | None:
         """The idle worker to run a job of ``user_id``: the longest idle of those whose agent
@@ -593,9 +604,13 @@ class Dispatcher:
     # --- state ------------------------------------------------------------
 
     def degraded_reason(self) -> str | None:
-        """Why no job can run now, or None. Degraded = every worker's last warm-up failed."""
+        """Why no job can run now, or None. Degraded = the last warm-up of every worker
+        that tried one failed (dormant spares that never warmed are not woken for that)."""
         records = list(self.workers.values())
-        if len(records) < self.expected_workers or not all(r.failing for r in records):
+        tried = [r for r in records if r.state is not WorkerState.DORMANT or r.failing]
+        if len(records) < self.expected_workers or not tried:
+            return None
+        if not all(r.failing for r in tried):
             return None
         return self.last_failure or "agent workers failed to start"
 

@@ -179,7 +179,8 @@ class _Worker:
             case None:
                 return Next.STOP
             case Warm():
-                # The pool is short because a job just finished: its reply leaves first.
+                # The pool is short: a job took its agent, or one was kept for its user.
+                # A reply on its way out goes first.
                 await after_the_reply()
                 return Next.WARM
             case Retire():

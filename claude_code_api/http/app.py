@@ -364,7 +364,7 @@ def create_app(
                 return await pool_snapshot(dispatcher)
 
             text = await scrape(
-                snapshot, settings.pool_size + settings.kept_agents_max, store.records
+                snapshot, settings.pool_size + settings.spare_workers, store.records
             )
             return Response(text, content_type=metrics.CONTENT_TYPE)
 

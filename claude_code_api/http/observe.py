@@ -109,8 +109,8 @@ class StateGauges:
 
     * ``queue_length``: one-shot runs waiting for a worker (``/health``'s ``queue.length``);
     * ``workers`` by ``state`` (starting, ready, busy, error, kept, dormant), summing to
-      ``POOL_SIZE`` + ``AGENT_REUSE_MAX`` (``worker_count``): a worker that has not
-      reported yet is ``starting``;
+      ``worker_count`` (``POOL_SIZE`` and its spares: ``Settings.spare_workers``): a
+      worker that has not reported yet is ``starting``;
     * ``sessions`` by ``state``: ``busy`` (running a turn), ``live`` (holding a process
       slot otherwise: starting, idle, stopping), ``hibernated`` (a record and no
       process; those waiting for a slot are among them). Exact but for a moment while
@@ -139,7 +139,7 @@ class StateGauges:
         family = GaugeMetricFamily(
             prefix + "workers",
             "Pool workers by state (starting, ready, busy, error; kept: an agent kept for its"
-            " user; dormant: a spare with no process); they sum to POOL_SIZE + AGENT_REUSE_MAX",
+            " user; dormant: a spare with no process); they sum to POOL_SIZE and its spares",
             labels=["state"],
         )
         for state, count in workers.items():
