@@ -158,8 +158,10 @@ async def measure(
             nursery.start_soon(cpu.run)
             await measure_service(service.url, side, cpu, args, tables, round_no)
             nursery.cancel_scope.cancel()
-        await service.stop()
+        # Before the stop: this process reaps the service then, and counts its tree's CPU
+        # among its children's, which the sampler counted already.
         line, share = meter.report()
+        await service.stop()
         print(f"  round {round_no + 1}, {side}:{line}")
         shares.append(share)
 

@@ -263,33 +263,6 @@ class SdkAgent:
             await self.close(grace=0)
             raise
         self._track_group()
-        if self.spec.ephemeral:
-            await self._prime(timeout)
-
-    async def _prime(self, timeout: float) -> None:
-        """Clear a fresh one-shot agent's conversation once (``/clear``: no model call).
-
-        The CLI does set-up work on its first turn: with the mock API a fresh agent's
-        first one-shot took 0.160 s (p50) and 0.089 s after a ``/clear``
-        (bench/README.md). Done here, it is part of the warm-up, not of a request's
-        time. Not for a session's agent: ``/clear`` would end the conversation it resumes.
-        """
-        try:
-            with trio.fail_after(timeout):
-                primed = await self.run_turn(CLEAR_COMMAND, _ignore)
-            if primed.is_error:
-                raise AgentError(f"agent could not clear its conversation: {primed.text}")
-        except trio.TooSlowError:
-            await self.close(grace=0)
-            raise AgentStartError(
-                f"agent did not answer {CLEAR_COMMAND} within {timeout:g}s"
-            ) from None
-        except AgentError as exc:
-            await self.close(grace=0)
-            raise AgentStartError(str(exc)) from exc
-        except BaseException:
-            await self.close(grace=0)
-            raise
 
     async def _connect(self) -> None:
         """Start the CLI through its launcher and wait for ``initialize``'s answer.
@@ -450,6 +423,10 @@ class SdkAgent:
             return
         self._closed = True
         client, self._client = self._client, None
+        if self.spec.ephemeral:
+            # A one-shot agent keeps nothing to flush (no transcript, its HOME goes): its
+            # graceful exit would only cost ~0.02 s of CPU (bench/README.md).
+            grace = 0
         with trio.CancelScope(shield=True):
             process = self._process(client)
             if process is not None and grace > 0 and process.returncode is None:
