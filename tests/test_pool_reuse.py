@@ -22,8 +22,10 @@ from claude_code_api.actors.turn import TurnLimits
 from claude_code_api.actors.worker import WorkerConfig, serve_worker
 from claude_code_api.http.jobs import pool_snapshot
 from claude_code_api.messages import (
+    DEFAULT_OPTIONS,
     Job,
     JobStarted,
+    RunOptions,
     RunResult,
     Submit,
     WorkerDormant,
@@ -47,14 +49,16 @@ class Pool:
     agents: FakeAgents
     jobs: int = 0
 
-    async def run(self, user_id: str) -> tuple[str, float, int]:
+    async def run(
+        self, user_id: str, options: RunOptions = DEFAULT_OPTIONS
+    ) -> tuple[str, float, int]:
         """Run a job of ``user_id`` (prompt: ``<user>-<n>``, the pool's n-th job): (its worker,
         how long it waited to start, which agent ran it: an index into ``agents.made``)."""
         self.jobs += 1
         prompt = f"{user_id}-{self.jobs}"
         reply_send, reply = trio.open_memory_channel(64)
         now = trio.current_time()
-        job = Job(f"job-{self.jobs}", user_id, prompt, now, now + 60, reply_send)
+        job = Job(f"job-{self.jobs}", user_id, prompt, now, now + 60, reply_send, options=options)
         await self.inbox.send(Submit(job))
         events = [event async for event in reply]
         [started] = [event for event in events if isinstance(event, JobStarted)]
@@ -148,6 +152,19 @@ async def test_the_agent_a_job_takes_is_replaced_while_the_job_runs(autojump_clo
         _, waited, agent = await pool.run("bob")
         assert waited == pytest.approx(5 - WARM_S)
         assert agent < made  # on the agent warmed while Ann's job ran
+
+
+async def test_a_job_on_a_process_of_its_own_leaves_the_warm_agent_in_the_pool(
+    autojump_clock, nursery
+):
+    with trio.fail_after(LIMIT):
+        pool = await start_pool(nursery, pool_size=1, kept_max=1)
+        _, _, own = await pool.run("ann", RunOptions(system_prompt="Answer in French."))
+        assert own == 1  # started for that job (the warm agent is the first)
+        await trio.sleep(WARM_S)
+        assert len(pool.agents.made) == 2  # no spare warmed: the pool's agent was not taken
+        _, waited, agent = await pool.run("ben")
+        assert (waited, agent) == (0, 0)
 
 
 async def test_a_job_waits_for_an_agent_warming_rather_than_replace_a_kept_one(

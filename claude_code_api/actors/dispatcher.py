@@ -513,7 +513,13 @@ class Dispatcher:
         restarts them (a spare woken in their place would only fail too in a crash loop)."""
         ready = sum(1 for w in self.idle if self.workers[w].state is WorkerState.READY)
         failed = sum(1 for r in self.workers.values() if r.state is WorkerState.ERROR)
-        return ready + self._warming() + failed
+        # A job run on a process of its own leaves its worker's warm agent as it was.
+        aside = sum(
+            1
+            for r in self.workers.values()
+            if r.job is not None and r.job.options.needs_own_process and r.bound_to is None
+        )
+        return ready + self._warming() + failed + aside
 
     def _worker_for(self, user_id: str) -> str | None:
         """The idle worker to run a job of ``user_id``: the longest idle of those whose agent
