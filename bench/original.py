@@ -274,13 +274,15 @@ def sides_of(build: OriginalBuild | str) -> list[str]:
     return [OURS, ORIGINAL] if isinstance(build, OriginalBuild) else [OURS]
 
 
-def header_lines(build: OriginalBuild | str) -> list[str]:
-    """What the output says about the original: the commit and versions, or why skipped."""
+def header_lines(build: OriginalBuild | str, agents: str = "the fake CLI") -> list[str]:
+    """What the output says about the original: the commit and versions, or why skipped.
+
+    ``agents``: what its ``CLAUDE_EXECUTABLE`` runs."""
     if isinstance(build, str):
         return [f"  {build}"]
     return [
         f"  original:        {build.describe()}",
         "  launched as:     node node_modules/tsx/dist/cli.mjs server/agent-server.ts "
         "(the image: npx tsx ...), NODE_ENV unset, PORT a free port, agents = "
-        "CLAUDE_EXECUTABLE = the fake CLI",
+        f"CLAUDE_EXECUTABLE = {agents}",
     ]

@@ -28,8 +28,9 @@ exactly ``{"error": str}``) and content. Anything else is an *unexpected* reply.
 Afterwards: ``/health`` must show the pool back to full (4 ready, queue 0) within a
 bound; ``/status`` counters must add up with what the clients saw (no worker stuck
 busy); live fake processes at rest must be exactly the workers' plus the live
-sessions'; during the load at most POOL_SIZE + MAX_LIVE_SESSIONS + POOL_SIZE (one
-retiring process per worker) fakes may live; the fake's turn log must show no prompt
+sessions' (agents kept for their users, AGENT_REUSE_S, are gone by then); during the load
+at most 3 x POOL_SIZE (running, warm for anyone, kept: AGENT_REUSE_MAX) + MAX_LIVE_SESSIONS
++ POOL_SIZE (processes retiring) fakes may live; the fake's turn log must show no prompt
 run twice. Then SIGTERM: the service must exit 0 and leave no fake process alive or
 zombie. RSS (VmRSS) of the service is read after warm-up and after the load.
 
@@ -493,7 +494,8 @@ class SoakReport:
     hwm_after_kib: int | None = None
     max_live_fakes: int = 0
     max_live_fakes_at_s: float = 0.0
-    live_fakes_bound: int = POOL_SIZE + MAX_LIVE_SESSIONS + RETIRING_ALLOWANCE
+    # Running and warm for anyone (2 x POOL_SIZE), kept (AGENT_REUSE_MAX = POOL_SIZE), sessions.
+    live_fakes_bound: int = 3 * POOL_SIZE + MAX_LIVE_SESSIONS + RETIRING_ALLOWANCE
     live_fakes_at_rest: int | None = None
     live_sessions_at_rest: int | None = None
     fake_starts: int = 0
@@ -1228,9 +1230,14 @@ async def _audit(
     checks = [
         (status["queueLength"] == 0, f"queueLength {status['queueLength']}"),
         (status["maxQueueSize"] == QUEUE_MAX, f"maxQueueSize {status['maxQueueSize']}"),
-        (len(status["workers"]) == POOL_SIZE, f"{len(status['workers'])} workers"),
+        # POOL_SIZE for anyone and the spares: POOL_SIZE + AGENT_REUSE_MAX (= POOL_SIZE).
+        (len(status["workers"]) == 3 * POOL_SIZE, f"{len(status['workers'])} workers"),
         (
-            all(w["state"] == "ready" and "busySince" not in w for w in status["workers"]),
+            sum(w["state"] == "ready" for w in status["workers"]) == POOL_SIZE
+            and all(
+                w["state"] in ("ready", "kept", "dormant") and "busySince" not in w
+                for w in status["workers"]
+            ),
             f"a worker is not ready: {status['workers']}",
         ),
         (0 <= errors <= processed, f"totalErrors {errors} vs totalProcessed {processed}"),

@@ -179,6 +179,43 @@ def tree_cpu(root: int) -> TreeCpu:
     return TreeCpu(service, agents, counted)
 
 
+class TreeCpuSampler:
+    """CPU seconds of a process tree, counting processes that die without being reaped
+    by another of the tree (:func:`tree_cpu` loses them: a sandboxed agent killed with
+    its PID namespace is reaped by no one it could be credited to).
+
+    :meth:`run` samples every live process of the tree each ``interval`` s and keeps
+    each one's (pid and start time) own CPU; :meth:`total` is their sum, reaped
+    children's figures ignored, so a tick is counted once. What a process uses in its
+    last ``interval`` before it dies, or in a life shorter than that, is missed.
+    """
+
+    def __init__(self, root: int, interval: float = 0.05) -> None:
+        self.root = root
+        self.interval = interval
+        self.seen: dict[tuple[int, str], float] = {}
+
+    def total(self) -> float:
+        """Sample now; the CPU seconds of every process of the tree seen so far."""
+        for pid in process_tree(self.root):
+            try:
+                fields = _stat_fields(pid)
+            except OSError:
+                continue
+            own = (int(fields[11]) + int(fields[12])) / CLK_TCK
+            key = (pid, fields[19])  # field 22, starttime: a reused pid is another process
+            self.seen[key] = max(own, self.seen.get(key, 0.0))
+        return sum(self.seen.values())
+
+    async def run(self) -> None:
+        """Sample until cancelled."""
+        import trio
+
+        while True:
+            self.total()
+            await trio.sleep(self.interval)
+
+
 def tree_service_rss_kib(root: int) -> int:
     """VmRSS of the live processes of ``root``'s tree that are not agents, in KiB
     (a sum: pages shared between them count once per process)."""
@@ -198,13 +235,21 @@ class QuietMeter:
 
     Ours are this process, its reaped children and, given its pid, the service with
     its reaped agents; given ``trees``, every process of those trees (services
-    compared side by side, with their live agents); everything else busy on the
-    machine meanwhile counts as others.
+    compared side by side, with their live agents); given ``samplers``, every process
+    they saw (sandboxed agents too, which ``trees`` loses when they are killed);
+    everything else busy on the machine meanwhile counts as others.
     """
 
-    def __init__(self, service_pid: int | None = None, *, trees: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        service_pid: int | None = None,
+        *,
+        trees: Sequence[int] = (),
+        samplers: Sequence[TreeCpuSampler] = (),
+    ) -> None:
         self.service_pid = service_pid
         self.trees = tuple(trees)
+        self.samplers = tuple(samplers)  # trees whose killed processes count too
         self.start = self._sample()
 
     def _ours(self) -> float:
@@ -219,6 +264,8 @@ class QuietMeter:
                 ours += tree_cpu(root).total_s
             except OSError:
                 pass
+        for sampler in self.samplers:
+            ours += sampler.total()
         return ours
 
     def _sample(self) -> tuple[float, float, float]:

@@ -508,6 +508,16 @@ class Settings:
         " (cleared and its files removed first; never for another user); `0`: every"
         " request gets a fresh agent",
     )
+    # None: POOL_SIZE (see kept_agents_max).
+    agent_reuse_max: int | None = setting(
+        "AGENT_REUSE_MAX",
+        OrUnset(Whole(0, 256)),
+        "",
+        "agents kept for their users' next one-shot (`AGENT_REUSE_S`) at most, beyond the"
+        " `POOL_SIZE` warm ones kept ready for anyone (each a process of ~190 MiB); past"
+        " it the longest unused is retired; `0`: none is kept",
+        shown_default="`POOL_SIZE`",
+    )
     model: str = setting(
         "CLAUDE_MODEL",
         Text("a model name"),
@@ -846,6 +856,30 @@ class Settings:
         if self.max_running_per_user is not None:
             return self.max_running_per_user
         return max(1, max(self.pool_size, self.max_live_sessions) - 1)
+
+    @property
+    def kept_agents_max(self) -> int:
+        """``AGENT_REUSE_MAX``, or by default ``POOL_SIZE``; 0 when ``AGENT_REUSE_S`` is 0.
+
+        ``POOL_SIZE`` by default: as many users' agents as a pool of that size kept
+        before kept agents were extra, so one user's figures stay; it costs as much
+        memory again as the pool's warm agents (~190 MiB each), no more.
+        """
+        if self.agent_reuse_s <= 0:
+            return 0
+        return self.pool_size if self.agent_reuse_max is None else self.agent_reuse_max
+
+    @property
+    def spare_workers(self) -> int:
+        """Workers beyond ``POOL_SIZE``, dormant until needed: with reuse, ``POOL_SIZE`` more
+        (the agents jobs take are replaced as they start) and ``AGENT_REUSE_MAX`` (the
+        agents kept); without, none (each worker replaces its agent after a job)."""
+        return 0 if self.kept_agents_max == 0 else self.pool_size + self.kept_agents_max
+
+    @property
+    def kept_agent_s(self) -> float:
+        """How long a used one-shot agent is kept: ``AGENT_REUSE_S``, 0 when none may be."""
+        return self.agent_reuse_s if self.kept_agents_max > 0 else 0.0
 
     @property
     def default_timeout_ms(self) -> int:

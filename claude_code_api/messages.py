@@ -12,10 +12,11 @@ channels, who owns each end, and who closes it:
   (``Worker*``), the session supervisor (:class:`SessionsReset`,
   :class:`SessionStopped`) and session actors (:class:`SessionStarted`,
   :class:`SessionIdle`).
-* **worker job inbox** (``MemorySendChannel[Job]``, buffer 1): made by a worker
-  for each :class:`WorkerReady`; the worker owns and closes the receive end, the
-  dispatcher closes the send end after handing over one job (or when the worker
-  is gone).
+* **worker command inbox** (``MemorySendChannel[WorkerCommand]``, buffer 1): made
+  by a worker for each :class:`WorkerReady` and :class:`WorkerDormant`; the worker
+  owns and closes the receive end, the dispatcher closes the send end after sending
+  one command (a :class:`Job`, :class:`Warm` or :class:`Retire`), or when the worker
+  is gone.
 * **session starts** (``MemorySendChannel[StartSession]``): tree-owned like the
   dispatcher inbox; the dispatcher sends, the session supervisor reads.
 * **session inbox** (``MemorySendChannel[SessionCommand]``): made by a session
@@ -394,17 +395,48 @@ class WorkerStarting:
 
 
 @attrs.frozen
+class Warm:
+    """Dispatcher -> dormant worker: start an agent for anyone (the pool is short of one)."""
+
+
+@attrs.frozen
+class Retire:
+    """Dispatcher -> idle worker: close the agent and go dormant (hold no process).
+
+    Sent to the oldest kept agent past ``AGENT_REUSE_MAX``, and to a warm
+    unassigned agent beyond ``POOL_SIZE`` of them.
+    """
+
+
+# What the dispatcher sends on a worker's one-command inbox.
+WorkerCommand = Job | Warm | Retire
+
+
+@attrs.frozen
 class WorkerReady:
-    """A worker's agent is warm. Send it one :class:`Job` on ``inbox``.
+    """A worker's agent is warm. Send it one command on ``inbox``: a :class:`Job`, or
+    :class:`Retire`.
 
     ``bound_to``: the user whose last request this agent served, kept for their
     next one (``AGENT_REUSE_S``); it takes another user's job only after
-    replacing its agent. None: a fresh agent that has served nobody.
+    replacing its agent. None: a fresh agent that has served nobody (unassigned).
     """
 
     worker_id: str
-    inbox: trio.MemorySendChannel[Job] = attrs.field(repr=False)
+    inbox: trio.MemorySendChannel[WorkerCommand] = attrs.field(repr=False)
     bound_to: str | None = None
+
+
+@attrs.frozen
+class WorkerDormant:
+    """A worker holds no agent process. Send it :class:`Warm` on ``inbox`` to start one.
+
+    Workers beyond ``POOL_SIZE`` start so; a kept agent that is retired or whose
+    ``AGENT_REUSE_S`` ran out leaves its worker so.
+    """
+
+    worker_id: str
+    inbox: trio.MemorySendChannel[WorkerCommand] = attrs.field(repr=False)
 
 
 @attrs.frozen
@@ -426,10 +458,12 @@ class WorkerFailed:
 
 
 class WorkerState(enum.StrEnum):
-    STARTING = "starting"
-    READY = "ready"
+    STARTING = "starting"  # warming an agent for anyone
+    READY = "ready"  # a warm agent for anyone (unassigned)
     BUSY = "busy"
     ERROR = "error"
+    KEPT = "kept"  # a warm agent kept for the user it served last (AGENT_REUSE_S)
+    DORMANT = "dormant"  # no process: a spare worker, woken when the pool is short
 
 
 class SessionState(enum.StrEnum):
@@ -622,6 +656,7 @@ DispatcherMessage = (
     | WorkerReady
     | WorkerFinished
     | WorkerFailed
+    | WorkerDormant
     | StatusRequest
     | Drain
     | SessionStarted

@@ -289,6 +289,7 @@ class Service:
                 view=self.pool_view,
                 max_running_per_user=settings.running_per_user_max,
                 refusal_for=partial(budget_refusal, ledger),
+                kept_max=settings.kept_agents_max,
             )
             await dispatcher.serve(task_status=task_status)
 
@@ -298,7 +299,7 @@ class Service:
             settings.max_sessions_per_user,
             ceiling=OptionCeiling.of(settings),
         )
-        worker_config = WorkerConfig(settings.warmup_timeout_s, turn, settings.agent_reuse_s)
+        worker_config = WorkerConfig(settings.warmup_timeout_s, turn, settings.kept_agent_s)
 
         def agent_side(new_agent: AgentFactory) -> list[ChildSpec]:
             """The session supervisor and the worker pool, once agents can be made."""
@@ -333,7 +334,7 @@ class Service:
             # (also one kept for its user's next job, which waits the same way).
             new_worker_agent = retired_when_stale(new_agent, self.credentials_version)
 
-            def worker_spec(worker_id: str) -> ChildSpec:
+            def worker_spec(worker_id: str, *, dormant: bool) -> ChildSpec:
                 homes = settings.data_dir / "workers" / worker_id
                 stop = _CurrentStop()
 
@@ -345,6 +346,7 @@ class Service:
                         new_worker_agent,
                         homes,
                         stop.fresh(),
+                        dormant=dormant,
                         task_status=task_status,
                     )
 
@@ -353,9 +355,16 @@ class Service:
                 )
 
             def new_worker_pool() -> Supervisor:
+                # POOL_SIZE workers warm an agent for anyone at once; the spares beyond them
+                # start dormant (no process) and are woken by the dispatcher when the pool is
+                # short: a job took an agent, or one was kept for its user (AGENT_REUSE_MAX).
+                workers = settings.pool_size + settings.spare_workers
                 return Supervisor(
                     "workers",
-                    [worker_spec(f"worker-{n}") for n in range(settings.pool_size)],
+                    [
+                        worker_spec(f"worker-{n}", dormant=n >= settings.pool_size)
+                        for n in range(workers)
+                    ],
                     intensity=INTENSITY,
                     period=PERIOD_S,
                     backoff=Backoff(

@@ -51,6 +51,9 @@ async def test_runs_sessions_and_requests_show_in_the_scrape(tmp_path):
                     "ready": 2,
                     "busy": 0,
                     "error": 0,
+                    "kept": 0,
+                    # The spares (AGENT_REUSE_S): POOL_SIZE + AGENT_REUSE_MAX (= POOL_SIZE).
+                    "dormant": 4,
                 }
                 assert get(before, "claude_code_api_warmup_seconds_count") >= 2
                 ok = await client.post("/run", headers=JSON, json={"prompt": "hello"})
@@ -106,7 +109,8 @@ async def test_runs_sessions_and_requests_show_in_the_scrape(tmp_path):
             "busy": 0,
             "hibernated": 0,
         }
-        assert sum(by_state(after, "claude_code_api_workers").values()) == 2
+        # 2 x POOL_SIZE + AGENT_REUSE_MAX, whatever their states.
+        assert sum(by_state(after, "claude_code_api_workers").values()) == 6
         assert get(after, "process_resident_memory_bytes") > 0
 
 

@@ -21,9 +21,14 @@ from tests.test_e2e_user_claude import AS_ALICE, AS_BOB, AS_CAROL, KEYS, memory_
 def shared(tmp_path_factory):
     """One worker keeping agents for a minute; the tests use users of their own (what one
     test's requests leave in the worker is another user's to the next test)."""
-    env = {**KEYS, "POOL_SIZE": "1", "AGENT_REUSE_S": "60"}
+    keys = KEYS["API_KEYS"] + ",dave:sk-dave-key,erin:sk-erin-key"
+    env = {"API_KEYS": keys, "POOL_SIZE": "1", "AGENT_REUSE_S": "60"}
     with shared_service(tmp_path_factory.mktemp("reuse"), env=env) as service:
         yield service
+
+
+AS_DAVE = {"x-api-key": "sk-dave-key"}
+AS_ERIN = {"x-api-key": "sk-erin-key"}
 
 
 @pytest.fixture
@@ -87,3 +92,19 @@ async def test_another_users_request_never_runs_on_an_agent_that_served_someone(
             assert "note.txt" not in bobs_files and carols_home not in bobs_files
             # And Carol's next request does not get Bob's (nor her retired one).
             assert await pid_of(client, AS_CAROL) not in (carols, bobs)
+
+
+async def test_an_agent_kept_for_a_user_leaves_one_warm_for_the_next_user(service):
+    """POOL_SIZE=1: Dave's agent is kept for him (AGENT_REUSE_MAX, by default POOL_SIZE),
+    and a spare warms an agent for anyone meanwhile: Erin, coming while the service is
+    idle, is served by a process that was warm before she asked (no cold start)."""
+    with trio.fail_after(60):
+        await wait_healthy(service, ready=1)
+        async with service.client() as client:
+            daves = await pid_of(client, AS_DAVE)
+            # The service is idle: an agent for anyone is ready besides Dave's.
+            workers = (await wait_healthy(service, ready=1))["workers"]
+            assert (workers["total"], workers["kept"]) == (1, 1)
+            warm_before = set(service.live_fake_pids())
+            erins = await pid_of(client, AS_ERIN)
+            assert erins != daves and erins in warm_before

@@ -42,9 +42,10 @@ async def service(shared):
 
 
 async def totals(client: httpx.AsyncClient) -> tuple[int, int, int]:
-    """(totalProcessed, totalErrors, the one worker's jobs): a test counts differences."""
+    """(totalProcessed, totalErrors, the workers' jobs): a test counts differences."""
     status = (await client.get("/status", headers=AUTH)).json()
-    return status["totalProcessed"], status["totalErrors"], status["workers"][0]["jobs"]
+    jobs = sum(worker["jobs"] for worker in status["workers"])
+    return status["totalProcessed"], status["totalErrors"], jobs
 
 
 async def test_readme_curl_examples(service):
@@ -62,6 +63,9 @@ async def test_readme_curl_examples(service):
                 "busy": 0,
                 "starting": 0,
                 "error": 0,
+                "kept": 0,
+                # Spares (AGENT_REUSE_S): for the agent a job takes and the one kept.
+                "dormant": 2,
             }
             assert body["queue"] == {"length": 0, "maxSize": 20}
             assert isinstance(body["uptime"], int)
@@ -95,7 +99,8 @@ async def test_readme_curl_examples(service):
             status = (await client.get("/status", headers=AUTH)).json()
             assert await totals(client) == (processed + 2, errors, jobs + 2)
             assert status["queueLength"] == 0 and status["maxQueueSize"] == 20
-            assert [w["id"] for w in status["workers"]] == ["worker-0"]
+            # POOL_SIZE=1 and its spares (AGENT_REUSE_S): POOL_SIZE + AGENT_REUSE_MAX.
+            assert [w["id"] for w in status["workers"]] == ["worker-0", "worker-1", "worker-2"]
         # the worker keeps its process for the same user's next job; shared_service checks
         # that every agent is closed when the service exits
         assert len(service.fake_pids()) >= 1

@@ -364,13 +364,20 @@ def gauges(collector: StateGauges) -> dict[tuple[str, str], float]:
     return found
 
 
-def test_workers_sum_to_the_pool_size_counting_unreported_ones_as_starting():
-    snapshot = snapshot_with([WorkerState.READY, WorkerState.BUSY, WorkerState.ERROR], (), 3)
-    found = gauges(StateGauges(snapshot, pool_size=5, records=0))
+def test_workers_sum_to_the_worker_count_counting_unreported_ones_as_starting():
+    worker_states = [
+        WorkerState.READY,
+        WorkerState.BUSY,
+        WorkerState.ERROR,
+        WorkerState.KEPT,
+        WorkerState.DORMANT,
+    ]
+    snapshot = snapshot_with(worker_states, (), 3)
+    found = gauges(StateGauges(snapshot, worker_count=7, records=0))
     assert found["queue", ""] == 3
     workers = {state: n for (kind, state), n in found.items() if kind == "workers"}
-    assert workers == {"starting": 2, "ready": 1, "busy": 1, "error": 1}
-    assert sum(workers.values()) == 5
+    assert workers == {"starting": 2, "ready": 1, "busy": 1, "error": 1, "kept": 1, "dormant": 1}
+    assert sum(workers.values()) == 7
 
 
 def test_sessions_are_live_busy_or_hibernated_records():
@@ -381,14 +388,14 @@ def test_sessions_are_live_busy_or_hibernated_records():
         SessionState.BUSY,
         SessionState.WAITING,  # holds no process: among the hibernated
     ]
-    found = gauges(StateGauges(snapshot_with((), states), pool_size=1, records=10))
+    found = gauges(StateGauges(snapshot_with((), states), worker_count=1, records=10))
     sessions = {state: n for (kind, state), n in found.items() if kind == "sessions"}
     assert sessions == {"live": 3, "busy": 1, "hibernated": 6}
     # Records not counted yet: no hibernated figure rather than a wrong one.
-    found = gauges(StateGauges(snapshot_with((), states), pool_size=1, records=None))
+    found = gauges(StateGauges(snapshot_with((), states), worker_count=1, records=None))
     assert ("sessions", "hibernated") not in found
     # No snapshot (the dispatcher is restarting): no gauges at all.
-    assert gauges(StateGauges(None, pool_size=1, records=3)) == {}
+    assert gauges(StateGauges(None, worker_count=1, records=3)) == {}
 
 
 # --- HTTP: routes, never raw paths --------------------------------------------------------------

@@ -16,6 +16,8 @@ from claude_code_api.messages import (
     JobStarted,
     RunResult,
     SessionIdle,
+    Warm,
+    WorkerDormant,
     WorkerFinished,
     WorkerReady,
     WorkerStarting,
@@ -202,8 +204,13 @@ async def test_an_agent_kept_for_its_user_is_replaced_when_the_credentials_chang
         assert (await messages.receive()).bound_to == job.user_id  # kept
         await trio.sleep(10)
         version.bump()
-        await ready(messages)  # a fresh agent, long before the 60 s are up
+        # Retired long before the 60 s are up: the worker goes dormant (the dispatcher
+        # wakes it when the pool is short), then warms a fresh agent.
+        dormant = await messages.receive()
+        assert isinstance(dormant, WorkerDormant)
         assert trio.current_time() < 20
+        dormant.inbox.send_nowait(Warm())
+        await ready(messages)
         first, second = agents.made
         assert first.events == ["start", "turn hello", "reset", "closed"]
         assert second.events == ["start"]

@@ -7,6 +7,7 @@ hands jobs to the one-job inbox the worker offers.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import attrs
@@ -23,9 +24,12 @@ from claude_code_api.messages import (
     Job,
     JobFailed,
     JobStarted,
+    Retire,
     RunOptions,
     RunResult,
     UpstreamError,
+    Warm,
+    WorkerDormant,
     WorkerFailed,
     WorkerFinished,
     WorkerReady,
@@ -160,6 +164,14 @@ async def start_reusing_worker(
     return receive
 
 
+async def woken(messages: trio.MemoryReceiveChannel) -> trio.MemorySendChannel[Job]:
+    """The worker went dormant: play the dispatcher waking it; the fresh agent's inbox."""
+    dormant = await messages.receive()
+    assert isinstance(dormant, WorkerDormant)
+    dormant.inbox.send_nowait(Warm())
+    return await ready(messages)
+
+
 async def finish(job: Job, reply: trio.MemoryReceiveChannel, messages) -> object:
     """Read ``job``'s reply to its end and the worker's WorkerFinished; the terminal event."""
     events = [event async for event in reply]
@@ -265,8 +277,9 @@ async def test_a_kept_agent_that_exits_before_its_next_offer_is_replaced_at_once
         exited_at = trio.current_time()
         offer = await messages.receive()  # offered as it was kept, then withdrawn at once:
         assert isinstance(offer, WorkerReady) and offer.bound_to == "alice"
-        assert await messages.receive() == WorkerStarting("w")  # replaced
-        # At once (the reset's end), not when the kept agent's time would be up.
+        # Dormant at once (the reset's end), not when the kept agent's time would be up:
+        # the dispatcher wakes it when the pool is short.
+        await woken(messages)
         assert trio.current_time() - exited_at < REUSE.reuse_s / 2
 
 
@@ -280,9 +293,11 @@ async def test_a_kept_agent_is_retired_when_its_time_is_up(autojump_clock, nurse
         await finish(job, reply, messages)
         assert (await messages.receive()).bound_to == "alice"
         kept_at = trio.current_time()
-        assert await messages.receive() == WorkerStarting("w")
+        dormant = await messages.receive()  # when its time is up: no process
+        assert isinstance(dormant, WorkerDormant)
         assert trio.current_time() - kept_at == REUSE.reuse_s
-        assert (await messages.receive()).bound_to is None
+        dormant.inbox.send_nowait(Warm())
+        await ready(messages)  # woken (the pool was short): a fresh agent
         assert agents.made[0].events[-1] == "closed" and agents.made[1].events == ["start"]
 
 
@@ -306,8 +321,10 @@ async def test_an_agent_is_retired_instead_of_kept(autojump_clock, nursery, case
         inbox.send_nowait(job)
         [event async for event in reply]
         assert (await messages.receive()).job_id == "j1"
-        assert await messages.receive() == WorkerStarting("w")
-        assert (await messages.receive()).bound_to is None
+        if case == "reuse off":  # replaced at once, as the original does
+            await ready(messages)
+        else:  # dormant: the dispatcher wakes it if the pool is short
+            await woken(messages)
         assert agents.made[0].events[-1] == "closed" and len(agents.made) == 2
 
 
@@ -322,8 +339,9 @@ async def test_an_agent_serves_at_most_max_reuses_requests(autojump_clock, nurse
             offer.inbox.send_nowait(job)
             await finish(job, reply, messages)
             offer = await messages.receive()
-        assert offer == WorkerStarting("w")
-        assert (await messages.receive()).bound_to is None
+        assert isinstance(offer, WorkerDormant)
+        offer.inbox.send_nowait(Warm())
+        await ready(messages)
         assert agents.made[0].events.count("reset") == 2 and len(agents.made) == 2
 
 
@@ -342,3 +360,36 @@ async def test_retiring_and_warming_wait_for_the_reply_to_leave(autojump_clock, 
             assert not agents.made[0]._closed
         await ready(messages)
         assert agents.made[0]._closed
+
+
+# --- dormant spares (AGENT_REUSE_MAX) -------------------------------------------------
+
+
+async def test_a_dormant_worker_holds_no_process_until_told_to_warm(autojump_clock, nursery):
+    with trio.fail_after(LIMIT):
+        agents = FakeAgents()
+        send, messages = trio.open_memory_channel(0)
+        nursery.start_soon(
+            partial(
+                serve_worker, "w", REUSE, send, agents, Path("/homes"), StopSignal(), dormant=True
+            )
+        )
+        dormant = await messages.receive()
+        assert isinstance(dormant, WorkerDormant)
+        await trio.sleep(100)
+        assert agents.made == []
+        dormant.inbox.send_nowait(Warm())
+        inbox = await ready(messages)
+        job, reply = user_job("alice", "j1")
+        inbox.send_nowait(job)
+        assert isinstance(await finish(job, reply, messages), RunResult)
+
+
+async def test_a_retired_kept_agent_is_closed_and_its_worker_goes_dormant(autojump_clock, nursery):
+    with trio.fail_after(LIMIT):
+        agents = FakeAgents()
+        messages, offer = await kept_for_alice(nursery, agents)
+        offer.inbox.send_nowait(Retire())
+        assert isinstance(await messages.receive(), WorkerDormant)
+        await trio.sleep(1)
+        assert agents.made[0].events[-1] == "closed" and len(agents.made) == 1

@@ -8,9 +8,22 @@ reserved for it), so a slow client or worker can never stall dispatch.
 * A job starts the moment a worker is warm: a :class:`WorkerReady` or a
   :class:`Submit` each dispatch at once. No polling, and jobs submitted while the
   pool is still warming wait in the queue instead of being forgotten.
-* A worker whose agent is kept for one user (``WorkerReady.bound_to``) gets that
-  user's jobs first; other users' jobs go to fresh workers first, and to a kept
-  one only when no other is idle (it then replaces its agent before the job).
+* ``pool_size`` warm agents are for anyone, and never more than ``pool_size``
+  jobs run at once. With ``AGENT_REUSE_S`` (``kept_max`` set) the service starts
+  ``pool_size`` + ``kept_max`` spare workers, dormant (no process): for the
+  agents running jobs and those kept. The dispatcher keeps
+  ``pool_size`` agents warm or warming for anyone (*unassigned*): when a job takes
+  one, or an agent is kept for the user it served (``WorkerReady.bound_to``:
+  *kept*), a dormant worker is woken (:class:`Warm`) to warm one in its place;
+  past ``kept_max`` kept agents, or when no dormant worker is left to wake, the
+  oldest kept one is retired (:class:`Retire`) and its worker goes dormant
+  (:meth:`Dispatcher._balance`). So a kept agent never makes another user wait
+  for a cold start while the pool is idle. (Without spares, a worker replaces
+  its agent after every job: the original's pool.)
+* A job goes to a kept agent of its own user first, else to an unassigned warm
+  one, else waits for one warming; another user's kept agent takes it (its
+  worker replaces the agent first) only when no unassigned one is warm or
+  warming (every other worker failed or is busy).
 * Each job's deadline covers its wait here: an overdue queued job is answered
   ``timed_out`` by the dispatcher; once running, its worker enforces the rest.
 * The queue is fair between users (round-robin between their lines, FIFO within
@@ -48,6 +61,7 @@ import trio
 
 from .. import metrics
 from ..messages import (
+    DEFAULT_OPTIONS,
     CancelRun,
     CloseSession,
     DispatcherMessage,
@@ -56,6 +70,7 @@ from ..messages import (
     JobFailed,
     PoolSnapshot,
     Queued,
+    Retire,
     RunResult,
     RunState,
     RunView,
@@ -69,7 +84,10 @@ from ..messages import (
     Submit,
     UpstreamError,
     UserMemoryChanged,
+    Warm,
     Withdraw,
+    WorkerCommand,
+    WorkerDormant,
     WorkerFailed,
     WorkerFinished,
     WorkerReady,
@@ -102,7 +120,8 @@ class _WorkerRecord:
     last_error: str | None = None
     # Its latest warm-up attempt failed and it has not been ready since.
     failing: bool = False
-    inbox: trio.MemorySendChannel[Job] | None = None
+    # Where its one command goes: offered with WorkerReady or WorkerDormant.
+    inbox: trio.MemorySendChannel[WorkerCommand] | None = None
     job: Job | None = None  # the job handed to it and not finished yet
     bound_to: str | None = None  # its ready agent served this user last (WorkerReady)
 
@@ -161,6 +180,7 @@ class Dispatcher:
         view: PoolView | None = None,
         max_running_per_user: int | None = None,
         refusal_for: Callable[[str], JobFailed | None] | None = None,
+        kept_max: int | None = None,
     ):
         self.inbox = inbox
         # A user's new work refused before it queues (their daily budget spent: usage.py).
@@ -183,8 +203,14 @@ class Dispatcher:
         )
         self.queue = JobQueue(queue_max, queue_max_per_user)
         self.workers: dict[str, _WorkerRecord] = {}
-        self.expected_workers = pool_size
-        self.idle: list[str] = []  # ready worker ids, longest idle first
+        self.pool_size = pool_size
+        # AGENT_REUSE_MAX: kept agents at most. None: no bound and no spares (the
+        # collaboration tests' default); 0: no reuse and no spares. Otherwise there are
+        # pool_size + kept_max spare workers (Settings.spare_workers).
+        self.kept_max = kept_max
+        spares = pool_size + kept_max if kept_max else 0
+        self.expected_workers = pool_size + spares
+        self.idle: list[str] = []  # ready and kept worker ids, longest idle first
         self.processed = 0
         self.failed = 0
         self.last_failure: str | None = None  # the newest warm-up failure of any worker
@@ -232,7 +258,9 @@ class Dispatcher:
         """Everything due by ``now``, then dispatch: after it, no deadline is in the past."""
         self._expire_queued(now)
         self.sessions.hibernate_idle(now)
+        self._balance()  # first: a job waits for an agent warming, never replaces a kept one
         self._dispatch()
+        self._balance()  # the agents jobs just took are replaced as they start
         self.sessions.schedule()
         if self.draining:
             self._notify_if_drained()
@@ -262,8 +290,8 @@ class Dispatcher:
             case WorkerReady(worker_id, inbox, bound_to):
                 record = self._record(worker_id)
                 self._drop_offer(record)
-                record.state, record.failing, record.inbox = WorkerState.READY, False, inbox
-                record.bound_to = bound_to
+                record.state = WorkerState.READY if bound_to is None else WorkerState.KEPT
+                record.failing, record.inbox, record.bound_to = False, inbox, bound_to
                 record.busy_since = record.job = None
                 self.ever_ready = True
                 self._forget_idle(worker_id)
@@ -271,7 +299,14 @@ class Dispatcher:
             case WorkerFinished(worker_id, _job_id, ok, upstream_error):
                 self._count_turn(ok, upstream_error)
                 record = self._record(worker_id)
-                record.state, record.busy_since, record.job = WorkerState.STARTING, None, None
+                record.state, record.bound_to = self._after_job(record.job, ok)
+                record.busy_since = record.job = None
+            case WorkerDormant(worker_id, inbox):
+                record = self._record(worker_id)
+                self._drop_offer(record)
+                record.state, record.inbox, record.bound_to = WorkerState.DORMANT, inbox, None
+                record.busy_since = record.job = None
+                self._forget_idle(worker_id)
             case WorkerFailed(worker_id, reason):
                 record = self._record(worker_id)
                 self._drop_offer(record)
@@ -331,7 +366,7 @@ class Dispatcher:
                 _acknowledge(job, self.sessions.turns_ahead(job))
         elif self.degraded_reason() is not None:
             job.answer(self._unavailable())
-        elif self.idle and self._may_run(job.user_id):  # it starts at once
+        elif self._starts_at_once(job.user_id):
             self.queue.push(job)
             _acknowledge(job, 0)
         elif self.queue.full:
@@ -373,16 +408,18 @@ class Dispatcher:
         if not (self.idle and len(self.queue)):  # the usual case: nothing to do
             return
         cap = self.max_running_per_user
-        running = self.running_counts() if cap is not None else None
+        running = self.running_counts()
 
         def may_run(user_id: str) -> bool:
-            return running is None or cap is None or running[user_id] < cap
+            return (cap is None or running[user_id] < cap) and self._worker_for(user_id) is not None
 
-        while self.idle and len(self.queue):
+        one_shots = self._one_shots_running()
+        while self.idle and len(self.queue) and one_shots < self.pool_size:
             job = self.queue.pop_next(may_run)
-            if job is None:  # every user waiting runs all they may already
+            if job is None:  # every user waiting runs all they may already, or waits for an agent
                 break
-            worker_id = self._worker_for(job)
+            worker_id = self._worker_for(job.user_id)
+            assert worker_id is not None
             self.idle.remove(worker_id)
             record = self.workers[worker_id]
             inbox, record.inbox = record.inbox, None
@@ -398,8 +435,128 @@ class Dispatcher:
                 inbox.close()  # one job per offer
             record.state, record.busy_since, record.job = WorkerState.BUSY, time.time(), job
             record.jobs += 1
-            if running is not None:
-                running[job.user_id] += 1
+            running[job.user_id] += 1
+            one_shots += 1
+
+    def _balance(self) -> None:
+        """Keep ``pool_size`` agents warm or warming for anyone, and ``kept_max`` kept at most.
+
+        ``pool_size`` unassigned agents whatever runs: the agent a job takes is replaced
+        as the job starts, so the next user's is warm by the time they ask (a warm-up
+        with the real CLI takes several one-shots' time). Past ``kept_max`` kept agents
+        (counting those being reset for their user) the oldest (longest idle) is retired,
+        and so are unassigned warm ones beyond ``pool_size`` (after a worker's restart).
+        While the pool is short, dormant workers are woken; with none left, the oldest
+        kept agent is retired to make room: an agent for anyone comes before one kept for
+        a user. Only with spares (``kept_max`` set).
+        """
+        if self.kept_max is None or len(self.workers) < self.expected_workers:
+            return  # (at start-up, a spare may report before the pool's workers warming)
+        kept = self._idle_in(WorkerState.KEPT)
+        # Those being reset for their user count already: the oldest makes room at once.
+        resetting = sum(
+            1 for r in self.workers.values() if r.state is WorkerState.KEPT and r.inbox is None
+        )
+        retired = kept[: max(0, len(kept) + resetting - self.kept_max)]
+        ready = self._idle_in(WorkerState.READY)
+        retired += ready[::-1][: max(0, len(ready) + self._warming() - self.pool_size)]
+        for worker_id in retired:
+            self._command(worker_id, Retire(), WorkerState.DORMANT)
+        short = self.pool_size - self._unassigned()
+        dormant = [r for r in sorted(self.workers.items()) if r[1].state is WorkerState.DORMANT]
+        wakeable = [worker_id for worker_id, record in dormant if record.inbox is not None]
+        for worker_id in wakeable[: max(0, short)]:
+            self._command(worker_id, Warm(), WorkerState.STARTING)
+        # Those going dormant (told to, or done with their agent) are woken when they report.
+        room = short - len(dormant)
+        for worker_id in [w for w in kept if w not in retired][: max(0, room)]:
+            self._command(worker_id, Retire(), WorkerState.DORMANT)
+
+    def _idle_in(self, state: WorkerState) -> list[str]:
+        """Idle workers in ``state`` (READY or KEPT), longest idle first."""
+        return [w for w in self.idle if self.workers[w].state is state]
+
+    def _command(self, worker_id: str, command: Warm | Retire, state: WorkerState) -> None:
+        """Send an idle or dormant worker its one command; it is in ``state`` from now."""
+        record = self.workers[worker_id]
+        self._forget_idle(worker_id)
+        inbox, record.inbox = record.inbox, None
+        assert inbox is not None
+        try:
+            inbox.send_nowait(command)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+            state = WorkerState.STARTING  # it died: its supervisor restarts it, and it reports
+        finally:
+            inbox.close()
+        record.state = state
+
+    def _after_job(self, job: Job | None, ok: bool) -> tuple[WorkerState, str | None]:
+        """What a worker that finished ``job`` is until it reports, and for whom.
+
+        With spares, its agent is no longer unassigned: after a job that went well and
+        changed nothing on the agent, it is being reset for that job's user (``KEPT``,
+        not offered yet: that user's next job waits for it rather than take an
+        unassigned agent); else it is going dormant. Without spares, or after a job
+        that ran on a process of its own, it warms or is offered again as it was.
+        """
+        if self.kept_max is None or job is None or job.options.needs_own_process:
+            return WorkerState.STARTING, None
+        if ok and job.options == DEFAULT_OPTIONS:
+            return WorkerState.KEPT, job.user_id
+        return WorkerState.DORMANT, None
+
+    def _one_shots_running(self) -> int:
+        return sum(1 for r in self.workers.values() if r.job is not None)
+
+    def _warming(self) -> int:
+        """Workers warming an agent for anyone (no job carried)."""
+        return sum(
+            1 for r in self.workers.values() if r.state is WorkerState.STARTING and r.job is None
+        )
+
+    def _unassigned(self) -> int:
+        """Agents warm or warming for anyone, and those of failed workers: their supervisor
+        restarts them (a spare woken in their place would only fail too in a crash loop)."""
+        ready = sum(1 for w in self.idle if self.workers[w].state is WorkerState.READY)
+        failed = sum(1 for r in self.workers.values() if r.state is WorkerState.ERROR)
+        # A job run on a process of its own leaves its worker's warm agent as it was.
+        aside = sum(
+            1
+            for r in self.workers.values()
+            if r.job is not None and r.job.options.needs_own_process and r.bound_to is None
+        )
+        return ready + self._warming() + failed + aside
+
+    def _worker_for(self, user_id: str) -> str | None:
+        """The idle worker to run a job of ``user_id``: the longest idle of those whose agent
+        is kept for that user, else of the unassigned ones; else, unless one is warming, the
+        longest idle agent kept for another user (replaced first: an agent never serves two
+        users); None: the job waits."""
+        for wanted in (user_id, None):
+            if wanted is None and self._being_kept_for(user_id):
+                return None  # it is offered in a moment: a reset, not a warm-up
+            for worker_id in self.idle:
+                if self.workers[worker_id].bound_to == wanted:
+                    return worker_id
+        if not self.idle or self._warming():
+            return None
+        return self.idle[0]
+
+    def _being_kept_for(self, user_id: str) -> bool:
+        """A worker that just ran a job of ``user_id`` is resetting its agent for them."""
+        return any(
+            r.state is WorkerState.KEPT and r.inbox is None and r.bound_to == user_id
+            for r in self.workers.values()
+        )
+
+    def _starts_at_once(self, user_id: str) -> bool:
+        """A job of ``user_id`` submitted now starts at once."""
+        cap = self.max_running_per_user
+        return (
+            (cap is None or self.running_counts()[user_id] < cap)
+            and self._one_shots_running() < self.pool_size
+            and self._worker_for(user_id) is not None
+        )
 
     def _jobs_running(self) -> Counter[str]:
         """How many one-shot jobs each user has on a worker now."""
@@ -411,22 +568,6 @@ class Dispatcher:
         running = self._jobs_running()
         running.update(self.sessions.running_counts())
         return running
-
-    def _may_run(self, user_id: str) -> bool:
-        """``user_id`` runs less than ``max_running_per_user`` now."""
-        cap = self.max_running_per_user
-        return cap is None or self.running_counts()[user_id] < cap
-
-    def _worker_for(self, job: Job) -> str:
-        """The idle worker to run ``job``: the longest idle of those whose agent serves its
-        user already, else of the fresh ones, else of those kept for other users (which
-        replaces its agent first: an agent never serves two users).
-        """
-        for wanted in (job.user_id, None):
-            for worker_id in self.idle:
-                if self.workers[worker_id].bound_to == wanted:
-                    return worker_id
-        return self.idle[0]
 
     def _start_session(self, message: StartSession) -> bool:
         """Ask the session supervisor for an actor; False when its channel is full.
@@ -475,9 +616,13 @@ class Dispatcher:
     # --- state ------------------------------------------------------------
 
     def degraded_reason(self) -> str | None:
-        """Why no job can run now, or None. Degraded = every worker's last warm-up failed."""
+        """Why no job can run now, or None. Degraded = the last warm-up of every worker
+        that tried one failed (dormant spares that never warmed are not woken for that)."""
         records = list(self.workers.values())
-        if len(records) < self.expected_workers or not all(r.failing for r in records):
+        tried = [r for r in records if r.state is not WorkerState.DORMANT or r.failing]
+        if len(records) < self.expected_workers or not tried:
+            return None
+        if not all(r.failing for r in tried):
             return None
         return self.last_failure or "agent workers failed to start"
 

@@ -17,9 +17,19 @@ one; if that job's deadline passes or it is cancelled while the fresh agent
 warms, it is answered then and the warm-up starts over for whoever comes next.
 When the time is up, after :data:`MAX_REUSES` requests, or after a job that
 failed, timed out, was cancelled or switched the agent's model or permission
-mode, the agent is retired as without reuse. The user's CLAUDE.md
-comes with every one-shot prompt (``Job.memory``), so a kept agent uses the
-current one.
+mode, the agent is retired. The user's CLAUDE.md comes with every one-shot
+prompt (``Job.memory``), so a kept agent uses the current one.
+
+With reuse, kept agents are extra to the pool: the service starts spare workers
+*dormant* (``serve_worker(dormant=True)``: no process, :class:`WorkerDormant`),
+and the dispatcher wakes one (:class:`Warm`) to warm an agent for anyone in the
+place of each agent kept, or retires a kept agent (:class:`Retire`). So a worker
+whose agent served a user and is done — retired, its time up, not kept — goes
+dormant rather than warm a fresh one: the dispatcher decides whether the pool
+needs one. Without reuse a worker replaces its agent after every job at once.
+The phases — :meth:`_Worker._sleep` (dormant), :meth:`_Worker._warm`,
+:meth:`_Worker._serve` (offered, running jobs) — each return what comes next
+(:class:`Next`).
 
 A job whose options are process arguments (a system prompt, tools, turn or
 budget limits: :attr:`RunOptions.needs_own_process`) runs on an agent started for
@@ -28,8 +38,9 @@ job that only names a model or permission mode runs on the warm agent, switched
 by control requests before its prompt (no new process).
 
 Channels: it sends on its own clone of the dispatcher's inbox (and closes it
-when it ends); it owns the receive end of the one-job inbox it offers in each
-:class:`WorkerReady`; while running a job it owns ``job.reply`` and answers it.
+when it ends); it owns the receive end of the one-command inbox it offers in each
+:class:`WorkerReady` and :class:`WorkerDormant`; while running a job it owns
+``job.reply`` and answers it.
 
 Error handling: a warm-up that fails or times out (including a directory that
 cannot be created) is reported to the dispatcher as :class:`WorkerFailed` — so
@@ -44,12 +55,15 @@ the replacement.
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 from pathlib import Path
+from typing import assert_never
 
 import attrs
 import trio
@@ -60,6 +74,10 @@ from ..messages import (
     DispatcherMessage,
     Job,
     JobFailed,
+    Retire,
+    Warm,
+    WorkerCommand,
+    WorkerDormant,
     WorkerFailed,
     WorkerFinished,
     WorkerReady,
@@ -85,6 +103,14 @@ class WorkerConfig:
     reuse_s: float = 0.0
 
 
+class Next(enum.Enum):
+    """What a worker does next: each phase of its life returns one."""
+
+    WARM = "warm"  # start a fresh agent (for anyone, or for the carried job)
+    SLEEP = "sleep"  # hold no process until the dispatcher says Warm (dormant)
+    STOP = "stop"  # stopped, or its warm-up failed
+
+
 async def serve_worker(
     worker_id: str,
     config: WorkerConfig,
@@ -93,122 +119,219 @@ async def serve_worker(
     homes: Path,
     stop: StopSignal,
     *,
+    dormant: bool = False,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run worker ``worker_id`` until cancelled or ``stop`` is requested.
 
-    A stop request interrupts a running job (it is still answered) or ends the
-    wait for one. ``dispatcher`` is this worker's own clone: it is closed here.
+    It starts by warming an agent, or ``dormant`` (a spare beyond ``POOL_SIZE``: no
+    process until the dispatcher wakes it). A stop request interrupts a running
+    job (it is still answered) or ends the wait for one. ``dispatcher`` is this
+    worker's own clone: it is closed here.
     """
     task_status.started()
     async with dispatcher, trio.open_nursery() as retiring:
-        failure = await _work(worker_id, config, dispatcher, new_agent, homes, stop, retiring)
-    if failure is not None:  # raised out here, so not wrapped in the nursery's group
-        raise failure
+        worker = _Worker(worker_id, config, dispatcher, new_agent, homes, stop, retiring)
+        await worker.run(Next.SLEEP if dormant else Next.WARM)
+    if worker.failure is not None:  # raised out here, so not wrapped in the nursery's group
+        raise worker.failure
 
 
-async def _work(
-    worker_id: str,
-    config: WorkerConfig,
-    dispatcher: trio.MemorySendChannel[DispatcherMessage],
-    new_agent: AgentFactory,
-    homes: Path,
-    stop: StopSignal,
-    retiring: trio.Nursery,
-) -> AgentStartError | None:
-    """The worker's loop; returns the warm-up failure that ends it, if one does."""
+@attrs.define
+class _Worker:
+    """One worker's phases: :meth:`_sleep` (dormant), :meth:`_warm`, :meth:`_serve`."""
+
+    worker_id: str
+    config: WorkerConfig
+    dispatcher: trio.MemorySendChannel[DispatcherMessage]
+    new_agent: AgentFactory
+    homes: Path
+    stop: StopSignal
+    retiring: trio.Nursery  # where used agents close while the worker goes on
     # A job handed over that the agent at hand must not run (it died while idle, or it
     # served another user): it runs on the next agent, still this worker's job for the
     # dispatcher (so no WorkerStarting for it).
     carried: Job | None = None
-    while not stop.requested:
+    failure: AgentStartError | None = None  # the warm-up failure that ended it
+
+    async def run(self, first: Next) -> None:
+        step = first
+        try:
+            while not self.stop.requested:
+                match step:
+                    case Next.SLEEP:
+                        step = await self._sleep()
+                    case Next.WARM:
+                        step = await self._warm_and_serve()
+                    case Next.STOP:
+                        break
+                    case _:
+                        assert_never(step)
+        finally:
+            if self.carried is not None:
+                self.carried.answer(SHUTTING_DOWN)
+                self.carried = None
+
+    async def _sleep(self) -> Next:
+        """Dormant: no process; wait for the dispatcher's word."""
+        command = await _offer(partial(WorkerDormant, self.worker_id), self.dispatcher, self.stop)
+        match command:
+            case None:
+                return Next.STOP
+            case Warm():
+                # The pool is short: a job took its agent, or one was kept for its user.
+                # A reply on its way out goes first.
+                await after_the_reply()
+                return Next.WARM
+            case Retire():
+                return Next.SLEEP
+            case Job():  # a dispatcher with no agent for it: warm one for this job
+                self.carried = command
+                return Next.WARM
+            case _:
+                assert_never(command)
+
+    async def _warm_and_serve(self) -> Next:
+        warm = await self._warm()
+        if warm is None:
+            return Next.STOP if self.failure is not None else Next.WARM
+        agent, home = warm
+        try:
+            step = await self._serve(agent, home)
+        except BaseException:
+            await agent.close(grace=0)
+            raise
+        # Retire the used process in the background so the next one warms meanwhile.
+        self.retiring.start_soon(agent.close)
+        return step
+
+    async def _warm(self) -> tuple[Agent, Path] | None:
+        """Start a fresh agent; None when stopped, failed (:attr:`failure`), or when the
+        carried job ended while it warmed (it is answered then)."""
+        carried = self.carried
         if carried is None:
-            await dispatcher.send(WorkerStarting(worker_id))
-        spec = AgentSpec(name=worker_id, home=homes / uuid.uuid4().hex[:12], ephemeral=True)
-        agent = new_agent(spec)
+            await self.dispatcher.send(WorkerStarting(self.worker_id))
+        spec = AgentSpec(
+            name=self.worker_id, home=self.homes / uuid.uuid4().hex[:12], ephemeral=True
+        )
+        agent = self.new_agent(spec)
         # A carried job's deadline and cancellation (DELETE, a departed client) cut the
         # warm-up it waits for: it is answered then, not when the agent is warm.
         start_scope = trio.CancelScope(deadline=math.inf if carried is None else carried.deadline)
         try:
-            with _cut_by(carried, start_scope), stop.guard(start_scope), start_scope:
-                await agent.start(config.warmup_timeout_s)
+            with _cut_by(carried, start_scope), self.stop.guard(start_scope), start_scope:
+                await agent.start(self.config.warmup_timeout_s)
         except AgentStartError as exc:
             if carried is not None:  # answered first: the send below may be cancelled
+                self.carried = None
                 carried.answer(JobFailed(502, str(exc)))
-            await dispatcher.send(WorkerFailed(worker_id, str(exc)))
-            return exc
-        except BaseException:  # cancelled from outside while warming: nobody else answers it
-            if carried is not None:
-                carried.answer(SHUTTING_DOWN)
-            raise
-        if stop.requested:  # stopped while warming up
+            await self.dispatcher.send(WorkerFailed(self.worker_id, str(exc)))
+            self.failure = exc
+            return None
+        if self.stop.requested:  # stopped while warming up
             await agent.close(grace=0)
-            break
+            return None
         if start_scope.cancelled_caught:  # the carried job ended while its agent warmed
             assert carried is not None
-            ended, carried = carried, None
-            ended.answer(outcome_before_start(ended).terminal)
-            retiring.start_soon(agent.close)
-            await dispatcher.send(WorkerFinished(worker_id, ended.id, False, None))
-            continue  # and warm another, for whoever comes next
+            self.carried = None
+            carried.answer(outcome_before_start(carried).terminal)
+            self.retiring.start_soon(agent.close)
+            await self.dispatcher.send(WorkerFinished(self.worker_id, carried.id, False, None))
+            return None  # and warm another, for whoever comes next
+        return agent, spec.home
+
+    async def _serve(self, agent: Agent, home: Path) -> Next:
+        """Offer the warm ``agent`` and run the jobs it is given, until it must go."""
         binding: Binding | None = None  # whom the agent serves, once it has served anyone
-        try:
-            while True:
-                job, carried = carried, None
-                if job is None:
-                    job = await _offer(worker_id, dispatcher, stop, agent.wait_exited, binding)
-                if job is not None and agent.exited:
-                    log.warning("%s: agent exited while idle; starting another", worker_id)
-                    carried = job
-                elif job is not None and binding is not None and not binding.may_run(job):
-                    # Never across users: another user's job gets a fresh agent.
-                    carried = job
-                if job is None or carried is not None:
-                    break
-                taken_at = trio.current_time()
-                if job.options.needs_own_process:
-                    # Options that are process arguments: a process of its own for this
-                    # job; the warm one stays unused and is offered again, as it was.
-                    outcome = await _run_on_own_agent(
-                        worker_id, config, job, new_agent, homes, stop, retiring, taken_at
-                    )
-                else:
-                    turn_scope = trio.CancelScope()
-                    with stop.guard(turn_scope):
-                        outcome = await run_turn(
-                            agent,
-                            job,
-                            worker_id=worker_id,
-                            limits=config.turn,
-                            turn_scope=turn_scope,
-                            taken_at=taken_at,
-                            model=job.options.model,
-                            permission_mode=job.options.permission_mode,
-                            home=spec.home,
-                        )
-                job.answer(outcome.terminal)
-                await dispatcher.send(
-                    WorkerFinished(worker_id, job.id, outcome.ok, outcome.upstream_error)
+        while True:
+            job, self.carried = self.carried, None
+            if job is None:
+                command = await _offer(
+                    partial(WorkerReady, self.worker_id, bound_to=_user_of(binding)),
+                    self.dispatcher,
+                    self.stop,
+                    agent.wait_exited,
+                    math.inf if binding is None else binding.until,
                 )
-                if stop.requested:
-                    break
-                if job.options.needs_own_process:
-                    continue
-                # What follows (a reset, or a retirement and a warm-up) waits for the reply.
-                await after_the_reply()
-                binding = await _keep_for_user(worker_id, config, agent, job, outcome, binding)
-                if binding is None:
-                    break
-        except BaseException:
-            await agent.close(grace=0)
-            if carried is not None:
-                carried.answer(SHUTTING_DOWN)
-            raise
-        # Retire the used process in the background so the next one warms meanwhile.
-        retiring.start_soon(agent.close)
-    if carried is not None:
-        carried.answer(SHUTTING_DOWN)
-    return None
+                match command:
+                    case None:  # stopped, its user's time is up, or the agent exited
+                        if agent.exited:
+                            log.warning("%s: idle agent exited", self.worker_id)
+                        return self._after_use() if binding is not None else Next.WARM
+                    case Retire():
+                        return Next.SLEEP
+                    case Warm():  # warm already
+                        continue
+                    case Job():
+                        job = command
+                    case _:
+                        assert_never(command)
+            if agent.exited:
+                log.warning("%s: agent exited while idle; starting another", self.worker_id)
+                self.carried = job
+                return Next.WARM
+            if binding is not None and not binding.may_run(job):
+                # Never across users: another user's job gets a fresh agent.
+                self.carried = job
+                return Next.WARM
+            outcome = await self._run(agent, home, job)
+            if self.stop.requested:
+                return Next.STOP
+            if job.options.needs_own_process:
+                continue  # the warm agent did not run it: offered again as it was
+            # What follows (a reset, or a retirement and a warm-up) waits for the reply.
+            await after_the_reply()
+            kept = await _keep_for_user(self.worker_id, self.config, agent, job, outcome, binding)
+            if kept is None:
+                return self._after_use()
+            binding = kept
+
+    def _after_use(self) -> Next:
+        """What follows an agent that served someone and is done: without reuse, a fresh
+        one for the pool (as the original); with it, dormant — an agent that served a user
+        took no unassigned one's place (that was refilled when it was taken or kept), and the
+        dispatcher wakes a spare when the pool is short."""
+        return Next.SLEEP if self.config.reuse_s > 0 else Next.WARM
+
+    async def _run(self, agent: Agent, home: Path, job: Job) -> TurnOutcome:
+        """Run ``job`` (on ``agent``, or on a process of its own), answer it, report it."""
+        taken_at = trio.current_time()
+        if job.options.needs_own_process:
+            # Options that are process arguments: a process of its own for this
+            # job; the warm one stays unused and is offered again, as it was.
+            outcome = await _run_on_own_agent(
+                self.worker_id,
+                self.config,
+                job,
+                self.new_agent,
+                self.homes,
+                self.stop,
+                self.retiring,
+                taken_at,
+            )
+        else:
+            turn_scope = trio.CancelScope()
+            with self.stop.guard(turn_scope):
+                outcome = await run_turn(
+                    agent,
+                    job,
+                    worker_id=self.worker_id,
+                    limits=self.config.turn,
+                    turn_scope=turn_scope,
+                    taken_at=taken_at,
+                    model=job.options.model,
+                    permission_mode=job.options.permission_mode,
+                    home=home,
+                )
+        job.answer(outcome.terminal)
+        await self.dispatcher.send(
+            WorkerFinished(self.worker_id, job.id, outcome.ok, outcome.upstream_error)
+        )
+        return outcome
+
+
+def _user_of(binding: Binding | None) -> str | None:
+    return None if binding is None else binding.user_id
 
 
 @attrs.frozen
@@ -328,45 +451,47 @@ async def after_the_reply() -> None:
 
 
 async def _offer(
-    worker_id: str,
+    offer: Callable[[trio.MemorySendChannel[WorkerCommand]], DispatcherMessage],
     dispatcher: trio.MemorySendChannel[DispatcherMessage],
     stop: StopSignal,
-    agent_exited: Callable[[], Awaitable[None]],
-    binding: Binding | None = None,
-) -> Job | None:
-    """Tell the dispatcher this worker is ready and wait for its one job.
+    agent_exited: Callable[[], Awaitable[None]] | None = None,
+    until: float = math.inf,
+) -> WorkerCommand | None:
+    """Send the dispatcher ``offer(inbox)`` and wait for its one command on ``inbox``.
 
-    Returns None when stopped, when a ``binding``'s time is up with no job, or
-    when the idle agent's process exited and no job had been handed over; the
-    caller checks ``agent.exited``.
+    Returns None when stopped, at ``until`` with no command, or when the idle
+    agent's process exited (``agent_exited`` returned) with none; the caller
+    checks ``agent.exited``.
     """
-    # Buffer 1: the dispatcher hands over exactly one job without waiting.
-    job_send, job_receive = trio.open_memory_channel[Job](1)
-    async with job_receive:
-        bound_to = None if binding is None else binding.user_id
-        await dispatcher.send(WorkerReady(worker_id, job_send, bound_to))
-        job = None
+    # Buffer 1: the dispatcher sends exactly one command without waiting.
+    command_send, command_receive = trio.open_memory_channel[WorkerCommand](1)
+    async with command_receive:
+        await dispatcher.send(offer(command_send))
+        command = None
         # A task per offer, not one for the agent's life: waiting for the exit of an
         # agent is also what retires it when its credentials are stale (RetiredWhenStale),
         # which must happen while it is idle only.
         async with trio.open_nursery() as nursery:
 
             async def end_wait_if_agent_exits() -> None:
+                assert agent_exited is not None
                 await agent_exited()
                 nursery.cancel_scope.cancel()
 
-            nursery.start_soon(end_wait_if_agent_exits)
-            with stop.guard(), trio.move_on_at(math.inf if binding is None else binding.until):
-                job = await job_receive.receive()
+            if agent_exited is not None:
+                nursery.start_soon(end_wait_if_agent_exits)
+            with stop.guard(), trio.move_on_at(until):
+                command = await command_receive.receive()
             nursery.cancel_scope.cancel()
-        if job is not None:
-            return job
-        # A job handed over at the very moment the wait ended must not be lost.
+        if command is not None:
+            return command
+        # A command sent at the very moment the wait ended must not be lost.
         try:
-            job = job_receive.receive_nowait()
+            command = command_receive.receive_nowait()
         except (trio.WouldBlock, trio.EndOfChannel):
             return None
         if stop.requested:
-            job.answer(SHUTTING_DOWN)
+            if isinstance(command, Job):
+                command.answer(SHUTTING_DOWN)
             return None
-        return job
+        return command

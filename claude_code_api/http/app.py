@@ -40,6 +40,7 @@ from ..messages import (
     SessionKey,
     SessionState,
     UpstreamError,
+    WorkerState,
 )
 from ..model_proxy import ModelProxy, UpstreamRefusal
 from ..usage import UsageLedger
@@ -117,9 +118,13 @@ class StoreStatus:
 def health_body(
     snapshot: PoolSnapshot, uptime_ms: int, store_failure: str | None = None
 ) -> tuple[dict[str, Any], int]:
-    counts = {"total": len(snapshot.workers), "ready": 0, "busy": 0, "starting": 0, "error": 0}
+    # total: the workers for anyone (the original's fields); agents kept for their users
+    # (AGENT_REUSE_S) and spare workers with no process are counted beside them.
+    counts = {"total": 0, "ready": 0, "busy": 0, "starting": 0, "error": 0, "kept": 0, "dormant": 0}
     for worker in snapshot.workers:
         counts[worker.state.value] += 1
+        if worker.state not in (WorkerState.KEPT, WorkerState.DORMANT):
+            counts["total"] += 1
     reason = snapshot.degraded_reason
     if store_failure is not None:
         reason = f"session store unavailable: {store_failure}"
@@ -410,7 +415,9 @@ def create_app(
             async def snapshot() -> PoolSnapshot:
                 return await pool_snapshot(dispatcher)
 
-            text = await scrape(snapshot, settings.pool_size, store.records, usage)
+            text = await scrape(
+                snapshot, settings.pool_size + settings.spare_workers, store.records, usage
+            )
             return Response(text, content_type=metrics.CONTENT_TYPE)
 
     spec = openapi_spec(settings)

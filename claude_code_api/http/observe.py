@@ -110,17 +110,18 @@ class StateGauges:
     """The gauges of one scrape, computed from what the dispatcher and registry report.
 
     * ``queue_length``: one-shot runs waiting for a worker (``/health``'s ``queue.length``);
-    * ``workers`` by ``state`` (starting, ready, busy, error), summing to ``POOL_SIZE``:
-      a worker that has not reported yet is ``starting``;
+    * ``workers`` by ``state`` (starting, ready, busy, error, kept, dormant), summing to
+      ``worker_count`` (``POOL_SIZE`` and its spares: ``Settings.spare_workers``): a
+      worker that has not reported yet is ``starting``;
     * ``sessions`` by ``state``: ``busy`` (running a turn), ``live`` (holding a process
       slot otherwise: starting, idle, stopping), ``hibernated`` (a record and no
       process; those waiting for a slot are among them). Exact but for a moment while
       a new session's record is being created.
     """
 
-    def __init__(self, snapshot: PoolSnapshot | None, pool_size: int, records: int | None):
+    def __init__(self, snapshot: PoolSnapshot | None, worker_count: int, records: int | None):
         self.snapshot = snapshot
-        self.pool_size = pool_size
+        self.worker_count = worker_count
         self.records = records
 
     def collect(self) -> Iterable[Metric]:
@@ -136,10 +137,11 @@ class StateGauges:
         workers = {state.value: 0 for state in WorkerState}
         for worker in snapshot.workers:
             workers[worker.state.value] += 1
-        workers[WorkerState.STARTING.value] += max(0, self.pool_size - len(snapshot.workers))
+        workers[WorkerState.STARTING.value] += max(0, self.worker_count - len(snapshot.workers))
         family = GaugeMetricFamily(
             prefix + "workers",
-            "Pool workers by state (starting, ready, busy, error); they sum to POOL_SIZE",
+            "Pool workers by state (starting, ready, busy, error; kept: an agent kept for its"
+            " user; dormant: a spare with no process); they sum to POOL_SIZE and its spares",
             labels=["state"],
         )
         for state, count in workers.items():
@@ -183,7 +185,7 @@ class BudgetGauges:
 
 async def scrape(
     snapshot: Callable[[], Awaitable[PoolSnapshot]],
-    pool_size: int,
+    worker_count: int,
     records: int | None,
     usage: UsageLedger | None = None,
 ) -> bytes:
@@ -191,5 +193,5 @@ async def scrape(
     seen: PoolSnapshot | None = None
     with trio.move_on_after(SNAPSHOT_TIMEOUT_S):
         seen = await snapshot()
-    gauges: list[Collector] = [StateGauges(seen, pool_size, records), BudgetGauges(usage)]
+    gauges: list[Collector] = [StateGauges(seen, worker_count, records), BudgetGauges(usage)]
     return await trio.to_thread.run_sync(metrics.render, gauges)

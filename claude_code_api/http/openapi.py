@@ -394,7 +394,18 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
             {
                 "status": {"enum": ["starting", "ok", "degraded", "stopping"]},
                 "workers": _object(
-                    {name: count for name in ("total", "ready", "busy", "starting", "error")}
+                    {
+                        name: count
+                        for name in (
+                            "total",
+                            "ready",
+                            "busy",
+                            "starting",
+                            "error",
+                            "kept",
+                            "dormant",
+                        )
+                    }
                 ),
                 "queue": _object({"length": count, "maxSize": count}),
                 "uptime": {**count, "description": "milliseconds since start"},
@@ -404,7 +415,7 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
         "Worker": _object(
             {
                 "id": {"type": "string"},
-                "state": {"enum": ["starting", "ready", "busy", "error"]},
+                "state": {"enum": ["starting", "ready", "busy", "error", "kept", "dormant"]},
                 "jobs": count,
             },
             {"busySince": millis, "lastError": {"type": "string"}},
