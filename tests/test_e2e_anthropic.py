@@ -14,14 +14,11 @@ import httpx
 import pytest
 import trio
 
-from .harness import for_one_test, run_service, shared_service, wait_healthy, wait_until
+from .compat_clients import ALICE, MODEL, USERS, assert_the_left_stream_ended, turns
+from .compat_clients import anthropic_client as client_for
+from .harness import for_one_test, run_service, shared_service, wait_healthy
 from .images import GIF, b64, png
 from .test_e2e_stream import wait_runs
-
-MODEL = "claude-sonnet-4-6"
-ALICE_KEY = "key-alice"
-ALICE = {"x-api-key": ALICE_KEY}
-USERS = f"alice:{ALICE_KEY},bob:key-bob"
 
 
 @pytest.fixture(scope="module")
@@ -34,18 +31,6 @@ def shared(tmp_path_factory):
 @pytest.fixture
 async def service(shared):
     return await for_one_test(shared)
-
-
-def client_for(service, key: str = ALICE_KEY, **kwargs) -> anthropic.AsyncAnthropic:
-    http = httpx.AsyncClient(verify=False, timeout=60)
-    return anthropic.AsyncAnthropic(
-        base_url=service.url, api_key=key, max_retries=0, http_client=http, **kwargs
-    )
-
-
-def turns(service) -> list[dict]:
-    lines = service.fake_log.read_text().splitlines()
-    return [record for record in map(json.loads, lines) if record.get("event") == "turn"]
 
 
 def user(content) -> dict:
@@ -252,12 +237,4 @@ async def test_a_client_that_leaves_a_stream_cancels_the_run(service):
                 async for event in stream:
                     if event.type == "content_block_delta":
                         break  # and leave
-        async with service.client() as plain:
-            await wait_runs(plain, ALICE, [])
-        await wait_healthy(service, ready=1)
-
-        async def logged() -> bool:
-            return "turn cut short (client gone); agent idle" in service.log_text()
-
-        await wait_until(logged)
-        assert "messages stream" in service.log_text()
+        await assert_the_left_stream_ended(service, "messages stream")

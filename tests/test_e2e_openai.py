@@ -17,22 +17,20 @@ import openai
 import pytest
 import trio
 
-from .harness import (
-    for_one_test,
-    run_service,
-    shared_service,
-    wait_health_status,
-    wait_healthy,
-    wait_until,
+from .compat_clients import (
+    ALICE,
+    MODEL,
+    USERS,
+    anthropic_client,
+    assert_the_left_stream_ended,
+    turns,
 )
+from .compat_clients import openai_client as client_for
+from .harness import for_one_test, run_service, shared_service, wait_health_status, wait_healthy
 from .images import JPEG, data_url, png
 from .test_e2e_stream import wait_runs
 
-MODEL = "claude-sonnet-4-6"
 OTHER_MODEL = "claude-opus-4-1"
-ALICE_KEY, BOB_KEY = "key-alice", "key-bob"
-ALICE = {"x-api-key": ALICE_KEY}
-USERS = f"alice:{ALICE_KEY},bob:{BOB_KEY}"
 
 
 @pytest.fixture(scope="module")
@@ -50,19 +48,6 @@ def shared(tmp_path_factory):
 @pytest.fixture
 async def service(shared):
     return await for_one_test(shared)
-
-
-def client_for(service, key: str = ALICE_KEY, **kwargs) -> openai.AsyncOpenAI:
-    http = httpx.AsyncClient(verify=False, timeout=60)
-    return openai.AsyncOpenAI(
-        base_url=service.url + "/v1", api_key=key, max_retries=0, http_client=http, **kwargs
-    )
-
-
-def turns(service) -> list[dict]:
-    """What the fake CLI logged of each turn so far (prompt, images...)."""
-    lines = service.fake_log.read_text().splitlines()
-    return [record for record in map(json.loads, lines) if record.get("event") == "turn"]
 
 
 def user(text: str) -> dict:
@@ -346,15 +331,7 @@ async def test_a_client_that_leaves_a_stream_cancels_the_run(service):
                     if chunk.choices and chunk.choices[0].delta.content:
                         break  # and leave
             await stream.close()
-        async with service.client() as plain:
-            await wait_runs(plain, ALICE, [])
-        await wait_healthy(service, ready=1)
-
-        async def logged() -> bool:
-            return "turn cut short (client gone); agent idle" in service.log_text()
-
-        await wait_until(logged)
-        assert "chat stream" in service.log_text()
+        await assert_the_left_stream_ended(service, "chat stream")
 
 
 async def test_no_agent_to_run_is_503_in_each_clients_shape(tmp_path):
@@ -369,10 +346,7 @@ async def test_no_agent_to_run_is_503_in_each_clients_shape(tmp_path):
                 assert refused.value.status_code == 503
                 assert refused.value.body["type"] == "server_error"
                 assert "no agent workers available" in refused.value.message
-            http = httpx.AsyncClient(verify=False, timeout=60)
-            async with anthropic.AsyncAnthropic(
-                base_url=service.url, api_key=ALICE_KEY, max_retries=0, http_client=http
-            ) as claude:
+            async with anthropic_client(service) as claude:
                 with pytest.raises(anthropic.APIStatusError) as refused:
                     await claude.messages.create(model=MODEL, max_tokens=5, messages=[user("hi")])
                 assert refused.value.status_code == 503

@@ -21,40 +21,38 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from collections.abc import Awaitable, Callable
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import attrs
-import trio
-from quart import Blueprint, Response, request
+from quart import Blueprint, Response
 
-from ..messages import AssistantText, DispatcherMessage, Job, JobFailed, ReplyEvent, RunResult
+from ..messages import Job, JobFailed, RunResult
 from .compat import (
-    SESSION_HEADER,
+    CompatRuns,
+    Dialect,
     Limits,
     Message,
+    TextStream,
     anthropic_error,
     bad,
+    check_ignored,
     cut_short,
-    failure_of,
+    messages_field,
+    model_field,
     run_request_for,
     session_id_from,
+    stream_field,
     usage_counts,
 )
 from .jobs import Finished
-from .parsing import parse_body
 from .requests import (
-    MAX_MODEL_NAME_CHARS,
     RunRequest,
     integral,
     parse_image,
     parse_image_url,
     parse_json_object,
 )
-from .runs import StartedRun, log_run_end, start_run
-from .streaming import STREAM_HEADERS, relay_stream
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +120,7 @@ def parse_messages_request(
 ) -> MessagesRequest:
     """Validate a ``POST /v1/messages`` body (see the module docstring)."""
     obj = parse_json_object(body)
-    model = obj.get("model")
-    if model is None:
-        raise bad("model", "Field required")
-    if not isinstance(model, str) or not model or len(model) > MAX_MODEL_NAME_CHARS:
-        raise bad("model", "expected a model name (a non-empty string)")
+    model = model_field(obj, "Field required")
     max_tokens = integral(obj.get("max_tokens"))
     if max_tokens is None:
         raise bad("max_tokens", "Field required")
@@ -136,13 +130,8 @@ def parse_messages_request(
         raise bad("tools", "tools are not supported: the agent uses its own")
     if obj.get("tool_choice") is not None:
         raise bad("tool_choice", "tools are not supported: the agent uses its own")
-    for name, types in IGNORED.items():
-        value = integral(obj.get(name))
-        if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
-            raise bad(name, "wrong type")
-    stream = obj.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise bad("stream", "expected true or false")
+    check_ignored(obj, IGNORED)
+    stream = stream_field(obj)
     session_id = session_id_from(session_header, obj.get("session_id"), "session_id")
 
     system = obj.get("system")
@@ -151,11 +140,8 @@ def parse_messages_request(
             system = _content(system, "system", limits, "system").text
         elif not isinstance(system, str):
             raise bad("system", "expected a string or a list of text blocks")
-    raw_messages = obj.get("messages")
-    if not isinstance(raw_messages, list) or not raw_messages:
-        raise bad("messages", "expected a non-empty list of messages")
     conversation = []
-    for index, raw in enumerate(raw_messages):
+    for index, raw in enumerate(messages_field(obj)):
         where = f"messages.{index}"
         if not isinstance(raw, dict):
             raise bad(where, "expected a message object")
@@ -168,10 +154,10 @@ def parse_messages_request(
         system=system or None,
         model=model,
         session_id=session_id,
-        stream=bool(stream),
+        stream=stream,
         limits=limits,
     )
-    return MessagesRequest(run, model, bool(stream))
+    return MessagesRequest(run, model, stream)
 
 
 def message_id(job: Job) -> str:
@@ -213,18 +199,13 @@ def _event(name: str, data: dict[str, Any]) -> bytes:
 
 
 @attrs.define
-class EventEncoder:
+class EventEncoder(TextStream):
     """A run's events as Anthropic's stream (:func:`~.streaming.relay_stream`)."""
 
     chat: MessagesRequest
     job: Job
-    began: bool = False
-    wrote_text: bool = False
 
-    def _start(self) -> bytes:
-        if self.began:
-            return b""
-        self.began = True
+    def opening(self) -> bytes:
         message: dict[str, Any] = {
             "id": message_id(self.job),
             "type": "message",
@@ -239,114 +220,46 @@ class EventEncoder:
             "content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}
         )
 
-    def _text(self, text: str) -> bytes:
+    def text(self, text: str) -> bytes:
         delta = {"type": "text_delta", "text": text}
         return _event("content_block_delta", {"index": 0, "delta": delta})
 
-    def event(self, event: ReplyEvent) -> bytes:
-        head = self._start()
-        if isinstance(event, AssistantText) and event.text:
-            text = ("\n\n" if self.wrote_text else "") + event.text
-            self.wrote_text = True
-            return head + self._text(text)
-        return head
+    def failed(self, failure: JobFailed) -> bytes:
+        return _event("error", {"error": anthropic_error(failure.status, failure.error)["error"]})
 
-    def terminal(self, finished: Finished) -> bytes:
-        failure = failure_of(finished.terminal)
-        head = self._start()
-        if failure is not None:
-            return head + _event(
-                "error", {"error": anthropic_error(failure.status, failure.error)["error"]}
-            )
-        result = finished.terminal
-        assert isinstance(result, RunResult)
-        parts = [head]
-        if not self.wrote_text and result.output:
-            parts.append(self._text(result.output))
+    def ending(self, finished: Finished, result: RunResult) -> bytes:
         usage = usage_body(result)
-        parts += [
-            _event("content_block_stop", {"index": 0}),
-            _event(
-                "message_delta",
-                {
-                    "delta": {"stop_reason": stop_reason(finished), "stop_sequence": None},
-                    "usage": {"output_tokens": usage["output_tokens"]},
-                },
-            ),
-            _event("message_stop", {}),
-        ]
-        return b"".join(parts)
+        return b"".join(
+            [
+                _event("content_block_stop", {"index": 0}),
+                _event(
+                    "message_delta",
+                    {
+                        "delta": {"stop_reason": stop_reason(finished), "stop_sequence": None},
+                        "usage": {"output_tokens": usage["output_tokens"]},
+                    },
+                ),
+                _event("message_stop", {}),
+            ]
+        )
 
 
-def anthropic_error_reply(failure: JobFailed, run_id: str | None = None) -> Response:
-    response = Response(
-        json.dumps(anthropic_error(failure.status, failure.error)),
-        failure.status,
-        content_type="application/json",
-    )
-    if run_id is not None:
-        response.headers["X-Run-Id"] = run_id
-        response.headers["request-id"] = run_id
-    if failure.retry_after_s is not None:
-        response.headers["Retry-After"] = str(failure.retry_after_s)
-    return response
+ANTHROPIC_REPLIES = Dialect("messages", anthropic_error, ("X-Run-Id", "request-id"))
 
 
-def anthropic_routes(
-    *,
-    dispatcher: trio.MemorySendChannel[DispatcherMessage],
-    caller: Callable[[], str],
-    json_body: Callable[[], Awaitable[bytes]],
-    data_dir: Path,
-    default_timeout_ms: int,
-    limits: Limits,
-) -> Blueprint:
+def anthropic_routes(runs: CompatRuns) -> Blueprint:
     """``POST /v1/messages``."""
     routes = Blueprint("anthropic", __name__)
 
     @routes.post("/v1/messages")
     async def messages() -> Response:
-        user_id = caller()
-        session_header = request.headers.get(SESSION_HEADER)
-        chat = await parse_body(
-            await json_body(), lambda body: parse_messages_request(body, session_header, limits)
+        user_id, chat = await runs.request(parse_messages_request)
+        return await runs.answer(
+            user_id,
+            chat,
+            ANTHROPIC_REPLIES,
+            body=partial(message_body, chat),
+            encoder=partial(EventEncoder, chat),
         )
-        began = time.monotonic()
-        started: StartedRun = await start_run(
-            dispatcher, user_id, chat.run, data_dir=data_dir, default_timeout_ms=default_timeout_ms
-        )
-        job = started.job
-
-        def log_end(outcome: RunResult | JobFailed | None, how: str) -> None:
-            log_run_end(user_id, chat.run, began, job.id, outcome, how)
-
-        if isinstance(started.first, JobFailed):
-            await started.close()
-            log_end(started.first, "messages refused")
-            return anthropic_error_reply(started.first, job.id)
-        if not chat.stream:
-            try:
-                finished = await started.follow()
-            finally:
-                await started.close()
-            log_end(finished.terminal, "messages")
-            failure = failure_of(finished.terminal)
-            if failure is not None:
-                return anthropic_error_reply(failure, job.id)
-            response = Response(
-                json.dumps(message_body(chat, job, finished)), content_type="application/json"
-            )
-            response.headers["X-Run-Id"] = job.id
-            response.headers["request-id"] = job.id
-            return response
-
-        async def end(finished: Finished | None) -> None:
-            await started.close()  # the client left: the run ends too
-            log_end(None if finished is None else finished.terminal, "messages stream")
-
-        encoder = EventEncoder(chat, job)
-        stream = relay_stream(job, started.events, started.first, encoder, on_end=end)
-        headers = {**STREAM_HEADERS, "X-Run-Id": job.id, "request-id": job.id}
-        return Response(stream, 200, headers=headers)
 
     return routes

@@ -46,7 +46,7 @@ from ..model_proxy import ModelProxy, UpstreamRefusal
 from ..usage import UsageLedger
 from .anthropic_api import anthropic_routes
 from .auth import Unauthorized, authenticate, check_metrics_token, is_admin
-from .compat import error_body
+from .compat import CompatRuns, error_body
 from .docs import docs_page
 from .files import files_routes
 from .jobs import SessionStoreUnavailable, close_session, pool_snapshot
@@ -524,29 +524,20 @@ def create_app(
             image_limits=ImageLimits.of(settings),
         )
     )
-    compat_limits = limits_of(settings, ceiling)
+    compat_runs = CompatRuns(
+        dispatcher=dispatcher,
+        caller=caller,
+        json_body=json_body,
+        data_dir=settings.data_dir,
+        default_timeout_ms=settings.default_timeout_ms,
+        limits=limits_of(settings, ceiling),
+    )
     app.register_blueprint(
         openai_routes(
-            dispatcher=dispatcher,
-            caller=caller,
-            json_body=json_body,
-            data_dir=settings.data_dir,
-            default_timeout_ms=settings.default_timeout_ms,
-            limits=compat_limits,
-            allowed_models=settings.allowed_models,
-            listed_at=int(time.time()),
+            compat_runs, allowed_models=settings.allowed_models, listed_at=int(time.time())
         )
     )
-    app.register_blueprint(
-        anthropic_routes(
-            dispatcher=dispatcher,
-            caller=caller,
-            json_body=json_body,
-            data_dir=settings.data_dir,
-            default_timeout_ms=settings.default_timeout_ms,
-            limits=compat_limits,
-        )
-    )
+    app.register_blueprint(anthropic_routes(compat_runs))
     app.register_blueprint(
         files_routes(
             caller=caller,

@@ -7,7 +7,10 @@ body into the :class:`~.requests.RunRequest` that ``POST /run`` builds
 (:func:`~.runs.start_run`: the same dispatcher, queue, per-user limits,
 sessions, ceilings, disk quota and metrics), and writes the run's result or its
 stream events in its own shape (:func:`~.streaming.relay_stream` with an
-encoder of its own).
+encoder of its own). The handling of a request, from its body to its answer, is
+one (:class:`CompatRuns`); each route gives only what differs: its parser, its
+reply's body, its stream's frames (a :class:`TextStream`) and its error shape
+and run headers (a :class:`Dialect`).
 
 The conversation a client sends becomes one prompt:
 
@@ -29,14 +32,29 @@ shape (:func:`error_body`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 import attrs
+import trio
+from quart import Response, request
 
-from ..messages import Image, JobFailed, RunResult
+from ..messages import (
+    AssistantText,
+    DispatcherMessage,
+    Image,
+    Job,
+    JobFailed,
+    ReplyEvent,
+    RunResult,
+)
 from .jobs import Finished
+from .parsing import parse_body
 from .requests import (
+    MAX_MODEL_NAME_CHARS,
     SESSION_ID_PATTERN,
     SESSION_ID_RULE,
     BadRequest,
@@ -44,8 +62,11 @@ from .requests import (
     OptionCeiling,
     RunRequest,
     check_image_count,
+    integral,
     parse_run_options,
 )
+from .runs import log_run_end, start_run
+from .streaming import STREAM_HEADERS, StreamEncoder, relay_stream
 
 SESSION_HEADER = "X-Session-Id"
 OPENAI = "openai"
@@ -84,6 +105,41 @@ def session_id_from(header: str | None, body_value: object, param: str) -> str |
         where = SESSION_HEADER if header is not None else param
         raise bad(where, f"expected {SESSION_ID_RULE}")
     return value
+
+
+def model_field(obj: dict[str, Any], missing: str) -> str:
+    """The body's ``model``, a model name (``missing``: what to say when there is none)."""
+    model = obj.get("model")
+    if model is None:
+        raise bad("model", missing)
+    if not isinstance(model, str) or not model or len(model) > MAX_MODEL_NAME_CHARS:
+        raise bad("model", "expected a model name (a non-empty string)")
+    return model
+
+
+def check_ignored(obj: dict[str, Any], ignored: Mapping[str, tuple[type, ...] | None]) -> None:
+    """Check the type of each field that is accepted and ignored (``None``: any type)."""
+    for name, types in ignored.items():
+        value = integral(obj.get(name))
+        if value is not None and types is not None:
+            if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+                raise bad(name, "wrong type")
+
+
+def stream_field(obj: dict[str, Any]) -> bool:
+    """The body's ``stream`` (absent: false)."""
+    stream = obj.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise bad("stream", "expected true or false")
+    return bool(stream)
+
+
+def messages_field(obj: dict[str, Any]) -> list[Any]:
+    """The body's ``messages``, a non-empty list (each message is the route's to check)."""
+    raw_messages = obj.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise bad("messages", "expected a non-empty list of messages")
+    return raw_messages
 
 
 def render_conversation(earlier: Sequence[Message], last: str) -> str:
@@ -268,3 +324,174 @@ def error_body(path: str, status: int, message: str, param: str | None = None) -
         case "anthropic":
             return anthropic_error(status, message)
     return {"error": message}
+
+
+# --- answering a translated request -------------------------------------------
+
+
+class Translated(Protocol):
+    """A compatible route's request, translated: the run it makes, and whether it streams."""
+
+    @property
+    def run(self) -> RunRequest: ...
+
+    @property
+    def stream(self) -> bool: ...
+
+
+T = TypeVar("T", bound=Translated)
+
+
+@attrs.frozen
+class Dialect:
+    """What a compatible route answers in its own way: errors, the run's id, its log lines.
+
+    ``name`` is how its runs end in the log (``chat``, ``chat refused``, ``chat
+    stream``); ``error`` its error body (status, message); every answer names the
+    run in each of ``run_id_headers``.
+    """
+
+    name: str
+    error: Callable[[int, str], dict[str, Any]]
+    run_id_headers: tuple[str, ...]
+
+    def run_headers(self, run_id: str) -> dict[str, str]:
+        return dict.fromkeys(self.run_id_headers, run_id)
+
+    def error_reply(self, failure: JobFailed, run_id: str | None = None) -> Response:
+        response = Response(
+            json.dumps(self.error(failure.status, failure.error)),
+            failure.status,
+            content_type="application/json",
+        )
+        if run_id is not None:
+            response.headers.update(self.run_headers(run_id))
+        if failure.retry_after_s is not None:
+            response.headers["Retry-After"] = str(failure.retry_after_s)
+        return response
+
+
+@attrs.frozen
+class CompatRuns:
+    """How the compatible routes run a request: ``/run``'s dispatcher, bounds and defaults."""
+
+    dispatcher: trio.MemorySendChannel[DispatcherMessage]
+    caller: Callable[[], str]
+    json_body: Callable[[], Awaitable[bytes]]
+    data_dir: Path
+    default_timeout_ms: int
+    limits: Limits
+
+    async def request(self, parse: Callable[[bytes, str | None, Limits], T]) -> tuple[str, T]:
+        """The caller (authenticated first) and the current request's body, translated."""
+        user_id = self.caller()
+        session_header = request.headers.get(SESSION_HEADER)
+        translated = await parse_body(
+            await self.json_body(), lambda body: parse(body, session_header, self.limits)
+        )
+        return user_id, translated
+
+    async def answer(
+        self,
+        user_id: str,
+        translated: Translated,
+        dialect: Dialect,
+        *,
+        body: Callable[[Job, Finished], dict[str, Any]],
+        encoder: Callable[[Job], StreamEncoder],
+    ) -> Response:
+        """Run ``translated`` and answer: ``body`` of its result, or its stream by ``encoder``.
+
+        A refusal, and a run that did not answer (:func:`failure_of`), is the
+        dialect's error; the run ends with the request (the client left).
+        """
+        began = time.monotonic()
+        started = await start_run(
+            self.dispatcher,
+            user_id,
+            translated.run,
+            data_dir=self.data_dir,
+            default_timeout_ms=self.default_timeout_ms,
+        )
+        job = started.job
+
+        def log_end(outcome: RunResult | JobFailed | None, how: str) -> None:
+            log_run_end(user_id, translated.run, began, job.id, outcome, how)
+
+        if isinstance(started.first, JobFailed):
+            await started.close()
+            log_end(started.first, f"{dialect.name} refused")
+            return dialect.error_reply(started.first, job.id)
+        if not translated.stream:
+            try:
+                finished = await started.follow()
+            finally:
+                await started.close()
+            log_end(finished.terminal, dialect.name)
+            failure = failure_of(finished.terminal)
+            if failure is not None:
+                return dialect.error_reply(failure, job.id)
+            response = Response(json.dumps(body(job, finished)), content_type="application/json")
+            response.headers.update(dialect.run_headers(job.id))
+            return response
+
+        async def end(finished: Finished | None) -> None:
+            await started.close()  # the client left: the run ends too
+            log_end(None if finished is None else finished.terminal, f"{dialect.name} stream")
+
+        stream = relay_stream(job, started.events, started.first, encoder(job), on_end=end)
+        return Response(stream, 200, headers={**STREAM_HEADERS, **dialect.run_headers(job.id)})
+
+
+@attrs.define
+class TextStream:
+    """A run's events as a compatible route's stream (:func:`~.streaming.relay_stream`).
+
+    What both shapes have: an opening before anything else, each text the agent
+    writes as a delta (texts separated as the reply's output joins them; the whole
+    output at the end when none was streamed), then the route's ending, or its
+    error once streaming. A route gives the frames: :meth:`opening`, :meth:`text`,
+    :meth:`failed` and :meth:`ending`.
+    """
+
+    began: bool = attrs.field(default=False, init=False)
+    wrote_text: bool = attrs.field(default=False, init=False)
+
+    def opening(self) -> bytes:
+        raise NotImplementedError
+
+    def text(self, text: str) -> bytes:
+        raise NotImplementedError
+
+    def failed(self, failure: JobFailed) -> bytes:
+        raise NotImplementedError
+
+    def ending(self, finished: Finished, result: RunResult) -> bytes:
+        raise NotImplementedError
+
+    def _head(self) -> bytes:
+        if self.began:
+            return b""
+        self.began = True
+        return self.opening()
+
+    def event(self, event: ReplyEvent) -> bytes:
+        head = self._head()
+        if isinstance(event, AssistantText) and event.text:
+            text = ("\n\n" if self.wrote_text else "") + event.text
+            self.wrote_text = True
+            return head + self.text(text)
+        return head
+
+    def terminal(self, finished: Finished) -> bytes:
+        head = self._head()
+        failure = failure_of(finished.terminal)
+        if failure is not None:
+            return head + self.failed(failure)
+        result = finished.terminal
+        assert isinstance(result, RunResult)
+        parts = [head]
+        if not self.wrote_text and result.output:
+            parts.append(self.text(result.output))
+        parts.append(self.ending(finished, result))
+        return b"".join(parts)

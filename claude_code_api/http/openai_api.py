@@ -26,42 +26,39 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import attrs
-import trio
-from quart import Blueprint, Response, request
+from quart import Blueprint, Response
 
 from ..config import Settings
-from ..messages import AssistantText, DispatcherMessage, Job, JobFailed, ReplyEvent, RunResult
+from ..messages import Job, JobFailed, RunResult
 from .compat import (
-    SESSION_HEADER,
+    CompatRuns,
+    Dialect,
     Limits,
     Message,
+    TextStream,
     bad,
+    check_ignored,
     cut_short,
-    failure_of,
+    messages_field,
+    model_field,
     openai_error,
     run_request_for,
     session_id_from,
+    stream_field,
     usage_counts,
 )
 from .jobs import Finished
-from .parsing import parse_body
 from .requests import (
-    MAX_MODEL_NAME_CHARS,
     BadRequest,
     ImageLimits,
     OptionCeiling,
     RunRequest,
-    integral,
     parse_image_url,
     parse_json_object,
 )
-from .runs import StartedRun, log_run_end, start_run
-from .streaming import STREAM_HEADERS, relay_stream
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +127,7 @@ def _text_parts(content: object, where: str, limits: Limits, *, images: bool) ->
 def parse_chat_request(body: bytes, session_header: str | None, limits: Limits) -> ChatRequest:
     """Validate a ``POST /v1/chat/completions`` body (see the module docstring)."""
     obj = parse_json_object(body)
-    model = obj.get("model")
-    if model is None:
-        raise bad("model", "you must provide a model parameter")
-    if not isinstance(model, str) or not model or len(model) > MAX_MODEL_NAME_CHARS:
-        raise bad("model", "expected a model name (a non-empty string)")
+    model = model_field(obj, "you must provide a model parameter")
     n = obj.get("n")
     if n is not None and n != 1:
         raise bad("n", "only one choice is produced here (n must be 1)")
@@ -156,14 +149,8 @@ def parse_chat_request(body: bytes, session_header: str | None, limits: Limits) 
         raise bad("response_format", "only the text response format is supported")
     if obj.get("logprobs"):
         raise bad("logprobs", "log probabilities are not available")
-    for name, types in IGNORED.items():
-        value = integral(obj.get(name))
-        if value is not None and types is not None:
-            if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
-                raise bad(name, "wrong type")
-    stream = obj.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise bad("stream", "expected true or false")
+    check_ignored(obj, IGNORED)
+    stream = stream_field(obj)
     stream_options = obj.get("stream_options")
     include_usage = False
     if stream_options is not None:
@@ -172,9 +159,7 @@ def parse_chat_request(body: bytes, session_header: str | None, limits: Limits) 
         include_usage = stream_options.get("include_usage") is True
     session_id = session_id_from(session_header, obj.get("session_id"), "session_id")
 
-    raw_messages = obj.get("messages")
-    if not isinstance(raw_messages, list) or not raw_messages:
-        raise bad("messages", "expected a non-empty list of messages")
+    raw_messages = messages_field(obj)
     system: list[str] = []
     conversation: list[Message] = []
     for index, raw in enumerate(raw_messages):
@@ -201,10 +186,10 @@ def parse_chat_request(body: bytes, session_header: str | None, limits: Limits) 
         system="\n\n".join(text for text in system if text) or None,
         model=model,
         session_id=session_id,
-        stream=bool(stream),
+        stream=stream,
         limits=limits,
     )
-    return ChatRequest(run, model, bool(stream), include_usage)
+    return ChatRequest(run, model, stream, include_usage)
 
 
 def completion_id(job: Job) -> str:
@@ -253,14 +238,12 @@ DONE = b"data: [DONE]\n\n"
 
 
 @attrs.define
-class ChunkEncoder:
+class ChunkEncoder(TextStream):
     """A run's events as ``chat.completion.chunk`` lines (:func:`~.streaming.relay_stream`)."""
 
     chat: ChatRequest
     job: Job
     created: int
-    began: bool = False
-    wrote_text: bool = False
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return {
@@ -271,33 +254,18 @@ class ChunkEncoder:
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
         }
 
-    def _role(self) -> bytes:
-        if self.began:
-            return b""
-        self.began = True
+    def opening(self) -> bytes:
         return _data(self._chunk({"role": "assistant", "content": ""}))
 
-    def event(self, event: ReplyEvent) -> bytes:
-        head = self._role()
-        if isinstance(event, AssistantText) and event.text:
-            # Separate texts as the reply's output joins them.
-            text = ("\n\n" if self.wrote_text else "") + event.text
-            self.wrote_text = True
-            return head + _data(self._chunk({"content": text}))
-        return head
+    def text(self, text: str) -> bytes:
+        return _data(self._chunk({"content": text}))
 
-    def terminal(self, finished: Finished) -> bytes:
-        failure = failure_of(finished.terminal)
-        if failure is not None:
-            error = openai_error(failure.status, failure.error)
-            return self._role() + _data(error) + DONE
-        result = finished.terminal
-        assert isinstance(result, RunResult)
-        parts = [self._role()]
-        if not self.wrote_text and result.output:
-            parts.append(_data(self._chunk({"content": result.output})))
+    def failed(self, failure: JobFailed) -> bytes:
+        return _data(openai_error(failure.status, failure.error)) + DONE
+
+    def ending(self, finished: Finished, result: RunResult) -> bytes:
         finish = "length" if cut_short(finished) else "stop"
-        parts.append(_data(self._chunk({}, finish)))
+        parts = [_data(self._chunk({}, finish))]
         if self.chat.include_usage:
             usage = {**self._chunk({}), "choices": [], "usage": usage_body(result)}
             parts.append(_data(usage))
@@ -305,29 +273,11 @@ class ChunkEncoder:
         return b"".join(parts)
 
 
-def openai_error_reply(failure: JobFailed, run_id: str | None = None) -> Response:
-    response = Response(
-        json.dumps(openai_error(failure.status, failure.error)),
-        failure.status,
-        content_type="application/json",
-    )
-    if run_id is not None:
-        response.headers["X-Run-Id"] = run_id
-    if failure.retry_after_s is not None:
-        response.headers["Retry-After"] = str(failure.retry_after_s)
-    return response
+OPENAI_REPLIES = Dialect("chat", openai_error, ("X-Run-Id",))
 
 
 def openai_routes(
-    *,
-    dispatcher: trio.MemorySendChannel[DispatcherMessage],
-    caller: Callable[[], str],
-    json_body: Callable[[], Awaitable[bytes]],
-    data_dir: Path,
-    default_timeout_ms: int,
-    limits: Limits,
-    allowed_models: tuple[str, ...],
-    listed_at: int,
+    runs: CompatRuns, *, allowed_models: tuple[str, ...], listed_at: int
 ) -> Blueprint:
     """``POST /v1/chat/completions``, ``GET /v1/models`` and ``GET /v1/models/{model}``."""
     routes = Blueprint("openai", __name__)
@@ -337,59 +287,28 @@ def openai_routes(
 
     @routes.get("/v1/models")
     async def models() -> Response:
-        caller()
+        runs.caller()
         body = {"object": "list", "data": [model_view(name) for name in allowed_models]}
         return Response(json.dumps(body), content_type="application/json")
 
     @routes.get("/v1/models/<path:model>")
     async def model(model: str) -> Response:
-        caller()
+        runs.caller()
         if model not in allowed_models:
             raise BadRequest(f"The model {model[:200]!r} does not exist here", 404, param="model")
         return Response(json.dumps(model_view(model)), content_type="application/json")
 
     @routes.post("/v1/chat/completions")
     async def chat_completions() -> Response:
-        user_id = caller()
-        session_header = request.headers.get(SESSION_HEADER)
-        chat = await parse_body(
-            await json_body(), lambda body: parse_chat_request(body, session_header, limits)
-        )
-        began = time.monotonic()
+        user_id, chat = await runs.request(parse_chat_request)
         created = int(time.time())
-        started: StartedRun = await start_run(
-            dispatcher, user_id, chat.run, data_dir=data_dir, default_timeout_ms=default_timeout_ms
+        return await runs.answer(
+            user_id,
+            chat,
+            OPENAI_REPLIES,
+            body=lambda job, finished: completion_body(chat, job, finished, created),
+            encoder=lambda job: ChunkEncoder(chat, job, created),
         )
-        job = started.job
-
-        def log_end(outcome: RunResult | JobFailed | None, how: str) -> None:
-            log_run_end(user_id, chat.run, began, job.id, outcome, how)
-
-        if isinstance(started.first, JobFailed):
-            await started.close()
-            log_end(started.first, "chat refused")
-            return openai_error_reply(started.first, job.id)
-        if not chat.stream:
-            try:
-                finished = await started.follow()
-            finally:
-                await started.close()
-            log_end(finished.terminal, "chat")
-            failure = failure_of(finished.terminal)
-            if failure is not None:
-                return openai_error_reply(failure, job.id)
-            body = completion_body(chat, job, finished, created)
-            response = Response(json.dumps(body), content_type="application/json")
-            response.headers["X-Run-Id"] = job.id
-            return response
-
-        async def end(finished: Finished | None) -> None:
-            await started.close()  # the client left: the run ends too
-            log_end(None if finished is None else finished.terminal, "chat stream")
-
-        encoder = ChunkEncoder(chat, job, created)
-        stream = relay_stream(job, started.events, started.first, encoder, on_end=end)
-        return Response(stream, 200, headers={**STREAM_HEADERS, "X-Run-Id": job.id})
 
     return routes
 
