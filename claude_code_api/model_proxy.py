@@ -616,16 +616,20 @@ class _Exchange:
                 ),
             )
             refused = response.status_code in AUTH_STATUSES
-            seen = bytearray()
-            async for chunk in response.aiter_raw():
+            if refused:
+                # Read whole (a short error), noted, then sent: a client that has the body
+                # (its Content-Length reached) before the end of the message is sent must
+                # find the refusal noted already.
+                body = b"".join([chunk async for chunk in response.aiter_raw()])  # (as sent)
+                proxy.upstream_refused(response.status_code, body[:MAX_ERROR_KEPT])
+                chunks: AsyncIterator[bytes] = _one(body)
+            else:
+                chunks = response.aiter_raw()
+            async for chunk in chunks:
                 if reader is not None:
                     reader.feed(chunk)
-                if refused and len(seen) < MAX_ERROR_KEPT:
-                    seen += chunk[: MAX_ERROR_KEPT - len(seen)]
                 await _send(self.connection, self.stream, h11.Data(data=chunk))
-            if refused:  # (noted before the answer ends: whoever reads it then sees it)
-                proxy.upstream_refused(response.status_code, bytes(seen))
-            elif response.status_code == 200:
+            if response.status_code == 200:
                 proxy.last_refusal = None
             await _send(self.connection, self.stream, h11.EndOfMessage())
         except httpx.TransportError as exc:
@@ -634,6 +638,11 @@ class _Exchange:
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await response.aclose()
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    if data:
+        yield data
 
 
 async def _next_request(connection: h11.Connection, stream: trio.abc.Stream) -> h11.Request | None:

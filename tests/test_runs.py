@@ -126,7 +126,8 @@ async def test_the_dispatcher_acknowledges_each_taken_job_with_its_place_in_line
     autojump_clock, nursery
 ):
     with trio.fail_after(LIMIT):
-        inbox = await start_dispatcher(nursery)
+        # Five workers: at most POOL_SIZE one-shots run at once (the order is what is tested).
+        inbox = await start_dispatcher(nursery, pool_size=5)
         replies = {}
         for job_id, user in [("a0", "alice"), ("a1", "alice"), ("a2", "alice"), ("b0", "bob")]:
             job, replies[job_id] = make_job(job_id, user)
