@@ -63,7 +63,7 @@ import httpx  # noqa: E402
 import trio  # noqa: E402
 
 from bench.stats import QUIET_SHARE_PERCENT, QuietMeter, percentile  # noqa: E402
-from claude_code_api.config import load_settings  # noqa: E402
+from claude_code_api.config import Settings, load_settings  # noqa: E402
 from claude_code_api.http.openapi import openapi_spec  # noqa: E402
 from tests.harness import CLK_TCK, RunningService, launch_service  # noqa: E402
 from tests.harness import service_env as harness_env  # noqa: E402
@@ -850,8 +850,9 @@ class Runner:
 
     async def bad_input(self, op: Op) -> None:
         label, method, path, headers, body, status = op.arg
-        if label == "too_large":
-            body = json.dumps({"prompt": "x" * (1024 * 1024 + 10)}).encode()
+        if label == "too_large":  # past the body limit (service_env leaves it at its default)
+            limit = Settings().max_body_bytes
+            body = json.dumps({"prompt": "x" * (limit + 10)}).encode()
         kind = f"bad_input:{label}"
         self.report.tally.http_requests += 1
         started = time.monotonic()

@@ -251,6 +251,22 @@ def _event_stream() -> dict[str, Any]:
     }
 
 
+def _compat_event_stream() -> dict[str, Any]:
+    """The ``text/event-stream`` of the OpenAI and Anthropic routes: ``schema`` is one event.
+
+    Each event is a ``data:`` line (JSON, or OpenAI's closing ``[DONE]``), with an
+    ``event:`` name in Anthropic's stream; their shapes are those clients' own.
+    """
+    return {
+        "schema": {
+            "description": "Server-sent events in the client's own format (see README).",
+            "type": "object",
+            "required": ["data"],
+            "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+        },
+    }
+
+
 def _schemas(settings: Settings) -> dict[str, Schema]:
     session_id = {
         "type": "string",
@@ -1209,7 +1225,7 @@ def _compat_paths(run_id_header: dict[str, Any]) -> dict[str, Any]:
                         "headers": run_id_header,
                         "content": {
                             JSON: {"schema": _ref("ChatCompletion")},
-                            EVENT_STREAM: {"schema": {"type": "string"}},
+                            EVENT_STREAM: _compat_event_stream(),
                         },
                     },
                     **_compat_errors("OpenAIError", *body_errors, *run_errors),
@@ -1234,7 +1250,7 @@ def _compat_paths(run_id_header: dict[str, Any]) -> dict[str, Any]:
                         "headers": run_id_header,
                         "content": {
                             JSON: {"schema": _ref("AnthropicMessage")},
-                            EVENT_STREAM: {"schema": {"type": "string"}},
+                            EVENT_STREAM: _compat_event_stream(),
                         },
                     },
                     **_compat_errors("AnthropicError", *body_errors, *run_errors),
