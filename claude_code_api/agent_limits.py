@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
@@ -118,11 +119,13 @@ def plan_limits(
     bwrap: str | None,
     euid: int | None = None,
     remove_leftovers: bool = True,
+    warn: Callable[[str], None] | None = None,
 ) -> AgentLimits:
     """Decide how agents are limited here; log once what stays unbounded. Blocking.
 
     Removes the agent cgroups a killed predecessor (same DATA_DIR) left, unless told not
     to (``claude-code-api check``, which may run beside a live service: they are its).
+    ``warn``: where the warning goes that says what stays unbounded (default: the log).
     """
     found = find_cgroups(data_dir)
     tmp = tmp_mb if tmp_mb is not None else default_tmp_mb()
@@ -148,13 +151,10 @@ def plan_limits(
         if nproc_reason is None
         else f"processes unbounded ({nproc_reason})"
     )
-    log.warning(
-        "no cgroups for agents (%s): AGENT_MEMORY_MB is not enforced, an agent's memory is "
-        "bounded only for its /tmp and /dev/shm (AGENT_TMP_MB=%d each); %s (see README: "
-        "Security model)",
-        found,
-        tmp,
-        processes,
+    (warn or log.warning)(
+        f"no cgroups for agents ({found}): AGENT_MEMORY_MB is not enforced, an agent's memory "
+        f"is bounded only for its /tmp and /dev/shm (AGENT_TMP_MB={tmp} each); {processes} "
+        "(see README: Security model)"
     )
     return AgentLimits(tmp, memory_mb, max_procs, nproc=nproc_reason is None, prlimit=prlimit)
 

@@ -137,6 +137,7 @@ def plan_with_findings(
         data_dir=settings.data_dir,
         bwrap=bwrap,
         remove_leftovers=serving,
+        warn=lambda text: findings.append(Finding("limits", Status.WARN, text)),
     )
     launcher = make_launcher(
         cli=cli,

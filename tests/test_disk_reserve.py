@@ -208,7 +208,10 @@ async def test_on_a_full_disk_without_a_reserve_a_checkpoint_lets_new_sessions_b
     """The WAL is never truncated: after a checkpoint its space takes the next commits."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], check=True)
+    mount = ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)]
+    done = subprocess.run(mount, capture_output=True, text=True, check=False)
+    if done.returncode != 0:  # root without CAP_SYS_ADMIN: a container
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
     try:
         with trio.fail_after(TIMEOUT):
             store = SessionStore(disk / "sessions.sqlite3")
