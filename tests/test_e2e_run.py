@@ -367,11 +367,10 @@ async def test_client_disconnect_stops_work(service):
                 return busy_pid not in service.live_fake_pids()
 
             await wait_until(busy_gone, timeout=10)
-            # The withdrawn one never reached an agent (the fake's log of turns).
-            turns = [json.loads(line) for line in service.fake_log.read_text().splitlines()]
-            assert not [t for t in turns if t["event"] == "turn" and t["prompt"] == "queued"]
-            # (It is answered as cancelled, counted or not, by whoever saw the client leave
-            # first: the dispatcher withdrawing it, or its turn beginning as it left.)
+            # The queued one is withdrawn, or — when the server notices its client left only
+            # after the interrupted turn freed the pool (a warm spare takes it at once) — cut
+            # short as it begins: either way nothing is left running (the health above).
+            # (The dispatcher's withdrawal itself: test_dispatcher.)
             assert (await totals(client))[0] in (processed + 1, processed + 2)
             ok = await client.post("/run", headers=JSON, json={"prompt": "next"})
             assert ok.json()["output"] == "echo: next"
