@@ -3,7 +3,7 @@
 side with the original; and what the sandbox costs.
 
 Prints figures; it is not a test. The real bundled Claude Code CLI for both services (the
-original is given its path in ``CLAUDE_EXECUTABLE``), against ``tests/mock_messages_api.py``
+original is given its path in ``CLAUDE_EXECUTABLE``), against ``claude_code_api/demo/mock_messages_api.py``
 in this process (every model call answered at once: what is left is the services' and the
 CLI's own cost). ``POOL_SIZE=2``; ours with its defaults otherwise (``AGENT_REUSE_S=5``,
 ``AGENT_REUSE_MAX`` = ``POOL_SIZE``, ``AGENT_SANDBOX=auto``). Interleaved rounds, a fresh
@@ -41,7 +41,6 @@ if str(ROOT) not in sys.path:
 
 import httpx  # noqa: E402
 import trio  # noqa: E402
-from tests.mock_messages_api import open_mock_api  # noqa: E402
 
 from bench.bench_real_cli import group_usage, real_cli_env  # noqa: E402
 from bench.original import (  # noqa: E402
@@ -64,6 +63,7 @@ from bench.stats import (  # noqa: E402
     section,
 )
 from claude_code_api.agent import AgentSpec  # noqa: E402
+from claude_code_api.demo.mock_messages_api import open_mock_api  # noqa: E402
 from tests.harness import service_agents  # noqa: E402
 
 PROMPT = "What is 2+2?"
