@@ -269,7 +269,8 @@ class DiskQuota:
 
     async def _watch(self, turn: Watched) -> None:
         user_id = turn.user_id
-        turn.start = await self.usage(user_id)
+        if turn.start is None:  # (its caller measures it before the turn, as it should)
+            turn.start = await self.usage(user_id)
         while True:
             await trio.sleep(self.interval_s)
             used = await self.usage(user_id, max_age=self.interval_s / 2)
@@ -307,7 +308,9 @@ class DiskQuota:
         """After a turn that ended by itself: whether it filled the disk (faster than a
         watch's interval). Its user is then refused new work; its caller kills the agent
         (with whatever it left running) and calls :meth:`after_stop`."""
-        if turn.start is None or not self.low_on_space():
+        # full(), not low_on_space(): the turn may have filled the disk and the session
+        # store's write (make_room) given back a part of the reserve before this looks.
+        if turn.start is None or not self.full():
             return False
         used = await self.usage(turn.user_id, max_age=0)
         if not self._filling(turn, used):

@@ -18,6 +18,7 @@ from claude_code_api.disk_quota import (
     file_size_limit,
     remove_abandoned_homes,
 )
+from claude_code_api.disk_reserve import DiskReserve
 
 TIMEOUT = 10
 
@@ -161,3 +162,35 @@ def test_homes_of_users_without_sessions_are_emptied_after_the_ttl_but_their_cla
     assert (users / "recent" / "workspace" / "big").exists()
     # Nothing left to remove: a second sweep does nothing.
     assert remove_abandoned_homes(users, {"has-a-session"}, before=old + 50) == 0
+
+
+async def test_a_turn_that_filled_the_disk_is_found_after_the_reserve_gave_some_back(
+    tmp_path, monkeypatch
+):
+    """The turn ended by itself having filled the disk; the session store's write then
+    released a part of the reserve, so free space is above the full mark again. The
+    reserve not being whole still says the disk is full: the user is refused."""
+    with trio.fail_after(TIMEOUT):
+        q = quota(tmp_path, limit=100 * MIB, reserve=40 * MIB)
+        q.ballast = DiskReserve(tmp_path, 40 * MIB, target=40 * MIB, held=30 * MIB)
+        monkeypatch.setattr(disk_quota, "free_bytes", lambda path: (12 * MIB, 1000 * MIB))
+        assert not q.low_on_space()
+        turn = Watched("alice", lambda failure: None)
+        turn.start = await q.usage("alice")  # measured before the turn, as the turn does
+        _write(tmp_path / "users" / "alice" / "f", 2 * MIB)
+        assert await q.after_turn(turn) is True
+        assert set(q.filled) == {"alice"}
+        refusal = await q.refusal("alice")
+        assert refusal is not None and "filled it" in refusal.error
+        q.ballast.held = q.ballast.target  # whole again: there is room
+        assert await q.refusal("alice") is None
+
+
+async def test_the_watch_keeps_the_measurement_taken_before_the_turn(tmp_path):
+    with trio.fail_after(TIMEOUT):
+        q = attrs.evolve(quota(tmp_path, limit=100 * MIB), interval_s=0.05)
+        turn = Watched("alice", lambda failure: None, start=0)
+        _write(tmp_path / "users" / "alice" / "f", 2 * MIB)  # (a fast tool, before the watch)
+        with trio.move_on_after(0.2):
+            await q.watch(turn)
+        assert turn.start == 0

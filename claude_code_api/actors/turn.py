@@ -238,6 +238,9 @@ async def run_turn(
             refused = await disk.refusal(job.user_id)
             if refused is not None:
                 return TurnOutcome(refused, agent_usable=True, cut=CutReason.DISK)
+            # What the user keeps before the turn (the watch's first measurement may come
+            # after a fast tool has filled the disk).
+            watched.start = await disk.usage(job.user_id)
         started_at = trio.current_time() if taken_at is None else taken_at
         metrics.run_started(started_at - job.submitted_at)
         await send(JobStarted(worker_id, at=started_at))
