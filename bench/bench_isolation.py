@@ -56,7 +56,6 @@ import httpx  # noqa: E402
 import trio  # noqa: E402
 
 from bench.stats import QuietMeter, dist, fmt_dist, machine_lines, quiet_verdict, section  # noqa: E402
-from claude_code_api.actors.registry import user_workspace  # noqa: E402
 from claude_code_api.agent_cgroups import (  # noqa: E402
     AGENTS_DIRECTORY,
     SERVICE_LEAF,
@@ -73,6 +72,7 @@ from claude_code_api.demo.mock_messages_api import (  # noqa: E402
     open_mock_api,
     tool_result_text,
 )
+from claude_code_api.user_paths import user_workspace  # noqa: E402
 from tests.harness import RunningService, launch_service, service_env  # noqa: E402
 from tests.real_cli import service_overrides  # noqa: E402
 

@@ -2,7 +2,7 @@
 """Benchmark of the session registry: acknowledged saves per second and per-save latency.
 
 Prints figures; it is not a test. It runs the registry actor (``serve_registry``
-over a real ``SessionStore`` on disk) in this process and times
+over a real ``SqliteSessionTable`` on disk) in this process and times
 ``RegistryClient.save`` until the record is durable, in two phases:
 
 1. one saver: ``--saves`` saves one after another (a session finishing turns
@@ -48,14 +48,17 @@ import trio  # noqa: E402
 
 from bench.stats import QuietMeter, percentile, quiet_verdict  # noqa: E402
 from claude_code_api.actors import registry as reg  # noqa: E402
+from claude_code_api.actors.registry_client import RegistryClient  # noqa: E402
 from claude_code_api.messages import SessionKey  # noqa: E402
+from claude_code_api.store import SessionRecord, SqliteSessionTable, new_session_record  # noqa: E402
+from claude_code_api.store.sqlite import DB_FILENAME  # noqa: E402
 
 ACKNOWLEDGED = "reply" in attrs.fields_dict(reg.SaveSession)
 INBOX_SIZE = 1024  # as supervisor.REGISTRY_INBOX_SIZE
 TIMEOUT_S = 300.0
 
 
-async def durable_save(client: reg.RegistryClient, record: reg.SessionRecord) -> None:
+async def durable_save(client: RegistryClient, record: SessionRecord) -> None:
     await client.save(record)
     if not ACKNOWLEDGED:
         await client.load(record.key)  # answered once the save before it is committed
@@ -70,7 +73,7 @@ def report(name: str, latencies: list[float], wall_s: float) -> None:
 
 
 async def saver(client, key: SessionKey, saves: int, latencies: list[float]) -> None:
-    record = reg.new_session_record(key, time.time())
+    record = new_session_record(key, time.time())
     await durable_save(client, record)  # created; the timed saves are updates
     for turn in range(1, saves + 1):
         record = attrs.evolve(record, turns=turn, last_activity=time.time())
@@ -94,10 +97,10 @@ async def phase(client, savers: int, saves: int, name: str) -> float:
 
 
 def prefill(path: Path, records: int) -> None:
-    store = reg.SessionStore(path)
+    store = SqliteSessionTable(path)
     try:
         for i in range(records):
-            store.save(reg.new_session_record(SessionKey(f"user-{i % 50}", f"s-{i}"), time.time()))
+            store.save(new_session_record(SessionKey(f"user-{i % 50}", f"s-{i}"), time.time()))
     finally:
         store.close()
 
@@ -113,7 +116,7 @@ async def main(args: argparse.Namespace) -> None:
 
 async def run(args: argparse.Namespace, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / reg.DB_FILENAME
+    path = directory / DB_FILENAME
     if path.exists():
         sys.exit(f"{path} exists; give an empty --dir")
     df = subprocess.run(["df", "--output=fstype,source", str(directory)], capture_output=True)
@@ -121,7 +124,7 @@ async def run(args: argparse.Namespace, directory: Path) -> None:
     print(f"database: {path} ({filesystem}); load average {os.getloadavg()[0]:.2f}")
     print(f"registry: {'acknowledged saves' if ACKNOWLEDGED else 'fire-and-forget saves'}")
     prefill(path, args.records)
-    store = await trio.to_thread.run_sync(reg.SessionStore, path)
+    store = await trio.to_thread.run_sync(SqliteSessionTable, path)
     if args.synchronous:  # to tell what batching buys from what the sync level buys
         store._db.execute(f"PRAGMA synchronous = {args.synchronous}")
     (sync,) = store._db.execute("PRAGMA synchronous").fetchone()
@@ -131,7 +134,7 @@ async def run(args: argparse.Namespace, directory: Path) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(reg.serve_registry, store, inbox)
             async with send:
-                client = reg.RegistryClient(send)
+                client = RegistryClient(send)
                 quiet = [await phase(client, 1, args.saves, "one saver")]
                 quiet.append(
                     await phase(client, args.savers, args.saves, f"{args.savers} concurrent savers")

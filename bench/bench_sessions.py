@@ -17,7 +17,7 @@ Phases, all in one run:
    agent processes are separate and not counted):
    a. control: a service on an EMPTY database, started and settled, vs the service
       on a database pre-populated with --records records (user ``bulk``, written
-      with ``SessionStore.save(new_session_record(...))`` before start-up): what a
+      with ``SqliteSessionTable.save(new_session_record(...))`` before start-up): what a
       record costs while it sits hibernated in SQLite;
    b. --rounds rounds of --http-sessions real sessions (user ``api``), one turn each,
       --concurrency at once: each starts a Claude Code process; with 4 live slots
@@ -84,9 +84,9 @@ from bench.stats import (  # noqa: E402
     quiet_verdict,
     section,
 )
-from claude_code_api.actors.registry import new_session_record, open_store  # noqa: E402
 from claude_code_api.agent import AgentSpec  # noqa: E402
 from claude_code_api.messages import SessionKey  # noqa: E402
+from claude_code_api.store import new_session_record, open_store  # noqa: E402
 from tests.harness import (  # noqa: E402
     FAKE_CLAUDE,
     RunningService,

@@ -25,11 +25,11 @@ from urllib.parse import urlsplit
 import trio
 
 from . import __version__, logs
-from .actors.registry import RegistryError
 from .config import ConfigError, Settings, load_settings
 from .http.auth import auth_warnings
 from .sandbox import resolve_cli, service_claude_dir
 from .startup import Finding, StartupError, Status, check_all, http_probe
+from .store import StoreUnavailable as RegistryError
 from .supervision import TooManyRestarts
 from .supervisor import Service
 

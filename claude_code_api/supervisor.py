@@ -59,7 +59,8 @@ from . import metrics
 from .actors.credentials import CredentialsActor, CredentialsClient
 from .actors.dispatcher import Dispatcher, PoolView, SessionLimits
 from .actors.reaper import REAPER_INBOX_SIZE, ReaperClient, serve_reaper
-from .actors.registry import RegistryClient, open_store, serve_registry, user_workspace
+from .actors.registry import serve_registry
+from .actors.registry_client import RegistryClient
 from .actors.session import SessionConfig, serve_session
 from .actors.session_supervisor import SessionSupervisor
 from .actors.stopping import StopSignal
@@ -88,8 +89,10 @@ from .oauth import TokenEndpoint
 from .renewal import CredentialsVersion, retired_when_stale
 from .sandbox import EGRESS_PROXY_SOCKET, remove_conversation_files
 from .startup import plan_agents
+from .store import open_store
 from .supervision import Backoff, ChildSpec, StopOrder, Strategy, Supervisor
 from .usage import UsageLedger
+from .user_paths import user_workspace
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Each user's CLAUDE.md: where it lives, reading and saving it, and handing it to an agent.
 
 A user's CLAUDE.md is ``<their HOME>/.claude/CLAUDE.md``, their HOME being
-``DATA_DIR/users/<name>`` (:func:`~claude_code_api.actors.registry.user_workspace`).
+``DATA_DIR/users/<name>`` (:func:`~claude_code_api.user_paths.user_workspace`).
 That is the Claude config dir (``CLAUDE_CONFIG_DIR``) of their session agents,
 so the Claude Code CLI loads it itself, as *user memory*, when a session's
 process starts (it reads CLAUDE.md files only then; see
@@ -28,7 +28,7 @@ import stat
 import uuid
 from pathlib import Path
 
-from .actors.registry import user_workspace
+from .user_paths import user_workspace
 
 log = logging.getLogger(__name__)
 

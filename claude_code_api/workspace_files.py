@@ -38,7 +38,7 @@ from pathlib import Path
 
 import attrs
 
-from .actors.registry import user_workspace
+from .user_paths import user_workspace
 
 MAX_PATH_CHARS = 4096
 MAX_NAME_BYTES = 255

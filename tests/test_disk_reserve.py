@@ -10,18 +10,14 @@ import pytest
 import trio
 
 from claude_code_api import disk_quota, disk_reserve, metrics
-from claude_code_api.actors.registry import (
-    RegistryClient,
-    SessionStore,
-    StoreFull,
-    new_session_record,
-    serve_registry,
-)
+from claude_code_api.actors.registry import serve_registry
+from claude_code_api.actors.registry_client import RegistryClient
 from claude_code_api.actors.turn import TurnLimits, run_turn
 from claude_code_api.agent import AgentSpec
 from claude_code_api.disk_quota import DiskQuota, Watched
 from claude_code_api.disk_reserve import BALLAST_NAME, MIB, DiskReserve
 from claude_code_api.messages import Job, SessionKey
+from claude_code_api.store import SqliteSessionTable, StoreFull, new_session_record
 from tests.fake_agent import FakeAgents, Finish, Wait
 
 TIMEOUT = 10
@@ -167,7 +163,7 @@ async def test_make_room_stops_the_writing_turns_and_releases_after_their_agents
 
 async def test_a_save_that_finds_the_disk_full_makes_room_and_is_acknowledged(tmp_path):
     with trio.fail_after(TIMEOUT):
-        store = SessionStore(tmp_path / "sessions.sqlite3")
+        store = SqliteSessionTable(tmp_path / "sessions.sqlite3")
         real_save = store.save_many
         failures = [StoreFull("session store: the disk is full (test)")]
 
@@ -214,7 +210,7 @@ async def test_on_a_full_disk_without_a_reserve_a_checkpoint_lets_new_sessions_b
         pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
     try:
         with trio.fail_after(TIMEOUT):
-            store = SessionStore(disk / "sessions.sqlite3")
+            store = SqliteSessionTable(disk / "sessions.sqlite3")
             for n in range(300):  # a WAL of a few hundred commits, as a running service has
                 store.save(new_session_record(SessionKey("u", f"old-{n}"), 1.0))
             store.checkpoint()

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from claude_code_api.actors.registry import user_workspace
 from claude_code_api.demo.mock_messages_api import (
     TextReply,
     ToolUseReply,
     open_mock_api,
     tool_result_text,
 )
+from claude_code_api.user_paths import user_workspace
 from tests.harness import run_service, wait_healthy
 from tests.real_cli import requires_real_cli, service_overrides
 

@@ -23,7 +23,6 @@ import httpx
 import pytest
 import trio
 
-from claude_code_api.actors.registry import user_workspace
 from claude_code_api.agent_cgroups import find_cgroups
 from claude_code_api.demo.mock_messages_api import (
     MockMessagesApi,
@@ -33,6 +32,7 @@ from claude_code_api.demo.mock_messages_api import (
     tool_result_text,
 )
 from claude_code_api.sandbox import probe_sandbox
+from claude_code_api.user_paths import user_workspace
 from tests.harness import RunningService, run_service, wait_healthy
 from tests.real_cli import requires_real_cli, service_overrides
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from claude_code_api.actors.registry import user_workspace
 from claude_code_api.config import Settings
+from claude_code_api.user_paths import user_workspace
 from tests.real_cli import BUNDLED_CLI, requires_real_cli
 from tests.test_e2e_real_cli_escape import (
     BUDGET_S,

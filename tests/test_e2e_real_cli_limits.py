@@ -21,9 +21,9 @@ import httpx
 import pytest
 import trio
 
-from claude_code_api.actors.registry import user_workspace
 from claude_code_api.agent_limits import plan_limits
 from claude_code_api.demo.mock_messages_api import RecordedRequest, Step, TextReply, ToolUseReply
+from claude_code_api.user_paths import user_workspace
 from tests.harness import wait_healthy
 from tests.real_cli import requires_real_cli
 from tests.test_e2e_real_cli_escape import (

@@ -16,8 +16,8 @@ import os
 import pytest
 import trio
 
-from claude_code_api.actors.registry import user_workspace
 from claude_code_api.sandbox import probe_sandbox
+from claude_code_api.user_paths import user_workspace
 from tests.harness import run_service, wait_healthy
 
 SANDBOX_REASON = probe_sandbox(__import__("shutil").which("bwrap"))

@@ -16,7 +16,8 @@ import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from claude_code_api import metrics
-from claude_code_api.actors.registry import RegistryClient, SessionStore, serve_registry
+from claude_code_api.actors.registry import serve_registry
+from claude_code_api.actors.registry_client import RegistryClient
 from claude_code_api.actors.stopping import StopSignal
 from claude_code_api.actors.turn import TurnLimits, run_turn
 from claude_code_api.actors.worker import WorkerConfig, serve_worker
@@ -41,6 +42,7 @@ from claude_code_api.messages import (
     WorkerView,
 )
 from claude_code_api.metered_agent import metered
+from claude_code_api.store import SqliteSessionTable
 from claude_code_api.supervision import Backoff, ChildSpec, Supervisor
 from tests.fake_agent import Die, FakeAgents, Finish, Say, Wait
 from tests.test_dispatcher import make_job, start_dispatcher
@@ -306,7 +308,7 @@ async def test_the_pool_supervisor_reports_each_restart(autojump_clock, nursery)
 
 async def test_the_registry_reports_its_record_count_as_it_changes(tmp_path, nursery):
     with trio.fail_after(LIMIT):
-        store = SessionStore(tmp_path / "sessions.sqlite3")
+        store = SqliteSessionTable(tmp_path / "sessions.sqlite3")
         store.save(record("old", "s0", last=100.0))  # expired by the first sweep
         store.save(record("kept", "s0", last=10_000.0))
         counts: list[int] = []

@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from openapi_spec_validator import validate
 
-from claude_code_api.actors.registry import RegistryClient
+from claude_code_api.actors.registry_client import RegistryClient
 from claude_code_api.config import load_settings
 from claude_code_api.http.app import create_app
 from claude_code_api.http.docs import docs_page

@@ -21,20 +21,18 @@ import trio.testing
 
 from claude_code_api import metrics
 from claude_code_api.actors import registry as registry_module
-from claude_code_api.actors.registry import (
-    DB_FILENAME,
-    LoadSession,
-    RegistryClient,
-    RegistryError,
-    SaveSession,
+from claude_code_api.actors.registry import LoadSession, SaveSession, serve_registry
+from claude_code_api.actors.registry_client import RegistryClient
+from claude_code_api.messages import SessionKey
+from claude_code_api.store import (
     SessionExists,
-    SessionKey,
     SessionPage,
     StoreBusy,
+    StoreUnavailable,
     TooManySessions,
     open_store,
-    serve_registry,
 )
+from claude_code_api.store.sqlite import DB_FILENAME
 from tests.test_registry import BlockingStore, RecordingStore, _full, _huge, _reply, record
 
 TIMEOUT = 10
@@ -116,11 +114,11 @@ async def test_batches_are_bounded(tmp_path, nursery, monkeypatch):
 
 
 class FailForUser(RecordingStore):
-    """Saves of a batch that holds a record of user ``broken`` fail with RegistryError."""
+    """Saves of a batch that holds a record of user ``broken`` fail with StoreUnavailable."""
 
     def save_many(self, records, **options):
         if any(r.user_id == "broken" for r in records):
-            raise RegistryError(f"session store {self.path}: disk on fire")
+            raise StoreUnavailable(f"session store {self.path}: disk on fire")
         return super().save_many(records, **options)
 
 
@@ -134,7 +132,7 @@ async def test_a_failed_batch_fails_every_save_in_it(tmp_path, nursery):
             send.send_nowait(SaveSession(r, reply))
         await nursery.start(serve_registry, store, inbox)
         errors = [await receive.receive() for _, receive in replies]
-        assert all(isinstance(e, RegistryError) and "disk on fire" in str(e) for e in errors)
+        assert all(isinstance(e, StoreUnavailable) and "disk on fire" in str(e) for e in errors)
         assert len({id(e) for e in errors}) == 3  # each requester raises its own
         client = RegistryClient(send)
         assert await client.list_for_user("u", 10) == SessionPage((), 0)  # all or nothing
@@ -151,9 +149,9 @@ async def test_a_full_disk_fails_saves_and_reports_health(tmp_path, nursery):
         await client.save(record("u", "a"))
         assert health == []  # healthy from the start: nothing to report
         with _full(store):  # the actor is idle: no other thread uses the store
-            with pytest.raises(RegistryError, match="disk is full"):
+            with pytest.raises(StoreUnavailable, match="disk is full"):
                 await client.save(_huge("u", "b"))
-            with pytest.raises(RegistryError, match="disk is full"):
+            with pytest.raises(StoreUnavailable, match="disk is full"):
                 await client.create(_huge("u", "c"), 10)
             assert await client.load(SessionKey("u", "a")) == record("u", "a")  # reads work
         assert len(health) == 1 and "disk is full" in health[0]  # once, not per failure
@@ -172,11 +170,11 @@ async def test_a_deleted_database_fails_every_write_and_reports_health(tmp_path,
         kept = record("u", "kept")
         await client.save(kept)
         (tmp_path / DB_FILENAME).unlink()
-        with pytest.raises(RegistryError, match="deleted.*restart the service"):
+        with pytest.raises(StoreUnavailable, match="deleted.*restart the service"):
             await client.save(record("u", "lost"))
-        with pytest.raises(RegistryError, match="deleted"):
+        with pytest.raises(StoreUnavailable, match="deleted"):
             await client.create(record("u", "lost"), 10)
-        with pytest.raises(RegistryError, match="deleted"):
+        with pytest.raises(StoreUnavailable, match="deleted"):
             await client.delete(kept.key)
         assert len(health) == 1 and "deleted" in health[0] and "restart" in health[0]
         assert "deleted" in caplog.text  # logged too
@@ -191,7 +189,7 @@ async def test_a_failing_health_callback_is_logged_and_ignored(tmp_path, nursery
 
         client = await _start(nursery, open_store(tmp_path), on_health=broken)
         (tmp_path / DB_FILENAME).unlink()
-        with pytest.raises(RegistryError, match="deleted"):
+        with pytest.raises(StoreUnavailable, match="deleted"):
             await client.save(record())
         assert "health sink is broken" in caplog.text
         assert await client.load(record().key) is None  # still serving
@@ -333,7 +331,7 @@ async def test_a_delete_that_fails_keeps_the_transcripts(tmp_path, nursery):
         transcripts.make("u", "now")
         await client.save(r)
         (tmp_path / DB_FILENAME).unlink()
-        with pytest.raises(RegistryError, match="deleted"):
+        with pytest.raises(StoreUnavailable, match="deleted"):
             await client.delete(r.key)
         assert "u/now.jsonl" in transcripts.present()
 
@@ -493,7 +491,7 @@ async def test_ttl_must_be_positive(tmp_path):
         _send, inbox = trio.open_memory_channel(0)
         with pytest.raises(ValueError, match="ttl_s"):
             await serve_registry(store, inbox, ttl_s=0)
-        with pytest.raises(RegistryError, match="closed"):  # it owned the store: closed
+        with pytest.raises(StoreUnavailable, match="closed"):  # it owned the store: closed
             store.load(SessionKey("u", "s"))
 
 
@@ -526,7 +524,7 @@ async def test_a_save_in_progress_when_cancelled_is_answered_truthfully(tmp_path
                         try:
                             await RegistryClient(send).save(record("u", "s"))
                             outcome.append("acknowledged")
-                        except RegistryError as exc:
+                        except StoreUnavailable as exc:
                             outcome.append(exc)
 
                 nursery.start_soon(save)

@@ -16,7 +16,7 @@ from trio.testing import wait_all_tasks_blocked
 
 from claude_code_api.actors.dispatcher import Dispatcher
 from claude_code_api.actors.fair_line import FairLine
-from claude_code_api.actors.registry import RegistryClient
+from claude_code_api.actors.registry_client import RegistryClient
 from claude_code_api.actors.session import serve_session
 from claude_code_api.actors.stopping import StopSignal
 from claude_code_api.http.jobs import cancel_run, pool_snapshot

@@ -20,13 +20,9 @@ from claude_code_api.actors.registry import (
     DeleteSession,
     ListSessions,
     LoadSession,
-    RegistryClient,
-    RegistryError,
     SaveSession,
-    SessionRecord,
-    TooManySessions,
-    new_session_record,
 )
+from claude_code_api.actors.registry_client import RegistryClient
 from claude_code_api.actors.session import SessionConfig, SessionFailed, serve_session
 from claude_code_api.actors.stopping import StopSignal
 from claude_code_api.actors.turn import CutReason, TurnLimits
@@ -42,6 +38,8 @@ from claude_code_api.messages import (
     SessionKey,
     SessionStarted,
 )
+from claude_code_api.store import SessionRecord, TooManySessions, new_session_record
+from claude_code_api.store import StoreUnavailable as RegistryError
 from tests.fake_agent import FakeAgents, Finish, MoveSession, Say, Wait
 
 LIMIT = 1000

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import trio
 
-from claude_code_api.actors.registry import user_workspace
 from claude_code_api.actors.stopping import StopSignal
 from claude_code_api.actors.turn import TurnLimits
 from claude_code_api.actors.worker import WorkerConfig, serve_worker
@@ -29,6 +28,7 @@ from claude_code_api.user_memory import (
     save_user_memory,
     user_memory_path,
 )
+from claude_code_api.user_paths import user_workspace
 from tests.fake_agent import FakeAgents
 
 # --- storage ---------------------------------------------------------------------------

@@ -69,13 +69,9 @@ from ..messages import (
     UpstreamError,
 )
 from ..renewal import CredentialsVersion
-from .registry import (
-    RegistryClient,
-    RegistryError,
-    SessionRecord,
-    TooManySessions,
-    new_session_record,
-)
+from ..store import SessionRecord, TooManySessions, new_session_record
+from ..store import StoreUnavailable as RegistryError
+from .registry_client import RegistryClient
 from .stopping import StopSignal
 from .turn import TurnLimits, TurnOutcome, run_turn
 

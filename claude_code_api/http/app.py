@@ -29,7 +29,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from .. import metrics
 from ..actors.credentials import ANSWER_TIMEOUT_S, CredentialsClient, CredentialsUnavailable
 from ..actors.dispatcher import PoolView
-from ..actors.registry import RegistryClient, RegistryError, SessionRecord, user_workspace
+from ..actors.registry_client import RegistryClient
 from ..config import Settings
 from ..disk_quota import DiskQuota
 from ..messages import (
@@ -43,7 +43,10 @@ from ..messages import (
     WorkerState,
 )
 from ..model_proxy import ModelProxy, UpstreamRefusal
+from ..store import SessionRecord
+from ..store import StoreUnavailable as RegistryError
 from ..usage import UsageLedger
+from ..user_paths import user_workspace
 from .anthropic_api import anthropic_routes
 from .auth import Unauthorized, authenticate, check_metrics_token, is_admin
 from .compat import CompatRuns, error_body

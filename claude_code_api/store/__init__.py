@@ -1,0 +1,29 @@
+"""Where the service keeps its sessions' records: the seam and its implementations.
+
+* :mod:`.protocol`: :class:`SessionTable`, what the registry actor needs of a store.
+* :mod:`.sqlite`: :class:`SqliteSessionTable`, the one on ``DATA_DIR/sessions.sqlite3``.
+* :mod:`.records` and :mod:`.errors`: the values and exceptions every implementation shares.
+
+Only the registry actor (``actors/registry.py``) calls a table; everyone else goes
+through its client. Imports run one way: this package imports ``messages`` and
+nothing of the actors.
+"""
+
+from .errors import SessionExists, StoreBusy, StoreFull, StoreUnavailable, TooManySessions
+from .protocol import SessionTable
+from .records import SessionPage, SessionRecord, new_session_record
+from .sqlite import SqliteSessionTable, open_store
+
+__all__ = [
+    "SessionExists",
+    "SessionPage",
+    "SessionRecord",
+    "SessionTable",
+    "SqliteSessionTable",
+    "StoreBusy",
+    "StoreFull",
+    "StoreUnavailable",
+    "TooManySessions",
+    "new_session_record",
+    "open_store",
+]
