@@ -85,7 +85,7 @@ from .messages import (
 from .metered_agent import metered
 from .model_proxy import ModelProxy, UpstreamCredential, keep_memory_private, upstream_url
 from .oauth import TokenEndpoint
-from .renewal import CredentialsVersion, retired_when_stale
+from .renewal import CredentialsVersion
 from .sandbox import EGRESS_PROXY_SOCKET, remove_conversation_files
 from .startup import plan_agents
 from .supervision import Backoff, ChildSpec, StopOrder, Strategy, Supervisor
@@ -330,10 +330,6 @@ class Service:
             def new_session_supervisor() -> SessionSupervisor:
                 return SessionSupervisor(self._session_starts_receive, self.inbox, run_session)
 
-            # A worker's process is retired when it waits for a job with stale credentials
-            # (also one kept for its user's next job, which waits the same way).
-            new_worker_agent = retired_when_stale(new_agent, self.credentials_version)
-
             def worker_spec(worker_id: str, *, dormant: bool) -> ChildSpec:
                 homes = settings.data_dir / "workers" / worker_id
                 stop = _CurrentStop()
@@ -343,10 +339,11 @@ class Service:
                         worker_id,
                         worker_config,
                         self.inbox.clone(),
-                        new_worker_agent,
+                        new_agent,
                         homes,
                         stop.fresh(),
                         dormant=dormant,
+                        credentials=self.credentials_version,
                         task_status=task_status,
                     )
 
