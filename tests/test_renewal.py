@@ -14,6 +14,7 @@ import trio.testing
 from claude_code_api.actors.stopping import StopSignal
 from claude_code_api.actors.worker import serve_worker
 from claude_code_api.messages import (
+    JobFailed,
     JobStarted,
     RunResult,
     SessionIdle,
@@ -181,6 +182,21 @@ async def test_a_turn_arriving_as_the_credentials_change_runs_on_the_new_agent(
         first, second = agents.made
         assert first.events == ["start", "closed"]
         assert second.events == ["start", "turn now"]
+
+
+async def test_a_held_turn_its_record_not_saved_still_ends_in_an_idle_report(
+    autojump_clock, nursery, version
+):
+    with trio.fail_after(LIMIT):
+        registry = FakeRegistry()
+        session = await start_session(nursery, FakeAgents(), registry, credentials=version)
+        await session.idle()
+        registry.failing = "disk full"
+        version.bump()
+        _, events = await session.turn("now")  # held while the agent is replaced
+        assert events[-1] == JobFailed(503, "session store unavailable: disk full")
+        # The dispatcher counts the session busy with that turn until it hears otherwise.
+        assert await session.idle() == SessionIdle(KEY, None, None)
 
 
 async def test_an_idle_exit_does_not_report_the_last_turn_twice(autojump_clock, nursery, version):

@@ -285,6 +285,9 @@ class _SessionActor:
         assert self.agent is not None and self.stamp is not None and self.job is not None
         job, self.job = self.job, None
         self.idle_exits = 0
+        # Once it is answered, the dispatcher hears that the session is idle (a held turn
+        # too, even one answered 503 below: the dispatcher counts it running till then).
+        self.report_idle = True
         taken_at = trio.current_time()
         try:
             await self.session.before_turn()
@@ -294,7 +297,6 @@ class _SessionActor:
         outcome = await _run_turn(self.agent, job, self.key, self.config, self.stop, taken_at)
         outcome = self.session.say_what_was_lowered(outcome, self.agent, job.options)
         job.answer(await self.session.after_turn(self.agent, outcome, job.options))
-        self.report_idle = True  # after a turn, always (a carried one's too)
         self.finished_ok = outcome.ok
         if not outcome.agent_usable:
             self.agent = None  # run_turn closed it
