@@ -629,12 +629,19 @@ class CloseSession:
 
     ``ack`` gets True if the dispatcher knew the session (live or waiting). Once no
     actor runs for it any more, the dispatcher asks the registry to delete the
-    record, and the registry answers on ``deleted`` (True/False, or the error).
+    record, and the registry answers on ``deleted`` (:data:`SessionDeleted`).
     """
 
     key: SessionKey
     ack: trio.MemorySendChannel[bool] = attrs.field(repr=False)
-    deleted: trio.MemorySendChannel[Any] = attrs.field(repr=False)
+    deleted: trio.MemorySendChannel[SessionDeleted] = attrs.field(repr=False)
+
+
+# What DELETE /session hears on CloseSession.deleted: whether the record existed, or why
+# it could not be deleted: the dispatcher's JobFailed (the registry's inbox was full) or
+# the store's error (a RegistryError, named here only as an Exception: messages import
+# nothing of the store).
+SessionDeleted = bool | JobFailed | Exception
 
 
 @attrs.frozen
@@ -648,24 +655,13 @@ class UserMemoryChanged:
     user_id: str
 
 
-DispatcherMessage = (
-    Submit
-    | Withdraw
-    | CancelRun
-    | WorkerStarting
-    | WorkerReady
-    | WorkerFinished
-    | WorkerFailed
-    | WorkerDormant
-    | StatusRequest
-    | Drain
-    | SessionStarted
-    | SessionIdle
-    | SessionStopped
-    | SessionsReset
-    | CloseSession
-    | UserMemoryChanged
+# The dispatcher's inbox, by who sends: the HTTP side, the workers, the session side.
+ClientRequest = Submit | Withdraw | CancelRun | StatusRequest | Drain
+WorkerReport = WorkerStarting | WorkerReady | WorkerFinished | WorkerFailed | WorkerDormant
+SessionReport = (
+    SessionStarted | SessionIdle | SessionStopped | SessionsReset | CloseSession | UserMemoryChanged
 )
+DispatcherMessage = ClientRequest | WorkerReport | SessionReport
 
 
 # --- credentials inbox ------------------------------------------------------

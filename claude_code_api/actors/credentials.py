@@ -35,7 +35,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, assert_never
 
 import trio
 
@@ -202,7 +202,7 @@ class CredentialsActor:
                 else:
                     nursery.start_soon(self._exchange, code, state, verifier, reply)
             case _:
-                log.error("credentials: unknown message %r", message)
+                assert_never(message)
 
     # --- logins and refreshes ---------------------------------------------------
 

@@ -46,7 +46,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import TypeVar
 
 import attrs
 import trio
@@ -60,6 +60,7 @@ from ..messages import (
     RunOptions,
     RunResult,
     SessionCommand,
+    SessionDeleted,
     SessionKey,
     SessionState,
     SessionView,
@@ -70,12 +71,14 @@ from .job_queue import JobQueue
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 LIVE_STATES = (SessionState.STARTING, SessionState.IDLE, SessionState.BUSY, SessionState.STOPPING)
 # Live and not on the way out: an agent runs, or is starting, and will go on.
 RUNNING_STATES = (SessionState.STARTING, SessionState.IDLE, SessionState.BUSY)
 # Cancellation.reason of a running turn whose session is closed (DELETE /session).
 SESSION_CLOSED_REASON = "session closed"
-DeleteReply = tuple[trio.MemorySendChannel[bool], trio.MemorySendChannel[Any]]
+DeleteReply = tuple[trio.MemorySendChannel[bool], trio.MemorySendChannel[SessionDeleted]]
 
 
 @attrs.define(eq=False)
@@ -123,7 +126,7 @@ class SessionScheduler:
         max_waiting_sessions_per_user: int | None = None,
         idle_s: float,
         start_session: Callable[[StartSession], bool],
-        delete_record: Callable[[SessionKey, trio.MemorySendChannel[Any]], None],
+        delete_record: Callable[[SessionKey, trio.MemorySendChannel[SessionDeleted]], None],
         max_running_per_user: int | None = None,
         running_elsewhere: Callable[[], Counter[str]] = Counter,
     ) -> None:
@@ -272,7 +275,7 @@ class SessionScheduler:
         self,
         key: SessionKey,
         ack: trio.MemorySendChannel[bool],
-        deleted: trio.MemorySendChannel[Any],
+        deleted: trio.MemorySendChannel[SessionDeleted],
     ) -> None:
         """DELETE /session: end the actor if any, then delete the record."""
         entry = self.entries.get(key)
@@ -512,7 +515,7 @@ def _send_nowait(inbox: trio.MemorySendChannel[SessionCommand], message: Session
     return True
 
 
-def _reply(channel: trio.MemorySendChannel[Any], value: object) -> None:
+def _reply(channel: trio.MemorySendChannel[T], value: T) -> None:
     try:
         channel.send_nowait(value)
     except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
