@@ -263,40 +263,18 @@ class _Worker:
     async def _serve(self, agent: Agent, home: Path) -> Next:
         """Offer the warm ``agent`` and run the jobs it is given, until it must go."""
         binding: Binding | None = None  # whom the agent serves, once it has served anyone
-        assert self.stamp is not None
         while True:
             job, self.carried = self.carried, None
             if job is None:
-                command = await _offer(
-                    partial(WorkerReady, self.worker_id, bound_to=_user_of(binding)),
-                    self.dispatcher,
-                    self.stop,
-                    (agent.wait_exited, self.stamp.wait_stale),
-                    math.inf if binding is None else binding.until,
-                )
-                if self.stamp.stale() and not agent.exited:
-                    # Still idle: it goes as an agent that exited while idle does.
-                    log.info("%s: new Claude credentials; replacing its idle agent", self.worker_id)
-                    await agent.close()
-                match command:
-                    case None:  # stopped, its user's time is up, or the agent exited
-                        if agent.exited:
-                            log.warning("%s: idle agent exited", self.worker_id)
-                        return self._after_use() if binding is not None else Next.WARM
-                    case Retire():
-                        return Next.SLEEP
-                    case Warm():  # warm already
-                        continue
-                    case Job():
-                        job = command
-                    case _:
-                        assert_never(command)
+                given = await self._offered(agent, binding)
+                if isinstance(given, Next):
+                    return given
+                job = given
             if agent.exited:
                 log.warning("%s: agent exited while idle; starting another", self.worker_id)
-                self.carried = job
-                return Next.WARM
-            if binding is not None and not binding.may_run(job):
-                # Never across users: another user's job gets a fresh agent.
+            if agent.exited or (binding is not None and not binding.may_run(job)):
+                # Held for a fresh agent: this one died, or serves another user (never
+                # across users).
                 self.carried = job
                 return Next.WARM
             outcome = await self._run(agent, home, job)
@@ -310,6 +288,36 @@ class _Worker:
             if kept is None:
                 return self._after_use()
             binding = kept
+
+    async def _offered(self, agent: Agent, binding: Binding | None) -> Job | Next:
+        """Offer ``agent`` (to anyone, or only to its ``binding``'s user until their time is
+        up) until the dispatcher gives it a job; or the phase that follows when it must go."""
+        assert self.stamp is not None
+        while True:
+            command = await _offer(
+                partial(WorkerReady, self.worker_id, bound_to=_user_of(binding)),
+                self.dispatcher,
+                self.stop,
+                (agent.wait_exited, self.stamp.wait_stale),
+                math.inf if binding is None else binding.until,
+            )
+            if self.stamp.stale() and not agent.exited:
+                # Still idle: it goes as an agent that exited while idle does.
+                log.info("%s: new Claude credentials; replacing its idle agent", self.worker_id)
+                await agent.close()
+            match command:
+                case None:  # stopped, its user's time is up, or the agent exited
+                    if agent.exited:
+                        log.warning("%s: idle agent exited", self.worker_id)
+                    return self._after_use() if binding is not None else Next.WARM
+                case Retire():
+                    return Next.SLEEP
+                case Warm():  # warm already
+                    continue
+                case Job():
+                    return command
+                case _:
+                    assert_never(command)
 
     def _after_use(self) -> Next:
         """What follows an agent that served someone and is done: without reuse, a fresh
