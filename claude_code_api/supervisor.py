@@ -58,8 +58,14 @@ import trio
 from . import metrics
 from .actors.credentials import CredentialsActor, CredentialsClient
 from .actors.dispatcher import Dispatcher, PoolView, SessionLimits
-from .actors.reaper import REAPER_INBOX_SIZE, ReaperClient, serve_reaper
-from .actors.registry import RegistryClient, open_store, serve_registry, user_workspace
+from .actors.reaper import REAPER_INBOX_SIZE, ReaperClient, ReaperMessage, serve_reaper
+from .actors.registry import (
+    RegistryClient,
+    RegistryMessage,
+    open_store,
+    serve_registry,
+    user_workspace,
+)
 from .actors.session import SessionConfig, serve_session
 from .actors.session_supervisor import SessionSupervisor
 from .actors.stopping import StopSignal
@@ -81,6 +87,7 @@ from .messages import (
     JobFailed,
     RunOptions,
     SessionKey,
+    StartSession,
 )
 from .metered_agent import metered
 from .model_proxy import ModelProxy, UpstreamCredential, keep_memory_private, upstream_url
@@ -109,11 +116,15 @@ class Service:
         metrics.set_enabled(settings.metrics)
         metrics.set_per_user(settings.metrics_per_user)
         self.inbox, self._inbox_receive = trio.open_memory_channel[DispatcherMessage](0)
-        self.registry_inbox, self._registry_receive = trio.open_memory_channel(REGISTRY_INBOX_SIZE)
-        self.session_starts, self._session_starts_receive = trio.open_memory_channel(
+        self.registry_inbox, self._registry_receive = trio.open_memory_channel[RegistryMessage](
+            REGISTRY_INBOX_SIZE
+        )
+        self.session_starts, self._session_starts_receive = trio.open_memory_channel[StartSession](
             settings.max_live_sessions
         )
-        self.reaper_inbox, self._reaper_receive = trio.open_memory_channel(REAPER_INBOX_SIZE)
+        self.reaper_inbox, self._reaper_receive = trio.open_memory_channel[ReaperMessage](
+            REAPER_INBOX_SIZE
+        )
         self.credentials_inbox, self._credentials_receive = trio.open_memory_channel[
             CredentialsMessage
         ](0)
