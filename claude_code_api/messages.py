@@ -44,7 +44,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import trio
@@ -52,6 +52,18 @@ import trio
 from . import metrics
 
 # --- jobs and their replies -------------------------------------------------
+
+Answer = TypeVar("Answer")
+
+
+def answer_once(reply: trio.MemorySendChannel[Answer], value: Answer) -> None:
+    """Send the one answer ``reply`` carries and close it; only its holder may. Never
+    blocks: an asker that is gone, or that left the channel full, is not answered."""
+    try:
+        reply.send_nowait(value)
+    except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    reply.close()
 
 
 @attrs.frozen
@@ -225,11 +237,7 @@ class Job:
             None if result is None else result.cost_usd,
             None if result is None else result.usage,
         )
-        try:
-            self.reply.send_nowait(event)
-        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        self.reply.close()
+        answer_once(self.reply, event)
 
 
 @attrs.frozen

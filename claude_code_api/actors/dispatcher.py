@@ -98,6 +98,7 @@ from ..messages import (
     WorkerStarting,
     WorkerState,
     WorkerView,
+    answer_once,
 )
 from .job_queue import JobQueue
 from .registry import DeleteSession, RegistryMessage
@@ -303,7 +304,7 @@ class Dispatcher:
                     waited_s = trio.current_time() - withdrawn.submitted_at
                     metrics.run_answered(withdrawn.user_id, waited_s, "cancelled")
             case CancelRun(user_id, run_id, ack):
-                _reply(ack, self._cancel_run(user_id, run_id))
+                answer_once(ack, self._cancel_run(user_id, run_id))
             case StatusRequest(reply, user_id):
                 try:
                     reply.send_nowait(self.snapshot(user_id))
@@ -612,8 +613,7 @@ class Dispatcher:
             assert self.registry is not None
             self.registry.send_nowait(DeleteSession(key, deleted))
         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-            deleted.send_nowait(JobFailed(503, "session registry is overloaded, try again"))
-            deleted.close()
+            answer_once(deleted, JobFailed(503, "session registry is overloaded, try again"))
 
     def _expire_queued(self, now: float) -> None:
         for job in self.queue.pop_expired(now) + self.sessions.expire(now):
@@ -627,11 +627,7 @@ class Dispatcher:
         if busy or self.sessions.busy_count():
             return
         for done in self.drained_waiters:
-            try:
-                done.send_nowait(None)
-            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            done.close()
+            answer_once(done, None)
         self.drained_waiters.clear()
 
     def _fail_queued(self, failure: JobFailed) -> None:
@@ -741,11 +737,3 @@ def _unknown(message: Never) -> None:
     """The arm no message type reaches: mypy flags one without its own arm (``message``
     is ``Never``); at run time an object that is no message is logged and dropped."""
     log.error("dispatcher: unknown message %r", message)
-
-
-def _reply(channel: trio.MemorySendChannel[bool], value: bool) -> None:
-    try:
-        channel.send_nowait(value)
-    except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    channel.close()

@@ -46,7 +46,6 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import TypeVar
 
 import attrs
 import trio
@@ -65,13 +64,12 @@ from ..messages import (
     SessionState,
     SessionView,
     StartSession,
+    answer_once,
 )
 from .fair_line import FairLine
 from .job_queue import JobQueue
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 LIVE_STATES = (SessionState.STARTING, SessionState.IDLE, SessionState.BUSY, SessionState.STOPPING)
 # Live and not on the way out: an agent runs, or is starting, and will go on.
@@ -266,7 +264,7 @@ class SessionScheduler:
         if entry.closing:
             for ack, deleted in entry.closing:
                 self._delete_record(key, deleted)
-                _reply(ack, True)
+                answer_once(ack, True)
             entry.closing.clear()
         if failure is not None:
             # The actor could not go on (its agent cannot start, too many sessions, the
@@ -309,7 +307,7 @@ class SessionScheduler:
         entry = self.entries.get(key)
         if entry is None:
             self._delete_record(key, deleted)
-            _reply(ack, False)
+            answer_once(ack, False)
             return
         for job in entry.waiting.pop_all():
             job.answer(RunResult(success=False, output="session closed", duration_ms=0))
@@ -317,7 +315,7 @@ class SessionScheduler:
             self.waiting_for_slot.remove(key)
             del self.entries[key]
             self._delete_record(key, deleted)
-            _reply(ack, True)
+            answer_once(ack, True)
             return
         # Starting without an inbox yet: `started` sends the close when it arrives.
         entry.closing.append((ack, deleted))
@@ -554,11 +552,3 @@ def _send_nowait(inbox: trio.MemorySendChannel[SessionCommand], message: Session
         # dispatcher can have outstanding); its supervisor reports SessionStopped.
         return False
     return True
-
-
-def _reply(channel: trio.MemorySendChannel[T], value: T) -> None:
-    try:
-        channel.send_nowait(value)
-    except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    channel.close()
