@@ -44,7 +44,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import trio
@@ -52,6 +52,18 @@ import trio
 from . import metrics
 
 # --- jobs and their replies -------------------------------------------------
+
+Answer = TypeVar("Answer")
+
+
+def answer_once(reply: trio.MemorySendChannel[Answer], value: Answer) -> None:
+    """Send the one answer ``reply`` carries and close it; only its holder may. Never
+    blocks: an asker that is gone, or that left the channel full, is not answered."""
+    try:
+        reply.send_nowait(value)
+    except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    reply.close()
 
 
 @attrs.frozen
@@ -225,11 +237,7 @@ class Job:
             None if result is None else result.cost_usd,
             None if result is None else result.usage,
         )
-        try:
-            self.reply.send_nowait(event)
-        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        self.reply.close()
+        answer_once(self.reply, event)
 
 
 @attrs.frozen
@@ -629,12 +637,19 @@ class CloseSession:
 
     ``ack`` gets True if the dispatcher knew the session (live or waiting). Once no
     actor runs for it any more, the dispatcher asks the registry to delete the
-    record, and the registry answers on ``deleted`` (True/False, or the error).
+    record, and the registry answers on ``deleted`` (:data:`SessionDeleted`).
     """
 
     key: SessionKey
     ack: trio.MemorySendChannel[bool] = attrs.field(repr=False)
-    deleted: trio.MemorySendChannel[Any] = attrs.field(repr=False)
+    deleted: trio.MemorySendChannel[SessionDeleted] = attrs.field(repr=False)
+
+
+# What DELETE /session hears on CloseSession.deleted: whether the record existed, or why
+# it could not be deleted: the dispatcher's JobFailed (the registry's inbox was full) or
+# the store's error (a RegistryError, named here only as an Exception: messages import
+# nothing of the store).
+SessionDeleted = bool | JobFailed | Exception
 
 
 @attrs.frozen
@@ -648,24 +663,13 @@ class UserMemoryChanged:
     user_id: str
 
 
-DispatcherMessage = (
-    Submit
-    | Withdraw
-    | CancelRun
-    | WorkerStarting
-    | WorkerReady
-    | WorkerFinished
-    | WorkerFailed
-    | WorkerDormant
-    | StatusRequest
-    | Drain
-    | SessionStarted
-    | SessionIdle
-    | SessionStopped
-    | SessionsReset
-    | CloseSession
-    | UserMemoryChanged
+# The dispatcher's inbox, by who sends: the HTTP side, the workers, the session side.
+ClientRequest = Submit | Withdraw | CancelRun | StatusRequest | Drain
+WorkerReport = WorkerStarting | WorkerReady | WorkerFinished | WorkerFailed | WorkerDormant
+SessionReport = (
+    SessionStarted | SessionIdle | SessionStopped | SessionsReset | CloseSession | UserMemoryChanged
 )
+DispatcherMessage = ClientRequest | WorkerReport | SessionReport
 
 
 # --- credentials inbox ------------------------------------------------------

@@ -58,8 +58,8 @@ import trio
 from . import metrics
 from .actors.credentials import CredentialsActor, CredentialsClient
 from .actors.dispatcher import Dispatcher, PoolView, SessionLimits
-from .actors.reaper import REAPER_INBOX_SIZE, ReaperClient, serve_reaper
-from .actors.registry import serve_registry
+from .actors.reaper import REAPER_INBOX_SIZE, ReaperClient, ReaperMessage, serve_reaper
+from .actors.registry import RegistryMessage, serve_registry
 from .actors.registry_client import RegistryClient
 from .actors.session import SessionConfig, serve_session
 from .actors.session_supervisor import SessionSupervisor
@@ -82,11 +82,12 @@ from .messages import (
     JobFailed,
     RunOptions,
     SessionKey,
+    StartSession,
 )
 from .metered_agent import metered
 from .model_proxy import ModelProxy, UpstreamCredential, keep_memory_private, upstream_url
 from .oauth import TokenEndpoint
-from .renewal import CredentialsVersion, retired_when_stale
+from .renewal import CredentialsVersion
 from .sandbox import EGRESS_PROXY_SOCKET, remove_conversation_files
 from .startup import plan_agents
 from .store import open_store
@@ -112,11 +113,15 @@ class Service:
         metrics.set_enabled(settings.metrics)
         metrics.set_per_user(settings.metrics_per_user)
         self.inbox, self._inbox_receive = trio.open_memory_channel[DispatcherMessage](0)
-        self.registry_inbox, self._registry_receive = trio.open_memory_channel(REGISTRY_INBOX_SIZE)
-        self.session_starts, self._session_starts_receive = trio.open_memory_channel(
+        self.registry_inbox, self._registry_receive = trio.open_memory_channel[RegistryMessage](
+            REGISTRY_INBOX_SIZE
+        )
+        self.session_starts, self._session_starts_receive = trio.open_memory_channel[StartSession](
             settings.max_live_sessions
         )
-        self.reaper_inbox, self._reaper_receive = trio.open_memory_channel(REAPER_INBOX_SIZE)
+        self.reaper_inbox, self._reaper_receive = trio.open_memory_channel[ReaperMessage](
+            REAPER_INBOX_SIZE
+        )
         self.credentials_inbox, self._credentials_receive = trio.open_memory_channel[
             CredentialsMessage
         ](0)
@@ -333,10 +338,6 @@ class Service:
             def new_session_supervisor() -> SessionSupervisor:
                 return SessionSupervisor(self._session_starts_receive, self.inbox, run_session)
 
-            # A worker's process is retired when it waits for a job with stale credentials
-            # (also one kept for its user's next job, which waits the same way).
-            new_worker_agent = retired_when_stale(new_agent, self.credentials_version)
-
             def worker_spec(worker_id: str, *, dormant: bool) -> ChildSpec:
                 homes = settings.data_dir / "workers" / worker_id
                 stop = _CurrentStop()
@@ -346,10 +347,11 @@ class Service:
                         worker_id,
                         worker_config,
                         self.inbox.clone(),
-                        new_worker_agent,
+                        new_agent,
                         homes,
                         stop.fresh(),
                         dormant=dormant,
+                        credentials=self.credentials_version,
                         task_status=task_status,
                     )
 

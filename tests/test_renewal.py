@@ -3,6 +3,7 @@ their turn. A worker and a session actor with fake agents, on trio's autojump cl
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import attrs
@@ -13,6 +14,7 @@ import trio.testing
 from claude_code_api.actors.stopping import StopSignal
 from claude_code_api.actors.worker import serve_worker
 from claude_code_api.messages import (
+    JobFailed,
     JobStarted,
     RunResult,
     SessionIdle,
@@ -22,7 +24,7 @@ from claude_code_api.messages import (
     WorkerReady,
     WorkerStarting,
 )
-from claude_code_api.renewal import CredentialsVersion, retired_when_stale
+from claude_code_api.renewal import CredentialsVersion
 from tests.fake_agent import FakeAgents, Finish, Say, Wait
 from tests.test_session_actor import KEY, FakeRegistry, start_session, warm_agents
 from tests.test_turn import make_job
@@ -52,8 +54,18 @@ async def test_the_version_wakes_its_waiters(autojump_clock, nursery):
 
 async def start_worker(nursery, agents, version):
     send, receive = trio.open_memory_channel(0)
-    new_agent = retired_when_stale(agents, version)
-    nursery.start_soon(serve_worker, "w", CONFIG, send, new_agent, Path("/homes"), StopSignal())
+    nursery.start_soon(
+        partial(
+            serve_worker,
+            "w",
+            CONFIG,
+            send,
+            agents,
+            Path("/homes"),
+            StopSignal(),
+            credentials=version,
+        )
+    )
     return receive
 
 
@@ -172,6 +184,21 @@ async def test_a_turn_arriving_as_the_credentials_change_runs_on_the_new_agent(
         assert second.events == ["start", "turn now"]
 
 
+async def test_a_held_turn_its_record_not_saved_still_ends_in_an_idle_report(
+    autojump_clock, nursery, version
+):
+    with trio.fail_after(LIMIT):
+        registry = FakeRegistry()
+        session = await start_session(nursery, FakeAgents(), registry, credentials=version)
+        await session.idle()
+        registry.failing = "disk full"
+        version.bump()
+        _, events = await session.turn("now")  # held while the agent is replaced
+        assert events[-1] == JobFailed(503, "session store unavailable: disk full")
+        # The dispatcher counts the session busy with that turn until it hears otherwise.
+        assert await session.idle() == SessionIdle(KEY, None, None)
+
+
 async def test_an_idle_exit_does_not_report_the_last_turn_twice(autojump_clock, nursery, version):
     with trio.fail_after(LIMIT):
         agents = FakeAgents()
@@ -193,9 +220,18 @@ async def test_an_agent_kept_for_its_user_is_replaced_when_the_credentials_chang
     with trio.fail_after(LIMIT):
         agents, version = FakeAgents(), CredentialsVersion()
         send, messages = trio.open_memory_channel(0)
-        new_agent = retired_when_stale(agents, version)
         config = attrs.evolve(CONFIG, reuse_s=60.0)
-        nursery.start_soon(serve_worker, "w", config, send, new_agent, Path("/homes"), StopSignal())
+        worker = partial(
+            serve_worker,
+            "w",
+            config,
+            send,
+            agents,
+            Path("/homes"),
+            StopSignal(),
+            credentials=version,
+        )
+        nursery.start_soon(worker)
         inbox = await ready(messages)
         job, reply = make_job()
         inbox.send_nowait(job)

@@ -35,7 +35,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, assert_never
 
 import trio
 
@@ -49,6 +49,7 @@ from ..messages import (
     LoginSaved,
     RefreshFailure,
     StartLogin,
+    answer_once,
 )
 from ..oauth import PendingLogins, TokenEndpointError, TokenGranter
 from ..renewal import CredentialsVersion
@@ -104,14 +105,6 @@ class CredentialsClient:
             except trio.EndOfChannel:
                 pass
         raise CredentialsUnavailable("the credentials service did not answer in time")
-
-
-def _answer(reply: trio.MemorySendChannel[T], value: T) -> None:
-    try:
-        reply.send_nowait(value)
-    except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-        pass  # the asker gave up
-    reply.close()
 
 
 def _when(seconds: float | None) -> str:
@@ -191,18 +184,18 @@ class CredentialsActor:
     def _handle(self, message: CredentialsMessage, nursery: trio.Nursery) -> None:
         match message:
             case CredentialsStatusRequest(reply):
-                _answer(reply, self.status())
+                answer_once(reply, self.status())
             case StartLogin(reply):
-                _answer(reply, self.pending.start())
+                answer_once(reply, self.pending.start())
                 log.info("OAuth login started (%d pending)", len(self.pending))
             case ExchangeCode(code, state, reply):
                 verifier = self.pending.take(state)
                 if verifier is None:
-                    _answer(reply, AuthFailed(400, NO_MATCHING_LOGIN))
+                    answer_once(reply, AuthFailed(400, NO_MATCHING_LOGIN))
                 else:
                     nursery.start_soon(self._exchange, code, state, verifier, reply)
             case _:
-                log.error("credentials: unknown message %r", message)
+                assert_never(message)
 
     # --- logins and refreshes ---------------------------------------------------
 
@@ -217,7 +210,7 @@ class CredentialsActor:
             grant = await self.endpoint.exchange(code, verifier, state)
         except TokenEndpointError as exc:
             log.warning("OAuth login failed: %s", exc)
-            _answer(reply, AuthFailed(502, f"Token exchange failed: {exc}"))
+            answer_once(reply, AuthFailed(502, f"Token exchange failed: {exc}"))
             return
         async with self._writing:
             now = self.wall_clock()
@@ -225,7 +218,7 @@ class CredentialsActor:
                 await self.run_blocking(self.file.save_login, grant, round(now * 1000))
             except OSError as exc:
                 log.error("OAuth login not stored in %s: %s", self.file.path, exc)
-                _answer(reply, AuthFailed(503, f"cannot store the Claude credentials: {exc}"))
+                answer_once(reply, AuthFailed(503, f"cannot store the Claude credentials: {exc}"))
                 return
             self.last_refresh_at = None
             await self._reload(changed=True, lifetime_s=grant.expires_in_s)
@@ -241,7 +234,7 @@ class CredentialsActor:
                 if self.current.method == "apiKey"
                 else "CLAUDE_CODE_OAUTH_TOKEN",
             )
-        _answer(reply, LoginSaved())
+        answer_once(reply, LoginSaved())
 
     def refresh_due(self) -> float | None:
         """When the next refresh is due (wall-clock seconds), or None if there is none to make."""

@@ -54,7 +54,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Never, assert_never
 
 import attrs
 import trio
@@ -63,6 +63,7 @@ from .. import metrics
 from ..messages import (
     DEFAULT_OPTIONS,
     CancelRun,
+    ClientRequest,
     CloseSession,
     DispatcherMessage,
     Drain,
@@ -74,8 +75,10 @@ from ..messages import (
     RunResult,
     RunState,
     RunView,
+    SessionDeleted,
     SessionIdle,
     SessionKey,
+    SessionReport,
     SessionsReset,
     SessionStarted,
     SessionStopped,
@@ -91,12 +94,14 @@ from ..messages import (
     WorkerFailed,
     WorkerFinished,
     WorkerReady,
+    WorkerReport,
     WorkerStarting,
     WorkerState,
     WorkerView,
+    answer_once,
 )
 from .job_queue import JobQueue
-from .registry import DeleteSession
+from .registry import DeleteSession, RegistryMessage
 from .session_scheduler import SessionScheduler
 
 log = logging.getLogger(__name__)
@@ -175,7 +180,7 @@ class Dispatcher:
         queue_max: int,
         queue_max_per_user: int | None = None,
         session_starter: trio.MemorySendChannel[StartSession] | None = None,
-        registry: trio.MemorySendChannel[Any] | None = None,
+        registry: trio.MemorySendChannel[RegistryMessage] | None = None,
         session_limits: SessionLimits = SessionLimits(),
         view: PoolView | None = None,
         max_running_per_user: int | None = None,
@@ -271,6 +276,24 @@ class Dispatcher:
     # --- messages ---------------------------------------------------------
 
     def handle(self, message: DispatcherMessage) -> None:
+        """Take one message; never awaits."""
+        match message:
+            case Submit() | Withdraw() | CancelRun() | StatusRequest() | Drain():
+                self._handle_client(message)
+            case WorkerStarting() | WorkerReady() | WorkerFinished() | WorkerFailed():
+                self._handle_worker(message)
+            case WorkerDormant():
+                self._handle_worker(message)
+            case SessionStarted() | SessionIdle() | SessionStopped() | SessionsReset():
+                self._handle_session(message)
+            case CloseSession() | UserMemoryChanged():
+                self._handle_session(message)
+            case _:
+                # Checked as assert_never is, but a stray object is logged, not raised: a
+                # restarted dispatcher fails every job it holds.
+                _unknown(message)
+
+    def _handle_client(self, message: ClientRequest) -> None:
         match message:
             case Submit(job):
                 self._submit(job)
@@ -281,41 +304,7 @@ class Dispatcher:
                     waited_s = trio.current_time() - withdrawn.submitted_at
                     metrics.run_answered(withdrawn.user_id, waited_s, "cancelled")
             case CancelRun(user_id, run_id, ack):
-                _reply(ack, self._cancel_run(user_id, run_id))
-            case WorkerStarting(worker_id):
-                record = self._record(worker_id)
-                self._drop_offer(record)
-                record.state, record.busy_since, record.job = WorkerState.STARTING, None, None
-                self._forget_idle(worker_id)
-            case WorkerReady(worker_id, inbox, bound_to):
-                record = self._record(worker_id)
-                self._drop_offer(record)
-                record.state = WorkerState.READY if bound_to is None else WorkerState.KEPT
-                record.failing, record.inbox, record.bound_to = False, inbox, bound_to
-                record.busy_since = record.job = None
-                self.ever_ready = True
-                self._forget_idle(worker_id)
-                self.idle.append(worker_id)
-            case WorkerFinished(worker_id, _job_id, ok, upstream_error):
-                self._count_turn(ok, upstream_error)
-                record = self._record(worker_id)
-                record.state, record.bound_to = self._after_job(record.job, ok)
-                record.busy_since = record.job = None
-            case WorkerDormant(worker_id, inbox):
-                record = self._record(worker_id)
-                self._drop_offer(record)
-                record.state, record.inbox, record.bound_to = WorkerState.DORMANT, inbox, None
-                record.busy_since = record.job = None
-                self._forget_idle(worker_id)
-            case WorkerFailed(worker_id, reason):
-                record = self._record(worker_id)
-                self._drop_offer(record)
-                record.state, record.failing, record.last_error = WorkerState.ERROR, True, reason
-                self.last_failure = reason
-                record.busy_since = record.job = None
-                self._forget_idle(worker_id)
-                if self.degraded_reason() is not None:
-                    self._fail_queued(self._unavailable())
+                answer_once(ack, self._cancel_run(user_id, run_id))
             case StatusRequest(reply, user_id):
                 try:
                     reply.send_nowait(self.snapshot(user_id))
@@ -326,6 +315,41 @@ class Dispatcher:
                 self.drained_waiters.append(done)
                 self._fail_queued(SHUTTING_DOWN)
                 self.sessions.fail_all_waiting(SHUTTING_DOWN)
+            case _:
+                assert_never(message)
+
+    def _handle_worker(self, message: WorkerReport) -> None:
+        record = self._record(message.worker_id)
+        if not isinstance(message, WorkerFinished):
+            self._drop_offer(record)  # any offer it made before is void
+            self._forget_idle(message.worker_id)
+        match message:
+            case WorkerStarting():
+                record.state, record.busy_since, record.job = WorkerState.STARTING, None, None
+            case WorkerReady(worker_id, inbox, bound_to):
+                record.state = WorkerState.READY if bound_to is None else WorkerState.KEPT
+                record.failing, record.inbox, record.bound_to = False, inbox, bound_to
+                record.busy_since = record.job = None
+                self.ever_ready = True
+                self.idle.append(worker_id)
+            case WorkerFinished(_worker_id, _job_id, ok, upstream_error):
+                self._count_turn(ok, upstream_error)
+                record.state, record.bound_to = self._after_job(record.job, ok)
+                record.busy_since = record.job = None
+            case WorkerDormant(_worker_id, inbox):
+                record.state, record.inbox, record.bound_to = WorkerState.DORMANT, inbox, None
+                record.busy_since = record.job = None
+            case WorkerFailed(_worker_id, reason):
+                record.state, record.failing, record.last_error = WorkerState.ERROR, True, reason
+                self.last_failure = reason
+                record.busy_since = record.job = None
+                if self.degraded_reason() is not None:
+                    self._fail_queued(self._unavailable())
+            case _:
+                assert_never(message)
+
+    def _handle_session(self, message: SessionReport) -> None:
+        match message:
             case SessionStarted(key, inbox, actor):
                 self.sessions.started(key, inbox, actor)
             case SessionIdle(key, finished_ok, upstream_error, actor):
@@ -341,7 +365,7 @@ class Dispatcher:
             case UserMemoryChanged(user_id):
                 self.sessions.memory_changed(user_id)
             case _:
-                log.error("dispatcher: unknown message %r", message)
+                assert_never(message)
 
     def _count_turn(self, ok: bool, upstream_error: UpstreamError | None) -> None:
         self.processed += 1
@@ -582,13 +606,14 @@ class Dispatcher:
             return False
         return True
 
-    def _delete_record(self, key: SessionKey, deleted: trio.MemorySendChannel[Any]) -> None:
+    def _delete_record(
+        self, key: SessionKey, deleted: trio.MemorySendChannel[SessionDeleted]
+    ) -> None:
         try:
             assert self.registry is not None
             self.registry.send_nowait(DeleteSession(key, deleted))
         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-            deleted.send_nowait(JobFailed(503, "session registry is overloaded, try again"))
-            deleted.close()
+            answer_once(deleted, JobFailed(503, "session registry is overloaded, try again"))
 
     def _expire_queued(self, now: float) -> None:
         for job in self.queue.pop_expired(now) + self.sessions.expire(now):
@@ -602,11 +627,7 @@ class Dispatcher:
         if busy or self.sessions.busy_count():
             return
         for done in self.drained_waiters:
-            try:
-                done.send_nowait(None)
-            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            done.close()
+            answer_once(done, None)
         self.drained_waiters.clear()
 
     def _fail_queued(self, failure: JobFailed) -> None:
@@ -712,9 +733,7 @@ def _acknowledge(job: Job, position: int) -> None:
         pass
 
 
-def _reply(channel: trio.MemorySendChannel[bool], value: bool) -> None:
-    try:
-        channel.send_nowait(value)
-    except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    channel.close()
+def _unknown(message: Never) -> None:
+    """The arm no message type reaches: mypy flags one without its own arm (``message``
+    is ``Never``); at run time an object that is no message is logged and dropped."""
+    log.error("dispatcher: unknown message %r", message)

@@ -9,6 +9,22 @@ it saves the record (turns, cost, last activity, and the conversation's current
 Claude session id: the CLI moves a conversation to a new id on ``/clear``) and
 answers the client only once the registry has it durably.
 
+States (:class:`Phase`; each phase is a method of :class:`_SessionActor` that returns
+the next):
+
+* ``START`` — no agent: start one (resuming the conversation) → ``IDLE``, or ``TURN``
+  with a turn handed over before the last agent went;
+* ``IDLE`` — tell the dispatcher it is idle (unless it counts it idle already: the
+  agent was replaced while idle), wait → ``TURN`` on a turn, ``RENEW`` when the
+  credentials change, ``REPLACE`` when the agent exits, ``END`` on :class:`Hibernate`
+  or :class:`CloseSessionNow`;
+* ``TURN`` — run the turn, save the record, answer → ``IDLE``; ``RENEW`` when the
+  credentials changed during it; ``START`` when the turn cost the agent;
+* ``RENEW`` (credentials stale) and ``REPLACE`` (idle exit; the third in a row ends
+  the session) — close the agent → ``START``; a turn that came as it went is held
+  (:attr:`_SessionActor.job`) and runs on the next agent;
+* ``END`` — hibernated or closed. A stop request ends it between any two phases.
+
 Channels: it owns the receive end of its inbox (offered in
 :class:`SessionStarted`) and closes it when it ends, answering any job still in
 it; it sends on its own clone of the dispatcher's inbox, closed when it ends;
@@ -38,12 +54,13 @@ Error handling:
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
 import attrs
 import trio
@@ -68,9 +85,10 @@ from ..messages import (
     TerminalEvent,
     UpstreamError,
 )
-from ..renewal import CredentialsVersion
+from ..renewal import CredentialsStamp, CredentialsVersion
 from ..store import SessionRecord, TooManySessions, new_session_record
 from ..store import StoreUnavailable as RegistryError
+from .idle import SHUTTING_DOWN, next_command
 from .registry_client import RegistryClient
 from .stopping import StopSignal
 from .turn import TurnLimits, TurnOutcome, run_turn
@@ -83,7 +101,6 @@ NO_TRANSCRIPT = "No conversation found"
 TRANSCRIPT_EXISTS = "already in use"
 # An idle agent that exits this many times in a row (no turn in between) ends the session.
 MAX_IDLE_EXITS = 3
-SHUTTING_DOWN = JobFailed(503, "service is shutting down")
 
 
 class SessionFailed(Exception):
@@ -134,106 +151,189 @@ async def serve_session(
     """
     record = await _load_or_create(key, registry, config.max_sessions_per_user, options)
     inbox_send, inbox = trio.open_memory_channel[SessionCommand](SESSION_INBOX_SIZE)
-    credentials = credentials or CredentialsVersion()
-    agent: Agent | None = None
-    agent_credentials = credentials.number
-    idle_exits = 0
-    finished_ok: bool | None = None
-    # The dispatcher counts this session idle already (an agent replaced for new
-    # credentials while idle): saying so again could get it a second turn at once.
-    announce_idle = True
-    # A turn that arrived as the credentials changed: it runs on the new agent.
-    carried: Job | None = None
-    session = _Session(key, record, registry)
-    leftover = SHUTTING_DOWN
+    actor_ = _SessionActor(
+        key,
+        config,
+        dispatcher,
+        inbox,
+        _Session(key, record, registry),
+        partial(_start_agent, config=config, new_agent=new_agent, home=home),
+        stop,
+        actor,
+        credentials or CredentialsVersion(),
+    )
     async with dispatcher:
         try:
             await dispatcher.send(SessionStarted(key, inbox_send, actor))
-            if _closed_at_once(inbox):  # a stale start: no agent to spawn
-                return
-            while not stop.requested:
-                if agent is not None and credentials.newer_than(agent_credentials):
-                    log.info("session %s: new Claude credentials; replacing its agent", key)
-                    await agent.close()
-                    agent = None
-                if agent is None:
-                    agent_credentials = credentials.number
-                    with stop.guard():
-                        held = _held(session.record, config.ceiling)
-                        agent = await _start_agent(
-                            session.record, held.options, config, new_agent, home
-                        )
-                    if agent is None:
-                        return
-                    session.agent_started(agent, held.changed)
-                command: SessionCommand | None = carried
-                carried = None
-                if command is None:
-                    if announce_idle:
-                        await dispatcher.send(
-                            SessionIdle(key, finished_ok, session.upstream_error, actor)
-                        )
-                        finished_ok = None  # counted once, not again after an idle exit
-                    announce_idle = True
-                    with stop.guard():
-                        command = await _next_command(
-                            inbox, agent, partial(credentials.wait_newer_than, agent_credentials)
-                        )
-                    stale = credentials.newer_than(agent_credentials)
-                    if stale and not agent.exited and not stop.requested:
-                        if command is None or isinstance(command, Job):
-                            carried, announce_idle = command, False
-                            continue  # the agent is replaced at the top of the loop
-                # (Spelled out, not a named bool: mypy narrows `command` to a Job here.)
-                if (
-                    (command is None or isinstance(command, Job))
-                    and agent.exited
-                    and not stop.requested
-                ):
-                    idle_exits += 1
-                    log.warning("session %s: agent exited while idle; replacing it", key)
-                    await agent.close(grace=0)
-                    agent = None
-                    if idle_exits >= MAX_IDLE_EXITS:
-                        leftover = JobFailed(502, "session agent keeps exiting while idle")
-                        if command is not None:
-                            command.answer(leftover)
-                        raise SessionFailed(leftover)
-                    # The dispatcher counts it idle still (or has just handed over a turn,
-                    # which runs on the replacement): announcing idle again could get it a
-                    # second turn while the first waits.
-                    carried, announce_idle = command, False
-                    continue
-                if command is None or isinstance(command, Hibernate | CloseSessionNow):
-                    return
-                idle_exits = 0
-                taken_at = trio.current_time()
-                try:
-                    await session.before_turn()
-                except RegistryError as exc:
-                    command.answer(store_failure(exc))
-                    continue
-                outcome = await _run_turn(agent, command, key, config, stop, taken_at)
-                outcome = session.say_what_was_lowered(outcome, agent, command.options)
-                command.answer(await session.after_turn(agent, outcome, command.options))
-                announce_idle = True  # after a turn, always (a carried one's too)
-                if not outcome.agent_usable:
-                    agent = None  # run_turn closed it
-                finished_ok = outcome.ok
+            if not _closed_at_once(inbox):  # a stale start: no agent to spawn
+                await actor_.run()
         except AgentStartError as exc:
-            leftover = JobFailed(502, f"session agent failed to start: {exc}")
-            raise SessionFailed(leftover) from exc
+            actor_.leftover = JobFailed(502, f"session agent failed to start: {exc}")
+            raise SessionFailed(actor_.leftover) from exc
         except RegistryError as exc:
-            leftover = store_failure(exc)
-            raise SessionFailed(leftover) from exc
+            actor_.leftover = store_failure(exc)
+            raise SessionFailed(actor_.leftover) from exc
         finally:
-            with trio.CancelScope(shield=True):
-                if agent is not None:
-                    # EOF first: the CLI flushes its transcript before it exits.
-                    await agent.close()
-            if carried is not None:
-                carried.answer(leftover)
-            _close_inbox(inbox, leftover)
+            await actor_.close()
+
+
+class Phase(enum.Enum):
+    """What a session actor does next: each phase of its life returns one."""
+
+    START = "start"  # no agent: start one, resuming the conversation
+    IDLE = "idle"  # wait for a turn, the agent's exit, or new credentials
+    TURN = "turn"  # run the turn in hand
+    RENEW = "renew"  # the idle agent's credentials are stale: close it, start another
+    REPLACE = "replace"  # the agent exited while idle: close it, count it, start another
+    END = "end"  # hibernated, closed, or its inbox closed
+
+
+@attrs.define
+class _SessionActor:
+    """One session actor's phases (see the module docstring) and what they share."""
+
+    key: SessionKey
+    config: SessionConfig
+    dispatcher: trio.MemorySendChannel[DispatcherMessage]
+    inbox: trio.MemoryReceiveChannel[SessionCommand]
+    session: _Session
+    start_agent: Callable[[SessionRecord, RunOptions], Awaitable[Agent]]
+    stop: StopSignal
+    actor: ActorId
+    credentials: CredentialsVersion
+    agent: Agent | None = None
+    stamp: CredentialsStamp | None = None  # the credentials ``agent`` started with
+    # A turn handed over that the agent at hand must not run (its credentials went stale,
+    # or it exited, as the turn came): it runs on the next agent.
+    job: Job | None = None
+    idle_exits: int = 0  # in a row, no turn in between
+    # Whether the next idle wait tells the dispatcher it is idle: not when the dispatcher
+    # counts it idle already (its agent replaced while idle), which could get it a second
+    # turn at once, nor while it holds a turn the dispatcher handed over.
+    report_idle: bool = True
+    finished_ok: bool | None = None  # the last turn's outcome, not reported yet
+    leftover: JobFailed = SHUTTING_DOWN  # the answer for turns it leaves unrun
+
+    async def run(self) -> None:
+        phase = Phase.START
+        while not self.stop.requested:
+            match phase:
+                case Phase.START:
+                    phase = await self._start()
+                case Phase.IDLE:
+                    phase = await self._idle()
+                case Phase.TURN:
+                    phase = await self._turn()
+                case Phase.RENEW:
+                    phase = await self._renew()
+                case Phase.REPLACE:
+                    phase = await self._replace()
+                case Phase.END:
+                    return
+                case _:
+                    assert_never(phase)
+
+    async def _start(self) -> Phase:
+        """Start an agent with the saved options under the ceilings in force."""
+        # Taken before the start: credentials that change during it make the agent stale.
+        self.stamp = self.credentials.stamp()
+        with self.stop.guard():
+            held = _held(self.session.record, self.config.ceiling)
+            self.agent = await self.start_agent(self.session.record, held.options)
+        if self.agent is None:  # stopped while starting
+            return Phase.END
+        self.session.agent_started(self.agent, held.changed)
+        return Phase.IDLE if self.job is None else self._take(self.job)
+
+    async def _idle(self) -> Phase:
+        """Say so (unless the dispatcher knows), then wait for the next command."""
+        assert self.agent is not None and self.stamp is not None
+        if self.report_idle:
+            await self.dispatcher.send(
+                SessionIdle(self.key, self.finished_ok, self.session.upstream_error, self.actor)
+            )
+            self.finished_ok = None  # counted once, not again after an idle exit
+        self.report_idle = True
+        command = await next_command(
+            self.inbox, self.stop, self.agent.wait_exited, self.stamp.wait_stale
+        )
+        if (
+            self.stamp.stale()
+            and not self.agent.exited
+            and not isinstance(command, Hibernate | CloseSessionNow)
+        ):
+            self.job, self.report_idle = command, False
+            return Phase.RENEW
+        return self._take(command)
+
+    def _take(self, command: SessionCommand | None) -> Phase:
+        """The phase for ``command`` (None: the wait ended without one)."""
+        if isinstance(command, Hibernate | CloseSessionNow):
+            return Phase.END
+        assert self.agent is not None
+        self.job = command
+        if self.agent.exited:
+            return Phase.REPLACE
+        return Phase.END if command is None else Phase.TURN
+
+    async def _turn(self) -> Phase:
+        """Run the turn in hand, answer it once its record is saved."""
+        assert self.agent is not None and self.stamp is not None and self.job is not None
+        job, self.job = self.job, None
+        self.idle_exits = 0
+        # Once it is answered, the dispatcher hears that the session is idle (a held turn
+        # too, even one answered 503 below: the dispatcher counts it running till then).
+        self.report_idle = True
+        taken_at = trio.current_time()
+        try:
+            await self.session.before_turn()
+        except RegistryError as exc:
+            job.answer(store_failure(exc))
+            return Phase.RENEW if self.stamp.stale() else Phase.IDLE
+        outcome = await _run_turn(self.agent, job, self.key, self.config, self.stop, taken_at)
+        outcome = self.session.say_what_was_lowered(outcome, self.agent, job.options)
+        job.answer(await self.session.after_turn(self.agent, outcome, job.options))
+        self.finished_ok = outcome.ok
+        if not outcome.agent_usable:
+            self.agent = None  # run_turn closed it
+            return Phase.START
+        # A busy agent finishes its turn on the old credentials, then goes.
+        return Phase.RENEW if self.stamp.stale() else Phase.IDLE
+
+    async def _renew(self) -> Phase:
+        assert self.agent is not None
+        log.info("session %s: new Claude credentials; replacing its agent", self.key)
+        await self.agent.close()
+        self.agent = None
+        return Phase.START
+
+    async def _replace(self) -> Phase:
+        """Replace an agent that exited while idle; one that keeps exiting ends the session.
+
+        The dispatcher counts the session idle still (or has just handed over a turn, which
+        runs on the replacement): reporting idle again could get it a second turn while
+        the first waits."""
+        assert self.agent is not None
+        self.idle_exits += 1
+        log.warning("session %s: agent exited while idle; replacing it", self.key)
+        await self.agent.close(grace=0)
+        self.agent = None
+        if self.idle_exits >= MAX_IDLE_EXITS:
+            self.leftover = JobFailed(502, "session agent keeps exiting while idle")
+            raise SessionFailed(self.leftover)
+        self.report_idle = False
+        return Phase.START
+
+    async def close(self) -> None:
+        """Close the agent, answer what it leaves unrun (:attr:`leftover`), close the inbox."""
+        with trio.CancelScope(shield=True):
+            if self.agent is not None:
+                # EOF first: the CLI flushes its transcript before it exits.
+                await self.agent.close()
+        if self.job is not None:
+            self.job.answer(self.leftover)
+            self.job = None
+        _close_inbox(self.inbox, self.leftover)
 
 
 class _Session:
@@ -336,42 +436,6 @@ async def _load_or_create(
     except RegistryError as exc:
         raise SessionFailed(store_failure(exc)) from exc
     return record
-
-
-async def _next_command(
-    inbox: trio.MemoryReceiveChannel[SessionCommand],
-    agent: Agent,
-    credentials_changed: Callable[[], Awaitable[None]],
-) -> SessionCommand | None:
-    """The dispatcher's next command; None if the idle agent exited first, the
-    credentials changed first (``credentials_changed()`` returned), or on cancel.
-
-    A command handed over at the very moment the wait ended is still returned.
-    """
-    command: SessionCommand | None = None
-    async with trio.open_nursery() as nursery:
-
-        async def end_wait_if_agent_exits() -> None:
-            await agent.wait_exited()
-            nursery.cancel_scope.cancel()
-
-        async def end_wait_if_credentials_change() -> None:
-            await credentials_changed()
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(end_wait_if_agent_exits)
-        nursery.start_soon(end_wait_if_credentials_change)
-        try:
-            command = await inbox.receive()
-        except trio.EndOfChannel:
-            command = None
-        nursery.cancel_scope.cancel()
-    if command is None:
-        try:
-            command = inbox.receive_nowait()
-        except (trio.WouldBlock, trio.EndOfChannel):
-            pass
-    return command
 
 
 async def _run_turn(

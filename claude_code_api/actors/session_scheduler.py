@@ -46,7 +46,6 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
 
 import attrs
 import trio
@@ -60,10 +59,12 @@ from ..messages import (
     RunOptions,
     RunResult,
     SessionCommand,
+    SessionDeleted,
     SessionKey,
     SessionState,
     SessionView,
     StartSession,
+    answer_once,
 )
 from .fair_line import FairLine
 from .job_queue import JobQueue
@@ -75,7 +76,7 @@ LIVE_STATES = (SessionState.STARTING, SessionState.IDLE, SessionState.BUSY, Sess
 RUNNING_STATES = (SessionState.STARTING, SessionState.IDLE, SessionState.BUSY)
 # Cancellation.reason of a running turn whose session is closed (DELETE /session).
 SESSION_CLOSED_REASON = "session closed"
-DeleteReply = tuple[trio.MemorySendChannel[bool], trio.MemorySendChannel[Any]]
+DeleteReply = tuple[trio.MemorySendChannel[bool], trio.MemorySendChannel[SessionDeleted]]
 
 
 @attrs.define(eq=False)
@@ -103,6 +104,34 @@ class SessionEntry:
     running_since: float | None = None
 
 
+@attrs.define
+class _Budget:
+    """What each user runs against ``max_running_per_user`` (``cap``; None: no bound),
+    as one :meth:`SessionScheduler.schedule` counts it and updates it as it goes."""
+
+    cap: int | None
+    # Per user: one-shot jobs and session turns running, and sessions granted a slot for a
+    # turn not started yet (None: no bound, not counted).
+    running: Counter[str] | None
+    ready: Counter[str]  # per user: idle live sessions with a turn to run, not granted
+
+    def may_run(self, user_id: str) -> bool:
+        return self.cap is None or self.running is None or self.running[user_id] < self.cap
+
+    def may_start(self, user_id: str) -> bool:
+        """Whether another of the user's sessions may get a slot: their ready ones first."""
+        if self.cap is None or self.running is None:
+            return True
+        return self.running[user_id] + self.ready[user_id] < self.cap
+
+    def took(self, user_id: str) -> None:
+        if self.running is not None:
+            self.running[user_id] += 1
+
+    def with_ready(self) -> Counter[str] | None:
+        return None if self.running is None else self.running + self.ready
+
+
 class SessionScheduler:
     """See the module docstring.
 
@@ -123,7 +152,7 @@ class SessionScheduler:
         max_waiting_sessions_per_user: int | None = None,
         idle_s: float,
         start_session: Callable[[StartSession], bool],
-        delete_record: Callable[[SessionKey, trio.MemorySendChannel[Any]], None],
+        delete_record: Callable[[SessionKey, trio.MemorySendChannel[SessionDeleted]], None],
         max_running_per_user: int | None = None,
         running_elsewhere: Callable[[], Counter[str]] = Counter,
     ) -> None:
@@ -235,7 +264,7 @@ class SessionScheduler:
         if entry.closing:
             for ack, deleted in entry.closing:
                 self._delete_record(key, deleted)
-                _reply(ack, True)
+                answer_once(ack, True)
             entry.closing.clear()
         if failure is not None:
             # The actor could not go on (its agent cannot start, too many sessions, the
@@ -272,13 +301,13 @@ class SessionScheduler:
         self,
         key: SessionKey,
         ack: trio.MemorySendChannel[bool],
-        deleted: trio.MemorySendChannel[Any],
+        deleted: trio.MemorySendChannel[SessionDeleted],
     ) -> None:
         """DELETE /session: end the actor if any, then delete the record."""
         entry = self.entries.get(key)
         if entry is None:
             self._delete_record(key, deleted)
-            _reply(ack, False)
+            answer_once(ack, False)
             return
         for job in entry.waiting.pop_all():
             job.answer(RunResult(success=False, output="session closed", duration_ms=0))
@@ -286,7 +315,7 @@ class SessionScheduler:
             self.waiting_for_slot.remove(key)
             del self.entries[key]
             self._delete_record(key, deleted)
-            _reply(ack, True)
+            answer_once(ack, True)
             return
         # Starting without an inbox yet: `started` sends the close when it arrives.
         entry.closing.append((ack, deleted))
@@ -336,12 +365,16 @@ class SessionScheduler:
         for entry in self.entries.values():
             if entry.reserved and entry.state is SessionState.IDLE and not len(entry.waiting):
                 entry.reserved = False  # the turn it was granted for went (withdrawn, expired)
+        budget = self._budget()
+        self._grant_slots(budget)
+        self._restart_for_memory()
+        self._free_slots(budget)
+        self._hand_over_turns(budget)
+
+    def _budget(self) -> _Budget:
         cap = self.max_running_per_user
-        running = self._running_elsewhere() + self.running_counts() if cap is not None else None
-
-        def may_run(user_id: str) -> bool:
-            return running is None or cap is None or running[user_id] < cap
-
+        if cap is None:
+            return _Budget(None, None, Counter())
         # A user's live sessions with a turn to run take what the user may run before a
         # new slot is granted to another of theirs (they need no process start).
         ready = Counter(
@@ -349,13 +382,13 @@ class SessionScheduler:
             for e in self.entries.values()
             if e.state is SessionState.IDLE and len(e.waiting) and not e.reserved
         )
+        return _Budget(cap, self._running_elsewhere() + self.running_counts(), ready)
 
-        def may_start(user_id: str) -> bool:
-            return running is None or cap is None or running[user_id] + ready[user_id] < cap
-
+    def _grant_slots(self, budget: _Budget) -> None:
+        """Start sessions from the line while live slots are free (fair between users)."""
         live = self.live_count()
         while len(self.waiting_for_slot) and live < self.max_live:
-            key = self.waiting_for_slot.peek_next(may_start)
+            key = self.waiting_for_slot.peek_next(budget.may_start)
             if key is None:  # every user waiting runs all they may already
                 break
             first_turn = self.entries[key].waiting.peek_next()
@@ -364,11 +397,10 @@ class SessionScheduler:
                 # The supervisor has starts to take first (after a restart, some twice);
                 # each it takes answers with a message, and this runs again then.
                 break
-            self.waiting_for_slot.pop_next(may_start)
+            self.waiting_for_slot.pop_next(budget.may_start)
             entry = self.entries[key]
             entry.reserved = True
-            if running is not None:
-                running[key.user_id] += 1
+            budget.took(key.user_id)
             self.grants += 1
             entry.state, entry.slot_grant, entry.turns_since_grant = (
                 SessionState.STARTING,
@@ -376,51 +408,61 @@ class SessionScheduler:
                 0,
             )
             live += 1
-        idle = [e for e in self.entries.values() if e.state is SessionState.IDLE]
-        for entry in idle:
+
+    def _restart_for_memory(self) -> None:
+        """Hibernate idle sessions whose user's CLAUDE.md changed (a turn restarts them)."""
+        for entry in [e for e in self.entries.values() if e.state is SessionState.IDLE]:
             if entry.stale_memory:
                 log.info("session %s: its user's CLAUDE.md changed; restarting it", entry.key)
                 self._hibernate(entry)
+
+    def _free_slots(self, budget: _Budget) -> None:
+        """Hibernate idle sessions for the waiting ones that could start: first those with
+        no turn waiting (least recently used first), then those that yield their slot."""
         freeing = sum(1 for e in self.entries.values() if e.state is SessionState.STOPPING)
-        free = self.max_live - live  # left only while starts cannot be sent yet
-        short = self._could_start(None if running is None else running + ready) - freeing
-        short -= max(free, 0)
-        if short > 0:
-            idle = [e for e in idle if e.state is SessionState.IDLE]
-            unused = sorted((e for e in idle if not len(e.waiting)), key=lambda e: e.last_used)
-            # Those that have had a turn since their grant, or whose user runs all they
-            # may (so its turn cannot start), the longest-held slot first.
-            served = sorted(
-                (
-                    e
-                    for e in idle
-                    if len(e.waiting)
-                    and (e.turns_since_grant or not (e.reserved or may_run(e.key.user_id)))
-                ),
-                key=lambda e: e.slot_grant,
-            )
-            for entry in (unused + served)[:short]:
-                if len(entry.waiting):
-                    log.info("session %s: yields its live slot to a waiting session", entry.key)
-                    entry.yielding = True
-                self._hibernate(entry)
+        free = self.max_live - self.live_count()  # left only while starts cannot be sent yet
+        short = self._could_start(budget.with_ready()) - freeing - max(free, 0)
+        if short <= 0:
+            return
+        idle = [e for e in self.entries.values() if e.state is SessionState.IDLE]
+        unused = sorted((e for e in idle if not len(e.waiting)), key=lambda e: e.last_used)
+        # Those that have had a turn since their grant, or whose user runs all they
+        # may (so its turn cannot start), the longest-held slot first.
+        served = sorted(
+            (
+                e
+                for e in idle
+                if len(e.waiting)
+                and (e.turns_since_grant or not (e.reserved or budget.may_run(e.key.user_id)))
+            ),
+            key=lambda e: e.slot_grant,
+        )
+        for entry in (unused + served)[:short]:
+            if len(entry.waiting):
+                log.info("session %s: yields its live slot to a waiting session", entry.key)
+                entry.yielding = True
+            self._hibernate(entry)
+
+    def _hand_over_turns(self, budget: _Budget) -> None:
+        """Send each idle session its next turn, unless its user runs all they may."""
         for entry in self.entries.values():
-            if entry.state is SessionState.IDLE and len(entry.waiting):
-                if not (entry.reserved or may_run(entry.key.user_id)):
-                    continue  # its user runs all they may: the turn waits
-                job = entry.waiting.pop_next()
-                assert job is not None
-                if self._send(entry, job):
-                    if running is not None and not entry.reserved:
-                        running[entry.key.user_id] += 1
-                    entry.reserved = False
-                    entry.state = SessionState.BUSY
-                    entry.turns_since_grant += 1
-                    entry.running, entry.running_since = job, time.time()
-                else:
-                    # Its actor is ending; SessionStopped brings it back to the line.
-                    entry.waiting.push_front(job)
-                    entry.state = SessionState.STOPPING
+            if entry.state is not SessionState.IDLE or not len(entry.waiting):
+                continue
+            if not (entry.reserved or budget.may_run(entry.key.user_id)):
+                continue  # its user runs all they may: the turn waits
+            job = entry.waiting.pop_next()
+            assert job is not None
+            if self._send(entry, job):
+                if not entry.reserved:
+                    budget.took(entry.key.user_id)
+                entry.reserved = False
+                entry.state = SessionState.BUSY
+                entry.turns_since_grant += 1
+                entry.running, entry.running_since = job, time.time()
+            else:
+                # Its actor is ending; SessionStopped brings it back to the line.
+                entry.waiting.push_front(job)
+                entry.state = SessionState.STOPPING
 
     def session_ids_of(self, user_id: str) -> frozenset[str]:
         """Ids of ``user_id``'s sessions known here: live, or waiting with turns queued.
@@ -510,11 +552,3 @@ def _send_nowait(inbox: trio.MemorySendChannel[SessionCommand], message: Session
         # dispatcher can have outstanding); its supervisor reports SessionStopped.
         return False
     return True
-
-
-def _reply(channel: trio.MemorySendChannel[Any], value: object) -> None:
-    try:
-        channel.send_nowait(value)
-    except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    channel.close()

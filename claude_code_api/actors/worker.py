@@ -27,9 +27,19 @@ place of each agent kept, or retires a kept agent (:class:`Retire`). So a worker
 whose agent served a user and is done — retired, its time up, not kept — goes
 dormant rather than warm a fresh one: the dispatcher decides whether the pool
 needs one. Without reuse a worker replaces its agent after every job at once.
-The phases — :meth:`_Worker._sleep` (dormant), :meth:`_Worker._warm`,
-:meth:`_Worker._serve` (offered, running jobs) — each return what comes next
-(:class:`Next`).
+
+States (:class:`Next`; each phase is a method of :class:`_Worker` that returns the next):
+
+* ``SLEEP`` (:meth:`_Worker._sleep`) — dormant, no process: → ``WARM`` on
+  :class:`Warm` or on a job (held in :attr:`_Worker.carried`, run on the new agent);
+  stays on :class:`Retire`;
+* ``WARM`` (:meth:`_Worker._warm`, then :meth:`_Worker._serve`) — start an agent,
+  then offer it and run what it is given until it must go: → ``WARM`` again after a
+  job without reuse, when the idle agent exits or its credentials go stale
+  (``renewal.py``), or when a job it must not run comes (another user's, for a kept
+  agent: held and run on the next one); → ``SLEEP`` after an agent that served a user
+  (with reuse) and on :class:`Retire`; → ``STOP`` when its warm-up fails;
+* ``STOP`` — stopped, or failed. A stop request ends it between any two phases.
 
 A job whose options are process arguments (a system prompt, tools, turn or
 budget limits: :attr:`RunOptions.needs_own_process`) runs on an agent started for
@@ -49,8 +59,8 @@ and then raised as :class:`AgentStartError`: the worker supervisor restarts the
 worker, backing off in a crash loop. A job whose agent dies or misbehaves is that
 job's failure (502), not the worker's: the broken process is retired and a new
 one warms, so one bad prompt cannot put the pool into backoff for everyone. An
-idle agent that exits is replaced, and a job handed over at that moment runs on
-the replacement.
+idle agent that exits, or whose credentials went stale, is replaced, and a job
+handed over at that moment runs on the replacement.
 """
 
 from __future__ import annotations
@@ -83,12 +93,13 @@ from ..messages import (
     WorkerReady,
     WorkerStarting,
 )
+from ..renewal import CredentialsStamp, CredentialsVersion
+from .idle import SHUTTING_DOWN, next_command
 from .stopping import StopSignal
 from .turn import TurnLimits, TurnOutcome, outcome_before_start, run_turn
 
 log = logging.getLogger(__name__)
 
-SHUTTING_DOWN = JobFailed(503, "service is shutting down")
 # An agent is kept at most this many times (for one user), so its memory cannot creep.
 MAX_REUSES = 50
 # How long retiring a used agent and warming the next wait, at most, for the reply to leave.
@@ -120,6 +131,7 @@ async def serve_worker(
     stop: StopSignal,
     *,
     dormant: bool = False,
+    credentials: CredentialsVersion | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run worker ``worker_id`` until cancelled or ``stop`` is requested.
@@ -127,11 +139,15 @@ async def serve_worker(
     It starts by warming an agent, or ``dormant`` (a spare beyond ``POOL_SIZE``: no
     process until the dispatcher wakes it). A stop request interrupts a running
     job (it is still answered) or ends the wait for one. ``dispatcher`` is this
-    worker's own clone: it is closed here.
+    worker's own clone: it is closed here. An agent waiting for a job is replaced once
+    ``credentials`` move past those it started with (see ``renewal.py``).
     """
     task_status.started()
+    credentials = credentials or CredentialsVersion()
     async with dispatcher, trio.open_nursery() as retiring:
-        worker = _Worker(worker_id, config, dispatcher, new_agent, homes, stop, retiring)
+        worker = _Worker(
+            worker_id, config, dispatcher, new_agent, homes, stop, retiring, credentials
+        )
         await worker.run(Next.SLEEP if dormant else Next.WARM)
     if worker.failure is not None:  # raised out here, so not wrapped in the nursery's group
         raise worker.failure
@@ -148,6 +164,8 @@ class _Worker:
     homes: Path
     stop: StopSignal
     retiring: trio.Nursery  # where used agents close while the worker goes on
+    credentials: CredentialsVersion
+    stamp: CredentialsStamp | None = None  # the credentials the current agent started with
     # A job handed over that the agent at hand must not run (it died while idle, or it
     # served another user): it runs on the next agent, still this worker's job for the
     # dispatcher (so no WorkerStarting for it).
@@ -215,6 +233,8 @@ class _Worker:
             name=self.worker_id, home=self.homes / uuid.uuid4().hex[:12], ephemeral=True
         )
         agent = self.new_agent(spec)
+        # Taken before the start: credentials that change during it make the agent stale.
+        self.stamp = self.credentials.stamp()
         # A carried job's deadline and cancellation (DELETE, a departed client) cut the
         # warm-up it waits for: it is answered then, not when the agent is warm.
         start_scope = trio.CancelScope(deadline=math.inf if carried is None else carried.deadline)
@@ -246,32 +266,15 @@ class _Worker:
         while True:
             job, self.carried = self.carried, None
             if job is None:
-                command = await _offer(
-                    partial(WorkerReady, self.worker_id, bound_to=_user_of(binding)),
-                    self.dispatcher,
-                    self.stop,
-                    agent.wait_exited,
-                    math.inf if binding is None else binding.until,
-                )
-                match command:
-                    case None:  # stopped, its user's time is up, or the agent exited
-                        if agent.exited:
-                            log.warning("%s: idle agent exited", self.worker_id)
-                        return self._after_use() if binding is not None else Next.WARM
-                    case Retire():
-                        return Next.SLEEP
-                    case Warm():  # warm already
-                        continue
-                    case Job():
-                        job = command
-                    case _:
-                        assert_never(command)
+                given = await self._offered(agent, binding)
+                if isinstance(given, Next):
+                    return given
+                job = given
             if agent.exited:
                 log.warning("%s: agent exited while idle; starting another", self.worker_id)
-                self.carried = job
-                return Next.WARM
-            if binding is not None and not binding.may_run(job):
-                # Never across users: another user's job gets a fresh agent.
+            if agent.exited or (binding is not None and not binding.may_run(job)):
+                # Held for a fresh agent: this one died, or serves another user (never
+                # across users).
                 self.carried = job
                 return Next.WARM
             outcome = await self._run(agent, home, job)
@@ -285,6 +288,36 @@ class _Worker:
             if kept is None:
                 return self._after_use()
             binding = kept
+
+    async def _offered(self, agent: Agent, binding: Binding | None) -> Job | Next:
+        """Offer ``agent`` (to anyone, or only to its ``binding``'s user until their time is
+        up) until the dispatcher gives it a job; or the phase that follows when it must go."""
+        assert self.stamp is not None
+        while True:
+            command = await _offer(
+                partial(WorkerReady, self.worker_id, bound_to=_user_of(binding)),
+                self.dispatcher,
+                self.stop,
+                (agent.wait_exited, self.stamp.wait_stale),
+                math.inf if binding is None else binding.until,
+            )
+            if self.stamp.stale() and not agent.exited:
+                # Still idle: it goes as an agent that exited while idle does.
+                log.info("%s: new Claude credentials; replacing its idle agent", self.worker_id)
+                await agent.close()
+            match command:
+                case None:  # stopped, its user's time is up, or the agent exited
+                    if agent.exited:
+                        log.warning("%s: idle agent exited", self.worker_id)
+                    return self._after_use() if binding is not None else Next.WARM
+                case Retire():
+                    return Next.SLEEP
+                case Warm():  # warm already
+                    continue
+                case Job():
+                    return command
+                case _:
+                    assert_never(command)
 
     def _after_use(self) -> Next:
         """What follows an agent that served someone and is done: without reuse, a fresh
@@ -454,44 +487,16 @@ async def _offer(
     offer: Callable[[trio.MemorySendChannel[WorkerCommand]], DispatcherMessage],
     dispatcher: trio.MemorySendChannel[DispatcherMessage],
     stop: StopSignal,
-    agent_exited: Callable[[], Awaitable[None]] | None = None,
+    ends: tuple[Callable[[], Awaitable[object]], ...] = (),
     until: float = math.inf,
 ) -> WorkerCommand | None:
     """Send the dispatcher ``offer(inbox)`` and wait for its one command on ``inbox``.
 
-    Returns None when stopped, at ``until`` with no command, or when the idle
-    agent's process exited (``agent_exited`` returned) with none; the caller
-    checks ``agent.exited``.
+    Returns None when stopped, at ``until`` with no command, or when one of ``ends``
+    (the idle agent's exit, its credentials going stale) returned with none.
     """
     # Buffer 1: the dispatcher sends exactly one command without waiting.
     command_send, command_receive = trio.open_memory_channel[WorkerCommand](1)
     async with command_receive:
         await dispatcher.send(offer(command_send))
-        command = None
-        # A task per offer, not one for the agent's life: waiting for the exit of an
-        # agent is also what retires it when its credentials are stale (RetiredWhenStale),
-        # which must happen while it is idle only.
-        async with trio.open_nursery() as nursery:
-
-            async def end_wait_if_agent_exits() -> None:
-                assert agent_exited is not None
-                await agent_exited()
-                nursery.cancel_scope.cancel()
-
-            if agent_exited is not None:
-                nursery.start_soon(end_wait_if_agent_exits)
-            with stop.guard(), trio.move_on_at(until):
-                command = await command_receive.receive()
-            nursery.cancel_scope.cancel()
-        if command is not None:
-            return command
-        # A command sent at the very moment the wait ended must not be lost.
-        try:
-            command = command_receive.receive_nowait()
-        except (trio.WouldBlock, trio.EndOfChannel):
-            return None
-        if stop.requested:
-            if isinstance(command, Job):
-                command.answer(SHUTTING_DOWN)
-            return None
-        return command
+        return await next_command(command_receive, stop, *ends, until=until)
