@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmark: what the compatible routes and images cost over a plain ``POST /run``.
 
 Prints figures; it is not a test. The real service on 127.0.0.1 with the fake CLI
@@ -6,8 +5,8 @@ Prints figures; it is not a test. The real service on 127.0.0.1 with the fake CL
 the worker warm before each (``/health`` says ready), ``/run`` and the route compared
 in alternation so both see the same machine.
 
-    .venv/bin/python bench/bench_compat.py            # about a minute
-    .venv/bin/python bench/bench_compat.py --rounds 100
+    .venv/bin/python -m bench.compat            # about a minute
+    .venv/bin/python -m bench.compat --rounds 100
 
 Figures:
 
@@ -35,16 +34,13 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import httpx  # noqa: E402
-import trio  # noqa: E402
+import httpx
+import trio
 
-from bench.stats import QuietMeter, dist, fmt_dist  # noqa: E402
-from tests.harness import AUTH, launch_service, service_env, wait_healthy  # noqa: E402
-from tests.images import png  # noqa: E402
+from bench.stats import QuietMeter, dist, fmt_dist
+from tests.harness import AUTH, launch_service, service_env, wait_healthy
+from tests.images import png
 
 MODEL = "claude-sonnet-4-6"
 PROMPT = "What is 2+2?"

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmark: streamed replies (SSE) — latency added to the agent's first text, and throughput.
 
 Prints figures; it is not a test. Everything runs on 127.0.0.1 against the fake
@@ -6,8 +5,8 @@ CLI ``tests/fake_claude.py``; no network, no Claude credentials. The service is
 the real one (``python -m claude_code_api``, PORT=0), started with the tests'
 launcher.
 
-    .venv/bin/python bench/bench_stream.py          # defaults: about two minutes
-    .venv/bin/python bench/bench_stream.py --help
+    .venv/bin/python -m bench.stream          # defaults: about two minutes
+    .venv/bin/python -m bench.stream --help
 
 Phases:
 
@@ -45,14 +44,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import httpx  # noqa: E402
-import trio  # noqa: E402
+import httpx
+import trio
 
-from bench.stats import (  # noqa: E402
+from bench.stats import (
     QuietMeter,
     dist,
     fmt_dist,
@@ -62,10 +58,10 @@ from bench.stats import (  # noqa: E402
     section,
     self_cpu_s,
 )
-from claude_code_api.agent import AgentSpec  # noqa: E402
-from claude_code_api.messages import AssistantText  # noqa: E402
-from tests import sse  # noqa: E402
-from tests.harness import (  # noqa: E402
+from claude_code_api.agent import AgentSpec
+from claude_code_api.messages import AssistantText
+from tests import sse
+from tests.harness import (
     AUTH,
     launch_service,
     proc_cpu_s,

@@ -1,12 +1,11 @@
-#!/usr/bin/env python3
 """What the Prometheus metrics cost on the hot path: the service with METRICS=1 against METRICS=0.
 
 Prints figures; it is not a test. Everything runs on 127.0.0.1 against the fake
 CLI ``tests/fake_claude.py`` (no network, no Claude credentials), with the
 tests' launcher (``tests/harness.py``) and the shared statistics (``bench/stats.py``).
 
-    .venv/bin/python bench/bench_metrics.py            # defaults: about 2 minutes
-    .venv/bin/python bench/bench_metrics.py --help
+    .venv/bin/python -m bench.metrics            # defaults: about 2 minutes
+    .venv/bin/python -m bench.metrics --help
 
 The two settings run in alternating rounds (on, off, off, on, ...), each round on a
 freshly started service, so a drift of the machine affects both alike. Per round:
@@ -39,14 +38,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import httpx  # noqa: E402
-import trio  # noqa: E402
+import httpx
+import trio
 
-from bench.stats import (  # noqa: E402
+from bench.stats import (
     QuietMeter,
     dist,
     fmt_dist,
@@ -54,9 +50,9 @@ from bench.stats import (  # noqa: E402
     quiet_verdict,
     section,
 )
-from claude_code_api import metrics  # noqa: E402
-from claude_code_api.http.observe import count_requests, note_route  # noqa: E402
-from tests.harness import (  # noqa: E402
+from claude_code_api import metrics
+from claude_code_api.http.observe import count_requests, note_route
+from tests.harness import (
     RunningService,
     launch_service,
     proc_cpu_s,

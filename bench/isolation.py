@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """What one user's agent can take from the others: disk, tmpfs, processes, latency.
 
 Prints figures; it is not a test. The service runs as operators run it
@@ -31,8 +30,8 @@ Every request, wait and loop is bounded; a run takes ~10–30 s (300 s at most).
 end the service is stopped, and any process of the run still alive (the bomb's
 sleeps carry a marker) is killed and counted.
 
-    .venv/bin/python bench/bench_isolation.py
-    .venv/bin/python bench/bench_isolation.py --help   # --samples --disk-mb --data-mb ...
+    .venv/bin/python -m bench.isolation
+    .venv/bin/python -m bench.isolation --help   # --samples --disk-mb --data-mb ...
 """
 
 from __future__ import annotations
@@ -48,24 +47,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import httpx  # noqa: E402
-import trio  # noqa: E402
+import httpx
+import trio
 
-from bench.stats import QuietMeter, dist, fmt_dist, machine_lines, quiet_verdict, section  # noqa: E402
-from claude_code_api.actors.registry import user_workspace  # noqa: E402
-from claude_code_api.agent_cgroups import (  # noqa: E402
+from bench.stats import QuietMeter, dist, fmt_dist, machine_lines, quiet_verdict, section
+from claude_code_api.actors.registry import user_workspace
+from claude_code_api.agent_cgroups import (
     AGENTS_DIRECTORY,
     SERVICE_LEAF,
     parse_cgroup_mounts,
     parse_own_cgroups,
     service_prefix,
 )
-from claude_code_api.agent_limits import default_tmp_mb  # noqa: E402
-from claude_code_api.demo.mock_messages_api import (  # noqa: E402
+from claude_code_api.agent_limits import default_tmp_mb
+from claude_code_api.demo.mock_messages_api import (
     RecordedRequest,
     Step,
     TextReply,
@@ -73,8 +69,8 @@ from claude_code_api.demo.mock_messages_api import (  # noqa: E402
     open_mock_api,
     tool_result_text,
 )
-from tests.harness import RunningService, launch_service, service_env  # noqa: E402
-from tests.real_cli import service_overrides  # noqa: E402
+from tests.harness import RunningService, launch_service, service_env
+from tests.real_cli import service_overrides
 
 MIB = 1024 * 1024
 USERS = ("alice", "bob", "carol", "dave", "erin")

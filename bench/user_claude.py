@@ -1,12 +1,11 @@
-#!/usr/bin/env python3
 """Benchmark: one-shot latency for a user with a CLAUDE.md vs one without.
 
 Prints figures; it is not a test. Everything runs on 127.0.0.1 against the fake
 CLI ``tests/fake_claude.py``; no network, no Claude credentials. The service is
 the real one (``python -m claude_code_api``, PORT=0, POOL_SIZE=1, AGENT_REUSE_S=0).
 
-    .venv/bin/python bench/bench_user_claude.py          # defaults: about a minute
-    .venv/bin/python bench/bench_user_claude.py --help
+    .venv/bin/python -m bench.user_claude          # defaults: about a minute
+    .venv/bin/python -m bench.user_claude --help
 
 A one-shot agent is warmed before its user is known; a user's CLAUDE.md is handed
 to it with the prompt, so a user with one should pay no extra process start.
@@ -32,13 +31,10 @@ import time
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import trio  # noqa: E402
+import trio
 
-from bench.stats import (  # noqa: E402
+from bench.stats import (
     QuietMeter,
     dist,
     fmt_dist,
@@ -46,9 +42,9 @@ from bench.stats import (  # noqa: E402
     quiet_verdict,
     section,
 )
-from claude_code_api.agent import AgentSpec  # noqa: E402
-from claude_code_api.user_memory import MAX_SAVED_BYTES  # noqa: E402
-from tests.harness import (  # noqa: E402
+from claude_code_api.agent import AgentSpec
+from claude_code_api.user_memory import MAX_SAVED_BYTES
+from tests.harness import (
     launch_service,
     service_agents,
     service_env,
