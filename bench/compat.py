@@ -28,28 +28,25 @@ import argparse
 import base64
 import json
 import statistics
-import sys
-import tempfile
 import time
-from collections.abc import Awaitable, Callable
-from pathlib import Path
-
+from typing import Any
 
 import httpx
 import trio
 
+from bench.service import AUTH, PROMPT, bench_env, workdir
 from bench.stats import QuietMeter, dist, fmt_dist
-from tests.harness import AUTH, launch_service, service_env, wait_healthy
+from tests.harness import RunningService, launch_service, wait_healthy
 from tests.images import png
 
 MODEL = "claude-sonnet-4-6"
-PROMPT = "What is 2+2?"
 
 
-async def timed(call: Callable[[], Awaitable[httpx.Response]]) -> float:
-    began = time.perf_counter()
-    response = await call()
-    took = time.perf_counter() - began
+async def timed_post(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> float:
+    """The seconds a POST that must answer 200 took."""
+    started = time.perf_counter()
+    response = await client.post(path, headers=AUTH, json=body)
+    took = time.perf_counter() - started
     assert response.status_code == 200, response.text
     return took
 
@@ -78,112 +75,89 @@ async def first_chunk(client: httpx.AsyncClient, path: str, body: dict) -> tuple
     return found
 
 
+def chat_body(content: Any, **more: Any) -> dict[str, Any]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}], **more}
+
+
+async def routes(service: RunningService, client: httpx.AsyncClient, rounds: int) -> None:
+    """1: the same prompt on /run, a chat completion and /v1/messages, in alternation."""
+    bodies = {
+        "run": ("/run", {"prompt": PROMPT}),
+        "chat": ("/v1/chat/completions", chat_body(PROMPT)),
+        "messages": ("/v1/messages", chat_body(PROMPT, max_tokens=100)),
+    }
+    times: dict[str, list[float]] = {name: [] for name in bodies}
+    for number in range(rounds):
+        for name in list(bodies)[:: -1 if number % 2 else 1]:
+            await wait_healthy(service, ready=1, timeout=30)
+            path, body = bodies[name]
+            times[name].append(await timed_post(client, path, body))
+    print(f"## 1. The same prompt, {rounds} rounds, one request at a time (ms)")
+    for name, values in times.items():
+        print(f"{name:>9}: {fmt_dist('', dist(values))}")
+    for name, path in (("chat", "/v1/chat/completions"), ("messages", "/v1/messages")):
+        extra = [a - b for a, b in zip(times[name], times["run"], strict=True)]
+        print(f"extra of {path} over /run: p50 {statistics.median(extra) * 1000:.2f} ms")
+
+
+async def first_tokens(service: RunningService, client: httpx.AsyncClient, rounds: int) -> None:
+    """2: the first content of a streamed reply, from the request and from the agent."""
+    stamp = "[[fake:stamp:1:0]]"
+    streams = {
+        "/run stream": ("/run", {"prompt": stamp, "stream": True}),
+        "chat stream": ("/v1/chat/completions", chat_body(stamp, stream=True)),
+    }
+    print(f"\n## 2. First token of a streamed reply, {rounds} rounds (ms)")
+    for name, (path, body) in streams.items():
+        firsts, lags = [], []
+        for _ in range(rounds):
+            await wait_healthy(service, ready=1, timeout=30)
+            first, lag = await first_chunk(client, path, body)
+            firsts.append(first)
+            lags.append(lag)
+        print(f"{name}: request -> first text {fmt_dist('', dist(firsts))}")
+        print(f"{'':>11}  agent wrote it -> client read it {fmt_dist('', dist(lags))}")
+
+
+async def largest_image(service: RunningService, client: httpx.AsyncClient, rounds: int) -> None:
+    """3: /run with the largest image accepted against without, and a chat with it."""
+    largest = png(size=5 * 1024 * 1024)
+    data = base64.b64encode(largest).decode()
+    image_url = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}}
+    bodies = {
+        "/run without": ("/run", {"prompt": PROMPT}),
+        "/run with it": (
+            "/run",
+            {"prompt": PROMPT, "images": [{"mediaType": "image/png", "data": data}]},
+        ),
+        "chat with it (data: URL)": (
+            "/v1/chat/completions",
+            chat_body([{"type": "text", "text": PROMPT}, image_url]),
+        ),
+    }
+    times: dict[str, list[float]] = {name: [] for name in bodies}
+    image_rounds = max(5, rounds // 4)
+    for _ in range(image_rounds):
+        for name, (path, body) in bodies.items():
+            await wait_healthy(service, ready=1, timeout=30)
+            times[name].append(await timed_post(client, path, body))
+    print(f"\n## 3. The largest image accepted ({len(largest)} bytes), {image_rounds} rounds")
+    for name, values in times.items():
+        print(f"{name}: {fmt_dist('', dist(values))}")
+    cost = statistics.median(times["/run with it"]) - statistics.median(times["/run without"])
+    print(f"its cost: p50 {cost * 1000:.1f} ms")
+
+
 async def main(rounds: int) -> None:
-    with tempfile.TemporaryDirectory() as workdir:
-        env = service_env(Path(workdir), {"POOL_SIZE": "1"}, record_pids=False)
+    with workdir("bench-compat-") as where:
+        env = bench_env(where, {"POOL_SIZE": "1"})
         async with launch_service(env) as service, service.client() as client:
             await wait_healthy(service, ready=1)
-
-            async def ready() -> None:
-                await wait_healthy(service, ready=1, timeout=30)
-
-            run = {"prompt": PROMPT}
-            chat = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}]}
-            messages = {**chat, "max_tokens": 100}
             meter = QuietMeter(service.pid)
-            times: dict[str, list[float]] = {"run": [], "chat": [], "messages": []}
-            extra_chat, extra_messages = [], []
-            for number in range(rounds):
-                order = ["run", "chat", "messages"]
-                if number % 2:
-                    order.reverse()
-                took: dict[str, float] = {}
-                for name in order:
-                    await ready()
-                    if name == "run":
-                        took[name] = await timed(
-                            lambda: client.post("/run", headers=AUTH, json=run)
-                        )
-                    elif name == "chat":
-                        took[name] = await timed(
-                            lambda: client.post("/v1/chat/completions", headers=AUTH, json=chat)
-                        )
-                    else:
-                        took[name] = await timed(
-                            lambda: client.post("/v1/messages", headers=AUTH, json=messages)
-                        )
-                    times[name].append(took[name])
-                extra_chat.append(took["chat"] - took["run"])
-                extra_messages.append(took["messages"] - took["run"])
-            print(f"## 1. The same prompt, {rounds} rounds, one request at a time (ms)")
-            for name, values in times.items():
-                print(f"{name:>9}: {fmt_dist('', dist(values))}")
-            print(
-                f"extra of /v1/chat/completions over /run: p50 {statistics.median(extra_chat) * 1000:.2f} ms"
-            )
-            print(
-                f"extra of /v1/messages over /run: p50 {statistics.median(extra_messages) * 1000:.2f} ms"
-            )
+            await routes(service, client, rounds)
             print(meter.report()[0])
-
-            stamp = "[[fake:stamp:1:0]]"
-            streams = {
-                "/run stream": ("/run", {"prompt": stamp, "stream": True}),
-                "chat stream": (
-                    "/v1/chat/completions",
-                    {**chat, "messages": [{"role": "user", "content": stamp}], "stream": True},
-                ),
-            }
-            print(f"\n## 2. First token of a streamed reply, {rounds} rounds (ms)")
-            for name, (path, body) in streams.items():
-                firsts, lags = [], []
-                for _ in range(rounds):
-                    await ready()
-                    first, lag = await first_chunk(client, path, body)
-                    firsts.append(first)
-                    lags.append(lag)
-                print(f"{name}: request -> first text {fmt_dist('', dist(firsts))}")
-                print(f"{'':>11}  agent wrote it -> client read it {fmt_dist('', dist(lags))}")
-
-            largest = png(size=5 * 1024 * 1024)
-            data = base64.b64encode(largest).decode()
-            with_image = {"prompt": PROMPT, "images": [{"mediaType": "image/png", "data": data}]}
-            url = f"data:image/png;base64,{data}"
-            chat_image = {
-                "model": MODEL,
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": [
-                            {"type": "text", "text": PROMPT},
-                            {"type": "image_url", "image_url": {"url": url}},
-                        ],
-                    }
-                ],
-            }
-            plain, pictured, chat_pictured = [], [], []
-            image_rounds = max(5, rounds // 4)
-            for _ in range(image_rounds):
-                await ready()
-                plain.append(await timed(lambda: client.post("/run", headers=AUTH, json=run)))
-                await ready()
-                pictured.append(
-                    await timed(lambda: client.post("/run", headers=AUTH, json=with_image))
-                )
-                await ready()
-                chat_pictured.append(
-                    await timed(
-                        lambda: client.post("/v1/chat/completions", headers=AUTH, json=chat_image)
-                    )
-                )
-            print(
-                f"\n## 3. The largest image accepted ({len(largest)} bytes), {image_rounds} rounds"
-            )
-            print(f"/run without: {fmt_dist('', dist(plain))}")
-            print(f"/run with it: {fmt_dist('', dist(pictured))}")
-            print(f"chat with it (data: URL): {fmt_dist('', dist(chat_pictured))}")
-            cost = (statistics.median(pictured) - statistics.median(plain)) * 1000
-            print(f"its cost: p50 {cost:.1f} ms")
+            await first_tokens(service, client, rounds)
+            await largest_image(service, client, rounds)
             print(meter.report()[0])
 
 

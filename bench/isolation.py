@@ -47,7 +47,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 import httpx
 import trio
 

@@ -31,60 +31,26 @@ ratio; and whether the machine was quiet (``bench/stats.py``).
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-
-import httpx
 import trio
 
-from bench.stats import (
-    QuietMeter,
-    dist,
-    fmt_dist,
-    machine_lines,
-    quiet_verdict,
-    section,
+from bench.service import (
+    HTTP_TIMEOUT_S,
+    START_TIMEOUT_S,
+    STOP_TIMEOUT_S,
+    bench_env,
+    run_ok,
+    samples,
+    wait_ready,
+    workdir,
 )
+from bench.stats import QuietLog, dist, fmt_dist, print_machine, quiet_verdict, section
 from claude_code_api import metrics
 from claude_code_api.http.observe import count_requests, note_route
-from tests.harness import (
-    RunningService,
-    launch_service,
-    proc_cpu_s,
-    service_env,
-    wait_pool_ready,
-)
-
-API_KEY = "sk-bench-key"
-AUTH = {"x-api-key": API_KEY}
-PROMPT = "What is 2+2?"
-SERVICE_START_TIMEOUT_S = 30.0
-READY_TIMEOUT_S = 15.0
-STOP_TIMEOUT_S = 30.0
-HTTP_TIMEOUT_S = 30.0
-WARMUP_REQUESTS = 10
-
-
-def own_cpu_s(pid: int) -> float:
-    """CPU seconds of the service process itself (not of its agents)."""
-    return proc_cpu_s(pid)[0]
-
-
-async def post_run(client: httpx.AsyncClient) -> None:
-    response = await client.post("/run", json={"prompt": PROMPT}, headers=AUTH)
-    if response.status_code != 200 or response.json().get("success") is not True:
-        raise RuntimeError(f"a run failed: {response.status_code} {response.text[:300]}")
-
-
-async def timed(request) -> float:
-    started = time.perf_counter()
-    await request()
-    return time.perf_counter() - started
+from tests.harness import RunningService, launch_service, proc_cpu_s
 
 
 def per_call_us(call, calls: int) -> float:
@@ -154,62 +120,44 @@ class Figures:
         self.run: list[float] = []
         self.cpu_per_run: list[float] = []  # one figure a round, seconds
         self.scrape: list[float] = []
-        self.quiet: list[float] = []
+        self.quiet = QuietLog()
 
 
 async def one_round(service: RunningService, args: argparse.Namespace, into: Figures) -> None:
-    async with httpx.AsyncClient(base_url=service.url, timeout=HTTP_TIMEOUT_S) as client:
-        await wait_pool_ready(client, timeout=READY_TIMEOUT_S)
-        meter = QuietMeter(service.pid)
+    async with service.client(timeout=HTTP_TIMEOUT_S) as client:
+        await wait_ready(client, interval=0.02)
+        with into.quiet.phase(service.pid):
+            into.health += await samples(lambda: client.get("/health"), args.health_samples)
 
-        async def health() -> None:
-            (await client.get("/health")).raise_for_status()
+            async def ready_then_run() -> float:
+                await wait_ready(client)
+                started = time.perf_counter()
+                await run_ok(client)
+                return time.perf_counter() - started
 
-        for i in range(WARMUP_REQUESTS + args.health_samples):
-            took = await timed(health)
-            if i >= WARMUP_REQUESTS:
-                into.health.append(took)
-
-        for i in range(WARMUP_REQUESTS + args.samples):
-            await wait_pool_ready(client, timeout=READY_TIMEOUT_S, interval=0.005)
-            took = await timed(lambda: post_run(client))
-            if i >= WARMUP_REQUESTS:
-                into.run.append(took)
-
-        await wait_pool_ready(client, timeout=READY_TIMEOUT_S)
-        before = own_cpu_s(service.pid)
-        for _ in range(args.cpu_runs):
-            await post_run(client)
-        # The last run's worker is replaced in the background: its warm-up is part of a run.
-        await wait_pool_ready(client, timeout=READY_TIMEOUT_S)
-        into.cpu_per_run.append((own_cpu_s(service.pid) - before) / args.cpu_runs)
-
-        if args.metrics == "1":
-
-            async def scrape() -> None:
-                (await client.get("/metrics")).raise_for_status()
-
-            for i in range(3 + args.scrapes):
-                took = await timed(scrape)
-                if i >= 3:
-                    into.scrape.append(took)
-        line, share = meter.report()
-        print(line)
-        into.quiet.append(share)
+            for _ in range(10):
+                await ready_then_run()
+            into.run += [await ready_then_run() for _ in range(args.samples)]
+            await wait_ready(client, interval=0.02)
+            before = proc_cpu_s(service.pid)[0]  # the service itself, not its agents
+            for _ in range(args.cpu_runs):
+                await run_ok(client)
+            # The last run's worker is replaced in the background: its warm-up is part of a run.
+            await wait_ready(client, interval=0.02)
+            into.cpu_per_run.append((proc_cpu_s(service.pid)[0] - before) / args.cpu_runs)
+            if args.metrics == "1":
+                into.scrape += await samples(lambda: client.get("/metrics"), args.scrapes, warmup=3)
 
 
 async def run_setting(
-    workdir: Path, args: argparse.Namespace, metrics: str, round_no: int, into: Figures
+    where: Path, args: argparse.Namespace, setting: str, round_no: int, into: Figures
 ) -> None:
-    home = workdir / f"round-{round_no}-metrics-{metrics}"
-    home.mkdir()
-    env = service_env(
-        home,
-        {"API_KEYS": API_KEY, "POOL_SIZE": str(args.pool_size), "METRICS": metrics},
-        record_pids=False,
+    env = bench_env(
+        where / f"round-{round_no}-metrics-{setting}",
+        {"POOL_SIZE": str(args.pool_size), "METRICS": setting},
     )
-    async with launch_service(env, start_timeout_s=SERVICE_START_TIMEOUT_S) as service:
-        args.metrics = metrics
+    async with launch_service(env, start_timeout_s=START_TIMEOUT_S) as service:
+        args.metrics = setting
         await one_round(service, args, into)
         await service.stop(timeout_s=STOP_TIMEOUT_S)
 
@@ -223,12 +171,9 @@ def ratio_line(name: str, on: float, off: float, unit: str) -> str:
 
 
 async def main(args: argparse.Namespace) -> None:
-    workdir = Path(tempfile.mkdtemp(prefix="bench-metrics-"))
     figures = {"1": Figures(), "0": Figures()}
-    try:
-        section("machine")
-        print("\n".join(machine_lines()))
-        print(
+    with workdir("bench-metrics-") as where:
+        print_machine(
             f"  arguments:       rounds={args.rounds} samples={args.samples}"
             f" health_samples={args.health_samples} cpu_runs={args.cpu_runs}"
             f" pool_size={args.pool_size}"
@@ -243,15 +188,13 @@ async def main(args: argparse.Namespace) -> None:
             order = ("1", "0") if round_no % 2 == 0 else ("0", "1")
             for metrics in order:
                 section(f"round {round_no + 1}: METRICS={metrics}")
-                await run_setting(workdir, args, metrics, round_no, figures[metrics])
+                await run_setting(where, args, metrics, round_no, figures[metrics])
                 f = figures[metrics]
                 print(fmt_dist("GET /health", dist(f.health[-args.health_samples :])))
                 print(fmt_dist("POST /run (one-shot)", dist(f.run[-args.samples :])))
                 print(f"  service CPU per run:               {f.cpu_per_run[-1] * 1000:.3f} ms")
                 if f.scrape:
                     print(fmt_dist("GET /metrics (a scrape)", dist(f.scrape[-args.scrapes :])))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
 
     on, off = figures["1"], figures["0"]
     if not args.rounds:
@@ -279,7 +222,7 @@ async def main(args: argparse.Namespace) -> None:
         f"{hooks_total_us / 10 / run_p50_ms:.2f} % of POST /run p50 with METRICS=0"
         f" ({run_p50_ms:.3f} ms)"
     )
-    print(f"  {quiet_verdict(on.quiet + off.quiet)}")
+    print(f"  {quiet_verdict(on.quiet.shares + off.quiet.shares)}")
 
 
 def parse_args() -> argparse.Namespace:

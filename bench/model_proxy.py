@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
-
 
 import trio
 from claude_agent_sdk import ClaudeSDKClient, ResultMessage

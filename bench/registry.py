@@ -38,7 +38,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 import attrs
 import trio
 

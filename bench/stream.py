@@ -39,36 +39,25 @@ import argparse
 import json
 import os
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
-
 
 import httpx
 import trio
 
+from bench.service import AUTH, Direct, bench_env, client_of, wait_ready, workdir
 from bench.stats import (
-    QuietMeter,
+    QuietLog,
     dist,
     fmt_dist,
     machine_busy_s,
-    machine_lines,
-    quiet_verdict,
+    print_machine,
     section,
     self_cpu_s,
 )
-from claude_code_api.agent import AgentSpec
 from claude_code_api.messages import AssistantText
 from tests import sse
-from tests.harness import (
-    AUTH,
-    launch_service,
-    proc_cpu_s,
-    service_agents,
-    service_env,
-    wait_pool_ready,
-)
+from tests.harness import RunningService, launch_service, proc_cpu_s, wait_pool_ready
 
 HTTP_TIMEOUT_S = 120.0
 STAMP = "[[fake:stamp:1:0]]"
@@ -97,29 +86,26 @@ def stamp_of(text: str) -> float:
 # --- 1. time to the first text ------------------------------------------------------------
 
 
-async def direct_first_text(args: argparse.Namespace, workdir: Path) -> list[float]:
-    env = service_env(workdir / "direct", record_pids=False)
-    _settings, new_agent = service_agents(env)
+async def direct_first_text(args: argparse.Namespace, where: Path) -> list[float]:
+    """The baseline: each turn on a fresh warm agent, idle 100 ms first, as the service's
+    agents are; the time its ``AssistantText`` reaches ``on_event`` after the fake wrote it."""
+    direct = Direct(bench_env(where / "direct"), where / "homes")
     latencies = []
     for number in range(args.warmups + args.samples):
-        agent = new_agent(
-            AgentSpec(name=f"bench-{number}", home=workdir / "homes" / str(number), ephemeral=True)
-        )
-        await agent.start(30)
+        _, agent = await direct.warm()
+        arrived: list[float] = []
+
+        async def on_event(event: object, arrived: list[float] = arrived) -> None:
+            if isinstance(event, AssistantText) and not arrived:
+                arrived.append(time.monotonic() - stamp_of(event.text))
+
         try:
             await trio.sleep(0.1)
-            arrived: list[tuple[float, str]] = []
-
-            async def on_event(event: object, arrived: list = arrived) -> None:
-                if isinstance(event, AssistantText) and not arrived:
-                    arrived.append((time.monotonic(), event.text))
-
             await agent.run_turn(STAMP, on_event)
         finally:
             await agent.close()
-        at, text = arrived[0]
         if number >= args.warmups:
-            latencies.append(at - stamp_of(text))
+            latencies.append(arrived[0])
     return latencies
 
 
@@ -129,7 +115,7 @@ async def service_first_text(
     """(agent's text → client, request sent → first text) for each sample."""
     added, total = [], []
     for number in range(args.warmups + args.samples):
-        await wait_pool_ready(client, timeout=30)
+        await wait_ready(client, interval=0.02)
         sent = time.monotonic()
         body = {"prompt": STAMP, "stream": True}
         async with client.stream("POST", "/run", headers=AUTH, json=body) as response:
@@ -177,68 +163,70 @@ async def one_json(client: httpx.AsyncClient, prompt: str) -> int:
     return reply.json()["output"].count("stamp ")
 
 
-async def throughput(args: argparse.Namespace, workdir: Path, shares: list[float]) -> None:
+async def throughput_round(
+    service: RunningService, kind: str, prompt: str, n: int, lateness: list[float]
+) -> tuple[float, list[int], list[float]]:
+    """``n`` runs at once of ``kind`` (stream or json): (wall, texts per run, the CPU
+    seconds of the service, of this benchmark's clients and of the whole machine)."""
+    cpu_before = (proc_cpu_s(service.pid)[0], self_cpu_s(), machine_busy_s())
+    counts: list[int] = []
+    # Fresh connections each round: the service closes idle ones after 5 s.
+    async with client_of(service, n + 8, timeout=HTTP_TIMEOUT_S) as client:
+        started = time.monotonic()
+        async with trio.open_nursery() as nursery:
+            for _ in range(n):
+                nursery.start_soon(run_one, client, kind, prompt, counts, lateness)
+        wall = time.monotonic() - started
+    cpu_after = (proc_cpu_s(service.pid)[0], self_cpu_s(), machine_busy_s())
+    return wall, counts, [a - b for a, b in zip(cpu_after, cpu_before, strict=True)]
+
+
+async def throughput(args: argparse.Namespace, where: Path, quiet: QuietLog) -> None:
     section(f"3. Throughput: {args.streams} concurrent streams, POOL_SIZE={args.streams}")
     n = args.streams
     prompt = f"[[fake:stamp:{args.events}:{args.gap}]]"
-    ideal = (args.events - 1) * args.gap
-    env = service_env(
-        workdir / "throughput",
+    env = bench_env(
+        where / "throughput",
         {"POOL_SIZE": str(n), "QUEUE_MAX": str(2 * n), "WARMUP_TIMEOUT_MS": "120000"},
-        record_pids=False,
     )
-    limits = httpx.Limits(max_connections=n + 8, max_keepalive_connections=n + 8)
     async with launch_service(env, start_timeout_s=60, log_lines=200) as service:
         async with service.client() as control:
             waited = await wait_pool_ready(control, timeout=300, interval=0.2)
             print(f"  {n} agents warm after {waited:.1f} s")
-            print(f"  each run: {args.events} texts {args.gap} s apart (ideal {ideal:.2f} s)")
+            print(
+                f"  each run: {args.events} texts {args.gap} s apart "
+                f"(ideal {(args.events - 1) * args.gap:.2f} s)"
+            )
             walls: dict[str, list[float]] = {"stream": [], "json": []}
             lateness: list[float] = []
             for round_number in range(args.rounds):
                 for kind in ("stream", "json"):
                     await wait_pool_ready(control, timeout=300, interval=0.2)
-                    meter = QuietMeter(service.pid)
-                    service_cpu = proc_cpu_s(service.pid)[0]
-                    client_cpu = self_cpu_s()
-                    machine_cpu = machine_busy_s()
-                    counts: list[int] = []
-                    # Fresh connections each round: the service closes idle ones after 5 s.
-                    async with service.client(timeout=HTTP_TIMEOUT_S, limits=limits) as client:
-                        started = time.monotonic()
-                        async with trio.open_nursery() as nursery:
-                            for _ in range(n):
-                                nursery.start_soon(run_one, client, kind, prompt, counts, lateness)
-                        wall = time.monotonic() - started
-                    service_cpu = proc_cpu_s(service.pid)[0] - service_cpu
-                    client_cpu = self_cpu_s() - client_cpu
-                    machine_cpu = machine_busy_s() - machine_cpu
-                    line, share = meter.report()
-                    shares.append(share)
-                    walls[kind].append(wall)
-                    texts = sum(counts)
-                    assert texts == n * args.events, (kind, texts)
-                    print(
-                        f"  round {round_number + 1} {kind:>6}: {n} runs in {wall:6.3f} s"
-                        f" ({texts / wall:6.1f} texts/s); CPU s: service {service_cpu:.2f},"
-                        f" clients {client_cpu:.2f}, all {machine_cpu:.2f}"
-                        f" ({100 * machine_cpu / wall / (os.cpu_count() or 1):.0f} % of the CPUs)"
-                    )
-                    print(line)
-            stream_wall = statistics.median(walls["stream"])
-            json_wall = statistics.median(walls["json"])
-            total = n * args.events
-            print(f"  median wall: streams {stream_wall:.3f} s, JSON {json_wall:.3f} s")
-            print(
-                f"  text events delivered: {total / stream_wall:.1f}/s streamed"
-                f" (JSON: the same {total} texts in {n} replies)"
-            )
-            print(f"  ratio streams / JSON (wall): {stream_wall / json_wall:.3f}")
-            print(fmt_dist("text lateness (agent → client)", dist(lateness)))
-            memory = service.memory_kib()
-            print(
-                f"  service RSS {memory['VmRSS'] / 1024:.1f} MiB (peak {memory['VmHWM'] / 1024:.1f})"
-            )
+                    with quiet.phase(service.pid):
+                        wall, counts, cpu = await throughput_round(
+                            service, kind, prompt, n, lateness
+                        )
+                        walls[kind].append(wall)
+                        texts = sum(counts)
+                        assert texts == n * args.events, (kind, texts)
+                        print(
+                            f"  round {round_number + 1} {kind:>6}: {n} runs in {wall:6.3f} s"
+                            f" ({texts / wall:6.1f} texts/s); CPU s: service {cpu[0]:.2f},"
+                            f" clients {cpu[1]:.2f}, all {cpu[2]:.2f}"
+                            f" ({100 * cpu[2] / wall / (os.cpu_count() or 1):.0f} % of the CPUs)"
+                        )
+        stream_wall = statistics.median(walls["stream"])
+        json_wall = statistics.median(walls["json"])
+        total = n * args.events
+        print(f"  median wall: streams {stream_wall:.3f} s, JSON {json_wall:.3f} s")
+        print(
+            f"  text events delivered: {total / stream_wall:.1f}/s streamed"
+            f" (JSON: the same {total} texts in {n} replies)"
+        )
+        print(f"  ratio streams / JSON (wall): {stream_wall / json_wall:.3f}")
+        print(fmt_dist("text lateness (agent → client)", dist(lateness)))
+        memory = service.memory_kib()
+        print(f"  service RSS {memory['VmRSS'] / 1024:.1f} MiB (peak {memory['VmHWM'] / 1024:.1f})")
 
 
 # --- 2. options and the pool -----------------------------------------------------------------
@@ -253,7 +241,7 @@ async def options_latency(client: httpx.AsyncClient, samples: int) -> dict[str, 
     timings: dict[str, list[float]] = {name: [] for name in variants}
     for number in range(samples + 2):
         for name, options in variants.items():
-            await wait_pool_ready(client, timeout=30)
+            await wait_ready(client, interval=0.02)
             started = time.monotonic()
             reply = await client.post(
                 "/run", headers=AUTH, json={"prompt": "[[fake:whoami]]", **options}
@@ -269,65 +257,57 @@ async def options_latency(client: httpx.AsyncClient, samples: int) -> dict[str, 
 
 async def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    shares: list[float] = []
-    section("machine")
-    for line in machine_lines():
-        print(line)
-    with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp:
-        workdir = Path(tmp)
+    quiet = QuietLog()
+    print_machine()
+    with workdir("bench-stream-") as where:
         phases = set(args.phases.split(","))
         if phases & {"1", "2"}:
-            await first_text_and_options(args, workdir, shares, phases)
+            await first_text_and_options(args, where, quiet, phases)
         if "3" in phases:
-            await throughput(args, workdir, shares)
-
+            await throughput(args, where, quiet)
     section("summary")
-    print(f"  {quiet_verdict(shares)}")
+    print(f"  {quiet.verdict()}")
+
+
+async def first_text(
+    args: argparse.Namespace, client: httpx.AsyncClient, direct: list[float]
+) -> None:
+    """Phase 1's service figures, and what the service adds to the direct baseline."""
+    added, total = await service_first_text(args, client)
+    print(fmt_dist("service: SSE text event (httpx)", dist(added)))
+    print(fmt_dist("(request sent → first text)", dist(total)))
+    d_direct, d_service = dist(direct), dist(added)
+    for q in ("p50", "p99"):
+        extra = d_service[q] - d_direct[q]
+        ratio = d_service[q] / d_direct[q]
+        print(
+            f"  added {q}: {extra:.3f} ms (service {d_service[q]:.3f} / baseline"
+            f" {d_direct[q]:.3f} ms = {ratio:.2f}x); target ≤ 2 ms:"
+            f" {'met' if extra <= 2 else 'missed'}"
+        )
 
 
 async def first_text_and_options(
-    args: argparse.Namespace, workdir: Path, shares: list[float], phases: set[str]
+    args: argparse.Namespace, where: Path, quiet: QuietLog, phases: set[str]
 ) -> None:
     direct: list[float] = []
     if "1" in phases:
         section("1. Time to the first text event: the agent's own output → the reader")
-        meter = QuietMeter()
-        direct = await direct_first_text(args, workdir)
-        line, share = meter.report()
-        shares.append(share)
-        print(fmt_dist("baseline: SDK on_event (direct)", dist(direct)))
-        print(line)
-    env = service_env(
-        workdir / "service", {"POOL_SIZE": "1", "ALLOWED_MODELS": "bench-model"}, record_pids=False
-    )
+        with quiet.phase():
+            direct = await direct_first_text(args, where)
+            print(fmt_dist("baseline: SDK on_event (direct)", dist(direct)))
+    env = bench_env(where / "service", {"POOL_SIZE": "1", "ALLOWED_MODELS": "bench-model"})
     async with launch_service(env, log_lines=200) as service:
         async with service.client(timeout=HTTP_TIMEOUT_S) as client:
             if "1" in phases:
-                meter = QuietMeter(service.pid)
-                added, total = await service_first_text(args, client)
-                line, share = meter.report()
-                shares.append(share)
-                print(fmt_dist("service: SSE text event (httpx)", dist(added)))
-                print(fmt_dist("(request sent → first text)", dist(total)))
-                print(line)
-                d_direct, d_service = dist(direct), dist(added)
-                for q in ("p50", "p99"):
-                    extra = d_service[q] - d_direct[q]
-                    ratio = d_service[q] / d_direct[q]
-                    print(
-                        f"  added {q}: {extra:.3f} ms (service {d_service[q]:.3f} / baseline"
-                        f" {d_direct[q]:.3f} ms = {ratio:.2f}x); target ≤ 2 ms:"
-                        f" {'met' if extra <= 2 else 'missed'}"
-                    )
+                with quiet.phase(service.pid):
+                    await first_text(args, client, direct)
             if "2" in phases:
                 section("2. One-shot latency by option (worker warm before each)")
-                meter = QuietMeter(service.pid)
-                timings = await options_latency(client, args.option_samples)
-                line, share = meter.report()
-                shares.append(share)
-                for name, values in timings.items():
-                    print(fmt_dist(name, dist(values), width=38))
-                print(line)
+                with quiet.phase(service.pid):
+                    timings = await options_latency(client, args.option_samples)
+                    for name, values in timings.items():
+                        print(fmt_dist(name, dist(values), width=38))
 
 
 if __name__ == "__main__":

@@ -25,31 +25,17 @@ Phases:
 from __future__ import annotations
 
 import argparse
-import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
-
+import httpx
 import trio
 
-from bench.stats import (
-    QuietMeter,
-    dist,
-    fmt_dist,
-    machine_lines,
-    quiet_verdict,
-    section,
-)
-from claude_code_api.agent import AgentSpec
+from bench.service import PROMPT, Direct, bench_env, wait_ready, workdir
+from bench.stats import QuietLog, dist, fmt_dist, print_machine, section
 from claude_code_api.user_memory import MAX_SAVED_BYTES
-from tests.harness import (
-    launch_service,
-    service_agents,
-    service_env,
-    wait_pool_ready,
-)
+from tests.harness import launch_service
 
 USERS = ("plain", "small", "max")
 KEYS = {user: f"sk-bench-{user}" for user in USERS}
@@ -71,10 +57,31 @@ def claude_md(user: str, size: int) -> str:
     return head + "Answer briefly and in English.\n" * ((size - len(head)) // 31 + 1)
 
 
-async def service_latency(args: argparse.Namespace, workdir: Path, shares: list[float]) -> None:
+async def one_round(
+    client: httpx.AsyncClient, marks: dict[str, str], timed: bool
+) -> dict[str, float]:
+    """One request per user, each once the worker is ready. Untimed rounds check what
+    reached the agent; timed ones send the same prompt for everyone (the fake's memory
+    echo would be 100 KiB). Returns each user's time, and the waits for the worker."""
+    took: dict[str, float] = {}
+    for user in USERS:
+        took[f"wait {user}"] = await wait_ready(client, interval=0.02)
+        prompt = PROMPT if timed else "[[fake:memory]]"
+        started = time.perf_counter()
+        reply = await client.post("/run", json={"prompt": prompt}, headers=AUTH[user])
+        took[user] = time.perf_counter() - started
+        body = reply.json()
+        assert reply.status_code == 200 and body["success"], body
+        if not timed:
+            seen = {u for u, mark in marks.items() if mark in body["output"]}
+            assert seen == ({user} if user in marks else set()), (user, seen)
+    return took
+
+
+async def service_latency(args: argparse.Namespace, where: Path, quiet: QuietLog) -> None:
     section("1. POST /run (one-shot), one at a time, worker warm before each request")
-    env = service_env(
-        workdir,
+    env = bench_env(
+        where,
         {
             "API_KEYS": ",".join(f"{u}:{k}" for u, k in KEYS.items()),
             "QUEUE_MAX": "10",
@@ -83,12 +90,13 @@ async def service_latency(args: argparse.Namespace, workdir: Path, shares: list[
             # cold start: the figure would be the warm-up, not the CLAUDE.md's cost.
             "AGENT_REUSE_S": "0",
         },
-        record_pids=False,
     )
     contents = {
         "small": claude_md("small", args.small_bytes)[: args.small_bytes],
         "max": claude_md("max", MAX_SAVED_BYTES)[:MAX_SAVED_BYTES],
     }
+    marks = {user: content.splitlines()[1] for user, content in contents.items()}
+    rounds: list[dict[str, float]] = []
     async with launch_service(env, log_lines=200) as service:
         async with service.client(timeout=HTTP_TIMEOUT_S) as client:
             for user, content in contents.items():
@@ -96,72 +104,43 @@ async def service_latency(args: argparse.Namespace, workdir: Path, shares: list[
                     "/user-claude", json={"content": content}, headers=AUTH[user]
                 )
                 assert saved.json() == {"saved": True}, saved.text
-            marks = {user: content.splitlines()[1] for user, content in contents.items()}
-            latencies: dict[str, list[float]] = {user: [] for user in USERS}
-            waited: list[float] = []
-            meter = QuietMeter(service.pid)
-            for round_ in range(args.warmups + args.samples):
-                for user in USERS:
-                    waited.append(await wait_pool_ready(client))
-                    # Untimed rounds check what reached the agent; timed ones send the
-                    # same prompt for everyone (the fake's memory echo would be 100 KiB).
-                    timed = round_ >= args.warmups
-                    prompt = "What is 2+2?" if timed else "[[fake:memory]]"
-                    started = time.perf_counter()
-                    reply = await client.post("/run", json={"prompt": prompt}, headers=AUTH[user])
-                    took = time.perf_counter() - started
-                    body = reply.json()
-                    assert reply.status_code == 200 and body["success"], body
-                    if timed:
-                        latencies[user].append(took)
-                    else:
-                        seen = {u for u, mark in marks.items() if mark in body["output"]}
-                        assert seen == ({user} if user in marks else set()), (user, seen)
-            line, share = meter.report()
-            shares.append(share)
+            with quiet.phase(service.pid):
+                for number in range(args.warmups + args.samples):
+                    rounds.append(await one_round(client, marks, timed=number >= args.warmups))
         await service.stop()
+    timed_rounds = rounds[args.warmups :]
     sizes = {"plain": "no CLAUDE.md", "small": f"{args.small_bytes} B", "max": "100 KiB"}
     for user in USERS:
-        print(fmt_dist(f"{user} ({sizes[user]})", dist(latencies[user])))
+        print(fmt_dist(f"{user} ({sizes[user]})", dist([r[user] for r in timed_rounds])))
+    waited = [r[f"wait {user}"] for r in rounds for user in USERS]
     print(fmt_dist("(untimed) wait for the worker", dist(waited)))
-    plain = dist(latencies["plain"])["p50"]
+    plain = dist([r["plain"] for r in timed_rounds])["p50"]
     for user in ("small", "max"):
-        extra = dist(latencies[user])["p50"] - plain
+        extra = dist([r[user] for r in timed_rounds])["p50"] - plain
         print(f"  p50 extra for {user:<5}: {extra:+.3f} ms")
-    print(line)
 
 
-async def cold_start(args: argparse.Namespace, workdir: Path, shares: list[float]) -> None:
+async def cold_start(args: argparse.Namespace, where: Path, quiet: QuietLog) -> None:
     section("2. for scale: one agent's cold start, directly (start() until warm)")
-    env = service_env(workdir / "direct", record_pids=False)
-    _settings, new_agent = await trio.to_thread.run_sync(service_agents, env)
-    homes = Path(env["DATA_DIR"]) / "bench-homes"
+    env = bench_env(where / "direct")
+    direct = await trio.to_thread.run_sync(Direct, env, where / "direct" / "bench-homes")
     starts: list[float] = []
-    meter = QuietMeter()
-    for n in range(args.cold_starts):
-        agent = new_agent(AgentSpec(name=f"cold-{n}", home=homes / str(n), ephemeral=True))
-        started = time.perf_counter()
-        try:
-            await agent.start(30)
-            starts.append(time.perf_counter() - started)
-        finally:
-            await agent.close()
-    line, share = meter.report()
-    shares.append(share)
-    print(fmt_dist("agent start (fake CLI)", dist(starts)))
-    print(line)
+    with quiet.phase():
+        for _ in range(args.cold_starts):
+            took, agent = await direct.warm()
+            starts.append(took)
+            await direct.close(agent)
+        print(fmt_dist("agent start (fake CLI)", dist(starts)))
 
 
 async def main(args: argparse.Namespace) -> None:
-    section("machine")
-    for line in machine_lines():
-        print(line)
-    shares: list[float] = []
-    with tempfile.TemporaryDirectory(prefix="bench-user-claude-") as tmp:
-        await service_latency(args, Path(tmp), shares)
-        await cold_start(args, Path(tmp), shares)
+    print_machine()
+    quiet = QuietLog()
+    with workdir("bench-user-claude-") as where:
+        await service_latency(args, where, quiet)
+        await cold_start(args, where, quiet)
     section("summary")
-    print(f"  {quiet_verdict(shares)}")
+    print(f"  {quiet.verdict()}")
 
 
 if __name__ == "__main__":
