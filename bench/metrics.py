@@ -42,6 +42,7 @@ from bench.service import (
     START_TIMEOUT_S,
     STOP_TIMEOUT_S,
     bench_env,
+    options,
     run_ok,
     samples,
     wait_ready,
@@ -226,14 +227,16 @@ async def main(args: argparse.Namespace) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=4, help="rounds (each runs both settings)")
-    parser.add_argument("--samples", type=int, default=60, help="timed POST /run a round")
-    parser.add_argument("--health-samples", type=int, default=500, help="timed GET /health")
-    parser.add_argument("--cpu-runs", type=int, default=60, help="POST /run for CPU per run")
-    parser.add_argument("--scrapes", type=int, default=30, help="timed GET /metrics")
-    parser.add_argument("--pool-size", type=int, default=2)
-    parser.add_argument("--hook-calls", type=int, default=20000, help="calls per hook timing")
+    parser = options(
+        argparse.ArgumentParser(description=__doc__.split("\n\n")[0]),
+        rounds=(4, "rounds (each runs both settings)"),
+        samples=(60, "timed POST /run a round"),
+        health_samples=(500, "timed GET /health"),
+        cpu_runs=(60, "POST /run for CPU per run"),
+        scrapes=(30, "timed GET /metrics"),
+        pool_size=(2, "POOL_SIZE"),
+        hook_calls=(20000, "calls per hook timing"),
+    )
     return parser.parse_args()
 
 

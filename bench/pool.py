@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import os
 import shutil
 import sys
@@ -69,11 +68,14 @@ from bench.service import (
     Direct,
     bench_env,
     client_of,
+    launch_sides,
+    options,
+    print_side_by_side,
+    run_mode,
     run_ok,
     run_outcome,
     samples,
     wait_ready,
-    workdir,
 )
 from bench.stats import (
     QuietLog,
@@ -697,57 +699,32 @@ async def run_side_by_side(args: argparse.Namespace, where: Path, run_started: f
             f"of /health x {args.vs_health_samples}, then {args.vs_requests} one-shot "
             f"requests from {args.vs_clients} clients"
         )
-        async with contextlib.AsyncExitStack() as stack:
-            services: dict[str, RunningService] = {}
-            for side in sides:
-                at = where / f"pool{pool_size}-{side}"
-                env = vs_env(at, pool_size, args, side)
-                services[side] = await stack.enter_async_context(
-                    launch(side, original, env, at, start_timeout_s=START_TIMEOUT_S)
-                )
+
+        def env_of(side: str, at: Path, pool_size: int = pool_size) -> dict[str, str]:
+            return vs_env(at, pool_size, args, side)
+
+        async with launch_sides(sides, original, env_of, where / f"pool{pool_size}") as services:
             with quiet.phase(trees=[s.pid for s in services.values()]):
                 for r, order in enumerate(round_orders(args.vs_rounds, sides)):
                     for side in order:
                         await vs_round(args, services[side], pool_size, side, r, table)
-            for service in services.values():
-                await service.stop(timeout_s=STOP_TIMEOUT_S)
-
-    section("side by side: ours vs the original")
-    print("\n".join(table.table()))
-    print(VS_NOTES)
-    if original is None:
-        print(f"  {build}")
-    print(
-        f"{quiet.verdict()}; nproc={os.cpu_count()}; "
-        f"run took {time.perf_counter() - run_started:.0f} s"
-    )
+    print_side_by_side(table, VS_NOTES, build, quiet.verdict(), run_started)
 
 
 # --- command line ------------------------------------------------------------------------
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--samples", type=int, default=200, help="latency samples (default 200)")
-    parser.add_argument("--warmups", type=int, default=10, help="agent warm-ups timed (default 10)")
-    parser.add_argument(
-        "--startups", type=int, default=5, help="service start-ups timed (default 5)"
-    )
-    parser.add_argument("--pool-size", type=int, default=4, help="POOL_SIZE (default 4)")
-    parser.add_argument(
-        "--clients", type=int, default=16, help="concurrent clients at saturation (default 16)"
-    )
-    parser.add_argument(
-        "--duration", type=float, default=20.0, help="measured throughput window, s (default 20)"
-    )
-    parser.add_argument(
-        "--ramp", type=float, default=2.0, help="unmeasured ramp before the window, s (default 2)"
-    )
-    parser.add_argument(
-        "--pause",
-        type=float,
-        default=0.1,
-        help="idle time before each turn of the paused direct baseline, s (default 0.1; 0: skip)",
+    parser = options(
+        argparse.ArgumentParser(description=__doc__.split("\n\n")[0]),
+        samples=(200, "latency samples"),
+        warmups=(10, "agent warm-ups timed"),
+        startups=(5, "service start-ups timed"),
+        pool_size=(4, "POOL_SIZE"),
+        clients=(16, "concurrent clients at saturation"),
+        duration=(20.0, "measured throughput window, s"),
+        ramp=(2.0, "unmeasured ramp before the window, s"),
+        pause=(0.1, "idle time before each turn of the paused direct baseline, s; 0: skip"),
     )
     parser.add_argument(
         "--fake-python",
@@ -755,18 +732,12 @@ def parse_args() -> argparse.Namespace:
         help="interpreter that runs the fake CLI (default: `python3` on PATH, as the tests do); "
         "put first on PATH as `python3` for the direct SDK calls and the service alike",
     )
-    vs = add_side_by_side_arguments(parser)
-    vs.add_argument(
-        "--vs-pool-sizes",
-        default="2,4",
-        help="POOL_SIZE values, each with both services (default 2,4)",
-    )
-    vs.add_argument("--vs-clients", type=int, default=8, help="concurrent clients (default 8)")
-    vs.add_argument(
-        "--vs-requests",
-        type=int,
-        default=100,
-        help="one-shot requests per round and side, shared by the clients (default 100)",
+    vs = options(
+        add_side_by_side_arguments(parser),
+        vs_pool_sizes=("2,4", "POOL_SIZE values, each with both services"),
+        vs_clients=(8, "concurrent clients"),
+        vs_requests=(100, "one-shot requests per round and side, shared by the clients"),
+        vs_health_samples=(200, "GET /health timed per round and side"),
     )
     vs.add_argument(
         "--vs-ours-env",
@@ -776,12 +747,6 @@ def parse_args() -> argparse.Namespace:
         help="a setting for our service only, e.g. AGENT_REUSE_S=0 (a fresh agent per "
         "request, as the original); repeatable",
     )
-    vs.add_argument(
-        "--vs-health-samples",
-        type=int,
-        default=200,
-        help="GET /health timed per round and side (default 200)",
-    )
     args = parser.parse_args()
     for item in args.vs_ours_env:
         if "=" not in item:
@@ -789,14 +754,5 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-async def main(args: argparse.Namespace) -> None:
-    run_started = time.perf_counter()
-    with workdir("bench-pool-") as where:
-        if args.original:
-            await run_side_by_side(args, where, run_started)
-        else:
-            await run(args, where, run_started)
-
-
 if __name__ == "__main__":
-    trio.run(main, parse_args())
+    trio.run(run_mode, parse_args(), "bench-pool-", run, run_side_by_side)

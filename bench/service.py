@@ -12,16 +12,19 @@ its status and body; every wait raises ``trio.TooSlowError`` past its bound.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import trio
 
+from bench.original import OriginalBuild, launch
+from bench.stats import SideBySide, section
 from claude_code_api.agent import Agent, AgentSpec
 from tests.harness import RunningService, service_agents, service_env, wait_pool_ready
 
@@ -32,6 +35,25 @@ START_TIMEOUT_S = 30.0
 READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 30.0
 HTTP_TIMEOUT_S = 30.0
+
+
+def options(parser: Any, **declared: tuple[Any, str]) -> Any:
+    """Add ``--name`` (underscores as dashes) for each keyword ``name=(default, help)`` to
+    ``parser`` (or an argument group), typed as its default; returns ``parser``."""
+    for name, (default, text) in declared.items():
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, type=type(default), default=default, help=f"{text} ({default})")
+    return parser
+
+
+Mode = Callable[[Any, Path, float], Awaitable[None]]
+
+
+async def run_mode(args: Any, prefix: str, run: Mode, side_by_side: Mode) -> None:
+    """``run`` (or ``side_by_side`` with ``--original``) in a scratch directory."""
+    started = time.perf_counter()
+    with workdir(prefix) as where:
+        await (side_by_side if args.original else run)(args, where, started)
 
 
 @contextmanager
@@ -150,3 +172,40 @@ class Direct:
     async def close(agent: Agent) -> None:
         with trio.move_on_after(10):
             await agent.close()
+
+
+# --- side by side with the original (bench/original.py) -----------------------------------
+
+
+@asynccontextmanager
+async def launch_sides(
+    sides: list[str],
+    build: OriginalBuild | None,
+    env_of: Callable[[str, Path], dict[str, str]],
+    where: Path,
+) -> AsyncIterator[dict[str, RunningService]]:
+    """Both services up at once (ours, and the original when ``build``), each with
+    ``env_of(side, its directory)``; stopped gracefully on leaving."""
+    async with AsyncExitStack() as stack:
+        services: dict[str, RunningService] = {}
+        for side in sides:
+            at = where / side
+            services[side] = await stack.enter_async_context(
+                launch(side, build, env_of(side, at), at, start_timeout_s=START_TIMEOUT_S)
+            )
+        yield services
+        for service in services.values():
+            await service.stop(timeout_s=STOP_TIMEOUT_S)
+
+
+def print_side_by_side(
+    table: SideBySide, notes: str, build: OriginalBuild | str, verdict: str, run_started: float
+) -> None:
+    """The end of a side-by-side run: the table, ``notes``, why the original was skipped
+    (when it was), the quiet-machine verdict and how long the run took."""
+    section("side by side: ours vs the original")
+    print("\n".join(table.table()))
+    print(notes)
+    if isinstance(build, str):
+        print(f"  {build}")
+    print(f"{verdict}; nproc={os.cpu_count()}; run took {time.perf_counter() - run_started:.0f} s")

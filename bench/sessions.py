@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import os
 import shutil
 import sys
@@ -65,7 +64,6 @@ from bench.original import (
     OriginalBuild,
     add_side_by_side_arguments,
     header_lines,
-    launch,
     prepare,
     round_orders,
     sides_of,
@@ -77,9 +75,12 @@ from bench.service import (
     STOP_TIMEOUT_S,
     Direct,
     client_of,
+    launch_sides,
+    options,
+    print_side_by_side,
+    run_mode,
     samples,
     wait_ready,
-    workdir,
 )
 from bench.stats import QuietLog, SideBySide, dist, fmt_dist, print_machine, section
 from claude_code_api.actors.registry import new_session_record, open_store
@@ -792,90 +793,52 @@ async def run_side_by_side(args: argparse.Namespace, where: Path, run_started: f
         f"{args.vs_rounds} interleaved rounds: {args.vs_sessions} sessions x {args.vs_turns} "
         f"turns, {args.vs_clients} clients, then DELETE /session for each"
     )
-    async with contextlib.AsyncExitStack() as stack:
-        services: dict[str, RunningService] = {}
-        for side in sides_of(build):
-            env = vs_env(where / side, args.vs_sessions, args.vs_clients)
-            services[side] = await stack.enter_async_context(
-                launch(side, original, env, where / side, start_timeout_s=START_TIMEOUT_S)
-            )
+
+    def env_of(side: str, at: Path) -> dict[str, str]:
+        return vs_env(at, args.vs_sessions, args.vs_clients)
+
+    async with launch_sides(sides_of(build), original, env_of, where) as services:
         for service in services.values():
             async with client_of(service) as client:
                 await wait_ready(client)
         with quiet.phase(trees=[s.pid for s in services.values()]):
             beyond = await vs_rounds(args, services, table)
-        for service in services.values():
-            await service.stop(timeout_s=STOP_TIMEOUT_S)
-
-    section("side by side: ours vs the original")
-    print("\n".join(table.table()))
+    notes = VS_NOTES
     if beyond:
-        print(
+        notes = (
             f"\n  session number {args.vs_sessions + 1} while {args.vs_sessions} are open (ours: "
             f"MAX_LIVE_SESSIONS={args.vs_sessions}; the original: {ORIGINAL_MAX_SESSIONS} at most): "
             + "; ".join(f"{side}: {answer}" for side, answer in beyond.items())
+            + "\n"
+            + VS_NOTES
         )
-    print(VS_NOTES)
-    if original is None:
-        print(f"  {build}")
-    print(
-        f"{quiet.verdict()}; nproc={os.cpu_count()}; "
-        f"run took {time.perf_counter() - run_started:.0f} s"
-    )
+    print_side_by_side(table, notes, build, quiet.verdict(), run_started)
 
 
 # --- command line ---------------------------------------------------------------------
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--records",
-        type=int,
-        default=10_000,
-        help="hibernated records pre-populated in SQLite (default 10000)",
+    parser = options(
+        argparse.ArgumentParser(description=__doc__.split("\n\n")[0]),
+        records=(10_000, "hibernated records pre-populated in SQLite"),
+        http_sessions=(200, "real sessions per round, one turn each"),
+        rounds=(2, "rounds of those"),
+        concurrency=(8, "concurrent clients driving sessions"),
+        wake_samples=(20, "sessions woken in each wake phase"),
+        warmups=(20, "direct agent warm-ups timed"),
+        duration=(10.0, "seconds of sequential turns on one live session"),
+        max_live=(4, "MAX_LIVE_SESSIONS"),
+        idle_ms=(1500, "SESSION_IDLE_MS: how soon an idle session hibernates"),
     )
-    parser.add_argument(
-        "--http-sessions",
-        type=int,
-        default=200,
-        help="real sessions per round, one turn each (default 200)",
-    )
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of those (default 2)")
-    parser.add_argument(
-        "--concurrency", type=int, default=8, help="concurrent clients driving sessions (default 8)"
-    )
-    parser.add_argument(
-        "--wake-samples",
-        type=int,
-        default=20,
-        help="sessions woken in each wake phase (default 20)",
-    )
-    parser.add_argument(
-        "--warmups", type=int, default=20, help="direct agent warm-ups timed (default 20)"
-    )
-    parser.add_argument(
-        "--duration",
-        type=float,
-        default=10.0,
-        help="seconds of sequential turns on one live session (default 10)",
-    )
-    parser.add_argument("--max-live", type=int, default=4, help="MAX_LIVE_SESSIONS (default 4)")
-    vs = add_side_by_side_arguments(parser)
-    vs.add_argument(
-        "--vs-sessions",
-        type=int,
-        default=20,
-        help="sessions per round and side (default 20, the original's most; also ours' "
-        "MAX_LIVE_SESSIONS)",
-    )
-    vs.add_argument("--vs-turns", type=int, default=5, help="turns per session (default 5)")
-    vs.add_argument("--vs-clients", type=int, default=4, help="concurrent clients (default 4)")
-    parser.add_argument(
-        "--idle-ms",
-        type=int,
-        default=1500,
-        help="SESSION_IDLE_MS: how soon an idle session hibernates (default 1500)",
+    options(
+        add_side_by_side_arguments(parser),
+        vs_sessions=(
+            20,
+            "sessions per round and side (the original's most; also ours' MAX_LIVE_SESSIONS)",
+        ),
+        vs_turns=(5, "turns per session"),
+        vs_clients=(4, "concurrent clients"),
     )
     args = parser.parse_args()
     if args.original and not 1 <= args.vs_sessions <= ORIGINAL_MAX_SESSIONS:
@@ -886,14 +849,5 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-async def main(args: argparse.Namespace) -> None:
-    run_started = time.perf_counter()
-    with workdir("bench-sessions-") as where:
-        if args.original:
-            await run_side_by_side(args, where, run_started)
-        else:
-            await run(args, where, run_started)
-
-
 if __name__ == "__main__":
-    trio.run(main, parse_args())
+    trio.run(run_mode, parse_args(), "bench-sessions-", run, run_side_by_side)

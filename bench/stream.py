@@ -45,7 +45,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from bench.service import AUTH, Direct, bench_env, client_of, wait_ready, workdir
+from bench.service import AUTH, Direct, bench_env, client_of, options, wait_ready, workdir
 from bench.stats import (
     QuietLog,
     dist,
@@ -64,16 +64,16 @@ STAMP = "[[fake:stamp:1:0]]"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=100, help="timed first-text samples")
-    parser.add_argument("--warmups", type=int, default=5, help="untimed samples first")
-    parser.add_argument("--streams", type=int, default=100, help="concurrent streams")
-    parser.add_argument("--events", type=int, default=20, help="text events per stream")
-    parser.add_argument("--gap", type=float, default=0.05, help="seconds between them")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of streams and of JSON")
-    parser.add_argument("--option-samples", type=int, default=20, help="phase 2, per variant")
-    parser.add_argument(
-        "--phases", default="1,2,3", help="which phases to run, comma-separated (default: all)"
+    parser = options(
+        argparse.ArgumentParser(description=__doc__.splitlines()[0]),
+        samples=(100, "timed first-text samples"),
+        warmups=(5, "untimed samples first"),
+        streams=(100, "concurrent streams"),
+        events=(20, "text events per stream"),
+        gap=(0.05, "seconds between them"),
+        rounds=(3, "rounds of streams and of JSON"),
+        option_samples=(20, "phase 2, per variant"),
+        phases=("1,2,3", "which phases to run, comma-separated"),
     )
     return parser.parse_args(argv)
 
@@ -240,16 +240,16 @@ async def options_latency(client: httpx.AsyncClient, samples: int) -> dict[str, 
     }
     timings: dict[str, list[float]] = {name: [] for name in variants}
     for number in range(samples + 2):
-        for name, options in variants.items():
+        for name, option in variants.items():
             await wait_ready(client, interval=0.02)
             started = time.monotonic()
             reply = await client.post(
-                "/run", headers=AUTH, json={"prompt": "[[fake:whoami]]", **options}
+                "/run", headers=AUTH, json={"prompt": "[[fake:whoami]]", **option}
             )
             elapsed = time.monotonic() - started
             assert reply.status_code == 200, reply.text
             who = json.loads(reply.json()["output"].removeprefix("whoami: "))
-            assert who["model"] == options.get("model", who["model"])
+            assert who["model"] == option.get("model", who["model"])
             if number >= 2:
                 timings[name].append(elapsed)
     return timings

@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from bench.service import PROMPT, Direct, bench_env, wait_ready, workdir
+from bench.service import PROMPT, Direct, bench_env, options, wait_ready, workdir
 from bench.stats import QuietLog, dist, fmt_dist, print_machine, section
 from claude_code_api.user_memory import MAX_SAVED_BYTES
 from tests.harness import launch_service
@@ -44,11 +44,13 @@ HTTP_TIMEOUT_S = 30.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=100, help="timed requests per user")
-    parser.add_argument("--warmups", type=int, default=5, help="untimed requests per user first")
-    parser.add_argument("--small-bytes", type=int, default=2048, help="the small CLAUDE.md")
-    parser.add_argument("--cold-starts", type=int, default=10, help="direct agent starts timed")
+    parser = options(
+        argparse.ArgumentParser(description=__doc__.splitlines()[0]),
+        samples=(100, "timed requests per user"),
+        warmups=(5, "untimed requests per user first"),
+        small_bytes=(2048, "the small CLAUDE.md"),
+        cold_starts=(10, "direct agent starts timed"),
+    )
     return parser.parse_args(argv)
 
 
