@@ -477,6 +477,56 @@ def _short(value: Any, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + f"...({len(text)} chars)"
 
 
+# --- what a reply must be ---------------------------------------------------------------
+
+# An expectation: given a well-formed reply's label and body, what is wrong (None: nothing).
+Expect = Callable[[str, Any], str | None]
+
+
+def succeeds(output: str | None) -> Expect:
+    """200, success true, and ``output`` exactly (None: any output)."""
+
+    def check(label: str, body: Any) -> str | None:
+        if label != "200 success":
+            return f"expected 200 success, got {label}"
+        if output is not None and body["output"] != output:
+            return f"output {_short(body['output'], 80)!r} != {_short(output, 80)!r}"
+        return None
+
+    return check
+
+
+def fails(status: int, fragment: str) -> Expect:
+    """An error reply of ``status`` whose message holds ``fragment``."""
+
+    def check(label: str, body: Any) -> str | None:
+        if label != str(status):
+            return f"expected {status}, got {label}"
+        if fragment not in body["error"]:
+            return f"error lacks {fragment!r}"
+        return None
+
+    return check
+
+
+def times_out(label: str, body: Any) -> str | None:
+    """200 with timedOut, the output empty or what the hanging fake wrote first."""
+    if not label.startswith("200 timedOut"):
+        return f"expected 200 timedOut, got {label}"
+    if body["output"] not in ("", "partial before hang"):
+        return f"unexpected partial output {_short(body['output'], 80)!r}"
+    return None
+
+
+def error_result(label: str, body: Any) -> str | None:
+    """200 with success false: the agent's own error result."""
+    if label != "200 failure":
+        return f"expected 200 failure, got {label}"
+    if body["output"] != "Reached maximum number of turns (1)":
+        return f"output {body['output']!r}"
+    return None
+
+
 @dataclass
 class Tally:
     """What the clients saw, for the /status audit."""
@@ -751,7 +801,7 @@ class Runner:
         op: Op | None,
         kind: str,
         prompt: str,
-        expect: Callable[[str, Any], str | None],
+        expect: Expect,
         *,
         ran: str | None = None,
         **kwargs,
@@ -813,70 +863,36 @@ class Runner:
         tag = f"#{i}"
         ran = str(i)
 
-        def success(output: str) -> Callable[[str, Any], str | None]:
-            def check(label: str, body: Any) -> str | None:
-                if label != "200 success":
-                    return f"expected 200 success, got {label}"
-                if body["output"] != output:
-                    return f"output {_short(body['output'], 80)!r} != {_short(output, 80)!r}"
-                return None
-
-            return check
-
-        def failed(status: int, fragment: str) -> Callable[[str, Any], str | None]:
-            def check(label: str, body: Any) -> str | None:
-                if label != str(status):
-                    return f"expected {status}, got {label}"
-                if fragment not in body["error"]:
-                    return f"error lacks {fragment!r}"
-                return None
-
-            return check
-
-        def timed_out(label: str, body: Any) -> str | None:
-            if not label.startswith("200 timedOut"):
-                return f"expected 200 timedOut, got {label}"
-            if body["output"] not in ("", "partial before hang"):
-                return f"unexpected partial output {_short(body['output'], 80)!r}"
-            return None
-
-        def error_result(label: str, body: Any) -> str | None:
-            if label != "200 failure":
-                return f"expected 200 failure, got {label}"
-            if body["output"] != "Reached maximum number of turns (1)":
-                return f"output {body['output']!r}"
-            return None
-
         if kind in ("normal", "sleep", "tool"):
             directive = {"normal": "", "sleep": "[[fake:sleep:0.2]] ", "tool": "[[fake:tool]] "}
             prompt = f"{directive[kind]}hello {tag}"
-            await self.expect_run(op, kind, prompt, success(f"echo: {prompt}"), ran=ran)
+            await self.expect_run(op, kind, prompt, succeeds(f"echo: {prompt}"), ran=ran)
         elif kind == "slow":
             pieces = "".join(f"piece {n}" for n in range(1, op.arg + 1))
             await self.expect_run(
-                op, kind, f"[[fake:slow:{op.arg}:0.05]] {tag}", success(pieces), ran=ran
+                op, kind, f"[[fake:slow:{op.arg}:0.05]] {tag}", succeeds(pieces), ran=ran
             )
         elif kind == "big":
             await self.expect_run(
-                op, kind, f"[[fake:big:{op.arg}]] {tag}", success("x" * op.arg), ran=ran
+                op, kind, f"[[fake:big:{op.arg}]] {tag}", succeeds("x" * op.arg), ran=ran
             )
         elif kind == "crash":
             await self.expect_run(
                 op,
                 kind,
                 f"[[fake:crash:{op.arg}]] {tag}",
-                failed(502, f"exited with code {op.arg}"),
+                fails(502, f"exited with code {op.arg}"),
                 ran=ran,
             )
         elif kind == "garbage":
             await self.expect_run(
-                op, kind, f"[[fake:garbage]] {tag}", failed(502, "malformed JSON"), ran=ran
+                op, kind, f"[[fake:garbage]] {tag}", fails(502, "malformed JSON"), ran=ran
             )
         elif kind == "error":
             await self.expect_run(op, kind, f"[[fake:error]] {tag}", error_result, ran=ran)
         elif kind in ("hang", "hang_hard"):
             await self.expect_run(
-                op, kind, f"[[fake:{kind}]] {tag}", timed_out, timeout_ms=op.timeout_ms
+                op, kind, f"[[fake:{kind}]] {tag}", times_out, timeout_ms=op.timeout_ms
             )
         elif kind == "disconnect_running":
             await self.disconnect_mid_run(op, kind, f"[[fake:slow:40:0.1]] {tag}", ran)
@@ -932,18 +948,11 @@ class Runner:
         tag = f"#{op.index}"
         prompt = f"What is my name? {tag}"
 
-        def check(label: str, body: Any) -> str | None:
-            if label != "200 success":
-                return f"expected 200 success, got {label}"
-            if body["output"] != "I don't know your name.":
-                return f"other user's session leaked: {body['output']!r}"
-            return None
-
         await self.expect_run(
             op,
             op.kind,
             prompt,
-            check,
+            succeeds("I don't know your name."),
             ran=str(op.index),
             session=session_id(op.session),
             headers={**OTHER_AUTH, "Content-Type": "application/json"},
@@ -952,102 +961,70 @@ class Runner:
     async def _session_step(self, op: Op, sub: str, state: SessionState) -> None:
         sid = session_id(op.session)
         tag = f"#{op.index}"
-        ran = str(op.index)
-        kind = op.kind
-
         if sub == "name":
-            prompt = f"My name is {op.arg}. {tag}"
-
-            def check(label: str, body: Any) -> str | None:
-                if label != "200 success":
-                    return f"expected 200 success, got {label}"
-                if body["output"] != f"Nice to meet you, {op.arg}.":
-                    return f"output {body['output']!r}"
-                return None
-
-            label, body = await self.expect_run(op, kind, prompt, check, session=sid, ran=ran)
-            if label == "200 success" and body["output"] == f"Nice to meet you, {op.arg}.":
-                state.name, state.known, state.has_record = op.arg, True, True
-            else:
-                state.known = False
-                state.has_record = None if not state.has_record else True
-        elif sub == "ask":
-            prompt = f"What is my name? {tag}"
-            expected = f"Your name is {state.name}." if state.name else "I don't know your name."
-            known = state.known
-
-            def check(label: str, body: Any) -> str | None:
-                if label != "200 success":
-                    return f"expected 200 success, got {label}"
-                if known and body["output"] != expected:
-                    return f"remembered {body['output']!r}, expected {expected!r}"
-                return None
-
-            label, _ = await self.expect_run(op, kind, prompt, check, session=sid, ran=ran)
-            if label == "200 success":
-                state.has_record = True
-        elif sub == "echo":
-            prompt = f"tell me something {tag}"
-
-            def check(label: str, body: Any) -> str | None:
-                if label != "200 success" or body["output"] != f"echo: {prompt}":
-                    return f"expected 200 success 'echo: {prompt}', got {label}"
-                return None
-
-            label, _ = await self.expect_run(op, kind, prompt, check, session=sid, ran=ran)
-            if label == "200 success":
-                state.has_record = True
-        elif sub == "crash":
-
-            def check(label: str, body: Any) -> str | None:
-                if label != "502" or f"exited with code {op.arg}" not in body["error"]:
-                    return f"expected 502 'exited with code {op.arg}', got {label}"
-                return None
-
-            label, _ = await self.expect_run(
-                op, kind, f"[[fake:crash:{op.arg}]] {tag}", check, session=sid, ran=ran
-            )
-            if label == "502":
-                state.has_record = True
+            await self._tell_name(op, sid, state, tag)
         elif sub == "hang":
-
-            def check(label: str, body: Any) -> str | None:
-                if not label.startswith("200 timedOut"):
-                    return f"expected 200 timedOut, got {label}"
-                if body["output"] not in ("", "partial before hang"):
-                    return f"partial output {body['output']!r}"
-                return None
-
-            label, body = await self.expect_run(
-                op, kind, f"[[fake:{op.arg}]] {tag}", check, session=sid, timeout_ms=op.timeout_ms
+            label, _ = await self.expect_run(
+                op,
+                op.kind,
+                f"[[fake:{op.arg}]] {tag}",
+                times_out,
+                session=sid,
+                timeout_ms=op.timeout_ms,
             )
             if label == "200 timedOut (partial)":
                 state.has_record = True
             elif not state.has_record:
                 state.has_record = None  # timed out while waiting for a slot: maybe no actor
-        elif sub == "error":
-
-            def check(label: str, body: Any) -> str | None:
-                if (
-                    label != "200 failure"
-                    or body["output"] != "Reached maximum number of turns (1)"
-                ):
-                    return f"expected 200 failure 'Reached maximum...', got {label}"
-                return None
-
-            label, _ = await self.expect_run(
-                op, kind, f"[[fake:error]] {tag}", check, session=sid, ran=ran
-            )
-            if label == "200 failure":
-                state.has_record = True
         elif sub == "delete":
-            await self.delete(op, kind, sid, state, expect_closed=state.has_record)
+            await self.delete(op, op.kind, sid, state, expect_closed=state.has_record)
         elif sub == "delete_midturn":
             await self.delete_midturn(op, sid, state, tag)
         elif sub == "queued_cancel":
             await self.queued_cancel(op, sid, state, tag)
         else:
-            raise AssertionError(sub)
+            prompt, expect, recorded = self._turn(op, sub, state, tag)
+            label, _ = await self.expect_run(
+                op, op.kind, prompt, expect, session=sid, ran=str(op.index)
+            )
+            if label == recorded:
+                state.has_record = True
+
+    @staticmethod
+    def _turn(op: Op, sub: str, state: SessionState, tag: str) -> tuple[str, Expect, str]:
+        """A session turn: (its prompt, what its reply must be, the label that proves the
+        session now has a record)."""
+        if sub == "ask":
+            expected = f"Your name is {state.name}." if state.name else "I don't know your name."
+            return (
+                f"What is my name? {tag}",
+                succeeds(expected if state.known else None),
+                ("200 success"),
+            )
+        if sub == "echo":
+            prompt = f"tell me something {tag}"
+            return prompt, succeeds(f"echo: {prompt}"), "200 success"
+        if sub == "crash":
+            return f"[[fake:crash:{op.arg}]] {tag}", fails(502, f"exited with code {op.arg}"), "502"
+        if sub == "error":
+            return f"[[fake:error]] {tag}", error_result, "200 failure"
+        raise AssertionError(sub)
+
+    async def _tell_name(self, op: Op, sid: str, state: SessionState, tag: str) -> None:
+        reply = f"Nice to meet you, {op.arg}."
+        label, body = await self.expect_run(
+            op,
+            op.kind,
+            f"My name is {op.arg}. {tag}",
+            succeeds(reply),
+            session=sid,
+            ran=str(op.index),
+        )
+        if label == "200 success" and body["output"] == reply:
+            state.name, state.known, state.has_record = op.arg, True, True
+        else:
+            state.known = False
+            state.has_record = None if not state.has_record else True
 
     async def delete(
         self, op: Op, kind: str, sid: str, state: SessionState, expect_closed: bool | None
@@ -1115,13 +1092,7 @@ class Runner:
         """A turn queued behind a running one, abandoned by its client: the first is fine."""
         kind = op.kind
         first = f"[[fake:slow:10:0.1]] {tag}a"
-        pieces = "".join(f"piece {n}" for n in range(1, 11))
-
-        def check(label: str, body: Any) -> str | None:
-            if label != "200 success" or body["output"] != pieces:
-                return f"expected 200 success {pieces!r}, got {label}"
-            return None
-
+        check = succeeds("".join(f"piece {n}" for n in range(1, 11)))
         async with trio.open_nursery() as nursery:
 
             async def run_first() -> None:
@@ -1170,7 +1141,7 @@ async def _warm_up(service: RunningService, client: httpx.AsyncClient, runner: R
         while not (await _pool_full(client))[0]:
             await trio.sleep(0.05)
 
-    def echo(prompt: str) -> Callable[[str, Any], str | None]:
+    def echo(prompt: str) -> Expect:
         return lambda label, body: (
             None if label == "200 success" and body["output"] == f"echo: {prompt}" else "warm-up"
         )
