@@ -98,3 +98,66 @@ def assert_each_prompt_ran_once(report: SoakReport, summary: str) -> None:
     assert twice == {}, summary
     never = sorted(tag for tag in report.must_have_run if report.turn_counts[tag] == 0)
     assert never == [], summary
+
+
+def consistent_report() -> SoakReport:
+    """A small report of a soak that went well: two verdicts, the pool at rest."""
+    report = SoakReport(requests=2, concurrency=1, seed=0)
+    report.tally.run_replies = report.tally.oneshot_replies = 2
+    report.tally.success_true = report.tally.oneshot_success = 1
+    workers = [{"state": "ready", "jobs": 1}] * 2 + [{"state": "ready", "jobs": 0}] * 2
+    workers += [{"state": "dormant", "jobs": 0}] * (2 * POOL_SIZE)
+    report.rest = AtRest(
+        recover_s=0.1,
+        health={
+            "status": "ok",
+            "workers": {"ready": POOL_SIZE, "busy": 0, "starting": 0, "error": 0},
+            "queue": {"length": 0},
+        },
+        settled=True,
+        status={
+            "totalProcessed": 2,
+            "totalErrors": 1,
+            "queueLength": 0,
+            "maxQueueSize": QUEUE_MAX,
+            "workers": workers,
+            "sessions": [{"id": "soak-s01", "state": "live"}],
+        },
+        other_status={"sessions": []},
+        live_fakes=[(100 + n, "S", 1) for n in range(POOL_SIZE + 1)],
+        deleted=["soak-warm"],
+    )
+    report.turn_counts.update(["1", "2"])
+    report.must_have_run = {"1"}
+    return report
+
+
+def audit(report: SoakReport) -> None:
+    assert_pool_back_to_full(report.rest, "")
+    assert_counters_add_up(report, "")
+    assert_sessions_at_rest(report.rest, "")
+    assert_processes_at_rest(report.rest, "")
+    assert_each_prompt_ran_once(report, "")
+
+
+@pytest.mark.parametrize(
+    "break_it",
+    [
+        pytest.param(lambda r: setattr(r.rest, "recover_s", None), id="pool-not-back"),
+        pytest.param(
+            lambda r: r.rest.status["workers"].__setitem__(0, {"state": "busy", "jobs": 1}),
+            id="worker-busy",
+        ),
+        pytest.param(lambda r: r.rest.status.__setitem__("totalProcessed", 9), id="counted-twice"),
+        pytest.param(lambda r: r.rest.deleted.append("soak-s01"), id="deleted-still-listed"),
+        pytest.param(lambda r: r.rest.live_fakes.pop(), id="a-fake-missing"),
+        pytest.param(lambda r: r.turn_counts.update(["2"]), id="prompt-ran-twice"),
+        pytest.param(lambda r: r.must_have_run.add("3"), id="answered-never-ran"),
+    ],
+)
+def test_the_soak_audit_fails_on_what_it_checks(break_it):
+    report = consistent_report()
+    audit(report)  # as it went: passes
+    break_it(report)
+    with pytest.raises(AssertionError):
+        audit(report)
