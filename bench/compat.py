@@ -1,25 +1,12 @@
-"""Benchmark: what the compatible routes and images cost over a plain ``POST /run``.
+"""What the compatible routes and images cost over a plain ``POST /run``.
 
-Prints figures; it is not a test. The real service on 127.0.0.1 with the fake CLI
-(``tests/fake_claude.py``), started with the tests' launcher; one request at a time,
-the worker warm before each (``/health`` says ready), ``/run`` and the route compared
-in alternation so both see the same machine.
+The service with the fake CLI, one request at a time, the worker warm before each, the
+routes in alternation: 1. a chat completion and ``/v1/messages`` against ``/run`` (the
+extra: p50 of the per-round differences); 2. the first content of a streamed reply, from
+the request and from the agent writing it (a ``CLOCK_MONOTONIC`` stamp); 3. ``/run``
+with the largest image accepted against without (``bench/README.md``).
 
-    .venv/bin/python -m bench.compat            # about a minute
     .venv/bin/python -m bench.compat --rounds 100
-
-Figures:
-
-1. **Chat completion vs /run**, the same prompt: latency p50/p90 of each and the
-   extra of ``POST /v1/chat/completions`` (p50 of the per-round differences); the
-   same for ``POST /v1/messages``.
-2. **First token of a streamed completion**: the fake writes one text, ``stamp
-   <time.monotonic()>`` (one clock for every process): the time from sending the
-   request to the first content chunk, and from the agent writing it to the client
-   reading it; the same for ``/run``'s first ``text`` event.
-3. **The largest image accepted** (``MAX_IMAGE_BYTES``, 5 MiB by default): ``/run``
-   with it vs without; the extra is its cost (upload, base64 check, the hand-over to
-   the agent's stdin).
 """
 
 from __future__ import annotations

@@ -1,31 +1,12 @@
 """What the Prometheus metrics cost on the hot path: the service with METRICS=1 against METRICS=0.
 
-Prints figures; it is not a test. Everything runs on 127.0.0.1 against the fake
-CLI ``tests/fake_claude.py`` (no network, no Claude credentials), with the
-tests' launcher (``tests/harness.py``) and the shared statistics (``bench/stats.py``).
+In-process first (what each hook one one-shot run passes costs, over many calls), then
+the two settings in alternating rounds, each on a fresh service and the fake CLI:
+``GET /health`` and ``POST /run`` latency, the service's own CPU per run, and with
+METRICS=1 a scrape; the summary prints each figure against its baseline from the same
+run (``bench/README.md``).
 
-    .venv/bin/python -m bench.metrics            # defaults: about 2 minutes
-    .venv/bin/python -m bench.metrics --help
-
-The two settings run in alternating rounds (on, off, off, on, ...), each round on a
-freshly started service, so a drift of the machine affects both alike. Per round:
-
-1. ``GET /health``, one at a time on a kept-alive connection (the pool idle and
-   ready): latency. It goes through HTTP, the app, the request counter and one
-   dispatcher round trip, and nothing else: the metrics' share is largest here.
-2. ``POST /run`` (a one-shot run), one at a time, each sent only once ``/health``
-   reports every worker ready, so no warm-up is timed: latency.
-3. ``POST /run`` again, back to back with no polling: the service process's own
-   CPU time (``/proc/<pid>/stat``, its agents not included) per request: what the
-   counting, the histograms and the agent wrapper add to each run.
-
-With METRICS=1 it also times ``GET /metrics`` (a scrape). Before the rounds, in
-this process: what the hooks one one-shot run passes through cost, timed over many
-calls (the request counter around a bare ASGI app against the bare app, the route
-note, ``run_started``, ``run_answered`` with cost and usage, the metered agent's
-clock reads): a figure a noisy machine does not blur. The summary prints each
-figure with METRICS=1, its baseline with METRICS=0 from the same run, and the
-ratio; and whether the machine was quiet (``bench/stats.py``).
+    .venv/bin/python -m bench.metrics            # about 2 minutes
 """
 
 from __future__ import annotations

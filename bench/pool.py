@@ -1,35 +1,14 @@
-"""Benchmark of the one-shot pool: service overhead and throughput at saturation.
+"""One-shot pool: the service's overhead over a direct SDK turn, throughput, start-up.
 
-Prints figures; it is not a test. Everything runs on 127.0.0.1 against the fake
-CLI ``tests/fake_claude.py``; no network, no Claude credentials. See
-``bench/README.md`` for what each figure means and what is (not) compared.
+Phases, against the fake CLI: 0. spawn to the first ``GET /health`` 200; 1. an agent's
+warm-up, made as the service makes them (:class:`bench.service.Direct`); 2. direct turns
+on such agents (the baselines); 3. ``POST /run`` one at a time, the pool ready before
+each, with ``GET /health`` and hypercorn alone (``bench/bare_http.py``) for reference;
+4. throughput at saturation, with CPU per job and RSS. ``--original``: ours and the
+original side by side in interleaved rounds instead. ``bench/README.md`` says what each
+figure means and what is (not) compared.
 
-    .venv/bin/python -m bench.pool            # defaults: about 1.5 minutes on a quiet machine
-    .venv/bin/python -m bench.pool --help
-
-Phases, all in one run:
-
-1. warm-up of one agent, directly, made as the service makes them (its launcher,
-   options and agent class: ``tests.harness.service_agents``): ``SdkAgent.start()``
-   (``ClaudeSDKClient(...)`` to ``connect()`` returning), one at a time, then
-   POOL_SIZE at once;
-2. direct turns (``SdkAgent.run_turn``: ``query()`` and ``receive_response()`` to
-   the result), same prompt as the service gets: on one already-warm agent (N
-   turns back to back; then N turns each after an idle pause), and the first turn
-   of a fresh warm agent (N agents);
-3. the service (``python -m claude_code_api``, PORT=0) with POOL_SIZE workers:
-   ``POST /run`` one at a time on a kept-alive connection, each sent only once
-   ``/health`` reports every worker ready, so no warm-up is timed;
-4. throughput: C concurrent clients send quick prompts for a fixed time; replies
-   are counted by status; RSS and CPU time of the service (and of its reaped agent
-   processes) are read from /proc before and after.
-
-With ``--original``, it instead measures ours side by side with the original
-(exitxio/claude-code-api, prepared by ``bench/original.py``), the same fake CLI,
-in interleaved rounds: spawn -> first ``/health`` 200 and -> every worker ready,
-``GET /health`` p50, one-shot throughput (``--vs-clients`` clients sharing
-``--vs-requests`` requests) and CPU per one-shot request, for each of
-``--vs-pool-sizes``; then a table of ours, the original and the ratio.
+    .venv/bin/python -m bench.pool            # about 1.5 minutes on a quiet machine
 """
 
 from __future__ import annotations

@@ -1,25 +1,12 @@
-"""Benchmark: one-shot latency for a user with a CLAUDE.md vs one without.
+"""One-shot latency for a user with a CLAUDE.md against one without.
 
-Prints figures; it is not a test. Everything runs on 127.0.0.1 against the fake
-CLI ``tests/fake_claude.py``; no network, no Claude credentials. The service is
-the real one (``python -m claude_code_api``, PORT=0, POOL_SIZE=1, AGENT_REUSE_S=0).
+A one-shot agent is warmed before its user is known and a user's CLAUDE.md is handed to
+it with the prompt, so a user with one should pay no extra process start. 1. ``POST
+/run`` one at a time for ``plain``, ``small`` and ``max`` (100 KiB) in turn, the worker
+ready before each (the untimed rounds check that each user's CLAUDE.md, and no other's,
+reached the agent); 2. for scale, an agent's cold start (``bench/README.md``).
 
-    .venv/bin/python -m bench.user_claude          # defaults: about a minute
-    .venv/bin/python -m bench.user_claude --help
-
-A one-shot agent is warmed before its user is known; a user's CLAUDE.md is handed
-to it with the prompt, so a user with one should pay no extra process start.
-Phases:
-
-1. ``POST /run`` one at a time on one kept-alive connection, alternating between
-   ``plain`` (no CLAUDE.md), ``small`` (a CLAUDE.md of --small-bytes) and ``max``
-   (100 KiB, the largest a PUT accepts), each request sent only once ``/health``
-   reports the worker ready, so no warm-up is timed — unless the request itself
-   needs one. The untimed first rounds send ``[[fake:memory]]`` and check that
-   each reply carries that user's CLAUDE.md and no other's; the timed rounds send
-   the same short prompt for every user.
-2. For scale, what a cold start would add: an agent made as the service makes
-   them (``tests.harness.service_agents``) started directly, ``start()`` to warm.
+    .venv/bin/python -m bench.user_claude          # about a minute
 """
 
 from __future__ import annotations
