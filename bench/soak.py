@@ -1,11 +1,13 @@
-#!/usr/bin/env python3
-"""Soak test: the real service under a long, mixed, faulty load, then a consistency audit.
+"""Soak: the real service under a long, mixed, faulty load, and what it left at rest.
 
-Prints a summary; exits 0 when every check passed, 1 otherwise. Everything runs on
-127.0.0.1 against the fake CLI ``tests/fake_claude.py``: no network, no credentials.
+Prints a summary of figures. The checks are asserted by ``tests/test_soak.py``
+(``@pytest.mark.slow``: ``.venv/bin/pytest -m slow tests/test_soak.py``), which runs a
+shorter soak; this module runs the load and records what the audit checks (a
+:class:`SoakReport`, its :class:`AtRest`). Everything runs on 127.0.0.1 against the
+fake CLI ``tests/fake_claude.py``: no network, no credentials.
 
-    .venv/bin/python bench/soak.py                      # 1000 requests, 16 at a time
-    .venv/bin/python bench/soak.py --requests 200 --concurrency 8 --seed 7
+    .venv/bin/python -m bench.soak                      # 1000 requests, 16 at a time
+    .venv/bin/python -m bench.soak --requests 200 --concurrency 8 --seed 7
 
 It starts ``python -m claude_code_api`` (PORT=0, POOL_SIZE=4, MAX_LIVE_SESSIONS=4,
 INTERRUPT_GRACE_MS=300, its own DATA_DIR and FAKE_CLAUDE_HOME, every fake process
@@ -25,7 +27,7 @@ Every reply is checked for its kind: status code and JSON shape (200 has exactly
 success/output/durationMs/timedOut [+timeoutType, outputTruncated]; an error is
 exactly ``{"error": str}``) and content. Anything else is an *unexpected* reply.
 
-Afterwards: ``/health`` must show the pool back to full (4 ready, queue 0) within a
+Afterwards (checked by the test): ``/health`` must show the pool back to full (4 ready, queue 0) within a
 bound; ``/status`` counters must add up with what the clients saw (no worker stuck
 busy); live fake processes at rest must be exactly the workers' plus the live
 sessions' (agents kept for their users, AGENT_REUSE_S, are gone by then); during the load
@@ -55,18 +57,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import httpx
+import trio
 
-import httpx  # noqa: E402
-import trio  # noqa: E402
-
-from bench.stats import QUIET_SHARE_PERCENT, QuietMeter, percentile  # noqa: E402
-from claude_code_api.config import Settings, load_settings  # noqa: E402
-from claude_code_api.http.openapi import openapi_spec  # noqa: E402
-from tests.harness import CLK_TCK, RunningService, launch_service  # noqa: E402
-from tests.harness import service_env as harness_env  # noqa: E402
+from bench.stats import QUIET_SHARE_PERCENT, QuietMeter, percentile
+from claude_code_api.config import Settings, load_settings
+from claude_code_api.http.openapi import openapi_spec
+from tests.harness import CLK_TCK, RunningService, launch_service
+from tests.harness import service_env as harness_env
 
 API_KEY = "sk-soak-key"  # user id "api"
 OTHER_KEY = "sk-soak-other"  # user id "other": same session ids, other conversations
@@ -424,44 +422,109 @@ def check_shape(reply: httpx.Response) -> tuple[str, Any, str | None]:
     except ValueError:
         return str(status), None, f"body is not JSON: {reply.text[:200]!r}"
     if status == 200 and isinstance(body, dict) and "success" in body:
-        extra = set(body) - DOCUMENTED_RUN_KEYS
-        if not RUN_KEYS <= set(body) or extra:
-            return "200", body, f"keys {sorted(body)}"
-        if not (
-            isinstance(body["success"], bool)
-            and isinstance(body["output"], str)
-            and isinstance(body["timedOut"], bool)
-            and isinstance(body["durationMs"], int)
-            and not isinstance(body["durationMs"], bool)
-            and body["durationMs"] >= 0
-        ):
-            return "200", body, f"field types {_short(body)}"
-        if body["timedOut"] != ("timeoutType" in body) or body.get("timeoutType", "hard") != "hard":
-            return "200", body, f"timeoutType does not match timedOut: {_short(body)}"
-        if body.get("outputTruncated", True) is not True:
-            return "200", body, f"outputTruncated {body['outputTruncated']!r}"
-        if body["timedOut"]:
-            # "(partial)": the agent had started (the deadline passed mid-turn), "(empty)":
-            # most likely the deadline passed while the job was still waiting in a queue.
-            label = "200 timedOut" + (" (partial)" if body["output"] else " (empty)")
-            return label, body, None if not body["success"] else "success with timedOut"
-        return ("200 success" if body["success"] else "200 failure"), body, None
+        problem = _run_body_problem(body)
+        return ("200" if problem else _run_label(body)), body, problem
     if status == 200:
         return "200", body, None  # DELETE /session and friends: checked by the caller
+    return str(status), body, _error_body_problem(body)
+
+
+def _run_body_problem(body: dict[str, Any]) -> str | None:
+    """What is wrong with a run's reply (exactly the documented fields, typed), or None."""
+    if not RUN_KEYS <= set(body) or set(body) - DOCUMENTED_RUN_KEYS:
+        return f"keys {sorted(body)}"
+    duration = body["durationMs"]
     if not (
+        isinstance(body["success"], bool)
+        and isinstance(body["output"], str)
+        and isinstance(body["timedOut"], bool)
+        and type(duration) is int
+        and duration >= 0
+    ):
+        return f"field types {_short(body)}"
+    if body["timedOut"] != ("timeoutType" in body) or body.get("timeoutType", "hard") != "hard":
+        return f"timeoutType does not match timedOut: {_short(body)}"
+    if body.get("outputTruncated", True) is not True:
+        return f"outputTruncated {body['outputTruncated']!r}"
+    if body["timedOut"] and body["success"]:
+        return "success with timedOut"
+    return None
+
+
+def _run_label(body: dict[str, Any]) -> str:
+    if body["timedOut"]:
+        # "(partial)": the agent had started (the deadline passed mid-turn), "(empty)":
+        # most likely the deadline passed while the job was still waiting in a queue.
+        return "200 timedOut" + (" (partial)" if body["output"] else " (empty)")
+    return "200 success" if body["success"] else "200 failure"
+
+
+def _error_body_problem(body: Any) -> str | None:
+    """An error is ``{"error": str}``, with the run's id when it is about a run."""
+    if (
         isinstance(body, dict)
         and set(body) <= DOCUMENTED_ERROR_KEYS
         and isinstance(body.get("error"), str)
         and body["error"]
         and isinstance(body.get("runId", ""), str)
     ):
-        return str(status), body, f"error body is not {{'error': str}}: {_short(body)}"
-    return str(status), body, None
+        return None
+    return f"error body is not {{'error': str}}: {_short(body)}"
 
 
 def _short(value: Any, limit: int = 300) -> str:
     text = json.dumps(value) if not isinstance(value, str) else value
     return text if len(text) <= limit else text[:limit] + f"...({len(text)} chars)"
+
+
+# --- what a reply must be ---------------------------------------------------------------
+
+# An expectation: given a well-formed reply's label and body, what is wrong (None: nothing).
+Expect = Callable[[str, Any], str | None]
+
+
+def succeeds(output: str | None) -> Expect:
+    """200, success true, and ``output`` exactly (None: any output)."""
+
+    def check(label: str, body: Any) -> str | None:
+        if label != "200 success":
+            return f"expected 200 success, got {label}"
+        if output is not None and body["output"] != output:
+            return f"output {_short(body['output'], 80)!r} != {_short(output, 80)!r}"
+        return None
+
+    return check
+
+
+def fails(status: int, fragment: str) -> Expect:
+    """An error reply of ``status`` whose message holds ``fragment``."""
+
+    def check(label: str, body: Any) -> str | None:
+        if label != str(status):
+            return f"expected {status}, got {label}"
+        if fragment not in body["error"]:
+            return f"error lacks {fragment!r}"
+        return None
+
+    return check
+
+
+def times_out(label: str, body: Any) -> str | None:
+    """200 with timedOut, the output empty or what the hanging fake wrote first."""
+    if not label.startswith("200 timedOut"):
+        return f"expected 200 timedOut, got {label}"
+    if body["output"] not in ("", "partial before hang"):
+        return f"unexpected partial output {_short(body['output'], 80)!r}"
+    return None
+
+
+def error_result(label: str, body: Any) -> str | None:
+    """200 with success false: the agent's own error result."""
+    if label != "200 failure":
+        return f"expected 200 failure, got {label}"
+    if body["output"] != "Reached maximum number of turns (1)":
+        return f"output {body['output']!r}"
+    return None
 
 
 @dataclass
@@ -477,14 +540,40 @@ class Tally:
 
 
 @dataclass
+class AtRest:
+    """What the soak saw once the load was over: the figures the audit checks.
+
+    ``tests/test_soak.py`` asserts on them (the pool back to full, the counters adding up,
+    the processes accounted for); the soak itself only records them.
+    """
+
+    recover_s: float | None = None  # None: the pool was not back to full in time
+    health: dict[str, Any] = field(default_factory=dict)  # the last /health read
+    settled: bool = False  # sessions idle and counters stable in time
+    status: dict[str, Any] = field(default_factory=dict)  # /status of user "api"
+    other_status: dict[str, Any] = field(default_factory=dict)  # /status of user "other"
+    live_fakes: list[tuple[int, str, int | None]] = field(
+        default_factory=list
+    )  # pid, state, parent
+    deleted: list[str] = field(default_factory=list)  # sessions whose last operation was a DELETE
+
+    @property
+    def live_sessions(self) -> int:
+        sessions = self.status.get("sessions", []) + self.other_status.get("sessions", [])
+        return sum(1 for s in sessions if s["state"] == "live")
+
+
+@dataclass
 class SoakReport:
     requests: int
     concurrency: int
     seed: int
-    outcomes: collections.Counter = field(default_factory=collections.Counter)
-    latencies: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
+    outcomes: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
+    latencies: dict[tuple[str, str], list[float]] = field(
+        default_factory=lambda: collections.defaultdict(list)
+    )
     unexpected: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)  # checks other than replies
+    problems: list[str] = field(default_factory=list)  # seen during the load, besides replies
     tally: Tally = field(default_factory=Tally)
     completed_ops: int = 0
     duration_s: float = 0.0
@@ -496,17 +585,14 @@ class SoakReport:
     max_live_fakes_at_s: float = 0.0
     # Running and warm for anyone (2 x POOL_SIZE), kept (AGENT_REUSE_MAX = POOL_SIZE), sessions.
     live_fakes_bound: int = 3 * POOL_SIZE + MAX_LIVE_SESSIONS + RETIRING_ALLOWANCE
-    live_fakes_at_rest: int | None = None
-    live_sessions_at_rest: int | None = None
+    rest: AtRest = field(default_factory=AtRest)
     fake_starts: int = 0
-    pool_recovered: bool = False
-    recover_s: float | None = None
-    final_health: dict | None = None
-    final_status: dict | None = None
     max_queue_seen: int = 0
-    health_statuses: collections.Counter = field(default_factory=collections.Counter)
-    disconnects: collections.Counter = field(default_factory=collections.Counter)
+    health_statuses: collections.Counter[str] = field(default_factory=collections.Counter)
+    disconnects: collections.Counter[str] = field(default_factory=collections.Counter)
     turns_logged: int = 0
+    turn_counts: collections.Counter[str] = field(default_factory=collections.Counter)  # by tag
+    must_have_run: set[str] = field(default_factory=set)  # tags whose reply proves they ran
     orphans: list[str] = field(default_factory=list)
     exit_code: int | None = None
     shutdown_s: float | None = None
@@ -516,106 +602,103 @@ class SoakReport:
     others_cpu_share: float | None = None
     quiet_line: str = ""
 
-    @property
-    def ok(self) -> bool:
-        return (
-            not self.unexpected
-            and not self.problems
-            and self.pool_recovered
-            and not self.orphans
-            and self.exit_code == 0
-            and not self.log_problems
+    def summary(self) -> str:
+        """The soak's figures, for people: what ran, how fast, what was left at rest."""
+        return "\n".join(
+            [*self._outcome_lines(), *self._load_lines(), *self._rest_lines(), *self._exit_lines()]
         )
 
-    def summary(self) -> str:
-        out = []
-        add = out.append
-        add(
+    def _outcome_lines(self) -> list[str]:
+        out = [
             f"soak: {self.requests} requests (seed {self.seed}), concurrency {self.concurrency}, "
             f"POOL_SIZE={POOL_SIZE}, MAX_LIVE_SESSIONS={MAX_LIVE_SESSIONS}, "
-            f"INTERRUPT_GRACE_MS={INTERRUPT_GRACE_MS}"
-        )
-        add(f"{'kind':<30} {'outcome':<24} {'count':>5} {'p50 ms':>8} {'max ms':>8}")
-        by_key: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
-        for (kind, label), values in self.latencies.items():
-            by_key[(kind, label)] = values
+            f"INTERRUPT_GRACE_MS={INTERRUPT_GRACE_MS}",
+            f"{'kind':<30} {'outcome':<24} {'count':>5} {'p50 ms':>8} {'max ms':>8}",
+        ]
         for (kind, label), count in sorted(self.outcomes.items()):
-            values = by_key.get((kind, label), [])
+            values = self.latencies.get((kind, label), [])
             p50 = f"{1000 * percentile(values, 50):8.0f}" if values else f"{'-':>8}"
             top = f"{1000 * max(values):8.0f}" if values else f"{'-':>8}"
-            add(f"{kind:<30} {label:<24} {count:>5} {p50} {top}")
+            out.append(f"{kind:<30} {label:<24} {count:>5} {p50} {top}")
+        return out
+
+    def _load_lines(self) -> list[str]:
         total = sum(self.outcomes.values())
         rate = self.completed_ops / self.duration_s if self.duration_s else math.nan
         http_rate = self.tally.http_requests / self.duration_s if self.duration_s else math.nan
-        add(
+        out = [
             f"operations: {self.completed_ops}/{self.requests} completed ({total} outcomes, "
             f"{self.tally.http_requests} HTTP requests) in {self.duration_s:.1f} s: "
             f"{rate:.1f} requests/s ({http_rate:.1f} HTTP requests/s); warm-up {self.warmup_s:.1f} s"
-        )
+        ]
         if self.others_cpu_share is not None:
             quiet = "yes" if self.others_cpu_share <= QUIET_SHARE_PERCENT else "NO"
-            add(f"quiet machine during the load: {quiet} ({self.quiet_line.strip()})")
-        add(
+            out.append(f"quiet machine during the load: {quiet} ({self.quiet_line.strip()})")
+        out.append(
             "disconnects: "
             + (", ".join(f"{k}={v}" for k, v in sorted(self.disconnects.items())) or "none")
         )
-        add(f"unexpected replies: {len(self.unexpected)}")
-        for line in self.unexpected[:25]:
-            add(f"  ! {line}")
+        out.append(f"unexpected replies: {len(self.unexpected)}")
+        out += [f"  ! {line}" for line in self.unexpected[:25]]
         if len(self.unexpected) > 25:
-            add(f"  ... and {len(self.unexpected) - 25} more")
+            out.append(f"  ... and {len(self.unexpected) - 25} more")
+        before, after = self.rss_before_kib, self.rss_after_kib
         rss = (
-            f"{self.rss_before_kib / 1024:.1f} MiB -> {self.rss_after_kib / 1024:.1f} MiB "
-            f"({(self.rss_after_kib - self.rss_before_kib) / 1024:+.1f} MiB; VmHWM "
-            f"{(self.hwm_after_kib or 0) / 1024:.1f} MiB)"
-            if self.rss_before_kib and self.rss_after_kib
-            else f"{self.rss_before_kib} -> {self.rss_after_kib} kB"
+            f"{before / 1024:.1f} MiB -> {after / 1024:.1f} MiB ({(after - before) / 1024:+.1f} "
+            f"MiB; VmHWM {(self.hwm_after_kib or 0) / 1024:.1f} MiB)"
+            if before and after
+            else f"{before} -> {after} kB"
         )
-        add(f"service RSS before/after load: {rss}")
-        add(
-            f"health during load: {dict(self.health_statuses)}, max queue length {self.max_queue_seen}"
+        out.append(f"service RSS before/after load: {rss}")
+        out.append(
+            f"health during load: {dict(self.health_statuses)}, max queue length "
+            f"{self.max_queue_seen}"
         )
-        add(
-            f"pool back to full: {'yes' if self.pool_recovered else 'NO'}"
-            + (f" after {self.recover_s:.2f} s" if self.recover_s is not None else "")
-            + f"; final /health workers={(self.final_health or {}).get('workers')} "
-            f"queue={(self.final_health or {}).get('queue')}"
-        )
-        if self.final_status:
-            st = self.final_status
-            add(
+        return out
+
+    def _rest_lines(self) -> list[str]:
+        rest = self.rest
+        out = [
+            f"pool back to full: {'yes' if rest.recover_s is not None else 'NO'}"
+            + (f" after {rest.recover_s:.2f} s" if rest.recover_s is not None else "")
+            + f"; final /health workers={rest.health.get('workers')} "
+            f"queue={rest.health.get('queue')}"
+        ]
+        if rest.status:
+            st = rest.status
+            out.append(
                 f"/status: totalProcessed={st.get('totalProcessed')} totalErrors="
                 f"{st.get('totalErrors')} queueLength={st.get('queueLength')} worker jobs="
                 f"{[w.get('jobs') for w in st.get('workers', [])]} states="
                 f"{[w.get('state') for w in st.get('workers', [])]}; clients saw "
                 f"{self.tally.run_replies} /run verdicts ({self.tally.success_true} success), "
                 f"{self.tally.cancelled_runs} abandoned"
+                + ("" if rest.settled else " (not settled)")
             )
-        add(
+        out.append(
             f"fake processes: {self.fake_starts} started, {self.turns_logged} turns logged; "
             f"max live during load {self.max_live_fakes} (bound {self.live_fakes_bound}, at "
-            f"{self.max_live_fakes_at_s:.1f} s); live at rest {self.live_fakes_at_rest} "
-            f"(= {POOL_SIZE} workers + {self.live_sessions_at_rest} live sessions expected)"
+            f"{self.max_live_fakes_at_s:.1f} s); live at rest {len(rest.live_fakes)} "
+            f"(= {POOL_SIZE} workers + {rest.live_sessions} live sessions expected)"
         )
-        add(
-            f"orphans after exit: {len(self.orphans)}" + "".join(f"\n  ! {o}" for o in self.orphans)
-        )
-        add(
+        return out
+
+    def _exit_lines(self) -> list[str]:
+        out = [f"orphans after exit: {len(self.orphans)}"]
+        out += [f"  ! {o}" for o in self.orphans]
+        out.append(
             f"service exit code after SIGTERM: {self.exit_code}"
             + (f" (in {self.shutdown_s:.2f} s)" if self.shutdown_s is not None else "")
         )
-        add(
+        out.append(
             f"service log: {self.sdk_fault_lines} SDK 'Fatal error in message reader' lines "
             f"(expected, one per injected crash/garbage); other ERROR/Traceback lines: "
             f"{len(self.log_problems)}"
         )
-        for line in self.log_problems[:10]:
-            add(f"  ! {line}")
-        add(f"other problems: {len(self.problems)}")
-        for line in self.problems[:25]:
-            add(f"  ! {line}")
-        add(f"RESULT: {'PASS' if self.ok else 'FAIL'}")
-        return "\n".join(out)
+        out += [f"  ! {line}" for line in self.log_problems[:10]]
+        out.append(f"other problems during the load: {len(self.problems)}")
+        out += [f"  ! {line}" for line in self.problems[:25]]
+        return out
 
 
 # --- running the operations ---------------------------------------------------------------
@@ -646,6 +729,14 @@ class Runner:
         self.last_delete_seq: dict[int, int] = {}
 
     # -- bookkeeping
+
+    def deleted_last(self) -> list[str]:
+        """The sessions whose last operation was a DELETE (they must not be listed)."""
+        return [
+            session_id(number)
+            for number, state in enumerate(self.sessions)
+            if state.done and self.last_delete_seq.get(number) == len(state.done) - 1
+        ]
 
     def outcome(self, kind: str, label: str, elapsed: float | None = None) -> None:
         self.report.outcomes[(kind, label)] += 1
@@ -710,7 +801,7 @@ class Runner:
         op: Op | None,
         kind: str,
         prompt: str,
-        expect: Callable[[str, Any], str | None],
+        expect: Expect,
         *,
         ran: str | None = None,
         **kwargs,
@@ -772,70 +863,36 @@ class Runner:
         tag = f"#{i}"
         ran = str(i)
 
-        def success(output: str) -> Callable[[str, Any], str | None]:
-            def check(label: str, body: Any) -> str | None:
-                if label != "200 success":
-                    return f"expected 200 success, got {label}"
-                if body["output"] != output:
-                    return f"output {_short(body['output'], 80)!r} != {_short(output, 80)!r}"
-                return None
-
-            return check
-
-        def failed(status: int, fragment: str) -> Callable[[str, Any], str | None]:
-            def check(label: str, body: Any) -> str | None:
-                if label != str(status):
-                    return f"expected {status}, got {label}"
-                if fragment not in body["error"]:
-                    return f"error lacks {fragment!r}"
-                return None
-
-            return check
-
-        def timed_out(label: str, body: Any) -> str | None:
-            if not label.startswith("200 timedOut"):
-                return f"expected 200 timedOut, got {label}"
-            if body["output"] not in ("", "partial before hang"):
-                return f"unexpected partial output {_short(body['output'], 80)!r}"
-            return None
-
-        def error_result(label: str, body: Any) -> str | None:
-            if label != "200 failure":
-                return f"expected 200 failure, got {label}"
-            if body["output"] != "Reached maximum number of turns (1)":
-                return f"output {body['output']!r}"
-            return None
-
         if kind in ("normal", "sleep", "tool"):
             directive = {"normal": "", "sleep": "[[fake:sleep:0.2]] ", "tool": "[[fake:tool]] "}
             prompt = f"{directive[kind]}hello {tag}"
-            await self.expect_run(op, kind, prompt, success(f"echo: {prompt}"), ran=ran)
+            await self.expect_run(op, kind, prompt, succeeds(f"echo: {prompt}"), ran=ran)
         elif kind == "slow":
             pieces = "".join(f"piece {n}" for n in range(1, op.arg + 1))
             await self.expect_run(
-                op, kind, f"[[fake:slow:{op.arg}:0.05]] {tag}", success(pieces), ran=ran
+                op, kind, f"[[fake:slow:{op.arg}:0.05]] {tag}", succeeds(pieces), ran=ran
             )
         elif kind == "big":
             await self.expect_run(
-                op, kind, f"[[fake:big:{op.arg}]] {tag}", success("x" * op.arg), ran=ran
+                op, kind, f"[[fake:big:{op.arg}]] {tag}", succeeds("x" * op.arg), ran=ran
             )
         elif kind == "crash":
             await self.expect_run(
                 op,
                 kind,
                 f"[[fake:crash:{op.arg}]] {tag}",
-                failed(502, f"exited with code {op.arg}"),
+                fails(502, f"exited with code {op.arg}"),
                 ran=ran,
             )
         elif kind == "garbage":
             await self.expect_run(
-                op, kind, f"[[fake:garbage]] {tag}", failed(502, "malformed JSON"), ran=ran
+                op, kind, f"[[fake:garbage]] {tag}", fails(502, "malformed JSON"), ran=ran
             )
         elif kind == "error":
             await self.expect_run(op, kind, f"[[fake:error]] {tag}", error_result, ran=ran)
         elif kind in ("hang", "hang_hard"):
             await self.expect_run(
-                op, kind, f"[[fake:{kind}]] {tag}", timed_out, timeout_ms=op.timeout_ms
+                op, kind, f"[[fake:{kind}]] {tag}", times_out, timeout_ms=op.timeout_ms
             )
         elif kind == "disconnect_running":
             await self.disconnect_mid_run(op, kind, f"[[fake:slow:40:0.1]] {tag}", ran)
@@ -891,18 +948,11 @@ class Runner:
         tag = f"#{op.index}"
         prompt = f"What is my name? {tag}"
 
-        def check(label: str, body: Any) -> str | None:
-            if label != "200 success":
-                return f"expected 200 success, got {label}"
-            if body["output"] != "I don't know your name.":
-                return f"other user's session leaked: {body['output']!r}"
-            return None
-
         await self.expect_run(
             op,
             op.kind,
             prompt,
-            check,
+            succeeds("I don't know your name."),
             ran=str(op.index),
             session=session_id(op.session),
             headers={**OTHER_AUTH, "Content-Type": "application/json"},
@@ -911,102 +961,70 @@ class Runner:
     async def _session_step(self, op: Op, sub: str, state: SessionState) -> None:
         sid = session_id(op.session)
         tag = f"#{op.index}"
-        ran = str(op.index)
-        kind = op.kind
-
         if sub == "name":
-            prompt = f"My name is {op.arg}. {tag}"
-
-            def check(label: str, body: Any) -> str | None:
-                if label != "200 success":
-                    return f"expected 200 success, got {label}"
-                if body["output"] != f"Nice to meet you, {op.arg}.":
-                    return f"output {body['output']!r}"
-                return None
-
-            label, body = await self.expect_run(op, kind, prompt, check, session=sid, ran=ran)
-            if label == "200 success" and body["output"] == f"Nice to meet you, {op.arg}.":
-                state.name, state.known, state.has_record = op.arg, True, True
-            else:
-                state.known = False
-                state.has_record = None if not state.has_record else True
-        elif sub == "ask":
-            prompt = f"What is my name? {tag}"
-            expected = f"Your name is {state.name}." if state.name else "I don't know your name."
-            known = state.known
-
-            def check(label: str, body: Any) -> str | None:
-                if label != "200 success":
-                    return f"expected 200 success, got {label}"
-                if known and body["output"] != expected:
-                    return f"remembered {body['output']!r}, expected {expected!r}"
-                return None
-
-            label, _ = await self.expect_run(op, kind, prompt, check, session=sid, ran=ran)
-            if label == "200 success":
-                state.has_record = True
-        elif sub == "echo":
-            prompt = f"tell me something {tag}"
-
-            def check(label: str, body: Any) -> str | None:
-                if label != "200 success" or body["output"] != f"echo: {prompt}":
-                    return f"expected 200 success 'echo: {prompt}', got {label}"
-                return None
-
-            label, _ = await self.expect_run(op, kind, prompt, check, session=sid, ran=ran)
-            if label == "200 success":
-                state.has_record = True
-        elif sub == "crash":
-
-            def check(label: str, body: Any) -> str | None:
-                if label != "502" or f"exited with code {op.arg}" not in body["error"]:
-                    return f"expected 502 'exited with code {op.arg}', got {label}"
-                return None
-
-            label, _ = await self.expect_run(
-                op, kind, f"[[fake:crash:{op.arg}]] {tag}", check, session=sid, ran=ran
-            )
-            if label == "502":
-                state.has_record = True
+            await self._tell_name(op, sid, state, tag)
         elif sub == "hang":
-
-            def check(label: str, body: Any) -> str | None:
-                if not label.startswith("200 timedOut"):
-                    return f"expected 200 timedOut, got {label}"
-                if body["output"] not in ("", "partial before hang"):
-                    return f"partial output {body['output']!r}"
-                return None
-
-            label, body = await self.expect_run(
-                op, kind, f"[[fake:{op.arg}]] {tag}", check, session=sid, timeout_ms=op.timeout_ms
+            label, _ = await self.expect_run(
+                op,
+                op.kind,
+                f"[[fake:{op.arg}]] {tag}",
+                times_out,
+                session=sid,
+                timeout_ms=op.timeout_ms,
             )
             if label == "200 timedOut (partial)":
                 state.has_record = True
             elif not state.has_record:
                 state.has_record = None  # timed out while waiting for a slot: maybe no actor
-        elif sub == "error":
-
-            def check(label: str, body: Any) -> str | None:
-                if (
-                    label != "200 failure"
-                    or body["output"] != "Reached maximum number of turns (1)"
-                ):
-                    return f"expected 200 failure 'Reached maximum...', got {label}"
-                return None
-
-            label, _ = await self.expect_run(
-                op, kind, f"[[fake:error]] {tag}", check, session=sid, ran=ran
-            )
-            if label == "200 failure":
-                state.has_record = True
         elif sub == "delete":
-            await self.delete(op, kind, sid, state, expect_closed=state.has_record)
+            await self.delete(op, op.kind, sid, state, expect_closed=state.has_record)
         elif sub == "delete_midturn":
             await self.delete_midturn(op, sid, state, tag)
         elif sub == "queued_cancel":
             await self.queued_cancel(op, sid, state, tag)
         else:
-            raise AssertionError(sub)
+            prompt, expect, recorded = self._turn(op, sub, state, tag)
+            label, _ = await self.expect_run(
+                op, op.kind, prompt, expect, session=sid, ran=str(op.index)
+            )
+            if label == recorded:
+                state.has_record = True
+
+    @staticmethod
+    def _turn(op: Op, sub: str, state: SessionState, tag: str) -> tuple[str, Expect, str]:
+        """A session turn: (its prompt, what its reply must be, the label that proves the
+        session now has a record)."""
+        if sub == "ask":
+            expected = f"Your name is {state.name}." if state.name else "I don't know your name."
+            return (
+                f"What is my name? {tag}",
+                succeeds(expected if state.known else None),
+                ("200 success"),
+            )
+        if sub == "echo":
+            prompt = f"tell me something {tag}"
+            return prompt, succeeds(f"echo: {prompt}"), "200 success"
+        if sub == "crash":
+            return f"[[fake:crash:{op.arg}]] {tag}", fails(502, f"exited with code {op.arg}"), "502"
+        if sub == "error":
+            return f"[[fake:error]] {tag}", error_result, "200 failure"
+        raise AssertionError(sub)
+
+    async def _tell_name(self, op: Op, sid: str, state: SessionState, tag: str) -> None:
+        reply = f"Nice to meet you, {op.arg}."
+        label, body = await self.expect_run(
+            op,
+            op.kind,
+            f"My name is {op.arg}. {tag}",
+            succeeds(reply),
+            session=sid,
+            ran=str(op.index),
+        )
+        if label == "200 success" and body["output"] == reply:
+            state.name, state.known, state.has_record = op.arg, True, True
+        else:
+            state.known = False
+            state.has_record = None if not state.has_record else True
 
     async def delete(
         self, op: Op, kind: str, sid: str, state: SessionState, expect_closed: bool | None
@@ -1074,13 +1092,7 @@ class Runner:
         """A turn queued behind a running one, abandoned by its client: the first is fine."""
         kind = op.kind
         first = f"[[fake:slow:10:0.1]] {tag}a"
-        pieces = "".join(f"piece {n}" for n in range(1, 11))
-
-        def check(label: str, body: Any) -> str | None:
-            if label != "200 success" or body["output"] != pieces:
-                return f"expected 200 success {pieces!r}, got {label}"
-            return None
-
+        check = succeeds("".join(f"piece {n}" for n in range(1, 11)))
         async with trio.open_nursery() as nursery:
 
             async def run_first() -> None:
@@ -1129,7 +1141,7 @@ async def _warm_up(service: RunningService, client: httpx.AsyncClient, runner: R
         while not (await _pool_full(client))[0]:
             await trio.sleep(0.05)
 
-    def echo(prompt: str) -> Callable[[str, Any], str | None]:
+    def echo(prompt: str) -> Expect:
         return lambda label, body: (
             None if label == "200 success" and body["output"] == f"echo: {prompt}" else "warm-up"
         )
@@ -1182,128 +1194,48 @@ async def _monitor(
         tracker.sample()
 
 
-async def _audit(
-    service: RunningService, client: httpx.AsyncClient, runner: Runner, tracker: FakeTracker
-) -> None:
-    """After the load: pool full, counters consistent, processes accounted for."""
-    report = runner.report
+async def _observe_rest(client: httpx.AsyncClient, runner: Runner, tracker: FakeTracker) -> AtRest:
+    """After the load, record what the audit checks; each wait has its bound."""
+    rest = AtRest()
     started = time.monotonic()
-    body: dict = {}
     with trio.move_on_after(RECOVER_TIMEOUT_S):
-        while True:
-            full, body = await _pool_full(client)
-            if full:
-                report.pool_recovered = True
-                report.recover_s = time.monotonic() - started
-                break
+        while not (full := await _pool_full(client))[0]:
+            rest.health = full[1]
             await trio.sleep(0.1)
-    report.final_health = body
-    if not report.pool_recovered:
-        report.problems.append(
-            f"pool not back to full within {RECOVER_TIMEOUT_S:.0f} s: /health {_short(body)}"
-        )
+        rest.recover_s = time.monotonic() - started
+        rest.health = full[1]
+    await _settle(client, rest)
+    rest.deleted = [*runner.deleted_last(), "soak-warm"]
+    # Retired processes gone: exactly one per worker and one per live session remain.
+    expected = POOL_SIZE + rest.live_sessions
+    with trio.move_on_after(SETTLE_TIMEOUT_S):
+        while len(tracker.live()) != expected:
+            await trio.sleep(0.1)
+    rest.live_fakes = [(pid, state, parent_of(pid)) for pid, state, _ in tracker.live()]
+    return rest
 
-    # Sessions idle and counters stable (a session reports its last turn when idle again).
-    status: dict = {}
-    other: dict = {}
+
+async def _settle(client: httpx.AsyncClient, rest: AtRest) -> None:
+    """Wait until sessions are idle and counters stable (a session reports its last turn
+    when idle again); the last /status of each user into ``rest``."""
     previous = None
-    settled = False
     with trio.move_on_after(SETTLE_TIMEOUT_S):
         while True:
-            status = (await client.get("/status", headers=AUTH)).json()
-            other = (await client.get("/status", headers=OTHER_AUTH)).json()
-            states = [s["state"] for s in status["sessions"] + other["sessions"]]
-            key = (status["totalProcessed"], status["totalErrors"], tuple(states))
+            rest.status = (await client.get("/status", headers=AUTH)).json()
+            rest.other_status = (await client.get("/status", headers=OTHER_AUTH)).json()
+            sessions = rest.status["sessions"] + rest.other_status["sessions"]
+            states = [s["state"] for s in sessions]
+            key = (rest.status["totalProcessed"], rest.status["totalErrors"], tuple(states))
             if all(s in ("live", "hibernated") for s in states) and key == previous:
-                settled = True
-                break
+                rest.settled = True
+                return
             previous = key
             await trio.sleep(0.3)
-    report.final_status = status
-    if not settled:
-        report.problems.append(f"sessions or counters did not settle: {_short(status, 600)}")
-    if not status:
-        return
-    tally = report.tally
-    processed, errors = status["totalProcessed"], status["totalErrors"]
-    ok_count = processed - errors
-    session_success = tally.success_true - tally.oneshot_success
-    checks = [
-        (status["queueLength"] == 0, f"queueLength {status['queueLength']}"),
-        (status["maxQueueSize"] == QUEUE_MAX, f"maxQueueSize {status['maxQueueSize']}"),
-        # POOL_SIZE for anyone and the spares: POOL_SIZE + AGENT_REUSE_MAX (= POOL_SIZE).
-        (len(status["workers"]) == 3 * POOL_SIZE, f"{len(status['workers'])} workers"),
-        (
-            sum(w["state"] == "ready" for w in status["workers"]) == POOL_SIZE
-            and all(
-                w["state"] in ("ready", "kept", "dormant") and "busySince" not in w
-                for w in status["workers"]
-            ),
-            f"a worker is not ready: {status['workers']}",
-        ),
-        (0 <= errors <= processed, f"totalErrors {errors} vs totalProcessed {processed}"),
-        (
-            processed <= tally.run_replies + tally.cancelled_runs,
-            f"totalProcessed {processed} > /run verdicts {tally.run_replies} + abandoned "
-            f"{tally.cancelled_runs}",
-        ),
-        (
-            # every one-shot verdict, and every successful session turn, is counted
-            processed >= tally.oneshot_replies + session_success,
-            f"totalProcessed {processed} < one-shot verdicts {tally.oneshot_replies} + session "
-            f"successes {session_success}",
-        ),
-        (
-            tally.success_true <= ok_count <= tally.success_true + tally.cancelled_runs,
-            f"successes counted {ok_count} vs seen {tally.success_true} (+{tally.cancelled_runs} "
-            "abandoned)",
-        ),
-        (
-            sum(w["jobs"] for w in status["workers"]) <= processed,
-            f"worker jobs {sum(w['jobs'] for w in status['workers'])} > processed {processed}",
-        ),
-    ]
-    for good, what in checks:
-        if not good:
-            report.problems.append(f"/status: {what}")
-    live_sessions = sum(1 for s in status["sessions"] + other["sessions"] if s["state"] == "live")
-    report.live_sessions_at_rest = live_sessions
-    if live_sessions > MAX_LIVE_SESSIONS:
-        report.problems.append(f"{live_sessions} live sessions > MAX_LIVE_SESSIONS")
-    # A session whose last operation was a DELETE must be gone.
-    listed = {s["id"] for s in status["sessions"]}
-    for number, state in enumerate(runner.sessions):
-        last = len(state.done) - 1
-        if (
-            last >= 0
-            and runner.last_delete_seq.get(number) == last
-            and session_id(number) in listed
-        ):
-            report.problems.append(f"{session_id(number)} still listed after its DELETE")
-    if "soak-warm" in listed:
-        report.problems.append("soak-warm still listed after its DELETE")
-
-    # Retired processes gone: exactly one per worker and one per live session remain.
-    expected = POOL_SIZE + live_sessions
-    live: list = []
-    with trio.move_on_after(SETTLE_TIMEOUT_S):
-        while True:
-            live = tracker.live()
-            if len(live) == expected:
-                break
-            await trio.sleep(0.1)
-    report.live_fakes_at_rest = len(live)
-    if len(live) != expected:
-        report.problems.append(
-            f"{len(live)} fake processes live at rest, expected {expected}: "
-            f"{[(pid, state, parent_of(pid)) for pid, state, _ in live]}"
-        )
 
 
-def _check_turn_log(path: Path, runner: Runner) -> None:
-    """No prompt ran twice; every reply that proves a run has its turn; disconnect stats."""
+def _read_turn_log(path: Path, runner: Runner) -> None:
+    """The fake's turns, counted by prompt tag; what the abandoned requests became."""
     report = runner.report
-    counts: collections.Counter[str] = collections.Counter()
     try:
         lines = path.read_text().splitlines()
     except OSError:
@@ -1313,19 +1245,12 @@ def _check_turn_log(path: Path, runner: Runner) -> None:
             record = json.loads(line)
         except ValueError:
             continue
-        if record.get("event") != "turn":
-            continue
-        report.turns_logged += 1
-        for tag in TAG_RE.findall(record.get("prompt", "")):
-            counts[tag] += 1
-    for tag, count in sorted(counts.items()):
-        if count > 1:
-            report.problems.append(f"prompt #{tag} ran {count} times")
-    missing = sorted(t for t in runner.must_have_run if counts[t] == 0)
-    for tag in missing[:20]:
-        report.problems.append(f"prompt #{tag} was answered by the agent but never ran")
+        if record.get("event") == "turn":
+            report.turns_logged += 1
+            report.turn_counts.update(TAG_RE.findall(record.get("prompt", "")))
+    report.must_have_run = set(runner.must_have_run)
     for tag, kind in runner.cancelled_tags.items():
-        ran = counts[tag] > 0
+        ran = report.turn_counts[tag] > 0
         report.disconnects[f"{kind}: {'reached the agent' if ran else 'never ran'}"] += 1
 
 
@@ -1376,12 +1301,7 @@ async def soak(
                     side.cancel_scope.cancel()
                 report.max_live_fakes = tracker.max_live
                 report.max_live_fakes_at_s = tracker.max_live_at
-                if tracker.max_live > report.live_fakes_bound:
-                    report.problems.append(
-                        f"{tracker.max_live} fake processes alive at once > bound "
-                        f"{report.live_fakes_bound}"
-                    )
-                await _audit(service, client, runner, tracker)
+                report.rest = await _observe_rest(client, runner, tracker)
                 report.rss_after_kib = rss_kib(service, "VmRSS")
                 report.hwm_after_kib = rss_kib(service, "VmHWM")
         finally:
@@ -1391,7 +1311,7 @@ async def soak(
     report.log_problems = list(watch.problems)
     report.sdk_fault_lines = watch.sdk_fault_lines
     report.fake_starts = tracker.total_started()
-    _check_turn_log(workdir / "fake.log", runner)
+    _read_turn_log(workdir / "fake.log", runner)
     return report
 
 
@@ -1446,11 +1366,7 @@ async def _load(
 async def _stop(service: RunningService, report: SoakReport) -> None:
     started = time.monotonic()
     report.exit_code = await service.stop(signal.SIGTERM, STOP_TIMEOUT_S)
-    if report.exit_code is None:
-        report.problems.append(
-            f"service still running {STOP_TIMEOUT_S:.0f} s after SIGTERM: killed"
-        )
-    else:
+    if report.exit_code is not None:  # None: still running after STOP_TIMEOUT_S, killed
         report.shutdown_s = time.monotonic() - started
 
 
@@ -1497,7 +1413,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
             report = trio.run(run, Path(tmp))
     print(report.summary(), flush=True)
-    return 0 if report.ok else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from tests.harness import CLK_TCK, proc_cpu_s, proc_memory_kib
 
@@ -358,3 +359,32 @@ def _decimals(values: list[float]) -> int:
     """Enough decimals for the values' size: 3 below 10, 2 below 100, else 1."""
     size = abs(statistics.median(values))
     return 3 if size < 10 else 2 if size < 100 else 1
+
+
+class QuietLog:
+    """The quiet-machine share of every phase of a run, and the verdict over them all."""
+
+    def __init__(self) -> None:
+        self.shares: list[float] = []
+
+    def report(self, meter: QuietMeter) -> str:
+        """``meter``'s line to print; its share is kept for :meth:`verdict`."""
+        line, share = meter.report()
+        self.shares.append(share)
+        return line
+
+    @contextmanager
+    def phase(self, service_pid: int | None = None, **meter: Any) -> Iterator[QuietMeter]:
+        """Meter the block (see :class:`QuietMeter`); print its line at the end."""
+        quiet = QuietMeter(service_pid, **meter)
+        yield quiet
+        print(self.report(quiet))
+
+    def verdict(self) -> str:
+        return quiet_verdict(self.shares)
+
+
+def print_machine(*lines: str) -> None:
+    """The head of every benchmark's report: the machine, then ``lines``."""
+    section("machine")
+    print("\n".join([*machine_lines(), *lines]))

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """What one user's agent can take from the others: disk, tmpfs, processes, latency.
 
 Prints figures; it is not a test. The service runs as operators run it
@@ -31,8 +30,8 @@ Every request, wait and loop is bounded; a run takes ~10–30 s (300 s at most).
 end the service is stopped, and any process of the run still alive (the bomb's
 sleeps carry a marker) is killed and counted.
 
-    .venv/bin/python bench/bench_isolation.py
-    .venv/bin/python bench/bench_isolation.py --help   # --samples --disk-mb --data-mb ...
+    .venv/bin/python -m bench.isolation
+    .venv/bin/python -m bench.isolation --help   # --samples --disk-mb --data-mb ...
 """
 
 from __future__ import annotations
@@ -48,23 +47,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import httpx
+import trio
 
-import httpx  # noqa: E402
-import trio  # noqa: E402
-
-from bench.stats import QuietMeter, dist, fmt_dist, machine_lines, quiet_verdict, section  # noqa: E402
-from claude_code_api.agent_cgroups import (  # noqa: E402
+from bench.stats import QuietLog, dist, fmt_dist, machine_lines, section
+from claude_code_api.agent_cgroups import (
     AGENTS_DIRECTORY,
     SERVICE_LEAF,
     parse_cgroup_mounts,
     parse_own_cgroups,
     service_prefix,
 )
-from claude_code_api.agent_limits import default_tmp_mb  # noqa: E402
-from claude_code_api.demo.mock_messages_api import (  # noqa: E402
+from claude_code_api.agent_limits import default_tmp_mb
+from claude_code_api.demo.mock_messages_api import (
     RecordedRequest,
     Step,
     TextReply,
@@ -72,9 +67,9 @@ from claude_code_api.demo.mock_messages_api import (  # noqa: E402
     open_mock_api,
     tool_result_text,
 )
-from claude_code_api.user_paths import user_workspace  # noqa: E402
-from tests.harness import RunningService, launch_service, service_env  # noqa: E402
-from tests.real_cli import service_overrides  # noqa: E402
+from claude_code_api.user_paths import user_workspace
+from tests.harness import RunningService, launch_service, service_env
+from tests.real_cli import service_overrides
 
 MIB = 1024 * 1024
 USERS = ("alice", "bob", "carol", "dave", "erin")
@@ -375,29 +370,24 @@ def print_bob(label: str, one_shots: list[float], turns: list[float], failed: li
         print(f"  FAILED {line}")
 
 
-async def phases(run: Run, args: argparse.Namespace, shares: list[float]) -> None:
+async def phase_quiet(
+    run: Run, args: argparse.Namespace, watch: PidsWatch, quiet: QuietLog
+) -> None:
+    """bob's one-shots and session turns on a quiet service."""
     f = run.figures
-    watch = PidsWatch.of(run.service)
-    f["pids base"] = watch.base
-
-    def measured(meter: QuietMeter) -> None:
-        line, share = meter.report()
-        print(line)
-        shares.append(share)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch.run)
-
-        section(f"0. bob on a quiet service ({args.samples} one-shots and session turns)")
-        meter = QuietMeter(trees=[run.service.pid])
+    section(f"0. bob on a quiet service ({args.samples} one-shots and session turns)")
+    with quiet.phase(trees=[run.service.pid]):
         for fields in ({}, {"sessionId": "bob"}):  # untimed: his agents warm, his session made
             await run.post("bob", "warm up", **fields)
         f["quiet"] = await run.bob(args.samples)
         print_bob("quiet", *f["quiet"])
-        measured(meter)
 
-        section(f"1. disk: USER_DISK_MAX_MB={args.disk_mb}, DATA_DIR {f['data_dir']}")
-        meter = QuietMeter(trees=[run.service.pid])
+
+async def phase_disk(run: Run, args: argparse.Namespace, watch: PidsWatch, quiet: QuietLog) -> None:
+    """carol's 200 MiB dd, then dave's 8 MiB files in a loop, against USER_DISK_MAX_MB."""
+    f = run.figures
+    section(f"1. disk: USER_DISK_MAX_MB={args.disk_mb}, DATA_DIR {f['data_dir']}")
+    with quiet.phase(trees=[run.service.pid]):
         reply, took = await run.post("carol", "dd-fill", sessionId="fill")
         output = run.mock.outputs.get("dd-fill", "")
         fill = run.workspace("carol") / "fill"
@@ -428,20 +418,29 @@ async def phases(run: Run, args: argparse.Namespace, shares: list[float]) -> Non
         await run.close_session("dave", "fill")
         for path in run.workspace("dave").glob("fill-*"):
             path.unlink()
-        measured(meter)
 
-        section("2. tmpfs sizes inside the sandbox")
-        reply, _ = await run.post("erin", "tmpfs", sessionId="procs")
-        output = run.mock.outputs.get("tmpfs", "")
-        sizes = dict(re.findall(r"^size (\S+) (\d+)$", output, re.MULTILINE))
-        f["tmpfs"] = sizes
-        for path, mib in sizes.items():
-            print(f"  {path:<10} {mib} MiB")
-        if not sizes:
-            print(f"  not measured: HTTP {reply.status_code} {reply.text[:200]}")
 
-        section(f"3. fork bomb: {BOMB_TRIES} sleeps at most, AGENT_MAX_PROCS={args.max_procs}")
-        meter = QuietMeter(trees=[run.service.pid])
+async def phase_tmpfs(
+    run: Run, args: argparse.Namespace, watch: PidsWatch, quiet: QuietLog
+) -> None:
+    """The sizes of /tmp and /dev/shm inside the sandbox (statvfs)."""
+    f = run.figures
+    section("2. tmpfs sizes inside the sandbox")
+    reply, _ = await run.post("erin", "tmpfs", sessionId="procs")
+    output = run.mock.outputs.get("tmpfs", "")
+    sizes = dict(re.findall(r"^size (\S+) (\d+)$", output, re.MULTILINE))
+    f["tmpfs"] = sizes
+    for path, mib in sizes.items():
+        print(f"  {path:<10} {mib} MiB")
+    if not sizes:
+        print(f"  not measured: HTTP {reply.status_code} {reply.text[:200]}")
+
+
+async def phase_bomb(run: Run, args: argparse.Namespace, watch: PidsWatch, quiet: QuietLog) -> None:
+    """erin's fork bomb against AGENT_MAX_PROCS, counted by her agent's pids cgroup."""
+    f = run.figures
+    section(f"3. fork bomb: {BOMB_TRIES} sleeps at most, AGENT_MAX_PROCS={args.max_procs}")
+    with quiet.phase(trees=[run.service.pid]):
         reply, took = await run.post("erin", "bomb", sessionId="procs")
         await trio.sleep(0.3)  # a last poll of its cgroup
         output = run.mock.outputs.get("bomb", "")
@@ -453,10 +452,15 @@ async def phases(run: Run, args: argparse.Namespace, shares: list[float]) -> Non
         print(f"  pids.peak of her agent's cgroup (processes and threads): {f['bomb'][0]}")
         print(f"  sleeps started, processes seen in her sandbox (its file): {f['bomb'][1]}")
         await run.close_session("erin", "procs")
-        measured(meter)
 
-        section("4. bob while alice's agent runs the fork bomb and fills the disk")
-        meter = QuietMeter(trees=[run.service.pid])
+
+async def phase_neighbour(
+    run: Run, args: argparse.Namespace, watch: PidsWatch, quiet: QuietLog
+) -> None:
+    """bob while alice's agent holds a fork bomb and rewrites a file, then after she filled the disk."""
+    f = run.figures
+    section("4. bob while alice's agent runs the fork bomb and fills the disk")
+    with quiet.phase(trees=[run.service.pid]):
         alice: list[Any] = []
         bombed = run.workspace("alice") / "bombed"
 
@@ -503,17 +507,38 @@ async def phases(run: Run, args: argparse.Namespace, shares: list[float]) -> Non
             f"  (alice's session closed, her workspace kept) /health {f['full health']};"
             f" DATA_DIR free {free_mib(run.service.data_dir):.0f} MiB"
         )
-        measured(meter)
 
-        section("5. bob after alice's files are removed (as an operator would), no restart")
-        meter = QuietMeter(trees=[run.service.pid])
+
+async def phase_after(
+    run: Run, args: argparse.Namespace, watch: PidsWatch, quiet: QuietLog
+) -> None:
+    """bob once alice's files are removed, as an operator would, without a restart."""
+    f = run.figures
+    section("5. bob after alice's files are removed (as an operator would), no restart")
+    with quiet.phase(trees=[run.service.pid]):
         for path in run.workspace("alice").glob("fill-*"):
             path.unlink()
         f["after"] = await run.bob(args.samples)
         print_bob("after", *f["after"])
         f["health"] = (await run.client.get("/health")).status_code
         print(f"  /health {f['health']}; DATA_DIR free {free_mib(run.service.data_dir):.0f} MiB")
-        measured(meter)
+
+
+async def phases(run: Run, args: argparse.Namespace, quiet: QuietLog) -> None:
+    """Every phase in order, the agents' pids cgroups watched meanwhile."""
+    watch = PidsWatch.of(run.service)
+    run.figures["pids base"] = watch.base
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch.run)
+        for phase in (
+            phase_quiet,
+            phase_disk,
+            phase_tmpfs,
+            phase_bomb,
+            phase_neighbour,
+            phase_after,
+        ):
+            await phase(run, args, watch, quiet)
         nursery.cancel_scope.cancel()
 
 
@@ -580,7 +605,7 @@ async def serve(
     service: RunningService,
     mock: Mock,
     args: argparse.Namespace,
-    shares: list[float],
+    quiet: QuietLog,
     figures: dict[str, Any],
 ) -> None:
     """Once both workers are ready, every phase."""
@@ -598,12 +623,12 @@ async def serve(
                 print(f"  service log:     {line.strip()[:150]}")
         run = Run(service, client, mock)
         run.figures = figures
-        await phases(run, args, shares)
+        await phases(run, args, quiet)
 
 
 async def main(args: argparse.Namespace) -> int:
     print("\n".join(machine_lines()))
-    shares: list[float] = []
+    quiet = QuietLog()
     figures: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-isolation-") as tmp:
         workdir = Path(tmp)
@@ -633,7 +658,7 @@ async def main(args: argparse.Namespace) -> int:
                     async with launch_service(env, start_timeout_s=60) as service:
                         bases = agent_cgroup_bases(service.pid)
                         try:
-                            await serve(service, mock, args, shares, figures)
+                            await serve(service, mock, args, quiet, figures)
                             await service.stop()
                         finally:
                             if args.log:
@@ -659,7 +684,7 @@ async def main(args: argparse.Namespace) -> int:
         f" sleeps, {len(cgroups)} agent cgroups ({in_them} processes in them):"
         f" {', '.join(cgroups) or 'none'} (killed and removed now)"
     )
-    print(quiet_verdict(shares))
+    print(quiet.verdict())
     return 0
 
 

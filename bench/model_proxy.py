@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """What the model proxy adds to a turn: the real bundled CLI against the mock Messages API.
 
 Prints figures; it is not a test. Two warm CLI processes (conversations) in this process's
@@ -14,7 +13,7 @@ a busy moment of the machine hits both alike. Per turn (one model call each, str
 Then the hop alone, without the CLI's own noise: an HTTP client's streamed model call,
 time to the answer's first byte, straight to the mock and through the proxy (``--calls``).
 
-    .venv/bin/python bench/bench_model_proxy.py [--turns 60]
+    .venv/bin/python -m bench.model_proxy [--turns 60]
 
 As root it sets ``IS_SANDBOX=1`` (the CLI refuses bypassPermissions otherwise).
 """
@@ -23,25 +22,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import trio
+from claude_agent_sdk import ClaudeSDKClient, ResultMessage
+from claude_agent_sdk.types import StreamEvent
 
-import trio  # noqa: E402
-from claude_agent_sdk import ClaudeSDKClient, ResultMessage  # noqa: E402
-from claude_agent_sdk.types import StreamEvent  # noqa: E402
-
-from bench.stats import dist, fmt_dist, machine_lines, section  # noqa: E402
-from claude_code_api.agent import Charge  # noqa: E402
-from claude_code_api.demo.mock_messages_api import open_mock_api  # noqa: E402
-from claude_code_api.model_proxy import ModelProxy, UpstreamCredential  # noqa: E402
-from claude_code_api.usage import UsageLedger  # noqa: E402
-from tests.real_cli import (  # noqa: E402
+from bench.stats import dist, fmt_dist, machine_lines, section
+from claude_code_api.agent import Charge
+from claude_code_api.demo.mock_messages_api import open_mock_api
+from claude_code_api.model_proxy import ModelProxy, UpstreamCredential
+from claude_code_api.usage import UsageLedger
+from tests.real_cli import (
     MOCK_API_KEY,
     CliDirs,
     open_real_cli,

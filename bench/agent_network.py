@@ -7,7 +7,7 @@ sandbox alone), and the bundled CLI's ``--version`` (what the start-up probe run
 difference is what the namespace costs every agent start: the namespace itself and the two
 bridges, started and waited for until they listen.
 
-    .venv/bin/python bench/bench_agent_network.py [--rounds 20]
+    .venv/bin/python -m bench.agent_network [--rounds 20]
 """
 
 from __future__ import annotations
@@ -24,12 +24,10 @@ from pathlib import Path
 
 import attrs
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from claude_code_api.agent import AgentSpec  # noqa: E402
-from claude_code_api.config import load_settings  # noqa: E402
-from claude_code_api.sandbox import AgentLauncher  # noqa: E402
-from claude_code_api.startup import plan_with_findings  # noqa: E402
+from claude_code_api.agent import AgentSpec
+from claude_code_api.config import load_settings
+from claude_code_api.sandbox import AgentLauncher
+from claude_code_api.startup import plan_with_findings
 
 
 def run_once(launcher: AgentLauncher, root: Path, program: list[str]) -> float:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmark of the session registry: acknowledged saves per second and per-save latency.
 
 Prints figures; it is not a test. It runs the registry actor (``serve_registry``
@@ -18,8 +17,8 @@ When ``SaveSession`` has no reply (the registry before acknowledged saves), a
 save is timed until a ``load`` queued behind it is answered: the registry handles
 its inbox in order, so that is when the save was committed.
 
-    .venv/bin/python bench/bench_registry.py            # a few seconds
-    .venv/bin/python bench/bench_registry.py --help
+    .venv/bin/python -m bench.registry            # a few seconds
+    .venv/bin/python -m bench.registry --help
 
 ``--dir`` chooses where the database lives (default: a temporary directory);
 its filesystem decides what an fsync costs, so the figures are only comparable
@@ -39,19 +38,15 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import attrs
+import trio
 
-import attrs  # noqa: E402
-import trio  # noqa: E402
-
-from bench.stats import QuietMeter, percentile, quiet_verdict  # noqa: E402
-from claude_code_api.actors import registry as reg  # noqa: E402
-from claude_code_api.actors.registry_client import RegistryClient  # noqa: E402
-from claude_code_api.messages import SessionKey  # noqa: E402
-from claude_code_api.store import SessionRecord, SqliteSessionTable, new_session_record  # noqa: E402
-from claude_code_api.store.sqlite import DB_FILENAME  # noqa: E402
+from bench.stats import QuietMeter, percentile, quiet_verdict
+from claude_code_api.actors import registry as reg
+from claude_code_api.actors.registry_client import RegistryClient
+from claude_code_api.messages import SessionKey
+from claude_code_api.store import SessionRecord, SqliteSessionTable, new_session_record
+from claude_code_api.store.sqlite import DB_FILENAME
 
 ACKNOWLEDGED = "reply" in attrs.fields_dict(reg.SaveSession)
 INBOX_SIZE = 1024  # as supervisor.REGISTRY_INBOX_SIZE
