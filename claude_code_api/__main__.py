@@ -28,10 +28,10 @@ from . import __version__, logs
 from .config import ConfigError, Settings, load_settings
 from .http.auth import auth_warnings
 from .sandbox import resolve_cli, service_claude_dir
+from .service import Service
 from .startup import Finding, StartupError, Status, check_all, http_probe
 from .store import StoreUnavailable as RegistryError
 from .supervision import TooManyRestarts
-from .supervisor import Service
 
 log = logging.getLogger("claude_code_api")
 

@@ -39,6 +39,7 @@ import attrs
 
 from . import metrics
 from .agent import Charge
+from .messages import JobFailed
 
 log = logging.getLogger(__name__)
 
@@ -327,3 +328,10 @@ class UsageLedger:
 def run_usage(spend: Spend) -> dict[str, int]:
     """A run's token counts as a run's ``usage`` reports them."""
     return {name: spend.tokens.get(name, 0) for name in TOKEN_FIELDS}
+
+
+def budget_refusal(ledger: UsageLedger, user_id: str) -> JobFailed | None:
+    """The answer to new work of ``user_id`` when their daily budget is spent (429)."""
+    if not ledger.over_budget(user_id):
+        return None
+    return JobFailed(429, ledger.budget_message(), retry_after_s=ledger.retry_after_s())

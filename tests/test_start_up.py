@@ -122,7 +122,7 @@ def test_what_start_up_made_is_frozen_out_of_the_garbage_collector(tmp_path):
     code = (
         "import gc, os\n"
         "from claude_code_api.config import load_settings\n"
-        "from claude_code_api.supervisor import Service\n"
+        "from claude_code_api.service import Service\n"
         "service = Service(load_settings(os.environ))\n"
         "before = gc.get_freeze_count()\n"
         "service._agent_factory()\n"

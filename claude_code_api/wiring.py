@@ -1,0 +1,281 @@
+"""What the supervision tree's children share, made once: channels, clients, published state.
+
+:func:`wire` builds a :class:`Wiring` from the settings; :mod:`.supervisor` turns it into the
+tree and :mod:`.service` runs it. Nothing here starts a task.
+
+Channels: the wiring owns both ends of the singleton inboxes, so a restarted actor reads the
+same inbox: ``inbox`` (the dispatcher's; HTTP and every actor send on clones),
+``registry_inbox`` (the registry's; HTTP, the dispatcher and session actors),
+``credentials_inbox`` (HTTP -> credentials), ``session_starts`` (dispatcher -> session
+supervisor), ``reaper_inbox`` (agents -> reaper). :meth:`Wiring.close` closes them all when
+the tree has ended (:class:`~claude_code_api.service.Service` calls it).
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Mapping
+from functools import partial
+from pathlib import Path
+from typing import Generic, TypeVar
+
+import attrs
+import trio
+
+from .actors.credentials import CredentialsActor, CredentialsClient
+from .actors.dispatcher import Dispatcher, PoolView, SessionLimits
+from .actors.reaper import REAPER_INBOX_SIZE, ReaperClient, ReaperMessage
+from .actors.registry import RegistryMessage, serve_registry
+from .actors.registry_client import RegistryClient
+from .actors.session import SessionConfig
+from .actors.turn import TurnLimits
+from .actors.worker import WorkerConfig
+from .agent import CLOSE_GRACE_S, AgentFactory
+from .ceiling import OptionCeiling
+from .config import Settings
+from .disk_quota import DiskQuota, remove_abandoned_homes
+from .egress import open_unix_listener
+from .http.app import StoreStatus, create_app
+from .http.connections import connection_limit
+from .http.server import HttpServer
+from .messages import CredentialsMessage, DispatcherMessage, StartSession
+from .model_proxy import ModelProxy, UpstreamCredential, upstream_url
+from .oauth import TokenEndpoint
+from .renewal import CredentialsVersion
+from .sandbox import EGRESS_PROXY_SOCKET, remove_conversation_files
+from .startup import plan_agents
+from .store import open_store
+from .usage import UsageLedger, budget_refusal
+from .user_paths import user_workspace
+
+T = TypeVar("T")
+
+# Requests to the registry that may wait while it writes; the dispatcher never waits.
+REGISTRY_INBOX_SIZE = 1024
+
+
+@attrs.frozen
+class Inbox(Generic[T]):
+    """Both ends of one actor's inbox; senders use (clones of) ``send``."""
+
+    send: trio.MemorySendChannel[T]
+    receive: trio.MemoryReceiveChannel[T]
+
+    @classmethod
+    def open(cls, size: int | float) -> Inbox[T]:
+        send, receive = trio.open_memory_channel[T](size)
+        return cls(send, receive)
+
+    def close(self) -> None:
+        self.send.close()
+        self.receive.close()
+
+
+@attrs.define
+class EgressSocket:
+    """The socket sandboxed agents' egress bridge leads to: opened once, it outlives a
+    restart of the task serving it (a socket file bound into a live sandbox must stay the
+    same one). The model proxy keeps its own likewise."""
+
+    path: Path
+    _listener: trio.SocketListener | None = None
+
+    def listener(self) -> trio.SocketListener:
+        if self._listener is None:
+            self._listener = open_unix_listener(self.path)
+        return self._listener
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.socket.close()
+
+
+@attrs.frozen
+class Wiring:
+    """Everything the children are built from. Frozen: a restart rebuilds actors, not this."""
+
+    settings: Settings
+    environ: Mapping[str, str]
+    inbox: Inbox[DispatcherMessage]
+    registry_inbox: Inbox[RegistryMessage]
+    credentials_inbox: Inbox[CredentialsMessage]
+    session_starts: Inbox[StartSession]
+    reaper_inbox: Inbox[ReaperMessage]
+    registry: RegistryClient
+    store_status: StoreStatus
+    pool_view: PoolView
+    disk: DiskQuota  # users' quota and the service's reserve (turns, /files, the registry)
+    usage: UsageLedger  # what each user and run spent, as the model proxy counts it
+    model_credential: UpstreamCredential
+    model_proxy: ModelProxy  # agents reach the model API through it, never holding its key
+    credentials_version: CredentialsVersion
+    http: HttpServer
+    egress_socket: EgressSocket
+
+    def remove_homes(self, user_ids: frozenset[str], before: float) -> int:
+        """Empty the HOMEs of users with no session left, unchanged since ``before``."""
+        data_dir = self.settings.data_dir
+        kept = {user_workspace(data_dir, user_id).name for user_id in user_ids}
+        return remove_abandoned_homes(data_dir / "users", kept, before)
+
+    def remove_transcripts(self, user_id: str, claude_session_id: str) -> None:
+        home = user_workspace(self.settings.data_dir, user_id)
+        remove_conversation_files(home, claude_session_id)
+
+    @property
+    def turn(self) -> TurnLimits:
+        s = self.settings
+        return TurnLimits(s.interrupt_grace_s, s.max_output_chars, self.disk, self.usage)
+
+    @property
+    def session_config(self) -> SessionConfig:
+        s = self.settings
+        ceiling = OptionCeiling.of(s)
+        return SessionConfig(s.warmup_timeout_s, self.turn, s.max_sessions_per_user, ceiling)
+
+    @property
+    def worker_config(self) -> WorkerConfig:
+        return WorkerConfig(self.settings.warmup_timeout_s, self.turn, self.settings.kept_agent_s)
+
+    @property
+    def turn_stop_grace(self) -> float:
+        """How long a stopped actor may take to interrupt its turn and close its agent."""
+        return self.settings.interrupt_grace_s + CLOSE_GRACE_S + 1.0
+
+    async def serve_registry(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Open the session store (in a thread: a slow disk must not block the loop, even
+        at start-up) and serve the registry actor on it."""
+        s = self.settings
+        store = await trio.to_thread.run_sync(open_store, s.data_dir)
+        await serve_registry(
+            store,
+            self.registry_inbox.receive,
+            remove_transcripts=self.remove_transcripts,
+            ttl_s=s.session_ttl_s,
+            on_health=self.store_status.update,
+            on_count=self.store_status.count,
+            sessions_in_use=self.pool_view.sessions_in_use,
+            remove_homes=self.remove_homes,
+            make_room=self.disk.make_room,
+            task_status=task_status,
+        )
+
+    def new_credentials_actor(self) -> CredentialsActor:
+        s = self.settings
+        return CredentialsActor(
+            self.credentials_inbox.receive,
+            environ=self.environ,
+            use_api_key=s.use_claude_api_key,
+            endpoint=TokenEndpoint(s.claude_oauth_token_url),
+            version=self.credentials_version,
+            refresh_margin_s=s.oauth_refresh_margin_s,
+            on_login=self.model_credential.update,
+        )
+
+    def new_dispatcher(self) -> Dispatcher:
+        s = self.settings
+        return Dispatcher(
+            self.inbox.receive,
+            pool_size=s.pool_size,
+            queue_max=s.queue_max,
+            queue_max_per_user=s.user_queue_max,
+            session_starter=self.session_starts.send,
+            registry=self.registry_inbox.send,
+            session_limits=SessionLimits(
+                s.max_live_sessions, s.session_queue_max, s.session_idle_s
+            ),
+            view=self.pool_view,
+            max_running_per_user=s.running_per_user_max,
+            refusal_for=partial(budget_refusal, self.usage),
+            kept_max=s.kept_agents_max,
+        )
+
+    def close(self) -> None:
+        for inbox in (
+            self.inbox,
+            self.registry_inbox,
+            self.credentials_inbox,
+            self.session_starts,
+            self.reaper_inbox,
+        ):
+            inbox.close()
+        self.egress_socket.close()
+
+
+def wire(settings: Settings, environ: Mapping[str, str]) -> Wiring:
+    """Make the channels, clients and shared state of a service with ``settings``."""
+    inbox = Inbox[DispatcherMessage].open(0)
+    registry_inbox = Inbox[RegistryMessage].open(REGISTRY_INBOX_SIZE)
+    credentials_inbox = Inbox[CredentialsMessage].open(0)
+    usage = UsageLedger(settings.user_daily_budget_usd)
+    credential = UpstreamCredential.for_service(environ, settings.use_claude_api_key)
+    proxy = ModelProxy(
+        settings.data_dir.absolute() / "run", upstream_url(environ), credential, usage
+    )
+    registry = RegistryClient(registry_inbox.send)
+    store_status, pool_view = StoreStatus(), PoolView()
+    disk = DiskQuota.from_settings(settings, partial(user_workspace, settings.data_dir))
+    app = create_app(
+        settings,
+        inbox.send,
+        registry,
+        store_status,
+        CredentialsClient(credentials_inbox.send),
+        pool_view,
+        usage,
+        proxy,
+        disk,
+    )
+    http = HttpServer(
+        app,
+        settings.host,
+        settings.port,
+        graceful_timeout=5.0,
+        max_connections=connection_limit(settings.pool_size + settings.max_live_sessions),
+    )
+    return Wiring(
+        settings=settings,
+        environ=environ,
+        inbox=inbox,
+        registry_inbox=registry_inbox,
+        credentials_inbox=credentials_inbox,
+        session_starts=Inbox[StartSession].open(settings.max_live_sessions),
+        reaper_inbox=Inbox[ReaperMessage].open(REAPER_INBOX_SIZE),
+        registry=registry,
+        store_status=store_status,
+        pool_view=pool_view,
+        disk=disk,
+        usage=usage,
+        model_credential=credential,
+        model_proxy=proxy,
+        credentials_version=CredentialsVersion(),
+        http=http,
+        egress_socket=EgressSocket(settings.data_dir.absolute() / "run" / EGRESS_PROXY_SOCKET),
+    )
+
+
+def make_agent_factory(w: Wiring) -> AgentFactory:
+    """Decide how agents launch, and make them. Blocking (imports the SDK): run in a thread.
+
+    Raises :class:`~claude_code_api.startup.StartupError` when agents cannot be launched
+    as configured.
+    """
+    plan = plan_agents(w.settings, w.environ)
+    import trio.testing  # noqa: F401  (for the workers: see worker.after_the_reply)
+
+    from .sdk_agent import AgentOptions, SdkAgentFactory  # the SDK's import: ~0.6 s
+
+    # What start-up made (modules, classes, the SDK's types: ~100 000 objects) lives as
+    # long as the process: out of the collector's sight, a full collection takes ~1 ms
+    # instead of ~60 ms, paid by whichever requests are in flight when it comes. Once per
+    # process: after a restart of the agent side, what is alive is requests' (and the
+    # garbage the import left, frozen with it, is a bounded one-time cost).
+    if gc.get_freeze_count() == 0:
+        gc.freeze()
+    return SdkAgentFactory(
+        plan.launcher,
+        AgentOptions(w.settings.model, w.settings.max_output_chars),
+        ReaperClient(w.reaper_inbox.send),
+        plan.refusal,
+        w.model_proxy,
+    )
