@@ -1,0 +1,1 @@
+"""The service's stores: where sessions, transcripts and shared state are kept."""
