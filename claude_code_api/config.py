@@ -419,6 +419,26 @@ class Url:
         return "an `http(s)://` URL"
 
 
+@attrs.frozen
+class PostgresUrl:
+    """A PostgreSQL connection URL, as libpq reads it. Only a blank value (the default)
+    gives None. Checked for its scheme only: libpq says the rest at start-up."""
+
+    def parse(self, raw: str) -> str | None:
+        if not raw:
+            return None
+        try:
+            scheme = urlsplit(raw).scheme
+        except ValueError:  # e.g. an unclosed "[" of an IPv6 address
+            scheme = ""
+        if not raw.isprintable() or scheme not in ("postgresql", "postgres"):
+            raise ValueError("expected a postgresql:// URL")
+        return raw
+
+    def accepts(self) -> str:
+        return "a `postgresql://` URL"
+
+
 # --- the declarations ----------------------------------------------------------------------------
 
 
@@ -633,6 +653,17 @@ class Settings:
         Directory(),
         "data",
         "workspaces, user directories and the session database; a local filesystem",
+    )
+    # A password may be in it: never quoted, never in repr(settings).
+    database_url: str | None = setting(
+        "DATABASE_URL",
+        PostgresUrl(),
+        "",
+        "PostgreSQL for the state several replicas share (`postgresql://user:password@host/db`);"
+        " read, not used yet (issue 22 builds on it); unset: none, only `DATA_DIR`",
+        shown_default="none",
+        secret=True,
+        repr=False,
     )
     max_live_sessions: int = setting(
         "MAX_LIVE_SESSIONS", Whole(1, 10_000), "8", "session processes running at once"

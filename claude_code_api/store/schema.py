@@ -1,0 +1,121 @@
+"""The PostgreSQL schema, versioned: created and upgraded at start-up by :func:`migrate`.
+
+The schema is the list :data:`MIGRATIONS`, applied in order; the table
+``schema_version`` records each one applied (its number, name and when). A
+migration, once released, is never edited: a change to the schema is a new
+migration at the end of the list.
+
+Several replicas may start at once against one database: :func:`migrate` runs in
+one transaction under a transaction-scoped advisory lock, so one replica applies
+the missing migrations while the others wait, then find nothing left to do. A
+migration that fails rolls the whole transaction back: the schema stays at the
+version it had.
+
+Error handling: :class:`SchemaTooNew` when the database records a version this
+service does not know (a newer service upgraded it): it refuses to start rather
+than write to tables it does not understand. Errors in the SQL propagate as
+psycopg raises them.
+"""
+
+from __future__ import annotations
+
+from typing import LiteralString
+
+import attrs
+import psycopg
+
+# pg_advisory_xact_lock's two-number form (its own key space, apart from the one-number
+# locks other modules take per row): "ccap" (claude-code-api), and 1 for the schema.
+SCHEMA_LOCK = (0x63636170, 1)
+
+
+@attrs.frozen
+class Migration:
+    """One step of the schema: its number (1, 2, … in order), a name, and its statements."""
+
+    version: int
+    name: str
+    statements: tuple[LiteralString, ...]
+
+
+TRANSCRIPTS = Migration(
+    1,
+    "transcripts",
+    (
+        # One row per main transcript (a session of the SDK's SessionStore): its storage
+        # write time and the SDK's summary of it (fold_session_summary's opaque state).
+        """
+        CREATE TABLE transcript_sessions (
+            project_key text NOT NULL,
+            session_id text NOT NULL,
+            mtime_ms bigint NOT NULL,
+            summary text NOT NULL,
+            PRIMARY KEY (project_key, session_id)
+        )
+        """,
+        # Every transcript line, main ('' subpath) and subagents', in commit order (id).
+        # The entry is kept as the JSON text it was given: JSONB refuses "\u0000", which
+        # a tool's output may hold. uuid, when the entry has one, is its idempotency key.
+        """
+        CREATE TABLE transcript_entries (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            project_key text NOT NULL,
+            session_id text NOT NULL,
+            subpath text NOT NULL,
+            uuid text,
+            entry text NOT NULL
+        )
+        """,
+        """
+        CREATE INDEX transcript_entries_by_key
+            ON transcript_entries (project_key, session_id, subpath, id)
+        """,
+        """
+        CREATE UNIQUE INDEX transcript_entries_by_uuid
+            ON transcript_entries (project_key, session_id, subpath, uuid)
+            WHERE uuid IS NOT NULL
+        """,
+    ),
+)
+
+# Issue 22 appends here the session registry, runs and leases (version 2, 3, …).
+MIGRATIONS: tuple[Migration, ...] = (TRANSCRIPTS,)
+LATEST_VERSION = MIGRATIONS[-1].version
+
+
+class SchemaTooNew(Exception):
+    """The database's schema is of a version newer than this service knows."""
+
+
+def migrate(connection: psycopg.Connection) -> int:
+    """Apply the migrations the database lacks, in the caller's transaction; return the
+    schema's version (:data:`LATEST_VERSION`). Waits while another replica migrates.
+
+    Error handling: :class:`SchemaTooNew`; a failing statement raises and, with the
+    caller's rollback, leaves the schema as it was.
+    """
+    connection.execute("SELECT pg_advisory_xact_lock(%s, %s)", SCHEMA_LOCK)
+    connection.execute(
+        """
+        CREATE TABLE IF NOT EXISTS schema_version (
+            version integer PRIMARY KEY,
+            name text NOT NULL,
+            applied_at timestamptz NOT NULL DEFAULT now()
+        )
+        """
+    )
+    row = connection.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()
+    current = 0 if row is None else int(row[0])
+    if current > LATEST_VERSION:
+        raise SchemaTooNew(
+            f"the database's schema is version {current}; this service knows up to"
+            f" {LATEST_VERSION}: run a newer service"
+        )
+    for migration in MIGRATIONS[current:]:
+        for statement in migration.statements:
+            connection.execute(statement)
+        connection.execute(
+            "INSERT INTO schema_version (version, name) VALUES (%s, %s)",
+            (migration.version, migration.name),
+        )
+    return LATEST_VERSION
