@@ -70,8 +70,8 @@ from .ceiling import OptionCeiling
 from .config import Settings
 from .disk_quota import DiskQuota, remove_abandoned_homes
 from .egress import EgressPolicy, EgressProxy, open_unix_listener
+from .http._hypercorn_fixes import connection_limit
 from .http.app import StoreStatus, create_app
-from .http.connections import connection_limit
 from .http.server import HttpServer
 from .messages import (
     ActorId,
