@@ -426,6 +426,25 @@ async def test_a_full_table_of_busy_connections_makes_newcomers_wait():
             assert response is not None and response.body == b"hi"
 
 
+async def test_beyond_the_waiting_newcomers_a_newcomer_is_closed_at_once(monkeypatch):
+    monkeypatch.setattr(connections, "MAX_WAITING", 1)
+    with trio.fail_after(10):
+        async with serving(max_connections=1) as (server, url, gate):
+            busy = await RawConnection.open(url)
+            await busy.request("GET", "/slow")
+            await wait_for(lambda: gate.waiting == 1)
+            waiting = await RawConnection.open(url)
+            await waiting.request("GET", "/")
+            await wait_for(lambda: server.connections.waiting == 1)
+            refused = await RawConnection.open(url)
+            await refused.wait_closed()
+            gate.open.set()
+            assert (await busy.response()).body == b"slow"
+            await busy.aclose()
+            response = await waiting.response()
+            assert response is not None and response.body == b"hi"
+
+
 async def test_idle_sockets_beyond_the_bound_do_not_stop_another_client():
     with trio.fail_after(30):
         async with serving(max_connections=50) as (server, url, _gate):

@@ -51,7 +51,9 @@ a new version must be checked against the reproductions before it is used.
    file descriptor, which the agents' pipes and the database also need. Fix: at
    most ``limit`` are served; a newcomer beyond it closes the longest-idle one
    (HTTP lets a server close an idle connection at any time), or waits for a
-   place if none is idle; a connection whose client has closed ends at once
+   place if none is idle (at most :data:`MAX_WAITING` of them: hypercorn has
+   accepted it, so it holds a descriptor; more are closed at once, and their
+   clients retry); a connection whose client has closed ends at once
    instead of keeping its place for ``keep_alive_timeout``. *Upstream
    (hypercorn):* "A ``max_connections`` setting (uvicorn's ``limit_concurrency``),
    and end a connection when its read side is closed rather than when its idle
@@ -124,6 +126,9 @@ FDS_PER_AGENT = 8
 MAX_CONNECTIONS = 4096
 # Below this the service could hardly be reached; run it with a higher `ulimit -n`.
 MIN_CONNECTIONS = 16
+# Connections accepted beyond the bound that may wait for a place, each holding a
+# descriptor (hypercorn accepts without limit): half of RESERVED_FDS. More are closed at once.
+MAX_WAITING = 32
 # How long closing a connection waits for a response being written (fix 6).
 CLOSE_WAITS_FOR_WRITE_S = 5.0
 
@@ -158,6 +163,7 @@ class ConnectionTable:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
+        self.waiting = 0
         self._places = trio.Semaphore(limit)
         self._idle: dict[TCPServer, trio.CancelScope] = {}  # insertion order: idle since
         self._scopes: dict[TCPServer, trio.CancelScope] = {}
@@ -175,8 +181,13 @@ class ConnectionTable:
         finally:
             self._places.release()
 
-    async def admit(self) -> None:
-        """Wait for a place, closing the longest-idle connection if the table is full."""
+    async def admit(self) -> bool:
+        """Wait for a place, closing the longest-idle connection if the table is full.
+
+        False (no place taken) when :data:`MAX_WAITING` connections wait already.
+        """
+        if self._places.value == 0 and not self._idle and self.waiting >= MAX_WAITING:
+            return False
         if self._places.value == 0 and self._idle:
             oldest = next(iter(self._idle))
             self._idle.pop(oldest).cancel()
@@ -186,7 +197,12 @@ class ConnectionTable:
                 log.warning(
                     "%d connections open (the limit): closing idle ones to make room", self.limit
                 )
-        await self._places.acquire()
+        self.waiting += 1
+        try:
+            await self._places.acquire()
+        finally:
+            self.waiting -= 1
+        return True
 
     @contextmanager
     def serving(self, connection: TCPServer) -> Iterator[trio.CancelScope]:
@@ -235,7 +251,8 @@ async def _run(self: TCPServer) -> None:
         await _stock_run(self)
         return
     try:
-        await table.admit()
+        if not await table.admit():
+            return  # (closed below) too many wait already
         with table.serving(self) as evicted:
             with evicted:
                 await _stock_run(self)
