@@ -35,8 +35,8 @@ from .ceiling import OptionCeiling
 from .config import Settings
 from .disk_quota import DiskQuota, remove_abandoned_homes
 from .egress import open_unix_listener
+from .http._hypercorn_fixes import connection_limit
 from .http.app import StoreStatus, create_app
-from .http.connections import connection_limit
 from .http.server import HttpServer
 from .messages import CredentialsMessage, DispatcherMessage, StartSession
 from .model_proxy import ModelProxy, UpstreamCredential, upstream_url

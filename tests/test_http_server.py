@@ -3,6 +3,10 @@
 A real :class:`HttpServer` on 127.0.0.1 with a tiny Quart-Trio app and short
 timeouts, talked to over raw sockets (:mod:`tests.raw_http`). The real
 clock: hypercorn's timers and the kernel's sockets run on it.
+
+``test_upstream_*`` reproduce, on plain hypercorn, each defect that
+:mod:`claude_code_api.http._hypercorn_fixes` fixes (numbered as there): when one
+fails, upstream has fixed it, and the fix can go.
 """
 
 from __future__ import annotations
@@ -18,15 +22,20 @@ import httpx
 import pytest
 import trio
 from hypercorn.config import Config
-from hypercorn.logging import AccessLogAtoms
 from hypercorn.trio import serve
+from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from quart_trio import QuartTrio
 
-from claude_code_api.http import connections
-from claude_code_api.http.connections import connection_limit
-from claude_code_api.http.server import AccessLogger, HttpServer
+from claude_code_api.http import _hypercorn_fixes as connections
+from claude_code_api.http._hypercorn_fixes import (
+    AccessLogger,
+    ConnectionTable,
+    FixedConfig,
+    connection_limit,
+)
+from claude_code_api.http.server import HttpServer
 from claude_code_api.logs import ACCESS_LOG_FORMAT
 
 from .raw_http import RawConnection
@@ -108,6 +117,23 @@ async def serving(
         server.request_stop()
 
 
+@asynccontextmanager
+async def stock_serving() -> AsyncIterator[tuple[str, Gate]]:
+    """The same app on plain ``hypercorn.trio.serve``: none of the fixes."""
+    gate = Gate()
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = logging.getLogger("hypercorn.access")
+    config.access_log_format = ACCESS_LOG_FORMAT
+    config.keep_alive_timeout = KEEP_ALIVE_S
+    async with trio.open_nursery() as nursery:
+        (url,) = await nursery.start(
+            lambda task_status: serve(make_app(gate), config, task_status=task_status)
+        )
+        yield url, gate
+        nursery.cancel_scope.cancel()
+
+
 async def get(url: str, path: str = "/") -> tuple[RawConnection, int]:
     """Open a connection, make one request on it, return it kept alive."""
     connection = await RawConnection.open(url)
@@ -125,11 +151,9 @@ async def wait_for(predicate, timeout: float = 5.0) -> None:
 
 @pytest.mark.parametrize("path", ["/", "/close"])
 async def test_upstream_hypercorn_with_quart_trio_leaves_connections_open(path):
-    """Plain hypercorn + Quart-Trio: after a response the connection never closes,
-    neither when idle past the keep-alive timeout nor when the response said
-    ``Connection: close`` (see http/connections.py).
-
-    When this fails, upstream fixed it and HttpConnection's shield can go.
+    """Fix 1. Plain hypercorn + Quart-Trio: after a response the connection never
+    closes, neither when idle past the keep-alive timeout nor when the response said
+    ``Connection: close``.
     """
     with trio.fail_after(10):
         config = Config()
@@ -185,7 +209,7 @@ async def test_a_connection_the_client_closes_frees_its_place_at_once():
         async with serving() as (server, url, _gate):
             server.config.keep_alive_timeout = 60  # hypercorn's timer held it this long
             connection, _status = await get(url)
-            # (Counted with the place the accept loop holds for the next connection.)
+            await trio.sleep(0.1)  # the response is over: the keep-alive timer runs
             during = server.connections.open
             await connection.stream.aclose()
             await wait_for(lambda: server.connections.open == during - 1, timeout=1)
@@ -211,19 +235,34 @@ async def test_a_request_pipelined_behind_a_closing_response_does_not_cut_it_off
     """
     with trio.fail_after(10):
         async with serving() as (_server, url, gate):
-            connection = await RawConnection.open(url)
-            await connection.request("GET", "/closing-stream")
-            received = b""
-            while b"\r\n\r\n" not in received:
-                received += await connection.stream.receive_some(65536)
-            await connection.request("GET", "/")  # pipelined behind the closing response
-            await trio.sleep(0.2)  # read by the server while the body is still to come
-            gate.open.set()
-            while data := await connection.stream.receive_some(65536):
-                received += data
-            await connection.aclose()
+            received = await pipeline_behind_a_closing_response(url, gate)
     assert received.endswith(b"\r\n\r\n4\r\nlate\r\n0\r\n\r\n"), received
     assert received.count(b"HTTP/1.1 ") == 1 and gate.requests == 1
+
+
+async def pipeline_behind_a_closing_response(url: str, gate: Gate) -> bytes:
+    """All the bytes of a closing stream's response with a request pipelined behind it."""
+    connection = await RawConnection.open(url)
+    await connection.request("GET", "/closing-stream")
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += await connection.stream.receive_some(65536)
+    await connection.request("GET", "/")  # pipelined behind the closing response
+    await trio.sleep(0.2)  # read by the server while the body is still to come
+    gate.open.set()
+    with contextlib.suppress(trio.BrokenResourceError):
+        while data := await connection.stream.receive_some(65536):
+            received += data
+    await connection.aclose()
+    return received
+
+
+async def test_upstream_hypercorn_cuts_a_closing_response_off_for_a_pipelined_request():
+    """Fix 2: plain hypercorn closes the connection before the response is written."""
+    with trio.fail_after(10):
+        async with stock_serving() as (url, gate):
+            received = await pipeline_behind_a_closing_response(url, gate)
+    assert not received.endswith(b"0\r\n\r\n"), "upstream now completes the response"
 
 
 @pytest.mark.parametrize(
@@ -259,21 +298,46 @@ async def test_a_request_h11_refuses_is_answered_in_json_and_closed(request_byte
             assert gate.requests == 0
 
 
+async def test_upstream_hypercorn_answers_a_request_h11_refuses_with_no_body():
+    """Fix 3: plain hypercorn's answer to a request it cannot parse has an empty body."""
+    with trio.fail_after(10):
+        async with stock_serving() as (url, _gate):
+            connection = await RawConnection.open(url)
+            await connection.send(b"GET / HTTP/1.1\r\nHost: t\r\nX-Bad: a\x00b\r\n\r\n")
+            response = await connection.response()
+            assert response is not None and response.status == 400
+            assert response.body == b"", "upstream now lets the answer have a body"
+            await connection.aclose()
+
+
 @asynccontextmanager
-async def bare_connection() -> AsyncIterator[tuple[connections.HttpConnection, trio.SocketStream]]:
-    """An HttpConnection on one end of a socket pair (no app behind it), and the other end."""
+async def bare_connection(
+    config: Config | None = None,
+) -> AsyncIterator[tuple[TCPServer, trio.SocketStream]]:
+    """Hypercorn's server for one end of a socket pair (no app behind it), and the other end.
+
+    With the service's config (the fixes apply) unless ``config`` is given.
+    """
     ours, theirs = trio.socket.socketpair()
     stream, peer = trio.SocketStream(ours), trio.SocketStream(theirs)
-    connection = connections.HttpConnection(
-        connections.ConnectionTable(4),
+    connection = TCPServer(
         None,  # type: ignore[arg-type]
-        Config(),
+        config or FixedConfig(ConnectionTable(4)),
         WorkerContext(None),
-        ConnectionState({}),
-        stream,
+        ConnectionState({}),  # type: ignore[arg-type]
+        stream,  # type: ignore[arg-type]
     )
     async with stream, peer:
         yield connection, peer
+
+
+async def test_upstream_hypercorn_closes_a_connection_under_a_write_in_progress():
+    """Fix 6: plain hypercorn half-closes the socket while a response is being written."""
+    with trio.fail_after(10):
+        async with bare_connection(Config()) as (connection, peer):
+            async with connection.send_lock:  # a response is being written
+                await connection._close()
+            assert await peer.receive_some(100) == b"", "upstream now waits for the write"
 
 
 async def test_closing_a_connection_waits_for_the_write_in_progress():
@@ -308,6 +372,11 @@ async def test_closing_does_not_wait_for_a_write_that_cannot_finish(monkeypatch)
             await connection._close()
             assert await peer.receive_some(100) == b""
             nursery.cancel_scope.cancel()
+
+
+def test_upstream_hypercorn_has_no_bound_on_connections():
+    """Fix 5: no setting bounds the connections plain hypercorn serves at once."""
+    assert not {"max_connections", "limit_concurrency"} & set(dir(Config()))
 
 
 async def test_a_full_table_closes_the_longest_idle_connection_for_a_newcomer():
@@ -353,6 +422,25 @@ async def test_a_full_table_of_busy_connections_makes_newcomers_wait():
             for connection in busy:
                 assert (await connection.response()).body == b"slow"
                 await connection.aclose()
+            response = await waiting.response()
+            assert response is not None and response.body == b"hi"
+
+
+async def test_beyond_the_waiting_newcomers_a_newcomer_is_closed_at_once(monkeypatch):
+    monkeypatch.setattr(connections, "MAX_WAITING", 1)
+    with trio.fail_after(10):
+        async with serving(max_connections=1) as (server, url, gate):
+            busy = await RawConnection.open(url)
+            await busy.request("GET", "/slow")
+            await wait_for(lambda: gate.waiting == 1)
+            waiting = await RawConnection.open(url)
+            await waiting.request("GET", "/")
+            await wait_for(lambda: server.connections.waiting == 1)
+            refused = await RawConnection.open(url)
+            await refused.wait_closed()
+            gate.open.set()
+            assert (await busy.response()).body == b"slow"
+            await busy.aclose()
             response = await waiting.response()
             assert response is not None and response.body == b"hi"
 
@@ -441,6 +529,17 @@ async def test_a_connection_that_breaks_hypercorn_ends_alone():
             assert status == 200
 
 
+async def test_upstream_hypercorn_ends_every_connection_when_one_breaks_it():
+    """Fix 4: over HTTP/2, data for a stream already answered raises KeyError out of
+    plain hypercorn's protocol, through its server: every connection ends with it."""
+    with trio.fail_after(10), pytest.RaisesGroup(KeyError, flatten_subgroups=True):
+        async with stock_serving() as (url, _gate):
+            async with httpx.AsyncClient(http1=False, http2=True) as h2_client:
+                with contextlib.suppress(httpx.TransportError):
+                    await h2_client.post(f"{url}/", content=b"x" * 1_000_000)
+            await trio.sleep(1)  # (the server's failure cancels this)
+
+
 async def test_stop_closes_idle_connections_at_once_and_lets_busy_ones_finish():
     with trio.fail_after(10):
         async with serving(graceful_timeout=5) as (server, url, gate):
@@ -481,35 +580,16 @@ async def test_content_length_with_transfer_encoding_is_400_and_closes(framing):
             assert gate.requests == 0  # neither the request nor what followed reached the app
 
 
-async def test_a_sized_response_is_one_write_and_a_stream_head_is_not_held(monkeypatch):
-    """Head and body of a Content-Length response go out in one send(); a
-    stream's head goes out before its first chunk exists."""
-    writes: list[bytes] = []
-    send_all = trio.SocketStream.send_all
-
-    async def recording(stream: trio.SocketStream, data: bytes) -> None:
-        if stream not in clients:
-            writes.append(bytes(data))
-        await send_all(stream, data)
-
-    clients: set[trio.SocketStream] = set()
-    monkeypatch.setattr(trio.SocketStream, "send_all", recording)
+async def test_a_stream_head_is_sent_before_its_first_chunk_exists():
     with trio.fail_after(10):
         async with serving() as (_server, url, gate):
             connection = await RawConnection.open(url)
-            clients.add(connection.stream)
-            await connection.request("GET", "/")
-            response = await connection.response()
-            assert response is not None and response.body == b"hi"
-            assert len(writes) == 1 and writes[0].endswith(b"\r\n\r\nhi"), writes
-
-            writes.clear()
             await connection.request("GET", "/stream")
             head = b""
             while b"\r\n\r\n" not in head:  # while the chunk is still held back by the gate
                 head += await connection.stream.receive_some(65536)
             assert head.startswith(b"HTTP/1.1 200") and b"chunked" in head.lower()
-            assert gate.requests == 2 and not gate.open.is_set()
+            assert gate.requests == 1 and not gate.open.is_set()
             gate.open.set()
             rest = head.split(b"\r\n\r\n", 1)[1]
             while not rest.endswith(b"0\r\n\r\n"):
@@ -545,7 +625,7 @@ def test_the_connection_bound_leaves_descriptors_for_agents(
         {"status": 599, "headers": [(b"content-length", b"0")]},
     ],
 )
-def test_access_lines_read_as_hypercorns_own(client, response):
+def test_access_lines_show_no_query_and_no_header(client, response):
     request = {
         "type": "http",
         "method": "POST",
@@ -556,9 +636,10 @@ def test_access_lines_read_as_hypercorns_own(client, response):
         "client": client,
         "headers": [(b"x-api-key", b"sk-secret"), (b"user-agent", b"curl")],
     }
-    ours = AccessLogger(Config()).atoms(request, response, 0.0123456)
-    theirs = AccessLogAtoms(request, response, 0.0123456)
-    assert ACCESS_LOG_FORMAT % ours == ACCESS_LOG_FORMAT % theirs
+    line = ACCESS_LOG_FORMAT % AccessLogger(Config()).atoms(request, response, 0.0123456)
+    status = "-" if response is None else str(response["status"])
+    assert f'"POST /runs/abc" {status} ' in line and line.endswith(" 0.012346s")
+    assert "secret" not in line and "curl" not in line
 
 
 def close_on_each_whole_response(url: str, path: str, requests: int) -> None:
@@ -602,3 +683,15 @@ async def test_one_access_line_per_request_also_when_the_client_closes_at_once(c
     assert requests == ["GET / 200 2"] * 200 + ["GET /sized-stream 200 2"] * 3 + [
         "GET /stream - -"
     ], [line for line in lines if "200" not in line]
+
+
+async def test_upstream_hypercorn_logs_a_whole_response_without_its_status(caplog):
+    """Fix 7: a client that closes once it has a whole sized response, before the
+    app's last message: plain hypercorn logs the request with no response."""
+    caplog.set_level(logging.INFO, logger="hypercorn.access")
+    with trio.fail_after(20):
+        async with stock_serving() as (url, _gate):
+            await trio.to_thread.run_sync(close_on_each_whole_response, url, "/sized-stream", 1)
+            await trio.sleep(0.2)
+    lines = [r.getMessage() for r in caplog.records if r.name == "hypercorn.access"]
+    assert [line.split('"')[2].split()[:2] for line in lines] == [["-", "-"]], lines

@@ -1,11 +1,9 @@
-"""``POST /run`` and ``GET /health`` served in front of Quart, in-process.
+"""``POST /run`` with a JSON reply, and ``GET /health``, in-process.
 
-(:mod:`claude_code_api.http.json_run` and :func:`claude_code_api.http.app.serve_health_first`.)
-
-The layer is driven as hypercorn drives an ASGI app (scope, ``receive``, ``send``),
-with a memory channel standing for the dispatcher and a recording app standing
-for Quart behind it. End to end, every ``/run`` test of the service goes through
-it as well.
+The app (:func:`claude_code_api.http.app.create_app`) is driven as hypercorn
+drives an ASGI app (scope, ``receive``, ``send``), with a memory channel standing
+for the dispatcher. End to end, every ``/run`` test of the service goes through
+the same route as well.
 """
 
 from __future__ import annotations
@@ -20,17 +18,20 @@ import pytest
 import trio
 from quart import Quart, jsonify
 
+from claude_code_api.actors.dispatcher import PoolView
+from claude_code_api.actors.registry import RegistryClient
 from claude_code_api.config import load_settings
-from claude_code_api.http.app import serve_health_first
+from claude_code_api.http.app import create_app
 from claude_code_api.http.jobs import CLIENT_GONE
-from claude_code_api.http.json_run import BODY_TIMEOUT_S, json_bytes, serve_json_runs
-from claude_code_api.http.requests import OptionCeiling
+from claude_code_api.http.parsing import BODY_TIMEOUT_S, json_bytes
 from claude_code_api.messages import (
     DispatcherMessage,
     Job,
     JobFailed,
+    PoolSnapshot,
     Queued,
     RunResult,
+    StatusRequest,
     Submit,
 )
 
@@ -39,32 +40,21 @@ SETTINGS_ENV = {"API_KEYS": f"alice:{KEY}"}
 MAX_BODY_BYTES = 1000  # (fixed in the service: 1 MiB, and room for images)
 
 
-class Behind:
-    """The app behind the layer (Quart in the service): records what reached it."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str, bytes]] = []
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        self.calls.append((scope["method"], scope["path"], body))
-        await send({"type": "http.response.start", "status": 299, "headers": []})
-        await send({"type": "http.response.body", "body": b"behind"})
-
-
 class Exchange:
     """One request: what the client sends (``body`` chunks, then perhaps a disconnect)."""
 
     def __init__(self, method: str, path: str, headers: dict[str, str], chunks: list[bytes]):
         self.scope = {
             "type": "http",
+            "http_version": "1.1",
+            "scheme": "http",
             "method": method,
             "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "client": ("127.0.0.1", 4321),
+            "server": ("127.0.0.1", 8000),
             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
         }
         self.incoming: list[dict[str, Any]] = [
@@ -91,9 +81,13 @@ class Exchange:
     def headers(self) -> dict[bytes, bytes]:
         return dict(self.sent[0]["headers"])
 
+    @property
+    def body(self) -> bytes:
+        assert self.sent[-1].get("more_body", False) is False
+        return b"".join(message.get("body", b"") for message in self.sent[1:])
+
     def json(self) -> Any:
-        assert self.sent[1]["more_body"] is False
-        return json.loads(self.sent[1]["body"])
+        return json.loads(self.body)
 
 
 def post_run(body: Any, headers: dict[str, str] | None = None) -> Exchange:
@@ -103,17 +97,18 @@ def post_run(body: Any, headers: dict[str, str] | None = None) -> Exchange:
     return Exchange("POST", "/run", given | (headers or {}), [raw])
 
 
-def layer(dispatcher: trio.MemorySendChannel[DispatcherMessage] | None = None) -> tuple:
-    behind = Behind()
+def make_app(
+    dispatcher: trio.MemorySendChannel[DispatcherMessage] | None = None,
+    pool_view: PoolView | None = None,
+) -> Any:
+    """The service's app, with ``dispatcher`` standing for the dispatcher's inbox."""
     if dispatcher is None:
         dispatcher, _unused = trio.open_memory_channel[DispatcherMessage](10)
     settings = attrs.evolve(
         load_settings(SETTINGS_ENV), base_body_bytes=MAX_BODY_BYTES, max_images=0
     )
-    app = serve_json_runs(
-        behind, settings=settings, dispatcher=dispatcher, ceiling=OptionCeiling.of(settings)
-    )
-    return app, behind
+    registry, _registry_inbox = trio.open_memory_channel[Any](0)
+    return create_app(settings, dispatcher, RegistryClient(registry), pool_view=pool_view)
 
 
 def test_replies_are_written_as_quarts_jsonify_writes_them():
@@ -127,44 +122,31 @@ def test_replies_are_written_as_quarts_jsonify_writes_them():
     assert json_bytes(value) == trio.run(quart_bytes)
 
 
-async def test_other_routes_and_methods_go_to_the_app_behind():
-    app, behind = layer()
-    for method, path in [("GET", "/run"), ("POST", "/runs"), ("GET", "/health")]:
-        exchange = Exchange(method, path, {}, [b""])
-        with trio.fail_after(5):
-            await app(exchange.scope, exchange.receive, exchange.send)
-        assert exchange.status == 299
-    assert [(m, p) for m, p, _ in behind.calls] == [
-        ("GET", "/run"),
-        ("POST", "/runs"),
-        ("GET", "/health"),
-    ]
-
-
 @pytest.mark.parametrize(
     "body, headers",
     [({"prompt": "hi", "stream": True}, {}), ({"prompt": "hi"}, {"accept": "text/event-stream"})],
 )
-async def test_a_stream_goes_to_the_app_behind_with_its_body_replayed(body, headers):
-    app, behind = layer()
+async def test_a_stream_is_asked_for_in_the_body_or_by_accept(body, headers):
     exchange = post_run(body, headers)
-    with trio.fail_after(5):
-        await app(exchange.scope, exchange.receive, exchange.send)
-    assert behind.calls == [("POST", "/run", json.dumps(body).encode())]
+    async with submitted(exchange) as job:
+        await job.reply.send(Queued(0))
+        await job.reply.send(RunResult(success=True, output="hello", duration_ms=3))
+    assert exchange.status == 200
+    assert exchange.headers[b"content-type"].startswith(b"text/event-stream")
+    assert b"event: result" in exchange.body and b'"hello"' in exchange.body
 
 
 @asynccontextmanager
 async def submitted(exchange: Exchange) -> AsyncIterator[Job]:
     """Serve ``exchange`` with the layer; yield the job it submits, for the test to answer."""
     dispatcher, inbox = trio.open_memory_channel[DispatcherMessage](10)
-    app, behind = layer(dispatcher)
+    app = make_app(dispatcher)
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(app, exchange.scope, exchange.receive, exchange.send)
             message = await inbox.receive()
             assert isinstance(message, Submit)
             yield message.job
-    assert behind.calls == []
 
 
 async def test_a_json_run_is_submitted_and_answered_with_its_run_id():
@@ -240,32 +222,32 @@ async def test_a_client_that_leaves_cancels_its_run_and_gets_no_reply():
 async def test_bad_requests_are_json_errors_and_close_when_the_body_was_left(
     exchange, status, closes
 ):
-    app, behind = layer()
+    dispatcher, inbox = trio.open_memory_channel[DispatcherMessage](10)
     with trio.fail_after(5):
-        await app(exchange.scope, exchange.receive, exchange.send)
+        await make_app(dispatcher)(exchange.scope, exchange.receive, exchange.send)
     assert exchange.status == status
     assert isinstance(exchange.json()["error"], str)
     assert (exchange.headers.get(b"connection") == b"close") is closes
-    assert behind.calls == []
+    assert inbox.statistics().current_buffer_used == 0  # nothing submitted
 
 
 async def test_a_body_that_does_not_arrive_in_time_is_a_408_json_error(autojump_clock):
     # README and the OpenAPI document: a body not received within 60 s is a 408.
     exchange = post_run({"prompt": "hi"})
     exchange.incoming[0]["more_body"] = True  # ... and the rest never comes
-    app, behind = layer()
+    dispatcher, inbox = trio.open_memory_channel[DispatcherMessage](10)
     with trio.fail_after(BODY_TIMEOUT_S + 1):
-        await app(exchange.scope, exchange.receive, exchange.send)
+        await make_app(dispatcher)(exchange.scope, exchange.receive, exchange.send)
     assert trio.current_time() == pytest.approx(BODY_TIMEOUT_S)
     assert exchange.status == 408
     assert exchange.json() == {"error": "Request body not received within 60 s"}
-    assert behind.calls == []
+    assert inbox.statistics().current_buffer_used == 0
 
 
 async def test_an_unexpected_failure_is_a_500_json_error():
     dispatcher, inbox = trio.open_memory_channel[DispatcherMessage](10)
     inbox.close()  # the dispatcher is gone: submitting raises
-    app, _behind = layer(dispatcher)
+    app = make_app(dispatcher)
     exchange = post_run({"prompt": "hi", "sessionId": "s1"})
     with trio.fail_after(5):
         await app(exchange.scope, exchange.receive, exchange.send)
@@ -273,32 +255,51 @@ async def test_an_unexpected_failure_is_a_500_json_error():
     assert exchange.json() == {"error": "internal error"}
 
 
-# --- GET /health, also in front of Quart --------------------------------------
+# --- GET /health ------------------------------------------------------------------
+
+SNAPSHOT = PoolSnapshot(
+    workers=(),
+    queue_length=0,
+    queue_max=5,
+    processed=0,
+    failed=0,
+    degraded_reason=None,
+    draining=False,
+    ever_ready=True,
+)
 
 
 @pytest.mark.parametrize(
-    "method, headers, published, served_here",
+    "method, headers, published",
     [
-        ("GET", {}, ({"status": "ok"}, 200), True),
-        ("GET", {}, ({"status": "degraded"}, 503), True),
-        ("GET", {"content-length": "0"}, ({"status": "ok"}, 200), True),
-        ("GET", {}, None, False),  # nothing published (the dispatcher restarts): Quart asks
-        ("GET", {"content-length": "2"}, ({"status": "ok"}, 200), False),  # a body to read
-        ("HEAD", {}, ({"status": "ok"}, 200), False),
+        ("GET", {}, True),
+        ("GET", {"content-length": "0"}, True),
+        ("GET", {"content-length": "2"}, True),  # a body, read and ignored
+        ("HEAD", {}, True),
+        ("GET", {}, False),  # nothing published (the dispatcher restarts): it is asked
     ],
 )
-async def test_health_is_answered_from_the_published_state_or_by_the_app_behind(
-    method, headers, published, served_here
+async def test_health_is_answered_from_the_published_state_or_by_asking_the_dispatcher(
+    method, headers, published
 ):
-    behind = Behind()
-    app = serve_health_first(behind, lambda: published)
-    exchange = Exchange(method, "/health", headers, [b""])
+    dispatcher, inbox = trio.open_memory_channel[DispatcherMessage](10)
+    view = PoolView()
+    if published:
+        view.source = lambda: attrs.evolve(SNAPSHOT, queue_length=3)
+    app = make_app(dispatcher, pool_view=view)
+    chunks = [b"{}"] if headers.get("content-length") == "2" else [b""]
+    exchange = Exchange(method, "/health", headers, chunks)
+
+    async def dispatcher_answers() -> None:
+        message = await inbox.receive()
+        assert isinstance(message, StatusRequest)
+        await message.reply.send(attrs.evolve(SNAPSHOT, queue_length=7))
+
     with trio.fail_after(5):
-        await app(exchange.scope, exchange.receive, exchange.send)
-    if served_here:
-        body, code = published
-        assert exchange.status == code and exchange.json() == body
-        assert exchange.sent[1]["body"] == json_bytes(body)
-        assert behind.calls == []
-    else:
-        assert exchange.status == 299 and behind.calls == [(method, "/health", b"")]
+        async with trio.open_nursery() as nursery:
+            if not published:
+                nursery.start_soon(dispatcher_answers)
+            await app(exchange.scope, exchange.receive, exchange.send)
+    assert exchange.status == 200  # (for HEAD, hypercorn drops the body)
+    assert exchange.json()["queue"] == {"length": 3 if published else 7, "maxSize": 5}
+    assert inbox.statistics().current_buffer_used == 0

@@ -4,10 +4,21 @@ The app holds no state of its own: it holds send channels to the dispatcher
 (jobs, status) and the credentials actor (``/auth/*``) and asks them for
 everything. It also describes itself (``/openapi.json``, ``/docs``: see
 :mod:`.openapi`) and, unless ``METRICS=0``, counts its requests and serves
-``/metrics`` (:mod:`.observe`). Every error a client can cause is answered as JSON ``{"error": ...}``
-with a 4xx status; anything unexpected is logged and answered 500 JSON without a
-traceback. Repeated slashes in a path are one (``//run`` is ``/run``: what a base
-URL with a trailing slash makes of it).
+``/metrics`` (:mod:`.observe`). Every error a client can cause is answered as JSON
+``{"error": ...}`` with a 4xx status; anything unexpected is logged and answered 500
+JSON without a traceback.
+
+Every route is a Quart route. In front of Quart, three ASGI layers, outermost first:
+
+* :func:`merge_slashes`: repeated slashes in a path are one (``//run`` is ``/run``:
+  what a base URL with a trailing slash makes of it), before any route is matched;
+* :func:`~.observe.count_requests` (unless ``METRICS=0``): counts each request by
+  route and status and times it to the end of its response, also a stream's whole
+  length, and a client that left (499), which Quart's own hooks do not see;
+* :func:`~.streaming.with_request_cleanups`: what a run's reply owns is released
+  when the request ends, also when its stream never starts.
+
+(The HTTP server adds its own in front of these: :mod:`.server`.)
 """
 
 from __future__ import annotations
@@ -53,10 +64,10 @@ from .compat import CompatRuns, error_body
 from .docs import docs_page
 from .files import files_routes
 from .jobs import SessionStoreUnavailable, close_session, pool_snapshot
-from .json_run import BODY_TIMEOUT_S, json_bytes, serve_json_runs
 from .observe import count_requests, note_route, scrape
 from .openai_api import limits_of, openai_routes
 from .openapi import openapi_spec
+from .parsing import BODY_TIMEOUT_S
 from .requests import (
     BadRequest,
     ImageLimits,
@@ -261,40 +272,6 @@ _SLASHES = re.compile(r"/{2,}")
 AsgiApp = Callable[[Any, Any, Any], Awaitable[None]]
 
 
-def serve_health_first(
-    app: AsgiApp, published_health: Callable[[], tuple[dict[str, Any], int] | None]
-) -> AsgiApp:
-    """ASGI: answer ``GET /health`` here from the pool's published state, in front of Quart.
-
-    Docker's health check and load balancers poll it: it skips Quart's request
-    machinery, as ``POST /run`` does (:mod:`.json_run`). When nothing is published
-    (the dispatcher is restarting) or the request carries a body, the Quart route
-    answers (it asks the dispatcher).
-    """
-
-    async def serve(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] == "/health" and scope["method"] == "GET":
-            has_body = any(
-                name in (b"content-length", b"transfer-encoding") and value not in (b"0",)
-                for name, value in scope["headers"]
-            )
-            answer = None if has_body else published_health()
-            if answer is not None:
-                note_route(scope, "/health")
-                body, code = answer
-                payload = json_bytes(body)
-                headers = [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(payload)).encode()),
-                ]
-                await send({"type": "http.response.start", "status": code, "headers": headers})
-                await send({"type": "http.response.body", "body": payload, "more_body": False})
-                return
-        await app(scope, receive, send)
-
-    return serve
-
-
 def merge_slashes(app: AsgiApp) -> AsgiApp:
     """ASGI: serve ``//run`` as ``/run`` (a client's base URL ending in ``/``), not 404 or redirect."""
 
@@ -347,21 +324,15 @@ def create_app(
         uptime_ms = round((time.monotonic() - started_at) * 1000)
         return health_body(snapshot, uptime_ms, store.failure)
 
-    # The two most frequent requests are served in front of Quart: POST /run with a
-    # JSON reply (json_run) and GET /health.
-    fast = serve_health_first(
-        serve_json_runs(app.asgi_app, settings=settings, dispatcher=dispatcher, ceiling=ceiling),
-        published_health,
-    )
-    counted = count_requests(fast) if settings.metrics else fast
+    # The ASGI layers, outermost first (module docstring).
+    cleaned = with_request_cleanups(app.asgi_app)
+    counted = count_requests(cleaned) if settings.metrics else cleaned
     app.asgi_app = merge_slashes(counted)  # type: ignore[method-assign,assignment]
     # The largest body of any route: PUT /files/{path}'s, or a JSON body (held to its own
     # limit by json_body).
     app.config["MAX_CONTENT_LENGTH"] = max(settings.max_body_bytes, settings.max_file_bytes)
     # Quart cuts responses at 60 s by default; jobs have their own deadlines.
     app.config["RESPONSE_TIMEOUT"] = None
-    # What a streamed reply owns is released even if its stream never starts.
-    app.asgi_app = with_request_cleanups(app.asgi_app)  # type: ignore[method-assign,assignment]
 
     def caller() -> str:
         return authenticate(request.headers, settings)
@@ -437,8 +408,8 @@ def create_app(
 
     @app.get("/health")
     async def health() -> Response:
-        # GET is answered in front of Quart (serve_health_first) but for HEAD, a request
-        # with a body, and while the dispatcher has published nothing: ask it then.
+        # From the pool's published state: never waits behind work. Nothing is
+        # published while the dispatcher restarts: ask it then.
         answer = published_health()
         if answer is None:
             uptime_ms = round((time.monotonic() - started_at) * 1000)

@@ -34,7 +34,7 @@ from ..workspace_files import (
     remove,
     workspace_of,
 )
-from .json_run import BODY_TIMEOUT_S
+from .parsing import BODY_TIMEOUT_S
 from .requests import BadRequest
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from typing import Any
 from ..config import Settings
 from ..messages import IMAGE_MEDIA_TYPES
 from ..user_memory import MAX_SAVED_BYTES
-from .json_run import BODY_TIMEOUT_S
+from .parsing import BODY_TIMEOUT_S
 from .requests import (
     BASE64_PATTERN,
     CODE_PATTERN,

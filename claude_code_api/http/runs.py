@@ -4,12 +4,11 @@ A Quart blueprint; the app hands it how to tell who is calling and how to read
 a JSON body, as to every route. Every run has an id, the job's: header
 ``X-Run-Id`` and field ``runId`` in every reply about it.
 
-* Without ``stream`` (or ``Accept: text/event-stream``) the reply is the
-  original's JSON, with fields added (:func:`result_body`); it is served in front
-  of Quart (:mod:`.json_run`), which hands streams to the route here.
-* With it, the request waits for the dispatcher's answer to its submission
-  first: a refusal (429, 503) is still a plain JSON error; only a run that was
-  taken becomes a ``text/event-stream`` (:mod:`.streaming`).
+* ``POST /run`` reads its body once, submits the run and waits for the
+  dispatcher's answer (queued, or a refusal: 429, 503... as a JSON error).
+  Without ``stream`` (or ``Accept: text/event-stream``) the reply is the
+  original's JSON, with fields added (:func:`result_body`), once the run ends;
+  with it, a run that was taken becomes a ``text/event-stream`` (:mod:`.streaming`).
 * ``DELETE /runs/{runId}`` cancels the caller's own queued or running run; the
   run's own request then answers ``cancelled``. Anyone else's run, or an unknown
   or finished one, is a 404.
@@ -30,7 +29,7 @@ from typing import Any
 
 import attrs
 import trio
-from quart import Blueprint, Response, jsonify
+from quart import Blueprint, Response, jsonify, request
 
 from ..messages import (
     DispatcherMessage,
@@ -43,9 +42,9 @@ from ..messages import (
     TerminalEvent,
 )
 from .jobs import Finished, cancel_run, follow_job, open_job
-from .parsing import parse_body
+from .parsing import json_bytes, parse_body
 from .requests import ImageLimits, OptionCeiling, RunRequest, parse_run_request
-from .streaming import STREAM_HEADERS, event_stream, on_request_end
+from .streaming import STREAM_HEADERS, event_stream, on_request_end, wants_event_stream
 from .user_claude import load_memory
 
 log = logging.getLogger(__name__)
@@ -103,6 +102,17 @@ def failure_reply(
     if failure.retry_after_s is not None:
         headers.append(("Retry-After", str(failure.retry_after_s)))
     return body, headers
+
+
+def json_reply(finished: Finished, job: Job) -> Response:
+    """The JSON reply of a run that ended: its result, or its failure."""
+    terminal = finished.terminal
+    if isinstance(terminal, JobFailed):
+        return error_reply(terminal, job.id)
+    # In the documented order, the original's four fields first (as a stream's
+    # `result` event has them), not sorted as the other replies are.
+    body = json_bytes(result_body(terminal, finished, job), sort_keys=False)
+    return Response(body, 200, content_type="application/json", headers={"X-Run-Id": job.id})
 
 
 def error_reply(failure: JobFailed, run_id: str | None = None) -> Response:
@@ -201,7 +211,7 @@ async def start_run(
 ) -> StartedRun:
     """Submit ``run_request`` as ``user_id``'s job and wait for the dispatcher's answer.
 
-    The one way every route that runs an agent (``/run`` streamed, the compatible routes)
+    The one way every route that runs an agent (``/run``, the compatible routes)
     hands its request to the dispatcher. Raises :class:`MemoryUnavailable` when the
     user's CLAUDE.md cannot be read.
     """
@@ -247,27 +257,26 @@ def run_routes(
     """The ``/run`` and ``/runs`` routes, for ``app.register_blueprint``."""
     routes = Blueprint("runs", __name__)
 
+    parse = partial(
+        parse_run_request,
+        max_prompt_chars=max_prompt_chars,
+        max_timeout_ms=max_timeout_ms,
+        ceiling=ceiling,
+        image_limits=image_limits,
+    )
+
     @routes.post("/run")
     async def run() -> Response:
         user_id = caller()
-        run_request = await parse_body(
-            await json_body(),
-            partial(
-                parse_run_request,
-                max_prompt_chars=max_prompt_chars,
-                max_timeout_ms=max_timeout_ms,
-                ceiling=ceiling,
-                image_limits=image_limits,
-            ),
-        )
+        run_request = await parse_body(await json_body(), parse)
+        streamed = wants_event_stream(run_request.stream, request.headers.get("accept"))
         began = time.monotonic()
 
         def log_end(run_id: str, outcome: TerminalEvent | None, how: str) -> None:
             log_run_end(user_id, run_request, began, run_id, outcome, how)
 
-        # Only streams reach this route: a JSON reply is served in front of Quart
-        # (json_run), which hands a stream over with its body. Its status must be known
-        # before it starts, so wait for the dispatcher's answer (queued, or a refusal) first.
+        # A stream's status must be known before it starts: the dispatcher's answer
+        # (queued, or a refusal) comes first, for both kinds of reply.
         started = await start_run(
             dispatcher,
             user_id,
@@ -276,6 +285,14 @@ def run_routes(
             default_timeout_ms=default_timeout_ms,
         )
         job = started.job
+        if not streamed:
+            try:
+                finished = await started.follow()
+            finally:
+                # Also when the client left (the request is cancelled): the run ends.
+                await started.close()
+            log_end(job.id, finished.terminal, "json")
+            return json_reply(finished, job)
         if isinstance(started.first, JobFailed):
             await started.close()
             log_end(job.id, started.first, "stream refused")
