@@ -19,7 +19,7 @@ import trio
 from quart import Quart, jsonify
 
 from claude_code_api.actors.dispatcher import PoolView
-from claude_code_api.actors.registry import RegistryClient
+from claude_code_api.actors.registry_client import RegistryClient
 from claude_code_api.config import load_settings
 from claude_code_api.http.app import create_app
 from claude_code_api.http.jobs import CLIENT_GONE
