@@ -30,8 +30,12 @@ from claude_code_api.http.openapi import openapi_spec
 from claude_code_api.http.requests import (
     BadRequest,
     OptionCeiling,
+    RunBounds,
+    body_schemas,
     parse_exchange_code,
     parse_run_request,
+    parse_user_claude_request,
+    session_id_field,
 )
 from claude_code_api.http.runs import result_body
 from claude_code_api.http.streaming import event_data, terminal_frame
@@ -47,6 +51,7 @@ from claude_code_api.messages import (
     UpstreamError,
     UpstreamRetry,
 )
+from claude_code_api.user_memory import MAX_SAVED_BYTES
 
 # Methods Quart answers for every route by itself (HEAD for GET, OPTIONS), which
 # OpenAPI documents do not list.
@@ -370,3 +375,48 @@ def test_every_operation_has_its_own_id_and_links_lead_to_operations(metrics):
     assert len(ids) == len(set(ids))
     links = spec["paths"]["/run"]["post"]["responses"]["200"]["links"]
     assert {link["operationId"] for link in links.values()} <= set(ids)
+
+
+# --- the bodies: one declaration for the parser and the document ---------------------------
+
+
+def test_the_request_bodies_in_the_document_are_the_parsers_own_declarations():
+    settings = load_settings(CEILING_ENV)
+    schemas = openapi_spec(settings)["components"]["schemas"]
+    declared = body_schemas(RunBounds.of(settings), MAX_SAVED_BYTES)
+    for name in ("RunRequest", "ImageInput", "SessionRef", "UserClaude", "ExchangeRequest"):
+        assert schemas[name] == declared[name], name
+    # The ceiling reaches the document through the declaration.
+    options = schemas["RunRequest"]["properties"]
+    assert options["model"]["anyOf"][0] == {"enum": ["model-a", "model-b"]}
+    assert options["maxTurns"]["anyOf"][0]["maximum"] == 5
+    assert options["maxBudgetUsd"]["anyOf"][0]["maximum"] == 1.5
+    assert options["permissionMode"]["anyOf"][0] == {"enum": ["plan", "dontAsk"]}
+
+
+def session_parser(body: bytes) -> str | None:
+    return session_id_field(json.loads(body), required=True)
+
+
+@pytest.mark.parametrize(
+    ("schema_name", "parse", "body"),
+    [
+        ("SessionRef", session_parser, {"sessionId": "s-1"}),
+        ("SessionRef", session_parser, {"sessionId": "a" * 129}),
+        ("SessionRef", session_parser, {"sessionId": "abc\n"}),
+        ("SessionRef", session_parser, {"sessionId": 3}),
+        ("SessionRef", session_parser, {}),
+        ("ExchangeRequest", parse_exchange_code, {"code": "abc#def"}),
+        ("ExchangeRequest", parse_exchange_code, {"code": "abc"}),
+        ("ExchangeRequest", parse_exchange_code, {"code": "x" * 5000 + "#s"}),
+        ("ExchangeRequest", parse_exchange_code, {"code": None}),
+        ("UserClaude", lambda body: parse_user_claude_request(body, max_bytes=10), {"content": ""}),
+        ("UserClaude", lambda body: parse_user_claude_request(body, max_bytes=10), {"content": 1}),
+    ],
+    ids=repr,
+)
+def test_a_body_is_valid_in_the_document_exactly_when_its_parser_accepts_it(
+    schema_name, parse, body
+):
+    spec = openapi_spec(load_settings({}))
+    assert conforms(spec, schema_name, body) == accepted(parse, body)
