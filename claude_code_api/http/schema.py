@@ -134,10 +134,10 @@ def _first_problem(model: type[BaseModel], exc: ValidationError) -> BadRequest:
     loc = error["loc"]
     if error["type"] == "checked":  # a validator's own words (images[0]: ...)
         ctx = error["ctx"]
-        return BadRequest(ctx["message"], ctx["status"])
+        return BadRequest(ctx["message"], ctx["status"], param=str(loc[0]))
     says = _says(model, str(loc[0]))
     field = _path(loc) if says.per_item else str(loc[0])
-    return BadRequest(f"{field}: {says.text(error)}")
+    return BadRequest(f"{field}: {says.text(error)}", param=str(loc[0]))
 
 
 def _path(loc: tuple[int | str, ...]) -> str:
@@ -150,7 +150,7 @@ def _says(model: type[BaseModel], field: str) -> Says:
     for item in info.metadata if info else ():
         if isinstance(item, Says):
             return item
-    return Says("not valid")  # every field declared below has its Says
+    return Says("not valid")  # (every body in requests.py gives each field its Says)
 
 
 # --- the schema ----------------------------------------------------------------------------
