@@ -22,10 +22,12 @@ from openapi_spec_validator import validate
 
 from claude_code_api.actors.registry import RegistryClient
 from claude_code_api.config import load_settings
+from claude_code_api.http.anthropic_api import parse_messages_request
 from claude_code_api.http.app import create_app
 from claude_code_api.http.docs import docs_page
 from claude_code_api.http.jobs import Finished
 from claude_code_api.http.observe import route_pattern
+from claude_code_api.http.openai_api import limits_of, parse_chat_request
 from claude_code_api.http.openapi import openapi_spec
 from claude_code_api.http.requests import (
     BadRequest,
@@ -420,3 +422,70 @@ def test_a_body_is_valid_in_the_document_exactly_when_its_parser_accepts_it(
 ):
     spec = openapi_spec(load_settings({}))
     assert conforms(spec, schema_name, body) == accepted(parse, body)
+
+
+def compat_parser(parse):
+    settings = load_settings(CEILING_ENV)
+    limits = limits_of(settings, OptionCeiling.of(settings))
+    return lambda body: parse(body, None, limits)
+
+
+USER = {"role": "user", "content": "hi"}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"model": None},
+        {"model": "model-c"},
+        {"n": 1},
+        {"n": 2},
+        {"max_tokens": 5.0},
+        {"max_tokens": 5.5},
+        {"temperature": 1},
+        {"temperature": True},
+        {"stop": ["a"]},
+        {"stop": 3},
+        {"stream": "yes"},
+        {"stream_options": {"include_usage": True}},
+        {"stream_options": 1},
+        {"session_id": "s-1"},
+        {"session_id": "a b"},
+        {"messages": []},
+        {"messages": "hi"},
+    ],
+    ids=repr,
+)
+def test_a_chat_body_is_valid_in_the_document_exactly_when_the_parser_accepts_it(fields):
+    spec = openapi_spec(load_settings(CEILING_ENV))
+    body = {"model": "model-a", "messages": [USER], **fields}
+    parse = compat_parser(parse_chat_request)
+    assert conforms(spec, "ChatCompletionRequest", body) == accepted(parse, body)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"model": "model-c"},
+        {"max_tokens": None},
+        {"max_tokens": 0},
+        {"max_tokens": 2.0},
+        {"max_tokens": "2"},
+        {"top_k": 1.0},
+        {"top_k": "x"},
+        {"metadata": []},
+        {"system": "be brief"},
+        {"system": [{"type": "text", "text": "s"}]},
+        {"system": 5},
+        {"stream": 1},
+        {"messages": []},
+    ],
+    ids=repr,
+)
+def test_a_messages_body_is_valid_in_the_document_exactly_when_the_parser_accepts_it(fields):
+    spec = openapi_spec(load_settings(CEILING_ENV))
+    body = {"model": "model-a", "max_tokens": 5, "messages": [USER], **fields}
+    parse = compat_parser(parse_messages_request)
+    assert conforms(spec, "AnthropicMessagesRequest", body) == accepted(parse, body)

@@ -25,7 +25,9 @@ from typing import Any
 from ..config import Settings
 from ..messages import IMAGE_MEDIA_TYPES
 from ..user_memory import MAX_SAVED_BYTES
+from .anthropic_api import messages_request_model
 from .json_run import BODY_TIMEOUT_S
+from .openai_api import chat_request_model
 from .requests import (
     MAX_PAGE_OFFSET,
     MAX_PAGE_SIZE,
@@ -33,6 +35,7 @@ from .requests import (
     RunBounds,
     body_schemas,
 )
+from .schema import component_schemas
 from .streaming import KEEP_ALIVE_S
 
 OPENAPI_VERSION = "3.1.0"
@@ -413,7 +416,6 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
 
 def _compat_schemas(settings: Settings) -> dict[str, Schema]:
     """The request and reply shapes of the OpenAI- and Anthropic-compatible routes."""
-    session_id = {"type": "string", "pattern": f"^{SESSION_ID_PATTERN.pattern}$"}
     text_part = _object({"type": {"const": "text"}, "text": {"type": "string"}})
     image_url_part = _object(
         {
@@ -425,42 +427,11 @@ def _compat_schemas(settings: Settings) -> dict[str, Schema]:
         }
     )
     usage = {"type": "integer", "minimum": 0}
-    number = {"type": "number"}
     return {
-        "ChatCompletionRequest": {
-            **_object(
-                {
-                    "model": {"enum": list(settings.allowed_models)},
-                    "messages": {
-                        "type": "array",
-                        "minItems": 1,
-                        "items": _ref("ChatMessage"),
-                        "description": "system and developer messages become the system"
-                        " prompt; the last message must be the user's",
-                    },
-                },
-                {
-                    "stream": _or_null({"type": "boolean"}),
-                    "stream_options": _or_null(_object({}, {"include_usage": {"type": "boolean"}})),
-                    "session_id": _or_null(
-                        session_id, "a turn of this session (as the X-Session-Id header)"
-                    ),
-                    "n": _or_null({"const": 1}),
-                    "max_tokens": _or_null({"type": "integer"}, "accepted, ignored"),
-                    "max_completion_tokens": _or_null({"type": "integer"}, "accepted, ignored"),
-                    "temperature": _or_null(number, "accepted, ignored"),
-                    "top_p": _or_null(number, "accepted, ignored"),
-                    "stop": _or_null(
-                        {"anyOf": [{"type": "string"}, {"type": "array"}]}, "accepted, ignored"
-                    ),
-                    "seed": _or_null({"type": "integer"}, "accepted, ignored"),
-                    "user": _or_null({"type": "string"}, "accepted, ignored"),
-                },
-            ),
-            "description": "OpenAI's chat completion request. `tools`, `functions`, `audio`,"
-            " `n` > 1, `logprobs`, a `response_format` or `modalities` other than text are"
-            " refused (400 naming the parameter).",
-        },
+        **component_schemas(
+            chat_request_model(settings.allowed_models),
+            messages_request_model(settings.allowed_models),
+        ),
         "ChatMessage": _object(
             {"role": {"enum": ["system", "developer", "user", "assistant"]}},
             {
@@ -528,52 +499,6 @@ def _compat_schemas(settings: Settings) -> dict[str, Schema]:
             {"path": {"type": "string"}, "size": {"type": "integer", "minimum": 0}}
         ),
         "FileDeleted": _object({"deleted": {"const": True}}),
-        "AnthropicMessagesRequest": {
-            **_object(
-                {
-                    "model": {"enum": list(settings.allowed_models)},
-                    "max_tokens": {
-                        "type": "integer",
-                        "minimum": 1,
-                        "description": "required, as Anthropic requires it; not applied",
-                    },
-                    "messages": {
-                        "type": "array",
-                        "minItems": 1,
-                        "items": _object(
-                            {
-                                "role": {"enum": ["user", "assistant"]},
-                                "content": {
-                                    "anyOf": [
-                                        {"type": "string"},
-                                        {
-                                            "type": "array",
-                                            "items": {"anyOf": [text_part, _ref("AnthropicImage")]},
-                                        },
-                                    ]
-                                },
-                            }
-                        ),
-                    },
-                },
-                {
-                    "system": _or_null(
-                        {"anyOf": [{"type": "string"}, {"type": "array", "items": text_part}]},
-                        "the system prompt",
-                    ),
-                    "stream": _or_null({"type": "boolean"}),
-                    "session_id": _or_null(
-                        session_id, "a turn of this session (as the X-Session-Id header)"
-                    ),
-                    "temperature": _or_null(number, "accepted, ignored"),
-                    "top_p": _or_null(number, "accepted, ignored"),
-                    "top_k": _or_null({"type": "integer"}, "accepted, ignored"),
-                    "stop_sequences": _or_null({"type": "array"}, "accepted, ignored"),
-                    "metadata": _or_null({"type": "object"}, "accepted, ignored"),
-                },
-            ),
-            "description": "Anthropic's Messages API request; `tools` are refused (400).",
-        },
         "AnthropicImage": _object(
             {
                 "type": {"const": "image"},
