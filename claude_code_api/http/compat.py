@@ -25,6 +25,12 @@ The system messages become the run's ``systemPrompt`` (appended to Claude Code's
 own, under the same ceiling as ``/run``'s option). Images of every message sent
 count toward ``MAX_IMAGES``.
 
+Each route declares its body once, as a model (:mod:`.schema`) built from the
+fields declared here (:func:`model_name`, :func:`ignored`, :func:`refused`, ...):
+the same declaration validates the body and is its OpenAPI schema. The messages
+inside it are checked by the route's own functions, which name each part in the
+route's own style (``messages[0].content[1]``, ``messages.0.content.1``).
+
 Error handling: every way a body can be wrong is a :class:`~.requests.BadRequest`
 naming the parameter (``param``), which the app answers in the route's error
 shape (:func:`error_body`).

@@ -73,6 +73,58 @@ log = logging.getLogger(__name__)
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
+def _one_choice(n: object) -> object:
+    if n is not None and n != 1:
+        raise bad("n", "only one choice is produced here (n must be 1)")
+    return n
+
+
+# What the agent cannot honour (a 400 naming it), then what is accepted and ignored, with
+# the JSON type it may have: checked in this order, after ``model``.
+_REFUSED_AND_IGNORED: dict[str, Any] = {
+    "n": (
+        Annotated[
+            object,
+            checked(_one_choice),
+            documented(anyOf=[{"const": 1}, {"type": "null"}]),
+        ],
+        None,
+    ),
+    "tools": refused("tools", lambda value: not value, NO_TOOLS),
+    "functions": refused("functions", lambda value: not value, NO_TOOLS),
+    "tool_choice": refused("tool_choice", lambda value: value in (None, "none"), NO_TOOLS),
+    "function_call": refused("function_call", lambda value: value in (None, "none"), NO_TOOLS),
+    "audio": refused("audio", lambda value: value is None, "audio output is not supported"),
+    "modalities": refused(
+        "modalities", lambda value: value in (None, ["text"]), "only text output is supported"
+    ),
+    "response_format": refused(
+        "response_format",
+        lambda value: value is None or (isinstance(value, dict) and value.get("type") == "text"),
+        "only the text response format is supported",
+    ),
+    "logprobs": refused("logprobs", lambda value: not value, "log probabilities are not available"),
+    "max_tokens": ignored(WHOLE),
+    "max_completion_tokens": ignored(WHOLE),
+    "temperature": ignored(NUMBER),
+    "top_p": ignored(NUMBER),
+    "stop": ignored(str | list[Any]),
+    "seed": ignored(WHOLE),
+    "user": ignored(str),
+    "presence_penalty": ignored(NUMBER),
+    "frequency_penalty": ignored(NUMBER),
+    "logit_bias": ignored(dict[str, Any]),
+    "parallel_tool_calls": ignored(bool),
+    "store": ignored(bool),
+    "metadata": ignored(dict[str, Any]),
+    "service_tier": ignored(str),
+    "reasoning_effort": ignored(str),
+    "top_logprobs": ignored(WHOLE),
+    "prediction": ignored(object),
+    "web_search_options": ignored(object),
+}
+
+
 @functools.cache
 def chat_request_model(allowed_models: tuple[str, ...]) -> type[BaseModel]:
     """A ``POST /v1/chat/completions`` body, its fields in the order they are checked.
@@ -85,50 +137,7 @@ def chat_request_model(allowed_models: tuple[str, ...]) -> type[BaseModel]:
         " `logprobs`, a `response_format` or `modalities` other than text are refused (400"
         " naming the parameter).",
         model=model_name(allowed_models, "you must provide a model parameter"),
-        n=(
-            Annotated[
-                object,
-                checked(_one_choice),
-                documented(anyOf=[{"const": 1}, {"type": "null"}]),
-            ],
-            None,
-        ),
-        tools=refused("tools", lambda value: not value, NO_TOOLS),
-        functions=refused("functions", lambda value: not value, NO_TOOLS),
-        tool_choice=refused("tool_choice", lambda value: value in (None, "none"), NO_TOOLS),
-        function_call=refused("function_call", lambda value: value in (None, "none"), NO_TOOLS),
-        audio=refused("audio", lambda value: value is None, "audio output is not supported"),
-        modalities=refused(
-            "modalities", lambda value: value in (None, ["text"]), "only text output is supported"
-        ),
-        response_format=refused(
-            "response_format",
-            lambda value: (
-                value is None or (isinstance(value, dict) and value.get("type") == "text")
-            ),
-            "only the text response format is supported",
-        ),
-        logprobs=refused(
-            "logprobs", lambda value: not value, "log probabilities are not available"
-        ),
-        max_tokens=ignored(WHOLE),
-        max_completion_tokens=ignored(WHOLE),
-        temperature=ignored(NUMBER),
-        top_p=ignored(NUMBER),
-        stop=ignored(str | list[Any]),
-        seed=ignored(WHOLE),
-        user=ignored(str),
-        presence_penalty=ignored(NUMBER),
-        frequency_penalty=ignored(NUMBER),
-        logit_bias=ignored(dict[str, Any]),
-        parallel_tool_calls=ignored(bool),
-        store=ignored(bool),
-        metadata=ignored(dict[str, Any]),
-        service_tier=ignored(str),
-        reasoning_effort=ignored(str),
-        top_logprobs=ignored(WHOLE),
-        prediction=ignored(object),
-        web_search_options=ignored(object),
+        **_REFUSED_AND_IGNORED,
         stream=STREAM,
         stream_options=(
             Annotated[
@@ -150,12 +159,6 @@ def chat_request_model(allowed_models: tuple[str, ...]) -> type[BaseModel]:
             " the user's",
         ),
     )
-
-
-def _one_choice(n: object) -> object:
-    if n is not None and n != 1:
-        raise bad("n", "only one choice is produced here (n must be 1)")
-    return n
 
 
 @attrs.frozen

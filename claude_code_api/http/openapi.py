@@ -5,16 +5,17 @@ route, its parameters, request body, and each response and error it can give,
 with the bounds of this service's configuration (``timeoutMs`` up to
 ``MAX_TIMEOUT_MS``, the prompt's length). The request bodies of the native
 routes are not restated here: their schemas are generated from the models that
-validate them (:func:`.requests.body_schemas`), so what the document says a body
-may hold is what the parser accepts. The tests hold the rest together: every
+validate them (:func:`.requests.body_schemas`), so the two cannot drift apart. The tests hold the rest together: every
 route the app serves is in it and nothing else (``tests/test_openapi.py``), and a
 schemathesis pass against the running service checks that what it answers
 conforms (``tests/test_schemathesis.py``).
 
-The paths, the replies and the compatible routes' bodies are written here by
-hand: a hand-kept document can say what a generator cannot (who may call a
-route, when a 429 or 502 happens). A field accepted as ``null`` means "not
-given", as the parsers treat it.
+The compatible routes' bodies come from their models too
+(:func:`.openai_api.chat_request_model`, :func:`.anthropic_api.messages_request_model`);
+the messages inside them (``ChatMessage``, ``AnthropicImage``), the replies and
+the paths are written here by hand: a hand-kept document can say what a
+generator cannot (who may call a route, when a 429 or 502 happens). A field
+accepted as ``null`` means "not given", as the parsers treat it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Request bodies declared once: the machinery (the bodies are in :mod:`.requests`).
+"""Request bodies declared once: the machinery. The bodies are declared beside their
+parsers: ``/run``'s and the native routes' in :mod:`.requests`, the compatible routes'
+in :mod:`.openai_api` and :mod:`.anthropic_api` (their shared fields in :mod:`.compat`).
 
 A body is a pydantic model (:func:`body_model`): its fields' types, bounds and
 patterns validate the body (:func:`validate`) *and* are the JSON Schema the
