@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
 import trio
 
+from claude_code_api.http.anthropic_api import parse_messages_request
 from claude_code_api.http.compat import (
     Limits,
     Message,
@@ -16,6 +18,7 @@ from claude_code_api.http.compat import (
     openai_error,
     run_request_for,
 )
+from claude_code_api.http.openai_api import parse_chat_request
 from claude_code_api.http.parsing import LARGE_BODY_BYTES, parse_body
 from claude_code_api.http.requests import (
     BadRequest,
@@ -171,3 +174,73 @@ def test_each_accepted_image_type_is_recognised_by_its_first_bytes():
         with pytest.raises(BadRequest) as refused:
             parse_image_url(refused_url, "u", limits)
         assert refused.value.status == 400 and refused.value.param == "u"
+
+
+def case_id(value: object) -> str:
+    """A test's id that is the same in every process (a function's repr holds its address)."""
+    return getattr(value, "__name__", None) or repr(value)
+
+
+USER = {"role": "user", "content": "hi"}
+CHAT = {"model": "m", "messages": [USER]}
+ANTHROPIC = {"model": "m", "max_tokens": 5, "messages": [USER]}
+
+
+@pytest.mark.parametrize(
+    ("parse", "body", "param", "message"),
+    [
+        (parse_chat_request, {"messages": [USER]}, "model", "model: you must provide a model"),
+        (parse_chat_request, {**CHAT, "model": 3}, "model", "model: expected a model name"),
+        (parse_chat_request, {**CHAT, "n": 2}, "n", "n: only one choice is produced here"),
+        (parse_chat_request, {**CHAT, "tool_choice": "auto"}, "tool_choice", "tool_choice: tools"),
+        (parse_chat_request, {**CHAT, "modalities": ["audio"]}, "modalities", "modalities: only"),
+        (parse_chat_request, {**CHAT, "temperature": True}, "temperature", "temperature: wrong"),
+        (parse_chat_request, {**CHAT, "max_tokens": 5.5}, "max_tokens", "max_tokens: wrong type"),
+        (parse_chat_request, {**CHAT, "stop": 3}, "stop", "stop: wrong type"),
+        (parse_chat_request, {**CHAT, "stream": "y"}, "stream", "stream: expected true or false"),
+        (parse_chat_request, {**CHAT, "stream_options": 1}, "stream_options", "stream_options:"),
+        (parse_chat_request, {**CHAT, "session_id": "a b"}, "session_id", "session_id: expected"),
+        (
+            parse_chat_request,
+            {**CHAT, "messages": []},
+            "messages",
+            "messages: expected a non-empty",
+        ),
+        (parse_chat_request, {**CHAT, "messages": [5]}, "messages[0]", "messages[0]: expected a"),
+        (parse_chat_request, {**CHAT, "model": "x"}, "model", "model: 'x' is not allowed here"),
+        (parse_messages_request, {"max_tokens": 5, "messages": [USER]}, "model", "model: Field"),
+        (parse_messages_request, {**ANTHROPIC, "max_tokens": None}, "max_tokens", "max_tokens: F"),
+        (parse_messages_request, {**ANTHROPIC, "max_tokens": True}, "max_tokens", "max_tokens: e"),
+        (parse_messages_request, {**ANTHROPIC, "tools": [{}]}, "tools", "tools: tools are not"),
+        (parse_messages_request, {**ANTHROPIC, "top_k": "x"}, "top_k", "top_k: wrong type"),
+        (parse_messages_request, {**ANTHROPIC, "system": 5}, "system", "system: expected a string"),
+        (
+            parse_messages_request,
+            {**ANTHROPIC, "messages": [{"role": "system"}]},
+            "messages.0.role",
+            "messages.0.role: expected user or assistant",
+        ),
+    ],
+    ids=case_id,
+)
+def test_a_bad_compatible_body_names_its_parameter(parse, body, param, message):
+    with pytest.raises(BadRequest) as refused:
+        parse(json.dumps(body).encode(), None, LIMITS)
+    assert refused.value.status == 400
+    assert refused.value.param == param
+    assert refused.value.message.startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("parse", "body"),
+    [
+        (parse_chat_request, {**CHAT, "n": 1.0, "max_tokens": 5.0, "temperature": 1}),
+        (parse_chat_request, {**CHAT, "tools": [], "tool_choice": "none", "logprobs": False}),
+        (parse_chat_request, {**CHAT, "response_format": {"type": "text"}, "prediction": 5}),
+        (parse_messages_request, {**ANTHROPIC, "max_tokens": 2.0, "top_k": 1.0, "tools": []}),
+        (parse_messages_request, {**ANTHROPIC, "system": [{"type": "text", "text": "s"}]}),
+    ],
+    ids=case_id,
+)
+def test_what_a_compatible_body_may_hold_and_is_ignored(parse, body):
+    assert parse(json.dumps(body).encode(), None, LIMITS).run.prompt == "hi"

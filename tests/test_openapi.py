@@ -22,16 +22,22 @@ from openapi_spec_validator import validate
 
 from claude_code_api.actors.registry_client import RegistryClient
 from claude_code_api.config import load_settings
+from claude_code_api.http.anthropic_api import parse_messages_request
 from claude_code_api.http.app import create_app
 from claude_code_api.http.docs import docs_page
 from claude_code_api.http.jobs import Finished
 from claude_code_api.http.observe import route_pattern
+from claude_code_api.http.openai_api import limits_of, parse_chat_request
 from claude_code_api.http.openapi import openapi_spec
 from claude_code_api.http.requests import (
     BadRequest,
     OptionCeiling,
+    RunBounds,
+    body_schemas,
     parse_exchange_code,
     parse_run_request,
+    parse_user_claude_request,
+    session_id_field,
 )
 from claude_code_api.http.runs import result_body
 from claude_code_api.http.streaming import event_data, terminal_frame
@@ -47,6 +53,7 @@ from claude_code_api.messages import (
     UpstreamError,
     UpstreamRetry,
 )
+from claude_code_api.user_memory import MAX_SAVED_BYTES
 
 # Methods Quart answers for every route by itself (HEAD for GET, OPTIONS), which
 # OpenAPI documents do not list.
@@ -370,3 +377,120 @@ def test_every_operation_has_its_own_id_and_links_lead_to_operations(metrics):
     assert len(ids) == len(set(ids))
     links = spec["paths"]["/run"]["post"]["responses"]["200"]["links"]
     assert {link["operationId"] for link in links.values()} <= set(ids)
+
+
+# --- the bodies: one declaration for the parser and the document ---------------------------
+
+
+def test_the_request_bodies_in_the_document_are_the_parsers_own_declarations():
+    settings = load_settings(CEILING_ENV)
+    schemas = openapi_spec(settings)["components"]["schemas"]
+    declared = body_schemas(RunBounds.of(settings), MAX_SAVED_BYTES)
+    for name in ("RunRequest", "ImageInput", "SessionRef", "UserClaude", "ExchangeRequest"):
+        assert schemas[name] == declared[name], name
+    # The ceiling reaches the document through the declaration.
+    options = schemas["RunRequest"]["properties"]
+    assert options["model"]["anyOf"][0] == {"enum": ["model-a", "model-b"]}
+    assert options["maxTurns"]["anyOf"][0]["maximum"] == 5
+    assert options["maxBudgetUsd"]["anyOf"][0]["maximum"] == 1.5
+    assert options["permissionMode"]["anyOf"][0] == {"enum": ["plan", "dontAsk"]}
+
+
+def case_id(value: object) -> str:
+    """A test's id that is the same in every process (a function's repr holds its address)."""
+    return getattr(value, "__name__", None) or repr(value)
+
+
+def session_parser(body: bytes) -> str | None:
+    return session_id_field(json.loads(body), required=True)
+
+
+@pytest.mark.parametrize(
+    ("schema_name", "parse", "body"),
+    [
+        ("SessionRef", session_parser, {"sessionId": "s-1"}),
+        ("SessionRef", session_parser, {"sessionId": "a" * 129}),
+        ("SessionRef", session_parser, {"sessionId": "abc\n"}),
+        ("SessionRef", session_parser, {"sessionId": 3}),
+        ("SessionRef", session_parser, {}),
+        ("ExchangeRequest", parse_exchange_code, {"code": "abc#def"}),
+        ("ExchangeRequest", parse_exchange_code, {"code": "abc"}),
+        ("ExchangeRequest", parse_exchange_code, {"code": "x" * 5000 + "#s"}),
+        ("ExchangeRequest", parse_exchange_code, {"code": None}),
+        ("UserClaude", lambda body: parse_user_claude_request(body, max_bytes=10), {"content": ""}),
+        ("UserClaude", lambda body: parse_user_claude_request(body, max_bytes=10), {"content": 1}),
+    ],
+    ids=case_id,
+)
+def test_a_body_is_valid_in_the_document_exactly_when_its_parser_accepts_it(
+    schema_name, parse, body
+):
+    spec = openapi_spec(load_settings({}))
+    assert conforms(spec, schema_name, body) == accepted(parse, body)
+
+
+def compat_parser(parse):
+    settings = load_settings(CEILING_ENV)
+    limits = limits_of(settings, OptionCeiling.of(settings))
+    return lambda body: parse(body, None, limits)
+
+
+USER = {"role": "user", "content": "hi"}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"model": None},
+        {"model": "model-c"},
+        {"n": 1},
+        {"n": 2},
+        {"max_tokens": 5.0},
+        {"max_tokens": 5.5},
+        {"temperature": 1},
+        {"temperature": True},
+        {"stop": ["a"]},
+        {"stop": 3},
+        {"stream": "yes"},
+        {"stream_options": {"include_usage": True}},
+        {"stream_options": 1},
+        {"session_id": "s-1"},
+        {"session_id": "a b"},
+        {"messages": []},
+        {"messages": "hi"},
+    ],
+    ids=repr,
+)
+def test_a_chat_body_is_valid_in_the_document_exactly_when_the_parser_accepts_it(fields):
+    spec = openapi_spec(load_settings(CEILING_ENV))
+    body = {"model": "model-a", "messages": [USER], **fields}
+    parse = compat_parser(parse_chat_request)
+    assert conforms(spec, "ChatCompletionRequest", body) == accepted(parse, body)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"model": "model-c"},
+        {"max_tokens": None},
+        {"max_tokens": 0},
+        {"max_tokens": 2.0},
+        {"max_tokens": "2"},
+        {"top_k": 1.0},
+        {"top_k": "x"},
+        {"metadata": []},
+        {"system": "be brief"},
+        {"system": [{"type": "text", "text": "s"}]},
+        {"system": 5},
+        {"stream": 1},
+        {"messages": []},
+    ],
+    ids=repr,
+)
+def test_a_messages_body_is_valid_in_the_document_exactly_when_the_parser_accepts_it(fields):
+    spec = openapi_spec(load_settings(CEILING_ENV))
+    body = {"model": "model-a", "max_tokens": 5, "messages": [USER], **fields}
+    parse = compat_parser(parse_messages_request)
+    assert conforms(spec, "AnthropicMessagesRequest", body) == accepted(parse, body)

@@ -179,6 +179,35 @@ def test_bad_body_is_a_400_naming_what_is_wrong(body, fragment):
     assert len(error.message) <= 300  # never echoes a whole huge body
 
 
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        # A lone surrogate (JSON lets one be written): a prompt takes it, as it always did;
+        # a field that travels as a process argument or a name refuses it, naming itself.
+        ({"prompt": "a\ud800"}, None),
+        ({"sessionId": "a\ud800"}, "sessionId: expected 1 to 128 characters"),
+        ({"systemPrompt": "a\ud800"}, "systemPrompt: not valid Unicode text (a lone surrogate)"),
+        ({"allowedTools": ["a\ud800"]}, "allowedTools: expected a list of at most 100"),
+        ({"model": "a\ud800"}, "model: expected a model name (a non-empty string)"),
+        # Every refusal names the field, and says what it got where it helps.
+        ({"images": [{}] * 5}, "images: at most 4 images per request (MAX_IMAGES), got 5"),
+        ({"images": [{"mediaType": "image/png"}]}, "images[0]: the image's data must be"),
+        ({"images": ["x"]}, 'images[0]: expected an object {"mediaType", "data"}'),
+        ({"images": {}}, 'images: expected a list of {"mediaType": "image/png", "data"'),
+        ({"stream": "yes"}, "stream: expected true or false, got string"),
+        ({"maxBudgetUsd": 2e6}, "maxBudgetUsd: expected a number above 0, at most 1e+06"),
+        ({"model": "m" * 201}, "model: exceeds 200 characters"),
+    ],
+    ids=repr,
+)
+def test_each_field_names_itself_in_its_refusal(fields, message):
+    body = json.dumps({"prompt": "hi", **fields}).encode()
+    if message is None:
+        assert parse(body).prompt == fields["prompt"]
+    else:
+        assert rejection(body).message.startswith(message)
+
+
 def test_json_errors_do_not_reach_the_field_checks():
     # A body with both a JSON error and a bad field reports the JSON error.
     assert rejection(b'{"prompt": 1, "prompt": 2}').message.startswith("Invalid JSON")

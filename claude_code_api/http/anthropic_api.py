@@ -19,16 +19,22 @@ image ``url`` sources that are ``http(s)`` (the service fetches nothing).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from functools import partial
-from typing import Any
+from typing import Annotated, Any
 
 import attrs
+from pydantic import BaseModel, Field
 from quart import Blueprint, Response
 
 from ..messages import Job, JobFailed, RunResult
 from .compat import (
+    NO_TOOLS,
+    NUMBER,
+    STREAM,
+    WHOLE,
     CompatRuns,
     Dialect,
     Limits,
@@ -36,35 +42,92 @@ from .compat import (
     TextStream,
     anthropic_error,
     bad,
-    check_ignored,
     cut_short,
-    messages_field,
-    model_field,
+    ignored,
+    messages_list,
+    model_name,
+    refused,
     run_request_for,
+    session_id_field,
     session_id_from,
-    stream_field,
     usage_counts,
 )
 from .jobs import Finished
 from .requests import (
     RunRequest,
-    integral,
     parse_image,
     parse_image_url,
     parse_json_object,
 )
+from .schema import Integral, Says, Schema, body_model, documented, validate
 
 log = logging.getLogger(__name__)
 
-IGNORED: dict[str, tuple[type, ...]] = {
-    "temperature": (int, float),
-    "top_p": (int, float),
-    "top_k": (int,),
-    "stop_sequences": (list,),
-    "metadata": (dict,),
-    "thinking": (dict,),
-    "service_tier": (str,),
+TEXT_BLOCK: Schema = {
+    "type": "object",
+    "required": ["type", "text"],
+    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
 }
+
+
+@functools.cache
+def messages_request_model(allowed_models: tuple[str, ...]) -> type[BaseModel]:
+    """A ``POST /v1/messages`` body, its fields in the order they are checked.
+
+    ``system`` and each message are checked by :func:`parse_messages_request` (roles,
+    content blocks, images)."""
+    message = {
+        "type": "object",
+        "required": ["role", "content"],
+        "properties": {
+            "role": {"enum": ["user", "assistant"]},
+            "content": {
+                "anyOf": [
+                    {"type": "string"},
+                    {
+                        "type": "array",
+                        "items": {
+                            "anyOf": [TEXT_BLOCK, {"$ref": "#/components/schemas/AnthropicImage"}]
+                        },
+                    },
+                ]
+            },
+        },
+    }
+    system = {"anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_BLOCK}]}
+    return body_model(
+        "AnthropicMessagesRequest",
+        "Anthropic's Messages API request; `tools` are refused (400).",
+        model=model_name(allowed_models, "Field required"),
+        max_tokens=(
+            Annotated[
+                Annotated[int, Field(ge=1), Integral],
+                Field(description="required, as Anthropic requires it; not applied"),
+                Says("expected a whole number, at least 1", required="Field required"),
+            ],
+            ...,
+        ),
+        tools=refused("tools", lambda value: not value, NO_TOOLS),
+        tool_choice=refused("tool_choice", lambda value: value is None, NO_TOOLS),
+        temperature=ignored(NUMBER),
+        top_p=ignored(NUMBER),
+        top_k=ignored(WHOLE),
+        stop_sequences=ignored(list[Any]),
+        metadata=ignored(dict[str, Any]),
+        thinking=ignored(dict[str, Any]),
+        service_tier=ignored(str),
+        stream=STREAM,
+        session_id=session_id_field("a turn of this session (as the X-Session-Id header)"),
+        system=(
+            Annotated[
+                str | list[Any] | None,
+                documented(anyOf=[system, {"type": "null"}], description="the system prompt"),
+                Says("expected a string or a list of text blocks"),
+            ],
+            None,
+        ),
+        messages=messages_list(message),
+    )
 
 
 @attrs.frozen
@@ -119,29 +182,17 @@ def parse_messages_request(
     body: bytes, session_header: str | None, limits: Limits
 ) -> MessagesRequest:
     """Validate a ``POST /v1/messages`` body (see the module docstring)."""
-    obj = parse_json_object(body)
-    model = model_field(obj, "Field required")
-    max_tokens = integral(obj.get("max_tokens"))
-    if max_tokens is None:
-        raise bad("max_tokens", "Field required")
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise bad("max_tokens", "expected a whole number, at least 1")
-    if obj.get("tools"):
-        raise bad("tools", "tools are not supported: the agent uses its own")
-    if obj.get("tool_choice") is not None:
-        raise bad("tool_choice", "tools are not supported: the agent uses its own")
-    check_ignored(obj, IGNORED)
-    stream = stream_field(obj)
-    session_id = session_id_from(session_header, obj.get("session_id"), "session_id")
-
-    system = obj.get("system")
-    if system is not None:
-        if isinstance(system, list):
-            system = _content(system, "system", limits, "system").text
-        elif not isinstance(system, str):
-            raise bad("system", "expected a string or a list of text blocks")
+    values = validate(
+        messages_request_model(limits.ceiling.allowed_models), parse_json_object(body)
+    )
+    model: str = values["model"]
+    stream = bool(values["stream"])
+    session_id = session_id_from(session_header, values["session_id"], "session_id")
+    system = values["system"]
+    if isinstance(system, list):
+        system = _content(system, "system", limits, "system").text
     conversation = []
-    for index, raw in enumerate(messages_field(obj)):
+    for index, raw in enumerate(values["messages"]):
         where = f"messages.{index}"
         if not isinstance(raw, dict):
             raise bad(where, "expected a message object")

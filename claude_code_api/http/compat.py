@@ -25,6 +25,12 @@ The system messages become the run's ``systemPrompt`` (appended to Claude Code's
 own, under the same ceiling as ``/run``'s option). Images of every message sent
 count toward ``MAX_IMAGES``.
 
+Each route declares its body once, as a model (:mod:`.schema`) built from the
+fields declared here (:func:`model_name`, :func:`ignored`, :func:`refused`, ...):
+the same declaration validates the body and is its OpenAPI schema. The messages
+inside it are checked by the route's own functions, which name each part in the
+route's own style (``messages[0].content[1]``, ``messages.0.content.1``).
+
 Error handling: every way a body can be wrong is a :class:`~.requests.BadRequest`
 naming the parameter (``param``), which the app answers in the route's error
 shape (:func:`error_body`).
@@ -34,12 +40,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Annotated, Any, Protocol, TypeVar
 
 import attrs
 import trio
+from pydantic import Field, StringConstraints
+from pydantic.json_schema import SkipJsonSchema
 from quart import Response, request
 
 from ..messages import (
@@ -55,6 +63,7 @@ from .jobs import Finished
 from .parsing import parse_body
 from .requests import (
     MAX_MODEL_NAME_CHARS,
+    MODEL_RULE,
     SESSION_ID_PATTERN,
     SESSION_ID_RULE,
     BadRequest,
@@ -62,10 +71,10 @@ from .requests import (
     OptionCeiling,
     RunRequest,
     check_image_count,
-    integral,
     parse_run_options,
 )
 from .runs import log_run_end, start_run
+from .schema import Integral, Says, Schema, checked, documented
 from .streaming import STREAM_HEADERS, StreamEncoder, relay_stream
 
 SESSION_HEADER = "X-Session-Id"
@@ -107,39 +116,76 @@ def session_id_from(header: str | None, body_value: object, param: str) -> str |
     return value
 
 
-def model_field(obj: dict[str, Any], missing: str) -> str:
-    """The body's ``model``, a model name (``missing``: what to say when there is none)."""
-    model = obj.get("model")
-    if model is None:
-        raise bad("model", missing)
-    if not isinstance(model, str) or not model or len(model) > MAX_MODEL_NAME_CHARS:
-        raise bad("model", "expected a model name (a non-empty string)")
-    return model
+# --- the fields the two shapes declare (their bodies: parse_chat_request, ...) ---------------
 
 
-def check_ignored(obj: dict[str, Any], ignored: Mapping[str, tuple[type, ...] | None]) -> None:
-    """Check the type of each field that is accepted and ignored (``None``: any type)."""
-    for name, types in ignored.items():
-        value = integral(obj.get(name))
-        if value is not None and types is not None:
-            if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
-                raise bad(name, "wrong type")
+def model_name(allowed: Sequence[str], missing: str) -> Any:
+    """``model``: required (``missing``: what a refusal says when there is none), a model
+    name; the ceiling (``ALLOWED_MODELS``, the schema's enum) is held by
+    :func:`run_request_for`, as for ``/run``."""
+    return (
+        Annotated[
+            str,
+            StringConstraints(min_length=1, max_length=MAX_MODEL_NAME_CHARS),
+            documented(enum=list(allowed)),
+            Says(MODEL_RULE, required=missing),
+        ],
+        ...,
+    )
 
 
-def stream_field(obj: dict[str, Any]) -> bool:
-    """The body's ``stream`` (absent: false)."""
-    stream = obj.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise bad("stream", "expected true or false")
-    return bool(stream)
+def ignored(kind: Any, description: str = "accepted, ignored") -> Any:
+    """A field accepted and ignored, of the JSON type ``kind`` (``object``: any)."""
+    return (Annotated[kind | None, Field(description=description), Says("wrong type")], None)
 
 
-def messages_field(obj: dict[str, Any]) -> list[Any]:
-    """The body's ``messages``, a non-empty list (each message is the route's to check)."""
-    raw_messages = obj.get("messages")
-    if not isinstance(raw_messages, list) or not raw_messages:
-        raise bad("messages", "expected a non-empty list of messages")
-    return raw_messages
+WHOLE = Annotated[int, Integral]
+NUMBER = float  # strict: an int is a number, true is not
+
+
+def refused(name: str, allowed: Callable[[object], bool], why: str) -> Any:
+    """A field the agent cannot honour: a 400 naming it unless ``allowed(value)``; not in
+    the schema (the body's description lists them)."""
+
+    def check(value: object) -> object:
+        if not allowed(value):
+            raise bad(name, why)
+        return value
+
+    return (SkipJsonSchema[Annotated[object, checked(check)]], None)
+
+
+NO_TOOLS = "tools are not supported: the agent uses its own"
+STREAM = (Annotated[bool | None, Says("expected true or false")], None)
+
+
+def session_id_field(description: str) -> Any:
+    """``session_id``: checked by :func:`session_id_from` (the ``X-Session-Id`` header,
+    when given, takes its place)."""
+    session = {"type": "string", "pattern": f"^{SESSION_ID_PATTERN.pattern}$"}
+    return (
+        Annotated[
+            object,
+            documented(anyOf=[session, {"type": "null"}], description=description),
+        ],
+        None,
+    )
+
+
+def messages_list(items: Schema, description: str | None = None) -> Any:
+    """``messages``: a non-empty list; each message is the route's to check."""
+    schema: Schema = {"type": "array", "minItems": 1, "items": items}
+    if description:
+        schema["description"] = description
+    return (
+        Annotated[
+            list[object],
+            Field(min_length=1),
+            documented(**schema),
+            Says("expected a non-empty list of messages"),
+        ],
+        ...,
+    )
 
 
 def render_conversation(earlier: Sequence[Message], last: str) -> str:

@@ -23,31 +23,38 @@ What is applied and what is only accepted:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import attrs
+from pydantic import BaseModel
 from quart import Blueprint, Response
 
 from ..config import Settings
 from ..messages import Job, JobFailed, RunResult
 from .compat import (
+    NO_TOOLS,
+    NUMBER,
+    STREAM,
+    WHOLE,
     CompatRuns,
     Dialect,
     Limits,
     Message,
     TextStream,
     bad,
-    check_ignored,
     cut_short,
-    messages_field,
-    model_field,
+    ignored,
+    messages_list,
+    model_name,
     openai_error,
+    refused,
     run_request_for,
+    session_id_field,
     session_id_from,
-    stream_field,
     usage_counts,
 )
 from .jobs import Finished
@@ -59,31 +66,99 @@ from .requests import (
     parse_image_url,
     parse_json_object,
 )
+from .schema import Says, body_model, checked, documented, validate
 
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-# Accepted and ignored, each with the JSON types it may have (None: any).
-IGNORED: dict[str, tuple[type, ...] | None] = {
-    "max_tokens": (int,),
-    "max_completion_tokens": (int,),
-    "temperature": (int, float),
-    "top_p": (int, float),
-    "stop": (str, list),
-    "seed": (int,),
-    "user": (str,),
-    "presence_penalty": (int, float),
-    "frequency_penalty": (int, float),
-    "logit_bias": (dict,),
-    "parallel_tool_calls": (bool,),
-    "store": (bool,),
-    "metadata": (dict,),
-    "service_tier": (str,),
-    "reasoning_effort": (str,),
-    "top_logprobs": (int,),
-    "prediction": None,
-    "web_search_options": None,
+
+
+def _one_choice(n: object) -> object:
+    if n is not None and n != 1:
+        raise bad("n", "only one choice is produced here (n must be 1)")
+    return n
+
+
+# What the agent cannot honour (a 400 naming it), then what is accepted and ignored, with
+# the JSON type it may have: checked in this order, after ``model``.
+_REFUSED_AND_IGNORED: dict[str, Any] = {
+    "n": (
+        Annotated[
+            object,
+            checked(_one_choice),
+            documented(anyOf=[{"const": 1}, {"type": "null"}]),
+        ],
+        None,
+    ),
+    "tools": refused("tools", lambda value: not value, NO_TOOLS),
+    "functions": refused("functions", lambda value: not value, NO_TOOLS),
+    "tool_choice": refused("tool_choice", lambda value: value in (None, "none"), NO_TOOLS),
+    "function_call": refused("function_call", lambda value: value in (None, "none"), NO_TOOLS),
+    "audio": refused("audio", lambda value: value is None, "audio output is not supported"),
+    "modalities": refused(
+        "modalities", lambda value: value in (None, ["text"]), "only text output is supported"
+    ),
+    "response_format": refused(
+        "response_format",
+        lambda value: value is None or (isinstance(value, dict) and value.get("type") == "text"),
+        "only the text response format is supported",
+    ),
+    "logprobs": refused("logprobs", lambda value: not value, "log probabilities are not available"),
+    "max_tokens": ignored(WHOLE),
+    "max_completion_tokens": ignored(WHOLE),
+    "temperature": ignored(NUMBER),
+    "top_p": ignored(NUMBER),
+    "stop": ignored(str | list[Any]),
+    "seed": ignored(WHOLE),
+    "user": ignored(str),
+    "presence_penalty": ignored(NUMBER),
+    "frequency_penalty": ignored(NUMBER),
+    "logit_bias": ignored(dict[str, Any]),
+    "parallel_tool_calls": ignored(bool),
+    "store": ignored(bool),
+    "metadata": ignored(dict[str, Any]),
+    "service_tier": ignored(str),
+    "reasoning_effort": ignored(str),
+    "top_logprobs": ignored(WHOLE),
+    "prediction": ignored(object),
+    "web_search_options": ignored(object),
 }
+
+
+@functools.cache
+def chat_request_model(allowed_models: tuple[str, ...]) -> type[BaseModel]:
+    """A ``POST /v1/chat/completions`` body, its fields in the order they are checked.
+
+    Each message is checked by :func:`parse_chat_request` (roles, content parts, images).
+    """
+    return body_model(
+        "ChatCompletionRequest",
+        "OpenAI's chat completion request. `tools`, `functions`, `audio`, `n` > 1,"
+        " `logprobs`, a `response_format` or `modalities` other than text are refused (400"
+        " naming the parameter).",
+        model=model_name(allowed_models, "you must provide a model parameter"),
+        **_REFUSED_AND_IGNORED,
+        stream=STREAM,
+        stream_options=(
+            Annotated[
+                dict[str, Any] | None,
+                documented(
+                    anyOf=[
+                        {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+                        {"type": "null"},
+                    ]
+                ),
+                Says("expected an object"),
+            ],
+            None,
+        ),
+        session_id=session_id_field("a turn of this session (as the X-Session-Id header)"),
+        messages=messages_list(
+            {"$ref": "#/components/schemas/ChatMessage"},
+            "system and developer messages become the system prompt; the last message must be"
+            " the user's",
+        ),
+    )
 
 
 @attrs.frozen
@@ -125,41 +200,15 @@ def _text_parts(content: object, where: str, limits: Limits, *, images: bool) ->
 
 
 def parse_chat_request(body: bytes, session_header: str | None, limits: Limits) -> ChatRequest:
-    """Validate a ``POST /v1/chat/completions`` body (see the module docstring)."""
-    obj = parse_json_object(body)
-    model = model_field(obj, "you must provide a model parameter")
-    n = obj.get("n")
-    if n is not None and n != 1:
-        raise bad("n", "only one choice is produced here (n must be 1)")
-    for name in ("tools", "functions"):
-        if obj.get(name):
-            raise bad(name, "tools are not supported: the agent uses its own")
-    for name in ("tool_choice", "function_call"):
-        if obj.get(name) not in (None, "none"):
-            raise bad(name, "tools are not supported: the agent uses its own")
-    if obj.get("audio") is not None:
-        raise bad("audio", "audio output is not supported")
-    modalities = obj.get("modalities")
-    if modalities is not None and modalities != ["text"]:
-        raise bad("modalities", "only text output is supported")
-    response_format = obj.get("response_format")
-    if response_format is not None and (
-        not isinstance(response_format, dict) or response_format.get("type") != "text"
-    ):
-        raise bad("response_format", "only the text response format is supported")
-    if obj.get("logprobs"):
-        raise bad("logprobs", "log probabilities are not available")
-    check_ignored(obj, IGNORED)
-    stream = stream_field(obj)
-    stream_options = obj.get("stream_options")
-    include_usage = False
-    if stream_options is not None:
-        if not isinstance(stream_options, dict):
-            raise bad("stream_options", "expected an object")
-        include_usage = stream_options.get("include_usage") is True
-    session_id = session_id_from(session_header, obj.get("session_id"), "session_id")
+    """Validate a ``POST /v1/chat/completions`` body (:func:`chat_request_model`, then each
+    message) and translate it."""
+    values = validate(chat_request_model(limits.ceiling.allowed_models), parse_json_object(body))
+    model: str = values["model"]
+    stream = bool(values["stream"])
+    include_usage = (values["stream_options"] or {}).get("include_usage") is True
+    session_id = session_id_from(session_header, values["session_id"], "session_id")
 
-    raw_messages = messages_field(obj)
+    raw_messages: list[Any] = values["messages"]
     system: list[str] = []
     conversation: list[Message] = []
     for index, raw in enumerate(raw_messages):

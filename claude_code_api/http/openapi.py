@@ -1,20 +1,21 @@
-"""The API's contract: an OpenAPI 3.1 document, kept by hand beside the routes.
+"""The API's contract: an OpenAPI 3.1 document, its paths and prose beside the routes.
 
 :func:`openapi_spec` builds the document ``GET /openapi.json`` serves: every
 route, its parameters, request body, and each response and error it can give,
 with the bounds of this service's configuration (``timeoutMs`` up to
-``MAX_TIMEOUT_MS``, the prompt's length). The request parsers
-(:mod:`.requests`) decide what is accepted; this document says the same in
-JSON Schema, and the tests hold the two together: every route the app serves
-is in it and nothing else (``tests/test_openapi.py``), and a schemathesis pass
-against the running service checks that what it answers conforms
-(``tests/test_schemathesis.py``).
+``MAX_TIMEOUT_MS``, the prompt's length). The request bodies of the native
+routes are not restated here: their schemas are generated from the models that
+validate them (:func:`.requests.body_schemas`), so the two cannot drift apart. The tests hold the rest together: every
+route the app serves is in it and nothing else (``tests/test_openapi.py``), and a
+schemathesis pass against the running service checks that what it answers
+conforms (``tests/test_schemathesis.py``).
 
-Written by hand rather than generated from the handlers: the handlers parse
-bodies themselves (to name the field in every 400), so there are no models to
-generate from, and a hand-kept document can say what a generator cannot (who
-may call a route, when a 429 or 502 happens). A field accepted as ``null``
-means "not given", as the parsers treat it.
+The compatible routes' bodies come from their models too
+(:func:`.openai_api.chat_request_model`, :func:`.anthropic_api.messages_request_model`);
+the messages inside them (``ChatMessage``, ``AnthropicImage``), the replies and
+the paths are written here by hand: a hand-kept document can say what a
+generator cannot (who may call a route, when a 429 or 502 happens). A field
+accepted as ``null`` means "not given", as the parsers treat it.
 """
 
 from __future__ import annotations
@@ -25,22 +26,17 @@ from typing import Any
 from ..config import Settings
 from ..messages import IMAGE_MEDIA_TYPES
 from ..user_memory import MAX_SAVED_BYTES
+from .anthropic_api import messages_request_model
+from .openai_api import chat_request_model
 from .parsing import BODY_TIMEOUT_S
 from .requests import (
-    BASE64_PATTERN,
-    CODE_PATTERN,
-    MAX_BUDGET_USD,
-    MAX_CODE_CHARS,
     MAX_PAGE_OFFSET,
     MAX_PAGE_SIZE,
-    MAX_SYSTEM_PROMPT_BYTES,
-    MAX_TOOL_NAME_CHARS,
-    MAX_TOOL_NAMES,
-    MAX_TURNS,
-    PROMPT_PATTERN,
     SESSION_ID_PATTERN,
-    TOOL_NAME_PATTERN,
+    RunBounds,
+    body_schemas,
 )
+from .schema import component_schemas
 from .streaming import KEEP_ALIVE_S
 
 OPENAPI_VERSION = "3.1.0"
@@ -124,54 +120,6 @@ AUTHENTICATED: list[dict[str, list[str]]] = [{"apiKey": []}, {"bearer": []}]
 PUBLIC: list[dict[str, list[str]]] = []
 # GET /metrics when METRICS_TOKEN is set: that token alone.
 METRICS_SCRAPER: list[dict[str, list[str]]] = [{"metricsToken": []}]
-
-
-def _run_options(settings: Settings) -> dict[str, Schema]:
-    """The per-request options of ``POST /run``, within this service's ceiling."""
-    max_turns = min(MAX_TURNS, settings.max_turns_limit or MAX_TURNS)
-    budget = MAX_BUDGET_USD
-    if settings.max_budget_usd_limit is not None:
-        budget = min(budget, settings.max_budget_usd_limit)
-    tool_names = {
-        "type": "array",
-        "maxItems": MAX_TOOL_NAMES,
-        "items": {
-            "type": "string",
-            "maxLength": MAX_TOOL_NAME_CHARS,
-            "pattern": TOOL_NAME_PATTERN,
-            "description": "a tool name or rule: Read, Bash(git:*)",
-        },
-    }
-    return {
-        "model": _or_null(
-            {"enum": list(settings.allowed_models)},
-            "the model for this run (ALLOWED_MODELS; default CLAUDE_MODEL)",
-        ),
-        "systemPrompt": _or_null(
-            {"type": "string", "maxLength": MAX_SYSTEM_PROMPT_BYTES, "pattern": r"^[^\x00]*$"},
-            f"appended to Claude Code's own system prompt; at most {MAX_SYSTEM_PROMPT_BYTES}"
-            ' bytes in UTF-8, no NUL; "" asks for nothing',
-        ),
-        "allowedTools": _or_null(
-            tool_names, "tools the agent may use without asking; [] asks for nothing"
-        ),
-        "disallowedTools": _or_null(
-            tool_names, "tools the agent may not use, beside the service's own list"
-        ),
-        "maxTurns": _or_null(
-            {"type": "integer", "minimum": 1, "maximum": max_turns},
-            "model round trips the agent may make (MAX_TURNS_LIMIT)",
-        ),
-        "maxBudgetUsd": _or_null(
-            {"type": "number", "exclusiveMinimum": 0, "maximum": budget},
-            "what the run may cost, in US dollars (MAX_BUDGET_USD_LIMIT)",
-        ),
-        "permissionMode": _or_null(
-            {"enum": list(settings.allowed_permission_modes)},
-            "what the agent may do without asking (ALLOWED_PERMISSION_MODES); null or"
-            " absent: bypassPermissions",
-        ),
-    }
 
 
 def _event_schemas() -> dict[str, Schema]:
@@ -276,69 +224,13 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
     count = {"type": "integer", "minimum": 0}
     millis = {"type": "integer", "description": "milliseconds since the Unix epoch"}
     return {
+        **body_schemas(RunBounds.of(settings), MAX_SAVED_BYTES),
         "Error": {
             **_object(
                 {"error": {"type": "string"}},
                 {"runId": {"type": "string", "description": "the run's id, on errors about a run"}},
             ),
             "description": "Every error: what went wrong, naming the field when a field is wrong.",
-        },
-        "RunRequest": _object(
-            {
-                "prompt": {
-                    "type": "string",
-                    "minLength": 1,
-                    "maxLength": settings.max_prompt_chars,
-                    # Not only white space (as the parser strips it).
-                    "pattern": PROMPT_PATTERN,
-                }
-            },
-            {
-                "sessionId": {
-                    "anyOf": [session_id, {"type": "null"}],
-                    "description": "continue this session's conversation (null: a one-shot run)",
-                },
-                "timeoutMs": {
-                    "anyOf": [
-                        {"type": "integer", "minimum": 1, "maximum": settings.max_timeout_ms},
-                        {"type": "null"},
-                    ],
-                    "description": "deadline for queueing and running together; null or"
-                    f" absent: {settings.default_timeout_ms}",
-                },
-                "stream": _or_null(
-                    {"type": "boolean"},
-                    "true: the reply is a text/event-stream of events; null or absent: as"
-                    " the Accept header says (text/event-stream listed: a stream)",
-                ),
-                "images": _or_null(
-                    {
-                        "type": "array",
-                        "maxItems": settings.max_images,
-                        "items": _ref("ImageInput"),
-                    },
-                    "images sent with the prompt, as image content blocks before its text"
-                    " (MAX_IMAGES at most)",
-                ),
-                **_run_options(settings),
-            },
-        ),
-        "ImageInput": {
-            **_object(
-                {
-                    "mediaType": {"type": "string", "enum": list(IMAGE_MEDIA_TYPES)},
-                    "data": {
-                        "type": "string",
-                        "minLength": 4,
-                        "maxLength": 4 * -(-settings.max_image_bytes // 3),
-                        "contentEncoding": "base64",
-                        "pattern": BASE64_PATTERN,
-                    },
-                }
-            ),
-            "description": "An image: its bytes in base64, at most MAX_IMAGE_BYTES"
-            f" ({settings.max_image_bytes}) decoded, of the type said (its first bytes"
-            " are checked: else 400; too large: 413).",
         },
         "UpstreamError": _object(
             {
@@ -497,19 +389,7 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
         ),
         "Cancelled": _object({"cancelled": {"const": True}}),
         **_event_schemas(),
-        "SessionRef": _object({"sessionId": session_id}),
         "Closed": _object({"closed": {"const": True}}),
-        "UserClaude": _object(
-            {
-                "content": {
-                    "type": "string",
-                    # A bound on characters that holds for any text within the byte bound.
-                    "maxLength": MAX_SAVED_BYTES,
-                    "description": f"at most {MAX_SAVED_BYTES} bytes in UTF-8 (413 past it);"
-                    ' "" removes it',
-                }
-            }
-        ),
         "Saved": _object({"saved": {"const": True}}),
         "AuthStatus": _object(
             {
@@ -531,23 +411,12 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
             },
         ),
         "LoginUrl": _object({"url": {"type": "string", "format": "uri"}}),
-        "ExchangeRequest": _object(
-            {
-                "code": {
-                    "type": "string",
-                    "maxLength": MAX_CODE_CHARS,
-                    "pattern": CODE_PATTERN,
-                    "description": "the CODE#STATE the callback page shows",
-                }
-            }
-        ),
         "Success": _object({"success": {"const": True}}),
     }
 
 
 def _compat_schemas(settings: Settings) -> dict[str, Schema]:
     """The request and reply shapes of the OpenAI- and Anthropic-compatible routes."""
-    session_id = {"type": "string", "pattern": f"^{SESSION_ID_PATTERN.pattern}$"}
     text_part = _object({"type": {"const": "text"}, "text": {"type": "string"}})
     image_url_part = _object(
         {
@@ -559,42 +428,11 @@ def _compat_schemas(settings: Settings) -> dict[str, Schema]:
         }
     )
     usage = {"type": "integer", "minimum": 0}
-    number = {"type": "number"}
     return {
-        "ChatCompletionRequest": {
-            **_object(
-                {
-                    "model": {"enum": list(settings.allowed_models)},
-                    "messages": {
-                        "type": "array",
-                        "minItems": 1,
-                        "items": _ref("ChatMessage"),
-                        "description": "system and developer messages become the system"
-                        " prompt; the last message must be the user's",
-                    },
-                },
-                {
-                    "stream": _or_null({"type": "boolean"}),
-                    "stream_options": _or_null(_object({}, {"include_usage": {"type": "boolean"}})),
-                    "session_id": _or_null(
-                        session_id, "a turn of this session (as the X-Session-Id header)"
-                    ),
-                    "n": _or_null({"const": 1}),
-                    "max_tokens": _or_null({"type": "integer"}, "accepted, ignored"),
-                    "max_completion_tokens": _or_null({"type": "integer"}, "accepted, ignored"),
-                    "temperature": _or_null(number, "accepted, ignored"),
-                    "top_p": _or_null(number, "accepted, ignored"),
-                    "stop": _or_null(
-                        {"anyOf": [{"type": "string"}, {"type": "array"}]}, "accepted, ignored"
-                    ),
-                    "seed": _or_null({"type": "integer"}, "accepted, ignored"),
-                    "user": _or_null({"type": "string"}, "accepted, ignored"),
-                },
-            ),
-            "description": "OpenAI's chat completion request. `tools`, `functions`, `audio`,"
-            " `n` > 1, `logprobs`, a `response_format` or `modalities` other than text are"
-            " refused (400 naming the parameter).",
-        },
+        **component_schemas(
+            chat_request_model(settings.allowed_models),
+            messages_request_model(settings.allowed_models),
+        ),
         "ChatMessage": _object(
             {"role": {"enum": ["system", "developer", "user", "assistant"]}},
             {
@@ -662,52 +500,6 @@ def _compat_schemas(settings: Settings) -> dict[str, Schema]:
             {"path": {"type": "string"}, "size": {"type": "integer", "minimum": 0}}
         ),
         "FileDeleted": _object({"deleted": {"const": True}}),
-        "AnthropicMessagesRequest": {
-            **_object(
-                {
-                    "model": {"enum": list(settings.allowed_models)},
-                    "max_tokens": {
-                        "type": "integer",
-                        "minimum": 1,
-                        "description": "required, as Anthropic requires it; not applied",
-                    },
-                    "messages": {
-                        "type": "array",
-                        "minItems": 1,
-                        "items": _object(
-                            {
-                                "role": {"enum": ["user", "assistant"]},
-                                "content": {
-                                    "anyOf": [
-                                        {"type": "string"},
-                                        {
-                                            "type": "array",
-                                            "items": {"anyOf": [text_part, _ref("AnthropicImage")]},
-                                        },
-                                    ]
-                                },
-                            }
-                        ),
-                    },
-                },
-                {
-                    "system": _or_null(
-                        {"anyOf": [{"type": "string"}, {"type": "array", "items": text_part}]},
-                        "the system prompt",
-                    ),
-                    "stream": _or_null({"type": "boolean"}),
-                    "session_id": _or_null(
-                        session_id, "a turn of this session (as the X-Session-Id header)"
-                    ),
-                    "temperature": _or_null(number, "accepted, ignored"),
-                    "top_p": _or_null(number, "accepted, ignored"),
-                    "top_k": _or_null({"type": "integer"}, "accepted, ignored"),
-                    "stop_sequences": _or_null({"type": "array"}, "accepted, ignored"),
-                    "metadata": _or_null({"type": "object"}, "accepted, ignored"),
-                },
-            ),
-            "description": "Anthropic's Messages API request; `tools` are refused (400).",
-        },
         "AnthropicImage": _object(
             {
                 "type": {"const": "image"},

@@ -3,36 +3,47 @@
 Every way a body can be wrong becomes :class:`BadRequest` with the HTTP status
 and a message naming the field, so no input a client can send reaches the
 actors malformed or turns into a 500.
+
+The native routes' bodies are declared once, below, as models (:mod:`.schema`):
+``RunRequest`` (``POST /run``), ``SessionRef``, ``UserClaude`` and
+``ExchangeRequest``. The same declaration validates a body and is the schema the
+OpenAPI document shows (:func:`body_schemas`). A body is first decoded strictly
+(:func:`parse_json_object`: UTF-8, no duplicate keys, no NaN or Infinity), then
+validated against its model.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import math
 import re
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import attrs
+from pydantic import BaseModel, Field, StringConstraints
 
 from ..ceiling import OptionCeiling as OptionCeiling  # (re-exported for the HTTP layer)
+from ..config import Settings
 from ..messages import IMAGE_MEDIA_TYPES, PERMISSION_MODES, Image, RunOptions
+from .schema import BadRequest as BadRequest  # (re-exported for the HTTP layer)
+from .schema import (
+    Integral,
+    Says,
+    Schema,
+    body_model,
+    checked,
+    component_schemas,
+    documented,
+    json_type,
+    validate,
+)
+from .schema import integral as integral  # (re-exported for the compatible routes)
 
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 SESSION_ID_RULE = "1 to 128 characters of A-Z a-z 0-9 . _ : -"
-
-
-class BadRequest(Exception):
-    """A client error: answered as ``{"error": message}`` with ``status``.
-
-    ``param``: the parameter at fault, for the compatible routes' error shapes."""
-
-    def __init__(self, message: str, status: int = 400, *, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.param = param
 
 
 @attrs.frozen
@@ -153,25 +164,6 @@ def check_image_count(count: int, limits: ImageLimits, field: str = "images") ->
         )
 
 
-def parse_run_images(obj: dict[str, Any], limits: ImageLimits) -> tuple[Image, ...]:
-    """``images`` of a ``POST /run`` body: ``[{"mediaType", "data"}]``; null or absent: none."""
-    value = obj.get("images")
-    if value is None:
-        return ()
-    if not isinstance(value, list):
-        raise BadRequest(
-            'images: expected a list of {"mediaType": "image/png", "data": "<base64>"} objects'
-        )
-    check_image_count(len(value), limits)
-    images = []
-    for index, item in enumerate(value):
-        field = f"images[{index}]"
-        if not isinstance(item, dict):
-            raise BadRequest(f'{field}: expected an object {{"mediaType", "data"}}')
-        images.append(parse_image(item.get("mediaType"), item.get("data"), field, limits))
-    return tuple(images)
-
-
 # A system prompt travels as one process argument (Linux: at most 128 KiB each).
 MAX_SYSTEM_PROMPT_BYTES = 100_000
 MAX_TOOL_NAMES = 100
@@ -188,7 +180,6 @@ _NOT_IN_TOOL_NAME = r",\x00-\x1f\x7f-\x9f\u2028\u2029"
 TOOL_NAME_PATTERN = (
     f"^[^{_NOT_IN_TOOL_NAME}]*[^{WHITE_SPACE}{_NOT_IN_TOOL_NAME}][^{_NOT_IN_TOOL_NAME}]*$"
 )
-_TOOL_NAME = re.compile(TOOL_NAME_PATTERN)
 MAX_MODEL_NAME_CHARS = 200
 MAX_TURNS = 1_000_000
 MAX_BUDGET_USD = 1_000_000.0
@@ -251,32 +242,7 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         # ValueError covers JSONDecodeError and integers too long to convert.
         raise BadRequest(f"Invalid JSON: {str(exc).splitlines()[0][:200]}") from None
     if not isinstance(value, dict):
-        raise BadRequest(f"Request body must be a JSON object, got {_json_type(value)}")
-    return value
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
-
-
-def session_id_field(obj: dict[str, Any], *, required: bool) -> str | None:
-    value = obj.get("sessionId")
-    if value is None:
-        if required:
-            raise BadRequest("sessionId: required, a string of " + SESSION_ID_RULE)
-        return None
-    if not isinstance(value, str) or not SESSION_ID_PATTERN.fullmatch(value):
-        raise BadRequest(f"sessionId: expected {SESSION_ID_RULE}")
+        raise BadRequest(f"Request body must be a JSON object, got {json_type(value)}")
     return value
 
 
@@ -311,15 +277,328 @@ def _whole_argument(args: QueryArguments, name: str, default: int, low: int, hig
     return int(raw)
 
 
-def integral(value: Any) -> Any:
-    """``value``, with a JSON number that has no fraction (``1000.0``, ``1e3``) as an int.
+# --- the bodies, declared once ---------------------------------------------------------------
 
-    JSON has numbers, not integers: JSON Schema (and so the OpenAPI document) counts
-    1000.0 as the integer 1000, and so do the parsers.
-    """
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
+MODEL_RULE = "expected a model name (a non-empty string)"
+SESSION_ID = Annotated[
+    str,
+    StringConstraints(pattern=f"^{SESSION_ID_PATTERN.pattern}$"),
+    Field(description="names a conversation within the caller's user id"),
+]
+
+
+@attrs.frozen
+class RunBounds:
+    """What bounds a ``POST /run`` body: the configuration's limits (None: no ceiling).
+
+    ``default_timeout_ms`` only words the schema (what an absent ``timeoutMs`` means)."""
+
+    max_prompt_chars: int
+    max_timeout_ms: int
+    ceiling: OptionCeiling | None = None
+    images: ImageLimits = ImageLimits()
+    default_timeout_ms: int | None = None
+
+    @classmethod
+    def of(cls, settings: Settings) -> RunBounds:
+        """The bounds the operator configured (the app's and the OpenAPI document's)."""
+        return cls(
+            settings.max_prompt_chars,
+            settings.max_timeout_ms,
+            OptionCeiling.of(settings),
+            ImageLimits.of(settings),
+            settings.default_timeout_ms,
+        )
+
+
+def _prompt(bound: int) -> Any:
+    """A prompt: not only white space, at most ``bound`` characters. Checked here, not by
+    pydantic's constraints, which refuse a lone surrogate (JSON lets one be written)."""
+
+    def check(prompt: str) -> str:
+        if not prompt.strip():
+            raise BadRequest("prompt: must not be empty")
+        if len(prompt) > bound:
+            raise BadRequest(f"prompt: exceeds {bound} characters")
+        return prompt
+
+    return Annotated[
+        str,
+        # Not only white space (as the check strips it).
+        documented(type="string", minLength=1, maxLength=bound, pattern=PROMPT_PATTERN),
+        checked(check),
+        Says("expected a string, got {got}", required="required, a non-empty string"),
+    ]
+
+
+def _timeout(bounds: RunBounds) -> Any:
+    said = "deadline for queueing and running together"
+    if bounds.default_timeout_ms is not None:
+        said += f"; null or absent: {bounds.default_timeout_ms}"
+    return Annotated[
+        Annotated[int, Field(ge=1, le=bounds.max_timeout_ms), Integral] | None,
+        Field(description=said),
+        Says(f"expected an integer from 1 to {bounds.max_timeout_ms}"),
+    ]
+
+
+def _model(ceiling: OptionCeiling | None) -> Any:
+    """A model name; with a ceiling, one of ``ALLOWED_MODELS``."""
+
+    def check(model: str) -> str:
+        if not model.isprintable():
+            raise BadRequest(f"model: {MODEL_RULE}")
+        if ceiling is not None and model not in ceiling.allowed_models:
+            raise BadRequest(
+                f"model: {model[:80]!r} is not allowed here; allowed: "
+                + ", ".join(ceiling.allowed_models)
+            )
+        return model
+
+    name: Any = Annotated[
+        str, StringConstraints(min_length=1, max_length=MAX_MODEL_NAME_CHARS), checked(check)
+    ]
+    if ceiling is not None:
+        name = Annotated[name, documented(enum=list(ceiling.allowed_models))]
+    return Annotated[
+        name | None,
+        Field(description="the model for this run (ALLOWED_MODELS; default CLAUDE_MODEL)"),
+        Says(MODEL_RULE, when={"string_too_long": "exceeds {max_length} characters"}),
+    ]
+
+
+def _system_prompt() -> Any:
+    def check(text: str) -> str:
+        if len(text.encode("utf-8")) > MAX_SYSTEM_PROMPT_BYTES:
+            raise BadRequest(f"systemPrompt: exceeds {MAX_SYSTEM_PROMPT_BYTES} bytes")
+        return text
+
+    return Annotated[
+        Annotated[
+            str,
+            StringConstraints(max_length=MAX_SYSTEM_PROMPT_BYTES, pattern=r"^[^\x00]*$"),
+            checked(check),
+        ]
+        | None,
+        Field(
+            description="appended to Claude Code's own system prompt; at most"
+            f' {MAX_SYSTEM_PROMPT_BYTES} bytes in UTF-8, no NUL; "" asks for nothing'
+        ),
+        Says(
+            "expected a string, got {got}",
+            when={
+                "string_too_long": f"exceeds {MAX_SYSTEM_PROMPT_BYTES} bytes",
+                "string_pattern_mismatch": "must not contain NUL characters",
+                "string_unicode": "not valid Unicode text (a lone surrogate)",
+            },
+        ),
+    ]
+
+
+def _limited(kind: type, low: dict[str, Any], high: float, limit: float | None) -> Any:
+    """``kind`` from ``low`` to ``high``, or to the ceiling's ``limit`` when it is lower."""
+    return Annotated[kind, Field(**low, le=high if limit is None else min(high, limit))]
+
+
+def _max_turns(ceiling: OptionCeiling | None) -> Any:
+    limit = None if ceiling is None else ceiling.max_turns
+    range_rule = f"expected a whole number from 1 to {MAX_TURNS}"
+    over = range_rule if limit is None or limit >= MAX_TURNS else "at most {le} allowed here"
+    return Annotated[
+        Annotated[_limited(int, {"ge": 1}, MAX_TURNS, limit), Integral] | None,
+        Field(description="model round trips the agent may make (MAX_TURNS_LIMIT)"),
+        Says(
+            "expected a whole number, got {got}",
+            when={"greater_than_equal": range_rule, "less_than_equal": over},
+        ),
+    ]
+
+
+def _max_budget(ceiling: OptionCeiling | None) -> Any:
+    limit = None if ceiling is None else ceiling.max_budget_usd
+    range_rule = f"expected a number above 0, at most {MAX_BUDGET_USD:g}"
+    over = range_rule if limit is None or limit >= MAX_BUDGET_USD else "at most {le:g} allowed here"
+    return Annotated[
+        _limited(float, {"gt": 0}, MAX_BUDGET_USD, limit) | None,
+        Field(description="what the run may cost, in US dollars (MAX_BUDGET_USD_LIMIT)"),
+        Says(
+            "expected a number, got {got}",
+            when={"greater_than": range_rule, "less_than_equal": over},
+        ),
+    ]
+
+
+def _permission_mode(ceiling: OptionCeiling | None) -> Any:
+    rule = "expected one of " + ", ".join(PERMISSION_MODES)
+    allowed = PERMISSION_MODES if ceiling is None else ceiling.allowed_permission_modes
+
+    def check(mode: str) -> str:
+        if mode not in PERMISSION_MODES:
+            raise BadRequest(f"permissionMode: {rule}")
+        if mode not in allowed:
+            raise BadRequest(
+                f"permissionMode: {mode!r} is not allowed here; allowed: "
+                + ", ".join(allowed)
+                + " (a request without permissionMode runs with bypassPermissions)"
+            )
+        return mode
+
+    return Annotated[
+        Annotated[str, checked(check), documented(enum=list(allowed))] | None,
+        Field(
+            description="what the agent may do without asking (ALLOWED_PERMISSION_MODES);"
+            " null or absent: bypassPermissions"
+        ),
+        Says(rule),
+    ]
+
+
+TOOL_NAME = Annotated[
+    str,
+    StringConstraints(max_length=MAX_TOOL_NAME_CHARS, pattern=TOOL_NAME_PATTERN),
+    Field(description="a tool name or rule: Read, Bash(git:*)"),
+]
+
+
+def _tool_names(description: str) -> Any:
+    """A list of tool names (or rules such as ``Bash(git:*)``); any fault, one rule."""
+    return Annotated[
+        Annotated[list[TOOL_NAME], Field(max_length=MAX_TOOL_NAMES)] | None,
+        Field(description=description),
+        Says(
+            f"expected a list of at most {MAX_TOOL_NAMES} tool names (strings of at most"
+            f" {MAX_TOOL_NAME_CHARS} characters, not only white space, with no ',' or"
+            " control characters)"
+        ),
+    ]
+
+
+def _option_fields(ceiling: OptionCeiling | None) -> dict[str, Any]:
+    """The per-request options of ``POST /run`` (``null`` is the same as absent)."""
+    return {
+        "model": (_model(ceiling), None),
+        "systemPrompt": (_system_prompt(), None),
+        "maxTurns": (_max_turns(ceiling), None),
+        "maxBudgetUsd": (_max_budget(ceiling), None),
+        "permissionMode": (_permission_mode(ceiling), None),
+        "allowedTools": (
+            _tool_names("tools the agent may use without asking; [] asks for nothing"),
+            None,
+        ),
+        "disallowedTools": (
+            _tool_names("tools the agent may not use, beside the service's own list"),
+            None,
+        ),
+    }
+
+
+@functools.cache
+def image_input_model(limits: ImageLimits) -> type[BaseModel]:
+    """An image of a ``/run`` body. Its fields state the schema; the ``images`` field's
+    validator checks each whole (:func:`parse_image`: its type, base64, size, first bytes)."""
+    data = documented(
+        type="string",
+        minLength=4,
+        maxLength=4 * -(-limits.max_image_bytes // 3),
+        contentEncoding="base64",
+        pattern=BASE64_PATTERN,
+    )
+    return body_model(
+        "ImageInput",
+        "An image: its bytes in base64, at most MAX_IMAGE_BYTES"
+        f" ({limits.max_image_bytes}) decoded, of the type said (its first bytes"
+        " are checked: else 400; too large: 413).",
+        required=("mediaType", "data"),
+        mediaType=(
+            Annotated[object, documented(type="string", enum=list(IMAGE_MEDIA_TYPES))],
+            None,
+        ),
+        data=(Annotated[object, data], None),
+    )
+
+
+def _images(limits: ImageLimits) -> Any:
+    def check(items: list[Any]) -> tuple[Image, ...]:
+        return tuple(
+            parse_image(item.mediaType, item.data, f"images[{index}]", limits)
+            for index, item in enumerate(items)
+        )
+
+    return Annotated[
+        Annotated[
+            list[image_input_model(limits)],  # type: ignore[misc]
+            Field(max_length=limits.max_images),
+            checked(check),
+        ]
+        | None,
+        Field(
+            description="images sent with the prompt, as image content blocks before its text"
+            " (MAX_IMAGES at most)"
+        ),
+        Says(
+            'expected a list of {{"mediaType": "image/png", "data": "<base64>"}} objects',
+            when={
+                "too_long": "at most {max_length} images per request (MAX_IMAGES), got"
+                " {actual_length}",
+                "model_type": 'expected an object {{"mediaType", "data"}}',
+            },
+            per_item=True,
+        ),
+    ]
+
+
+@functools.cache
+def run_request_model(bounds: RunBounds) -> type[BaseModel]:
+    """The ``POST /run`` body within ``bounds``, its fields in the order they are checked."""
+    return body_model(
+        "RunRequest",
+        "A run: the prompt, and what it may ask for within this service's ceilings.",
+        prompt=(_prompt(bounds.max_prompt_chars), ...),
+        timeoutMs=(_timeout(bounds), None),
+        stream=(
+            Annotated[
+                bool | None,
+                Field(
+                    description="true: the reply is a text/event-stream of events; null or"
+                    " absent: as the Accept header says (text/event-stream listed: a stream)"
+                ),
+                Says("expected true or false, got {got}"),
+            ],
+            None,
+        ),
+        sessionId=(
+            Annotated[
+                SESSION_ID | None,
+                Field(description="continue this session's conversation (null: a one-shot run)"),
+                Says(f"expected {SESSION_ID_RULE}"),
+            ],
+            None,
+        ),
+        **_option_fields(bounds.ceiling),
+        images=(_images(bounds.images), None),
+    )
+
+
+@functools.cache
+def run_options_model(ceiling: OptionCeiling | None) -> type[BaseModel]:
+    """The options of ``POST /run`` alone (the compatible routes translate into them)."""
+    return body_model("RunOptions", "A run's options.", **_option_fields(ceiling))
+
+
+def _options_of(values: dict[str, Any]) -> RunOptions:
+    def tools(name: str) -> tuple[str, ...] | None:
+        names = values[name]
+        return tuple(dict.fromkeys(names)) or None if names is not None else None
+
+    return RunOptions(
+        model=values["model"],
+        system_prompt=values["systemPrompt"] or None,
+        allowed_tools=tools("allowedTools"),
+        disallowed_tools=tools("disallowedTools"),
+        max_turns=values["maxTurns"],
+        max_budget_usd=values["maxBudgetUsd"],
+        permission_mode=values["permissionMode"],
+    )
 
 
 def parse_run_request(
@@ -330,36 +609,17 @@ def parse_run_request(
     ceiling: OptionCeiling | None = None,
     image_limits: ImageLimits = ImageLimits(),
 ) -> RunRequest:
-    """Validate a ``POST /run`` body: ``{"prompt", "sessionId"?, "timeoutMs"?, "stream"?,
-    "images"?}`` and the options (:func:`parse_run_options`) within ``ceiling`` (None: no
-    ceiling)."""
-    obj = parse_json_object(body)
-    prompt = obj.get("prompt")
-    if prompt is None:
-        raise BadRequest("prompt: required, a non-empty string")
-    if not isinstance(prompt, str):
-        raise BadRequest(f"prompt: expected a string, got {_json_type(prompt)}")
-    if not prompt.strip():
-        raise BadRequest("prompt: must not be empty")
-    if len(prompt) > max_prompt_chars:
-        raise BadRequest(f"prompt: exceeds {max_prompt_chars} characters")
-    timeout_ms = integral(obj.get("timeoutMs"))
-    if timeout_ms is not None and (
-        isinstance(timeout_ms, bool)
-        or not isinstance(timeout_ms, int)
-        or not 1 <= timeout_ms <= max_timeout_ms
-    ):
-        raise BadRequest(f"timeoutMs: expected an integer from 1 to {max_timeout_ms}")
-    stream = obj.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise BadRequest(f"stream: expected true or false, got {_json_type(stream)}")
+    """Validate a ``POST /run`` body (:func:`run_request_model`) within ``ceiling`` (None:
+    no ceiling)."""
+    bounds = RunBounds(max_prompt_chars, max_timeout_ms, ceiling, image_limits)
+    values = validate(run_request_model(bounds), parse_json_object(body))
     return RunRequest(
-        prompt=prompt,
-        session_id=session_id_field(obj, required=False),
-        timeout_ms=timeout_ms,
-        stream=stream,
-        options=parse_run_options(obj, ceiling),
-        images=parse_run_images(obj, image_limits),
+        prompt=values["prompt"],
+        session_id=values["sessionId"],
+        timeout_ms=values["timeoutMs"],
+        stream=values["stream"],
+        options=_options_of(values),
+        images=values["images"] or (),
     )
 
 
@@ -370,103 +630,31 @@ def parse_run_options(obj: dict[str, Any], ceiling: OptionCeiling | None) -> Run
     ``ceiling`` a 400 naming the option and what is allowed. Empty lists and an empty
     system prompt ask for nothing.
     """
-    model = obj.get("model")
-    if model is not None:
-        if not isinstance(model, str) or not model or not model.isprintable():
-            raise BadRequest("model: expected a model name (a non-empty string)")
-        if len(model) > MAX_MODEL_NAME_CHARS:
-            raise BadRequest(f"model: exceeds {MAX_MODEL_NAME_CHARS} characters")
-        if ceiling is not None and model not in ceiling.allowed_models:
-            raise BadRequest(
-                f"model: {model[:80]!r} is not allowed here; allowed: "
-                + ", ".join(ceiling.allowed_models)
-            )
-    system_prompt = obj.get("systemPrompt")
-    if system_prompt is not None:
-        if not isinstance(system_prompt, str):
-            raise BadRequest(f"systemPrompt: expected a string, got {_json_type(system_prompt)}")
-        if _utf8_size("systemPrompt", system_prompt) > MAX_SYSTEM_PROMPT_BYTES:
-            raise BadRequest(f"systemPrompt: exceeds {MAX_SYSTEM_PROMPT_BYTES} bytes")
-        if "\x00" in system_prompt:
-            raise BadRequest("systemPrompt: must not contain NUL characters")
-    max_turns = integral(obj.get("maxTurns"))
-    if max_turns is not None:
-        if isinstance(max_turns, bool) or not isinstance(max_turns, int):
-            raise BadRequest(f"maxTurns: expected a whole number, got {_json_type(max_turns)}")
-        if not 1 <= max_turns <= MAX_TURNS:
-            raise BadRequest(f"maxTurns: expected a whole number from 1 to {MAX_TURNS}")
-        if ceiling is not None and ceiling.max_turns is not None and max_turns > ceiling.max_turns:
-            raise BadRequest(f"maxTurns: at most {ceiling.max_turns} allowed here")
-    budget = obj.get("maxBudgetUsd")
-    if budget is not None:
-        if isinstance(budget, bool) or not isinstance(budget, int | float):
-            raise BadRequest(f"maxBudgetUsd: expected a number, got {_json_type(budget)}")
-        if not 0 < budget <= MAX_BUDGET_USD:
-            raise BadRequest(f"maxBudgetUsd: expected a number above 0, at most {MAX_BUDGET_USD:g}")
-        if (
-            ceiling is not None
-            and ceiling.max_budget_usd is not None
-            and budget > ceiling.max_budget_usd
-        ):
-            raise BadRequest(f"maxBudgetUsd: at most {ceiling.max_budget_usd:g} allowed here")
-    mode = obj.get("permissionMode")
-    if mode is not None:
-        if not isinstance(mode, str) or mode not in PERMISSION_MODES:
-            raise BadRequest("permissionMode: expected one of " + ", ".join(PERMISSION_MODES))
-        if ceiling is not None and mode not in ceiling.allowed_permission_modes:
-            raise BadRequest(
-                f"permissionMode: {mode!r} is not allowed here; allowed: "
-                + ", ".join(ceiling.allowed_permission_modes)
-                + " (a request without permissionMode runs with bypassPermissions)"
-            )
-    return RunOptions(
-        model=model,
-        system_prompt=system_prompt or None,
-        allowed_tools=_tool_names(obj, "allowedTools"),
-        disallowed_tools=_tool_names(obj, "disallowedTools"),
-        max_turns=max_turns,
-        max_budget_usd=None if budget is None else float(budget),
-        permission_mode=mode,
-    )
+    return _options_of(validate(run_options_model(ceiling), obj))
 
 
-def _utf8_size(field: str, text: str) -> int:
-    """``text``'s size in UTF-8; a lone surrogate (JSON lets one be written) is a 400."""
-    try:
-        return len(text.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise BadRequest(f"{field}: not valid Unicode text (a lone surrogate)") from None
+SESSION_REF = body_model(
+    "SessionRef",
+    "A session of the caller's.",
+    sessionId=(
+        Annotated[
+            SESSION_ID,
+            Says(
+                f"expected {SESSION_ID_RULE}", required=f"required, a string of {SESSION_ID_RULE}"
+            ),
+        ],
+        ...,
+    ),
+)
 
 
-def _is_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _tool_names(obj: dict[str, Any], field: str) -> tuple[str, ...] | None:
-    """A list of tool names (or rules such as ``Bash(git:*)``); None when absent or empty."""
-    value = obj.get(field)
-    if value is None:
+def session_id_field(obj: dict[str, Any], *, required: bool) -> str | None:
+    """The ``sessionId`` of a body (:data:`SESSION_REF`); absent or null is None unless
+    ``required``."""
+    if not required and obj.get("sessionId") is None:
         return None
-    rule = (
-        f"{field}: expected a list of at most {MAX_TOOL_NAMES} tool names"
-        f" (strings of at most {MAX_TOOL_NAME_CHARS} characters, not only white space,"
-        " with no ',' or control characters)"
-    )
-    if not isinstance(value, list) or len(value) > MAX_TOOL_NAMES:
-        raise BadRequest(rule)
-    for name in value:
-        if (
-            not isinstance(name, str)
-            or len(name) > MAX_TOOL_NAME_CHARS
-            or not _TOOL_NAME.fullmatch(name)
-            or not _is_unicode(name)  # a lone surrogate (JSON lets one be written)
-        ):
-            raise BadRequest(rule)
-    return tuple(dict.fromkeys(value)) or None
+    session_id: str = validate(SESSION_REF, obj)["sessionId"]
+    return session_id
 
 
 # CODE#STATE as parse_exchange_code reads it: text before and after the last "#", white
@@ -476,18 +664,10 @@ INVALID_CODE_FORMAT = "Invalid code format. Expected CODE#STATE from the callbac
 MAX_CODE_CHARS = 4096
 
 
-def parse_exchange_code(body: bytes) -> tuple[str, str]:
-    """Validate a ``POST /auth/exchange`` body ``{"code": "CODE#STATE"}``; ``(code, state)``.
-
-    The state is ours (base64url, no ``#``), so the text splits at its last ``#``;
-    whitespace around what was pasted is ignored.
-    """
-    obj = parse_json_object(body)
-    pasted = obj.get("code")
-    if pasted is None:
-        raise BadRequest("code: required, the CODE#STATE the callback page shows")
-    if not isinstance(pasted, str):
-        raise BadRequest(f"code: expected a string, got {_json_type(pasted)}")
+def _split_code(pasted: str) -> tuple[str, str]:
+    """The state is ours (base64url, no ``#``), so the text splits at its last ``#``;
+    whitespace around what was pasted is ignored. (A check, not a pydantic pattern: those
+    refuse a lone surrogate, which the old parser let through to the token endpoint.)"""
     if len(pasted) > MAX_CODE_CHARS:
         raise BadRequest(f"code: exceeds {MAX_CODE_CHARS} characters")
     code, hash_sign, state = pasted.strip().rpartition("#")
@@ -496,17 +676,80 @@ def parse_exchange_code(body: bytes) -> tuple[str, str]:
     return code, state
 
 
-def parse_user_claude_request(body: bytes, *, max_bytes: int) -> str:
-    """Validate a ``PUT /user-claude`` body: ``{"content": string}``, at most ``max_bytes`` in UTF-8.
+EXCHANGE_REQUEST = body_model(
+    "ExchangeRequest",
+    "The code the OAuth callback page shows.",
+    code=(
+        Annotated[
+            str,
+            documented(
+                type="string",
+                maxLength=MAX_CODE_CHARS,
+                pattern=CODE_PATTERN,
+                description="the CODE#STATE the callback page shows",
+            ),
+            checked(_split_code),
+            Says(
+                "expected a string, got {got}",
+                required="required, the CODE#STATE the callback page shows",
+            ),
+        ],
+        ...,
+    ),
+)
 
-    Over the bound is a 413, as for a body too large.
-    """
-    obj = parse_json_object(body)
-    content = obj.get("content")
-    if content is None:
-        raise BadRequest('content: required, a string (the CLAUDE.md text; "" removes it)')
-    if not isinstance(content, str):
-        raise BadRequest(f"content: expected a string, got {_json_type(content)}")
-    if _utf8_size("content", content) > max_bytes:
-        raise BadRequest(f"content: exceeds {max_bytes} bytes ({max_bytes // 1024} KiB)", 413)
+
+def parse_exchange_code(body: bytes) -> tuple[str, str]:
+    """Validate a ``POST /auth/exchange`` body ``{"code": "CODE#STATE"}``; ``(code, state)``."""
+    split: tuple[str, str] = validate(EXCHANGE_REQUEST, parse_json_object(body))["code"]
+    return split
+
+
+@functools.cache
+def user_claude_model(max_bytes: int) -> type[BaseModel]:
+    """A ``PUT /user-claude`` body (and ``GET``'s reply): ``{"content"}``, at most
+    ``max_bytes`` in UTF-8; over it a 413, as for a body too large."""
+
+    def check(content: str) -> str:
+        try:
+            size = len(content.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise BadRequest("content: not valid Unicode text (a lone surrogate)") from None
+        if size > max_bytes:
+            raise BadRequest(f"content: exceeds {max_bytes} bytes ({max_bytes // 1024} KiB)", 413)
+        return content
+
+    # maxLength: a bound on characters that holds for any text within the byte bound.
+    said = f'at most {max_bytes} bytes in UTF-8 (413 past it); "" removes it'
+    return body_model(
+        "UserClaude",
+        "The caller's own CLAUDE.md.",
+        content=(
+            Annotated[
+                str,
+                documented(type="string", maxLength=max_bytes, description=said),
+                checked(check),
+                Says(
+                    "expected a string, got {got}",
+                    required='required, a string (the CLAUDE.md text; "" removes it)',
+                ),
+            ],
+            ...,
+        ),
+    )
+
+
+def parse_user_claude_request(body: bytes, *, max_bytes: int) -> str:
+    """Validate a ``PUT /user-claude`` body (:func:`user_claude_model`)."""
+    content: str = validate(user_claude_model(max_bytes), parse_json_object(body))["content"]
     return content
+
+
+def body_schemas(bounds: RunBounds, max_claude_bytes: int) -> dict[str, Schema]:
+    """The request bodies' schemas, for the OpenAPI document's components."""
+    return component_schemas(
+        run_request_model(bounds),
+        SESSION_REF,
+        user_claude_model(max_claude_bytes),
+        EXCHANGE_REQUEST,
+    )
