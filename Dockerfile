@@ -68,7 +68,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 VOLUME ["/data", "/home/app/.claude"]
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python3", "-m", "claude_code_api.healthcheck"]
+    CMD ["python3", "-m", "claude_code_api.observe.healthcheck"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["python3", "-m", "claude_code_api"]

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import attrs
 
-from claude_code_api.agent import AgentSpec
-from claude_code_api.config import load_settings
-from claude_code_api.sandbox import AgentLauncher
-from claude_code_api.startup import plan_with_findings
+from claude_code_api.agent.protocol import AgentSpec
+from claude_code_api.agent.sandbox import AgentLauncher
+from claude_code_api.agent.startup import plan_with_findings
+from claude_code_api.config.settings import load_settings
 
 
 def run_once(launcher: AgentLauncher, root: Path, program: list[str]) -> float:

@@ -24,7 +24,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 if TYPE_CHECKING:
-    from tests.harness import RunningService
+    from tests.support.harness import RunningService
 
 BODY = b'{"status":"healthy"}'
 HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode())]
@@ -58,7 +58,7 @@ async def serving(
     env: Mapping[str, str], start_timeout_s: float = 30.0
 ) -> AsyncIterator[RunningService]:
     """This server, started with the tests' launcher (``env``: a service's, for its paths)."""
-    from tests.harness import ROOT, launch_process
+    from tests.support.harness import ROOT, launch_process
 
     async with launch_process(
         [sys.executable, str(Path(__file__).resolve())],

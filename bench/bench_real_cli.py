@@ -4,7 +4,7 @@
 Prints figures; it is not a test. No credentials, no network: the CLI talks to
 ``claude_code_api/demo/mock_messages_api.py`` in this process, which answers every model call at
 once (an echo). Agents are made exactly as the service makes them (same launcher,
-sandbox decision and options: ``tests.harness.service_agents``).
+sandbox decision and options: ``tests.support.harness.service_agents``).
 
 1. **Per agent process**: warm-up (spawn to ``initialize`` answered) wall time and
    CPU, RSS when warm, and a one-shot turn's wall time — one agent at a time.
@@ -43,10 +43,10 @@ import httpx  # noqa: E402
 import trio  # noqa: E402
 
 from bench.stats import QuietMeter, dist, fmt_dist, machine_lines, quiet_verdict, section  # noqa: E402
-from claude_code_api.agent import AgentSpec  # noqa: E402
+from claude_code_api.agent.protocol import AgentSpec  # noqa: E402
 from claude_code_api.demo.mock_messages_api import open_mock_api  # noqa: E402
-from tests.harness import CLK_TCK, launch_service, service_agents, service_env  # noqa: E402
-from tests.real_cli import service_overrides  # noqa: E402
+from tests.support.harness import CLK_TCK, launch_service, service_agents, service_env  # noqa: E402
+from tests.support.real_cli import service_overrides  # noqa: E402
 
 PROMPT = "What is 2+2?"
 

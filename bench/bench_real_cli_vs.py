@@ -62,9 +62,9 @@ from bench.stats import (  # noqa: E402
     quiet_verdict,
     section,
 )
-from claude_code_api.agent import AgentSpec  # noqa: E402
+from claude_code_api.agent.protocol import AgentSpec  # noqa: E402
 from claude_code_api.demo.mock_messages_api import open_mock_api  # noqa: E402
-from tests.harness import service_agents  # noqa: E402
+from tests.support.harness import service_agents  # noqa: E402
 
 PROMPT = "What is 2+2?"
 USERS = 64

@@ -23,8 +23,8 @@ import trio
 
 from bench.service import AUTH, PROMPT, bench_env, workdir
 from bench.stats import QuietMeter, dist, fmt_dist
-from tests.harness import RunningService, launch_service, wait_healthy
-from tests.images import png
+from tests.support.harness import RunningService, launch_service, wait_healthy
+from tests.support.images import png
 
 MODEL = "claude-sonnet-4-6"
 

@@ -51,14 +51,14 @@ import httpx
 import trio
 
 from bench.stats import QuietLog, dist, fmt_dist, machine_lines, section
-from claude_code_api.agent_cgroups import (
+from claude_code_api.agent.cgroups import (
     AGENTS_DIRECTORY,
     SERVICE_LEAF,
     parse_cgroup_mounts,
     parse_own_cgroups,
     service_prefix,
 )
-from claude_code_api.agent_limits import default_tmp_mb
+from claude_code_api.agent.limits import default_tmp_mb
 from claude_code_api.demo.mock_messages_api import (
     RecordedRequest,
     Step,
@@ -67,9 +67,9 @@ from claude_code_api.demo.mock_messages_api import (
     open_mock_api,
     tool_result_text,
 )
-from claude_code_api.user_paths import user_workspace
-from tests.harness import RunningService, launch_service, service_env
-from tests.real_cli import service_overrides
+from claude_code_api.store.user_paths import user_workspace
+from tests.support.harness import RunningService, launch_service, service_env
+from tests.support.real_cli import service_overrides
 
 MIB = 1024 * 1024
 USERS = ("alice", "bob", "carol", "dave", "erin")

@@ -30,9 +30,9 @@ from bench.service import (
     workdir,
 )
 from bench.stats import QuietLog, dist, fmt_dist, print_machine, quiet_verdict, section
-from claude_code_api import metrics
 from claude_code_api.http.observe import count_requests, note_route
-from tests.harness import RunningService, launch_service, proc_cpu_s
+from claude_code_api.observe import metrics
+from tests.support.harness import RunningService, launch_service, proc_cpu_s
 
 
 def per_call_us(call, calls: int) -> float:

@@ -31,11 +31,11 @@ from claude_agent_sdk import ClaudeSDKClient, ResultMessage
 from claude_agent_sdk.types import StreamEvent
 
 from bench.stats import dist, fmt_dist, machine_lines, section
-from claude_code_api.agent import Charge
+from claude_code_api.agent.protocol import Charge
 from claude_code_api.demo.mock_messages_api import open_mock_api
-from claude_code_api.model_proxy import ModelProxy, UpstreamCredential
-from claude_code_api.usage import UsageLedger
-from tests.real_cli import (
+from claude_code_api.limits.usage import UsageLedger
+from claude_code_api.proxy.model import ModelProxy, UpstreamCredential
+from tests.support.real_cli import (
     MOCK_API_KEY,
     CliDirs,
     open_real_cli,

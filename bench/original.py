@@ -4,7 +4,7 @@ Owns a cache of the original's source and its npm dependencies
 (``bench/.cache/original/<commit>/``, ignored by git) and its launch against our
 fake CLI. The benchmarks' ``--original`` mode uses it: :func:`prepare` once, then
 :func:`launch` for either side, so ours and the original start from the same kind
-of environment (``tests.harness.service_env``: the fake CLI, its interpreter first
+of environment (``tests.support.harness.service_env``: the fake CLI, its interpreter first
 on PATH, one API key).
 
 The source comes from a git repository of the original (bare or a clone):
@@ -49,7 +49,7 @@ from pathlib import Path
 
 import attrs
 
-from tests.harness import ROOT, RunningService, launch_process, launch_service
+from tests.support.harness import ROOT, RunningService, launch_process, launch_service
 
 OURS, ORIGINAL = "ours", "original"
 UPSTREAM = "https://github.com/exitxio/claude-code-api"
@@ -204,7 +204,7 @@ def launch_original(
 ) -> AbstractAsyncContextManager[RunningService]:
     """Start the original with ``env`` (its ``PORT`` replaced by a free one) in ``cwd``.
 
-    Yields it as a :class:`~tests.harness.RunningService` once it logs that it
+    Yields it as a :class:`~tests.support.harness.RunningService` once it logs that it
     listens (its workers may still be warming: poll ``/health``), through the
     tests' launcher: RuntimeError with its log if it exits or does not listen in
     time. It runs in a process group of its own (tsx's launcher, the server,

@@ -69,8 +69,8 @@ from bench.stats import (
     tree_cpu,
     tree_service_rss_kib,
 )
-from claude_code_api.agent import Agent
-from tests.harness import FAKE_CLAUDE, ROOT, RunningService, launch_service
+from claude_code_api.agent.protocol import Agent
+from tests.support.harness import FAKE_CLAUDE, ROOT, RunningService, launch_service
 
 Figures = dict[str, Any]
 

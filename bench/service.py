@@ -1,7 +1,7 @@
 """What the benchmarks of the real service share: its launch, its clients, a timed call.
 
 Owns the benchmarks' constants (one API key, the prompt, the bound on every wait, so a
-benchmark always stops by itself) and thin helpers over ``tests/harness.py``, the one
+benchmark always stops by itself) and thin helpers over ``tests/support/harness.py``, the one
 launcher of the tests, the benchmarks and the soak: the service's environment, a client
 with enough connections, waiting for a ready pool, one ``POST /run`` and its outcome,
 timing a call, and agents made exactly as the service makes them (:class:`Direct`).
@@ -25,8 +25,8 @@ import trio
 
 from bench.original import OriginalBuild, launch
 from bench.stats import SideBySide, section
-from claude_code_api.agent import Agent, AgentSpec
-from tests.harness import RunningService, service_agents, service_env, wait_pool_ready
+from claude_code_api.agent.protocol import Agent, AgentSpec
+from tests.support.harness import RunningService, service_agents, service_env, wait_pool_ready
 
 PROMPT = "What is 2+2?"
 API_KEY = "sk-bench-key"
@@ -136,7 +136,7 @@ class Direct:
     """Agents made exactly as the service makes them, without the service.
 
     Same launcher, sandbox decision, options and agent class
-    (``tests.harness.service_agents``). Their homes live under ``homes``; each agent is
+    (``tests.support.harness.service_agents``). Their homes live under ``homes``; each agent is
     closed by its caller (:meth:`close`).
     """
 

@@ -10,7 +10,7 @@ the real one (``python -m claude_code_api``, PORT=0) with MAX_LIVE_SESSIONS=4.
 Phases, all in one run:
 
 0. agent warm-up, directly (an agent made as the service makes them:
-   ``tests.harness.service_agents``): ``start()`` of a new conversation (``--session-id``), one turn, close;
+   ``tests.support.harness.service_agents``): ``start()`` of a new conversation (``--session-id``), one turn, close;
    then ``start()`` resuming it (``--resume``, what a wake does), one turn, close.
 1. memory of hibernated sessions, in the service's RSS (VmRSS of its pid; the
    agent processes are separate and not counted):
@@ -83,11 +83,11 @@ from bench.service import (
     wait_ready,
 )
 from bench.stats import QuietLog, SideBySide, dist, fmt_dist, print_machine, section
-from claude_code_api.agent import Agent
+from claude_code_api.agent.protocol import Agent
 from claude_code_api.messages import SessionKey
 from claude_code_api.store import new_session_record, open_store
-from tests.harness import FAKE_CLAUDE, ROOT, RunningService, launch_service, proc_memory_kib
-from tests.harness import service_env as harness_env
+from tests.support.harness import FAKE_CLAUDE, ROOT, RunningService, launch_service, proc_memory_kib
+from tests.support.harness import service_env as harness_env
 
 KEYS = {"api": "sk-bench-api", "bulk": "sk-bench-bulk", "wake": "sk-bench-wake"}
 AUTH = {user: {"x-api-key": key} for user, key in KEYS.items()}

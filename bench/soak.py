@@ -1,7 +1,7 @@
 """Soak: the real service under a long, mixed, faulty load, and what it left at rest.
 
-Prints a summary of figures. The checks are asserted by ``tests/test_soak.py``
-(``@pytest.mark.slow``: ``.venv/bin/pytest -m slow tests/test_soak.py``), which runs a
+Prints a summary of figures. The checks are asserted by ``tests/unit/test_soak.py``
+(``@pytest.mark.slow``: ``.venv/bin/pytest -m slow tests/unit/test_soak.py``), which runs a
 shorter soak; this module runs the load and records what the audit checks (a
 :class:`SoakReport`, its :class:`AtRest`). Everything runs on 127.0.0.1 against the
 fake CLI ``tests/fake_claude.py``: no network, no credentials.
@@ -61,10 +61,10 @@ import httpx
 import trio
 
 from bench.stats import QUIET_SHARE_PERCENT, QuietMeter, percentile
-from claude_code_api.config import Settings, load_settings
+from claude_code_api.config.settings import Settings, load_settings
 from claude_code_api.http.openapi import openapi_spec
-from tests.harness import CLK_TCK, RunningService, launch_service
-from tests.harness import service_env as harness_env
+from tests.support.harness import CLK_TCK, RunningService, launch_service
+from tests.support.harness import service_env as harness_env
 
 API_KEY = "sk-soak-key"  # user id "api"
 OTHER_KEY = "sk-soak-other"  # user id "other": same session ids, other conversations
@@ -543,7 +543,7 @@ class Tally:
 class AtRest:
     """What the soak saw once the load was over: the figures the audit checks.
 
-    ``tests/test_soak.py`` asserts on them (the pool back to full, the counters adding up,
+    ``tests/unit/test_soak.py`` asserts on them (the pool back to full, the counters adding up,
     the processes accounted for); the soak itself only records them.
     """
 

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from tests.harness import CLK_TCK, proc_cpu_s, proc_memory_kib
+from tests.support.harness import CLK_TCK, proc_cpu_s, proc_memory_kib
 
 # Above this share of all CPUs used by other processes, a phase's figures are distorted.
 QUIET_SHARE_PERCENT = 5.0

@@ -15,7 +15,7 @@ Phases:
    (``CLOCK_MONOTONIC``: one clock for every process of the machine). So the
    latency from the agent's own output to the reader is measured directly:
    * *baseline*: the SDK alone — an agent made exactly as the service makes them
-     (``tests.harness.service_agents``), ``run_turn`` in this process; the time the
+     (``tests.support.harness.service_agents``), ``run_turn`` in this process; the time the
      ``AssistantText`` reaches ``on_event``. Each turn on a fresh warm agent, idle
      100 ms first, as the service's agents are.
    * *service*: ``POST /run`` with ``"stream": true`` over HTTP (httpx, one kept-alive
@@ -56,8 +56,8 @@ from bench.stats import (
     self_cpu_s,
 )
 from claude_code_api.messages import AssistantText
-from tests import sse
-from tests.harness import RunningService, launch_service, proc_cpu_s, wait_pool_ready
+from tests.support import sse
+from tests.support.harness import RunningService, launch_service, proc_cpu_s, wait_pool_ready
 
 HTTP_TIMEOUT_S = 120.0
 STAMP = "[[fake:stamp:1:0]]"

@@ -21,8 +21,8 @@ import trio
 
 from bench.service import PROMPT, Direct, bench_env, options, wait_ready, workdir
 from bench.stats import QuietLog, dist, fmt_dist, print_machine, section
-from claude_code_api.user_memory import MAX_SAVED_BYTES
-from tests.harness import launch_service
+from claude_code_api.store.user_memory import MAX_SAVED_BYTES
+from tests.support.harness import launch_service
 
 USERS = ("plain", "small", "max")
 KEYS = {user: f"sk-bench-{user}" for user in USERS}

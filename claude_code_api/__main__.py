@@ -24,14 +24,15 @@ from urllib.parse import urlsplit
 
 import trio
 
-from . import __version__, logs
-from .config import ConfigError, Settings, load_settings
+from . import __version__
+from .actors.supervision import TooManyRestarts
+from .agent.sandbox import resolve_cli, service_claude_dir
+from .agent.startup import Finding, StartupError, Status, check_all, http_probe
+from .config.settings import ConfigError, Settings, load_settings
 from .http.auth import auth_warnings
-from .sandbox import resolve_cli, service_claude_dir
+from .observe import logs
 from .service import Service
-from .startup import Finding, StartupError, Status, check_all, http_probe
 from .store import StoreUnavailable as RegistryError
-from .supervision import TooManyRestarts
 
 log = logging.getLogger("claude_code_api")
 

@@ -49,7 +49,7 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
-from . import metrics
+from .observe import metrics
 
 # --- jobs and their replies -------------------------------------------------
 

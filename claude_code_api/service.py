@@ -15,12 +15,12 @@ from collections.abc import Mapping
 
 import trio
 
-from . import metrics
-from .agent import AgentFactory
-from .config import Settings
+from .actors.supervision import Supervisor
+from .agent.protocol import AgentFactory
+from .config.settings import Settings
 from .messages import Drain
-from .model_proxy import keep_memory_private
-from .supervision import Supervisor
+from .observe import metrics
+from .proxy.model import keep_memory_private
 from .supervisor import root
 from .wiring import make_agent_factory, wire
 
@@ -41,7 +41,7 @@ class Service:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the tree until it is stopped (returns) or escalates (raises).
 
-        Raises :class:`~claude_code_api.startup.StartupError` during start-up
+        Raises :class:`~claude_code_api.agent.startup.StartupError` during start-up
         when agents cannot be launched as configured.
         """
         if not keep_memory_private():

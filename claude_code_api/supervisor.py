@@ -38,18 +38,18 @@ from functools import partial
 
 import trio
 
-from . import metrics
 from .actors.agent_side import AgentSide
 from .actors.reaper import serve_reaper
 from .actors.session import serve_session
 from .actors.session_supervisor import SessionSupervisor
 from .actors.stopping import Stoppable, StopSignal
+from .actors.supervision import Backoff, ChildSpec, StopOrder, Strategy, Supervisor
 from .actors.worker import serve_worker
-from .agent import AgentFactory
-from .egress import EgressPolicy, EgressProxy
+from .agent.metered import metered
+from .agent.protocol import AgentFactory
 from .messages import ActorId, DispatcherMessage, RunOptions, SessionKey
-from .metered_agent import metered
-from .supervision import Backoff, ChildSpec, StopOrder, Strategy, Supervisor
+from .observe import metrics
+from .proxy.egress import EgressPolicy, EgressProxy
 from .wiring import Wiring, make_agent_factory
 
 # OTP-style restart intensity: more than 3 restarts in 5 s is a crash loop; the

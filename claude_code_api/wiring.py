@@ -22,7 +22,7 @@ from typing import Generic, TypeVar
 import attrs
 import trio
 
-from .actors.credentials import CredentialsActor, CredentialsClient
+from .actors.claude_login import CredentialsActor, CredentialsClient
 from .actors.dispatcher import Dispatcher, PoolView, SessionLimits
 from .actors.reaper import REAPER_INBOX_SIZE, ReaperClient, ReaperMessage
 from .actors.registry import RegistryMessage, serve_registry
@@ -30,23 +30,23 @@ from .actors.registry_client import RegistryClient
 from .actors.session import SessionConfig
 from .actors.turn import TurnLimits
 from .actors.worker import WorkerConfig
-from .agent import CLOSE_GRACE_S, AgentFactory
-from .ceiling import OptionCeiling
-from .config import Settings
-from .disk_quota import DiskQuota, remove_abandoned_homes
-from .egress import open_unix_listener
+from .agent.protocol import CLOSE_GRACE_S, AgentFactory
+from .agent.sandbox import EGRESS_PROXY_SOCKET, remove_conversation_files
+from .agent.startup import plan_agents
+from .auth.oauth import TokenEndpoint
+from .auth.renewal import CredentialsVersion
+from .config.ceiling import OptionCeiling
+from .config.settings import Settings
 from .http._hypercorn_fixes import connection_limit
 from .http.app import StoreStatus, create_app
 from .http.server import HttpServer
+from .limits.disk_quota import DiskQuota, remove_abandoned_homes
+from .limits.usage import UsageLedger, budget_refusal
 from .messages import CredentialsMessage, DispatcherMessage, StartSession
-from .model_proxy import ModelProxy, UpstreamCredential, upstream_url
-from .oauth import TokenEndpoint
-from .renewal import CredentialsVersion
-from .sandbox import EGRESS_PROXY_SOCKET, remove_conversation_files
-from .startup import plan_agents
+from .proxy.egress import open_unix_listener
+from .proxy.model import ModelProxy, UpstreamCredential, upstream_url
 from .store import open_store
-from .usage import UsageLedger, budget_refusal
-from .user_paths import user_workspace
+from .store.user_paths import user_workspace
 
 T = TypeVar("T")
 
@@ -257,13 +257,13 @@ def wire(settings: Settings, environ: Mapping[str, str]) -> Wiring:
 def make_agent_factory(w: Wiring) -> AgentFactory:
     """Decide how agents launch, and make them. Blocking (imports the SDK): run in a thread.
 
-    Raises :class:`~claude_code_api.startup.StartupError` when agents cannot be launched
+    Raises :class:`~claude_code_api.agent.startup.StartupError` when agents cannot be launched
     as configured.
     """
     plan = plan_agents(w.settings, w.environ)
     import trio.testing  # noqa: F401  (for the workers: see worker.after_the_reply)
 
-    from .sdk_agent import AgentOptions, SdkAgentFactory  # the SDK's import: ~0.6 s
+    from .agent.sdk import AgentOptions, SdkAgentFactory  # the SDK's import: ~0.6 s
 
     # What start-up made (modules, classes, the SDK's types: ~100 000 objects) lives as
     # long as the process: out of the collector's sight, a full collection takes ~1 ms

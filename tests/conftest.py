@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import raw_http
+from tests.support import raw_http
 
 # Scripts with `#!/usr/bin/env python3` (the fake CLI) find the test interpreter first, not
 # a version manager's shim: pyenv's costs ~0.3 s a start, and the fake starts for every agent.

@@ -2,7 +2,7 @@
 
 The decision (sandbox probe, start-up checks, the SDK's slow import) runs in a thread before
 anything agent-side starts, so HTTP and the dispatcher already answer meanwhile. A
-:class:`~claude_code_api.startup.StartupError` raised there fails the service's start.
+:class:`~claude_code_api.agent.startup.StartupError` raised there fails the service's start.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import trio
 
-from ..agent import AgentFactory
-from ..supervision import ChildSpec, Supervisor
+from ..agent.protocol import AgentFactory
+from .supervision import ChildSpec, Supervisor
 
 
 class AgentSide:

@@ -59,7 +59,6 @@ from typing import Never, assert_never
 import attrs
 import trio
 
-from .. import metrics
 from ..messages import (
     DEFAULT_OPTIONS,
     CancelRun,
@@ -100,6 +99,7 @@ from ..messages import (
     WorkerView,
     answer_once,
 )
+from ..observe import metrics
 from .job_queue import JobQueue
 from .registry import DeleteSession, RegistryMessage
 from .session_scheduler import SessionScheduler

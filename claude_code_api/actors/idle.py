@@ -2,7 +2,7 @@
 
 Workers and session actors wait the same way between jobs: for the dispatcher's next
 command, unless their idle agent exits, its credentials go stale
-(:mod:`claude_code_api.renewal`), a deadline passes or a stop is requested first.
+(:mod:`claude_code_api.auth.renewal`), a deadline passes or a stop is requested first.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ An agent whose service was killed (``kill -9``, an OOM kill) would live on under
 init — a hung turn's CLI forever, and after a restart a session could have two
 processes. The parent-death signal cannot help: trio spawns children from a
 worker thread, and the signal fires when that *thread* ends. So the service
-runs one tiny watchdog process (:mod:`claude_code_api.agent_reaper`) with a pipe
+runs one tiny watchdog process (:mod:`claude_code_api.agent.reaper_process`) with a pipe
 on its stdin and tells it the process group of every agent it starts and
 closes; when the pipe closes, the watchdog kills every group still listed.
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from .. import agent_reaper
+from ..agent import reaper_process as agent_reaper
 
 log = logging.getLogger(__name__)
 

@@ -61,8 +61,8 @@ from typing import Never, TypeVar, TypeVarTuple
 import attrs
 import trio
 
-from .. import metrics
 from ..messages import SessionKey
+from ..observe import metrics
 from ..store import (
     SessionExists,
     SessionPage,

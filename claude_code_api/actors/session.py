@@ -65,9 +65,9 @@ from typing import Any, assert_never
 import attrs
 import trio
 
-from .. import metrics
-from ..agent import Agent, AgentFactory, AgentSpec, AgentStartError
-from ..ceiling import Held, OptionCeiling
+from ..agent.protocol import Agent, AgentFactory, AgentSpec, AgentStartError
+from ..auth.renewal import CredentialsStamp, CredentialsVersion
+from ..config.ceiling import Held, OptionCeiling
 from ..messages import (
     DEFAULT_OPTIONS,
     ActorId,
@@ -85,7 +85,7 @@ from ..messages import (
     TerminalEvent,
     UpstreamError,
 )
-from ..renewal import CredentialsStamp, CredentialsVersion
+from ..observe import metrics
 from ..store import SessionRecord, TooManySessions, new_session_record
 from ..store import StoreUnavailable as RegistryError
 from .idle import SHUTTING_DOWN, next_command

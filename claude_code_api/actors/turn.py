@@ -17,7 +17,7 @@ to drain the turn, and *killed* only if it does not — when:
   logged and relayed, and a reply that runs out of time carries the last one;
 * the caller cancels ``turn_scope`` (a service shutdown, a deleted session);
 * the user's files pass their disk quota, or fill the disk while they grow
-  (``limits.disk``: :meth:`~claude_code_api.disk_quota.DiskQuota.watch`): the agent
+  (``limits.disk``: :meth:`~claude_code_api.limits.disk_quota.DiskQuota.watch`): the agent
   is killed at once (its tools would write on through an interrupt's grace), then
   the disk gets room (``after_stop``: a part of the service's reserve), and the
   reply is a 507 naming the quota or the full disk. A turn that ended by itself
@@ -42,9 +42,9 @@ from pathlib import Path
 import attrs
 import trio
 
-from .. import metrics
-from ..agent import Agent, AgentError, Charge, TurnResult
-from ..disk_quota import DiskQuota, Watched
+from ..agent.protocol import Agent, AgentError, Charge, TurnResult
+from ..limits.disk_quota import DiskQuota, Watched
+from ..limits.usage import UsageLedger, run_usage
 from ..messages import (
     AgentEvent,
     AssistantText,
@@ -57,7 +57,7 @@ from ..messages import (
     UpstreamError,
     UpstreamRetry,
 )
-from ..usage import UsageLedger, run_usage
+from ..observe import metrics
 
 log = logging.getLogger(__name__)
 

@@ -78,7 +78,8 @@ from typing import assert_never
 import attrs
 import trio
 
-from ..agent import Agent, AgentError, AgentFactory, AgentSpec, AgentStartError
+from ..agent.protocol import Agent, AgentError, AgentFactory, AgentSpec, AgentStartError
+from ..auth.renewal import CredentialsStamp, CredentialsVersion
 from ..messages import (
     DEFAULT_OPTIONS,
     DispatcherMessage,
@@ -93,7 +94,6 @@ from ..messages import (
     WorkerReady,
     WorkerStarting,
 )
-from ..renewal import CredentialsStamp, CredentialsVersion
 from .idle import SHUTTING_DOWN, next_command
 from .stopping import StopSignal
 from .turn import TurnLimits, TurnOutcome, outcome_before_start, run_turn

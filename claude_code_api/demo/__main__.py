@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from ..config import declarations
+from ..config.settings import declarations
 from .answers import demo_answer
 from .mock_messages_api import open_mock_api
 

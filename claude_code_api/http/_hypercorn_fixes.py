@@ -2,7 +2,7 @@
 
 The service is served by ``hypercorn.trio.serve`` itself (its accept loop, its
 connection lifetimes: :mod:`.server`). This module holds every fix it needs,
-each for a defect a ``tests/test_http_server.py::test_upstream_*`` test
+each for a defect a ``tests/unit/test_http_server.py::test_upstream_*`` test
 reproduces on plain hypercorn (they fail once upstream has fixed it: then the
 fix goes). The fixes that patch hypercorn act only for a server whose config is
 a :class:`FixedConfig`; any other hypercorn server in the process (tests,
@@ -112,7 +112,7 @@ for _name, _pinned in PINNED.items():
     if version(_name) != _pinned:
         raise RuntimeError(
             f"{_name} {version(_name)} is installed, the HTTP fixes are for {_pinned}: run "
-            "tests/test_http_server.py's test_upstream_* and review claude_code_api/http/"
+            "tests/unit/test_http_server.py's test_upstream_* and review claude_code_api/http/"
             "_hypercorn_fixes.py"
         )
 

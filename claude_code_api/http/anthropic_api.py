@@ -53,12 +53,7 @@ from .compat import (
     usage_counts,
 )
 from .jobs import Finished
-from .requests import (
-    RunRequest,
-    parse_image,
-    parse_image_url,
-    parse_json_object,
-)
+from .requests import RunRequest, parse_image, parse_image_url, parse_json_object
 from .schema import Integral, Says, Schema, body_model, documented, validate
 
 log = logging.getLogger(__name__)

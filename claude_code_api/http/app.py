@@ -37,12 +37,12 @@ from quart import Response, g, has_request_context, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from .. import metrics
-from ..actors.credentials import ANSWER_TIMEOUT_S, CredentialsClient, CredentialsUnavailable
+from ..actors.claude_login import ANSWER_TIMEOUT_S, CredentialsClient, CredentialsUnavailable
 from ..actors.dispatcher import PoolView
 from ..actors.registry_client import RegistryClient
-from ..config import Settings
-from ..disk_quota import DiskQuota
+from ..config.settings import Settings
+from ..limits.disk_quota import DiskQuota
+from ..limits.usage import UsageLedger
 from ..messages import (
     AuthFailed,
     CredentialsStatus,
@@ -53,11 +53,11 @@ from ..messages import (
     UpstreamError,
     WorkerState,
 )
-from ..model_proxy import ModelProxy, UpstreamRefusal
+from ..observe import metrics
+from ..proxy.model import ModelProxy, UpstreamRefusal
 from ..store import SessionRecord
 from ..store import StoreUnavailable as RegistryError
-from ..usage import UsageLedger
-from ..user_paths import user_workspace
+from ..store.user_paths import user_workspace
 from .anthropic_api import anthropic_routes
 from .auth import Unauthorized, authenticate, check_metrics_token, is_admin
 from .compat import CompatRuns, error_body

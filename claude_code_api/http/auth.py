@@ -30,7 +30,7 @@ import hmac
 import time
 from typing import Protocol
 
-from ..config import Settings
+from ..config.settings import Settings
 
 TOKEN_LIFETIME_MS = 5 * 60 * 1000
 # Clock skew tolerated between claude-code-web and this service.

@@ -25,8 +25,8 @@ from pathlib import Path
 import trio
 from quart import Blueprint, Response, g, jsonify, request
 
-from ..disk_quota import DISK_FULL_STATUS, DiskQuota
-from ..workspace_files import (
+from ..limits.disk_quota import DISK_FULL_STATUS, DiskQuota
+from ..store.workspace_files import (
     FileRefused,
     Upload,
     list_files,

@@ -10,7 +10,7 @@ matched (``/runs/{runId}``), written into the request's ASGI scope by the app
 are counted as ``other`` for the same reason.
 
 :func:`scrape` renders a scrape: the counters and histograms of
-:mod:`claude_code_api.metrics`, and the gauges of the moment, computed from the
+:mod:`claude_code_api.observe.metrics`, and the gauges of the moment, computed from the
 dispatcher's snapshot and the registry's record count (:class:`StateGauges`).
 The text is rendered in a worker thread (the process collector reads
 ``/proc``), so a scrape never blocks the event loop, and it asks the dispatcher
@@ -35,9 +35,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from .. import metrics
+from ..limits.usage import UsageLedger
 from ..messages import PoolSnapshot, SessionState, WorkerState
-from ..usage import UsageLedger
+from ..observe import metrics
 
 # Where the app writes the matched route's pattern into a request's ASGI scope.
 ROUTE_KEY = "claude_code_api.route"

@@ -33,7 +33,7 @@ import attrs
 from pydantic import BaseModel
 from quart import Blueprint, Response
 
-from ..config import Settings
+from ..config.settings import Settings
 from ..messages import Job, JobFailed, RunResult
 from .compat import (
     NO_TOOLS,

@@ -6,9 +6,9 @@ with the bounds of this service's configuration (``timeoutMs`` up to
 ``MAX_TIMEOUT_MS``, the prompt's length). The request bodies of the native
 routes are not restated here: their schemas are generated from the models that
 validate them (:func:`.requests.body_schemas`), so the two cannot drift apart. The tests hold the rest together: every
-route the app serves is in it and nothing else (``tests/test_openapi.py``), and a
+route the app serves is in it and nothing else (``tests/unit/test_openapi.py``), and a
 schemathesis pass against the running service checks that what it answers
-conforms (``tests/test_schemathesis.py``).
+conforms (``tests/e2e/test_schemathesis.py``).
 
 The compatible routes' bodies come from their models too
 (:func:`.openai_api.chat_request_model`, :func:`.anthropic_api.messages_request_model`);
@@ -23,19 +23,13 @@ from __future__ import annotations
 from importlib import metadata
 from typing import Any
 
-from ..config import Settings
+from ..config.settings import Settings
 from ..messages import IMAGE_MEDIA_TYPES
-from ..user_memory import MAX_SAVED_BYTES
+from ..store.user_memory import MAX_SAVED_BYTES
 from .anthropic_api import messages_request_model
 from .openai_api import chat_request_model
 from .parsing import BODY_TIMEOUT_S
-from .requests import (
-    MAX_PAGE_OFFSET,
-    MAX_PAGE_SIZE,
-    SESSION_ID_PATTERN,
-    RunBounds,
-    body_schemas,
-)
+from .requests import MAX_PAGE_OFFSET, MAX_PAGE_SIZE, SESSION_ID_PATTERN, RunBounds, body_schemas
 from .schema import component_schemas
 from .streaming import KEEP_ALIVE_S
 

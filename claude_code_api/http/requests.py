@@ -25,8 +25,8 @@ from typing import Annotated, Any, Protocol
 import attrs
 from pydantic import BaseModel, Field, StringConstraints
 
-from ..ceiling import OptionCeiling as OptionCeiling  # (re-exported for the HTTP layer)
-from ..config import Settings
+from ..config.ceiling import OptionCeiling as OptionCeiling  # (re-exported for the HTTP layer)
+from ..config.settings import Settings
 from ..messages import IMAGE_MEDIA_TYPES, PERMISSION_MODES, Image, RunOptions
 from .schema import BadRequest as BadRequest  # (re-exported for the HTTP layer)
 from .schema import (

@@ -23,7 +23,7 @@ from hypercorn.trio import serve
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from quart_trio import QuartTrio
 
-from ..logs import ACCESS_LOG_FORMAT
+from ..observe.logs import ACCESS_LOG_FORMAT
 from ._hypercorn_fixes import AccessLogger, ConnectionTable, FixedConfig, shield_final_send
 from .compat import error_body
 from .parsing import json_bytes

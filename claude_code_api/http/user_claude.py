@@ -4,7 +4,7 @@ A Quart blueprint; the app hands it how to tell who is calling and how to
 read a JSON body, so it authenticates and reads bodies exactly as every other
 route does. Each caller reads and writes only their own file (the user id comes
 from their credentials, never from the body). Storage is
-:mod:`claude_code_api.user_memory`: saves run in worker threads (they sync the
+:mod:`claude_code_api.store.user_memory`: saves run in worker threads (they sync the
 disk); reads, on every one-shot request, on the trio thread (see :func:`load_memory`).
 
 After a save the dispatcher is told (:class:`UserMemoryChanged`), so the
@@ -27,7 +27,7 @@ import trio
 from quart import Blueprint, Response, jsonify
 
 from ..messages import DispatcherMessage, UserMemoryChanged
-from ..user_memory import MAX_SAVED_BYTES, read_user_memory, save_user_memory
+from ..store.user_memory import MAX_SAVED_BYTES, read_user_memory, save_user_memory
 from .requests import parse_user_claude_request
 
 log = logging.getLogger(__name__)

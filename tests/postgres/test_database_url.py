@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from claude_code_api.config import ConfigError, load_settings
+from claude_code_api.config.settings import ConfigError, load_settings
 
 PASSWORD = "s3cret-pw"
 

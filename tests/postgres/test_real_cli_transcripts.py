@@ -12,7 +12,13 @@ from claude_code_api.demo.mock_messages_api import open_mock_api
 from claude_code_api.store.database import Database
 from claude_code_api.store.transcripts import PostgresTranscriptStore
 from tests.postgres.support import TIMEOUT
-from tests.real_cli import CliDirs, open_real_cli, real_cli_options, requires_real_cli, run_turn
+from tests.support.real_cli import (
+    CliDirs,
+    open_real_cli,
+    real_cli_options,
+    requires_real_cli,
+    run_turn,
+)
 
 
 @requires_real_cli

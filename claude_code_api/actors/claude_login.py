@@ -1,0 +1,342 @@
+"""Credentials actor: what the service knows about the Claude credentials agents use.
+
+It owns:
+
+* the view ``GET /auth/status`` shows (:class:`CredentialsStatus`): the method
+  (``apiKey``, ``oauth``, ``none``), the OAuth access token's expiry, the newest
+  refresh failure — answered from memory, never by running a process;
+* every write of the service's credentials file (:class:`CredentialsFile`): the
+  login ``/auth/exchange`` gets, and refreshed tokens. One writer, so a refresh
+  and a login never interleave;
+* the pending OAuth logins of ``/auth/login`` (:class:`PendingLogins`);
+* the bumps of :class:`CredentialsVersion`: after a login, a refresh, or the
+  file changed from outside (``claude login``, a mounted volume; checked every
+  :data:`FILE_CHECK_INTERVAL_S`), so idle agents restart with the new credentials.
+
+Refresh: while agents use the file's OAuth login and it has a refresh token, the
+access token is refreshed when less than ``OAUTH_REFRESH_MARGIN_S`` of it remain
+(for a token this service obtained, at the latest halfway through its life), also
+for a login that was there at start-up. Refresh tokens rotate: the new one is
+stored before anything else happens.
+
+Error handling: a failed refresh is kept for ``/auth/status`` and retried after
+:data:`REFRESH_RETRY_FIRST_S`, doubling up to :data:`REFRESH_RETRY_MAX_S`: never
+a storm. A failed exchange answers its request (502: the token endpoint, 503:
+the file) and changes nothing. File I/O runs in worker threads. The calls out
+are bounded (:mod:`claude_code_api.auth.oauth`) and run in the actor's own nursery,
+so it answers status requests meanwhile. No message or log line holds a code,
+verifier or token.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, TypeVar, assert_never
+
+import trio
+
+from ..auth.credentials import Credentials, CredentialsFile, credentials_path, read_credentials
+from ..auth.oauth import PendingLogins, TokenEndpointError, TokenGranter
+from ..auth.renewal import CredentialsVersion
+from ..messages import (
+    AuthFailed,
+    CredentialsMessage,
+    CredentialsStatus,
+    CredentialsStatusRequest,
+    ExchangeCode,
+    LoginSaved,
+    RefreshFailure,
+    StartLogin,
+    answer_once,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+RunBlocking = Callable[..., Awaitable[Any]]
+
+REFRESH_RETRY_FIRST_S = 10.0
+REFRESH_RETRY_MAX_S = 300.0
+# However short-lived the tokens the endpoint grants, refreshes are at least this far apart.
+MIN_REFRESH_INTERVAL_S = 30.0
+FILE_CHECK_INTERVAL_S = 30.0
+NO_MATCHING_LOGIN = "No matching OAuth session. Start login again."
+# How long an HTTP handler waits for the actor (claude-code-web gives up after 5 s).
+ANSWER_TIMEOUT_S = 2.0
+EXCHANGE_ANSWER_TIMEOUT_S = 4.0
+
+
+class CredentialsUnavailable(Exception):
+    """The credentials actor did not answer in time (it is restarting, or stuck)."""
+
+
+class CredentialsClient:
+    """How HTTP handlers ask the credentials actor, each request bounded in time."""
+
+    def __init__(self, inbox: trio.MemorySendChannel[CredentialsMessage]) -> None:
+        self.inbox = inbox
+
+    async def status(self) -> CredentialsStatus:
+        send, receive = trio.open_memory_channel[CredentialsStatus](1)
+        return await self._ask(CredentialsStatusRequest(send), receive, ANSWER_TIMEOUT_S)
+
+    async def start_login(self) -> str:
+        send, receive = trio.open_memory_channel[str](1)
+        return await self._ask(StartLogin(send), receive, ANSWER_TIMEOUT_S)
+
+    async def exchange(self, code: str, state: str) -> LoginSaved | AuthFailed:
+        send, receive = trio.open_memory_channel[LoginSaved | AuthFailed](1)
+        message = ExchangeCode(code, state, send)
+        return await self._ask(message, receive, EXCHANGE_ANSWER_TIMEOUT_S)
+
+    async def _ask(
+        self,
+        message: CredentialsMessage,
+        receive: trio.MemoryReceiveChannel[T],
+        timeout_s: float,
+    ) -> T:
+        with receive, trio.move_on_after(timeout_s):
+            await self.inbox.send(message)
+            try:
+                return await receive.receive()
+            except trio.EndOfChannel:
+                pass
+        raise CredentialsUnavailable("the credentials service did not answer in time")
+
+
+def _when(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
+
+
+class CredentialsActor:
+    """See the module docstring. ``inbox`` is the receive end of its (tree-owned) channel.
+
+    ``wall_clock`` gives the time in seconds since the epoch (expiry times are
+    wall-clock times) and ``run_blocking`` runs file I/O (in a thread); tests on
+    trio's MockClock derive the one from trio's clock and run the other inline.
+    """
+
+    def __init__(
+        self,
+        inbox: trio.MemoryReceiveChannel[CredentialsMessage],
+        *,
+        environ: Mapping[str, str],
+        use_api_key: bool,
+        endpoint: TokenGranter,
+        version: CredentialsVersion,
+        refresh_margin_s: float,
+        wall_clock: Callable[[], float] = time.time,
+        run_blocking: RunBlocking = trio.to_thread.run_sync,
+        on_login: Callable[[str | None], None] | None = None,
+    ) -> None:
+        self.inbox = inbox
+        self.environ = environ
+        self.use_api_key = use_api_key
+        self.endpoint = endpoint
+        self.version = version
+        self.refresh_margin_s = refresh_margin_s
+        self.wall_clock = wall_clock
+        self.run_blocking = run_blocking
+        # Told the login's access token whenever it is read (the model proxy puts it on).
+        self.on_login = on_login
+        self.file = CredentialsFile(credentials_path(environ))
+        self.pending = PendingLogins()
+        self.current = Credentials("none")
+        self.signature: tuple[int, int, int] | None = None
+        # The lifetime of an access token this service obtained (None: not known).
+        self.lifetime_s: float | None = None
+        self.last_refresh_at: float | None = None
+        self.failure: RefreshFailure | None = None
+        self.retry_delay_s = REFRESH_RETRY_FIRST_S
+        self.changed_at: float | None = None
+        self._writing = trio.Lock()
+        self._wake = trio.Event()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Answer requests and keep the login fresh until the inbox closes or it is cancelled."""
+        await self._reload()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keep_fresh)
+            task_status.started()
+            while True:
+                try:
+                    message = await self.inbox.receive()
+                except trio.EndOfChannel:
+                    break
+                self._handle(message, nursery)
+            nursery.cancel_scope.cancel()
+
+    def status(self) -> CredentialsStatus:
+        login = self.current.login
+        return CredentialsStatus(
+            method=self.current.method,
+            expires_at_ms=self.current.expires_at_ms,
+            refreshable=login is not None and login.refresh_token is not None,
+            refresh_failure=self.failure,
+            changed_at=self.changed_at,
+        )
+
+    def _handle(self, message: CredentialsMessage, nursery: trio.Nursery) -> None:
+        match message:
+            case CredentialsStatusRequest(reply):
+                answer_once(reply, self.status())
+            case StartLogin(reply):
+                answer_once(reply, self.pending.start())
+                log.info("OAuth login started (%d pending)", len(self.pending))
+            case ExchangeCode(code, state, reply):
+                verifier = self.pending.take(state)
+                if verifier is None:
+                    answer_once(reply, AuthFailed(400, NO_MATCHING_LOGIN))
+                else:
+                    nursery.start_soon(self._exchange, code, state, verifier, reply)
+            case _:
+                assert_never(message)
+
+    # --- logins and refreshes ---------------------------------------------------
+
+    async def _exchange(
+        self,
+        code: str,
+        state: str,
+        verifier: str,
+        reply: trio.MemorySendChannel[LoginSaved | AuthFailed],
+    ) -> None:
+        try:
+            grant = await self.endpoint.exchange(code, verifier, state)
+        except TokenEndpointError as exc:
+            log.warning("OAuth login failed: %s", exc)
+            answer_once(reply, AuthFailed(502, f"Token exchange failed: {exc}"))
+            return
+        async with self._writing:
+            now = self.wall_clock()
+            try:
+                await self.run_blocking(self.file.save_login, grant, round(now * 1000))
+            except OSError as exc:
+                log.error("OAuth login not stored in %s: %s", self.file.path, exc)
+                answer_once(reply, AuthFailed(503, f"cannot store the Claude credentials: {exc}"))
+                return
+            self.last_refresh_at = None
+            await self._reload(changed=True, lifetime_s=grant.expires_in_s)
+        log.info(
+            "logged in to Claude (OAuth): stored in %s; the access token expires at %s",
+            self.file.path,
+            _when(now + grant.expires_in_s),
+        )
+        if self.current.login is None:
+            log.warning(
+                "agents do not use the stored login: they use %s",
+                "ANTHROPIC_API_KEY"
+                if self.current.method == "apiKey"
+                else "CLAUDE_CODE_OAUTH_TOKEN",
+            )
+        answer_once(reply, LoginSaved())
+
+    def refresh_due(self) -> float | None:
+        """When the next refresh is due (wall-clock seconds), or None if there is none to make."""
+        login = self.current.login
+        if login is None or login.refresh_token is None or login.expires_at_ms is None:
+            return None
+        if self.failure is not None:
+            return self.failure.next_attempt_at
+        # The earlier of "less than the margin remains" and "half its life is gone": a long-lived
+        # token is renewed halfway, a short-lived one (less than the margin) at once.
+        margin = self.refresh_margin_s
+        if self.lifetime_s is not None:
+            margin = max(margin, self.lifetime_s / 2)
+        due = login.expires_at_ms / 1000 - margin
+        if self.last_refresh_at is not None:
+            due = max(due, self.last_refresh_at + MIN_REFRESH_INTERVAL_S)
+        return due
+
+    async def _refresh(self) -> None:
+        login = self.current.login
+        assert login is not None and login.refresh_token is not None
+        used = login.refresh_token
+        try:
+            grant = await self.endpoint.refresh(used)
+        except TokenEndpointError as exc:
+            self._refresh_failed(str(exc))
+            return
+        async with self._writing:
+            now = self.wall_clock()
+            try:
+                saved = await self.run_blocking(
+                    self.file.save_refresh, used, grant, round(now * 1000)
+                )
+            except OSError as exc:
+                # The rotated refresh token is lost with it: the login may need renewing.
+                self._refresh_failed(f"cannot store the refreshed tokens: {exc}")
+                return
+            if not saved:
+                log.info("a newer login replaced the one being refreshed: keeping the newer")
+                await self._reload()
+                return
+            self.last_refresh_at = now
+            await self._reload(changed=True, lifetime_s=grant.expires_in_s)
+        expires = _when(now + grant.expires_in_s)
+        log.info("refreshed the Claude login; the access token expires at %s", expires)
+
+    def _refresh_failed(self, reason: str) -> None:
+        now = self.wall_clock()
+        delay = self.retry_delay_s
+        self.retry_delay_s = min(delay * 2, REFRESH_RETRY_MAX_S)
+        self.failure = RefreshFailure(reason, now, now + delay)
+        log.warning("refreshing the Claude login failed: %s; next attempt in %g s", reason, delay)
+
+    async def _keep_fresh(self) -> None:
+        """Refresh when due; notice a credentials file changed from outside."""
+        next_check = self.wall_clock() + FILE_CHECK_INTERVAL_S
+        while True:
+            due = self.refresh_due()
+            wake_at = min(next_check, math.inf if due is None else due)
+            wake = self._wake
+            with trio.move_on_after(max(0.0, wake_at - self.wall_clock())):
+                await wake.wait()  # set when the login changes: the due time moves
+            if self.wall_clock() >= next_check:
+                async with self._writing:
+                    if self.signature != await self.run_blocking(self.file.signature):
+                        await self._reload(changed_outside=True)
+                next_check = self.wall_clock() + FILE_CHECK_INTERVAL_S
+            due = self.refresh_due()
+            if due is not None and self.wall_clock() >= due:
+                await self._refresh()
+
+    # --- the current view -------------------------------------------------------
+
+    async def _reload(
+        self,
+        *,
+        changed: bool = False,
+        changed_outside: bool = False,
+        lifetime_s: float | None = None,
+    ) -> None:
+        """Read what agents use now; with ``changed``, it is new to them: bump the version."""
+
+        def read() -> tuple[tuple[int, int, int] | None, Credentials]:
+            # The signature first: a write in between shows as a change at the next check.
+            return self.file.signature(), read_credentials(self.environ, self.use_api_key)
+
+        self.signature, credentials = await self.run_blocking(read)
+        before, self.current = self.current, credentials
+        if self.on_login is not None:
+            self.on_login(_token(credentials))
+        if changed_outside:
+            changed = _token(before) != _token(credentials)
+            if changed:
+                log.info("the Claude credentials file changed: %s", self.file.path)
+        if changed and credentials.login is not None:
+            self.lifetime_s = lifetime_s
+            self.failure, self.retry_delay_s = None, REFRESH_RETRY_FIRST_S
+            self.changed_at = self.wall_clock()
+            self.version.bump()
+        self._wake.set()
+        self._wake = trio.Event()
+
+
+def _token(credentials: Credentials) -> str | None:
+    return None if credentials.login is None else credentials.login.access_token
