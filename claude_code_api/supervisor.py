@@ -212,7 +212,11 @@ class Service:
             gc.freeze()
         return SdkAgentFactory(
             plan.launcher,
-            AgentOptions(self.settings.model, self.settings.max_output_chars),
+            AgentOptions(
+                self.settings.model,
+                self.settings.max_output_chars,
+                self.settings.agent_warm_up_turn,
+            ),
             ReaperClient(self.reaper_inbox),
             plan.refusal,
             self.model_proxy,
