@@ -70,6 +70,7 @@ from tests.harness import service_agents  # noqa: E402
 
 PROMPT = "What is 2+2?"
 USERS = 64
+KEEPALIVE_S = 1.0
 KEYS = [f"sk-bench-user-{n:02d}" for n in range(USERS)]
 API_KEYS = ",".join(f"user-{n:02d}:{key}" for n, key in enumerate(KEYS))
 
@@ -187,7 +188,10 @@ async def measure_service(
     tables: dict[str, SideBySide],
     round_no: int,
 ) -> None:
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+    # Idle connections are dropped before the services' own keep-alive timeouts (5 s, both)
+    # close them: a request sent on one the server is closing fails, whichever service.
+    limits = httpx.Limits(keepalive_expiry=KEEPALIVE_S)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
         await pool_ready(client)
         await one_shot(client, KEYS[-1])  # untimed: first-request costs on both sides
         await pool_ready(client)
