@@ -13,7 +13,9 @@ saying why when it cannot be prepared):
 1. **in-run baseline**: a turn sent straight through the SDK to a warm agent made as the
    service makes them (no HTTP, no queue, no agent start);
 2. **one user's requests** (one key) and **every request another user's** (a key each, of
-   64): one-shot latency one at a time (p50, p99), one-shots per second from 4 clients, and
+   64): one-shot latency one at a time (p50, p99), each sent as the previous one is answered
+   (back to back) and each sent once the pool is ready again (the service idle between
+   requests, as issue 24 describes a new user's request), one-shots per second from 4 clients, and
    the CPU per one-shot of the service's whole process tree (agents and their warm-ups
    included: each phase ends once the pool is ready again);
 3. **sessions** (one user): a session's first turn (starts its agent) and its later turns;
@@ -68,6 +70,7 @@ from tests.support.harness import service_agents  # noqa: E402
 
 PROMPT = "What is 2+2?"
 USERS = 64
+KEEPALIVE_S = 1.0
 KEYS = [f"sk-bench-user-{n:02d}" for n in range(USERS)]
 API_KEYS = ",".join(f"user-{n:02d}:{key}" for n, key in enumerate(KEYS))
 
@@ -102,15 +105,26 @@ async def pool_ready(client: httpx.AsyncClient, timeout: float = 120) -> None:
 
 
 async def one_shots(
-    client: httpx.AsyncClient, cpu: TreeCpuSampler, keys: list[str], clients: int
+    client: httpx.AsyncClient,
+    cpu: TreeCpuSampler,
+    keys: list[str],
+    clients: int,
+    *,
+    paced: bool = False,
 ) -> tuple[list[float], float, float]:
     """``len(keys)`` one-shots (the n-th with ``keys[n]``) from ``clients`` clients, from a
-    ready pool until it is ready again: (latencies, wall s, CPU s of the service's tree)."""
+    ready pool until it is ready again: (latencies, wall s, CPU s of the service's tree).
+
+    ``paced``: each one-shot is sent once the pool is ready again (the service idle between
+    requests, issue 24's shape); else each follows the previous answer at once (back to back:
+    on 2 CPUs, the warm-ups of the replacements then share the CPU with the next requests)."""
     todo = iter(keys)
     latencies: list[float] = []
 
     async def client_loop() -> None:
         for key in todo:
+            if paced:
+                await pool_ready(client)
             latencies.append(await one_shot(client, key))
 
     cpu_before = cpu.total()
@@ -174,7 +188,10 @@ async def measure_service(
     tables: dict[str, SideBySide],
     round_no: int,
 ) -> None:
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+    # Idle connections are dropped before the services' own keep-alive timeouts (5 s, both)
+    # close them: a request sent on one the server is closing fails, whichever service.
+    limits = httpx.Limits(keepalive_expiry=KEEPALIVE_S)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
         await pool_ready(client)
         await one_shot(client, KEYS[-1])  # untimed: first-request costs on both sides
         await pool_ready(client)
@@ -192,6 +209,13 @@ async def measure_service(
             table.add("one-shot p50, sequential", "s", side, round_no, percentile(lat, 50))
             table.add("one-shot p99, sequential", "s", side, round_no, percentile(lat, 99))
             table.add("CPU per one-shot, sequential", "s", side, round_no, used / len(lat))
+            lat, _, _ = await one_shots(client, cpu, keys(args.requests), 1, paced=True)
+            table.add(
+                "one-shot p50, pool ready before each", "s", side, round_no, percentile(lat, 50)
+            )
+            table.add(
+                "one-shot p99, pool ready before each", "s", side, round_no, percentile(lat, 99)
+            )
             count = args.clients * args.per_client
             lat, wall, used = await one_shots(client, cpu, keys(count), args.clients)
             rate = f"one-shots/s, {args.clients} clients"
@@ -345,7 +369,7 @@ def parse_args() -> argparse.Namespace:
     )
     args = parser.parse_args()
     args.ours_env = dict(item.split("=", 1) for item in args.ours_env)
-    if args.requests + args.clients * args.per_client > USERS - 1:
+    if 2 * args.requests + args.clients * args.per_client > USERS - 1:
         parser.error(f"every-user requests must stay within {USERS - 1} users")
     return args
 

@@ -274,7 +274,7 @@ def make_agent_factory(w: Wiring) -> AgentFactory:
         gc.freeze()
     return SdkAgentFactory(
         plan.launcher,
-        AgentOptions(w.settings.model, w.settings.max_output_chars),
+        AgentOptions(w.settings.model, w.settings.max_output_chars, w.settings.agent_warm_up_turn),
         ReaperClient(w.reaper_inbox.send),
         plan.refusal,
         w.model_proxy,

@@ -5,7 +5,8 @@ This is the only module that drives the SDK (with
 message, on the pinned SDK version only). :class:`SdkAgent` implements
 :class:`~claude_code_api.agent.protocol.Agent`: it owns one ``ClaudeSDKClient`` and so one
 CLI process, started through the launcher :mod:`claude_code_api.agent.sandbox` writes
-for it (own process group, the sandbox, an allowlisted environment).
+for it (own process group, the sandbox, an allowlisted environment). A pool
+agent's start ends with its warm-up turn and a ``/clear`` (:mod:`claude_code_api.agent.warm_up`).
 
 Error handling: everything the SDK or the process can do wrong surfaces as
 :class:`AgentError` / :class:`AgentStartError` with a one-line reason fit for a
@@ -49,6 +50,7 @@ from claude_agent_sdk import (
 
 from ..actors.reaper import ReaperClient
 from ..messages import (
+    DEFAULT_OPTIONS,
     DEFAULT_PERMISSION_MODE,
     AssistantText,
     Image,
@@ -72,6 +74,7 @@ from .protocol import (
 )
 from .sandbox import AgentLauncher
 from .sdk_workarounds import cost_since_last_result, receive_messages_with_raw
+from .warm_up import PROMPT as WARM_UP_PROMPT
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +150,8 @@ class AgentOptions:
 
     model: str
     max_output_chars: int
+    # AGENT_WARM_UP_TURN: a pool agent runs its warm-up turn before it is offered (warm_up.py).
+    warm_up_turn: bool = False
 
 
 class SdkAgent:
@@ -268,6 +273,8 @@ class SdkAgent:
                         f"{exc.strerror or exc}"
                     ) from exc
                 await self._connect()
+                self._track_group()
+                await self._warm_up()
         except trio.TooSlowError:
             await self.close(grace=0)
             raise AgentStartError(
@@ -284,7 +291,6 @@ class SdkAgent:
         except BaseException:  # cancelled mid-start: leave no process behind
             await self.close(grace=0)
             raise
-        self._track_group()
 
     async def _connect(self) -> None:
         """Start the CLI through its launcher and wait for ``initialize``'s answer.
@@ -307,6 +313,29 @@ class SdkAgent:
                 await client.disconnect()
             log.info("%s: launcher busy (ETXTBSY); starting again", self.spec.name)
             await trio.sleep(LAUNCH_RETRY_S * (attempt + 1))
+
+    async def _warm_up(self) -> None:
+        """Run the warm-up turn and ``/clear`` (warm_up.py), on a pool agent only.
+
+        Only an ephemeral agent with the service's own options (a pool worker's, made
+        before anyone asks for it), and only through the model proxy, which answers the
+        turn itself while the grant says ``warming``. A turn that fails raises
+        AgentError: the agent does not start.
+        """
+        grant = self._grant
+        spec = self.spec
+        if grant is None or not self._options.warm_up_turn:
+            return
+        if not spec.ephemeral or spec.options != DEFAULT_OPTIONS:
+            return
+        grant.warming = True
+        try:
+            for prompt in (WARM_UP_PROMPT, CLEAR_COMMAND):
+                result = await self.run_turn(prompt, _ignore)
+                if result.is_error:
+                    raise AgentError(f"agent failed its warm-up turn ({prompt}): {result.text}")
+        finally:
+            grant.warming = False
 
     def _track_group(self) -> None:
         """Remember the agent's process group (the launcher made one) and tell the reaper."""

@@ -538,6 +538,14 @@ class Settings:
         " it the longest unused is retired; `0`: none is kept",
         shown_default="`POOL_SIZE`",
     )
+    agent_warm_up_turn: bool = setting(
+        "AGENT_WARM_UP_TURN",
+        Flag(),
+        "on",
+        "on: a pool agent runs one turn before it is offered, answered by the service itself"
+        " (no model call, nothing counted), then `/clear`: the CLI's first-turn work (~0.1 s)"
+        " is not on a request's time; off: a request's turn is its agent's first",
+    )
     model: str = setting(
         "CLAUDE_MODEL",
         Text("a model name"),

@@ -10,7 +10,10 @@ forwards the request to the model API the operator configured
 ``https://api.anthropic.com``), streaming the request's body up and the answer's
 body back byte for byte, as they come. On the way back it reads the answer's
 ``usage`` (:mod:`claude_code_api.limits.usage`): what the user and the run spent is
-counted from the model API's own answers, not from what an agent prints.
+counted from the model API's own answers, not from what an agent prints. While an
+agent runs its warm-up turn (its grant ``warming``: before anyone's request reaches
+it), the proxy answers its model call itself (:mod:`claude_code_api.agent.warm_up`) and
+refuses any other: a warm-up never reaches the model API and is counted for no one.
 
 It listens, outside every sandbox, on a Unix socket ``DATA_DIR/run/model-proxy.sock``
 (bridged into an agent's network namespace, where it is ``127.0.0.1:``
@@ -54,6 +57,7 @@ import attrs
 import h11
 import trio
 
+from ..agent import warm_up
 from ..agent.protocol import Charge
 from ..agent.sandbox import MODEL_PROXY_SOCKET, MODEL_VARIABLES, SANDBOX_MODEL_PORT
 
@@ -119,6 +123,8 @@ class Grant:
     digest: bytes = attrs.field(repr=False)
     charge: Charge | None = None
     calls: int = 0
+    # Its agent runs its warm-up turn (warm_up.py): the proxy answers its model calls itself.
+    warming: bool = False
 
 
 @attrs.frozen
@@ -500,6 +506,9 @@ class _Exchange:
             await self._refuse(*refusal)
             return
         grant.calls += 1
+        if grant.warming:  # before any credential: a warm-up never reaches the model API
+            await self._answer_warm_up()
+            return
         if not proxy.credential.available:
             await self._refuse(401, error_body("authentication_error", NO_CREDENTIALS))
             return
@@ -527,6 +536,24 @@ class _Exchange:
             ledger.record(grant.charge, reader.model, reader.usage)
         if gone:
             raise _Hangup
+
+    async def _answer_warm_up(self) -> None:
+        """Answer a warming agent's call here (warm_up.py): its model call, or a refusal."""
+        path = self.request.target.split(b"?", 1)[0]
+        if self.request.method != b"POST" or path != b"/v1/messages":
+            body = error_body("permission_error", "no other call during an agent's warm-up")
+            await self._refuse(403, body)
+            return
+        body = b"".join([chunk async for chunk in self._request_body()])
+        content_type, answer = warm_up.answer(body)
+        head = [(b"content-type", content_type), (b"content-length", str(len(answer)).encode())]
+        await _send(
+            self.connection,
+            self.stream,
+            h11.Response(status_code=200, headers=head),
+            h11.Data(data=answer),
+            h11.EndOfMessage(),
+        )
 
     async def _refuse(
         self, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None

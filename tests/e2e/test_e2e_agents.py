@@ -7,6 +7,7 @@ agent to look for secrets and other users' data as a model would.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import pytest
 import trio
 
 from claude_code_api.agent.sandbox import probe_sandbox
+from claude_code_api.agent.warm_up import PROMPT as WARM_UP_PROMPT
 from tests.support.harness import (
     API_KEY,
     AUTH,
@@ -150,6 +152,22 @@ async def test_one_shot_requests_leave_nothing_behind(tmp_path):
             launchers = sorted(p.name for p in (service.data_dir / "run").glob("*.sh"))
             assert len(launchers) <= 2
             assert all(n.startswith(("worker-0-", "worker-1-")) for n in launchers)
+
+
+async def test_a_pool_agent_runs_its_warm_up_turn_and_clears_it_before_anyones(tmp_path):
+    log = tmp_path / "fake.log"
+    env = {"AGENT_WARM_UP_TURN": "on", "FAKE_CLAUDE_LOG": str(log), "AGENT_REUSE_S": "0"}
+    with trio.fail_after(60):
+        async with run_service(tmp_path, env=env) as service:
+            await wait_healthy(service, ready=1)
+            async with service.client() as client:
+                reply = await run(client, "hello")
+            records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert reply["status"] == 200 and reply["output"] == "echo: hello", reply
+    turns = [r for r in records if r["event"] == "turn"]
+    [served] = [r["pid"] for r in turns if r["prompt"] == "hello"]
+    # Before the user's prompt, on the same process: the warm-up turn, then a new conversation.
+    assert [r["prompt"] for r in turns if r["pid"] == served] == [WARM_UP_PROMPT, "/clear", "hello"]
 
 
 async def test_a_deleted_session_takes_its_transcripts_with_it(tmp_path):

@@ -191,6 +191,9 @@ def service_env(
             # Each service holds its disk reserve in a file (DATA_DIR/.reserve): 256 MiB by
             # default, taken from /tmp by every test's service (a tmpfs /tmp: from RAM).
             "DISK_RESERVE_MB": "16",
+            # The fake CLI makes no model call, so a warm-up turn would warm nothing: it
+            # would only be one more fake turn in every test's log (tests of it turn it on).
+            "AGENT_WARM_UP_TURN": "off",
             "PYTHONUNBUFFERED": "1",
         }
     )
@@ -241,7 +244,7 @@ def service_agents(env: Mapping[str, str]) -> tuple[Settings, AgentFactory]:
 
     settings = load_settings(env)
     plan = plan_agents(settings, env)
-    options = AgentOptions(settings.model, settings.max_output_chars)
+    options = AgentOptions(settings.model, settings.max_output_chars, settings.agent_warm_up_turn)
     return settings, SdkAgentFactory(plan.launcher, options, refusal=plan.refusal)
 
 

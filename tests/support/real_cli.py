@@ -181,5 +181,6 @@ def service_overrides(api_url: str, workdir: Path, **extra: str) -> dict[str, st
         "CLAUDE_CONFIG_DIR": str(service_home / ".claude"),
         "AGENT_SANDBOX": "auto",
         "WARMUP_TIMEOUT_MS": "60000",
+        "AGENT_WARM_UP_TURN": "on",  # the service's default (the fake's tests turn it off)
         **extra,
     }

@@ -125,6 +125,38 @@ async def test_a_stream_comes_back_byte_for_byte_and_its_usage_is_counted(tmp_pa
     assert spend.cost_usd > 0 and ledger.spent_today("alice") == spend.cost_usd
 
 
+async def test_a_warming_agents_call_is_answered_here_and_never_reaches_the_model(tmp_path):
+    ledger = UsageLedger()
+    with trio.fail_after(20):
+        async with proxied(tmp_path, ledger) as (api, proxy):
+            token, grant = proxy.grants.register("worker-0 (w)")
+            grant.warming = True
+            async with agent_client(proxy, token) as client:
+                plain = await client.post("/v1/messages?beta=true", json=BODY)
+                async with client.stream(
+                    "POST", "/v1/messages", json={**BODY, "stream": True}
+                ) as response:
+                    streamed = b"".join([chunk async for chunk in response.aiter_raw()])
+                other = await client.post("/v1/messages/count_tokens", json=BODY)
+                grant.warming = False  # warm: its calls go to the model API again
+                api.enqueue(TextReply("hello"))
+                forwarded = await client.post("/v1/messages", json=BODY)
+    assert plain.status_code == 200
+    assert plain.json()["content"] == [{"type": "text", "text": "ok"}]
+    assert plain.json()["model"] == BODY["model"] and plain.json()["stop_reason"] == "end_turn"
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/event-stream"
+    events = [
+        line.split(b": ", 1)[1] for line in streamed.split(b"\n") if line.startswith(b"event:")
+    ]
+    assert events[0] == b"message_start" and events[-1] == b"message_stop"
+    assert b'"text_delta", "text": "ok"' in streamed
+    assert other.status_code == 403
+    assert forwarded.json()["content"][0]["text"] == "hello"
+    assert len(api.requests) == 1  # the warm-up's calls never left the service
+    assert ledger.take_run("run-1") == (None, False) and grant.calls == 4
+
+
 async def test_model_api_errors_pass_through_unchanged(tmp_path):
     with trio.fail_after(20):
         async with proxied(tmp_path) as (api, proxy):
