@@ -91,7 +91,9 @@ Script = Callable[[str], Sequence[Step]]
 
 
 def echo(prompt: str) -> Sequence[Step]:
-    return [Finish(f"echo: {prompt}")]
+    """What the fake CLI answers (tests/fake_claude.py): the text as it is written, then the
+    result (tests/contract/test_agent_contract.py holds both fakes to it)."""
+    return [Say(f"echo: {prompt}"), Finish(f"echo: {prompt}")]
 
 
 # --- the agent ----------------------------------------------------------------
