@@ -29,6 +29,61 @@ with what that request is answered with; the registry sends exactly one value
 on it (the answer, or the exception to raise) and closes it. The requester owns
 the receive end. A save is answered once it is durable.
 
+How the actor works, and what each option of :func:`serve_registry` does:
+
+Table calls run one at a time and in arrival order: saves on the trio thread
+(``save_many(wait=False)``: a WAL append for SQLite; in a worker thread when
+the table answers :class:`StoreBusy`), everything else in
+``trio.to_thread.run_sync``, and a checkpoint every ``CHECKPOINT_EVERY``
+writes, in a worker thread too. Group commit: the saves queued right behind
+the one taken (up to ``MAX_SAVE_BATCH``, up to the first message that is not
+a save) are committed in the same transaction, then each is answered; all
+succeed or all fail. The busier the registry, the larger its batches.
+
+``remove_transcripts(user_id, claude_session_id)`` removes the files and
+directories holding the Claude transcripts of one CLI session. When a
+record is deleted (a delete request, or expiry) it is called for the
+record's current and previous CLI session ids, in the worker thread, after
+the record's deletion is committed. What it fails to remove is logged and
+left (the record is gone either way). None: no transcripts are removed.
+
+``ttl_s``: sessions whose ``last_activity`` is more than ``ttl_s`` seconds
+before ``wall_clock()`` are deleted with their transcripts, by a sweep that
+runs once at start-up and then every ``min(ttl_s / 10, 1 h)`` (trio time),
+in chunks of ``EXPIRE_CHUNK`` that take turns with requests. Each sweep that
+expired something logs one line with the count. None: sessions never expire.
+
+``on_health(reason)`` reports the storage's health on the trio thread (it
+must not block): called with the error message when a write (save, create,
+delete, sweep) fails on a :class:`StoreUnavailable`, and with None when a write
+succeeds after that -- only when the state changes, and never before the
+first failure (a store that opened is healthy). Reads do not change it: a
+deleted database file still reads.
+
+``sessions_in_use(user_id)`` names that user's sessions that are live or
+have turns waiting (read on the trio thread as a create is handled). A create
+that would take its user past ``max_per_user`` evicts the least recently
+active of the others: each is deleted in the create's transaction, its
+transcripts removed as a delete's are, logged and counted
+(``sessions_evicted_total``). Only when too few can be evicted is the create
+refused (:class:`TooManySessions`, saying they are all live). None (or a
+callback answering None: no dispatcher runs): nothing is evicted.
+
+``remove_homes(user_ids, cutoff)``: at the end of each expiry sweep, in a
+worker thread, given the users who still have a session and the sweep's
+cutoff: it removes the files of every other user's HOME that has not changed
+since (their workspace goes ``ttl_s`` after their last session did).
+
+``make_room()``: a write that fails because the disk is full (:class:`StoreFull`)
+awaits it (the service stops the agents filling the disk and releases a part of
+its reserve: disk_quota.py), then checkpoints the WAL (so commits reuse its space)
+and tries the write once more.
+
+``on_count(n)`` is told how many records the store holds (all users together),
+on the trio thread: counted once at start-up, then kept by the writes that
+add or remove one (a create, a delete, the expiry sweep), so a reader (the
+metrics' ``sessions`` gauge) never waits for the database.
+
 Error handling: a table that cannot be opened fails before this actor starts
 (the service refuses to start rather than run without its sessions). Once
 running, a failed table call is logged and answered with the
@@ -187,60 +242,8 @@ async def serve_registry(
     """Answer registry messages from ``inbox`` until it is closed or this is cancelled.
 
     Owns ``store`` (any :class:`SessionTable`) and closes it on the way out,
-    shielded (see the module docstring for stopping).
-
-    Table calls run one at a time and in arrival order: saves on the trio thread
-    (``save_many(wait=False)``: a WAL append for SQLite; in a worker thread when
-    the table answers :class:`StoreBusy`), everything else in
-    ``trio.to_thread.run_sync``, and a checkpoint every ``CHECKPOINT_EVERY``
-    writes, in a worker thread too. Group commit: the saves queued right behind
-    the one taken (up to ``MAX_SAVE_BATCH``, up to the first message that is not
-    a save) are committed in the same transaction, then each is answered; all
-    succeed or all fail. The busier the registry, the larger its batches.
-
-    ``remove_transcripts(user_id, claude_session_id)`` removes the files and
-    directories holding the Claude transcripts of one CLI session. When a
-    record is deleted (a delete request, or expiry) it is called for the
-    record's current and previous CLI session ids, in the worker thread, after
-    the record's deletion is committed. What it fails to remove is logged and
-    left (the record is gone either way). None: no transcripts are removed.
-
-    ``ttl_s``: sessions whose ``last_activity`` is more than ``ttl_s`` seconds
-    before ``wall_clock()`` are deleted with their transcripts, by a sweep that
-    runs once at start-up and then every ``min(ttl_s / 10, 1 h)`` (trio time),
-    in chunks of ``EXPIRE_CHUNK`` that take turns with requests. Each sweep that
-    expired something logs one line with the count. None: sessions never expire.
-
-    ``on_health(reason)`` reports the storage's health on the trio thread (it
-    must not block): called with the error message when a write (save, create,
-    delete, sweep) fails on a :class:`StoreUnavailable`, and with None when a write
-    succeeds after that -- only when the state changes, and never before the
-    first failure (a store that opened is healthy). Reads do not change it: a
-    deleted database file still reads.
-
-    ``sessions_in_use(user_id)`` names that user's sessions that are live or
-    have turns waiting (read on the trio thread as a create is handled). A create
-    that would take its user past ``max_per_user`` evicts the least recently
-    active of the others: each is deleted in the create's transaction, its
-    transcripts removed as a delete's are, logged and counted
-    (``sessions_evicted_total``). Only when too few can be evicted is the create
-    refused (:class:`TooManySessions`, saying they are all live). None (or a
-    callback answering None: no dispatcher runs): nothing is evicted.
-
-    ``remove_homes(user_ids, cutoff)``: at the end of each expiry sweep, in a
-    worker thread, given the users who still have a session and the sweep's
-    cutoff: it removes the files of every other user's HOME that has not changed
-    since (their workspace goes ``ttl_s`` after their last session did).
-
-    ``make_room()``: a write that fails because the disk is full (:class:`StoreFull`)
-    awaits it (the service stops the agents filling the disk and releases a part of
-    its reserve: disk_quota.py), then checkpoints the WAL (so commits reuse its space)
-    and tries the write once more.
-
-    ``on_count(n)`` is told how many records the store holds (all users together),
-    on the trio thread: counted once at start-up, then kept by the writes that
-    add or remove one (a create, a delete, the expiry sweep), so a reader (the
-    metrics' ``sessions`` gauge) never waits for the database.
+    shielded (see the module docstring for stopping, and its "How the actor works"
+    for what each option does).
 
     Error handling: a failing call is logged and answered with the
     :class:`StoreUnavailable`; an unexpected exception (a bug) too, with its

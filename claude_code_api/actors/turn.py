@@ -175,155 +175,232 @@ async def run_turn(
     the turn's deadline); an agent that refuses fails the turn like a dead one.
     ``home``: a one-shot agent's own HOME, counted for the job's user while it runs.
     """
-    context = job_context(job, worker_id)
-    scope = turn_scope if turn_scope is not None else trio.CancelScope()
-    scope.deadline = min(scope.deadline, job.deadline)
-    collected = OutputCollector(limits.max_output_chars)
-    retries = _UpstreamRetries()
-    cut: CutReason | None = None
-    disk_failure: JobFailed | None = None
+    turn = _Turn(agent, job, worker_id, limits, turn_scope)
+    refused = await turn.run(taken_at, model, permission_mode, home)
+    if refused is not None:
+        return refused
+    return await turn.outcome()
 
-    def cut_short(reason: CutReason) -> None:
-        nonlocal cut
-        cut = cut or reason
-        scope.cancel()
 
-    async def send(event: ReplyEvent) -> None:
-        if cut is CutReason.CLIENT_GONE:
+class _Turn:
+    """One turn of :func:`run_turn` while it runs, phase by phase: :meth:`run` (the disk
+    quota's check, the prompt, the kill of an agent that filled the disk), then
+    :meth:`outcome` (the terminal event, and stopping an agent whose turn was cut).
+
+    It owns the turn's cancel scope (``turn_scope``, or its own), what the turn has
+    collected (output, upstream retries) and why it was cut short, if it was: the first
+    reason given wins.
+    """
+
+    def __init__(
+        self,
+        agent: Agent,
+        job: Job,
+        worker_id: str,
+        limits: TurnLimits,
+        turn_scope: trio.CancelScope | None,
+    ) -> None:
+        self.agent = agent
+        self.job = job
+        self.worker_id = worker_id
+        self.limits = limits
+        self.context = job_context(job, worker_id)
+        self.scope = turn_scope if turn_scope is not None else trio.CancelScope()
+        self.scope.deadline = min(self.scope.deadline, job.deadline)
+        self.collected = OutputCollector(limits.max_output_chars)
+        self.retries = _UpstreamRetries()
+        self.cut: CutReason | None = None
+        self.disk_failure: JobFailed | None = None
+        self.result: TurnResult | None = None
+        self.failure: AgentError | None = None
+        self.began = False  # the prompt may have reached the agent
+        self.filled = False  # the turn ended by itself, having filled the disk: its agent is killed
+
+    # --- what cuts a turn short, and the agent's events -----------------------------
+
+    def cut_short(self, reason: CutReason) -> None:
+        self.cut = self.cut or reason
+        self.scope.cancel()
+
+    async def send(self, event: ReplyEvent) -> None:
+        if self.cut is CutReason.CLIENT_GONE:
             return
         with trio.move_on_after(REPLY_SEND_TIMEOUT_S) as waited:
             try:
-                await job.reply.send(event)
+                await self.job.reply.send(event)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                cut_short(CutReason.CLIENT_GONE)
+                self.cut_short(CutReason.CLIENT_GONE)
         if waited.cancelled_caught:
-            cut_short(CutReason.CLIENT_GONE)
+            self.cut_short(CutReason.CLIENT_GONE)
 
-    async def relay(event: AgentEvent) -> None:
+    async def relay(self, event: AgentEvent) -> None:
         if isinstance(event, AssistantText):
-            collected.add(event.text)
+            self.collected.add(event.text)
         elif isinstance(event, UpstreamRetry):
-            retries.note(event)
+            self.retries.note(event)
             log.warning(
                 "%s: upstream API error %s (attempt %d): %s",
-                worker_id,
+                self.worker_id,
                 event.status or "unreachable",
                 event.attempt,
                 event.message,
-                extra=context,
+                extra=self.context,
             )
-        await send(event)
+        await self.send(event)
         if isinstance(event, UpstreamRetry) and event.status in NON_RETRYABLE_STATUSES:
-            cut_short(CutReason.UPSTREAM)
+            self.cut_short(CutReason.UPSTREAM)
 
-    def stop_for_disk(failure: JobFailed) -> None:
-        nonlocal disk_failure
-        disk_failure = disk_failure or failure
-        cut_short(CutReason.DISK)
+    def stop_for_disk(self, failure: JobFailed) -> None:
+        self.disk_failure = self.disk_failure or failure
+        self.cut_short(CutReason.DISK)
 
-    def cancelled_by_client() -> None:
-        gone = job.cancellation.reason == CutReason.CLIENT_GONE
-        cut_short(CutReason.CLIENT_GONE if gone else CutReason.CANCELLED)
+    def cancelled_by_client(self) -> None:
+        gone = self.job.cancellation.reason == CutReason.CLIENT_GONE
+        self.cut_short(CutReason.CLIENT_GONE if gone else CutReason.CANCELLED)
 
-    result: TurnResult | None = None
-    failure: AgentError | None = None
-    began = False  # the prompt may have reached the agent
-    filled = False  # the turn ended by itself, having filled the disk: its agent is killed
-    # The client's cancellation is a callback, not a watcher task (the disk quota's watch,
-    # which walks the user's files every second, has to be one).
-    disk = limits.disk
-    watched = Watched(job.user_id, stop_for_disk)
-    with job.cancellation.calling(cancelled_by_client), _counted(disk, job.user_id, home):
-        if disk is not None and cut is None:
-            refused = await disk.refusal(job.user_id)
-            if refused is not None:
-                return TurnOutcome(refused, agent_usable=True, cut=CutReason.DISK)
-            # What the user keeps before the turn (the watch's first measurement may come
-            # after a fast tool has filled the disk).
-            watched.start = await disk.usage(job.user_id)
-        started_at = trio.current_time() if taken_at is None else taken_at
-        metrics.run_started(started_at - job.submitted_at)
-        await send(JobStarted(worker_id, at=started_at))
-        with scope:
-            if cut is None:
-                began = True
-                async with trio.open_nursery() as watching:
-                    if disk is not None:
-                        watching.start_soon(disk.watch, watched)
-                    try:
-                        if model is not None:
-                            await agent.set_model(model)
-                        if permission_mode is not None:
-                            await agent.set_permission_mode(permission_mode)
-                        charge = Charge(job.user_id, job.id, job.session_id)
-                        result = await agent.run_turn(
-                            job.prompt, relay, memory=job.memory, images=job.images, charge=charge
-                        )
-                    except AgentError as exc:
-                        failure = exc
-                    finally:
-                        watching.cancel_scope.cancel()
-                if disk is not None and result is not None:
-                    # (It may have filled the disk within a watch's interval.)
-                    filled = await disk.after_turn(watched)
-        if disk is not None and began and (filled or cut is CutReason.DISK):
-            # Killed, not interrupted: its tools would write on through the interrupt's
-            # grace (or in the background after the turn). Then the others get room (the
-            # reserve), not this agent.
-            await agent.close(grace=0)
-            await disk.after_stop(watched)
+    # --- phase 1: the turn itself ---------------------------------------------------
 
-    elapsed_ms = round((trio.current_time() - job.submitted_at) * 1000)
-    result, over_budget = _counted_usage(limits.usage, job, result)
-    if failure is not None:
-        await agent.close(grace=0)
-        return TurnOutcome(JobFailed(502, str(failure)), agent_usable=False)
-    if result is not None:
+    async def run(
+        self,
+        taken_at: float | None,
+        model: str | None,
+        permission_mode: str | None,
+        home: Path | None,
+    ) -> TurnOutcome | None:
+        """Run the turn (see :func:`run_turn` for the arguments): None once it ended or was
+        cut, or the disk quota's refusal when the prompt must not reach the agent."""
+        job, disk = self.job, self.limits.disk
+        watched = Watched(job.user_id, self.stop_for_disk)
+        # The client's cancellation is a callback, not a watcher task (the disk quota's
+        # watch, which walks the user's files every second, has to be one).
+        with job.cancellation.calling(self.cancelled_by_client), _counted(disk, job.user_id, home):
+            if disk is not None and self.cut is None:
+                refused = await disk.refusal(job.user_id)
+                if refused is not None:
+                    return TurnOutcome(refused, agent_usable=True, cut=CutReason.DISK)
+                # What the user keeps before the turn (the watch's first measurement may
+                # come after a fast tool has filled the disk).
+                watched.start = await disk.usage(job.user_id)
+            started_at = trio.current_time() if taken_at is None else taken_at
+            metrics.run_started(started_at - job.submitted_at)
+            await self.send(JobStarted(self.worker_id, at=started_at))
+            with self.scope:
+                if self.cut is None:
+                    self.began = True
+                    await self._prompt(watched, model, permission_mode)
+                    if disk is not None and self.result is not None:
+                        # (It may have filled the disk within a watch's interval.)
+                        self.filled = await disk.after_turn(watched)
+            if disk is not None and self.began and (self.filled or self.cut is CutReason.DISK):
+                # Killed, not interrupted: its tools would write on through the interrupt's
+                # grace (or in the background after the turn). Then the others get room
+                # (the reserve), not this agent.
+                await self.agent.close(grace=0)
+                await disk.after_stop(watched)
+        return None
+
+    async def _prompt(
+        self, watched: Watched, model: str | None, permission_mode: str | None
+    ) -> None:
+        """Set the agent's model and permission mode if asked, then run the prompt on it,
+        the disk quota watching meanwhile: its result or failure is kept on ``self``."""
+        job, disk = self.job, self.limits.disk
+        async with trio.open_nursery() as watching:
+            if disk is not None:
+                watching.start_soon(disk.watch, watched)
+            try:
+                if model is not None:
+                    await self.agent.set_model(model)
+                if permission_mode is not None:
+                    await self.agent.set_permission_mode(permission_mode)
+                charge = Charge(job.user_id, job.id, job.session_id)
+                self.result = await self.agent.run_turn(
+                    job.prompt, self.relay, memory=job.memory, images=job.images, charge=charge
+                )
+            except AgentError as exc:
+                self.failure = exc
+            finally:
+                watching.cancel_scope.cancel()
+
+    # --- phase 2: how it ended ------------------------------------------------------
+
+    async def outcome(self) -> TurnOutcome:
+        """The terminal event and the agent's state: a dead agent's 502, a finished turn's
+        result, or a cut turn's partial one (its agent interrupted, or killed)."""
+        elapsed_ms = round((trio.current_time() - self.job.submitted_at) * 1000)
+        result, over_budget = _counted_usage(self.limits.usage, self.job, self.result)
+        if self.failure is not None:
+            await self.agent.close(grace=0)
+            return TurnOutcome(JobFailed(502, str(self.failure)), agent_usable=False)
+        if result is not None:
+            return self._ended(result, over_budget, elapsed_ms)
+        return await self._cut_outcome(elapsed_ms)
+
+    def _ended(self, result: TurnResult, over_budget: bool, elapsed_ms: int) -> TurnOutcome:
+        """The outcome of a turn that ended by itself."""
         if over_budget:
-            assert limits.usage is not None
-            log.info("%s: turn ended: the user's daily budget is spent", worker_id, extra=context)
-            refusal = JobFailed(
-                429, limits.usage.budget_message(), retry_after_s=limits.usage.retry_after_s()
+            assert self.limits.usage is not None
+            log.info(
+                "%s: turn ended: the user's daily budget is spent",
+                self.worker_id,
+                extra=self.context,
             )
-            return TurnOutcome(refusal, agent_usable=not filled)
-        finished = _finished(result, elapsed_ms, retries, limits, agent.model)
+            refusal = JobFailed(
+                429,
+                self.limits.usage.budget_message(),
+                retry_after_s=self.limits.usage.retry_after_s(),
+            )
+            return TurnOutcome(refusal, agent_usable=not self.filled)
+        finished = _finished(result, elapsed_ms, self.retries, self.limits, self.agent.model)
         # (A session's next turn resumes in a new process.)
-        return attrs.evolve(finished, agent_usable=False) if filled else finished
+        return attrs.evolve(finished, agent_usable=False) if self.filled else finished
 
-    if cut is None:
-        cut = CutReason.TIMEOUT if trio.current_time() >= job.deadline else CutReason.STOPPED
-    # A turn cut before it began (the client left during the hand-over) has nothing to stop.
-    if cut is CutReason.DISK and began:
-        usable = False  # (killed above)
-    else:
-        usable = await _stop_turn(agent, limits.interrupt_grace_s) if began else True
-    upstream = retries.error()
-    terminal: TerminalEvent
-    if cut is CutReason.UPSTREAM and retries.last is not None:
-        terminal = upstream_failure(retries.last.status, retries.last.message)
-    elif cut is CutReason.DISK and disk_failure is not None:
-        terminal = disk_failure
-    else:
-        terminal = RunResult(
+    async def _cut_outcome(self, elapsed_ms: int) -> TurnOutcome:
+        """The outcome of a turn cut short; its agent is stopped first if the turn began."""
+        cut = self.cut
+        if cut is None:
+            over = trio.current_time() >= self.job.deadline
+            cut = CutReason.TIMEOUT if over else CutReason.STOPPED
+        # A turn cut before it began (the client left during the hand-over) has nothing to stop.
+        if cut is CutReason.DISK and self.began:
+            usable = False  # (killed in run)
+        else:
+            usable = (
+                await _stop_turn(self.agent, self.limits.interrupt_grace_s) if self.began else True
+            )
+        upstream = self.retries.error()
+        terminal = self._cut_terminal(cut, elapsed_ms, upstream)
+        log.info(
+            "%s: turn cut short (%s); agent %s",
+            self.worker_id,
+            cut,
+            "idle" if usable else "killed",
+            extra=self.context,
+        )
+        return TurnOutcome(terminal, agent_usable=usable, cut=cut, upstream_error=upstream)
+
+    def _cut_terminal(
+        self, cut: CutReason, elapsed_ms: int, upstream: UpstreamError | None
+    ) -> TerminalEvent:
+        """What a cut turn answers: the upstream or disk failure that cut it, else its partial
+        result."""
+        last = self.retries.last
+        if cut is CutReason.UPSTREAM and last is not None:
+            return upstream_failure(last.status, last.message)
+        if cut is CutReason.DISK and self.disk_failure is not None:
+            return self.disk_failure
+        return RunResult(
             success=False,
-            output=collected.text,
+            output=self.collected.text,
             duration_ms=elapsed_ms,
             timed_out=cut is CutReason.TIMEOUT,
-            output_truncated=collected.truncated,
+            output_truncated=self.collected.truncated,
             cancelled=cut in (CutReason.CLIENT_GONE, CutReason.CANCELLED),
             stopped=cut is CutReason.STOPPED,
-            claude_session_id=agent.session_id,
-            model=agent.model,
+            claude_session_id=self.agent.session_id,
+            model=self.agent.model,
             upstream_error=upstream,
         )
-    log.info(
-        "%s: turn cut short (%s); agent %s",
-        worker_id,
-        cut,
-        "idle" if usable else "killed",
-        extra=context,
-    )
-    return TurnOutcome(terminal, agent_usable=usable, cut=cut, upstream_error=upstream)
 
 
 @contextmanager

@@ -130,6 +130,42 @@ def plan_with_findings(
     if sandbox.status is Status.FAIL:
         raise StartupError(sandbox.text)
     findings = [sandbox, *credential_findings(settings, environ)]
+    launcher = _launcher(settings, environ, cli, bwrap, user, findings, serving=serving)
+    if launcher.sandboxed:
+        network, finding = network_plan(mode, settings, launcher.env)
+        if finding.status is Status.FAIL:
+            raise StartupError(finding.text)
+        findings.append(finding)
+        launcher = attrs.evolve(launcher, network=network)
+    probes = settings.data_dir.absolute() / "workers" / "start-up-probe"
+    if launcher.sandboxed:
+        launcher, findings = _probe_sandboxed(launcher, mode, probes, findings)
+    refusal = None
+    if not launcher.sandboxed:
+        launcher, refusal, found = _probe_unsandboxed(launcher, settings.data_dir, probes)
+        findings += found
+    if not any(f.subject == "agent start" for f in findings):
+        where = "sandboxed, " if launcher.sandboxed else ""
+        if launcher.own_network is not None:
+            where = "sandboxed, in a network namespace of its own, "
+        text = f"an agent starts ({where}{_who(user)})"
+        findings.append(Finding("agent start", Status.OK, text))
+    _remove_empty(probes)
+    return AgentPlan(launcher, refusal), findings
+
+
+def _launcher(
+    settings: Settings,
+    environ: Mapping[str, str],
+    cli: Path,
+    bwrap: str | None,
+    user: AgentUser | None,
+    findings: list[Finding],
+    *,
+    serving: bool,
+) -> AgentLauncher:
+    """The agents' launcher as configured, under their limits, before any probe; what
+    stays unbounded is added to ``findings`` as warnings."""
     limits = plan_limits(
         tmp_mb=settings.agent_tmp_mb,
         memory_mb=settings.agent_memory_mb,
@@ -166,60 +202,63 @@ def plan_with_findings(
             " bounded between two measurements of its user's disk quota"
         )
         findings.append(Finding("disk quota", Status.WARN, text))
-    if launcher.sandboxed:
-        network, finding = network_plan(mode, settings, launcher.env)
-        if finding.status is Status.FAIL:
-            raise StartupError(finding.text)
-        findings.append(finding)
-        launcher = attrs.evolve(launcher, network=network)
-    probes = settings.data_dir.absolute() / "workers" / "start-up-probe"
-    if launcher.sandboxed:
-        # bwrap itself works (above); the agent's own start in it is checked too: the
-        # CLI, the install it needs, its OS user, its HOME, as every agent will start.
-        reason = launcher.probe(probes / uuid.uuid4().hex[:12])
-        if reason is not None and launcher.own_network is not None:
-            # Is it the network namespace (its bridges)? Then agents keep the rest.
-            without = attrs.evolve(launcher, network=None)
-            if without.probe(probes / uuid.uuid4().hex[:12]) is None:
-                unusable = f"agents' network namespace unusable ({reason})"
-                if mode is SandboxMode.ON:
-                    raise StartupError(f"AGENT_SANDBOX=on, but {unusable}")
-                text = (
-                    f"{unusable}: agents run sandboxed but share the host's network, its "
-                    "loopback included (see README: Security)"
-                )
-                findings = [f for f in findings if f.subject != "network"]
-                findings.append(Finding("network", Status.WARN, text))
-                launcher, reason = without, None
-        if reason is not None:
+    return launcher
+
+
+def _probe_sandboxed(
+    launcher: AgentLauncher, mode: SandboxMode, probes: Path, findings: list[Finding]
+) -> tuple[AgentLauncher, list[Finding]]:
+    """Start one sandboxed agent for real: the launcher agents get, and the findings.
+
+    bwrap itself works (checked before); this checks the agent's own start in it: the
+    CLI, the install it needs, its OS user, its HOME, as every agent will start. If only
+    its network namespace fails, agents keep the rest of the sandbox; if the sandbox
+    fails, they run without it (``auto``). Raises :class:`StartupError` for ``on``.
+    """
+    reason = launcher.probe(probes / uuid.uuid4().hex[:12])
+    if reason is not None and launcher.own_network is not None:
+        # Is it the network namespace (its bridges)? Then agents keep the rest.
+        without = attrs.evolve(launcher, network=None)
+        if without.probe(probes / uuid.uuid4().hex[:12]) is None:
+            unusable = f"agents' network namespace unusable ({reason})"
             if mode is SandboxMode.ON:
-                raise StartupError(f"AGENT_SANDBOX=on, but in the sandbox {reason}")
+                raise StartupError(f"AGENT_SANDBOX=on, but {unusable}")
             text = (
-                f"agent sandbox unusable (in it, {reason}): agents run unconfined "
-                f"({_who(user)}) and can read other users' data; set AGENT_SANDBOX=off to "
-                "silence this (see README: Security)"
+                f"{unusable}: agents run sandboxed but share the host's network, its "
+                "loopback included (see README: Security)"
             )
-            findings = [f for f in findings if f.subject != "network"]  # (none of its own)
-            findings.append(Finding("agent start", Status.WARN, text))
-            launcher = attrs.evolve(launcher, bwrap=None)
-    refusal = None
-    if not launcher.sandboxed:
-        # Out of reach: no agent can ever start (a refusal). A failed probe otherwise is
-        # said, and agents are tried all the same (it may pass; their failures show).
-        launcher, opened = _open_the_way(launcher, settings.data_dir)
-        findings += opened
-        refusal = _unreachable(launcher)
-        reason = refusal or launcher.probe(probes / uuid.uuid4().hex[:12])
-        if reason is not None:
-            findings.append(Finding("agent start", Status.FAIL, reason))
-    if not any(f.subject == "agent start" for f in findings):
-        where = "sandboxed, " if launcher.sandboxed else ""
-        if launcher.own_network is not None:
-            where = "sandboxed, in a network namespace of its own, "
-        text = f"an agent starts ({where}{_who(user)})"
-        findings.append(Finding("agent start", Status.OK, text))
-    _remove_empty(probes)
-    return AgentPlan(launcher, refusal), findings
+            findings = [f for f in findings if f.subject != "network"]
+            findings.append(Finding("network", Status.WARN, text))
+            launcher, reason = without, None
+    if reason is not None:
+        if mode is SandboxMode.ON:
+            raise StartupError(f"AGENT_SANDBOX=on, but in the sandbox {reason}")
+        text = (
+            f"agent sandbox unusable (in it, {reason}): agents run unconfined "
+            f"({_who(launcher.user)}) and can read other users' data; set AGENT_SANDBOX=off "
+            "to silence this (see README: Security)"
+        )
+        findings = [f for f in findings if f.subject != "network"]  # (none of its own)
+        findings.append(Finding("agent start", Status.WARN, text))
+        launcher = attrs.evolve(launcher, bwrap=None)
+    return launcher, findings
+
+
+def _probe_unsandboxed(
+    launcher: AgentLauncher, data_dir: Path, probes: Path
+) -> tuple[AgentLauncher, str | None, list[Finding]]:
+    """Without the sandbox: the launcher (its way to DATA_DIR opened), the plan's refusal
+    when agents are out of reach, and the findings (what was opened; a failed start).
+
+    Out of reach: no agent can ever start (a refusal). A failed probe otherwise is said,
+    and agents are tried all the same (it may pass; their failures show).
+    """
+    launcher, findings = _open_the_way(launcher, data_dir)
+    refusal = _unreachable(launcher)
+    reason = refusal or launcher.probe(probes / uuid.uuid4().hex[:12])
+    if reason is not None:
+        findings.append(Finding("agent start", Status.FAIL, reason))
+    return launcher, refusal, findings
 
 
 # What a sandboxed agent's tools reach the Internet through (the egress proxy, bridged in).
