@@ -591,8 +591,33 @@ class _Exchange:
             scope.cancel()
 
     async def _forward(self, reader: UsageReader | None) -> None:
+        """Send the agent's request upstream with the real credential; relay the answer."""
         import httpx
 
+        upstream_request, has_body = self._upstream_request()
+        if not has_body:
+            async for _ in self._request_body():
+                pass
+        try:
+            response = await self.client.send(upstream_request, stream=True)
+        except httpx.TransportError as exc:
+            # As without the proxy: the agent's call fails without an answer (it retries).
+            log.warning(
+                "model proxy: the model API at %s is unreachable: %r", self.proxy.upstream, exc
+            )
+            raise _Hangup from exc
+        try:
+            await self._relay(response, reader)
+        except httpx.TransportError as exc:
+            log.warning("model proxy: the model API's answer broke off: %r", exc)
+            raise _Hangup from exc
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await response.aclose()
+
+    def _upstream_request(self) -> tuple[httpx.Request, bool]:
+        """The request to the model API (the real credential on it), and whether it has a
+        body (streamed from the agent's as it comes)."""
         proxy, request = self.proxy, self.request
         headers = [
             (name, value)
@@ -603,68 +628,48 @@ class _Exchange:
         ]
         credentialed = proxy.credential.apply(headers)
         assert credentialed is not None  # (checked before: run)
-        headers = credentialed
         # The answer's bytes are passed on as they are, and read on the way for its usage.
-        headers.append((b"accept-encoding", b"identity"))
+        credentialed.append((b"accept-encoding", b"identity"))
         has_body = any(
             name in (b"content-length", b"transfer-encoding") for name, _ in request.headers
         )
-        url = proxy.upstream + request.target.decode("ascii", errors="replace")
         upstream_request = self.client.build_request(
             request.method.decode("ascii"),
-            url,
-            headers=headers,
+            proxy.upstream + request.target.decode("ascii", errors="replace"),
+            headers=credentialed,
             content=self._request_body() if has_body else None,
         )
-        if not has_body:
-            async for _ in self._request_body():
-                pass
-        try:
-            response = await self.client.send(upstream_request, stream=True)
-        except httpx.TransportError as exc:
-            # As without the proxy: the agent's call fails without an answer (it retries).
-            log.warning("model proxy: the model API at %s is unreachable: %r", proxy.upstream, exc)
-            raise _Hangup from exc
-        try:
-            kept = [
-                (name, value)
-                for name, value in response.headers.raw
-                if name.lower() not in HOP_BY_HOP
-            ]
+        return upstream_request, has_body
+
+    async def _relay(self, response: httpx.Response, reader: UsageReader | None) -> None:
+        """Pass the model API's answer to the agent unchanged, reading its usage on the way;
+        a refusal of the credential (401/403) is noted before the agent can see it."""
+        proxy = self.proxy
+        kept = [
+            (name, value) for name, value in response.headers.raw if name.lower() not in HOP_BY_HOP
+        ]
+        if reader is not None:
+            reader.start(response.status_code, response.headers.get("content-type", ""))
+        reason = (response.reason_phrase or "").encode("ascii", errors="replace")
+        head = h11.Response(status_code=response.status_code, headers=kept, reason=reason)
+        await _send(self.connection, self.stream, head)
+        chunks: AsyncIterator[bytes]
+        if response.status_code in AUTH_STATUSES:
+            # Read whole (a short error), noted, then sent: a client that has the body
+            # (its Content-Length reached) before the end of the message is sent must
+            # find the refusal noted already.
+            body = b"".join([chunk async for chunk in response.aiter_raw()])  # (as sent)
+            proxy.upstream_refused(response.status_code, body[:MAX_ERROR_KEPT])
+            chunks = _one(body)
+        else:
+            chunks = response.aiter_raw()
+        async for chunk in chunks:
             if reader is not None:
-                reader.start(response.status_code, response.headers.get("content-type", ""))
-            await _send(
-                self.connection,
-                self.stream,
-                h11.Response(
-                    status_code=response.status_code,
-                    headers=kept,
-                    reason=(response.reason_phrase or "").encode("ascii", errors="replace"),
-                ),
-            )
-            refused = response.status_code in AUTH_STATUSES
-            if refused:
-                # Read whole (a short error), noted, then sent: a client that has the body
-                # (its Content-Length reached) before the end of the message is sent must
-                # find the refusal noted already.
-                body = b"".join([chunk async for chunk in response.aiter_raw()])  # (as sent)
-                proxy.upstream_refused(response.status_code, body[:MAX_ERROR_KEPT])
-                chunks: AsyncIterator[bytes] = _one(body)
-            else:
-                chunks = response.aiter_raw()
-            async for chunk in chunks:
-                if reader is not None:
-                    reader.feed(chunk)
-                await _send(self.connection, self.stream, h11.Data(data=chunk))
-            if response.status_code == 200:
-                proxy.last_refusal = None
-            await _send(self.connection, self.stream, h11.EndOfMessage())
-        except httpx.TransportError as exc:
-            log.warning("model proxy: the model API's answer broke off: %r", exc)
-            raise _Hangup from exc
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await response.aclose()
+                reader.feed(chunk)
+            await _send(self.connection, self.stream, h11.Data(data=chunk))
+        if response.status_code == 200:
+            proxy.last_refusal = None
+        await _send(self.connection, self.stream, h11.EndOfMessage())
 
 
 async def _one(data: bytes) -> AsyncIterator[bytes]:
