@@ -681,19 +681,41 @@ RUN_LINKS = {
 }
 
 
+# The errors of a route that reads a JSON body.
+BODY_ERRORS = (400, 401, 408, 413, 415)
+# The header every run's reply carries, its errors too once it was submitted.
+RUN_ID_HEADER = {
+    "X-Run-Id": {"description": "the run's id", "schema": {"type": "string"}},
+}
+
+
+def _replies(ok: str, schema: str, *codes: int) -> dict[str, Any]:
+    """A route's responses: 200 with a ``schema`` component described as ``ok``, and errors."""
+    return {"200": _ok(ok, _ref(schema)), **_errors(*codes)}
+
+
 def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
-    body_errors = (400, 401, 408, 413, 415)
-    run_id_header = {
-        "X-Run-Id": {"description": "the run's id", "schema": {"type": "string"}},
-    }
-
-    def run_error(code: int) -> dict[str, Any]:
-        """An error about a run that was submitted: it names the run (``runId``, header)."""
-        shared = _responses()[_RESPONSE_NAMES[code]]
-        headers = {**shared.get("headers", {}), **run_id_header}
-        return {**shared, "headers": headers}
-
+    """Every route served, in the document's order, each operation with its id."""
     paths: dict[str, Any] = {
+        **_health_path(),
+        **_run_paths(),
+        **_status_and_session_paths(),
+        **_auth_paths(),
+        **_document_paths(),
+    }
+    paths.update(_compat_paths(RUN_ID_HEADER))
+    paths.update(_file_paths(settings))
+    if metrics:
+        paths.update(_metrics_path(settings))
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            operation["operationId"] = OPERATION_IDS[path, method]
+    paths["/run"]["post"]["responses"]["200"]["links"] = RUN_LINKS
+    return paths
+
+
+def _health_path() -> dict[str, Any]:
+    return {
         "/health": {
             "get": _operation(
                 "Pool status",
@@ -709,6 +731,19 @@ def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
                 tags=("service",),
             )
         },
+    }
+
+
+def _run_error(code: int) -> dict[str, Any]:
+    """An error about a run that was submitted: it names the run (``runId``, header)."""
+    shared = _responses()[_RESPONSE_NAMES[code]]
+    headers = {**shared.get("headers", {}), **RUN_ID_HEADER}
+    return {**shared, "headers": headers}
+
+
+def _run_paths() -> dict[str, Any]:
+    """``POST /run`` and ``DELETE /runs/{runId}``."""
+    return {
         "/run": {
             "post": _operation(
                 "Run a prompt",
@@ -718,14 +753,14 @@ def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
                         " timeout with the partial output, or a cancelled run; streamed as"
                         " server-sent events when asked (`stream`, or `Accept:"
                         " text/event-stream`), the JSON reply then being the `result` event",
-                        "headers": run_id_header,
+                        "headers": RUN_ID_HEADER,
                         "content": {
                             JSON: {"schema": _ref("RunResult")},
                             EVENT_STREAM: _event_stream(),
                         },
                     },
-                    **_errors(*body_errors),
-                    **{str(code): run_error(code) for code in (429, 502, 503, 504, 507)},
+                    **_errors(*BODY_ERRORS),
+                    **{str(code): _run_error(code) for code in (429, 502, 503, 504, 507)},
                 },
                 security=AUTHENTICATED,
                 description="A one-shot run on a pre-warmed agent, or a turn of the caller's"
@@ -741,15 +776,13 @@ def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
         "/runs/{runId}": {
             "delete": _operation(
                 "Cancel one of the caller's queued or running runs",
-                {
-                    "200": _ok(
-                        "Cancelled: the run's own request answers success: false,"
-                        " cancelled: true (a queued run at once, a running one once its agent"
-                        " is interrupted)",
-                        _ref("Cancelled"),
-                    ),
-                    **_errors(401, 404, 503),
-                },
+                _replies(
+                    "Cancelled: the run's own request answers success: false,"
+                    " cancelled: true (a queued run at once, a running one once its agent"
+                    " is interrupted)",
+                    "Cancelled",
+                    *(401, 404, 503),
+                ),
                 security=AUTHENTICATED,
                 description="Anyone else's run, an unknown id and a run that has ended are 404.",
                 parameters=[
@@ -764,38 +797,43 @@ def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
                 tags=("runs",),
             )
         },
+    }
+
+
+def _page_parameters() -> list[dict[str, Any]]:
+    """``limit`` and ``offset``: a page of the caller's sessions."""
+    return [
+        {
+            "name": "limit",
+            "in": "query",
+            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_SIZE},
+            "description": "sessions on the page (default 100)",
+        },
+        {
+            "name": "offset",
+            "in": "query",
+            "schema": {"type": "integer", "minimum": 0, "maximum": MAX_PAGE_OFFSET},
+            "description": "sessions skipped (default 0)",
+        },
+    ]
+
+
+def _status_and_session_paths() -> dict[str, Any]:
+    """``GET /status``, ``DELETE /session`` and ``/user-claude``: the caller's own state."""
+    return {
         "/status": {
             "get": _operation(
                 "Workers, queue, totals and the caller's sessions",
-                {
-                    "200": _ok("The pool and a page of the caller's sessions", _ref("Status")),
-                    **_errors(400, 401, 503),
-                },
+                _replies("The pool and a page of the caller's sessions", "Status", 400, 401, 503),
                 security=AUTHENTICATED,
-                parameters=[
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_SIZE},
-                        "description": "sessions on the page (default 100)",
-                    },
-                    {
-                        "name": "offset",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 0, "maximum": MAX_PAGE_OFFSET},
-                        "description": "sessions skipped (default 0)",
-                    },
-                ],
+                parameters=_page_parameters(),
                 tags=("service",),
             )
         },
         "/session": {
             "delete": _operation(
                 "Close one of the caller's sessions",
-                {
-                    "200": _ok("Closed; its transcripts are removed", _ref("Closed")),
-                    **_errors(*body_errors, 404, 503),
-                },
+                _replies("Closed; its transcripts are removed", "Closed", *BODY_ERRORS, 404, 503),
                 security=AUTHENTICATED,
                 description="A turn running at that moment is interrupted and answers"
                 " success: false.",
@@ -806,25 +844,30 @@ def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
         "/user-claude": {
             "get": _operation(
                 "The caller's CLAUDE.md",
-                {"200": _ok('Its content ("" when none)', _ref("UserClaude")), **_errors(401, 503)},
+                _replies('Its content ("" when none)', "UserClaude", 401, 503),
                 security=AUTHENTICATED,
                 tags=("users",),
             ),
             "put": _operation(
                 "Save the caller's CLAUDE.md",
-                {
-                    "200": _ok("Saved; live sessions restart at their next turn", _ref("Saved")),
-                    **_errors(*body_errors, 503),
-                },
+                _replies(
+                    "Saved; live sessions restart at their next turn", "Saved", *BODY_ERRORS, 503
+                ),
                 security=AUTHENTICATED,
                 body=_ref("UserClaude"),
                 tags=("users",),
             ),
         },
+    }
+
+
+def _auth_paths() -> dict[str, Any]:
+    """``/auth/status``, ``/auth/login`` and ``/auth/exchange``."""
+    return {
         "/auth/status": {
             "get": _operation(
                 "Which credentials the agents use, and the model API's last refusal",
-                {"200": _ok("What the service knows", _ref("AuthStatus")), **_errors(401, 503)},
+                _replies("What the service knows", "AuthStatus", 401, 503),
                 security=AUTHENTICATED,
                 tags=("auth",),
             )
@@ -832,10 +875,7 @@ def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
         "/auth/login": {
             "post": _operation(
                 "Start a Claude (subscription) login",
-                {
-                    "200": _ok("The URL to open; it expires after 10 minutes", _ref("LoginUrl")),
-                    **_errors(401, 403, 503),
-                },
+                _replies("The URL to open; it expires after 10 minutes", "LoginUrl", 401, 403, 503),
                 security=AUTHENTICATED,
                 description="Admins only (AUTH_ADMINS). No body.",
                 tags=("auth",),
@@ -844,10 +884,9 @@ def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
         "/auth/exchange": {
             "post": _operation(
                 "Finish a Claude login with the CODE#STATE the callback page shows",
-                {
-                    "200": _ok("The login is stored and in effect", _ref("Success")),
-                    **_errors(*body_errors, 403, 502, 503),
-                },
+                _replies(
+                    "The login is stored and in effect", "Success", *BODY_ERRORS, 403, 502, 503
+                ),
                 security=AUTHENTICATED,
                 description="Admins only (AUTH_ADMINS). 400 for a code that is not CODE#STATE,"
                 " or a state unknown, expired or used; 502 when the token endpoint fails.",
@@ -855,6 +894,17 @@ def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
                 tags=("auth",),
             )
         },
+    }
+
+
+def _text_reply(description: str, media_type: str) -> dict[str, Any]:
+    """A 200 that is a text document of ``media_type``."""
+    return {"description": description, "content": {media_type: {"schema": {"type": "string"}}}}
+
+
+def _document_paths() -> dict[str, Any]:
+    """``GET /openapi.json`` and ``GET /docs``: this document."""
+    return {
         "/openapi.json": {
             "get": _operation(
                 "This document",
@@ -866,42 +916,32 @@ def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
         "/docs": {
             "get": _operation(
                 "This document as a web page",
-                {
-                    "200": {
-                        "description": "HTML, self-contained",
-                        "content": {"text/html": {"schema": {"type": "string"}}},
-                    },
-                    **_errors(503),
-                },
+                {"200": _text_reply("HTML, self-contained", "text/html"), **_errors(503)},
                 security=PUBLIC,
                 tags=("service",),
             )
         },
     }
-    paths.update(_compat_paths(run_id_header))
-    paths.update(_file_paths(settings))
-    if metrics:
-        paths["/metrics"] = {
+
+
+def _metrics_path(settings: Settings) -> dict[str, Any]:
+    """``GET /metrics`` (documented only when served: ``METRICS=1``)."""
+    token = bool(settings.metrics_token)
+    return {
+        "/metrics": {
             "get": _operation(
                 "Prometheus metrics",
                 {
-                    "200": {
-                        "description": "The Prometheus text format",
-                        "content": {"text/plain": {"schema": {"type": "string"}}},
-                    },
-                    **_errors(*((401, 503) if settings.metrics_token else (503,))),
+                    "200": _text_reply("The Prometheus text format", "text/plain"),
+                    **_errors(*((401, 503) if token else (503,))),
                 },
-                security=METRICS_SCRAPER if settings.metrics_token else PUBLIC,
+                security=METRICS_SCRAPER if token else PUBLIC,
                 description="Off with METRICS=0 (then 404, and absent from this document)."
                 " With METRICS_TOKEN set, only `Authorization: Bearer <METRICS_TOKEN>` opens it.",
                 tags=("service",),
             )
         }
-    for path, operations in paths.items():
-        for method, operation in operations.items():
-            operation["operationId"] = OPERATION_IDS[path, method]
-    paths["/run"]["post"]["responses"]["200"]["links"] = RUN_LINKS
-    return paths
+    }
 
 
 def _file_paths(settings: Settings) -> dict[str, Any]:
