@@ -209,14 +209,17 @@ def _compat_event_stream() -> dict[str, Any]:
     }
 
 
+_COUNT: Schema = {"type": "integer", "minimum": 0}
+_MILLIS: Schema = {"type": "integer", "description": "milliseconds since the Unix epoch"}
+_SESSION_ID: Schema = {
+    "type": "string",
+    "pattern": f"^{SESSION_ID_PATTERN.pattern}$",
+    "description": "names a conversation within the caller's user id",
+}
+
+
 def _schemas(settings: Settings) -> dict[str, Schema]:
-    session_id = {
-        "type": "string",
-        "pattern": f"^{SESSION_ID_PATTERN.pattern}$",
-        "description": "names a conversation within the caller's user id",
-    }
-    count = {"type": "integer", "minimum": 0}
-    millis = {"type": "integer", "description": "milliseconds since the Unix epoch"}
+    """The components of this service's own routes, in the document's order."""
     return {
         **body_schemas(RunBounds.of(settings), MAX_SAVED_BYTES),
         "Error": {
@@ -230,14 +233,29 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
             {
                 "status": {"type": ["integer", "null"], "description": "null: unreachable"},
                 "message": {"type": "string"},
-                "retries": count,
+                "retries": _COUNT,
             }
         ),
-        "RunResult": _object(
+        "RunResult": _run_result_schema(),
+        **_health_schemas(),
+        **_status_schemas(),
+        **_usage_schemas(),
+        "Cancelled": _object({"cancelled": {"const": True}}),
+        **_event_schemas(),
+        "Closed": _object({"closed": {"const": True}}),
+        "Saved": _object({"saved": {"const": True}}),
+        **_auth_schemas(),
+    }
+
+
+def _run_result_schema() -> Schema:
+    """A run's reply: the original service's four fields, then this service's metadata."""
+    return {
+        **_object(
             {
                 "success": {"type": "boolean"},
                 "output": {"type": "string", "description": "the answer, or the error text"},
-                "durationMs": count,
+                "durationMs": _COUNT,
                 "timedOut": {"type": "boolean"},
                 "runId": {"type": "string", "description": "the run's id (header X-Run-Id)"},
                 "claudeSessionId": {
@@ -261,7 +279,7 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                     "description": "model round trips in the turn",
                 },
                 "queuedMs": {
-                    **count,
+                    **_COUNT,
                     "description": "time the run waited for an agent (all of it if it got none)",
                 },
             },
@@ -271,7 +289,7 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "cancelled": {"const": True},
                 "stopped": {"const": True},
                 "upstreamError": _ref("UpstreamError"),
-                "sessionId": {**session_id, "description": "the request's; session turns only"},
+                "sessionId": {**_SESSION_ID, "description": "the request's; session turns only"},
                 "loweredOptions": {
                     "type": "object",
                     "description": "a session's saved options that this service's ceilings"
@@ -287,17 +305,21 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                     "additionalProperties": False,
                 },
             },
-        )
-        | {
-            "description": "A run's reply (the `result` event of a stream): the original"
-            " service's four fields first, then this service's metadata"
-        },
+        ),
+        "description": "A run's reply (the `result` event of a stream): the original"
+        " service's four fields first, then this service's metadata",
+    }
+
+
+def _health_schemas() -> dict[str, Schema]:
+    """``GET /health``'s reply, and a worker as ``GET /status`` shows it."""
+    return {
         "Health": _object(
             {
                 "status": {"enum": ["starting", "ok", "degraded", "stopping"]},
                 "workers": _object(
                     {
-                        name: count
+                        name: _COUNT
                         for name in (
                             "total",
                             "ready",
@@ -309,8 +331,8 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                         )
                     }
                 ),
-                "queue": _object({"length": count, "maxSize": count}),
-                "uptime": {**count, "description": "milliseconds since start"},
+                "queue": _object({"length": _COUNT, "maxSize": _COUNT}),
+                "uptime": {**_COUNT, "description": "milliseconds since start"},
             },
             {"reason": {"type": "string", "description": "why it is degraded"}},
         ),
@@ -318,10 +340,16 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
             {
                 "id": {"type": "string"},
                 "state": {"enum": ["starting", "ready", "busy", "error", "kept", "dormant"]},
-                "jobs": count,
+                "jobs": _COUNT,
             },
-            {"busySince": millis, "lastError": {"type": "string"}},
+            {"busySince": _MILLIS, "lastError": {"type": "string"}},
         ),
+    }
+
+
+def _status_schemas() -> dict[str, Schema]:
+    """A session as ``GET /status`` lists it, and that reply."""
+    return {
         "Session": _object(
             {
                 "id": {"type": "string"},
@@ -329,17 +357,17 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                     "enum": ["live", "busy", "hibernated", "waiting", "starting", "stopping"]
                 },
                 "processing": {"type": "boolean"},
-                "turns": count,
+                "turns": _COUNT,
             },
-            {"lastActivity": millis},
+            {"lastActivity": _MILLIS},
         ),
         "Status": _object(
             {
                 "workers": {"type": "array", "items": _ref("Worker")},
-                "queueLength": count,
-                "maxQueueSize": count,
-                "totalProcessed": count,
-                "totalErrors": count,
+                "queueLength": _COUNT,
+                "maxQueueSize": _COUNT,
+                "totalProcessed": _COUNT,
+                "totalErrors": _COUNT,
                 "runs": {
                     "type": "array",
                     "items": _ref("Run"),
@@ -350,10 +378,16 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                     "items": _ref("Session"),
                     "description": "the caller's own, most recent first",
                 },
-                "sessionsTotal": count,
+                "sessionsTotal": _COUNT,
             },
             {"usage": _ref("Usage")},
         ),
+    }
+
+
+def _usage_schemas() -> dict[str, Schema]:
+    """The caller's usage today, and one of their queued or running runs."""
+    return {
         "Usage": _object(
             {
                 "day": {"type": "string", "description": "the calendar day counted (UTC)"},
@@ -364,42 +398,44 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                     "description": "input_tokens, output_tokens, cache_creation_input_tokens,"
                     " cache_read_input_tokens",
                 },
-                "modelCalls": count,
+                "modelCalls": _COUNT,
                 "dailyBudgetUsd": {"type": ["number", "null"]},
             },
             {
                 "remainingUsd": {"type": "number", "minimum": 0},
                 "overBudget": {"type": "boolean"},
-                "resetsAt": millis,
+                "resetsAt": _MILLIS,
             },
         ),
         "Run": _object(
             {
                 "runId": {"type": "string"},
                 "state": {"enum": ["queued", "running"]},
-                "queuedAt": millis,
+                "queuedAt": _MILLIS,
             },
-            {"sessionId": session_id, "startedAt": millis},
+            {"sessionId": _SESSION_ID, "startedAt": _MILLIS},
         ),
-        "Cancelled": _object({"cancelled": {"const": True}}),
-        **_event_schemas(),
-        "Closed": _object({"closed": {"const": True}}),
-        "Saved": _object({"saved": {"const": True}}),
+    }
+
+
+def _auth_schemas() -> dict[str, Schema]:
+    """The replies of ``/auth/*``."""
+    return {
         "AuthStatus": _object(
             {
                 "authenticated": {"type": "boolean"},
                 "method": {"enum": ["apiKey", "oauth", "none"]},
             },
             {
-                "expiresAt": {**millis, "description": "when the OAuth access token expires"},
+                "expiresAt": {**_MILLIS, "description": "when the OAuth access token expires"},
                 "lastRefreshError": _object(
-                    {"message": {"type": "string"}, "at": millis, "nextAttemptAt": millis}
+                    {"message": {"type": "string"}, "at": _MILLIS, "nextAttemptAt": _MILLIS}
                 ),
                 "lastUpstreamAuthError": _object(
                     {
                         "status": {"type": ["integer", "null"]},
                         "message": {"type": "string"},
-                        "at": millis,
+                        "at": _MILLIS,
                     }
                 ),
             },
