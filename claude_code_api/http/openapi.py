@@ -446,7 +446,21 @@ def _auth_schemas() -> dict[str, Schema]:
 
 
 def _compat_schemas(settings: Settings) -> dict[str, Schema]:
-    """The request and reply shapes of the OpenAI- and Anthropic-compatible routes."""
+    """The request and reply shapes of the OpenAI- and Anthropic-compatible routes, and /files'."""
+    return {
+        **component_schemas(
+            chat_request_model(settings.allowed_models),
+            messages_request_model(settings.allowed_models),
+        ),
+        **_openai_schemas(),
+        **_file_schemas(),
+        **_anthropic_schemas(),
+        **_compat_error_schemas(),
+    }
+
+
+def _openai_schemas() -> dict[str, Schema]:
+    """A chat message, a chat completion, and the model list."""
     text_part = _object({"type": {"const": "text"}, "text": {"type": "string"}})
     image_url_part = _object(
         {
@@ -457,12 +471,7 @@ def _compat_schemas(settings: Settings) -> dict[str, Schema]:
             ),
         }
     )
-    usage = {"type": "integer", "minimum": 0}
     return {
-        **component_schemas(
-            chat_request_model(settings.allowed_models),
-            messages_request_model(settings.allowed_models),
-        ),
         "ChatMessage": _object(
             {"role": {"enum": ["system", "developer", "user", "assistant"]}},
             {
@@ -496,7 +505,7 @@ def _compat_schemas(settings: Settings) -> dict[str, Schema]:
                     ),
                 },
                 "usage": _object(
-                    {"prompt_tokens": usage, "completion_tokens": usage, "total_tokens": usage}
+                    {"prompt_tokens": _COUNT, "completion_tokens": _COUNT, "total_tokens": _COUNT}
                 ),
             }
         ),
@@ -511,6 +520,12 @@ def _compat_schemas(settings: Settings) -> dict[str, Schema]:
                 "owned_by": {"type": "string"},
             }
         ),
+    }
+
+
+def _file_schemas() -> dict[str, Schema]:
+    """The replies of ``/files``."""
+    return {
         "FileList": _object(
             {
                 "files": {
@@ -530,6 +545,12 @@ def _compat_schemas(settings: Settings) -> dict[str, Schema]:
             {"path": {"type": "string"}, "size": {"type": "integer", "minimum": 0}}
         ),
         "FileDeleted": _object({"deleted": {"const": True}}),
+    }
+
+
+def _anthropic_schemas() -> dict[str, Schema]:
+    """An image block, and a message reply."""
+    return {
         "AnthropicImage": _object(
             {
                 "type": {"const": "image"},
@@ -553,9 +574,15 @@ def _compat_schemas(settings: Settings) -> dict[str, Schema]:
                     "items": _object({"type": {"const": "text"}, "text": {"type": "string"}}),
                 },
                 "stop_reason": {"enum": ["end_turn", "max_tokens"]},
-                "usage": _object({"input_tokens": usage, "output_tokens": usage}),
+                "usage": _object({"input_tokens": _COUNT, "output_tokens": _COUNT}),
             }
         ),
+    }
+
+
+def _compat_error_schemas() -> dict[str, Schema]:
+    """The compatible routes' errors, each in its API's own shape."""
+    return {
         "AnthropicError": _object(
             {
                 "type": {"const": "error"},
