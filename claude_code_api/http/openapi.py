@@ -1007,6 +1007,11 @@ def _metrics_path(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _binary() -> dict[str, Any]:
+    """A body of raw bytes: a file's."""
+    return {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+
+
 def _file_paths(settings: Settings) -> dict[str, Any]:
     """``/files``: the caller's workspace (see README, "Files in and out of the workspace")."""
     path_parameter = {
@@ -1025,7 +1030,7 @@ def _file_paths(settings: Settings) -> dict[str, Any]:
         "/files": {
             "get": _operation(
                 "The files in the caller's workspace",
-                {"200": _ok("Every regular file, by name", _ref("FileList")), **_errors(401, 503)},
+                _replies("Every regular file, by name", "FileList", 401, 503),
                 security=AUTHENTICATED,
                 tags=("files",),
             )
@@ -1034,14 +1039,7 @@ def _file_paths(settings: Settings) -> dict[str, Any]:
             "get": _operation(
                 "Download a file of the caller's workspace",
                 {
-                    "200": {
-                        "description": "The file's bytes",
-                        "content": {
-                            "application/octet-stream": {
-                                "schema": {"type": "string", "format": "binary"}
-                            }
-                        },
-                    },
+                    "200": {"description": "The file's bytes", "content": _binary()},
                     **refused,
                     **_errors(401, 503),
                 },
@@ -1049,35 +1047,7 @@ def _file_paths(settings: Settings) -> dict[str, Any]:
                 parameters=[path_parameter],
                 tags=("files",),
             ),
-            "put": {
-                **_operation(
-                    "Write a file into the caller's workspace (directories on the way are made)",
-                    {
-                        "200": _ok("Written", _ref("FileWritten")),
-                        **refused,
-                        "409": _error(
-                            "A directory is where the file would go, or a file is"
-                            " where a directory would"
-                        ),
-                        **_errors(401, 408, 413, 503, 507),
-                    },
-                    security=AUTHENTICATED,
-                    parameters=[path_parameter],
-                    description=f"The body is the file's bytes, at most MAX_FILE_BYTES"
-                    f" ({settings.max_file_bytes}); it counts toward the caller's disk quota"
-                    " (USER_DISK_MAX_MB: 507 past it). The agent sees it on its next turn.",
-                    tags=("files",),
-                ),
-                "requestBody": {
-                    # No body is an empty file.
-                    "required": False,
-                    "content": {
-                        "application/octet-stream": {
-                            "schema": {"type": "string", "format": "binary"}
-                        }
-                    },
-                },
-            },
+            "put": _file_upload(settings, path_parameter, refused),
             "delete": _operation(
                 "Remove a file, a link (itself) or a directory tree of the caller's workspace",
                 {"200": _ok("Removed", _ref("FileDeleted")), **refused, **_errors(401, 503)},
@@ -1086,6 +1056,33 @@ def _file_paths(settings: Settings) -> dict[str, Any]:
                 tags=("files",),
             ),
         },
+    }
+
+
+def _file_upload(
+    settings: Settings, path_parameter: dict[str, Any], refused: dict[str, Any]
+) -> dict[str, Any]:
+    """``PUT /files/{path}``: its body is raw bytes, and may be empty."""
+    return {
+        **_operation(
+            "Write a file into the caller's workspace (directories on the way are made)",
+            {
+                "200": _ok("Written", _ref("FileWritten")),
+                **refused,
+                "409": _error(
+                    "A directory is where the file would go, or a file is where a directory would"
+                ),
+                **_errors(401, 408, 413, 503, 507),
+            },
+            security=AUTHENTICATED,
+            parameters=[path_parameter],
+            description=f"The body is the file's bytes, at most MAX_FILE_BYTES"
+            f" ({settings.max_file_bytes}); it counts toward the caller's disk quota"
+            " (USER_DISK_MAX_MB: 507 past it). The agent sees it on its next turn.",
+            tags=("files",),
+        ),
+        # No body is an empty file.
+        "requestBody": {"required": False, "content": _binary()},
     }
 
 
@@ -1098,60 +1095,74 @@ SESSION_HEADER_PARAMETER = {
 }
 
 
+def _compat_run(
+    summary: str,
+    reply: str,
+    schemas: tuple[str, str, str],
+    run_id_header: dict[str, Any],
+    description: str,
+) -> dict[str, Any]:
+    """A compatible route's run: ``schemas`` is its reply's, its errors' and its body's."""
+    reply_schema, error_schema, body_schema = schemas
+    return _operation(
+        summary,
+        {
+            "200": {
+                "description": reply,
+                "headers": run_id_header,
+                "content": {
+                    JSON: {"schema": _ref(reply_schema)},
+                    EVENT_STREAM: _compat_event_stream(),
+                },
+            },
+            **_compat_errors(error_schema, *BODY_ERRORS, *COMPAT_RUN_ERRORS),
+        },
+        security=AUTHENTICATED,
+        description=description,
+        body=_ref(body_schema),
+        parameters=[SESSION_HEADER_PARAMETER],
+        tags=("compatible",),
+    )
+
+
+COMPAT_RUN_ERRORS = (409, 429, 502, 503, 504, 507)
+
+
 def _compat_paths(run_id_header: dict[str, Any]) -> dict[str, Any]:
     """The OpenAI- and Anthropic-compatible routes (see README, "OpenAI- and
     Anthropic-compatible routes")."""
-    body_errors = (400, 401, 408, 413, 415)
-    run_errors = (409, 429, 502, 503, 504, 507)
     return {
         "/v1/chat/completions": {
-            "post": _operation(
+            "post": _compat_run(
                 "OpenAI: create a chat completion (a run)",
-                {
-                    "200": {
-                        "description": "A chat.completion; with `stream`, chat.completion.chunk"
-                        " events (`data:` lines) ending with `data: [DONE]`",
-                        "headers": run_id_header,
-                        "content": {
-                            JSON: {"schema": _ref("ChatCompletion")},
-                            EVENT_STREAM: _compat_event_stream(),
-                        },
-                    },
-                    **_compat_errors("OpenAIError", *body_errors, *run_errors),
-                },
-                security=AUTHENTICATED,
-                description="The same run as `POST /run` (queue, sessions, ceilings, quotas),"
+                "A chat.completion; with `stream`, chat.completion.chunk"
+                " events (`data:` lines) ending with `data: [DONE]`",
+                ("ChatCompletion", "OpenAIError", "ChatCompletionRequest"),
+                run_id_header,
+                "The same run as `POST /run` (queue, sessions, ceilings, quotas),"
                 ' in OpenAI\'s shapes; errors are OpenAI\'s `{"error": {"message", "type",'
                 ' "param", "code"}}`.',
-                body=_ref("ChatCompletionRequest"),
-                parameters=[SESSION_HEADER_PARAMETER],
-                tags=("compatible",),
             )
         },
         "/v1/messages": {
-            "post": _operation(
+            "post": _compat_run(
                 "Anthropic: create a message (a run)",
-                {
-                    "200": {
-                        "description": "A message; with `stream`, Anthropic's events"
-                        " (message_start, content_block_start, content_block_delta,"
-                        " content_block_stop, message_delta, message_stop)",
-                        "headers": run_id_header,
-                        "content": {
-                            JSON: {"schema": _ref("AnthropicMessage")},
-                            EVENT_STREAM: _compat_event_stream(),
-                        },
-                    },
-                    **_compat_errors("AnthropicError", *body_errors, *run_errors),
-                },
-                security=AUTHENTICATED,
-                description="The same run as `POST /run`, in Anthropic's Messages API shapes;"
+                "A message; with `stream`, Anthropic's events"
+                " (message_start, content_block_start, content_block_delta,"
+                " content_block_stop, message_delta, message_stop)",
+                ("AnthropicMessage", "AnthropicError", "AnthropicMessagesRequest"),
+                run_id_header,
+                "The same run as `POST /run`, in Anthropic's Messages API shapes;"
                 ' errors are Anthropic\'s `{"type": "error", "error": {"type", "message"}}`.',
-                body=_ref("AnthropicMessagesRequest"),
-                parameters=[SESSION_HEADER_PARAMETER],
-                tags=("compatible",),
             )
         },
+        **_model_paths(),
+    }
+
+
+def _model_paths() -> dict[str, Any]:
+    """``GET /v1/models`` and ``GET /v1/models/{model}`` (OpenAI's)."""
+    return {
         "/v1/models": {
             "get": _operation(
                 "OpenAI: the models a request may name (ALLOWED_MODELS)",
