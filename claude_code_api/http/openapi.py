@@ -73,6 +73,11 @@ def _ok(description: str, schema: Schema) -> dict[str, Any]:
     return {"description": description, "content": _json(schema)}
 
 
+def _nullable(json_type: str, description: str) -> Schema:
+    """A value of ``json_type``, or null (not known)."""
+    return {"type": [json_type, "null"], "description": description}
+
+
 def _or_null(schema: Schema, description: str = "") -> Schema:
     """``schema`` or ``null`` (which the parsers read as "not given")."""
     either: Schema = {"anyOf": [schema, {"type": "null"}]}
@@ -258,26 +263,17 @@ def _run_result_schema() -> Schema:
                 "durationMs": _COUNT,
                 "timedOut": {"type": "boolean"},
                 "runId": {"type": "string", "description": "the run's id (header X-Run-Id)"},
-                "claudeSessionId": {
-                    "type": ["string", "null"],
-                    "description": "Claude Code's id of the conversation",
-                },
-                "model": {
-                    "type": ["string", "null"],
-                    "description": "the model that ran the turn, as the agent reported it",
-                },
-                "costUsd": {
-                    "type": ["number", "null"],
-                    "description": "the turn's own cost in US dollars, as the agent reported it",
-                },
-                "usage": {
-                    "type": ["object", "null"],
-                    "description": "the agent's token counts (input_tokens, output_tokens, ...)",
-                },
-                "numTurns": {
-                    "type": ["integer", "null"],
-                    "description": "model round trips in the turn",
-                },
+                "claudeSessionId": _nullable("string", "Claude Code's id of the conversation"),
+                "model": _nullable(
+                    "string", "the model that ran the turn, as the agent reported it"
+                ),
+                "costUsd": _nullable(
+                    "number", "the turn's own cost in US dollars, as the agent reported it"
+                ),
+                "usage": _nullable(
+                    "object", "the agent's token counts (input_tokens, output_tokens, ...)"
+                ),
+                "numTurns": _nullable("integer", "model round trips in the turn"),
                 "queuedMs": {
                     **_COUNT,
                     "description": "time the run waited for an agent (all of it if it got none)",
