@@ -455,8 +455,8 @@ def _compat_schemas(settings: Settings) -> dict[str, Schema]:
     }
 
 
-def _openai_schemas() -> dict[str, Schema]:
-    """A chat message, a chat completion, and the model list."""
+def _chat_message_schema() -> Schema:
+    """An OpenAI chat message: its content a string, or text and image_url parts."""
     text_part = _object({"type": {"const": "text"}, "text": {"type": "string"}})
     image_url_part = _object(
         {
@@ -467,21 +467,26 @@ def _openai_schemas() -> dict[str, Schema]:
             ),
         }
     )
+    return _object(
+        {"role": {"enum": ["system", "developer", "user", "assistant"]}},
+        {
+            "content": {
+                "anyOf": [
+                    {"type": "string"},
+                    {"type": "array", "items": {"anyOf": [text_part, image_url_part]}},
+                    {"type": "null"},
+                ],
+                "description": "a string, or text parts (and image_url parts in user"
+                " messages); null only in an assistant message",
+            }
+        },
+    )
+
+
+def _openai_schemas() -> dict[str, Schema]:
+    """A chat message, a chat completion, and the model list."""
     return {
-        "ChatMessage": _object(
-            {"role": {"enum": ["system", "developer", "user", "assistant"]}},
-            {
-                "content": {
-                    "anyOf": [
-                        {"type": "string"},
-                        {"type": "array", "items": {"anyOf": [text_part, image_url_part]}},
-                        {"type": "null"},
-                    ],
-                    "description": "a string, or text parts (and image_url parts in user"
-                    " messages); null only in an assistant message",
-                }
-            },
-        ),
+        "ChatMessage": _chat_message_schema(),
         "ChatCompletion": _object(
             {
                 "id": {"type": "string"},
