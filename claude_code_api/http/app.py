@@ -288,6 +288,10 @@ def merge_slashes(app: AsgiApp) -> AsgiApp:
     return merged
 
 
+Caller = Callable[[], str]
+JsonBody = Callable[[], Awaitable[bytes]]
+
+
 def create_app(
     settings: Settings,
     dispatcher: trio.MemorySendChannel[DispatcherMessage],
@@ -311,53 +315,40 @@ def create_app(
     so it never waits behind work; else it asks the dispatcher.
 
     Without ``credentials`` (tests of other routes), ``/auth/*`` answers 503.
+
+    Each group of routes is registered by its own function below; this one only
+    assembles them, in the order they were always registered.
     """
     store = store_status or StoreStatus()
     app = QuartTrio("claude_code_api")
-    ceiling = OptionCeiling.of(settings)
-    started_at = time.monotonic()
+    _install_layers(app, settings)
 
-    def published_health() -> tuple[dict[str, Any], int] | None:
-        snapshot = None if pool_view is None else pool_view.read()
-        if snapshot is None:
-            return None
-        uptime_ms = round((time.monotonic() - started_at) * 1000)
-        return health_body(snapshot, uptime_ms, store.failure)
+    def caller() -> str:
+        return authenticate(request.headers, settings)
 
+    json_body = partial(read_json_body, settings.max_body_bytes)
+    if settings.metrics:
+        _metrics_routes(app, settings, dispatcher, store, usage)
+    _document_routes(app, settings)
+    _pool_routes(app, dispatcher, registry, store, pool_view, usage, caller)
+    _auth_routes(app, settings, dispatcher, credentials, model_proxy, caller, json_body)
+    _session_routes(app, dispatcher, caller, json_body)
+    _blueprints(app, settings, dispatcher, disk, caller, json_body)
+    _error_handlers(app)
+    return app
+
+
+def _install_layers(app: QuartTrio, settings: Settings) -> None:
+    """The ASGI layers (module docstring), Quart's limits, and closing after an unread body."""
     # The ASGI layers, outermost first (module docstring).
     cleaned = with_request_cleanups(app.asgi_app)
     counted = count_requests(cleaned) if settings.metrics else cleaned
     app.asgi_app = merge_slashes(counted)  # type: ignore[method-assign,assignment]
     # The largest body of any route: PUT /files/{path}'s, or a JSON body (held to its own
-    # limit by json_body).
+    # limit by read_json_body).
     app.config["MAX_CONTENT_LENGTH"] = max(settings.max_body_bytes, settings.max_file_bytes)
     # Quart cuts responses at 60 s by default; jobs have their own deadlines.
     app.config["RESPONSE_TIMEOUT"] = None
-
-    def caller() -> str:
-        return authenticate(request.headers, settings)
-
-    async def json_body() -> bytes:
-        check_content_type(request.headers.get("content-type"))
-        # Quart's own limit (MAX_CONTENT_LENGTH) is the larger one PUT /files needs: a
-        # JSON body is held to max_body_bytes here, as it arrives.
-        limit = settings.max_body_bytes
-        too_large = BadRequest(f"Request body exceeds {limit} bytes", 413)
-        declared = request.content_length
-        if declared is not None and declared > limit:
-            raise too_large
-        chunks: list[bytes] = []
-        size = 0
-        with trio.move_on_after(BODY_TIMEOUT_S) as waited:
-            async for chunk in request.body:
-                size += len(chunk)
-                if size > limit:
-                    raise too_large
-                chunks.append(chunk)
-        if waited.cancelled_caught:
-            raise BadRequest(f"Request body not received within {BODY_TIMEOUT_S:g} s", 408)
-        g.body_read = True
-        return b"".join(chunks)
 
     @app.after_request
     async def close_if_body_unread(response: Response) -> Response:
@@ -370,30 +361,69 @@ def create_app(
             response.headers["Connection"] = "close"
         return response
 
-    if settings.metrics:
 
-        @app.after_request
-        async def name_the_route(response: Response) -> Response:
-            rule = request.url_rule
-            note_route(request.scope, None if rule is None else rule.rule)
-            return response
+async def read_json_body(limit: int) -> bytes:
+    """The current request's JSON body, at most ``limit`` bytes.
 
-        @app.get("/metrics")
-        async def metrics_page() -> Response:
-            if settings.metrics_token:
-                try:
-                    check_metrics_token(request.headers, settings.metrics_token)
-                except Unauthorized as exc:
-                    return error(401, exc.message, {"WWW-Authenticate": 'Bearer realm="metrics"'})
+    Error handling: a wrong Content-Type is a :class:`BadRequest` (415), a body over
+    ``limit`` (declared or as it arrives) one with 413, a body not received within
+    ``BODY_TIMEOUT_S`` one with 408.
+    """
+    check_content_type(request.headers.get("content-type"))
+    # Quart's own limit (MAX_CONTENT_LENGTH) is the larger one PUT /files needs: a
+    # JSON body is held to max_body_bytes here, as it arrives.
+    too_large = BadRequest(f"Request body exceeds {limit} bytes", 413)
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    with trio.move_on_after(BODY_TIMEOUT_S) as waited:
+        async for chunk in request.body:
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    if waited.cancelled_caught:
+        raise BadRequest(f"Request body not received within {BODY_TIMEOUT_S:g} s", 408)
+    g.body_read = True
+    return b"".join(chunks)
 
-            async def snapshot() -> PoolSnapshot:
-                return await pool_snapshot(dispatcher)
 
-            text = await scrape(
-                snapshot, settings.pool_size + settings.spare_workers, store.records, usage
-            )
-            return Response(text, content_type=metrics.CONTENT_TYPE)
+def _metrics_routes(
+    app: QuartTrio,
+    settings: Settings,
+    dispatcher: trio.MemorySendChannel[DispatcherMessage],
+    store: StoreStatus,
+    usage: UsageLedger | None,
+) -> None:
+    """``GET /metrics`` (behind ``METRICS_TOKEN`` when set), and naming each request's route."""
 
+    @app.after_request
+    async def name_the_route(response: Response) -> Response:
+        rule = request.url_rule
+        note_route(request.scope, None if rule is None else rule.rule)
+        return response
+
+    @app.get("/metrics")
+    async def metrics_page() -> Response:
+        if settings.metrics_token:
+            try:
+                check_metrics_token(request.headers, settings.metrics_token)
+            except Unauthorized as exc:
+                return error(401, exc.message, {"WWW-Authenticate": 'Bearer realm="metrics"'})
+
+        async def snapshot() -> PoolSnapshot:
+            return await pool_snapshot(dispatcher)
+
+        text = await scrape(
+            snapshot, settings.pool_size + settings.spare_workers, store.records, usage
+        )
+        return Response(text, content_type=metrics.CONTENT_TYPE)
+
+
+def _document_routes(app: QuartTrio, settings: Settings) -> None:
+    """``GET /openapi.json`` and ``GET /docs``: built once, from the settings."""
     spec = openapi_spec(settings)
     spec_json = json.dumps(spec, indent=1)
     docs_html = docs_page(spec)
@@ -406,15 +436,28 @@ def create_app(
     async def docs() -> Response:
         return Response(docs_html, content_type="text/html; charset=utf-8")
 
+
+def _pool_routes(
+    app: QuartTrio,
+    dispatcher: trio.MemorySendChannel[DispatcherMessage],
+    registry: RegistryClient,
+    store: StoreStatus,
+    pool_view: PoolView | None,
+    usage: UsageLedger | None,
+    caller: Caller,
+) -> None:
+    """``GET /health`` (public) and ``GET /status`` (the caller's runs, sessions and usage)."""
+    started_at = time.monotonic()
+
     @app.get("/health")
     async def health() -> Response:
         # From the pool's published state: never waits behind work. Nothing is
         # published while the dispatcher restarts: ask it then.
-        answer = published_health()
-        if answer is None:
-            uptime_ms = round((time.monotonic() - started_at) * 1000)
-            answer = health_body(await pool_snapshot(dispatcher), uptime_ms, store.failure)
-        body, code = answer
+        snapshot = None if pool_view is None else pool_view.read()
+        if snapshot is None:
+            snapshot = await pool_snapshot(dispatcher)
+        uptime_ms = round((time.monotonic() - started_at) * 1000)
+        body, code = health_body(snapshot, uptime_ms, store.failure)
         response = jsonify(body)
         response.status_code = code
         return response
@@ -432,6 +475,22 @@ def create_app(
         if usage is not None:
             body["usage"] = usage.user_status(user_id)
         return jsonify(body)
+
+
+def _auth_routes(
+    app: QuartTrio,
+    settings: Settings,
+    dispatcher: trio.MemorySendChannel[DispatcherMessage],
+    credentials: CredentialsClient | None,
+    model_proxy: ModelProxy | None,
+    caller: Caller,
+    json_body: JsonBody,
+) -> None:
+    """``/auth/status``, ``/auth/login`` and ``/auth/exchange``: asks the credentials actor.
+
+    Error handling: without the actor, :class:`CredentialsUnavailable` (503); a caller
+    not in ``AUTH_ADMINS`` logging the service in, :class:`Forbidden` (403).
+    """
 
     def credentials_actor() -> CredentialsClient:
         if credentials is None:
@@ -472,6 +531,15 @@ def create_app(
             return error(outcome.status, outcome.error)
         return jsonify({"success": True})
 
+
+def _session_routes(
+    app: QuartTrio,
+    dispatcher: trio.MemorySendChannel[DispatcherMessage],
+    caller: Caller,
+    json_body: JsonBody,
+) -> None:
+    """``DELETE /session``: closes one of the caller's sessions (404 if unknown)."""
+
     @app.delete("/session")
     async def delete_session() -> Response:
         user_id = caller()
@@ -485,6 +553,17 @@ def create_app(
             return error(404, f"Session {session_id!r} not found")
         return jsonify({"closed": True})
 
+
+def _blueprints(
+    app: QuartTrio,
+    settings: Settings,
+    dispatcher: trio.MemorySendChannel[DispatcherMessage],
+    disk: DiskQuota | None,
+    caller: Caller,
+    json_body: JsonBody,
+) -> None:
+    """The routes other modules own: runs, the OpenAI and Anthropic APIs, files, CLAUDE.md."""
+    ceiling = OptionCeiling.of(settings)
     app.register_blueprint(
         run_routes(
             dispatcher=dispatcher,
@@ -512,13 +591,13 @@ def create_app(
         )
     )
     app.register_blueprint(anthropic_routes(compat_runs))
+    workspaces = partial(user_workspace, settings.data_dir)
     app.register_blueprint(
         files_routes(
             caller=caller,
             data_dir=settings.data_dir,
             max_file_bytes=settings.max_file_bytes,
-            disk=disk
-            or DiskQuota.from_settings(settings, partial(user_workspace, settings.data_dir)),
+            disk=disk or DiskQuota.from_settings(settings, workspaces),
         )
     )
     app.register_blueprint(
@@ -526,6 +605,10 @@ def create_app(
             data_dir=settings.data_dir, dispatcher=dispatcher, caller=caller, json_body=json_body
         )
     )
+
+
+def _error_handlers(app: QuartTrio) -> None:
+    """Every error a client can cause, as JSON with its 4xx; anything else a logged 500."""
 
     @app.errorhandler(Unauthorized)
     async def unauthorized(exc: Unauthorized) -> Response:
@@ -564,5 +647,3 @@ def create_app(
     async def unexpected(exc: Exception) -> Response:
         log.exception("unexpected error handling %s %s", request.method, request.path)
         return error(500, "internal error")
-
-    return app

@@ -54,16 +54,34 @@ def files_routes(
     max_file_bytes: int,
     disk: DiskQuota,
 ) -> Blueprint:
+    """The ``/files`` routes (module docstring); a :class:`FileRefused` is answered as JSON."""
     routes = Blueprint("files", __name__)
+    _reading_routes(routes, caller, data_dir, disk)
+    _writing_route(routes, caller, data_dir, max_file_bytes, disk)
 
-    def file_path(path: str) -> str:
-        """The path as the client sent it (before repeated slashes were merged)."""
-        sent = request.scope.get("unmerged_path")
-        if isinstance(sent, str):
-            rest = sent.lstrip("/")
-            if rest.startswith("files/"):
-                return rest[len("files/") :]
-        return path
+    @routes.app_errorhandler(FileRefused)
+    async def refused(exc: FileRefused) -> Response:
+        response = jsonify({"error": exc.message})
+        response.status_code = exc.status
+        return response
+
+    return routes
+
+
+def _file_path(path: str) -> str:
+    """The path as the client sent it (before repeated slashes were merged)."""
+    sent = request.scope.get("unmerged_path")
+    if isinstance(sent, str):
+        rest = sent.lstrip("/")
+        if rest.startswith("files/"):
+            return rest[len("files/") :]
+    return path
+
+
+def _reading_routes(
+    routes: Blueprint, caller: Callable[[], str], data_dir: Path, disk: DiskQuota
+) -> None:
+    """``GET /files``, ``GET /files/{path}`` and ``DELETE /files/{path}``."""
 
     @routes.get("/files")
     async def listing() -> Response:
@@ -79,7 +97,7 @@ def files_routes(
     async def read(path: str) -> Response:
         user_id = caller()
         workspace = workspace_of(data_dir, user_id)
-        fd, size = await trio.to_thread.run_sync(open_for_reading, workspace, file_path(path))
+        fd, size = await trio.to_thread.run_sync(open_for_reading, workspace, _file_path(path))
 
         async def chunks() -> AsyncIterator[bytes]:
             try:
@@ -94,10 +112,33 @@ def files_routes(
         headers = {"Content-Length": str(size), "Content-Type": "application/octet-stream"}
         return Response(chunks(), 200, headers=headers)
 
+    @routes.delete("/files/<path:path>")
+    async def delete(path: str) -> Response:
+        user_id = caller()
+        workspace = workspace_of(data_dir, user_id)
+        await trio.to_thread.run_sync(remove, workspace, _file_path(path))
+        disk.measured.pop(user_id, None)
+        return jsonify({"deleted": True})
+
+
+def _writing_route(
+    routes: Blueprint,
+    caller: Callable[[], str],
+    data_dir: Path,
+    max_file_bytes: int,
+    disk: DiskQuota,
+) -> None:
+    """``PUT /files/{path}``: the body becomes the file, or nothing is written.
+
+    Error handling: a body over ``max_file_bytes`` (declared or as it arrives) is a 413,
+    one over the caller's quota or into the service's disk reserve a 507, one not
+    received in time a 408; the partial upload is removed in every case.
+    """
+
     @routes.put("/files/<path:path>")
     async def write(path: str) -> Response:
         user_id = caller()
-        sent = file_path(path)
+        sent = _file_path(path)
         declared = request.content_length
         if declared is not None and declared > max_file_bytes:
             raise _too_large(max_file_bytes)
@@ -107,20 +148,7 @@ def files_routes(
         workspace = workspace_of(data_dir, user_id)
         upload = await trio.to_thread.run_sync(Upload, workspace, sent)
         try:
-            body = request.body.__aiter__()
-            while True:
-                with trio.move_on_after(BODY_TIMEOUT_S) as waited:
-                    try:
-                        chunk = await body.__anext__()
-                    except StopAsyncIteration:
-                        break
-                if waited.cancelled_caught:
-                    raise BadRequest(f"Request body not received within {BODY_TIMEOUT_S:g} s", 408)
-                if upload.size + len(chunk) > max_file_bytes:
-                    raise _too_large(max_file_bytes)
-                if used + upload.size + len(chunk) > disk.limit:
-                    raise _over_quota(disk, user_id, used, upload.size + len(chunk))
-                await trio.to_thread.run_sync(upload.write, chunk)
+            await _receive(upload, max_file_bytes, disk, user_id, used)
             g.body_read = True
             if disk.low_on_space():
                 raise BadRequest(
@@ -136,21 +164,25 @@ def files_routes(
         log.info("files: user=%s wrote %s (%d bytes)", user_id, sent[:200], upload.size)
         return jsonify({"path": sent, "size": upload.size})
 
-    @routes.delete("/files/<path:path>")
-    async def delete(path: str) -> Response:
-        user_id = caller()
-        workspace = workspace_of(data_dir, user_id)
-        await trio.to_thread.run_sync(remove, workspace, file_path(path))
-        disk.measured.pop(user_id, None)
-        return jsonify({"deleted": True})
 
-    @routes.app_errorhandler(FileRefused)
-    async def refused(exc: FileRefused) -> Response:
-        response = jsonify({"error": exc.message})
-        response.status_code = exc.status
-        return response
-
-    return routes
+async def _receive(
+    upload: Upload, max_file_bytes: int, disk: DiskQuota, user_id: str, used: int
+) -> None:
+    """Write the request's body into ``upload``, held to the file limit and the quota."""
+    body = request.body.__aiter__()
+    while True:
+        with trio.move_on_after(BODY_TIMEOUT_S) as waited:
+            try:
+                chunk = await body.__anext__()
+            except StopAsyncIteration:
+                break
+        if waited.cancelled_caught:
+            raise BadRequest(f"Request body not received within {BODY_TIMEOUT_S:g} s", 408)
+        if upload.size + len(chunk) > max_file_bytes:
+            raise _too_large(max_file_bytes)
+        if used + upload.size + len(chunk) > disk.limit:
+            raise _over_quota(disk, user_id, used, upload.size + len(chunk))
+        await trio.to_thread.run_sync(upload.write, chunk)
 
 
 def _too_large(limit: int) -> BadRequest:

@@ -73,6 +73,11 @@ def _ok(description: str, schema: Schema) -> dict[str, Any]:
     return {"description": description, "content": _json(schema)}
 
 
+def _nullable(json_type: str, description: str) -> Schema:
+    """A value of ``json_type``, or null (not known)."""
+    return {"type": [json_type, "null"], "description": description}
+
+
 def _or_null(schema: Schema, description: str = "") -> Schema:
     """``schema`` or ``null`` (which the parsers read as "not given")."""
     either: Schema = {"anyOf": [schema, {"type": "null"}]}
@@ -209,14 +214,17 @@ def _compat_event_stream() -> dict[str, Any]:
     }
 
 
+_COUNT: Schema = {"type": "integer", "minimum": 0}
+_MILLIS: Schema = {"type": "integer", "description": "milliseconds since the Unix epoch"}
+_SESSION_ID: Schema = {
+    "type": "string",
+    "pattern": f"^{SESSION_ID_PATTERN.pattern}$",
+    "description": "names a conversation within the caller's user id",
+}
+
+
 def _schemas(settings: Settings) -> dict[str, Schema]:
-    session_id = {
-        "type": "string",
-        "pattern": f"^{SESSION_ID_PATTERN.pattern}$",
-        "description": "names a conversation within the caller's user id",
-    }
-    count = {"type": "integer", "minimum": 0}
-    millis = {"type": "integer", "description": "milliseconds since the Unix epoch"}
+    """The components of this service's own routes, in the document's order."""
     return {
         **body_schemas(RunBounds.of(settings), MAX_SAVED_BYTES),
         "Error": {
@@ -230,38 +238,44 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
             {
                 "status": {"type": ["integer", "null"], "description": "null: unreachable"},
                 "message": {"type": "string"},
-                "retries": count,
+                "retries": _COUNT,
             }
         ),
-        "RunResult": _object(
+        "RunResult": _run_result_schema(),
+        **_health_schemas(),
+        **_status_schemas(),
+        **_usage_schemas(),
+        "Cancelled": _object({"cancelled": {"const": True}}),
+        **_event_schemas(),
+        "Closed": _object({"closed": {"const": True}}),
+        "Saved": _object({"saved": {"const": True}}),
+        **_auth_schemas(),
+    }
+
+
+def _run_result_schema() -> Schema:
+    """A run's reply: the original service's four fields, then this service's metadata."""
+    return {
+        **_object(
             {
                 "success": {"type": "boolean"},
                 "output": {"type": "string", "description": "the answer, or the error text"},
-                "durationMs": count,
+                "durationMs": _COUNT,
                 "timedOut": {"type": "boolean"},
                 "runId": {"type": "string", "description": "the run's id (header X-Run-Id)"},
-                "claudeSessionId": {
-                    "type": ["string", "null"],
-                    "description": "Claude Code's id of the conversation",
-                },
-                "model": {
-                    "type": ["string", "null"],
-                    "description": "the model that ran the turn, as the agent reported it",
-                },
-                "costUsd": {
-                    "type": ["number", "null"],
-                    "description": "the turn's own cost in US dollars, as the agent reported it",
-                },
-                "usage": {
-                    "type": ["object", "null"],
-                    "description": "the agent's token counts (input_tokens, output_tokens, ...)",
-                },
-                "numTurns": {
-                    "type": ["integer", "null"],
-                    "description": "model round trips in the turn",
-                },
+                "claudeSessionId": _nullable("string", "Claude Code's id of the conversation"),
+                "model": _nullable(
+                    "string", "the model that ran the turn, as the agent reported it"
+                ),
+                "costUsd": _nullable(
+                    "number", "the turn's own cost in US dollars, as the agent reported it"
+                ),
+                "usage": _nullable(
+                    "object", "the agent's token counts (input_tokens, output_tokens, ...)"
+                ),
+                "numTurns": _nullable("integer", "model round trips in the turn"),
                 "queuedMs": {
-                    **count,
+                    **_COUNT,
                     "description": "time the run waited for an agent (all of it if it got none)",
                 },
             },
@@ -271,7 +285,7 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "cancelled": {"const": True},
                 "stopped": {"const": True},
                 "upstreamError": _ref("UpstreamError"),
-                "sessionId": {**session_id, "description": "the request's; session turns only"},
+                "sessionId": {**_SESSION_ID, "description": "the request's; session turns only"},
                 "loweredOptions": {
                     "type": "object",
                     "description": "a session's saved options that this service's ceilings"
@@ -287,17 +301,21 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                     "additionalProperties": False,
                 },
             },
-        )
-        | {
-            "description": "A run's reply (the `result` event of a stream): the original"
-            " service's four fields first, then this service's metadata"
-        },
+        ),
+        "description": "A run's reply (the `result` event of a stream): the original"
+        " service's four fields first, then this service's metadata",
+    }
+
+
+def _health_schemas() -> dict[str, Schema]:
+    """``GET /health``'s reply, and a worker as ``GET /status`` shows it."""
+    return {
         "Health": _object(
             {
                 "status": {"enum": ["starting", "ok", "degraded", "stopping"]},
                 "workers": _object(
                     {
-                        name: count
+                        name: _COUNT
                         for name in (
                             "total",
                             "ready",
@@ -309,8 +327,8 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                         )
                     }
                 ),
-                "queue": _object({"length": count, "maxSize": count}),
-                "uptime": {**count, "description": "milliseconds since start"},
+                "queue": _object({"length": _COUNT, "maxSize": _COUNT}),
+                "uptime": {**_COUNT, "description": "milliseconds since start"},
             },
             {"reason": {"type": "string", "description": "why it is degraded"}},
         ),
@@ -318,10 +336,16 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
             {
                 "id": {"type": "string"},
                 "state": {"enum": ["starting", "ready", "busy", "error", "kept", "dormant"]},
-                "jobs": count,
+                "jobs": _COUNT,
             },
-            {"busySince": millis, "lastError": {"type": "string"}},
+            {"busySince": _MILLIS, "lastError": {"type": "string"}},
         ),
+    }
+
+
+def _status_schemas() -> dict[str, Schema]:
+    """A session as ``GET /status`` lists it, and that reply."""
+    return {
         "Session": _object(
             {
                 "id": {"type": "string"},
@@ -329,17 +353,17 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                     "enum": ["live", "busy", "hibernated", "waiting", "starting", "stopping"]
                 },
                 "processing": {"type": "boolean"},
-                "turns": count,
+                "turns": _COUNT,
             },
-            {"lastActivity": millis},
+            {"lastActivity": _MILLIS},
         ),
         "Status": _object(
             {
                 "workers": {"type": "array", "items": _ref("Worker")},
-                "queueLength": count,
-                "maxQueueSize": count,
-                "totalProcessed": count,
-                "totalErrors": count,
+                "queueLength": _COUNT,
+                "maxQueueSize": _COUNT,
+                "totalProcessed": _COUNT,
+                "totalErrors": _COUNT,
                 "runs": {
                     "type": "array",
                     "items": _ref("Run"),
@@ -350,10 +374,16 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                     "items": _ref("Session"),
                     "description": "the caller's own, most recent first",
                 },
-                "sessionsTotal": count,
+                "sessionsTotal": _COUNT,
             },
             {"usage": _ref("Usage")},
         ),
+    }
+
+
+def _usage_schemas() -> dict[str, Schema]:
+    """The caller's usage today, and one of their queued or running runs."""
+    return {
         "Usage": _object(
             {
                 "day": {"type": "string", "description": "the calendar day counted (UTC)"},
@@ -364,42 +394,44 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                     "description": "input_tokens, output_tokens, cache_creation_input_tokens,"
                     " cache_read_input_tokens",
                 },
-                "modelCalls": count,
+                "modelCalls": _COUNT,
                 "dailyBudgetUsd": {"type": ["number", "null"]},
             },
             {
                 "remainingUsd": {"type": "number", "minimum": 0},
                 "overBudget": {"type": "boolean"},
-                "resetsAt": millis,
+                "resetsAt": _MILLIS,
             },
         ),
         "Run": _object(
             {
                 "runId": {"type": "string"},
                 "state": {"enum": ["queued", "running"]},
-                "queuedAt": millis,
+                "queuedAt": _MILLIS,
             },
-            {"sessionId": session_id, "startedAt": millis},
+            {"sessionId": _SESSION_ID, "startedAt": _MILLIS},
         ),
-        "Cancelled": _object({"cancelled": {"const": True}}),
-        **_event_schemas(),
-        "Closed": _object({"closed": {"const": True}}),
-        "Saved": _object({"saved": {"const": True}}),
+    }
+
+
+def _auth_schemas() -> dict[str, Schema]:
+    """The replies of ``/auth/*``."""
+    return {
         "AuthStatus": _object(
             {
                 "authenticated": {"type": "boolean"},
                 "method": {"enum": ["apiKey", "oauth", "none"]},
             },
             {
-                "expiresAt": {**millis, "description": "when the OAuth access token expires"},
+                "expiresAt": {**_MILLIS, "description": "when the OAuth access token expires"},
                 "lastRefreshError": _object(
-                    {"message": {"type": "string"}, "at": millis, "nextAttemptAt": millis}
+                    {"message": {"type": "string"}, "at": _MILLIS, "nextAttemptAt": _MILLIS}
                 ),
                 "lastUpstreamAuthError": _object(
                     {
                         "status": {"type": ["integer", "null"]},
                         "message": {"type": "string"},
-                        "at": millis,
+                        "at": _MILLIS,
                     }
                 ),
             },
@@ -410,7 +442,21 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
 
 
 def _compat_schemas(settings: Settings) -> dict[str, Schema]:
-    """The request and reply shapes of the OpenAI- and Anthropic-compatible routes."""
+    """The request and reply shapes of the OpenAI- and Anthropic-compatible routes, and /files'."""
+    return {
+        **component_schemas(
+            chat_request_model(settings.allowed_models),
+            messages_request_model(settings.allowed_models),
+        ),
+        **_openai_schemas(),
+        **_file_schemas(),
+        **_anthropic_schemas(),
+        **_compat_error_schemas(),
+    }
+
+
+def _chat_message_schema() -> Schema:
+    """An OpenAI chat message: its content a string, or text and image_url parts."""
     text_part = _object({"type": {"const": "text"}, "text": {"type": "string"}})
     image_url_part = _object(
         {
@@ -421,26 +467,26 @@ def _compat_schemas(settings: Settings) -> dict[str, Schema]:
             ),
         }
     )
-    usage = {"type": "integer", "minimum": 0}
+    return _object(
+        {"role": {"enum": ["system", "developer", "user", "assistant"]}},
+        {
+            "content": {
+                "anyOf": [
+                    {"type": "string"},
+                    {"type": "array", "items": {"anyOf": [text_part, image_url_part]}},
+                    {"type": "null"},
+                ],
+                "description": "a string, or text parts (and image_url parts in user"
+                " messages); null only in an assistant message",
+            }
+        },
+    )
+
+
+def _openai_schemas() -> dict[str, Schema]:
+    """A chat message, a chat completion, and the model list."""
     return {
-        **component_schemas(
-            chat_request_model(settings.allowed_models),
-            messages_request_model(settings.allowed_models),
-        ),
-        "ChatMessage": _object(
-            {"role": {"enum": ["system", "developer", "user", "assistant"]}},
-            {
-                "content": {
-                    "anyOf": [
-                        {"type": "string"},
-                        {"type": "array", "items": {"anyOf": [text_part, image_url_part]}},
-                        {"type": "null"},
-                    ],
-                    "description": "a string, or text parts (and image_url parts in user"
-                    " messages); null only in an assistant message",
-                }
-            },
-        ),
+        "ChatMessage": _chat_message_schema(),
         "ChatCompletion": _object(
             {
                 "id": {"type": "string"},
@@ -460,7 +506,7 @@ def _compat_schemas(settings: Settings) -> dict[str, Schema]:
                     ),
                 },
                 "usage": _object(
-                    {"prompt_tokens": usage, "completion_tokens": usage, "total_tokens": usage}
+                    {"prompt_tokens": _COUNT, "completion_tokens": _COUNT, "total_tokens": _COUNT}
                 ),
             }
         ),
@@ -475,6 +521,12 @@ def _compat_schemas(settings: Settings) -> dict[str, Schema]:
                 "owned_by": {"type": "string"},
             }
         ),
+    }
+
+
+def _file_schemas() -> dict[str, Schema]:
+    """The replies of ``/files``."""
+    return {
         "FileList": _object(
             {
                 "files": {
@@ -494,6 +546,12 @@ def _compat_schemas(settings: Settings) -> dict[str, Schema]:
             {"path": {"type": "string"}, "size": {"type": "integer", "minimum": 0}}
         ),
         "FileDeleted": _object({"deleted": {"const": True}}),
+    }
+
+
+def _anthropic_schemas() -> dict[str, Schema]:
+    """An image block, and a message reply."""
+    return {
         "AnthropicImage": _object(
             {
                 "type": {"const": "image"},
@@ -517,9 +575,15 @@ def _compat_schemas(settings: Settings) -> dict[str, Schema]:
                     "items": _object({"type": {"const": "text"}, "text": {"type": "string"}}),
                 },
                 "stop_reason": {"enum": ["end_turn", "max_tokens"]},
-                "usage": _object({"input_tokens": usage, "output_tokens": usage}),
+                "usage": _object({"input_tokens": _COUNT, "output_tokens": _COUNT}),
             }
         ),
+    }
+
+
+def _compat_error_schemas() -> dict[str, Schema]:
+    """The compatible routes' errors, each in its API's own shape."""
+    return {
         "AnthropicError": _object(
             {
                 "type": {"const": "error"},
@@ -681,19 +745,41 @@ RUN_LINKS = {
 }
 
 
+# The errors of a route that reads a JSON body.
+BODY_ERRORS = (400, 401, 408, 413, 415)
+# The header every run's reply carries, its errors too once it was submitted.
+RUN_ID_HEADER = {
+    "X-Run-Id": {"description": "the run's id", "schema": {"type": "string"}},
+}
+
+
+def _replies(ok: str, schema: str, *codes: int) -> dict[str, Any]:
+    """A route's responses: 200 with a ``schema`` component described as ``ok``, and errors."""
+    return {"200": _ok(ok, _ref(schema)), **_errors(*codes)}
+
+
 def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
-    body_errors = (400, 401, 408, 413, 415)
-    run_id_header = {
-        "X-Run-Id": {"description": "the run's id", "schema": {"type": "string"}},
-    }
-
-    def run_error(code: int) -> dict[str, Any]:
-        """An error about a run that was submitted: it names the run (``runId``, header)."""
-        shared = _responses()[_RESPONSE_NAMES[code]]
-        headers = {**shared.get("headers", {}), **run_id_header}
-        return {**shared, "headers": headers}
-
+    """Every route served, in the document's order, each operation with its id."""
     paths: dict[str, Any] = {
+        **_health_path(),
+        **_run_paths(),
+        **_status_and_session_paths(),
+        **_auth_paths(),
+        **_document_paths(),
+    }
+    paths.update(_compat_paths(RUN_ID_HEADER))
+    paths.update(_file_paths(settings))
+    if metrics:
+        paths.update(_metrics_path(settings))
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            operation["operationId"] = OPERATION_IDS[path, method]
+    paths["/run"]["post"]["responses"]["200"]["links"] = RUN_LINKS
+    return paths
+
+
+def _health_path() -> dict[str, Any]:
+    return {
         "/health": {
             "get": _operation(
                 "Pool status",
@@ -709,6 +795,19 @@ def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
                 tags=("service",),
             )
         },
+    }
+
+
+def _run_error(code: int) -> dict[str, Any]:
+    """An error about a run that was submitted: it names the run (``runId``, header)."""
+    shared = _responses()[_RESPONSE_NAMES[code]]
+    headers = {**shared.get("headers", {}), **RUN_ID_HEADER}
+    return {**shared, "headers": headers}
+
+
+def _run_paths() -> dict[str, Any]:
+    """``POST /run`` and ``DELETE /runs/{runId}``."""
+    return {
         "/run": {
             "post": _operation(
                 "Run a prompt",
@@ -718,14 +817,14 @@ def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
                         " timeout with the partial output, or a cancelled run; streamed as"
                         " server-sent events when asked (`stream`, or `Accept:"
                         " text/event-stream`), the JSON reply then being the `result` event",
-                        "headers": run_id_header,
+                        "headers": RUN_ID_HEADER,
                         "content": {
                             JSON: {"schema": _ref("RunResult")},
                             EVENT_STREAM: _event_stream(),
                         },
                     },
-                    **_errors(*body_errors),
-                    **{str(code): run_error(code) for code in (429, 502, 503, 504, 507)},
+                    **_errors(*BODY_ERRORS),
+                    **{str(code): _run_error(code) for code in (429, 502, 503, 504, 507)},
                 },
                 security=AUTHENTICATED,
                 description="A one-shot run on a pre-warmed agent, or a turn of the caller's"
@@ -741,15 +840,13 @@ def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
         "/runs/{runId}": {
             "delete": _operation(
                 "Cancel one of the caller's queued or running runs",
-                {
-                    "200": _ok(
-                        "Cancelled: the run's own request answers success: false,"
-                        " cancelled: true (a queued run at once, a running one once its agent"
-                        " is interrupted)",
-                        _ref("Cancelled"),
-                    ),
-                    **_errors(401, 404, 503),
-                },
+                _replies(
+                    "Cancelled: the run's own request answers success: false,"
+                    " cancelled: true (a queued run at once, a running one once its agent"
+                    " is interrupted)",
+                    "Cancelled",
+                    *(401, 404, 503),
+                ),
                 security=AUTHENTICATED,
                 description="Anyone else's run, an unknown id and a run that has ended are 404.",
                 parameters=[
@@ -764,38 +861,43 @@ def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
                 tags=("runs",),
             )
         },
+    }
+
+
+def _page_parameters() -> list[dict[str, Any]]:
+    """``limit`` and ``offset``: a page of the caller's sessions."""
+    return [
+        {
+            "name": "limit",
+            "in": "query",
+            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_SIZE},
+            "description": "sessions on the page (default 100)",
+        },
+        {
+            "name": "offset",
+            "in": "query",
+            "schema": {"type": "integer", "minimum": 0, "maximum": MAX_PAGE_OFFSET},
+            "description": "sessions skipped (default 0)",
+        },
+    ]
+
+
+def _status_and_session_paths() -> dict[str, Any]:
+    """``GET /status``, ``DELETE /session`` and ``/user-claude``: the caller's own state."""
+    return {
         "/status": {
             "get": _operation(
                 "Workers, queue, totals and the caller's sessions",
-                {
-                    "200": _ok("The pool and a page of the caller's sessions", _ref("Status")),
-                    **_errors(400, 401, 503),
-                },
+                _replies("The pool and a page of the caller's sessions", "Status", 400, 401, 503),
                 security=AUTHENTICATED,
-                parameters=[
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_SIZE},
-                        "description": "sessions on the page (default 100)",
-                    },
-                    {
-                        "name": "offset",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 0, "maximum": MAX_PAGE_OFFSET},
-                        "description": "sessions skipped (default 0)",
-                    },
-                ],
+                parameters=_page_parameters(),
                 tags=("service",),
             )
         },
         "/session": {
             "delete": _operation(
                 "Close one of the caller's sessions",
-                {
-                    "200": _ok("Closed; its transcripts are removed", _ref("Closed")),
-                    **_errors(*body_errors, 404, 503),
-                },
+                _replies("Closed; its transcripts are removed", "Closed", *BODY_ERRORS, 404, 503),
                 security=AUTHENTICATED,
                 description="A turn running at that moment is interrupted and answers"
                 " success: false.",
@@ -806,25 +908,30 @@ def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
         "/user-claude": {
             "get": _operation(
                 "The caller's CLAUDE.md",
-                {"200": _ok('Its content ("" when none)', _ref("UserClaude")), **_errors(401, 503)},
+                _replies('Its content ("" when none)', "UserClaude", 401, 503),
                 security=AUTHENTICATED,
                 tags=("users",),
             ),
             "put": _operation(
                 "Save the caller's CLAUDE.md",
-                {
-                    "200": _ok("Saved; live sessions restart at their next turn", _ref("Saved")),
-                    **_errors(*body_errors, 503),
-                },
+                _replies(
+                    "Saved; live sessions restart at their next turn", "Saved", *BODY_ERRORS, 503
+                ),
                 security=AUTHENTICATED,
                 body=_ref("UserClaude"),
                 tags=("users",),
             ),
         },
+    }
+
+
+def _auth_paths() -> dict[str, Any]:
+    """``/auth/status``, ``/auth/login`` and ``/auth/exchange``."""
+    return {
         "/auth/status": {
             "get": _operation(
                 "Which credentials the agents use, and the model API's last refusal",
-                {"200": _ok("What the service knows", _ref("AuthStatus")), **_errors(401, 503)},
+                _replies("What the service knows", "AuthStatus", 401, 503),
                 security=AUTHENTICATED,
                 tags=("auth",),
             )
@@ -832,10 +939,7 @@ def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
         "/auth/login": {
             "post": _operation(
                 "Start a Claude (subscription) login",
-                {
-                    "200": _ok("The URL to open; it expires after 10 minutes", _ref("LoginUrl")),
-                    **_errors(401, 403, 503),
-                },
+                _replies("The URL to open; it expires after 10 minutes", "LoginUrl", 401, 403, 503),
                 security=AUTHENTICATED,
                 description="Admins only (AUTH_ADMINS). No body.",
                 tags=("auth",),
@@ -844,10 +948,9 @@ def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
         "/auth/exchange": {
             "post": _operation(
                 "Finish a Claude login with the CODE#STATE the callback page shows",
-                {
-                    "200": _ok("The login is stored and in effect", _ref("Success")),
-                    **_errors(*body_errors, 403, 502, 503),
-                },
+                _replies(
+                    "The login is stored and in effect", "Success", *BODY_ERRORS, 403, 502, 503
+                ),
                 security=AUTHENTICATED,
                 description="Admins only (AUTH_ADMINS). 400 for a code that is not CODE#STATE,"
                 " or a state unknown, expired or used; 502 when the token endpoint fails.",
@@ -855,6 +958,17 @@ def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
                 tags=("auth",),
             )
         },
+    }
+
+
+def _text_reply(description: str, media_type: str) -> dict[str, Any]:
+    """A 200 that is a text document of ``media_type``."""
+    return {"description": description, "content": {media_type: {"schema": {"type": "string"}}}}
+
+
+def _document_paths() -> dict[str, Any]:
+    """``GET /openapi.json`` and ``GET /docs``: this document."""
+    return {
         "/openapi.json": {
             "get": _operation(
                 "This document",
@@ -866,42 +980,37 @@ def _paths(settings: Settings, *, metrics: bool) -> dict[str, Any]:
         "/docs": {
             "get": _operation(
                 "This document as a web page",
-                {
-                    "200": {
-                        "description": "HTML, self-contained",
-                        "content": {"text/html": {"schema": {"type": "string"}}},
-                    },
-                    **_errors(503),
-                },
+                {"200": _text_reply("HTML, self-contained", "text/html"), **_errors(503)},
                 security=PUBLIC,
                 tags=("service",),
             )
         },
     }
-    paths.update(_compat_paths(run_id_header))
-    paths.update(_file_paths(settings))
-    if metrics:
-        paths["/metrics"] = {
+
+
+def _metrics_path(settings: Settings) -> dict[str, Any]:
+    """``GET /metrics`` (documented only when served: ``METRICS=1``)."""
+    token = bool(settings.metrics_token)
+    return {
+        "/metrics": {
             "get": _operation(
                 "Prometheus metrics",
                 {
-                    "200": {
-                        "description": "The Prometheus text format",
-                        "content": {"text/plain": {"schema": {"type": "string"}}},
-                    },
-                    **_errors(*((401, 503) if settings.metrics_token else (503,))),
+                    "200": _text_reply("The Prometheus text format", "text/plain"),
+                    **_errors(*((401, 503) if token else (503,))),
                 },
-                security=METRICS_SCRAPER if settings.metrics_token else PUBLIC,
+                security=METRICS_SCRAPER if token else PUBLIC,
                 description="Off with METRICS=0 (then 404, and absent from this document)."
                 " With METRICS_TOKEN set, only `Authorization: Bearer <METRICS_TOKEN>` opens it.",
                 tags=("service",),
             )
         }
-    for path, operations in paths.items():
-        for method, operation in operations.items():
-            operation["operationId"] = OPERATION_IDS[path, method]
-    paths["/run"]["post"]["responses"]["200"]["links"] = RUN_LINKS
-    return paths
+    }
+
+
+def _binary() -> dict[str, Any]:
+    """A body of raw bytes: a file's."""
+    return {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 
 
 def _file_paths(settings: Settings) -> dict[str, Any]:
@@ -922,7 +1031,7 @@ def _file_paths(settings: Settings) -> dict[str, Any]:
         "/files": {
             "get": _operation(
                 "The files in the caller's workspace",
-                {"200": _ok("Every regular file, by name", _ref("FileList")), **_errors(401, 503)},
+                _replies("Every regular file, by name", "FileList", 401, 503),
                 security=AUTHENTICATED,
                 tags=("files",),
             )
@@ -931,14 +1040,7 @@ def _file_paths(settings: Settings) -> dict[str, Any]:
             "get": _operation(
                 "Download a file of the caller's workspace",
                 {
-                    "200": {
-                        "description": "The file's bytes",
-                        "content": {
-                            "application/octet-stream": {
-                                "schema": {"type": "string", "format": "binary"}
-                            }
-                        },
-                    },
+                    "200": {"description": "The file's bytes", "content": _binary()},
                     **refused,
                     **_errors(401, 503),
                 },
@@ -946,35 +1048,7 @@ def _file_paths(settings: Settings) -> dict[str, Any]:
                 parameters=[path_parameter],
                 tags=("files",),
             ),
-            "put": {
-                **_operation(
-                    "Write a file into the caller's workspace (directories on the way are made)",
-                    {
-                        "200": _ok("Written", _ref("FileWritten")),
-                        **refused,
-                        "409": _error(
-                            "A directory is where the file would go, or a file is"
-                            " where a directory would"
-                        ),
-                        **_errors(401, 408, 413, 503, 507),
-                    },
-                    security=AUTHENTICATED,
-                    parameters=[path_parameter],
-                    description=f"The body is the file's bytes, at most MAX_FILE_BYTES"
-                    f" ({settings.max_file_bytes}); it counts toward the caller's disk quota"
-                    " (USER_DISK_MAX_MB: 507 past it). The agent sees it on its next turn.",
-                    tags=("files",),
-                ),
-                "requestBody": {
-                    # No body is an empty file.
-                    "required": False,
-                    "content": {
-                        "application/octet-stream": {
-                            "schema": {"type": "string", "format": "binary"}
-                        }
-                    },
-                },
-            },
+            "put": _file_upload(settings, path_parameter, refused),
             "delete": _operation(
                 "Remove a file, a link (itself) or a directory tree of the caller's workspace",
                 {"200": _ok("Removed", _ref("FileDeleted")), **refused, **_errors(401, 503)},
@@ -983,6 +1057,33 @@ def _file_paths(settings: Settings) -> dict[str, Any]:
                 tags=("files",),
             ),
         },
+    }
+
+
+def _file_upload(
+    settings: Settings, path_parameter: dict[str, Any], refused: dict[str, Any]
+) -> dict[str, Any]:
+    """``PUT /files/{path}``: its body is raw bytes, and may be empty."""
+    return {
+        **_operation(
+            "Write a file into the caller's workspace (directories on the way are made)",
+            {
+                "200": _ok("Written", _ref("FileWritten")),
+                **refused,
+                "409": _error(
+                    "A directory is where the file would go, or a file is where a directory would"
+                ),
+                **_errors(401, 408, 413, 503, 507),
+            },
+            security=AUTHENTICATED,
+            parameters=[path_parameter],
+            description=f"The body is the file's bytes, at most MAX_FILE_BYTES"
+            f" ({settings.max_file_bytes}); it counts toward the caller's disk quota"
+            " (USER_DISK_MAX_MB: 507 past it). The agent sees it on its next turn.",
+            tags=("files",),
+        ),
+        # No body is an empty file.
+        "requestBody": {"required": False, "content": _binary()},
     }
 
 
@@ -995,60 +1096,74 @@ SESSION_HEADER_PARAMETER = {
 }
 
 
+def _compat_run(
+    summary: str,
+    reply: str,
+    schemas: tuple[str, str, str],
+    run_id_header: dict[str, Any],
+    description: str,
+) -> dict[str, Any]:
+    """A compatible route's run: ``schemas`` is its reply's, its errors' and its body's."""
+    reply_schema, error_schema, body_schema = schemas
+    return _operation(
+        summary,
+        {
+            "200": {
+                "description": reply,
+                "headers": run_id_header,
+                "content": {
+                    JSON: {"schema": _ref(reply_schema)},
+                    EVENT_STREAM: _compat_event_stream(),
+                },
+            },
+            **_compat_errors(error_schema, *BODY_ERRORS, *COMPAT_RUN_ERRORS),
+        },
+        security=AUTHENTICATED,
+        description=description,
+        body=_ref(body_schema),
+        parameters=[SESSION_HEADER_PARAMETER],
+        tags=("compatible",),
+    )
+
+
+COMPAT_RUN_ERRORS = (409, 429, 502, 503, 504, 507)
+
+
 def _compat_paths(run_id_header: dict[str, Any]) -> dict[str, Any]:
     """The OpenAI- and Anthropic-compatible routes (see README, "OpenAI- and
     Anthropic-compatible routes")."""
-    body_errors = (400, 401, 408, 413, 415)
-    run_errors = (409, 429, 502, 503, 504, 507)
     return {
         "/v1/chat/completions": {
-            "post": _operation(
+            "post": _compat_run(
                 "OpenAI: create a chat completion (a run)",
-                {
-                    "200": {
-                        "description": "A chat.completion; with `stream`, chat.completion.chunk"
-                        " events (`data:` lines) ending with `data: [DONE]`",
-                        "headers": run_id_header,
-                        "content": {
-                            JSON: {"schema": _ref("ChatCompletion")},
-                            EVENT_STREAM: _compat_event_stream(),
-                        },
-                    },
-                    **_compat_errors("OpenAIError", *body_errors, *run_errors),
-                },
-                security=AUTHENTICATED,
-                description="The same run as `POST /run` (queue, sessions, ceilings, quotas),"
+                "A chat.completion; with `stream`, chat.completion.chunk"
+                " events (`data:` lines) ending with `data: [DONE]`",
+                ("ChatCompletion", "OpenAIError", "ChatCompletionRequest"),
+                run_id_header,
+                "The same run as `POST /run` (queue, sessions, ceilings, quotas),"
                 ' in OpenAI\'s shapes; errors are OpenAI\'s `{"error": {"message", "type",'
                 ' "param", "code"}}`.',
-                body=_ref("ChatCompletionRequest"),
-                parameters=[SESSION_HEADER_PARAMETER],
-                tags=("compatible",),
             )
         },
         "/v1/messages": {
-            "post": _operation(
+            "post": _compat_run(
                 "Anthropic: create a message (a run)",
-                {
-                    "200": {
-                        "description": "A message; with `stream`, Anthropic's events"
-                        " (message_start, content_block_start, content_block_delta,"
-                        " content_block_stop, message_delta, message_stop)",
-                        "headers": run_id_header,
-                        "content": {
-                            JSON: {"schema": _ref("AnthropicMessage")},
-                            EVENT_STREAM: _compat_event_stream(),
-                        },
-                    },
-                    **_compat_errors("AnthropicError", *body_errors, *run_errors),
-                },
-                security=AUTHENTICATED,
-                description="The same run as `POST /run`, in Anthropic's Messages API shapes;"
+                "A message; with `stream`, Anthropic's events"
+                " (message_start, content_block_start, content_block_delta,"
+                " content_block_stop, message_delta, message_stop)",
+                ("AnthropicMessage", "AnthropicError", "AnthropicMessagesRequest"),
+                run_id_header,
+                "The same run as `POST /run`, in Anthropic's Messages API shapes;"
                 ' errors are Anthropic\'s `{"type": "error", "error": {"type", "message"}}`.',
-                body=_ref("AnthropicMessagesRequest"),
-                parameters=[SESSION_HEADER_PARAMETER],
-                tags=("compatible",),
             )
         },
+        **_model_paths(),
+    }
+
+
+def _model_paths() -> dict[str, Any]:
+    """``GET /v1/models`` and ``GET /v1/models/{model}`` (OpenAI's)."""
+    return {
         "/v1/models": {
             "get": _operation(
                 "OpenAI: the models a request may name (ALLOWED_MODELS)",

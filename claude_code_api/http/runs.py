@@ -284,27 +284,7 @@ def run_routes(
             data_dir=data_dir,
             default_timeout_ms=default_timeout_ms,
         )
-        job = started.job
-        if not streamed:
-            try:
-                finished = await started.follow()
-            finally:
-                # Also when the client left (the request is cancelled): the run ends.
-                await started.close()
-            log_end(job.id, finished.terminal, "json")
-            return json_reply(finished, job)
-        if isinstance(started.first, JobFailed):
-            await started.close()
-            log_end(job.id, started.first, "stream refused")
-            return error_reply(started.first, job.id)
-
-        async def end(finished: Finished | None) -> None:
-            # Also when the stream is cancelled (the client left): the run must end.
-            await started.close()
-            log_end(job.id, None if finished is None else finished.terminal, "stream")
-
-        body = event_stream(job, started.events, started.first, result_body=result_body, on_end=end)
-        return Response(body, 200, headers={**STREAM_HEADERS, "X-Run-Id": job.id})
+        return await _reply(started, streamed, log_end)
 
     @routes.delete("/runs/<run_id>")
     async def delete_run(run_id: str) -> Response:
@@ -314,6 +294,39 @@ def run_routes(
         return jsonify({"cancelled": True})
 
     return routes
+
+
+async def _reply(
+    started: StartedRun,
+    streamed: bool,
+    log_end: Callable[[str, TerminalEvent | None, str], None],
+) -> Response:
+    """The run's reply: its JSON once it ends, or its event stream (a refusal is JSON).
+
+    Resource handling: the run is closed when the JSON reply is ready, when a stream
+    is refused, or when a stream ends (also cancelled, the client gone).
+    """
+    job = started.job
+    if not streamed:
+        try:
+            finished = await started.follow()
+        finally:
+            # Also when the client left (the request is cancelled): the run ends.
+            await started.close()
+        log_end(job.id, finished.terminal, "json")
+        return json_reply(finished, job)
+    if isinstance(started.first, JobFailed):
+        await started.close()
+        log_end(job.id, started.first, "stream refused")
+        return error_reply(started.first, job.id)
+
+    async def end(finished: Finished | None) -> None:
+        # Also when the stream is cancelled (the client left): the run must end.
+        await started.close()
+        log_end(job.id, None if finished is None else finished.terminal, "stream")
+
+    body = event_stream(job, started.events, started.first, result_body=result_body, on_end=end)
+    return Response(body, 200, headers={**STREAM_HEADERS, "X-Run-Id": job.id})
 
 
 def _options_note(options: RunOptions) -> str:
