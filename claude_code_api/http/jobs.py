@@ -30,6 +30,7 @@ from ..messages import (
     ReplyEvent,
     RunOptions,
     RunResult,
+    SessionDeleted,
     SessionKey,
     StatusRequest,
     Submit,
@@ -183,7 +184,7 @@ async def close_session(
     if the registry could not delete it.
     """
     ack_send, ack_receive = trio.open_memory_channel[bool](1)
-    deleted_send, deleted_receive = trio.open_memory_channel[object](1)
+    deleted_send, deleted_receive = trio.open_memory_channel[SessionDeleted](1)
     async with ack_receive, deleted_receive:
         await dispatcher.send(CloseSession(key, ack_send, deleted_send))
         known = await ack_receive.receive()
