@@ -42,28 +42,12 @@ from claude_code_api.store import (
     open_store,
 )
 from claude_code_api.store.sqlite import DB_FILENAME, MIGRATIONS, SCHEMA_VERSION
+from tests.contract.test_store_contract import listed, record
 
 TIMEOUT = 10
 
 
-def record(user="alice", session="s1", *, last=100.0, turns=0, cost=0.0, started=False):
-    return SessionRecord(
-        user_id=user,
-        session_id=session,
-        claude_session_id=f"cid-{user}-{session}",
-        created_at=50.0,
-        last_activity=last,
-        turns=turns,
-        total_cost_usd=cost,
-        transcript_started=started,
-    )
-
-
-def listed(store: SqliteSessionTable, user_id: str) -> list[SessionRecord]:
-    return list(store.list_for_user(user_id, 1000).records)
-
-
-# --- the store: contract ----------------------------------------------------
+# --- the SQLite table (the contract every table passes: tests/contract/) ------
 
 
 async def test_closing_checkpoints_the_wal_into_the_database_file(tmp_path):
