@@ -14,7 +14,8 @@ reserved for it), so a slow client or worker can never stall dispatch.
   agents running jobs and those kept. The dispatcher keeps
   ``pool_size`` agents warm or warming for anyone (*unassigned*): when a job takes
   one, or an agent is kept for the user it served (``WorkerReady.bound_to``:
-  *kept*), a dormant worker is woken (:class:`Warm`) to warm one in its place;
+  *kept*), a dormant worker is woken (:class:`Warm`) to warm one in its place —
+  once the running jobs have answered, while another agent is still warm;
   past ``kept_max`` kept agents, or when no dormant worker is left to wake, the
   oldest kept one is retired (:class:`Retire`) and its worker goes dormant
   (:meth:`Dispatcher._balance`). So a kept agent never makes another user wait
@@ -265,7 +266,7 @@ class Dispatcher:
         self.sessions.hibernate_idle(now)
         self._balance()  # first: a job waits for an agent warming, never replaces a kept one
         self._dispatch()
-        self._balance()  # the agents jobs just took are replaced as they start
+        self._balance()  # the agents jobs just took: replaced now if none is left warm
         self.sessions.schedule()
         if self.draining:
             self._notify_if_drained()
@@ -466,8 +467,9 @@ class Dispatcher:
         """Keep ``pool_size`` agents warm or warming for anyone, and ``kept_max`` kept at most.
 
         ``pool_size`` unassigned agents whatever runs: the agent a job takes is replaced
-        as the job starts, so the next user's is warm by the time they ask (a warm-up
-        with the real CLI takes several one-shots' time). Past ``kept_max`` kept agents
+        as the job starts when no other is warm (a warm-up with the real CLI takes several
+        one-shots' time), else once the running jobs have answered, so that no start
+        takes the CPU from a job while the next user's agent is ready anyway. Past ``kept_max`` kept agents
         (counting those being reset for their user) the oldest (longest idle) is retired,
         and so are unassigned warm ones beyond ``pool_size`` (after a worker's restart).
         While the pool is short, dormant workers are woken; with none left, the oldest
@@ -487,6 +489,11 @@ class Dispatcher:
         for worker_id in retired:
             self._command(worker_id, Retire(), WorkerState.DORMANT)
         short = self.pool_size - self._unassigned()
+        if self._one_shots_running() and self._idle_in(WorkerState.READY):
+            # A warm agent still waits for the next user: the replacements warm once the
+            # running jobs have answered. A start (a process and its set-up, ~0.3 s of CPU
+            # with the real CLI) taken during a job slows that job on a small machine.
+            short = 0
         dormant = [r for r in sorted(self.workers.items()) if r[1].state is WorkerState.DORMANT]
         wakeable = [worker_id for worker_id, record in dormant if record.inbox is not None]
         for worker_id in wakeable[: max(0, short)]:

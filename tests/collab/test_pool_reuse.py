@@ -270,3 +270,23 @@ async def test_failing_workers_are_not_covered_by_spares_and_the_pool_is_degrade
         await inbox.send(WorkerStarting("w0"))  # restarted by its supervisor, and warm
         await inbox.send(WorkerReady("w0", trio.open_memory_channel(1)[0]))
         assert (await pool_snapshot(inbox)).degraded_reason is None
+
+
+async def test_a_taken_agent_is_replaced_after_the_job_while_another_is_warm(
+    autojump_clock, nursery
+):
+    """A start takes ~0.3 s of CPU with the real CLI: while a warm agent still waits for the
+    next user, the one a job took is replaced once the job has answered, not during it."""
+    with trio.fail_after(LIMIT):
+        agents = FakeAgents(script=lambda p: [Wait(5) if "ann" in p else Wait(0), Finish("ok")])
+        pool = await start_pool(nursery, pool_size=2, kept_max=1, agents=agents)
+        made = len(agents.made)
+        nursery.start_soon(pool.run, "ann")
+        await trio.sleep(WARM_S)
+        assert await pool.states() == {"busy": 1, "ready": 1, "dormant": 3}
+        assert len(agents.made) == made
+        # Bob takes the other warm agent: none is left, so both places are filled at once.
+        await pool.run("bob")
+        await trio.sleep(WARM_S)
+        assert len(agents.made) == made + 2
+        assert await pool.states() == {"busy": 1, "ready": 2, "kept": 1, "dormant": 1}
