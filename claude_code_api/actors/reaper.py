@@ -71,10 +71,14 @@ class ReaperClient:
 
 async def _open_watchdog() -> trio.Process:
     script = Path(agent_reaper.__file__)
+    # No environment: once it execs, the watchdog is dumpable again (the service is not:
+    # model.keep_memory_private), and its /proc/<pid>/environ is readable by every process of
+    # its uid, unsandboxed agents included. The service's would hand them the model API's key.
     return await trio.lowlevel.open_process(
         [sys.executable, "-I", "-S", str(script)],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
+        env={},
     )
 
 

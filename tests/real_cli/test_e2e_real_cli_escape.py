@@ -294,16 +294,16 @@ async def test_what_bobs_agent_serves_on_loopback_is_not_alices_to_read(tmp_path
     serve = (
         "echo bobs-private-notes > notes.txt; "
         "(python3 -m http.server 8765 --bind 127.0.0.1 >/dev/null 2>&1 &); "
-        "for _ in $(seq 50); do curl -s 127.0.0.1:8765/ >/dev/null && break; sleep 0.1; done; "
+        "for _ in $(seq 50); do curl -s 127.0.0.1:8765/notes.txt && break; sleep 0.1; done; "
         "echo serving"
     )
     with trio.fail_after(BUDGET_S):
         async with agents_service(tmp_path) as (api, _service, client):
-            assert "serving" in await bash_as_alice(
-                client, api, serve, headers=AS_BOB, sessionId="b"
-            )
-            seen = await bash_as_alice(client, api, "curl -s 127.0.0.1:8765/notes.txt")
-    assert "bobs-private-notes" not in seen
+            # (bob's server is up: his agent, live for his session, reads it.)
+            served = await bash_as_alice(client, api, serve, headers=AS_BOB, sessionId="b")
+            assert "bobs-private-notes" in served and "serving" in served, served
+            seen = await bash_as_alice(client, api, "curl -s 127.0.0.1:8765/notes.txt; echo tried")
+    assert "tried" in seen and "bobs-private-notes" not in seen, seen
 
 
 def bobs_memory_and_transcripts(home: Path) -> dict[Path, str]:
