@@ -328,11 +328,13 @@ class _Turn:
         """The terminal event and the agent's state: a dead agent's 502, a finished turn's
         result, or a cut turn's partial one (its agent interrupted, or killed)."""
         elapsed_ms = round((trio.current_time() - self.job.submitted_at) * 1000)
-        result, over_budget = _counted_usage(self.limits.usage, self.job, self.result)
         if self.failure is not None:
             await self.agent.close(grace=0)
+            _counted_usage(self.limits.usage, self.job, None)  # (the run's count is let go)
             return TurnOutcome(JobFailed(502, str(self.failure)), agent_usable=False)
-        if result is not None:
+        if self.result is not None:
+            result, over_budget = _counted_usage(self.limits.usage, self.job, self.result)
+            assert result is not None
             return self._ended(result, over_budget, elapsed_ms)
         return await self._cut_outcome(elapsed_ms)
 
@@ -370,6 +372,12 @@ class _Turn:
             )
         upstream = self.retries.error()
         terminal = self._cut_terminal(cut, elapsed_ms, upstream)
+        # What its model calls cost until the agent stopped, as the proxy counted them: the
+        # partial result reports it, and the metrics count it with the run.
+        ledger = self.limits.usage
+        spend = None if ledger is None else ledger.take_run(self.job.id)[0]
+        if isinstance(terminal, RunResult) and spend is not None:
+            terminal = attrs.evolve(terminal, cost_usd=spend.cost_usd, usage=run_usage(spend))
         log.info(
             "%s: turn cut short (%s); agent %s",
             self.worker_id,

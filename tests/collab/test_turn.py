@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import attrs
 import trio
 
 from claude_code_api.actors.turn import CutReason, TurnLimits, run_turn
-from claude_code_api.agent.protocol import AgentSpec
+from claude_code_api.agent.protocol import AgentSpec, Charge
+from claude_code_api.limits.usage import UsageLedger
 from claude_code_api.messages import (
     TERMINAL_EVENTS,
     AssistantText,
@@ -248,3 +250,22 @@ async def test_output_beyond_the_limit_is_cut_and_said_so(autojump_clock):
 
 def test_terminal_events_are_the_two_kinds():
     assert TERMINAL_EVENTS == (RunResult, JobFailed)
+
+
+async def test_a_cut_turn_reports_what_the_proxy_counted_for_its_model_calls(autojump_clock):
+    """The proxy's count is the run's cost even when the turn is cut short: the partial result
+    carries it, so the metrics (fed from the terminal event) count it too."""
+    with trio.fail_after(LIMIT):
+        agents = FakeAgents(script=lambda p: [Say("partial"), Hang()])
+        agent = await started_agent(agents)
+        job, _ = make_job(timeout_s=5)
+        ledger = UsageLedger()
+        usage = {"input_tokens": 1000, "output_tokens": 10}
+        cost = ledger.record(Charge("u", job.id), "claude-sonnet-4-5", usage)
+        limits = attrs.evolve(LIMITS, usage=ledger)
+        outcome = await run_turn(agent, job, worker_id="w", limits=limits)
+        assert outcome.cut is CutReason.TIMEOUT
+        assert isinstance(outcome.terminal, RunResult) and outcome.terminal.timed_out
+        assert cost > 0 and outcome.terminal.cost_usd == cost
+        assert outcome.terminal.usage is not None
+        assert outcome.terminal.usage["input_tokens"] == 1000
