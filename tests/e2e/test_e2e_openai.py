@@ -379,3 +379,26 @@ async def test_a_stream_is_data_lines_ending_with_usage_then_done(service):
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+async def test_a_run_that_timed_out_ends_as_length_with_what_it_wrote(tmp_path):
+    # The compatible routes take no timeout of their own: DEFAULT_TIMEOUT_MS cuts the run.
+    env = {"API_KEYS": USERS, "DEFAULT_TIMEOUT_MS": "1000"}
+    slow = [user("[[fake:slow:50:0.1]]")]
+    with trio.fail_after(60):
+        async with run_service(tmp_path, env=env) as service:
+            await wait_healthy(service, ready=1)
+            async with client_for(service) as client:
+                completion = await client.chat.completions.create(model=MODEL, messages=slow)
+                assert completion.choices[0].finish_reason == "length"
+                assert "piece 1" in completion.choices[0].message.content
+                await wait_healthy(service, ready=1)
+                stream = await client.chat.completions.create(
+                    model=MODEL, messages=slow, stream=True
+                )
+                chunks = [chunk async for chunk in stream]
+                assert chunks[-1].choices[0].finish_reason == "length"
+                await wait_healthy(service, ready=1)
+            async with anthropic_client(service) as claude:
+                message = await claude.messages.create(model=MODEL, max_tokens=5, messages=slow)
+                assert message.stop_reason == "max_tokens" and "piece 1" in message.content[0].text
