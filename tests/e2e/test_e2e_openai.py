@@ -357,3 +357,48 @@ async def test_no_agent_to_run_is_503_in_each_clients_shape(tmp_path):
                     await claude.messages.create(model=MODEL, max_tokens=5, messages=[user("hi")])
                 assert refused.value.status_code == 503
                 assert refused.value.body["error"]["type"] == "overloaded_error"
+
+
+async def test_a_stream_is_data_lines_ending_with_usage_then_done(service):
+    # What the openai client does not check: the wire shape, [DONE] last.
+    body = {
+        "model": MODEL,
+        "messages": [user("[[fake:slow:2:0.1]]")],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with trio.fail_after(30):
+        async with service.client() as plain:
+            reply = await plain.post("/v1/chat/completions", headers=ALICE, json=body)
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["content-type"].startswith("text/event-stream")
+    lines = [line for line in reply.text.split("\n") if line and not line.startswith(":")]
+    assert all(line.startswith("data: ") for line in lines), lines
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+async def test_a_run_that_timed_out_ends_as_length_with_what_it_wrote(tmp_path):
+    # The compatible routes take no timeout of their own: DEFAULT_TIMEOUT_MS cuts the run.
+    env = {"API_KEYS": USERS, "DEFAULT_TIMEOUT_MS": "1000"}
+    slow = [user("[[fake:slow:50:0.1]]")]
+    with trio.fail_after(60):
+        async with run_service(tmp_path, env=env) as service:
+            await wait_healthy(service, ready=1)
+            async with client_for(service) as client:
+                completion = await client.chat.completions.create(model=MODEL, messages=slow)
+                assert completion.choices[0].finish_reason == "length"
+                assert "piece 1" in completion.choices[0].message.content
+                await wait_healthy(service, ready=1)
+                stream = await client.chat.completions.create(
+                    model=MODEL, messages=slow, stream=True
+                )
+                chunks = [chunk async for chunk in stream]
+                assert chunks[-1].choices[0].finish_reason == "length"
+                await wait_healthy(service, ready=1)
+            async with anthropic_client(service) as claude:
+                message = await claude.messages.create(model=MODEL, max_tokens=5, messages=slow)
+                assert message.stop_reason == "max_tokens" and "piece 1" in message.content[0].text
