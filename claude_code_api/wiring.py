@@ -45,7 +45,7 @@ from .limits.usage import UsageLedger, budget_refusal
 from .messages import CredentialsMessage, DispatcherMessage, StartSession
 from .proxy.egress import open_unix_listener
 from .proxy.model import ModelProxy, UpstreamCredential, upstream_url
-from .store import open_store
+from .store import SessionTable, open_store
 from .store.user_paths import user_workspace
 
 T = TypeVar("T")
@@ -142,11 +142,24 @@ class Wiring:
         """How long a stopped actor may take to interrupt its turn and close its agent."""
         return self.settings.interrupt_grace_s + CLOSE_GRACE_S + 1.0
 
-    async def serve_registry(self, *, task_status: trio.TaskStatus[None]) -> None:
-        """Open the session store (in a thread: a slow disk must not block the loop, even
-        at start-up) and serve the registry actor on it."""
+    def open_session_table(self) -> SessionTable:
+        """The session table: PostgreSQL's with ``DATABASE_URL``, else ``DATA_DIR``'s SQLite
+        file. Blocks (run it in a thread); raises
+        :class:`~claude_code_api.store.StoreUnavailable` naming the store when it cannot open.
+        """
         s = self.settings
-        store = await trio.to_thread.run_sync(open_store, s.data_dir)
+        if s.database_url is None:
+            return open_store(s.data_dir)
+        # Imported only here: without DATABASE_URL the service never loads psycopg.
+        from .store.postgres import open_postgres_table
+
+        return open_postgres_table(s.database_url)
+
+    async def serve_registry(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Open the session table (in a thread: a slow disk or database must not block the
+        loop, even at start-up) and serve the registry actor on it."""
+        s = self.settings
+        store = await trio.to_thread.run_sync(self.open_session_table)
         await serve_registry(
             store,
             self.registry_inbox.receive,

@@ -6,8 +6,8 @@ choose and pass as ``--session-id`` on the first turn and ``--resume`` after;
 the ids the conversation had before a ``/clear`` are kept in
 ``previous_claude_session_ids``), when it was used and what it cost: a
 :class:`~claude_code_api.store.SessionRecord`, kept in a
-:class:`~claude_code_api.store.SessionTable` (``store/``; SQLite today) so it
-survives service restarts.
+:class:`~claude_code_api.store.SessionTable` (``store/``: SQLite, or PostgreSQL with
+``DATABASE_URL``) so it survives service restarts.
 
 Three layers, each owning one thing:
 

@@ -667,8 +667,9 @@ class Settings:
         "DATABASE_URL",
         PostgresUrl(),
         "",
-        "PostgreSQL for the state several replicas share (`postgresql://user:password@host/db`);"
-        " read, not used yet (issue 22 builds on it); unset: none, only `DATA_DIR`",
+        "PostgreSQL for the state several replicas share (`postgresql://user:password@host/db`):"
+        " the session records go to its table `sessions` instead of `DATA_DIR`'s"
+        " `sessions.sqlite3`; unset: none, only `DATA_DIR`",
         shown_default="none",
         secret=True,
         repr=False,

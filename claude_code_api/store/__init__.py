@@ -3,9 +3,11 @@
 * :mod:`.protocol`: :class:`SessionTable`, what the registry actor needs of a store.
 * :mod:`.sqlite`: :class:`SqliteSessionTable`, the one on ``DATA_DIR/sessions.sqlite3``.
 * :mod:`.records` and :mod:`.errors`: the values and exceptions every implementation shares.
-* :mod:`.database`, :mod:`.schema`, :mod:`.transcripts`: PostgreSQL (``DATABASE_URL``): a
-  connection pool used from worker threads, the versioned schema, and the SDK's transcript
-  store on it. Imported only where a database is configured (psycopg is not loaded otherwise).
+* :mod:`.database`, :mod:`.schema`, :mod:`.postgres`, :mod:`.transcripts`: PostgreSQL
+  (``DATABASE_URL``): a connection pool used from worker threads, the versioned schema,
+  :class:`~.postgres.PostgresSessionTable` (the session table every replica shares) and the
+  SDK's transcript store on it. Imported only where a database is configured (psycopg is
+  not loaded otherwise).
 
 Only the registry actor (``actors/registry.py``) calls a table; everyone else goes
 through its client. Imports run one way: this package imports ``messages`` and

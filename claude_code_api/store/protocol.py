@@ -3,8 +3,8 @@
 :class:`SessionTable` is what the registry actor (``actors/registry.py``) needs
 of a store: records by key, a user's sessions a page at a time with their count,
 inserts bounded per user, deletes, expiry. :class:`~.sqlite.SqliteSessionTable`
-implements it on one SQLite file; a PostgreSQL table called through psycopg from
-worker threads fits it the same way. ``tests/contract/test_store_contract.py``
+implements it on one SQLite file, :class:`~.postgres.PostgresSessionTable` on
+PostgreSQL (``DATABASE_URL``) through psycopg from worker threads. ``tests/contract/test_store_contract.py``
 is the suite every implementation passes.
 
 (Named "table", not "store", because the Agent SDK's ``SessionStore`` protocol is

@@ -78,8 +78,38 @@ TRANSCRIPTS = Migration(
     ),
 )
 
-# Issue 22 appends here the session registry, runs and leases (version 2, 3, …).
-MIGRATIONS: tuple[Migration, ...] = (TRANSCRIPTS,)
+SESSIONS = Migration(
+    2,
+    "sessions",
+    (
+        # The session registry's records (store/postgres.py), one row per session. Ids are
+        # escaped text (no NUL can be in text) and collate as "C": code point order, as
+        # SQLite and Python sort. Times are unix seconds; the two JSON columns are text as
+        # SQLite keeps them (JSONB refuses "\u0000").
+        """
+        CREATE TABLE sessions (
+            user_id text COLLATE "C" NOT NULL,
+            session_id text COLLATE "C" NOT NULL,
+            claude_session_id text NOT NULL,
+            created_at double precision NOT NULL,
+            last_activity double precision NOT NULL,
+            turns bigint NOT NULL DEFAULT 0,
+            total_cost_usd double precision NOT NULL DEFAULT 0,
+            transcript_started boolean NOT NULL DEFAULT false,
+            previous_claude_session_ids text NOT NULL DEFAULT '[]',
+            options text NOT NULL DEFAULT '{}',
+            PRIMARY KEY (user_id, session_id)
+        )
+        """,
+        # A user's page (latest first, ties by session id) and the per-user count.
+        "CREATE INDEX sessions_by_user_activity ON sessions (user_id, last_activity DESC, session_id)",
+        # The expiry sweep, across all users.
+        "CREATE INDEX sessions_by_last_activity ON sessions (last_activity)",
+    ),
+)
+
+# Issue 22 appends here runs and leases (version 3, …).
+MIGRATIONS: tuple[Migration, ...] = (TRANSCRIPTS, SESSIONS)
 LATEST_VERSION = MIGRATIONS[-1].version
 
 

@@ -5,7 +5,9 @@ own; calling it again opens another connection to the same storage (a restarted
 service, or a second replica). The implementations are the params of the
 ``open_table`` fixture: to add one, write a context manager like
 :func:`_sqlite` that makes an empty storage, yields the opener and cleans up,
-and name it in :data:`BACKENDS`.
+and name it in :data:`BACKENDS`. PostgreSQL's run on this run's database of the
+machine's server (``tests/postgres``): without one they are skipped with one line,
+and fail instead with ``REQUIRE_POSTGRES=1``.
 
 Error handling is part of the contract: failures are :class:`StoreUnavailable`,
 refusals are :class:`TooManySessions` / :class:`SessionExists`, which are not.
@@ -18,9 +20,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from pathlib import Path
 
 import attrs
+import psycopg
 import pytest
 import trio
 
@@ -37,6 +39,7 @@ from claude_code_api.store import (
     TooManySessions,
     open_store,
 )
+from tests.postgres.support import Databases, require_server
 
 TIMEOUT = 10
 
@@ -44,20 +47,47 @@ Opener = Callable[[], SessionTable]
 
 
 @contextmanager
-def _sqlite(tmp_path: Path) -> Iterator[Opener]:
+def _sqlite(request: pytest.FixtureRequest) -> Iterator[Opener]:
     """An empty data directory; the service's own opener."""
-    data_dir = tmp_path / "nested" / "data"  # parents are created
+    data_dir = request.getfixturevalue("tmp_path") / "nested" / "data"  # parents are created
     yield lambda: open_store(data_dir)
 
 
-BACKENDS: dict[str, Callable[[Path], AbstractContextManager[Opener]]] = {
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """This run's database for the suite (tests.postgres.support): skipped in one line
+    without a server, failed instead with REQUIRE_POSTGRES=1; dropped at the end."""
+    require_server()
+    made = Databases()
+    try:
+        yield made.create()
+    finally:
+        made.drop_all()
+
+
+@contextmanager
+def _postgres(request: pytest.FixtureRequest) -> Iterator[Opener]:
+    """This run's database with its table emptied; the service's own opener."""
+    # Imported here: psycopg is needed only when PostgreSQL is tested.
+    from claude_code_api.store.postgres import open_postgres_table
+
+    url = request.getfixturevalue("postgres_url")
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute(
+            "DROP TABLE IF EXISTS sessions, schema_version, transcript_entries, transcript_sessions"
+        )
+    yield lambda: open_postgres_table(url)
+
+
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest], AbstractContextManager[Opener]]] = {
     "sqlite": _sqlite,
+    "postgres": _postgres,
 }
 
 
 @pytest.fixture(params=sorted(BACKENDS))
-def open_table(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
-    with BACKENDS[request.param](tmp_path) as opener:
+def open_table(request: pytest.FixtureRequest) -> Iterator[Opener]:
+    with BACKENDS[request.param](request) as opener:
         yield opener
 
 
@@ -308,6 +338,49 @@ async def test_evictions_tie_on_activity_by_session_id(table):
             "a",
             "b",
         ]
+
+
+async def test_two_replicas_creating_for_one_user_at_once_never_pass_the_bound(open_table):
+    """Two tables on one storage (two replicas), each creating in its own thread in step."""
+    rounds, bound = 30, 3
+    tables = [open_table(), open_table()]
+    barrier = threading.Barrier(2, timeout=TIMEOUT)
+    totals: list[int] = []
+    made: list[str] = []
+
+    def create_in_step(table: SessionTable, name: str, in_use: set[str] | None) -> None:
+        try:
+            for i in range(rounds):
+                barrier.wait()
+                try:
+                    table.create(record(name[0], f"{name}{i}", last=float(i)), bound, in_use)
+                    made.append(f"{name}{i}")
+                except TooManySessions:
+                    pass
+                barrier.wait()
+                if name.endswith("a"):
+                    totals.append(table.list_for_user(name[0], 1).total)
+        except BaseException:
+            barrier.abort()  # the other thread fails at once instead of at its timeout
+            raise
+
+    try:
+        with trio.fail_after(TIMEOUT * 3):
+            # Evicting ("u"): each create takes the least recent out, so always `bound` left.
+            # Refused at the bound ("v", in_use None): exactly `bound` creates get through.
+            for user, in_use in (("u", set()), ("v", None)):
+                async with trio.open_nursery() as both:
+                    for side, table in zip("ab", tables, strict=True):
+                        both.start_soon(
+                            trio.to_thread.run_sync, create_in_step, table, user + side, in_use
+                        )
+        assert max(totals) == bound, totals
+        assert tables[0].list_for_user("u", 10).total == bound
+        assert len([name for name in made if name.startswith("v")]) == bound
+        assert tables[1].list_for_user("v", 10).total == bound
+    finally:
+        for table in tables:
+            table.close()
 
 
 # --- expiry -----------------------------------------------------------------

@@ -7,7 +7,6 @@ without having run them.
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from urllib.parse import urlsplit
@@ -17,17 +16,13 @@ import pytest
 import trio
 
 from claude_code_api.store.database import Database, open_database
-from tests.postgres.support import ADMIN_URL, TIMEOUT, Databases, TcpLink, server_problem
+from tests.postgres.support import ADMIN_URL, TIMEOUT, Databases, TcpLink, require_server
 
 
 @pytest.fixture(scope="session")
 def databases() -> Iterator[Databases]:
     """Makes this run's databases, and drops them at its end."""
-    problem = server_problem()
-    if problem is not None:
-        if os.environ.get("REQUIRE_POSTGRES") == "1":
-            pytest.fail(f"REQUIRE_POSTGRES=1, but {problem}", pytrace=False)
-        pytest.skip(problem)
+    require_server()
     made = Databases()
     yield made
     made.drop_all()

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 import psycopg
+import pytest
 import trio
 
 ADMIN_URL = os.environ.get("POSTGRES_TEST_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -35,6 +36,17 @@ def server_problem() -> str | None:
     except psycopg.Error as exc:
         return f"no PostgreSQL answers at {ADMIN_URL}: {str(exc).strip().splitlines()[0]}"
     return None
+
+
+def require_server() -> None:
+    """Skip the calling test (pytest.skip) with :func:`server_problem`'s line when no server
+    answers, or fail it instead with ``REQUIRE_POSTGRES=1`` (CI)."""
+    problem = server_problem()
+    if problem is None:
+        return
+    if os.environ.get("REQUIRE_POSTGRES") == "1":
+        pytest.fail(f"REQUIRE_POSTGRES=1, but {problem}", pytrace=False)
+    pytest.skip(problem)
 
 
 def database_url(name: str, base: str = ADMIN_URL) -> str:
