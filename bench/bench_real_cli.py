@@ -33,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +43,7 @@ if str(ROOT) not in sys.path:
 import httpx  # noqa: E402
 import trio  # noqa: E402
 
+from bench.service import checked_turn, model_proxy  # noqa: E402
 from bench.stats import QuietMeter, dist, fmt_dist, machine_lines, quiet_verdict, section  # noqa: E402
 from claude_code_api.agent.protocol import AgentSpec  # noqa: E402
 from claude_code_api.demo.mock_messages_api import open_mock_api  # noqa: E402
@@ -90,7 +92,7 @@ async def per_agent(new_agent, workdir: Path, runs: int) -> dict[str, list[float
             pass
 
         started = time.perf_counter()
-        await agent.run_turn(PROMPT, ignore)
+        await checked_turn(agent)
         figures["turn"].append(time.perf_counter() - started)
         await agent.close()
     return figures
@@ -107,7 +109,7 @@ async def recycle_vs_reuse(new_agent, workdir: Path, requests: int) -> dict[str,
     for n in range(requests):
         agent = new_agent(AgentSpec(f"recycle-{n}", workdir / "recycle" / str(n), ephemeral=True))
         await agent.start(60)
-        await agent.run_turn(PROMPT, ignore)
+        await checked_turn(agent)
         cpu += group_usage(agent.pid)[0]
         await agent.close()
     recycle = (time.perf_counter() - started, cpu)
@@ -119,7 +121,7 @@ async def recycle_vs_reuse(new_agent, workdir: Path, requests: int) -> dict[str,
     started = time.perf_counter()
     for _ in range(requests):
         await agent.run_turn("/clear", ignore)
-        await agent.run_turn(PROMPT, ignore)
+        await checked_turn(agent)
     reuse = (time.perf_counter() - started, group_usage(agent.pid)[0] - cpu_before)
     await agent.close()
     return {"recycle": recycle, "reuse": reuse}
@@ -188,9 +190,10 @@ async def main(args: argparse.Namespace) -> None:
     shares = []
     with tempfile.TemporaryDirectory(prefix="bench-real-cli-") as tmp:
         workdir = Path(tmp)
-        async with open_mock_api() as api:
-            env = real_cli_env(api.url, workdir, POOL_SIZE=str(args.pool_size))
-            _, new_agent = await trio.to_thread.run_sync(service_agents, env)
+        env_of = partial(real_cli_env, workdir=workdir, POOL_SIZE=str(args.pool_size))
+        async with open_mock_api() as api, model_proxy(env_of(api.url)) as proxy:
+            env = env_of(api.url)
+            _, new_agent = await trio.to_thread.run_sync(service_agents, env, proxy)
             sandboxed = new_agent.launcher.sandboxed
             print(f"  agents sandboxed: {sandboxed}")
 

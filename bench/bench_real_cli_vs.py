@@ -35,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,6 +56,7 @@ from bench.original import (  # noqa: E402
     round_orders,
     sides_of,
 )
+from bench.service import checked_turn, model_proxy  # noqa: E402
 from bench.stats import (  # noqa: E402
     QuietMeter,
     SideBySide,
@@ -233,30 +235,38 @@ async def measure_service(
 
 async def warm_agent_turns(env: dict[str, str], workdir: Path, turns: int) -> list[float]:
     """The in-run baseline: turns straight on a warm agent, as the service makes them."""
-    _, new_agent = await trio.to_thread.run_sync(service_agents, env)
-    agent = new_agent(AgentSpec("baseline", workdir / "baseline", ephemeral=True))
-    await agent.start(60)
-    try:
-        await agent.run_turn(PROMPT, ignore)  # untimed
-        times = []
-        for _ in range(turns):
-            started = time.perf_counter()
-            await agent.run_turn(PROMPT, ignore)
-            times.append(time.perf_counter() - started)
-        return times
-    finally:
-        await agent.close()
+    async with model_proxy(env) as proxy:
+        _, new_agent = await trio.to_thread.run_sync(service_agents, env, proxy)
+        agent = new_agent(AgentSpec("baseline", workdir / "baseline", ephemeral=True))
+        await agent.start(60)
+        try:
+            await checked_turn(agent)  # untimed
+            times = []
+            for _ in range(turns):
+                started = time.perf_counter()
+                await checked_turn(agent)
+                times.append(time.perf_counter() - started)
+            return times
+        finally:
+            await agent.close()
 
 
 async def sandbox_cost(api_url: str, workdir: Path, args: argparse.Namespace) -> list[str]:
     """Agent starts and warm turns with AGENT_SANDBOX=auto and off, interleaved."""
     figures: dict[str, dict[str, list[float]]] = {}
     factories = {}
-    for mode in ("auto", "off"):
-        env = real_cli_env(api_url, workdir / f"sandbox-{mode}", AGENT_SANDBOX=mode)
-        _, factories[mode] = await trio.to_thread.run_sync(service_agents, env)
-        figures[mode] = {"start": [], "start cpu": [], "turn": [], "rss": []}
-    sandboxed = {mode: factory.launcher.sandboxed for mode, factory in factories.items()}
+    async with AsyncExitStack() as stack:
+        for mode in ("auto", "off"):
+            env = real_cli_env(api_url, workdir / f"sandbox-{mode}", AGENT_SANDBOX=mode)
+            proxy = await stack.enter_async_context(model_proxy(env))
+            _, factories[mode] = await trio.to_thread.run_sync(service_agents, env, proxy)
+            figures[mode] = {"start": [], "start cpu": [], "turn": [], "rss": []}
+        await sandbox_rounds(factories, figures, workdir, args)
+    return sandbox_table(factories, figures)
+
+
+async def sandbox_rounds(factories, figures, workdir: Path, args: argparse.Namespace) -> None:
+    """Agents started and given turns in each sandbox mode, interleaved."""
     for n in range(args.sandbox_starts):
         for mode in ("auto", "off") if n % 2 == 0 else ("off", "auto"):
             home = workdir / f"sandbox-{mode}" / "agents" / str(n)
@@ -269,9 +279,13 @@ async def sandbox_cost(api_url: str, workdir: Path, args: argparse.Namespace) ->
             figures[mode]["rss"].append(rss / 1024)
             for _ in range(args.sandbox_turns):
                 started = time.perf_counter()
-                await agent.run_turn(PROMPT, ignore)
+                await checked_turn(agent)
                 figures[mode]["turn"].append(time.perf_counter() - started)
             await agent.close()
+
+
+def sandbox_table(factories, figures) -> list[str]:
+    sandboxed = {mode: factory.launcher.sandboxed for mode, factory in factories.items()}
     lines = [
         f"| AGENT_SANDBOX | sandboxed | agent start p50 | start CPU p50 | RSS warm"
         f" | turn on a warm agent p50 (n={len(figures['auto']['turn'])}) |",

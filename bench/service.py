@@ -26,6 +26,8 @@ import trio
 from bench.original import OriginalBuild, launch
 from bench.stats import SideBySide, section
 from claude_code_api.agent.protocol import Agent, AgentSpec
+from claude_code_api.limits.usage import UsageLedger
+from claude_code_api.proxy.model import ModelProxy, UpstreamCredential, upstream_url
 from tests.support.harness import RunningService, service_agents, service_env, wait_pool_ready
 
 PROMPT = "What is 2+2?"
@@ -132,16 +134,41 @@ async def ignore(_event: object) -> None:
     """An ``on_event`` for agent turns whose events are not looked at."""
 
 
+@asynccontextmanager
+async def model_proxy(env: dict[str, str]) -> AsyncIterator[ModelProxy]:
+    """A model proxy as the service with ``env`` runs one (its upstream and credential, its
+    sockets in ``DATA_DIR/run``), serving until leaving: agents made outside the service hold
+    no credential of their own and reach the model API through it, as the service's do."""
+    run_dir = Path(env.get("DATA_DIR", "data")).absolute() / "run"
+    credential = UpstreamCredential.for_service(env, env.get("USE_CLAUDE_API_KEY") == "1")
+    proxy = ModelProxy(run_dir, upstream_url(env), credential, UsageLedger())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.serve)
+        try:
+            yield proxy
+        finally:
+            nursery.cancel_scope.cancel()
+            await proxy.aclose()
+
+
+async def checked_turn(agent: Agent, prompt: str = PROMPT) -> None:
+    """One turn on a started ``agent``; RuntimeError if it failed (a failed turn is no figure)."""
+    result = await agent.run_turn(prompt, ignore)
+    if result.is_error:
+        raise RuntimeError(f"direct turn failed: {result.text[:200]}")
+
+
 class Direct:
     """Agents made exactly as the service makes them, without the service.
 
     Same launcher, sandbox decision, options and agent class
-    (``tests.support.harness.service_agents``). Their homes live under ``homes``; each agent is
-    closed by its caller (:meth:`close`).
+    (``tests.support.harness.service_agents``), reaching the model through ``proxy`` (see
+    :func:`model_proxy`). Their homes live under ``homes``; each agent is closed by its
+    caller (:meth:`close`).
     """
 
-    def __init__(self, env: dict[str, str], homes: Path) -> None:
-        self.settings, self.make_agent = service_agents(env)
+    def __init__(self, env: dict[str, str], homes: Path, proxy: ModelProxy | None = None) -> None:
+        self.settings, self.make_agent = service_agents(env, proxy)
         self.homes = homes
         self.count = 0
 

@@ -34,6 +34,7 @@ import trio
 
 from claude_code_api.agent.protocol import AgentFactory
 from claude_code_api.config.settings import Settings, declarations
+from claude_code_api.proxy.model import ModelProxy
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE_CLAUDE = ROOT / "tests" / "fake_claude.py"
@@ -231,12 +232,16 @@ def open_to_agents(workdir: Path, writable: list[Path], env: Mapping[str, str]) 
             os.chown(directory, uid, uid)
 
 
-def service_agents(env: Mapping[str, str]) -> tuple[Settings, AgentFactory]:
+def service_agents(
+    env: Mapping[str, str], model_proxy: ModelProxy | None = None
+) -> tuple[Settings, AgentFactory]:
     """The settings and the agent factory a service started with ``env`` would use.
 
     Same launcher, sandbox decision, options and agent class as the service, for
     benchmarks that time an agent directly, without the service. Imports the SDK
-    (about a second). Agents made by it are closed by their caller.
+    (about a second). Agents made by it are closed by their caller. Agents hold no model
+    credential of their own: with the real CLI they reach the model API through
+    ``model_proxy`` (serving), as the service's do; without one they are "Not logged in".
     """
     from claude_code_api.agent.sdk import AgentOptions, SdkAgentFactory
     from claude_code_api.agent.startup import plan_agents
@@ -245,7 +250,9 @@ def service_agents(env: Mapping[str, str]) -> tuple[Settings, AgentFactory]:
     settings = load_settings(env)
     plan = plan_agents(settings, env)
     options = AgentOptions(settings.model, settings.max_output_chars, settings.agent_warm_up_turn)
-    return settings, SdkAgentFactory(plan.launcher, options, refusal=plan.refusal)
+    return settings, SdkAgentFactory(
+        plan.launcher, options, refusal=plan.refusal, model_proxy=model_proxy
+    )
 
 
 @asynccontextmanager
