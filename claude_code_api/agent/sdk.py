@@ -6,7 +6,7 @@ message, on the pinned SDK version only). :class:`SdkAgent` implements
 :class:`~claude_code_api.agent.protocol.Agent`: it owns one ``ClaudeSDKClient`` and so one
 CLI process, started through the launcher :mod:`claude_code_api.agent.sandbox` writes
 for it (own process group, the sandbox, an allowlisted environment). A pool
-agent's start ends with its warm-up turn and a ``/clear`` (:mod:`claude_code_api.agent.warm_up`).
+agent's start ends with its warm-up turn (:mod:`claude_code_api.agent.warm_up`).
 
 Error handling: everything the SDK or the process can do wrong surfaces as
 :class:`AgentError` / :class:`AgentStartError` with a one-line reason fit for a
@@ -315,7 +315,7 @@ class SdkAgent:
             await trio.sleep(LAUNCH_RETRY_S * (attempt + 1))
 
     async def _warm_up(self) -> None:
-        """Run the warm-up turn and ``/clear`` (warm_up.py), on a pool agent only.
+        """Run the warm-up turn (warm_up.py), on a pool agent only; its exchange stays.
 
         Only an ephemeral agent with the service's own options (a pool worker's, made
         before anyone asks for it), and only through the model proxy, which answers the
@@ -330,10 +330,9 @@ class SdkAgent:
             return
         grant.warming = True
         try:
-            for prompt in (WARM_UP_PROMPT, CLEAR_COMMAND):
-                result = await self.run_turn(prompt, _ignore)
-                if result.is_error:
-                    raise AgentError(f"agent failed its warm-up turn ({prompt}): {result.text}")
+            result = await self.run_turn(WARM_UP_PROMPT, _ignore)
+            if result.is_error:
+                raise AgentError(f"agent failed its warm-up turn: {result.text}")
         finally:
             grant.warming = False
 
