@@ -662,6 +662,15 @@ class Settings:
         "data",
         "workspaces, user directories and the session database; a local filesystem",
     )
+    workspaces_dir: Path | None = setting(
+        "WORKSPACES_DIR",
+        OrUnset(Directory()),
+        "",
+        "where users' workspaces are (their agents' working directories, what `/files`"
+        " serves): `<WORKSPACES_DIR>/<name>` for each user; with several replicas, a volume"
+        " every replica mounts at this same path (a session's transcripts name it)",
+        shown_default="`DATA_DIR`/users/<name>/workspace",
+    )
     # A password may be in it: never quoted, never in repr(settings).
     database_url: str | None = setting(
         "DATABASE_URL",
