@@ -291,6 +291,7 @@ class _SessionActor:
     def _take(self, command: SessionCommand | None) -> Phase:
         """The phase for ``command`` (None: the wait ended without one)."""
         if isinstance(command, Hibernate | CloseSessionNow):
+            self.session.transcripts.deleted = isinstance(command, CloseSessionNow)
             return Phase.END
         assert self.agent is not None
         self.job = command
@@ -369,6 +370,10 @@ class _Transcripts:
     def __init__(self, store: SessionTranscripts | None, place: AgentSpec) -> None:
         self.store = store
         self.place = place
+        # A turn's transcript was mirrored: this process knows how far (else the last
+        # mirror would send what it cannot tell stored from not).
+        self.mirrored = False
+        self.deleted = False  # the session was closed (DELETE): its transcript goes
 
     async def materialise(self, claude_session_id: str) -> None:
         """Before a resume. Raises RegistryError; AgentStartError when a file cannot be written."""
@@ -390,11 +395,13 @@ class _Transcripts:
                 await self.store.mirror(self.place.config_dir, self.place.cwd, claude_id)
         except OSError as exc:
             raise RegistryError(f"cannot read the session's transcript: {exc}") from exc
+        self.mirrored = True
 
     async def last_mirror(self, record: SessionRecord) -> None:
         """As the session ends (its agent closed): what the CLI wrote after the last turn's
-        mirror. Best effort, bounded: a failure is logged."""
-        if self.store is None or not record.transcript_started:
+        mirror. Best effort, bounded: a failure is logged. Not for a deleted session (its
+        stored transcript is being deleted), nor one that ran no turn here."""
+        if self.store is None or not self.mirrored or self.deleted:
             return
         with trio.move_on_after(self.LAST_MIRROR_S) as waited:
             try:
