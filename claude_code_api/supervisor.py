@@ -145,7 +145,7 @@ def sessions(w: Wiring, new_agent: AgentFactory) -> ChildSpec:
         home = w.disk.home_of(key.user_id)
         await serve_session(
             key, w.session_config, dispatcher, w.registry, new_agent, home, stop, actor,
-            w.credentials_version, options,
+            w.credentials_version, options, w.workspace_of(key.user_id),
         )  # fmt: skip
 
     def new() -> SessionSupervisor:

@@ -14,10 +14,11 @@ the tree has ended (:class:`~claude_code_api.service.Service` calls it).
 from __future__ import annotations
 
 import gc
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import attrs
 import trio
@@ -30,7 +31,7 @@ from .actors.registry_client import RegistryClient
 from .actors.session import SessionConfig
 from .actors.turn import TurnLimits
 from .actors.worker import WorkerConfig
-from .agent.protocol import CLOSE_GRACE_S, AgentFactory
+from .agent.protocol import CLOSE_GRACE_S, AgentFactory, AgentSpec
 from .agent.sandbox import EGRESS_PROXY_SOCKET, remove_conversation_files
 from .agent.startup import plan_agents
 from .auth.oauth import TokenEndpoint
@@ -45,8 +46,11 @@ from .limits.usage import UsageLedger, budget_refusal
 from .messages import CredentialsMessage, DispatcherMessage, StartSession
 from .proxy.egress import open_unix_listener
 from .proxy.model import ModelProxy, UpstreamCredential, upstream_url
-from .store import SessionTable, open_store
-from .store.user_paths import user_workspace
+from .store import SessionTable, StoreUnavailable, open_store
+from .store.user_paths import user_cwd, user_workspace
+
+if TYPE_CHECKING:
+    from .store.transcript_mirror import TranscriptMirror
 
 T = TypeVar("T")
 
@@ -111,6 +115,16 @@ class Wiring:
     credentials_version: CredentialsVersion
     http: HttpServer
     egress_socket: EgressSocket
+    # With DATABASE_URL: sessions' transcripts in PostgreSQL, and what closes its pool.
+    transcripts: TranscriptMirror | None = None
+    close_transcripts: Callable[[], None] | None = None
+
+    def workspace_of(self, user_id: str) -> Path | None:
+        """A session agent's working directory when not in its HOME (``WORKSPACES_DIR``)."""
+        s = self.settings
+        if s.workspaces_dir is None:
+            return None
+        return user_cwd(s.data_dir, s.workspaces_dir, user_id)
 
     def remove_homes(self, user_ids: frozenset[str], before: float) -> int:
         """Empty the HOMEs of users with no session left, unchanged since ``before``."""
@@ -119,8 +133,20 @@ class Wiring:
         return remove_abandoned_homes(data_dir / "users", kept, before)
 
     def remove_transcripts(self, user_id: str, claude_session_id: str) -> None:
+        """This replica's files of the conversation, and its copy in the database (if any).
+
+        Error handling: OSError for either (both are tried), saying which."""
         home = user_workspace(self.settings.data_dir, user_id)
-        remove_conversation_files(home, claude_session_id)
+        try:
+            remove_conversation_files(home, claude_session_id)
+        finally:
+            if self.transcripts is not None:
+                config_dir = AgentSpec(name="", home=home, ephemeral=False).config_dir
+                cwd = user_cwd(self.settings.data_dir, self.settings.workspaces_dir, user_id)
+                try:
+                    self.transcripts.delete_blocking(config_dir, cwd, claude_session_id)
+                except StoreUnavailable as exc:
+                    raise OSError(f"stored transcript not deleted: {exc}") from exc
 
     @property
     def turn(self) -> TurnLimits:
@@ -131,7 +157,9 @@ class Wiring:
     def session_config(self) -> SessionConfig:
         s = self.settings
         ceiling = OptionCeiling.of(s)
-        return SessionConfig(s.warmup_timeout_s, self.turn, s.max_sessions_per_user, ceiling)
+        return SessionConfig(
+            s.warmup_timeout_s, self.turn, s.max_sessions_per_user, ceiling, self.transcripts
+        )
 
     @property
     def worker_config(self) -> WorkerConfig:
@@ -213,6 +241,8 @@ class Wiring:
         ):
             inbox.close()
         self.egress_socket.close()
+        if self.close_transcripts is not None:
+            self.close_transcripts()
 
 
 def wire(settings: Settings, environ: Mapping[str, str]) -> Wiring:
@@ -246,6 +276,7 @@ def wire(settings: Settings, environ: Mapping[str, str]) -> Wiring:
         graceful_timeout=5.0,
         max_connections=connection_limit(settings.pool_size + settings.max_live_sessions),
     )
+    transcripts, close_transcripts = _transcript_mirror(settings)
     return Wiring(
         settings=settings,
         environ=environ,
@@ -264,7 +295,23 @@ def wire(settings: Settings, environ: Mapping[str, str]) -> Wiring:
         credentials_version=CredentialsVersion(),
         http=http,
         egress_socket=EgressSocket(settings.data_dir.absolute() / "run" / EGRESS_PROXY_SOCKET),
+        transcripts=transcripts,
+        close_transcripts=close_transcripts,
     )
+
+
+def _transcript_mirror(
+    settings: Settings,
+) -> tuple[TranscriptMirror | None, Callable[[], None] | None]:
+    """With ``DATABASE_URL``, the mirror of sessions' transcripts (its pool opens at first
+    use) and what closes it; else nothing (psycopg and the SDK are not imported)."""
+    if settings.database_url is None:
+        return None, None
+    from .store.transcript_mirror import open_transcript_mirror
+
+    # A root service's agents are AGENT_UID (startup.py): the files written for them too.
+    owner = (settings.agent_uid, settings.agent_uid) if os.geteuid() == 0 else None
+    return open_transcript_mirror(settings.database_url, owner)
 
 
 def make_agent_factory(w: Wiring) -> AgentFactory:

@@ -60,7 +60,7 @@ import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, assert_never
+from typing import Any, Protocol, assert_never
 
 import attrs
 import trio
@@ -103,6 +103,21 @@ TRANSCRIPT_EXISTS = "already in use"
 MAX_IDLE_EXITS = 3
 
 
+class SessionTranscripts(Protocol):
+    """The copy of sessions' Claude transcripts that every replica reads (``DATABASE_URL``:
+    :class:`~claude_code_api.store.transcript_mirror.TranscriptMirror`). Both methods raise
+    :class:`~claude_code_api.store.StoreUnavailable` when the store does not answer, and
+    OSError when the local files cannot be read or written."""
+
+    async def materialise(self, config_dir: Path, cwd: Path, claude_session_id: str) -> bool:
+        """Before a resume: the stored transcript replaces the local one (if it has one)."""
+        ...
+
+    async def mirror(self, config_dir: Path, cwd: Path, claude_session_id: str) -> None:
+        """After a turn: what the CLI added to the local transcript goes to the store."""
+        ...
+
+
 class SessionFailed(Exception):
     """The session actor cannot go on; ``failure`` answers the turns waiting for it."""
 
@@ -119,6 +134,9 @@ class SessionConfig:
     # The ceilings in force: a session's saved options are held to them whenever its agent
     # starts (None: as saved).
     ceiling: OptionCeiling | None = None
+    # With DATABASE_URL: each turn's transcript is stored before the turn is answered, and
+    # resumes start from the stored one (None: the local files alone).
+    transcripts: SessionTranscripts | None = None
 
 
 def store_failure(exc: RegistryError) -> JobFailed:
@@ -136,6 +154,7 @@ async def serve_session(
     actor: ActorId = 0,
     credentials: CredentialsVersion | None = None,
     options: RunOptions = DEFAULT_OPTIONS,
+    workspace: Path | None = None,
 ) -> None:
     """Run the session ``key`` until hibernated, closed or stopped; see the module docstring.
 
@@ -145,19 +164,22 @@ async def serve_session(
     except that a turn asking for another model switches the model (and the
     record remembers it).
 
-    ``home`` is the user's HOME (workspace and Claude config dir). A stop request
+    ``home`` is the user's HOME (its Claude config dir; its workspace, unless
+    ``workspace`` is given: ``WORKSPACES_DIR``'s directory for the user). A stop request
     (service shutdown) interrupts a running turn, which is still answered, and
     keeps the record: the conversation resumes after the restart.
     """
     record = await _load_or_create(key, registry, config.max_sessions_per_user, options)
     inbox_send, inbox = trio.open_memory_channel[SessionCommand](SESSION_INBOX_SIZE)
+    name = f"session {key.user_id}/{key.session_id}"
+    place = AgentSpec(name=name, home=home, ephemeral=False, workspace=workspace)
     actor_ = _SessionActor(
         key,
         config,
         dispatcher,
         inbox,
-        _Session(key, record, registry),
-        partial(_start_agent, config=config, new_agent=new_agent, home=home),
+        _Session(key, record, registry, _Transcripts(config.transcripts, place)),
+        partial(_start_agent, config=config, new_agent=new_agent, place=place),
         stop,
         actor,
         credentials or CredentialsVersion(),
@@ -269,6 +291,7 @@ class _SessionActor:
     def _take(self, command: SessionCommand | None) -> Phase:
         """The phase for ``command`` (None: the wait ended without one)."""
         if isinstance(command, Hibernate | CloseSessionNow):
+            self.session.transcripts.deleted = isinstance(command, CloseSessionNow)
             return Phase.END
         assert self.agent is not None
         self.job = command
@@ -330,19 +353,79 @@ class _SessionActor:
             if self.agent is not None:
                 # EOF first: the CLI flushes its transcript before it exits.
                 await self.agent.close()
+            await self.session.transcripts.last_mirror(self.session.record)
         if self.job is not None:
             self.job.answer(self.leftover)
             self.job = None
         _close_inbox(self.inbox, self.leftover)
 
 
+class _Transcripts:
+    """A session's transcript in the shared store (``store`` None: none, nothing to do)."""
+
+    # How long the mirror at a session's end may take (it is best effort: the turns were
+    # answered once mirrored).
+    LAST_MIRROR_S = 10.0
+
+    def __init__(self, store: SessionTranscripts | None, place: AgentSpec) -> None:
+        self.store = store
+        self.place = place
+        # A turn's transcript was mirrored: this process knows how far (else the last
+        # mirror would send what it cannot tell stored from not).
+        self.mirrored = False
+        self.deleted = False  # the session was closed (DELETE): its transcript goes
+
+    async def materialise(self, claude_session_id: str) -> None:
+        """Before a resume. Raises RegistryError; AgentStartError when a file cannot be written."""
+        if self.store is None:
+            return
+        try:
+            await self.store.materialise(self.place.config_dir, self.place.cwd, claude_session_id)
+        except OSError as exc:
+            raise AgentStartError(f"cannot write the session's transcript: {exc}") from exc
+
+    async def mirror(self, *claude_session_ids: str) -> None:
+        """After a turn: its conversations (a turn that moved it with ``/clear``: the earlier
+        one too, whose last lines the CLI wrote there). Raises RegistryError (the store, or
+        a file that cannot be read: nothing unstored is acknowledged)."""
+        if self.store is None:
+            return
+        try:
+            for claude_id in dict.fromkeys(claude_session_ids):
+                await self.store.mirror(self.place.config_dir, self.place.cwd, claude_id)
+        except OSError as exc:
+            raise RegistryError(f"cannot read the session's transcript: {exc}") from exc
+        self.mirrored = True
+
+    async def last_mirror(self, record: SessionRecord) -> None:
+        """As the session ends (its agent closed): what the CLI wrote after the last turn's
+        mirror. Best effort, bounded: a failure is logged. Not for a deleted session (its
+        stored transcript is being deleted), nor one that ran no turn here."""
+        if self.store is None or not self.mirrored or self.deleted:
+            return
+        with trio.move_on_after(self.LAST_MIRROR_S) as waited:
+            try:
+                await self.mirror(record.claude_session_id)
+            except RegistryError as exc:
+                log.warning("session %s: transcript not mirrored at its end: %s", record.key, exc)
+        if waited.cancelled_caught:
+            log.warning("session %s: transcript's last mirror timed out", record.key)
+
+
 class _Session:
     """The record of a live session and how a turn updates it."""
 
-    def __init__(self, key: SessionKey, record: SessionRecord, registry: RegistryClient) -> None:
+    def __init__(
+        self,
+        key: SessionKey,
+        record: SessionRecord,
+        registry: RegistryClient,
+        transcripts: _Transcripts,
+    ) -> None:
         self.key = key
         self.record = record
         self.registry = registry
+        self.transcripts = transcripts
         self.upstream_error: UpstreamError | None = None
         # What the ceilings changed in the saved options the current agent started with,
         # and the model it started with.
@@ -404,6 +487,8 @@ class _Session:
                 transcript_started=True,
             )
         try:
+            # The transcript first: a saved record then never counts a turn it lacks.
+            await self.transcripts.mirror(self.record.claude_session_id, record.claude_session_id)
             await self._save(record)
         except RegistryError as exc:
             log.error("session %s: turn not saved: %s", self.key, exc)
@@ -485,24 +570,25 @@ async def _start_agent(
     options: RunOptions,
     config: SessionConfig,
     new_agent: AgentFactory,
-    home: Path,
+    place: AgentSpec,
 ) -> Agent:
-    """Start the session's agent with ``options`` (its record's, under the ceilings): resume
-    its transcript if it has one, else begin it.
+    """Start the session's agent in ``place`` with ``options`` (its record's, under the
+    ceilings): resume its transcript if it has one (from the shared store, with
+    ``config.transcripts``), else begin it.
 
     Our record can be wrong about the transcript (a crash between saving the
     record and the CLI writing, or the reverse); the CLI says which in its error,
     so try the other way once.
     """
     resume = record.transcript_started
-    name = f"session {record.user_id}/{record.session_id}"
+    transcripts = _Transcripts(config.transcripts, place)
     for attempt in range(2):
         uuid_ = record.claude_session_id
+        if resume:
+            await transcripts.materialise(uuid_)
         agent = new_agent(
-            AgentSpec(
-                name=name,
-                home=home,
-                ephemeral=False,
+            attrs.evolve(
+                place,
                 session_id=None if resume else uuid_,
                 resume=uuid_ if resume else None,
                 options=options,

@@ -52,8 +52,10 @@ class AgentStartError(AgentError, ExpectedFailure):
 class AgentSpec:
     """What one agent process is for, and where it lives.
 
-    ``home`` is the agent's HOME: its working directory is ``home/workspace`` and
-    Claude Code's config dir (transcripts, ``.claude.json``) is ``home/.claude``.
+    ``home`` is the agent's HOME: its working directory is ``workspace``, by default
+    ``home/workspace`` (a session's, with ``WORKSPACES_DIR``: a directory of its own there,
+    on a volume every replica mounts at the same path), and Claude Code's config dir
+    (transcripts, ``.claude.json``) is ``home/.claude``.
     An ``ephemeral`` agent (a one-shot worker's) has its home removed when it
     closes and keeps no transcript; a session's home is its user's and stays.
     ``options`` are what a request asked for beyond the service's defaults: the
@@ -66,10 +68,16 @@ class AgentSpec:
     session_id: str | None = None  # a new conversation with this Claude session UUID
     resume: str | None = None  # continue the conversation with this Claude session UUID
     options: RunOptions = RunOptions()
+    workspace: Path | None = None  # the working directory when not ``home/workspace``
 
     @property
     def cwd(self) -> Path:
-        return self.home / "workspace"
+        return self.workspace if self.workspace is not None else self.home / "workspace"
+
+    @property
+    def own_workspace(self) -> bool:
+        """Whether the working directory lies outside the HOME (``WORKSPACES_DIR``)."""
+        return self.workspace is not None and not self.workspace.is_relative_to(self.home)
 
     @property
     def config_dir(self) -> Path:

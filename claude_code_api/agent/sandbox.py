@@ -535,6 +535,9 @@ def bwrap_arguments(
         elif path.exists():
             args += ["--ro-bind", "/dev/null", str(path)]
     args += _way_to(home) + ["--bind", home, home]
+    if spec.own_workspace:  # (WORKSPACES_DIR, hidden: only the user's own shown)
+        workspace = os.path.realpath(spec.cwd)
+        args += _way_to(workspace) + ["--bind", workspace, workspace]
     if network is not None:  # (after DATA_DIR is hidden: the sockets are in it)
         args += network.bwrap_arguments()
     if credentials is not None:
@@ -548,10 +551,11 @@ def bwrap_arguments(
     # Absolute: bwrap changes directory inside the new root, where a relative DATA_DIR (its
     # default, "data") means nothing. An agent with a user of its own starts in "/" (see
     # AgentUser.command: bwrap, its capabilities gone, cannot enter the agent's 0700 HOME).
-    args += [
-        "--chdir",
-        "/" if user is not None else str(Path(home, spec.cwd.relative_to(spec.home))),
-    ]
+    if spec.own_workspace:
+        cwd = os.path.realpath(spec.cwd)
+    else:
+        cwd = str(Path(home, spec.cwd.relative_to(spec.home)))
+    args += ["--chdir", "/" if user is not None else cwd]
     return args
 
 
@@ -680,16 +684,20 @@ class AgentLauncher:
         Blocking: run it in a worker thread. Raises OSError when a directory or
         the launcher cannot be written (a full disk, a bad ``DATA_DIR``).
         """
+        group = None if self.user is None else self.user.gid
         if self.user is None:
             for directory in (spec.cwd, spec.config_dir, spec.home / "tmp"):
                 directory.mkdir(parents=True, exist_ok=True)
-            _keep_private(spec.home.parent)
-        else:
-            spec.home.parent.mkdir(parents=True, exist_ok=True)
-            _keep_private(spec.home.parent, group=self.user.gid)
+        spec.home.parent.mkdir(parents=True, exist_ok=True)
+        _keep_private(spec.home.parent, group=group)
+        if spec.own_workspace:
+            spec.cwd.parent.mkdir(parents=True, exist_ok=True)
+            _keep_private(spec.cwd.parent, group=group)
         credentials = self.credentials if self.credentials and self.credentials.is_file() else None
         if self.user is not None:
             _make_home(spec, self.user, None if self.sandboxed else credentials)
+            if spec.own_workspace:
+                _make_workspace(spec.cwd, self.user)
         else:
             self._link_credentials(spec, credentials)
         if self.proxied:
@@ -1058,7 +1066,8 @@ def _make_home(spec: AgentSpec, user: AgentUser, credentials: Path | None) -> No
     try:
         if os.fstat(home_fd).st_uid != user.uid:
             _give_tree(home_fd, user)
-        for name in (spec.cwd.name, spec.config_dir.name, "tmp"):
+        inside = () if spec.own_workspace else (spec.cwd.name,)
+        for name in (*inside, spec.config_dir.name, "tmp"):
             try:
                 os.mkdir(name, 0o700, dir_fd=home_fd)
             except FileExistsError:
@@ -1086,6 +1095,21 @@ def _make_home(spec: AgentSpec, user: AgentUser, credentials: Path | None) -> No
             os.close(config_fd)
     finally:
         os.close(home_fd)
+
+
+def _make_workspace(workspace: Path, user: AgentUser) -> None:
+    """Make a workspace outside the HOME (``WORKSPACES_DIR/<name>``, its parent the
+    service's) ``user``'s, mode 0700 when new. Blocking. Not followed if it is a link."""
+    try:
+        os.mkdir(workspace, 0o700)
+    except FileExistsError:
+        pass
+    fd = _open_directory(workspace)
+    try:
+        if os.fstat(fd).st_uid != user.uid:
+            _give_tree(fd, user)
+    finally:
+        os.close(fd)
 
 
 def _remove_login(spec: AgentSpec) -> None:
@@ -1209,22 +1233,25 @@ def make_launcher(
     user: AgentUser | None = None,
     limits: AgentLimits | None = None,
     proxied: bool = False,
+    workspaces_dir: Path | None = None,
 ) -> AgentLauncher:
     """Build the launcher for this service: the environment split and what to hide.
 
-    ``proxied``: agents reach the model API through the model proxy. Blocking (looks
-    at the install and the directories on the way to it).
+    ``proxied``: agents reach the model API through the model proxy. ``workspaces_dir``
+    (``WORKSPACES_DIR``): hidden like ``data_dir``, each session agent shown its own
+    workspace there. Blocking (looks at the install and the directories on the way to it).
     """
     env, withheld = agent_environment(
         environ, use_api_key=use_api_key, extra=extra_env, proxied=proxied
     )
     claude_dir = service_claude_dir(environ)
     home = Path(environ.get("HOME") or Path.home()).absolute()
-    hidden = (data_dir.absolute(), claude_dir, home / ".claude.json")
+    own = [data_dir.absolute()] + ([] if workspaces_dir is None else [workspaces_dir.absolute()])
+    hidden = (*own, claude_dir, home / ".claude.json")
     shown = install_paths(cli, env.get("PATH"))
     walls: tuple[Path, ...] = ()
     if user is not None:
-        walls = user.walls([data_dir.absolute()], inside=True) + user.walls(shown, inside=False)
+        walls = user.walls(own, inside=True) + user.walls(shown, inside=False)
     return AgentLauncher(
         cli=cli,
         run_dir=data_dir.absolute() / "run",

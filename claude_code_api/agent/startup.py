@@ -185,6 +185,7 @@ def _launcher(
         user=user,
         limits=limits,
         proxied=True,
+        workspaces_dir=settings.workspaces_dir,
     )
     # A single file an agent writes stops at the disk quota (disk_quota.py).
     launcher = attrs.evolve(

@@ -543,8 +543,9 @@ class Settings:
         Flag(),
         "on",
         "on: a pool agent runs one turn before it is offered, answered by the service itself"
-        " (no model call, nothing counted), then `/clear`: the CLI's first-turn work (~0.1 s)"
-        " is not on a request's time; off: a request's turn is its agent's first",
+        " (no model call, nothing counted), its exchange kept before the request's prompt:"
+        " the CLI's first-turn work (~0.1 s) is not on a request's time; off: a request's turn"
+        " is its agent's first",
     )
     model: str = setting(
         "CLAUDE_MODEL",
@@ -662,6 +663,15 @@ class Settings:
         "data",
         "workspaces, user directories and the session database; a local filesystem",
     )
+    workspaces_dir: Path | None = setting(
+        "WORKSPACES_DIR",
+        OrUnset(Directory()),
+        "",
+        "where users' workspaces are (their agents' working directories, what `/files`"
+        " serves): `<WORKSPACES_DIR>/<name>` for each user; with several replicas, a volume"
+        " every replica mounts at this same path (a session's transcripts name it)",
+        shown_default="`DATA_DIR`/users/<name>/workspace",
+    )
     # A password may be in it: never quoted, never in repr(settings).
     database_url: str | None = setting(
         "DATABASE_URL",
@@ -669,7 +679,8 @@ class Settings:
         "",
         "PostgreSQL for the state several replicas share (`postgresql://user:password@host/db`):"
         " the session records go to its table `sessions` instead of `DATA_DIR`'s"
-        " `sessions.sqlite3`; unset: none, only `DATA_DIR`",
+        " `sessions.sqlite3`, and each session turn's transcript is copied there before the"
+        " turn is answered (a session resumes on any replica); unset: none, only `DATA_DIR`",
         shown_default="none",
         secret=True,
         repr=False,

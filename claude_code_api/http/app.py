@@ -591,13 +591,14 @@ def _blueprints(
         )
     )
     app.register_blueprint(anthropic_routes(compat_runs))
-    workspaces = partial(user_workspace, settings.data_dir)
+    homes = partial(user_workspace, settings.data_dir)
     app.register_blueprint(
         files_routes(
             caller=caller,
             data_dir=settings.data_dir,
             max_file_bytes=settings.max_file_bytes,
-            disk=disk or DiskQuota.from_settings(settings, workspaces),
+            disk=disk or DiskQuota.from_settings(settings, homes),
+            workspaces_dir=settings.workspaces_dir,
         )
     )
     app.register_blueprint(

@@ -53,11 +53,12 @@ def files_routes(
     data_dir: Path,
     max_file_bytes: int,
     disk: DiskQuota,
+    workspaces_dir: Path | None = None,
 ) -> Blueprint:
     """The ``/files`` routes (module docstring); a :class:`FileRefused` is answered as JSON."""
     routes = Blueprint("files", __name__)
-    _reading_routes(routes, caller, data_dir, disk)
-    _writing_route(routes, caller, data_dir, max_file_bytes, disk)
+    _reading_routes(routes, caller, data_dir, disk, workspaces_dir)
+    _writing_route(routes, caller, data_dir, max_file_bytes, disk, workspaces_dir)
 
     @routes.app_errorhandler(FileRefused)
     async def refused(exc: FileRefused) -> Response:
@@ -79,14 +80,18 @@ def _file_path(path: str) -> str:
 
 
 def _reading_routes(
-    routes: Blueprint, caller: Callable[[], str], data_dir: Path, disk: DiskQuota
+    routes: Blueprint,
+    caller: Callable[[], str],
+    data_dir: Path,
+    disk: DiskQuota,
+    workspaces_dir: Path | None,
 ) -> None:
     """``GET /files``, ``GET /files/{path}`` and ``DELETE /files/{path}``."""
 
     @routes.get("/files")
     async def listing() -> Response:
         user_id = caller()
-        workspace = workspace_of(data_dir, user_id)
+        workspace = workspace_of(data_dir, user_id, workspaces_dir)
         entries, truncated = await trio.to_thread.run_sync(list_files, workspace)
         files = [
             {"name": e.name, "size": e.size, "modified": round(e.modified * 1000)} for e in entries
@@ -96,7 +101,7 @@ def _reading_routes(
     @routes.get("/files/<path:path>")
     async def read(path: str) -> Response:
         user_id = caller()
-        workspace = workspace_of(data_dir, user_id)
+        workspace = workspace_of(data_dir, user_id, workspaces_dir)
         fd, size = await trio.to_thread.run_sync(open_for_reading, workspace, _file_path(path))
 
         async def chunks() -> AsyncIterator[bytes]:
@@ -115,7 +120,7 @@ def _reading_routes(
     @routes.delete("/files/<path:path>")
     async def delete(path: str) -> Response:
         user_id = caller()
-        workspace = workspace_of(data_dir, user_id)
+        workspace = workspace_of(data_dir, user_id, workspaces_dir)
         await trio.to_thread.run_sync(remove, workspace, _file_path(path))
         disk.measured.pop(user_id, None)
         return jsonify({"deleted": True})
@@ -127,6 +132,7 @@ def _writing_route(
     data_dir: Path,
     max_file_bytes: int,
     disk: DiskQuota,
+    workspaces_dir: Path | None,
 ) -> None:
     """``PUT /files/{path}``: the body becomes the file, or nothing is written.
 
@@ -145,7 +151,7 @@ def _writing_route(
         used = await disk.usage(user_id, max_age=0)
         if declared is not None and used + declared > disk.limit:
             raise _over_quota(disk, user_id, used, declared)
-        workspace = workspace_of(data_dir, user_id)
+        workspace = workspace_of(data_dir, user_id, workspaces_dir)
         upload = await trio.to_thread.run_sync(Upload, workspace, sent)
         try:
             await _receive(upload, max_file_bytes, disk, user_id, used)

@@ -129,7 +129,8 @@ def _mib(n: float) -> str:
 class DiskQuota:
     """The per-user quota and the service's reserve on ``data_dir``'s filesystem.
 
-    ``home_of(user_id)`` is the user's HOME. Only on the trio thread (the walks
+    ``home_of(user_id)`` is the user's HOME; ``workspaces_dir`` (``WORKSPACES_DIR``), where
+    users' workspaces are when not in their HOMEs: counted with them. Only on the trio thread (the walks
     run in worker threads and touch nothing of this object).
     """
 
@@ -138,6 +139,7 @@ class DiskQuota:
     reserve: int  # bytes of the filesystem kept free for the service (before the 1/4 cap)
     home_of: Callable[[str], Path]
     interval_s: float = WATCH_INTERVAL_S
+    workspaces_dir: Path | None = None
     # The ephemeral HOMEs of one-shot agents running for each user: counted with theirs.
     running: dict[str, list[Path]] = attrs.Factory(dict)
     # user -> (trio time, bytes) of the last measurement.
@@ -150,7 +152,9 @@ class DiskQuota:
     filled: dict[str, int] = attrs.Factory(dict)
 
     def paths(self, user_id: str) -> list[Path]:
-        return [self.home_of(user_id), *self.running.get(user_id, ())]
+        home = self.home_of(user_id)
+        workspace = [] if self.workspaces_dir is None else [self.workspaces_dir / home.name]
+        return [home, *workspace, *self.running.get(user_id, ())]
 
     @contextmanager
     def counting(self, user_id: str, home: Path | None) -> Iterator[None]:
@@ -231,6 +235,7 @@ class DiskQuota:
             settings.user_disk_max_mb * MIB,
             reserve,
             home_of,
+            workspaces_dir=settings.workspaces_dir,
             ballast=DiskReserve(settings.data_dir, reserve) if reserve else None,
         )
 

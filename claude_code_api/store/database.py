@@ -84,6 +84,10 @@ class Database:
             # psycopg_pool's PoolTimeout is an OperationalError too: no connection in time.
             raise DatabaseUnavailable(str(exc).strip() or type(exc).__name__) from exc
 
+    def close_pool(self) -> None:
+        """Close the pool (for an owner that opened it itself). Blocks."""
+        self._pool.close()
+
     async def run(self, work: Callable[[psycopg.Connection], T]) -> T:
         """:meth:`call` in a trio worker thread. Cancelling the caller waits for the
         transaction to end (bounded by :data:`CONNECT_TIMEOUT_S` and the work itself)."""

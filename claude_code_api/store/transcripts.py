@@ -178,6 +178,13 @@ def _delete(connection: psycopg.Connection, key: SessionKey) -> None:
     )
 
 
+def delete_transcript(database: Database, key: SessionKey) -> None:
+    """:meth:`PostgresTranscriptStore.delete` in the calling (worker) thread: blocks.
+
+    Error handling: :class:`~claude_code_api.store.database.DatabaseUnavailable`."""
+    database.call(lambda connection: _delete(connection, key))
+
+
 class PostgresTranscriptStore(SessionStore):
     """The SDK's ``SessionStore`` on PostgreSQL: sessions' transcripts, shared by replicas.
 

@@ -40,3 +40,16 @@ def user_workspace(data_dir: Path, user_id: str) -> Path:
     slug = _UNSAFE.sub("_", user_id.lower()).lstrip("-_")[:SLUG_MAX]
     name = f"{slug}-{digest}" if slug else digest
     return Path(data_dir) / "users" / name
+
+
+def user_cwd(data_dir: Path, workspaces_dir: Path | None, user_id: str) -> Path:
+    """Where a user's session agents work, and what ``/files`` serves. Not created here.
+
+    ``workspaces_dir / <name>`` (``WORKSPACES_DIR``, the same ``<name>`` as
+    :func:`user_workspace`'s), else ``user_workspace(...) / "workspace"``. Absolute: the
+    agent's transcripts are filed under it, and must be found under it on every replica.
+    """
+    home = user_workspace(data_dir, user_id)
+    if workspaces_dir is None:
+        return (home / "workspace").absolute()
+    return (Path(workspaces_dir) / home.name).absolute()

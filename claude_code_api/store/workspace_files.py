@@ -38,7 +38,7 @@ from pathlib import Path
 
 import attrs
 
-from .user_paths import user_workspace
+from .user_paths import user_cwd
 
 MAX_PATH_CHARS = 4096
 MAX_NAME_BYTES = 255
@@ -65,9 +65,9 @@ class Entry:
     modified: float  # seconds since the epoch
 
 
-def workspace_of(data_dir: Path, user_id: str) -> Path:
+def workspace_of(data_dir: Path, user_id: str, workspaces_dir: Path | None = None) -> Path:
     """Where ``user_id``'s session agents work (their ``AgentSpec.cwd``)."""
-    return user_workspace(data_dir, user_id) / "workspace"
+    return user_cwd(data_dir, workspaces_dir, user_id)
 
 
 def parse_path(path: str) -> list[str]:

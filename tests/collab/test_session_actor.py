@@ -402,3 +402,61 @@ async def test_without_a_ceiling_or_within_it_a_result_names_nothing_lowered(
         await session.idle()
         _, events = await session.turn("one")
         assert events[-1].lowered_options is None
+
+
+class FakeTranscripts:
+    """The shared transcript store's seam: records the calls; fails while ``failing``."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Path, Path, str]] = []
+        self.failing: str | None = None
+
+    async def materialise(self, config_dir: Path, cwd: Path, claude_session_id: str) -> bool:
+        return self._call("materialise", config_dir, cwd, claude_session_id)
+
+    async def mirror(self, config_dir: Path, cwd: Path, claude_session_id: str) -> None:
+        self._call("mirror", config_dir, cwd, claude_session_id)
+
+    def _call(self, what: str, config_dir: Path, cwd: Path, claude_id: str) -> bool:
+        if self.failing is not None:
+            raise RegistryError(self.failing)
+        self.calls.append((what, config_dir, cwd, claude_id))
+        return True
+
+
+async def test_a_turn_whose_transcript_is_not_stored_answers_503(autojump_clock, nursery):
+    with trio.fail_after(LIMIT):
+        transcripts = FakeTranscripts()
+        config = attrs.evolve(CONFIG, transcripts=transcripts)
+        registry = FakeRegistry()
+        session = await start_session(nursery, FakeAgents(), registry, config=config)
+        await session.idle()
+        transcripts.failing = "connection refused"
+        _, events = await session.turn("one")
+        assert events[-1] == JobFailed(503, "session store unavailable: connection refused")
+        assert registry.records[KEY].turns == 0  # (the transcript first: the record waits)
+        transcripts.failing = None
+        await session.idle()
+        _, events = await session.turn("two")
+        assert isinstance(events[-1], RunResult) and events[-1].output == "echo: two"
+        record = registry.records[KEY]
+        home = Path("/home/alice")
+        mirrored = ("mirror", home / ".claude", home / "workspace", record.claude_session_id)
+        assert transcripts.calls == [mirrored]
+
+
+async def test_a_resumed_agent_starts_from_the_stored_transcript(autojump_clock, nursery):
+    with trio.fail_after(LIMIT):
+        transcripts = FakeTranscripts()
+        config = attrs.evolve(CONFIG, transcripts=transcripts)
+        agents, registry = FakeAgents(), FakeRegistry()
+        session = await start_session(nursery, agents, registry, config=config)
+        await session.idle()
+        await session.turn("one")
+        assert [call[0] for call in transcripts.calls] == ["mirror"]  # (a new one: nothing)
+        await session.idle()
+        agents.made[0].exit_now()
+        await warm_agents(agents, 2)
+        claude_id = registry.records[KEY].claude_session_id
+        assert transcripts.calls[-1][0::3] == ("materialise", claude_id)
+        assert agents.made[1].spec.resume == claude_id

@@ -60,6 +60,14 @@ async def test_a_user_at_the_quota_is_refused_naming_it_and_others_are_not(tmp_p
         assert await q.refusal("bob") is None
 
 
+async def test_a_workspace_in_workspaces_dir_counts_for_its_user(tmp_path):
+    with trio.fail_after(TIMEOUT):
+        q = attrs.evolve(quota(tmp_path), workspaces_dir=tmp_path / "w")
+        _write(tmp_path / "w" / "alice" / "f", MIB)
+        assert await q.refusal("alice") is not None
+        assert await q.refusal("bob") is None
+
+
 async def test_a_one_shot_home_counts_for_its_user_while_it_runs(tmp_path):
     with trio.fail_after(TIMEOUT):
         q = quota(tmp_path)

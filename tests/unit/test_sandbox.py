@@ -667,3 +667,43 @@ def test_walls_are_the_highest_directories_the_agents_user_cannot_pass(tmp_path)
     assert walls(opened / "cli", inside=False) == []
     os.chown(private, 65536, 65536)  # its own: it passes
     assert walls(data, inside=True) == [private / "inner"]
+
+
+@pytest.mark.parametrize("sandbox", [False, pytest.param(True, marks=needs_sandbox)])
+def test_a_workspace_in_workspaces_dir_is_the_agents_cwd_and_only_its_own_is_shown(
+    tmp_path, sandbox
+):
+    """WORKSPACES_DIR: the agent works in its user's directory there (HOME stays in DATA_DIR);
+    in the sandbox, the other users' directories there are hidden as DATA_DIR is."""
+    workspaces = tmp_path / "workspaces"
+    launcher = launcher_for(tmp_path, sandbox=sandbox)
+    if sandbox:
+        launcher = attrs.evolve(launcher, hidden=(*launcher.hidden, workspaces))
+    home = tmp_path / "data" / "users" / "alice"
+    alice = AgentSpec(name="alice", home=home, ephemeral=False, workspace=workspaces / "alice")
+    bob_file = workspaces / "bob" / "notes.txt"
+    bob_file.parent.mkdir(parents=True)
+    bob_file.write_text("bob's secret notes")
+    done = run_agent_shell(
+        launcher, alice, f"pwd; echo mine > mine.txt; cat {bob_file} 2>&1; ls $HOME"
+    )
+    out = done.stdout.splitlines()
+    assert out[0] == os.path.realpath(workspaces / "alice"), done.stdout + done.stderr
+    assert (workspaces / "alice" / "mine.txt").read_text() == "mine\n"
+    assert not (home / "workspace").exists()
+    assert ("bob's secret notes" in done.stdout) is not sandbox
+
+
+def test_workspaces_dir_is_hidden_in_the_sandbox(tmp_path):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    launcher = make_launcher(
+        cli=Path("/bin/sh"),
+        data_dir=data_dir,
+        environ={"PATH": os.environ["PATH"], "HOME": str(tmp_path)},
+        use_api_key=False,
+        extra_env=frozenset(),
+        bwrap=NAMED_BWRAP,
+        workspaces_dir=tmp_path / "w",
+    )
+    assert tmp_path / "w" in launcher.hidden

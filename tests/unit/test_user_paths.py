@@ -73,3 +73,11 @@ async def test_distinct_users_get_distinct_workspaces(user_ids):
         assert len(set(paths)) == len(user_ids)
         # Also distinct where the filesystem ignores case.
         assert len({str(p).casefold() for p in paths}) == len(user_ids)
+
+
+def test_a_users_cwd_is_in_workspaces_dir_under_the_same_name_as_its_home():
+    from claude_code_api.store.user_paths import user_cwd
+
+    home = user_workspace(Path("/data"), "Alice")
+    assert user_cwd(Path("/data"), None, "Alice") == home / "workspace"
+    assert user_cwd(Path("/data"), Path("/shared/w"), "Alice") == Path("/shared/w") / home.name

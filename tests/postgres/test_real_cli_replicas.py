@@ -1,0 +1,71 @@
+"""A session moves between two services with the real bundled CLI: service A (its own
+DATA_DIR) runs two turns and stops; service B (another DATA_DIR, the same WORKSPACES_DIR and
+database) runs the next, its agent resuming from the transcript A's turns left in
+PostgreSQL (B's DATA_DIR never held one), and the model is sent the whole conversation."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import trio
+
+from claude_code_api.demo.mock_messages_api import open_mock_api
+from tests.support.harness import run_service, wait_healthy
+from tests.support.real_cli import requires_real_cli, service_overrides
+
+BUDGET_S = 240
+AS_ALICE = {"x-api-key": "sk-alice-key"}
+
+
+async def turn(service, prompt: str) -> dict:
+    async with service.client(timeout=120) as client:
+        response = await client.post(
+            "/run", json={"prompt": prompt, "sessionId": "s1"}, headers=AS_ALICE
+        )
+    return {"status": response.status_code, **response.json()}
+
+
+def share_the_session_table(a: Path, b: Path) -> None:
+    """B gets A's session records, as the PostgreSQL session table (branch pgtable) will
+    share them: copied here, so that this test needs nothing of that table."""
+    (b / "data").mkdir(parents=True, exist_ok=True)
+    for path in a.glob("data/sessions.sqlite3*"):
+        shutil.copy2(path, b / "data" / path.name)
+
+
+@requires_real_cli
+async def test_a_session_moves_to_another_service_through_postgresql(
+    shared_url: str, tmp_path: Path
+) -> None:
+    workspaces = tmp_path / "workspaces"
+    with trio.fail_after(BUDGET_S):
+        async with open_mock_api() as api:
+            shared = {"WORKSPACES_DIR": str(workspaces), "DATABASE_URL": shared_url}
+            a, b = tmp_path / "a", tmp_path / "b"
+            async with run_service(a, env=service_overrides(api.url, a, **shared)) as service:
+                await wait_healthy(service, ready=1, timeout=60)
+                first = await turn(service, "My name is Alice.")
+                second = await turn(service, "I live in Paris.")
+            share_the_session_table(a, b)
+            assert not list(b.rglob("*.jsonl"))
+            async with run_service(b, env=service_overrides(api.url, b, **shared)) as service:
+                await wait_healthy(service, ready=1, timeout=60)
+                third = await turn(service, "What is my name?")
+    assert [first["status"], second["status"], third["status"]] == [200] * 3, third
+    assert third["output"] == "echo: What is my name?"
+    # The model saw both earlier turns: the conversation went on, on B.
+    assert "My name is Alice." in api.model_calls[-1].all_text()
+    assert "I live in Paris." in api.model_calls[-1].all_text()
+    # B's agent resumed from a transcript it materialised from PostgreSQL, in its own config
+    # dir; both ran in the one workspace.
+    (on_b,) = list((b / "data" / "users").rglob("projects/*/*.jsonl"))
+    (on_a,) = list((a / "data" / "users").rglob("projects/*/*.jsonl"))
+    assert on_a.name == on_b.name and on_a.parent.name == on_b.parent.name
+    assert "My name is Alice." in on_b.read_text()
+    # Written for the agent (as root, its AGENT_UID, default 65536), as the CLI writes it.
+    expected_owner = 65536 if os.geteuid() == 0 else os.geteuid()
+    assert on_b.stat().st_uid == expected_owner and stat.S_IMODE(on_b.stat().st_mode) == 0o600
+    assert list(workspaces.iterdir()) and not list((b / "data" / "users").rglob("workspace"))
