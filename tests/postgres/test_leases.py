@@ -13,6 +13,7 @@ import psycopg
 import pytest
 import trio
 
+from claude_code_api.actors.lease_keeper import LeaseKeeper, ThreadedLeases
 from claude_code_api.messages import SessionKey
 from claude_code_api.store.database import Database
 from claude_code_api.store.leases import Held, Lease, LeaseTable, holds, key_digest
@@ -198,3 +199,20 @@ async def test_any_user_id_is_a_key(table: LeaseTable) -> None:
         assert await in_thread(table.renew, "a", [odd, KEY], TTL) == {KEY}
         assert await in_thread(table.check, lease)
         assert len(key_digest(odd)) == 32
+
+
+async def test_keepers_on_two_replicas_hand_a_lease_over(table: LeaseTable) -> None:
+    threaded = ThreadedLeases(table)
+    first, second = LeaseKeeper(threaded, "a", 3.0), LeaseKeeper(threaded, "b", 3.0)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as outer:
+            await outer.start(second.serve)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(first.serve)
+                lease = await first.acquire(KEY)
+                await trio.sleep(4.0)  # past one ttl: renewed meanwhile
+                assert isinstance(await second.acquire(KEY), Held)
+                nursery.cancel_scope.cancel()  # the first replica stops: releases it all
+            assert await second.acquire(KEY) == Lease(KEY, "b", 2)
+            assert not await in_thread(table.check, lease)
+            outer.cancel_scope.cancel()
