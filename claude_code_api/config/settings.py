@@ -685,6 +685,14 @@ class Settings:
         secret=True,
         repr=False,
     )
+    session_lease_s: float = setting(
+        "SESSION_LEASE_S",
+        Duration("s", 3, 600),
+        "15",
+        "with `DATABASE_URL`: a live session's lease in the database, renewed every third of"
+        " this; a replica that dies holds its sessions no longer than this (read, not used"
+        " yet: issue 22)",
+    )
     max_live_sessions: int = setting(
         "MAX_LIVE_SESSIONS", Whole(1, 10_000), "8", "session processes running at once"
     )

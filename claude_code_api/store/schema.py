@@ -108,8 +108,30 @@ SESSIONS = Migration(
     ),
 )
 
-# Issue 22 appends here runs and leases (version 3, …).
-MIGRATIONS: tuple[Migration, ...] = (TRANSCRIPTS, SESSIONS)
+SESSION_LEASES = Migration(
+    3,
+    "session_leases",
+    (
+        # One row per session key ever leased (store/leases.py), kept after a release so that
+        # a key's fence never goes back. key_digest is the SHA-256 of lease_key, the key as
+        # JSON text ([user_id, session_id], ASCII): a primary key of fixed size, whatever the
+        # ids' length. owner NULL: released. Expiry by the database's clock alone.
+        """
+        CREATE TABLE session_leases (
+            key_digest bytea PRIMARY KEY,
+            lease_key text NOT NULL,
+            owner text,
+            fence bigint NOT NULL,
+            expires_at timestamptz NOT NULL
+        )
+        """,
+        # renew and release_all: one owner's leases.
+        "CREATE INDEX session_leases_by_owner ON session_leases (owner) WHERE owner IS NOT NULL",
+    ),
+)
+
+# Issue 22 appends here runs (version 4, …).
+MIGRATIONS: tuple[Migration, ...] = (TRANSCRIPTS, SESSIONS, SESSION_LEASES)
 LATEST_VERSION = MIGRATIONS[-1].version
 
 

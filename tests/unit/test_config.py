@@ -57,6 +57,7 @@ def test_defaults():
     assert settings.session_ttl_s == 30 * DAY_S
     assert settings.log_level == "INFO"
     assert settings.agent_reuse_s == 5.0
+    assert settings.session_lease_s == 15.0
 
 
 def test_every_variable_is_declared_once():
@@ -68,7 +69,7 @@ def test_every_variable_is_declared_once():
 def test_one_unit_convention():
     # Settings holds every duration in seconds, named *_s; the variable keeps its unit's suffix.
     durations = [(a, d) for a, d in declarations() if isinstance(d.kind, Duration)]
-    assert len(durations) == 10
+    assert len(durations) == 11
     for attribute, declared in durations:
         assert attribute.endswith("_s"), attribute
         assert declared.name.endswith("_" + declared.kind.unit.upper()), declared.name
@@ -122,6 +123,7 @@ def test_values_are_read():
             "AGENT_ENV": " HTTPS_PROXY, _x1 ,,HTTPS_PROXY",
             "AGENT_SANDBOX": "ON",
             "LOG_LEVEL": "debug",
+            "SESSION_LEASE_S": "4",
         }
     )
     assert (settings.host, settings.port, settings.pool_size, settings.queue_max) == (
@@ -140,6 +142,7 @@ def test_values_are_read():
     assert (settings.max_sessions_per_user, settings.session_ttl_s) == (3, DAY_S)
     assert settings.agent_env == ("HTTPS_PROXY", "_x1")
     assert (settings.agent_sandbox, settings.log_level) == ("on", "DEBUG")
+    assert settings.session_lease_s == 4.0
 
 
 def test_session_ttl_zero_means_never():
@@ -168,6 +171,8 @@ def test_blank_values_mean_defaults():
         ("WARMUP_TIMEOUT_MS", "50"),
         ("SHUTDOWN_GRACE_S", "3601"),
         ("SHUTDOWN_GRACE_S", "1.5"),
+        ("SESSION_LEASE_S", "2"),
+        ("SESSION_LEASE_S", "601"),
         ("MAX_OUTPUT_CHARS", "0"),
         ("USE_CLAUDE_API_KEY", "maybe"),
         ("USE_CLAUDE_API_KEY", "2"),
