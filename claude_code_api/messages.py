@@ -663,11 +663,29 @@ class UserMemoryChanged:
     user_id: str
 
 
+@attrs.frozen
+class HandOverSession:
+    """Session leases -> dispatcher: another replica asks for ``key``, or this one lost its lease.
+
+    The session hibernates at its next turn boundary once no turn of it waits here (its
+    lease is released when its actor ends: ``actors/session_leases.py``); a session not
+    live here is left alone.
+    """
+
+    key: SessionKey
+
+
 # The dispatcher's inbox, by who sends: the HTTP side, the workers, the session side.
 ClientRequest = Submit | Withdraw | CancelRun | StatusRequest | Drain
 WorkerReport = WorkerStarting | WorkerReady | WorkerFinished | WorkerFailed | WorkerDormant
 SessionReport = (
-    SessionStarted | SessionIdle | SessionStopped | SessionsReset | CloseSession | UserMemoryChanged
+    SessionStarted
+    | SessionIdle
+    | SessionStopped
+    | SessionsReset
+    | CloseSession
+    | UserMemoryChanged
+    | HandOverSession
 )
 DispatcherMessage = ClientRequest | WorkerReport | SessionReport
 

@@ -4,6 +4,7 @@
     ├── reaper           permanent  kills every agent if the service dies (a watchdog process)
     ├── reserve          permanent  holds DISK_RESERVE_MB in a file; tops it up (disk_reserve.py)
     ├── registry         permanent  owns the session records (the store)
+    ├── leases           permanent  with DATABASE_URL: sessions' leases, hand-overs between replicas
     ├── credentials      permanent  owns the Claude credentials file's writes; refreshes the login
     ├── model-proxy      permanent  agents' way to the model API: their tokens, the real key, usage
     ├── egress           permanent  the egress proxy sandboxed agents reach the Internet through
@@ -34,6 +35,7 @@ reaper finish by draining their closed inbox (what is queued is written, then th
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from functools import partial
 
 import trio
@@ -59,7 +61,9 @@ INTENSITY, PERIOD_S = 3, 5.0
 
 def root(w: Wiring) -> Supervisor:
     reserve = [] if w.disk.ballast is None else [ChildSpec("reserve", w.disk.ballast.serve)]
-    children = [reaper(w), *reserve, registry(w), credentials(w), model_proxy(w), egress(w)]
+    leases = [] if w.session_leases is None else [ChildSpec("leases", w.session_leases.serve)]
+    children = [reaper(w), *reserve, registry(w), *leases, credentials(w), model_proxy(w)]
+    children += [egress(w)]
     children += [http(w), core(w)]  # core stops first: HTTP answers the turns it interrupts
     return Supervisor("root", children, intensity=INTENSITY, period=PERIOD_S)
 
@@ -143,10 +147,14 @@ def sessions(w: Wiring, new_agent: AgentFactory) -> ChildSpec:
         options: RunOptions,
     ) -> None:
         home = w.disk.home_of(key.user_id)
-        await serve_session(
-            key, w.session_config, dispatcher, w.registry, new_agent, home, stop, actor,
-            w.credentials_version, options, w.workspace_of(key.user_id),
-        )  # fmt: skip
+        # With several replicas, the session is live here only under its lease.
+        leases = w.session_leases
+        # (``dispatcher`` closed here too: serve_session, which closes it, may never start.)
+        async with dispatcher, nullcontext() if leases is None else leases.hold(key):
+            await serve_session(
+                key, w.session_config, dispatcher, w.registry, new_agent, home, stop, actor,
+                w.credentials_version, options, w.workspace_of(key.user_id),
+            )  # fmt: skip
 
     def new() -> SessionSupervisor:
         return SessionSupervisor(w.session_starts.receive, w.inbox.send, run_session)

@@ -50,6 +50,7 @@ from .store import SessionTable, StoreUnavailable, open_store
 from .store.user_paths import user_cwd, user_workspace
 
 if TYPE_CHECKING:
+    from .actors.session_leases import SessionLeases
     from .store.transcript_mirror import TranscriptMirror
 
 T = TypeVar("T")
@@ -117,7 +118,8 @@ class Wiring:
     egress_socket: EgressSocket
     # With DATABASE_URL: sessions' transcripts in PostgreSQL, and what closes its pool.
     transcripts: TranscriptMirror | None = None
-    close_transcripts: Callable[[], None] | None = None
+    session_leases: SessionLeases | None = None  # a session live on one replica at a time
+    close_transcripts: Callable[[], None] | None = None  # (the pool of both)
 
     def workspace_of(self, user_id: str) -> Path | None:
         """A session agent's working directory when not in its HOME (``WORKSPACES_DIR``)."""
@@ -276,7 +278,7 @@ def wire(settings: Settings, environ: Mapping[str, str]) -> Wiring:
         graceful_timeout=5.0,
         max_connections=connection_limit(settings.pool_size + settings.max_live_sessions),
     )
-    transcripts, close_transcripts = _transcript_mirror(settings)
+    transcripts, session_leases, close_transcripts = _shared_state(settings, inbox.send)
     return Wiring(
         settings=settings,
         environ=environ,
@@ -296,22 +298,32 @@ def wire(settings: Settings, environ: Mapping[str, str]) -> Wiring:
         http=http,
         egress_socket=EgressSocket(settings.data_dir.absolute() / "run" / EGRESS_PROXY_SOCKET),
         transcripts=transcripts,
+        session_leases=session_leases,
         close_transcripts=close_transcripts,
     )
 
 
-def _transcript_mirror(
-    settings: Settings,
-) -> tuple[TranscriptMirror | None, Callable[[], None] | None]:
-    """With ``DATABASE_URL``, the mirror of sessions' transcripts (its pool opens at first
-    use) and what closes it; else nothing (psycopg and the SDK are not imported)."""
-    if settings.database_url is None:
-        return None, None
-    from .store.transcript_mirror import open_transcript_mirror
+def _shared_state(
+    settings: Settings, dispatcher: trio.MemorySendChannel[DispatcherMessage]
+) -> tuple[TranscriptMirror | None, SessionLeases | None, Callable[[], None] | None]:
+    """With ``DATABASE_URL``: the mirror of sessions' transcripts and the session leases,
+    on one pool (opened at first use), and what closes it; else nothing (psycopg and the
+    SDK are not imported)."""
+    url = settings.database_url
+    if url is None:
+        return None, None, None
+    from .actors.session_leases import SessionLeases
+    from .store.leases import new_owner
+    from .store.transcript_mirror import OnDemandDatabase, TranscriptMirror
 
+    database = OnDemandDatabase(url)
     # A root service's agents are AGENT_UID (startup.py): the files written for them too.
     owner = (settings.agent_uid, settings.agent_uid) if os.geteuid() == 0 else None
-    return open_transcript_mirror(settings.database_url, owner)
+    # A session start waits for another replica's lease up to two of its terms: the
+    # holder hands over at its turn's end, or dies and its lease expires.
+    ttl = settings.session_lease_s
+    leases = SessionLeases(database, url, new_owner(), ttl, dispatcher, wait_s=2 * ttl + 5)
+    return TranscriptMirror(database, owner), leases, database.close
 
 
 def make_agent_factory(w: Wiring) -> AgentFactory:

@@ -702,6 +702,7 @@ class Turn:
             {
                 "pid": os.getpid(),
                 "event": "turn",
+                "at": time.time(),
                 "prompt": self.prompt,
                 "session_id": self.sid,
                 "memory": s.memory(),

@@ -67,6 +67,7 @@ from ..messages import (
     CloseSession,
     DispatcherMessage,
     Drain,
+    HandOverSession,
     Job,
     JobFailed,
     PoolSnapshot,
@@ -287,7 +288,7 @@ class Dispatcher:
                 self._handle_worker(message)
             case SessionStarted() | SessionIdle() | SessionStopped() | SessionsReset():
                 self._handle_session(message)
-            case CloseSession() | UserMemoryChanged():
+            case CloseSession() | UserMemoryChanged() | HandOverSession():
                 self._handle_session(message)
             case _:
                 # Checked as assert_never is, but a stray object is logged, not raised: a
@@ -365,6 +366,8 @@ class Dispatcher:
                 self.sessions.close(key, ack, deleted)
             case UserMemoryChanged(user_id):
                 self.sessions.memory_changed(user_id)
+            case HandOverSession(key):
+                self.sessions.hand_over(key)
             case _:
                 assert_never(message)
 

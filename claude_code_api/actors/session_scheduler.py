@@ -97,6 +97,9 @@ class SessionEntry:
     yielding: bool = False
     # Its agent may hold an outdated CLAUDE.md: restart it at the next turn boundary.
     stale_memory: bool = False
+    # Asked for by another replica (or its lease lost): hibernate it once no turn of it
+    # waits here, and so release its lease (``HandOverSession``).
+    handing_over: bool = False
     # Granted its live slot for a turn that has not started yet: it counts as running.
     reserved: bool = False
     # The turn handed to its actor and not over yet, and when (wall-clock seconds).
@@ -260,7 +263,7 @@ class SessionScheduler:
             entry.inbox.close()
         entry.inbox, entry.actor = None, None
         entry.running = entry.running_since = None
-        entry.reserved = False
+        entry.reserved = entry.handing_over = False
         if entry.closing:
             for ack, deleted in entry.closing:
                 self._delete_record(key, deleted)
@@ -287,6 +290,13 @@ class SessionScheduler:
         for entry in self.entries.values():
             if entry.key.user_id == user_id and entry.state in RUNNING_STATES:
                 entry.stale_memory = True
+
+    def hand_over(self, key: SessionKey) -> None:
+        """Another replica asks for ``key`` (or this one lost its lease): hibernate it at its
+        next turn boundary once no turn of it waits here. Not live here: nothing to do."""
+        entry = self.entries.get(key)
+        if entry is not None and entry.state in RUNNING_STATES:
+            entry.handing_over = True
 
     def reset(self) -> None:
         """No session actor runs any more (their supervisor restarted): forget them all.
@@ -368,6 +378,7 @@ class SessionScheduler:
         budget = self._budget()
         self._grant_slots(budget)
         self._restart_for_memory()
+        self._release_handed_over()
         self._free_slots(budget)
         self._hand_over_turns(budget)
 
@@ -414,6 +425,13 @@ class SessionScheduler:
         for entry in [e for e in self.entries.values() if e.state is SessionState.IDLE]:
             if entry.stale_memory:
                 log.info("session %s: its user's CLAUDE.md changed; restarting it", entry.key)
+                self._hibernate(entry)
+
+    def _release_handed_over(self) -> None:
+        """Hibernate idle sessions another replica asked for, once no turn of theirs waits."""
+        for entry in [e for e in self.entries.values() if e.state is SessionState.IDLE]:
+            if entry.handing_over and not len(entry.waiting):
+                log.info("session %s: handed over to another replica", entry.key)
                 self._hibernate(entry)
 
     def _free_slots(self, budget: _Budget) -> None:
