@@ -183,7 +183,11 @@ class Wiring:
         # Imported only here: without DATABASE_URL the service never loads psycopg.
         from .store.postgres import open_postgres_table
 
-        return open_postgres_table(s.database_url)
+        table = open_postgres_table(s.database_url)
+        if self.session_leases is not None:
+            # Fenced: a session another replica took is never saved from here.
+            table.fence_owner = self.session_leases.owner
+        return table
 
     async def serve_registry(self, *, task_status: trio.TaskStatus[None]) -> None:
         """Open the session table (in a thread: a slow disk or database must not block the

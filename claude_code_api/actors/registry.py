@@ -120,6 +120,7 @@ from ..messages import SessionKey
 from ..observe import metrics
 from ..store import (
     SessionExists,
+    SessionMoved,
     SessionPage,
     SessionRecord,
     SessionTable,
@@ -421,6 +422,12 @@ class _Registry:
                 saved = await self._write("save", self.store.save_many, records)
             else:
                 saved = await self._after_write("save", saved, self.store.save_many, records)
+            if isinstance(saved, SessionMoved):
+                # Sessions another replica took: theirs are refused, the others saved again.
+                batch = _answer_moved(batch, saved)
+                if batch:
+                    records = [message.record for message in batch]
+                    saved = await self._write("save", self.store.save_many, records)
             for message in batch:
                 # Each requester raises its own exception object.
                 _answer(message.reply, None if saved is None else StoreUnavailable(str(saved)))
@@ -569,8 +576,8 @@ class _Registry:
         return outcome
 
     def _note_write(self, outcome: object) -> None:
-        if isinstance(outcome, StoreBusy):
-            pass  # says nothing of the storage: the write is retried, waiting for the lock
+        if isinstance(outcome, StoreBusy | SessionMoved):
+            pass  # says nothing of the storage: retried (for the lock; without the moved)
         elif isinstance(outcome, StoreUnavailable):
             self._set_health(str(outcome))
         else:  # written, or refused by a table that works
@@ -626,6 +633,17 @@ def _unknown(message: Never) -> None:
     """As ``assert_never`` for the type checker (a message type left out of ``_handle`` is
     an error), but at run time a stray object is logged, not allowed to end the actor."""
     log.error("session registry: unknown message %r", message)
+
+
+def _answer_moved(batch: list[SaveSession], moved: SessionMoved) -> list[SaveSession]:
+    """Answer the saves of the sessions another replica holds; the rest of ``batch``."""
+    left = []
+    for message in batch:
+        if message.record.key in moved.keys:
+            _answer(message.reply, StoreUnavailable(str(moved)))
+        else:
+            left.append(message)
+    return left
 
 
 def _answer(reply: trio.MemorySendChannel[T], answer: T) -> None:

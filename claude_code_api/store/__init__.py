@@ -14,13 +14,21 @@ through its client. Imports run one way: this package imports ``messages`` and
 nothing of the actors.
 """
 
-from .errors import SessionExists, StoreBusy, StoreFull, StoreUnavailable, TooManySessions
+from .errors import (
+    SessionExists,
+    SessionMoved,
+    StoreBusy,
+    StoreFull,
+    StoreUnavailable,
+    TooManySessions,
+)
 from .protocol import SessionTable
 from .records import SessionPage, SessionRecord, new_session_record
 from .sqlite import SqliteSessionTable, open_store
 
 __all__ = [
     "SessionExists",
+    "SessionMoved",
     "SessionPage",
     "SessionRecord",
     "SessionTable",

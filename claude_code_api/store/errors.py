@@ -31,6 +31,19 @@ class StoreFull(StoreUnavailable):
     """A write failed because the storage is out of space (a full disk)."""
 
 
+class SessionMoved(StoreUnavailable):
+    """A save refused: another replica holds the lease of each of ``keys`` (the fence).
+
+    Says nothing of the storage, which works: the replica that saves lost those sessions
+    (its lease ran out and another replica took them), so their turns here must not be
+    acknowledged. Nothing of the refused write was saved.
+    """
+
+    def __init__(self, message: str, keys: frozenset[SessionKey]) -> None:
+        super().__init__(message)
+        self.keys = keys
+
+
 class TooManySessions(Exception):
     """A create was refused: the user already has ``limit`` sessions, none of which could go.
 

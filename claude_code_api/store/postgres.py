@@ -27,7 +27,15 @@ from psycopg.conninfo import conninfo_to_dict
 
 from ..messages import RunOptions, SessionKey
 from .database import Database, DatabaseUnavailable, make_pool
-from .errors import SessionExists, StoreBusy, StoreFull, StoreUnavailable, TooManySessions
+from .errors import (
+    SessionExists,
+    SessionMoved,
+    StoreBusy,
+    StoreFull,
+    StoreUnavailable,
+    TooManySessions,
+)
+from .leases import key_digest
 from .records import SessionPage, SessionRecord
 from .schema import SchemaTooNew, migrate
 
@@ -197,12 +205,39 @@ def _list_for_user(
     return SessionPage(tuple(_record(r) for r in rows), int(total))
 
 
-def _save_many(connection: psycopg.Connection, records: Sequence[SessionRecord]) -> None:
+def _save_many(
+    connection: psycopg.Connection, records: Sequence[SessionRecord], owner: str | None
+) -> frozenset[SessionKey]:
+    """Save ``records``, unless another replica than ``owner`` holds the lease of any of
+    them: then nothing is saved and those keys are returned (``owner`` None: no check)."""
+    if owner is not None and (moved := _leased_elsewhere(connection, records, owner)):
+        return moved
     # In key order (stable: a key given twice keeps its last), so two replicas' batches
     # lock their rows in one order and cannot deadlock.
     rows = sorted((_row(r) for r in records), key=lambda row: row[:2])
     with connection.cursor() as cursor:
         cursor.executemany(_UPSERT, rows)
+    return frozenset()
+
+
+def _leased_elsewhere(
+    connection: psycopg.Connection, records: Sequence[SessionRecord], owner: str
+) -> frozenset[SessionKey]:
+    """The keys among ``records`` whose lease another owner holds and has not let expire.
+
+    FOR SHARE: a replica taking one of these leases over waits for this transaction, so
+    a save checked here cannot land after another replica's first turn of the session."""
+    digests = {key_digest(record.key): record.key for record in records}
+    rows = connection.execute(
+        """
+        SELECT key_digest FROM session_leases
+        WHERE key_digest = ANY(%s) AND owner IS NOT NULL AND owner <> %s
+          AND expires_at > clock_timestamp()
+        FOR SHARE
+        """,
+        (list(digests), owner),
+    ).fetchall()
+    return frozenset(digests[bytes(row[0])] for row in rows)
 
 
 def _delete_inactive(
@@ -254,6 +289,9 @@ class PostgresSessionTable:
         self._password = str(conninfo_to_dict(url).get("password") or "")
         self._on_close = on_close
         self._closed = False
+        # With session leases: this replica's owner id; a save of a session whose lease
+        # another replica holds is refused (SessionMoved). None: no such check.
+        self.fence_owner: str | None = None
 
     @property
     def location(self) -> str:
@@ -278,8 +316,15 @@ class PostgresSessionTable:
         if not wait:
             self._check_open()
             raise StoreBusy(self._message("a write waits for the network: done in a thread"))
-        if records:
-            self._run(lambda c: _save_many(c, records))
+        if not records:
+            return
+        moved = self._run(lambda c: _save_many(c, records, self.fence_owner))
+        if moved:
+            names = ", ".join(f"{key.user_id}/{key.session_id}" for key in sorted(moved))
+            raise SessionMoved(
+                self._message(f"{names}: live on another replica (its lease is held there)"),
+                moved,
+            )
 
     def create(
         self,
