@@ -690,8 +690,8 @@ class Settings:
         Duration("s", 3, 600),
         "15",
         "with `DATABASE_URL`: a live session's lease in the database, renewed every third of"
-        " this; a replica that dies holds its sessions no longer than this (read, not used"
-        " yet: issue 22)",
+        " this; a replica that dies holds its sessions no longer than this, after which any"
+        " replica serves them (a live replica hands a session over when another asks for it)",
     )
     max_live_sessions: int = setting(
         "MAX_LIVE_SESSIONS", Whole(1, 10_000), "8", "session processes running at once"
