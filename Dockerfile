@@ -29,7 +29,7 @@ RUN apt-get update; \
     groupadd --gid 1000 app; \
     useradd --uid 1000 --gid 1000 --no-log-init --home-dir /home/app --create-home \
         --shell /bin/sh app; \
-    install -d -o 1000 -g 1000 -m 0700 /data /home/app/.claude
+    install -d -o 1000 -g 1000 -m 0700 /data /home/app/.claude /workspaces
 # A virtualenv with the dependencies: pip may not install into Debian's own python3 (PEP 668).
 # pip and setuptools leave it within the same layer; the bundled CLI goes on PATH as `claude`.
 COPY --from=requirements /requirements.txt /tmp/
@@ -65,6 +65,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     SHUTDOWN_GRACE_S=5 \
     TINI_SUBREAPER=1
 # DATA_DIR: users' homes and workspaces, the session database. ~/.claude: the Claude login.
+# /workspaces: WORKSPACES_DIR's mount point with several replicas (compose.replicas.yaml), so
+# that a new volume there belongs to uid 1000; unused (and not a volume) otherwise.
 VOLUME ["/data", "/home/app/.claude"]
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \

@@ -16,8 +16,10 @@ $(foreach name,BASE PIPCONF CACERT,$(if $($(name)),$(eval export $(name))))
 # Podman (podman-compose) builds OCI images unless told, and those drop HEALTHCHECK and STOPSIGNAL.
 export BUILDAH_FORMAT := docker
 PROD := -f compose.yaml -f compose.prod.yaml
+REPLICAS := -f compose.replicas.yaml
 
-.PHONY: demo docker-up docker-down docker-logs docker-prod container-check compose
+.PHONY: demo docker-up docker-down docker-logs docker-prod docker-replicas docker-replicas-down \
+	container-check compose
 
 demo:  ## see it answer without a Claude account (a local model stand-in; Ctrl-C stops it)
 	scripts/demo
@@ -33,6 +35,12 @@ docker-logs: compose  ## follow the service's log
 
 docker-prod: .env compose  ## build and start with the production settings (compose.prod.yaml)
 	$(COMPOSE) $(PROD) up -d --build
+
+docker-replicas: .env compose  ## three replicas behind a balancer on PostgreSQL (compose.replicas.yaml)
+	$(COMPOSE) $(REPLICAS) up -d --build
+
+docker-replicas-down: compose  ## stop and remove the replicas (volumes stay)
+	$(COMPOSE) $(REPLICAS) down
 
 container-check:  ## what CI checks: lint, build with podman, smoke test
 	scripts/container-check
