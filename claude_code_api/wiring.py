@@ -282,7 +282,9 @@ def wire(settings: Settings, environ: Mapping[str, str]) -> Wiring:
         graceful_timeout=5.0,
         max_connections=connection_limit(settings.pool_size + settings.max_live_sessions),
     )
-    transcripts, session_leases, close_transcripts = _shared_state(settings, inbox.send)
+    transcripts, session_leases, close_transcripts = _shared_state(
+        settings, inbox.send, partial(store_status.update, source="database")
+    )
     return Wiring(
         settings=settings,
         environ=environ,
@@ -308,7 +310,9 @@ def wire(settings: Settings, environ: Mapping[str, str]) -> Wiring:
 
 
 def _shared_state(
-    settings: Settings, dispatcher: trio.MemorySendChannel[DispatcherMessage]
+    settings: Settings,
+    dispatcher: trio.MemorySendChannel[DispatcherMessage],
+    on_health: Callable[[str | None], None],
 ) -> tuple[TranscriptMirror | None, SessionLeases | None, Callable[[], None] | None]:
     """With ``DATABASE_URL``: the mirror of sessions' transcripts and the session leases,
     on one pool (opened at first use), and what closes it; else nothing (psycopg and the
@@ -326,7 +330,9 @@ def _shared_state(
     # A session start waits for another replica's lease up to two of its terms: the
     # holder hands over at its turn's end, or dies and its lease expires.
     ttl = settings.session_lease_s
-    leases = SessionLeases(database, url, new_owner(), ttl, dispatcher, wait_s=2 * ttl + 5)
+    leases = SessionLeases(
+        database, url, new_owner(), ttl, dispatcher, wait_s=2 * ttl + 5, on_health=on_health
+    )
     return TranscriptMirror(database, owner), leases, database.close
 
 

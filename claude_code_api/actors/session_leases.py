@@ -67,6 +67,7 @@ class SessionLeases:
         ttl_s: float,
         dispatcher: trio.MemorySendChannel[DispatcherMessage],
         wait_s: float,
+        on_health: Callable[[str | None], None] = lambda failure: None,
     ) -> None:
         self._open_database = database
         self.url = url
@@ -74,6 +75,7 @@ class SessionLeases:
         self.ttl_s = ttl_s
         self.dispatcher = dispatcher
         self.wait_s = wait_s
+        self._on_health = on_health
         self._database: Database | None = None
         self._keeper: LeaseKeeper | None = None
         # Sessions waiting for another replica's release, by key digest (hex).
@@ -90,6 +92,7 @@ class SessionLeases:
             await nursery.start(serve_wakeups, self.url, self.owner, send)
             nursery.start_soon(self._on_wakeups, receive, dispatcher)
             nursery.start_soon(self._on_losses, keeper, dispatcher)
+            nursery.start_soon(self._check_database, database)
             task_status.started()
 
     @asynccontextmanager
@@ -120,6 +123,7 @@ class SessionLeases:
                     return outcome
                 await self._ask(database, outcome, digest, deadline)
             except DatabaseUnavailable as exc:
+                self._on_health(f"session store unavailable: {exc}")
                 raise SessionFailed(JobFailed(503, f"session store unavailable: {exc}")) from exc
             with trio.move_on_at(min(deadline, trio.current_time() + outcome.remaining_s)):
                 await released.wait()
@@ -159,6 +163,16 @@ class SessionLeases:
                         for event in self._released.values():
                             event.set()
                         self._released.clear()
+
+    async def _check_database(self, database: Database) -> None:
+        """Every third of a lease, whether the database answers: ``/health`` says so."""
+        while True:
+            try:
+                await database.run(lambda connection: connection.execute("SELECT 1"))
+                self._on_health(None)
+            except DatabaseUnavailable as exc:
+                self._on_health(f"session store unavailable: {exc}")
+            await trio.sleep(self.ttl_s / 3)
 
     async def _on_losses(
         self, keeper: LeaseKeeper, dispatcher: trio.MemorySendChannel[DispatcherMessage]

@@ -113,17 +113,25 @@ def error(
 class StoreStatus:
     """Why the session store's writes fail now (None: they work), and how many records it holds.
 
-    A published status, written only by the registry (its health and count
-    callbacks) and read by ``/health`` and ``/metrics``, so a failing disk shows
-    there without a round trip through the registry, which may be stuck behind
-    the very write that fails.
+    A published status, written by the registry (its health and count callbacks) and,
+    with ``DATABASE_URL``, by the session leases' check of the database (source
+    ``"database"``), and read by ``/health`` and ``/metrics``, so a failing disk or
+    database shows there without a round trip through the registry, which may be stuck
+    behind the very write that fails.
     """
 
-    failure: str | None = None
+    failures: dict[str, str] = attrs.Factory(dict)  # by source, those failing now
     records: int | None = None  # None: not counted (yet)
 
-    def update(self, failure: str | None) -> None:
-        self.failure = failure
+    @property
+    def failure(self) -> str | None:
+        return next(iter(self.failures.values()), None)
+
+    def update(self, failure: str | None, source: str = "registry") -> None:
+        if failure is None:
+            self.failures.pop(source, None)
+        else:
+            self.failures[source] = failure
 
     def count(self, records: int) -> None:
         self.records = records
