@@ -1,6 +1,6 @@
-"""A session moves between two services with the real bundled CLI: service A (its own
-DATA_DIR) runs two turns and stops; service B (another DATA_DIR, the same WORKSPACES_DIR and
-database) runs the next: the session's record comes from PostgreSQL's session table, its
+"""A session moves between two live services with the real bundled CLI: service A (its own
+DATA_DIR) runs two turns; service B (another DATA_DIR, the same WORKSPACES_DIR and database)
+asks for the session, A hands it over, B runs the next turn, and A takes it back for a fourth: the session's record comes from PostgreSQL's session table, its
 agent resumes from the transcript A's turns left in PostgreSQL (B's DATA_DIR never held
 one), and the model is sent the whole conversation."""
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import trio
@@ -37,21 +38,30 @@ async def test_a_session_moves_to_another_service_through_postgresql(
         async with open_mock_api() as api:
             shared = {"WORKSPACES_DIR": str(workspaces), "DATABASE_URL": shared_url}
             a, b = tmp_path / "a", tmp_path / "b"
-            async with run_service(a, env=service_overrides(api.url, a, **shared)) as service:
-                await wait_healthy(service, ready=1, timeout=60)
-                first = await turn(service, "My name is Alice.")
-                second = await turn(service, "I live in Paris.")
-            # B's DATA_DIR holds nothing of A's: the session's record and transcript are
-            # in PostgreSQL.
-            assert not b.exists() or not list(b.rglob("*.jsonl"))
-            async with run_service(b, env=service_overrides(api.url, b, **shared)) as service:
-                await wait_healthy(service, ready=1, timeout=60)
-                third = await turn(service, "What is my name?")
-    assert [first["status"], second["status"], third["status"]] == [200] * 3, third
+            async with AsyncExitStack() as stack:
+                on_a = await stack.enter_async_context(
+                    run_service(a, env=service_overrides(api.url, a, **shared))
+                )
+                on_b = await stack.enter_async_context(
+                    run_service(b, env=service_overrides(api.url, b, **shared))
+                )
+                await wait_healthy(on_a, ready=1, timeout=60)
+                await wait_healthy(on_b, ready=1, timeout=60)
+                first = await turn(on_a, "My name is Alice.")
+                second = await turn(on_a, "I live in Paris.")
+                # B's DATA_DIR holds nothing of A's: the session's record and transcript are
+                # in PostgreSQL.
+                assert not list(b.rglob("*.jsonl"))
+                # Both live: B asks A for the session, A hands it over at once.
+                third = await turn(on_b, "What is my name?")
+                seen_by_b = api.model_calls[-1].all_text()
+                fourth = await turn(on_a, "Where do I live?")
+    statuses = [first["status"], second["status"], third["status"], fourth["status"]]
+    assert statuses == [200] * 4, (third, fourth)
     assert third["output"] == "echo: What is my name?"
-    # The model saw both earlier turns: the conversation went on, on B.
-    assert "My name is Alice." in api.model_calls[-1].all_text()
-    assert "I live in Paris." in api.model_calls[-1].all_text()
+    # The model saw both earlier turns: the conversation went on, on B, then back on A.
+    assert "My name is Alice." in seen_by_b and "I live in Paris." in seen_by_b
+    assert "What is my name?" in api.model_calls[-1].all_text()
     # B's agent resumed from a transcript it materialised from PostgreSQL, in its own config
     # dir; both ran in the one workspace.
     (on_b,) = list((b / "data" / "users").rglob("projects/*/*.jsonl"))

@@ -104,9 +104,7 @@ async def replicas(stack: AsyncExitStack, tmp_path: Path, url: str, **extra: str
     for name in ("r0", "r1", "r2"):
         env = replica_env(tmp_path, name, url, API_KEYS=API_KEYS, **extra)
         started.append(
-            await stack.enter_async_context(
-                run_service(tmp_path / name, env=env, expect_exit=None)
-            )
+            await stack.enter_async_context(run_service(tmp_path / name, env=env, expect_exit=None))
         )
     return started
 
