@@ -150,13 +150,16 @@ def _lock_user(connection: psycopg.Connection, user_id: str) -> None:
 def _least_recent_unused(
     connection: psycopg.Connection, user_id: str, count: int, in_use: Collection[str]
 ) -> list[SessionRecord]:
-    """Up to ``count`` of the user's records not in ``in_use``, least recently active first."""
+    """Up to ``count`` of the user's records not in ``in_use`` nor live on any replica (a
+    lease held), least recently active first."""
     rows = connection.execute(
         f"{_SELECT} WHERE user_id = %s AND NOT (session_id = ANY(%s))"
-        " ORDER BY last_activity, session_id LIMIT %s",
-        (encode_text(user_id), [encode_text(s) for s in in_use], count),
+        " ORDER BY last_activity, session_id",
+        (encode_text(user_id), [encode_text(s) for s in in_use]),
     ).fetchall()
-    return [_record(row) for row in rows]
+    records = [_record(row) for row in rows]
+    live = _leased_elsewhere(connection, records, None)
+    return [record for record in records if record.key not in live][:count]
 
 
 def _create(
@@ -221,9 +224,10 @@ def _save_many(
 
 
 def _leased_elsewhere(
-    connection: psycopg.Connection, records: Sequence[SessionRecord], owner: str
+    connection: psycopg.Connection, records: Sequence[SessionRecord], owner: str | None
 ) -> frozenset[SessionKey]:
-    """The keys among ``records`` whose lease another owner holds and has not let expire.
+    """The keys among ``records`` whose lease another owner than ``owner`` (None: anyone)
+    holds and has not let expire.
 
     FOR SHARE: a replica taking one of these leases over waits for this transaction, so
     a save checked here cannot land after another replica's first turn of the session."""
@@ -231,7 +235,7 @@ def _leased_elsewhere(
     rows = connection.execute(
         """
         SELECT key_digest FROM session_leases
-        WHERE key_digest = ANY(%s) AND owner IS NOT NULL AND owner <> %s
+        WHERE key_digest = ANY(%s) AND owner IS NOT NULL AND owner IS DISTINCT FROM %s
           AND expires_at > clock_timestamp()
         FOR SHARE
         """,

@@ -86,3 +86,14 @@ async def test_the_registry_refuses_the_moved_session_and_saves_the_rest_of_its_
     assert answers[1] is None
     assert a_table.load(record("free").key).turns == 5
     assert a_table.load(record("taken").key) is None
+
+
+def test_a_session_live_on_another_replica_is_never_evicted_for_a_new_one(a_table, leases) -> None:
+    a_table.save_many([record("oldest"), record("newer")])
+    a_table.save_many([SessionRecord("u", "newer", "cid", created_at=0.0, last_activity=2.0)])
+    assert isinstance(leases.acquire(record("oldest").key, "B", 30), Lease)  # live on B
+    evicted = a_table.create(
+        SessionRecord("u", "new", "cid", created_at=0.0, last_activity=3.0), 2, in_use=()
+    )
+    assert [r.session_id for r in evicted] == ["newer"]
+    assert a_table.load(record("oldest").key) is not None
