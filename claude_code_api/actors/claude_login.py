@@ -478,7 +478,10 @@ class CredentialsActor:
             if self.wall_clock() >= next_check:
                 async with self._writing:
                     if self.signature != await self.run_blocking(self.file.signature):
+                        before = _token(self.current)
                         await self._reload(changed_outside=True)
+                        if self.shared is not None and _token(self.current) != before:
+                            await self._publish_outside_login(self.shared)
                 next_check = self.wall_clock() + FILE_CHECK_INTERVAL_S
             due = self.refresh_due()
             if due is not None and self.wall_clock() >= due:
@@ -535,6 +538,22 @@ class CredentialsActor:
             log.info("the shared Claude login: the database answers again")
         if stored is not None and stored.generation != self.shared_generation:
             await self._adopt(stored)
+
+    async def _publish_outside_login(self, shared: SharedLogin) -> None:
+        """A login put in this replica's file from outside (``claude-code-api login``) becomes
+        every replica's. The database away: it stays this replica's until the next change."""
+        login = self.current.login
+        if login is None:
+            return
+        try:
+            stored = await shared.save_login(
+                login.access_token, login.refresh_token, login.expires_at_ms, None, None
+            )
+        except SharedLoginUnavailable as exc:
+            log.warning("the changed credentials file's login is not shared: %s", exc)
+            return
+        self.shared_generation = stored.generation
+        log.info("the changed credentials file's login is now every replica's")
 
     async def _adopt(self, stored: StoredLogin) -> None:
         """Make ``stored`` this replica's login: its file, and a bump if new to its agents."""

@@ -79,7 +79,7 @@ class SharedLogin(Protocol):
         self,
         access_token: str,
         refresh_token: str | None,
-        expires_at_ms: int,
+        expires_at_ms: int | None,
         scopes: tuple[str, ...] | None,
         lifetime_s: float | None,
     ) -> StoredLogin:

@@ -116,7 +116,7 @@ def save_login(
     connection: psycopg.Connection,
     access_token: str,
     refresh_token: str | None,
-    expires_at_ms: int,
+    expires_at_ms: int | None,
     scopes: tuple[str, ...] | None,
     lifetime_s: float | None,
 ) -> StoredLogin:
@@ -244,7 +244,7 @@ class PostgresLogin:
         self,
         access_token: str,
         refresh_token: str | None,
-        expires_at_ms: int,
+        expires_at_ms: int | None,
         scopes: tuple[str, ...] | None,
         lifetime_s: float | None,
     ) -> StoredLogin:

@@ -15,6 +15,7 @@ import psycopg
 import pytest
 import trio
 
+from claude_code_api.actors import claude_login
 from claude_code_api.actors.claude_login import CredentialsActor, CredentialsClient
 from claude_code_api.auth.oauth import TokenEndpoint
 from claude_code_api.auth.renewal import CredentialsVersion
@@ -268,3 +269,24 @@ async def test_two_replicas_due_to_refresh_at_once_call_the_token_endpoint_once(
     assert [r["refresh_token"] for r in refreshes(endpoint)] == ["refresh-0"]
     assert all(r.stored()["refreshToken"] == "refresh-1" for r in both)
     assert all(r.version.number == 1 and r.tokens[-1] == "access-1" for r in both)
+
+
+async def test_a_login_put_in_one_replicas_file_from_outside_becomes_every_replicas(
+    replicas, endpoint, nursery, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(claude_login, "FILE_CHECK_INTERVAL_S", 0.2)
+    with trio.fail_after(TIMEOUT):
+        a = await start_replica(nursery, tmp_path / "a", endpoint, replicas[0])
+        b = await start_replica(nursery, tmp_path / "b", endpoint, replicas[1])
+        url = await a.client.start_login()
+        state = parse_qs(urlsplit(url).query)["state"][0]
+        assert await a.client.exchange("the-code", state) == LoginSaved()
+        await wait_for(lambda: b.path.exists() and b.version.number == 1, timeout=5)
+        # `claude-code-api login` on A's host: A's file changes, not through the service.
+        write_login(
+            a.path, access="access-cli", refresh="refresh-cli", expires_at=time.time() + 3600
+        )
+        await wait_for(lambda: b.version.number == 2, timeout=5)
+    assert b.stored()["accessToken"] == "access-cli" and b.tokens[-1] == "access-cli"
+    assert b.stored()["refreshToken"] == "refresh-cli"
+    assert a.version.number == 2 and a.stored()["accessToken"] == "access-cli"
