@@ -308,10 +308,17 @@ class PostgresLogin:
         database is away it retries every :data:`~.wakeups.RETRY_S`, logging once."""
         task_status.started()
         down = False
+
+        def listening() -> None:
+            nonlocal down
+            if down:
+                down = False
+                log.info("login changes: listening again")
+
         async with changes:
             while True:
                 try:
-                    await trio.to_thread.run_sync(_listen, self._url, changes)
+                    await trio.to_thread.run_sync(_listen, self._url, changes, listening)
                 except trio.BrokenResourceError:
                     return
                 except psycopg.OperationalError as exc:
@@ -319,18 +326,17 @@ class PostgresLogin:
                         down = True
                         reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
                         log.warning("login changes: lost the database (%s); reconnecting", reason)
-                else:
-                    continue
                 await trio.sleep(RETRY_S)
 
 
-def _listen(url: str, changes: trio.MemorySendChannel[None]) -> None:
+def _listen(url: str, changes: trio.MemorySendChannel[None], listening: Callable[[], None]) -> None:
     """In a worker thread: LISTEN, send one change (re-check after a (re)connection), then one
     per notification until the connection fails or the calling task is cancelled."""
     with psycopg.connect(
         url, autocommit=True, **{**CONNECT_PARAMETERS, "application_name": "claude-code-api login"}
     ) as connection:
         connection.execute(f"LISTEN {LOGIN_CHANNEL}")
+        trio.from_thread.run_sync(listening)
         trio.from_thread.run(changes.send, None)
         next_beat = time.monotonic() + HEARTBEAT_S
         while True:

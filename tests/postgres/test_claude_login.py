@@ -5,6 +5,7 @@ database (two replicas' worth, in one process) against the OAuth test endpoint."
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,8 +22,10 @@ from claude_code_api.auth.oauth import TokenEndpoint
 from claude_code_api.auth.renewal import CredentialsVersion
 from claude_code_api.auth.shared_login import Busy, Claimed, Rotated
 from claude_code_api.messages import LoginSaved
+from claude_code_api.store import claude_login as store_module
 from claude_code_api.store.claude_login import PostgresLogin
-from claude_code_api.store.database import Database
+from claude_code_api.store.database import Database, open_database
+from claude_code_api.store.wakeups import RETRY_S
 from tests.postgres.support import TIMEOUT
 from tests.support.fake_token_endpoint import FakeTokenEndpoint
 
@@ -290,3 +293,26 @@ async def test_a_login_put_in_one_replicas_file_from_outside_becomes_every_repli
     assert b.stored()["accessToken"] == "access-cli" and b.tokens[-1] == "access-cli"
     assert b.stored()["refreshToken"] == "refresh-cli"
     assert a.version.number == 2 and a.stored()["accessToken"] == "access-cli"
+
+
+async def test_the_listener_reconnects_after_an_outage_and_says_so_once_each_way(
+    databases, link, nursery, caplog
+):
+    caplog.set_level(logging.INFO, logger=store_module.__name__)
+    url = link.url(databases.create().rpartition("/")[2])
+    send, changes = trio.open_memory_channel[None](10)
+    with trio.fail_after(TIMEOUT):
+        async with open_database(url) as database:
+            shared = PostgresLogin(lambda: database, url)
+            await nursery.start(shared.serve_changes, send)
+            await changes.receive()
+            link.cut()
+            await trio.sleep(10 * RETRY_S)  # many failed attempts to reconnect
+            link.restore()
+            await changes.receive()  # listening again: check, a change may have been missed
+            await shared.save_login("access-1", "refresh-1", 1000, None, None)
+            await changes.receive()
+    said = [record.getMessage() for record in caplog.records]
+    assert len(said) == 2, said
+    assert said[0].startswith("login changes: lost the database (")
+    assert said[1] == "login changes: listening again"
