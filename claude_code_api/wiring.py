@@ -51,6 +51,7 @@ from .store.user_paths import user_cwd, user_workspace
 
 if TYPE_CHECKING:
     from .actors.session_leases import SessionLeases
+    from .auth.shared_login import SharedLogin
     from .store.transcript_mirror import TranscriptMirror
 
 T = TypeVar("T")
@@ -119,6 +120,7 @@ class Wiring:
     # With DATABASE_URL: sessions' transcripts in PostgreSQL, and what closes its pool.
     transcripts: TranscriptMirror | None = None
     session_leases: SessionLeases | None = None  # a session live on one replica at a time
+    shared_login: SharedLogin | None = None  # one Claude login for every replica
     close_transcripts: Callable[[], None] | None = None  # (the pool of both)
 
     def workspace_of(self, user_id: str) -> Path | None:
@@ -217,6 +219,7 @@ class Wiring:
             version=self.credentials_version,
             refresh_margin_s=s.oauth_refresh_margin_s,
             on_login=self.model_credential.update,
+            shared=self.shared_login,
         )
 
     def new_dispatcher(self) -> Dispatcher:
@@ -282,7 +285,7 @@ def wire(settings: Settings, environ: Mapping[str, str]) -> Wiring:
         graceful_timeout=5.0,
         max_connections=connection_limit(settings.pool_size + settings.max_live_sessions),
     )
-    transcripts, session_leases, close_transcripts = _shared_state(
+    transcripts, session_leases, shared_login, close_transcripts = _shared_state(
         settings, inbox.send, partial(store_status.update, source="database")
     )
     return Wiring(
@@ -305,6 +308,7 @@ def wire(settings: Settings, environ: Mapping[str, str]) -> Wiring:
         egress_socket=EgressSocket(settings.data_dir.absolute() / "run" / EGRESS_PROXY_SOCKET),
         transcripts=transcripts,
         session_leases=session_leases,
+        shared_login=shared_login,
         close_transcripts=close_transcripts,
     )
 
@@ -313,14 +317,17 @@ def _shared_state(
     settings: Settings,
     dispatcher: trio.MemorySendChannel[DispatcherMessage],
     on_health: Callable[[str | None], None],
-) -> tuple[TranscriptMirror | None, SessionLeases | None, Callable[[], None] | None]:
-    """With ``DATABASE_URL``: the mirror of sessions' transcripts and the session leases,
-    on one pool (opened at first use), and what closes it; else nothing (psycopg and the
-    SDK are not imported)."""
+) -> tuple[
+    TranscriptMirror | None, SessionLeases | None, SharedLogin | None, Callable[[], None] | None
+]:
+    """With ``DATABASE_URL``: the mirror of sessions' transcripts, the session leases and
+    the shared Claude login, on one pool (opened at first use), and what closes it; else
+    nothing (psycopg and the SDK are not imported)."""
     url = settings.database_url
     if url is None:
-        return None, None, None
+        return None, None, None, None
     from .actors.session_leases import SessionLeases
+    from .store.claude_login import PostgresLogin
     from .store.leases import new_owner
     from .store.transcript_mirror import OnDemandDatabase, TranscriptMirror
 
@@ -333,7 +340,8 @@ def _shared_state(
     leases = SessionLeases(
         database, url, new_owner(), ttl, dispatcher, wait_s=2 * ttl + 5, on_health=on_health
     )
-    return TranscriptMirror(database, owner), leases, database.close
+    login = PostgresLogin(database, url)
+    return TranscriptMirror(database, owner), leases, login, database.close
 
 
 def make_agent_factory(w: Wiring) -> AgentFactory:

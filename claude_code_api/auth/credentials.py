@@ -125,6 +125,28 @@ class CredentialsFile:
         }
         self._write(document)
 
+    def save_stored(
+        self,
+        access_token: str,
+        refresh_token: str | None,
+        expires_at_ms: int | None,
+        scopes: tuple[str, ...] | None,
+    ) -> None:
+        """Store the login every replica shares (from the database), keeping the file's other
+        keys and the login's other fields."""
+        document = self._document(replace_garbage=True)
+        oauth = document.get(OAUTH_KEY)
+        oauth = dict(oauth) if isinstance(oauth, dict) else {}
+        oauth.setdefault("subscriptionType", None)
+        oauth.setdefault("rateLimitTier", None)
+        oauth["accessToken"] = access_token
+        oauth["refreshToken"] = refresh_token
+        oauth["expiresAt"] = expires_at_ms
+        if scopes is not None:
+            oauth["scopes"] = list(scopes)
+        document[OAUTH_KEY] = oauth
+        self._write(document)
+
     def save_refresh(self, used_refresh_token: str, grant: TokenGrant, now_ms: int) -> bool:
         """Store refreshed tokens over the login they refresh, keeping its other fields.
 

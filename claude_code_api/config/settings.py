@@ -680,7 +680,9 @@ class Settings:
         "PostgreSQL for the state several replicas share (`postgresql://user:password@host/db`):"
         " the session records go to its table `sessions` instead of `DATA_DIR`'s"
         " `sessions.sqlite3`, and each session turn's transcript is copied there before the"
-        " turn is answered (a session resumes on any replica); unset: none, only `DATA_DIR`",
+        " turn is answered (a session resumes on any replica); the Claude login and pending"
+        " `/auth/login`s are kept there too (its tokens: protect the database as the"
+        " credentials file); unset: none, only `DATA_DIR`",
         shown_default="none",
         secret=True,
         repr=False,

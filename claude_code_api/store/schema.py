@@ -130,8 +130,41 @@ SESSION_LEASES = Migration(
     ),
 )
 
-# Issue 22 appends here runs (version 4, …).
-MIGRATIONS: tuple[Migration, ...] = (TRANSCRIPTS, SESSIONS, SESSION_LEASES)
+CLAUDE_LOGIN = Migration(
+    4,
+    "claude_login",
+    (
+        # /auth/login's pending logins (store/claude_login.py): state -> PKCE verifier, taken
+        # once by /auth/exchange on any replica, forgotten once expired.
+        """
+        CREATE TABLE oauth_pending_logins (
+            state text PRIMARY KEY,
+            verifier text NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+            expires_at timestamptz NOT NULL
+        )
+        """,
+        # The one Claude login of every replica (at most one row): its tokens (secrets, as
+        # in the credentials file), a generation that grows with every write, and the claim
+        # on its refresh (claimed_by: a replica's credentials actor, until claimed_until).
+        """
+        CREATE TABLE claude_login (
+            id boolean PRIMARY KEY DEFAULT true CHECK (id),
+            access_token text NOT NULL,
+            refresh_token text,
+            expires_at_ms bigint,
+            scopes text,
+            lifetime_s double precision,
+            generation bigint NOT NULL,
+            claimed_by text,
+            claimed_until timestamptz
+        )
+        """,
+    ),
+)
+
+# Issue 22 appends here runs (version 5, …).
+MIGRATIONS: tuple[Migration, ...] = (TRANSCRIPTS, SESSIONS, SESSION_LEASES, CLAUDE_LOGIN)
 LATEST_VERSION = MIGRATIONS[-1].version
 
 

@@ -74,7 +74,8 @@ def _postgres(request: pytest.FixtureRequest) -> Iterator[Opener]:
     url = request.getfixturevalue("postgres_url")
     with psycopg.connect(url, autocommit=True) as connection:
         connection.execute(
-            "DROP TABLE IF EXISTS sessions, session_leases, schema_version, transcript_entries, transcript_sessions"
+            "DROP TABLE IF EXISTS sessions, session_leases, claude_login, oauth_pending_logins,"
+            " schema_version, transcript_entries, transcript_sessions"
         )
     yield lambda: open_postgres_table(url)
 

@@ -23,6 +23,7 @@ class FakeTokenEndpoint:
     expires_in: int = 3600
     scope: str | None = "user:inference user:profile"
     rotate: bool = True  # grant a new refresh token with every answer
+    delay_s: float = 0.0  # how long it takes to answer (a request arrives, then it waits)
     requests: list[dict[str, Any]] = attrs.Factory(list)
     issued: int = 0
     port: int = 0
@@ -69,6 +70,7 @@ class FakeTokenEndpoint:
             self.requests.append(json.loads(body or b"null"))
             if self.answer == "hang":
                 await trio.sleep_forever()
+            await trio.sleep(self.delay_s)
             status, reply = (200, self.grant()) if self.answer is None else self.answer
             payload = json.dumps(reply).encode() if not isinstance(reply, bytes) else reply
             await stream.send_all(
