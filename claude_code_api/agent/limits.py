@@ -118,6 +118,7 @@ def plan_limits(
     data_dir: Path,
     bwrap: str | None,
     euid: int | None = None,
+    agent_uid: int | None = None,
     remove_leftovers: bool = True,
     warn: Callable[[str], None] | None = None,
 ) -> AgentLimits:
@@ -126,6 +127,7 @@ def plan_limits(
     Removes the agent cgroups a killed predecessor (same DATA_DIR) left, unless told not
     to (``claude-code-api check``, which may run beside a live service: they are its).
     ``warn``: where the warning goes that says what stays unbounded (default: the log).
+    ``agent_uid``: the OS user a root service's agents run as (AGENT_UID), if any.
     """
     found = find_cgroups(data_dir)
     tmp = tmp_mb if tmp_mb is not None else default_tmp_mb()
@@ -142,7 +144,7 @@ def plan_limits(
         )
         return AgentLimits(tmp, memory_mb, max_procs, cgroups=found)
     euid = os.geteuid() if euid is None else euid
-    nproc_reason = _nproc_unusable(bwrap, euid)
+    nproc_reason = _nproc_unusable(bwrap, euid, agent_uid)
     prlimit = shutil.which("prlimit")
     if nproc_reason is None and prlimit is None:
         nproc_reason = "prlimit (util-linux) is not installed"
@@ -159,8 +161,11 @@ def plan_limits(
     return AgentLimits(tmp, memory_mb, max_procs, nproc=nproc_reason is None, prlimit=prlimit)
 
 
-def _nproc_unusable(bwrap: str | None, euid: int) -> str | None:
+def _nproc_unusable(bwrap: str | None, euid: int, agent_uid: int | None = None) -> str | None:
     """Why RLIMIT_NPROC would not bound each agent alone here; None when it would."""
+    if agent_uid is not None:
+        # (Started by root, bubblewrap makes no user namespace: the count is the uid's.)
+        return f"agents share one uid, {agent_uid} (AGENT_UID), and RLIMIT_NPROC counts per uid"
     if bwrap is None:
         return "no sandbox: agents share the service's uid, and RLIMIT_NPROC counts per uid"
     if euid == 0:

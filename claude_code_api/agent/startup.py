@@ -172,6 +172,7 @@ def _launcher(
         max_procs=settings.agent_max_procs,
         data_dir=settings.data_dir,
         bwrap=bwrap,
+        agent_uid=user.uid if user is not None else None,
         remove_leftovers=serving,
         warn=lambda text: findings.append(Finding("limits", Status.WARN, text)),
     )

@@ -11,8 +11,6 @@ transcripts) has room kept for it (the reserve's ballast file).
 from __future__ import annotations
 
 import os
-import subprocess
-from pathlib import Path
 
 import pytest
 import trio
@@ -26,6 +24,7 @@ from claude_code_api.demo.mock_messages_api import (
 from claude_code_api.store.user_paths import user_workspace
 from tests.support.harness import run_service, wait_healthy
 from tests.support.real_cli import requires_real_cli, service_overrides
+from tests.support.tmpfs import mount_tmpfs, unmount_tmpfs
 
 pytestmark = requires_real_cli
 
@@ -48,18 +47,10 @@ FILL_ON = (
 )
 
 
-def _mount_tmpfs(path: Path, size: str) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]
-    done = subprocess.run(mount, capture_output=True, text=True, check=False)
-    if done.returncode != 0:  # root without CAP_SYS_ADMIN: a container
-        pytest.skip(f"cannot mount a small tmpfs as DATA_DIR here: {done.stderr.strip()}")
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs as DATA_DIR needs root")
 async def test_one_user_filling_the_disk_stops_no_one_else(tmp_path):
     data_dir = tmp_path / "data"
-    _mount_tmpfs(data_dir, "40m")
+    mount_tmpfs(data_dir, "40m")
     try:
         with trio.fail_after(240):
             async with open_mock_api() as api:
@@ -111,7 +102,7 @@ async def test_one_user_filling_the_disk_stops_no_one_else(tmp_path):
                             "bob-2": 1,
                         }
     finally:
-        subprocess.run(["umount", "-l", str(data_dir)], check=False)
+        unmount_tmpfs(data_dir)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs as DATA_DIR needs root")
@@ -124,7 +115,7 @@ async def test_one_user_filling_the_disk_with_many_files_stops_no_one_else(
     tmp_path, command, statuses
 ):
     data_dir = tmp_path / "data"
-    _mount_tmpfs(data_dir, "40m")
+    mount_tmpfs(data_dir, "40m")
     try:
         with trio.fail_after(240):
             async with open_mock_api() as api:
@@ -193,4 +184,4 @@ async def test_one_user_filling_the_disk_with_many_files_stops_no_one_else(
                         back = await run(AS_ALICE, sessionId="alice-2")
                         assert back.status_code == 200, back.text
     finally:
-        subprocess.run(["umount", "-l", str(data_dir)], check=False)
+        unmount_tmpfs(data_dir)

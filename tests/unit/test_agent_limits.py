@@ -128,6 +128,30 @@ def test_without_cgroups_start_up_warns_once_naming_what_is_unbounded(
     assert "processes unbounded" in warning.message
 
 
+@pytest.mark.parametrize("bwrap", ["/usr/bin/bwrap", None], ids=["sandbox", "no-sandbox"])
+def test_without_cgroups_a_root_services_agents_share_agent_uid_and_are_not_bound(
+    tmp_path, monkeypatch, caplog, bwrap
+):
+    """As root, agents run as AGENT_UID (bubblewrap, started by root, makes no user
+    namespace): RLIMIT_NPROC would count them all together. The warning says so, not
+    that they run as root (found by a fresh container run of README as root)."""
+    monkeypatch.setattr(agent_limits, "find_cgroups", lambda data_dir: "none")
+    with caplog.at_level(logging.WARNING):
+        limits = plan_limits(
+            tmp_mb=64,
+            memory_mb=512,
+            max_procs=100,
+            data_dir=tmp_path,
+            bwrap=bwrap,
+            euid=0,
+            agent_uid=65536,
+        )
+    assert not limits.nproc
+    [warning] = caplog.records
+    assert "processes unbounded (agents share one uid, 65536 (AGENT_UID)" in warning.message
+    assert "as root" not in warning.message
+
+
 def test_without_cgroups_a_non_root_sandbox_bounds_processes_with_rlimit_nproc(
     tmp_path, monkeypatch
 ):

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 import trio
@@ -20,6 +19,7 @@ from claude_code_api.messages import Job, SessionKey
 from claude_code_api.observe import metrics
 from claude_code_api.store import SqliteSessionTable, StoreFull, new_session_record
 from tests.support.fake_agent import FakeAgents, Finish, Wait
+from tests.support.tmpfs import mount_tmpfs, unmount_tmpfs
 
 TIMEOUT = 10
 TOTAL = 1000 * MIB
@@ -204,11 +204,7 @@ async def test_a_save_that_finds_the_disk_full_makes_room_and_is_acknowledged(tm
 async def test_on_a_full_disk_without_a_reserve_a_checkpoint_lets_new_sessions_be_saved(tmp_path):
     """The WAL is never truncated: after a checkpoint its space takes the next commits."""
     disk = tmp_path / "disk"
-    disk.mkdir()
-    mount = ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)]
-    done = subprocess.run(mount, capture_output=True, text=True, check=False)
-    if done.returncode != 0:  # root without CAP_SYS_ADMIN: a container
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    mount_tmpfs(disk, "8m")
     try:
         with trio.fail_after(TIMEOUT):
             store = SqliteSessionTable(disk / "sessions.sqlite3")
@@ -232,7 +228,7 @@ async def test_on_a_full_disk_without_a_reserve_a_checkpoint_lets_new_sessions_b
                     await client.save(new_session_record(SessionKey("bob", f"new-{n}"), 3.0))
                 send.close()
     finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
+        unmount_tmpfs(disk)
 
 
 async def test_a_ballast_with_holes_is_allocated_again(tmp_path, monkeypatch):
