@@ -730,8 +730,8 @@ def summary(figures: Figures, args: argparse.Namespace, quiet: QuietLog, started
             label = "live session turn" if what == "live" else "a new session's first turn"
             print(
                 f"| {label} p50 / p99, SQLite → PostgreSQL | {s['p50']:.2f} / {s['p99']:.2f} ms →"
-                f" {p['p50']:.2f} / {p['p99']:.2f} ms (+{p['p50'] - s['p50']:.2f} / "
-                f"+{p['p99'] - s['p99']:.2f} ms) |"
+                f" {p['p50']:.2f} / {p['p99']:.2f} ms ({p['p50'] - s['p50']:+.2f} / "
+                f"{p['p99'] - s['p99']:+.2f} ms) |"
             )
         print(
             f"| CPU per live turn, SQLite → PostgreSQL | {cost['cpu']['sqlite']:.2f} ms → "
