@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+import pytest
 import trio
 
 from tests.postgres.support import TcpLink
@@ -28,6 +29,7 @@ async def health(service: RunningService) -> tuple[int, dict]:
     return reply.status_code, reply.json()
 
 
+@pytest.mark.slow  # ~20 s: it waits for the pool to reconnect (.ci/run runs it)
 async def test_a_database_outage_fails_session_turns_not_one_shots_and_heals(
     tmp_path, fresh_url: str, link: TcpLink
 ) -> None:

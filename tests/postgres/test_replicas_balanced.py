@@ -26,10 +26,13 @@ from tests.postgres.test_replicas import replica_env
 from tests.support.harness import RunningService, run_service
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
-pytestmark = pytest.mark.skipif(
-    not Path(HAPROXY).exists(),
-    reason="haproxy is not installed (scripts/test installs it as root: apt-get install haproxy)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not Path(HAPROXY).exists(),
+        reason="haproxy is not installed (scripts/test installs it as root: apt-get install haproxy)",
+    ),
+    pytest.mark.slow,  # ~30 s: three services and a balancer, twice (.ci/run runs it)
+]
 BUDGET_S = 240
 LEASE_S = 3
 KEYS = ["sk-user-a", "sk-user-b", "sk-user-c"]
