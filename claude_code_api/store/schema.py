@@ -163,8 +163,47 @@ CLAUDE_LOGIN = Migration(
     ),
 )
 
-# Issue 22 appends here runs (version 5, …).
-MIGRATIONS: tuple[Migration, ...] = (TRANSCRIPTS, SESSIONS, SESSION_LEASES, CLAUDE_LOGIN)
+RUNS = Migration(
+    5,
+    "runs",
+    (
+        # One row per live replica (store/runs.py): its owner id (leases.new_owner) and until
+        # when it vouches for its runs, by the database's clock. Renewed every third of
+        # SESSION_LEASE_S; a replica gone for a minute past its expiry is deleted, its runs
+        # with it (the cascade below).
+        """
+        CREATE TABLE replicas (
+            owner text PRIMARY KEY,
+            expires_at timestamptz NOT NULL
+        )
+        """,
+        # The queued and running runs of every replica, as its dispatcher last showed them
+        # (one-shots and session turns); a run answered is deleted. Ids as the session
+        # table keeps them; times are unix seconds (wall clock), as /status shows them.
+        """
+        CREATE TABLE runs (
+            run_id text COLLATE "C" PRIMARY KEY,
+            user_id text COLLATE "C" NOT NULL,
+            session_id text COLLATE "C",
+            owner text NOT NULL REFERENCES replicas (owner) ON DELETE CASCADE,
+            state text NOT NULL CHECK (state IN ('queued', 'running')),
+            queued_at double precision NOT NULL,
+            started_at double precision
+        )
+        """,
+        # /status: a user's runs; the cascade and a replica's resync: one owner's.
+        "CREATE INDEX runs_by_user ON runs (user_id, queued_at)",
+        "CREATE INDEX runs_by_owner ON runs (owner)",
+    ),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (
+    TRANSCRIPTS,
+    SESSIONS,
+    SESSION_LEASES,
+    CLAUDE_LOGIN,
+    RUNS,
+)
 LATEST_VERSION = MIGRATIONS[-1].version
 
 

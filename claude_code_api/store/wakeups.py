@@ -1,13 +1,20 @@
-"""Wake-ups between replicas: PostgreSQL's NOTIFY/LISTEN on two channels.
+"""Wake-ups between replicas: PostgreSQL's NOTIFY/LISTEN.
 
 * :data:`HANDOVER_CHANNEL`: :class:`HandOverRequest`, "please release this session",
   addressed to the replica holding its lease (every replica hears it; only the
   addressee's listener delivers it).
 * :data:`RELEASED_CHANNEL`: :class:`Released`, "this session's lease is free", sent by
   :meth:`~.leases.LeaseTable.release` in the releasing transaction.
+* :data:`CANCEL_CHANNEL`: :class:`CancelRequest`, "please cancel this run of yours",
+  addressed to the replica running it (``DELETE /runs/{runId}`` sent to another one).
+* :data:`CANCELLED_CHANNEL`: :class:`CancelReply`, whether it was, addressed to the asker.
+
+The session leases listen on the first two (:data:`SESSION_CHANNELS`), the runs across
+replicas on the last two (:data:`RUN_CHANNELS`), each on a connection of its own.
 
 Payloads are JSON. A session is named by its key's digest (:func:`.leases.key_digest`, in
-hex), never by its ids: a user id of any length or content fits, and the 8000-byte limit of
+hex), never by its ids, and a run's user likewise (:func:`user_digest`): a user id of any
+length or content fits, and the 8000-byte limit of
 NOTIFY's payload is never reached by user data (ids are hashed, not refused). Only an
 absurd owner id (ours, :func:`.leases.new_owner`) could pass it: :func:`notify_in` refuses
 it with ``ValueError``.
@@ -27,6 +34,7 @@ once when listening again. Cancelling it stops it within :data:`POLL_S`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -35,6 +43,7 @@ from typing import Any, LiteralString
 
 import attrs
 import psycopg
+import psycopg.sql
 import trio
 
 from .database import Database, DatabaseUnavailable
@@ -43,6 +52,8 @@ log = logging.getLogger(__name__)
 
 HANDOVER_CHANNEL = "cca_handover"
 RELEASED_CHANNEL = "cca_released"
+CANCEL_CHANNEL = "cca_cancel"
+CANCELLED_CHANNEL = "cca_cancelled"
 # NOTIFY refuses a payload of 8000 bytes or more.
 MAX_PAYLOAD_BYTES = 7999
 # How often the listener's thread looks whether it was cancelled, and its longest wait.
@@ -80,24 +91,60 @@ class Released:
 
 
 @attrs.frozen
+class CancelRequest:
+    """To ``owner``: please cancel run ``run_id`` if it is of the user whose
+    :func:`user_digest` is ``user``; answer ``asker`` with ``request``."""
+
+    owner: str
+    run_id: str
+    user: str
+    asker: str
+    request: str
+
+
+@attrs.frozen
+class CancelReply:
+    """To ``asker``: the run of its :class:`CancelRequest` ``request`` was cancelled or not."""
+
+    asker: str
+    request: str
+    cancelled: bool
+
+
+def user_digest(user_id: str) -> str:
+    """How a wake-up names a user: SHA-256 (hex) of the id, escaped as no ``str`` fails."""
+    return hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@attrs.frozen
 class Resumed:
     """The listener is connected again: wake-ups sent meanwhile are lost; re-check."""
 
 
-Notification = HandOverRequest | Released
-Wakeup = HandOverRequest | Released | Resumed
+Notification = HandOverRequest | Released | CancelRequest | CancelReply
+Wakeup = Notification | Resumed
 
-_LISTEN: tuple[LiteralString, ...] = (f"LISTEN {HANDOVER_CHANNEL}", f"LISTEN {RELEASED_CHANNEL}")
+SESSION_CHANNELS: tuple[LiteralString, ...] = (HANDOVER_CHANNEL, RELEASED_CHANNEL)
+RUN_CHANNELS: tuple[LiteralString, ...] = (CANCEL_CHANNEL, CANCELLED_CHANNEL)
 
 
 def encode(wakeup: Notification) -> tuple[str, str]:
     """The channel and payload for ``wakeup``.
 
     Error handling: ``ValueError`` if the payload would not fit in NOTIFY."""
-    if isinstance(wakeup, HandOverRequest):
-        channel, fields = HANDOVER_CHANNEL, {"holder": wakeup.holder, "key": wakeup.digest}
-    else:
-        channel, fields = RELEASED_CHANNEL, {"key": wakeup.digest}
+    fields: dict[str, str | bool]
+    match wakeup:
+        case HandOverRequest(holder, digest):
+            channel, fields = HANDOVER_CHANNEL, {"holder": holder, "key": digest}
+        case Released(digest):
+            channel, fields = RELEASED_CHANNEL, {"key": digest}
+        case CancelRequest(owner, run_id, user, asker, request):
+            channel = CANCEL_CHANNEL
+            fields = {"owner": owner, "run": run_id, "user": user, "asker": asker}
+            fields["request"] = request
+        case CancelReply(asker, request, cancelled):
+            channel = CANCELLED_CHANNEL
+            fields = {"asker": asker, "request": request, "cancelled": cancelled}
     payload = json.dumps(fields)
     if len(payload.encode()) > MAX_PAYLOAD_BYTES:
         raise ValueError(f"a wake-up's payload over {MAX_PAYLOAD_BYTES} bytes: {payload[:80]}…")
@@ -112,6 +159,14 @@ def decode(channel: str, payload: str) -> Notification | None:
             return HandOverRequest(str(fields["holder"]), str(fields["key"]))
         if channel == RELEASED_CHANNEL:
             return Released(str(fields["key"]))
+        if channel == CANCEL_CHANNEL:
+            return CancelRequest(
+                *(str(fields[name]) for name in ("owner", "run", "user", "asker", "request"))
+            )
+        if channel == CANCELLED_CHANNEL:
+            cancelled = fields["cancelled"]
+            if isinstance(cancelled, bool):
+                return CancelReply(str(fields["asker"]), str(fields["request"]), cancelled)
     except (ValueError, TypeError, KeyError):
         pass
     log.warning("wake-ups: ignored a notification on %s: %.200r", channel, payload)
@@ -137,10 +192,11 @@ async def serve_wakeups(
     owner: str,
     wakeups: trio.MemorySendChannel[Wakeup],
     *,
+    channels: tuple[LiteralString, ...] = SESSION_CHANNELS,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen on both channels and send to ``wakeups`` every :class:`Released`, every
-    :class:`HandOverRequest` addressed to ``owner``, and :class:`Resumed` after each
+    """Listen on ``channels`` and send to ``wakeups`` every :class:`Released`, every
+    other wake-up addressed to ``owner``, and :class:`Resumed` after each
     reconnection; started once listening. Runs until cancelled or ``wakeups``' receiver
     is closed; closes ``wakeups`` on the way out. See the module docstring for failures.
     """
@@ -148,7 +204,7 @@ async def serve_wakeups(
         listening = _Listening(task_status)
         while True:
             try:
-                await trio.to_thread.run_sync(_listen, url, owner, listening.now, wakeups)
+                await trio.to_thread.run_sync(_listen, url, owner, channels, listening.now, wakeups)
             except trio.BrokenResourceError:
                 return  # no one reads the wake-ups any more
             except psycopg.OperationalError as exc:
@@ -188,6 +244,7 @@ class _Listening:
 def _listen(
     url: str,
     owner: str,
+    channels: tuple[LiteralString, ...],
     listening: Callable[[], bool],
     wakeups: trio.MemorySendChannel[Wakeup],
 ) -> None:
@@ -196,8 +253,8 @@ def _listen(
     the consumer is gone (trio.BrokenResourceError) or the calling task is cancelled
     (trio.Cancelled, seen within :data:`POLL_S`)."""
     with psycopg.connect(url, autocommit=True, **CONNECT_PARAMETERS) as connection:
-        for statement in _LISTEN:
-            connection.execute(statement)
+        for channel in channels:
+            connection.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel)))
         if trio.from_thread.run_sync(listening):
             trio.from_thread.run(wakeups.send, Resumed())
         next_beat = time.monotonic() + HEARTBEAT_S
@@ -213,4 +270,10 @@ def _listen(
 
 
 def _for(owner: str, wakeup: Notification) -> bool:
-    return not isinstance(wakeup, HandOverRequest) or wakeup.holder == owner
+    match wakeup:
+        case HandOverRequest(holder=addressee) | CancelRequest(owner=addressee):
+            return addressee == owner
+        case CancelReply(asker=addressee):
+            return addressee == owner
+        case _:
+            return True
