@@ -5,6 +5,7 @@
     ├── reserve          permanent  holds DISK_RESERVE_MB in a file; tops it up (disk_reserve.py)
     ├── registry         permanent  owns the session records (the store)
     ├── leases           permanent  with DATABASE_URL: sessions' leases, hand-overs between replicas
+    ├── runs             permanent  with DATABASE_URL: runs listed and cancelled across replicas
     ├── credentials      permanent  owns the Claude credentials file's writes; refreshes the login
     ├── model-proxy      permanent  agents' way to the model API: their tokens, the real key, usage
     ├── egress           permanent  the egress proxy sandboxed agents reach the Internet through
@@ -62,6 +63,7 @@ INTENSITY, PERIOD_S = 3, 5.0
 def root(w: Wiring) -> Supervisor:
     reserve = [] if w.disk.ballast is None else [ChildSpec("reserve", w.disk.ballast.serve)]
     leases = [] if w.session_leases is None else [ChildSpec("leases", w.session_leases.serve)]
+    leases += [] if w.replica_runs is None else [ChildSpec("runs", w.replica_runs.serve)]
     children = [reaper(w), *reserve, registry(w), *leases, credentials(w), model_proxy(w)]
     children += [egress(w)]
     children += [http(w), core(w)]  # core stops first: HTTP answers the turns it interrupts

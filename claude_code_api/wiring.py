@@ -50,6 +50,7 @@ from .store import SessionTable, StoreUnavailable, open_store
 from .store.user_paths import user_cwd, user_workspace
 
 if TYPE_CHECKING:
+    from .actors.replica_runs import ReplicaRuns
     from .actors.session_leases import SessionLeases
     from .auth.shared_login import SharedLogin
     from .store.transcript_mirror import TranscriptMirror
@@ -121,7 +122,8 @@ class Wiring:
     transcripts: TranscriptMirror | None = None
     session_leases: SessionLeases | None = None  # a session live on one replica at a time
     shared_login: SharedLogin | None = None  # one Claude login for every replica
-    close_transcripts: Callable[[], None] | None = None  # (the pool of both)
+    close_transcripts: Callable[[], None] | None = None  # (the pool of all)
+    replica_runs: ReplicaRuns | None = None  # runs listed and cancelled across replicas
 
     def workspace_of(self, user_id: str) -> Path | None:
         """A session agent's working directory when not in its HOME (``WORKSPACES_DIR``)."""
@@ -267,6 +269,9 @@ def wire(settings: Settings, environ: Mapping[str, str]) -> Wiring:
     registry = RegistryClient(registry_inbox.send)
     store_status, pool_view = StoreStatus(), PoolView()
     disk = DiskQuota.from_settings(settings, partial(user_workspace, settings.data_dir))
+    on_health = partial(store_status.update, source="database")
+    shared = _shared_state(settings, inbox.send, on_health, pool_view)
+    transcripts, session_leases, shared_login, close_transcripts, replica_runs = shared
     app = create_app(
         settings,
         inbox.send,
@@ -277,6 +282,7 @@ def wire(settings: Settings, environ: Mapping[str, str]) -> Wiring:
         usage,
         proxy,
         disk,
+        replica_runs,
     )
     http = HttpServer(
         app,
@@ -284,9 +290,6 @@ def wire(settings: Settings, environ: Mapping[str, str]) -> Wiring:
         settings.port,
         graceful_timeout=5.0,
         max_connections=connection_limit(settings.pool_size + settings.max_live_sessions),
-    )
-    transcripts, session_leases, shared_login, close_transcripts = _shared_state(
-        settings, inbox.send, partial(store_status.update, source="database")
     )
     return Wiring(
         settings=settings,
@@ -310,6 +313,7 @@ def wire(settings: Settings, environ: Mapping[str, str]) -> Wiring:
         session_leases=session_leases,
         shared_login=shared_login,
         close_transcripts=close_transcripts,
+        replica_runs=replica_runs,
     )
 
 
@@ -317,15 +321,21 @@ def _shared_state(
     settings: Settings,
     dispatcher: trio.MemorySendChannel[DispatcherMessage],
     on_health: Callable[[str | None], None],
+    pool_view: PoolView,
 ) -> tuple[
-    TranscriptMirror | None, SessionLeases | None, SharedLogin | None, Callable[[], None] | None
+    TranscriptMirror | None,
+    SessionLeases | None,
+    SharedLogin | None,
+    Callable[[], None] | None,
+    ReplicaRuns | None,
 ]:
-    """With ``DATABASE_URL``: the mirror of sessions' transcripts, the session leases and
-    the shared Claude login, on one pool (opened at first use), and what closes it; else
-    nothing (psycopg and the SDK are not imported)."""
+    """With ``DATABASE_URL``: the mirror of sessions' transcripts, the session leases, the
+    shared Claude login and the runs across replicas, on one pool (opened at first use), and
+    what closes it; else nothing (psycopg and the SDK are not imported)."""
     url = settings.database_url
     if url is None:
-        return None, None, None, None
+        return None, None, None, None, None
+    from .actors.replica_runs import ReplicaRuns
     from .actors.session_leases import SessionLeases
     from .store.claude_login import PostgresLogin
     from .store.leases import new_owner
@@ -337,11 +347,13 @@ def _shared_state(
     # A session start waits for another replica's lease up to two of its terms: the
     # holder hands over at its turn's end, or dies and its lease expires.
     ttl = settings.session_lease_s
+    replica = new_owner()  # (its runs are listed under the id its leases are held under)
     leases = SessionLeases(
-        database, url, new_owner(), ttl, dispatcher, wait_s=2 * ttl + 5, on_health=on_health
+        database, url, replica, ttl, dispatcher, wait_s=2 * ttl + 5, on_health=on_health
     )
     login = PostgresLogin(database, url)
-    return TranscriptMirror(database, owner), leases, login, database.close
+    runs = ReplicaRuns(database, url, replica, ttl, pool_view, dispatcher)
+    return TranscriptMirror(database, owner), leases, login, database.close, runs
 
 
 def make_agent_factory(w: Wiring) -> AgentFactory:

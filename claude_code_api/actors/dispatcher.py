@@ -159,6 +159,19 @@ class PoolView:
         """
         return None if self.sessions_source is None else self.sessions_source(user_id)
 
+    runs_source: Callable[[], tuple[RunView, ...]] | None = None
+    # Set by the dispatcher at each turn of its loop (its runs may have changed).
+    changed: trio.Event = attrs.field(factory=trio.Event)
+
+    def runs(self) -> tuple[RunView, ...]:
+        """Every user's queued and running runs now; none without a dispatcher."""
+        return () if self.runs_source is None else self.runs_source()
+
+    async def wait_changed(self) -> None:
+        """Return after the dispatcher's next turn (at once if one came since the last call)."""
+        await self.changed.wait()
+        self.changed = trio.Event()
+
 
 @attrs.frozen
 class SessionLimits:
@@ -237,11 +250,14 @@ class Dispatcher:
         if self.view is not None:
             self.view.source = self.health_snapshot
             self.view.sessions_source = self.sessions.session_ids_of
+            self.view.runs_source = self.all_runs
         task_status.started()
         try:
             while True:
                 now = trio.current_time()
                 self.on_time(now)
+                if self.view is not None:
+                    self.view.changed.set()  # (a watcher of runs reads them when it can)
                 wake_at = self.next_deadline()
                 if wake_at <= now:  # a bug: waking for it again would spin without receiving
                     log.error("dispatcher: a deadline stayed in the past; waking in 1 s")
@@ -260,6 +276,8 @@ class Dispatcher:
             if self.view is not None and self.view.source == self.health_snapshot:
                 self.view.source = None
                 self.view.sessions_source = None
+                self.view.runs_source = None
+                self.view.changed.set()
 
     def on_time(self, now: float) -> None:
         """Everything due by ``now``, then dispatch: after it, no deadline is in the past."""
@@ -667,6 +685,10 @@ class Dispatcher:
 
     def runs_of(self, user_id: str) -> tuple[RunView, ...]:
         """``user_id``'s queued and running jobs, the oldest first."""
+        return self.all_runs(user_id)
+
+    def all_runs(self, user_id: str | None = None) -> tuple[RunView, ...]:
+        """Every queued and running job (of ``user_id`` only, if given), the oldest first."""
         # Jobs keep trio time; clients read wall-clock time.
         to_wall = time.time() - trio.current_time()
         views = [
@@ -674,7 +696,7 @@ class Dispatcher:
                 job.id, job.user_id, RunState.QUEUED, job.session_id, job.submitted_at + to_wall
             )
             for job in self.queue.jobs() + self.sessions.queued_jobs()
-            if job.user_id == user_id
+            if user_id is None or job.user_id == user_id
         ]
         views += [
             RunView(
@@ -686,7 +708,7 @@ class Dispatcher:
                 started_at=since,
             )
             for job, since in self._running()
-            if job.user_id == user_id
+            if user_id is None or job.user_id == user_id
         ]
         return tuple(sorted(views, key=lambda view: view.queued_at))
 

@@ -48,6 +48,8 @@ from ..messages import (
     CredentialsStatus,
     DispatcherMessage,
     PoolSnapshot,
+    RunState,
+    RunView,
     SessionKey,
     SessionState,
     UpstreamError,
@@ -78,7 +80,7 @@ from .requests import (
     parse_json_object,
     session_id_field,
 )
-from .runs import run_routes, run_views
+from .runs import OtherReplicas, run_routes, run_views
 from .streaming import with_request_cleanups
 from .user_claude import user_claude_routes
 
@@ -176,17 +178,24 @@ def session_views(
     user_id: str,
     *,
     first_page: bool = True,
+    elsewhere: tuple[RunView, ...] = (),
 ) -> list[dict[str, Any]]:
-    """The caller's own sessions: registry records, with live states from the dispatcher.
+    """The caller's own sessions: registry records, with live states from the dispatcher
+    (and ``busy`` for those running a turn on another replica: ``elsewhere``'s runs).
 
     Sessions waiting for their first actor may have no record yet: the first page lists
     them too.
     """
     live = {
-        v.key.session_id: SHOWN_SESSION_STATES.get(v.state, v.state.value)
+        run.session_id: "busy"
+        for run in elsewhere
+        if run.session_id is not None and run.state is RunState.RUNNING
+    }
+    live.update(
+        (v.key.session_id, SHOWN_SESSION_STATES.get(v.state, v.state.value))
         for v in snapshot.sessions
         if v.key.user_id == user_id
-    }
+    )
     views = []
     for record in records:
         state = live.pop(record.session_id, "hibernated")
@@ -310,6 +319,7 @@ def create_app(
     usage: UsageLedger | None = None,
     model_proxy: ModelProxy | None = None,
     disk: DiskQuota | None = None,
+    other_replicas: OtherReplicas | None = None,
 ) -> QuartTrio:
     """Build the app; ``dispatcher`` is a send channel to the dispatcher's inbox.
 
@@ -317,7 +327,8 @@ def create_app(
     ``model_proxy``: its view of the model API's last refusal of the credential, which
     ``/auth/status`` reports (None: the dispatcher's, from the turns' failures).
     ``disk``: the service's disk quota and reserve (``/files`` writes are held to
-    them); without, one of the settings' own.
+    them); without, one of the settings' own. ``other_replicas``: with several replicas on
+    one database, their runs (``/status``, ``DELETE /runs``).
 
     ``/health`` reads ``pool_view`` (the dispatcher's published state) when it can,
     so it never waits behind work; else it asks the dispatcher.
@@ -338,10 +349,10 @@ def create_app(
     if settings.metrics:
         _metrics_routes(app, settings, dispatcher, store, usage)
     _document_routes(app, settings)
-    _pool_routes(app, dispatcher, registry, store, pool_view, usage, caller)
+    _pool_routes(app, dispatcher, registry, store, pool_view, usage, caller, other_replicas)
     _auth_routes(app, settings, dispatcher, credentials, model_proxy, caller, json_body)
     _session_routes(app, dispatcher, caller, json_body)
-    _blueprints(app, settings, dispatcher, disk, caller, json_body)
+    _blueprints(app, settings, dispatcher, disk, caller, json_body, other_replicas)
     _error_handlers(app)
     return app
 
@@ -453,6 +464,7 @@ def _pool_routes(
     pool_view: PoolView | None,
     usage: UsageLedger | None,
     caller: Caller,
+    other_replicas: OtherReplicas | None = None,
 ) -> None:
     """``GET /health`` (public) and ``GET /status`` (the caller's runs, sessions and usage)."""
     started_at = time.monotonic()
@@ -475,10 +487,18 @@ def _pool_routes(
         user_id = caller()
         snapshot = await pool_snapshot(dispatcher, user_id)
         body = status_body(snapshot)
-        body["runs"] = run_views(snapshot)
+        elsewhere: tuple[RunView, ...] = ()
+        if other_replicas is not None:
+            try:
+                elsewhere = await other_replicas.runs_of(user_id)
+            except RegistryError as exc:  # (this replica's runs are still worth showing)
+                log.warning("/status: other replicas' runs not shown: %s", exc)
+        body["runs"] = run_views(snapshot, elsewhere)
         limit, offset = page_arguments(request.args)
         page = await registry.list_for_user(user_id, limit=limit, offset=offset)
-        body["sessions"] = session_views(snapshot, page.records, user_id, first_page=offset == 0)
+        body["sessions"] = session_views(
+            snapshot, page.records, user_id, first_page=offset == 0, elsewhere=elsewhere
+        )
         body["sessionsTotal"] = page.total
         if usage is not None:
             body["usage"] = usage.user_status(user_id)
@@ -569,6 +589,7 @@ def _blueprints(
     disk: DiskQuota | None,
     caller: Caller,
     json_body: JsonBody,
+    other_replicas: OtherReplicas | None = None,
 ) -> None:
     """The routes other modules own: runs, the OpenAI and Anthropic APIs, files, CLAUDE.md."""
     ceiling = OptionCeiling.of(settings)
@@ -583,6 +604,7 @@ def _blueprints(
             default_timeout_ms=settings.default_timeout_ms,
             ceiling=ceiling,
             image_limits=ImageLimits.of(settings),
+            other_replicas=other_replicas,
         )
     )
     compat_runs = CompatRuns(

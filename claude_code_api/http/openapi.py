@@ -246,6 +246,7 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
         **_status_schemas(),
         **_usage_schemas(),
         "Cancelled": _object({"cancelled": {"const": True}}),
+        "Cancelling": _object({"cancelled": {"const": False}, "cancelling": {"const": True}}),
         **_event_schemas(),
         "Closed": _object({"closed": {"const": True}}),
         "Saved": _object({"saved": {"const": True}}),
@@ -840,15 +841,26 @@ def _run_paths() -> dict[str, Any]:
         "/runs/{runId}": {
             "delete": _operation(
                 "Cancel one of the caller's queued or running runs",
-                _replies(
-                    "Cancelled: the run's own request answers success: false,"
-                    " cancelled: true (a queued run at once, a running one once its agent"
-                    " is interrupted)",
-                    "Cancelled",
-                    *(401, 404, 503),
-                ),
+                {
+                    **_replies(
+                        "Cancelled: the run's own request answers success: false,"
+                        " cancelled: true (a queued run at once, a running one once its agent"
+                        " is interrupted)",
+                        "Cancelled",
+                        *(401, 404, 503),
+                    ),
+                    "202": _ok(
+                        "Several replicas: the run is another replica's, which was asked to"
+                        " cancel it and did not say within seconds whether it did",
+                        _ref("Cancelling"),
+                    ),
+                },
                 security=AUTHENTICATED,
-                description="Anyone else's run, an unknown id and a run that has ended are 404.",
+                description=(
+                    "Anyone else's run, an unknown id and a run that has ended are 404. With"
+                    " several replicas (DATABASE_URL), a run of another replica is cancelled"
+                    " there; 503 when the database that lists the runs does not answer."
+                ),
                 parameters=[
                     {
                         "name": "runId",

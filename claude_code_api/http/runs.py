@@ -11,7 +11,10 @@ a JSON body, as to every route. Every run has an id, the job's: header
   with it, a run that was taken becomes a ``text/event-stream`` (:mod:`.streaming`).
 * ``DELETE /runs/{runId}`` cancels the caller's own queued or running run; the
   run's own request then answers ``cancelled``. Anyone else's run, or an unknown
-  or finished one, is a 404.
+  or finished one, is a 404. With several replicas (:class:`OtherReplicas`), a run
+  unknown here is looked for on the others and cancelled where it runs: ``202``
+  ``{"cancelled": false, "cancelling": true}`` if that replica did not say within
+  seconds whether it was, ``503`` if the database holding the runs does not answer.
 
 A request that ends before its run does (the client left) cancels it, streamed
 or not (:func:`~.jobs.open_job`).
@@ -25,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -39,8 +42,10 @@ from ..messages import (
     ReplyEvent,
     RunOptions,
     RunResult,
+    RunView,
     TerminalEvent,
 )
+from ..store.errors import StoreUnavailable
 from .jobs import Finished, cancel_run, follow_job, open_job
 from .parsing import json_bytes, parse_body
 from .requests import ImageLimits, OptionCeiling, RunRequest, parse_run_request
@@ -48,6 +53,20 @@ from .streaming import STREAM_HEADERS, event_stream, on_request_end, wants_event
 from .user_claude import load_memory
 
 log = logging.getLogger(__name__)
+
+
+class OtherReplicas(Protocol):
+    """The runs of the other replicas on the same database
+    (:class:`~claude_code_api.actors.replica_runs.ReplicaRuns`); both raise
+    :class:`~claude_code_api.store.StoreUnavailable` when the database does not answer."""
+
+    async def runs_of(self, user_id: str) -> tuple[RunView, ...]:
+        """``user_id``'s queued and running runs on the other live replicas."""
+        ...
+
+    async def cancel(self, user_id: str, run_id: str) -> bool | None:
+        """Cancel it where it runs: True done, False no such run, None no answer in time."""
+        ...
 
 
 def result_body(outcome: RunResult, finished: Finished, job: Job) -> dict[str, Any]:
@@ -124,10 +143,11 @@ def error_reply(failure: JobFailed, run_id: str | None = None) -> Response:
     return response
 
 
-def run_views(snapshot: PoolSnapshot) -> list[dict[str, Any]]:
-    """``/status``'s ``runs``: the caller's queued and running runs (times in ms)."""
+def run_views(snapshot: PoolSnapshot, elsewhere: tuple[RunView, ...] = ()) -> list[dict[str, Any]]:
+    """``/status``'s ``runs``: the caller's queued and running runs, here and
+    ``elsewhere`` (other replicas'), the oldest first (times in ms)."""
     views = []
-    for run in snapshot.runs:
+    for run in sorted(snapshot.runs + elsewhere, key=lambda run: run.queued_at):
         view: dict[str, Any] = {
             "runId": run.run_id,
             "state": run.state.value,
@@ -253,6 +273,7 @@ def run_routes(
     default_timeout_ms: int,
     ceiling: OptionCeiling,
     image_limits: ImageLimits,
+    other_replicas: OtherReplicas | None = None,
 ) -> Blueprint:
     """The ``/run`` and ``/runs`` routes, for ``app.register_blueprint``."""
     routes = Blueprint("runs", __name__)
@@ -289,7 +310,17 @@ def run_routes(
     @routes.delete("/runs/<run_id>")
     async def delete_run(run_id: str) -> Response:
         user_id = caller()
-        if not await cancel_run(dispatcher, user_id, run_id):
+        cancelled: bool | None = await cancel_run(dispatcher, user_id, run_id)
+        if not cancelled and other_replicas is not None:
+            try:
+                cancelled = await other_replicas.cancel(user_id, run_id)
+            except StoreUnavailable as exc:
+                return error_reply(JobFailed(503, str(exc)))
+            if cancelled is None:  # asked, but its replica did not say in time
+                response = jsonify({"cancelled": False, "cancelling": True})
+                response.status_code = 202
+                return response
+        if not cancelled:
             return error_reply(JobFailed(404, f"Run {run_id[:200]!r} not found"))
         return jsonify({"cancelled": True})
 
