@@ -14,7 +14,7 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-from claude_code_api.actors.dispatcher import Dispatcher
+from claude_code_api.actors.dispatcher import Dispatcher, PoolView
 from claude_code_api.actors.fair_line import FairLine
 from claude_code_api.actors.registry_client import RegistryClient
 from claude_code_api.actors.session import serve_session
@@ -412,3 +412,31 @@ async def test_a_resumed_session_starts_with_its_records_options(autojump_clock,
         await again.idle()
         assert agents.made[-1].spec.options == kept
         assert agents.made[-1].spec.resume is not None
+
+
+async def test_the_view_publishes_every_users_runs_and_each_change(autojump_clock, nursery):
+    """What the runs across replicas record (actors/replica_runs.py): every user's runs,
+    read without a message, and a wake-up at each of the dispatcher's turns."""
+    with trio.fail_after(LIMIT):
+        view = PoolView()
+        assert view.runs() == ()  # no dispatcher yet
+        inbox = await start_dispatcher(nursery, view=view)
+        await view.wait_changed()  # its first turn
+        alices, _ = make_job("alices")
+        await inbox.send(Submit(alices))
+        await view.wait_changed()
+        assert [(r.run_id, r.user_id, r.state) for r in view.runs()] == [
+            ("alices", "alice", RunState.QUEUED)
+        ]
+        await trio.sleep(1)
+        await inbox.send(Submit(make_job("bobs", "bob")[0]))
+        await view.wait_changed()
+        assert await take_one(inbox) is alices
+        await view.wait_changed()
+        assert [(r.run_id, r.user_id, r.state) for r in view.runs()] == [
+            ("alices", "alice", RunState.RUNNING),
+            ("bobs", "bob", RunState.QUEUED),
+        ]
+        nursery.cancel_scope.cancel()
+    await wait_all_tasks_blocked()
+    assert view.runs() == ()  # the dispatcher is gone: none published
