@@ -153,7 +153,9 @@ class ReplicaRuns:
     async def _record(
         self, table: RunTable, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Write the dispatcher's runs whenever they change, and renew the replica's row."""
+        """Write the dispatcher's runs whenever they change, and renew the replica's row;
+        started after the first write was tried (a failed one is retried: never blocks the
+        service's start)."""
         written: Runs | None = None  # what the table holds for us (None: unknown)
         next_beat = trio.current_time()
         failing = False
@@ -168,6 +170,8 @@ class ReplicaRuns:
                     if not failing:
                         log.warning("runs: not recorded (%s); retrying", exc)
                     failing, written = True, None
+                    task_status.started()
+                    task_status = trio.TASK_STATUS_IGNORED
                     await trio.sleep(RETRY_S)
                     continue
                 if failing:

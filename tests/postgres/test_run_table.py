@@ -16,9 +16,9 @@ from claude_code_api.actors.dispatcher import PoolView
 from claude_code_api.actors.replica_runs import ReplicaRuns
 from claude_code_api.messages import CancelRun, DispatcherMessage, RunState, RunView
 from claude_code_api.store import runs as runs_module
-from claude_code_api.store.database import Database
+from claude_code_api.store.database import Database, open_database
 from claude_code_api.store.runs import RunRow, RunTable
-from tests.postgres.support import TIMEOUT
+from tests.postgres.support import TIMEOUT, Databases, TcpLink
 
 TTL = 30.0
 T = TypeVar("T")
@@ -182,3 +182,38 @@ async def test_a_cancel_its_replica_does_not_answer_says_so_in_time(
         assert await b.cancel("alice", "r1") is None
         assert 0.5 <= trio.current_time() - started < 2
         nursery.cancel_scope.cancel()
+
+
+async def test_the_runs_are_written_again_when_the_database_returns(
+    databases: Databases,
+    link: TcpLink,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(replica_runs, "RETRY_S", 0.2)
+    direct_url = databases.create()
+    name = direct_url.rpartition("/")[2]
+    now = time.time()
+    first = RunView("r1", "alice", RunState.RUNNING, None, now, now)
+    second = RunView("r2", "alice", RunState.QUEUED, None, now + 1)
+    a_side = FakeDispatcher({"r1": first})
+    with trio.fail_after(TIMEOUT):
+        async with (
+            open_database(link.url(name)) as database,
+            open_database(direct_url) as direct,
+            trio.open_nursery() as replicas,
+        ):
+            await replica(replicas, link.url(name), database, "a", a_side)
+            assert [row[0] for row in await direct.run(rows)] == ["r1"]
+            link.cut()
+            # The runs change while nothing can be written: the dispatcher's side is
+            # untouched (it never waits for the database), the recorder keeps trying.
+            del a_side.runs["r1"]
+            a_side.runs["r2"] = second
+            a_side.change()
+            while "runs: not recorded (" not in caplog.text:
+                await trio.sleep(0.1)
+            link.restore()
+            while [row[0] for row in await direct.run(rows)] != ["r2"]:
+                await trio.sleep(0.05)
+            replicas.cancel_scope.cancel()
