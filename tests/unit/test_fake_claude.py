@@ -606,9 +606,11 @@ async def test_pid_file_and_log(tmp_path):
     assert start["has_anthropic_api_key"] is False
     assert start["cwd"] == os.getcwd()
     assert "--model" in start["argv"] and "claude-test" in start["argv"]
+    assert isinstance(turn["at"], float)  # when the turn began (wall clock)
     assert turn == {
         "pid": pid,
         "event": "turn",
+        "at": turn["at"],
         "prompt": "logged prompt",
         "session_id": turn["session_id"],
         "memory": [],
