@@ -61,13 +61,19 @@ INTENSITY, PERIOD_S = 3, 5.0
 
 
 def root(w: Wiring) -> Supervisor:
-    reserve = [] if w.disk.ballast is None else [ChildSpec("reserve", w.disk.ballast.serve)]
-    leases = [] if w.session_leases is None else [ChildSpec("leases", w.session_leases.serve)]
-    leases += [] if w.replica_runs is None else [ChildSpec("runs", w.replica_runs.serve)]
-    children = [reaper(w), *reserve, registry(w), *leases, credentials(w), model_proxy(w)]
-    children += [egress(w)]
-    children += [http(w), core(w)]  # core stops first: HTTP answers the turns it interrupts
+    children = [reaper(w), *reserve(w), registry(w), *shared(w), credentials(w), model_proxy(w)]
+    children += [egress(w), http(w), core(w)]  # core stops first: HTTP answers what it interrupts
     return Supervisor("root", children, intensity=INTENSITY, period=PERIOD_S)
+
+
+def reserve(w: Wiring) -> list[ChildSpec]:
+    return [] if w.disk.ballast is None else [ChildSpec("reserve", w.disk.ballast.serve)]
+
+
+def shared(w: Wiring) -> list[ChildSpec]:
+    """With ``DATABASE_URL``: the session leases and the runs every replica sees."""
+    leases = [] if w.session_leases is None else [ChildSpec("leases", w.session_leases.serve)]
+    return leases + ([] if w.replica_runs is None else [ChildSpec("runs", w.replica_runs.serve)])
 
 
 def reaper(w: Wiring) -> ChildSpec:

@@ -36,23 +36,12 @@ from .errors import (
     TooManySessions,
 )
 from .leases import key_digest
-from .records import SessionPage, SessionRecord
+from .records import COLUMNS, SessionPage, SessionRecord
 from .schema import SchemaTooNew, migrate
 
 T = TypeVar("T")
 
-_COLUMNS = (
-    "user_id",
-    "session_id",
-    "claude_session_id",
-    "created_at",
-    "last_activity",
-    "turns",
-    "total_cost_usd",
-    "transcript_started",
-    "previous_claude_session_ids",
-    "options",
-)
+_COLUMNS = COLUMNS
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM sessions"
 _INSERT = f"INSERT INTO sessions ({', '.join(_COLUMNS)}) VALUES ({', '.join(['%s'] * 10)})"
 _UPSERT = f"{_INSERT} ON CONFLICT (user_id, session_id) DO UPDATE SET " + ", ".join(

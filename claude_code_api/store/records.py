@@ -14,6 +14,22 @@ def _id_tuple(ids: Iterable[str]) -> tuple[str, ...]:
     return tuple(ids)
 
 
+# A record's columns in every table that holds them (store/sqlite.py, store/postgres.py), in
+# the order of SessionRecord's fields: the key, then what a save replaces.
+COLUMNS = (
+    "user_id",
+    "session_id",
+    "claude_session_id",
+    "created_at",
+    "last_activity",
+    "turns",
+    "total_cost_usd",
+    "transcript_started",
+    "previous_claude_session_ids",
+    "options",
+)
+
+
 @attrs.frozen
 class SessionRecord:
     """Everything the service remembers about one session between turns."""

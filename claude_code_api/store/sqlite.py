@@ -21,7 +21,7 @@ from typing import Any
 
 from ..messages import RunOptions, SessionKey
 from .errors import SessionExists, StoreBusy, StoreFull, StoreUnavailable, TooManySessions
-from .records import SessionPage, SessionRecord
+from .records import COLUMNS, SessionPage, SessionRecord
 
 log = logging.getLogger(__name__)
 
@@ -62,18 +62,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
-_COLUMNS = (
-    "user_id",
-    "session_id",
-    "claude_session_id",
-    "created_at",
-    "last_activity",
-    "turns",
-    "total_cost_usd",
-    "transcript_started",
-    "previous_claude_session_ids",
-    "options",
-)
+_COLUMNS = COLUMNS
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM sessions"
 _INSERT = f"INSERT INTO sessions ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 _UPSERT = f"{_INSERT} ON CONFLICT (user_id, session_id) DO UPDATE SET " + ", ".join(

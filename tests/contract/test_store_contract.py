@@ -67,16 +67,15 @@ def postgres_url() -> Iterator[str]:
 
 @contextmanager
 def _postgres(request: pytest.FixtureRequest) -> Iterator[Opener]:
-    """This run's database with its table emptied; the service's own opener."""
+    """This run's database emptied (every table, whatever the migrations made); the
+    service's own opener, which makes the schema again."""
     # Imported here: psycopg is needed only when PostgreSQL is tested.
     from claude_code_api.store.postgres import open_postgres_table
 
     url = request.getfixturevalue("postgres_url")
     with psycopg.connect(url, autocommit=True) as connection:
-        connection.execute(
-            "DROP TABLE IF EXISTS sessions, session_leases, claude_login, oauth_pending_logins,"
-            " schema_version, transcript_entries, transcript_sessions"
-        )
+        connection.execute("DROP SCHEMA public CASCADE")
+        connection.execute("CREATE SCHEMA public")
     yield lambda: open_postgres_table(url)
 
 
