@@ -128,9 +128,14 @@ class SharedMemory:
                     nursery.start_soon(self._on_wakeups, receive)
                     failing = False
                     await self._recheck()  # (what was brought home before it listened)
-            except* DatabaseUnavailable as group:
+            except ExceptionGroup as group:  # (not except*: Debian 12's 3.11.2 wraps what passes)
+                unavailable, rest = group.split(DatabaseUnavailable)
+                if unavailable is None or rest is not None:
+                    raise
                 if not failing:
-                    log.warning("CLAUDE.md: not listening for saves yet (%s)", group.exceptions[0])
+                    log.warning(
+                        "CLAUDE.md: not listening for saves yet (%s)", unavailable.exceptions[0]
+                    )
                 failing = True
             await trio.sleep(RETRY_S)
 

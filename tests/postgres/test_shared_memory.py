@@ -87,3 +87,26 @@ async def test_the_database_down_a_read_uses_the_homes_file_logged_once(tmp_path
             database.close()
     warnings = [r for r in caplog.records if "the database failed" in r.getMessage()]
     assert len(warnings) == 1
+
+
+async def test_the_listener_starts_at_once_with_no_database_and_keeps_trying(
+    tmp_path, caplog, nursery
+):
+    caplog.set_level(logging.WARNING, "claude_code_api.actors.shared_memory")
+    b, _, database = memory(closed_port_url(), tmp_path, "b")
+    try:
+        with trio.fail_after(TIMEOUT):
+            cancel = trio.CancelScope()
+            with trio.fail_after(1.0):
+                await nursery.start(lambda task_status: _serve(b, cancel, task_status))
+            await trio.sleep(2.5)  # a few attempts
+            cancel.cancel()
+    finally:
+        database.close()
+    warnings = [r for r in caplog.records if "not listening for saves" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+async def _serve(memory: SharedMemory, cancel: trio.CancelScope, task_status) -> None:
+    with cancel:
+        await memory.serve(task_status=task_status)
