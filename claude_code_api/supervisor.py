@@ -6,6 +6,7 @@
     ├── registry         permanent  owns the session records (the store)
     ├── leases           permanent  with DATABASE_URL: sessions' leases, hand-overs between replicas
     ├── runs             permanent  with DATABASE_URL: runs listed and cancelled across replicas
+    ├── memory           permanent  with DATABASE_URL: other replicas' CLAUDE.md saves heard here
     ├── credentials      permanent  owns the Claude credentials file's writes; refreshes the login
     ├── model-proxy      permanent  agents' way to the model API: their tokens, the real key, usage
     ├── egress           permanent  the egress proxy sandboxed agents reach the Internet through
@@ -71,9 +72,10 @@ def reserve(w: Wiring) -> list[ChildSpec]:
 
 
 def shared(w: Wiring) -> list[ChildSpec]:
-    """With ``DATABASE_URL``: the session leases and the runs every replica sees."""
-    leases = [] if w.session_leases is None else [ChildSpec("leases", w.session_leases.serve)]
-    return leases + ([] if w.replica_runs is None else [ChildSpec("runs", w.replica_runs.serve)])
+    """With ``DATABASE_URL``: the session leases, the runs every replica sees and the users'
+    CLAUDE.md files every replica serves."""
+    actors = {"leases": w.session_leases, "runs": w.replica_runs, "memory": w.shared_memory}
+    return [ChildSpec(name, actor.serve) for name, actor in actors.items() if actor is not None]
 
 
 def reaper(w: Wiring) -> ChildSpec:
@@ -159,6 +161,8 @@ def sessions(w: Wiring, new_agent: AgentFactory) -> ChildSpec:
         leases = w.session_leases
         # (``dispatcher`` closed here too: serve_session, which closes it, may never start.)
         async with dispatcher, nullcontext() if leases is None else leases.hold(key):
+            if w.shared_memory is not None:  # the CLI reads the user's CLAUDE.md at its start
+                await w.shared_memory.before_session(key.user_id)
             await serve_session(
                 key, w.session_config, dispatcher, w.registry, new_agent, home, stop, actor,
                 w.credentials_version, options, w.workspace_of(key.user_id),

@@ -52,6 +52,7 @@ from .store.user_paths import user_cwd, user_workspace
 if TYPE_CHECKING:
     from .actors.replica_runs import ReplicaRuns
     from .actors.session_leases import SessionLeases
+    from .actors.shared_memory import SharedMemory
     from .auth.shared_login import SharedLogin
     from .store.transcript_mirror import TranscriptMirror
 
@@ -124,6 +125,7 @@ class Wiring:
     shared_login: SharedLogin | None = None  # one Claude login for every replica
     close_transcripts: Callable[[], None] | None = None  # (the pool of all)
     replica_runs: ReplicaRuns | None = None  # runs listed and cancelled across replicas
+    shared_memory: SharedMemory | None = None  # users' CLAUDE.md, the same on every replica
 
     def workspace_of(self, user_id: str) -> Path | None:
         """A session agent's working directory when not in its HOME (``WORKSPACES_DIR``)."""
@@ -271,7 +273,8 @@ def wire(settings: Settings, environ: Mapping[str, str]) -> Wiring:
     disk = DiskQuota.from_settings(settings, partial(user_workspace, settings.data_dir))
     on_health = partial(store_status.update, source="database")
     shared = _shared_state(settings, inbox.send, on_health, pool_view)
-    transcripts, session_leases, shared_login, close_transcripts, replica_runs = shared
+    transcripts, session_leases, shared_login, close_transcripts, replica_runs = shared[:5]
+    shared_memory = shared[5]
     app = create_app(
         settings,
         inbox.send,
@@ -283,6 +286,7 @@ def wire(settings: Settings, environ: Mapping[str, str]) -> Wiring:
         proxy,
         disk,
         replica_runs,
+        shared_memory,
     )
     http = HttpServer(
         app,
@@ -314,6 +318,7 @@ def wire(settings: Settings, environ: Mapping[str, str]) -> Wiring:
         shared_login=shared_login,
         close_transcripts=close_transcripts,
         replica_runs=replica_runs,
+        shared_memory=shared_memory,
     )
 
 
@@ -328,15 +333,17 @@ def _shared_state(
     SharedLogin | None,
     Callable[[], None] | None,
     ReplicaRuns | None,
+    SharedMemory | None,
 ]:
     """With ``DATABASE_URL``: the mirror of sessions' transcripts, the session leases, the
-    shared Claude login and the runs across replicas, on one pool (opened at first use), and
+    shared Claude login, the runs across replicas and the users' CLAUDE.md, on one pool (opened at first use), and
     what closes it; else nothing (psycopg and the SDK are not imported)."""
     url = settings.database_url
     if url is None:
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     from .actors.replica_runs import ReplicaRuns
     from .actors.session_leases import SessionLeases
+    from .actors.shared_memory import SharedMemory
     from .store.claude_login import PostgresLogin
     from .store.leases import new_owner
     from .store.transcript_mirror import OnDemandDatabase, TranscriptMirror
@@ -353,7 +360,8 @@ def _shared_state(
     )
     login = PostgresLogin(database, url)
     runs = ReplicaRuns(database, url, replica, ttl, pool_view, dispatcher)
-    return TranscriptMirror(database, owner), leases, login, database.close, runs
+    memory = SharedMemory(database, url, replica, settings.data_dir, dispatcher)
+    return TranscriptMirror(database, owner), leases, login, database.close, runs, memory
 
 
 def make_agent_factory(w: Wiring) -> AgentFactory:

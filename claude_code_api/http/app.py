@@ -82,7 +82,7 @@ from .requests import (
 )
 from .runs import OtherReplicas, run_routes, run_views
 from .streaming import with_request_cleanups
-from .user_claude import user_claude_routes
+from .user_claude import SharedUserMemory, user_claude_routes
 
 log = logging.getLogger(__name__)
 
@@ -320,6 +320,7 @@ def create_app(
     model_proxy: ModelProxy | None = None,
     disk: DiskQuota | None = None,
     other_replicas: OtherReplicas | None = None,
+    shared_memory: SharedUserMemory | None = None,
 ) -> QuartTrio:
     """Build the app; ``dispatcher`` is a send channel to the dispatcher's inbox.
 
@@ -328,7 +329,8 @@ def create_app(
     ``/auth/status`` reports (None: the dispatcher's, from the turns' failures).
     ``disk``: the service's disk quota and reserve (``/files`` writes are held to
     them); without, one of the settings' own. ``other_replicas``: with several replicas on
-    one database, their runs (``/status``, ``DELETE /runs``).
+    one database, their runs (``/status``, ``DELETE /runs``); ``shared_memory``: and the
+    users' CLAUDE.md.
 
     ``/health`` reads ``pool_view`` (the dispatcher's published state) when it can,
     so it never waits behind work; else it asks the dispatcher.
@@ -352,7 +354,7 @@ def create_app(
     _pool_routes(app, dispatcher, registry, store, pool_view, usage, caller, other_replicas)
     _auth_routes(app, settings, dispatcher, credentials, model_proxy, caller, json_body)
     _session_routes(app, dispatcher, caller, json_body)
-    _blueprints(app, settings, dispatcher, disk, caller, json_body, other_replicas)
+    _blueprints(app, settings, dispatcher, disk, caller, json_body, other_replicas, shared_memory)
     _error_handlers(app)
     return app
 
@@ -590,6 +592,7 @@ def _blueprints(
     caller: Caller,
     json_body: JsonBody,
     other_replicas: OtherReplicas | None = None,
+    shared_memory: SharedUserMemory | None = None,
 ) -> None:
     """The routes other modules own: runs, the OpenAI and Anthropic APIs, files, CLAUDE.md."""
     ceiling = OptionCeiling.of(settings)
@@ -605,6 +608,7 @@ def _blueprints(
             ceiling=ceiling,
             image_limits=ImageLimits.of(settings),
             other_replicas=other_replicas,
+            shared_memory=shared_memory,
         )
     )
     compat_runs = CompatRuns(
@@ -614,6 +618,7 @@ def _blueprints(
         data_dir=settings.data_dir,
         default_timeout_ms=settings.default_timeout_ms,
         limits=limits_of(settings, ceiling),
+        shared_memory=shared_memory,
     )
     app.register_blueprint(
         openai_routes(
@@ -633,7 +638,11 @@ def _blueprints(
     )
     app.register_blueprint(
         user_claude_routes(
-            data_dir=settings.data_dir, dispatcher=dispatcher, caller=caller, json_body=json_body
+            data_dir=settings.data_dir,
+            dispatcher=dispatcher,
+            caller=caller,
+            json_body=json_body,
+            shared=shared_memory,
         )
     )
 

@@ -76,6 +76,7 @@ from .requests import (
 from .runs import log_run_end, start_run
 from .schema import Integral, Says, Schema, checked, documented
 from .streaming import STREAM_HEADERS, StreamEncoder, relay_stream
+from .user_claude import SharedUserMemory
 
 SESSION_HEADER = "X-Session-Id"
 OPENAI = "openai"
@@ -427,6 +428,7 @@ class CompatRuns:
     data_dir: Path
     default_timeout_ms: int
     limits: Limits
+    shared_memory: SharedUserMemory | None = None  # users' CLAUDE.md with DATABASE_URL
 
     async def request(self, parse: Callable[[bytes, str | None, Limits], T]) -> tuple[str, T]:
         """The caller (authenticated first) and the current request's body, translated."""
@@ -458,6 +460,7 @@ class CompatRuns:
             translated.run,
             data_dir=self.data_dir,
             default_timeout_ms=self.default_timeout_ms,
+            shared_memory=self.shared_memory,
         )
         job = started.job
 

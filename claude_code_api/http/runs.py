@@ -50,7 +50,7 @@ from .jobs import Finished, cancel_run, follow_job, open_job
 from .parsing import json_bytes, parse_body
 from .requests import ImageLimits, OptionCeiling, RunRequest, parse_run_request
 from .streaming import STREAM_HEADERS, event_stream, on_request_end, wants_event_stream
-from .user_claude import load_memory
+from .user_claude import SharedUserMemory, load_memory
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +228,7 @@ async def start_run(
     *,
     data_dir: Path,
     default_timeout_ms: int,
+    shared_memory: SharedUserMemory | None = None,
 ) -> StartedRun:
     """Submit ``run_request`` as ``user_id``'s job and wait for the dispatcher's answer.
 
@@ -239,7 +240,7 @@ async def start_run(
     # with the prompt. (A session's agent loads it from the user's HOME.)
     memory = None
     if run_request.session_id is None:
-        memory = await load_memory(data_dir, user_id) or None
+        memory = await load_memory(data_dir, user_id, shared_memory) or None
     submit = open_job(
         dispatcher,
         user_id=user_id,
@@ -274,6 +275,7 @@ def run_routes(
     ceiling: OptionCeiling,
     image_limits: ImageLimits,
     other_replicas: OtherReplicas | None = None,
+    shared_memory: SharedUserMemory | None = None,
 ) -> Blueprint:
     """The ``/run`` and ``/runs`` routes, for ``app.register_blueprint``."""
     routes = Blueprint("runs", __name__)
@@ -304,6 +306,7 @@ def run_routes(
             run_request,
             data_dir=data_dir,
             default_timeout_ms=default_timeout_ms,
+            shared_memory=shared_memory,
         )
         return await _reply(started, streamed, log_end)
 

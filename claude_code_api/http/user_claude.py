@@ -11,6 +11,10 @@ After a save the dispatcher is told (:class:`UserMemoryChanged`), so the
 user's live sessions restart at their next turn boundary to load it; one-shot
 requests read the file at submission, so the next one has it.
 
+With ``DATABASE_URL`` the CLAUDE.md is every replica's (:class:`SharedUserMemory`,
+:mod:`claude_code_api.actors.shared_memory`): a save goes to the database first (which
+tells the other replicas), a read brings the HOME's file up to date from it first.
+
 Error handling: a body that is not ``{"content": string}`` is a 400 naming the
 field, content over 100 KiB a 413; a CLAUDE.md that cannot be read or saved (a
 full disk, something else put in its place by the user's own agent) a 503 that
@@ -22,6 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Protocol
 
 import trio
 from quart import Blueprint, Response, jsonify
@@ -36,6 +41,19 @@ log = logging.getLogger(__name__)
 NOTIFY_TIMEOUT_S = 1.0
 
 
+class SharedUserMemory(Protocol):
+    """Users' CLAUDE.md in the database, the HOMEs' files following it (``DATABASE_URL``)."""
+
+    async def load(self, user_id: str) -> str:
+        """The content, the HOME's file brought up to date; ``OSError``: it cannot be read."""
+        ...
+
+    async def save(self, user_id: str, content: str) -> None:
+        """Saved for every replica; the database not answering raises
+        :class:`~claude_code_api.store.database.DatabaseUnavailable`."""
+        ...
+
+
 class MemoryUnavailable(Exception):
     """The caller's CLAUDE.md cannot be read or saved; answered 503 with ``message``."""
 
@@ -44,15 +62,18 @@ class MemoryUnavailable(Exception):
         self.message = message
 
 
-async def load_memory(data_dir: Path, user_id: str) -> str:
+async def load_memory(data_dir: Path, user_id: str, shared: SharedUserMemory | None = None) -> str:
     """``user_id``'s CLAUDE.md ("" when none), read on the trio thread.
 
     Every one-shot request reads it, so not in a worker thread: a few system
     calls on a small file in the page cache (tens of µs) cost less than the two
     thread switches. DATA_DIR is a local filesystem (SQLite's WAL needs one too).
-    Raises :class:`MemoryUnavailable` when it cannot be read.
+    With ``shared``, its copy (a worker thread, one query). Raises
+    :class:`MemoryUnavailable` when it cannot be read.
     """
     try:
+        if shared is not None:
+            return await shared.load(user_id)
         return read_user_memory(data_dir, user_id)
     except OSError as exc:
         log.error("user %s: cannot read CLAUDE.md: %s", user_id, exc)
@@ -65,6 +86,7 @@ def user_claude_routes(
     dispatcher: trio.MemorySendChannel[DispatcherMessage],
     caller: Callable[[], str],
     json_body: Callable[[], Awaitable[bytes]],
+    shared: SharedUserMemory | None = None,
 ) -> Blueprint:
     """The ``/user-claude`` routes, for ``app.register_blueprint``."""
     routes = Blueprint("user_claude", __name__)
@@ -72,14 +94,17 @@ def user_claude_routes(
     @routes.get("/user-claude")
     async def get_user_claude() -> Response:
         user_id = caller()
-        return jsonify({"content": await load_memory(data_dir, user_id)})
+        return jsonify({"content": await load_memory(data_dir, user_id, shared)})
 
     @routes.put("/user-claude")
     async def put_user_claude() -> Response:
         user_id = caller()
         content = parse_user_claude_request(await json_body(), max_bytes=MAX_SAVED_BYTES)
         try:
-            await trio.to_thread.run_sync(save_user_memory, data_dir, user_id, content)
+            if shared is not None:
+                await _save_shared(shared, user_id, content)
+            else:
+                await trio.to_thread.run_sync(save_user_memory, data_dir, user_id, content)
         except OSError as exc:
             log.error("user %s: cannot save CLAUDE.md: %s", user_id, exc)
             raise MemoryUnavailable(f"cannot save your CLAUDE.md: {exc}") from exc
@@ -96,3 +121,14 @@ def user_claude_routes(
         return response
 
     return routes
+
+
+async def _save_shared(shared: SharedUserMemory, user_id: str, content: str) -> None:
+    # Imported only here: without DATABASE_URL the service never loads psycopg.
+    from ..store.database import DatabaseUnavailable
+
+    try:
+        await shared.save(user_id, content)
+    except DatabaseUnavailable as exc:
+        log.error("user %s: cannot save CLAUDE.md: %s", user_id, exc)
+        raise MemoryUnavailable(f"cannot save your CLAUDE.md: {exc}") from exc

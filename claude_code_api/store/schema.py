@@ -197,12 +197,34 @@ RUNS = Migration(
     ),
 )
 
+USER_MEMORIES = Migration(
+    6,
+    "user_memories",
+    (
+        # Each user's CLAUDE.md as last saved (PUT /user-claude on any replica): every
+        # replica copies it into the user's HOME before it uses it (store/shared_memory.py).
+        # The content is its UTF-8 bytes (text refuses "\u0000", which JSON allows).
+        # A removal keeps the row, content '': no row means never saved here, and a
+        # replica then keeps what its own HOME holds. generation counts the saves (1, 2, …):
+        # a replica rewrites its copy only when it changed.
+        """
+        CREATE TABLE user_memories (
+            user_id text COLLATE "C" PRIMARY KEY,
+            content bytea NOT NULL,
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            generation bigint NOT NULL
+        )
+        """,
+    ),
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     TRANSCRIPTS,
     SESSIONS,
     SESSION_LEASES,
     CLAUDE_LOGIN,
     RUNS,
+    USER_MEMORIES,
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -8,9 +8,12 @@
 * :data:`CANCEL_CHANNEL`: :class:`CancelRequest`, "please cancel this run of yours",
   addressed to the replica running it (``DELETE /runs/{runId}`` sent to another one).
 * :data:`CANCELLED_CHANNEL`: :class:`CancelReply`, whether it was, addressed to the asker.
+* :data:`MEMORY_CHANNEL`: :class:`MemoryChanged`, "this user's CLAUDE.md was saved", sent
+  by :func:`.shared_memory.save` in the saving transaction, heard by every replica.
 
 The session leases listen on the first two (:data:`SESSION_CHANNELS`), the runs across
-replicas on the last two (:data:`RUN_CHANNELS`), each on a connection of its own.
+replicas on the next two (:data:`RUN_CHANNELS`), the users' CLAUDE.md on the last
+(:data:`MEMORY_CHANNELS`), each on a connection of its own.
 
 Payloads are JSON. A session is named by its key's digest (:func:`.leases.key_digest`, in
 hex), never by its ids, and a run's user likewise (:func:`user_digest`): a user id of any
@@ -54,6 +57,7 @@ HANDOVER_CHANNEL = "cca_handover"
 RELEASED_CHANNEL = "cca_released"
 CANCEL_CHANNEL = "cca_cancel"
 CANCELLED_CHANNEL = "cca_cancelled"
+MEMORY_CHANNEL = "cca_memory"
 # NOTIFY refuses a payload of 8000 bytes or more.
 MAX_PAYLOAD_BYTES = 7999
 # How often the listener's thread looks whether it was cancelled, and its longest wait.
@@ -111,6 +115,16 @@ class CancelReply:
     cancelled: bool
 
 
+@attrs.frozen
+class MemoryChanged:
+    """The CLAUDE.md of the user whose :func:`user_digest` is ``user`` was saved as its
+    ``generation``-th version, by replica ``origin``."""
+
+    user: str
+    generation: int
+    origin: str
+
+
 def user_digest(user_id: str) -> str:
     """How a wake-up names a user: SHA-256 (hex) of the id, escaped as no ``str`` fails."""
     return hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).hexdigest()
@@ -121,18 +135,19 @@ class Resumed:
     """The listener is connected again: wake-ups sent meanwhile are lost; re-check."""
 
 
-Notification = HandOverRequest | Released | CancelRequest | CancelReply
+Notification = HandOverRequest | Released | CancelRequest | CancelReply | MemoryChanged
 Wakeup = Notification | Resumed
 
 SESSION_CHANNELS: tuple[LiteralString, ...] = (HANDOVER_CHANNEL, RELEASED_CHANNEL)
 RUN_CHANNELS: tuple[LiteralString, ...] = (CANCEL_CHANNEL, CANCELLED_CHANNEL)
+MEMORY_CHANNELS: tuple[LiteralString, ...] = (MEMORY_CHANNEL,)
 
 
 def encode(wakeup: Notification) -> tuple[str, str]:
     """The channel and payload for ``wakeup``.
 
     Error handling: ``ValueError`` if the payload would not fit in NOTIFY."""
-    fields: dict[str, str | bool]
+    fields: dict[str, str | bool | int]
     match wakeup:
         case HandOverRequest(holder, digest):
             channel, fields = HANDOVER_CHANNEL, {"holder": holder, "key": digest}
@@ -145,6 +160,9 @@ def encode(wakeup: Notification) -> tuple[str, str]:
         case CancelReply(asker, request, cancelled):
             channel = CANCELLED_CHANNEL
             fields = {"asker": asker, "request": request, "cancelled": cancelled}
+        case MemoryChanged(user, generation, origin):
+            channel = MEMORY_CHANNEL
+            fields = {"user": user, "generation": generation, "origin": origin}
     payload = json.dumps(fields)
     if len(payload.encode()) > MAX_PAYLOAD_BYTES:
         raise ValueError(f"a wake-up's payload over {MAX_PAYLOAD_BYTES} bytes: {payload[:80]}…")
@@ -167,6 +185,10 @@ def decode(channel: str, payload: str) -> Notification | None:
             cancelled = fields["cancelled"]
             if isinstance(cancelled, bool):
                 return CancelReply(str(fields["asker"]), str(fields["request"]), cancelled)
+        if channel == MEMORY_CHANNEL:
+            generation = fields["generation"]
+            if isinstance(generation, int) and not isinstance(generation, bool):
+                return MemoryChanged(str(fields["user"]), generation, str(fields["origin"]))
     except (ValueError, TypeError, KeyError):
         pass
     log.warning("wake-ups: ignored a notification on %s: %.200r", channel, payload)
