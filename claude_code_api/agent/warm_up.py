@@ -17,8 +17,13 @@ user's: an agent kept for its user (``AGENT_REUSE_S``) is cleared between that u
 requests as before.
 
 Owns nothing but the words and the shape of that answer: a minimal Messages API answer
-(an ``end_turn`` text of :data:`TEXT`, zero usage), streamed as server-sent events when the
-request asks for a stream, else one JSON object.
+(an ``end_turn`` text of :data:`TEXT`), streamed as server-sent events when the request asks
+for a stream, else one JSON object. Its usage is shaped as the model's (input tokens estimated
+from the request's size, one output token, the cache fields): with zero usage the CLI left
+part of its accounting for a real answer to the request's turn (measured, direct agents, real
+CLI: the first user turn p50 0.069–0.072 s after a zero-usage warm-up, 0.053–0.056 s after
+this one, 0.059 s after one answered by the mock API). Nobody is charged: the proxy answers it
+and counts nothing, and a turn's cost is the proxy's count for its run.
 
 Error handling: a body that is not JSON (or not an object) is answered as a JSON (not
 streamed) answer all the same: the warm-up turn is the service's own, and the CLI's error
@@ -36,7 +41,6 @@ TEXT = "ok"
 # The model named in the answer when the request names none.
 DEFAULT_MODEL = "claude-sonnet-4-6"
 MESSAGE_ID = "msg_service_warm_up"
-ZERO_USAGE = {"input_tokens": 0, "output_tokens": 0}
 
 
 def answer(body: bytes) -> tuple[bytes, bytes]:
@@ -48,13 +52,13 @@ def answer(body: bytes) -> tuple[bytes, bytes]:
     if not isinstance(request, dict):
         request = {}
     model = request.get("model")
-    message = _message(model if isinstance(model, str) and model else DEFAULT_MODEL)
+    message = _message(model if isinstance(model, str) and model else DEFAULT_MODEL, len(body))
     if request.get("stream") is True:
         return b"text/event-stream", _events(message)
     return b"application/json", json.dumps(message).encode()
 
 
-def _message(model: str) -> dict[str, Any]:
+def _message(model: str, body_bytes: int) -> dict[str, Any]:
     return {
         "id": MESSAGE_ID,
         "type": "message",
@@ -63,7 +67,17 @@ def _message(model: str) -> dict[str, Any]:
         "content": [{"type": "text", "text": TEXT}],
         "stop_reason": "end_turn",
         "stop_sequence": None,
-        "usage": ZERO_USAGE,
+        "usage": _usage(body_bytes),
+    }
+
+
+def _usage(body_bytes: int) -> dict[str, int]:
+    """Usage shaped as the model's: the CLI's own accounting runs as on a real answer."""
+    return {
+        "input_tokens": max(1, body_bytes // 4),
+        "output_tokens": 1,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
     }
 
 
@@ -94,7 +108,7 @@ def _events(message: dict[str, Any]) -> bytes:
             {
                 "type": "message_delta",
                 "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                "usage": {"output_tokens": 0},
+                "usage": {"output_tokens": message["usage"]["output_tokens"]},
             },
         ),
         ("message_stop", {"type": "message_stop"}),
