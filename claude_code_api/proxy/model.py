@@ -424,6 +424,11 @@ class ModelProxy:
                 with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     body = error_body("invalid_request_error", "malformed HTTP request")
                     await _send(connection, stream, *_json_events(400, body))
+        except ExceptionGroup as group:
+            # An exchange's tasks (the relay and the hang-up watch) failing together as their
+            # agent was killed mid-call (e.g. past AGENT_MEMORY_MB): a hang-up, not a fault.
+            if group.split(_CONNECTION_GONE)[1] is not None:
+                log.exception("model proxy: a request failed; its connection is closed")
         except Exception:
             log.exception("model proxy: a request failed; its connection is closed")
         finally:
@@ -478,6 +483,10 @@ class UpstreamRefusal:
 
 class _Hangup(Exception):
     """The agent closed its connection."""
+
+
+# What a connection whose agent went away fails with, in an exchange's tasks.
+_CONNECTION_GONE = (_Hangup, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError)
 
 
 class _Exchange:
