@@ -556,8 +556,16 @@ class CredentialsActor:
         log.info("the changed credentials file's login is now every replica's")
 
     async def _adopt(self, stored: StoredLogin) -> None:
-        """Make ``stored`` this replica's login: its file, and a bump if new to its agents."""
+        """Make ``stored`` this replica's login: its file, and a bump if new to its agents.
+
+        Nothing happens when this replica already holds that generation or a later one (a
+        wake-up for its own write, read before that write finished): its file may since hold
+        a login put there from outside, which the next file check makes every replica's.
+        """
         async with self._writing:
+            held = self.shared_generation
+            if held is not None and stored.generation <= held:
+                return  # generations only grow: this one is not news
             in_file = await self.run_blocking(self.file.login)
             changed = in_file is None or (
                 in_file.access_token,
