@@ -63,5 +63,27 @@ def render() -> str:
     return "".join(parts)
 
 
+USAGE = """usage: python -m claude_code_api.config.env_example .env.example
+Writes .env.example (every setting, commented out, with its default and meaning) from the
+declarations in claude_code_api/config/settings.py."""
+
+
+def main(argv: list[str]) -> int:
+    """Write ``argv[0]``; ``-h``/``--help`` print the usage; anything else is a usage error
+    (exit 2), never a file named after a flag."""
+    if argv in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print(USAGE, file=sys.stderr)
+        return 2
+    try:
+        Path(argv[0]).write_text(render())
+    except OSError as exc:
+        print(f"python -m claude_code_api.config.env_example: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    Path(sys.argv[1]).write_text(render())
+    sys.exit(main(sys.argv[1:]))

@@ -25,3 +25,17 @@ def test_every_setting_is_listed_commented_out_with_its_default():
 def test_container_notes_name_declared_settings():
     declared = {declared.name for _attribute, declared in declarations()}
     assert set(IN_THE_CONTAINER) <= declared
+
+
+def test_the_generator_takes_one_path_and_never_writes_a_file_named_after_a_flag(
+    tmp_path, monkeypatch, capsys
+):
+    from claude_code_api.config.env_example import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["--help"]) == 0 and "usage:" in capsys.readouterr().out
+    assert main([]) == 2 and main(["-x"]) == 2 and main(["a", "b"]) == 2
+    assert "usage:" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # (an earlier version wrote ./--help)
+    assert main(["out.env"]) == 0
+    assert (tmp_path / "out.env").read_text() == render()
