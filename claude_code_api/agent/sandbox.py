@@ -454,7 +454,7 @@ class AgentNetwork:
         """
         lines = ["bridges="]
         for n, bridge in enumerate(self.bridges):
-            listen = f"TCP-LISTEN:{bridge.port},bind=127.0.0.1,fork,reuseaddr"
+            listen = f"TCP-LISTEN:{bridge.port},bind=127.0.0.1,fork,reuseaddr,nodelay"
             target = f"UNIX-CONNECT:{os.path.realpath(bridge.socket)}"
             socat = shlex.join([self.socat, "-lf/dev/null", listen, target])
             lines.append(f'{socat} </dev/null >/dev/null 2>&1 & b{n}=$!; bridges="$bridges $!"')

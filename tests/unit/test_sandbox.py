@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -707,3 +710,57 @@ def test_workspaces_dir_is_hidden_in_the_sandbox(tmp_path):
         workspaces_dir=tmp_path / "w",
     )
     assert tmp_path / "w" in launcher.hidden
+
+
+# A client in the agent's namespace, sending a request and reading a two-part answer, 20 times:
+# the median seconds a round took.
+ROUNDS_CLIENT = """
+import socket, statistics, sys, time
+client = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+times = []
+for _ in range(20):
+    started = time.perf_counter()
+    client.sendall(b"ask")
+    got = b""
+    while len(got) < 2:
+        got += client.recv(2 - len(got))
+    times.append(time.perf_counter() - started)
+print(statistics.median(times))
+"""
+
+
+@needs_sandbox
+@pytest.mark.skipif(shutil.which("socat") is None, reason="the bridges need socat")
+def test_a_bridge_passes_a_small_write_on_at_once_not_after_the_agents_delayed_ack(tmp_path):
+    """A model API streams its answer in small writes. Through a bridge that left Nagle's
+    algorithm on, each write after the first waited for the agent's delayed ACK (40 ms on
+    Linux): a sandboxed agent's every turn took ~40 ms longer than an unsandboxed one's."""
+    launcher = launcher_for(tmp_path, sandbox=True)
+    path = tmp_path / "data" / "run" / "bridge.sock"
+    path.parent.mkdir(parents=True)
+    port = sandbox.SANDBOX_MODEL_PORT
+    network = sandbox.AgentNetwork(shutil.which("socat"), (sandbox.Bridge(port, path),))
+    launcher = attrs.evolve(launcher, network=network)
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        os.chmod(path, 0o777)  # (the bridge runs as the agent's user)
+        server.listen()
+
+        def answer_in_two_writes() -> None:
+            connection, _ = server.accept()
+            with connection:
+                while connection.recv(16):
+                    connection.sendall(b"a")
+                    time.sleep(0.002)  # the model's next chunk
+                    connection.sendall(b"b")
+
+        answering = threading.Thread(target=answer_in_two_writes, daemon=True)
+        answering.start()
+        spec = AgentSpec(
+            name="session alice/s", home=tmp_path / "data/users/alice", ephemeral=False
+        )
+        client = shlex.quote(ROUNDS_CLIENT)
+        done = run_agent_shell(launcher, spec, f"exec python3 -c {client} {port}")
+    assert done.returncode == 0, done.stderr
+    # A round is the 2 ms pause and a few hops; Nagle's made it 40 ms or more.
+    assert float(done.stdout) < 0.025, done.stdout
