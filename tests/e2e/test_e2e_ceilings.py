@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 import trio
 
 from tests.support.harness import AUTH, run_service
@@ -55,6 +56,7 @@ def option(argv: list[str], name: str) -> str | None:
     return argv[argv.index(name) + 1] if name in argv else None
 
 
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_an_old_sessions_options_are_held_to_the_ceilings_in_force(tmp_path):
     log = tmp_path / "fake.log"
     with trio.fail_after(90):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from tests.support.harness import API_KEY, run_service
@@ -58,6 +59,7 @@ async def test_one_file_stops_at_the_quota_then_the_user_gets_507_and_others_do_
                 assert (await run(client, "hello", sessionId="s")).status_code == 200
 
 
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_a_turn_that_passes_the_quota_is_stopped(tmp_path):
     many_files = (
         "[[fake:bash]] for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do"

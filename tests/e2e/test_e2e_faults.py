@@ -70,6 +70,7 @@ async def test_a_misbehaving_agent_fails_only_its_job(pool_of_two, prompt, statu
             assert all(w["state"] in idle for w in stats["workers"])
 
 
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_crash_loop_backs_off_answers_503_and_recovers(tmp_path):
     with trio.fail_after(90):
         mode_file = tmp_path / "mode"
@@ -178,6 +179,7 @@ async def _busy(client: httpx.AsyncClient) -> bool:
     return (await health(client))[1]["workers"]["busy"] == 1
 
 
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_shutdown_keeps_sessions_for_the_next_start(tmp_path):
     with trio.fail_after(90):
         env = {"SHUTDOWN_GRACE_S": "1"}

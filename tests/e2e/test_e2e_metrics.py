@@ -9,6 +9,7 @@ from __future__ import annotations
 from contextlib import aclosing
 
 import httpx
+import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -285,6 +286,7 @@ async def carols_turns(client: httpx.AsyncClient) -> None:
         assert reply.status_code == 200, reply.text
 
 
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_no_user_id_is_in_the_scrape_unless_the_operator_asks(tmp_path):
     """Issue 20 §6: user ids are often e-mail addresses; /metrics shows none by default,
     and labels cost and tokens by user with METRICS_PER_USER=1."""

@@ -81,6 +81,7 @@ async def test_alice_is_remembered_across_turns(service):
             assert view["state"] == "live"
 
 
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_remembered_after_the_service_restarts(tmp_path):
     with trio.fail_after(90):
         async with run_service(tmp_path) as service:

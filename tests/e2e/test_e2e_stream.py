@@ -278,6 +278,7 @@ async def test_delete_cancels_a_running_run_of_its_owner_only(service):
         assert "turn cut short (cancelled); agent idle" in service.log_text()
 
 
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_delete_cancels_a_queued_run_at_once(service):
     with trio.fail_after(60):
         await wait_healthy(service, ready=1)
@@ -474,6 +475,7 @@ async def test_options_outside_the_ceiling_or_mistyped_are_refused_naming_them(t
                 assert accepted.json()["success"] is True
 
 
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_a_session_keeps_its_first_turns_options_but_a_later_model(tmp_path):
     log = tmp_path / "fake.log"
     env = {"ALLOWED_MODELS": "model-b", "FAKE_CLAUDE_LOG": str(log)}

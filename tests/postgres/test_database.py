@@ -79,6 +79,7 @@ async def first_success(database: Database) -> float:
             return trio.current_time() - started
 
 
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_reconnects_by_itself_when_the_database_returns(
     databases: Databases, link: TcpLink, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -11,6 +11,7 @@ import stat
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+import pytest
 import trio
 
 from claude_code_api.demo.mock_messages_api import open_mock_api
@@ -30,6 +31,7 @@ async def turn(service, prompt: str) -> dict:
 
 
 @requires_real_cli
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_a_session_moves_to_another_service_through_postgresql(
     shared_url: str, tmp_path: Path
 ) -> None:

@@ -8,6 +8,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from tests.postgres.test_replicas import replica, replica_env
@@ -45,6 +46,7 @@ async def post_to_die(service: RunningService, body: dict) -> None:
         pass
 
 
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_a_run_on_one_replica_is_listed_and_cancelled_by_the_other(tmp_path, fresh_url):
     replies: dict[str, httpx.Response] = {}
     with trio.fail_after(BUDGET_S):
@@ -80,6 +82,7 @@ async def test_a_run_on_one_replica_is_listed_and_cancelled_by_the_other(tmp_pat
                 assert (await client.delete(f"/runs/{run_id}", headers=ALICE)).status_code == 404
 
 
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_a_session_turn_on_one_replica_is_listed_busy_and_cancelled_by_the_other(
     tmp_path, fresh_url
 ):
@@ -103,6 +106,7 @@ async def test_a_session_turn_on_one_replica_is_listed_busy_and_cancelled_by_the
             assert replies["turn"].json()["cancelled"] is True
 
 
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_a_killed_replicas_runs_are_no_longer_listed_once_its_row_expires(
     tmp_path: Path, fresh_url: str
 ):

@@ -14,6 +14,7 @@ import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+import pytest
 import trio
 
 from tests.support.harness import AUTH, RunningService, run_service
@@ -62,6 +63,7 @@ async def replica(stack: AsyncExitStack, tmp_path: Path, name: str, url: str, **
     return await stack.enter_async_context(run_service(tmp_path / name, env=env))
 
 
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_a_session_moves_between_replicas_and_back_on_each_turn(tmp_path, fresh_url):
     with trio.fail_after(BUDGET_S):
         async with AsyncExitStack() as stack:
@@ -84,6 +86,7 @@ async def test_a_session_moves_between_replicas_and_back_on_each_turn(tmp_path, 
     assert len(pids) == 3 and len(set(pids)) == 3
 
 
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_turns_sent_to_two_replicas_at_once_are_served_one_after_the_other(
     tmp_path, fresh_url
 ):
@@ -113,6 +116,7 @@ async def test_turns_sent_to_two_replicas_at_once_are_served_one_after_the_other
     assert len(starts) == 2 and starts[1] - starts[0] >= 1.0, starts
 
 
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_a_killed_replicas_sessions_are_served_by_another_once_its_lease_expires(
     tmp_path, fresh_url
 ):

@@ -14,6 +14,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import pytest
 import trio
 
 from claude_code_api.demo.mock_messages_api import open_mock_api
@@ -70,6 +71,7 @@ async def post(service: RunningService, path: str, body: dict | None = None) -> 
     return reply.status_code, reply.json()
 
 
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_a_login_on_one_replica_is_exchanged_on_the_other_and_its_refresh_serves_both(
     tmp_path, fresh_url, nursery
 ):
@@ -108,6 +110,7 @@ async def test_a_login_on_one_replica_is_exchanged_on_the_other_and_its_refresh_
         assert "access-2" not in log and "refresh-2" not in log and state not in log
 
 
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_two_replicas_due_to_refresh_at_once_call_the_token_endpoint_once(
     tmp_path, fresh_url, nursery
 ):

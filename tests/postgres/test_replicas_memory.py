@@ -12,6 +12,7 @@ import json
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+import pytest
 import trio
 
 from tests.postgres.test_replicas import JSON, replica, say
@@ -47,6 +48,7 @@ async def one_shot_memory(service: RunningService) -> str:
     return reply.json()["output"]
 
 
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_a_claude_md_saved_on_one_replica_is_what_a_one_shot_on_another_gets(
     tmp_path, fresh_url
 ):
@@ -66,6 +68,7 @@ async def test_a_claude_md_saved_on_one_replica_is_what_a_one_shot_on_another_ge
     assert "Answer in German." in changed_on_b and "French" not in changed_on_b, changed_on_b
 
 
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_a_session_live_on_another_replica_restarts_with_a_claude_md_saved_on_one(
     tmp_path, fresh_url
 ):
@@ -95,6 +98,7 @@ async def test_a_session_live_on_another_replica_restarts_with_a_claude_md_saved
     assert "Answer in French." in json.dumps(on_b[-1]["memory"])
 
 
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_a_claude_md_removed_on_one_replica_is_gone_from_the_others_one_shots(
     tmp_path, fresh_url
 ):

@@ -169,6 +169,7 @@ async def test_links_the_agent_made_are_not_followed(database, tmp_path) -> None
         assert await stored(database, place) is None
 
 
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_a_database_that_does_not_answer_is_the_store_unavailable(
     database: Database, link: TcpLink, shared_url: str, tmp_path
 ) -> None:

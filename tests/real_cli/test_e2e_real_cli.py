@@ -69,6 +69,7 @@ async def test_one_shots_and_a_session_with_the_real_cli(tmp_path):
 
 
 @pytest.mark.skipif(SANDBOX_REASON is not None, reason=str(SANDBOX_REASON))
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_the_agents_tools_see_no_secret_and_no_other_user(tmp_path):
     with trio.fail_after(BUDGET_S):
         async with open_mock_api() as api:
@@ -107,6 +108,7 @@ async def test_the_agents_tools_see_no_secret_and_no_other_user(tmp_path):
     assert read_result.get("is_error") is True or "SQLite" not in str(read_result["content"])
 
 
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_a_refused_api_key_fails_fast(tmp_path):
     with trio.fail_after(BUDGET_S):
         async with open_mock_api() as api:
@@ -124,6 +126,7 @@ async def test_a_refused_api_key_fails_fast(tmp_path):
     assert auth["lastUpstreamAuthError"]["status"] == 401 and auth["authenticated"] is False
 
 
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_a_retryable_error_is_reported_when_time_runs_out(tmp_path):
     with trio.fail_after(BUDGET_S):
         async with open_mock_api() as api:
@@ -136,6 +139,7 @@ async def test_a_retryable_error_is_reported_when_time_runs_out(tmp_path):
     assert reply["upstreamError"]["status"] == 529 and reply["upstreamError"]["retries"] >= 1
 
 
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_clear_survives_a_restart(tmp_path):
     with trio.fail_after(2 * BUDGET_S):
         async with open_mock_api() as api:
@@ -154,6 +158,7 @@ async def test_clear_survives_a_restart(tmp_path):
     assert "Alice" not in api.model_calls[-1].all_text()
 
 
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_a_client_that_leaves_during_a_model_call_is_noticed_at_once(tmp_path):
     with trio.fail_after(BUDGET_S):
         async with open_mock_api() as api:
@@ -232,6 +237,7 @@ async def cost_metric(client) -> float:
     return get(await scrape(client), "claude_code_api_cost_usd_total")
 
 
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_each_turn_reports_its_own_cost_across_a_resume_and_a_restart(tmp_path):
     """The CLI's ``total_cost_usd`` is the conversation's running total, carried over to a
     process that resumes it: the replies used to report 0.05, 0.10, 0.15... (issue 19)."""

@@ -13,6 +13,7 @@ from typing import Any
 import anthropic
 import httpx
 import openai
+import pytest
 import trio
 
 from claude_code_api.demo.mock_messages_api import (
@@ -74,6 +75,7 @@ async def test_run_sends_images_to_the_model_as_image_blocks(tmp_path: Path) -> 
     assert "And this?" in second.all_text()
 
 
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_chat_completions_reach_the_model_with_system_prompt_image_and_session(
     tmp_path: Path,
 ) -> None:
@@ -136,6 +138,7 @@ def _user_texts(call: Any) -> list[str]:
     return texts
 
 
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_files_the_real_agent_reads_and_writes(tmp_path: Path) -> None:
     with trio.fail_after(BUDGET_S):
         async with open_mock_api() as api:
@@ -174,6 +177,7 @@ async def test_files_the_real_agent_reads_and_writes(tmp_path: Path) -> None:
     assert len(owners) == 1, owners
 
 
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_messages_reach_the_model_with_system_prompt_image_and_session(
     tmp_path: Path,
 ) -> None:

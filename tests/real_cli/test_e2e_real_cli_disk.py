@@ -111,6 +111,7 @@ async def test_one_user_filling_the_disk_stops_no_one_else(tmp_path):
     [(FILL_MANY, (200, 507)), (FILL_ON, (507,))],
     ids=["until-full", "writing-on"],
 )
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_one_user_filling_the_disk_with_many_files_stops_no_one_else(
     tmp_path, command, statuses
 ):

@@ -146,6 +146,7 @@ async def test_a_sandboxed_agent_cannot_change_the_hosts_kernel_settings(tmp_pat
         pytest.param("off", marks=pytest.mark.skipif(os.geteuid() != 0, reason="needs root")),
     ],
 )
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_an_agent_holds_neither_token_of_the_login_the_proxy_puts_it_on(tmp_path, sandbox):
     """The model proxy puts the Claude login's access token on every model call, with the
     `oauth-2025-04-20` beta the CLI sends for a login; an agent holds only its own token.
@@ -237,6 +238,7 @@ async def test_a_background_process_a_tool_started_dies_with_its_agent(tmp_path,
 
 
 @needs_sandbox
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_nothing_alice_leaves_behind_reaches_bobs_next_agent(tmp_path):
     """Files in every place alice's agent may write, and a process; bob's agent meets none.
 
@@ -312,6 +314,7 @@ def bobs_memory_and_transcripts(home: Path) -> dict[Path, str]:
 
 
 @needs_sandbox
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_links_alices_agent_leaves_in_her_home_never_lead_the_service_to_bob(tmp_path):
     """Alice's agent knows where bob's home is (its name derives from the user id), and
     points what the service later opens in her home at it: her CLAUDE.md, her

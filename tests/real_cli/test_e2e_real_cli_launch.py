@@ -126,6 +126,7 @@ async def test_a_cli_behind_a_directory_only_root_may_pass(tmp_path, sandbox):
 
 
 @needs_sandbox
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_a_cli_installed_under_tmp_runs_in_the_sandbox(tmp_path):
     """The sandbox's /tmp is its own: the CLI (a clone and its venv under /tmp) is bound in."""
     install = Path(tempfile.mkdtemp(prefix="install-", dir="/tmp"))

@@ -68,6 +68,7 @@ def by_prompt(commands: dict[str, str]):
 
 
 @needs_sandbox
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_an_agents_tmp_and_dev_shm_are_sized_and_dev_is_read_only(tmp_path):
     """Without a size, bwrap's tmpfs take half the host's RAM each (11.8 GiB on a 24 GiB host).
 
@@ -99,6 +100,7 @@ async def test_an_agents_tmp_and_dev_shm_are_sized_and_dev_is_read_only(tmp_path
 
 
 @needs_cgroups
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_an_agent_past_its_memory_limit_is_killed_and_its_request_answers_502(tmp_path):
     """An agent allocating past AGENT_MEMORY_MB is killed; bob and alice's next request live on.
 
@@ -130,6 +132,7 @@ async def test_an_agent_past_its_memory_limit_is_killed_and_its_request_answers_
 
 @needs_sandbox
 @pytest.mark.skipif(not PROCS_BOUNDED, reason="no pids cgroup, and RLIMIT_NPROC bounds no agent")
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_a_fork_bomb_reaches_agent_max_procs_and_bob_is_served_meanwhile(tmp_path):
     """A bounded fork bomb (128 background sleeps) stops at AGENT_MAX_PROCS=64.
 

@@ -65,6 +65,7 @@ def field(output: str, name: str) -> str:
         "off",
     ],
 )
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_agents_never_hold_the_key_and_a_finished_agents_token_is_refused(tmp_path, sandbox):
     with trio.fail_after(BUDGET_S):
         async with open_mock_api(expected_key=MOCK_API_KEY) as api:

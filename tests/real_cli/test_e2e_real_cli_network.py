@@ -116,6 +116,7 @@ async def test_one_shot_and_session_agents_reach_the_model_through_their_bridge(
         ("*.invalid", 502, "cannot resolve the host"),
     ],
 )
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_egress_is_refused_by_default_and_logged_and_allowed_by_agent_egress(
     tmp_path, egress, status, why
 ):

@@ -10,6 +10,7 @@ the user's HOME), before and after an update.
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 from claude_code_api.demo.mock_messages_api import RecordedRequest, open_mock_api
@@ -34,6 +35,7 @@ def user_text(call: RecordedRequest) -> str:
     )
 
 
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_each_users_claude_md_reaches_the_model_for_their_requests_only(tmp_path):
     with trio.fail_after(BUDGET_S):
         async with open_mock_api() as api:

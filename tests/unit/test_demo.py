@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from claude_code_api.demo.answers import demo_answer
@@ -90,6 +91,7 @@ async def run_curl(line: str) -> str:
 
 
 @requires_real_cli
+@pytest.mark.slow  # over ~9 s on 2 CPUs (scripts/test skips it, .ci/run runs it)
 async def test_the_demo_answers_the_curl_lines_it_prints_and_stops_on_sigint(tmp_path):
     env = dict(os.environ, TMPDIR=str(tmp_path), VENV=str(Path(sys.executable).parent.parent))
     env.pop("API_KEYS", None)
