@@ -14,9 +14,8 @@ reads, and says what compose.yaml fixes in the container.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from .settings import declarations
+from .settings import declarations, path_argument
 
 HEADER = """\
 # claude-code-api: the environment compose.yaml passes to the service (env_file: .env).
@@ -71,14 +70,11 @@ declarations in claude_code_api/config/settings.py."""
 def main(argv: list[str]) -> int:
     """Write ``argv[0]``; ``-h``/``--help`` print the usage; anything else is a usage error
     (exit 2), never a file named after a flag."""
-    if argv in (["-h"], ["--help"]):
-        print(USAGE)
-        return 0
-    if len(argv) != 1 or argv[0].startswith("-"):
-        print(USAGE, file=sys.stderr)
-        return 2
+    path = path_argument(argv, USAGE)
+    if isinstance(path, int):
+        return path
     try:
-        Path(argv[0]).write_text(render())
+        path.write_text(render())
     except OSError as exc:
         print(f"python -m claude_code_api.config.env_example: {exc}", file=sys.stderr)
         return 1

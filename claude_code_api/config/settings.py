@@ -1070,15 +1070,23 @@ Rewrites the settings table in README.md (between its markers) from the declarat
 claude_code_api/config/settings.py (the settings: README's "Configuration", or .env.example)."""
 
 
-def main(argv: list[str]) -> int:
-    """``python -m claude_code_api.config README.md``: rewrite README's table from the declarations."""
+def path_argument(argv: list[str], usage: str) -> Path | int:
+    """The one path a generator's command line names; else its exit status, the usage printed
+    (0 for ``-h``/``--help``, 2 for anything else: never a file named after a flag)."""
     if argv in (["-h"], ["--help"]):
-        print(USAGE)
+        print(usage)
         return 0
     if len(argv) != 1 or argv[0].startswith("-"):
-        print(USAGE, file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
-    readme_path = Path(argv[0])
+    return Path(argv[0])
+
+
+def main(argv: list[str]) -> int:
+    """``python -m claude_code_api.config README.md``: rewrite README's table from the declarations."""
+    readme_path = path_argument(argv, USAGE)
+    if isinstance(readme_path, int):
+        return readme_path
     try:
         readme_path.write_text(with_table(readme_path.read_text()))
     except (OSError, ValueError) as exc:

@@ -98,20 +98,22 @@ async def start_actor(
     tmp_path: Path,
     endpoint: ScriptedEndpoint | None = None,
     environ: dict[str, str] | None = None,
+    **options,
 ) -> Running:
+    """The actor on the file in ``tmp_path``; ``options`` replace its keyword arguments."""
     config_dir = tmp_path / "claude"
     send, receive = trio.open_memory_channel(0)
     version = CredentialsVersion()
     endpoint = endpoint or ScriptedEndpoint()
+    arguments = {"use_api_key": True, "run_blocking": inline, **options}
     actor = CredentialsActor(
         receive,
         environ={"CLAUDE_CONFIG_DIR": str(config_dir), **(environ or {})},
-        use_api_key=True,
         endpoint=endpoint,
         version=version,
         refresh_margin_s=MARGIN,
         wall_clock=wall,
-        run_blocking=inline,
+        **arguments,
     )
     await nursery.start(actor.serve)
     return Running(

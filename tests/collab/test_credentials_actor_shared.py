@@ -11,20 +11,15 @@ from __future__ import annotations
 import attrs
 import trio
 
-from claude_code_api.actors import claude_login
-from claude_code_api.actors.claude_login import FILE_CHECK_INTERVAL_S, CredentialsActor
-from claude_code_api.auth.renewal import CredentialsVersion
+from claude_code_api.actors.claude_login import FILE_CHECK_INTERVAL_S
 from claude_code_api.auth.shared_login import Busy, Claim, Claimed, Rotated, StoredLogin
 from claude_code_api.messages import LoginSaved
 
 from .test_credentials_actor import (
     EPOCH,
     LIMIT,
-    MARGIN,
-    Running,
-    ScriptedEndpoint,
     login,
-    wall,
+    start_actor,
     write_login,
 )
 
@@ -114,32 +109,6 @@ class MemoryLogin:
             await trio.sleep_forever()
 
 
-async def start_replica(nursery, tmp_path, shared: MemoryLogin, run_blocking) -> Running:
-    config_dir = tmp_path / "claude"
-    send, receive = trio.open_memory_channel(0)
-    version = CredentialsVersion()
-    endpoint = ScriptedEndpoint()
-    actor = CredentialsActor(
-        receive,
-        environ={"CLAUDE_CONFIG_DIR": str(config_dir)},
-        use_api_key=False,
-        endpoint=endpoint,
-        version=version,
-        refresh_margin_s=MARGIN,
-        wall_clock=wall,
-        run_blocking=run_blocking,
-        shared=shared,
-    )
-    await nursery.start(actor.serve)
-    return Running(
-        actor,
-        claude_login.CredentialsClient(send),
-        endpoint,
-        version,
-        config_dir / ".credentials.json",
-    )
-
-
 async def test_a_login_put_in_the_file_just_after_an_exchange_is_not_overwritten_by_it(
     autojump_clock, nursery, tmp_path
 ):
@@ -154,7 +123,9 @@ async def test_a_login_put_in_the_file_just_after_an_exchange_is_not_overwritten
 
     with trio.fail_after(LIMIT):
         shared = MemoryLogin(after_save=0.05)
-        running = await start_replica(nursery, tmp_path, shared, in_a_slow_thread)
+        running = await start_actor(
+            nursery, tmp_path, use_api_key=False, run_blocking=in_a_slow_thread, shared=shared
+        )
         assert isinstance(await login(running), LoginSaved)
         assert running.stored()["accessToken"] == "access-1" and running.version.number == 1
         write_login(
