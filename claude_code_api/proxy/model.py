@@ -424,11 +424,6 @@ class ModelProxy:
                 with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     body = error_body("invalid_request_error", "malformed HTTP request")
                     await _send(connection, stream, *_json_events(400, body))
-        except ExceptionGroup as group:
-            # An exchange's tasks (the relay and the hang-up watch) failing together as their
-            # agent was killed mid-call (e.g. past AGENT_MEMORY_MB): a hang-up, not a fault.
-            if group.split(_CONNECTION_GONE)[1] is not None:
-                log.exception("model proxy: a request failed; its connection is closed")
         except Exception:
             log.exception("model proxy: a request failed; its connection is closed")
         finally:
@@ -532,13 +527,16 @@ class _Exchange:
                 return
         reader = UsageReader() if metered else None
         gone = False
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_for_hangup, nursery.cancel_scope)
-            try:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_for_hangup, nursery.cancel_scope)
                 await self._forward(reader)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                gone = True
-            nursery.cancel_scope.cancel()
+                nursery.cancel_scope.cancel()
+        except* _CONNECTION_GONE:
+            # The agent went away mid-call (it gave up, or was killed: past AGENT_MEMORY_MB,
+            # say), or the model API did (_forward's _Hangup): this connection is done.
+            # Anything else propagates: a fault, logged by _serve_connection.
+            gone = True
         if nursery.cancel_scope.cancelled_caught and self.connection.our_state is not h11.DONE:
             gone = True
         if reader is not None and ledger is not None and reader.seen:

@@ -171,7 +171,10 @@ async def test_model_api_errors_pass_through_unchanged(tmp_path):
     assert unauthorized.json()["error"]["message"] == "invalid x-api-key"
 
 
-async def test_an_unreachable_model_api_is_a_connection_error_as_without_the_proxy(tmp_path):
+async def test_an_unreachable_model_api_is_a_connection_error_as_without_the_proxy(
+    tmp_path, caplog
+):
+    caplog.set_level(logging.WARNING, "claude_code_api.proxy.model")
     with trio.fail_after(20):
         # (A port nothing listens on.)
         async with proxied(tmp_path, upstream="http://127.0.0.1:9") as (_api, proxy):
@@ -179,6 +182,29 @@ async def test_an_unreachable_model_api_is_a_connection_error_as_without_the_pro
             async with agent_client(proxy, token) as client:
                 with pytest.raises(httpx.TransportError):
                     await client.post("/v1/messages", json=BODY)
+    # A warning saying so, and no fault: the proxy did what it should.
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "unreachable" in caplog.records[0].getMessage()
+
+
+async def test_an_agent_gone_mid_answer_is_no_fault_and_the_next_call_is_served(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, "claude_code_api.proxy.model")
+    with trio.fail_after(20):
+        async with proxied(tmp_path) as (api, proxy):
+            token, _ = proxy.grants.register("worker-0 (i)")
+            api.enqueue(TextReply("a slow answer " * 20, chunk_size=8, chunk_delay=0.05))
+            async with agent_client(proxy, token) as client:
+                async with client.stream(
+                    "POST", "/v1/messages", json={**BODY, "stream": True}
+                ) as response:
+                    async for _ in response.aiter_raw():
+                        break  # the agent is killed with the answer half sent
+            await api.wait_until(lambda: api.requests[0].disconnected)
+            api.enqueue(TextReply("next"))
+            async with agent_client(proxy, token) as client:
+                answer = await client.post("/v1/messages", json=BODY)
+    assert answer.status_code == 200 and answer.json()["content"][0]["text"] == "next"
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def test_an_agent_that_hangs_up_while_the_model_thinks_cancels_the_call(tmp_path):
