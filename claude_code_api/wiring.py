@@ -273,8 +273,6 @@ def wire(settings: Settings, environ: Mapping[str, str]) -> Wiring:
     disk = DiskQuota.from_settings(settings, partial(user_workspace, settings.data_dir))
     on_health = partial(store_status.update, source="database")
     shared = _shared_state(settings, inbox.send, on_health, pool_view)
-    transcripts, session_leases, shared_login, close_transcripts, replica_runs = shared[:5]
-    shared_memory = shared[5]
     app = create_app(
         settings,
         inbox.send,
@@ -285,8 +283,8 @@ def wire(settings: Settings, environ: Mapping[str, str]) -> Wiring:
         usage,
         proxy,
         disk,
-        replica_runs,
-        shared_memory,
+        shared.replica_runs,
+        shared.shared_memory,
     )
     http = HttpServer(
         app,
@@ -313,13 +311,26 @@ def wire(settings: Settings, environ: Mapping[str, str]) -> Wiring:
         credentials_version=CredentialsVersion(),
         http=http,
         egress_socket=EgressSocket(settings.data_dir.absolute() / "run" / EGRESS_PROXY_SOCKET),
-        transcripts=transcripts,
-        session_leases=session_leases,
-        shared_login=shared_login,
-        close_transcripts=close_transcripts,
-        replica_runs=replica_runs,
-        shared_memory=shared_memory,
+        transcripts=shared.transcripts,
+        session_leases=shared.session_leases,
+        shared_login=shared.shared_login,
+        close_transcripts=shared.close,
+        replica_runs=shared.replica_runs,
+        shared_memory=shared.shared_memory,
     )
+
+
+@attrs.frozen
+class SharedState:
+    """What replicas on one PostgreSQL share (``DATABASE_URL``), all on one pool; every field
+    None without a database."""
+
+    transcripts: TranscriptMirror | None = None  # sessions' transcripts
+    session_leases: SessionLeases | None = None  # which replica serves a session
+    shared_login: SharedLogin | None = None  # one Claude login for every replica
+    replica_runs: ReplicaRuns | None = None  # the runs every replica sees
+    shared_memory: SharedMemory | None = None  # the users' CLAUDE.md
+    close: Callable[[], None] | None = None  # closes the pool
 
 
 def _shared_state(
@@ -327,20 +338,12 @@ def _shared_state(
     dispatcher: trio.MemorySendChannel[DispatcherMessage],
     on_health: Callable[[str | None], None],
     pool_view: PoolView,
-) -> tuple[
-    TranscriptMirror | None,
-    SessionLeases | None,
-    SharedLogin | None,
-    Callable[[], None] | None,
-    ReplicaRuns | None,
-    SharedMemory | None,
-]:
-    """With ``DATABASE_URL``: the mirror of sessions' transcripts, the session leases, the
-    shared Claude login, the runs across replicas and the users' CLAUDE.md, on one pool (opened at first use), and
-    what closes it; else nothing (psycopg and the SDK are not imported)."""
+) -> SharedState:
+    """With ``DATABASE_URL``: what replicas share, on one pool (opened at first use); else
+    nothing (psycopg and the SDK are not imported)."""
     url = settings.database_url
     if url is None:
-        return None, None, None, None, None, None
+        return SharedState()
     from .actors.replica_runs import ReplicaRuns
     from .actors.session_leases import SessionLeases
     from .actors.shared_memory import SharedMemory
@@ -361,7 +364,14 @@ def _shared_state(
     login = PostgresLogin(database, url)
     runs = ReplicaRuns(database, url, replica, ttl, pool_view, dispatcher)
     memory = SharedMemory(database, url, replica, settings.data_dir, dispatcher)
-    return TranscriptMirror(database, owner), leases, login, database.close, runs, memory
+    return SharedState(
+        transcripts=TranscriptMirror(database, owner),
+        session_leases=leases,
+        shared_login=login,
+        replica_runs=runs,
+        shared_memory=memory,
+        close=database.close,
+    )
 
 
 def make_agent_factory(w: Wiring) -> AgentFactory:
