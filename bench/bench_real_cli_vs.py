@@ -18,7 +18,8 @@ saying why when it cannot be prepared):
    requests, as issue 24 describes a new user's request), one-shots per second from 4 clients, and
    the CPU per one-shot of the service's whole process tree (agents and their warm-ups
    included: each phase ends once the pool is ready again);
-3. **sessions** (one user): a session's first turn (starts its agent) and its later turns;
+3. **sessions** (one user), on a settled service (the pool ready, the agents kept by phase 2
+   retired): a session's first turn (starts its agent) and its later turns;
 4. **the sandbox** (ours only): an agent's start (wall, CPU of its process group) and a turn
    on a warm agent with ``AGENT_SANDBOX=auto`` against ``off``.
 
@@ -73,6 +74,7 @@ from tests.support.harness import service_agents  # noqa: E402
 PROMPT = "What is 2+2?"
 USERS = 64
 KEEPALIVE_S = 1.0
+SETTLE_S = 6.0  # past AGENT_REUSE_S (5 s): the agents kept for the last users are retired
 KEYS = [f"sk-bench-user-{n:02d}" for n in range(USERS)]
 API_KEYS = ",".join(f"user-{n:02d}:{key}" for n, key in enumerate(KEYS))
 
@@ -225,6 +227,11 @@ async def measure_service(
             table.add(
                 f"CPU per one-shot, {args.clients} clients", "s", side, round_no, used / count
             )
+        # Sessions on a settled service, as the other phases start: the pool ready and the
+        # agents kept for the last users retired (AGENT_REUSE_S=5), so that neither the
+        # replacements' warm-ups nor the retirements of the phases before run in their turns.
+        await pool_ready(client)
+        await trio.sleep(SETTLE_S)
         firsts, laters = await sessions(
             client, KEYS[0], args.sessions, args.turns, f"{side}-{round_no}"
         )
