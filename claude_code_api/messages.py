@@ -218,6 +218,9 @@ class Job:
     options: RunOptions = DEFAULT_OPTIONS
     # Images sent with the prompt (``images`` of /run, image parts of the compatible routes).
     images: tuple[Image, ...] = attrs.field(default=(), repr=False)
+    # A one-shot's agent may be kept for its user's next one (AGENT_REUSE_S): the dispatcher
+    # says no for a user who did not come back within it (returning_users.py).
+    keep_agent: bool = True
 
     @property
     def session_key(self) -> SessionKey | None:

@@ -242,6 +242,7 @@ class Wiring:
             max_running_per_user=s.running_per_user_max,
             refusal_for=partial(budget_refusal, self.usage),
             kept_max=s.kept_agents_max,
+            reuse_s=s.kept_agent_s or None,
         )
 
     def close(self) -> None:

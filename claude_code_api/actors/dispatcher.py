@@ -19,8 +19,10 @@ reserved for it), so a slow client or worker can never stall dispatch.
   past ``kept_max`` kept agents, or when no dormant worker is left to wake, the
   oldest kept one is retired (:class:`Retire`) and its worker goes dormant
   (:meth:`Dispatcher._balance`). So a kept agent never makes another user wait
-  for a cold start while the pool is idle. (Without spares, a worker replaces
-  its agent after every job: the original's pool.)
+  for a cold start while the pool is idle. An agent is kept only for a user whose
+  previous one-shot came within ``AGENT_REUSE_S`` (:class:`ReturningUsers`): a
+  user who sends one request costs no kept agent. (Without spares, a worker
+  replaces its agent after every job: the original's pool.)
 * A job goes to a kept agent of its own user first, else to an unassigned warm
   one, else waits for one warming; another user's kept agent takes it (its
   worker replaces the agent first) only when no unassigned one is warm or
@@ -104,6 +106,7 @@ from ..messages import (
 from ..observe import metrics
 from .job_queue import JobQueue
 from .registry import DeleteSession, RegistryMessage
+from .returning_users import ReturningUsers
 from .session_scheduler import SessionScheduler
 
 log = logging.getLogger(__name__)
@@ -201,6 +204,7 @@ class Dispatcher:
         max_running_per_user: int | None = None,
         refusal_for: Callable[[str], JobFailed | None] | None = None,
         kept_max: int | None = None,
+        reuse_s: float | None = None,
     ):
         self.inbox = inbox
         # A user's new work refused before it queues (their daily budget spent: usage.py).
@@ -228,6 +232,9 @@ class Dispatcher:
         # collaboration tests' default); 0: no reuse and no spares. Otherwise there are
         # pool_size + kept_max spare workers (Settings.spare_workers).
         self.kept_max = kept_max
+        # AGENT_REUSE_S: an agent is kept only for a user who came back within it. None:
+        # for every user (the collaboration tests' default).
+        self.returning = None if reuse_s is None else ReturningUsers(reuse_s)
         spares = pool_size + kept_max if kept_max else 0
         self.expected_workers = pool_size + spares
         self.idle: list[str] = []  # ready and kept worker ids, longest idle first
@@ -399,6 +406,9 @@ class Dispatcher:
 
     def _submit(self, job: Job) -> None:
         """Take ``job`` (answering :class:`Queued`) or refuse it (its terminal answer), at once."""
+        if job.session_id is None and self.returning is not None:
+            came_back = self.returning.came_back(job.user_id, job.submitted_at)
+            job = attrs.evolve(job, keep_agent=came_back)
         refusal = None if self.refusal_for is None else self.refusal_for(job.user_id)
         if self.draining:
             job.answer(SHUTTING_DOWN)
@@ -553,7 +563,7 @@ class Dispatcher:
         """
         if self.kept_max is None or job is None or job.options.needs_own_process:
             return WorkerState.STARTING, None
-        if ok and job.options == DEFAULT_OPTIONS:
+        if ok and job.options == DEFAULT_OPTIONS and job.keep_agent:
             return WorkerState.KEPT, job.user_id
         return WorkerState.DORMANT, None
 

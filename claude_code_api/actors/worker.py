@@ -391,12 +391,14 @@ async def _keep_for_user(
     """Reset ``agent`` for ``job``'s user's next request; None: retire it instead.
 
     Kept only after a job that went well and changed nothing on the agent (no model
-    or permission mode of its own), at most :data:`MAX_REUSES` times, while
-    ``AGENT_REUSE_S`` is on. A reset that fails retires the agent.
+    or permission mode of its own), of a user who came back (``Job.keep_agent``), at most
+    :data:`MAX_REUSES` times, while ``AGENT_REUSE_S`` is on. A reset that fails retires
+    the agent.
     """
     uses = 0 if binding is None else binding.uses
     if (
         config.reuse_s <= 0
+        or not job.keep_agent
         or uses >= MAX_REUSES
         or not outcome.ok
         or not outcome.agent_usable

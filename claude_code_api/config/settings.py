@@ -525,8 +525,8 @@ class Settings:
         Duration("s", 0, 3600),
         "5",
         "after a one-shot request, its agent is kept this long for the same user's next one"
-        " (cleared and its files removed first; never for another user); `0`: every"
-        " request gets a fresh agent",
+        " (cleared and its files removed first; never for another user), if their previous"
+        " one came within it too; `0`: every request gets a fresh agent",
     )
     # None: POOL_SIZE (see kept_agents_max).
     agent_reuse_max: int | None = setting(

@@ -81,11 +81,20 @@ async def start_pool(
     kept_max: int,
     reuse_s: float = REUSE_S,
     agents: FakeAgents | None = None,
+    returning_only: bool = False,
 ) -> Pool:
     """A dispatcher and its workers, as the supervisor starts them: ``pool_size`` warming at
-    once, ``pool_size`` + ``kept_max`` spares dormant (none without reuse)."""
+    once, ``pool_size`` + ``kept_max`` spares dormant (none without reuse). ``returning_only``:
+    agents kept only for users who came back within ``reuse_s``, as the service's are (else
+    for every user, which the tests of keeping use to keep from a user's first job on)."""
     inbox, inbox_receive = trio.open_memory_channel(0)
-    dispatcher = Dispatcher(inbox_receive, pool_size=pool_size, queue_max=20, kept_max=kept_max)
+    dispatcher = Dispatcher(
+        inbox_receive,
+        pool_size=pool_size,
+        queue_max=20,
+        kept_max=kept_max,
+        reuse_s=reuse_s if returning_only else None,
+    )
     await nursery.start(dispatcher.serve)
     agents = agents or FakeAgents()
     config = attrs.evolve(CONFIG, reuse_s=reuse_s)
@@ -125,6 +134,30 @@ async def test_after_a_kept_one_shot_pool_size_agents_are_ready_for_anyone(autoj
             "reset",
             "turn alice-3",
         ]
+
+
+async def test_only_a_user_who_came_back_within_agent_reuse_s_has_their_agent_kept(
+    autojump_clock, nursery
+):
+    with trio.fail_after(LIMIT):
+        pool = await start_pool(nursery, pool_size=2, kept_max=2, returning_only=True)
+        _, _, first = await pool.run("alice")
+        # Her first job's agent is retired, not kept: no kept agent, nothing more alive.
+        assert await pool.states() == {"ready": 1, "starting": 1, "dormant": 4}
+        await trio.sleep(WARM_S)
+        assert pool.alive() == 2
+        _, _, second = await pool.run("alice")  # back within REUSE_S: kept from now on
+        assert second != first
+        assert (await pool.states())["kept"] == 1
+        _, _, third = await pool.run("alice")
+        assert third == second
+        # Away for longer than REUSE_S: her kept agent's time is up, and she is new again.
+        await trio.sleep(REUSE_S + 1)
+        assert "kept" not in await pool.states()
+        _, _, fourth = await pool.run("alice")
+        await trio.sleep(WARM_S)
+        assert fourth not in (second, third) and "kept" not in await pool.states()
+        assert pool.alive() == 2
 
 
 async def test_another_users_job_right_after_a_kept_one_takes_the_other_warm_agent(

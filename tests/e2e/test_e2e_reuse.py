@@ -21,7 +21,7 @@ from tests.support.harness import for_one_test, shared_service, wait_healthy
 def shared(tmp_path_factory):
     """One worker keeping agents for a minute; the tests use users of their own (what one
     test's requests leave in the worker is another user's to the next test)."""
-    keys = KEYS["API_KEYS"] + ",dave:sk-dave-key,erin:sk-erin-key"
+    keys = KEYS["API_KEYS"] + ",dave:sk-dave-key,erin:sk-erin-key,frank:sk-frank-key"
     env = {"API_KEYS": keys, "POOL_SIZE": "1", "AGENT_REUSE_S": "60"}
     with shared_service(tmp_path_factory.mktemp("reuse"), env=env) as service:
         yield service
@@ -29,6 +29,7 @@ def shared(tmp_path_factory):
 
 AS_DAVE = {"x-api-key": "sk-dave-key"}
 AS_ERIN = {"x-api-key": "sk-erin-key"}
+AS_FRANK = {"x-api-key": "sk-frank-key"}
 
 
 @pytest.fixture
@@ -57,6 +58,7 @@ async def test_a_users_next_one_shot_reuses_a_cleared_agent_with_no_file_left(se
     with trio.fail_after(60):
         await wait_healthy(service, ready=1)
         async with service.client() as client:
+            await run(client, "Hello.", AS_ALICE)  # her first: no agent kept (see below)
             first = await pid_of(client, AS_ALICE)
             assert "done" in await sh(client, AS_ALICE, LEAVE_FILES)
             await run(client, "My name is Alice.", AS_ALICE)
@@ -75,10 +77,27 @@ async def test_a_users_next_one_shot_reuses_a_cleared_agent_with_no_file_left(se
             assert await pid_of(client, AS_ALICE) == first  # one process all along
 
 
+async def test_a_users_first_one_shot_keeps_no_agent_their_second_within_the_window_does(
+    service,
+):
+    """An agent kept for a user who never comes back costs the machine its idle work (with
+    the real CLI ~0.4 s of CPU) for nothing: it is kept only for a user whose previous
+    one-shot came within AGENT_REUSE_S."""
+    with trio.fail_after(60):
+        await wait_healthy(service, ready=1)
+        async with service.client() as client:
+            first, second, third = [await pid_of(client, AS_FRANK) for _ in range(3)]
+            workers = (await wait_healthy(service, ready=1))["workers"]
+    assert first != second  # the first was retired, not kept
+    assert third == second  # kept from the second on
+    assert workers["kept"] == 1, workers
+
+
 async def test_another_users_request_never_runs_on_an_agent_that_served_someone(service):
     with trio.fail_after(60):
         await wait_healthy(service, ready=1)
         async with service.client() as client:
+            await run(client, "Hello.", AS_CAROL)  # (her first: no agent kept for it)
             carols = await pid_of(client, AS_CAROL)
             carols_home = await sh(client, AS_CAROL, 'echo A > note.txt && echo "$HOME"')
             await run(client, "My name is Carol.", AS_CAROL)
@@ -101,6 +120,7 @@ async def test_an_agent_kept_for_a_user_leaves_one_warm_for_the_next_user(servic
     with trio.fail_after(60):
         await wait_healthy(service, ready=1)
         async with service.client() as client:
+            await run(client, "Hello.", AS_DAVE)  # (his first: no agent kept for it)
             daves = await pid_of(client, AS_DAVE)
             # The service is idle: an agent for anyone is ready besides Dave's.
             workers = (await wait_healthy(service, ready=1))["workers"]

@@ -196,7 +196,8 @@ async def test_as_root_without_is_sandbox_agents_answer(tmp_path):
 
 
 async def test_a_users_next_one_shot_runs_on_the_cleared_agent_with_no_file_left(tmp_path):
-    """AGENT_REUSE_S with the real CLI: /clear and an emptied HOME between two requests."""
+    """AGENT_REUSE_S with the real CLI: /clear and an emptied HOME between two requests (the
+    user's second and third: their first keeps no agent, as they may never come back)."""
     write = 'echo A > note.txt; echo A > "$HOME/loose"; echo "home=$HOME"'
     look = 'ls -A; echo /; ls -A "$HOME"; echo "home=$HOME"'
     with trio.fail_after(BUDGET_S):
@@ -206,17 +207,20 @@ async def test_a_users_next_one_shot_runs_on_the_cleared_agent_with_no_file_left
                 await wait_healthy(service, ready=1, timeout=60)
                 async with service.client() as client:
                     api.enqueue(
+                        TextReply("hello"),
                         ToolUseReply("Bash", {"command": write}),
                         TextReply("written"),
                         ToolUseReply("Bash", {"command": look}),
                         TextReply("listed"),
                     )
+                    assert (await run(client, "hello"))["status"] == 200
                     wrote = await run(client, "write a note")
                     listed = await run(client, "list the files")
     assert wrote["status"] == 200 and listed["status"] == 200, (wrote, listed)
-    _, _, second, _ = api.model_calls  # write, its tool result, look, its tool result
-    wrote_out = tool_result_text(api.model_calls[1].tool_results()[0]).split("<system-")[0]
-    looked_out = tool_result_text(api.model_calls[3].tool_results()[0]).split("<system-")[0]
+    # hello; write, its tool result, look, its tool result
+    _, _, wrote_result, second, looked_result = api.model_calls
+    wrote_out = tool_result_text(wrote_result.tool_results()[0]).split("<system-")[0]
+    looked_out = tool_result_text(looked_result.tool_results()[0]).split("<system-")[0]
     home = [line for line in wrote_out.splitlines() if line.startswith("home=")]
     assert home and home[0] in looked_out, (wrote_out, looked_out)  # the same agent
     assert "note.txt" not in looked_out and "loose" not in looked_out, looked_out
