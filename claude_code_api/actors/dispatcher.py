@@ -556,10 +556,11 @@ class Dispatcher:
         """What a worker that finished ``job`` is until it reports, and for whom.
 
         With spares, its agent is no longer unassigned: after a job that went well and
-        changed nothing on the agent, it is being reset for that job's user (``KEPT``,
-        not offered yet: that user's next job waits for it rather than take an
-        unassigned agent); else it is going dormant. Without spares, or after a job
-        that ran on a process of its own, it warms or is offered again as it was.
+        changed nothing on the agent, of a user who came back (``Job.keep_agent``), it is
+        being reset for that job's user (``KEPT``, not offered yet: that user's next job
+        waits for it rather than take an unassigned agent); else it is going dormant.
+        Without spares, or after a job that ran on a process of its own, it warms or is
+        offered again as it was.
         """
         if self.kept_max is None or job is None or job.options.needs_own_process:
             return WorkerState.STARTING, None
