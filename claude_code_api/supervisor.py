@@ -74,7 +74,8 @@ def reserve(w: Wiring) -> list[ChildSpec]:
 def shared(w: Wiring) -> list[ChildSpec]:
     """With ``DATABASE_URL``: the session leases, the runs every replica sees and the users'
     CLAUDE.md files every replica serves."""
-    actors = {"leases": w.session_leases, "runs": w.replica_runs, "memory": w.shared_memory}
+    s = w.shared
+    actors = {"leases": s.session_leases, "runs": s.replica_runs, "memory": s.shared_memory}
     return [ChildSpec(name, actor.serve) for name, actor in actors.items() if actor is not None]
 
 
@@ -158,11 +159,13 @@ def sessions(w: Wiring, new_agent: AgentFactory) -> ChildSpec:
     ) -> None:
         home = w.disk.home_of(key.user_id)
         # With several replicas, the session is live here only under its lease.
-        leases = w.session_leases
+        leases = w.shared.session_leases
         # (``dispatcher`` closed here too: serve_session, which closes it, may never start.)
         async with dispatcher, nullcontext() if leases is None else leases.hold(key):
-            if w.shared_memory is not None:  # the CLI reads the user's CLAUDE.md at its start
-                await w.shared_memory.before_session(key.user_id)
+            if (
+                w.shared.shared_memory is not None
+            ):  # the CLI reads the user's CLAUDE.md at its start
+                await w.shared.shared_memory.before_session(key.user_id)
             await serve_session(
                 key, w.session_config, dispatcher, w.registry, new_agent, home, stop, actor,
                 w.credentials_version, options, w.workspace_of(key.user_id),

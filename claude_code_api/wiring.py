@@ -119,13 +119,7 @@ class Wiring:
     credentials_version: CredentialsVersion
     http: HttpServer
     egress_socket: EgressSocket
-    # With DATABASE_URL: sessions' transcripts in PostgreSQL, and what closes its pool.
-    transcripts: TranscriptMirror | None = None
-    session_leases: SessionLeases | None = None  # a session live on one replica at a time
-    shared_login: SharedLogin | None = None  # one Claude login for every replica
-    close_transcripts: Callable[[], None] | None = None  # (the pool of all)
-    replica_runs: ReplicaRuns | None = None  # runs listed and cancelled across replicas
-    shared_memory: SharedMemory | None = None  # users' CLAUDE.md, the same on every replica
+    shared: SharedState  # with DATABASE_URL: what replicas share (every field None without)
 
     def workspace_of(self, user_id: str) -> Path | None:
         """A session agent's working directory when not in its HOME (``WORKSPACES_DIR``)."""
@@ -148,11 +142,11 @@ class Wiring:
         try:
             remove_conversation_files(home, claude_session_id)
         finally:
-            if self.transcripts is not None:
+            if self.shared.transcripts is not None:
                 config_dir = AgentSpec(name="", home=home, ephemeral=False).config_dir
                 cwd = user_cwd(self.settings.data_dir, self.settings.workspaces_dir, user_id)
                 try:
-                    self.transcripts.delete_blocking(config_dir, cwd, claude_session_id)
+                    self.shared.transcripts.delete_blocking(config_dir, cwd, claude_session_id)
                 except StoreUnavailable as exc:
                     raise OSError(f"stored transcript not deleted: {exc}") from exc
 
@@ -166,7 +160,7 @@ class Wiring:
         s = self.settings
         ceiling = OptionCeiling.of(s)
         return SessionConfig(
-            s.warmup_timeout_s, self.turn, s.max_sessions_per_user, ceiling, self.transcripts
+            s.warmup_timeout_s, self.turn, s.max_sessions_per_user, ceiling, self.shared.transcripts
         )
 
     @property
@@ -190,9 +184,9 @@ class Wiring:
         from .store.postgres import open_postgres_table
 
         table = open_postgres_table(s.database_url)
-        if self.session_leases is not None:
+        if self.shared.session_leases is not None:
             # Fenced: a session another replica took is never saved from here.
-            table.fence_owner = self.session_leases.owner
+            table.fence_owner = self.shared.session_leases.owner
         return table
 
     async def serve_registry(self, *, task_status: trio.TaskStatus[None]) -> None:
@@ -223,7 +217,7 @@ class Wiring:
             version=self.credentials_version,
             refresh_margin_s=s.oauth_refresh_margin_s,
             on_login=self.model_credential.update,
-            shared=self.shared_login,
+            shared=self.shared.shared_login,
         )
 
     def new_dispatcher(self) -> Dispatcher:
@@ -255,8 +249,8 @@ class Wiring:
         ):
             inbox.close()
         self.egress_socket.close()
-        if self.close_transcripts is not None:
-            self.close_transcripts()
+        if self.shared.close is not None:
+            self.shared.close()
 
 
 def wire(settings: Settings, environ: Mapping[str, str]) -> Wiring:
@@ -312,12 +306,7 @@ def wire(settings: Settings, environ: Mapping[str, str]) -> Wiring:
         credentials_version=CredentialsVersion(),
         http=http,
         egress_socket=EgressSocket(settings.data_dir.absolute() / "run" / EGRESS_PROXY_SOCKET),
-        transcripts=shared.transcripts,
-        session_leases=shared.session_leases,
-        shared_login=shared.shared_login,
-        close_transcripts=shared.close,
-        replica_runs=shared.replica_runs,
-        shared_memory=shared.shared_memory,
+        shared=shared,
     )
 
 
