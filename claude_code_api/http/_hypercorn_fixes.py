@@ -410,7 +410,26 @@ class AccessLogger(Logger):
     A request's first line is its only one, and a response whose declared length
     was all handed over is logged with its status even when the connection
     closed before the app's last message.
+
+    Its :meth:`atoms` (hypercorn's documented hook) are the access line's own fields
+    (``ACCESS_LOG_FORMAT``), not hypercorn's: those copy every request header and the
+    whole process environment into a dict for every request.
     """
+
+    def atoms(self, request: WWWScope, response: Any, request_time: float) -> Mapping[str, str]:
+        client = request.get("client")
+        length = "-"
+        for name, value in (response or {}).get("headers", ()):
+            if name.lower() == b"content-length":
+                length = value.decode("latin1")
+        return {
+            "h": "-" if client is None else ":".join(str(part) for part in client),
+            "m": request["method"] if request["type"] == "http" else "GET",
+            "U": request["path"],
+            "s": "-" if response is None else str(response["status"]),
+            "b": length,
+            "L": f"{request_time:.6f}",
+        }
 
     async def access(self, request: WWWScope, response: Any, request_time: float) -> None:
         progress = cast(Mapping[str, Any], request).get(PROGRESS_KEY)

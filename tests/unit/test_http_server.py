@@ -641,6 +641,32 @@ def test_access_lines_show_no_query_and_no_header(client, response):
     assert "secret" not in line and "curl" not in line
 
 
+def test_access_atoms_hold_neither_the_environment_nor_the_headers(monkeypatch):
+    """Hypercorn's atoms copy every header and the whole environment (its secrets among
+    it) into a dict for every request; ours are the access line's six fields."""
+    monkeypatch.setenv("SOME_SECRET", "sk-from-the-environment")
+    request = {
+        "type": "http",
+        "method": "GET",
+        "path": "/health",
+        "query_string": b"",
+        "http_version": "1.1",
+        "scheme": "http",
+        "client": ("127.0.0.1", 4321),
+        "headers": [(b"x-api-key", b"sk-from-a-header")],
+    }
+    response = {"status": 200, "headers": [(b"content-length", b"2")]}
+    atoms = dict(AccessLogger(Config()).atoms(request, response, 0.5))
+    assert atoms == {
+        "h": "127.0.0.1:4321",
+        "m": "GET",
+        "U": "/health",
+        "s": "200",
+        "b": "2",
+        "L": "0.500000",
+    }
+
+
 def close_on_each_whole_response(url: str, path: str, requests: int) -> None:
     """A client in a thread of its own (truly in parallel with the server): one request
     per connection, closed as soon as the whole response is in, as curl does."""
