@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from .actors.session_leases import SessionLeases
     from .actors.shared_memory import SharedMemory
     from .auth.shared_login import SharedLogin
-    from .store.transcript_mirror import OnDemandDatabase, TranscriptMirror
+    from .store.transcript_mirror import TranscriptMirror
 
 T = TypeVar("T")
 
@@ -183,8 +183,7 @@ class Wiring:
         # Imported only here: without DATABASE_URL the service never loads psycopg.
         from .store.postgres import open_postgres_table
 
-        # On the pool of the shared state (one per replica), which opens it at its first use.
-        table = open_postgres_table(s.database_url, self.shared.database)
+        table = open_postgres_table(s.database_url)
         if self.shared.session_leases is not None:
             # Fenced: a session another replica took is never saved from here.
             table.fence_owner = self.shared.session_leases.owner
@@ -250,8 +249,8 @@ class Wiring:
         ):
             inbox.close()
         self.egress_socket.close()
-        if self.shared.database is not None:
-            self.shared.database.close()
+        if self.shared.close is not None:
+            self.shared.close()
 
 
 def wire(settings: Settings, environ: Mapping[str, str]) -> Wiring:
@@ -321,8 +320,7 @@ class SharedState:
     shared_login: SharedLogin | None = None  # one Claude login for every replica
     replica_runs: ReplicaRuns | None = None  # the runs every replica sees
     shared_memory: SharedMemory | None = None  # the users' CLAUDE.md
-    # The one pool of them all and of the session table, opened at first use.
-    database: OnDemandDatabase | None = None
+    close: Callable[[], None] | None = None  # closes the pool
 
 
 def _shared_state(
@@ -362,7 +360,7 @@ def _shared_state(
         shared_login=login,
         replica_runs=runs,
         shared_memory=memory,
-        database=database,
+        close=database.close,
     )
 
 

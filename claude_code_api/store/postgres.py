@@ -2,9 +2,8 @@
 
 :class:`PostgresSessionTable` implements :class:`~.protocol.SessionTable` on a
 :class:`~.database.Database` (psycopg 3's blocking API and its pool, called from the
-registry's worker threads); :func:`open_postgres_table` opens one, on a pool of its own or
-on the pool of the replicas' shared state (the service's: one pool per replica), and brings
-the schema up to date (:mod:`.schema`, migration 2).
+registry's worker threads); :func:`open_postgres_table` opens the service's, with a pool
+of its own, and brings the schema up to date (:mod:`.schema`, migration 2).
 
 Keys: PostgreSQL's ``text`` cannot hold NUL, nor a lone surrogate (it is not UTF-8),
 which a Python ``str`` can. Such ids are *escaped*, not refused: every ``str`` round-trips.
@@ -369,30 +368,19 @@ class PostgresSessionTable:
             raise StoreUnavailable(self._message("the store is closed"))
 
     def _message(self, cause: str) -> str:
-        return _store_message(self._location, self._password, cause)
+        text = " ".join(f"session store {self._location}: {cause}".split())
+        return text.replace(self._password, "***") if self._password else text
 
 
-def _store_message(location: str, password: str, cause: str) -> str:
-    """``session store <location>: <cause>`` on one line, the password never in it."""
-    text = " ".join(f"session store {location}: {cause}".split())
-    return text.replace(password, "***") if password else text
-
-
-def open_postgres_table(
-    url: str, shared: Callable[[], Database] | None = None
-) -> PostgresSessionTable:
-    """The session table in the database at ``url``, its schema brought up to date: on
-    ``shared``'s pool when given (the replicas' shared state's, which opens it and brings the
-    schema up to date at its first call, and closes it: the table then owns no pool), else on
-    a pool of its own (closed by :meth:`~PostgresSessionTable.close`).
+def open_postgres_table(url: str) -> PostgresSessionTable:
+    """The service's session table in the database at ``url``, on a pool of its own (closed
+    by :meth:`~PostgresSessionTable.close`), its schema brought up to date.
 
     Blocks (run it in a worker thread). Error handling: :class:`StoreUnavailable` naming
     the database (without its password) when it does not answer within
     :data:`~.database.CONNECT_TIMEOUT_S`, or its schema is newer than this service's;
-    a pool of its own is closed then.
+    the pool is closed then.
     """
-    if shared is not None:
-        return _table_on_shared_pool(shared, url)
     pool = make_pool(url)
     table = PostgresSessionTable(Database(pool), url, pool.close)
     try:
@@ -405,16 +393,3 @@ def open_postgres_table(
         table.close()
         raise
     return table
-
-
-def _table_on_shared_pool(shared: Callable[[], Database], url: str) -> PostgresSessionTable:
-    try:
-        return PostgresSessionTable(shared(), url)
-    except (DatabaseUnavailable, SchemaTooNew) as exc:
-        cause = (
-            f"the database does not answer: {exc}"
-            if isinstance(exc, DatabaseUnavailable)
-            else str(exc)
-        )
-        password = str(conninfo_to_dict(url).get("password") or "")
-        raise StoreUnavailable(_store_message(describe(url), password, cause)) from exc

@@ -23,7 +23,6 @@ from claude_code_api.store.postgres import (
     open_postgres_table,
 )
 from claude_code_api.store.schema import LATEST_VERSION
-from claude_code_api.store.transcript_mirror import OnDemandDatabase
 from tests.postgres.support import TIMEOUT, TcpLink
 
 PASSWORD = "s3cret-pw"
@@ -85,25 +84,12 @@ def test_the_location_names_the_database_without_its_password() -> None:
     assert describe("postgres://app@[::1]/service") == "postgresql://app@[::1]/service"
 
 
-def on_own_pool(url: str) -> PostgresSessionTable:
-    return open_postgres_table(url)
-
-
-def on_shared_pool(url: str) -> PostgresSessionTable:
-    """As the service opens it: on the pool of the replicas' shared state."""
-    return open_postgres_table(url, OnDemandDatabase(url))
-
-
-OPENERS = pytest.mark.parametrize("opener", [on_own_pool, on_shared_pool])
-
-
-@OPENERS
-async def test_a_database_that_does_not_answer_is_named_without_its_password(opener) -> None:
+async def test_a_database_that_does_not_answer_is_named_without_its_password() -> None:
     # Nothing listens on port 1: refused at once.
     url = f"postgresql://app:{PASSWORD}@127.0.0.1:1/service"
     with trio.fail_after(TIMEOUT):
         with pytest.raises(StoreUnavailable) as caught:
-            await trio.to_thread.run_sync(opener, url)
+            await trio.to_thread.run_sync(open_postgres_table, url)
     message = str(caught.value)
     assert message.startswith("session store postgresql://app@127.0.0.1:1/service: ")
     assert "does not answer" in message and "\n" not in message
@@ -134,8 +120,7 @@ async def test_the_database_going_away_is_unavailable_then_it_recovers(
         await trio.to_thread.run_sync(table.close)
 
 
-@OPENERS
-async def test_a_schema_newer_than_the_service_refuses_to_open(fresh_url: str, opener) -> None:
+async def test_a_schema_newer_than_the_service_refuses_to_open(fresh_url: str) -> None:
     with psycopg.connect(fresh_url, autocommit=True) as connection:
         connection.execute("CREATE TABLE schema_version (version integer, name text)")
         connection.execute(
@@ -143,37 +128,4 @@ async def test_a_schema_newer_than_the_service_refuses_to_open(fresh_url: str, o
         )
     with trio.fail_after(TIMEOUT):
         with pytest.raises(StoreUnavailable, match="run a newer service"):
-            await trio.to_thread.run_sync(opener, fresh_url)
-
-
-def connections_to(url: str) -> int:
-    """The connections open to ``url``'s database, other than this one."""
-    with psycopg.connect(url) as connection:
-        row = connection.execute(
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
-def test_the_services_session_table_is_on_the_replicas_one_pool(tmp_path, fresh_url):
-    """A replica's session table and the rest of what replicas share run on one pool, not a
-    pool each (the connections a replica holds: README's Sizing): closing the shared state's
-    pool leaves the table none, and no connection open."""
-    from claude_code_api.config.settings import load_settings
-    from claude_code_api.wiring import wire
-
-    env = {"DATABASE_URL": fresh_url, "DATA_DIR": str(tmp_path), "API_KEYS": "sk-test"}
-    w = wire(load_settings(env), env)
-    try:
-        table = w.open_session_table()
-        assert table.load(SessionKey("u", "s")) is None
-        assert 1 <= connections_to(fresh_url) <= 2  # one pool: its minimum, one more at open
-        assert w.shared.database is not None
-        w.shared.database.close()
-        assert connections_to(fresh_url) == 0
-        with pytest.raises(StoreUnavailable):
-            table.load(SessionKey("u", "s"))
-    finally:
-        w.close()
+            await trio.to_thread.run_sync(open_postgres_table, fresh_url)
