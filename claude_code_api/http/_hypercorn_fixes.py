@@ -404,6 +404,14 @@ def shield_final_send(app: Any) -> Any:
     return fixed
 
 
+class _Atoms(dict[str, str]):
+    """An access line's fields; one the format names and we do not give is ``-`` (as
+    hypercorn's), never a KeyError that loses the line."""
+
+    def __missing__(self, key: str) -> str:
+        return "-"
+
+
 class AccessLogger(Logger):
     """Fix 7: hypercorn's logger, with one access line per request.
 
@@ -422,14 +430,14 @@ class AccessLogger(Logger):
         for name, value in (response or {}).get("headers", ()):
             if name.lower() == b"content-length":
                 length = value.decode("latin1")
-        return {
-            "h": "-" if client is None else ":".join(str(part) for part in client),
-            "m": request["method"] if request["type"] == "http" else "GET",
-            "U": request["path"],
-            "s": "-" if response is None else str(response["status"]),
-            "b": length,
-            "L": f"{request_time:.6f}",
-        }
+        return _Atoms(
+            h="-" if client is None else ":".join(str(part) for part in client),
+            m=request["method"] if request["type"] == "http" else "GET",
+            U=request["path"],
+            s="-" if response is None else str(response["status"]),
+            b=length,
+            L=f"{request_time:.6f}",
+        )
 
     async def access(self, request: WWWScope, response: Any, request_time: float) -> None:
         progress = cast(Mapping[str, Any], request).get(PROGRESS_KEY)

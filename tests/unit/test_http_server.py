@@ -665,6 +665,9 @@ def test_access_atoms_hold_neither_the_environment_nor_the_headers(monkeypatch):
         "b": "2",
         "L": "0.500000",
     }
+    # A field the format may name one day and these atoms do not give: "-", as hypercorn's.
+    a_later_format = "%(a)s %(L)s"
+    assert a_later_format % AccessLogger(Config()).atoms(request, response, 0.5) == "- 0.500000"
 
 
 def close_on_each_whole_response(url: str, path: str, requests: int) -> None:
