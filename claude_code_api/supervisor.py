@@ -159,13 +159,11 @@ def sessions(w: Wiring, new_agent: AgentFactory) -> ChildSpec:
     ) -> None:
         home = w.disk.home_of(key.user_id)
         # With several replicas, the session is live here only under its lease.
-        leases = w.shared.session_leases
+        leases, memory = w.shared.session_leases, w.shared.shared_memory
         # (``dispatcher`` closed here too: serve_session, which closes it, may never start.)
         async with dispatcher, nullcontext() if leases is None else leases.hold(key):
-            if (
-                w.shared.shared_memory is not None
-            ):  # the CLI reads the user's CLAUDE.md at its start
-                await w.shared.shared_memory.before_session(key.user_id)
+            if memory is not None:  # the CLI reads the user's CLAUDE.md at its start
+                await memory.before_session(key.user_id)
             await serve_session(
                 key, w.session_config, dispatcher, w.registry, new_agent, home, stop, actor,
                 w.credentials_version, options, w.workspace_of(key.user_id),
