@@ -87,6 +87,6 @@ async def test_a_turn_that_passes_the_quota_is_stopped(tmp_path):
                         assert written() == files and 6 <= len(files) < 20, files
                         for path in files:  # the session's files stay: free them
                             path.unlink()
-                assert "over the disk quota" in service.log_text()
+                await service.wait_logged("over the disk quota")
                 # The one-shot's ephemeral HOME is gone with its agent.
                 assert (await run(client, "hi", BOB)).status_code == 200

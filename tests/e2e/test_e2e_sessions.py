@@ -320,7 +320,7 @@ async def test_a_user_at_the_bound_drops_the_least_recently_used_hibernated_sess
                 assert len(list(users.rglob("*.jsonl"))) == 2
                 scrape = (await client.get("/metrics")).text
                 assert "claude_code_api_sessions_evicted_total 1.0" in scrape
-                assert "evicted session 's1'" in service.log_text()
+                await service.wait_logged("evicted session 's1'")
 
                 # s1 used again is a new conversation, as after a DELETE (and s2 goes now).
                 again = await say(client, "s1", "What is my name?")

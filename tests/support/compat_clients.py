@@ -14,7 +14,7 @@ import httpx
 import openai
 
 from tests.e2e.test_e2e_stream import wait_runs
-from tests.support.harness import RunningService, wait_healthy, wait_until
+from tests.support.harness import RunningService, wait_healthy
 
 MODEL = "claude-sonnet-4-6"
 ALICE_KEY, BOB_KEY = "key-alice", "key-bob"
@@ -52,8 +52,5 @@ async def assert_the_left_stream_ended(service: RunningService, how: str) -> Non
         await wait_runs(plain, ALICE, [])
     await wait_healthy(service, ready=1)
 
-    async def logged() -> bool:
-        return "turn cut short (client gone); agent idle" in service.log_text()
-
-    await wait_until(logged)
-    assert how in service.log_text()
+    await service.wait_logged("turn cut short (client gone); agent idle")
+    await service.wait_logged(how)

@@ -94,6 +94,15 @@ class RunningService:
         # list() copies in one step: a shared service's log grows on another thread.
         return "".join(list(self.log)[self.log_start :])
 
+    async def wait_logged(self, text: str, timeout: float = 10.0) -> None:
+        """Until ``text`` is in the log. While the service runs, its stderr is read by
+        another task: a line written before a reply may not be read when the reply is."""
+
+        async def logged() -> bool:
+            return text in self.log_text()
+
+        await wait_until(logged, timeout)
+
     def memory_kib(self) -> dict[str, int]:
         """The service process's VmRSS, RssAnon, RssFile and VmHWM, in KiB."""
         return proc_memory_kib(self.pid)
