@@ -4,7 +4,8 @@ Shutdown (:meth:`Service.shutdown`): the dispatcher refuses new jobs, running on
 ``SHUTDOWN_GRACE_S`` to finish, then the tree stops in reverse: workers (side by side) and
 sessions interrupt what still runs (those requests are answered with their partial output)
 and close their agents; then the dispatcher, HTTP, the registry (which writes what is queued
-and closes the database) and last the reaper. The tree is :mod:`.supervisor`'s.
+and closes its session table) and last the reaper; :meth:`.wiring.Wiring.close` then closes the
+channels and the shared state's database pool. The tree is :mod:`.supervisor`'s.
 """
 
 from __future__ import annotations
