@@ -342,7 +342,6 @@ async def test_a_cancelled_session_turn_streams_its_result_and_the_session_goes_
                 "/run", headers=ALICE, json={"prompt": "What is my name?", **session}
             )
             assert after.json()["output"] == "Your name is Alice."
-
             await service.wait_logged(
                 "session:cancelled-turn: turn cut short (cancelled); agent idle"
             )
